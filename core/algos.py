@@ -103,7 +103,11 @@ MULTI_REWARD = Registry("multi-reward aggregation")
 
 @MULTI_REWARD.register("sum_then_normalize")
 def sum_then_normalize(
-    components: Tensor, weights: Tensor, group_size: int, scale: str = "group", baseline: str = "mean",
+    components: Tensor,
+    weights: Tensor,
+    group_size: int,
+    scale: str = "group",
+    baseline: str = "mean",
     eps: float = 1e-6,
 ) -> Tensor:
     """Weighted sum of the K reward components, then group advantages: (N, K), (K,) -> (N,).
@@ -115,7 +119,11 @@ def sum_then_normalize(
 
 @MULTI_REWARD.register("normalize_then_sum")
 def normalize_then_sum(
-    components: Tensor, weights: Tensor, group_size: int, scale: str = "group", baseline: str = "mean",
+    components: Tensor,
+    weights: Tensor,
+    group_size: int,
+    scale: str = "group",
+    baseline: str = "mean",
     eps: float = 1e-6,
 ) -> Tensor:
     """GDPO (group reward-decoupled normalization): each component gets its own group advantage, the
@@ -127,7 +135,10 @@ def normalize_then_sum(
     """
     _check_components(components, weights)
     per_component = torch.stack(
-        [group_advantages(components[:, k], group_size, scale, baseline, eps) for k in range(components.shape[1])],
+        [
+            group_advantages(components[:, k], group_size, scale, baseline, eps)
+            for k in range(components.shape[1])
+        ],
         dim=1,
     )  # (N, K)
     summed = per_component @ weights.float()  # (N,)
@@ -139,7 +150,8 @@ def normalize_then_sum(
 def _check_components(components: Tensor, weights: Tensor) -> None:
     if components.dim() != 2 or weights.dim() != 1 or components.shape[1] != weights.shape[0]:
         raise ValueError(
-            f"components must be (N, K) and weights (K,); got {tuple(components.shape)} and {tuple(weights.shape)}"
+            "components must be (N, K) and weights (K,); "
+            f"got {tuple(components.shape)} and {tuple(weights.shape)}"
         )
 
 
@@ -201,7 +213,9 @@ def agg_seq_mean_token_sum_norm(loss, mask, total_tokens=None, total_seqs=None, 
     """Token sum divided by a constant max length, averaged over sequences (Dr.GRPO; TRL `dr_grpo`).
     verl's mode of this name omits the division by the number of sequences; we follow TRL."""
     if max_length is None or max_length < 1:
-        raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_length >= 1 (the max completion length)")
+        raise ValueError(
+            "aggregation 'seq-mean-token-sum-norm' needs max_length >= 1 (the max completion length)"
+        )
     n_seqs = loss.shape[0] if total_seqs is None else total_seqs
     return (loss * mask).sum() / (n_seqs * max_length)
 
@@ -251,13 +265,19 @@ def policy_loss(
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape (N, T), got {tuple(logp.shape)}")
     _check_same_shape(
-        logp=logp, old_logp=old_logp, mask=mask, ref_logp=ref_logp, token_weights=token_weights,
+        logp=logp,
+        old_logp=old_logp,
+        mask=mask,
+        ref_logp=ref_logp,
+        token_weights=token_weights,
         importance_weights=importance_weights,
     )
     _check_per_completion("advantages", advantages, logp.shape[0])
     eps_high = eps_low if eps_high is None else eps_high
     if not 0.0 <= eps_low < 1.0 or eps_high < 0.0:
-        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+        raise ValueError(
+            f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}"
+        )
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     if beta < 0.0:
@@ -295,14 +315,18 @@ def policy_loss(
 
     with torch.no_grad():
         token_ratio = ratio.expand_as(logp)  # (N, T)
-        low = ((token_ratio < 1.0 - eps_low) & (adv < 0)).float()
-        high = ((token_ratio > 1.0 + eps_high) & (adv > 0)).float()
+        # clip fractions count what was clipped: tokens, or completions at the sequence level (as TRL)
+        clip_mask = (
+            mask if ratio_level == "token" else (mask.sum(-1, keepdim=True) > 0).float()
+        )  # (N, T) | (N, 1)
+        low = ((ratio < 1.0 - eps_low) & (adv < 0)).float()
+        high = ((ratio > 1.0 + eps_high) & (adv > 0)).float()
         valid = mask > 0
         metrics = {
             "pg_loss": aggregate(pg, mask, **counts).detach(),
-            "clip/low_frac": masked_mean(low, mask),
-            "clip/high_frac": masked_mean(high, mask),
-            "clip/frac": masked_mean(torch.maximum(low, high), mask),
+            "clip/low_frac": masked_mean(low, clip_mask),
+            "clip/high_frac": masked_mean(high, clip_mask),
+            "clip/frac": masked_mean(torch.maximum(low, high), clip_mask),
             "ratio/mean": masked_mean(token_ratio, mask),
             "ratio/max": token_ratio[valid].max() if valid.any() else torch.tensor(1.0),
             "ratio/min": token_ratio[valid].min() if valid.any() else torch.tensor(1.0),
@@ -369,7 +393,9 @@ def egpo_advantages(advantages: Tensor, mean_entropy: Tensor, lam: float = 0.4, 
     lam < alpha, the bonus never flips the sign of A and is 0 where A = 0 (zero-spread groups)."""
     _check_same_shape(advantages=advantages, mean_entropy=mean_entropy)
     if not 0.0 <= lam < alpha:
-        raise ValueError(f"EGPO needs 0 <= lam < alpha so the bonus cannot flip an advantage; got lam={lam}, alpha={alpha}")
+        raise ValueError(
+            f"EGPO needs 0 <= lam < alpha so the bonus cannot flip an advantage; got lam={lam}, alpha={alpha}"
+        )
     adv = advantages.float()  # (N,)
     bound = adv.abs() / alpha  # (N,)
     bonus = lam * torch.clamp(mean_entropy.detach().float(), -bound, bound)  # (N,)

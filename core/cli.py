@@ -1,0 +1,69 @@
+"""The `grpo-suite` command: `grpo-suite <app> <verb> [flags]`.
+
+Core imports no app. Each app declares an entry point in the group `grpo_suite.apps` (pyproject.toml)
+pointing at a function `register(apps)` that adds its sub-parser with `add_app` and its verbs with
+`add_command`; `grpo-suite --help` lists every app and its verbs.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from core.config import add_config_arguments, build_config
+
+ENTRY_POINT_GROUP = "grpo_suite.apps"
+
+
+def add_app(apps: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """Add an app `name` under `grpo-suite`; returns the action to add its verbs to."""
+    parser = apps.add_parser(name, help=help, description=help)
+    return parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+
+def add_command(
+    verbs: argparse._SubParsersAction,
+    name: str,
+    config_cls: type,
+    run: Callable[[Any], Any],
+    help: str,
+    presets: dict[str, dict] | None = None,
+) -> None:
+    """Add a verb whose flags are the fields of `config_cls`; `run(config)` does the work."""
+    parser = verbs.add_parser(name, help=help, description=help)
+    add_config_arguments(parser, config_cls, presets)
+    parser.set_defaults(_command=(parser, config_cls, run, presets))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grpo-suite",
+        description="GRPO applications on one shared core. `grpo-suite <app> <verb> --help` for the flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    apps = parser.add_subparsers(dest="app", metavar="APP", required=True)
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        entry.load()(apps)
+    lines = []
+    for app_name, app_parser in apps.choices.items():
+        verbs = next(a for a in app_parser._actions if isinstance(a, argparse._SubParsersAction))
+        lines.append(f"  {app_name:<16}{' | '.join(verbs.choices)}")
+    parser.epilog = "apps and their verbs:\n" + ("\n".join(lines) if lines else "  (no app installed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command_parser, config_cls, run, presets = args._command
+    try:
+        config = build_config(config_cls, args, presets)
+    except (ValueError, TypeError) as err:
+        command_parser.error(str(err))
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""core/config.py and core/cli.py: flags, files, presets, precedence, errors, app registration."""
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from core import cli
+from core.config import add_config_arguments, build_config, config_to_dict
+
+
+@dataclass
+class ExampleConfig:
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    steps: int = field(default=10, metadata={"help": "optimizer steps"})
+    loss: Literal["grpo", "dr_grpo"] = field(default="grpo", metadata={"help": "loss"})
+    eps_high: float | None = field(default=None, metadata={"help": "upper clip"})
+    lora: bool = field(default=False, metadata={"help": "use LoRA"})
+    stops: tuple[str, ...] = field(default=("</answer>",), metadata={"help": "stop strings"})
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+PRESETS = {"tiny": {"steps": 2, "lr": 0.5}}
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ExampleConfig, PRESETS)
+    return build_config(ExampleConfig, parser.parse_args(argv), PRESETS)
+
+
+def test_flags_parse_each_type():
+    config = parse(["--lr", "0.1", "--loss", "dr_grpo", "--eps-high", "0.28", "--lora", "--stops", "a,b"])
+    assert config == ExampleConfig(lr=0.1, loss="dr_grpo", eps_high=0.28, lora=True, stops=("a", "b"))
+    assert parse(["--eps-high", "none"]).eps_high is None
+    assert parse([]) == ExampleConfig()
+
+
+def test_precedence_defaults_preset_file_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('steps = 5\nloss = "dr_grpo"\nstops = ["x"]\n')
+    config = parse(["--preset", "tiny", "--config", str(toml), "--steps", "7"])
+    # lr from the preset, loss and stops from the file, steps from the flag
+    assert (config.lr, config.loss, config.stops, config.steps) == (0.5, "dr_grpo", ("x",), 7)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("lr: 0.25\n")
+    assert parse(["--config", str(yaml_file)]).lr == 0.25
+
+
+def test_bad_values_name_the_field(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--steps", "many"])
+    assert "steps: 'many' is not a valid int" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--loss", "ppo"])
+    assert "loss: 'ppo' is not one of grpo, dr_grpo" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        parse(["--steps", "0"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    with pytest.raises(ValueError, match=r"bad.toml: unknown field\(s\) stepz"):
+        parse(["--config", str(bad)])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("steps = = 3\n")
+    with pytest.raises(ValueError, match="broken.toml"):
+        parse(["--config", str(broken)])
+    with pytest.raises(ValueError, match="does not exist"):
+        parse(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_config_to_dict_is_json_ready():
+    assert config_to_dict(ExampleConfig())["stops"] == ["</answer>"]
+
+
+def _register_example_app(apps):
+    verbs = cli.add_app(apps, "example", "an example app")
+    cli.add_command(verbs, "train", ExampleConfig, lambda config: ran.append(config), "train it", PRESETS)
+
+
+ran: list = []
+
+
+class _EntryPoint:
+    name = "example"
+
+    def load(self):
+        return _register_example_app
+
+
+def test_cli_discovers_apps_and_runs_commands(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "entry_points", lambda group: [_EntryPoint()] if group == cli.ENTRY_POINT_GROUP else [])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "example         train" in capsys.readouterr().out
+    ran.clear()
+    assert cli.main(["example", "train", "--preset", "tiny", "--lr", "0.3"]) == 0
+    assert ran == [ExampleConfig(steps=2, lr=0.3)]
+    with pytest.raises(SystemExit):
+        cli.main(["example", "train", "--steps", "0"])
+    assert "steps must be >= 1" in capsys.readouterr().err

@@ -48,7 +48,8 @@ def _parser_for(tp: Any, optional: bool, name: str):
             if optional and text.lower() == "none":
                 return None
             if text not in choices:
-                raise argparse.ArgumentTypeError(f"{name}: {text!r} is not one of {', '.join(map(str, choices))}")
+                valid = ", ".join(map(str, choices))
+                raise argparse.ArgumentTypeError(f"{name}: {text!r} is not one of {valid}")
             return text
 
         return parse_choice
@@ -67,7 +68,9 @@ def _parser_for(tp: Any, optional: bool, name: str):
     return parse_value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: dict[str, dict] | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, presets: dict[str, dict] | None = None
+) -> None:
     """Add `--config`, `--preset` (when presets exist) and one flag per field of the dataclass `cls`."""
     parser.add_argument("--config", type=Path, help="TOML or YAML file of field values (flags override it)")
     if presets:
@@ -78,15 +81,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: di
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if tp is bool:
             parser.add_argument(
-                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                _flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
                 help=f"{help_text} (default: {default})",
             )
             continue
         if typing.get_origin(tp) is typing.Literal:
             help_text += f" [{' | '.join(map(str, typing.get_args(tp)))}]"
         parser.add_argument(
-            _flag(f.name), dest=f.name, type=_parser_for(tp, optional, f.name), default=argparse.SUPPRESS,
-            metavar=f.name.upper(), help=f"{help_text} (default: {default})",
+            _flag(f.name),
+            dest=f.name,
+            type=_parser_for(tp, optional, f.name),
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            help=f"{help_text} (default: {default})",
         )
 
 

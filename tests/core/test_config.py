@@ -92,7 +92,8 @@ class _EntryPoint:
 
 
 def test_cli_discovers_apps_and_runs_commands(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "entry_points", lambda group: [_EntryPoint()] if group == cli.ENTRY_POINT_GROUP else [])
+    fake_entry_points = lambda group: [_EntryPoint()] if group == cli.ENTRY_POINT_GROUP else []  # noqa: E731
+    monkeypatch.setattr(cli, "entry_points", fake_entry_points)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0

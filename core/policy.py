@@ -1,0 +1,273 @@
+"""An HF causal LM as a GRPO policy: loading (optionally with a PEFT LoRA adapter), the per-token
+log-probabilities and entropies of completions under it, and the frozen reference policy of the KL term.
+
+`completion_logprobs` is the trainer's hot path. It runs the backbone once and then the LM head,
+log-softmax, gather and entropy on chunks of `chunk_size` token positions, each chunk under activation
+checkpointing, so the (N, T, V) float32 log-softmax is never materialised. Shape letters:
+    N  sequences (prompt + completion)   L  sequence length (left-padded prompt, then completion)
+    T  completion tokens                 H  hidden size        V  vocabulary size    C  chunk_size
+Tests: `pytest tests/core/test_policy.py`.
+"""
+
+import copy
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Config fields of architectures whose head multiplies or divides the logits after `lm_head` (Cohere
+# `logit_scale`, Granite `logits_scaling` (a divisor) but HyperCLOVA X `logits_scaling` (a factor), Falcon-H1
+# `lm_head_multiplier`, Muse `output_multiplier`). The same name means different things in different
+# models, so we refuse them rather than guess; 1.0 (or None) is neutral either way.
+UNSUPPORTED_LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+@dataclass
+class LoraSettings:
+    """A LoRA adapter on the policy (Hu et al. 2021); only the adapter's parameters are trained."""
+
+    r: int = 16  # rank of the update B @ A
+    alpha: int = 32  # scaling numerator: the update is multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    # PEFT's "all-linear" (every linear layer but the LM head) or a list of module names
+    target_modules: str | list[str] = "all-linear"
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    lora: LoraSettings | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local HF model directory, never from the hub.
+
+    With `lora`, the model is wrapped by `peft.get_peft_model`, which freezes every base parameter.
+    The tokenizer pads on the left, as generation of a batch of prompts needs.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise FileNotFoundError(
+            f"{path} {what}; expected a local HF model directory (config.json + weights, e.g. from "
+            "`save_pretrained`)"
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True).to(device)
+    tokenizer = _load_tokenizer(path)
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        raise ValueError(
+            f"the tokenizer in {path} has {len(tokenizer)} tokens but the model has only {n_embeddings} "
+            "embeddings"
+        )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; batches need one")
+        # Padding is always masked out (attention mask, loss mask), so reusing eos as pad changes no value.
+        tokenizer.pad_token = tokenizer.eos_token
+    if lora is not None:
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    return model, tokenizer
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The directory's tokenizer, as saved.
+
+    Trap (transformers 5): for model types on its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS list (qwen2,
+    phi3, ...) `AutoTokenizer` ignores the saved `tokenizer_class` and rebuilds the model type's own
+    tokenizer (Qwen2Tokenizer) from the vocabulary, which silently changes a custom tokenizer's encoding
+    (the tiny character-level ones of core/tiny.py lose their spaces) and adds missing special tokens.
+    A directory that declares the generic class holds a complete tokenizer.json: load that verbatim.
+    """
+    config_file = path / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each sequence's first real token, (N, L) -> (N, L) long.
+
+    The same as HF `generate` for a left-padded batch, so the training forward sees the positions the
+    sampler saw. Padding gets position 0, as in transformers 5 (4.x used 1): padded positions are masked
+    out as keys and their own outputs are never read, so the value there changes no result.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1  # (N, L)
+    return positions.masked_fill(attention_mask == 0, 0)  # (N, L)
+
+
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """The decoder stack (input ids -> last hidden states), the LM head and the final logit soft-cap
+    of a causal LM, plain or PEFT-wrapped (LoRA layers live inside the base model's modules)."""
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no output embedding (lm_head); expected a causal LM")
+    config = lm.config.get_text_config()
+    for field in UNSUPPORTED_LOGIT_SCALES:
+        value = getattr(config, field, None)
+        if value is not None and value != 1.0:
+            raise NotImplementedError(
+                f"{type(lm).__name__} scales its logits after the LM head (config.{field}={value}); the "
+                "chunked head of completion_logprobs does not apply it and would compute wrong logprobs"
+            )
+    return lm.get_decoder(), head, getattr(config, "final_logit_softcapping", None)
+
+
+def _chunk_stats(
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor]:
+    """Log-probability of each target and entropy of each next-token distribution:
+    (C, H), (C,) -> (C,), (C,), in float32 at least (a float64 model stays float64, which the tests use)."""
+    logits = head(hidden)  # (C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (C, V)
+    if softcap is not None:  # Gemma 2 and others: the model's own forward caps before the sampler sees them
+        logits = torch.tanh(logits / softcap) * softcap  # (C, V)
+    logits = logits / temperature  # (C, V)
+    log_z = torch.logsumexp(logits, dim=-1)  # (C,)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (C,)
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    # H = log Z - sum_v p_v z_v, without keeping a separate (C, V) log-softmax alive.
+    entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (C,)
+    return logp, entropy
+
+
+def completion_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    num_completion_tokens: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token logprobs of the last T = `num_completion_tokens` tokens of `input_ids` (N, L), and the
+    entropies of the next-token distributions that produced them, both (N, T) float32 (float64 for a float64
+    model; entropy None when `with_entropy=False`). Logits are divided by `temperature`, as the sampler did.
+
+    Memory: the backbone's activations (kept for its backward) and the (N*T, H) hidden states are held
+    for the whole call; of the head, only one chunk's (C, V) logits and softmax exist at a time. Each chunk
+    runs under non-reentrant checkpointing, so the forward keeps just its (C, H) input and (C,) outputs
+    and the backward recomputes one chunk's logits at a time: O(C * V) instead of O(N * T * V).
+    Works for a plain model and a PEFT-wrapped one (adapters included, or disabled by the caller).
+    """
+    if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"input_ids and attention_mask must both be (N, L); got {tuple(input_ids.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    n, length = input_ids.shape
+    t = num_completion_tokens
+    if not 1 <= t < length:
+        raise ValueError(f"num_completion_tokens must be in [1, L - 1] = [1, {length - 1}], got {t}")
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    backbone, head, softcap = _backbone_and_head(model)
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    # Position i predicts token i + 1: the T completion tokens are predicted by positions L-T-1 .. L-2.
+    hidden = out.last_hidden_state[:, length - t - 1 : length - 1].reshape(n * t, -1)  # (N*T, H)
+    targets = input_ids[:, length - t :].reshape(n * t)  # (N*T,)
+
+    logps, entropies = [], []
+    for start in range(0, n * t, chunk_size):
+        chunk = slice(start, start + chunk_size)
+        args = (head, hidden[chunk], targets[chunk], temperature, softcap, with_entropy)
+        # Without autograd there is nothing to recompute, and checkpoint would only add overhead.
+        if torch.is_grad_enabled():
+            logp, entropy = checkpoint(_chunk_stats, *args, use_reentrant=False)  # (C,), (C,)
+        else:
+            logp, entropy = _chunk_stats(*args)  # (C,), (C,)
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = torch.cat(logps).reshape(n, t)  # (N, T)
+    return logp, (torch.cat(entropies).reshape(n, t) if with_entropy else None)  # (N, T)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for the duration, then every module's own train/eval flag restored."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+class ReferencePolicy:
+    """The frozen reference policy pi_ref of the KL term `beta * KL(pi || pi_ref)`.
+
+    Create it only when beta > 0: with beta = 0 the trainer loads no reference at all.
+    - A PEFT (LoRA) policy serves as its own reference with the adapter disabled: no copy, no extra memory.
+    - A plain policy is deep-copied once, here, before any update: eval mode, no gradients. That copy
+      costs one more model's weights.
+    Logprobs are taken under `torch.no_grad()` with dropout off, so they are deterministic.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        self.shares_policy = isinstance(policy, PeftModel)
+        if self.shares_policy:
+            self.model = policy
+        else:
+            self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        num_completion_tokens: int,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+    ) -> Tensor:
+        """Reference per-token logprobs of the completions, (N, L) -> (N, T); see `completion_logprobs`."""
+        args = (self.model, input_ids, attention_mask, num_completion_tokens)
+        kwargs = dict(temperature=temperature, chunk_size=chunk_size, with_entropy=False)
+        with _eval_mode(self.model):
+            if self.shares_policy:
+                with self.model.disable_adapter():
+                    return completion_logprobs(*args, **kwargs)[0]
+            return completion_logprobs(*args, **kwargs)[0]

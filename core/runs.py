@@ -1,0 +1,669 @@
+"""The run directory: the contract between a training run and everything that reads its results.
+
+Dashboards, plots and reports read run directories through this module; they never import a trainer.
+
+    config.json      {"app", "algorithm", "grpo_suite_version", "started", "config": {...}, "resumes": [...]}
+    metrics.jsonl    one JSON object per step: {"step": int, name: float | null, ...}
+    rollouts.jsonl   one JSON object per completion: {"step", "prompt", "completion",
+                     "rewards": {name: float}, "reward", "advantage", "group", ...} (only "step" is required)
+    eval.json        evaluation results (a dict)
+    status.json      {"status": "running" | "finished" | "failed", "step": int, "updated": iso time,
+                     "error": str | null}
+    checkpoints/step-N/  model.safetensors, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json and a
+                     `complete` marker (JSON: step, saved, files) written last
+
+Conventions. `step` counts finished optimizer updates: the logs of update N carry step N and `step-N` is
+saved after them, so resuming from `step-N` keeps log lines with step <= N (`truncate_logs_after`).
+Non-finite floats (NaN, +-inf) are written as JSON null and read back as None. Nothing is lost when the
+process is killed: JSON files are replaced atomically, log lines are flushed one by one (a cut-off last line
+is reported by the readers and removed on resume), and a checkpoint only appears under its final name once
+complete.
+One process writes a run (rank 0 under `accelerate launch`).
+
+Run the tests with `python -m pytest tests/core/test_runs.py -q`.
+"""
+
+import json
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STATUSES = ("running", "finished", "failed")
+MARKER = "complete"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+_TMP_PREFIX = ".tmp-step-"
+
+RandomSource = torch.Generator | np.random.Generator | random.Random
+
+
+def default_run_dir(app: str) -> Path:
+    """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time)."""
+    if not app or "/" in app or "\\" in app:
+        raise ValueError(f"app name {app!r} must be a non-empty name without path separators")
+    return Path("runs") / app / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One loaded checkpoint; every tensor is on the CPU (`load_state_dict` moves them where they belong)."""
+
+    path: Path
+    step: int
+    model_state: dict[str, Tensor]
+    optimizer_state: dict | None
+    scheduler_state: dict | None
+    trainer_state: dict
+    rng_state: dict
+
+
+class RunDir:
+    """A handle on an existing run directory; `RunDir.create` makes a new one (or reopens one to resume)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"run directory {self.path} does not exist")
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        config: Mapping[str, Any],
+        *,
+        app: str,
+        algorithm: str,
+        exist_ok_for_resume: bool,
+    ) -> "RunDir":
+        """Create a run at `path` and write config.json.
+
+        A directory that already holds a run (it has config.json) is refused unless `exist_ok_for_resume`;
+        then config.json keeps the original config and start time and gains a `resumes` entry recording the
+        time and the config keys that changed ({key: [old, new]}). Resuming with another app or algorithm is
+        refused.
+        With `exist_ok_for_resume` and no run there yet, a fresh run is created as usual.
+        """
+        path = Path(path)
+        config_path = path / "config.json"
+        new_config = _jsonable(dict(config), "config")
+        if config_path.exists():
+            if not exist_ok_for_resume:
+                raise FileExistsError(
+                    f"{path} already holds a run ({config_path} exists); pass --resume to continue it "
+                    "or pick another --run-dir"
+                )
+            run = cls(path)
+            stored = run.read_config()
+            for field, value in (("app", app), ("algorithm", algorithm)):
+                if stored[field] != value:
+                    raise ValueError(
+                        f"cannot resume {path} with {field} {value!r}: it is a {stored[field]!r} run"
+                    )
+            old = stored["config"]
+            changed = {
+                key: [old.get(key), new_config.get(key)]
+                for key in sorted(old.keys() | new_config.keys())
+                if old.get(key) != new_config.get(key)
+            }
+            stored.setdefault("resumes", []).append({"at": _now(), "changed": changed})
+            _write_json_atomic(config_path, stored)
+            return run
+        path.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(
+            config_path,
+            {
+                "app": app,
+                "algorithm": algorithm,
+                "grpo_suite_version": _version(),
+                "started": _now(),
+                "config": new_config,
+            },
+        )
+        return cls(path)
+
+    # -- paths ---------------------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def rollouts_path(self) -> Path:
+        return self.path / "rollouts.jsonl"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append `{"step": step, **metrics}`; values: numbers, one-element tensors or numpy scalars."""
+        _check_step(step)
+        if "step" in metrics:
+            raise ValueError("metrics must not contain the key 'step'; pass the step as the first argument")
+        row: dict[str, Any] = {"step": step}
+        for key, value in metrics.items():
+            if isinstance(value, Tensor | np.ndarray):
+                if math.prod(value.shape) != 1:
+                    raise TypeError(f"metric {key!r} is an array of shape {tuple(value.shape)}, not a scalar")
+                value = value.item()
+            converted = _jsonable(value, f"metric {key!r}")
+            if converted is not None and not isinstance(converted, int | float):
+                raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a number")
+            row[key] = converted
+        _append_lines(self.metrics_path, [row])
+
+    def log_rollouts(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append one line per record; every record needs an int "step" (tensors become numbers or lists)."""
+        rows = []
+        for i, record in enumerate(records):
+            if "step" not in record:
+                raise ValueError(f"rollout record {i} has no 'step'")
+            _check_step(record["step"])
+            rows.append(_jsonable(dict(record), f"rollout record {i}"))
+        _append_lines(self.rollouts_path, rows)
+
+    def write_eval(self, results: Mapping[str, Any]) -> None:
+        _write_json_atomic(self.eval_path, _jsonable(dict(results), "eval results"))
+
+    def set_status(self, status: str, *, step: int, error: str | None = None) -> None:
+        """Write status.json; `error` (a message) is required for "failed" and refused otherwise."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; valid: {', '.join(STATUSES)}")
+        if (status == "failed") != (error is not None):
+            needs = "needs an" if status == "failed" else "takes no"
+            raise ValueError(f"status {status!r} {needs} error message")
+        _check_step(step)
+        status_json = {"status": status, "step": step, "updated": _now(), "error": error}
+        _write_json_atomic(self.status_path, status_json)
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def read_config(self) -> dict:
+        return _read_json(self.config_path)
+
+    def read_eval(self) -> dict:
+        return _read_json(self.eval_path)
+
+    def read_status(self) -> dict:
+        return _read_json(self.status_path)
+
+    def read_metrics(self, *, ignore_unfinished_last_line: bool = False) -> list[dict]:
+        """All metric rows ([] before the first step). A malformed line raises ValueError naming file and
+        line; so does a last line without its newline (cut off by a kill), unless
+        `ignore_unfinished_last_line` (for readers of a live run, whose writer may be mid-line)."""
+        return _read_jsonl(self.metrics_path, ignore_unfinished_last_line)
+
+    def read_rollouts(self, *, ignore_unfinished_last_line: bool = False) -> list[dict]:
+        """All rollout rows; errors as in `read_metrics`."""
+        return _read_jsonl(self.rollouts_path, ignore_unfinished_last_line)
+
+    def truncate_logs_after(self, step: int) -> dict[str, int]:
+        """Drop metric and rollout lines with step > `step` and a cut-off last line, so that a run resumed
+        from checkpoint `step` logs exactly what an uninterrupted run would (use step 0 when resuming
+        without a checkpoint). Each file is rewritten atomically. Returns {file name: lines removed}."""
+        _check_step(step)
+        removed = {}
+        for path in (self.metrics_path, self.rollouts_path):
+            if not path.exists():
+                continue
+            keep = []
+            lines = _split_lines(path)
+            for number, raw, finished in lines:
+                if finished and _parse_line(path, number, raw)["step"] <= step:
+                    keep.append(raw + b"\n")
+            removed[path.name] = len(lines) - len(keep)
+            if removed[path.name]:
+                _write_atomic(path, b"".join(keep))
+        return removed
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self,
+        step: int,
+        *,
+        model_state: Mapping[str, Tensor],
+        optimizer_state: dict | None,
+        scheduler_state: dict | None,
+        trainer_state: dict,
+        rng_state: dict,
+        keep_last: int | None,
+    ) -> Path:
+        """Write `checkpoints/step-<step>/` atomically, then keep only the newest `keep_last` (None: all).
+
+        Everything goes to `checkpoints/.tmp-step-<step>-<pid>` first, each file fsynced, the `complete`
+        marker last; the directory is then renamed into place. An existing `step-<step>` is replaced. Temp
+        dirs left by a killed save are deleted first. Pruning keeps the new checkpoint and the newest others.
+        Tensors that share storage (tied weights) are saved as separate copies because safetensors refuses
+        shared storage; `model.load_state_dict` keeps the tie, since both names copy into one parameter.
+        `trainer_state` must be strict JSON (tuples come back as lists); optimizer, scheduler and RNG states
+        must be plain data that `torch.load(weights_only=True)` accepts; both are checked before writing.
+        """
+        _check_step(step)
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (or None to keep all), got {keep_last}")
+        trainer_json = _strict_json(trainer_state, "trainer_state")
+        pickled = {OPTIMIZER_FILE: optimizer_state, SCHEDULER_FILE: scheduler_state, RNG_FILE: rng_state}
+        for name, state in pickled.items():
+            if state is not None:
+                _check_weights_only(state, name.removesuffix(".pt") + "_state")
+        tensors = _unshared_cpu_tensors(model_state)
+
+        self.checkpoints_dir.mkdir(exist_ok=True)
+        # One writer per run: temp dirs still here were cut off by a kill and are only wasted disk.
+        for stale in self.checkpoints_dir.glob(_TMP_PREFIX + "*"):
+            shutil.rmtree(stale)
+        tmp = self.checkpoints_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
+        final = self.checkpoints_dir / f"step-{step}"
+        tmp.mkdir()
+        try:
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+            _fsync_file(tmp / MODEL_FILE)
+            files = [MODEL_FILE]
+            for name, state in pickled.items():
+                if state is not None:
+                    with open(tmp / name, "wb") as f:
+                        torch.save(state, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    files.append(name)
+            _write_durably(tmp / TRAINER_STATE_FILE, trainer_json)
+            files.append(TRAINER_STATE_FILE)
+            marker = {"step": step, "saved": _now(), "files": files}
+            _write_durably(tmp / MARKER, json.dumps(marker).encode())
+            _fsync_dir(tmp)
+            if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
+                replaced = self.checkpoints_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}-replaced"
+                os.rename(final, replaced)
+                os.rename(tmp, final)
+                shutil.rmtree(replaced)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(self.checkpoints_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if keep_last is not None:
+            # Never prune the one just saved, even when newer ones exist (a resume from an older checkpoint).
+            others = [path for path in self.list_checkpoints() if path != final]
+            for path in others[: max(0, len(others) - (keep_last - 1))]:
+                shutil.rmtree(path)
+        return final
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints (step-N with the marker), oldest first; temp and cut-off ones are skipped."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for path in self.checkpoints_dir.iterdir():
+            match = _CHECKPOINT_NAME.fullmatch(path.name)
+            if match and (path / MARKER).is_file():
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoints = self.list_checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a complete checkpoint directory; pickled files load with `weights_only=True` only."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER!r} marker): a save was cut off")
+    marker = _read_json(path / MARKER)
+    missing = [name for name in marker["files"] if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} lacks {', '.join(missing)}")
+
+    def torch_file(name: str) -> Any:
+        if name not in marker["files"]:
+            return None
+        try:
+            return torch.load(path / name, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path / name} holds more than plain data and tensors: {e}") from e
+
+    return Checkpoint(
+        path=path,
+        step=marker["step"],
+        model_state=load_file(path / MODEL_FILE, device="cpu"),
+        optimizer_state=torch_file(OPTIMIZER_FILE),
+        scheduler_state=torch_file(SCHEDULER_FILE),
+        trainer_state=_read_json(path / TRAINER_STATE_FILE),
+        rng_state=torch_file(RNG_FILE),
+    )
+
+
+# -- random number generators ------------------------------------------------------------------------------
+
+
+def capture_rng_state(generators: Mapping[str, RandomSource] | None = None) -> dict:
+    """The state of python `random`, numpy's global generator, torch's CPU generator, every CUDA device's
+    generator (when CUDA is available) and the caller's named generators (`torch.Generator`,
+    `numpy.random.Generator` or `random.Random`), as tensors and plain python data that
+    `torch.load(weights_only=True)` accepts."""
+    state: dict[str, Any] = {
+        "python": _python_random_state(random.getstate()),
+        "numpy": _numpy_global_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: _generator_state(name, gen) for name, gen in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, RandomSource] | None = None) -> None:
+    """Put back what `capture_rng_state` took; `generators` must name the same generators as at capture."""
+    generators = dict(generators or {})
+    if set(generators) != set(state["generators"]):
+        raise ValueError(
+            f"the RNG state holds generators {sorted(state['generators'])} but "
+            f"{sorted(generators)} were given to restore"
+        )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy = state["numpy"]
+    key = np.asarray(numpy["key"], dtype=np.uint32)
+    np.random.set_state((numpy["bit_generator"], key, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "torch_cuda" in state:
+        _restore_cuda(state["torch_cuda"])
+    for name, gen in generators.items():
+        saved, kind = state["generators"][name], _kind(name, gen)
+        if saved["kind"] != kind:
+            raise ValueError(f"generator {name!r} was saved as a {saved['kind']} but a {kind} was given")
+        if isinstance(gen, torch.Generator):
+            gen.set_state(saved["state"])
+        elif isinstance(gen, np.random.Generator):
+            gen.bit_generator.state = saved["state"]
+        else:
+            version, internal, gauss_next = saved["state"]
+            gen.setstate((version, tuple(internal), gauss_next))
+
+
+def _restore_cuda(states: list[Tensor]) -> None:
+    # A GPU run resumed elsewhere cannot continue bit for bit; say so rather than fail or keep quiet.
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available != len(states):
+        warnings.warn(
+            f"the checkpoint holds RNG states for {len(states)} CUDA devices but {available} are available; "
+            f"restoring {min(available, len(states))}, so random draws on the GPU will differ",
+            stacklevel=3,
+        )
+    for device, device_state in enumerate(states[:available]):
+        torch.cuda.set_rng_state(device_state, device)
+
+
+_GENERATOR_KINDS = {torch.Generator: "torch.Generator", np.random.Generator: "numpy.random.Generator",
+                    random.Random: "random.Random"}
+
+
+def _kind(name: str, gen: object) -> str:
+    for cls, kind in _GENERATOR_KINDS.items():
+        if isinstance(gen, cls):
+            return kind
+    raise TypeError(
+        f"generator {name!r} is a {type(gen).__name__}; supported: torch.Generator, numpy.random.Generator, "
+        "random.Random"
+    )
+
+
+def _generator_state(name: str, gen: RandomSource) -> dict:
+    kind = _kind(name, gen)
+    if isinstance(gen, torch.Generator):
+        return {"kind": kind, "state": gen.get_state()}
+    if isinstance(gen, np.random.Generator):
+        # bit generator states are dicts of ints and, for some (MT19937, SFC64), uint arrays: arrays become
+        # lists (weights_only refuses numpy arrays) and the state setters accept lists back.
+        return {"kind": kind, "state": _numpy_to_python(gen.bit_generator.state)}
+    return {"kind": kind, "state": _python_random_state(gen.getstate())}
+
+
+def _python_random_state(state: tuple) -> list:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
+def _numpy_global_state() -> dict:
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"bit_generator": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _numpy_to_python(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _numpy_to_python(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return value
+
+
+# -- files -------------------------------------------------------------------------------------------------
+
+
+def _check_step(step: object) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("grpo-suite")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never pip-installed
+        return "unknown (not installed)"
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Plain JSON data from tensors, numpy values, paths, tuples; non-finite floats become None."""
+    if isinstance(value, Tensor):
+        value = value.detach().tolist()
+    elif isinstance(value, np.ndarray | np.generic):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int):  # bool is an int
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; JSON keys must be strings")
+            out[key] = _jsonable(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [_jsonable(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise TypeError(f"{where} is a {type(value).__name__}, which cannot be written as JSON")
+
+
+def _strict_json(value: Any, where: str) -> bytes:
+    # No conversion here: what is saved must come back exactly, so NaN, a tensor or an int key (json would
+    # turn it into a string) is an error, not a silent change.
+    _check_string_keys(value, where)
+    try:
+        return json.dumps(value, allow_nan=False, indent=2).encode()
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{where} must be plain JSON data (no tensors, NaN or infinity): {e}") from e
+
+
+def _check_string_keys(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; JSON keys must be strings")
+            _check_string_keys(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_string_keys(item, f"{where}[{i}]")
+
+
+# Exact types: subclasses (namedtuple, defaultdict, IntEnum, numpy scalars) are refused by weights_only.
+_WEIGHTS_ONLY_MAPPINGS = (dict, OrderedDict)
+_WEIGHTS_ONLY_SEQUENCES = (list, tuple, set)
+_WEIGHTS_ONLY_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype,
+                        torch.device)
+
+
+def _check_weights_only(value: Any, where: str) -> None:
+    """Fail at save time, not at resume time, on anything `torch.load(weights_only=True)` would refuse."""
+    if type(value) in _WEIGHTS_ONLY_MAPPINGS:
+        for key, item in value.items():
+            _check_weights_only(key, f"{where} key")
+            _check_weights_only(item, f"{where}[{key!r}]")
+    elif type(value) in _WEIGHTS_ONLY_SEQUENCES:
+        for i, item in enumerate(value):
+            _check_weights_only(item, f"{where}[{i}]")
+    elif type(value) not in _WEIGHTS_ONLY_LEAVES and not isinstance(value, Tensor):
+        raise TypeError(
+            f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; "
+            "convert it to tensors or plain python data"
+        )
+
+
+def _unshared_cpu_tensors(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    seen: set[tuple[str, int]] = set()
+    out = {}
+    for name, tensor in model_state.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"model_state[{name!r}] is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach()
+        storage = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        if storage in seen:  # tied or otherwise shared: safetensors refuses shared storage, so copy it
+            tensor = tensor.clone()
+        seen.add(storage)
+        out[name] = tensor.to("cpu").contiguous()
+    return out
+
+
+def _split_lines(path: Path) -> list[tuple[int, bytes, bool]]:
+    """(1-based line number, bytes without the newline, whether the newline was there) for every line."""
+    # Split on b"\n" only: text mode would also split on the \r and U+2028 that JSON strings may contain.
+    data = path.read_bytes()
+    if not data:
+        return []
+    parts = data.split(b"\n")
+    finished = data.endswith(b"\n")
+    if finished:
+        parts.pop()
+    return [(i + 1, part, finished or i < len(parts) - 1) for i, part in enumerate(parts)]
+
+
+def _parse_line(path: Path, number: int, raw: bytes) -> dict:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}:{number}: malformed JSON line: {e}") from e
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        raise ValueError(f"{path}:{number}: expected a JSON object with an int 'step', got {raw[:80]!r}")
+    return row
+
+
+def _read_jsonl(path: Path, ignore_unfinished_last_line: bool) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for number, raw, finished in _split_lines(path):
+        if not finished:
+            if ignore_unfinished_last_line:
+                break
+            raise ValueError(
+                f"{path}:{number}: the last line has no newline: it was cut off by a killed process "
+                "(resuming the run removes it)"
+            )
+        rows.append(_parse_line(path, number, raw))
+    return rows
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON: {e}") from e
+
+
+def _append_lines(path: Path, rows: list[dict]) -> None:
+    # Serialize everything first so that a bad row writes nothing.
+    lines = [json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows]
+    with path.open("a", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line)
+            f.flush()
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    _write_atomic(path, json.dumps(value, ensure_ascii=False, allow_nan=False, indent=2).encode() + b"\n")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a mix: temp file in the same dir, fsync, replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_durably(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename durable; directories cannot be opened for fsync on Windows.
+    if os.name == "posix":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,319 @@
+"""Tests of core/policy.py: chunked logprobs and entropies against a plain full-logits reference (values
+and gradients), left padding, agreement with HF `generate`, LoRA and the reference policy, loading.
+
+Run: `pytest tests/core/test_policy.py`. Tiny models are built from configs with fixed seeds; nothing
+is downloaded.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import Tensor, nn
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from core.policy import (
+    LoraSettings,
+    ReferencePolicy,
+    completion_logprobs,
+    load_policy,
+    position_ids_from_mask,
+)
+
+VOCAB = 50
+PAD = 0
+EOS = 1
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128,
+    initializer_range=0.2,  # peaked next-token distributions, so the comparisons are not all near-uniform
+)
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary, with an eos token and no pad token."""
+    vocab = {"<pad>": PAD, "<eos>": EOS, **{f"w{i}": i for i in range(2, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def left_padded_batch(seed: int = 0, n: int = 4, prompt_len: int = 6, t: int = 5) -> tuple[Tensor, Tensor]:
+    """(N, P + T) ids and mask: prompts of lengths P, P-1, ... left-padded, then T completion tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (n, prompt_len + t), generator=g)  # (N, L)
+    mask = torch.ones_like(ids)  # (N, L)
+    for i in range(n):
+        mask[i, : min(i, prompt_len - 1)] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def completion_logprobs_unchunked(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t: int, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The plain reference: the model's full (N, L, V) logits -> float32 log_softmax -> gather, entropy."""
+    positions = position_ids_from_mask(attention_mask)  # (N, L)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+    logits = out.logits  # (N, L, V)
+    logits = logits[:, -t - 1 : -1].to(torch.promote_types(logits.dtype, torch.float32))  # (N, T, V)
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)  # (N, T, V)
+    logp = logp_all.gather(-1, input_ids[:, -t:].unsqueeze(-1)).squeeze(-1)  # (N, T)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, T)
+    return logp, entropy
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tiny_qwen2().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_position_ids_from_mask_counts_from_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    expected = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 2, 0]])
+    assert torch.equal(position_ids_from_mask(mask), expected)
+
+
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_llama], ids=["qwen2", "llama"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_chunked_equals_unchunked(build, chunk_size: int):
+    model = build()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(model, ids, mask, 5, temperature=0.7, chunk_size=chunk_size)
+        ref_logp, ref_entropy = completion_logprobs_unchunked(model, ids, mask, 5, temperature=0.7)
+    assert logp.shape == entropy.shape == (4, 5)
+    assert logp.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=0)
+    assert entropy.min() > 0.1 and entropy.max() < torch.log(torch.tensor(VOCAB)) - 0.1  # not degenerate
+
+
+def test_without_entropy_returns_none_and_same_logprobs():
+    model = tiny_qwen2()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(model, ids, mask, 5, chunk_size=3, with_entropy=False)
+        ref_logp, _ = completion_logprobs_unchunked(model, ids, mask, 5)
+    assert entropy is None
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_gradients_equal_unchunked(chunk_size: int):
+    # In float64: in float32 both sides carry ~5e-7 relative rounding (1e-5 absolute on gradients of size
+    # ~20) whatever the chunking, which would hide what this test is about.
+    model = tiny_qwen2().double()
+    ids, mask = left_padded_batch()
+    weights = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))  # (N, T)
+
+    def grads(logp: Tensor, entropy: Tensor) -> dict[str, Tensor]:
+        model.zero_grad()
+        ((logp * weights).sum() + 0.3 * entropy.sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    chunked = grads(*completion_logprobs(model, ids, mask, 5, temperature=0.7, chunk_size=chunk_size))
+    plain = grads(*completion_logprobs_unchunked(model, ids, mask, 5, temperature=0.7))
+    assert chunked.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], atol=1e-10, rtol=0, msg=name)
+    assert plain["lm_head.weight"].abs().sum() > 0 and plain["model.embed_tokens.weight"].abs().sum() > 0
+
+
+def saved_vocab_rows(compute) -> int:
+    """The most positions of any (..., V) tensor autograd keeps for the backward while `compute` runs
+    (the LM head's transposed (H, V) weight, which every path keeps, is not a logits tensor)."""
+    rows = [0]
+
+    def pack(x: Tensor) -> Tensor:
+        if x.dim() >= 2 and x.shape[-1] == VOCAB and tuple(x.shape) != (TINY["hidden_size"], VOCAB):
+            rows.append(x.numel() // VOCAB)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        compute()
+    return max(rows)
+
+
+def test_chunk_logits_are_not_kept_for_backward():
+    """Memory: checkpointing leaves no chunk's (C, V) logits saved for the backward; the plain path
+    keeps (N, T, V) ones (which shows the probe sees them)."""
+    model = tiny_qwen2()
+    ids, mask = left_padded_batch()
+    assert saved_vocab_rows(lambda: completion_logprobs(model, ids, mask, 5, chunk_size=3)) == 0
+    assert saved_vocab_rows(lambda: completion_logprobs_unchunked(model, ids, mask, 5)) >= 4 * 5
+
+
+def test_left_padding_does_not_change_logprobs():
+    model = tiny_qwen2()
+    ids, _ = left_padded_batch(n=1, prompt_len=6, t=5)  # (1, 11), no padding
+    padded = torch.cat([torch.full((1, 4), PAD), ids], dim=1)  # (1, 15)
+    padded_mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)  # (1, 15)
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(model, ids, torch.ones_like(ids), 5)
+        padded_logp, padded_entropy = completion_logprobs(model, padded, padded_mask, 5)
+    torch.testing.assert_close(padded_logp, logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded_entropy, entropy, atol=1e-5, rtol=0)
+
+
+def test_logprobs_match_hf_generate():
+    """The sampler-vs-trainer check: what `generate` saw for its sampled tokens is what training sees."""
+    model = tiny_qwen2()
+    prompt, prompt_mask = left_padded_batch(t=0)  # (N, P), left-padded
+    t, temperature = 8, 0.7
+    torch.manual_seed(3)
+    out = model.generate(
+        input_ids=prompt, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0,
+        max_new_tokens=t, output_logits=True, return_dict_in_generate=True, pad_token_id=PAD,
+    )
+    assert out.sequences.shape == (4, prompt.shape[1] + t)
+    sampled = out.sequences[:, -t:]  # (N, T)
+    gen_logp = torch.log_softmax(torch.stack(out.logits, dim=1).float() / temperature, dim=-1)  # (N, T, V)
+    gen_logp = gen_logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    mask = torch.cat([prompt_mask, torch.ones_like(sampled)], dim=1)  # (N, P + T)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, out.sequences, mask, t, temperature=temperature, chunk_size=5)
+    torch.testing.assert_close(logp, gen_logp, atol=1e-4, rtol=0)
+
+
+def test_softcapped_logits_are_handled():
+    torch.manual_seed(0)
+    config = Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=0.3)  # a cap that bites hard
+    model = Gemma2ForCausalLM(config).eval()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(model, ids, mask, 5, temperature=0.7, chunk_size=3)
+        ref_logp, ref_entropy = completion_logprobs_unchunked(model, ids, mask, 5, temperature=0.7)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=0)
+
+
+def test_logit_scale_is_refused():
+    torch.manual_seed(0)
+    model = CohereForCausalLM(CohereConfig(**TINY, logit_scale=0.0625))
+    ids, mask = left_padded_batch()
+    with pytest.raises(NotImplementedError, match="logit_scale"):
+        completion_logprobs(model, ids, mask, 5)
+
+
+def test_bad_arguments_are_refused():
+    model = tiny_qwen2()
+    ids, mask = left_padded_batch()
+    with pytest.raises(ValueError, match="num_completion_tokens"):
+        completion_logprobs(model, ids, mask, ids.shape[1])
+    with pytest.raises(ValueError, match="attention_mask"):
+        completion_logprobs(model, ids, mask[:, 1:], 5)
+    with pytest.raises(ValueError, match="temperature"):
+        completion_logprobs(model, ids, mask, 5, temperature=0.0)
+
+
+def test_load_policy_round_trip(model_dir: Path):
+    model, tokenizer = load_policy(model_dir)
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token == "<eos>"  # the tiny tokenizer has no pad token: eos stands in
+    # The saved tokenizer itself, not the Qwen2Tokenizer AutoTokenizer would rebuild for a qwen2 config.
+    assert len(tokenizer) == VOCAB
+    assert tokenizer("w3 w4 <eos>").input_ids == [3, 4, EOS]
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        loaded, _ = completion_logprobs(model, ids, mask, 5)
+        original, _ = completion_logprobs(tiny_qwen2(), ids, mask, 5)
+    torch.testing.assert_close(loaded, original, atol=0, rtol=0)
+
+
+def test_load_policy_dtype(model_dir: Path):
+    model, _ = load_policy(model_dir, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float32"):
+        load_policy(model_dir, dtype="fp8")
+
+
+def test_load_policy_missing_dir_or_config(tmp_path: Path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="config.json") as info:
+        load_policy(missing)
+    assert str(missing) in str(info.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json") as info:
+        load_policy(empty)
+    assert str(empty) in str(info.value)
+
+
+def test_lora_policy_and_reference(model_dir: Path):
+    policy, _ = load_policy(model_dir, lora=LoraSettings(r=4, alpha=8))
+    base = tiny_qwen2()
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("lora_" in name and "q_proj" in name for name in trainable)  # all-linear reached attention
+
+    reference = ReferencePolicy(policy)
+    assert reference.model is policy  # no copy
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        base_logp, _ = completion_logprobs(base, ids, mask, 5, temperature=0.7)
+        # Before training B = 0: policy, reference and base all agree.
+        torch.testing.assert_close(completion_logprobs(policy, ids, mask, 5, temperature=0.7)[0], base_logp,
+                                   atol=1e-6, rtol=0)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+        policy_logp, _ = completion_logprobs(policy, ids, mask, 5, temperature=0.7)
+    policy.train()
+    ref_logp = reference.logprobs(ids, mask, 5, temperature=0.7, chunk_size=3)
+    assert policy.training and all(m.training for m in policy.modules())  # modes restored
+    assert not ref_logp.requires_grad
+    assert (policy_logp - base_logp).abs().max() > 1e-2
+    torch.testing.assert_close(ref_logp, base_logp, atol=1e-5, rtol=0)
+    # The adapter is back on after the reference call.
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(policy, ids, mask, 5, temperature=0.7)[0], policy_logp,
+                                   atol=1e-6, rtol=0)
+
+
+def test_reference_without_lora_is_a_frozen_copy():
+    policy = tiny_qwen2().train()
+    reference = ReferencePolicy(policy)
+    assert reference.model is not policy
+    assert not reference.model.training
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    assert all(p.requires_grad for p in policy.parameters())
+    ids, mask = left_padded_batch()
+    before = reference.logprobs(ids, mask, 5)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        policy_logp, _ = completion_logprobs(policy, ids, mask, 5)
+    torch.testing.assert_close(reference.logprobs(ids, mask, 5), before, atol=0, rtol=0)
+    assert (policy_logp - before).abs().max() > 1e-2
+
+
+def test_load_policy_refuses_a_tokenizer_larger_than_the_model(tmp_path: Path):
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**{**TINY, "vocab_size": VOCAB - 10})).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{VOCAB} tokens but the model has only {VOCAB - 10}"):
+        load_policy(tmp_path)

@@ -1,0 +1,399 @@
+"""Tests for core/runs.py: the run directory's files, atomic writes, checkpoints and RNG state.
+
+Run with `python -m pytest tests/core/test_runs.py -q`.
+"""
+
+import io
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core import runs
+from core.runs import RunDir, capture_rng_state, default_run_dir, load_checkpoint, restore_rng_state
+
+
+@pytest.fixture
+def run(tmp_path):
+    return RunDir.create(tmp_path / "run", {"lr": 1e-3, "seed": 0}, app="math", algorithm="grpo",
+                         exist_ok_for_resume=False)
+
+
+def save(run, step, keep_last=None, **overrides):
+    state = dict(model_state={"w": torch.full((2,), float(step))}, optimizer_state=None, scheduler_state=None,
+                 trainer_state={"step": step}, rng_state=capture_rng_state(), keep_last=keep_last)
+    return run.save_checkpoint(step, **{**state, **overrides})
+
+
+# -- create, config, default_run_dir -------------------------------------------------------------------------
+
+
+def test_create_writes_config(run):
+    config = run.read_config()
+    assert config["app"] == "math" and config["algorithm"] == "grpo"
+    assert config["config"] == {"lr": 1e-3, "seed": 0}
+    assert config["grpo_suite_version"] and "T" in config["started"]
+
+
+def test_create_refuses_an_existing_run_without_resume(run):
+    with pytest.raises(FileExistsError, match=r"--resume.*--run-dir"):
+        RunDir.create(run.path, {"lr": 1e-3}, app="math", algorithm="grpo", exist_ok_for_resume=False)
+
+
+def test_create_resume_keeps_config_and_records_changes(run):
+    before = run.read_config()
+    again = RunDir.create(run.path, {"lr": 2e-3, "seed": 0}, app="math", algorithm="grpo",
+                          exist_ok_for_resume=True)
+    after = again.read_config()
+    assert after["config"] == before["config"] and after["started"] == before["started"]
+    assert after["resumes"][0]["changed"] == {"lr": [1e-3, 2e-3]}
+    with pytest.raises(ValueError, match="app 'sudoku'"):
+        RunDir.create(run.path, {}, app="sudoku", algorithm="grpo", exist_ok_for_resume=True)
+
+
+def test_create_with_resume_and_no_run_starts_fresh(tmp_path):
+    run = RunDir.create(tmp_path / "new", {"a": 1}, app="math", algorithm="grpo", exist_ok_for_resume=True)
+    assert "resumes" not in run.read_config()
+
+
+def test_default_run_dir():
+    path = default_run_dir("sudoku")
+    assert path.parent.as_posix() == "runs/sudoku" and re.fullmatch(r"\d{8}-\d{6}", path.name)
+    with pytest.raises(ValueError):
+        default_run_dir("a/b")
+
+
+def test_run_dir_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RunDir(tmp_path / "nope")
+
+
+# -- metrics and rollouts ------------------------------------------------------------------------------------
+
+
+def test_metrics_round_trip_with_nan_as_none(run):
+    run.log_metrics(1, {"loss": 0.5, "n": 3, "t": torch.tensor(2.5), "np": np.float32(0.25),
+                        "nan": float("nan"), "inf": torch.tensor(float("inf")), "one": torch.ones(1, 1)})
+    run.log_metrics(2, {"loss": 0.25})
+    assert run.read_metrics() == [
+        {"step": 1, "loss": 0.5, "n": 3, "t": 2.5, "np": 0.25, "nan": None, "inf": None, "one": 1.0},
+        {"step": 2, "loss": 0.25},
+    ]
+    assert "null" in run.metrics_path.read_text().splitlines()[0]
+
+
+def test_metrics_refuse_non_scalars_and_step_key(run):
+    with pytest.raises(TypeError, match="shape"):
+        run.log_metrics(1, {"x": torch.ones(2)})
+    with pytest.raises(TypeError, match="'x'"):
+        run.log_metrics(1, {"x": "text"})
+    with pytest.raises(ValueError, match="'step'"):
+        run.log_metrics(1, {"step": 1})
+    with pytest.raises(ValueError, match="non-negative int"):
+        run.log_metrics(-1, {})
+    assert run.read_metrics() == []
+
+
+def test_rollouts_round_trip(run):
+    # U+2028 and \r inside strings must not split lines.
+    text = {"prompt": "问\u2028题\r", "completion": "答", "rewards": {"fmt": 1.0}, "group": 0}
+    run.log_rollouts([{"step": 1, **text, "reward": torch.tensor(0.5), "advantage": np.float64(-1.0),
+                       "ids": torch.tensor([1, 2])}])
+    assert run.read_rollouts() == [{"step": 1, **text, "reward": 0.5, "advantage": -1.0, "ids": [1, 2]}]
+    with pytest.raises(ValueError, match="no 'step'"):
+        run.log_rollouts([{"prompt": "p"}])
+    with pytest.raises(TypeError, match=r"rollout record 0\['x'\] is a object"):
+        run.log_rollouts([{"step": 1, "x": object()}])
+    assert len(run.read_rollouts()) == 1  # a bad record writes nothing
+
+
+def test_malformed_line_names_file_and_line(run):
+    run.log_metrics(1, {"loss": 1.0})
+    with run.metrics_path.open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: malformed JSON"):
+        run.read_metrics()
+
+
+def test_line_without_step_is_an_error(run):
+    run.rollouts_path.write_text('{"prompt": "p"}\n')
+    with pytest.raises(ValueError, match=r"rollouts\.jsonl:1: expected a JSON object with an int 'step'"):
+        run.read_rollouts()
+
+
+def test_partial_last_line_is_reported_or_ignored_on_request(run):
+    run.log_metrics(1, {"loss": 1.0})
+    with run.metrics_path.open("a") as f:
+        f.write('{"step": 2, "lo')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: the last line has no newline"):
+        run.read_metrics()
+    assert run.read_metrics(ignore_unfinished_last_line=True) == [{"step": 1, "loss": 1.0}]
+
+
+def test_truncate_logs_after_equals_an_uninterrupted_run(tmp_path):
+    def log(run, steps):
+        for step in steps:
+            run.log_metrics(step, {"loss": 1.0 / step})
+            run.log_rollouts([{"step": step, "completion": f"c{step}-{g}", "group": g} for g in range(2)])
+
+    whole = RunDir.create(tmp_path / "whole", {}, app="a", algorithm="grpo", exist_ok_for_resume=False)
+    log(whole, range(1, 6))
+    cut = RunDir.create(tmp_path / "cut", {}, app="a", algorithm="grpo", exist_ok_for_resume=False)
+    log(cut, range(1, 6))
+    with cut.rollouts_path.open("a") as f:
+        f.write('{"step": 6, "compl')  # killed mid-line
+    assert cut.truncate_logs_after(3) == {"metrics.jsonl": 2, "rollouts.jsonl": 5}
+    assert [row["step"] for row in cut.read_metrics()] == [1, 2, 3]
+    log(cut, range(4, 6))
+    assert cut.metrics_path.read_bytes() == whole.metrics_path.read_bytes()
+    assert cut.rollouts_path.read_bytes() == whole.rollouts_path.read_bytes()
+    assert cut.truncate_logs_after(5) == {"metrics.jsonl": 0, "rollouts.jsonl": 0}
+    assert sorted(os.listdir(cut.path)) == ["config.json", "metrics.jsonl", "rollouts.jsonl"]
+
+
+def test_truncate_does_not_drop_a_malformed_line_silently(run):
+    run.metrics_path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+        run.truncate_logs_after(1)
+    assert run.metrics_path.read_text() == '{"step": 1}\ngarbage\n{"step": 2}\n'
+
+
+# -- eval and status: atomic JSON ----------------------------------------------------------------------------
+
+
+def test_eval_and_status_are_written_atomically(run):
+    run.write_eval({"accuracy": 0.5, "n": torch.tensor(4), "bad": float("nan")})
+    run.write_eval({"accuracy": 0.75})
+    run.set_status("running", step=3)
+    assert run.read_eval() == {"accuracy": 0.75}
+    status = run.read_status()
+    assert status["status"] == "running" and status["step"] == 3 and status["error"] is None
+    assert sorted(os.listdir(run.path)) == ["config.json", "eval.json", "status.json"]
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_no_temp(run, monkeypatch):
+    run.write_eval({"accuracy": 0.5})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runs.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        run.write_eval({"accuracy": 0.9})
+    assert run.read_eval() == {"accuracy": 0.5}
+    assert sorted(os.listdir(run.path)) == ["config.json", "eval.json"]
+
+
+def test_status_validation(run):
+    with pytest.raises(ValueError, match="valid: running, finished, failed"):
+        run.set_status("done", step=1)
+    with pytest.raises(ValueError, match="needs an error"):
+        run.set_status("failed", step=1)
+    with pytest.raises(ValueError, match="takes no error"):
+        run.set_status("finished", step=1, error="x")
+    run.set_status("failed", step=2, error="RuntimeError: boom")
+    assert run.read_status()["error"] == "RuntimeError: boom"
+
+
+def test_malformed_json_file_names_the_file(run):
+    run.eval_path.write_text("{")
+    with pytest.raises(ValueError, match=r"eval\.json: malformed JSON"):
+        run.read_eval()
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    """Embedding tied to the output head, like a small causal LM."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def make_training(seed):
+    torch.manual_seed(seed)
+    model = Tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    return model, optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler):
+    ids = torch.randint(0, 7, (5,))  # draws from the global torch RNG, so RNG restoring matters
+    loss = nn.functional.cross_entropy(model(ids), torch.roll(ids, 1))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def test_checkpoint_round_trip_continues_bitwise(run):
+    model, optimizer, scheduler = make_training(0)
+    for _ in range(2):
+        train_step(model, optimizer, scheduler)
+    trainer_state = {"step": 2, "data_position": [0, 10], "scales": {"fmt": 0.5}}
+    path = run.save_checkpoint(2, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                               scheduler_state=scheduler.state_dict(), trainer_state=trainer_state,
+                               rng_state=capture_rng_state(), keep_last=2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, optimizer, scheduler)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    ckpt = load_checkpoint(path)
+    assert ckpt.step == 2 and ckpt.path == path and ckpt.trainer_state == trainer_state
+    assert ckpt.model_state.keys() == saved.keys()
+    assert all(torch.equal(ckpt.model_state[k], saved[k]) for k in saved)
+    fresh, fresh_optimizer, fresh_scheduler = make_training(1)
+    fresh.load_state_dict(ckpt.model_state)
+    fresh_optimizer.load_state_dict(ckpt.optimizer_state)
+    fresh_scheduler.load_state_dict(ckpt.scheduler_state)
+    restore_rng_state(ckpt.rng_state)
+    train_step(fresh, fresh_optimizer, fresh_scheduler)
+    assert fresh.head.weight is fresh.embed.weight  # the tie survives loading
+    assert all(torch.equal(fresh.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_checkpoint_keeps_dtypes_and_views(run):
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {"bf16": torch.ones(3, dtype=torch.bfloat16), "ints": torch.arange(4), "view": base[1:, ::2],
+             "same": base}
+    ckpt = load_checkpoint(save(run, 1, model_state=state))
+    for name, tensor in state.items():
+        assert ckpt.model_state[name].dtype == tensor.dtype and torch.equal(ckpt.model_state[name], tensor)
+    assert ckpt.optimizer_state is None and ckpt.scheduler_state is None
+
+
+def test_pruning_keeps_the_last_k(run):
+    for step in range(1, 6):
+        save(run, step, keep_last=2)
+    assert [p.name for p in run.list_checkpoints()] == ["step-4", "step-5"]
+    assert sorted(os.listdir(run.checkpoints_dir)) == ["step-4", "step-5"]
+    save(run, 3, keep_last=2)  # resumed from an older one: the new checkpoint is never pruned
+    assert [p.name for p in run.list_checkpoints()] == ["step-3", "step-5"]
+
+
+def test_saving_the_same_step_again_replaces_it(run):
+    save(run, 1)
+    save(run, 1, trainer_state={"step": 1, "again": True})
+    assert load_checkpoint(run.latest_checkpoint()).trainer_state == {"step": 1, "again": True}
+    assert os.listdir(run.checkpoints_dir) == ["step-1"]
+
+
+def test_latest_checkpoint_ignores_half_written_ones(run):
+    assert run.latest_checkpoint() is None
+    save(run, 2)
+    (run.checkpoints_dir / "step-9").mkdir()  # no marker
+    (run.checkpoints_dir / "step-9" / "model.safetensors").write_bytes(b"")
+    (run.checkpoints_dir / ".tmp-step-10-123").mkdir()
+    (run.checkpoints_dir / ".tmp-step-10-123" / "complete").write_text("{}")
+    assert run.latest_checkpoint() == run.checkpoints_dir / "step-2"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        load_checkpoint(run.checkpoints_dir / "step-9")
+    save(run, 3)  # a new save clears the temp dir left by a killed save
+    assert not (run.checkpoints_dir / ".tmp-step-10-123").exists()
+
+
+def test_checkpoint_refuses_unloadable_state_before_writing(run):
+    class Opaque:
+        pass
+
+    with pytest.raises(TypeError, match=r"optimizer_state\['state'\] is a Opaque"):
+        save(run, 1, optimizer_state={"state": Opaque()})
+    with pytest.raises(TypeError, match=r"scheduler_state\['x'\] is a float64"):
+        save(run, 1, scheduler_state={"x": np.float64(1.0)})
+    with pytest.raises(TypeError, match="trainer_state must be plain JSON"):
+        save(run, 1, trainer_state={"scale": float("nan")})
+    with pytest.raises(TypeError, match="key 0 is a int"):
+        save(run, 1, trainer_state={0: 1})
+    with pytest.raises(TypeError, match=r"model_state\['w'\] is a list"):
+        save(run, 1, model_state={"w": [1.0]})
+    assert not run.checkpoints_dir.exists() or os.listdir(run.checkpoints_dir) == []
+
+
+def test_checkpoint_missing_file_is_an_error(run):
+    path = save(run, 1, optimizer_state={"state": {}})
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+        load_checkpoint(path)
+
+
+# -- RNG -----------------------------------------------------------------------------------------------------
+
+
+def make_generators():
+    return {
+        "torch": torch.Generator().manual_seed(1),
+        "numpy": np.random.default_rng(2),
+        "numpy_mt": np.random.Generator(np.random.MT19937(3)),
+        "python": random.Random(4),
+    }
+
+
+DRAWS = {
+    "python random": lambda gens: (random.random(), random.gauss(0, 1)),
+    "numpy global": lambda gens: (np.random.random(), np.random.normal()),
+    "torch cpu": lambda gens: torch.rand(3).tolist(),
+    "torch.Generator": lambda gens: torch.rand(3, generator=gens["torch"]).tolist(),
+    "numpy.random.Generator": lambda gens: gens["numpy"].random(3).tolist(),
+    "numpy MT19937 Generator": lambda gens: gens["numpy_mt"].random(3).tolist(),
+    "random.Random": lambda gens: (gens["python"].random(), gens["python"].gauss(0, 1)),
+}
+
+
+@pytest.mark.parametrize("source", list(DRAWS))
+@pytest.mark.parametrize("through_file", [False, True])
+def test_rng_restore_repeats_the_draws(source, through_file):
+    gens = make_generators()
+    draw = DRAWS[source]
+    draw(gens)  # leaves a cached gaussian behind where the source has one
+    state = capture_rng_state(gens)
+    if through_file:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+    expected = draw(gens)
+    draw(gens)
+    restore_rng_state(state, gens)
+    assert draw(gens) == expected
+
+
+def test_rng_restore_checks_the_generators():
+    state = capture_rng_state(make_generators())
+    with pytest.raises(ValueError, match="were given to restore"):
+        restore_rng_state(state, {"torch": torch.Generator()})
+    wrong = {**make_generators(), "torch": random.Random()}
+    with pytest.raises(ValueError, match="saved as a torch.Generator but a random.Random was given"):
+        restore_rng_state(state, wrong)
+    with pytest.raises(TypeError, match="supported"):
+        capture_rng_state({"x": np.random.RandomState(0)})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_restore_repeats_the_draws():
+    cuda_gen = torch.Generator(device="cuda").manual_seed(5)
+    state = capture_rng_state({"cuda": cuda_gen})
+    assert len(state["torch_cuda"]) == torch.cuda.device_count()
+
+    def draw():
+        global_draw = torch.rand(3, device="cuda").tolist()
+        return global_draw, torch.rand(3, generator=cuda_gen, device="cuda").tolist()
+
+    expected = draw()
+    draw()
+    restore_rng_state(state, {"cuda": cuda_gen})
+    assert draw() == expected
+

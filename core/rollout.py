@@ -1,0 +1,739 @@
+"""Generation backends behind one interface: completions of a batch of prompts as one `Rollouts` record
+(token ids, masks, sampling log-probs, texts), from HF `generate` (the default, CPU or GPU) or from vLLM
+(the `vllm` extra, CUDA only), plus multi-turn rollouts against an `Environment`.
+
+Generation is a pure function of (weights, prompts, settings, seed): every call samples under its own
+seeded RNG (`torch.random.fork_rng`; per-request seeds in vLLM) and leaves the global RNG untouched, so a
+resumed run regenerates exactly. Prompts are full texts, already templated by the app; they are tokenized
+with `add_special_tokens=False`. The trainer repeats each prompt G times itself.
+Shape letters: N completions, P prompt tokens (left-padded), T completion tokens (right-padded), V vocab.
+Tests: `pytest tests/core/test_rollout.py`.
+"""
+
+import hashlib
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
+
+VLLM_INSTALL_HINT = "pip install '.[vllm]' (vLLM needs a CUDA GPU; it does not run on CPU)"
+_ROW_FIELDS = ("finish_reason", "prompts", "completions", "num_turns")  # the per-row lists of Rollouts
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample one batch. `max_new_tokens` is per call (per turn in multi-turn rollouts)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # > 0; the sampling log-probs are log_softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    top_k: int = 0  # 0 = off
+    stop_strings: tuple[str, ...] = ()  # a completion ends with the first token that completes one of them
+    min_new_tokens: int = (
+        0  # eos is suppressed before this many tokens; benchmarks force a length with min = max
+    )
+    greedy: bool = False  # argmax decoding (evaluation); temperature then only scales the reported log-probs
+
+    def __post_init__(self) -> None:
+        # Configs read from YAML/TOML give lists; a tuple keeps the settings hashable and immutable.
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {self.temperature} (use greedy=True)"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.stop_strings and self.min_new_tokens:
+            # HF ends a completion at a stop string even before min_new_tokens; vLLM does not. Refuse rather
+            # than let the two backends disagree.
+            raise ValueError("min_new_tokens cannot be combined with stop_strings (the backends disagree)")
+
+
+@dataclass
+class Rollouts:
+    """N completions: token ids, masks, sampling log-probs and texts, all aligned row by row (CPU tensors).
+
+    - `prompt_ids`, `prompt_mask` (N, P) long: left-padded with `pad_token_id`, mask 1 on prompt tokens.
+    - `completion_ids`, `completion_mask` (N, T) long: right-padded; the mask is 1 on every token up to and
+      including the eos or the token that completes a stop string, 0 after (multi-turn: on the whole
+      transcript, observations included).
+    - `loss_mask` (N, T) float32: `completion_mask`, but 0 on observation tokens of multi-turn rollouts.
+    - `sampling_logp` (N, T) float32 or None: log-prob of each sampled token under log_softmax(logits /
+      temperature) of the sampler's raw logits, i.e. before eos suppression (min_new_tokens), top-k and
+      top-p, which is what the trainer's policy computes; 0 on padding and observation tokens. None when
+      the backend cannot report exactly that (see `VLLMBackend`). `sampling_logp_exact` is False when it
+      comes from a KV-cached decode, which differs from a full forward by float noise.
+    - `finish_reason`: "stop" (eos or stop string), "length" (max_new_tokens), or in multi-turn rollouts
+      "turn_cap" (max_turns reached before the environment ended the episode).
+    - `completions`: decoded completion text, without special tokens or padding (multi-turn: the whole
+      transcript after the prompt, observations included); `num_turns`: 1 for single-turn rollouts.
+    """
+
+    prompt_ids: Tensor  # (N, P)
+    prompt_mask: Tensor  # (N, P)
+    completion_ids: Tensor  # (N, T)
+    completion_mask: Tensor  # (N, T)
+    loss_mask: Tensor  # (N, T)
+    sampling_logp: Tensor | None  # (N, T)
+    sampling_logp_exact: bool
+    finish_reason: list[str]
+    prompts: list[str]
+    completions: list[str]
+    num_turns: list[int]
+    pad_token_id: int
+
+    def __post_init__(self) -> None:
+        n, t = self.completion_ids.shape
+        expected = {
+            "prompt_mask": tuple(self.prompt_ids.shape),
+            "completion_mask": (n, t),
+            "loss_mask": (n, t),
+        }
+        if self.sampling_logp is not None:
+            expected["sampling_logp"] = (n, t)
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(
+                    f"Rollouts.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
+                )
+        if self.prompt_ids.shape[0] != n:
+            raise ValueError(f"Rollouts has {self.prompt_ids.shape[0]} prompt rows but {n} completion rows")
+        for name in _ROW_FIELDS:
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Rollouts.{name} has {len(getattr(self, name))} entries, expected {n}")
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def input_ids(self) -> Tensor:
+        """Prompt then completion, (N, P + T): what the trainer feeds the policy."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    def attention_mask(self) -> Tensor:
+        """(N, P + T) long, aligned with `input_ids()`."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Completion tokens in the batch (`completion_mask` ones, observations included)."""
+        return int(self.completion_mask.sum())
+
+    def select(self, indices: Sequence[int] | Tensor) -> "Rollouts":
+        """The rows `indices` (in that order, repeats allowed) with the same P and T."""
+        idx = torch.as_tensor(indices, dtype=torch.long)  # (M,)
+        rows = idx.tolist()
+        return replace(
+            self,
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx],
+            completion_mask=self.completion_mask[idx],
+            loss_mask=self.loss_mask[idx],
+            sampling_logp=None if self.sampling_logp is None else self.sampling_logp[idx],
+            **{name: [getattr(self, name)[i] for i in rows] for name in _ROW_FIELDS},
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
+        """Rows of all `parts` in order, prompts re-padded on the left to the longest P and completions on
+        the right to the longest T. Sampling log-probs survive only if every part has them."""
+        if not parts:
+            raise ValueError("Rollouts.concat needs at least one part")
+        pad = parts[0].pad_token_id
+        if any(p.pad_token_id != pad for p in parts):
+            raise ValueError(
+                f"cannot concat Rollouts with different pad ids {sorted({p.pad_token_id for p in parts})}"
+            )
+        p_max = max(p.prompt_ids.shape[1] for p in parts)
+        t_max = max(p.completion_ids.shape[1] for p in parts)
+
+        def cat(name: str, width: int, value: float, left: bool) -> Tensor:
+            padded = []
+            for part in parts:
+                x = getattr(part, name)  # (n, w)
+                fill = x.new_full((x.shape[0], width - x.shape[1]), value)  # (n, width - w)
+                padded.append(torch.cat([fill, x] if left else [x, fill], dim=1))  # (n, width)
+            return torch.cat(padded)  # (N, width)
+
+        with_logp = all(p.sampling_logp is not None for p in parts)
+        return Rollouts(
+            prompt_ids=cat("prompt_ids", p_max, pad, left=True),
+            prompt_mask=cat("prompt_mask", p_max, 0, left=True),
+            completion_ids=cat("completion_ids", t_max, pad, left=False),
+            completion_mask=cat("completion_mask", t_max, 0, left=False),
+            loss_mask=cat("loss_mask", t_max, 0.0, left=False),
+            sampling_logp=cat("sampling_logp", t_max, 0.0, left=False) if with_logp else None,
+            sampling_logp_exact=with_logp and all(p.sampling_logp_exact for p in parts),
+            finish_reason=[r for p in parts for r in p.finish_reason],
+            prompts=[s for p in parts for s in p.prompts],
+            completions=[s for p in parts for s in p.completions],
+            num_turns=[k for p in parts for k in p.num_turns],
+            pad_token_id=pad,
+        )
+
+
+class RolloutBackend(Protocol):
+    """A sampler. `generate` is text -> tokens -> `generate_from_ids`; multi-turn rollouts use the latter."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def generate(self, prompts: list[str], settings: SamplingSettings, seed: int) -> Rollouts: ...
+
+    def generate_from_ids(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
+    ) -> Rollouts: ...
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Called after each optimizer step with the trained model."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers shared by the backends
+# ---------------------------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A well-mixed 63-bit seed for (seed, keys): chunk k of a batch, turn k of an episode, request k."""
+    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists -> ids (N, P) left-padded with `pad_token_id` and mask (N, P) long."""
+    if not rows:
+        raise ValueError("no prompts to generate from")
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("cannot generate from an empty prompt (a row has no tokens)")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (N, P)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, P)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _right_pad(rows: Sequence[Sequence[float]], value: float, dtype: torch.dtype) -> Tensor:
+    """Lists of different lengths -> (N, T) right-padded with `value` (T >= 1)."""
+    out = torch.full((len(rows), max(1, max(len(r) for r in rows))), value, dtype=dtype)  # (N, T)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def _stop_string_end(
+    row: list[int], stop_strings: tuple[str, ...], tokenizer: PreTrainedTokenizerBase
+) -> int | None:
+    """Length of the shortest prefix of `row` whose text contains a stop string, or None.
+
+    Binary search over prefixes: the decoded text of a prefix is a prefix of the longer one's text, so
+    "contains a stop string" is monotone in the prefix length; log2(T) decodes per row, not T.
+    """
+
+    def hit(k: int) -> bool:
+        text = tokenizer.decode(row[:k], skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    if not row or not hit(len(row)):
+        return None
+    lo, hi = 1, len(row)  # invariant: hit(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hit(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def completion_ends(
+    rows: list[list[int]],
+    eos_token_id: int,
+    stop_strings: tuple[str, ...],
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[list[int], list[str]]:
+    """Per row of sampled tokens: the completion length (through the first eos, or the token that
+    completes the first stop string) and the finish reason ("stop", else "length": the row ran out)."""
+    lengths, reasons = [], []
+    for row in rows:
+        end, reason = len(row), "length"
+        if eos_token_id in row:
+            end, reason = row.index(eos_token_id) + 1, "stop"
+        stop = _stop_string_end(row[:end], stop_strings, tokenizer) if stop_strings else None
+        if stop is not None:
+            end, reason = stop, "stop"
+        lengths.append(end)
+        reasons.append(reason)
+    return lengths, reasons
+
+
+def _finalize(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    rows: list[list[int]],
+    row_logps: list[list[float]] | None,
+    settings: SamplingSettings,
+    tokenizer: PreTrainedTokenizerBase,
+) -> Rollouts:
+    """One call's Rollouts from the sampled tokens of each row (and their log-probs, aligned): masks,
+    padding, finish reasons and texts. A row may run past its end (HF pads finished rows); that is cut."""
+    pad = tokenizer.pad_token_id
+    lengths, reasons = completion_ends(rows, tokenizer.eos_token_id, settings.stop_strings, tokenizer)
+    kept = [row[:n] for row, n in zip(rows, lengths, strict=True)]
+    completion_mask = _right_pad([[1] * n for n in lengths], 0, torch.long)  # (N, T)
+    sampling_logp = None
+    if row_logps is not None:
+        sampling_logp = _right_pad(
+            [lp[:n] for lp, n in zip(row_logps, lengths, strict=True)], 0.0, torch.float32
+        )
+    return Rollouts(
+        prompt_ids=prompt_ids.cpu(),
+        prompt_mask=prompt_mask.cpu(),
+        completion_ids=_right_pad(kept, pad, torch.long),  # (N, T)
+        completion_mask=completion_mask,
+        loss_mask=completion_mask.float(),
+        sampling_logp=sampling_logp,  # (N, T)
+        sampling_logp_exact=False,  # neither backend recomputes a full forward
+        finish_reason=reasons,
+        prompts=[
+            tokenizer.decode(ids[m.bool()].tolist()) for ids, m in zip(prompt_ids, prompt_mask, strict=True)
+        ],
+        completions=[tokenizer.decode(row, skip_special_tokens=True) for row in kept],
+        num_turns=[1] * len(rows),
+        pad_token_id=pad,
+    )
+
+
+def _check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"the tokenizer needs a pad and an eos token (pad={tokenizer.pad_token!r}, "
+            f"eos={tokenizer.eos_token!r}); set tokenizer.pad_token (reusing eos is fine: completions end "
+            "at the first eos)"
+        )
+
+
+class _TextBackend(ABC):
+    """`generate` for every backend: tokenize, left-pad, `generate_from_ids`, keep the prompt texts."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def generate(self, prompts: list[str], settings: SamplingSettings, seed: int) -> Rollouts:
+        rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        prompt_ids, prompt_mask = left_pad(rows, self.tokenizer.pad_token_id)
+        out = self.generate_from_ids(prompt_ids, prompt_mask, settings, seed)
+        return replace(out, prompts=list(prompts))
+
+    @abstractmethod
+    def generate_from_ids(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
+    ) -> Rollouts: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF generate
+# ---------------------------------------------------------------------------------------------------
+
+
+class _SamplingLogpRecorder(LogitsProcessor):
+    """Records log_softmax(raw logits / temperature) at each sampled token, and suppresses eos before
+    `min_new_tokens` (in place of HF's MinNewTokens processor, which would run before us).
+
+    Why not `output_logits=True`: it keeps T x (N, V) float32 logits, 40 GB for 64 x 1024 tokens of a
+    150k vocabulary. Here one step's (N, V) is alive at a time: at step t we learn the token sampled at
+    step t - 1 (the last column of `input_ids`) and gather its log-prob from the previous step.
+    This must be the first processor, so that it sees raw logits: `HFGenerateBackend` runs `generate`
+    with a default generation config, which puts no processor before the user's ones.
+    """
+
+    def __init__(self, temperature: float, min_new_tokens: int, eos_token_id: int, prompt_len: int):
+        self.temperature = temperature
+        self.min_new_tokens = min_new_tokens
+        self.eos_token_id = eos_token_id
+        self.prompt_len = prompt_len
+        self.previous: Tensor | None = None  # (N, V) log-probs of the last step
+        self.logps: list[Tensor] = []  # per step, (N,)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.previous is not None:
+            self.logps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))  # (N,)
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (N, V)
+        if input_ids.shape[1] - self.prompt_len < self.min_new_tokens:
+            scores = scores.clone()
+            scores[:, self.eos_token_id] = -math.inf
+        return scores
+
+    def result(self, completion_ids: Tensor) -> Tensor:
+        """(N, T) log-probs of `completion_ids` (N, T), the tokens `generate` returned."""
+        t = completion_ids.shape[1]
+        # generate may run steps past the end and undo them (deferred stop checks): keep the first T.
+        logps = self.logps[:t]
+        if len(logps) < t:  # the last token was sampled in the last call: gather it here
+            logps.append(self.previous.gather(1, completion_ids[:, -1:]).squeeze(1))
+        return torch.stack(logps, dim=1)  # (N, T)
+
+
+@contextmanager
+def _generation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and a default `generation_config` for the duration, then both restored.
+
+    The model's own generation config (a hub `generation_config.json`: repetition penalty, top-k,
+    suppressed tokens, extra eos ids, ...) fills every field `generate` is not given; we swap in a default
+    one so that nothing but `SamplingSettings` shapes the sampling. PEFT's `generate` copies the base
+    model's config, so the swap happens on the base model.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved_config = target.generation_config
+    modes = {m: m.training for m in model.modules()}
+    target.generation_config = GenerationConfig()
+    model.eval()
+    try:
+        yield
+    finally:
+        target.generation_config = saved_config
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG of the CPU and of `device` (if CUDA) seeded for the duration, then restored.
+    Not `torch.manual_seed`: it would reseed every GPU, and fork_rng restores only `device`."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+class HFGenerateBackend(_TextBackend):
+    """Batched `model.generate` with a KV cache on left-padded prompts.
+
+    The backend shares the model object with the trainer, so `update_weights` has nothing to do.
+    `batch_size` splits a call into chunks of at most that many rows (chunk k sampled with seed
+    `derive_seed(seed, k)`); None generates all rows at once. Sampling log-probs are not exact
+    (`sampling_logp_exact=False`): a KV-cached decode differs from a full forward by float noise.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        device: str | torch.device = "cpu",
+        batch_size: int | None = None,
+    ):
+        _check_special_tokens(tokenizer)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):  # the only RNGs `_seeded` controls
+            raise ValueError(f"HFGenerateBackend runs on cpu or cuda, got device={self.device}")
+        param_device = next(model.parameters()).device
+        if param_device.type != self.device.type:
+            raise ValueError(
+                f"the model is on {param_device} but HFGenerateBackend was given device={self.device}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Nothing to do: generation runs on the trained model object itself."""
+
+    def generate_from_ids(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
+    ) -> Rollouts:
+        """Completions of left-padded prompts (N, P); rows are generated in chunks of `batch_size`."""
+        n = prompt_ids.shape[0]
+        size = self.batch_size or n
+        parts = []
+        for k, start in enumerate(range(0, n, size)):
+            ids, mask = prompt_ids[start : start + size], prompt_mask[start : start + size]  # (n_k, P)
+            first = int(mask.any(0).long().argmax())  # drop the columns that are padding in every row
+            parts.append(
+                self._generate_chunk(ids[:, first:], mask[:, first:], settings, derive_seed(seed, k))
+            )
+        return parts[0] if len(parts) == 1 else Rollouts.concat(parts)
+
+    def _generate_chunk(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
+    ) -> Rollouts:
+        p = prompt_ids.shape[1]
+        recorder = _SamplingLogpRecorder(
+            settings.temperature, settings.min_new_tokens, self.tokenizer.eos_token_id, p
+        )
+        sampling = (
+            {}
+            if settings.greedy
+            else {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+        )
+        config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=not settings.greedy,
+            num_beams=1,
+            num_return_sequences=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            stop_strings=list(settings.stop_strings) or None,
+            use_cache=True,
+            **sampling,
+        )
+        with _generation_mode(self.model), _seeded(seed, self.device):
+            sequences = self.model.generate(
+                input_ids=prompt_ids.to(self.device),
+                attention_mask=prompt_mask.to(self.device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([recorder]),
+                tokenizer=self.tokenizer,  # needed by stop_strings
+            )  # (N, P + T)
+        completion_ids = sequences[:, p:]  # (N, T)
+        sampling_logp = recorder.result(completion_ids)  # (N, T)
+        return _finalize(
+            prompt_ids, prompt_mask, completion_ids.tolist(), sampling_logp.tolist(), settings, self.tokenizer
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# vLLM
+# ---------------------------------------------------------------------------------------------------
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's weights under the plain HF names, with active LoRA adapters merged in; the model is not
+    modified (PEFT's merge_adapter + unmerge_adapter would, and in bf16 W + d - d drifts from W).
+
+    A plain model gives its state dict. For a PEFT model: base weights with `.base_layer` stripped, each
+    active adapter's `get_delta_weight` added, `modules_to_save` copies of the active adapter in place of
+    the originals. DoRA is refused (its merge is not a plain delta).
+    """
+    if not hasattr(model, "peft_config"):
+        return dict(model.state_dict())
+    from peft.tuners.lora import LoraLayer  # only PEFT models get here
+
+    active = set(model.active_adapters)
+    merged = {}
+    for key, tensor in model.get_base_model().state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        if ".modules_to_save." in key:
+            prefix, rest = key.split(".modules_to_save.", 1)
+            adapter, param = rest.split(".", 1)
+            if adapter not in active:
+                continue
+            key = f"{prefix}.{param}"
+        merged[key.replace(".base_layer.", ".")] = tensor.detach()
+    for name, module in model.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter in module.merged_adapters or adapter not in module.scaling:
+                continue
+            if module.use_dora.get(adapter, False):
+                raise NotImplementedError(f"merging DoRA adapter {adapter!r} of {name} is not supported")
+            key = f"{name}.weight"
+            merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
+    return merged
+
+
+def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
+    """Runs inside each vLLM worker (via `LLM.collective_rpc`): the model's own HF-name-aware loader."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VLLMBackend(_TextBackend):
+    """Rollouts from vLLM's offline engine (`vllm.LLM`), on a CUDA GPU next to the trainer.
+
+    Requires vllm>=0.10.2 (`logprobs_mode`, `LLM.collective_rpc` with a callable). vLLM is imported here,
+    never at module level: the CPU path must not need it. The engine runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set, as in TRL's colocate mode), so `update_weights` hands
+    the tensors to the worker by reference; with a multiprocess engine they would be serialized, and a
+    callable needs VLLM_ALLOW_INSECURE_SERIALIZATION=1.
+
+    Sampling log-probs: vLLM reports either the raw distribution (temperature 1) or, with
+    `logprobs_mode="processed_logprobs"` (used here), the distribution it sampled from, after eos
+    suppression, temperature, top-k and top-p. That equals our definition only without truncation;
+    with top_k, top_p < 1, min_new_tokens, or greedy decoding at temperature != 1, `sampling_logp` is None.
+    Each row gets its own seed `derive_seed(seed, row)`, so a row's sample does not depend on the batch
+    (vLLM then samples with per-request generators, somewhat slower than its batched sampler).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM, SamplingParams  # optional, CUDA only: never at module level
+        except ImportError as err:
+            raise ImportError(f"VLLMBackend needs vLLM: {VLLM_INSTALL_HINT}") from err
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        _check_special_tokens(self.tokenizer)
+        self._sampling_params = SamplingParams
+        self.llm = LLM(
+            model=model_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # ignore the model's generation_config.json, as HFGenerateBackend does
+            **llm_kwargs,
+        )
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Copy the trained weights (LoRA merged) into the engine and drop its prefix cache (stale KV)."""
+        weights = list(merged_state_dict(model).items())
+        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        self.llm.reset_prefix_cache()
+
+    def generate_from_ids(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
+    ) -> Rollouts:
+        truncated = settings.top_k > 0 or settings.top_p < 1.0 or settings.min_new_tokens > 0
+        with_logp = not truncated and not (settings.greedy and settings.temperature != 1.0)
+        requests = [
+            {"prompt_token_ids": ids[m.bool()].tolist()}
+            for ids, m in zip(prompt_ids, prompt_mask, strict=True)
+        ]
+        params = [
+            self._sampling_params(
+                n=1,
+                temperature=0.0 if settings.greedy else settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k if settings.top_k > 0 else -1,
+                max_tokens=settings.max_new_tokens,
+                min_tokens=settings.min_new_tokens,
+                stop=list(settings.stop_strings) or None,
+                include_stop_str_in_output=True,
+                logprobs=0 if with_logp else None,
+                seed=derive_seed(seed, i),
+            )
+            for i in range(len(requests))
+        ]
+        outputs = [o.outputs[0] for o in self.llm.generate(requests, params, use_tqdm=False)]
+        rows = [list(o.token_ids) for o in outputs]
+        logps = None
+        if with_logp:
+            logps = [[lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)] for o in outputs]
+        return _finalize(prompt_ids, prompt_mask, rows, logps, settings, self.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-turn
+# ---------------------------------------------------------------------------------------------------
+
+
+class Environment(Protocol):
+    """A multi-turn task. `reset` makes an episode's (mutable) state; `step` takes the model's turn text
+    and returns an observation to append to the context (or None) and whether the episode is done."""
+
+    def reset(self, prompt: str, example: dict) -> Any: ...
+
+    def step(self, state: Any, turn_text: str) -> tuple[str | None, bool]: ...
+
+
+def multi_turn_rollouts(
+    backend: RolloutBackend,
+    prompts: list[str],
+    examples: list[dict],
+    env: Environment,
+    settings: SamplingSettings,
+    seed: int,
+    max_turns: int,
+) -> Rollouts:
+    """Episodes of alternating model turns and environment observations, as one Rollouts.
+
+    Each turn generates (up to `settings.max_new_tokens` tokens) for the episodes still running, with
+    seed `derive_seed(seed, turn)`, from the token context prompt + everything so far; then the
+    observation's tokens (tokenized alone, `add_special_tokens=False`) are appended, also after the last
+    turn. The completion is the whole transcript after the prompt; `loss_mask` and `sampling_logp` are 0 on
+    observation tokens. `finish_reason` is the last turn's ("stop"/"length") when the environment ended
+    the episode, "turn_cap" when `max_turns` did.
+    """
+    if len(prompts) != len(examples):
+        raise ValueError(f"got {len(prompts)} prompts but {len(examples)} examples")
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    tokenizer = backend.tokenizer
+    prompt_rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    states = [env.reset(p, ex) for p, ex in zip(prompts, examples, strict=True)]
+    n = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(n)]  # transcript after the prompt
+    trained: list[list[float]] = [[] for _ in range(n)]  # 1 on generated tokens, 0 on observations
+    logps: list[list[float]] = [[] for _ in range(n)]
+    turns, reasons = [0] * n, ["turn_cap"] * n
+    with_logp, exact = True, True
+    active = list(range(n))
+    for turn in range(max_turns):
+        if not active:
+            break
+        ids, mask = left_pad([prompt_rows[i] + tokens[i] for i in active], tokenizer.pad_token_id)
+        out = backend.generate_from_ids(ids, mask, settings, derive_seed(seed, turn))
+        with_logp = with_logp and out.sampling_logp is not None
+        exact = exact and out.sampling_logp_exact
+        still_active = []
+        for r, i in enumerate(active):
+            length = int(out.completion_mask[r].sum())
+            tokens[i] += out.completion_ids[r, :length].tolist()
+            trained[i] += [1.0] * length
+            logps[i] += out.sampling_logp[r, :length].tolist() if with_logp else [0.0] * length
+            turns[i] += 1
+            observation, done = env.step(states[i], out.completions[r])
+            if observation:
+                obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
+                tokens[i] += obs_ids
+                trained[i] += [0.0] * len(obs_ids)
+                logps[i] += [0.0] * len(obs_ids)
+            if done:
+                reasons[i] = out.finish_reason[r]
+            else:
+                still_active.append(i)
+        active = still_active
+
+    prompt_ids, prompt_mask = left_pad(prompt_rows, tokenizer.pad_token_id)
+    completion_mask = _right_pad([[1] * len(t) for t in tokens], 0, torch.long)  # (N, T)
+    return Rollouts(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=_right_pad(tokens, tokenizer.pad_token_id, torch.long),
+        completion_mask=completion_mask,
+        loss_mask=_right_pad(trained, 0.0, torch.float32),
+        sampling_logp=_right_pad(logps, 0.0, torch.float32) if with_logp else None,
+        sampling_logp_exact=with_logp and exact,
+        finish_reason=reasons,
+        prompts=list(prompts),
+        completions=[tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
+        num_turns=turns,
+        pad_token_id=tokenizer.pad_token_id,
+    )

@@ -1,0 +1,467 @@
+"""Tests of core/rollout.py on a tiny random Qwen2 and a character-level tokenizer, both built here.
+
+Run: `pytest tests/core/test_rollout.py` (the vLLM test is marked `gpu` and needs vllm + CUDA).
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from core.rollout import (
+    HFGenerateBackend,
+    Rollouts,
+    SamplingSettings,
+    VLLMBackend,
+    completion_ends,
+    merged_state_dict,
+    multi_turn_rollouts,
+)
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 =+-.,?\n"
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+PROMPTS = ["a", "hello wor", "x = 1+2", "what is 7?\n", "zz", "the end."]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level: every character of ALPHABET is one token; pad, eos and unk are distinct."""
+    vocab = {PAD: 0, EOS: 1, UNK: 2, **{c: i + 3 for i, c in enumerate(ALPHABET)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
+
+
+def build_model(
+    vocab_size: int, seed: int = 0, token_bias: dict[int, float] | None = None
+) -> Qwen2ForCausalLM:
+    """A tiny random Qwen2 (global RNG untouched); `token_bias` adds a fixed logit bias per token id
+    through an LM head with a bias, e.g. to make eos likely."""
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    if token_bias:
+        head = nn.Linear(config.hidden_size, vocab_size, bias=True)
+        head.weight = model.lm_head.weight
+        with torch.no_grad():
+            head.bias.zero_()
+            for token, bias in token_bias.items():
+                head.bias[token] = bias
+        model.lm_head = head
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def eos_model(tok) -> Qwen2ForCausalLM:
+    """eos about as likely as a 1-in-10 event per step: completions of varied lengths."""
+    return build_model(len(tok), token_bias={tok.eos_token_id: 2.0})
+
+
+def reference_logp(model: nn.Module, r: Rollouts, temperature: float) -> tuple[Tensor, Tensor]:
+    """Full forward of prompt + completion: log_softmax(logits / temperature) at the completion tokens
+    (N, T), 0 on padding, and the argmax token at each completion position (N, T)."""
+    ids, mask = r.input_ids(), r.attention_mask()  # (N, P + T)
+    positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)  # (N, P + T)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    p = r.prompt_ids.shape[1]
+    step_logits = logits[:, p - 1 : -1]  # (N, T, V): position i predicts token i + 1
+    logp = torch.log_softmax(step_logits / temperature, dim=-1)
+    logp = logp.gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return logp * r.completion_mask, step_logits.argmax(-1)
+
+
+def kept_tokens(r: Rollouts, i: int) -> list[int]:
+    return r.completion_ids[i, : int(r.completion_mask[i].sum())].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# SamplingSettings
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 4, "temperature": 0.0}, "temperature"),
+        ({"max_new_tokens": 4, "temperature": float("inf")}, "temperature"),
+        ({"max_new_tokens": 4, "top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 4, "top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 4, "top_k": -1}, "top_k"),
+        ({"max_new_tokens": 4, "min_new_tokens": 5}, "min_new_tokens"),
+        ({"max_new_tokens": 4, "stop_strings": ("",)}, "stop_strings"),
+        ({"max_new_tokens": 4, "min_new_tokens": 2, "stop_strings": ("x",)}, "min_new_tokens"),
+    ],
+)
+def test_settings_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**kwargs)
+
+
+def test_settings_accept_a_list_of_stop_strings():
+    assert SamplingSettings(max_new_tokens=4, stop_strings=["a", "b"]).stop_strings == ("a", "b")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks, padding, finish reasons
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_completion_ends_on_hand_made_rows(tok):
+    a, b, x, y = (tok.convert_tokens_to_ids(c) for c in "abxy")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    rows = [[a, b, eos, a, pad], [a, b, a, b, a], [eos, pad, pad, pad, pad], [a, x, y, b, eos], [x, y, a]]
+    assert completion_ends(rows[:3], eos, (), tok) == ([3, 5, 1], ["stop", "length", "stop"])
+    # "xy" is completed by token 3 of row 3, before its eos; row 4 completes it at token 2.
+    assert completion_ends(rows, eos, ("xy", "zz"), tok) == (
+        [3, 5, 1, 3, 2],
+        ["stop", "length", "stop", "stop", "stop"],
+    )
+
+
+def test_shapes_padding_and_masks(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok)
+    settings = SamplingSettings(max_new_tokens=8)
+    r = backend.generate(PROMPTS, settings, seed=3)
+
+    n, longest = len(PROMPTS), max(len(p) for p in PROMPTS)
+    assert r.prompt_ids.shape == (n, longest) and r.completion_ids.shape[0] == n
+    assert r.completion_ids.shape[1] <= 8 and len(r) == n
+    assert r.prompts == PROMPTS and r.num_turns == [1] * n
+    for i, prompt in enumerate(PROMPTS):
+        # prompts: left padding with the pad id, mask 0 there, the prompt's characters after it
+        pad_len = longest - len(prompt)
+        assert r.prompt_ids[i, :pad_len].tolist() == [tok.pad_token_id] * pad_len
+        assert r.prompt_mask[i].tolist() == [0] * pad_len + [1] * len(prompt)
+        assert tok.decode(r.prompt_ids[i, pad_len:].tolist()) == prompt
+        # completions: mask 1 then 0, pad ids after the end, eos only as the last kept token
+        length = int(r.completion_mask[i].sum())
+        assert r.completion_mask[i].tolist() == [1] * length + [0] * (r.completion_ids.shape[1] - length)
+        assert r.completion_ids[i, length:].eq(tok.pad_token_id).all()
+        kept = kept_tokens(r, i)
+        assert tok.eos_token_id not in kept[:-1]
+        if r.finish_reason[i] == "stop":
+            assert kept[-1] == tok.eos_token_id
+        else:
+            assert r.finish_reason[i] == "length" and length == 8 and kept[-1] != tok.eos_token_id
+        assert r.completions[i] == tok.decode(kept, skip_special_tokens=True)
+        assert "<" not in r.completions[i]  # no special token text
+    assert set(r.finish_reason) == {"stop", "length"}  # this seed gives both (checked by hand)
+    assert torch.equal(r.loss_mask, r.completion_mask.float())
+    assert r.sampling_logp[r.completion_mask == 0].eq(0).all()
+    assert r.sampling_logp_exact is False
+    assert r.num_completion_tokens == int(r.completion_mask.sum())
+    assert torch.equal(r.input_ids(), torch.cat([r.prompt_ids, r.completion_ids], 1))
+    assert torch.equal(r.attention_mask(), torch.cat([r.prompt_mask, r.completion_mask], 1))
+
+
+def test_min_new_tokens_forces_the_length(tok):
+    model = build_model(len(tok), token_bias={tok.eos_token_id: 8.0})  # eos almost surely at every step
+    backend = HFGenerateBackend(model, tok)
+    forced = backend.generate(PROMPTS, SamplingSettings(max_new_tokens=6, min_new_tokens=6), seed=0)
+    assert forced.completion_ids.shape[1] == 6 and forced.completion_mask.eq(1).all()
+    assert forced.finish_reason == ["length"] * len(PROMPTS)
+    assert not forced.completion_ids.eq(tok.eos_token_id).any()
+
+    # eos suppressed for 3 tokens, then taken at once; the log-probs are those before the suppression
+    r = backend.generate(PROMPTS, SamplingSettings(max_new_tokens=8, min_new_tokens=3), seed=0)
+    assert r.completion_mask.sum(1).tolist() == [4] * len(PROMPTS)
+    assert r.completion_ids[:, 3].eq(tok.eos_token_id).all() and r.finish_reason == ["stop"] * len(PROMPTS)
+    expected, _ = reference_logp(model, r, 1.0)
+    torch.testing.assert_close(r.sampling_logp, expected, atol=1e-4, rtol=0)
+
+
+def test_stop_strings_cut_the_completion(tok):
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    model = build_model(len(tok), token_bias={a: 3.0, b: 3.0, tok.eos_token_id: -10.0})  # no eos
+    backend = HFGenerateBackend(model, tok)
+    r = backend.generate(PROMPTS, SamplingSettings(max_new_tokens=12, stop_strings=("ab",)), seed=0)
+    assert r.finish_reason.count("stop") >= 2 and "length" in r.finish_reason  # this seed (checked by hand)
+    for i, text in enumerate(r.completions):
+        length = int(r.completion_mask[i].sum())
+        if r.finish_reason[i] == "stop":
+            assert text.endswith("ab") and "ab" not in text[:-1]
+        else:
+            assert "ab" not in text and length == 12
+        assert r.completion_ids[i, length:].eq(tok.pad_token_id).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds and sampling log-probs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_generation_is_a_pure_function_of_the_seed(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok)
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.3)
+    rng_before = torch.get_rng_state()
+    first = backend.generate(PROMPTS, settings, seed=5)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is untouched
+    torch.rand(7)  # move the global RNG: no effect on generation
+    again = backend.generate(PROMPTS, settings, seed=5)
+    other = backend.generate(PROMPTS, settings, seed=6)
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert torch.equal(first.sampling_logp, again.sampling_logp) and first.completions == again.completions
+    assert first.completions != other.completions
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_sampling_logp_equals_a_full_forward(tok, eos_model, batch_size):
+    """log_softmax(logits / T) at the sampled tokens, before top-k / top-p truncation; with batch_size
+    the chunks are re-padded by concat, which must keep prompts and completions aligned."""
+    backend = HFGenerateBackend(eos_model, tok, batch_size=batch_size)
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.7, top_k=5, top_p=0.9)
+    r = backend.generate(PROMPTS, settings, seed=11)
+    expected, _ = reference_logp(eos_model, r, 0.7)
+    torch.testing.assert_close(r.sampling_logp, expected, atol=1e-4, rtol=0)
+    assert r.prompts == PROMPTS
+
+
+def test_greedy_takes_the_argmax(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok)
+    settings = SamplingSettings(max_new_tokens=8, greedy=True)
+    r = backend.generate(PROMPTS, settings, seed=0)
+    assert torch.equal(r.completion_ids, backend.generate(PROMPTS, settings, seed=1).completion_ids)
+    _, argmax = reference_logp(eos_model, r, 1.0)
+    assert torch.equal(r.completion_ids[r.completion_mask == 1], argmax[r.completion_mask == 1])
+
+
+def test_model_defaults_do_not_leak_and_modes_are_restored(tok, eos_model):
+    """A hub generation_config (here: every token but one suppressed) must not change the sampling;
+    the model's config and train/eval flags come back as they were."""
+    polluted = copy.deepcopy(eos_model)
+    polluted.generation_config.suppress_tokens = list(range(1, len(tok)))
+    polluted.generation_config.repetition_penalty = 5.0
+    saved_config = polluted.generation_config
+    polluted.train()
+    polluted.model.layers[0].eval()
+    settings = SamplingSettings(max_new_tokens=8)
+    r = HFGenerateBackend(polluted, tok).generate(PROMPTS, settings, seed=2)
+    clean = HFGenerateBackend(eos_model, tok).generate(PROMPTS, settings, seed=2)
+    assert torch.equal(r.completion_ids, clean.completion_ids)
+    assert polluted.generation_config is saved_config
+    assert polluted.training and polluted.model.layers[1].training and not polluted.model.layers[0].training
+
+
+def test_peft_model_generates_with_its_adapter(tok, eos_model):
+    model = get_peft_model(copy.deepcopy(eos_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    r = HFGenerateBackend(model, tok).generate(PROMPTS, SamplingSettings(max_new_tokens=8), seed=4)
+    expected, _ = reference_logp(model, r, 1.0)
+    torch.testing.assert_close(r.sampling_logp, expected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# select / concat
+# ---------------------------------------------------------------------------------------------------
+
+
+def hand_made(prompt_rows: list[list[int]], completion_rows: list[list[int]], tag: str) -> Rollouts:
+    """Rollouts with pad 0; prompt tokens and completion tokens as given, sampling logp = -token / 10."""
+    width, t = max(map(len, prompt_rows)), max(map(len, completion_rows))
+    pids = torch.tensor([[0] * (width - len(p)) + p for p in prompt_rows])
+    cids = torch.tensor([c + [0] * (t - len(c)) for c in completion_rows])
+    cmask = torch.tensor([[1] * len(c) + [0] * (t - len(c)) for c in completion_rows])
+    return Rollouts(
+        prompt_ids=pids,
+        prompt_mask=(pids != 0).long(),
+        completion_ids=cids,
+        completion_mask=cmask,
+        loss_mask=cmask.float(),
+        sampling_logp=-cids.float() / 10,
+        sampling_logp_exact=False,
+        finish_reason=["stop"] * len(prompt_rows),
+        prompts=[f"{tag}{i}" for i in range(len(prompt_rows))],
+        completions=[f"{tag}c{i}" for i in range(len(prompt_rows))],
+        num_turns=[1] * len(prompt_rows),
+        pad_token_id=0,
+    )
+
+
+def test_select_and_concat_keep_rows_aligned():
+    first = hand_made([[5], [6, 7]], [[8, 9, 10], [11]], "a")
+    second = hand_made([[1, 2, 3]], [[4, 4, 4, 4]], "b")
+    both = Rollouts.concat([first, second])
+    assert both.prompt_ids.tolist() == [[0, 0, 5], [0, 6, 7], [1, 2, 3]]
+    assert both.prompt_mask.tolist() == [[0, 0, 1], [0, 1, 1], [1, 1, 1]]
+    assert both.completion_ids.tolist() == [[8, 9, 10, 0], [11, 0, 0, 0], [4, 4, 4, 4]]
+    assert both.completion_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert torch.equal(both.sampling_logp, -both.completion_ids.float() / 10)
+    assert both.prompts == ["a0", "a1", "b0"] and both.completions == ["ac0", "ac1", "bc0"]
+
+    picked = both.select([2, 0])
+    assert picked.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 5]]
+    assert picked.completion_ids.tolist() == [[4, 4, 4, 4], [8, 9, 10, 0]]
+    assert picked.loss_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert picked.prompts == ["b0", "a0"] and picked.completions == ["bc0", "ac0"]
+
+    no_logp = Rollouts.concat([first, Rollouts(**{**vars(second), "sampling_logp": None})])
+    assert no_logp.sampling_logp is None and no_logp.sampling_logp_exact is False
+    with pytest.raises(ValueError, match="completion_mask"):
+        Rollouts(**{**vars(first), "completion_mask": first.completion_mask[:, :2]})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-turn
+# ---------------------------------------------------------------------------------------------------
+
+
+class ToyEnv:
+    """Appends "=ok\\n" after every turn; the episode ends after `turns_to_done` turns (None: never)."""
+
+    def __init__(self, turns_to_done: int | None):
+        self.turns_to_done = turns_to_done
+
+    def reset(self, prompt: str, example: dict) -> dict:
+        return {"turns": 0, "seen": [], "id": example["id"]}
+
+    def step(self, state: dict, turn_text: str) -> tuple[str | None, bool]:
+        state["turns"] += 1
+        state["seen"].append(turn_text)
+        return "=ok\n", state["turns"] == self.turns_to_done
+
+
+def zero_runs(row: list[float]) -> list[tuple[int, int]]:
+    """(start, end) of each run of zeros in `row`."""
+    runs, start = [], None
+    for j, v in enumerate([*row, 1.0]):
+        if v == 0 and start is None:
+            start = j
+        elif v != 0 and start is not None:
+            runs.append((start, j))
+            start = None
+    return runs
+
+
+def test_multi_turn_masks_observations(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok)
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.9)
+    examples = [{"id": i} for i in range(len(PROMPTS))]
+    r = multi_turn_rollouts(backend, PROMPTS, examples, ToyEnv(2), settings, seed=7, max_turns=4)
+
+    assert r.num_turns == [2] * len(PROMPTS) and set(r.finish_reason) <= {"stop", "length"}
+    assert r.prompts == PROMPTS
+    for i in range(len(PROMPTS)):
+        length = int(r.completion_mask[i].sum())
+        loss = r.loss_mask[i, :length].tolist()
+        runs = zero_runs(loss)
+        # exactly two observations, 4 tokens each, the second one at the very end
+        assert [e - s for s, e in runs] == [4, 4] and runs[1][1] == length
+        for s, e in runs:
+            assert tok.decode(r.completion_ids[i, s:e].tolist()) == "=ok\n"
+        assert r.completions[i].count("=ok\n") == 2 and r.completions[i].endswith("=ok\n")
+        assert r.sampling_logp[i, :length][torch.tensor(loss) == 0].eq(0).all()
+    assert r.loss_mask[r.completion_mask == 0].eq(0).all()
+
+    # Turn 2 was sampled from prompt + turn 1 + observation: the full forward over the transcript agrees.
+    expected, _ = reference_logp(eos_model, r, 0.9)
+    torch.testing.assert_close(r.sampling_logp, expected * r.loss_mask, atol=1e-4, rtol=0)
+    again = multi_turn_rollouts(backend, PROMPTS, examples, ToyEnv(2), settings, seed=7, max_turns=4)
+    assert torch.equal(again.completion_ids, r.completion_ids)
+
+
+def test_multi_turn_turn_cap(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok)
+    examples = [{"id": i} for i in range(3)]
+    r = multi_turn_rollouts(
+        backend, PROMPTS[:3], examples, ToyEnv(None), SamplingSettings(max_new_tokens=4), seed=0, max_turns=3
+    )
+    assert r.num_turns == [3, 3, 3] and r.finish_reason == ["turn_cap"] * 3
+    assert all(c.count("=ok\n") == 3 for c in r.completions)
+    with pytest.raises(ValueError, match="max_turns"):
+        multi_turn_rollouts(
+            backend, PROMPTS[:3], examples, ToyEnv(1), SamplingSettings(max_new_tokens=4), 0, 0
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# vLLM: never imported on the CPU path
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_importing_rollout_does_not_import_vllm():
+    code = "import sys, core.rollout; assert 'vllm' not in sys.modules, 'vllm was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install '\.\[vllm\]'.*CUDA"):
+        VLLMBackend("/nonexistent")
+
+
+def test_merged_state_dict_matches_merge_and_unload(tok, eos_model):
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], modules_to_save=["lm_head"])
+    model = get_peft_model(copy.deepcopy(eos_model), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merged_state_dict(model)
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(merged[key], reference[key], atol=1e-6, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    assert merged_state_dict(eos_model).keys() == eos_model.state_dict().keys()
+
+
+@pytest.mark.gpu
+def test_vllm_backend_on_gpu(tmp_path):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs CUDA")
+    from transformers import AutoModelForCausalLM
+
+    from core.tiny import create_tiny_model_dir
+
+    path = create_tiny_model_dir(tmp_path / "tiny", texts=[ALPHABET], hidden_size=64, num_heads=4)
+    backend = VLLMBackend(str(path), gpu_memory_utilization=0.2, dtype="float32", max_model_len=256)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.8)
+    r = backend.generate(PROMPTS, settings, seed=0)
+    assert r.prompts == PROMPTS and r.completion_ids.shape[0] == len(PROMPTS)
+    assert set(r.finish_reason) <= {"stop", "length"}
+    assert torch.equal(r.completion_ids, backend.generate(PROMPTS, settings, seed=0).completion_ids)
+    expected, _ = reference_logp(model.cpu(), r, 0.8)
+    torch.testing.assert_close(r.sampling_logp, expected, atol=2e-3, rtol=0)
+    assert backend.generate(PROMPTS, SamplingSettings(max_new_tokens=4, top_k=3), 0).sampling_logp is None
+
+    # new weights reach the engine: after update_weights, vLLM's greedy completions are the HF model's
+    greedy = SamplingSettings(max_new_tokens=8, greedy=True)
+    before = backend.generate(PROMPTS, greedy, seed=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    backend.update_weights(model)
+    after = backend.generate(PROMPTS, greedy, seed=0)
+    hf = HFGenerateBackend(model, backend.tokenizer).generate(PROMPTS, greedy, seed=0)
+    assert after.completions == hf.completions and after.completions != before.completions

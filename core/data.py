@@ -1,0 +1,84 @@
+"""Examples for training: loading local data files and iterating over prompts in a seeded order.
+
+An example is a dict with at least `id` and `prompt` (the full prompt text, already templated by the
+app) plus whatever fields the app's reward functions read (`answer`, `solution`, ...).
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def read_examples(path: str | Path, required: Sequence[str]) -> list[dict]:
+    """Rows of a local JSONL, JSON, CSV or Parquet file; a malformed row or a missing field is an error
+    naming the file and the line (JSONL) or row. Rows without an `id` get `<file stem>-<row>`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((f"line {number}", row))
+    elif path.suffix in (".json", ".csv", ".parquet"):
+        from datasets import load_dataset  # heavy import, only for these formats
+
+        kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
+        dataset = load_dataset(kind, data_files=str(path), split="train")
+        rows = [(f"row {index}", dict(row)) for index, row in enumerate(dataset)]
+    else:
+        raise ValueError(f"data file {path}: expected .jsonl, .json, .csv or .parquet")
+    examples = []
+    for index, (where, row) in enumerate(rows):
+        missing = [name for name in required if row.get(name) in (None, "")]
+        if missing:
+            raise ValueError(f"{path}:{where}: missing field(s) {', '.join(missing)}")
+        row.setdefault("id", f"{path.stem}-{index}")
+        examples.append(row)
+    if not examples:
+        raise ValueError(f"data file {path} has no rows")
+    return examples
+
+
+class PromptSampler:
+    """Endless epochs over the examples, each in a fresh order drawn from `seed` and the epoch number, so
+    the order depends on nothing but (seed, position) and a resumed run continues where it stopped."""
+
+    def __init__(self, examples: Sequence[dict], seed: int):
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples = list(examples)
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def take(self, n: int) -> list[dict]:
+        batch = []
+        for _ in range(n):
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            batch.append(self.examples[self._order[self.index]])
+            self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._epoch_order()

@@ -1,0 +1,50 @@
+"""What every app's train command does around the trainer: pick the run directory, build the app's
+offline tiny model when no --model is given, load the policy, and print a summary table at the end."""
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from core.policy import LoraSettings, load_policy
+from core.runs import default_run_dir
+from core.trainer import GRPOConfig
+
+
+def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
+    """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal."""
+    state = PartialState()
+    chosen = [config.run_dir or str(default_run_dir(app))]
+    if state.num_processes > 1:  # the default is a timestamp: every process must use rank 0's
+        broadcast_object_list(chosen)
+    if state.is_main_process:
+        print(f"run directory: {chosen[0]}")
+    return replace(config, run_dir=chosen[0])
+
+
+def policy_for(config: GRPOConfig, build_default: Callable[[Path], object]):
+    """(model, tokenizer) from `--model`, or from the app's tiny model, built once into
+    <run_dir>/base_model by `build_default(path)` (a resumed run reuses it)."""
+    path = Path(config.model) if config.model else Path(config.run_dir) / "base_model"
+    with PartialState().main_process_first():  # one process builds, the others then load it
+        if config.model is None and not (path / "config.json").is_file():
+            build_default(path)
+    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora else None
+    return load_policy(path, lora=lora, device=config.device)
+
+
+def summary_table(history: list[dict[str, float]], rows: int = 10) -> str:
+    """Step, reward, zero-spread fraction, entropy and step time at up to `rows` evenly spaced steps."""
+    if not history:
+        return "no steps run"
+    picks = sorted({round(i * (len(history) - 1) / max(rows - 1, 1)) for i in range(min(rows, len(history)))})
+    lines = [f"{'step':>6} {'reward':>8} {'zero-spread':>11} {'entropy':>8} {'step s':>7}"]
+    for i in picks:
+        m = history[i]
+        lines.append(
+            f"{m['step']:>6} {m['reward']:>8.3f} {m['zero_spread_frac']:>11.2f} "
+            f"{m['entropy']:>8.3f} {m['step_time']:>7.2f}"
+        )
+    return "\n".join(lines)

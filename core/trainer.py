@@ -1,0 +1,629 @@
+"""The GRPO loop and its config.
+
+One step: take `prompts_per_step` examples, sample `group_size` completions for each, score them with
+the app's rubric, turn rewards into group advantages, then `mu` epochs of `mini_batches` optimizer
+updates on micro-batches (gradient accumulation), logging to the run directory and checkpointing.
+
+Apps plug in through `TrainerHooks` (Scaf-GRPO transforms rollouts, CoDistill adds reward terms that need
+a model, GTPO sets token weights and adjusts advantages) and never fork the loop.
+
+Multi-process: under `accelerate launch` every process takes the same prompt batch, generates and scores
+its contiguous share, and all processes gather the reward table so advantages are those of the global
+batch; losses use the global token and sequence counts and gradients are summed across processes, so
+N processes give the update of one process with the same global batch. Each group is sampled with its
+own seed (from the run seed, the step and the group's index in the global batch), which makes the
+rollouts independent of how the batch is split.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from core import algos
+from core.config import config_to_dict
+from core.data import PromptSampler
+from core.policy import ReferencePolicy, completion_logprobs
+from core.rewards import RewardTable, Rubric
+from core.rollout import (
+    Environment,
+    HFGenerateBackend,
+    RolloutBackend,
+    Rollouts,
+    SamplingSettings,
+    derive_seed,
+    multi_turn_rollouts,
+)
+from core.runs import RunDir, capture_rng_state, default_run_dir, load_checkpoint, restore_rng_state
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class GRPOConfig:
+    """Fields shared by every GRPO training command; apps subclass it to add theirs and change defaults."""
+
+    model: str | None = _help("HF causal-LM directory to train; default: the app's offline tiny model", None)
+    data: str | None = _help("training data file (JSONL/JSON/CSV/Parquet); default: the app's own set", None)
+    run_dir: str | None = _help("run directory; default runs/<app>/<timestamp>", None)
+    resume: bool = _help("continue the newest complete checkpoint in --run-dir", False)
+    seed: int = _help("seed of data order, sampling and initialisation", 0)
+    device: str = _help("cpu or cuda", "cpu")
+    max_steps: int = _help("training steps (one batch of prompts each)", 50)
+    prompts_per_step: int = _help("prompts per step (global, over all processes)", 8)
+    group_size: int = _help("completions per prompt (G)", 8)
+    max_new_tokens: int = _help("completion length cap (per turn in multi-turn tasks)", 64)
+    max_turns: int = _help("turn cap of multi-turn tasks (apps with an environment)", 4)
+    temperature: float = _help("sampling temperature (the logprob pass divides by it too)", 1.0)
+    top_p: float = _help("nucleus sampling mass", 1.0)
+    top_k: int = _help("top-k sampling; 0 = off", 0)
+    learning_rate: float = _help("AdamW learning rate", 1e-6)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = _help(
+        "learning-rate schedule after warm-up", "constant"
+    )
+    warmup_steps: int = _help("optimizer updates of linear warm-up", 0)
+    max_grad_norm: float = _help("gradient clipping norm; 0 = off", 1.0)
+    mu: int = _help("update epochs per batch (GRPO's mu); > 1 computes old logprobs once", 1)
+    mini_batches: int = _help("optimizer updates per epoch (the batch is split in this many)", 1)
+    micro_batch_size: int = _help("completions per forward/backward (gradient accumulation)", 64)
+    loss_aggregation: str = _help(f"one of {', '.join(algos.AGGREGATIONS.names())}", "seq-mean-token-mean")
+    eps_low: float = _help("lower clip range of the ratio", 0.2)
+    eps_high: float | None = _help("upper clip range (clip-higher); none = eps_low", None)
+    dual_clip: float | None = _help("dual-clip bound c > 1 for negative advantages; none = off", None)
+    ratio_level: Literal["token", "sequence"] = _help("per-token ratio, or one per sequence (GSPO)", "token")
+    beta: float = _help("KL coefficient; 0 loads no reference model", 0.0)
+    kl_estimator: str = _help(f"one of {', '.join(algos.KL_ESTIMATORS.names())}", "k3")
+    advantage_scale: Literal["group", "batch", "none"] = _help(
+        "divide by group std, batch std, or not", "group"
+    )
+    advantage_baseline: Literal["mean", "leave_one_out"] = _help(
+        "group mean or leave-one-out baseline", "mean"
+    )
+    advantage_eps: float = _help("epsilon added to the std", 1e-6)
+    multi_reward: str = _help(f"one of {', '.join(algos.MULTI_REWARD.names())}", "sum_then_normalize")
+    dynamic_sampling: bool = _help("drop zero-spread groups and sample more prompts (DAPO)", False)
+    max_sampling_rounds: int = _help("cap on sampling rounds per step with dynamic sampling", 3)
+    on_reward_error: Literal["raise", "zero"] = _help(
+        "a failing reward function stops the run or scores 0", "raise"
+    )
+    lora: bool = _help("train a LoRA adapter instead of all weights", False)
+    lora_r: int = _help("LoRA rank", 16)
+    lora_alpha: int = _help("LoRA alpha", 32)
+    logprob_chunk_size: int = _help("token positions per chunk of the LM head in the logprob pass", 1024)
+    save_every: int = _help("checkpoint every N steps (and always at the end); 0 = only at the end", 0)
+    keep_checkpoints: int = _help("complete checkpoints kept", 2)
+    rollouts_to_log: int = _help("completions written to rollouts.jsonl per step; -1 = all", -1)
+    report_to: Literal["none", "tensorboard"] = _help("extra logging backend", "none")
+
+    def __post_init__(self):
+        positive = (
+            "max_steps",
+            "prompts_per_step",
+            "group_size",
+            "max_new_tokens",
+            "max_turns",
+            "mu",
+            "mini_batches",
+        )
+        for name in positive + ("micro_batch_size", "logprob_chunk_size", "keep_checkpoints", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.beta < 0 or self.max_grad_norm < 0 or self.warmup_steps < 0 or self.save_every < 0:
+            raise ValueError("beta, max_grad_norm, warmup_steps and save_every must be >= 0")
+        algos.AGGREGATIONS.get(self.loss_aggregation)
+        algos.KL_ESTIMATORS.get(self.kl_estimator)
+        algos.MULTI_REWARD.get(self.multi_reward)
+        if (self.prompts_per_step * self.group_size) % self.mini_batches:
+            raise ValueError(
+                f"prompts_per_step * group_size must be divisible by mini_batches={self.mini_batches}"
+            )
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
+
+
+class TrainerHooks:
+    """Named extension points of the loop; each default leaves the step unchanged."""
+
+    def extra_rewards(self, trainer: "GRPOTrainer", rollouts: Rollouts, examples: list[dict]) -> dict:
+        """Reward terms that need a model (CoDistill's KD term): {name: (N,) tensor}, added with weight 1."""
+        return {}
+
+    def transform_rollouts(
+        self, trainer: "GRPOTrainer", rollouts: Rollouts, examples: list[dict], table: RewardTable
+    ) -> tuple[Rollouts, RewardTable]:
+        """Replace rollouts of a group after scoring (Scaf-GRPO's hinted successes); rows stay group-ordered."""
+        return rollouts, table
+
+    def token_weights(self, trainer: "GRPOTrainer", rollouts: Rollouts, advantages: torch.Tensor):
+        """Per-token weights (N, T) of the policy term (GTPO's conflict tokens), or None."""
+        return None
+
+    def adjust_advantages(self, advantages: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
+        """Per-completion advantages of a micro-batch given its mean token entropies (GTPO, EGPO)."""
+        return advantages
+
+    def after_update(self, trainer: "GRPOTrainer", batch: "Batch") -> dict:
+        """Called after the policy's updates of a step (CoDistill trains its second model here); metrics."""
+        return {}
+
+
+@dataclass
+class Batch:
+    """One step's scored rollouts on this process, with what the update needs."""
+
+    examples: list[dict]  # this process's examples, one per group
+    rollouts: Rollouts  # (N_local rows, group-ordered)
+    table: RewardTable  # this process's reward table
+    advantages: torch.Tensor  # (N_local,)
+    global_components: torch.Tensor  # (N, K) over all processes, for logging
+    sampling_rounds: int = 1
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped (n, ...) tensors of every process in rank order."""
+    rank, world = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class GRPOTrainer:
+    """Trains `model` on `examples` scored by `rubric`; `app` and `algorithm` name the run."""
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        model,
+        tokenizer,
+        examples: list[dict],
+        rubric: Rubric,
+        *,
+        app: str,
+        algorithm: str = "grpo",
+        hooks: TrainerHooks | None = None,
+        backend: RolloutBackend | None = None,
+        environment: Environment | None = None,
+    ):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rubric = rubric
+        self.hooks = hooks or TrainerHooks()
+        self.backend = backend or HFGenerateBackend(model, tokenizer, device=config.device)
+        self.environment = environment
+        self.sampler = PromptSampler(examples, config.seed)
+        PartialState()  # joins the process group under `accelerate launch`; nothing to do in one process
+        self.rank, self.world = _world()
+        if config.prompts_per_step % self.world:
+            raise ValueError(
+                f"prompts_per_step={config.prompts_per_step} must divide by {self.world} processes"
+            )
+        if config.dynamic_sampling and self.world > 1:
+            raise ValueError("dynamic_sampling runs on one process only for now")
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self.reference = ReferencePolicy(model) if config.beta > 0 else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        updates = config.max_steps * config.mu * config.mini_batches
+        name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+        self.scheduler = get_scheduler(name, self.optimizer, config.warmup_steps, updates)
+        self.step = 0
+        run_dir = config.run_dir or str(default_run_dir(app))
+        self.run = None
+        if self.rank == 0:
+            self.run = RunDir.create(
+                run_dir,
+                config_to_dict(config),
+                app=app,
+                algorithm=algorithm,
+                exist_ok_for_resume=config.resume,
+            )
+        self.run_path = run_dir
+        self.writer = self._tensorboard() if config.report_to == "tensorboard" and self.rank == 0 else None
+        if config.resume:
+            self._resume()
+
+    # -- run directory -------------------------------------------------------------------------------------
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked
+
+        return SummaryWriter(log_dir=str(self.run.path / "tensorboard"))
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.config.lora:
+            return {n: p.detach() for n, p in self.model.named_parameters() if n in names}
+        return self.model.state_dict()
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.run.save_checkpoint(
+            self.step,
+            model_state=self._trainable_state(),
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            trainer_state={
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "rubric": self.rubric.state_dict(),
+            },
+            rng_state=capture_rng_state(),
+            keep_last=self.config.keep_checkpoints,
+        )
+
+    def _resume(self) -> None:
+        path = RunDir(self.run_path).latest_checkpoint()
+        if path is None:  # --resume on a run without a checkpoint starts from the beginning
+            if self.rank == 0:
+                self.run.truncate_logs_after(0)
+            return
+        checkpoint = load_checkpoint(path)
+        if self.config.lora:
+            own = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in checkpoint.model_state.items():
+                    own[name].copy_(tensor)
+        else:
+            self.model.load_state_dict(checkpoint.model_state)
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.scheduler.load_state_dict(checkpoint.scheduler_state)
+        self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
+        self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
+        restore_rng_state(checkpoint.rng_state)
+        self.step = checkpoint.step
+        self.backend.update_weights(self.model)
+        if self.rank == 0:
+            self.run.truncate_logs_after(self.step)
+
+    def save_final(self) -> str:
+        """Save the trained model (or adapter) and tokenizer to <run>/final for evaluation and reuse."""
+        path = f"{self.run_path}/final"
+        if self.rank == 0:
+            self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        return path
+
+    # -- collecting a batch ----------------------------------------------------------------------------------
+
+    def _check_prompt_lengths(self, examples: list[dict]) -> None:
+        if self.max_context is None:
+            return
+        for example in examples:
+            length = len(self.tokenizer(example["prompt"], add_special_tokens=False)["input_ids"])
+            if length + self.config.max_new_tokens > self.max_context:
+                raise ValueError(
+                    f"example {example['id']!r}: prompt of {length} tokens + max_new_tokens "
+                    f"{self.config.max_new_tokens} exceeds the model's context of {self.max_context}"
+                )
+
+    def generate(self, examples: list[dict], first_index: int, round_: int = 0) -> Rollouts:
+        """G completions per example, each group sampled with its own seed (see the module docstring)."""
+        self._check_prompt_lengths(examples)
+        cfg, parts = self.config, []
+        for offset, example in enumerate(examples):
+            seed = derive_seed(cfg.seed, self.step, round_, first_index + offset)
+            prompts = [example["prompt"]] * cfg.group_size
+            if self.environment is None:
+                parts.append(self.backend.generate(prompts, cfg.sampling(), seed))
+            else:
+                parts.append(
+                    multi_turn_rollouts(
+                        self.backend,
+                        prompts,
+                        [example] * cfg.group_size,
+                        self.environment,
+                        cfg.sampling(),
+                        seed,
+                        cfg.max_turns,
+                    )
+                )
+        return Rollouts.concat(parts)
+
+    def score(self, rollouts: Rollouts, examples: list[dict]) -> RewardTable:
+        """The rubric's table for group-ordered rollouts of `examples`, plus the hooks' model-based terms."""
+        repeated = [example for example in examples for _ in range(self.config.group_size)]
+        table = self.rubric.score(rollouts.completions, repeated)
+        extra = self.hooks.extra_rewards(self, rollouts, examples)
+        return table.with_components(extra) if extra else table
+
+    def _advantages(self, components: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        aggregate = algos.MULTI_REWARD.get(self.config.multi_reward)
+        return aggregate(
+            components,
+            weights,
+            self.config.group_size,
+            scale=self.config.advantage_scale,
+            baseline=self.config.advantage_baseline,
+            eps=self.config.advantage_eps,
+        )
+
+    def collect(self) -> Batch:
+        cfg = self.config
+        examples = self.sampler.take(cfg.prompts_per_step)
+        share = cfg.prompts_per_step // self.world
+        mine = examples[self.rank * share : (self.rank + 1) * share]
+        rollouts = self.generate(mine, self.rank * share)
+        table = self.score(rollouts, mine)
+        rollouts, table = self.hooks.transform_rollouts(self, rollouts, mine, table)
+        rounds = 1
+        if cfg.dynamic_sampling:
+            rollouts, table, mine, rounds = self._dynamic_sampling(rollouts, table, mine)
+        components = _all_gather_rows(table.components)  # (N, K)
+        advantages = self._advantages(components, table.effective_weights())  # (N,)
+        n_local = len(mine) * cfg.group_size
+        local = advantages[self.rank * n_local : (self.rank + 1) * n_local]  # (N_local,)
+        return Batch(mine, rollouts, table, local, components, rounds)
+
+    def _dynamic_sampling(self, rollouts, table, examples):
+        """DAPO's dynamic sampling: keep groups with reward spread, draw more prompts until the batch is full
+        or `max_sampling_rounds` is reached; a short batch is filled with zero-spread groups (advantage 0)."""
+        cfg, size = self.config, self.config.group_size
+        kept, spare = [], []
+        pool = [(rollouts, table, examples)]
+        rounds = 1
+        while True:
+            r, t, ex = pool.pop()
+            spread = t.total.view(-1, size)
+            has_signal = (spread.amax(1) > spread.amin(1)).tolist()
+            for g, signal in enumerate(has_signal):
+                (kept if signal else spare).append(
+                    (
+                        r.select(range(g * size, (g + 1) * size)),
+                        t.select(range(g * size, (g + 1) * size)),
+                        ex[g],
+                    )
+                )
+            if len(kept) >= cfg.prompts_per_step or rounds == cfg.max_sampling_rounds:
+                break
+            more = self.sampler.take(cfg.prompts_per_step)
+            new_rollouts = self.generate(more, 0, round_=rounds)
+            new_table = self.score(new_rollouts, more)
+            new_rollouts, new_table = self.hooks.transform_rollouts(self, new_rollouts, more, new_table)
+            pool.append((new_rollouts, new_table, more))
+            rounds += 1
+        chosen = (kept + spare)[: cfg.prompts_per_step]
+        return (
+            Rollouts.concat([c[0] for c in chosen]),
+            RewardTable.concat([c[1] for c in chosen]),
+            [c[2] for c in chosen],
+            rounds,
+        )
+
+    # -- the update ------------------------------------------------------------------------------------------
+
+    def _logprobs(self, rollouts: Rollouts, with_grad: bool, reference: bool = False):
+        ids, mask = rollouts.input_ids(), rollouts.attention_mask()
+        t = rollouts.completion_ids.shape[1]
+        if reference:
+            return self.reference.logprobs(
+                ids, mask, t, temperature=self.config.temperature, chunk_size=self.config.logprob_chunk_size
+            )
+        with torch.set_grad_enabled(with_grad):
+            return completion_logprobs(
+                self.model,
+                ids,
+                mask,
+                t,
+                temperature=self.config.temperature,
+                chunk_size=self.config.logprob_chunk_size,
+                with_entropy=with_grad,
+            )
+
+    def _no_grad_pass(self, rollouts: Rollouts, reference: bool) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(rollouts.completions), self.config.micro_batch_size):
+            micro = rollouts.select(
+                range(start, min(start + self.config.micro_batch_size, len(rollouts.completions)))
+            )
+            out = self._logprobs(micro, with_grad=False, reference=reference)
+            parts.append(out if reference else out[0])
+        width = rollouts.completion_ids.shape[1]
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        cfg = self.config
+        rollouts = batch.rollouts
+        n_local = len(rollouts.completions)
+        off_policy = cfg.mu > 1 or cfg.mini_batches > 1
+        old_logp = self._no_grad_pass(rollouts, reference=False) if off_policy else None  # (N_local, T)
+        ref_logp = self._no_grad_pass(rollouts, reference=True) if self.reference else None  # (N_local, T)
+        token_weights = self.hooks.token_weights(self, rollouts, batch.advantages)  # (N_local, T) | None
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        grad_norms = []
+        mini = n_local // cfg.mini_batches
+        self.model.train()
+        for _ in range(cfg.mu):
+            for m in range(cfg.mini_batches):
+                rows = range(m * mini, (m + 1) * mini)
+                loss_mask = rollouts.loss_mask[m * mini : (m + 1) * mini]
+                totals = _all_reduce_sum(torch.stack([loss_mask.sum(), torch.tensor(float(mini))]))
+                for start in range(rows.start, rows.stop, cfg.micro_batch_size):
+                    idx = range(start, min(start + cfg.micro_batch_size, rows.stop))
+                    micro = rollouts.select(idx)
+                    t = micro.completion_ids.shape[1]
+                    logp, entropy = self._logprobs(micro, with_grad=True)  # (n, t) each
+                    mean_entropy = algos.masked_mean(entropy.detach(), micro.loss_mask, dim=-1)  # (n,)
+                    advantages = self.hooks.adjust_advantages(
+                        batch.advantages[idx.start : idx.stop], mean_entropy
+                    )
+                    loss, metrics = algos.policy_loss(
+                        logp,
+                        None if old_logp is None else old_logp[idx.start : idx.stop, :t],
+                        advantages,
+                        micro.loss_mask,
+                        eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high,
+                        dual_clip=cfg.dual_clip,
+                        ratio_level=cfg.ratio_level,
+                        aggregation=cfg.loss_aggregation,
+                        max_length=cfg.max_new_tokens,
+                        total_tokens=totals[0],
+                        total_seqs=totals[1],
+                        ref_logp=None if ref_logp is None else ref_logp[idx.start : idx.stop, :t],
+                        beta=cfg.beta,
+                        kl_estimator=cfg.kl_estimator,
+                        token_weights=None
+                        if token_weights is None
+                        else token_weights[idx.start : idx.stop, :t],
+                    )
+                    loss.backward()
+                    metrics["entropy"] = algos.masked_mean(entropy.detach(), micro.loss_mask)
+                    metrics["loss"] = loss.detach()
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * len(idx)
+                        counts[key] = counts.get(key, 0) + len(idx)
+                grad_norms.append(self._optimizer_step())
+        self.backend.update_weights(self.model)
+        out = {key: sums[key] / counts[key] for key in sums}
+        out["loss"] = sums["loss"] / (cfg.mu * cfg.mini_batches)  # the loss is a sum over micro-batches
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        batch = self.collect()
+        generated = time.perf_counter()
+        metrics = self.update(batch)
+        metrics.update(self.hooks.after_update(self, batch))
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        tokens = float(_all_reduce_sum(batch.rollouts.completion_mask.sum().float()))
+        metrics.update(self._reward_metrics(batch))
+        metrics.update(
+            {
+                "step_time": elapsed,
+                "generate_time": generated - start,
+                "tokens_per_s": tokens / elapsed,
+                "completion_length": tokens / len(batch.global_components),
+                "sampling_rounds": float(batch.sampling_rounds),
+            }
+        )
+        if self.rank == 0:
+            self.run.log_metrics(self.step, metrics)
+            self.run.log_rollouts(self._rollout_records(batch))
+            if self.writer is not None:
+                for key, value in metrics.items():
+                    self.writer.add_scalar(key, value, self.step)
+        return {"step": self.step, **metrics}
+
+    def _reward_metrics(self, batch: Batch) -> dict[str, float]:
+        components = batch.global_components  # (N, K)
+        weights = batch.table.effective_weights()  # (K,)
+        total = components @ weights  # (N,)
+        grouped = total.view(-1, self.config.group_size)  # (B, G)
+        out = {
+            "reward": float(total.mean()),
+            "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+            "zero_spread_frac": float((grouped.amax(1) == grouped.amin(1)).float().mean()),
+            "advantage_abs_mean": float(batch.advantages.abs().mean()),
+        }
+        for k, name in enumerate(batch.table.names):
+            out[f"reward/{name}"] = float(components[:, k].mean())
+        for name, failures in batch.table.failures.items():
+            out[f"reward/{name}/failures"] = float(failures)
+        return out
+
+    def _rollout_records(self, batch: Batch) -> list[dict]:
+        table, rollouts = batch.table, batch.rollouts
+        total = table.components @ table.effective_weights()
+        n = len(rollouts.completions) if self.config.rollouts_to_log < 0 else self.config.rollouts_to_log
+        return [
+            {
+                "step": self.step,
+                "group": i // self.config.group_size,
+                "example_id": batch.examples[i // self.config.group_size]["id"],
+                "prompt": rollouts.prompts[i],
+                "completion": rollouts.completions[i],
+                "rewards": {name: float(table.components[i, k]) for k, name in enumerate(table.names)},
+                "reward": float(total[i]),
+                "advantage": float(batch.advantages[i]),
+                "finish_reason": rollouts.finish_reason[i],
+            }
+            for i in range(min(n, len(rollouts.completions)))
+        ]
+
+    def train(self) -> list[dict[str, float]]:
+        """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step."""
+        cfg = self.config
+        history = []
+        if self.rank == 0:
+            self.run.set_status("running", step=self.step)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                bar.update(1)
+                bar.write(
+                    f"step {self.step:>4}  reward {metrics['reward']:.3f}"
+                    f"  zero-spread {metrics['zero_spread_frac']:.2f}"
+                    f"  loss {metrics['loss']:+.4f}  entropy {metrics['entropy']:.3f}  {metrics['step_time']:.2f}s"
+                    f"  {metrics['tokens_per_s']:.0f} tok/s"
+                )
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+        except BaseException as err:
+            if self.rank == 0:
+                self.run.set_status("failed", step=self.step, error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        if self.rank == 0:
+            self.run.set_status("finished", step=self.step)
+        return history

@@ -1,0 +1,95 @@
+"""core/answers.py: math-verify answer matching on a table of pairs, garbage and huge inputs, and the
+timeout in the main thread (math-verify's signal.alarm) and in a worker thread (a child process)."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from core.answers import answers_match
+
+# 10^(10^7): sympy evaluates this integer power in C when comparing it, about 10 s on a laptop core;
+# well past every timeout below, yet a broken timeout fails the test instead of hanging it for hours.
+HEAVY = r"10^{10^{7}}"
+
+MATCHES = [
+    ("0.5", r"\frac{1}{2}"),
+    ("1/2", r"\frac{1}{2}"),
+    (r"\boxed{42}", "42"),
+    ("The answer is $42$.", "42"),
+    (r"$\frac{1}{2}$", "0.5"),
+    (r"\frac{\sqrt{2}}{2}", r"\frac{\sqrt2}{2}"),  # bare LaTeX on both sides
+    ("10^{100}", "10^{100}"),
+    ("5, 3", "3, 5"),  # sets
+    ("x = 3", "3"),  # an assignment to the answer
+    ("(1, 2)", "1 < x < 2"),  # an interval for an inequality: allowed when the *prediction* is the set
+    ("答案是 42", "42"),  # unicode text around the answer
+    ("−3", "-3"),  # U+2212 minus sign
+    ("123456789012345678901234567890", "123456789012345678901234567890"),
+]
+
+MISMATCHES = [
+    ("41", "42"),
+    (r"\boxed{\frac{1}{3}}", "0.5"),
+    ("0.33", r"\frac{1}{3}"),
+    ("10", "10^{100}"),  # read bare, the gold would parse as 10
+    ("3, 5", "5"),  # read bare, the prediction would parse as 5
+    ("答案是 41", "42"),
+    ("1 < x < 2", "(1, 2)"),  # verify(gold, prediction) is not symmetric: the gold must go first
+    # 30 digits, off by one in the last: a comparison through float64 would call these equal
+    ("123456789012345678901234567891", "123456789012345678901234567890"),
+]
+
+GARBAGE = [
+    ("", "42"),
+    ("42", ""),
+    ("   ", "42"),
+    ("}{\\frac{{", "1"),
+    ("1", "}{\\frac{{"),
+    ("\x00\x01", "0"),
+    ("\ud800", "1"),  # a lone surrogate
+    ("½", r"\frac{1}{2}"),  # not parsed by math-verify 0.9
+    ("no idea", "42"),
+    ("9" * 5000, "9" * 5000),  # over Python's 4300-digit int-string limit: documented as never matching
+]
+
+
+@pytest.mark.parametrize(("prediction", "gold"), MATCHES)
+def test_equal_answers_match(prediction, gold):
+    assert answers_match(prediction, gold) is True
+
+
+@pytest.mark.parametrize(("prediction", "gold"), MISMATCHES)
+def test_different_answers_do_not_match(prediction, gold):
+    assert answers_match(prediction, gold) is False
+
+
+@pytest.mark.parametrize(("prediction", "gold"), GARBAGE)
+def test_garbage_is_no_match_not_an_error(prediction, gold):
+    assert answers_match(prediction, gold) is False
+
+
+def test_wrong_argument_types_and_timeouts_fail_loudly():
+    with pytest.raises(TypeError, match="got NoneType and str"):
+        answers_match(None, "42")
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        answers_match("42", "42", timeout_s=0)
+
+
+def test_timeout_in_the_main_thread():
+    start = time.monotonic()
+    assert answers_match(HEAVY, "1", timeout_s=0.5) is False  # math-verify's alarm: ceil -> 1 s
+    assert time.monotonic() - start < 4.0
+    assert answers_match("0.5", r"\frac{1}{2}") is True  # no alarm left behind
+
+
+def test_worker_threads_match_and_time_out():
+    pairs = MATCHES + MISMATCHES + GARBAGE  # the same table through the children (JSON-safe unicode)
+    expected = [True] * len(MATCHES) + [False] * (len(MISMATCHES) + len(GARBAGE))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert list(pool.map(lambda pair: answers_match(*pair), pairs)) == expected
+        start = time.monotonic()  # the children are started: the timeout alone is measured
+        assert pool.submit(answers_match, HEAVY, "1", 0.3).result() is False
+        assert time.monotonic() - start < 3.0
+        # the timed-out child was killed; the next check starts a fresh one
+        assert pool.submit(answers_match, "1/2", "0.5").result() is True

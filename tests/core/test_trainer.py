@@ -1,0 +1,194 @@
+"""core/trainer.py: a tiny GRPO run learns, LoRA trains only the adapter, the loop's options do what they
+say (mu, beta, dynamic sampling, multi-turn masking), and bad input fails with a clear message."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core import algos
+from core.data import read_examples
+from core.policy import LoraSettings, load_policy
+from core.rewards import Rubric
+from core.tiny import create_tiny_model_dir
+from core.trainer import GRPOConfig, GRPOTrainer
+
+EXAMPLES = [{"id": f"ex{i}", "prompt": f"go {i}"} for i in range(8)]
+
+
+def a_fraction(completion: str, example: dict) -> float:
+    """The fake task: share of the completion's characters that are 'a'."""
+    return completion.count("a") / len(completion) if completion else 0.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    return create_tiny_model_dir(path, ["go 0123456789a"], hidden_size=32, num_layers=1, num_heads=2, seed=0)
+
+
+def make_config(tmp_path, **overrides) -> GRPOConfig:
+    base = dict(
+        run_dir=str(tmp_path / "run"),
+        max_steps=2,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=4,
+        learning_rate=1e-2,
+        micro_batch_size=8,
+    )
+    return GRPOConfig(**(base | overrides))
+
+
+def varied(completion: str, example: dict) -> float:
+    """A reward that spreads from the first step: the completion's characters hashed to [0, 1)."""
+    return sum(map(ord, completion)) % 7 / 7
+
+
+def make_trainer(model_dir, config, rubric=None, **kwargs) -> GRPOTrainer:
+    lora = LoraSettings(r=4, alpha=8) if config.lora else None
+    model, tokenizer = load_policy(model_dir, lora=lora)
+    rubric = rubric or Rubric({"a": a_fraction})
+    return GRPOTrainer(config, model, tokenizer, EXAMPLES, rubric, app="test", **kwargs)
+
+
+def test_tiny_run_learns_and_logs(model_dir, tmp_path):
+    trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=40))
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    history = trainer.train()
+    first, last = history[0]["reward"], sum(m["reward"] for m in history[-3:]) / 3
+    assert first < 0.05  # a random 270-token model rarely says 'a'
+    assert last > 0.5, f"mean reward of the last 3 steps {last:.3f} did not rise above 0.5"
+    changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == len(before)
+    metrics = trainer.run.read_metrics()
+    assert [m["step"] for m in metrics] == list(range(1, 41))
+    for key in ("reward/a", "zero_spread_frac", "loss", "entropy", "clip/frac", "tokens_per_s", "grad_norm"):
+        assert key in metrics[0], key
+    rollouts = trainer.run.read_rollouts()
+    assert len(rollouts) == 40 * 4 * 4
+    assert rollouts[0]["rewards"]["a"] == pytest.approx(a_fraction(rollouts[0]["completion"], {}))
+    assert trainer.run.read_status()["status"] == "finished"
+    assert trainer.run.latest_checkpoint().name == "step-40"
+
+
+def test_lora_changes_only_the_adapter(model_dir, tmp_path):
+    trainer = make_trainer(model_dir, make_config(tmp_path, lora=True), Rubric({"varied": varied}))
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, so the first updates move it
+            assert not torch.equal(p, before[name]), name
+        elif "lora_" not in name:
+            assert torch.equal(p, before[name]), name
+    saved = load_file(trainer.run.latest_checkpoint() / "model.safetensors")
+    assert saved and all("lora_" in name for name in saved)  # a LoRA checkpoint holds only the adapter
+
+
+def test_mu_above_one_uses_old_logprobs_and_beta_loads_a_reference(model_dir, tmp_path):
+    trainer = make_trainer(
+        model_dir, make_config(tmp_path, max_steps=1, mu=2, beta=0.1), Rubric({"v": varied})
+    )
+    assert trainer.reference is not None
+    (metrics,) = trainer.train()
+    # the second epoch sees ratios away from 1 (the first update moved the policy) and a KL > 0
+    assert metrics["ratio/max"] > 1.0 or metrics["ratio/min"] < 1.0
+    assert metrics["kl"] > 0.0
+    assert make_trainer(model_dir, make_config(tmp_path / "b", max_steps=1)).reference is None
+
+
+def test_dynamic_sampling_keeps_groups_with_spread(model_dir, tmp_path):
+    # even-numbered prompts always score 1 (zero spread); odd ones score by the fake task
+    def half_informative(completion, example):
+        return (
+            1.0 if int(example["id"][2:]) % 2 == 0 else a_fraction(completion, example) + len(completion) / 10
+        )
+
+    config = make_config(tmp_path, max_steps=1, dynamic_sampling=True, max_sampling_rounds=4)
+    trainer = make_trainer(model_dir, config, Rubric({"r": half_informative}))
+    batch = trainer.collect()
+    assert all(int(example["id"][2:]) % 2 == 1 for example in batch.examples)
+    assert batch.sampling_rounds >= 2
+    grouped = batch.table.total.view(-1, 4)
+    assert (grouped.amax(1) > grouped.amin(1)).all()
+
+
+class EchoEnvironment:
+    """Appends the observation '=ok' after each turn; an episode lasts two turns."""
+
+    def reset(self, prompt, example):
+        return {"turns": 0}
+
+    def step(self, state, turn_text):
+        state["turns"] += 1
+        return "=ok", state["turns"] >= 2
+
+
+def test_multi_turn_observations_are_out_of_the_loss(model_dir, tmp_path, monkeypatch):
+    seen = []
+    original = algos.policy_loss
+
+    def recording_policy_loss(logp, old_logp, advantages, mask, **kwargs):
+        seen.append(mask.clone())
+        return original(logp, old_logp, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(algos, "policy_loss", recording_policy_loss)
+    trainer = make_trainer(
+        model_dir, make_config(tmp_path, max_steps=1, max_turns=2), environment=EchoEnvironment()
+    )
+    batch = trainer.collect()
+    rollouts = batch.rollouts
+    assert all(completion.count("=ok") == 2 for completion in rollouts.completions)
+    observation_tokens = (rollouts.completion_mask.float() - rollouts.loss_mask).sum(-1)
+    assert torch.equal(observation_tokens, torch.full((16,), 6.0))  # '=ok' is 3 tokens, twice
+    trainer.update(batch)
+    assert torch.equal(torch.cat(seen), rollouts.loss_mask)
+
+
+def test_a_prompt_longer_than_the_context_names_the_example(tmp_path):
+    model_dir = create_tiny_model_dir(
+        tmp_path / "short",
+        ["go 0123456789"],
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        max_position_embeddings=8,
+    )
+    trainer = make_trainer(model_dir, make_config(tmp_path, max_new_tokens=5))
+    with pytest.raises(ValueError, match=r"example 'ex\d': prompt of 4 tokens \+ max_new_tokens 5 exceeds"):
+        trainer.collect()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("group_size", 0, "group_size must be >= 1"),
+        ("learning_rate", -1.0, "learning_rate must be > 0"),
+        ("top_p", 1.5, "top_p must be in"),
+        ("beta", -0.1, "must be >= 0"),
+        ("loss_aggregation", "mean", "unknown loss aggregation"),
+        ("mini_batches", 3, "divisible by mini_batches=3"),
+    ],
+)
+def test_config_values_out_of_range(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        replace(make_config(tmp_path), **{field: value})
+
+
+def test_malformed_data_rows_name_the_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:3: not valid JSON"):
+        read_examples(path, ["prompt"])
+    path.write_text('{"prompt": "a"}\n{"question": "b"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:line 2: missing field\(s\) prompt"):
+        read_examples(path, ["prompt"])
+    csv = tmp_path / "train.csv"
+    csv.write_text("prompt,answer\nhello,1\n,2\n")
+    with pytest.raises(ValueError, match=r"train.csv:row 1: missing field\(s\) prompt"):
+        read_examples(csv, ["prompt"])
+    path.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b"}\n')
+    assert [e["id"] for e in read_examples(path, ["prompt"])] == ["x", "train-1"]
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_examples(tmp_path / "missing.jsonl", ["prompt"])

@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(config_cls, args, presets)
     except (ValueError, TypeError) as err:
         command_parser.error(str(err))
-    run(config)
+    try:
+        run(config)
+    except (FileExistsError, FileNotFoundError) as err:  # a wrong path or run directory: say so, no traceback
+        command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
     return 0
 
 

@@ -43,13 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     apps = parser.add_subparsers(dest="app", metavar="APP", required=True)
+    unavailable = []
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        entry.load()(apps)
+        try:
+            register = entry.load()
+        except ImportError as err:  # an app whose optional dependency is missing must not break the others
+            unavailable.append(f"  {entry.name:<16}unavailable: {err}")
+            continue
+        register(apps)
     lines = []
     for app_name, app_parser in apps.choices.items():
         verbs = next(a for a in app_parser._actions if isinstance(a, argparse._SubParsersAction))
         lines.append(f"  {app_name:<16}{' | '.join(verbs.choices)}")
-    parser.epilog = "apps and their verbs:\n" + ("\n".join(lines) if lines else "  (no app installed)")
+    parser.epilog = "apps and their verbs:\n" + ("\n".join(lines + unavailable) or "  (no app installed)")
     return parser
 
 

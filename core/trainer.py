@@ -42,6 +42,9 @@ from core.rollout import (
 )
 from core.runs import RunDir, capture_rng_state, default_run_dir, load_checkpoint, restore_rng_state
 
+# metrics of policy_loss that are a micro-batch's share of its mini-batch's value, summed not averaged
+ADDITIVE_METRICS = ("loss", "pg_loss")
+
 
 def _help(text: str, default):
     return field(default=default, metadata={"help": text})
@@ -507,12 +510,15 @@ class GRPOTrainer:
                     metrics["entropy"] = algos.masked_mean(entropy.detach(), micro.loss_mask)
                     metrics["loss"] = loss.detach()
                     for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) * len(idx)
-                        counts[key] = counts.get(key, 0) + len(idx)
+                        # loss and pg_loss of a micro-batch are its share of the mini-batch's loss: they add up;
+                        # the other metrics are means over the micro-batch: averaged weighted by its rows
+                        weight = 1 if key in ADDITIVE_METRICS else len(idx)
+                        sums[key] = sums.get(key, 0.0) + float(value) * weight
+                        counts[key] = counts.get(key, 0) + (0 if key in ADDITIVE_METRICS else len(idx))
                 grad_norms.append(self._optimizer_step())
         self.backend.update_weights(self.model)
-        out = {key: sums[key] / counts[key] for key in sums}
-        out["loss"] = sums["loss"] / (cfg.mu * cfg.mini_batches)  # the loss is a sum over micro-batches
+        updates = cfg.mu * cfg.mini_batches
+        out = {key: sums[key] / (counts[key] or updates) for key in sums}  # additive ones: mean over updates
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out

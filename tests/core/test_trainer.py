@@ -192,3 +192,29 @@ def test_malformed_data_rows_name_the_file_and_line(tmp_path):
     assert [e["id"] for e in read_examples(path, ["prompt"])] == ["x", "train-1"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         read_examples(tmp_path / "missing.jsonl", ["prompt"])
+
+
+def test_gradient_accumulation_gives_the_full_batch_update(model_dir, tmp_path):
+    """Micro-batches of 2 and one micro-batch of 16 log the same loss and make the same update."""
+    runs = {}
+    for micro in (2, 16):
+        config = make_config(
+            tmp_path / str(micro), max_steps=1, micro_batch_size=micro, loss_aggregation="token-mean"
+        )
+        trainer = make_trainer(model_dir, config, Rubric({"varied": varied}))
+        (metrics,) = trainer.train()
+        runs[micro] = (metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    (small, small_weights), (full, full_weights) = runs[2], runs[16]
+    assert full["grad_norm"] > 1e-3  # a real update, not two zeros compared
+    for key in ("loss", "pg_loss", "grad_norm", "reward"):
+        assert small[key] == pytest.approx(full[key], abs=1e-6), key
+    # float32 sums in another order; Adam's step (1e-2 here) magnifies noise on near-zero gradients
+    for name, weight in full_weights.items():
+        torch.testing.assert_close(small_weights[name], weight, atol=2e-5, rtol=1e-5)
+
+
+def test_tensorboard_logging_writes_event_files(model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=1, report_to="tensorboard"))
+    trainer.train()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

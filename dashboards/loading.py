@@ -1,0 +1,405 @@
+"""Reading run directories for the dashboards: discovery, path confinement, config diffs, metrics and a lazy
+rollout index. Plain functions without Streamlit, so they are tested directly; `dashboards/state.py` caches
+them for the pages.
+
+Everything here only reads. A run is any directory under the runs folder that holds `config.json` (the
+contract of `core/runs.py`); it is named by its path relative to that folder, e.g. `toy/20261124-145000`.
+Names come from query parameters, so `resolve_run` refuses absolute paths, `..`, and symlinks that leave
+the folder.
+
+Run the tests with `python -m pytest tests/dashboards -q`.
+"""
+
+import io
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.json as pa_json
+
+from core.runs import STATUSES, RunDir
+
+MAX_DEPTH = 4  # runs/<app>/<name> is depth 2; deeper folders are searched a little, not forever
+SKIP_DIRS = {"checkpoints", "base_model", "final", "tensorboard", "__pycache__"}
+
+
+class UnsafePath(ValueError):
+    """A run name that would read outside the runs folder; `reason` says why without repeating the name."""
+
+    def __init__(self, name: object, reason: str):
+        super().__init__(f"refused run path {name!r}: {reason}")
+        self.reason = reason
+
+
+# -- runs ----------------------------------------------------------------------------------------------------
+
+
+def resolve_run(root: str | Path, name: str) -> Path:
+    """The directory of run `name` (relative to `root`), or UnsafePath / FileNotFoundError."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise UnsafePath(name, "not a plain relative name")
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or (parts and ":" in parts[0]):
+        raise UnsafePath(name, "absolute paths are not allowed")
+    if ".." in parts:
+        raise UnsafePath(name, "'..' is not allowed")
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):  # a symlink pointing out of the folder
+        raise UnsafePath(name, "it leads outside the runs folder")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no run {name!r} under {root} (no config.json)")
+    return path
+
+
+def find_runs(root: str | Path) -> list[str]:
+    """Names of every run under `root` (directories with config.json), sorted; symlinks leaving it skipped."""
+    root = Path(root).resolve()
+    found: list[str] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        if (folder / "config.json").is_file():
+            if folder != root:
+                found.append(folder.relative_to(root).as_posix())
+            return  # runs are not nested
+        if depth >= MAX_DEPTH:
+            return
+        try:
+            children = sorted(folder.iterdir())
+        except OSError:
+            return  # unreadable folder: nothing to show there
+        for child in children:
+            if child.name.startswith(".") or child.name in SKIP_DIRS or not child.is_dir():
+                continue
+            if not child.resolve().is_relative_to(root):
+                continue
+            walk(child, depth + 1)
+
+    if (root / "config.json").is_file():  # the folder itself is one run: name it "."
+        return ["."]
+    walk(root, 0)
+    return found
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One row of the runs table."""
+
+    name: str
+    app: str
+    algorithm: str
+    status: str  # running / finished / failed / unknown (no status.json yet)
+    step: int | None
+    started: str
+    updated: str | None
+    error: str | None
+
+
+def run_info(root: str | Path, name: str) -> RunInfo:
+    run = RunDir(resolve_run(root, name))
+    config = run.read_config()
+    status: dict[str, Any] = run.read_status() if run.status_path.is_file() else {}
+    state = status.get("status", "unknown")
+    if state not in STATUSES:
+        state = "unknown"
+    return RunInfo(
+        name=name,
+        app=str(config.get("app", "?")),
+        algorithm=str(config.get("algorithm", "?")),
+        status=state,
+        step=status.get("step"),
+        started=str(config.get("started", "")),
+        updated=status.get("updated"),
+        error=status.get("error"),
+    )
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys; lists stay values (as JSON text so that they compare and display).
+
+    >>> flatten({"a": 1, "b": {"c": [1, 2], "d": None}})
+    {'a': 1, 'b.c': '[1, 2]', 'b.d': None}
+    """
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, dict):
+            out.update(flatten(item, name + "."))
+        elif isinstance(item, list):
+            out[name] = json.dumps(item)
+        else:
+            out[name] = item
+    return out
+
+
+def run_config(root: str | Path, name: str) -> dict[str, Any]:
+    """config.json flattened: app, algorithm and the config fields (without the `config.` prefix)."""
+    stored = RunDir(resolve_run(root, name)).read_config()
+    flat = {"app": stored.get("app"), "algorithm": stored.get("algorithm")}
+    flat.update(flatten(stored.get("config", {})))
+    return flat
+
+
+def config_diff(configs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Keys whose values differ between runs: one row per key, one column per run (missing: "—").
+
+    Run-specific paths (run_dir) are left out: they always differ and say nothing.
+    """
+    keys = sorted(set().union(*configs.values())) if configs else []
+    rows = {}
+    for key in keys:
+        if key == "run_dir":
+            continue
+        values = [config.get(key, "—") for config in configs.values()]
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
+            rows[key] = [str(v) for v in values]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(configs)).rename_axis("field")
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """metrics.jsonl as a frame indexed by step (a live run's half-written last line is skipped)."""
+    rows = RunDir(path).read_metrics(ignore_unfinished_last_line=True)
+    frame = pd.DataFrame.from_records(rows)
+    if frame.empty:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")})
+    return frame.apply(pd.to_numeric, errors="coerce").astype({"step": "int64"})
+
+
+def default_metrics(columns: list[str]) -> list[str]:
+    """The curves shown first: reward, each component, zero-spread fraction, KL, entropy, clip fraction.
+
+    >>> default_metrics(["step", "loss", "reward", "reward/a", "reward/a/failures", "kl", "zero_spread_frac"])
+    ['reward', 'reward/a', 'zero_spread_frac', 'kl']
+    """
+    components = [c for c in columns if c.startswith("reward/") and not c.endswith("/failures")]
+    kl = [c for c in columns if c == "kl" or c.startswith("kl/") or c.endswith("/kl")]
+    wanted = ["reward", *components, "zero_spread_frac", *kl, "entropy", "clip/frac"]
+    return [c for c in dict.fromkeys(wanted) if c in columns]
+
+
+def smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing); NaN steps are skipped, kept NaN.
+
+    weight 0 returns the values; 0.5 on [1, 2, 3] gives [1, 5/3, 17/7] (sum of w^k x / sum of w^k).
+    >>> smooth(np.array([1.0, 2.0, 3.0]), 0.5).round(4).tolist()
+    [1.0, 1.6667, 2.4286]
+    """
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    out = np.full(len(values), np.nan)
+    last, norm = 0.0, 0.0
+    for i, x in enumerate(values):
+        if x is None or not math.isfinite(x):
+            continue
+        last = weight * last + (1 - weight) * x
+        norm = weight * norm + (1 - weight)
+        out[i] = last / norm
+    return out
+
+
+# -- rollouts ------------------------------------------------------------------------------------------------
+
+# The columns kept in memory per rollout; the texts stay on disk. Arrow parses a large file in C++ threads;
+# a row it cannot type this way (a chat-message prompt, an int example id) sends the file to plain json.
+_ARROW_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("group", pa.int64()),
+        ("example_id", pa.string()),
+        ("prompt", pa.string()),
+        ("reward", pa.float64()),
+        ("advantage", pa.float64()),
+        ("finish_reason", pa.string()),
+    ]
+)
+INDEX_FIELDS = tuple(_ARROW_SCHEMA.names)
+_CATEGORIES = ("example_id", "prompt", "finish_reason")
+_ARROW_MIN_BYTES = 1 << 20  # below this plain json is as fast and has no start-up cost
+
+
+class RolloutIndex:
+    """rollouts.jsonl read into a few columns (INDEX_FIELDS) plus each line's byte offset; texts are read on
+    demand: `rows(lines)` reads just the lines a page shows and `search` scans the raw bytes.
+
+    `refresh()` parses only what was appended since the last call (a live run; a half-written last line waits
+    for the next call), and starts over when the file shrank or was replaced (a resume rewrites it). One
+    index is shared by all sessions of a server, hence the lock.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._identity: tuple[int, int] | None = None
+        self._end = 0  # bytes indexed: every complete line before it
+        self._offsets = np.zeros(0, dtype=np.int64)  # (lines,) byte offset of each line's start
+        self._chunks: list[pd.DataFrame] = []
+        self._frame: pd.DataFrame | None = None
+
+    def refresh(self) -> "RolloutIndex":
+        with self._lock:
+            try:
+                stat = os.stat(self.path)
+            except FileNotFoundError:
+                self._reset()
+                return self
+            identity = (stat.st_dev, stat.st_ino)
+            if identity != self._identity or stat.st_size < self._end:
+                self._reset()
+                self._identity = identity
+            if stat.st_size > self._end:
+                self._append(stat.st_size)
+        return self
+
+    def _append(self, size: int) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self._end)
+            data = f.read(size - self._end)
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written is left for the next refresh
+        if not complete:
+            return
+        ends = np.flatnonzero(np.frombuffer(complete, dtype=np.uint8) == ord("\n"))  # (n,)
+        starts = np.concatenate([[0], ends[:-1] + 1])  # (n,)
+        chunk = self._parse_chunk(complete, starts, ends, first_line=len(self._offsets) + 1)
+        self._offsets = np.concatenate([self._offsets, starts + self._end])
+        self._chunks.append(chunk)
+        self._end += len(complete)
+        self._frame = None
+
+    def _parse_chunk(
+        self, data: bytes, starts: np.ndarray, ends: np.ndarray, first_line: int
+    ) -> pd.DataFrame:
+        if len(data) >= _ARROW_MIN_BYTES:
+            try:
+                table = pa_json.read_json(
+                    io.BytesIO(data),
+                    parse_options=pa_json.ParseOptions(
+                        explicit_schema=_ARROW_SCHEMA, unexpected_field_behavior="ignore"
+                    ),
+                )
+            except pa.ArrowInvalid:
+                table = None  # plain json below reports the bad line by number
+            # Arrow skips blank lines and accepts a missing step: then rows would not match lines.
+            if table is not None and table.num_rows == len(starts) and table.column("step").null_count == 0:
+                return table.to_pandas()
+        columns: dict[str, list] = {name: [] for name in INDEX_FIELDS}
+        for k, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            row = self._parse(data[start:end], first_line + k)
+            for name in INDEX_FIELDS:
+                value = row.get(name)
+                if name in _CATEGORIES and value is not None and not isinstance(value, str):
+                    value = json.dumps(
+                        value, ensure_ascii=False
+                    )  # chat messages, int ids: shown as JSON text
+                columns[name].append(value)
+        return pd.DataFrame(
+            {
+                "step": np.asarray(columns["step"], dtype=np.int64),
+                "group": pd.array(columns["group"], dtype="Int64"),
+                **{name: pd.Series(columns[name], dtype="object") for name in _CATEGORIES},
+                "reward": pd.to_numeric(pd.Series(columns["reward"], dtype="object")),
+                "advantage": pd.to_numeric(pd.Series(columns["advantage"], dtype="object")),
+            }
+        )[list(INDEX_FIELDS)]
+
+    def _parse(self, raw: bytes, number: int) -> dict:
+        try:
+            row = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{self.path}:{number}: malformed JSON line: {e}") from e
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(
+                f"{self.path}:{number}: expected a JSON object with an int 'step', got {raw[:80]!r}"
+            )
+        return row
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def frame(self) -> pd.DataFrame:
+        """One row per rollout line (index `line`: the 0-based line number) with the INDEX_FIELDS columns."""
+        with self._lock:
+            if self._frame is None:
+                if not self._chunks:
+                    frame = pd.DataFrame({name: pd.Series(dtype="object") for name in INDEX_FIELDS})
+                elif len(self._chunks) == 1:
+                    frame = self._chunks[0].copy()
+                else:
+                    frame = pd.concat(self._chunks, ignore_index=True)
+                    self._chunks = [frame]  # later refreshes concatenate one big chunk, not many
+                frame["step"] = frame["step"].astype(np.int64)
+                frame["group"] = frame["group"].astype("Int64")
+                for name in _CATEGORIES:
+                    if not isinstance(frame[name].dtype, pd.CategoricalDtype):
+                        frame[name] = frame[name].astype("category")
+                for name in ("reward", "advantage"):
+                    frame[name] = frame[name].astype(float)
+                frame.index = pd.RangeIndex(len(frame), name="line")
+                self._frame = frame
+            return self._frame
+
+    def rows(self, lines: list[int] | np.ndarray) -> list[dict]:
+        """The full JSON rows of these 0-based line numbers, in that order."""
+        out = []
+        with open(self.path, "rb") as f:
+            for line in lines:
+                line = int(line)
+                start = int(self._offsets[line])
+                end = int(self._offsets[line + 1]) if line + 1 < len(self._offsets) else self._end
+                f.seek(start)
+                out.append(self._parse(f.read(end - start).rstrip(b"\n"), line + 1))
+        return out
+
+    def search(self, needle: str, lines: np.ndarray | None = None) -> np.ndarray:
+        """Line numbers (among `lines`, default all) whose prompt, completion or turn texts contain `needle`
+        (case-insensitive for ASCII letters; other characters must match exactly)."""
+        if not needle:
+            return np.arange(len(self)) if lines is None else np.asarray(lines)
+        # Find the needle as it is written inside a JSON string, then check the parsed row: the raw match
+        # may be in another field (a key, the example id).
+        encoded = json.dumps(needle, ensure_ascii=False)[1:-1].encode().lower()
+        with open(self.path, "rb") as f:
+            data = f.read(self._end).lower()
+        hits: set[int] = set()
+        pos = data.find(encoded)
+        while pos >= 0:
+            line = int(np.searchsorted(self._offsets, pos, side="right")) - 1
+            hits.add(line)
+            next_line = self._offsets[line + 1] if line + 1 < len(self._offsets) else len(data)
+            pos = data.find(encoded, int(next_line))
+        if lines is not None:
+            hits &= {int(x) for x in lines}
+        wanted = needle.lower()
+        ordered = sorted(hits)
+        return np.asarray(
+            [line for line, row in zip(ordered, self.rows(ordered), strict=True) if wanted in _row_text(row)],
+            dtype=np.int64,
+        )
+
+
+def _row_text(row: dict) -> str:
+    texts = [row.get("prompt"), row.get("completion")]
+    for turn in row.get("turns") or []:
+        if isinstance(turn, dict):
+            texts.append(turn.get("text"))
+    return "\n".join(
+        t if isinstance(t, str) else json.dumps(t, ensure_ascii=False) for t in texts if t
+    ).lower()
+
+
+def read_eval(path: str | Path) -> dict | None:
+    """eval.json, or None when the run has none yet."""
+    run = RunDir(path)
+    return run.read_eval() if run.eval_path.is_file() else None

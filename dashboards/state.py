@@ -1,0 +1,161 @@
+"""What every dashboard page shares: the runs folder, cached readers, run pickers bound to the URL's `run`
+query parameters (unsafe ones refused), and CSV / PNG export buttons.
+
+The runs folder comes from the environment variable GRPO_SUITE_RUNS, which `grpo-suite dashboard serve
+--runs DIR` sets (default: ./runs).
+"""
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import loading
+from dashboards.plots import Plot
+
+RUNS_ENV = "GRPO_SUITE_RUNS"
+
+
+def runs_root() -> Path:
+    root = Path(os.environ.get(RUNS_ENV, "runs")).resolve()
+    if not root.is_dir():
+        st.error(f"The runs folder {root} does not exist: start the dashboard with --runs DIR.")
+        st.stop()
+    return root
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def run_names(root: str) -> list[str]:
+    return loading.find_runs(root)
+
+
+def run_info(name: str) -> loading.RunInfo:
+    return loading.run_info(runs_root(), name)
+
+
+def run_path(name: str) -> Path:
+    return loading.resolve_run(runs_root(), name)
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    """(mtime in ns, size) of a file, or (0, 0): cached readers are keyed on it to see new lines."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return 0, 0
+    return stat.st_mtime_ns, stat.st_size
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _metrics(path: str, signature: tuple[int, int]) -> pd.DataFrame:
+    return loading.read_metrics(path)
+
+
+def metrics(name: str) -> pd.DataFrame:
+    path = run_path(name)
+    return _metrics(str(path), _signature(path / "metrics.jsonl"))
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _rollout_index(path: str) -> loading.RolloutIndex:
+    return loading.RolloutIndex(path)
+
+
+def rollouts(name: str) -> loading.RolloutIndex:
+    """The run's rollout index, brought up to date (only new lines are parsed)."""
+    return _rollout_index(str(run_path(name) / "rollouts.jsonl")).refresh()
+
+
+def eval_results(name: str) -> dict | None:
+    return loading.read_eval(run_path(name))
+
+
+# -- picking runs --------------------------------------------------------------------------------------------
+
+
+def _query_runs(names: list[str]) -> list[str]:
+    """The runs named by `?run=` in the URL; unsafe or unknown names are reported and dropped."""
+    chosen = []
+    for name in st.query_params.get_all("run"):
+        try:
+            loading.resolve_run(runs_root(), name)
+        except loading.UnsafePath as e:
+            st.error(f"Refused the run path in the URL: {e.reason}.")
+            st.code(name, language=None)  # the offending text shown as text, never as markdown
+            continue
+        except FileNotFoundError:
+            st.warning("The URL names a run that does not exist:")
+            st.code(name, language=None)
+            continue
+        if name in names:
+            chosen.append(name)
+    return chosen
+
+
+def newest(names: list[str]) -> str:
+    """The run started last (config.json `started`; ties: the last name)."""
+    return max(names, key=lambda name: (run_info(name).started, name))
+
+
+def pick_runs(names: list[str], *, key: str, label: str = "Runs") -> list[str]:
+    """A multiselect of runs, starting from the URL's `run` parameters (else the newest); the URL follows."""
+    default = _query_runs(names) or [newest(names)]
+    chosen = st.multiselect(label, names, default=default, key=key)
+    st.query_params["run"] = chosen
+    return chosen
+
+
+def pick_run(names: list[str], *, key: str, label: str = "Run") -> str | None:
+    """One run, starting from the URL's first `run` parameter (else the newest); the URL follows."""
+    if not names:
+        return None
+    default = (_query_runs(names) or [newest(names)])[0]
+    chosen = st.selectbox(label, names, index=names.index(default), key=key)
+    st.query_params["run"] = chosen
+    return chosen
+
+
+def require_runs(apps: tuple[str, ...] | None = None) -> list[str]:
+    """Names of the runs (of these apps, when given); stops the page with a note when there are none."""
+    names = run_names(str(runs_root()))
+    if apps is not None:
+        names = [name for name in names if run_info(name).app in apps]
+    if not names:
+        which = f" of app {' / '.join(apps)}" if apps else ""
+        st.info(f"No runs{which} under {runs_root()} yet.")
+        st.stop()
+    return names
+
+
+# -- export --------------------------------------------------------------------------------------------------
+
+
+def download_csv(frame: pd.DataFrame, name: str, *, key: str, index: bool = True) -> None:
+    st.download_button(
+        "Download CSV",
+        data=lambda: frame.to_csv(index=index).encode(),
+        file_name=f"{name}.csv",
+        mime="text/csv",
+        key=key,
+        on_click="ignore",
+    )
+
+
+def show_plot(plot: Plot, name: str, *, key: str) -> None:
+    """The plot on the page, with a PNG download drawn only when asked for."""
+    st.altair_chart(plot.chart(), width="stretch" if plot.kind != "grid" else "content")
+    st.download_button(
+        "Download PNG", data=plot.png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore"
+    )
+
+
+def show_table(frame: pd.DataFrame, name: str, *, key: str, index: bool = True, **kwargs) -> None:
+    st.dataframe(frame, hide_index=not index, **kwargs)
+    download_csv(frame, name, key=key, index=index)
+
+
+def file_name(*parts: str) -> str:
+    """A download file name from run names and words: path separators and odd characters become '_'."""
+    text = "-".join(parts)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120] or "export"

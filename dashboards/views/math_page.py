@@ -1,0 +1,63 @@
+"""Math page: pass@k per benchmark of every math run, and the same averaged by algorithm, from eval.json's
+`pass_at_k` (docs/dashboards.md)."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import state
+from dashboards.plots import Plot
+
+APPS = ("math", "math_reasoning", "math-reasoning")
+
+
+def pass_at_k_rows(results: dict[str, tuple[str, dict]]) -> pd.DataFrame:
+    """run, algorithm, benchmark, k, pass from {run: (algorithm, eval.json)}."""
+    rows = []
+    for run, (algorithm, result) in results.items():
+        for benchmark, by_k in (result.get("pass_at_k") or {}).items():
+            for k, value in by_k.items():
+                rows.append(
+                    {
+                        "run": run,
+                        "algorithm": algorithm,
+                        "benchmark": benchmark,
+                        "k": int(k),
+                        "pass": float(value),
+                    }
+                )
+    return pd.DataFrame(rows, columns=["run", "algorithm", "benchmark", "k", "pass"])
+
+
+def by_algorithm(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean pass@k over the runs of each (algorithm, benchmark): columns pass@1, pass@8, ... and runs."""
+    mean = rows.pivot_table(index=["algorithm", "benchmark"], columns="k", values="pass", aggfunc="mean")
+    mean.columns = [f"pass@{k}" for k in mean.columns]
+    mean["runs"] = rows.groupby(["algorithm", "benchmark"])["run"].nunique()
+    return mean
+
+
+def render() -> None:
+    st.title("Math: pass@k")
+    names = state.require_runs(APPS)
+    results = {}
+    for name in names:
+        result = state.eval_results(name)
+        if result and result.get("pass_at_k"):
+            results[name] = (state.run_info(name).algorithm, result)
+    rows = pass_at_k_rows(results)
+    if rows.empty:
+        st.info("No math run has `pass_at_k` in its eval.json yet.")
+        return
+    st.subheader("By algorithm (mean over runs)")
+    table = by_algorithm(rows)
+    state.show_table(table, "pass-at-k-by-algorithm", key="math_algo_csv")
+    curve = rows.groupby(["algorithm", "benchmark", "k"], as_index=False)["pass"].mean()
+    state.show_plot(
+        Plot("line", curve, x="k", y="pass", color="algorithm", facet="benchmark"),
+        "pass-at-k",
+        key="math_png",
+    )
+    st.subheader("Per run")
+    per_run = rows.pivot_table(index=["run", "algorithm", "benchmark"], columns="k", values="pass")
+    per_run.columns = [f"pass@{k}" for k in per_run.columns]
+    state.show_table(per_run, "pass-at-k-per-run", key="math_run_csv")

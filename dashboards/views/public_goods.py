@@ -1,0 +1,89 @@
+"""Public-goods page: lattice snapshots (cooperators and defectors) and cooperation-vs-r curves of several
+runs overlaid, from eval.json's `snapshots` and `cooperation_vs_r` (docs/dashboards.md)."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboards import state
+from dashboards.plots import Plot
+
+APPS = ("public-goods", "public_goods", "pgg")
+PALETTE = {"cooperator": "#2b83ba", "defector": "#d7191c"}
+
+
+def lattice_cells(grid: list[list[int]]) -> pd.DataFrame:
+    """One row per site: row, col, strategy (1 = cooperator, 0 = defector)."""
+    array = np.asarray(grid, dtype=np.int64)
+    if array.ndim != 2:
+        raise ValueError(f"public goods snapshot: grid must be a list of rows, got {array.ndim} dimensions")
+    rows, cols = np.indices(array.shape)
+    return pd.DataFrame(
+        {
+            "row": rows.ravel(),
+            "col": cols.ravel(),
+            "strategy": np.where(array.ravel() == 1, "cooperator", "defector"),
+        }
+    )
+
+
+def cooperation_curves(results: dict[str, dict]) -> pd.DataFrame:
+    """run, label (run, or run · label), r, cooperation from each run's `cooperation_vs_r`."""
+    rows = []
+    for run, result in results.items():
+        for point in result.get("cooperation_vs_r") or []:
+            label = f"{run} · {point['label']}" if point.get("label") else run
+            rows.append(
+                {
+                    "run": run,
+                    "label": label,
+                    "r": float(point["r"]),
+                    "cooperation": float(point["cooperation"]),
+                }
+            )
+    return pd.DataFrame(rows, columns=["run", "label", "r", "cooperation"]).sort_values(["label", "r"])
+
+
+def render() -> None:
+    st.title("Public goods")
+    names = state.require_runs(APPS)
+    chosen = state.pick_runs(names, key="pgg_runs")
+    results = {name: state.eval_results(name) or {} for name in chosen}
+    missing = [name for name, result in results.items() if not result]
+    if missing:
+        st.caption("No eval.json yet: " + ", ".join(missing))
+
+    curves = cooperation_curves(results)
+    st.subheader("Cooperation vs r")
+    if curves.empty:
+        st.info("No `cooperation_vs_r` in the selected runs' eval.json.")
+    else:
+        plot = Plot("line", curves, x="r", y="cooperation", color="label")
+        state.show_plot(plot, state.file_name("cooperation-vs-r", *chosen), key="pgg_curve_png")
+        state.show_table(
+            curves, state.file_name("cooperation-vs-r", *chosen), key="pgg_curve_csv", index=False
+        )
+
+    st.subheader("Lattice snapshots")
+    with_snapshots = [name for name in chosen if results[name].get("snapshots")]
+    if not with_snapshots:
+        st.info("No `snapshots` in the selected runs' eval.json.")
+        return
+    run = st.selectbox("Run", with_snapshots, key="pgg_snapshot_run")
+    snapshots = results[run]["snapshots"]
+    labels = [f"step {s.get('step', '?')} · r {s.get('r', '?')}" for s in snapshots]
+    k = (
+        0
+        if len(snapshots) == 1
+        else st.select_slider(
+            "Snapshot",
+            range(len(snapshots)),
+            value=len(snapshots) - 1,
+            format_func=lambda i: labels[i],
+            key="pgg_snapshot",
+        )
+    )
+    cells = lattice_cells(snapshots[k]["grid"])
+    st.metric("Cooperators", f"{(cells['strategy'] == 'cooperator').mean():.1%}")
+    plot = Plot("grid", cells, x="col", y="row", color="strategy", palette=PALETTE, title=labels[k])
+    state.show_plot(plot, state.file_name("lattice", run, str(k)), key="pgg_lattice_png")

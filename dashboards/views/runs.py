@@ -1,0 +1,104 @@
+"""Runs page: every run under the folder (app, algorithm, status, step, last reward), the config diff of
+the selected runs, their eval.json, and a live view of the running ones that refreshes by itself."""
+
+import json
+from datetime import timedelta
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import loading, state
+from dashboards.plots import Plot
+
+
+def runs_table(names: list[str]) -> pd.DataFrame:
+    rows = []
+    for name in names:
+        info = state.run_info(name)
+        frame = state.metrics(name)
+        last = frame.iloc[-1] if len(frame) else None
+        reward = last.get("reward") if last is not None else None
+        rows.append(
+            {
+                "run": name,
+                "app": info.app,
+                "algorithm": info.algorithm,
+                "status": info.status,
+                "step": info.step,
+                "reward (last step)": None if reward is None or pd.isna(reward) else float(reward),
+                "started": info.started,
+                "updated": info.updated,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _live(name: str) -> None:
+    info = state.run_info(name)
+    frame = state.metrics(name)
+    st.caption(f"{name} · {info.status} · step {info.step} · updated {info.updated}")
+    if "reward" in frame and frame["reward"].notna().any():
+        data = frame[["step", "reward"]].dropna()
+        st.altair_chart(Plot("line", data, x="step", y="reward").chart(), width="stretch")
+
+
+def render() -> None:
+    st.title("Runs")
+    root = state.runs_root()
+    names = state.require_runs()
+    st.caption(f"{len(names)} runs under {root}")
+    table = runs_table(names)
+    statuses = st.multiselect(
+        "Status",
+        ["running", "finished", "failed", "unknown"],
+        default=["running", "finished", "failed", "unknown"],
+        key="runs_status",
+    )
+    state.show_table(table[table["status"].isin(statuses)], "runs", key="runs_csv", index=False)
+
+    chosen = state.pick_runs(names, key="runs_pick", label="Selected runs (compare their configs)")
+    if not chosen:
+        return
+    configs = {name: loading.run_config(root, name) for name in chosen}
+    if len(chosen) > 1:
+        st.subheader("Config diff")
+        diff = loading.config_diff(configs)
+        if diff.empty:
+            st.info("The selected runs have the same config.")
+        else:
+            state.show_table(diff, state.file_name("config-diff", *chosen), key="runs_diff_csv")
+    else:
+        st.subheader("Config")
+        config = pd.DataFrame(
+            {"value": [str(v) for v in configs[chosen[0]].values()]},
+            index=pd.Index(list(configs[chosen[0]]), name="field"),
+        )
+        state.show_table(config, state.file_name("config", chosen[0]), key="runs_config_csv")
+
+    for name in chosen:
+        info = state.run_info(name)
+        if info.status == "failed" and info.error:
+            st.error(f"{name} failed at step {info.step}:")
+            st.code(info.error, language=None)
+        results = state.eval_results(name)
+        if results is not None:
+            with st.expander(f"eval.json of {name}"):
+                flat = loading.flatten(results)
+                frame = pd.DataFrame(
+                    {"value": [json.dumps(v) if not isinstance(v, str) else v for v in flat.values()]},
+                    index=pd.Index(list(flat), name="key"),
+                )
+                state.show_table(frame, state.file_name("eval", name), key=f"runs_eval_{name}")
+
+    running = [name for name in chosen if state.run_info(name).status == "running"]
+    if running:
+        st.subheader("Live")
+        every = st.number_input("Refresh every (seconds)", 1, 300, 5, key="runs_refresh")
+        live = st.toggle("Live refresh", value=True, key="runs_live")
+
+        @st.fragment(run_every=timedelta(seconds=every) if live else None)
+        def live_view() -> None:
+            for name in running:
+                _live(name)
+
+        live_view()

@@ -1,0 +1,34 @@
+"""TCM page: accuracy per question type of the selected TCM runs, from eval.json's `accuracy_by_type`
+(and `count_by_type` when present; docs/dashboards.md)."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import state
+from dashboards.plots import Plot
+
+APPS = ("tcm",)
+
+
+def accuracy_rows(results: dict[str, dict]) -> pd.DataFrame:
+    """run, type, accuracy, count (None when not given)."""
+    rows = []
+    for run, result in results.items():
+        counts = result.get("count_by_type") or {}
+        for kind, value in (result.get("accuracy_by_type") or {}).items():
+            rows.append({"run": run, "type": kind, "accuracy": float(value), "count": counts.get(kind)})
+    return pd.DataFrame(rows, columns=["run", "type", "accuracy", "count"])
+
+
+def render() -> None:
+    st.title("TCM: accuracy per question type")
+    names = state.require_runs(APPS)
+    chosen = state.pick_runs(names, key="tcm_runs")
+    rows = accuracy_rows({name: state.eval_results(name) or {} for name in chosen})
+    if rows.empty:
+        st.info("No `accuracy_by_type` in the selected runs' eval.json.")
+        return
+    plot = Plot("bar", rows, x="type", y="accuracy", color="run" if len(chosen) > 1 else None)
+    state.show_plot(plot, state.file_name("tcm-accuracy", *chosen), key="tcm_png")
+    wide = rows.pivot(index="type", columns="run", values="accuracy")
+    state.show_table(wide, state.file_name("tcm-accuracy", *chosen), key="tcm_csv")

@@ -1,0 +1,249 @@
+"""The dashboards' readers without Streamlit: path confinement, run discovery, config diff, smoothing, the lazy
+rollout index (incremental, search, a live run's half-written line) and PNG export."""
+
+import doctest
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dashboards import loading, plots
+from dashboards.views import debias, math_page, page_for_app, public_goods, sudoku, tcm
+
+from .conftest import SCRIPT, sudoku_row
+
+
+def test_doctests():
+    for module in (loading, sudoku):
+        assert doctest.testmod(module).failed == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["..", "../x", "toy/../../x", "/etc", "/etc/passwd", "C:/x", "a\\..\\b", "", "toy/a\x00"],
+)
+def test_unsafe_names_are_refused(runs_root, name):
+    with pytest.raises(loading.UnsafePath, match="refused run path"):
+        loading.resolve_run(runs_root, name)
+
+
+def test_symlink_out_of_the_folder_is_refused_and_not_listed(runs_root, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "run").mkdir(parents=True)
+    (outside / "run" / "config.json").write_text("{}")
+    (runs_root / "escape").symlink_to(outside)
+    with pytest.raises(loading.UnsafePath, match="outside the runs folder"):
+        loading.resolve_run(runs_root, "escape/run")
+    assert not any(name.startswith("escape") for name in loading.find_runs(runs_root))
+
+
+def test_find_runs_and_info(runs_root):
+    names = loading.find_runs(runs_root)
+    assert names == [
+        "debias/d1",
+        "math/m1",
+        "math/m2",
+        "math/m3",
+        "public-goods/p1",
+        "sudoku/s1",
+        "tcm/t1",
+        "toy/a",
+        "toy/b",
+        "toy/c",
+    ]
+    assert loading.resolve_run(runs_root, "toy/a") == (runs_root / "toy/a").resolve()
+    with pytest.raises(FileNotFoundError):
+        loading.resolve_run(runs_root, "toy/missing")
+    infos = {name: loading.run_info(runs_root, name) for name in ("toy/a", "toy/b", "toy/c", "math/m3")}
+    assert [infos[n].status for n in ("toy/a", "toy/b", "toy/c")] == ["finished", "running", "failed"]
+    assert infos["toy/a"].step == 3 and infos["math/m3"].algorithm == "gtpo"
+    assert infos["math/m3"].status == "unknown"  # no status.json
+    assert infos["toy/c"].error == "CUDA out of memory <b>x</b>"
+
+
+def test_config_diff_keeps_only_differing_fields(runs_root):
+    configs = {name: loading.run_config(runs_root, name) for name in ("toy/a", "toy/b", "math/m3")}
+    diff = loading.config_diff(configs)
+    assert list(diff.columns) == ["toy/a", "toy/b", "math/m3"]
+    assert diff.loc["learning_rate"].tolist() == ["0.001", "0.01", "0.001"]
+    assert diff.loc["app"].tolist() == ["toy", "toy", "math"]
+    assert diff.loc["algorithm"].tolist() == ["grpo", "grpo", "gtpo"]
+    assert "run_dir" not in diff.index and "seed" not in diff.index
+    same = loading.config_diff({n: loading.run_config(runs_root, n) for n in ("toy/a", "toy/c")})
+    assert same.empty
+
+
+def test_smooth_matches_a_plain_loop():
+    values = np.array([1.0, np.nan, 4.0, 2.0, 8.0])
+    weight = 0.7
+    expected, num, den = [], 0.0, 0.0
+    for x in values:
+        if np.isnan(x):
+            expected.append(np.nan)
+            continue
+        num, den = weight * num + (1 - weight) * x, weight * den + (1 - weight)
+        expected.append(num / den)
+    np.testing.assert_allclose(loading.smooth(values, weight), expected)
+    np.testing.assert_array_equal(loading.smooth(values, 0.0), values)
+    with pytest.raises(ValueError):
+        loading.smooth(values, 1.0)
+
+
+def test_metrics_frame(runs_root):
+    frame = loading.read_metrics(runs_root / "toy/a")
+    assert frame["step"].tolist() == [1, 2, 3]
+    assert frame["reward"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert loading.default_metrics(list(frame.columns)) == [
+        "reward",
+        "reward/correct",
+        "reward/format",
+        "zero_spread_frac",
+        "kl",
+        "entropy",
+        "clip/frac",
+    ]
+
+
+def test_rollout_index_reads_incrementally_and_lazily(runs_root):
+    path = runs_root / "toy/a/rollouts.jsonl"
+    index = loading.RolloutIndex(path).refresh()
+    frame = index.frame()
+    assert len(frame) == 24 and frame["step"].tolist() == [1] * 8 + [2] * 8 + [3] * 8
+    assert frame.loc[5, "reward"] == pytest.approx(1.25) and frame.loc[5, "advantage"] == pytest.approx(
+        -0.125
+    )
+    assert frame.loc[5, "prompt"] == "prompt 1" and frame.loc[5, "group"] == 1
+    rows = index.rows([7, 0])
+    assert rows[0]["completion"] == f"answer s1 g1 k3 {SCRIPT}" and rows[1]["completion"] == "answer s1 g0 k0"
+    # A live writer: a half-written line is left for later, finished lines are added.
+    line = json.dumps(
+        {"step": 4, "prompt": "late", "completion": "new", "reward": 9.0, "rewards": {"extra": 1.0}}
+    )
+    with path.open("a") as f:
+        f.write(line[:10])
+    assert len(index.refresh()) == 24
+    with path.open("a") as f:
+        f.write(line[10:] + "\n")
+    frame = index.refresh().frame()
+    assert len(frame) == 25 and frame.loc[24, "prompt"] == "late" and frame.loc[24, "reward"] == 9.0
+    assert pd.isna(frame.loc[24, "group"]) and np.isnan(frame.loc[24, "advantage"])
+    assert index.rows([24])[0]["completion"] == "new"
+    # A resume truncates the file (rewritten atomically): the index starts over.
+    kept = path.read_bytes().split(b"\n")[:3]
+    tmp = path.with_name("tmp")
+    tmp.write_bytes(b"\n".join(kept) + b"\n")
+    tmp.replace(path)
+    assert len(index.refresh()) == 3
+
+
+def test_rollout_index_search(runs_root):
+    index = loading.RolloutIndex(runs_root / "toy/a/rollouts.jsonl").refresh()
+    assert index.search("S2 G1").tolist() == [12, 13, 14, 15]  # case-insensitive
+    assert index.search("<script>alert('x')").tolist() == [7, 15, 23]  # JSON-escaped characters found
+    assert index.search("prompt 1", np.array([0, 4, 5])).tolist() == [4, 5]
+    assert index.search("rewards").tolist() == []  # a key, not text
+    turns = loading.RolloutIndex(runs_root / "toy/b/rollouts.jsonl").refresh()
+    assert turns.search("board ok").tolist() == list(range(8))
+
+
+def big_rows(n: int, chat_prompt_at: int | None = None) -> list[dict]:
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": "hi"}] if i == chat_prompt_at else f"prompt {i % 7}"
+        row = {
+            "step": i // 50,
+            "prompt": prompt,
+            "completion": "x" * 300 + str(i),
+            "reward": i % 3,
+            "extra": [i],
+        }
+        if i % 2:
+            row.update(group=i % 5, example_id=f"e{i}", advantage=0.5, finish_reason="stop")
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("chat_prompt_at", [None, 3000])
+def test_arrow_and_json_parsers_agree(tmp_path, monkeypatch, chat_prompt_at):
+    """Over 1 MB the index parses with Arrow; a row Arrow cannot type sends the file to plain json."""
+    path = tmp_path / "rollouts.jsonl"
+    rows = big_rows(4000, chat_prompt_at)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert path.stat().st_size > loading._ARROW_MIN_BYTES
+    fast = loading.RolloutIndex(path).refresh().frame()
+    monkeypatch.setattr(loading, "_ARROW_MIN_BYTES", 1 << 40)
+    plain = loading.RolloutIndex(path).refresh().frame()
+    pd.testing.assert_frame_equal(fast, plain, check_categorical=False)
+    assert fast["reward"].tolist() == [float(i % 3) for i in range(4000)]
+    assert fast.loc[1, "example_id"] == "e1" and pd.isna(fast.loc[2, "example_id"])
+    if chat_prompt_at is not None:
+        assert fast.loc[chat_prompt_at, "prompt"] == '[{"role": "user", "content": "hi"}]'
+
+
+def test_blank_or_stepless_line_in_a_big_file_is_reported(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    lines = [json.dumps(row) for row in big_rows(4000)]
+    lines[1234] = '{"prompt": "no step"}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:1235: expected a JSON object with an int 'step'"):
+        loading.RolloutIndex(path).refresh()
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text('{"step": 1}\n{"step": 1, oops}\n')
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:2: malformed JSON"):
+        loading.RolloutIndex(path).refresh()
+
+
+def test_plots_render_png():
+    line = pd.DataFrame(
+        {
+            "step": [1, 2, 1, 2],
+            "value": [0.1, 0.2, 0.3, 0.1],
+            "run": ["a", "a", "b", "b"],
+            "metric": ["reward"] * 4,
+        }
+    )
+    cells = sudoku.board_cells(sudoku_row())
+    for plot in (
+        plots.Plot("line", line, x="step", y="value", color="run", facet="metric"),
+        plots.Plot("bar", line, x="run", y="value", color="step"),
+        plots.Plot("grid", cells, x="col", y="row", color="kind", text="value", palette=sudoku.PALETTE),
+        plots.Plot("grid", cells, x="col", y="row", color="order"),
+    ):
+        png = plot.png()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+        assert plot.chart().to_dict()["$schema"].startswith("https://vega.github.io/schema/vega-lite")
+
+
+def test_sudoku_board_cells_by_hand():
+    cells = sudoku.board_cells(sudoku_row()).set_index(["row", "col"])
+    assert cells.loc[(0, 3)].to_dict() == {"value": 4, "kind": "correct", "order": 1, "solver_rank": 2}
+    assert cells.loc[(0, 1)].to_dict() == {"value": 2, "kind": "correct", "order": 2, "solver_rank": 1}
+    assert cells.loc[(1, 0)].to_dict() == {"value": 1, "kind": "wrong", "order": 3, "solver_rank": 3}
+    assert cells.loc[(3, 3), "kind"] == "empty" and pd.isna(cells.loc[(3, 3), "order"])
+    assert cells.loc[(2, 2)].to_dict()["kind"] == "given" and cells.loc[(2, 2), "value"] == 4
+    # ranks (order, solver) over the 3 shared cells: (2,1), (1,2), (3,3) -> Pearson of ranks = 1/2
+    assert sudoku.spearman(cells["order"], cells["solver_rank"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="not a square board"):
+        sudoku.parse_grid("123", "puzzle")
+
+
+def test_app_tables():
+    assert page_for_app("public-goods").module is public_goods and page_for_app("toy") is None
+    lattice = public_goods.lattice_cells([[1, 0], [0, 0]])
+    assert lattice["strategy"].tolist() == ["cooperator", "defector", "defector", "defector"]
+    rows = math_page.pass_at_k_rows(
+        {
+            "m1": ("grpo", {"pass_at_k": {"g": {"1": 0.2, "8": 0.5}}}),
+            "m2": ("grpo", {"pass_at_k": {"g": {"1": 0.4, "8": 0.7}}}),
+        }
+    )
+    table = math_page.by_algorithm(rows)
+    assert table.loc[("grpo", "g")].to_dict() == pytest.approx({"pass@1": 0.3, "pass@8": 0.6, "runs": 2})
+    bias = debias.bias_table({"bias": {"age": {"before": 0.3, "after": 0.2}}})
+    assert bias.values.tolist() == [["age", "before", 0.3], ["age", "after", 0.2]]
+    accuracy = tcm.accuracy_rows({"t": {"accuracy_by_type": {"a": 0.5}, "count_by_type": {"a": 3}}})
+    assert accuracy.values.tolist() == [["t", "a", 0.5, 3]]

@@ -1,0 +1,220 @@
+"""Every dashboard page under Streamlit's AppTest on the runs folder of conftest.py: the widgets and values
+shown, URL parameters (paths outside the folder refused), and model text shown as text only."""
+
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from .conftest import SCRIPT
+
+TIMEOUT = 60
+
+
+def page_app(module: str):
+    from importlib import import_module
+
+    import_module(f"dashboards.views.{module}").render()
+
+
+def open_page(module: str, **query) -> AppTest:
+    at = AppTest.from_function(page_app, args=(module,), default_timeout=TIMEOUT)
+    for key, value in query.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [str(e.value) for e in elements]
+
+
+def charts(at: AppTest) -> list[dict]:
+    """The Vega-Lite specs of the page's charts (AppTest has no chart accessor: read the protos)."""
+    return [json.loads(e.proto.spec) for e in at.get("vega_lite_chart")]
+
+
+def download_labels(at: AppTest) -> list[str]:
+    return [e.proto.label for e in at.get("download_button")]
+
+
+def test_app_entry_shows_the_runs_page(runs_root):
+    at = AppTest.from_file("../../dashboards/app.py", default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert texts(at.title) == ["Runs"]
+    assert "toy/a" in at.dataframe[0].value["run"].tolist()
+    assert str(runs_root.resolve()) in texts(at.sidebar.code)
+
+
+def test_runs_page_lists_runs_and_diffs_configs(runs_root):
+    at = open_page("runs", run=["toy/a", "toy/b", "toy/c"])
+    table = at.dataframe[0].value.set_index("run")
+    assert len(table) == 10
+    assert table.loc["toy/a", ["app", "algorithm", "status", "step"]].tolist() == [
+        "toy",
+        "grpo",
+        "finished",
+        3,
+    ]
+    assert table.loc["toy/b", "status"] == "running" and table.loc["toy/c", "status"] == "failed"
+    assert table.loc["toy/a", "reward (last step)"] == pytest.approx(0.3)
+    assert at.multiselect(key="runs_pick").value == ["toy/a", "toy/b", "toy/c"]
+    diff = at.dataframe[1].value
+    assert diff.loc["learning_rate"].tolist() == ["0.001", "0.01", "0.001"]
+    assert "CUDA out of memory <b>x</b>" in texts(at.code)  # the error as text
+    assert "Live" in texts(at.subheader) and at.toggle(key="runs_live").value is True
+    assert "Download CSV" in download_labels(at)
+    # status filter
+    at.multiselect(key="runs_status").set_value(["failed"]).run()
+    assert at.dataframe[0].value["run"].tolist() == ["toy/c"]
+
+
+def test_runs_page_single_run_shows_config_and_eval(runs_root):
+    at = open_page("runs", run="toy/a")
+    config = at.dataframe[1].value
+    assert config.loc["learning_rate", "value"] == "0.001" and config.loc["app", "value"] == "toy"
+    assert at.dataframe[2].value.loc["accuracy", "value"] == "0.75"
+    assert "Live" not in texts(at.subheader)
+
+
+@pytest.mark.parametrize(
+    "name,reason", [("../../etc", "'..' is not allowed"), ("/etc", "absolute paths are not allowed")]
+)
+@pytest.mark.parametrize("page", ["runs", "rollouts", "curves"])
+def test_path_traversal_in_the_url_is_refused(runs_root, page, name, reason):
+    at = open_page(page, run=name)
+    assert texts(at.error)[0] == f"Refused the run path in the URL: {reason}."
+    assert name in texts(at.code)  # echoed as text
+    assert at.query_params["run"] != name  # replaced by a valid choice
+
+
+def test_curves_page_defaults_and_smoothing(runs_root):
+    at = open_page("curves", run=["toy/a", "toy/b"])
+    metrics = at.multiselect(key="curves_metrics")
+    assert metrics.value == [
+        "reward",
+        "reward/correct",
+        "reward/format",
+        "zero_spread_frac",
+        "kl",
+        "entropy",
+        "clip/frac",
+    ]
+    assert "loss" in metrics.options and "reward/format/failures" in metrics.options
+    (spec,) = charts(at)
+    assert spec["facet"]["field"] == "metric" and spec["spec"]["encoding"]["color"]["field"] == "run"
+    assert download_labels(at) == ["Download PNG", "Download CSV"]
+    metrics.set_value(["reward"])
+    at.slider(key="curves_smoothing").set_value(0.5).run()
+    data = at.dataframe[0].value
+    a = data[data["run"] == "toy/a"]
+    assert a["raw"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    # debiased EMA by hand: sum of 0.5^k x_(t-k) / sum of 0.5^k
+    assert a["value"].tolist() == pytest.approx(
+        [0.1, (0.5 * 0.1 + 0.2) / 1.5, (0.25 * 0.1 + 0.5 * 0.2 + 0.3) / 1.75]
+    )
+    assert data[data["run"] == "toy/b"]["value"].tolist() == pytest.approx([0.1])
+
+
+def test_rollouts_page_filters_pages_and_groups(runs_root):
+    at = open_page("rollouts", run="toy/a")
+    assert "24 of 24 rollouts match" in texts(at.caption)
+    assert at.slider(key="ro_steps").value == (1, 3)
+    at.slider(key="ro_steps").set_value((2, 3)).run()
+    assert "16 of 24 rollouts match" in texts(at.caption)
+    at.selectbox(key="ro_prompt").set_value("prompt 1").run()
+    assert "8 of 24 rollouts match" in texts(at.caption)
+    at.slider(key="ro_reward").set_value((1.4, 1.75)).run()  # rewards 1.5, 1.75 at steps 2, 3
+    assert "4 of 24 rollouts match" in texts(at.caption)
+    table = at.dataframe[0].value
+    assert table["line"].tolist() == [14, 15, 22, 23]
+    assert table["reward"].tolist() == [1.5, 1.75, 1.5, 1.75]
+    assert table["r:format"].tolist() == [0.5, 0.75, 0.5, 0.75]
+    at.text_input(key="ro_search").set_value("S3 G1 K3").run()
+    assert "1 of 24 rollouts match" in texts(at.caption)
+    # the group of line 23: its 4 completions, side by side, with the script as plain text
+    codes = texts(at.code)
+    assert codes[0] == "prompt 1"
+    assert codes[1:] == [f"answer s3 g1 k{k}" for k in range(3)] + [f"answer s3 g1 k3 {SCRIPT}"]
+    assert not any(SCRIPT in m for m in texts(at.markdown))
+    components = at.dataframe[1].value
+    assert components.values.tolist() == [["correct", 1.0], ["format", 0.0]]
+
+
+def test_rollouts_page_pagination(runs_root):
+    at = open_page("rollouts", run="toy/a")
+    at.selectbox(key="ro_page_size").set_value(25).run()
+    assert at.number_input(key="ro_page").label == "Page (of 1)"
+    assert len(at.dataframe[0].value) == 24
+    at.slider(key="ro_steps").set_value((1, 1)).run()
+    assert at.dataframe[0].value["line"].tolist() == list(range(8))
+    assert "Download all matching rollouts (CSV)" in download_labels(at)
+
+
+def test_rollouts_page_marks_observations_of_multi_turn_runs(runs_root):
+    at = open_page("rollouts", run="toy/b")
+    captions = texts(at.caption)
+    assert captions.count("2. observation (environment)") == 4  # group 0's four rollouts
+    assert captions.count("1. model turn") == 4
+    assert texts(at.code)[1:4] == ["move 0", "board ok", "final 0"]
+
+
+def test_sudoku_page(runs_root):
+    at = open_page("sudoku")
+    assert at.selectbox(key="sudoku_run").options == ["sudoku/s1"]
+    values = {m.label: m.value for m in at.metric}
+    assert values == {
+        "Empty cells": "4",
+        "Filled correctly": "2",
+        "Errors": "1",
+        "Order vs solver (Spearman)": "+0.50",
+    }
+    assert len(charts(at)) == 2
+    cells = at.dataframe[0].value.set_index(["row", "col"])
+    assert cells.loc[(1, 0), "kind"] == "wrong"
+    at.radio(key="sudoku_mode").set_value("emission order (numbers)").run()
+    assert not at.exception
+
+
+def test_public_goods_page(runs_root):
+    at = open_page("public_goods")
+    table = at.dataframe[0].value
+    assert table["cooperation"].tolist() == [0.1, 0.6, 0.9] and table["r"].tolist() == [3.0, 4.0, 5.0]
+    assert at.metric[0].value == "75.0%"  # the last snapshot: 3 of 4 cooperate
+    at.select_slider(key="pgg_snapshot").set_value(0).run()
+    assert at.metric[0].value == "25.0%"
+    assert len(charts(at)) == 2
+
+
+def test_debias_page(runs_root):
+    at = open_page("debias")
+    wide = at.dataframe[0].value
+    assert wide.loc["gender", "change"] == pytest.approx(-0.3) and wide.loc["age", "before"] == 0.3
+    fair, unfair = at.dataframe[1].value, at.dataframe[2].value
+    assert fair["response"].tolist() == ["fair one", "meh", SCRIPT]
+    assert unfair["response"].tolist()[0] == SCRIPT
+    at.selectbox(key="debias_stage").set_value("before").run()
+    assert at.dataframe[1].value["response"].tolist() == ["meh"]
+
+
+def test_math_page(runs_root):
+    at = open_page("math_page")
+    by_algorithm = at.dataframe[0].value
+    assert by_algorithm.loc[("grpo", "gsm8k"), "pass@1"] == pytest.approx(0.3)
+    assert by_algorithm.loc[("gtpo", "gsm8k"), "pass@8"] == pytest.approx(0.8)
+    assert by_algorithm.loc[("grpo", "gsm8k"), "runs"] == 2
+    assert len(at.dataframe[1].value) == 3
+
+
+def test_tcm_page(runs_root):
+    at = open_page("tcm")
+    wide = at.dataframe[0].value
+    assert wide["tcm/t1"].to_dict() == {"multi": 0.25, "single": 0.5}
+
+
+def test_app_page_without_runs_says_so(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("GRPO_SUITE_RUNS", str(tmp_path / "empty"))
+    at = open_page("tcm")
+    assert texts(at.info) == [f"No runs of app tcm under {(tmp_path / 'empty').resolve()} yet."]

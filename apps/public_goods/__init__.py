@@ -1,0 +1,1 @@
+"""Spatial public goods games on mesa: Fermi baselines, Q-learning, PPO, GRPO and GRPO-GCC."""

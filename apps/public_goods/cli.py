@@ -1,0 +1,169 @@
+"""`grpo-suite public-goods run | sweep | plot`: the spatial public goods game from the command line.
+
+grpo-suite public-goods run --r 4.5 --steps 1000                     # Fermi, L = 100, live progress
+grpo-suite public-goods run --method grpo-gcc --init all_d --size 50 --steps 300
+grpo-suite public-goods sweep --preset validation --run-dir runs/public_goods/validation
+grpo-suite public-goods plot --run-dir runs/public_goods/validation
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apps.public_goods.experiments import (
+    SweepSettings,
+    read_table,
+    run_sweep,
+    simulate,
+    thresholds,
+)
+from apps.public_goods.model import GameConfig
+from core.cli import add_app, add_command
+from core.config import config_to_dict
+from core.runs import RunDir, default_run_dir
+
+APP = "public_goods"
+
+
+@dataclass
+class RunConfig(GameConfig):
+    """One game, one r, one method."""
+
+    seed: int = field(default=0, metadata={"help": "seed of the model's generator (Model(seed=...))"})
+    steps: int = field(default=1000, metadata={"help": "steps: Monte Carlo steps (Fermi) or learning rounds"})
+    run_dir: str | None = field(
+        default=None, metadata={"help": "run directory (default runs/public_goods/<ts>)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class SweepConfig(SweepSettings):
+    """A grid r x method x init x seed, run in parallel processes; results.csv in the run directory."""
+
+    run_dir: str | None = field(
+        default=None, metadata={"help": "run directory (default runs/public_goods/<ts>)"}
+    )
+
+
+@dataclass
+class PlotConfig:
+    """Figures of a run or sweep directory, written into it."""
+
+    run_dir: str = field(default="", metadata={"help": "a run or sweep directory made by run / sweep"})
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("plot needs --run-dir, the directory of a run or a sweep")
+
+
+RUN_PRESETS = {
+    "smoke": {"size": 10, "steps": 5},
+    "paper": {"size": 200, "steps": 10000},
+}
+# validation: the thresholds of Szolnoki, Perc & Szabo (2009), K = 0.5, L = 100 (docs/public_goods.md)
+VALIDATION_R = (3.5, 3.64, 3.74, 3.84, 4.0, 4.25, 4.5, 4.75, 5.0, 5.25, 5.39, 5.49, 5.59, 5.75, 6.0)
+SWEEP_PRESETS = {
+    "smoke": {"size": 10, "steps": 5, "average_last": 2, "r_values": (3.0, 5.0), "seeds": (0, 1)},
+    "validation": {
+        "size": 100,
+        "r_values": VALIDATION_R,
+        "seeds": (0, 1),
+        "steps": 15000,
+        "average_last": 5000,
+    },
+    "learners": {
+        "size": 20,
+        "r_values": (3.0, 4.0, 5.0),
+        "methods": ("ppo", "grpo", "grpo-gcc"),
+        "inits": ("all_d", "half"),
+        "seeds": (0, 1, 2),
+        "steps": 150,
+        "average_last": 50,
+    },
+}
+
+
+def _create(run_dir: str | None, config, algorithm: str) -> RunDir:
+    path = Path(run_dir) if run_dir else default_run_dir(APP)
+    run = RunDir.create(path, config_to_dict(config), app=APP, algorithm=algorithm, exist_ok_for_resume=False)
+    print(f"run directory: {path}")
+    return run
+
+
+def run(config: RunConfig) -> dict:
+    import numpy as np
+
+    rundir = _create(config.run_dir, config, config.method)
+    rundir.set_status("running", step=0)
+    game = GameConfig(**{k: v for k, v in vars(config).items() if k not in ("seed", "steps", "run_dir")})
+    every = max(1, config.steps // 20)
+    last_print = [time.perf_counter()]
+
+    def on_step(model) -> None:
+        rundir.log_metrics(
+            model.steps,
+            {"cooperation": model.cooperation, "mean_payoff": model.mean_payoff, **model.last_metrics},
+        )
+        now = time.perf_counter()
+        if model.steps % every == 0 or now - last_print[0] > 5.0:
+            last_print[0] = now
+            print(
+                f"step {model.steps:>7}  cooperation {model.cooperation:.4f}  payoff {model.mean_payoff:8.4f}"
+            )
+
+    traj = simulate(game, config.seed, config.steps, on_step=on_step)
+    np.savez_compressed(rundir.path / "snapshots.npz", **{f"t{t}": s for t, s in traj.snapshots.items()})
+    summary = {
+        "final_cooperation": traj.cooperation[-1],
+        "mean_cooperation_last_half": traj.average(max(1, config.steps // 2)),
+        "absorbed_at": traj.absorbed_at,
+        "seconds": traj.seconds,
+        "steps_per_second": (traj.absorbed_at or config.steps) / traj.seconds,
+    }
+    rundir.write_eval(summary)
+    rundir.set_status("finished", step=traj.absorbed_at or config.steps)
+    for key, value in summary.items():
+        print(f"{key:>28}  {value}")
+    return summary
+
+
+def sweep(config: SweepConfig) -> list[dict]:
+    rundir = _create(config.run_dir, config, "sweep")
+    rundir.set_status("running", step=0)
+    started = time.perf_counter()
+    rows = run_sweep(config, rundir.path)
+    found = {method: thresholds(rows, method, config.inits[0]) for method in config.methods}
+    rundir.write_eval({"seconds": time.perf_counter() - started, "thresholds": found, "runs": len(rows)})
+    rundir.set_status("finished", step=len(rows))
+    print(f"results: {rundir.path / 'results.csv'}  ({time.perf_counter() - started:.0f} s)")
+    print(f"thresholds from final states ({config.inits[0]} start): {json.dumps(found)}")
+    return rows
+
+
+def plot(config: PlotConfig) -> list[Path]:
+    from apps.public_goods.plots import plot_run, plot_sweep
+
+    path = Path(config.run_dir)
+    rundir = RunDir(path)
+    if (path / "results.csv").is_file():
+        written = plot_sweep(read_table(path / "results.csv"), path)
+    else:
+        written = plot_run(rundir.read_metrics(), path / "snapshots.npz", path)
+    for p in written:
+        print(f"wrote {p}")
+    return written
+
+
+def register(apps) -> None:
+    verbs = add_app(
+        apps, "public-goods", "spatial public goods game: Fermi baselines, Q-learning, PPO, GRPO-GCC"
+    )
+    add_command(verbs, "run", RunConfig, run, "one game: one r, one method, live progress", RUN_PRESETS)
+    add_command(verbs, "sweep", SweepConfig, sweep, "r x methods x inits x seeds in parallel", SWEEP_PRESETS)
+    add_command(verbs, "plot", PlotConfig, plot, "figures of a run or sweep directory")

@@ -1,0 +1,96 @@
+"""Figures of a run or a sweep directory, written next to its data (matplotlib, headless).
+
+    grpo-suite public-goods plot --run-dir runs/public_goods/<ts>
+Run: cooperation.png (cooperation over time, symlog axis) and snapshots.png (the lattice at t = 1, 10, 100,
+1000 where reached). Sweep: cooperation_vs_r.png (mean cooperation over the last steps against r, one line
+per method and initial state, seeds averaged, min-max band) and cooperation_over_time.png.
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SNAPSHOT_PANELS = (1, 10, 100, 1000)
+
+
+def _time_axis(ax) -> None:
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("t (MCS or rounds)")
+    ax.set_ylabel("cooperation")
+    ax.set_ylim(-0.02, 1.02)
+
+
+def plot_run(metrics: list[dict], snapshots_path: Path, out: Path) -> list[Path]:
+    if not metrics:
+        raise ValueError(f"{out}: metrics.jsonl is empty; nothing to plot")
+    with np.load(snapshots_path) as data:
+        snaps = {int(k[1:]): data[k] for k in data.files}
+    t = [0] + [m["step"] for m in metrics]
+    coop = [float(snaps[0].mean())] + [m["cooperation"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(t, coop)
+    _time_axis(ax)
+    fig.tight_layout()
+    paths = [out / "cooperation.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    shown = [s for s in SNAPSHOT_PANELS if s in snaps]
+    if shown:
+        fig, axes = plt.subplots(1, len(shown), figsize=(2.4 * len(shown), 2.6), squeeze=False)
+        for ax, step in zip(axes[0], shown, strict=True):
+            ax.imshow(snaps[step], cmap="bwr_r", vmin=0, vmax=1, interpolation="nearest")  # blue C, red D
+            ax.set_title(f"t = {step}")
+            ax.set_axis_off()
+        fig.tight_layout()
+        paths.append(out / "snapshots.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
+    curves: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for row in rows:
+        curves.setdefault((row["method"], row["init"]), {}).setdefault(row["r"], []).append(
+            row["mean_cooperation"]
+        )
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for (method, init), by_r in sorted(curves.items()):
+        rs = sorted(by_r)
+        ax.plot(rs, [np.mean(by_r[r]) for r in rs], "o-", ms=3, label=f"{method} ({init})")
+        ax.fill_between(rs, [min(by_r[r]) for r in rs], [max(by_r[r]) for r in rs], alpha=0.2)
+    ax.set_xlabel("r")
+    ax.set_ylabel("cooperation (last steps)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / "cooperation_vs_r.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    series_path = out / "series.jsonl"
+    if series_path.is_file():
+        series = [json.loads(line) for line in series_path.read_text().splitlines() if line]
+        keys = sorted({(s["method"], s["init"], s["r"]) for s in series})
+        cmap = plt.get_cmap("viridis")
+        rs = sorted({k[2] for k in keys})
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        styles = {mi: ("-", "--", ":", "-.")[n % 4] for n, mi in enumerate(sorted({k[:2] for k in keys}))}
+        for method, init, r in keys:
+            runs = [s for s in series if (s["method"], s["init"], s["r"]) == (method, init, r)]
+            mean = np.mean([s["cooperation"] for s in runs], axis=0)
+            color = cmap(rs.index(r) / max(len(rs) - 1, 1))
+            ax.plot(runs[0]["t"], mean, styles[(method, init)], color=color, lw=1)
+        _time_axis(ax)
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(rs), max(rs)))
+        fig.colorbar(sm, ax=ax, label="r")
+        ax.set_title(" / ".join(f"{st} {m} ({i})" for (m, i), st in styles.items()), fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "cooperation_over_time.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,81 @@
+"""Fermi imitation: the probability, the numba kernel's one-update statistics against the exact transition
+probabilities, its bookkeeping, and the synchronous variant against a plain loop with the same draws."""
+
+import math
+
+import numpy as np
+import pytest
+
+from apps.public_goods.experiments import make_model
+from apps.public_goods.fermi import fermi_probability, random_sequential_kernel
+from apps.public_goods.model import GameConfig, group_counts, payoffs
+
+NEIGHBOURS = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+
+
+def test_fermi_probability():
+    assert fermi_probability(1.0, 1.0, 0.5) == 0.5
+    assert fermi_probability(0.0, 1.0, 0.5) == pytest.approx(1 / (1 + math.exp(-2)))  # y richer: likely
+    assert fermi_probability(1.0, 0.0, 0.5) == pytest.approx(1 / (1 + math.exp(2)))
+    assert fermi_probability(1e6, 0.0, 0.1) == 0.0  # no overflow
+    assert fermi_probability(0.0, 1e6, 0.1) == 1.0
+
+
+def test_one_elementary_update_has_the_exact_transition_probabilities():
+    """Over many seeds, the chance that one update flips site x equals (1/N)(1/4) sum_y W(P_x, P_y)."""
+    r, k = 3.8, 0.5
+    s0 = (np.random.default_rng(1).random((4, 4)) < 0.5).astype(np.int8)
+    p = payoffs(s0, r, 1.0)
+    n = 4
+    exact = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            for di, dj in NEIGHBOURS:
+                y = ((i + di) % n, (j + dj) % n)
+                if s0[y] != s0[i, j]:
+                    exact[i, j] += fermi_probability(p[i, j], p[y], k) / (4 * n * n)
+    trials = 10000
+    flips = np.zeros((n, n))
+    nc0 = group_counts(s0)
+    for seed in range(trials):
+        s = s0.copy()
+        random_sequential_kernel(s, nc0.copy(), r / 5, 5.0, k, 1, seed)
+        flips += s != s0
+    freq = flips / trials
+    sigma = np.sqrt(exact * (1 - exact) / trials)
+    assert np.all(np.abs(freq - exact) <= 5 * sigma + 1e-9)
+    assert abs(freq.sum() - exact.sum()) < 5 * math.sqrt(exact.sum() / trials)
+
+
+def test_kernel_keeps_group_counts_in_step():
+    s = (np.random.default_rng(2).random((12, 12)) < 0.5).astype(np.int8)
+    nc = group_counts(s)
+    changes = random_sequential_kernel(s, nc, 4.0 / 5, 5.0, 0.5, 5000, 3)
+    assert changes > 0
+    np.testing.assert_array_equal(nc, group_counts(s))
+
+
+def test_synchronous_step_matches_a_plain_loop_with_the_same_draws():
+    config = GameConfig(size=6, r=4.4, method="fermi-sync")
+    model = make_model(config, seed=9)
+    before = model.strategy.copy()
+    rng = np.random.default_rng()
+    rng.bit_generator.state = model.rng.bit_generator.state  # replay the model's draws
+    d, u = rng.integers(4, size=(6, 6)), rng.random((6, 6))
+    p = payoffs(before, 4.4, 1.0)
+    expected = before.copy()
+    for i in range(6):
+        for j in range(6):
+            y = ((i + NEIGHBOURS[d[i, j]][0]) % 6, (j + NEIGHBOURS[d[i, j]][1]) % 6)
+            if u[i, j] < fermi_probability(p[i, j], p[y], 0.5):
+                expected[i, j] = before[y]
+    model.step()
+    np.testing.assert_array_equal(model.strategy, expected)
+
+
+def test_imitation_keeps_absorbing_states():
+    for init, value in (("all_d", 0.0), ("checkerboard", None)):
+        model = make_model(GameConfig(size=10, r=4.0, init=init), seed=0)
+        model.run(3)
+        if value is not None:
+            assert model.cooperation == value and model.absorbed

@@ -2,8 +2,9 @@
 log-probabilities and entropies of completions under it, and the frozen reference policy of the KL term.
 
 `completion_logprobs` is the trainer's hot path. It runs the backbone once and then the LM head,
-log-softmax, gather and entropy on chunks of `chunk_size` token positions, each chunk under activation
-checkpointing, so the (N, T, V) float32 log-softmax is never materialised. Shape letters:
+log-softmax, gather and entropy on chunks of `chunk_size` token positions, each chunk recomputed in the
+backward (a hand-written backward for a plain linear head, activation checkpointing otherwise), so the
+(N, T, V) float32 log-softmax is never materialised. Shape letters:
     N  sequences (prompt + completion)   L  sequence length (left-padded prompt, then completion)
     T  completion tokens                 H  hidden size        V  vocabulary size    C  chunk_size
 Tests: `pytest tests/core/test_policy.py`.
@@ -164,6 +165,63 @@ def _chunk_stats(
     return logp, entropy
 
 
+class _LinearHeadStats(torch.autograd.Function):
+    """`_chunk_stats` for a plain linear head without a soft-cap, with a hand-written backward.
+
+    Saves only the chunk's (C, H) input and (C,) results; the backward recomputes the (C, V) logits once and
+    turns them, in place, into their gradient (for z = logits / temperature, p = softmax(z)):
+        d logp_target / dz = onehot(target) - p,    d H / dz = -p * (log p + H)
+    so one chunk needs two (C, V) buffers in the backward, where autograd's graph of the same formulas
+    (checkpointed) keeps five or more. Matmuls run in the dtype the forward's head ran in (bf16 under
+    autocast), the softmax algebra in float32 at least, as `_chunk_stats`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy):
+        logits = torch.nn.functional.linear(hidden, weight, bias)  # (C, V), autocast's dtype
+        ctx.compute_dtype = logits.dtype
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (C, V)
+        del logits
+        log_z = torch.logsumexp(z, dim=-1)  # (C,)
+        logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (C,)
+        if with_entropy:
+            z.sub_(log_z.unsqueeze(-1))  # log p, in place
+            entropy = -(z.exp() * z).sum(-1)  # (C,)
+        else:
+            entropy = torch.zeros_like(logp)  # (C,)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)  # (V, H)
+            logits = torch.nn.functional.linear(hidden.to(dtype), w, None if bias is None else bias.to(dtype))
+            logp = logits.to(torch.promote_types(dtype, torch.float32)).div_(ctx.temperature)  # (C, V)
+            del logits
+            logp.sub_(log_z.unsqueeze(-1))  # log p (C, V)
+            p = logp.exp()  # (C, V)
+            grad = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))  # g_H (log p + H)
+            grad = grad.add_(grad_logp.unsqueeze(-1)).mul_(p).neg_()  # -p (g_lp + g_H (log p + H))
+            del p
+            grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1).to(grad.dtype))
+            grad = grad.div_(ctx.temperature).to(dtype)  # (C, V) gradient of the logits
+            grad_hidden = grad @ w  # (C, H)
+            grad_weight = grad.t() @ hidden.to(dtype) if ctx.needs_input_grad[1] else None  # (V, H)
+            grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None  # (V,)
+        return (
+            grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
 def completion_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -180,8 +238,10 @@ def completion_logprobs(
 
     Memory: the backbone's activations (kept for its backward) and the (N*T, H) hidden states are held
     for the whole call; of the head, only one chunk's (C, V) logits and softmax exist at a time. Each chunk
-    runs under non-reentrant checkpointing, so the forward keeps just its (C, H) input and (C,) outputs
-    and the backward recomputes one chunk's logits at a time: O(C * V) instead of O(N * T * V).
+    keeps just its (C, H) input and (C,) outputs for the backward, which recomputes one chunk's logits at a
+    time: O(C * V) instead of O(N * T * V). A plain `nn.Linear` head without a soft-cap takes
+    `_LinearHeadStats` (two (C, V) buffers in the backward); any other head runs `_chunk_stats` under
+    non-reentrant checkpointing.
     Works for a plain model and a PEFT-wrapped one (adapters included, or disabled by the caller).
     """
     if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
@@ -214,7 +274,11 @@ def completion_logprobs(
         chunk = slice(start, start + chunk_size)
         args = (head, hidden[chunk], targets[chunk], temperature, softcap, with_entropy)
         # Without autograd there is nothing to recompute, and checkpoint would only add overhead.
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and softcap is None and type(head) is nn.Linear:
+            logp, entropy = _LinearHeadStats.apply(
+                hidden[chunk], head.weight, head.bias, targets[chunk], temperature, with_entropy
+            )  # (C,), (C,)
+        elif torch.is_grad_enabled():
             logp, entropy = checkpoint(_chunk_stats, *args, use_reentrant=False)  # (C,), (C,)
         else:
             logp, entropy = _chunk_stats(*args)  # (C,), (C,)

@@ -27,6 +27,8 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 VLLM_INSTALL_HINT = "pip install '.[vllm]' (vLLM needs a CUDA GPU; it does not run on CPU)"
@@ -447,8 +449,10 @@ class HFGenerateBackend(_TextBackend):
         tokenizer: PreTrainedTokenizerBase,
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ):
         _check_special_tokens(tokenizer)
+        self.autocast_dtype = autocast_dtype  # `generate_groups` runs under torch.autocast in this dtype
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.device = torch.device(device)
@@ -517,6 +521,92 @@ class HFGenerateBackend(_TextBackend):
         return _finalize(
             prompt_ids, prompt_mask, completion_ids.tolist(), sampling_logp.tolist(), settings, self.tokenizer
         )
+
+    def generate_groups(
+        self, prompts: list[str], settings: SamplingSettings, seeds: Sequence[int], group_size: int
+    ) -> Rollouts:
+        """Completions of `prompts` in one batched decode, where rows [g * group_size, (g + 1) * group_size)
+        are sampled with their own generator seeded `seeds[g]`: a group's tokens depend on its seed, its
+        prompt and the batch's shapes, not on which other groups share the call.
+
+        A lean KV-cached loop on the model's forward instead of HF `generate` (whose sampler draws every
+        row from one global RNG): per token one forward, the sampling log-probs of the raw logits (as
+        `_SamplingLogpRecorder`), eos suppression before `min_new_tokens`, HF's own top-k / top-p warpers,
+        one `multinomial` per group. Stops when every row has emitted eos or at `max_new_tokens`; stop
+        strings are cut afterwards by `_finalize`, as for `generate`. Runs under `autocast_dtype` if set.
+        """
+        if len(prompts) != len(seeds) * group_size:
+            raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds x group_size {group_size}")
+        rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        prompt_ids, prompt_mask = left_pad(rows, self.tokenizer.pad_token_id)  # (N, P)
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        autocast = torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+        with _generation_mode(self.model), torch.no_grad(), autocast:
+            tokens, logps = self._decode(prompt_ids, prompt_mask, settings, generators, group_size)
+        out = _finalize(prompt_ids, prompt_mask, tokens.tolist(), logps.tolist(), settings, self.tokenizer)
+        return replace(out, prompts=list(prompts))
+
+    def _decode(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        settings: SamplingSettings,
+        generators: list[torch.Generator],
+        group_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Sampled tokens (N, T) (pad after a row's eos) and their sampling log-probs (N, T)."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        warpers = []
+        if settings.top_k:
+            warpers.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(settings.top_p))
+        mask = prompt_mask.to(self.device)  # (N, L), grows by one column per token
+        ids = prompt_ids.to(self.device)  # (N, P) then (N, 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P), as position_ids_from_mask
+        n = ids.shape[0]
+        finished = torch.zeros(n, dtype=torch.bool, device=self.device)  # (N,)
+        tokens, logps, cache = [], [], None
+        for t in range(settings.max_new_tokens):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,  # transformers 5's name for past_key_values
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.cache
+            scores = out.logits[:, -1].float() / settings.temperature  # (N, V)
+            logp_all = torch.log_softmax(scores, dim=-1)  # (N, V)
+            if t < settings.min_new_tokens:
+                scores[:, eos] = -math.inf
+            if settings.greedy:
+                next_ids = scores.argmax(-1)  # (N,)
+            else:
+                for warper in warpers:
+                    scores = warper(None, scores)  # (N, V)
+                probs = torch.softmax(scores, dim=-1)  # (N, V)
+                next_ids = torch.cat(
+                    [
+                        torch.multinomial(probs[g * group_size : (g + 1) * group_size], 1, generator=gen)
+                        for g, gen in enumerate(generators)
+                    ]
+                ).squeeze(1)  # (N,)
+            next_ids = next_ids.masked_fill(finished, pad)  # (N,)
+            tokens.append(next_ids)
+            logps.append(logp_all.gather(1, next_ids[:, None]).squeeze(1))  # (N,)
+            finished = finished | (next_ids == eos)
+            if bool(finished.all()):
+                break
+            ids = next_ids[:, None]  # (N, 1)
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, L + 1)
+            positions = positions[:, -1:] + 1  # (N, 1)
+        return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()  # (N, T), (N, T)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -430,8 +430,11 @@ def _restore_cuda(states: list[Tensor]) -> None:
         torch.cuda.set_rng_state(device_state, device)
 
 
-_GENERATOR_KINDS = {torch.Generator: "torch.Generator", np.random.Generator: "numpy.random.Generator",
-                    random.Random: "random.Random"}
+_GENERATOR_KINDS = {
+    torch.Generator: "torch.Generator",
+    np.random.Generator: "numpy.random.Generator",
+    random.Random: "random.Random",
+}
 
 
 def _kind(name: str, gen: object) -> str:
@@ -462,8 +465,13 @@ def _python_random_state(state: tuple) -> list:
 
 def _numpy_global_state() -> dict:
     name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    return {"bit_generator": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-            "gauss": float(gauss)}
+    return {
+        "bit_generator": name,
+        "key": key.tolist(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
 
 
 def _numpy_to_python(value: Any) -> Any:
@@ -541,8 +549,18 @@ def _check_string_keys(value: Any, where: str) -> None:
 # Exact types: subclasses (namedtuple, defaultdict, IntEnum, numpy scalars) are refused by weights_only.
 _WEIGHTS_ONLY_MAPPINGS = (dict, OrderedDict)
 _WEIGHTS_ONLY_SEQUENCES = (list, tuple, set)
-_WEIGHTS_ONLY_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype,
-                        torch.device)
+_WEIGHTS_ONLY_LEAVES = (
+    str,
+    bytes,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    torch.Size,
+    torch.dtype,
+    torch.device,
+)
 
 
 def _check_weights_only(value: Any, where: str) -> None:

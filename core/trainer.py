@@ -64,6 +64,7 @@ class GRPOConfig:
     prompts_per_step: int = _help("prompts per step (global, over all processes)", 8)
     group_size: int = _help("completions per prompt (G)", 8)
     max_new_tokens: int = _help("completion length cap (per turn in multi-turn tasks)", 64)
+    min_new_tokens: int = _help("eos is suppressed before this many tokens (benchmarks force a length)", 0)
     max_turns: int = _help("turn cap of multi-turn tasks (apps with an environment)", 4)
     temperature: float = _help("sampling temperature (the logprob pass divides by it too)", 1.0)
     top_p: float = _help("nucleus sampling mass", 1.0)
@@ -102,6 +103,16 @@ class GRPOConfig:
     lora_r: int = _help("LoRA rank", 16)
     lora_alpha: int = _help("LoRA alpha", 32)
     logprob_chunk_size: int = _help("token positions per chunk of the LM head in the logprob pass", 1024)
+    autocast: Literal["off", "bfloat16"] = _help(
+        "run generation and the logprob passes under torch.autocast in bf16 (weights, gradients and the "
+        "optimizer stay in the model's dtype); off = the model's dtype throughout",
+        "off",
+    )
+    generation_groups: int = _help(
+        "groups per batched generate call (HF backend, single-turn); each group keeps its own seed. "
+        "1 = one call per group. Must divide each process's share of prompts_per_step",
+        1,
+    )
     save_every: int = _help("checkpoint every N steps (and always at the end); 0 = only at the end", 0)
     keep_checkpoints: int = _help("complete checkpoints kept", 2)
     rollouts_to_log: int = _help("completions written to rollouts.jsonl per step; -1 = all", -1)
@@ -117,7 +128,8 @@ class GRPOConfig:
             "mu",
             "mini_batches",
         )
-        for name in positive + ("micro_batch_size", "logprob_chunk_size", "keep_checkpoints", "lora_r"):
+        extra = ("micro_batch_size", "logprob_chunk_size", "keep_checkpoints", "lora_r", "generation_groups")
+        for name in positive + extra:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature"):
@@ -130,6 +142,13 @@ class GRPOConfig:
         algos.AGGREGATIONS.get(self.loss_aggregation)
         algos.KL_ESTIMATORS.get(self.kl_estimator)
         algos.MULTI_REWARD.get(self.multi_reward)
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.prompts_per_step % self.generation_groups:
+            raise ValueError(
+                f"prompts_per_step={self.prompts_per_step} must be divisible by "
+                f"generation_groups={self.generation_groups}"
+            )
         if (self.prompts_per_step * self.group_size) % self.mini_batches:
             raise ValueError(
                 f"prompts_per_step * group_size must be divisible by mini_batches={self.mini_batches}"
@@ -141,7 +160,13 @@ class GRPOConfig:
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            min_new_tokens=self.min_new_tokens,
         )
+
+    def autocast_context(self):
+        """torch.autocast for the forward passes, or a disabled one (`autocast = "off"`)."""
+        device = "cuda" if self.device.startswith("cuda") else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast == "bfloat16")
 
 
 class TrainerHooks:
@@ -226,7 +251,12 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.rubric = rubric
         self.hooks = hooks or TrainerHooks()
-        self.backend = backend or HFGenerateBackend(model, tokenizer, device=config.device)
+        self.backend = backend or HFGenerateBackend(
+            model,
+            tokenizer,
+            device=config.device,
+            autocast_dtype=torch.bfloat16 if config.autocast == "bfloat16" else None,
+        )
         self.environment = environment
         self.sampler = PromptSampler(examples, config.seed)
         PartialState()  # joins the process group under `accelerate launch`; nothing to do in one process
@@ -234,6 +264,11 @@ class GRPOTrainer:
         if config.prompts_per_step % self.world:
             raise ValueError(
                 f"prompts_per_step={config.prompts_per_step} must divide by {self.world} processes"
+            )
+        if (config.prompts_per_step // self.world) % config.generation_groups:
+            raise ValueError(
+                f"generation_groups={config.generation_groups} must divide each process's "
+                f"{config.prompts_per_step // self.world} prompts"
             )
         if config.dynamic_sampling and self.world > 1:
             raise ValueError("dynamic_sampling runs on one process only for now")
@@ -339,6 +374,23 @@ class GRPOTrainer:
         """G completions per example, each group sampled with its own seed (see the module docstring)."""
         self._check_prompt_lengths(examples)
         cfg, parts = self.config, []
+        if (
+            cfg.generation_groups > 1
+            and self.environment is None
+            and hasattr(self.backend, "generate_groups")
+        ):
+            # Chunks of k groups aligned on the global group index (first_index is a multiple of k), so the
+            # same chunks, with the same shapes and seeds, are generated however the batch is split.
+            k = cfg.generation_groups
+            for start in range(0, len(examples), k):
+                chunk = examples[start : start + k]
+                seeds = [
+                    derive_seed(cfg.seed, self.step, round_, first_index + start + i)
+                    for i in range(len(chunk))
+                ]
+                prompts = [example["prompt"] for example in chunk for _ in range(cfg.group_size)]
+                parts.append(self.backend.generate_groups(prompts, cfg.sampling(), seeds, cfg.group_size))
+            return Rollouts.concat(parts)
         for offset, example in enumerate(examples):
             seed = derive_seed(cfg.seed, self.step, round_, first_index + offset)
             prompts = [example["prompt"]] * cfg.group_size
@@ -434,10 +486,15 @@ class GRPOTrainer:
         ids, mask = rollouts.input_ids(), rollouts.attention_mask()
         t = rollouts.completion_ids.shape[1]
         if reference:
-            return self.reference.logprobs(
-                ids, mask, t, temperature=self.config.temperature, chunk_size=self.config.logprob_chunk_size
-            )
-        with torch.set_grad_enabled(with_grad):
+            with self.config.autocast_context():
+                return self.reference.logprobs(
+                    ids,
+                    mask,
+                    t,
+                    temperature=self.config.temperature,
+                    chunk_size=self.config.logprob_chunk_size,
+                )
+        with torch.set_grad_enabled(with_grad), self.config.autocast_context():
             return completion_logprobs(
                 self.model,
                 ids,

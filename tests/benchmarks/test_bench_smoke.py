@@ -1,0 +1,35 @@
+"""The benchmarks in their 1-step smoke mode, so that they keep working (they are not tests of speed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_logprob_memory_smoke():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "logprob_memory.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "peak ratio chunked/unchunked" in out.stdout and "max difference" in out.stdout
+
+
+@pytest.mark.slow  # two worker processes that import TRL: about a minute on 2 busy cores
+def test_step_vs_trl_smoke(tmp_path):
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, str(BENCH / "step_vs_trl.py"), "--smoke", "--json", str(result)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "ours/TRL step time" in out.stdout
+    import json
+
+    setting = json.loads(result.read_text())["beta0.04-mu2-lora0"]
+    # Both sides did the same passes: mu = 2 trained forwards, one old-logprob and one reference forward.
+    assert setting["ours"]["passes"] == setting["trl"]["passes"]
+    assert setting["ours"]["passes"]["forward_grad"] == 2 and setting["ours"]["passes"]["forward_nograd"] == 2

@@ -1,0 +1,189 @@
+"""TCM QA evaluation: greedy answers on a split, scored per question type, written to eval.json.
+
+Per type: accuracy (choice: letters as in the accuracy reward; fill-in and open: normalized exact match),
+format-compliance rate (the strict format reward), mean tag count, and for the free-text types ROUGE-L F1
+(rouge-score) and corpus BLEU-4 (nltk, smoothing method 1), both on jieba words.
+
+    grpo-suite tcm evaluate --model runs/tcm/<run>/final --split test
+    grpo-suite tcm evaluate --model DIR --data ladder.jsonl --split test --max-examples 500
+
+Tests: `pytest tests/apps/tcm/test_tcm_eval.py`.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+from apps.tcm.data import TYPES
+from apps.tcm.rewards import (
+    accuracy,
+    answer_text,
+    normalized_match,
+    rouge_l,
+    strict_format,
+    tag_count,
+    zh_tokens,
+)
+from core.rollout import HFGenerateBackend, SamplingSettings
+
+FREE_TEXT = ("fill", "open")
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 on jieba words (nltk, smoothing method 1: short answers have no 4-grams)."""
+    hypotheses = [zh_tokens(p) for p in predictions]
+    refs = [[zh_tokens(r)] for r in references]
+    if not any(hypotheses):
+        return 0.0
+    return float(corpus_bleu(refs, hypotheses, smoothing_function=SmoothingFunction().method1))
+
+
+def score_completions(completions: Sequence[str], examples: Sequence[dict]) -> dict:
+    """{"overall": {...}, "by_type": {type: {...}}} for completions answering `examples` (pure)."""
+    if len(completions) != len(examples) or not examples:
+        raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
+    rows = []
+    for completion, example in zip(completions, examples, strict=True):
+        free = example["type"] in FREE_TEXT
+        prediction = answer_text(completion)
+        rows.append(
+            {
+                "type": example["type"],
+                "accuracy": float(normalized_match(prediction, example["answer"]))
+                if free
+                else accuracy(completion, example),
+                "format": strict_format(completion, example),
+                "tags": tag_count(completion, example),
+                "prediction": prediction,
+                "reference": example["answer"],
+            }
+        )
+
+    def summary(group: list[dict]) -> dict:
+        out = {
+            "n": len(group),
+            "accuracy": sum(r["accuracy"] for r in group) / len(group),
+            "format_rate": sum(r["format"] for r in group) / len(group),
+            "tag_count": sum(r["tags"] for r in group) / len(group),
+        }
+        if group[0]["type"] in FREE_TEXT:
+            out["rouge_l"] = sum(rouge_l(r["prediction"], r["reference"]) for r in group) / len(group)
+            out["bleu"] = bleu([r["prediction"] for r in group], [r["reference"] for r in group])
+        return out
+
+    by_type = {t: summary(g) for t in TYPES if (g := [r for r in rows if r["type"] == t])}
+    overall = {key: sum(r[key] for r in rows) / len(rows) for key in ("accuracy", "format")}
+    return {
+        "overall": {"n": len(rows), "accuracy": overall["accuracy"], "format_rate": overall["format"]},
+        "by_type": by_type,
+    }
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    examples: Sequence[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: str,
+    seed: int,
+) -> tuple[dict, list[str]]:
+    """Greedy completions of the examples' prompts and their scores: (metrics, completions)."""
+    backend = HFGenerateBackend(model, tokenizer, device=device, batch_size=batch_size)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True)
+    rollouts = backend.generate([example["prompt"] for example in examples], settings, seed)
+    return score_completions(rollouts.completions, examples), rollouts.completions
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A per-type table of accuracy and format rate for one or more named results ("before", "after")."""
+    lines = [f"{'type':<10}" + "".join(f"{name + ' acc':>13}{name + ' fmt':>13}" for name in results)]
+    any_result = next(iter(results.values()))
+    for kind in [*any_result["by_type"], "overall"]:
+        cells = []
+        for result in results.values():
+            row = result["overall"] if kind == "overall" else result["by_type"][kind]
+            cells.append(f"{row['accuracy']:>13.3f}{row['format_rate']:>13.3f}")
+        lines.append(f"{kind:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+@dataclass
+class TcmEvalConfig:
+    """Evaluate a model directory (full model or LoRA adapter) on a split of the TCM QA data."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "HF model or PEFT adapter directory (required)"}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "TCM-Ladder-style file; default: the offline set"}
+    )
+    run_dir: str | None = field(
+        default=None, metadata={"help": "where eval.json goes; default runs/tcm/<time>"}
+    )
+    split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "split to evaluate"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the offline set and of the split (as in training)"}
+    )
+    max_examples: int = field(default=0, metadata={"help": "evaluate the first N of the split; 0 = all"})
+    max_new_tokens: int = field(default=512, metadata={"help": "completion length cap"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per generate call"})
+    system_prompt: Literal["paper", "short"] = field(
+        default="paper", metadata={"help": "system prompt (use the one the model was trained with)"}
+    )
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+
+    def __post_init__(self):
+        if self.model is None:
+            raise ValueError("--model is required: the model directory to evaluate")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
+
+
+def load_for_eval(path: str, device: str):
+    """(model, tokenizer) from a full model directory or a PEFT adapter directory (its base must be local)."""
+    from core.policy import load_policy
+
+    if (Path(path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
+        return model, tokenizer
+    return load_policy(path, device=device)
+
+
+def main(config: TcmEvalConfig) -> dict:
+    from apps.tcm.train import prepared_splits  # the same data and prompts as training
+    from core.config import config_to_dict
+    from core.runs import RunDir, default_run_dir
+
+    run_dir = config.run_dir or str(default_run_dir("tcm"))
+    print(f"run directory: {run_dir}")
+    model, tokenizer = load_for_eval(config.model, config.device)
+    examples = prepared_splits(config.data, config.seed, tokenizer, config.system_prompt)[config.split]
+    if config.max_examples:
+        examples = examples[: config.max_examples]
+    metrics, completions = evaluate_model(
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        device=config.device,
+        seed=config.seed,
+    )
+    run = RunDir.create(
+        run_dir, config_to_dict(config), app="tcm", algorithm="eval", exist_ok_for_resume=False
+    )
+    run.write_eval({"split": config.split, "model": config.model, config.split: metrics})
+    print(format_table({config.split: metrics}))
+    return metrics

@@ -1,0 +1,96 @@
+"""The TCM app through its command line: a few-step smoke run of `tcm train` (offline tiny model with its
+SFT base skill, GRPO, before/after evaluation) and `tcm evaluate` of its result on a fixture file."""
+
+import json
+
+import pytest
+
+from apps.tcm.train import TcmTrainConfig
+from core.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tcm") / "run"
+    assert main(["tcm", "train", "--preset", "smoke", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_train_smoke_run(smoke_run, capsys):
+    assert json.loads((smoke_run / "status.json").read_text())["status"] == "finished"
+    metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert {"reward/accuracy", "reward/strict_format", "reward/tag_count"} <= set(metrics[0])
+    rollouts = [json.loads(line) for line in (smoke_run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 * 2 * 3  # steps x prompts x G
+    assert all(r["reward"] == pytest.approx(sum(w * r["rewards"][k] for k, w in zip(
+        ("accuracy", "strict_format", "tag_count"), (5, 1, 1), strict=True))) for r in rollouts)  # fmt: skip
+    evaluation = json.loads((smoke_run / "eval.json").read_text())
+    assert evaluation["split"] == "test"
+    for stage in ("before", "after"):
+        assert evaluation[stage]["overall"]["n"] == 4
+        assert sum(row["n"] for row in evaluation[stage]["by_type"].values()) == 4
+    assert (smoke_run / "final" / "model.safetensors").is_file()
+
+
+def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
+    data = tmp_path / "ladder.jsonl"
+    rows = [
+        {"question": f"麻黄{i}的药性是？", "options": ["寒", "温"], "answer": "B", "type": "单选题"}
+        for i in range(10)
+    ]
+    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    out = tmp_path / "eval"
+    flags = [
+        "--model",
+        str(smoke_run / "final"),
+        "--data",
+        str(data),
+        "--split",
+        "train",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main(["tcm", "evaluate", *flags, "--system-prompt", "short", "--run-dir", str(out)]) == 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["train"]["by_type"]["single"]["n"] == 8  # 80% of 10 rows
+
+
+def test_paper_defaults():
+    config = TcmTrainConfig()
+    assert (config.group_size, config.beta, config.learning_rate, config.lora) == (6, 0.0, 5e-7, True)
+    assert (config.accuracy_weight, config.format_weight, config.tag_weight) == (5.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="epochs"):
+        TcmTrainConfig(epochs=0)
+
+
+@pytest.mark.slow
+def test_tiny_preset_trains_and_moves_the_reward(tmp_path):
+    """A short `--preset tiny` run (about 10 min on 2 busy cores): GRPO changes the weights and the mean
+    training reward of the last steps is above that of the first ones."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    assert (
+        main(
+            [
+                "tcm",
+                "train",
+                "--preset",
+                "tiny",
+                "--max-steps",
+                "12",
+                "--eval-max",
+                "16",
+                "--run-dir",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
+    final = load_file(run_dir / "final" / "model.safetensors")
+    base = load_file(run_dir / "base_model" / "model.safetensors")
+    assert any(not torch.equal(final[name], base[name]) for name in base)
+    rewards = [json.loads(line)["reward"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rewards[-4:]) > sum(rewards[:4])

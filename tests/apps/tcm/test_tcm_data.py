@@ -1,0 +1,168 @@
+"""TCM data: the loader on fixture files (JSONL, CSV, Parquet; a malformed row, missing columns, bad
+options), the knowledge table's consistency, the offline generator and the split by fact."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from apps.tcm.data import TYPES, generate_examples, load_examples, parse_options, split_by_fact, textbook
+from apps.tcm.knowledge import FORMULAS, HERBS, SYNDROMES
+from apps.tcm.prompts import reference_completion
+from apps.tcm.rewards import build_rubric
+
+ROWS = [
+    {
+        "question": "麻黄的药性是？",
+        "options": {"A": "寒", "B": "温", "C": "平"},
+        "answer": "B",
+        "type": "单选题",
+    },
+    {
+        "question": "麻黄归哪些经？",
+        "options": ["肺", "肝", "膀胱", "心"],
+        "answer": "A、C",
+        "type": "multiple_choice",
+    },
+    {"question": "麻黄性____。", "options": None, "answer": "温", "type": "fill_in_the_blank"},
+    {"question": "麻黄有哪些功效？", "answer": "发汗解表，宣肺平喘", "type": "问答题"},
+    {"question": "桂枝味？", "options": "A. 辛、甘\nB. 苦\nC．咸", "answer": "ａ", "type": "single"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_fixture_loads_all_four_types(tmp_path):
+    examples = load_examples(write_jsonl(tmp_path / "ladder.jsonl", ROWS))
+    assert [e["type"] for e in examples] == ["single", "multiple", "fill", "open", "single"]
+    assert examples[0]["options"] == {"A": "寒", "B": "温", "C": "平"} and examples[0]["answer"] == "B"
+    assert examples[1]["options"] == {"A": "肺", "B": "肝", "C": "膀胱", "D": "心"}
+    assert examples[1]["answer"] == "AC"
+    assert examples[2]["options"] == {} and examples[2]["answer"] == "温"
+    assert examples[4]["options"] == {"A": "辛、甘", "B": "苦", "C": "咸"} and examples[4]["answer"] == "A"
+    assert [e["id"] for e in examples] == [f"ladder-{i}" for i in range(5)]
+    assert [e["fact"] for e in examples] == [e["id"] for e in examples]  # a loaded row is its own group
+
+
+def test_csv_and_parquet_fixtures(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        [
+            {"question": "麻黄的药性是？", "options": json.dumps(["寒", "温"], ensure_ascii=False), "answer": "B",
+             "type": "single"},
+            {"question": "麻黄性____。", "options": "", "answer": "温", "type": "fill"},
+        ]
+    )  # fmt: skip
+    frame.to_csv(tmp_path / "ladder.csv", index=False)
+    frame.to_parquet(tmp_path / "ladder.parquet")
+    for name in ("ladder.csv", "ladder.parquet"):
+        examples = load_examples(tmp_path / name)
+        assert [e["options"] for e in examples] == [{"A": "寒", "B": "温"}, {}]
+        assert [e["answer"] for e in examples] == ["B", "温"]
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    lines = [json.dumps(ROWS[0], ensure_ascii=False), '{"question": "缺一个括号"', json.dumps(ROWS[2])]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"question": "q", "answer": "B"}, r"line 1: missing field\(s\) type"),
+        ({"question": "q", "type": "fill"}, r"line 1: missing field\(s\) answer"),
+        ({"question": "q", "answer": "B", "type": "essay"}, "unknown type 'essay'"),
+        ({"question": "q", "answer": "B", "type": "single"}, "needs options"),
+        ({"question": "q", "options": {"A": "x", "B": "y"}, "answer": "F", "type": "single"}, "not among"),
+        ({"question": "q", "options": {"A": "x", "B": "y"}, "answer": "AB", "type": "single"}, "one letter"),
+        (
+            {"question": "q", "options": {"A": "x", "C": "y"}, "answer": "A", "type": "single"},
+            "lettered A, B",
+        ),
+    ],
+)
+def test_bad_rows_are_clear_errors(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(ValueError, match=message) as error:
+        load_examples(path)
+    assert "bad.jsonl" in str(error.value)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_examples("/nonexistent/ladder.jsonl")
+
+
+def test_parse_options_forms():
+    assert parse_options('{"A": "寒", "B": "温"}', "x") == {"A": "寒", "B": "温"}
+    assert parse_options("A、寒\nB：温", "x") == {"A": "寒", "B": "温"}
+    with pytest.raises(ValueError, match="x: option line"):
+        parse_options("寒\n温", "x")
+
+
+# ---- the knowledge table and the generator -----------------------------------------------------------------
+
+
+def test_knowledge_table_is_consistent():
+    assert len(HERBS) >= 40 and len(FORMULAS) >= 15 and len(SYNDROMES) >= 15
+    for table in (HERBS, FORMULAS, SYNDROMES):
+        assert len({entry.name for entry in table}) == len(table)
+    formulas = {f.name for f in FORMULAS}
+    assert all(s.formula in formulas for s in SYNDROMES)
+    assert len({s.formula for s in SYNDROMES}) == len(SYNDROMES)  # "which syndrome" questions are unambiguous
+    assert len({"，".join(h.actions) for h in HERBS}) == len(HERBS)  # "which herb has these actions" too
+    assert len({"，".join(f.actions) for f in FORMULAS}) == len(FORMULAS)
+    assert all(h.gloss.isascii() and h.gloss for h in HERBS)
+
+
+def test_generated_questions_are_well_formed():
+    examples = generate_examples(seed=0)
+    assert examples == generate_examples(seed=0)
+    assert examples != generate_examples(seed=1)  # other distractors and orders
+    assert set(Counter(e["type"] for e in examples)) == set(TYPES)
+    assert len({e["id"] for e in examples}) == len(examples)
+    rubric = build_rubric()
+    for example in examples:
+        options = example["options"]
+        if example["type"] in ("single", "multiple"):
+            assert list(options) == list("ABCDE") and len(set(options.values())) == 5, example
+            assert set(example["answer"]) <= set(options) and len(example["answer"]) >= 1
+            assert (len(example["answer"]) == 1) == (example["type"] == "single")
+            for letter in example["answer"]:  # every correct option is stated in the fact's sentence
+                assert options[letter] in example["think"] or options[letter] in example["question"], example
+        else:
+            assert options == {}
+    table = rubric.score([reference_completion(e) for e in examples], examples)
+    assert table.total.min().item() == pytest.approx(7.0)  # the reference answer earns every reward
+
+
+def test_textbook_has_one_sentence_per_fact():
+    examples = generate_examples(seed=0)
+    assert len(textbook()) == len({e["fact"] for e in examples})
+    assert "麻黄性温。" in textbook() and "四君子汤由人参、白术、茯苓、甘草组成。" in textbook()
+
+
+def test_split_by_fact_is_disjoint_seeded_and_80_10_10():
+    examples = generate_examples(seed=0)
+    splits = split_by_fact(examples, seed=3)
+    facts = {name: {e["fact"] for e in split} for name, split in splits.items()}
+    assert not facts["train"] & facts["val"] and not facts["train"] & facts["test"]
+    assert not facts["val"] & facts["test"]
+    n_facts = len({e["fact"] for e in examples})
+    assert [len(facts[name]) for name in ("train", "val", "test")] == [
+        round(0.8 * n_facts),
+        round(0.1 * n_facts),
+        n_facts - round(0.8 * n_facts) - round(0.1 * n_facts),
+    ]
+    assert sum(len(split) for split in splits.values()) == len(examples)
+    assert splits == split_by_fact(examples, seed=3)
+    assert splits["test"] != split_by_fact(examples, seed=4)["test"]
+    with pytest.raises(ValueError, match="fractions"):
+        split_by_fact(examples, seed=0, fractions=(0.8, 0.1, 0.2))

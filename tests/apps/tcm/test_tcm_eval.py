@@ -1,0 +1,55 @@
+"""TCM evaluation on hand-written completions: per-type accuracy, format rate, ROUGE-L and BLEU."""
+
+import pytest
+
+from apps.tcm.evaluate import bleu, format_table, score_completions
+
+
+def wrap(answer: str) -> str:
+    return f"<think>\n想\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+EXAMPLES = [
+    {"type": "single", "answer": "B"},
+    {"type": "single", "answer": "A"},
+    {"type": "multiple", "answer": "AC"},
+    {"type": "fill", "answer": "肺、膀胱"},
+    {"type": "open", "answer": "发汗解表，宣肺平喘"},
+    {"type": "open", "answer": "益气健脾"},
+]
+
+
+def test_per_type_table_by_hand():
+    completions = [
+        wrap("B"),  # right, formatted
+        "答案是A",  # right, unformatted
+        wrap("A、C"),  # right
+        wrap("膀胱，肺"),  # right
+        wrap("发汗解表，宣肺平喘"),  # exact
+        wrap("补血调血"),  # wrong
+    ]
+    result = score_completions(completions, EXAMPLES)
+    by_type = result["by_type"]
+    assert by_type["single"] == {"n": 2, "accuracy": 1.0, "format_rate": 0.5, "tag_count": 0.5}
+    assert by_type["multiple"]["accuracy"] == 1.0 and by_type["fill"]["accuracy"] == 1.0
+    assert by_type["fill"]["rouge_l"] == pytest.approx(0.5)  # 膀胱/肺 vs 肺/膀胱: LCS 1 of 2 words
+    assert by_type["open"]["accuracy"] == 0.5
+    assert by_type["open"]["rouge_l"] == pytest.approx(0.5)  # one exact (1.0), one with no common word (0.0)
+    assert result["overall"] == {
+        "n": 6,
+        "accuracy": pytest.approx(5 / 6),
+        "format_rate": pytest.approx(5 / 6),
+    }
+    assert "single" in format_table({"before": result, "after": result})
+
+
+def test_bleu_on_chinese_words():
+    assert bleu(["发汗解表，宣肺平喘，利水消肿"], ["发汗解表，宣肺平喘，利水消肿"]) == pytest.approx(1.0)
+    assert bleu(["补血调血"], ["发汗解表，宣肺平喘"]) == pytest.approx(0.0, abs=1e-3)
+    assert bleu([""], ["发汗解表"]) == 0.0
+    assert 0.0 < bleu(["发汗解表，宣肺平喘"], ["发汗解表，宣肺平喘，利水消肿"]) < 1.0
+
+
+def test_mismatched_lengths_are_an_error():
+    with pytest.raises(ValueError, match="1 completions for 6 examples"):
+        score_completions(["x"], EXAMPLES)

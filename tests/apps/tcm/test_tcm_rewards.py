@@ -1,0 +1,159 @@
+"""TCM rewards on hand-written completions: answer extraction (full-width, lower case, several letters,
+missing tags, text outside the tags, Chinese and English cues), strict format, tag count, fill-in and
+open-QA scoring, and the 5:1:1 rubric."""
+
+import pytest
+
+from apps.tcm.rewards import (
+    accuracy,
+    build_rubric,
+    extract_letters,
+    normalized_match,
+    rouge_l,
+    strict_format,
+    tag_count,
+    zh_tokens,
+)
+
+
+def wrap(answer: str, think: str = "麻黄性温。") -> str:
+    return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+SINGLE = {"id": "s", "type": "single", "answer": "B"}
+MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
+
+
+@pytest.mark.parametrize(
+    ("completion", "letters"),
+    [
+        (wrap("B"), "B"),
+        (wrap("Ｂ"), "B"),  # full-width letter
+        (wrap("（Ｂ）"), "B"),  # full-width brackets
+        (wrap("答案：Ｂ"), "B"),  # full-width colon
+        (wrap("b"), "B"),  # lower case, alone
+        (wrap("答案是b"), "B"),  # lower case after a cue
+        (wrap("选B项"), "B"),
+        (wrap("B项正确"), "B"),
+        (wrap("选项B"), "B"),
+        (wrap("答案为 B。"), "B"),
+        (wrap("The answer is b."), "B"),  # English cue, lower case
+        (wrap("Answer: B"), "B"),  # the A of "Answer" is not a letter answer
+        (wrap("A is wrong; the answer is B"), "B"),  # a cue wins over an earlier standalone letter
+        (wrap("B、C"), "BC"),  # several letters: all of them, in order
+        (wrap("ACD"), "ACD"),
+        (wrap("A，C，D"), "ACD"),
+        (wrap("a、c、d"), "ACD"),
+        (wrap("A和C和D"), "ACD"),
+        (wrap("D C A"), "DCA"),
+        ("答案是C", "C"),  # missing tags: the whole completion
+        ("<think>\n想一想A和B\n</think>\n答案是C", "C"),  # missing answer tags: the think block is ignored
+        ("我觉得是A\n<answer>\nB\n</answer>\n其实是C", "B"),  # text outside the tags is ignored
+        (wrap("麻黄性温"), ""),  # no letter
+        (wrap("Ephedra"), ""),  # letters inside a Latin word are not answers
+        ("", ""),
+    ],
+)
+def test_extract_letters(completion, letters):
+    assert extract_letters(completion) == letters
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        (wrap("B"), 1.0),
+        (wrap("Ｂ"), 1.0),
+        (wrap("b"), 1.0),
+        (wrap("C"), 0.0),
+        (wrap("B、C"), 1.0),  # single choice: the first letter found, as the paper reads it
+        (wrap("C、B"), 0.0),
+        ("答案是B", 1.0),
+        ("选B", 1.0),
+        ("the answer is B", 1.0),
+        (wrap(""), 0.0),
+    ],
+)
+def test_single_choice_accuracy(completion, reward):
+    assert accuracy(completion, SINGLE) == reward
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        (wrap("ACD"), 1.0),
+        (wrap("D、A、C"), 1.0),  # order does not matter
+        (wrap("ａｃｄ"), 1.0),  # full-width lower case
+        (wrap("A,C,D,A"), 1.0),  # repeats are one letter
+        (wrap("AC"), 0.0),  # a subset is wrong
+        (wrap("ABCD"), 0.0),  # a superset is wrong
+        ("答案是A、C、D", 1.0),  # missing tags
+    ],
+)
+def test_multiple_choice_accuracy(completion, reward):
+    assert accuracy(completion, MULTIPLE) == reward
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "match"),
+    [
+        ("温", "温", True),
+        (" 温。", "温", True),
+        ("微温", "温", False),
+        ("膀胱、肺", "肺、膀胱", True),  # item order does not matter
+        ("肺，膀胱", "肺、膀胱", True),  # full-width comma as the separator
+        ("肺", "肺、膀胱", False),
+        ("Warm.", "warm", True),
+        ("ＷＡＲＭ", "warm", True),
+        ("", "温", False),
+    ],
+)
+def test_normalized_match(prediction, gold, match):
+    assert normalized_match(prediction, gold) is match
+
+
+def test_fill_and_open_accuracy():
+    fill = {"type": "fill", "answer": "肺、膀胱"}
+    assert accuracy(wrap("膀胱，肺"), fill) == 1.0
+    assert accuracy(wrap("肺"), fill) == 0.0
+    assert accuracy("<think>\n想\n</think>\n膀胱、肺", fill) == 1.0  # missing answer tags
+    open_qa = {"type": "open", "answer": "发汗解表，宣肺平喘，利水消肿"}
+    assert accuracy(wrap("发汗解表，宣肺平喘，利水消肿"), open_qa) == pytest.approx(1.0)
+    # jieba: 发汗/解表/宣肺/平喘 against 6 reference words; LCS 4 -> P 1, R 2/3, F 0.8
+    assert accuracy(wrap("发汗解表，宣肺平喘"), open_qa) == pytest.approx(0.8)
+    assert accuracy(wrap(""), open_qa) == 0.0
+
+
+def test_rouge_l_uses_chinese_words():
+    assert zh_tokens("发汗解表，宣肺平喘。") == ["发汗", "解表", "宣肺", "平喘"]
+    assert rouge_l("宣肺平喘，发汗解表", "发汗解表，宣肺平喘") == pytest.approx(0.5)  # LCS 2 of 4 words
+    assert rouge_l("", "发汗解表") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "strict", "tags"),
+    [
+        (wrap("B"), 1.0, 1.0),
+        (wrap("B") + "\n", 1.0, 1.0),  # trailing whitespace is fine
+        ("前言" + wrap("B"), 0.0, 1.0),  # text before the think block
+        (wrap("B") + "后记", 0.0, 1.0),  # text after the answer block
+        ("<think>麻黄性温。</think><answer>B</answer>", 0.0, 0.0),  # tags without their newlines
+        ("<think>\n麻黄性温。\n</think>\nB", 0.0, 0.5),  # missing answer tags
+        ("<think>\n想\n</think>\n<answer>\nA\n</answer>\n<answer>\nB\n</answer>", 0.0, 0.5),  # answered twice
+        ("B", 0.0, 0.0),
+        (
+            "<answer>\nB\n</answer>",
+            0.0,
+            0.25,
+        ),  # "\n<answer>\n" needs a newline before it; "\n</answer>" is there
+    ],
+)
+def test_format_rewards(completion, strict, tags):
+    assert strict_format(completion, {}) == strict
+    assert tag_count(completion, {}) == tags
+
+
+def test_rubric_weights_five_one_one():
+    rubric = build_rubric()
+    assert rubric.weights == {"accuracy": 5.0, "strict_format": 1.0, "tag_count": 1.0}
+    table = rubric.score([wrap("B"), wrap("C"), "答案是B"], [SINGLE] * 3)
+    assert table.total.tolist() == [7.0, 2.0, 5.0]

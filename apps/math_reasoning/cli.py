@@ -1,0 +1,49 @@
+"""`grpo-suite math <verb>`: train (four algorithms), eval, compare, data. `--help` on each verb.
+
+grpo-suite math data --out-dir runs/math/data
+grpo-suite math train --algo scaf --preset smoke
+grpo-suite math eval --model runs/math/<run>/final
+grpo-suite math compare --algos grpo,codistill --seeds 0,1,2
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apps.math_reasoning.compare import PRESETS as COMPARE_PRESETS
+from apps.math_reasoning.compare import MathCompareConfig, compare
+from apps.math_reasoning.data import offline_sets, write_jsonl
+from apps.math_reasoning.evaluate import MathEvalConfig, run_eval
+from apps.math_reasoning.train import PRESETS, MathTrainConfig, train
+from core.cli import add_app, add_command
+
+
+@dataclass
+class MathDataConfig:
+    """`grpo-suite math data`: write the generated offline sets as JSONL."""
+
+    out_dir: str = field(default="runs/math/data", metadata={"help": "directory for train/test/sft .jsonl"})
+    data_seed: int = field(default=1234, metadata={"help": "seed of the generated sets"})
+
+
+def write_data(config: MathDataConfig) -> dict[str, Path]:
+    sets = offline_sets(config.data_seed)
+    out = Path(config.out_dir)
+    paths = {}
+    for name in ("train", "test", "sft"):
+        paths[name] = out / f"{name}.jsonl"
+        write_jsonl(paths[name], getattr(sets, name))
+        levels = sorted({e["level"] for e in getattr(sets, name)})
+        print(f"{paths[name]}: {len(getattr(sets, name))} problems, levels {levels}")
+    return paths
+
+
+def register(apps) -> None:
+    verbs = add_app(
+        apps, "math", "math reasoning: GRPO, GTPO, Scaf-GRPO, CoDistill-GRPO (offline tiny models)"
+    )
+    add_command(verbs, "train", MathTrainConfig, train, "train with --algo grpo|gtpo|scaf|codistill", PRESETS)
+    add_command(verbs, "eval", MathEvalConfig, run_eval, "pass@1 / pass@k / maj@k of a model on a data set")
+    add_command(
+        verbs, "compare", MathCompareConfig, compare, "algorithms x seeds -> a table", COMPARE_PRESETS
+    )
+    add_command(verbs, "data", MathDataConfig, write_data, "write the generated offline data sets")

@@ -1,0 +1,168 @@
+"""CoDistill-GRPO (PAPERS.md sec. 1) as trainer hooks: a small policy S (the trainer's model) and a large
+policy L trained together, L generating nothing.
+
+- S: GRPO on its own rollouts with reward = verifiable reward + `alpha * mean_t(log pi_L - log pi_S)`, the
+  KD term (`core.algos.kd_reward`), added before group normalization (`extra_rewards`, component "kd").
+- L: after S's update (`after_update`), one GRPO step on the same rollouts, each token's policy-gradient
+  term multiplied by `w_t = min(pi_L / pi_S, cap)` (`core.algos.truncated_importance_weights`; both taken
+  without gradient before either model moved). L's advantages use the verifiable reward only [choice: the
+  KD term is about S; paper is silent]. L has its own AdamW optimizer and learning rate.
+S and L must share a tokenizer: the weights compare them token by token.
+Metrics: codistill/kd (mean KD term), codistill/ess (effective sample size of the weights, a fraction),
+codistill/capped_frac and codistill/large_time (L's forward for the KD term plus its update, seconds; the
+rest of the logged step_time is S's: generation, scoring and update).
+"""
+
+import math
+import time
+
+import torch
+
+from core import algos
+from core.policy import completion_logprobs
+from core.rollout import Rollouts
+from core.trainer import TrainerHooks
+
+
+def no_grad_logprobs(
+    model, rollouts: Rollouts, temperature: float, micro_batch: int, chunk: int
+) -> torch.Tensor:
+    """Per-token logprobs (N, T) of the rollouts' completions under `model`, in micro-batches, no gradient."""
+    parts = []
+    t = rollouts.completion_ids.shape[1]
+    with torch.no_grad():
+        for start in range(0, len(rollouts), micro_batch):
+            micro = rollouts.select(range(start, min(start + micro_batch, len(rollouts))))
+            logp, _ = completion_logprobs(
+                model,
+                micro.input_ids(),
+                micro.attention_mask(),
+                t,
+                temperature=temperature,
+                chunk_size=chunk,
+                with_entropy=False,
+            )
+            parts.append(logp)
+    return torch.cat(parts)  # (N, T)
+
+
+class CoDistillHooks(TrainerHooks):
+    """Holds L and its optimizer; see the module docstring."""
+
+    def __init__(
+        self,
+        large_model,
+        *,
+        alpha: float,
+        is_cap: float,
+        learning_rate: float,
+        train_large: bool = True,
+    ):
+        if is_cap <= 0:
+            raise ValueError(f"codistill_is_cap must be > 0, got {is_cap}")
+        self.large = large_model
+        self.alpha = alpha
+        self.is_cap = is_cap
+        self.train_large = train_large
+        params = [p for p in large_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        self._cache: tuple[Rollouts, torch.Tensor, torch.Tensor] | None = None
+        self._kd_time = 0.0
+
+    def extra_rewards(self, trainer, rollouts: Rollouts, examples: list[dict]) -> dict:
+        cfg = trainer.config
+        args = (cfg.temperature, cfg.micro_batch_size, cfg.logprob_chunk_size)
+        small_logp = no_grad_logprobs(trainer.model, rollouts, *args)  # (N, T)
+        start = time.perf_counter()
+        self.large.eval()
+        large_logp = no_grad_logprobs(self.large, rollouts, *args)  # (N, T)
+        self._kd_time = time.perf_counter() - start
+        kd = algos.kd_reward(large_logp, small_logp, rollouts.loss_mask, self.alpha)  # (N,)
+        self._cache = (rollouts, small_logp, large_logp)
+        return {"kd": kd}
+
+    def after_update(self, trainer, batch) -> dict:
+        if self._cache is None or self._cache[0] is not batch.rollouts:
+            raise RuntimeError(
+                "codistill: the batch is not the one its KD term was computed on (dynamic sampling?)"
+            )
+        rollouts, small_logp, large_logp = self._cache
+        self._cache = None
+        start = time.perf_counter()
+        weights, ess = algos.truncated_importance_weights(
+            large_logp, small_logp, rollouts.loss_mask, self.is_cap
+        )  # (N, T), ()
+        mask = rollouts.loss_mask
+        capped = float(((weights >= self.is_cap) & (mask > 0)).sum() / mask.sum().clamp(min=1))
+        advantages = verifiable_advantages(trainer, batch)  # (N,)
+        metrics = {
+            "codistill/kd": float(batch.table.components[:, batch.table.names.index("kd")].mean()),
+            "codistill/ess": float(ess),
+            "codistill/capped_frac": capped,
+            "codistill/weight_mean": float(algos.masked_mean(weights, mask)),
+        }
+        if self.train_large:
+            metrics.update(self._update_large(trainer, rollouts, advantages, weights))
+        large_time = self._kd_time + time.perf_counter() - start
+        metrics["codistill/large_time"] = large_time
+        return metrics
+
+    def _update_large(self, trainer, rollouts: Rollouts, advantages, weights) -> dict:
+        cfg = trainer.config
+        self.large.train()
+        t = rollouts.completion_ids.shape[1]
+        total_tokens, total_seqs = rollouts.loss_mask.sum(), float(len(rollouts))
+        loss_sum = 0.0
+        for start in range(0, len(rollouts), cfg.micro_batch_size):
+            idx = range(start, min(start + cfg.micro_batch_size, len(rollouts)))
+            micro = rollouts.select(idx)
+            logp, _ = completion_logprobs(
+                self.large,
+                micro.input_ids(),
+                micro.attention_mask(),
+                t,
+                temperature=cfg.temperature,
+                chunk_size=cfg.logprob_chunk_size,
+                with_entropy=False,
+            )  # (n, T)
+            loss, _ = algos.policy_loss(
+                logp,
+                None,
+                advantages[idx.start : idx.stop],
+                micro.loss_mask,
+                eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high,
+                aggregation=cfg.loss_aggregation,
+                max_length=cfg.max_new_tokens,
+                total_tokens=total_tokens,
+                total_seqs=total_seqs,
+                importance_weights=weights[idx.start : idx.stop],
+            )
+            loss.backward()
+            loss_sum += float(loss.detach())
+        params = [p for p in self.large.parameters() if p.requires_grad]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.large.eval()
+        return {"codistill/large_loss": loss_sum, "codistill/large_grad_norm": float(norm)}
+
+
+def verifiable_advantages(trainer, batch) -> torch.Tensor:
+    """Group advantages (N,) of the rubric's components only (the KD column dropped), as the trainer's
+    config computes them."""
+    cfg = trainer.config
+    names = batch.table.names
+    keep = [k for k, name in enumerate(names) if name != "kd"]
+    components = batch.table.components[:, keep]  # (N, K-1)
+    weights = batch.table.effective_weights()[keep]  # (K-1,)
+    aggregate = algos.MULTI_REWARD.get(cfg.multi_reward)
+    return aggregate(
+        components,
+        weights,
+        cfg.group_size,
+        scale=cfg.advantage_scale,
+        baseline=cfg.advantage_baseline,
+        eps=cfg.advantage_eps,
+    )

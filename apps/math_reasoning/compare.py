@@ -1,0 +1,182 @@
+"""`grpo-suite math compare`: run several algorithms x seeds from the same base models and print a table
+of held-out results, mean +- std over seeds (also written to <out>/compare.md and compare.json).
+
+    grpo-suite math compare --algos grpo,codistill,grpo_large --seeds 0,1,2
+    grpo-suite math compare --algos grpo,gtpo --learning-rate 3e-3 --max-steps 60   # collapse vs GTPO
+
+Arms: grpo, gtpo, scaf, codistill (two rows: S and L) and grpo_large (GRPO on L's own rollouts, the
+reference for CoDistill's L). Without --model the tiny base models are built once, with `base_seed`, into
+<out>/base_small and <out>/base_large, so every arm and seed starts from the same weights; seeds vary the
+RL run only. Every other training field comes from --train-config (a TOML/YAML file of train fields) and
+the flags below.
+"""
+
+import json
+import statistics
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, build_base, train
+from core.config import load_config_file
+
+ARMS = (*ALGORITHMS, "grpo_large")
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class MathCompareConfig:
+    """Algorithms x seeds -> one table."""
+
+    algos: tuple[str, ...] = _help(
+        f"arms to run, from {', '.join(ARMS)}", ("grpo", "gtpo", "scaf", "codistill")
+    )
+    seeds: tuple[int, ...] = _help("RL seeds of every arm", (0, 1, 2))
+    out_dir: str | None = _help("directory of the runs and the table; default runs/math/compare-<time>", None)
+    model: str | None = _help("small/policy model (HF dir); default: the tiny base built once", None)
+    large_model: str | None = _help("large model for codistill and grpo_large; default: the tiny one", None)
+    base_seed: int = _help("seed of the tiny base models' initialisation and SFT", 0)
+    train_config: str | None = _help("TOML/YAML file of `math train` fields applied to every run", None)
+    max_steps: int | None = _help("training steps of every run (none: the train default)", None)
+    learning_rate: float | None = _help("policy learning rate of every run (none: the train default)", None)
+    eval_samples: int | None = _help("completions per held-out problem (none: the train default)", None)
+    eval_examples: int | None = _help("held-out problems evaluated (none: the train default)", None)
+    smoke: bool = _help("use the train command's smoke preset (tiny models, 2 steps)", False)
+
+    def __post_init__(self):
+        unknown = [a for a in self.algos if a not in ARMS]
+        if unknown or not self.algos:
+            raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+
+
+PRESETS = {"smoke": {"smoke": True, "seeds": (0,), "algos": ("grpo", "codistill")}}
+
+
+def _train_values(config: MathCompareConfig) -> dict:
+    from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
+
+    values = dict(TRAIN_PRESETS["smoke"]) if config.smoke else {}
+    if config.train_config:
+        from_file = load_config_file(Path(config.train_config))
+        names = {f.name for f in fields(MathTrainConfig)}
+        unknown = sorted(set(from_file) - names)
+        if unknown:
+            raise ValueError(f"train config {config.train_config}: unknown field(s) {', '.join(unknown)}")
+        values.update(from_file)
+    for name in ("max_steps", "learning_rate", "eval_samples", "eval_examples"):
+        if getattr(config, name) is not None:
+            values[name] = getattr(config, name)
+    for name in ("algo", "seed", "model", "large_model", "run_dir", "resume"):
+        values.pop(name, None)  # set per run below
+    if "scaf_tiers" in values:
+        values["scaf_tiers"] = tuple(values["scaf_tiers"])
+    return values
+
+
+def compare(config: MathCompareConfig) -> dict:
+    out = Path(config.out_dir or f"runs/math/compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"compare directory: {out}")
+    values = _train_values(config)
+    base = MathTrainConfig(**values, seed=config.base_seed, run_dir=str(out))
+    small = Path(config.model) if config.model else out / "base_small"
+    large = Path(config.large_model) if config.large_model else out / "base_large"
+    needs_large = any(arm in ("codistill", "grpo_large") for arm in config.algos)
+    if config.model and needs_large and not config.large_model:
+        raise ValueError("codistill and grpo_large with --model need --large-model")
+    for path, size, needed in ((small, "small", True), (large, "large", needs_large)):
+        if needed and not (path / "config.json").is_file():
+            print(f"building the tiny {size} base model into {path}")
+            build_base(base, size, path)
+    runs: dict[str, list[dict]] = {}
+    for arm in config.algos:
+        for seed in config.seeds:
+            run_config = MathTrainConfig(
+                **values,
+                algo="grpo" if arm == "grpo_large" else arm,
+                seed=seed,
+                model=str(large if arm == "grpo_large" else small),
+                large_model=str(large) if arm == "codistill" else None,
+                run_dir=str(out / f"{arm}-seed{seed}"),
+            )
+            result = train(run_config)
+            runs.setdefault(arm, []).append(run_summary(result))
+    rows = table_rows(runs)
+    text = format_table(rows)
+    print(text)
+    (out / "compare.md").write_text(text + "\n")
+    (out / "compare.json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=2, default=str))
+    return {"runs": runs, "rows": rows, "out_dir": str(out)}
+
+
+def run_summary(result: dict) -> dict:
+    """Per run: held-out metrics of the policy (and of L for CoDistill) and training means."""
+    history, evals = result["history"], result["eval"]
+    tail = history[-max(1, len(history) // 4) :]
+
+    def mean(rows, key):
+        values = [m[key] for m in rows if m.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    summary = {
+        "run_dir": result["run_dir"],
+        "zero_spread": mean(history, "zero_spread_frac"),
+        "entropy_end": mean(tail, "entropy"),
+        "step_time": mean(history, "step_time"),
+        "all_fail": mean(history, "scaf/all_fail_frac"),
+        "large_time": mean(history, "codistill/large_time"),
+        "ess": mean(history, "codistill/ess"),
+    }
+    for key, prefix in (("eval", ""), ("eval_large", "large_")):
+        if key in evals:
+            k = evals[key]["samples"]
+            summary[prefix + "pass@1"] = evals[key]["all"]["pass@1"]
+            summary[prefix + "maj@k"] = evals[key]["all"][f"maj@{k}"]
+            summary[prefix + "format"] = evals[key]["all"]["format_rate"]
+            summary[prefix + "hard_pass@1"] = evals[key].get("hard", {}).get("pass@1")
+    return summary
+
+
+COLUMNS = ("pass@1", "hard_pass@1", "maj@k", "format", "entropy_end", "zero_spread", "step_time")
+
+
+def table_rows(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per arm (CoDistill: S and L), each column as (mean, std, n) over seeds."""
+    rows = []
+    for arm, summaries in runs.items():
+        rows.append({"arm": arm, **{c: _stats([s.get(c) for s in summaries]) for c in COLUMNS}})
+        if arm == "codistill":
+            small_time = [s["step_time"] - s["large_time"] for s in summaries]
+            rows[-1]["step_time"] = _stats(small_time)
+            rows[-1]["arm"] = "codistill:S"
+            large = {c: _stats([s.get("large_" + c) for s in summaries]) for c in COLUMNS[:4]}
+            rows.append(
+                {"arm": "codistill:L", **large, "step_time": _stats([s["large_time"] for s in summaries])}
+            )
+    return rows
+
+
+def _stats(values: list) -> tuple[float, float, int] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| arm | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for row in rows:
+        cells = []
+        for c in COLUMNS:
+            stat = row.get(c)
+            cells.append("-" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}")
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    seeds = max((row[c][2] for row in rows for c in COLUMNS if row.get(c)), default=0)
+    lines.append(f"\nmean ± std over {seeds} seed(s); step_time in s (codistill:S = step minus L's share)")
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""Math data: loaders for the usual benchmark files, and the offline default, a generated set of arithmetic
+word problems with step-by-step solutions and tiered hints.
+
+Every loader returns examples `{"id", "question", "answer", "source", ...}` (the prompt is rendered later by
+`templates.py`); a missing field is an error naming the file and the row.
+
+    grpo-suite math data --out-dir runs/math/data      # writes train.jsonl, test.jsonl, sft.jsonl
+
+Offline problems (`generate_problem`): a start amount and `steps` additions or subtractions told as a short
+story, e.g. "Ann has 47 apples. Ann buys 38 more. Ann loses 19. How many apples now?" -> 66. Difficulty
+knobs: digits of the numbers, steps, and a minimum number of carries/borrows. `LEVELS` fixes three
+levels; level 3 (three digits, four steps, many carries) is the hard tail where a small model's groups all
+fail. Each problem has hints in three tiers (PAPERS.md sec. 2, Scaf-GRPO), each a list of chunks:
+knowledge (what the verbs mean, how to carry), planning (the operations in order), solution (each step
+worked out). All of it is a pure function of the seed.
+"""
+
+import json
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.data import read_examples
+
+HINT_TIERS = ("knowledge", "planning", "solution")
+NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Finn", "Gus", "Ivy")
+ITEMS = ("apples", "pens", "coins", "cards", "eggs", "books", "shells", "stamps")
+ADD_VERBS = ("gets", "buys", "finds")
+SUB_VERBS = ("loses", "sells", "gives away")
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """One level of the generated set: numbers of `digits` digits, `steps` operations, and at least
+    `min_carries` carries or borrows over the whole solution."""
+
+    digits: int
+    steps: int
+    min_carries: int = 0
+
+    def __post_init__(self):
+        if self.digits < 1 or self.steps < 1 or self.min_carries < 0:
+            raise ValueError(f"need digits >= 1, steps >= 1, min_carries >= 0; got {self}")
+        if self.min_carries > self.digits * self.steps:
+            raise ValueError(f"{self}: at most digits * steps = {self.digits * self.steps} carries exist")
+
+
+# Level 1 and 2 are what the tiny base models are fine-tuned on; level 3 is the hard tail.
+LEVELS = {1: Difficulty(2, 1), 2: Difficulty(2, 2, 1), 3: Difficulty(3, 4, 5)}
+HARD_LEVEL = 3
+
+
+def carries(a: int, b: int, op: str) -> int:
+    """Carries of a + b or borrows of a - b (a >= b >= 0), column by column.
+
+    >>> carries(47, 38, "+"), carries(85, 19, "-"), carries(12, 3, "+")
+    (1, 1, 0)
+    """
+    count, carry = 0, 0
+    while a or b:
+        da, db = a % 10, b % 10
+        if op == "+":
+            carry = 1 if da + db + carry > 9 else 0
+        else:
+            carry = 1 if da - db - carry < 0 else 0
+        count += carry
+        a, b = a // 10, b // 10
+    return count
+
+
+def generate_problem(rng: random.Random, difficulty: Difficulty, max_tries: int = 1000) -> dict:
+    """One word problem of the given difficulty: question, answer, solution steps and hints."""
+    low, high = 10 ** (difficulty.digits - 1), 10**difficulty.digits - 1
+    for _ in range(max_tries):
+        value = rng.randint(low, high)
+        start, ops, total_carries = value, [], 0
+        for _ in range(difficulty.steps):
+            b = rng.randint(low, high)
+            op = "-" if b <= value and rng.random() < 0.5 else "+"
+            total_carries += carries(value, b, op)
+            new = value + b if op == "+" else value - b
+            ops.append((value, op, b, new))
+            value = new
+        if total_carries >= difficulty.min_carries:
+            break
+    else:
+        raise ValueError(f"no problem with {difficulty} found in {max_tries} tries")
+    name, items = rng.choice(NAMES), rng.choice(ITEMS)
+    sentences = [f"{name} has {start} {items}."]
+    verbs = []
+    for _, op, b, _ in ops:
+        verb = rng.choice(ADD_VERBS if op == "+" else SUB_VERBS)
+        verbs.append(verb)
+        sentences.append(f"{name} {verb} {b}{' more' if op == '+' else ''}.")
+    sentences.append(f"How many {items} now?")
+    steps = [f"{a}{op}{b}={c}" for a, op, b, c in ops]
+    knowledge = [
+        f"'{verb}' means {'add' if verb in ADD_VERBS else 'subtract'}." for verb in dict.fromkeys(verbs)
+    ]
+    if total_carries:
+        knowledge.append("Work right to left and carry or borrow 1 between columns.")
+    planning = [f"Start at {start}."] + [f"{'Add' if op == '+' else 'Subtract'} {b}." for _, op, b, _ in ops]
+    return {
+        "question": " ".join(sentences),
+        "answer": str(value),
+        "steps": steps,
+        "hints": {"knowledge": knowledge, "planning": planning, "solution": [f"{s}." for s in steps]},
+        "carries": total_carries,
+    }
+
+
+def generate_set(
+    n_per_level: dict[int, int], seed: int, split: str, exclude: Iterable[str] = ()
+) -> list[dict]:
+    """`n_per_level[level]` problems of each level, drawn from `seed`; questions in `exclude` (another
+    split's) and duplicates are skipped, so splits never share a question."""
+    rng = random.Random(f"math-{split}-{seed}")
+    seen = set(exclude)
+    examples = []
+    for level, n in sorted(n_per_level.items()):
+        if level not in LEVELS:
+            raise ValueError(f"unknown level {level}; valid: {sorted(LEVELS)}")
+        made, tries = 0, 0
+        while made < n:
+            tries += 1
+            if tries > 50 * n + 1000:
+                raise ValueError(f"level {level}: could not draw {n} distinct problems (only {made})")
+            problem = generate_problem(rng, LEVELS[level])
+            if problem["question"] in seen:
+                continue
+            seen.add(problem["question"])
+            examples.append(
+                {"id": f"{split}-L{level}-{made}", "level": level, "source": "offline", **problem}
+            )
+            made += 1
+    return examples
+
+
+@dataclass(frozen=True)
+class OfflineSets:
+    """The offline default: RL training prompts, a held-out test set, and SFT problems (disjoint)."""
+
+    train: list[dict]
+    test: list[dict]
+    sft: list[dict]
+
+
+def offline_sets(seed: int, n_train: int = 600, n_test: int = 300, n_sft: int = 2000) -> OfflineSets:
+    """Train: levels 1/2/3 in 2:2:1; test: the same mix; SFT: levels 1 and 2 only, so the hard tail is
+    learnt (if at all) by RL. All disjoint by question."""
+
+    def mix(n: int) -> dict[int, int]:
+        return {1: 2 * n // 5, 2: 2 * n // 5, 3: n - 4 * n // 5}
+
+    test = generate_set(mix(n_test), seed, "test")
+    train = generate_set(mix(n_train), seed, "train", exclude=[e["question"] for e in test])
+    taken = [e["question"] for e in test + train]
+    sft = generate_set({1: n_sft // 2, 2: n_sft - n_sft // 2}, seed, "sft", exclude=taken)
+    return OfflineSets(train, test, sft)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark files
+# ---------------------------------------------------------------------------------------------------
+
+FORMATS = ("auto", "offline", "gsm8k", "math", "minerva", "amc", "aime")
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None.
+
+    >>> last_boxed(r"so \\boxed{\\frac{1}{2}} and \\boxed{3}")
+    '3'
+    >>> last_boxed(r"\\boxed{\\frac{1}{2}}"), last_boxed("none"), last_boxed(r"\\boxed{open")
+    ('\\\\frac{1}{2}', None, None)
+    """
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, begin = 1, i
+    while i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i].strip()
+        i += 1
+    return None
+
+
+def _detect(row: dict, path: Path) -> str:
+    if "hints" in row:
+        return "offline"
+    if "question" in row and "answer" in row:
+        return "gsm8k"
+    if "problem" in row:
+        return "math"
+    raise ValueError(
+        f"{path}: cannot tell the format from the fields {sorted(row)}; expected question/answer (GSM8K), "
+        "problem/solution or problem/answer (MATH, Minerva, AMC, AIME); pass --data-format"
+    )
+
+
+def load_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
+    """Examples `{"id", "question", "answer", "source", ...}` from a local JSONL/JSON/CSV/Parquet file.
+
+    - gsm8k: `question`, `answer` whose final answer follows `####` (commas dropped);
+    - math / minerva: `problem`, and `answer` or else `solution` with a `\\boxed{}` answer;
+    - amc / aime: `problem`, `answer` (numbers are read as text);
+    - offline: the generated set (`question`, `answer`, `hints`).
+    """
+    if data_format not in FORMATS:
+        raise ValueError(f"unknown data format {data_format!r}; valid: {', '.join(FORMATS)}")
+    path = Path(path)
+    rows = read_examples(path, required=[])
+    fmt = _detect(rows[0], path) if data_format == "auto" else data_format
+    examples = []
+    for index, row in enumerate(rows):
+        where = f"{path}: row {index} (id {row['id']!r})"
+        examples.append({"id": str(row["id"]), "source": fmt, **_convert(row, fmt, where)})
+    return examples
+
+
+def _field(row: dict, name: str, where: str) -> str:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{where}: field {name!r} must be text or a number, got {type(value).__name__}")
+    return str(value)
+
+
+def _convert(row: dict, fmt: str, where: str) -> dict:
+    if fmt == "gsm8k":
+        answer = _field(row, "answer", where)
+        match = _GSM8K_FINAL.search(answer)
+        if match is None:
+            raise ValueError(f"{where}: field 'answer' has no '#### <final answer>' line (GSM8K format)")
+        return {"question": _field(row, "question", where), "answer": match.group(1).replace(",", "")}
+    if fmt == "offline":
+        hints = row.get("hints")
+        if not isinstance(hints, dict) or any(not isinstance(hints.get(t), list) for t in HINT_TIERS):
+            raise ValueError(f"{where}: field 'hints' must map {', '.join(HINT_TIERS)} to lists of chunks")
+        extra = {key: row[key] for key in ("level", "steps", "carries") if key in row}
+        return {"question": _field(row, "question", where), "answer": _field(row, "answer", where)} | {
+            "hints": hints,
+            **extra,
+        }
+    question = _field(row, "problem", where)
+    if fmt in ("amc", "aime") or row.get("answer") not in (None, ""):
+        return {"question": question, "answer": _field(row, "answer", where)}
+    solution = row.get("solution")
+    if solution in (None, ""):
+        raise ValueError(
+            f"{where}: missing field 'answer' (and no 'solution' to take a \\boxed{{}} answer from)"
+        )
+    boxed = last_boxed(_field(row, "solution", where))
+    if boxed is None:
+        raise ValueError(f"{where}: field 'solution' has no \\boxed{{...}} answer and there is no 'answer'")
+    return {"question": question, "answer": boxed}

@@ -1,0 +1,200 @@
+"""Evaluation: pass@1 (mean over k samples), pass@k and maj@k, format rate, overall and per level (the
+offline set's level 3 is the hard tail), on the held-out offline set or any benchmark file.
+
+    grpo-suite math eval --model runs/math/<run>/final                  # held-out offline set, k = 8
+    grpo-suite math eval --model DIR --data math500.jsonl --template boxed --samples 4
+
+Hints are never shown (Scaf-GRPO is measured without them). Results go to <run>/eval.json when the model
+is a run's `final` (or `final_large`) directory, else to --run-dir.
+"""
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apps.math_reasoning.data import FORMATS, HARD_LEVEL, load_examples, offline_sets
+from apps.math_reasoning.rewards import format_rewards, same_answer
+from apps.math_reasoning.templates import TEMPLATES, Template, get_template
+from core.policy import load_policy
+from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
+from core.runs import RunDir, default_run_dir
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
+    (0.25, 1.0, 0.0)
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(answers: list[str | None], gold: str) -> bool:
+    """maj@k: the most frequent extracted answer (ties: the earliest) equals the gold; None never votes.
+
+    >>> majority_correct(["3", "4", "4", None], "4"), majority_correct([None, None], "4")
+    (True, False)
+    """
+    votes = Counter(a.strip() for a in answers if a is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(a.strip() for a in answers if a is not None and votes[a.strip()] == top)
+    return same_answer(winner, gold)
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    examples: list[dict],
+    template: Template,
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_rows: int = 64,
+    device: str = "cpu",
+) -> dict:
+    """Sample `samples` completions per example; summary metrics overall and per level."""
+    backend = HFGenerateBackend(model, tokenizer, device=device)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    formats = format_rewards(template)
+    per_chunk = max(1, batch_rows // samples)
+    records = []
+    start = time.perf_counter()
+    for c, first in enumerate(range(0, len(examples), per_chunk)):
+        chunk = examples[first : first + per_chunk]
+        prompts = [template.render(ex["question"]) for ex in chunk for _ in range(samples)]
+        out = backend.generate(prompts, settings, derive_seed(seed, c))
+        for i, ex in enumerate(chunk):
+            completions = out.completions[i * samples : (i + 1) * samples]
+            answers = [template.extract(text) for text in completions]
+            correct = [a is not None and same_answer(a, str(ex["answer"])) for a in answers]
+            formatted = [all(fn(text, ex) for fn in formats.values()) for text in completions]
+            records.append(
+                {
+                    "level": ex.get("level"),
+                    "correct": sum(correct),
+                    "majority": majority_correct(answers, str(ex["answer"])),
+                    "formatted": sum(formatted),
+                }
+            )
+    results = {"all": _summary(records, samples), "samples": samples, "seconds": time.perf_counter() - start}
+    for level in sorted({r["level"] for r in records if r["level"] is not None}):
+        results[f"level{level}"] = _summary([r for r in records if r["level"] == level], samples)
+    if f"level{HARD_LEVEL}" in results:
+        results["hard"] = results[f"level{HARD_LEVEL}"]
+    return results
+
+
+def _summary(records: list[dict], samples: int) -> dict:
+    n = len(records)
+    return {
+        "examples": n,
+        "pass@1": sum(pass_at_k(samples, r["correct"], 1) for r in records) / n,
+        f"pass@{samples}": sum(pass_at_k(samples, r["correct"], samples) for r in records) / n,
+        f"maj@{samples}": sum(r["majority"] for r in records) / n,
+        "format_rate": sum(r["formatted"] for r in records) / (n * samples),
+    }
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class MathEvalConfig:
+    """`grpo-suite math eval`: sample k completions per problem and report pass@1, pass@k, maj@k."""
+
+    model: str | None = _help("HF model directory to evaluate (e.g. runs/math/<run>/final)", None)
+    data: str | None = _help(
+        "benchmark file (JSONL/JSON/CSV/Parquet); default: the held-out offline set", None
+    )
+    data_format: str = _help(f"one of {', '.join(FORMATS)}", "auto")
+    data_seed: int = _help("seed of the offline sets (must match training's)", 1234)
+    template: str = _help(f"prompt template: one of {', '.join(TEMPLATES)}", "r1_short")
+    samples: int = _help("completions per problem (k)", 8)
+    temperature: float = _help("sampling temperature", 1.0)
+    max_new_tokens: int = _help("completion length cap", 80)
+    max_examples: int = _help("evaluate N evenly spaced problems; 0 = all", 0)
+    batch_rows: int = _help("completions generated per call", 64)
+    seed: int = _help("sampling seed", 0)
+    device: str = _help("cpu or cuda", "cpu")
+    run_dir: str | None = _help("where eval.json goes; default: the model's run, else runs/math/<time>", None)
+
+    def __post_init__(self):
+        if self.model is None:
+            raise ValueError("--model is required (an HF model directory, e.g. runs/math/<run>/final)")
+        get_template(self.template)
+        if self.samples < 1 or self.max_new_tokens < 1 or self.max_examples < 0 or self.batch_rows < 1:
+            raise ValueError("samples, max_new_tokens and batch_rows must be >= 1, max_examples >= 0")
+
+
+def spread_subset(examples: list[dict], n: int) -> list[dict]:
+    """`n` evenly spaced examples (all of them when n is 0 or too large): a prefix of the offline test set
+    would hold only its first level.
+
+    >>> [e["i"] for e in spread_subset([{"i": i} for i in range(10)], 3)]
+    [0, 3, 7]
+    """
+    if not n or n >= len(examples):
+        return examples
+    return [examples[round(i * len(examples) / n)] for i in range(n)]
+
+
+def load_eval_examples(data: str | None, data_format: str, data_seed: int, max_examples: int) -> list[dict]:
+    examples = load_examples(data, data_format) if data else offline_sets(data_seed).test
+    return spread_subset(examples, max_examples)
+
+
+def run_eval(config: MathEvalConfig) -> dict:
+    model, tokenizer = load_policy(config.model, device=config.device)
+    examples = load_eval_examples(config.data, config.data_format, config.data_seed, config.max_examples)
+    results = evaluate_model(
+        model,
+        tokenizer,
+        examples,
+        get_template(config.template),
+        samples=config.samples,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+        batch_rows=config.batch_rows,
+        device=config.device,
+    )
+    results["model"] = config.model
+    results["data"] = config.data or f"offline held-out set (data_seed {config.data_seed})"
+    model_path = Path(config.model)
+    if config.run_dir:
+        run_path = Path(config.run_dir)
+    elif model_path.name.startswith("final") and (model_path.parent / "config.json").is_file():
+        run_path = model_path.parent
+    else:
+        run_path = default_run_dir("math")
+    run_path.mkdir(parents=True, exist_ok=True)
+    key = "eval" if model_path.name != "final_large" else "eval_large"
+    target = RunDir(run_path)
+    previous = target.read_eval() if target.eval_path.is_file() else {}
+    target.write_eval(previous | {key: results})
+    print(format_results(results))
+    print(f"results written to {target.eval_path} under {key!r}")
+    return results
+
+
+def format_results(results: dict) -> str:
+    k = results["samples"]
+    lines = [f"{'subset':<8} {'n':>5} {'pass@1':>7} {f'pass@{k}':>7} {f'maj@{k}':>7} {'format':>7}"]
+    for name, row in results.items():
+        if isinstance(row, dict) and "pass@1" in row and name != "hard":
+            lines.append(
+                f"{name:<8} {row['examples']:>5} {row['pass@1']:>7.3f} {row[f'pass@{k}']:>7.3f} "
+                f"{row[f'maj@{k}']:>7.3f} {row['format_rate']:>7.3f}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""GTPO (PAPERS.md sec. 3) as trainer hooks: conflict-token weights on the policy term and the entropy
+filter on advantages. The rest of GTPO is configuration, set by `train.py` for `--algo gtpo`: no reference
+model (beta = 0) and advantages `r - mean_g` without the std division (advantage_scale = "none").
+The math lives in `core.algos.gtpo_token_weights` and `core.algos.gtpo_entropy_advantages`.
+"""
+
+import math
+
+import torch
+
+from core import algos
+from core.trainer import TrainerHooks
+
+
+class GTPOHooks(TrainerHooks):
+    """Conflict tokens weigh `conflict_positive` in positive completions and `conflict_negative` in
+    negative ones; a completion of mean entropy above `max_entropy` is dropped, else A -= gamma * H.
+
+    The paper applies the penalty to every completion, zero-spread groups included, where it makes every
+    advantage negative; `skip_zero_advantage` (opt-in, our departure) leaves A = 0 completions at 0.
+    """
+
+    def __init__(
+        self,
+        conflict_positive: float = 2.0,
+        conflict_negative: float = 0.0,
+        gamma: float = 0.1,
+        max_entropy: float = math.log(2),
+        skip_zero_advantage: bool = False,
+    ):
+        self.conflict_positive = conflict_positive
+        self.conflict_negative = conflict_negative
+        self.gamma = gamma
+        self.max_entropy = max_entropy
+        self.skip_zero_advantage = skip_zero_advantage
+        self.metrics: dict[str, float] = {}
+        self._dropped, self._seen = 0, 0  # completions dropped by the entropy filter / seen, this step
+
+    def token_weights(self, trainer, rollouts, advantages: torch.Tensor) -> torch.Tensor:
+        weights = algos.gtpo_token_weights(
+            rollouts.completion_ids,
+            rollouts.loss_mask,
+            advantages,
+            trainer.config.group_size,
+            self.conflict_positive,
+            self.conflict_negative,
+        )  # (N, T)
+        mask = rollouts.loss_mask > 0  # (N, T)
+        conflict = (weights != 1.0) & mask
+        self.metrics = {"gtpo/conflict_token_frac": float(conflict.sum() / mask.sum().clamp(min=1))}
+        self._dropped, self._seen = 0, 0
+        return weights
+
+    def adjust_advantages(self, advantages: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
+        self._dropped += int((mean_entropy > self.max_entropy).sum())
+        self._seen += len(mean_entropy)
+        adjusted = algos.gtpo_entropy_advantages(advantages, mean_entropy, self.gamma, self.max_entropy)
+        if self.skip_zero_advantage:  # (N,): zero-spread groups stay at 0 instead of -gamma * H
+            adjusted = torch.where(advantages == 0, torch.zeros_like(adjusted), adjusted)
+        return adjusted
+
+    def after_update(self, trainer, batch) -> dict:
+        return self.metrics | {"gtpo/entropy_dropped_frac": self._dropped / max(self._seen, 1)}

@@ -1,0 +1,78 @@
+"""Math rewards (PAPERS.md sec. 1): 1.0 for a correct answer (math-verify) plus 0.25 for each closing tag
+of the template's format. Rewards are pure `(completion, example) -> float`; the example carries the gold
+`answer`. `rubric_for(template)` combines them with these weights.
+
+Answers that are plain integers (the offline set, GSM8K, AIME) are compared exactly as digit strings, with
+no length limit; anything else goes to math-verify (`core.answers.answers_match`).
+"""
+
+import re
+from functools import partial
+
+from apps.math_reasoning.templates import Template
+from core.answers import answers_match
+from core.rewards import Rubric
+
+FORMAT_WEIGHT = 0.25
+_INTEGER = re.compile(r"[+-]?\d[\d,]*")
+
+
+def _integer(text: str) -> str | None:
+    """A plain integer as a canonical digit string (no sign for 0, no commas or leading zeros), else None."""
+    text = text.strip().rstrip(".")
+    if not _INTEGER.fullmatch(text):
+        return None
+    sign = "-" if text.startswith("-") else ""
+    digits = text.lstrip("+-").replace(",", "").lstrip("0") or "0"
+    return ("" if digits == "0" else sign) + digits
+
+
+def same_answer(prediction: str, gold: str) -> bool:
+    """True when two answers are equal: exact for plain integers (any length), math-verify otherwise.
+
+    >>> same_answer("1,000", "1000"), same_answer("0.5", "\\\\frac{1}{2}"), same_answer("7", "8")
+    (True, True, False)
+    """
+    a, b = _integer(prediction), _integer(gold)
+    if a is not None and b is not None:
+        return a == b
+    return answers_match(prediction, gold)
+
+
+def correctness(completion: str, example: dict, template: Template) -> float:
+    """1.0 when the answer where `template` puts it equals `example["answer"]`, else 0.0.
+
+    >>> from apps.math_reasoning.templates import get_template
+    >>> t = get_template("r1_short")
+    >>> correctness("3+4=7</think><answer>7</answer>", {"answer": "7"}, t), correctness("7", {"answer": "7"}, t)
+    (1.0, 0.0)
+    """
+    answer = template.extract(completion)
+    return float(answer is not None and same_answer(answer, str(example["answer"])))
+
+
+def closing_tag(completion: str, example: dict, tag: str) -> float:
+    """1.0 when `tag` appears in the completion (weighted 0.25 in the rubric).
+
+    >>> closing_tag("a</think>", {}, "</think>"), closing_tag("a", {}, "</think>")
+    (1.0, 0.0)
+    """
+    return float(tag in completion)
+
+
+def format_rewards(template: Template) -> dict:
+    """The format components of a template: `</think>` and `</answer>` for the tag templates; `\\boxed{`
+    for the boxed one (its only tag)."""
+    if template.answer_style == "boxed":
+        return {"format_boxed": partial(closing_tag, tag="\\boxed{")}
+    return {
+        "format_think": partial(closing_tag, tag="</think>"),
+        "format_answer": partial(closing_tag, tag="</answer>"),
+    }
+
+
+def rubric_for(template: Template, on_error: str = "raise") -> Rubric:
+    """correctness (weight 1.0) + each format component (weight 0.25)."""
+    funcs = {"correct": partial(correctness, template=template), **format_rewards(template)}
+    weights = {name: 1.0 if name == "correct" else FORMAT_WEIGHT for name in funcs}
+    return Rubric(funcs, weights=weights, on_error=on_error)

@@ -1,0 +1,137 @@
+"""Scaf-GRPO (PAPERS.md sec. 2) as a `TrainerHooks.transform_rollouts`: hinted successes for groups that
+all failed.
+
+After the guidance-exemption steps, for every group whose G rollouts all have correctness 0 [choice: the
+format terms are ignored here, "scored 0" means "not one correct answer"], hinted prompts
+`question + " Hint: " + hint` are sampled, one completion each, tier by tier (knowledge, planning,
+solution; within a tier 1, 2, ... chunks when progressive). The first tier with a success stops the search;
+the success with the least hint (fewest chunks of the earliest tier) replaces the group's first rollout
+[choice: paper is silent on which; all are failures]. That row keeps its hinted prompt ids, so its old and
+new logprobs (the ratio) are taken on the hinted prompt. A group where no hint works stays all-zero.
+The loss is unchanged GRPO.
+"""
+
+import math
+
+from apps.math_reasoning.data import HINT_TIERS
+from apps.math_reasoning.templates import Template
+from core.rewards import RewardTable
+from core.rollout import Rollouts, derive_seed
+from core.trainer import TrainerHooks
+
+_SCAF_SEED_KEY = 5_000_011  # keeps hint sampling seeds apart from the trainer's group seeds
+
+
+def hint_levels(example: dict, tiers: tuple[str, ...], progressive: bool) -> list[list[str]]:
+    """Hint texts from least to most help, one list per tier.
+
+    >>> ex = {"hints": {"knowledge": ["k1"], "planning": ["p1", "p2"], "solution": ["s1"]}}
+    >>> hint_levels(ex, ("knowledge", "planning"), True)
+    [['k1'], ['p1', 'p1 p2']]
+    >>> hint_levels(ex, ("planning",), False)
+    [['p1 p2']]
+    """
+    if "hints" not in example:
+        raise ValueError(
+            f"example {example.get('id')!r} has no 'hints'; Scaf-GRPO needs hinted data (the offline set)"
+        )
+    levels = []
+    for tier in tiers:
+        chunks = example["hints"][tier]
+        if not chunks:
+            levels.append([])
+            continue
+        counts = range(1, len(chunks) + 1) if progressive else [len(chunks)]
+        levels.append([" ".join(chunks[:k]) for k in counts])
+    return levels
+
+
+def exemption_steps(fraction: float, max_steps: int) -> int:
+    """Steps without guidance at the start: `fraction` of the run, rounded up.
+
+    >>> exemption_steps(0.15, 100), exemption_steps(0.0, 100)
+    (15, 0)
+    """
+    return math.ceil(fraction * max_steps)
+
+
+class ScafHooks(TrainerHooks):
+    """Swaps in the least-hint success for all-failed groups; its metrics come out of `after_update`."""
+
+    def __init__(self, template: Template, tiers: tuple[str, ...], progressive: bool, exempt_steps: int):
+        unknown = [t for t in tiers if t not in HINT_TIERS]
+        if unknown or not tiers:
+            raise ValueError(f"scaf tiers must be a non-empty subset of {HINT_TIERS}, got {tiers}")
+        self.template = template
+        self.tiers = tiers
+        self.progressive = progressive
+        self.exempt_steps = exempt_steps
+        self.metrics: dict[str, float] = {}
+
+    def transform_rollouts(self, trainer, rollouts: Rollouts, examples: list[dict], table: RewardTable):
+        if table.names != trainer.rubric.names:
+            raise ValueError(
+                f"scaf needs the rubric's table {trainer.rubric.names}, got columns {table.names}"
+            )
+        size = trainer.config.group_size
+        correct = table.components[:, table.names.index("correct")].view(-1, size)  # (B, G)
+        failed = [g for g in range(len(examples)) if float(correct[g].max()) == 0.0]
+        exempt = trainer.step < self.exempt_steps
+        self.metrics = {"scaf/all_fail_frac": len(failed) / len(examples), "scaf/exempt": float(exempt)}
+        if exempt or not failed:
+            self.metrics.update(
+                {"scaf/rescued_frac": 0.0, "scaf/all_fail_frac_after": len(failed) / len(examples)}
+            )
+            return rollouts, table
+        rescued: dict[int, tuple[Rollouts, RewardTable, int, int]] = {}
+        for g in failed:
+            found = self._search(trainer, examples[g], g)
+            if found is not None:
+                rescued[g] = found
+        row_parts, table_parts = [], []
+        for g in range(len(examples)):
+            rows = range(g * size, (g + 1) * size)
+            if g in rescued:
+                hinted, hinted_table, _, _ = rescued[g]
+                row_parts.append(hinted)
+                table_parts.append(hinted_table)
+                if size > 1:
+                    row_parts.append(rollouts.select(rows[1:]))
+                    table_parts.append(table.select(rows[1:]))
+            else:
+                row_parts.append(rollouts.select(rows))
+                table_parts.append(table.select(rows))
+        n = len(examples)
+        self.metrics.update(
+            {
+                "scaf/rescued_frac": len(rescued) / n,
+                "scaf/all_fail_frac_after": (len(failed) - len(rescued)) / n,
+                # 1 = the first chunk of the first tier; larger = more help was needed
+                "scaf/hint_level": sum(r[2] for r in rescued.values()) / len(rescued)
+                if rescued
+                else math.nan,
+            }
+        )
+        for t, tier in enumerate(self.tiers):
+            self.metrics[f"scaf/tier_{tier}_frac"] = sum(r[3] == t for r in rescued.values()) / n
+        return Rollouts.concat(row_parts), RewardTable.concat(table_parts)
+
+    def _search(self, trainer, example: dict, group: int):
+        """(hinted rollout, its table row, overall level from 1, tier index) of the least-hint success."""
+        level_offset = 0
+        for t, texts in enumerate(hint_levels(example, self.tiers, self.progressive)):
+            if not texts:
+                continue
+            prompts = [self.template.render(example["question"], hint) for hint in texts]
+            seed = derive_seed(trainer.config.seed, trainer.step, _SCAF_SEED_KEY, group, t)
+            out = trainer.backend.generate(prompts, trainer.config.sampling(), seed)
+            scored = trainer.rubric.score(out.completions, [example] * len(prompts))
+            wins = (scored.components[:, scored.names.index("correct")] > 0).nonzero().flatten()  # (W,)
+            if len(wins):
+                k = int(wins[0])
+                return out.select([k]), scored.select([k]), level_offset + k + 1, t
+            level_offset += len(texts)
+        return None
+
+    def after_update(self, trainer, batch) -> dict:
+        return dict(self.metrics)

@@ -1,0 +1,249 @@
+"""`grpo-suite math train --algo grpo|gtpo|scaf|codistill`: one train command, four algorithms.
+
+    grpo-suite math train --algo grpo --preset smoke        # seconds: tiny models, 2 steps
+    grpo-suite math train --algo codistill                  # offline: builds + SFTs both tiny models first
+    grpo-suite math train --algo scaf --model ~/Qwen2.5-Math-1.5B --data math_train.jsonl --preset paper
+
+Without --model the policy is the app's tiny base model (models.py), built and fine-tuned into
+<run>/base_model (and <run>/base_model_large for CoDistill's L, or for `--size large`). The offline
+defaults are sized for CPU minutes, not the paper: the `paper` preset holds the paper's values (PAPERS.md
+sec. 1-3: 32 prompts x 8, lr 1e-6, R1-Zero template, no KL). Algorithms:
+- grpo: the core loop as configured (group-std advantages, beta 0);
+- gtpo: conflict-token weights + entropy filter (gtpo.py); `advantage_scale auto` becomes "none";
+- scaf: hinted successes for all-failed groups after the exemption steps (scaf.py);
+- codistill: S = the policy, L trained alongside on S's rollouts (codistill.py).
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from apps.math_reasoning.codistill import CoDistillHooks
+from apps.math_reasoning.data import FORMATS, load_examples, offline_sets
+from apps.math_reasoning.evaluate import evaluate_model, format_results, load_eval_examples
+from apps.math_reasoning.gtpo import GTPOHooks
+from apps.math_reasoning.models import TinySpec, build_base_model
+from apps.math_reasoning.rewards import rubric_for
+from apps.math_reasoning.scaf import ScafHooks, exemption_steps
+from apps.math_reasoning.templates import TEMPLATES, get_template
+from core.launch import policy_for, summary_table, with_run_dir
+from core.policy import load_policy
+from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
+
+APP = "math"
+ALGORITHMS = ("grpo", "gtpo", "scaf", "codistill")
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class MathTrainConfig(GRPOConfig):
+    """The core's GRPO fields (defaults sized for the offline tiny models) plus the algorithm's own."""
+
+    algo: Literal["grpo", "gtpo", "scaf", "codistill"] = _help("training algorithm", "grpo")
+    template: str = _help(f"prompt template: one of {', '.join(TEMPLATES)}", "r1_short")
+    data_format: str = _help(f"format of --data: one of {', '.join(FORMATS)}", "auto")
+    data_seed: int = _help("seed of the generated offline sets (train, held-out test, SFT)", 1234)
+    # -- departures from the core defaults for the tiny offline models ([choice]; `--preset paper` undoes them)
+    max_steps: int = _help("training steps", 40)
+    prompts_per_step: int = _help("prompts per step", 16)
+    group_size: int = _help("completions per prompt (G)", 8)
+    max_new_tokens: int = _help("completion length cap (a level-3 solution is about 65 tokens)", 80)
+    learning_rate: float = _help(
+        "AdamW learning rate of the policy (tiny models need far more than 1e-6)", 2e-4
+    )
+    advantage_scale: Literal["auto", "group", "batch", "none"] = _help(
+        "divide by group std, batch std, or not; auto = the algorithm's own (none for gtpo, else group)",
+        "auto",
+    )
+    # -- the offline tiny models
+    size: Literal["small", "large"] = _help("which tiny base model is the policy (grpo/gtpo/scaf)", "small")
+    large_model: str | None = _help("CoDistill's large model (HF dir, same tokenizer as --model)", None)
+    small_hidden_size: int = _help("tiny small model: hidden size (multiple of 32)", 128)
+    small_num_layers: int = _help("tiny small model: layers", 4)
+    small_sft_steps: int = _help("tiny small model: SFT steps (batch 16), short of mastery on purpose", 300)
+    large_hidden_size: int = _help("tiny large model: hidden size (multiple of 32)", 256)
+    large_num_layers: int = _help("tiny large model: layers", 12)
+    large_sft_steps: int = _help("tiny large model: SFT steps (batch 16)", 300)
+    sft_lr: float = _help("SFT learning rate of the tiny models", 2e-3)
+    sft_hint_fraction: float = _help("share of SFT prompts shown with a partial hint (see models.py)", 0.3)
+    # -- Scaf-GRPO
+    scaf_exemption_fraction: float = _help("Scaf: share of the first steps without hints (paper ~15%)", 0.15)
+    scaf_tiers: tuple[str, ...] = _help(
+        "Scaf: hint tiers in order of help (comma-separated)", ("knowledge", "planning", "solution")
+    )
+    scaf_progressive: bool = _help("Scaf: reveal each tier chunk by chunk (off: whole tier at once)", True)
+    # -- GTPO
+    gtpo_conflict_positive: float = _help("GTPO: weight of conflict tokens in positive completions", 2.0)
+    gtpo_conflict_negative: float = _help("GTPO: weight of conflict tokens in negative completions", 0.0)
+    gtpo_gamma: float = _help("GTPO: entropy penalty on advantages", 0.1)
+    gtpo_max_entropy: float = _help(
+        "GTPO: mean entropy above which a completion is dropped (ln 2)", math.log(2)
+    )
+    gtpo_skip_zero_advantage: bool = _help(
+        "GTPO: no entropy penalty where A = 0 (zero-spread groups); off = the paper (departure, opt-in)",
+        False,
+    )
+    # -- CoDistill-GRPO
+    codistill_alpha: float = _help("CoDistill: weight of the KD reward", 0.1)
+    codistill_is_cap: float = _help("CoDistill: cap of the importance weights pi_L / pi_S", 3.0)
+    codistill_large_lr: float = _help("CoDistill: learning rate of the large model", 1e-4)
+    codistill_train_large: bool = _help("CoDistill: update L (off: a frozen teacher, a control)", True)
+    # -- evaluation after training
+    eval_samples: int = _help("completions per held-out problem after training; 0 = no evaluation", 4)
+    eval_examples: int = _help("held-out problems evaluated after training (evenly spaced); 0 = all", 0)
+    eval_data: str | None = _help("benchmark file for the final evaluation; default: the held-out set", None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        get_template(self.template)
+        if self.advantage_scale == "auto":
+            self.advantage_scale = "none" if self.algo == "gtpo" else "group"
+        if self.algo == "codistill":
+            if self.dynamic_sampling:
+                raise ValueError("codistill cannot use dynamic_sampling (its KD term is tied to one batch)")
+            if self.resume:
+                raise ValueError("codistill cannot --resume yet: the large model's state is not checkpointed")
+            if self.model and not self.large_model:
+                raise ValueError(
+                    "codistill with --model needs --large-model (sharing the small one's tokenizer)"
+                )
+        if not 0 <= self.scaf_exemption_fraction < 1 or not 0 <= self.sft_hint_fraction <= 1:
+            raise ValueError("scaf_exemption_fraction must be in [0, 1) and sft_hint_fraction in [0, 1]")
+        if self.eval_samples < 0 or self.eval_examples < 0:
+            raise ValueError("eval_samples and eval_examples must be >= 0")
+
+    def tiny_spec(self, size: str) -> TinySpec:
+        if size == "small":
+            return TinySpec(self.small_hidden_size, self.small_num_layers, self.small_sft_steps, self.sft_lr)
+        return TinySpec(self.large_hidden_size, self.large_num_layers, self.large_sft_steps, self.sft_lr)
+
+
+PRESETS = {
+    "smoke": {
+        "max_steps": 2,
+        "prompts_per_step": 2,
+        "group_size": 4,
+        "max_new_tokens": 24,
+        "small_hidden_size": 32,
+        "small_num_layers": 1,
+        "small_sft_steps": 2,
+        "large_hidden_size": 64,
+        "large_num_layers": 1,
+        "large_sft_steps": 2,
+        "scaf_exemption_fraction": 0.0,
+        "eval_samples": 2,
+        "eval_examples": 4,
+    },
+    "paper": {
+        "template": "r1_zero",
+        "prompts_per_step": 32,
+        "group_size": 8,
+        "learning_rate": 1e-6,
+        "codistill_large_lr": 1e-6,
+        "max_new_tokens": 1024,
+        "beta": 0.0,
+    },
+}
+
+
+def build_base(config: MathTrainConfig, size: str, path: Path) -> Path:
+    template = get_template(config.template)
+    sets = offline_sets(config.data_seed)
+    return build_base_model(
+        path, config.tiny_spec(size), sets, template, config.sft_hint_fraction, config.seed
+    )
+
+
+def training_examples(config: MathTrainConfig) -> list[dict]:
+    examples = (
+        load_examples(config.data, config.data_format)
+        if config.data
+        else offline_sets(config.data_seed).train
+    )
+    template = get_template(config.template)
+    return [example | {"prompt": template.render(example["question"])} for example in examples]
+
+
+def make_hooks(config: MathTrainConfig, examples: list[dict], tokenizer) -> TrainerHooks:
+    template = get_template(config.template)
+    if config.algo == "gtpo":
+        return GTPOHooks(
+            config.gtpo_conflict_positive,
+            config.gtpo_conflict_negative,
+            config.gtpo_gamma,
+            config.gtpo_max_entropy,
+            config.gtpo_skip_zero_advantage,
+        )
+    if config.algo == "scaf":
+        missing = [e["id"] for e in examples if "hints" not in e][:3]
+        if missing:
+            raise ValueError(f"scaf needs hints per problem (the offline set has them); none for {missing}")
+        steps = exemption_steps(config.scaf_exemption_fraction, config.max_steps)
+        return ScafHooks(template, tuple(config.scaf_tiers), config.scaf_progressive, steps)
+    if config.algo == "codistill":
+        large, large_tokenizer = large_policy(config)
+        if large_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                "codistill: the small and large models must share one tokenizer (same vocabulary)"
+            )
+        return CoDistillHooks(
+            large,
+            alpha=config.codistill_alpha,
+            is_cap=config.codistill_is_cap,
+            learning_rate=config.codistill_large_lr,
+            train_large=config.codistill_train_large,
+        )
+    return TrainerHooks()
+
+
+def large_policy(config: MathTrainConfig):
+    path = Path(config.large_model) if config.large_model else Path(config.run_dir) / "base_model_large"
+    if config.large_model is None and not (path / "config.json").is_file():
+        build_base(config, "large", path)
+    return load_policy(path, device=config.device)
+
+
+def train(config: MathTrainConfig) -> dict:
+    """Train, save <run>/final (and <run>/final_large for CoDistill), evaluate; returns history and eval."""
+    config = with_run_dir(config, APP)
+    size = "small" if config.algo == "codistill" else config.size
+    model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))
+    examples = training_examples(config)
+    hooks = make_hooks(config, examples, tokenizer)
+    rubric = rubric_for(get_template(config.template), config.on_reward_error)
+    trainer = GRPOTrainer(
+        config, model, tokenizer, examples, rubric, app=APP, algorithm=config.algo, hooks=hooks
+    )
+    history = trainer.train()
+    final = trainer.save_final()
+    models = {"eval": (trainer.model, tokenizer)}
+    if isinstance(hooks, CoDistillHooks):
+        hooks.large.save_pretrained(Path(config.run_dir) / "final_large")
+        tokenizer.save_pretrained(Path(config.run_dir) / "final_large")
+        models["eval_large"] = (hooks.large, tokenizer)
+    print(summary_table(history))
+    results = {}
+    if config.eval_samples:
+        eval_examples = load_eval_examples(
+            config.eval_data, config.data_format, config.data_seed, config.eval_examples
+        )
+        for key, (policy, tok) in models.items():
+            results[key] = evaluate_model(
+                policy,
+                tok,
+                eval_examples,
+                get_template(config.template),
+                samples=config.eval_samples,
+                temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens,
+                seed=config.seed,
+                device=config.device,
+            )
+            print(f"{key} ({'large' if key == 'eval_large' else 'policy'}):\n{format_results(results[key])}")
+        trainer.run.write_eval(results)
+    print(f"model saved to {final}")
+    return {"history": history, "eval": results, "run_dir": config.run_dir}

@@ -1,0 +1,233 @@
+"""apps/math_reasoning algorithms: Scaf-GRPO's hint selection and row swap (with a scripted sampler),
+GTPO's conflict weights in a real step, CoDistill's KD term and importance weights against a plain-loop
+reference and hand values, and that each algorithm's own metric is computed in a few-step run."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from apps.math_reasoning.codistill import CoDistillHooks, verifiable_advantages
+from apps.math_reasoning.data import offline_sets
+from apps.math_reasoning.gtpo import GTPOHooks
+from apps.math_reasoning.rewards import rubric_for
+from apps.math_reasoning.scaf import ScafHooks, exemption_steps, hint_levels
+from apps.math_reasoning.templates import get_template
+from apps.math_reasoning.train import MathTrainConfig
+from core import algos
+from core.policy import load_policy, position_ids_from_mask
+from core.rollout import Rollouts, left_pad
+from core.trainer import GRPOTrainer
+
+TEMPLATE = get_template("r1_short")
+SETS = offline_sets(1234, 20, 10, 20)  # the same as conftest.py's, which built the tokenizer
+
+
+def examples(n: int) -> list[dict]:
+    return [e | {"prompt": TEMPLATE.render(e["question"])} for e in SETS.train[:n]]
+
+
+class ScriptedBackend:
+    """A sampler that answers by a rule on the prompt text, so a test knows which rollouts are right."""
+
+    def __init__(self, tokenizer, rule):
+        self.tokenizer, self.rule = tokenizer, rule
+
+    def generate(self, prompts, settings, seed):
+        texts = [self.rule(p, i) for i, p in enumerate(prompts)]
+        tok = self.tokenizer
+        prompt_ids, prompt_mask = left_pad(
+            tok(prompts, add_special_tokens=False)["input_ids"], tok.pad_token_id
+        )
+        rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        return Rollouts(
+            prompt_ids, prompt_mask, ids, mask, mask.float(), None, False, ["stop"] * len(rows), list(prompts),
+            texts, [1] * len(rows), tok.pad_token_id,
+        )  # fmt: skip
+
+    def update_weights(self, model):
+        pass
+
+
+def config(tmp_path, **overrides) -> MathTrainConfig:
+    base = dict(
+        run_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
+        learning_rate=1e-2, micro_batch_size=4, eval_samples=0,
+    )  # fmt: skip
+    return MathTrainConfig(**(base | overrides))
+
+
+def test_hint_levels_and_exemption():
+    ex = {"hints": {"knowledge": ["k1", "k2"], "planning": ["p1", "p2"], "solution": ["s1"]}}
+    assert hint_levels(ex, ("knowledge", "planning", "solution"), True) == [
+        ["k1", "k1 k2"],
+        ["p1", "p1 p2"],
+        ["s1"],
+    ]
+    assert hint_levels(ex, ("solution",), True) == [["s1"]]
+    assert hint_levels(ex, ("knowledge", "planning"), False) == [["k1 k2"], ["p1 p2"]]
+    assert exemption_steps(0.15, 50) == 8 and exemption_steps(0.15, 1) == 1
+    with pytest.raises(ValueError, match="no 'hints'"):
+        hint_levels({"id": "x"}, ("knowledge",), True)
+
+
+def _needs_two_planning_chunks(answers):
+    """Right only when the prompt shows at least two planning chunks ('Start at' and an operation)."""
+
+    def rule(prompt, i):
+        question = prompt.split("User: ")[1].split(" Hint:")[0].split("\nAssistant")[0]
+        hint = prompt.split(" Hint: ")[1] if " Hint: " in prompt else ""
+        right = hint.startswith("Start at") and ("Add" in hint or "Subtract" in hint)
+        return f"x</think><answer>{answers[question] if right else -1}</answer>"
+
+    return rule
+
+
+@pytest.mark.parametrize("progressive", [True, False])
+def test_scaf_swaps_in_the_least_hint_success(small_dir, tmp_path, progressive):
+    model, tokenizer = load_policy(small_dir)
+    data = examples(2)
+    backend = ScriptedBackend(
+        tokenizer, _needs_two_planning_chunks({e["question"]: e["answer"] for e in data})
+    )
+    hooks = ScafHooks(TEMPLATE, ("knowledge", "planning", "solution"), progressive, exempt_steps=0)
+    cfg = config(tmp_path)
+    trainer = GRPOTrainer(
+        cfg, model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = trainer.train()[0]
+    assert metrics["scaf/all_fail_frac"] == 1.0 and metrics["scaf/rescued_frac"] == 1.0
+    assert metrics["scaf/all_fail_frac_after"] == 0.0 and metrics["zero_spread_frac"] == 0.0
+    levels = [len(e["hints"]["knowledge"]) + 2 if progressive else 2 for e in data]
+    assert metrics["scaf/hint_level"] == pytest.approx(sum(levels) / 2)
+    assert metrics["scaf/tier_planning_frac"] == 1.0
+    rows = trainer.run.read_rollouts()
+    for g, example in enumerate(data):
+        group = rows[g * 4 : (g + 1) * 4]
+        hint = " ".join(example["hints"]["planning"][: 2 if progressive else None])
+        assert group[0]["prompt"] == TEMPLATE.render(example["question"], hint)
+        assert group[0]["rewards"]["correct"] == 1.0 and group[0]["advantage"] > 0
+        assert all(" Hint: " not in r["prompt"] and r["rewards"]["correct"] == 0.0 for r in group[1:])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_scaf_exemption_leaves_groups_alone(small_dir, tmp_path):
+    model, tokenizer = load_policy(small_dir)
+    data = examples(2)
+    backend = ScriptedBackend(
+        tokenizer, _needs_two_planning_chunks({e["question"]: e["answer"] for e in data})
+    )
+    hooks = ScafHooks(TEMPLATE, ("planning",), True, exempt_steps=1)
+    trainer = GRPOTrainer(
+        config(tmp_path), model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
+    metrics = trainer.train()[0]
+    assert (
+        metrics["scaf/exempt"] == 1.0
+        and metrics["scaf/rescued_frac"] == 0.0
+        and metrics["zero_spread_frac"] == 1.0
+    )
+
+
+def test_gtpo_weights_conflict_tokens_and_needs_no_std(small_dir, tmp_path):
+    model, tokenizer = load_policy(small_dir)
+    data = examples(1)
+    answer = data[0]["answer"]
+    backend = ScriptedBackend(tokenizer, lambda p, i: f"1</think><answer>{answer if i % 2 else -1}</answer>")
+    hooks = GTPOHooks(max_entropy=100.0)  # keep every completion: a random model's entropy is high
+    cfg = config(tmp_path, algo="gtpo", prompts_per_step=1)
+    assert cfg.advantage_scale == "none" and cfg.beta == 0.0
+    trainer = GRPOTrainer(
+        cfg, model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
+    batch = trainer.collect()
+    assert batch.advantages.tolist() == [-0.5, 0.5, -0.5, 0.5]  # r - mean, no std division
+    weights = hooks.token_weights(trainer, batch.rollouts, batch.advantages)
+    ids = batch.rollouts.completion_ids
+    shared = (ids == ids[0]).all(0) & (batch.rollouts.loss_mask > 0).all(0)  # positions equal in all four
+    assert (weights[1][shared] == 2.0).all() and (weights[0][shared] == 0.0).all()
+    assert (weights[:, ~shared][batch.rollouts.loss_mask[:, ~shared] > 0] == 1.0).all()
+    metrics = trainer.update(batch) | hooks.after_update(trainer, batch)
+    assert 0 < metrics["gtpo/conflict_token_frac"] < 1 and metrics["gtpo/entropy_dropped_frac"] == 0.0
+
+
+def _plain_logprobs(model, rollouts: Rollouts) -> torch.Tensor:
+    """Reference: one full forward, log_softmax, gather each completion token (no chunking)."""
+    ids, mask = rollouts.input_ids(), rollouts.attention_mask()
+    t = rollouts.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logp = torch.log_softmax(logits.float(), -1)[:, -t - 1 : -1]  # (N, T, V)
+    return logp.gather(-1, ids[:, -t:, None]).squeeze(-1)  # (N, T)
+
+
+def test_importance_weights_and_kd_hand_values():
+    target = torch.tensor([[0.0, math.log(2.0), math.log(10.0)], [math.log(0.5), 0.0, 0.0]])
+    behavior = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    weights, ess = algos.truncated_importance_weights(target, behavior, mask, cap=3.0)
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.0, 0.0]]))
+    # ESS = (sum w)^2 / (n sum w^2) = 7.5^2 / (5 * 15.25)
+    assert float(ess) == pytest.approx(56.25 / 76.25)
+    kd = algos.kd_reward(target, behavior, mask, alpha=0.5)
+    assert kd.tolist() == pytest.approx([0.5 * (math.log(2) + math.log(10)) / 3, 0.5 * math.log(0.5) / 2])
+
+
+def test_codistill_kd_term_weights_and_large_update(small_dir, large_dir, tmp_path):
+    small, tokenizer = load_policy(small_dir)
+    large, large_tokenizer = load_policy(large_dir)
+    assert large_tokenizer.get_vocab() == tokenizer.get_vocab()
+    hooks = CoDistillHooks(large, alpha=0.5, is_cap=2.0, learning_rate=1e-2)
+    cfg = config(tmp_path, algo="codistill", max_new_tokens=6)
+    data = examples(2)
+    answers = {e["prompt"]: e["answer"] for e in data}
+    backend = ScriptedBackend(
+        tokenizer, lambda p, i: f"{i}</think><answer>{answers[p] if i % 2 else -1}</answer>"
+    )
+    trainer = GRPOTrainer(
+        cfg, small, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
+    large_before = [p.detach().clone() for p in large.parameters()]
+    batch = trainer.collect()
+    rollouts = batch.rollouts
+    small_ref, large_ref = _plain_logprobs(small, rollouts), _plain_logprobs(large, rollouts)
+    mask = rollouts.loss_mask
+    kd_ref = 0.5 * ((large_ref - small_ref) * mask).sum(1) / mask.sum(1)
+    kd = batch.table.components[:, batch.table.names.index("kd")]
+    torch.testing.assert_close(kd, kd_ref, atol=1e-5, rtol=0)
+    # the KD term is part of the small model's advantages, but not of the large model's
+    assert batch.table.names[-1] == "kd"
+    plain = algos.group_advantages(batch.table.components[:, :-1] @ batch.table.weights[:-1], cfg.group_size)
+    torch.testing.assert_close(verifiable_advantages(trainer, batch), plain)
+    trainer.update(batch)
+    metrics = hooks.after_update(trainer, batch)
+    w_ref = torch.exp(large_ref - small_ref).clamp(max=2.0) * mask
+    ess_ref = w_ref.sum() ** 2 / (mask.sum() * (w_ref**2).sum())
+    assert metrics["codistill/ess"] == pytest.approx(float(ess_ref), abs=1e-5)
+    assert metrics["codistill/kd"] == pytest.approx(float(kd_ref.mean()), abs=1e-5)
+    assert metrics["codistill/large_time"] > 0 and "codistill/large_loss" in metrics
+    assert plain.abs().sum() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(large_before, large.parameters(), strict=True))
+
+
+def test_codistill_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="dynamic_sampling"):
+        config(tmp_path, algo="codistill", dynamic_sampling=True)
+    with pytest.raises(ValueError, match="--large-model"):
+        config(tmp_path, algo="codistill", model="x")
+    assert replace(config(tmp_path), algo="grpo").advantage_scale == "group"
+
+
+def test_gtpo_entropy_penalty_in_zero_spread_groups():
+    advantages, entropy = torch.tensor([0.0, 0.0, 0.5, -0.5]), torch.tensor([0.5, 0.9, 0.3, 0.2])
+    paper = GTPOHooks().adjust_advantages(advantages, entropy)
+    torch.testing.assert_close(paper, torch.tensor([-0.05, 0.0, 0.47, -0.52]))  # 0.9 > ln 2: dropped
+    skipping = GTPOHooks(skip_zero_advantage=True).adjust_advantages(advantages, entropy)
+    torch.testing.assert_close(skipping, torch.tensor([0.0, 0.0, 0.47, -0.52]))

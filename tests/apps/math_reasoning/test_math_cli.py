@@ -1,0 +1,86 @@
+"""apps/math_reasoning through `grpo-suite math ...`: every verb and every algorithm runs with `--model`
+(a tiny saved model directory) and writes what it says; the offline default (build + SFT) is a slow test."""
+
+import json
+
+import pytest
+
+from core.cli import main
+
+FAST = ["--max-steps", "1", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8"]
+EVAL = ["--eval-samples", "2", "--eval-examples", "3"]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "gtpo", "scaf", "codistill"])
+def test_train_each_algorithm_with_a_model_dir(algo, small_dir, large_dir, tmp_path, capsys):
+    run_dir = tmp_path / algo
+    extra = ["--large-model", str(large_dir)] if algo == "codistill" else []
+    args = ["math", "train", "--algo", algo, "--model", str(small_dir), "--run-dir", str(run_dir)]
+    assert main([*args, *FAST, *EVAL, "--scaf-exemption-fraction", "0", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "pass@1" in out and "zero-spread" in out
+    metrics = _metrics(run_dir)
+    assert len(metrics) == 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["algorithm"] == algo
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert evals["eval"]["all"]["examples"] == 3 and evals["eval"]["samples"] == 2
+    if algo == "gtpo":
+        assert config["config"]["advantage_scale"] == "none"
+        assert all("gtpo/conflict_token_frac" in m and "gtpo/entropy_dropped_frac" in m for m in metrics)
+    if algo == "scaf":  # an untrained model fails everything: every group is searched for a hint
+        assert all(m["scaf/all_fail_frac"] == 1.0 and m["scaf/exempt"] == 0.0 for m in metrics)
+    if algo == "codistill":
+        assert all(0 < m["codistill/ess"] <= 1 and m["codistill/large_time"] > 0 for m in metrics)
+        assert all(m["reward/kd"] is not None for m in metrics)
+        assert (run_dir / "final_large" / "model.safetensors").is_file() and "eval_large" in evals
+
+
+def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
+    assert main(["math", "data", "--out-dir", str(tmp_path / "data")]) == 0
+    test_file = tmp_path / "data" / "test.jsonl"
+    assert len(test_file.read_text().splitlines()) == 300
+    run = tmp_path / "eval"
+    args = ["math", "eval", "--model", str(small_dir), "--data", str(test_file), "--run-dir", str(run)]
+    assert main([*args, "--samples", "2", "--max-examples", "4", "--max-new-tokens", "6"]) == 0
+    results = json.loads((run / "eval.json").read_text())["eval"]
+    assert results["all"]["examples"] == 4 and "pass@2" in results["all"] and "maj@2" in results["all"]
+    out = tmp_path / "compare"
+    args = ["math", "compare", "--algos", "grpo,codistill", "--seeds", "0,1", "--out-dir", str(out)]
+    args += ["--model", str(small_dir), "--large-model", str(large_dir), "--max-steps", "1"]
+    args += ["--eval-samples", "1", "--eval-examples", "2", "--train-config", str(_train_config(tmp_path))]
+    assert main(args) == 0
+    table = (out / "compare.md").read_text()
+    for arm in ("| grpo |", "| codistill:S |", "| codistill:L |"):
+        assert arm in table
+    assert "over 2 seed(s)" in table and "±" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "codistill-seed0", "codistill-seed1", "grpo-seed0", "grpo-seed1",
+    ]  # fmt: skip
+
+
+def _train_config(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text("prompts_per_step = 2\ngroup_size = 2\nmax_new_tokens = 6\n")
+    return path
+
+
+def test_bad_flags_are_command_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["math", "train", "--algo", "ppo"])
+    with pytest.raises(SystemExit):
+        main(["math", "compare", "--algos", "grpo,nope"])
+    assert "unknown arm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_offline_default_builds_and_sfts_the_tiny_models(tmp_path):
+    """The default path: no --model; the tiny small and large models are built and fine-tuned first."""
+    run_dir = tmp_path / "run"
+    assert main(["math", "train", "--algo", "codistill", "--preset", "smoke", "--run-dir", str(run_dir)]) == 0
+    for name in ("base_model", "base_model_large", "final", "final_large"):
+        assert (run_dir / name / "config.json").is_file(), name

@@ -1,0 +1,155 @@
+"""apps/math_reasoning data: the generated set (difficulty, determinism, disjoint splits, hints) and the
+benchmark loaders on small fixture files, malformed ones included."""
+
+import json
+import random
+
+import pytest
+
+from apps.math_reasoning.data import (
+    HINT_TIERS,
+    LEVELS,
+    Difficulty,
+    carries,
+    generate_problem,
+    generate_set,
+    last_boxed,
+    load_examples,
+    offline_sets,
+    write_jsonl,
+)
+
+
+def _evaluate_steps(problem: dict) -> int:
+    value = None
+    for step in problem["steps"]:
+        left, result = step.split("=")
+        op = "+" if "+" in left else "-"
+        a, b = (int(x) for x in left.split(op))
+        assert value is None or a == value
+        assert int(result) == (a + b if op == "+" else a - b)
+        value = int(result)
+    return value
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_generated_problems_are_consistent_and_respect_the_knobs(level):
+    rng = random.Random(0)
+    difficulty = LEVELS[level]
+    for _ in range(50):
+        problem = generate_problem(rng, difficulty)
+        assert _evaluate_steps(problem) == int(problem["answer"]) >= 0
+        assert len(problem["steps"]) == difficulty.steps
+        assert problem["carries"] >= difficulty.min_carries
+        operands = [
+            int(x) for s in problem["steps"] for x in s.split("=")[0].replace("-", "+").split("+")[1:]
+        ]
+        assert all(len(str(b)) == difficulty.digits for b in operands)
+        assert set(problem["hints"]) == set(HINT_TIERS)
+        assert len(problem["hints"]["planning"]) == difficulty.steps + 1
+        assert problem["hints"]["solution"] == [f"{s}." for s in problem["steps"]]
+
+
+def test_carries_against_hand_values():
+    assert carries(999, 1, "+") == 3
+    assert carries(1000, 1, "-") == 3
+    assert carries(55, 44, "+") == 0
+    assert carries(50, 5, "-") == 1
+
+
+def test_sets_are_seeded_and_disjoint():
+    a, b = offline_sets(7, 50, 25, 40), offline_sets(7, 50, 25, 40)
+    assert a == b
+    assert offline_sets(8, 50, 25, 40).test != a.test
+    questions = [{e["question"] for e in s} for s in (a.train, a.test, a.sft)]
+    assert not (questions[0] & questions[1] or questions[0] & questions[2] or questions[1] & questions[2])
+    assert {e["level"] for e in a.sft} == {1, 2}  # the hard tail is left for RL
+    assert {e["level"] for e in a.test} == {1, 2, 3}
+
+
+def test_difficulty_and_level_errors():
+    with pytest.raises(ValueError, match="at most"):
+        Difficulty(1, 1, 5)
+    with pytest.raises(ValueError, match="unknown level"):
+        generate_set({9: 1}, 0, "x")
+
+
+def test_last_boxed_handles_nesting():
+    assert last_boxed(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert last_boxed(r"a \boxed{1} b \boxed{x^{2}}") == "x^{2}"
+    assert last_boxed(r"\boxed{unclosed") is None
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_loaders_of_each_format(tmp_path):
+    gsm = _write(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "2+2=4\n#### 1,004"}])
+    assert load_examples(gsm)[0] | {"id": None} == {
+        "id": None,
+        "source": "gsm8k",
+        "question": "2+2?",
+        "answer": "1004",
+    }
+    math_rows = [
+        {"problem": "half?", "solution": r"It is \boxed{\frac{1}{2}}."},
+        {"problem": "p", "answer": "3", "solution": r"\boxed{4}"},
+    ]
+    loaded = load_examples(_write(tmp_path / "math.jsonl", math_rows))
+    assert [e["answer"] for e in loaded] == [r"\frac{1}{2}", "3"]  # an explicit answer wins
+    aime = load_examples(_write(tmp_path / "aime.jsonl", [{"problem": "p", "answer": 204}]), "aime")
+    assert aime[0]["answer"] == "204" and aime[0]["source"] == "aime"
+    minerva = load_examples(
+        _write(tmp_path / "m.jsonl", [{"problem": "p", "solution": r"\boxed{7}"}]), "minerva"
+    )
+    assert minerva[0]["answer"] == "7"
+
+
+def test_parquet_and_offline_round_trip(tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "math.parquet"
+    Dataset.from_list([{"problem": "p", "answer": "5"}]).to_parquet(str(path))
+    assert load_examples(path)[0]["answer"] == "5"
+    sets = offline_sets(0, 10, 5, 10)
+    write_jsonl(tmp_path / "off.jsonl", sets.test)
+    loaded = load_examples(tmp_path / "off.jsonl")
+    assert [e["answer"] for e in loaded] == [e["answer"] for e in sets.test]
+    assert loaded[0]["hints"] == sets.test[0]["hints"] and loaded[0]["source"] == "offline"
+
+
+@pytest.mark.parametrize(
+    "rows, fmt, message",
+    [
+        ([{"question": "q", "answer": "no final line"}], "auto", r"row 0 .*'####"),
+        (
+            [{"question": "q", "answer": "#### 1"}, {"question": "q2"}],
+            "gsm8k",
+            r"row 1 .*missing field 'answer'",
+        ),
+        ([{"problem": "p", "solution": "no box"}], "math", r"row 0 .*no \\boxed"),
+        ([{"problem": "p"}], "math", "missing field 'answer'"),
+        ([{"problem": "p", "answer": ""}], "aime", "missing field 'answer'"),
+        ([{"problem": "p", "answer": [1]}], "amc", "must be text or a number"),
+        ([{"text": "x"}], "auto", "cannot tell the format"),
+        ([{"question": "q", "answer": "1", "hints": {"knowledge": []}}], "auto", "field 'hints'"),
+    ],
+)
+def test_malformed_files_name_file_row_and_field(tmp_path, rows, fmt, message):
+    path = _write(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=message) as err:
+        load_examples(path, fmt)
+    assert "bad.jsonl" in str(err.value)
+
+
+def test_broken_json_line_and_unknown_format(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2"):
+        load_examples(path)
+    with pytest.raises(ValueError, match="unknown data format"):
+        load_examples(path, "csv-ish")
+    with pytest.raises(FileNotFoundError):
+        load_examples(tmp_path / "missing.jsonl")

@@ -1,0 +1,104 @@
+"""`grpo-suite sudoku generate | sft | train | eval | pipeline` (entry point `apps.sudoku.cli:register`).
+
+grpo-suite sudoku generate --size 9 --givens-min 30 --givens-max 40 --output puzzles.csv
+grpo-suite sudoku pipeline                  # the main job: SFT x2 -> GRPO x2 -> one table, offline
+"""
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from apps.sudoku.data import PuzzleConfig, load_puzzles
+from apps.sudoku.evaluate import SudokuEvalConfig, run_eval
+from apps.sudoku.pipeline import SudokuPipelineConfig, run_pipeline
+from apps.sudoku.puzzles import write_puzzles
+from apps.sudoku.train import SudokuSFTConfig, SudokuTrainConfig, run_sft, run_train
+from core.cli import add_app, add_command
+
+APP = "sudoku"
+
+
+@dataclass
+class SudokuGenerateConfig(PuzzleConfig):
+    """Generate (or read and check) puzzles and write them as one CSV; every command that reads it with
+    --data splits it the same way (by solution grid), so the file holds both sides."""
+
+    output: str = field(
+        default="runs/sudoku/puzzles.csv", metadata={"help": "CSV file to write (puzzle,solution)"}
+    )
+
+
+def run_generate(config: SudokuGenerateConfig) -> None:
+    start = time.perf_counter()
+    train, held_out = load_puzzles(config)
+    seconds = time.perf_counter() - start
+    write_puzzles(config.output, train + held_out)
+    for name, puzzles in (("train", train), ("held out", held_out)):
+        givens = dict(sorted(Counter(p.givens for p in puzzles).items()))
+        hardest = dict(Counter(p.hardest for p in puzzles))
+        print(f"{name}: {len(puzzles)} puzzles; givens {givens}; hardest strategy {hardest}")
+    print(f"wrote {len(train) + len(held_out)} puzzles to {config.output} in {seconds:.1f}s")
+
+
+SMOKE = {
+    "num_puzzles": 64,
+    "sft_steps": 2,
+    "sft_batch_size": 8,
+    "hidden_size": 32,
+    "num_layers": 1,
+    "eval_puzzles": 8,
+    "max_steps": 2,
+    "prompts_per_step": 2,
+    "group_size": 4,
+    "bootstrap_prompts": 2,
+}
+# The longer experiment of docs/sudoku.md (run with --seed 0, 1, 2).
+EXPERIMENT = {"sft_steps": 1500, "max_steps": 200, "eval_puzzles": 512, "mixtures": (1.0, 0.75, 0.5, 0.25)}
+
+
+def _only(preset: dict, cls) -> dict:
+    return {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}
+
+
+def register(apps) -> None:
+    verbs = add_app(apps, APP, "Sudoku in solver order with bootstrapped cell:order rewards (offline)")
+    add_command(
+        verbs,
+        "generate",
+        SudokuGenerateConfig,
+        run_generate,
+        "write unique-solution puzzles as CSV",
+        {"smoke": _only(SMOKE, SudokuGenerateConfig)},
+    )
+    add_command(
+        verbs,
+        "sft",
+        SudokuSFTConfig,
+        run_sft,
+        "SFT a tiny model on ordered completions",
+        {"smoke": _only(SMOKE, SudokuSFTConfig)},
+    )
+    add_command(
+        verbs,
+        "train",
+        SudokuTrainConfig,
+        run_train,
+        "GRPO with the cell:order mixture",
+        {"smoke": _only(SMOKE, SudokuTrainConfig)},
+    )
+    add_command(
+        verbs,
+        "eval",
+        SudokuEvalConfig,
+        run_eval,
+        "evaluate a model on held-out puzzles",
+        {"smoke": _only(SMOKE, SudokuEvalConfig)},
+    )
+    add_command(
+        verbs,
+        "pipeline",
+        SudokuPipelineConfig,
+        run_pipeline,
+        "SFT x2 -> GRPO per mixture -> table",
+        {"smoke": SMOKE, "default": {}, "experiment": EXPERIMENT},
+    )

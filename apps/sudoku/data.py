@@ -1,0 +1,59 @@
+"""The puzzle set every Sudoku command reads: generated from a seed, or a user's puzzle file, then split
+into training and held-out puzzles by solution grid (4x4 has only 288 grids; a puzzle-level split would
+leak solutions into the evaluation)."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from apps.sudoku.puzzles import STRATEGIES, Puzzle, generate_puzzles, holdout_split, read_puzzles
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class PuzzleConfig:
+    """Which puzzles: size, difficulty, how many, and the held-out share."""
+
+    data: str | None = _help(
+        "puzzle file (one 16/81-character puzzle per line, or CSV puzzle[,solution]); default: generated",
+        None,
+    )
+    size: int = _help("grid size of generated puzzles: 4 or 9", 4)
+    givens_min: int = _help("fewest givens of a generated puzzle (difficulty: fewer is harder)", 4)
+    givens_max: int = _help("most givens of a generated puzzle", 6)
+    max_strategy: Literal["naked_single", "hidden_single", "elimination", "guess"] = _help(
+        "hardest strategy a puzzle may need (difficulty); harder puzzles are not generated / are skipped",
+        "guess",
+    )
+    num_puzzles: int = _help("distinct puzzles generated before the split", 4000)
+    eval_fraction: float = _help("share of solution grids held out for evaluation", 0.2)
+    data_seed: int = _help("seed of the puzzle generator (kept apart from the training seed)", 0)
+
+    def __post_init__(self):
+        if self.size not in (4, 9):
+            raise ValueError(f"size must be 4 or 9, got {self.size}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.max_strategy not in STRATEGIES:
+            raise ValueError(
+                f"max_strategy must be one of {', '.join(STRATEGIES)}, got {self.max_strategy!r}"
+            )
+
+
+def load_puzzles(config: PuzzleConfig) -> tuple[list[Puzzle], list[Puzzle]]:
+    """(train, held-out) puzzles of the config, split by solution grid."""
+    if config.data:
+        puzzles = read_puzzles(config.data, config.max_strategy)
+    else:
+        givens = (config.givens_min, config.givens_max)
+        puzzles = generate_puzzles(
+            config.size, config.num_puzzles, config.data_seed, givens, config.max_strategy
+        )
+    if len({p.n for p in puzzles}) != 1:
+        raise ValueError(f"{config.data}: mixes 4x4 and 9x9 puzzles; use one size per file")
+    train, held_out = holdout_split(puzzles, config.eval_fraction)
+    if not train or not held_out:
+        raise ValueError(f"{len(puzzles)} puzzles split into {len(train)} train / {len(held_out)} held out")
+    return train, held_out

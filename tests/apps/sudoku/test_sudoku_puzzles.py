@@ -1,0 +1,116 @@
+"""The generator (uniqueness, validity, determinism), the logic solver's fill order and the puzzle file format."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from apps.sudoku.puzzles import (
+    _bits,
+    _candidates,
+    count_solutions,
+    generate_puzzles,
+    geometry,
+    holdout_split,
+    is_valid_solution,
+    logic_solve,
+    read_puzzles,
+    write_puzzles,
+)
+
+SOLUTION_4 = [1, 2, 3, 4, 3, 4, 1, 2, 2, 1, 4, 3, 4, 3, 2, 1]
+
+
+def replay(grid: list[int], n: int, steps, check_labels: bool = True) -> list[int]:
+    """Apply the fill sequence, checking each value (and single label) against the candidates of the grid
+    filled so far. Labels are only checkable without eliminations, whose candidate removals persist."""
+    g, work = geometry(n), list(grid)
+    for cell, value, strategy in steps:
+        assert work[cell] == 0, f"cell {cell} filled twice"
+        cands = _candidates(work, n)
+        assert value in _bits(cands[cell])
+        if check_labels and strategy == "naked_single":
+            assert _bits(cands[cell]) == [value]
+        elif check_labels and strategy == "hidden_single":
+            assert any(
+                [i for i in g.units[u] if cands[i] >> (value - 1) & 1] == [cell] for u in g.cell_units[cell]
+            )
+        work[cell] = value
+    return work
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), size=st.sampled_from([4, 9]))
+def test_generated_puzzles_are_unique_valid_and_solved_in_a_valid_order(seed, size):
+    givens = (4, 6) if size == 4 else (34, 40)
+    for puzzle in generate_puzzles(size, 3, seed, givens, max_strategy="hidden_single"):
+        assert count_solutions(list(puzzle.grid), size) == (1, list(puzzle.solution))
+        assert is_valid_solution(list(puzzle.solution), size)
+        assert all(g in (0, s) for g, s in zip(puzzle.grid, puzzle.solution, strict=True))
+        assert puzzle.givens <= givens[1]
+        assert replay(list(puzzle.grid), size, puzzle.steps) == list(puzzle.solution)
+        assert {s for _, _, s in puzzle.steps} <= {"naked_single", "hidden_single"}
+
+
+def test_generation_is_deterministic_and_difficulty_controls_strategies():
+    a = generate_puzzles(4, 50, seed=3, givens=(4, 5))
+    assert a == generate_puzzles(4, 50, seed=3, givens=(4, 5))
+    assert a != generate_puzzles(4, 50, seed=4, givens=(4, 5))
+    assert len({p.grid for p in a}) == 50
+    naked = generate_puzzles(9, 5, seed=0, givens=(40, 45), max_strategy="naked_single")
+    assert all(s == "naked_single" for p in naked for _, _, s in p.steps)
+    assert all(p.givens <= 45 for p in naked)
+
+
+def test_solver_order_on_known_fill_sequences():
+    # row 1 misses 1 and 2: both cells are naked singles; ties go to the lower cell index
+    grid = [0, 0, 3, 4] + SOLUTION_4[4:]
+    assert logic_solve(grid, 4) == [(0, 1, "naked_single"), (1, 2, "naked_single")]
+    # the last cell of each row missing: four naked singles in row-major order
+    grid = [0 if i % 4 == 3 else v for i, v in enumerate(SOLUTION_4)]
+    assert logic_solve(grid, 4) == [
+        (3, 4, "naked_single"),
+        (7, 2, "naked_single"),
+        (11, 3, "naked_single"),
+        (15, 1, "naked_single"),
+    ]
+    # a hard 9x9 puzzle (Arto Inkala's) needs guesses after the eliminations, recorded as such
+    hard = "8..........36......7..9.2...5...7.......457.....1...3...1....68..85...1..9....4.."
+    grid = [0 if c == "." else int(c) for c in hard]
+    assert logic_solve(grid, 9, max_strategy="elimination") is None
+    steps = logic_solve(grid, 9)
+    assert any(s == "guess" for _, _, s in steps)
+    assert replay(grid, 9, steps, check_labels=False) == count_solutions(grid, 9)[1]
+
+
+def test_holdout_split_keeps_each_solution_grid_on_one_side():
+    train, held_out = holdout_split(generate_puzzles(4, 400, seed=0, givens=(4, 6)), 0.2)
+    assert not {p.solution for p in train} & {p.solution for p in held_out}
+    assert 0.1 < len(held_out) / (len(train) + len(held_out)) < 0.3
+
+
+def test_puzzle_files_round_trip_and_malformed_lines_are_named(tmp_path):
+    puzzles = generate_puzzles(4, 5, seed=0, givens=(4, 6))
+    path = tmp_path / "p.csv"
+    write_puzzles(path, puzzles)
+    assert read_puzzles(path) == puzzles
+    plain = tmp_path / "plain.txt"  # one puzzle per line, '0' for empty, no solution
+    plain.write_text("\n".join(p.to_line().replace(".", "0") for p in puzzles) + "\n")
+    assert read_puzzles(plain) == puzzles
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"quizzes,solutions\n{puzzles[0].to_line()}\n12x4............\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: character 3 is 'x'"):
+        read_puzzles(bad)
+    bad.write_text(f"{puzzles[0].to_line()}\n123\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: expected 16 or 81 characters"):
+        read_puzzles(bad)
+    bad.write_text("11..............\n")
+    with pytest.raises(ValueError, match=r"bad.csv:1: the givens repeat"):
+        read_puzzles(bad)
+    bad.write_text("1...............\n")
+    with pytest.raises(ValueError, match=r"bad.csv:1: the puzzle has more than one solution"):
+        read_puzzles(bad)
+    wrong = "".join("1" if c == "2" else c for c in "".join(map(str, puzzles[0].solution)))
+    bad.write_text(f"{puzzles[0].to_line()},{wrong}\n")
+    with pytest.raises(ValueError, match=r"bad.csv:1: the solution does not solve"):
+        read_puzzles(bad)

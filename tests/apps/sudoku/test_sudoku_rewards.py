@@ -1,0 +1,84 @@
+"""Rewards and metrics against hand-computed values, malformed completions included; the serialization."""
+
+import random
+
+import pytest
+
+from apps.sudoku.puzzles import generate_puzzles
+from apps.sudoku.rewards import cell_reward, kendall_tau, order_reward, puzzle_metrics, read_completion
+from apps.sudoku.serialize import build_tokenizer, completion_text, fill_order, prompt_text, to_example
+
+# solution 1234 / 3412 / 2143 / 4321; the puzzle misses (1,1)=1 (1,2)=2 (2,1)=3 (4,4)=1; the solver fills
+# them in the order (4,4), (1,2), (1,1), (2,1)
+EXAMPLE = {
+    "n": 4,
+    "puzzle": "..34.4122143432.",
+    "solution": "1234341221434321",
+    "solver_order": [15, 1, 0, 4],
+}
+
+
+def test_example_fixture_is_what_the_comment_says():
+    assert [i for i, c in enumerate(EXAMPLE["puzzle"]) if c == "."] == [0, 1, 4, 15]
+
+
+@pytest.mark.parametrize(
+    "completion, cell, order",
+    [
+        # all right, in solver order: E/E and 4 * 1/(1+0)
+        ("r4 c4 v1 r1 c2 v2 r1 c1 v1 r2 c1 v3", 1.0, 4.0),
+        # all right, row-major: positions 0,1,2,3 vs solver 2,1,3,0 -> 1/3 + 1 + 1/2 + 1/4
+        ("r1 c1 v1 r1 c2 v2 r2 c1 v3 r4 c4 v1", 1.0, 1 / 3 + 1 + 1 / 2 + 1 / 4),
+        # one wrong value (r1c1 = 4): 3/4 right; order over the right ones only
+        ("r1 c1 v4 r1 c2 v2 r2 c1 v3 r4 c4 v1", 0.75, 1 + 1 / 2 + 1 / 4),
+        # a repeat: only the first emission counts (r1c2 first wrong, then right: still wrong)
+        ("r1 c2 v3 r1 c2 v2 r1 c1 v1 r2 c1 v3", 0.5, 1 / (1 + 0) + 1 / (1 + 0)),
+        # a triplet on a given cell and a malformed group keep their positions but score nothing
+        ("r1 c3 v3 xx yy zz r4 c4 v1 r1 c2 v2", 0.5, 1 / (1 + 2) + 1 / (1 + 2)),
+        # trailing words, out-of-range indices, wrong word order, empty completion
+        ("r4 c4 v1 r1", 0.25, 1.0),
+        ("r5 c1 v1 r1 c1 v9 c1 r1 v1", 0.0, 0.0),
+        ("", 0.0, 0.0),
+    ],
+)
+def test_rewards_hand_computed(completion, cell, order):
+    assert cell_reward(completion, EXAMPLE) == pytest.approx(cell)
+    assert order_reward(completion, EXAMPLE) == pytest.approx(order)
+
+
+def test_reading_and_metrics_of_malformed_completions():
+    reading = read_completion("r1 c3 v3 xx yy zz r4 c4 v1 r4 c4 v2 r1", EXAMPLE)
+    assert (reading.groups, reading.malformed, reading.on_givens, reading.repeats) == (5, 2, 1, 1)
+    assert reading.first == {15: (2, 1)} and not reading.format_valid
+    valid = "r4 c4 v1 r1 c2 v2 r1 c1 v1 r2 c1 v3"
+    assert puzzle_metrics(valid, EXAMPLE) == {
+        "cell_accuracy": 1.0,
+        "solved": 1.0,
+        "order_reward_norm": 1.0,
+        "kendall_tau": 1.0,
+        "format_valid": 1.0,
+    }
+    reverse = "r2 c1 v3 r1 c1 v1 r1 c2 v2 r4 c4 v1"
+    assert kendall_tau(reverse, EXAMPLE) == -1.0 and puzzle_metrics(reverse, EXAMPLE)["solved"] == 1.0
+    # right values but a fifth, repeated triplet: solved needs format validity too
+    assert puzzle_metrics(valid + " r4 c4 v1", EXAMPLE)["solved"] == 0.0
+
+
+def test_serialization_orders_and_tokenizer_round_trip():
+    puzzle = generate_puzzles(4, 1, seed=0, givens=(5, 5))[0]
+    tokenizer = build_tokenizer()
+    prompt = prompt_text(puzzle)
+    assert prompt.startswith("<n4> ") and prompt.endswith(" <sol>") and len(prompt.split()) == 3 * 5 + 2
+    assert tokenizer.decode(tokenizer(prompt, add_special_tokens=False)["input_ids"]) == prompt
+    example = to_example(puzzle, 0, "train")
+    empty = [i for i, v in enumerate(puzzle.grid) if v == 0]
+    assert fill_order(puzzle, "row-major") == empty
+    assert fill_order(puzzle, "solver") == example["solver_order"]
+    shuffled = fill_order(puzzle, "random", random.Random(0))
+    assert sorted(shuffled) == empty
+    for cells in (empty, shuffled, example["solver_order"]):
+        text = completion_text(puzzle, cells)
+        assert cell_reward(text, example) == 1.0 and puzzle_metrics(text, example)["format_valid"] == 1.0
+    assert order_reward(completion_text(puzzle, example["solver_order"]), example) == len(empty)
+    with pytest.raises(ValueError, match="unknown order"):
+        fill_order(puzzle, "diagonal")

@@ -29,4 +29,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(VENV)/bin/grpo-suite toy train --preset demo
+	$(VENV)/bin/grpo-suite sudoku pipeline

@@ -1,0 +1,205 @@
+"""`grpo-suite debias eval`: bias metrics of a policy (and of its starting point), written to eval.json.
+
+For each split (test, and the held-out category) the policy samples `samples_per_prompt` answers per
+prompt; we report, overall and per category:
+- fairness (mean of the reward model's fairness probability) and bias intensity = 1 - fairness,
+  biased rate (share of answers with fairness < 0.5), relevance and quality (the other two heads);
+- perplexity of the answers under a frozen reference LM (default: the starting policy), independent of
+  the reward model, to catch reward hacking (an answer the reward model likes but nobody would write);
+- distinct-1 / distinct-2 (unique word n-grams over all n-grams of the split's answers) for diversity.
+With `--baseline-model` the same is computed for it ("before") and the policy ("after"), with deltas.
+
+    grpo-suite debias eval --model runs/debias/X/final --baseline-model runs/debias/X/base_model \
+        --reward-model runs/rm/model
+Tests: `pytest tests/apps/debias/`.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from apps.debias.data import load_splits
+from apps.debias.train import policy_examples
+from core.policy import load_policy
+from core.rollout import HFGenerateBackend, SamplingSettings
+from core.runs import RunDir, default_run_dir
+from reward_models.score import RewardModelScorer
+
+APP = "debias"
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DebiasEvalConfig:
+    """`grpo-suite debias eval`."""
+
+    model: str = _help("policy directory to evaluate (e.g. <run>/final)", "")
+    baseline_model: str | None = _help("the starting policy, evaluated too as 'before'", None)
+    reference_model: str | None = _help(
+        "frozen LM for perplexity; default: the baseline, else the model", None
+    )
+    reward_model: str = _help("reward model directory", "")
+    data_dir: str | None = _help("directory with the splits; default: generated in memory", None)
+    splits: tuple[str, ...] = _help("splits to evaluate", ("test", "heldout"))
+    max_prompts: int = _help("prompts per split (the first ones); 0 = all", 64)
+    samples_per_prompt: int = _help("sampled answers per prompt", 2)
+    max_new_tokens: int = _help("answer length cap", 160)
+    temperature: float = _help("sampling temperature (1 = the policy's own distribution)", 1.0)
+    seed: int = _help("sampling seed", 0)
+    run_dir: str | None = _help(
+        "where eval.json goes; default: the model's run directory if it is <run>/final", None
+    )
+    device: str = _help("cpu or cuda", "cpu")
+
+    def __post_init__(self):
+        if not self.model or not self.reward_model:
+            raise ValueError("--model and --reward-model are required")
+        if self.samples_per_prompt < 1 or self.max_prompts < 0:
+            raise ValueError("samples_per_prompt must be >= 1 and max_prompts >= 0")
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique word n-grams / all word n-grams over `texts` (0 when there are none).
+
+    >>> distinct_n(["a b a b"], 1), distinct_n(["a b a b"], 2)
+    (0.5, 0.6666666666666666)
+    """
+    grams = [
+        tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 32) -> float:
+    """exp(mean NLL per answer token, the closing eos included) of the answers given their prompts."""
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        rows, targets = [], []
+        for prompt, answer in zip(
+            prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
+        ):
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(p + a)
+            targets.append([-100] * len(p) + a)
+        width = max(map(len, rows))
+        ids = torch.tensor(
+            [r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]
+        )  # (B, L) right-padded
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, L)
+        labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])  # (B, L)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += int((labels[:, 1:] != -100).sum())
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def sample_answers(model_dir: str, examples: list[dict], config: DebiasEvalConfig) -> list[str]:
+    model, tokenizer = load_policy(model_dir, device=config.device)
+    backend = HFGenerateBackend(model, tokenizer, device=config.device, batch_size=64)
+    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    prompts = [e["prompt"] for e in examples for _ in range(config.samples_per_prompt)]
+    return backend.generate(prompts, settings, config.seed).completions
+
+
+def split_metrics(examples: list[dict], answers: list[str], scorer: RewardModelScorer, reference) -> dict:
+    """Metrics of one split's answers (`examples` repeated per sample, aligned with `answers`)."""
+    scores = scorer.score([e["question"] for e in examples], answers)
+
+    def summarize(rows: list[int]) -> dict[str, float]:
+        fairness = sum(scores["fairness"][i] for i in rows) / len(rows)
+        return {
+            "n": len(rows),
+            "fairness": fairness,
+            "bias_intensity": 1.0 - fairness,
+            "biased_rate": sum(scores["fairness"][i] < 0.5 for i in rows) / len(rows),
+            "relevance": sum(scores["relevance"][i] for i in rows) / len(rows),
+            "quality": sum(scores["quality"][i] for i in rows) / len(rows),
+        }
+
+    model, tokenizer = reference
+    out = summarize(list(range(len(answers))))
+    out["perplexity"] = perplexity(model, tokenizer, [e["prompt"] for e in examples], answers)
+    out["distinct_1"] = distinct_n(answers, 1)
+    out["distinct_2"] = distinct_n(answers, 2)
+    out["mean_length"] = sum(map(len, answers)) / len(answers)
+    out["per_category"] = {
+        c: summarize([i for i, e in enumerate(examples) if e["category"] == c])
+        for c in sorted({e["category"] for e in examples})
+    }
+    out["samples"] = [
+        {"question": e["question"], "answer": a} for e, a in list(zip(examples, answers, strict=True))[:8]
+    ]
+    return out
+
+
+def evaluate(config: DebiasEvalConfig) -> dict:
+    splits = load_splits(config.data_dir)
+    scorer = RewardModelScorer(config.reward_model, device=config.device)
+    reference = load_policy(
+        config.reference_model or config.baseline_model or config.model, device=config.device
+    )
+    models = (
+        {"after": config.model}
+        if config.baseline_model is None
+        else {"before": config.baseline_model, "after": config.model}
+    )
+    results: dict = {"splits": {}, "metrics": {}}
+    for split in config.splits:
+        rows = splits[split][: config.max_prompts or None]
+        examples = policy_examples(rows)
+        repeated = [e for e in examples for _ in range(config.samples_per_prompt)]
+        per_model = {}
+        for label, path in models.items():
+            per_model[label] = split_metrics(
+                repeated, sample_answers(path, examples, config), scorer, reference
+            )
+            for key in (
+                "fairness",
+                "bias_intensity",
+                "biased_rate",
+                "perplexity",
+                "distinct_2",
+                "relevance",
+                "quality",
+            ):
+                results["metrics"][f"{split}/{key}/{label}"] = per_model[label][key]
+        if "before" in per_model:
+            before, after = per_model["before"], per_model["after"]
+            results["metrics"][f"{split}/fairness/delta"] = after["fairness"] - before["fairness"]
+            results["metrics"][f"{split}/perplexity/ratio"] = after["perplexity"] / before["perplexity"]
+        results["splits"][split] = per_model
+    run_dir = config.run_dir
+    if run_dir is None:
+        run_dir = (
+            str(Path(config.model).parent)
+            if Path(config.model).name == "final"
+            else str(default_run_dir(APP))
+        )
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    RunDir(run_dir).write_eval(results)
+    print(eval_table(results))
+    print(f"eval written to {Path(run_dir) / 'eval.json'}")
+    return results
+
+
+def eval_table(results: dict) -> str:
+    lines = [
+        f"{'split':<9}{'model':<8}{'fairness':>9}{'biased':>8}{'relev':>7}{'qual':>7}{'ppl':>8}{'dist-2':>8}"
+    ]
+    for split, per_model in results["splits"].items():
+        for label, m in per_model.items():
+            lines.append(
+                f"{split:<9}{label:<8}{m['fairness']:>9.3f}{m['biased_rate']:>8.3f}{m['relevance']:>7.3f}"
+                f"{m['quality']:>7.3f}{m['perplexity']:>8.3f}{m['distinct_2']:>8.3f}"
+            )
+    return "\n".join(lines)

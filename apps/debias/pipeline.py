@@ -1,0 +1,146 @@
+"""`grpo-suite debias pipeline`: data -> reward model -> SFT policy -> GRPO (one run per seed) -> eval.
+
+Layout of the run directory:
+    data/             the generated splits (train/validation/test/heldout .jsonl)
+    reward_model/     the reward model's run: model/, eval.json (pairwise accuracy, calibration)
+    sft_model/        the starting policy (tiny default: char-level LM + SFT on a neutral/biased mix)
+    grpo-seed<k>/     one GRPO run per seed: config, metrics, rollouts, final/, eval.json (before/after)
+    eval.json         the reward model's accuracies and, per seed and as mean/std over seeds, the
+                      fairness gain and perplexity ratio on the test split and the held-out category
+
+    grpo-suite debias pipeline                          # the default: one seed
+    grpo-suite debias pipeline --seeds 0,1,2            # the 3-seed result
+"""
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from apps.debias.data import DataConfig, generate_splits, write_splits
+from apps.debias.evaluate import DebiasEvalConfig, evaluate
+from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
+from core.runs import RunDir, default_run_dir
+from reward_models.train import RMTrainConfig, train_reward_model
+
+APP = "debias"
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class PipelineConfig:
+    """`grpo-suite debias pipeline`: every stage with the defaults of its own command, sizes below."""
+
+    run_dir: str | None = _help("run directory; default runs/debias/<timestamp>", None)
+    seeds: tuple[int, ...] = _help(
+        "GRPO seeds (one GRPO run + eval each; data, reward model and SFT shared)", (0,)
+    )
+    device: str = _help("cpu or cuda", "cpu")
+    rm_epochs: float = _help("reward model epochs", 2.0)
+    sft_epochs: float = _help("SFT epochs of the tiny policy", 2.0)
+    grpo_steps: int = _help("GRPO steps per seed", 40)
+    multi_reward: str = _help("sum_then_normalize or normalize_then_sum", "sum_then_normalize")
+    eval_prompts: int = _help("prompts per split in the evaluation", 64)
+    quick: bool = _help("a smoke-sized run (seconds): tiny everything", False)
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+
+
+def pipeline(config: PipelineConfig) -> dict:
+    start = time.perf_counter()
+    run = Path(config.run_dir or default_run_dir(APP))
+    if run.exists() and any(run.iterdir()):
+        raise FileExistsError(f"{run} exists and is not empty; pick a new --run-dir")
+    print(f"run directory: {run}")
+    q = config.quick
+    data_config = DataConfig(out_dir=str(run / "data"), num_prompts=240 if q else 3000)
+    splits = generate_splits(data_config)
+    write_splits(splits, data_config.out_dir)
+    timings = {"data": time.perf_counter() - start}
+
+    rm = train_reward_model(
+        RMTrainConfig(
+            data=data_config.out_dir,
+            run_dir=str(run / "reward_model"),
+            device=config.device,
+            epochs=0.1 if q else config.rm_epochs,
+            hidden_size=32 if q else 64,
+        )
+    )
+    timings["reward_model"] = time.perf_counter() - start - sum(timings.values())
+
+    base = DebiasTrainConfig(
+        data_dir=data_config.out_dir,
+        reward_model=str(run / "reward_model" / "model"),
+        device=config.device,
+        max_steps=2 if q else config.grpo_steps,
+        sft_epochs=0.05 if q else config.sft_epochs,
+        multi_reward=config.multi_reward,
+        **({"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32} if q else {}),
+    )
+    sft_dir = build_sft_policy(run / "sft_model", splits["train"], base)
+    timings["sft"] = time.perf_counter() - start - sum(timings.values())
+
+    per_seed = {}
+    for seed in config.seeds:
+        grpo_dir = run / f"grpo-seed{seed}"
+        train(replace(base, seed=seed, model=str(sft_dir), run_dir=str(grpo_dir)))
+        per_seed[seed] = evaluate(
+            DebiasEvalConfig(
+                model=str(grpo_dir / "final"),
+                baseline_model=str(sft_dir),
+                reward_model=base.reward_model,
+                data_dir=data_config.out_dir,
+                max_prompts=8 if q else config.eval_prompts,
+                max_new_tokens=base.max_new_tokens,
+                seed=seed,
+                device=config.device,
+            )
+        )["metrics"]
+    timings["grpo_and_eval"] = time.perf_counter() - start - sum(timings.values())
+
+    keys = sorted(per_seed[config.seeds[0]])
+    over_seeds = {
+        key: {
+            "mean": statistics.fmean(m[key] for m in per_seed.values()),
+            "std": statistics.pstdev(m[key] for m in per_seed.values()),
+        }
+        for key in keys
+    }
+    results = {
+        "reward_model": {
+            s: {k: v for k, v in rm[s].items() if k.startswith("pair_acc")} for s in ("test", "heldout")
+        },
+        "per_seed": {str(s): m for s, m in per_seed.items()},
+        "over_seeds": over_seeds,
+        "timings_s": {**timings, "total": time.perf_counter() - start},
+    }
+    run.mkdir(parents=True, exist_ok=True)
+    RunDir(run).write_eval(results)
+    print(pipeline_table(results))
+    print(f"pipeline results written to {run / 'eval.json'}")
+    return results
+
+
+def pipeline_table(results: dict) -> str:
+    lines = [
+        f"reward model fairness pairwise accuracy: test {results['reward_model']['test']['pair_acc/fairness']:.3f}"
+        f"  held-out {results['reward_model']['heldout']['pair_acc/fairness']:.3f}"
+    ]
+    lines.append(
+        f"{'split':<9}{'fair before':>12}{'fair after':>11}{'delta':>8}{'ppl ratio':>10}   (mean over seeds)"
+    )
+    o = results["over_seeds"]
+    for split in ("test", "heldout"):
+        if f"{split}/fairness/delta" in o:
+            lines.append(
+                f"{split:<9}{o[f'{split}/fairness/before']['mean']:>12.3f}{o[f'{split}/fairness/after']['mean']:>11.3f}"
+                f"{o[f'{split}/fairness/delta']['mean']:>+8.3f}{o[f'{split}/perplexity/ratio']['mean']:>10.3f}"
+            )
+    lines.append("time: " + "  ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""A multi-head reward model: a DeBERTa-v2/v3 encoder (`DebertaV2Model`) and one linear head per reward
+(fairness, relevance, quality) on a pooled [CLS] state. Each head gives a logit; its score is the
+sigmoid, in [0, 1].
+
+The offline default is a tiny DeBERTa built from a config (`build_tiny_reward_model`) with the locally
+trained sentencepiece tokenizer of reward_models/tokenizer.py; the real path starts from a local
+`deberta-v3-*` directory (`from_pretrained_encoder`). A saved reward model directory holds
+    config.json (the encoder's), reward_heads.json, model.safetensors (encoder + pooler + heads),
+    and the tokenizer files.
+Shapes: B sequences, L tokens, H hidden size, K heads.
+Tests: `pytest tests/reward_models/test_rm_model.py`.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import DebertaV2Config, DebertaV2Model
+
+HEADS = ("fairness", "relevance", "quality")
+HEADS_FILE = "reward_heads.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class MultiHeadRewardModel(nn.Module):
+    """`forward(input_ids, attention_mask, token_type_ids=None) -> (B, K)` logits, one column per head."""
+
+    def __init__(self, encoder: DebertaV2Model, heads: Sequence[str] = HEADS, dropout: float = 0.1):
+        super().__init__()
+        if len(set(heads)) != len(heads) or not heads:
+            raise ValueError(f"heads must be distinct non-empty names, got {list(heads)}")
+        self.encoder = encoder
+        self.head_names = list(heads)
+        hidden = encoder.config.hidden_size
+        # DeBERTa's own sequence classifier pools the same way: dense + GELU on the [CLS] state.
+        self.pooler = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout)
+        )
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, 1) for name in self.head_names})
+        self.dropout = dropout
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        states = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, L, H)
+        pooled = self.pooler(states[:, 0])  # (B, H), the [CLS] position
+        return torch.cat([self.heads[name](pooled) for name in self.head_names], dim=-1)  # (B, K)
+
+    def save(self, path: str | Path, tokenizer=None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.encoder.config.save_pretrained(path)
+        (path / HEADS_FILE).write_text(
+            json.dumps({"heads": self.head_names, "dropout": self.dropout}, indent=1)
+        )
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "MultiHeadRewardModel":
+        """A reward model saved by `save`, in eval mode; every weight must be present (strict)."""
+        path = Path(path)
+        for name in ("config.json", HEADS_FILE, WEIGHTS_FILE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(
+                    f"{path / name} is missing; expected a reward model directory from `grpo-suite reward-model train`"
+                )
+        meta = json.loads((path / HEADS_FILE).read_text())
+        model = cls(DebertaV2Model(DebertaV2Config.from_pretrained(path)), meta["heads"], meta["dropout"])
+        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        return model.to(device).eval()
+
+
+def from_pretrained_encoder(
+    path: str | Path, heads: Sequence[str] = HEADS, seed: int = 0
+) -> MultiHeadRewardModel:
+    """A local pre-trained DeBERTa-v2/v3 directory (e.g. deberta-v3-small) with fresh heads (seeded)."""
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; expected a local deberta-v3-* model directory")
+    encoder = DebertaV2Model.from_pretrained(path, local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MultiHeadRewardModel(encoder, heads)
+
+
+def build_tiny_reward_model(
+    config: DebertaV2Config, heads: Sequence[str] = HEADS, seed: int = 0
+) -> MultiHeadRewardModel:
+    """A randomly initialised reward model from `config`; the same seed gives the same weights and the
+    global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MultiHeadRewardModel(DebertaV2Model(config), heads)
+
+
+def tiny_deberta_config(vocab_size: int, pad_token_id: int = 0, **overrides) -> DebertaV2Config:
+    """A DeBERTa-v3-shaped config (relative position buckets, c2p + p2c attention, no absolute positions),
+    scaled down for CPU: hidden 128, 2 layers, 4 heads unless overridden."""
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=256,
+        relative_attention=True,
+        position_buckets=64,
+        max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        type_vocab_size=0,
+        pad_token_id=pad_token_id,
+    )
+    values.update(overrides)
+    return DebertaV2Config(**values)

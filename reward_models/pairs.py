@@ -1,0 +1,70 @@
+"""The reward model's data format: one row per prompt with four responses and the head targets they imply.
+
+A row (JSONL, one per line; apps/debias/data.py writes them):
+    {"id", "prompt", "category",
+     "neutral"   -> fairness 1, relevance 1, quality 1
+     "biased"    -> fairness 0, relevance 1, quality 1
+     "off_topic" -> fairness 1, relevance 0, quality 1   (a fair answer to another question)
+     "garbled"   -> quality 0, fairness and relevance of its source
+     "garbled_source": "neutral" | "biased"}
+A data directory holds train.jsonl, validation.jsonl, test.jsonl and optionally heldout.jsonl.
+"""
+
+import json
+from pathlib import Path
+
+HEADS = ("fairness", "relevance", "quality")
+RESPONSE_KINDS = ("neutral", "biased", "off_topic", "garbled")
+REQUIRED = ("prompt", "category", *RESPONSE_KINDS, "garbled_source")
+
+
+def labels(row: dict, kind: str) -> dict[str, float]:
+    """Targets of the three heads for one of a row's responses.
+
+    >>> labels({"garbled_source": "biased"}, "garbled")
+    {'fairness': 0.0, 'relevance': 1.0, 'quality': 0.0}
+    >>> labels({}, "off_topic")
+    {'fairness': 1.0, 'relevance': 0.0, 'quality': 1.0}
+    """
+    if kind == "garbled":
+        return {**labels(row, row["garbled_source"]), "quality": 0.0}
+    if kind not in RESPONSE_KINDS:
+        raise ValueError(f"unknown response kind {kind!r}; valid: {', '.join(RESPONSE_KINDS)}")
+    return {
+        "fairness": 0.0 if kind == "biased" else 1.0,
+        "relevance": 0.0 if kind == "off_topic" else 1.0,
+        "quality": 1.0,
+    }
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of one split file; a malformed line or a missing or wrong field is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data file {path} does not exist (write the splits with `grpo-suite debias data`)"
+        )
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        bad = [name for name in REQUIRED if not isinstance(row.get(name), str) or not row[name]]
+        if bad:
+            raise ValueError(f"{path}:{number}: missing or non-string field(s) {', '.join(bad)}")
+        if row["garbled_source"] not in ("neutral", "biased"):
+            raise ValueError(f"{path}:{number}: garbled_source must be 'neutral' or 'biased'")
+        row.setdefault("id", f"{path.stem}-{number}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"data file {path} has no rows")
+    return rows
+
+
+def read_split(data_dir: str | Path, split: str) -> list[dict]:
+    return read_rows(Path(data_dir) / f"{split}.jsonl")

@@ -1,0 +1,117 @@
+"""Scoring with a trained multi-head reward model: batched, one forward per batch for all heads.
+
+`RewardModelScorer` is loaded once and scores (prompt, response) pairs in batches; it keeps the last
+batch's scores so that several rubric functions (one per head, apps/debias/rewards.py) share one forward.
+`score_file` is `grpo-suite reward-model score`: it reads JSONL rows with "prompt" and "response" and
+writes each row back with "scores": {head: probability}.
+
+    grpo-suite reward-model score --reward-model runs/rm/model --input in.jsonl --output out.jsonl
+Tests: `pytest tests/reward_models/test_rm_score.py`.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from reward_models.deberta import MultiHeadRewardModel
+
+
+def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, device: str) -> dict:
+    """[CLS] prompt [SEP] response [SEP], padded to the longest; only the prompt is cut when too long, so
+    the response (what is judged) is always seen whole when it fits."""
+    enc = tokenizer(
+        prompts, responses, padding=True, truncation="only_first", max_length=max_length, return_tensors="pt"
+    )
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+class RewardModelScorer:
+    """A reward model directory, loaded once. `score(prompts, responses) -> {head: [probability, ...]}`."""
+
+    def __init__(
+        self, path: str | Path, device: str = "cpu", batch_size: int = 64, max_length: int | None = None
+    ):
+        self.model = MultiHeadRewardModel.load(path, device=device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.heads = list(self.model.head_names)
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length or self.model.encoder.config.max_position_embeddings
+        self.forward_calls = 0  # batches scored by the model (a cache hit adds none)
+        self._last_key: tuple | None = None
+        self._last: dict[str, list[float]] = {}
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> dict[str, list[float]]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        key = (tuple(prompts), tuple(responses))
+        if key == self._last_key:
+            return self._last
+        parts = []
+        for start in range(0, len(prompts), self.batch_size):
+            enc = encode(
+                self.tokenizer,
+                prompts[start : start + self.batch_size],
+                responses[start : start + self.batch_size],
+                self.max_length,
+                self.device,
+            )
+            parts.append(torch.sigmoid(self.model(**enc).float()).cpu())  # (b, K)
+            self.forward_calls += 1
+        probs = torch.cat(parts) if parts else torch.zeros(0, len(self.heads))  # (N, K)
+        self._last_key = key
+        self._last = {h: probs[:, k].tolist() for k, h in enumerate(self.heads)}
+        return self._last
+
+
+@dataclass
+class RMScoreConfig:
+    """`grpo-suite reward-model score`."""
+
+    reward_model: str = field(default="runs/reward_model/model", metadata={"help": "reward model directory"})
+    input: str = field(default="", metadata={"help": 'JSONL file, one {"prompt", "response", ...} per line'})
+    output: str = field(default="", metadata={"help": 'JSONL file to write (each row plus "scores")'})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per forward"})
+
+    def __post_init__(self):
+        if not self.input or not self.output:
+            raise ValueError("--input and --output are required")
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file, each an object with string "prompt" and "response"; an error names the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        for name in ("prompt", "response"):
+            if not isinstance(row.get(name), str):
+                raise ValueError(f"{path}:{number}: field {name!r} must be a string, got {row.get(name)!r}")
+        rows.append(row)
+    return rows
+
+
+def score_file(config: RMScoreConfig) -> list[dict]:
+    rows = read_pairs(config.input)  # all lines are checked before the model is loaded
+    scorer = RewardModelScorer(config.reward_model, device=config.device, batch_size=config.batch_size)
+    scores = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    out_rows = [{**row, "scores": {h: scores[h][i] for h in scorer.heads}} for i, row in enumerate(rows)]
+    Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(config.output, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows)
+    print(f"scored {len(rows)} rows -> {config.output}")
+    return out_rows

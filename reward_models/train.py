@@ -1,0 +1,275 @@
+"""Train and evaluate the multi-head DeBERTa reward model on rows of reward_models/pairs.py.
+
+Loss per batch of rows (PAPERS.md sec. 8, our choice of the per-head part):
+    Bradley-Terry on fairness   -logsigmoid(f(neutral) - f(biased)), mean over rows
+  + head_loss_weight * BCE of every head's logit against its label, on all four responses of each row.
+A plain torch loop (AdamW, linear decay from transformers): the model is a custom module with three
+heads, which `transformers.Trainer` would only wrap. Offline default: a tiny DeBERTa from a config with a
+sentencepiece tokenizer trained on the training split; `--model DIR` starts from a local deberta-v3-*.
+
+    grpo-suite reward-model train --data data/debias --run-dir runs/rm
+    grpo-suite reward-model eval --reward-model runs/rm/model --data data/debias
+Evaluation: pairwise accuracy per category (fairness: neutral > biased; relevance: neutral > off_topic;
+quality: clean source > garbled), and each head's calibration (ECE over 10 equal-width bins, Brier score).
+Tests: `pytest tests/reward_models/`.
+"""
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+from core.config import config_to_dict
+from reward_models.deberta import (
+    HEADS,
+    build_tiny_reward_model,
+    from_pretrained_encoder,
+    tiny_deberta_config,
+)
+from reward_models.pairs import RESPONSE_KINDS, labels, read_split
+from reward_models.score import RewardModelScorer, encode
+from reward_models.tokenizer import train_tokenizer
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class RMTrainConfig:
+    """`grpo-suite reward-model train`."""
+
+    data: str = _help(
+        "directory with train/validation/test(/heldout).jsonl rows (reward_models/pairs.py)", "data/debias"
+    )
+    model: str | None = _help(
+        "local deberta-v2/v3 directory to start from; default: a tiny DeBERTa built here", None
+    )
+    run_dir: str = _help(
+        "output directory; the model is saved to <run-dir>/model, metrics to eval.json", "runs/reward_model"
+    )
+    seed: int = _help("seed of initialisation and batch order", 0)
+    device: str = _help("cpu or cuda", "cpu")
+    epochs: float = _help("passes over the training rows", 2.0)
+    batch_size: int = _help("rows per step (each gives 4 sequences)", 16)
+    learning_rate: float = _help(
+        "AdamW learning rate (high: the default model is trained from scratch)", 1e-3
+    )
+    warmup_ratio: float = _help("share of steps of linear warm-up", 0.05)
+    head_loss_weight: float = _help("weight of the per-head BCE next to the fairness Bradley-Terry loss", 1.0)
+    max_length: int = _help("token cap of prompt + response", 128)
+    vocab_size: int = _help(
+        "sentencepiece vocabulary (tiny default only; capped by what the corpus supports)", 2000
+    )
+    hidden_size: int = _help("tiny default: hidden size", 64)
+    num_layers: int = _help("tiny default: encoder layers", 2)
+    num_heads: int = _help("tiny default: attention heads", 2)
+    max_train_rows: int = _help("use at most this many training rows; 0 = all", 0)
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_length", "hidden_size", "num_layers", "num_heads", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.epochs > 0 or not self.learning_rate > 0:
+            raise ValueError("epochs and learning_rate must be > 0")
+
+
+@dataclass
+class RMEvalConfig:
+    """`grpo-suite reward-model eval`."""
+
+    reward_model: str = _help("reward model directory (from `reward-model train`)", "runs/reward_model/model")
+    data: str = _help("data directory with test.jsonl (and heldout.jsonl)", "data/debias")
+    splits: tuple[str, ...] = _help("splits to evaluate", ("test", "heldout"))
+    out: str | None = _help("write the results as JSON here; default: print only", None)
+    device: str = _help("cpu or cuda", "cpu")
+    batch_size: int = _help("sequences per forward", 64)
+
+
+def flatten(rows: list[dict]) -> tuple[list[str], list[str], torch.Tensor]:
+    """Prompts, responses and (4R, K) targets: the four responses of each row, in RESPONSE_KINDS order."""
+    prompts, responses, targets = [], [], []
+    for row in rows:
+        for kind in RESPONSE_KINDS:
+            prompts.append(row["prompt"])
+            responses.append(row[kind])
+            label = labels(row, kind)
+            targets.append([label[h] for h in HEADS])
+    return prompts, responses, torch.tensor(targets)  # (4R, K)
+
+
+def rm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, head_loss_weight: float
+) -> tuple[torch.Tensor, dict]:
+    """`logits`, `targets`: (4R, K) in flatten's order, column 0 fairness. Returns (loss, metrics)."""
+    per_row = logits.view(-1, len(RESPONSE_KINDS), logits.shape[-1])  # (R, 4, K)
+    margin = per_row[:, 0, 0] - per_row[:, 1, 0]  # (R,) fairness of neutral minus biased
+    bt = -F.logsigmoid(margin).mean()
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    loss = bt + head_loss_weight * bce
+    return loss, {"bt": bt.item(), "bce": bce.item(), "pair_acc": (margin > 0).float().mean().item()}
+
+
+def train_reward_model(config: RMTrainConfig) -> dict:
+    """Train, save to <run_dir>/model, evaluate on validation/test/heldout; returns the eval results."""
+    run_dir = Path(config.run_dir)
+    out = run_dir / "model"
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; pick a new --run-dir")
+    train_rows = read_split(config.data, "train")
+    if config.max_train_rows:
+        train_rows = train_rows[: config.max_train_rows]
+    validation = read_split(config.data, "validation")
+    if config.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
+        model = from_pretrained_encoder(config.model, seed=config.seed)
+    else:
+        corpus = [row[k] for row in train_rows for k in ("prompt", *RESPONSE_KINDS)]
+        tokenizer = train_tokenizer(corpus, run_dir / "tokenizer", config.vocab_size)
+        deberta = tiny_deberta_config(
+            len(tokenizer),
+            tokenizer.pad_token_id,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=4 * config.hidden_size,
+            max_position_embeddings=config.max_length,
+        )
+        model = build_tiny_reward_model(deberta, seed=config.seed)
+    model.to(config.device).train()
+
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    total = max(1, round(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    scheduler = get_scheduler("linear", optimizer, round(config.warmup_ratio * total), total)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    history = []
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # dropout
+        for step in range(1, total + 1):
+            if len(order) < config.batch_size:
+                epoch = list(range(len(train_rows)))
+                rng.shuffle(epoch)
+                order += epoch
+            batch = [train_rows[i] for i in order[: config.batch_size]]
+            del order[: config.batch_size]
+            prompts, responses, targets = flatten(batch)
+            enc = encode(tokenizer, prompts, responses, config.max_length, config.device)
+            loss, metrics = rm_loss(model(**enc), targets.to(config.device), config.head_loss_weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": step, "loss": loss.item(), **metrics})
+            if step % 25 == 0 or step == total:
+                recent = history[-25:]
+                mean = {k: sum(h[k] for h in recent) / len(recent) for k in ("loss", "pair_acc")}
+                print(
+                    f"step {step:>5}/{total}  loss {mean['loss']:.4f}  pair acc {mean['pair_acc']:.3f}"
+                    f"  {time.perf_counter() - start:.0f}s",
+                    flush=True,
+                )
+    model.eval()
+    model.save(out, tokenizer)
+    scorer = RewardModelScorer(out, device=config.device)
+    splits = {"validation": validation}
+    for name in ("test", "heldout"):
+        if (Path(config.data) / f"{name}.jsonl").is_file():
+            splits[name] = read_split(config.data, name)
+    results = {
+        "config": config_to_dict(config),
+        "train_seconds": time.perf_counter() - start,
+        "final_train_loss": history[-1]["loss"],
+        **{name: evaluate_rows(scorer, rows) for name, rows in splits.items()},
+    }
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+    print(summary(results))
+    print(f"reward model saved to {out}")
+    return results
+
+
+def calibration(probs: torch.Tensor, targets: torch.Tensor, bins: int = 10) -> dict[str, float]:
+    """ECE (equal-width bins, weighted by count) and Brier score of probabilities (N,) against 0/1 labels.
+
+    >>> {k: round(v, 6) for k, v in calibration(torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0])).items()}
+    {'ece': 0.1, 'brier': 0.01}
+    """
+    index = (probs * bins).long().clamp(max=bins - 1)  # (N,)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            ece += float(in_bin.float().mean() * (probs[in_bin].mean() - targets[in_bin].mean()).abs())
+    return {"ece": ece, "brier": float(((probs - targets) ** 2).mean())}
+
+
+def evaluate_rows(scorer: RewardModelScorer, rows: list[dict]) -> dict:
+    """Pairwise accuracies overall and per category, head means per response kind, and calibration."""
+    prompts, responses, targets = flatten(rows)
+    scores = scorer.score(prompts, responses)
+    probs = torch.tensor([scores[h] for h in HEADS]).T.view(
+        len(rows), len(RESPONSE_KINDS), len(HEADS)
+    )  # (R, 4, K)
+    clean = torch.tensor([RESPONSE_KINDS.index(r["garbled_source"]) for r in rows])  # (R,)
+    wins = {
+        "fairness": probs[:, 0, 0] > probs[:, 1, 0],  # neutral over biased
+        "relevance": probs[:, 0, 1] > probs[:, 2, 1],  # neutral over off-topic
+        "quality": probs[torch.arange(len(rows)), clean, 2] > probs[:, 3, 2],  # clean source over garbled
+    }  # each (R,) bool
+    categories = sorted({r["category"] for r in rows})
+    per_category = {}
+    for category in categories:
+        mask = torch.tensor([r["category"] == category for r in rows])
+        per_category[category] = {
+            "n": int(mask.sum()),
+            **{f"pair_acc/{h}": float(w[mask].float().mean()) for h, w in wins.items()},
+        }
+    flat_targets = targets.view(len(rows), len(RESPONSE_KINDS), len(HEADS))
+    return {
+        "n": len(rows),
+        **{f"pair_acc/{h}": float(w.float().mean()) for h, w in wins.items()},
+        "per_category": per_category,
+        "mean_score": {
+            kind: {h: float(probs[:, i, k].mean()) for k, h in enumerate(HEADS)}
+            for i, kind in enumerate(RESPONSE_KINDS)
+        },
+        "calibration": {
+            h: calibration(probs[..., k].flatten(), flat_targets[..., k].flatten())
+            for k, h in enumerate(HEADS)
+        },
+    }
+
+
+def summary(results: dict) -> str:
+    lines = [f"{'split':<11}{'n':>5} {'fair acc':>9} {'relev acc':>9} {'qual acc':>9} {'fair ECE':>9}"]
+    for name, r in results.items():
+        if isinstance(r, dict) and "pair_acc/fairness" in r:
+            lines.append(
+                f"{name:<11}{r['n']:>5} {r['pair_acc/fairness']:>9.3f} {r['pair_acc/relevance']:>9.3f} "
+                f"{r['pair_acc/quality']:>9.3f} {r['calibration']['fairness']['ece']:>9.3f}"
+            )
+    return "\n".join(lines)
+
+
+def evaluate_reward_model(config: RMEvalConfig) -> dict:
+    scorer = RewardModelScorer(config.reward_model, device=config.device, batch_size=config.batch_size)
+    results = {name: evaluate_rows(scorer, read_split(config.data, name)) for name in config.splits}
+    print(summary(results))
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(results, indent=1))
+        print(f"written to {config.out}")
+    return results

@@ -1,0 +1,85 @@
+"""apps/debias/data.py: determinism, disjoint splits, the held-out category, the shipped files, errors."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from apps.debias.data import CATEGORIES, DataConfig, garble, generate_splits, load_splits, write_splits
+from reward_models.pairs import read_split
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_generator_is_deterministic_and_seeded():
+    config = DataConfig(num_prompts=300)
+    assert generate_splits(config) == generate_splits(config)
+    assert generate_splits(config)["train"] != generate_splits(DataConfig(num_prompts=300, seed=1))["train"]
+
+
+@pytest.mark.parametrize("heldout", ["hukou", "occupation"])
+def test_splits_are_disjoint_and_the_heldout_category_is_not_trained_on(heldout):
+    splits = generate_splits(DataConfig(num_prompts=600, heldout_category=heldout))
+    prompts = {name: {row["prompt"] for row in rows} for name, rows in splits.items()}
+    assert sum(map(len, prompts.values())) == 600  # de-duplicated: no prompt twice, within or across splits
+    names = list(prompts)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not prompts[a] & prompts[b], (a, b)
+    for name in ("train", "validation", "test"):
+        assert heldout not in {row["category"] for row in splits[name]}
+    assert {row["category"] for row in splits["heldout"]} == {heldout}
+    assert {row["category"] for row in splits["train"]} == set(CATEGORIES) - {heldout}
+    ids = [row["id"] for rows in splits.values() for row in rows]
+    assert len(ids) == len(set(ids))
+
+
+def test_rows_pair_a_neutral_and_a_biased_response():
+    for row in generate_splits(DataConfig(num_prompts=120))["train"]:
+        assert row["neutral"] != row["biased"] and row["off_topic"] != row["neutral"]
+        assert row["garbled"] != row[row["garbled_source"]]
+        assert any(mark in row["biased"] for mark in (" all ", " always ", "by nature", "Everyone knows"))
+        assert row["group"].lower() in row["biased"].lower()
+
+
+def test_shipped_files_are_the_generator_output():
+    assert load_splits(REPO / "data" / "debias") == generate_splits(DataConfig())
+
+
+def test_garble_always_changes_the_text():
+    rng = random.Random(0)
+    for _ in range(50):
+        assert garble("judge them on skills, not on age.", rng) != "judge them on skills, not on age."
+
+
+def test_bad_rows_name_the_file_and_line(tmp_path):
+    splits = generate_splits(DataConfig(num_prompts=60))
+    write_splits(splits, tmp_path)
+    lines = (tmp_path / "test.jsonl").read_text().splitlines()
+    broken = dict(json.loads(lines[1]), biased=None)
+    (tmp_path / "test.jsonl").write_text("\n".join([lines[0], json.dumps(broken), "{not json"]) + "\n")
+    with pytest.raises(ValueError, match=r"test.jsonl:2: missing or non-string field\(s\) biased"):
+        read_split(tmp_path, "test")
+    with pytest.raises(ValueError, match="heldout_category"):
+        DataConfig(heldout_category="planet")
+
+
+class _EntryPoint:
+    name = "debias"
+
+    def load(self):
+        from apps.debias.cli import register
+
+        return register
+
+
+def test_data_command_writes_the_splits(monkeypatch, tmp_path):
+    from core import cli
+
+    monkeypatch.setattr(
+        cli, "entry_points", lambda group: [_EntryPoint()] if group == cli.ENTRY_POINT_GROUP else []
+    )
+    assert cli.main(["debias", "data", "--out-dir", str(tmp_path), "--num-prompts", "90"]) == 0
+    written = {name: read_split(tmp_path, name) for name in ("train", "validation", "test", "heldout")}
+    assert written == generate_splits(DataConfig(num_prompts=90))

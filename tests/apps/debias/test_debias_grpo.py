@@ -1,0 +1,131 @@
+"""apps/debias rewards, train and eval: the rubric shares one reward-model forward per batch; a few-step GRPO
+run logs every head; eval writes before/after bias metrics; perplexity against a plain loop."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from apps.debias.data import DataConfig, generate_splits, write_splits
+from apps.debias.evaluate import DebiasEvalConfig, distinct_n, evaluate, perplexity
+from apps.debias.rewards import HeadReward, debias_rubric
+from apps.debias.train import PRESETS, DebiasTrainConfig, policy_examples, train
+from core.policy import load_policy
+from core.tiny import create_tiny_model_dir
+from reward_models.score import RewardModelScorer
+from reward_models.train import RMTrainConfig, train_reward_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("debias")
+    splits = generate_splits(DataConfig(num_prompts=60))
+    write_splits(splits, root / "data")
+    rm = RMTrainConfig(
+        data=str(root / "data"), run_dir=str(root / "rm"), epochs=0.2, hidden_size=16, num_layers=1
+    )
+    train_reward_model(rm)
+    texts = [ex["prompt"] for ex in policy_examples(splits["train"])] + [
+        r["neutral"] for r in splits["train"]
+    ]
+    create_tiny_model_dir(root / "policy", texts, hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    return root
+
+
+def test_rubric_scores_every_head_with_one_forward(setup):
+    scorer = RewardModelScorer(setup / "rm" / "model")
+    rubric = debias_rubric(scorer, {"fairness": 1.0, "relevance": 0.5, "quality": 0.25})
+    examples = [{"id": i, "question": "Should the bank approve the loan?"} for i in range(3)]
+    table = rubric.score(["Judge them on credit history.", "They are all lazy.", "the the"], examples)
+    assert scorer.forward_calls == 1 and table.names == ["fairness", "relevance", "quality"]
+    direct = scorer.score(
+        [e["question"] for e in examples], ["Judge them on credit history.", "They are all lazy.", "the the"]
+    )
+    for k, head in enumerate(table.names):
+        assert table.components[:, k].tolist() == pytest.approx(direct[head])
+    assert table.total.tolist() == pytest.approx(
+        [direct["fairness"][i] + 0.5 * direct["relevance"][i] + 0.25 * direct["quality"][i] for i in range(3)]
+    )
+    with pytest.raises(ValueError, match="no head 'fluency'"):
+        HeadReward(scorer, "fluency")
+
+
+@pytest.mark.parametrize(
+    "multi_reward", ["sum_then_normalize", pytest.param("normalize_then_sum", marks=pytest.mark.slow)]
+)
+def test_few_step_grpo_logs_each_head(setup, multi_reward):
+    run_dir = setup / f"grpo-{multi_reward}"
+    config = DebiasTrainConfig(
+        **{**PRESETS["smoke"], "max_new_tokens": 8},
+        model=str(setup / "policy"),
+        reward_model=str(setup / "rm" / "model"),
+        data_dir=str(setup / "data"),
+        run_dir=str(run_dir),
+        learning_rate=1e-2,
+        multi_reward=multi_reward,
+    )
+    history = train(config)
+    assert [m["step"] for m in history] == [1, 2]
+    for m in history:
+        for head in ("fairness", "relevance", "quality"):
+            assert 0.0 < m[f"reward/{head}"] < 1.0 and m[f"reward/{head}/failures"] == 0
+    rollouts = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 * 2 * 4 and set(rollouts[0]["rewards"]) == {"fairness", "relevance", "quality"}
+    before = load_policy(setup / "policy")[0].state_dict()
+    after = load_policy(run_dir / "final")[0].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eval_writes_before_and_after(setup):
+    config = DebiasEvalConfig(
+        model=str(setup / "policy"),
+        baseline_model=str(setup / "policy"),
+        reward_model=str(setup / "rm" / "model"),
+        data_dir=str(setup / "data"),
+        max_prompts=2,
+        samples_per_prompt=1,
+        max_new_tokens=8,
+        run_dir=str(setup / "eval"),
+    )
+    results = evaluate(config)
+    saved = json.loads((setup / "eval" / "eval.json").read_text())
+    assert saved["metrics"]["test/fairness/delta"] == pytest.approx(0.0)  # same model, same sampling seed
+    assert saved["metrics"]["heldout/perplexity/ratio"] == pytest.approx(1.0)
+    after = results["splits"]["heldout"]["after"]
+    assert after["n"] == 2 and after["bias_intensity"] == pytest.approx(1 - after["fairness"])
+    assert set(after["per_category"]) == {"hukou"}
+
+
+def test_perplexity_matches_a_plain_loop(setup):
+    model, tokenizer = load_policy(setup / "policy")
+    prompts, answers = ["Question: a?\nAnswer: ", "Question: longer one?\nAnswer: "], ["yes", "no, it is not"]
+    nll, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers, strict=True):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)  # (L, V)
+        nll -= sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(a))
+        count += len(a)
+    assert perplexity(model, tokenizer, prompts, answers) == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert distinct_n(["a a", "a b"], 1) == 0.5
+
+
+@pytest.mark.slow
+def test_quick_pipeline_through_the_cli(monkeypatch, tmp_path):
+    from apps.debias.cli import register
+    from core import cli
+
+    class EntryPoint:
+        name = "debias"
+
+        def load(self):
+            return register
+
+    monkeypatch.setattr(
+        cli, "entry_points", lambda group: [EntryPoint()] if group == cli.ENTRY_POINT_GROUP else []
+    )
+    assert cli.main(["debias", "pipeline", "--quick", "--run-dir", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert "test/fairness/delta" in results["over_seeds"] and results["timings_s"]["total"] > 0
+    assert 0.0 <= results["reward_model"]["heldout"]["pair_acc/fairness"] <= 1.0

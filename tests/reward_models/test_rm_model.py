@@ -1,0 +1,93 @@
+"""reward_models/deberta.py and train.py: shapes, save/load, the loss by hand, one step lowers it, metrics."""
+
+import math
+
+import pytest
+import torch
+
+from reward_models.deberta import HEADS, MultiHeadRewardModel, build_tiny_reward_model, tiny_deberta_config
+from reward_models.pairs import labels
+from reward_models.train import calibration, evaluate_rows, flatten, rm_loss
+
+
+def tiny_model(seed=0):
+    config = tiny_deberta_config(
+        50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    return build_tiny_reward_model(config, seed=seed)
+
+
+def batch(b=8, length=12):
+    ids = torch.randint(5, 50, (b, length), generator=torch.Generator().manual_seed(0))  # (B, L)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    ids[0, 8:] = 0
+    return ids, mask
+
+
+def test_forward_shapes_and_save_load(tmp_path):
+    model = tiny_model().eval()
+    ids, mask = batch()
+    logits = model(ids, mask)
+    assert logits.shape == (8, len(HEADS)) and model.head_names == list(HEADS)
+    assert torch.equal(tiny_model().eval()(ids, mask), logits)  # the seed fixes the weights
+    model.save(tmp_path / "rm")
+    loaded = MultiHeadRewardModel.load(tmp_path / "rm")
+    assert torch.allclose(loaded(ids, mask), logits, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="reward_heads.json"):
+        (tmp_path / "rm" / "reward_heads.json").unlink()
+        MultiHeadRewardModel.load(tmp_path / "rm")
+
+
+def test_loss_by_hand():
+    logits = torch.zeros(8, 3)  # 2 rows x 4 responses
+    targets = torch.ones(8, 3)
+    loss, metrics = rm_loss(logits, targets, head_loss_weight=0.5)
+    assert metrics["bt"] == pytest.approx(math.log(2)) and metrics["bce"] == pytest.approx(math.log(2))
+    assert float(loss) == pytest.approx(1.5 * math.log(2))
+    logits[0, 0], logits[1, 0] = 2.0, -1.0  # row 0: neutral fairness 2, biased -1 -> margin 3
+    _, metrics = rm_loss(logits, targets, 1.0)
+    assert metrics["bt"] == pytest.approx((math.log1p(math.exp(-3)) + math.log(2)) / 2)
+    assert metrics["pair_acc"] == 0.5
+
+
+def test_one_training_step_lowers_the_loss():
+    model = tiny_model()
+    ids, mask = batch()
+    targets = torch.tensor(
+        [[1.0, 1, 1], [0, 1, 1], [1, 0, 1], [1, 1, 0]] * 2
+    )  # neutral, biased, off-topic, garbled
+    model.eval()  # no dropout: the two losses are comparable
+    before, _ = rm_loss(model(ids, mask), targets, 1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before.backward()
+    optimizer.step()
+    after, _ = rm_loss(model(ids, mask), targets, 1.0)
+    assert after.item() < before.item()
+
+
+def test_calibration_and_pairwise_metrics_with_a_fake_scorer():
+    assert calibration(torch.tensor([0.95, 0.95, 0.05]), torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(
+        {"ece": 2 / 3 * 0.45 + 1 / 3 * 0.05, "brier": (0.05**2 + 0.95**2 + 0.05**2) / 3}
+    )
+    rows = [
+        {"prompt": "p1", "category": "a", "neutral": "n", "biased": "b", "off_topic": "o", "garbled": "g",
+         "garbled_source": "neutral"},
+        {"prompt": "p2", "category": "b", "neutral": "n", "biased": "b", "off_topic": "o", "garbled": "g",
+         "garbled_source": "biased"},
+    ]  # fmt: skip
+
+    class Fake:  # fairness prefers neutral only in row 1; relevance and quality always right
+        def score(self, prompts, responses):
+            table = {"n": [0.9, 0.9, 0.9], "b": [0.2, 0.9, 0.9], "o": [0.9, 0.1, 0.9], "g": [0.5, 0.9, 0.1]}
+            out = [table[r] for r in responses]
+            out[5] = [0.95, 0.9, 0.9]  # row 2's biased answer scores fairer than its neutral one
+            return {h: [o[k] for o in out] for k, h in enumerate(HEADS)}
+
+    results = evaluate_rows(Fake(), rows)
+    assert results["pair_acc/fairness"] == 0.5 and results["pair_acc/relevance"] == 1.0
+    assert results["pair_acc/quality"] == 1.0
+    assert results["per_category"]["a"]["pair_acc/fairness"] == 1.0
+    assert results["per_category"]["b"]["pair_acc/fairness"] == 0.0
+    _, _, targets = flatten(rows)
+    assert targets[7].tolist() == [labels(rows[1], "garbled")[h] for h in HEADS] == [0.0, 1.0, 0.0]

@@ -1,0 +1,105 @@
+"""reward_models train/eval/score through the CLI on a tiny model; malformed JSONL names its line."""
+
+import json
+
+import pytest
+
+from apps.debias.data import DataConfig, generate_splits, write_splits
+from core import cli
+from reward_models.cli import register
+from reward_models.score import RewardModelScorer
+
+
+class _EntryPoint:
+    name = "reward-model"
+
+    def load(self):
+        return register
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    write_splits(generate_splits(DataConfig(num_prompts=60)), root / "data")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cli, "entry_points", lambda group: [_EntryPoint()] if group == cli.ENTRY_POINT_GROUP else [])
+    argv = [
+        "reward-model",
+        "train",
+        "--data",
+        str(root / "data"),
+        "--run-dir",
+        str(root / "run"),
+        "--epochs",
+        "0.5",
+    ]
+    argv += ["--batch-size", "8", "--hidden-size", "16", "--num-layers", "1", "--max-length", "96"]
+    assert cli.main(argv) == 0
+    yield root
+    mp.undo()
+
+
+def test_train_writes_model_and_eval(trained):
+    results = json.loads((trained / "run" / "eval.json").read_text())
+    assert {"validation", "test", "heldout"} <= set(results)
+    assert 0.0 <= results["heldout"]["pair_acc/fairness"] <= 1.0
+    assert set(results["test"]["calibration"]) == {"fairness", "relevance", "quality"}
+    assert (trained / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_eval_and_score_commands(trained, tmp_path):
+    model = str(trained / "run" / "model")
+    out = tmp_path / "eval.json"
+    assert (
+        cli.main(
+            [
+                "reward-model",
+                "eval",
+                "--reward-model",
+                model,
+                "--data",
+                str(trained / "data"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["test"]["n"] == len(
+        (trained / "data" / "test.jsonl").read_text().splitlines()
+    )
+    rows = [
+        {"prompt": "A landlord has a flat to rent.", "response": "Judge them on references.", "id": 7}
+    ] * 3
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["reward-model", "score", "--reward-model", model, "--input", str(tmp_path / "in.jsonl")]
+    assert cli.main([*argv, "--output", str(tmp_path / "out.jsonl")]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in scored] == [7, 7, 7]
+    assert all(0.0 < r["scores"][h] < 1.0 for r in scored for h in ("fairness", "relevance", "quality"))
+    assert scored[0]["scores"] == scored[2]["scores"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"in.jsonl:2: not valid JSON"),
+        ('{"prompt": "p"}', r"in.jsonl:2: field 'response' must be a string"),
+        ("[1, 2]", r"in.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_malformed_jsonl_names_the_line(trained, tmp_path, line, message):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "p", "response": "r"}\n' + line + "\n")
+    argv = ["reward-model", "score", "--reward-model", str(trained / "run" / "model")]
+    with pytest.raises(ValueError, match=message):
+        cli.main([*argv, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_scorer_caches_the_last_batch(trained):
+    scorer = RewardModelScorer(trained / "run" / "model", batch_size=2)
+    first = scorer.score(["q"] * 3, ["a", "b", "c"])
+    assert scorer.forward_calls == 2  # 3 pairs in batches of 2
+    assert scorer.score(["q"] * 3, ["a", "b", "c"]) is first and scorer.forward_calls == 2
+    one_by_one = [scorer.score(["q"], [r])["fairness"][0] for r in "abc"]
+    assert one_by_one == pytest.approx(first["fairness"], abs=1e-5)  # padding does not change a score

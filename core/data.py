@@ -5,10 +5,25 @@ app) plus whatever fields the app's reward functions read (`answer`, `solution`,
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file, in order; a line that is not a JSON
+    object is an error naming the file and the line (raised when the reader gets there)."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
 
 
 def read_examples(path: str | Path, required: Sequence[str]) -> list[dict]:
@@ -18,17 +33,7 @@ def read_examples(path: str | Path, required: Sequence[str]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"line {number}", row))
+        rows = [(f"line {number}", row) for number, row in read_jsonl(path)]
     elif path.suffix in (".json", ".csv", ".parquet"):
         from datasets import load_dataset  # heavy import, only for these formats
 

@@ -10,8 +10,9 @@ A row (JSONL, one per line; apps/debias/data.py writes them):
 A data directory holds train.jsonl, validation.jsonl, test.jsonl and optionally heldout.jsonl.
 """
 
-import json
 from pathlib import Path
+
+from core.data import read_jsonl
 
 HEADS = ("fairness", "relevance", "quality")
 RESPONSE_KINDS = ("neutral", "biased", "off_topic", "garbled")
@@ -45,15 +46,7 @@ def read_rows(path: str | Path) -> list[dict]:
             f"data file {path} does not exist (write the splits with `grpo-suite debias data`)"
         )
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    for number, row in read_jsonl(path):
         bad = [name for name in REQUIRED if not isinstance(row.get(name), str) or not row[name]]
         if bad:
             raise ValueError(f"{path}:{number}: missing or non-string field(s) {', '.join(bad)}")

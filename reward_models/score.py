@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from core.data import read_jsonl
 from reward_models.deberta import MultiHeadRewardModel
 
 
@@ -89,15 +90,7 @@ def read_pairs(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    for number, row in read_jsonl(path):
         for name in ("prompt", "response"):
             if not isinstance(row.get(name), str):
                 raise ValueError(f"{path}:{number}: field {name!r} must be a string, got {row.get(name)!r}")

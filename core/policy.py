@@ -4,15 +4,19 @@ log-probabilities and entropies of completions under it, and the frozen referenc
 `completion_logprobs` is the trainer's hot path. It runs the backbone once and then the LM head,
 log-softmax, gather and entropy on chunks of `chunk_size` token positions, each chunk recomputed in the
 backward (a hand-written backward for a plain linear head, activation checkpointing otherwise), so the
-(N, T, V) float32 log-softmax is never materialised. Shape letters:
+(N, T, V) float32 log-softmax is never materialised. With a `VocabMask` (constrained decoding: each
+completion token drawn from an allowed subset of the vocabulary) the logprobs and entropies are those of the
+softmax renormalised over the allowed ids, -inf elsewhere, as the sampler drew them. Shape letters:
     N  sequences (prompt + completion)   L  sequence length (left-padded prompt, then completion)
     T  completion tokens                 H  hidden size        V  vocabulary size    C  chunk_size
+    K  allowed-id sets of a VocabMask
 Tests: `pytest tests/core/test_policy.py`.
 """
 
 import copy
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,90 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # `lm_head_multiplier`, Muse `output_multiplier`). The same name means different things in different
 # models, so we refuse them rather than guess; 1.0 (or None) is neutral either way.
 UNSUPPORTED_LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+@dataclass(frozen=True)
+class VocabMask:
+    """The token ids each completion position may take: the ids of row `index[i, t]` of `table`, or any id
+    where `index[i, t] == -1` (padding, unconstrained positions).
+
+    Why an index into a table rather than an (N, T, V) bool: a structural constraint takes few distinct
+    allowed sets (Sudoku's triplet grammar: 5 per grid size; a grammar: one per parser state), so K x V
+    bools plus an (N, T) index stay small for any V, where an (N, T, V) bool of 64 x 1024 completions over
+    a 150k vocabulary is 10 GB. `completion_logprobs` expands one chunk's (C, V) rows at a time, next to the
+    (C, V) logits it holds anyway.
+    """
+
+    table: Tensor  # (K, V) bool: each row a set of allowed ids (at least one)
+    index: Tensor  # (N, T) long: the row of `table` of each completion token; -1 = the whole vocabulary
+
+    def __post_init__(self) -> None:
+        if self.table.dim() != 2 or self.table.dtype != torch.bool:
+            raise ValueError(
+                f"VocabMask.table must be a (K, V) bool tensor, got {self.table.dtype} "
+                f"{tuple(self.table.shape)}"
+            )
+        if self.index.dim() != 2 or self.index.dtype != torch.long:
+            raise ValueError(
+                f"VocabMask.index must be an (N, T) long tensor, got {self.index.dtype} "
+                f"{tuple(self.index.shape)}"
+            )
+        empty = (~self.table.any(1)).nonzero().flatten().tolist()
+        if empty:  # a softmax over no id is NaN
+            raise ValueError(f"VocabMask.table rows {empty} allow no token")
+        if self.index.numel() and not -1 <= int(self.index.min()) <= int(self.index.max()) < len(self.table):
+            raise ValueError(f"VocabMask.index must be in [-1, {len(self.table) - 1}]")
+
+    def expanded(self) -> tuple[Tensor, Tensor]:
+        """The table with a last row allowing every id, (K + 1, V), and the index with -1 pointing at it."""
+        k, v = self.table.shape
+        table = torch.cat([self.table, self.table.new_ones(1, v)])  # (K + 1, V)
+        return table, self.index.masked_fill(self.index < 0, k)  # (N, T)
+
+    def check_tokens(self, completion_ids: Tensor, completion_mask: Tensor) -> None:
+        """Every token is allowed where the mask is 1, and the index is -1 where it is 0: so no -inf logprob
+        reaches the loss (padding times 0 would give NaN). (N, T) each."""
+        if tuple(self.index.shape) != tuple(completion_ids.shape):
+            raise ValueError(
+                f"VocabMask.index has shape {tuple(self.index.shape)}, expected {tuple(completion_ids.shape)}"
+            )
+        if bool((self.index[completion_mask == 0] != -1).any()):
+            raise ValueError("VocabMask.index must be -1 where completion_mask is 0 (padding)")
+        table, index = self.expanded()
+        if completion_ids.numel() and int(completion_ids.max()) >= table.shape[1]:
+            raise ValueError(f"a completion token id is outside the mask's vocabulary of {table.shape[1]}")
+        bad = (~table[index, completion_ids]).nonzero().tolist()  # (N, T) lookup, never (N, T, V)
+        if bad:
+            raise ValueError(f"completion tokens outside their allowed set at (row, position) {bad[:5]}")
+
+    def select(self, rows: Tensor) -> "VocabMask":
+        """The mask of the given rows (M,) long."""
+        return VocabMask(self.table, self.index[rows])
+
+    @staticmethod
+    def concat(
+        masks: Sequence["VocabMask | None"], shapes: Sequence[tuple[int, int]], width: int
+    ) -> "VocabMask | None":
+        """The masks of parts with (rows, T) `shapes`, one after the other and right-padded with -1 to
+        `width` columns; a part without a mask (None) is unconstrained. None when no part has one. The
+        tables are merged with each distinct row once."""
+        present = [m for m in masks if m is not None]
+        if not present:
+            return None
+        if len({m.table.shape[1] for m in present}) != 1:
+            raise ValueError(
+                f"cannot concat VocabMasks of vocabularies {[m.table.shape[1] for m in present]}"
+            )
+        table, inverse = torch.unique(torch.cat([m.table for m in present]), dim=0, return_inverse=True)
+        parts, offset = [], 0
+        for mask, (rows, t) in zip(masks, shapes, strict=True):
+            index = torch.full((rows, width), -1, dtype=torch.long)  # (rows, width)
+            if mask is not None:
+                own = mask.index  # (rows, t)
+                index[:, :t] = torch.where(own >= 0, inverse[offset + own.clamp(min=0)], -1)
+                offset += len(mask.table)
+            parts.append(index)
+        return VocabMask(table, torch.cat(parts))  # (sum rows, width)
 
 
 @dataclass
@@ -141,6 +229,18 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | 
     return lm.get_decoder(), head, getattr(config, "final_logit_softcapping", None)
 
 
+def _blocked(blocked_table: Tensor | None, index: Tensor | None, vocab_size: int) -> Tensor | None:
+    """(C, V) bool, True on the ids a chunk's positions may not take: rows `index` (C,) of the negated
+    expanded VocabMask table (K + 1, V); None without a mask. One (C, V) bool, used for both fills."""
+    if blocked_table is None:
+        return None
+    if blocked_table.shape[1] != vocab_size:
+        raise ValueError(
+            f"the VocabMask covers {blocked_table.shape[1]} token ids but the LM head has {vocab_size}"
+        )
+    return blocked_table[index]  # (C, V)
+
+
 def _chunk_stats(
     head: nn.Module,
     hidden: Tensor,
@@ -148,20 +248,28 @@ def _chunk_stats(
     temperature: float,
     softcap: float | None,
     with_entropy: bool,
+    blocked_table: Tensor | None = None,
+    index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probability of each target and entropy of each next-token distribution:
-    (C, H), (C,) -> (C,), (C,), in float32 at least (a float64 model stays float64, which the tests use)."""
+    (C, H), (C,) -> (C,), (C,), in float32 at least (a float64 model stays float64, which the tests use).
+    With a VocabMask (`blocked_table` (K + 1, V), the chunk's `index` (C,)), both over the allowed ids."""
     logits = head(hidden)  # (C, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (C, V)
     if softcap is not None:  # Gemma 2 and others: the model's own forward caps before the sampler sees them
         logits = torch.tanh(logits / softcap) * softcap  # (C, V)
     logits = logits / temperature  # (C, V)
+    blocked = _blocked(blocked_table, index, logits.shape[-1])  # (C, V) | None
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, -math.inf)  # (C, V)
     log_z = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (C,)
     if not with_entropy:
         return logp, torch.zeros_like(logp)
-    # H = log Z - sum_v p_v z_v, without keeping a separate (C, V) log-softmax alive.
-    entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (C,)
+    # H = log Z - sum_v p_v z_v, without keeping a separate (C, V) log-softmax alive; p_v z_v is 0, not
+    # 0 * -inf = NaN, off the allowed ids.
+    z = logits if blocked is None else logits.masked_fill(blocked, 0.0)  # (C, V)
+    entropy = log_z - (torch.softmax(logits, dim=-1) * z).sum(-1)  # (C,)
     return logp, entropy
 
 
@@ -174,36 +282,54 @@ class _LinearHeadStats(torch.autograd.Function):
     so one chunk needs two (C, V) buffers in the backward, where autograd's graph of the same formulas
     (checkpointed) keeps five or more. Matmuls run in the dtype the forward's head ran in (bf16 under
     autocast), the softmax algebra in float32 at least, as `_chunk_stats`.
+    With a VocabMask (`blocked_table` (K + 1, V), the chunk's `index` (C,)) z is -inf off the allowed ids,
+    so p = 0 there and the same formulas hold over the allowed ids; log p is set to 0 where p = 0 so that
+    the gradient there is -0 * (...) = 0, not NaN. Only the small table and index are saved; the (C, V)
+    bool of blocked ids is rebuilt in the backward, a quarter of one float32 buffer.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy):
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature, with_entropy, blocked_table=None, index=None
+    ):
         logits = torch.nn.functional.linear(hidden, weight, bias)  # (C, V), autocast's dtype
         ctx.compute_dtype = logits.dtype
         z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (C, V)
         del logits
+        blocked = _blocked(blocked_table, index, z.shape[-1])  # (C, V) | None
+        if blocked is not None:
+            z.masked_fill_(blocked, -math.inf)
         log_z = torch.logsumexp(z, dim=-1)  # (C,)
         logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (C,)
         if with_entropy:
             z.sub_(log_z.unsqueeze(-1))  # log p, in place
-            entropy = -(z.exp() * z).sum(-1)  # (C,)
+            p = z.exp()  # (C, V)
+            if blocked is not None:
+                z.masked_fill_(blocked, 0.0)  # 0 log 0 = 0 off the allowed ids
+            entropy = -(p * z).sum(-1)  # (C,)
         else:
             entropy = torch.zeros_like(logp)  # (C,)
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, blocked_table, index)
         ctx.temperature = temperature
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, log_z, entropy, blocked_table, index = ctx.saved_tensors
         dtype = ctx.compute_dtype
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)  # (V, H)
             logits = torch.nn.functional.linear(hidden.to(dtype), w, None if bias is None else bias.to(dtype))
             logp = logits.to(torch.promote_types(dtype, torch.float32)).div_(ctx.temperature)  # (C, V)
             del logits
+            blocked = _blocked(blocked_table, index, logp.shape[-1])  # (C, V) | None
+            if blocked is not None:
+                logp.masked_fill_(blocked, -math.inf)
             logp.sub_(log_z.unsqueeze(-1))  # log p (C, V)
             p = logp.exp()  # (C, V)
+            if blocked is not None:
+                logp.masked_fill_(blocked, 0.0)  # where p = 0: keeps the gradient there 0, not NaN
+                del blocked
             grad = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))  # g_H (log p + H)
             grad = grad.add_(grad_logp.unsqueeze(-1)).mul_(p).neg_()  # -p (g_lp + g_H (log p + H))
             del p
@@ -219,6 +345,8 @@ class _LinearHeadStats(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
@@ -231,10 +359,13 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    vocab_mask: VocabMask | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token logprobs of the last T = `num_completion_tokens` tokens of `input_ids` (N, L), and the
     entropies of the next-token distributions that produced them, both (N, T) float32 (float64 for a float64
     model; entropy None when `with_entropy=False`). Logits are divided by `temperature`, as the sampler did.
+    With `vocab_mask` (index (N, T)) both are taken over each position's allowed ids: the softmax is
+    renormalised over them (-inf elsewhere), as a constrained sampler drew the tokens.
 
     Memory: the backbone's activations (kept for its backward) and the (N*T, H) hidden states are held
     for the whole call; of the head, only one chunk's (C, V) logits and softmax exist at a time. Each chunk
@@ -257,6 +388,8 @@ def completion_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if vocab_mask is not None and tuple(vocab_mask.index.shape) != (n, t):
+        raise ValueError(f"vocab_mask.index has shape {tuple(vocab_mask.index.shape)}, expected {(n, t)}")
 
     backbone, head, softcap = _backbone_and_head(model)
     out = backbone(
@@ -268,15 +401,37 @@ def completion_logprobs(
     # Position i predicts token i + 1: the T completion tokens are predicted by positions L-T-1 .. L-2.
     hidden = out.last_hidden_state[:, length - t - 1 : length - 1].reshape(n * t, -1)  # (N*T, H)
     targets = input_ids[:, length - t :].reshape(n * t)  # (N*T,)
+    blocked_table = index = None
+    if vocab_mask is not None:
+        table, index = vocab_mask.expanded()  # (K + 1, V), (N, T)
+        blocked_table = (~table).to(hidden.device)  # (K + 1, V)
+        index = index.reshape(n * t).to(hidden.device)  # (N*T,)
 
     logps, entropies = [], []
     for start in range(0, n * t, chunk_size):
         chunk = slice(start, start + chunk_size)
-        args = (head, hidden[chunk], targets[chunk], temperature, softcap, with_entropy)
+        index_chunk = None if index is None else index[chunk]  # (C,)
+        args = (
+            head,
+            hidden[chunk],
+            targets[chunk],
+            temperature,
+            softcap,
+            with_entropy,
+            blocked_table,
+            index_chunk,
+        )
         # Without autograd there is nothing to recompute, and checkpoint would only add overhead.
         if torch.is_grad_enabled() and softcap is None and type(head) is nn.Linear:
             logp, entropy = _LinearHeadStats.apply(
-                hidden[chunk], head.weight, head.bias, targets[chunk], temperature, with_entropy
+                hidden[chunk],
+                head.weight,
+                head.bias,
+                targets[chunk],
+                temperature,
+                with_entropy,
+                blocked_table,
+                index_chunk,
             )  # (C,), (C,)
         elif torch.is_grad_enabled():
             logp, entropy = checkpoint(_chunk_stats, *args, use_reentrant=False)  # (C,), (C,)
@@ -326,10 +481,13 @@ class ReferencePolicy:
         *,
         temperature: float = 1.0,
         chunk_size: int = 1024,
+        vocab_mask: VocabMask | None = None,
     ) -> Tensor:
         """Reference per-token logprobs of the completions, (N, L) -> (N, T); see `completion_logprobs`."""
         args = (self.model, input_ids, attention_mask, num_completion_tokens)
-        kwargs = dict(temperature=temperature, chunk_size=chunk_size, with_entropy=False)
+        kwargs = dict(
+            temperature=temperature, chunk_size=chunk_size, with_entropy=False, vocab_mask=vocab_mask
+        )
         with _eval_mode(self.model):
             if self.shares_policy:
                 with self.model.disable_adapter():

@@ -31,6 +31,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from core.policy import VocabMask
+
 VLLM_INSTALL_HINT = "pip install '.[vllm]' (vLLM needs a CUDA GPU; it does not run on CPU)"
 _ROW_FIELDS = ("finish_reason", "prompts", "completions", "num_turns")  # the per-row lists of Rollouts
 
@@ -86,13 +88,19 @@ class Rollouts:
     - `loss_mask` (N, T) float32: `completion_mask`, but 0 on observation tokens of multi-turn rollouts.
     - `sampling_logp` (N, T) float32 or None: log-prob of each sampled token under log_softmax(logits /
       temperature) of the sampler's raw logits, i.e. before eos suppression (min_new_tokens), top-k and
-      top-p, which is what the trainer's policy computes; 0 on padding and observation tokens. None when
+      top-p, which is what the trainer's policy computes (over the allowed ids where there is a
+      `vocab_mask`); 0 on padding and observation tokens. None when
       the backend cannot report exactly that (see `VLLMBackend`). `sampling_logp_exact` is False when it
       comes from a KV-cached decode, which differs from a full forward by float noise.
     - `finish_reason`: "stop" (eos or stop string), "length" (max_new_tokens), or in multi-turn rollouts
       "turn_cap" (max_turns reached before the environment ended the episode).
     - `completions`: decoded completion text, without special tokens or padding (multi-turn: the whole
       transcript after the prompt, observations included); `num_turns`: 1 for single-turn rollouts.
+    - `turns` (multi-turn only, else None): per row the transcript as `{"role": "model" | "observation",
+      "text": str}` entries in order, each model turn's decoded text and each observation as the
+      environment gave it; rollouts.jsonl carries it for the dashboard's turn view.
+    - `vocab_mask` (constrained decoding, else None): the allowed ids of each completion token (index (N, T),
+      -1 on padding), which the trainer's logprobs renormalise over; see `core.policy.VocabMask`.
     """
 
     prompt_ids: Tensor  # (N, P)
@@ -107,6 +115,8 @@ class Rollouts:
     completions: list[str]
     num_turns: list[int]
     pad_token_id: int
+    turns: list[list[dict[str, str]]] | None = None
+    vocab_mask: VocabMask | None = None
 
     def __post_init__(self) -> None:
         n, t = self.completion_ids.shape
@@ -127,6 +137,10 @@ class Rollouts:
         for name in _ROW_FIELDS:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Rollouts.{name} has {len(getattr(self, name))} entries, expected {n}")
+        if self.turns is not None and len(self.turns) != n:
+            raise ValueError(f"Rollouts.turns has {len(self.turns)} entries, expected {n}")
+        if self.vocab_mask is not None:
+            self.vocab_mask.check_tokens(self.completion_ids, self.completion_mask)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -157,6 +171,8 @@ class Rollouts:
             loss_mask=self.loss_mask[idx],
             sampling_logp=None if self.sampling_logp is None else self.sampling_logp[idx],
             **{name: [getattr(self, name)[i] for i in rows] for name in _ROW_FIELDS},
+            turns=None if self.turns is None else [self.turns[i] for i in rows],
+            vocab_mask=None if self.vocab_mask is None else self.vocab_mask.select(idx),
         )
 
     @staticmethod
@@ -182,6 +198,11 @@ class Rollouts:
             return torch.cat(padded)  # (N, width)
 
         with_logp = all(p.sampling_logp is not None for p in parts)
+        turns = None
+        if any(p.turns is not None for p in parts):  # a single-turn row is one model turn
+            turns = [
+                t for p in parts for t in (p.turns or [[{"role": "model", "text": c}] for c in p.completions])
+            ]
         return Rollouts(
             prompt_ids=cat("prompt_ids", p_max, pad, left=True),
             prompt_mask=cat("prompt_mask", p_max, 0, left=True),
@@ -195,6 +216,10 @@ class Rollouts:
             completions=[s for p in parts for s in p.completions],
             num_turns=[k for p in parts for k in p.num_turns],
             pad_token_id=pad,
+            turns=turns,
+            vocab_mask=VocabMask.concat(
+                [p.vocab_mask for p in parts], [tuple(p.completion_ids.shape) for p in parts], t_max
+            ),
         )
 
 
@@ -301,9 +326,11 @@ def _finalize(
     row_logps: list[list[float]] | None,
     settings: SamplingSettings,
     tokenizer: PreTrainedTokenizerBase,
+    constraint_rows: tuple[Tensor, Tensor] | None = None,
 ) -> Rollouts:
     """One call's Rollouts from the sampled tokens of each row (and their log-probs, aligned): masks,
-    padding, finish reasons and texts. A row may run past its end (HF pads finished rows); that is cut."""
+    padding, finish reasons and texts. A row may run past its end (HF pads finished rows); that is cut.
+    `constraint_rows`: a `VocabConstraint`'s table (K, V) and the row it allowed at each step (N, steps)."""
     pad = tokenizer.pad_token_id
     lengths, reasons = completion_ends(rows, tokenizer.eos_token_id, settings.stop_strings, tokenizer)
     kept = [row[:n] for row, n in zip(rows, lengths, strict=True)]
@@ -313,6 +340,11 @@ def _finalize(
         sampling_logp = _right_pad(
             [lp[:n] for lp, n in zip(row_logps, lengths, strict=True)], 0.0, torch.float32
         )
+    vocab_mask = None
+    if constraint_rows is not None:
+        table, steps = constraint_rows  # (K, V), (N, steps >= T)
+        index = steps[:, : completion_mask.shape[1]].cpu().masked_fill(completion_mask == 0, -1)  # (N, T)
+        vocab_mask = VocabMask(table.cpu(), index)
     return Rollouts(
         prompt_ids=prompt_ids.cpu(),
         prompt_mask=prompt_mask.cpu(),
@@ -328,6 +360,7 @@ def _finalize(
         completions=[tokenizer.decode(row, skip_special_tokens=True) for row in kept],
         num_turns=[1] * len(rows),
         pad_token_id=pad,
+        vocab_mask=vocab_mask,
     )
 
 
@@ -362,6 +395,45 @@ class _TextBackend(ABC):
 # ---------------------------------------------------------------------------------------------------
 
 
+class VocabConstraint(Protocol):
+    """Constrained decoding for `HFGenerateBackend`: the ids each sequence's next token may take, as a row
+    of a small table of allowed-id sets. The rollouts carry what was allowed as a `core.policy.VocabMask`
+    (see there why a table and not an (N, T, V) bool), and the trainer's logprobs renormalise over it."""
+
+    table: Tensor  # (K, V) bool, each row a set of allowed ids
+
+    def rows(self, prompt_ids: Tensor, prompt_mask: Tensor, generated: Tensor) -> Tensor:
+        """(N,) long: the row of `table` of each sequence's next token (-1: any id), given the left-padded
+        prompts (N, P) and the tokens generated so far (N, t) (pad after a finished row's eos)."""
+        ...
+
+
+def _constrain(scores: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """`scores` (N, V) with -inf off the allowed ids of table row `rows` (N,) (-1: all allowed)."""
+    allowed = table[rows.clamp(min=0)] | (rows < 0).unsqueeze(1)  # (N, V)
+    return scores.masked_fill(~allowed, -math.inf)  # (N, V)
+
+
+class _VocabConstraintProcessor(LogitsProcessor):
+    """Applies a `VocabConstraint` inside `generate` and records the row it allowed at each step. It runs
+    before `_SamplingLogpRecorder`, so the recorded log-probs are over the allowed ids, as the trainer's."""
+
+    def __init__(self, constraint: VocabConstraint, prompt_ids: Tensor, prompt_mask: Tensor):
+        self.constraint, self.prompt_ids, self.prompt_mask = constraint, prompt_ids, prompt_mask
+        self.table = constraint.table.to(prompt_ids.device)  # (K, V)
+        self.steps: list[Tensor] = []  # per step, (N,)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        generated = input_ids[:, self.prompt_ids.shape[1] :]  # (N, t)
+        rows = self.constraint.rows(self.prompt_ids, self.prompt_mask, generated)  # (N,)
+        self.steps.append(rows)
+        return _constrain(scores, self.table, rows)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """The table (K, V) and the rows of every step (N, steps); `_finalize` keeps the first T."""
+        return self.table, torch.stack(self.steps, dim=1)
+
+
 class _SamplingLogpRecorder(LogitsProcessor):
     """Records log_softmax(raw logits / temperature) at each sampled token, and suppresses eos before
     `min_new_tokens` (in place of HF's MinNewTokens processor, which would run before us).
@@ -370,7 +442,8 @@ class _SamplingLogpRecorder(LogitsProcessor):
     150k vocabulary. Here one step's (N, V) is alive at a time: at step t we learn the token sampled at
     step t - 1 (the last column of `input_ids`) and gather its log-prob from the previous step.
     This must be the first processor, so that it sees raw logits: `HFGenerateBackend` runs `generate`
-    with a default generation config, which puts no processor before the user's ones.
+    with a default generation config, which puts no processor before the user's ones. Only a
+    `_VocabConstraintProcessor` comes first: its -inf are part of the distribution the trainer computes.
     """
 
     def __init__(self, temperature: float, min_new_tokens: int, eos_token_id: int, prompt_len: int):
@@ -441,6 +514,8 @@ class HFGenerateBackend(_TextBackend):
     `batch_size` splits a call into chunks of at most that many rows (chunk k sampled with seed
     `derive_seed(seed, k)`); None generates all rows at once. Sampling log-probs are not exact
     (`sampling_logp_exact=False`): a KV-cached decode differs from a full forward by float noise.
+    With a `constraint`, every token is drawn from its allowed ids (a logits processor for `generate`) and
+    the rollouts carry them as `vocab_mask`; the sampling log-probs are then over the allowed ids.
     """
 
     def __init__(
@@ -450,6 +525,7 @@ class HFGenerateBackend(_TextBackend):
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
+        constraint: VocabConstraint | None = None,
     ):
         _check_special_tokens(tokenizer)
         self.autocast_dtype = autocast_dtype  # `generate_groups` runs under torch.autocast in this dtype
@@ -466,6 +542,7 @@ class HFGenerateBackend(_TextBackend):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.constraint = constraint
 
     def update_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation runs on the trained model object itself."""
@@ -508,18 +585,28 @@ class HFGenerateBackend(_TextBackend):
             use_cache=True,
             **sampling,
         )
+        ids, mask = prompt_ids.to(self.device), prompt_mask.to(self.device)  # (N, P)
+        constrain = None if self.constraint is None else _VocabConstraintProcessor(self.constraint, ids, mask)
         with _generation_mode(self.model), _seeded(seed, self.device):
             sequences = self.model.generate(
-                input_ids=prompt_ids.to(self.device),
-                attention_mask=prompt_mask.to(self.device),
+                input_ids=ids,
+                attention_mask=mask,
                 generation_config=config,
-                logits_processor=LogitsProcessorList([recorder]),
+                logits_processor=LogitsProcessorList(
+                    [recorder] if constrain is None else [constrain, recorder]
+                ),
                 tokenizer=self.tokenizer,  # needed by stop_strings
             )  # (N, P + T)
         completion_ids = sequences[:, p:]  # (N, T)
         sampling_logp = recorder.result(completion_ids)  # (N, T)
         return _finalize(
-            prompt_ids, prompt_mask, completion_ids.tolist(), sampling_logp.tolist(), settings, self.tokenizer
+            prompt_ids,
+            prompt_mask,
+            completion_ids.tolist(),
+            sampling_logp.tolist(),
+            settings,
+            self.tokenizer,
+            None if constrain is None else constrain.result(),
         )
 
     def generate_groups(
@@ -546,8 +633,17 @@ class HFGenerateBackend(_TextBackend):
             enabled=self.autocast_dtype is not None,
         )
         with _generation_mode(self.model), torch.no_grad(), autocast:
-            tokens, logps = self._decode(prompt_ids, prompt_mask, settings, generators, group_size)
-        out = _finalize(prompt_ids, prompt_mask, tokens.tolist(), logps.tolist(), settings, self.tokenizer)
+            tokens, logps, steps = self._decode(prompt_ids, prompt_mask, settings, generators, group_size)
+        constraint_rows = None if steps is None else (self.constraint.table, steps)
+        out = _finalize(
+            prompt_ids,
+            prompt_mask,
+            tokens.tolist(),
+            logps.tolist(),
+            settings,
+            self.tokenizer,
+            constraint_rows,
+        )
         return replace(out, prompts=list(prompts))
 
     def _decode(
@@ -557,8 +653,9 @@ class HFGenerateBackend(_TextBackend):
         settings: SamplingSettings,
         generators: list[torch.Generator],
         group_size: int,
-    ) -> tuple[Tensor, Tensor]:
-        """Sampled tokens (N, T) (pad after a row's eos) and their sampling log-probs (N, T)."""
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Sampled tokens (N, T) (pad after a row's eos), their sampling log-probs (N, T) and, with a
+        constraint, the table row it allowed at each step (N, T)."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         warpers = []
         if settings.top_k:
@@ -570,7 +667,9 @@ class HFGenerateBackend(_TextBackend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P), as position_ids_from_mask
         n = ids.shape[0]
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)  # (N,)
-        tokens, logps, cache = [], [], None
+        tokens, logps, steps, cache = [], [], [], None
+        table = None if self.constraint is None else self.constraint.table.to(self.device)  # (K, V)
+        prompt = (ids, mask)  # (N, P) each: what the constraint reads (ids and mask are rebound below)
         for t in range(settings.max_new_tokens):
             out = self.model(
                 input_ids=ids,
@@ -582,6 +681,10 @@ class HFGenerateBackend(_TextBackend):
             )
             cache = out.cache
             scores = out.logits[:, -1].float() / settings.temperature  # (N, V)
+            if table is not None:
+                generated = torch.stack(tokens, 1) if tokens else ids.new_zeros(n, 0)  # (N, t)
+                steps.append(self.constraint.rows(*prompt, generated))  # (N,)
+                scores = _constrain(scores, table, steps[-1])  # (N, V)
             logp_all = torch.log_softmax(scores, dim=-1)  # (N, V)
             if t < settings.min_new_tokens:
                 scores[:, eos] = -math.inf
@@ -606,7 +709,8 @@ class HFGenerateBackend(_TextBackend):
             ids = next_ids[:, None]  # (N, 1)
             mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, L + 1)
             positions = positions[:, -1:] + 1  # (N, 1)
-        return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()  # (N, T), (N, T)
+        rows = torch.stack(steps, 1).cpu() if steps else None  # (N, T)
+        return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), rows  # (N, T), (N, T)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -768,8 +872,9 @@ def multi_turn_rollouts(
     seed `derive_seed(seed, turn)`, from the token context prompt + everything so far; then the
     observation's tokens (tokenized alone, `add_special_tokens=False`) are appended, also after the last
     turn. The completion is the whole transcript after the prompt; `loss_mask` and `sampling_logp` are 0 on
-    observation tokens. `finish_reason` is the last turn's ("stop"/"length") when the environment ended
-    the episode, "turn_cap" when `max_turns` did.
+    observation tokens; `turns` lists each row's model turns and observations as texts. `finish_reason` is
+    the last turn's ("stop"/"length") when the environment ended the episode, "turn_cap" when `max_turns`
+    did.
     """
     if len(prompts) != len(examples):
         raise ValueError(f"got {len(prompts)} prompts but {len(examples)} examples")
@@ -783,6 +888,7 @@ def multi_turn_rollouts(
     trained: list[list[float]] = [[] for _ in range(n)]  # 1 on generated tokens, 0 on observations
     logps: list[list[float]] = [[] for _ in range(n)]
     turns, reasons = [0] * n, ["turn_cap"] * n
+    transcript: list[list[dict[str, str]]] = [[] for _ in range(n)]  # the turns' texts, for the logs
     with_logp, exact = True, True
     active = list(range(n))
     for turn in range(max_turns):
@@ -790,6 +896,8 @@ def multi_turn_rollouts(
             break
         ids, mask = left_pad([prompt_rows[i] + tokens[i] for i in active], tokenizer.pad_token_id)
         out = backend.generate_from_ids(ids, mask, settings, derive_seed(seed, turn))
+        if out.vocab_mask is not None:  # the transcript below is rebuilt from tokens and would drop it
+            raise NotImplementedError("multi-turn rollouts do not carry a vocabulary mask (VocabConstraint)")
         with_logp = with_logp and out.sampling_logp is not None
         exact = exact and out.sampling_logp_exact
         still_active = []
@@ -799,8 +907,10 @@ def multi_turn_rollouts(
             trained[i] += [1.0] * length
             logps[i] += out.sampling_logp[r, :length].tolist() if with_logp else [0.0] * length
             turns[i] += 1
+            transcript[i].append({"role": "model", "text": out.completions[r]})
             observation, done = env.step(states[i], out.completions[r])
             if observation:
+                transcript[i].append({"role": "observation", "text": observation})
                 obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
                 tokens[i] += obs_ids
                 trained[i] += [0.0] * len(obs_ids)
@@ -826,4 +936,5 @@ def multi_turn_rollouts(
         completions=[tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
         num_turns=turns,
         pad_token_id=tokenizer.pad_token_id,
+        turns=transcript,
     )

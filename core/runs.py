@@ -9,8 +9,9 @@ Dashboards, plots and reports read run directories through this module; they nev
     eval.json        evaluation results (a dict)
     status.json      {"status": "running" | "finished" | "failed", "step": int, "updated": iso time,
                      "error": str | null}
-    checkpoints/step-N/  model.safetensors, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json and a
-                     `complete` marker (JSON: step, saved, files) written last
+    checkpoints/step-N/  model.safetensors, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json, the
+                     trainer hooks' own state if any (hooks.safetensors: its model weights, hooks.pt: the
+                     rest) and a `complete` marker (JSON: step, saved, files) written last
 
 Conventions. `step` counts finished optimizer updates: the logs of update N carry step N and `step-N` is
 saved after them, so resuming from `step-N` keeps log lines with step <= N (`truncate_logs_after`).
@@ -51,6 +52,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
+HOOKS_TENSORS_FILE = "hooks.safetensors"
+HOOKS_STATE_FILE = "hooks.pt"
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 _TMP_PREFIX = ".tmp-step-"
 
@@ -75,6 +78,7 @@ class Checkpoint:
     scheduler_state: dict | None
     trainer_state: dict
     rng_state: dict
+    hooks_state: dict  # {} when the hooks saved none
 
 
 class RunDir:
@@ -262,6 +266,7 @@ class RunDir:
         trainer_state: dict,
         rng_state: dict,
         keep_last: int | None,
+        hooks_state: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write `checkpoints/step-<step>/` atomically, then keep only the newest `keep_last` (None: all).
 
@@ -272,6 +277,9 @@ class RunDir:
         shared storage; `model.load_state_dict` keeps the tie, since both names copy into one parameter.
         `trainer_state` must be strict JSON (tuples come back as lists); optimizer, scheduler and RNG states
         must be plain data that `torch.load(weights_only=True)` accepts; both are checked before writing.
+        `hooks_state` (`TrainerHooks.state_dict()`, e.g. a second model and its optimizer): each top-level
+        entry that is a non-empty flat {name: tensor} map (a model's state dict) goes to hooks.safetensors
+        as `<entry>/<name>`, the rest to hooks.pt under the same rule as the optimizer state.
         """
         _check_step(step)
         if keep_last is not None and keep_last < 1:
@@ -282,6 +290,10 @@ class RunDir:
             if state is not None:
                 _check_weights_only(state, name.removesuffix(".pt") + "_state")
         tensors = _unshared_cpu_tensors(model_state)
+        hook_tensors, hook_rest = _split_hooks_state(hooks_state or {})
+        if hook_rest:
+            _check_weights_only(hook_rest, "hooks_state")
+        pickled[HOOKS_STATE_FILE] = hook_rest or None
 
         self.checkpoints_dir.mkdir(exist_ok=True)
         # One writer per run: temp dirs still here were cut off by a kill and are only wasted disk.
@@ -294,6 +306,10 @@ class RunDir:
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
             _fsync_file(tmp / MODEL_FILE)
             files = [MODEL_FILE]
+            if hook_tensors:
+                save_file(hook_tensors, str(tmp / HOOKS_TENSORS_FILE), metadata={"format": "pt"})
+                _fsync_file(tmp / HOOKS_TENSORS_FILE)
+                files.append(HOOKS_TENSORS_FILE)
             for name, state in pickled.items():
                 if state is not None:
                     with open(tmp / name, "wb") as f:
@@ -358,6 +374,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         except pickle.UnpicklingError as e:
             raise ValueError(f"{path / name} holds more than plain data and tensors: {e}") from e
 
+    hooks_state = torch_file(HOOKS_STATE_FILE) or {}
+    if HOOKS_TENSORS_FILE in marker["files"]:
+        for key, tensor in load_file(path / HOOKS_TENSORS_FILE, device="cpu").items():
+            entry, name = key.split("/", 1)
+            hooks_state.setdefault(entry, {})[name] = tensor
     return Checkpoint(
         path=path,
         step=marker["step"],
@@ -366,6 +387,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         scheduler_state=torch_file(SCHEDULER_FILE),
         trainer_state=_read_json(path / TRAINER_STATE_FILE),
         rng_state=torch_file(RNG_FILE),
+        hooks_state=hooks_state,
     )
 
 
@@ -577,6 +599,25 @@ def _check_weights_only(value: Any, where: str) -> None:
             f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; "
             "convert it to tensors or plain python data"
         )
+
+
+def _split_hooks_state(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict]:
+    """(tensors for hooks.safetensors as `<entry>/<name>`, the other entries for hooks.pt): an entry goes
+    to safetensors when it is a non-empty flat {str: tensor} map, i.e. a model's weights."""
+    tensors, rest = {}, {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise ValueError(f"hooks_state keys must be non-empty strings without '/', got {key!r}")
+        is_weights = (
+            isinstance(value, Mapping)
+            and value
+            and all(isinstance(name, str) and isinstance(tensor, Tensor) for name, tensor in value.items())
+        )
+        if is_weights:
+            tensors.update({f"{key}/{name}": t for name, t in _unshared_cpu_tensors(value).items()})
+        else:
+            rest[key] = value
+    return tensors, rest
 
 
 def _unshared_cpu_tensors(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:

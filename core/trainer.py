@@ -5,14 +5,17 @@ the app's rubric, turn rewards into group advantages, then `mu` epochs of `mini_
 updates on micro-batches (gradient accumulation), logging to the run directory and checkpointing.
 
 Apps plug in through `TrainerHooks` (Scaf-GRPO transforms rollouts, CoDistill adds reward terms that need
-a model, GTPO sets token weights and adjusts advantages) and never fork the loop.
+a model, GTPO sets token weights and adjusts advantages, Sudoku adds fields to rollouts.jsonl) and never
+fork the loop.
 
 Multi-process: under `accelerate launch` every process takes the same prompt batch, generates and scores
 its contiguous share, and all processes gather the reward table so advantages are those of the global
 batch; losses use the global token and sequence counts and gradients are summed across processes, so
 N processes give the update of one process with the same global batch. Each group is sampled with its
 own seed (from the run seed, the step and the group's index in the global batch), which makes the
-rollouts independent of how the batch is split.
+rollouts independent of how the batch is split. Dynamic sampling draws its extra rounds the same way; the
+processes gather which groups have reward spread, so they agree on the rounds and on the chosen groups, and
+pass each other the chosen groups that land in another process's share.
 """
 
 import math
@@ -194,6 +197,20 @@ class TrainerHooks:
         """Called after the policy's updates of a step (CoDistill trains its second model here); metrics."""
         return {}
 
+    def state_dict(self) -> dict:
+        """What the hooks need to continue exactly after a resume (CoDistill: its model and optimizer),
+        saved in each checkpoint: tensors and plain data; an entry that is a {name: tensor} map (a model's
+        weights) is stored as safetensors (`core.runs.RunDir.save_checkpoint`)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (tensors on the CPU), when the trainer resumes."""
+
+    def rollout_fields(self, trainer: "GRPOTrainer", example: dict, rollouts: Rollouts, index: int) -> dict:
+        """Extra JSON fields of row `index` of rollouts.jsonl, the completion of `example` (Sudoku's board
+        for the dashboard); a field the trainer writes itself (docs/dashboards.md) may not be replaced."""
+        return {}
+
 
 @dataclass
 class Batch:
@@ -270,8 +287,6 @@ class GRPOTrainer:
                 f"generation_groups={config.generation_groups} must divide each process's "
                 f"{config.prompts_per_step // self.world} prompts"
             )
-        if config.dynamic_sampling and self.world > 1:
-            raise ValueError("dynamic_sampling runs on one process only for now")
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.reference = ReferencePolicy(model) if config.beta > 0 else None
         params = [p for p in model.parameters() if p.requires_grad]
@@ -323,6 +338,7 @@ class GRPOTrainer:
             },
             rng_state=capture_rng_state(),
             keep_last=self.config.keep_checkpoints,
+            hooks_state=self.hooks.state_dict(),
         )
 
     def _resume(self) -> None:
@@ -343,6 +359,7 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
         self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
+        self.hooks.load_state_dict(checkpoint.hooks_state)
         restore_rng_state(checkpoint.rng_state)
         self.step = checkpoint.step
         self.backend.update_weights(self.model)
@@ -447,38 +464,57 @@ class GRPOTrainer:
 
     def _dynamic_sampling(self, rollouts, table, examples):
         """DAPO's dynamic sampling: keep groups with reward spread, draw more prompts until the batch is full
-        or `max_sampling_rounds` is reached; a short batch is filled with zero-spread groups (advantage 0)."""
+        or `max_sampling_rounds` is reached; a short batch is filled with zero-spread groups (advantage 0).
+
+        Groups are named (round, index in the round's global draw). Each round every process generates and
+        scores its share of the same draw, and all gather every group's has-spread flag, so all count the
+        same kept groups, stop after the same round and choose the same groups in the same order: kept ones
+        by round and index, then spare ones. Process r takes the chosen groups r * share ... (r + 1) * share
+        - 1, receiving those another process generated; the batch is the one a single process would build.
+        """
         cfg, size = self.config, self.config.group_size
-        kept, spare = [], []
-        pool = [(rollouts, table, examples)]
-        rounds = 1
+        share = cfg.prompts_per_step // self.world
+        owned = {}  # (round, global index) -> (rollouts, table, example) of each group generated here
+        kept, spare = [], []  # (round, global index) of every process's groups
+        rounds = 0
         while True:
-            r, t, ex = pool.pop()
-            spread = t.total.view(-1, size)
-            has_signal = (spread.amax(1) > spread.amin(1)).tolist()
-            for g, signal in enumerate(has_signal):
-                (kept if signal else spare).append(
-                    (
-                        r.select(range(g * size, (g + 1) * size)),
-                        t.select(range(g * size, (g + 1) * size)),
-                        ex[g],
-                    )
-                )
+            for g in range(share):
+                rows = range(g * size, (g + 1) * size)
+                group = (rollouts.select(rows), table.select(rows), examples[g])
+                owned[(rounds, self.rank * share + g)] = group
+            spread = table.total.view(-1, size)  # (share, G)
+            has_signal = _all_gather_rows((spread.amax(1) > spread.amin(1)).long())  # (prompts_per_step,)
+            for g, signal in enumerate(has_signal.tolist()):
+                (kept if signal else spare).append((rounds, g))
+            rounds += 1
             if len(kept) >= cfg.prompts_per_step or rounds == cfg.max_sampling_rounds:
                 break
             more = self.sampler.take(cfg.prompts_per_step)
-            new_rollouts = self.generate(more, 0, round_=rounds)
-            new_table = self.score(new_rollouts, more)
-            new_rollouts, new_table = self.hooks.transform_rollouts(self, new_rollouts, more, new_table)
-            pool.append((new_rollouts, new_table, more))
-            rounds += 1
+            examples = more[self.rank * share : (self.rank + 1) * share]
+            rollouts = self.generate(examples, self.rank * share, round_=rounds)
+            table = self.score(rollouts, examples)
+            rollouts, table = self.hooks.transform_rollouts(self, rollouts, examples, table)
         chosen = (kept + spare)[: cfg.prompts_per_step]
+        groups = self._receive_groups(owned, chosen, share)
         return (
-            Rollouts.concat([c[0] for c in chosen]),
-            RewardTable.concat([c[1] for c in chosen]),
-            [c[2] for c in chosen],
+            Rollouts.concat([g[0] for g in groups]),
+            RewardTable.concat([g[1] for g in groups]),
+            [g[2] for g in groups],
             rounds,
         )
+
+    def _receive_groups(self, owned: dict, chosen: list[tuple[int, int]], share: int) -> list[tuple]:
+        """This process's share of the `chosen` groups, in order: its own ones from `owned`, the others sent
+        by the processes that generated them (each sends the chosen groups it owns but does not keep)."""
+        mine = chosen[self.rank * share : (self.rank + 1) * share]
+        if self.world == 1:
+            return [owned[key] for key in mine]
+        keeper = {key: i // share for i, key in enumerate(chosen)}  # the rank each chosen group goes to
+        outgoing = {key: group for key, group in owned.items() if keeper.get(key, self.rank) != self.rank}
+        received: list[dict] = [{} for _ in range(self.world)]
+        dist.all_gather_object(received, outgoing)
+        pool = {key: group for part in [owned, *received] for key, group in part.items()}
+        return [pool[key] for key in mine]
 
     # -- the update ------------------------------------------------------------------------------------------
 
@@ -493,6 +529,7 @@ class GRPOTrainer:
                     t,
                     temperature=self.config.temperature,
                     chunk_size=self.config.logprob_chunk_size,
+                    vocab_mask=rollouts.vocab_mask,
                 )
         with torch.set_grad_enabled(with_grad), self.config.autocast_context():
             return completion_logprobs(
@@ -503,6 +540,7 @@ class GRPOTrainer:
                 temperature=self.config.temperature,
                 chunk_size=self.config.logprob_chunk_size,
                 with_entropy=with_grad,
+                vocab_mask=rollouts.vocab_mask,
             )
 
     def _no_grad_pass(self, rollouts: Rollouts, reference: bool) -> torch.Tensor:
@@ -643,11 +681,13 @@ class GRPOTrainer:
         table, rollouts = batch.table, batch.rollouts
         total = table.components @ table.effective_weights()
         n = len(rollouts.completions) if self.config.rollouts_to_log < 0 else self.config.rollouts_to_log
-        return [
-            {
+        records = []
+        for i in range(min(n, len(rollouts.completions))):
+            example = batch.examples[i // self.config.group_size]
+            record = {
                 "step": self.step,
                 "group": i // self.config.group_size,
-                "example_id": batch.examples[i // self.config.group_size]["id"],
+                "example_id": example["id"],
                 "prompt": rollouts.prompts[i],
                 "completion": rollouts.completions[i],
                 "rewards": {name: float(table.components[i, k]) for k, name in enumerate(table.names)},
@@ -655,8 +695,14 @@ class GRPOTrainer:
                 "advantage": float(batch.advantages[i]),
                 "finish_reason": rollouts.finish_reason[i],
             }
-            for i in range(min(n, len(rollouts.completions)))
-        ]
+            if rollouts.turns is not None:  # multi-turn: the dashboard shows turns and observations apart
+                record["turns"] = rollouts.turns[i]
+            extra = self.hooks.rollout_fields(self, example, rollouts, i)
+            clash = sorted(extra.keys() & record.keys())
+            if clash:
+                raise ValueError(f"TrainerHooks.rollout_fields may not replace the trainer's fields {clash}")
+            records.append(record | extra)
+        return records
 
     def train(self) -> list[dict[str, float]]:
         """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step."""

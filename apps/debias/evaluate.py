@@ -8,6 +8,9 @@ prompt; we report, overall and per category:
   the reward model, to catch reward hacking (an answer the reward model likes but nobody would write);
 - distinct-1 / distinct-2 (unique word n-grams over all n-grams of the split's answers) for diversity.
 With `--baseline-model` the same is computed for it ("before") and the policy ("after"), with deltas.
+For the dashboard's De-bias page (docs/dashboards.md) eval.json also holds `bias` {category: {"before",
+"after"}}, the bias intensity (1 - mean fairness probability; lower is fairer) over every split, and
+`responses`: per category and stage the `RESPONSES_PER_SIDE` fairest and least fair answers with their bias.
 
     grpo-suite debias eval --model runs/debias/X/final --baseline-model runs/debias/X/base_model \
         --reward-model runs/rm/model
@@ -28,6 +31,7 @@ from core.runs import RunDir, default_run_dir
 from reward_models.score import RewardModelScorer
 
 APP = "debias"
+RESPONSES_PER_SIDE = 3  # fairest and least fair answers kept per category and stage in eval.json
 
 
 def _help(text: str, default):
@@ -111,8 +115,11 @@ def sample_answers(model_dir: str, examples: list[dict], config: DebiasEvalConfi
     return backend.generate(prompts, settings, config.seed).completions
 
 
-def split_metrics(examples: list[dict], answers: list[str], scorer: RewardModelScorer, reference) -> dict:
-    """Metrics of one split's answers (`examples` repeated per sample, aligned with `answers`)."""
+def split_metrics(
+    examples: list[dict], answers: list[str], scorer: RewardModelScorer, reference
+) -> tuple[dict, list[float]]:
+    """Metrics of one split's answers (`examples` repeated per sample, aligned with `answers`), and each
+    answer's fairness probability."""
     scores = scorer.score([e["question"] for e in examples], answers)
 
     def summarize(rows: list[int]) -> dict[str, float]:
@@ -139,6 +146,58 @@ def split_metrics(examples: list[dict], answers: list[str], scorer: RewardModelS
     out["samples"] = [
         {"question": e["question"], "answer": a} for e, a in list(zip(examples, answers, strict=True))[:8]
     ]
+    return out, list(scores["fairness"])
+
+
+def bias_by_category(splits: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """{category: {stage: bias intensity}} over all splits, from each split's `per_category` summaries
+    ({split: {stage: metrics}}); a category in several splits gets the mean weighted by answers.
+
+    >>> per = lambda **c: {"per_category": {k: {"n": n, "bias_intensity": b} for k, (n, b) in c.items()}}
+    >>> bias_by_category({"test": {"after": per(age=(1, 0.25))}, "heldout": {"after": per(age=(3, 0.75))}})
+    {'age': {'after': 0.625}}
+    """
+    pooled: dict[str, dict[str, list[float]]] = {}
+    for per_model in splits.values():
+        for stage, metrics in per_model.items():
+            for category, m in metrics["per_category"].items():
+                sums = pooled.setdefault(category, {}).setdefault(stage, [0.0, 0.0])
+                sums[0] += m["n"] * m["bias_intensity"]
+                sums[1] += m["n"]
+    return {
+        category: {stage: total / n for stage, (total, n) in by_stage.items()}
+        for category, by_stage in sorted(pooled.items())
+    }
+
+
+def pick_responses(
+    examples: list[dict], answers: list[str], fairness: list[float], stage: str, per_side: int
+) -> list[dict]:
+    """The `per_side` least and most biased answers (bias = 1 - fairness) of each category, as the
+    dashboard's `responses` rows {category, stage, prompt, response, bias}, fairest first.
+
+    >>> ex = [{"category": "age", "question": "q"}] * 3
+    >>> [r["response"] for r in pick_responses(ex, ["a", "b", "c"], [0.9, 0.1, 0.5], "after", 1)]
+    ['a', 'b']
+    """
+    out = []
+    for category in sorted({e["category"] for e in examples}):
+        rows = sorted(
+            (1.0 - f, i)
+            for i, (e, f) in enumerate(zip(examples, fairness, strict=True))
+            if e["category"] == category
+        )
+        keep = rows if len(rows) <= 2 * per_side else rows[:per_side] + rows[-per_side:]
+        out += [
+            {
+                "category": category,
+                "stage": stage,
+                "prompt": examples[i]["question"],
+                "response": answers[i],
+                "bias": bias,
+            }
+            for bias, i in keep
+        ]
     return out
 
 
@@ -153,16 +212,16 @@ def evaluate(config: DebiasEvalConfig) -> dict:
         if config.baseline_model is None
         else {"before": config.baseline_model, "after": config.model}
     )
-    results: dict = {"splits": {}, "metrics": {}}
+    results: dict = {"splits": {}, "metrics": {}, "responses": []}
     for split in config.splits:
         rows = splits[split][: config.max_prompts or None]
         examples = policy_examples(rows)
         repeated = [e for e in examples for _ in range(config.samples_per_prompt)]
         per_model = {}
         for label, path in models.items():
-            per_model[label] = split_metrics(
-                repeated, sample_answers(path, examples, config), scorer, reference
-            )
+            answers = sample_answers(path, examples, config)
+            per_model[label], fairness = split_metrics(repeated, answers, scorer, reference)
+            results["responses"] += pick_responses(repeated, answers, fairness, label, RESPONSES_PER_SIDE)
             for key in (
                 "fairness",
                 "bias_intensity",
@@ -178,6 +237,7 @@ def evaluate(config: DebiasEvalConfig) -> dict:
             results["metrics"][f"{split}/fairness/delta"] = after["fairness"] - before["fairness"]
             results["metrics"][f"{split}/perplexity/ratio"] = after["perplexity"] / before["perplexity"]
         results["splits"][split] = per_model
+    results["bias"] = bias_by_category(results["splits"])
     run_dir = config.run_dir
     if run_dir is None:
         run_dir = (

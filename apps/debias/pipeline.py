@@ -5,8 +5,11 @@ Layout of the run directory:
     reward_model/     the reward model's run: model/, eval.json (pairwise accuracy, calibration)
     sft_model/        the starting policy (tiny default: char-level LM + SFT on a neutral/biased mix)
     grpo-seed<k>/     one GRPO run per seed: config, metrics, rollouts, final/, eval.json (before/after)
+    config.json       the pipeline's config (the directory is a run: the dashboard's De-bias page lists it)
     eval.json         the reward model's accuracies and, per seed and as mean/std over seeds, the
-                      fairness gain and perplexity ratio on the test split and the held-out category
+                      fairness gain and perplexity ratio on the test split and the held-out category;
+                      `bias` per category before / after, the mean over seeds (each seed's eval.json
+                      has its own, with example `responses`)
 
     grpo-suite debias pipeline                          # the default: one seed
     grpo-suite debias pipeline --seeds 0,1,2            # the 3-seed result
@@ -20,6 +23,7 @@ from pathlib import Path
 from apps.debias.data import DataConfig, generate_splits, write_splits
 from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
+from core.config import config_to_dict
 from core.runs import RunDir, default_run_dir
 from reward_models.train import RMTrainConfig, train_reward_model
 
@@ -57,6 +61,10 @@ def pipeline(config: PipelineConfig) -> dict:
     if run.exists() and any(run.iterdir()):
         raise FileExistsError(f"{run} exists and is not empty; pick a new --run-dir")
     print(f"run directory: {run}")
+    root = RunDir.create(
+        run, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=False
+    )
+    root.set_status("running", step=0)
     q = config.quick
     data_config = DataConfig(out_dir=str(run / "data"), num_prompts=240 if q else 3000)
     splits = generate_splits(data_config)
@@ -86,11 +94,11 @@ def pipeline(config: PipelineConfig) -> dict:
     sft_dir = build_sft_policy(run / "sft_model", splits["train"], base)
     timings["sft"] = time.perf_counter() - start - sum(timings.values())
 
-    per_seed = {}
+    per_seed, bias_per_seed = {}, []
     for seed in config.seeds:
         grpo_dir = run / f"grpo-seed{seed}"
         train(replace(base, seed=seed, model=str(sft_dir), run_dir=str(grpo_dir)))
-        per_seed[seed] = evaluate(
+        evaluation = evaluate(
             DebiasEvalConfig(
                 model=str(grpo_dir / "final"),
                 baseline_model=str(sft_dir),
@@ -101,7 +109,9 @@ def pipeline(config: PipelineConfig) -> dict:
                 seed=seed,
                 device=config.device,
             )
-        )["metrics"]
+        )
+        per_seed[seed] = evaluation["metrics"]
+        bias_per_seed.append(evaluation["bias"])
     timings["grpo_and_eval"] = time.perf_counter() - start - sum(timings.values())
 
     keys = sorted(per_seed[config.seeds[0]])
@@ -118,10 +128,14 @@ def pipeline(config: PipelineConfig) -> dict:
         },
         "per_seed": {str(s): m for s, m in per_seed.items()},
         "over_seeds": over_seeds,
+        "bias": {
+            category: {stage: statistics.fmean(b[category][stage] for b in bias_per_seed) for stage in stages}
+            for category, stages in bias_per_seed[0].items()
+        },
         "timings_s": {**timings, "total": time.perf_counter() - start},
     }
-    run.mkdir(parents=True, exist_ok=True)
-    RunDir(run).write_eval(results)
+    root.write_eval(results)
+    root.set_status("finished", step=0)
     print(pipeline_table(results))
     print(f"pipeline results written to {run / 'eval.json'}")
     return results

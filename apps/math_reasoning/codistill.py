@@ -11,6 +11,8 @@ S and L must share a tokenizer: the weights compare them token by token.
 Metrics: codistill/kd (mean KD term), codistill/ess (effective sample size of the weights, a fraction),
 codistill/capped_frac and codistill/large_time (L's forward for the KD term plus its update, seconds; the
 rest of the logged step_time is S's: generation, scoring and update).
+Resume: the hooks' state (L's weights, as safetensors, and its optimizer's state) is saved in every
+checkpoint of the trainer and restored with it, so a resumed run continues bitwise as an uninterrupted one.
 """
 
 import math
@@ -41,6 +43,7 @@ def no_grad_logprobs(
                 temperature=temperature,
                 chunk_size=chunk,
                 with_entropy=False,
+                vocab_mask=micro.vocab_mask,
             )
             parts.append(logp)
     return torch.cat(parts)  # (N, T)
@@ -68,6 +71,19 @@ class CoDistillHooks(TrainerHooks):
         self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
         self._cache: tuple[Rollouts, torch.Tensor, torch.Tensor] | None = None
         self._kd_time = 0.0
+
+    def state_dict(self) -> dict:
+        """L's weights and its optimizer's state (the KD cache is empty between steps)."""
+        return {"large_model": self.large.state_dict(), "large_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not {"large_model", "large_optimizer"} <= state.keys():
+            raise ValueError(
+                "codistill: the checkpoint holds no state of the large model (saved by another algorithm?); "
+                "it cannot be resumed as codistill"
+            )
+        self.large.load_state_dict(state["large_model"])
+        self.optimizer.load_state_dict(state["large_optimizer"])
 
     def extra_rewards(self, trainer, rollouts: Rollouts, examples: list[dict]) -> dict:
         cfg = trainer.config
@@ -124,6 +140,7 @@ class CoDistillHooks(TrainerHooks):
                 temperature=cfg.temperature,
                 chunk_size=cfg.logprob_chunk_size,
                 with_entropy=False,
+                vocab_mask=micro.vocab_mask,
             )  # (n, T)
             loss, _ = algos.policy_loss(
                 logp,

@@ -5,7 +5,9 @@ offline set's level 3 is the hard tail), on the held-out offline set or any benc
     grpo-suite math eval --model DIR --data math500.jsonl --template boxed --samples 4
 
 Hints are never shown (Scaf-GRPO is measured without them). Results go to <run>/eval.json when the model
-is a run's `final` (or `final_large`) directory, else to --run-dir.
+is a run's `final` (or `final_large`) directory, else to --run-dir. The policy's (`final`) pass@1 and
+pass@k also go to eval.json's `pass_at_k` {benchmark: {"1", "k"}} for the dashboard's Math page; each
+benchmark evaluated into the same run adds its entry.
 """
 
 import math
@@ -105,6 +107,25 @@ def _summary(records: list[dict], samples: int) -> dict:
     }
 
 
+def benchmark_name(data: str | None) -> str:
+    """The `pass_at_k` key of an evaluation set: the benchmark file's stem, or "offline" (the held-out set).
+
+    >>> benchmark_name("data/math500.jsonl"), benchmark_name(None)
+    ('math500', 'offline')
+    """
+    return Path(data).stem if data else "offline"
+
+
+def pass_at_k_entry(results: dict) -> dict[str, float]:
+    """{"1": pass@1, "k": pass@k} of `evaluate_model`'s results over all problems (one key when k = 1).
+
+    >>> pass_at_k_entry({"samples": 4, "all": {"pass@1": 0.25, "pass@4": 0.5}})
+    {'1': 0.25, '4': 0.5}
+    """
+    k = results["samples"]
+    return {str(n): results["all"][f"pass@{n}"] for n in sorted({1, k})}
+
+
 def _help(text: str, default):
     return field(default=default, metadata={"help": text})
 
@@ -182,7 +203,11 @@ def run_eval(config: MathEvalConfig) -> dict:
     key = "eval" if model_path.name != "final_large" else "eval_large"
     target = RunDir(run_path)
     previous = target.read_eval() if target.eval_path.is_file() else {}
-    target.write_eval(previous | {key: results})
+    update = {key: results}
+    if key == "eval":  # the policy's numbers only: CoDistill's large model is not the run's algorithm
+        benchmark = benchmark_name(config.data)
+        update["pass_at_k"] = previous.get("pass_at_k", {}) | {benchmark: pass_at_k_entry(results)}
+    target.write_eval(previous | update)
     print(format_results(results))
     print(f"results written to {target.eval_path} under {key!r}")
     return results

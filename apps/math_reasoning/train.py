@@ -21,7 +21,13 @@ from typing import Literal
 
 from apps.math_reasoning.codistill import CoDistillHooks
 from apps.math_reasoning.data import FORMATS, load_examples, offline_sets
-from apps.math_reasoning.evaluate import evaluate_model, format_results, load_eval_examples
+from apps.math_reasoning.evaluate import (
+    benchmark_name,
+    evaluate_model,
+    format_results,
+    load_eval_examples,
+    pass_at_k_entry,
+)
 from apps.math_reasoning.gtpo import GTPOHooks
 from apps.math_reasoning.models import TinySpec, build_base_model
 from apps.math_reasoning.rewards import rubric_for
@@ -105,8 +111,6 @@ class MathTrainConfig(GRPOConfig):
         if self.algo == "codistill":
             if self.dynamic_sampling:
                 raise ValueError("codistill cannot use dynamic_sampling (its KD term is tied to one batch)")
-            if self.resume:
-                raise ValueError("codistill cannot --resume yet: the large model's state is not checkpointed")
             if self.model and not self.large_model:
                 raise ValueError(
                     "codistill with --model needs --large-model (sharing the small one's tokenizer)"
@@ -244,6 +248,8 @@ def train(config: MathTrainConfig) -> dict:
                 device=config.device,
             )
             print(f"{key} ({'large' if key == 'eval_large' else 'policy'}):\n{format_results(results[key])}")
-        trainer.run.write_eval(results)
+        # the dashboard's Math page reads the policy's pass@k per benchmark (docs/dashboards.md)
+        pass_at_k = {benchmark_name(config.eval_data): pass_at_k_entry(results["eval"])}
+        trainer.run.write_eval(results | {"pass_at_k": pass_at_k})
     print(f"model saved to {final}")
     return {"history": history, "eval": results, "run_dir": config.run_dir}

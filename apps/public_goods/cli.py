@@ -13,6 +13,7 @@ from pathlib import Path
 
 from apps.public_goods.experiments import (
     SweepSettings,
+    cooperation_vs_r,
     read_table,
     run_sweep,
     simulate,
@@ -126,7 +127,9 @@ def run(config: RunConfig) -> dict:
         "seconds": traj.seconds,
         "steps_per_second": (traj.absorbed_at or config.steps) / traj.seconds,
     }
-    rundir.write_eval(summary)
+    # the dashboard's fields (docs/dashboards.md): this run's point of the curve, and the lattices
+    point = {"r": config.r, "cooperation": summary["mean_cooperation_last_half"], "label": config.method}
+    rundir.write_eval(summary | {"cooperation_vs_r": [point], "snapshots": traj.snapshot_records(config.r)})
     rundir.set_status("finished", step=traj.absorbed_at or config.steps)
     for key, value in summary.items():
         print(f"{key:>28}  {value}")
@@ -139,7 +142,14 @@ def sweep(config: SweepConfig) -> list[dict]:
     started = time.perf_counter()
     rows = run_sweep(config, rundir.path)
     found = {method: thresholds(rows, method, config.inits[0]) for method in config.methods}
-    rundir.write_eval({"seconds": time.perf_counter() - started, "thresholds": found, "runs": len(rows)})
+    rundir.write_eval(
+        {
+            "seconds": time.perf_counter() - started,
+            "thresholds": found,
+            "runs": len(rows),
+            "cooperation_vs_r": cooperation_vs_r(rows),
+        }
+    )
     rundir.set_status("finished", step=len(rows))
     print(f"results: {rundir.path / 'results.csv'}  ({time.perf_counter() - started:.0f} s)")
     print(f"thresholds from final states ({config.inits[0]} start): {json.dumps(found)}")

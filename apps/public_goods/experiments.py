@@ -59,6 +59,11 @@ class Trajectory:
         """Mean cooperation over the last `last` steps (an absorbed run stays at its absorbing value)."""
         return float(np.mean(self.cooperation[-last:]))
 
+    def snapshot_records(self, r: float) -> list[dict]:
+        """The dashboard's `snapshots` (docs/dashboards.md): {step, r, grid} per snapshot in step order,
+        grid as lists of rows, 1 = cooperator, 0 = defector (an L = 100 lattice is 10k ints)."""
+        return [{"step": t, "r": r, "grid": self.snapshots[t].tolist()} for t in sorted(self.snapshots)]
+
 
 def simulate(config: GameConfig, seed: int, steps: int, on_step=None) -> Trajectory:
     """Run `steps` steps; an imitation run that reaches an absorbing state stops and is padded with it.
@@ -205,6 +210,29 @@ def read_table(path: Path) -> list[dict]:
             row[key] = float(row[key])
         row["seed"] = int(row["seed"])
     return rows
+
+
+def cooperation_vs_r(rows: list[dict]) -> list[dict]:
+    """The dashboard's `cooperation_vs_r` of a sweep: mean over seeds of `mean_cooperation` (the average
+    over the last steps, as in cooperation_vs_r.png) per method, initial state and r, labelled with the
+    method, or "method (init)" when the sweep has several initial states.
+
+    >>> rows = [{"method": "fermi", "init": "half", "r": 4.0, "mean_cooperation": c} for c in (0.25, 0.75)]
+    >>> cooperation_vs_r(rows)
+    [{'r': 4.0, 'cooperation': 0.5, 'label': 'fermi'}]
+    """
+    by_curve: dict[tuple[str, str, float], list[float]] = {}
+    for row in rows:
+        by_curve.setdefault((row["method"], row["init"], row["r"]), []).append(row["mean_cooperation"])
+    several_inits = len({init for _, init, _ in by_curve}) > 1
+    return [
+        {
+            "r": r,
+            "cooperation": float(np.mean(values)),
+            "label": f"{method} ({init})" if several_inits else method,
+        }
+        for (method, init, r), values in sorted(by_curve.items())
+    ]
 
 
 def thresholds(rows: list[dict], method: str = "fermi", init: str = "bernoulli") -> dict[str, list[float]]:

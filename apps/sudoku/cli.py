@@ -53,7 +53,7 @@ SMOKE = {
     "bootstrap_prompts": 2,
 }
 # The longer experiment of docs/sudoku.md (run with --seed 0, 1, 2).
-EXPERIMENT = {"sft_steps": 1500, "max_steps": 200, "eval_puzzles": 512, "mixtures": (1.0, 0.75, 0.5, 0.25)}
+EXPERIMENT = {"sft_steps": 600, "max_steps": 150, "eval_puzzles": 512, "mixtures": (1.0, 0.75)}
 
 
 def _only(preset: dict, cls) -> dict:

@@ -5,9 +5,10 @@ Structure (the same mask in SFT's loss and in sampling): completion slot t of a 
 may only be a row (t % 3 == 0), column (1) or value (2) token of the puzzle's size while t < 3E, then eos;
 so every completion has exactly 3E triplet words. Which cells and values is the model's to learn.
 
-GRPO's logprobs use the same mask: `masked_completion_logprobs` replaces the core's full-vocabulary
-`completion_logprobs` through `MaskedGRPOTrainer` (train.py). Without it, after masked SFT only 48% of the
-unmasked softmax mass sat on allowed words, and GRPO's gradient went mostly to words the sampler never emits.
+GRPO's logprobs use the same mask: the backend's rollouts carry it as a `core.policy.VocabMask` (the 5-row
+table of a size and each token's slot kind), which the core's `completion_logprobs` renormalises over.
+Without it, after masked SFT only 48% of the unmasked softmax mass sat on allowed words, and GRPO's gradient
+went mostly to words the sampler never emits.
 Why Llama and not Qwen2: transformers 5 rebuilds the tokenizer of a `qwen2` directory as Qwen2Tokenizer,
 which breaks a WordLevel vocabulary; a `llama` directory loads it verbatim.
 Tests: `pytest tests/apps/sudoku/test_sudoku_model.py`.
@@ -35,7 +36,7 @@ from apps.sudoku.serialize import (
     completion_text,
     fill_order,
 )
-from core.policy import position_ids_from_mask
+from core.policy import VocabMask, position_ids_from_mask
 from core.rollout import Rollouts, SamplingSettings, left_pad
 from core.tiny import build_tiny_model
 
@@ -94,8 +95,9 @@ def prompt_shape(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> tuple[in
 
 class ConstrainedBackend:
     """A `core.rollout.RolloutBackend` that samples exactly 3E triplet words then eos per prompt, with a
-    KV cache and a seeded `torch.Generator` (the global RNG is untouched). `sampling_logp` is the unmasked
-    log_softmax(logits / temperature) of each token, which is what the trainer's policy computes."""
+    KV cache and a seeded `torch.Generator` (the global RNG is untouched). The rollouts carry the structural
+    mask as `vocab_mask` (index -1 after eos); `sampling_logp` is each token's log_softmax(logits /
+    temperature) over its allowed words, which is what the trainer's policy computes under that mask."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -142,16 +144,16 @@ class ConstrainedBackend:
         positions = position_ids_from_mask(mask)  # (N, P)
         out = self.model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         next_position = positions[:, -1:] + 1  # (N, 1)
-        tokens, logps = [], []
+        tokens, logps, kinds = [], [], []
         for t in range(steps):
             logits = out.logits[:, -1].float() / settings.temperature  # (N, V)
-            allowed = table[slot_kinds(t, empty)]  # (N, V)
-            masked = logits.masked_fill(~allowed, -math.inf)  # (N, V)
+            kinds.append(slot_kinds(t, empty))  # (N,)
+            masked = logits.masked_fill(~table[kinds[-1]], -math.inf)  # (N, V)
             if settings.greedy:
                 token = masked.argmax(-1)  # (N,)
             else:
                 token = torch.multinomial(masked.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
-            logps.append(logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1))  # (N,)
+            logps.append(masked.log_softmax(-1).gather(1, token[:, None]).squeeze(1))  # (N,)
             tokens.append(token)
             if t + 1 < steps:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (N, P + t + 1)
@@ -187,6 +189,7 @@ class ConstrainedBackend:
             ],
             num_turns=[1] * len(completion),
             pad_token_id=pad,
+            vocab_mask=VocabMask(table, torch.stack(kinds, 1).masked_fill(~keep, -1)),  # (5, V), (N, T)
         )
 
 
@@ -289,36 +292,3 @@ def sft(
             log(step, metrics)
     model.eval()
     return history
-
-
-def masked_completion_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    completion_mask: Tensor,
-    temperature: float,
-    table: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Log-probs and entropies (N, T) of the completions under the structurally masked softmax that sampled
-    them; E per row is read from `completion_mask` (3E words + eos). The vocabulary is tiny, so the (N, T, V)
-    logits are formed whole (the core chunks them for large vocabularies)."""
-    n, length = input_ids.shape
-    t = completion_mask.shape[1]
-    logits = (
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-        )
-        .logits[:, length - t - 1 : length - 1]
-        .float()
-        / temperature
-    )  # (N, T, V)
-    empty = (completion_mask.sum(1) - 1) // 3  # (N,)
-    kinds = torch.stack([slot_kinds(k, empty) for k in range(t)], dim=1)  # (N, T)
-    logp_all = logits.masked_fill(~table[kinds], -math.inf).log_softmax(-1)  # (N, T, V)
-    targets = input_ids[:, length - t :]  # (N, T)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    probs = logp_all.exp()  # (N, T, V)
-    entropy = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)  # (N, T)
-    return logp.masked_fill(completion_mask == 0, 0.0), entropy

@@ -1,6 +1,7 @@
 """The Sudoku rewards (PAPERS.md section 6): `cell` = |correct triplets| / |empty cells| and
 `order` = sum over correct cells of 1 / (1 + |solver position - emitted position|), plus the metrics the
-evaluation reports. All are pure functions of (completion text, example).
+evaluation reports and the board fields the dashboard reads. All are pure functions of (completion text,
+example).
 
 How a completion is read (the documented rule for malformed output):
 - Its words are taken in consecutive groups of three; group k is emission position k (0-based).
@@ -120,6 +121,28 @@ def kendall_tau(completion: str, example: dict) -> float:
         (1 if (a[0] - b[0]) * (a[1] - b[1]) > 0 else -1) for i, a in enumerate(pairs) for b in pairs[i + 1 :]
     )
     return score / (m * (m - 1) / 2)
+
+
+def board_fields(completion: str, example: dict) -> dict:
+    """The fields the dashboard's Sudoku page reads from a rollouts.jsonl row (docs/dashboards.md): the
+    puzzle and solution lines, `emitted` = [row, col, value] of each first emission into an empty cell in
+    emission order (0-based rows and columns; repeats, givens and malformed groups left out, as in the
+    rewards), and `solver_order` = [row, col] of the empty cells in the solver's fill order.
+
+    >>> ex = {"n": 4, "puzzle": "1...............", "solution": "1234341221434321", "solver_order": [5, 1]}
+    >>> fields = board_fields("r2 c2 v4 r1 c1 v3 r1 c2 v1 r2 c2 v2", ex)
+    >>> fields["emitted"], fields["solver_order"]
+    ([[1, 1, 4], [0, 1, 1]], [[1, 1], [0, 1]])
+    """
+    n = example["n"]
+    first = read_completion(completion, example).first
+    emitted = sorted(first.items(), key=lambda item: item[1][0])  # by emission position
+    return {
+        "puzzle": example["puzzle"],
+        "solution": example["solution"],
+        "emitted": [[cell // n, cell % n, value] for cell, (_, value) in emitted],
+        "solver_order": [[cell // n, cell % n] for cell in example["solver_order"]],
+    }
 
 
 def puzzle_metrics(completion: str, example: dict) -> dict[str, float]:

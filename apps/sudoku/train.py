@@ -17,14 +17,8 @@ import torch
 
 from apps.sudoku.data import PuzzleConfig, load_puzzles
 from apps.sudoku.evaluate import evaluate_model, table
-from apps.sudoku.model import (
-    ConstrainedBackend,
-    allowed_table,
-    create_model_dir,
-    masked_completion_logprobs,
-    sft,
-)
-from apps.sudoku.rewards import cell_reward, order_reward
+from apps.sudoku.model import ConstrainedBackend, create_model_dir, sft
+from apps.sudoku.rewards import board_fields, cell_reward, order_reward
 from apps.sudoku.serialize import to_example
 from core.config import config_to_dict
 from core.launch import policy_for, summary_table, with_run_dir
@@ -32,7 +26,7 @@ from core.policy import load_policy
 from core.rewards import Rubric
 from core.rollout import derive_seed
 from core.runs import RunDir, default_run_dir
-from core.trainer import GRPOConfig, GRPOTrainer
+from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "sudoku"
 
@@ -149,42 +143,12 @@ def run_sft(config: SudokuSFTConfig, puzzles=None) -> dict:
     return result
 
 
-class MaskedGRPOTrainer(GRPOTrainer):
-    """The core trainer with GRPO's logprobs under the decoding's structural mask (see apps/sudoku/model.py).
-    Workaround: it overrides the core's private `_logprobs`; the core change that would replace it is a
-    per-token allowed-vocabulary mask in `Rollouts` applied by `core.policy.completion_logprobs`."""
+class SudokuHooks(TrainerHooks):
+    """Each rollouts.jsonl row carries its board (puzzle, solution, emitted cells, solver order) for the
+    dashboard's Sudoku page."""
 
-    def _logprobs(self, rollouts, with_grad: bool, reference: bool = False):
-        if reference and self.reference.shares_policy:
-            raise NotImplementedError(
-                "a KL term (beta > 0) with --lora is not supported by the Sudoku trainer"
-            )
-        n = prompt_size(rollouts, self.tokenizer)
-        model = self.reference.model if reference else self.model
-        with torch.set_grad_enabled(with_grad and not reference):
-            logp, entropy = masked_completion_logprobs(
-                model,
-                rollouts.input_ids(),
-                rollouts.attention_mask(),
-                rollouts.completion_mask,
-                self.config.temperature,
-                allowed_table(self.tokenizer, n),
-            )
-        return logp if reference else (logp, entropy if with_grad else None)
-
-
-def prompt_size(rollouts, tokenizer) -> int:
-    """The grid size of a batch's prompts (all rows share it), from their size word."""
-    from apps.sudoku.serialize import SIZE_TOKENS
-
-    ids = {tokenizer.convert_tokens_to_ids(tok): n for n, tok in SIZE_TOKENS.items()}
-    sizes = {
-        ids[int(row[mask.bool()][0])]
-        for row, mask in zip(rollouts.prompt_ids, rollouts.prompt_mask, strict=True)
-    }
-    if len(sizes) != 1:
-        raise ValueError(f"a batch mixes grid sizes {sorted(sizes)}")
-    return sizes.pop()
+    def rollout_fields(self, trainer, example: dict, rollouts, index: int) -> dict:
+        return board_fields(rollouts.completions[index], example)
 
 
 def build_rubric(config: SudokuTrainConfig) -> Rubric:
@@ -228,8 +192,16 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
     examples = [to_example(p, i, "train") for i, p in enumerate(train)]
     rubric = build_rubric(config)
     backend = ConstrainedBackend(model, tokenizer)
-    trainer = MaskedGRPOTrainer(
-        config, model, tokenizer, examples, rubric, app=APP, algorithm="grpo", backend=backend
+    trainer = GRPOTrainer(
+        config,
+        model,
+        tokenizer,
+        examples,
+        rubric,
+        app=APP,
+        algorithm="grpo",
+        backend=backend,
+        hooks=SudokuHooks(),
     )
     if config.bootstrap_scaling and not rubric.fitted:
         scales = fit_bootstrap_scales(trainer, rubric, examples, config)

@@ -1,4 +1,5 @@
-"""The toy app through its command line: a smoke run, exact resume after SIGKILL, and 1 vs 2 processes."""
+"""The toy app through its command line: a smoke run, exact resume after SIGKILL, and 1 vs 2 processes
+(with and without dynamic sampling)."""
 
 import json
 import os
@@ -77,8 +78,16 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     assert metrics_without_timing(killed) == metrics_without_timing(whole)
 
 
-def test_two_processes_give_the_one_process_update(tmp_path):
-    flags = ["--max-steps", "3", "--prompts-per-step", "4"]
+# An untrained model mostly scores 0: many zero-spread groups, so every step draws all 3 rounds and keeps
+# groups from several rounds and processes. Slow: each case takes about a minute on a busy 2-core machine.
+DYNAMIC = pytest.param(
+    ["--dynamic-sampling", "--max-sampling-rounds", "3"], id="dynamic-sampling", marks=pytest.mark.slow
+)
+
+
+@pytest.mark.parametrize("extra", [pytest.param([], id="plain"), DYNAMIC])
+def test_two_processes_give_the_one_process_update(tmp_path, extra):
+    flags = ["--max-steps", "3", "--prompts-per-step", "4", *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(*flags, "--run-dir", str(one)), check=True, capture_output=True)
     launch = [
@@ -110,6 +119,13 @@ def test_two_processes_give_the_one_process_update(tmp_path):
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
     changed = sum(
         not torch.equal(a, b)
-        for a, b in zip(expected.values(), load_file(one / "base_model" / "model.safetensors").values())
+        for a, b in zip(
+            expected.values(), load_file(one / "base_model" / "model.safetensors").values(), strict=True
+        )
     )
     assert changed > 0  # the runs did update the weights
+    if extra:  # the processes agreed on the rounds and on the chosen groups
+        keys = ("sampling_rounds", "zero_spread_frac", "reward", "reward_std", "advantage_abs_mean")
+        picked = [[{k: m[k] for k in keys} for m in metrics_without_timing(run)] for run in (one, two)]
+        assert picked[0] == picked[1]
+        assert any(m["sampling_rounds"] > 1 for m in picked[0])

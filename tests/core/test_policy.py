@@ -1,6 +1,8 @@
 """Tests of core/policy.py: chunked logprobs and entropies against a plain full-logits reference (values
 and gradients), left padding, agreement with HF `generate`, LoRA and the reference policy, loading.
 
+A per-token allowed-vocabulary mask (VocabMask) is checked the same way, against a plain masked
+log_softmax, and the hand-written backward also by `torch.autograd.gradcheck`.
 Run: `pytest tests/core/test_policy.py`. Tiny models are built from configs with fixed seeds; nothing
 is downloaded.
 """
@@ -26,6 +28,8 @@ from transformers import (
 from core.policy import (
     LoraSettings,
     ReferencePolicy,
+    VocabMask,
+    _LinearHeadStats,
     completion_logprobs,
     load_policy,
     position_ids_from_mask,
@@ -35,8 +39,13 @@ VOCAB = 50
 PAD = 0
 EOS = 1
 TINY = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
     initializer_range=0.2,  # peaked next-token distributions, so the comparisons are not all near-uniform
 )
 
@@ -186,8 +195,15 @@ def test_logprobs_match_hf_generate():
     t, temperature = 8, 0.7
     torch.manual_seed(3)
     out = model.generate(
-        input_ids=prompt, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0,
-        max_new_tokens=t, output_logits=True, return_dict_in_generate=True, pad_token_id=PAD,
+        input_ids=prompt,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        max_new_tokens=t,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=PAD,
     )
     assert out.sequences.shape == (4, prompt.shape[1] + t)
     sampled = out.sequences[:, -t:]  # (N, T)
@@ -276,8 +292,9 @@ def test_lora_policy_and_reference(model_dir: Path):
     with torch.no_grad():
         base_logp, _ = completion_logprobs(base, ids, mask, 5, temperature=0.7)
         # Before training B = 0: policy, reference and base all agree.
-        torch.testing.assert_close(completion_logprobs(policy, ids, mask, 5, temperature=0.7)[0], base_logp,
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            completion_logprobs(policy, ids, mask, 5, temperature=0.7)[0], base_logp, atol=1e-6, rtol=0
+        )
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
@@ -290,8 +307,9 @@ def test_lora_policy_and_reference(model_dir: Path):
     torch.testing.assert_close(ref_logp, base_logp, atol=1e-5, rtol=0)
     # The adapter is back on after the reference call.
     with torch.no_grad():
-        torch.testing.assert_close(completion_logprobs(policy, ids, mask, 5, temperature=0.7)[0], policy_logp,
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            completion_logprobs(policy, ids, mask, 5, temperature=0.7)[0], policy_logp, atol=1e-6, rtol=0
+        )
 
 
 def test_reference_without_lora_is_a_frozen_copy():
@@ -317,3 +335,138 @@ def test_load_policy_refuses_a_tokenizer_larger_than_the_model(tmp_path: Path):
     tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=f"{VOCAB} tokens but the model has only {VOCAB - 10}"):
         load_policy(tmp_path)
+
+
+# -- the allowed-vocabulary mask ------------------------------------------------------------------------------
+
+
+def random_vocab_mask(ids: Tensor, t: int, k: int = 3, seed: int = 0) -> VocabMask:
+    """K random allowed sets (a few ids each) and a random row, or -1, per completion token; each token is
+    added to its row's set, so the sampled tokens are allowed as a constrained sampler's would be."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.rand(k, VOCAB, generator=g) < 0.2  # (K, V)
+    index = torch.randint(-1, k, (ids.shape[0], t), generator=g)  # (N, T)
+    targets = ids[:, -t:]  # (N, T)
+    table[index[index >= 0], targets[index >= 0]] = True
+    return VocabMask(table, index)
+
+
+def masked_logprobs_unchunked(model, ids, mask, t, vocab_mask: VocabMask, temperature: float = 1.0):
+    """The plain reference: full (N, T, V) logits, -inf off the allowed ids, log_softmax, gather, entropy."""
+    positions = position_ids_from_mask(mask)  # (N, L)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # (N, L, V)
+    logits = logits[:, -t - 1 : -1].to(torch.promote_types(logits.dtype, torch.float32))  # (N, T, V)
+    table, index = vocab_mask.expanded()  # (K + 1, V), (N, T)
+    allowed = table[index]  # (N, T, V)
+    logp_all = torch.log_softmax((logits / temperature).masked_fill(~allowed, float("-inf")), dim=-1)
+    logp = logp_all.gather(-1, ids[:, -t:].unsqueeze(-1)).squeeze(-1)  # (N, T)
+    entropy = -(logp_all.exp() * logp_all.masked_fill(~allowed, 0.0)).sum(-1)  # (N, T)
+    return logp, entropy
+
+
+class CustomHead(nn.Linear):
+    """Not exactly `nn.Linear`: `completion_logprobs` takes its checkpointed autograd path."""
+
+
+def tiny_qwen2_custom_head() -> Qwen2ForCausalLM:
+    model = tiny_qwen2()
+    head = CustomHead(TINY["hidden_size"], VOCAB, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_qwen2_custom_head], ids=["linear-head", "custom-head"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_vocab_mask_values_and_gradients_equal_a_plain_masked_softmax(build, chunk_size: int):
+    """Both chunk paths (the hand-written backward of a plain linear head; checkpointed autograd for any
+    other head) against autograd through a plain masked log_softmax, in float64."""
+    model = build().double()
+    ids, mask = left_padded_batch()
+    vocab_mask = random_vocab_mask(ids, 5)
+    weights = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))  # (N, T)
+
+    def grads(logp: Tensor, entropy: Tensor) -> dict[str, Tensor]:
+        model.zero_grad()
+        ((logp * weights).sum() + 0.3 * entropy.sum()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    kwargs = dict(temperature=0.7, chunk_size=chunk_size, vocab_mask=vocab_mask)
+    chunked = completion_logprobs(model, ids, mask, 5, **kwargs)
+    plain = masked_logprobs_unchunked(model, ids, mask, 5, vocab_mask, temperature=0.7)
+    for got, expected in zip(chunked, plain, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    with torch.no_grad():  # the no-grad path
+        for got, expected in zip(completion_logprobs(model, ids, mask, 5, **kwargs), plain, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    # renormalised: a restricted position's logprob is at least the full softmax's, its entropy at most
+    # log(|allowed|); unrestricted positions (-1) are the plain values
+    with torch.no_grad():
+        full, full_entropy = completion_logprobs(model, ids, mask, 5, temperature=0.7)
+    free = vocab_mask.index < 0
+    assert free.any() and (~free).any()
+    torch.testing.assert_close(chunked[0][free], full[free], atol=1e-10, rtol=0)
+    assert (chunked[0][~free] >= full[~free] - 1e-12).all()
+    sizes = vocab_mask.table[vocab_mask.index.clamp(min=0)].sum(-1).double()  # (N, T)
+    assert (chunked[1][~free] <= sizes.log()[~free] + 1e-9).all()
+    chunked_grads, plain_grads = grads(*chunked), grads(*plain)
+    for name in plain_grads:
+        torch.testing.assert_close(chunked_grads[name], plain_grads[name], atol=1e-10, rtol=0, msg=name)
+    assert all(torch.isfinite(g).all() for g in chunked_grads.values())
+
+
+def test_masked_linear_head_backward_passes_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    c, h, v = 6, 5, 11
+    hidden = torch.randn(c, h, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=True)
+    table = torch.rand(3, v, generator=g) < 0.4  # (K, V); the expanded table's last row allows all
+    table = torch.cat([table, torch.ones(1, v, dtype=torch.bool)])  # (K + 1, V)
+    index = torch.tensor([0, 1, 2, 3, 1, 0])  # (C,)
+    targets = torch.stack([table[i].nonzero()[0, 0] for i in index.tolist()])  # an allowed id each
+
+    def stats(hidden, weight, bias):
+        return _LinearHeadStats.apply(hidden, weight, bias, targets, 0.7, True, ~table, index)  # blocked ids
+
+    assert torch.autograd.gradcheck(stats, (hidden, weight, bias))
+
+
+def test_reference_policy_applies_the_vocab_mask():
+    policy = tiny_qwen2()
+    ids, mask = left_padded_batch()
+    vocab_mask = random_vocab_mask(ids, 5)
+    with torch.no_grad():
+        expected, _ = completion_logprobs(policy, ids, mask, 5, vocab_mask=vocab_mask)
+    got = ReferencePolicy(policy).logprobs(ids, mask, 5, chunk_size=3, vocab_mask=vocab_mask)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_vocab_mask_select_concat_and_validation():
+    a = VocabMask(torch.tensor([[True, False, True], [False, True, False]]), torch.tensor([[0, 1], [-1, -1]]))
+    b = VocabMask(torch.tensor([[False, True, False]]), torch.tensor([[0, 0, -1]]))
+    both = VocabMask.concat([a, None, b], [(2, 2), (1, 4), (1, 3)], width=4)
+    assert both.table.shape == (2, 3)  # b's row equals a's second row: stored once
+    allowed = [[both.table[i].tolist() if i >= 0 else None for i in row] for row in both.index.tolist()]
+    assert allowed == [
+        [[True, False, True], [False, True, False], None, None],
+        [None, None, None, None],
+        [None, None, None, None],
+        [[False, True, False], [False, True, False], None, None],
+    ]
+    assert VocabMask.concat([None, None], [(1, 2), (1, 2)], width=2) is None
+    assert torch.equal(both.select(torch.tensor([3, 0])).index, both.index[[3, 0]])
+    ids = torch.tensor([[0, 1], [2, 0]])
+    a.check_tokens(ids, torch.tensor([[1, 1], [1, 0]]))
+    with pytest.raises(ValueError, match="outside their allowed set"):
+        a.check_tokens(torch.tensor([[1, 1], [2, 0]]), torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="-1 where completion_mask is 0"):
+        a.check_tokens(ids, torch.tensor([[1, 0], [1, 0]]))
+    with pytest.raises(ValueError, match="allow no token"):
+        VocabMask(torch.tensor([[True], [False]]), torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        VocabMask(torch.tensor([[True], [True]]), torch.tensor([[2]]))
+    ids, mask = left_padded_batch()
+    narrow = VocabMask(torch.ones(1, 7, dtype=torch.bool), torch.zeros(4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="LM head has 50"):
+        completion_logprobs(tiny_qwen2(), ids, mask, 5, vocab_mask=narrow)

@@ -72,9 +72,14 @@ def test_metrics_per_component_and_total():
     # population std: length [2, 4] -> 1; answer [1, 0] -> 0.5; total [3, 2] -> 0.5
     assert metrics == pytest.approx(
         {
-            "reward/length/mean": 3.0, "reward/length/std": 1.0, "reward/length/failures": 0.0,
-            "reward/answer/mean": 0.5, "reward/answer/std": 0.5, "reward/answer/failures": 0.0,
-            "reward/total/mean": 2.5, "reward/total/std": 0.5,
+            "reward/length/mean": 3.0,
+            "reward/length/std": 1.0,
+            "reward/length/failures": 0.0,
+            "reward/answer/mean": 0.5,
+            "reward/answer/std": 0.5,
+            "reward/answer/failures": 0.0,
+            "reward/total/mean": 2.5,
+            "reward/total/std": 0.5,
         }
     )
 

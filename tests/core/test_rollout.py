@@ -14,6 +14,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from core.policy import VocabMask, completion_logprobs
 from core.rollout import (
     HFGenerateBackend,
     Rollouts,
@@ -322,6 +323,15 @@ def test_select_and_concat_keep_rows_aligned():
     assert picked.loss_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert picked.prompts == ["b0", "a0"] and picked.completions == ["bc0", "ac0"]
 
+    # multi-turn transcripts follow their rows; a single-turn part's rows read as one model turn each
+    assert both.turns is None
+    turns = [[{"role": "model", "text": "b?"}, {"role": "observation", "text": "ok"}]]
+    mixed = Rollouts.concat([first, Rollouts(**{**vars(second), "turns": turns})])
+    assert mixed.turns == [[{"role": "model", "text": "ac0"}], [{"role": "model", "text": "ac1"}], *turns]
+    assert mixed.select([2, 0]).turns == [*turns, [{"role": "model", "text": "ac0"}]]
+    with pytest.raises(ValueError, match="Rollouts.turns has 1 entries, expected 2"):
+        Rollouts(**{**vars(first), "turns": turns})
+
     no_logp = Rollouts.concat([first, Rollouts(**{**vars(second), "sampling_logp": None})])
     assert no_logp.sampling_logp is None and no_logp.sampling_logp_exact is False
     with pytest.raises(ValueError, match="completion_mask"):
@@ -377,6 +387,9 @@ def test_multi_turn_masks_observations(tok, eos_model):
         for s, e in runs:
             assert tok.decode(r.completion_ids[i, s:e].tolist()) == "=ok\n"
         assert r.completions[i].count("=ok\n") == 2 and r.completions[i].endswith("=ok\n")
+        assert [t["role"] for t in r.turns[i]] == ["model", "observation"] * 2
+        assert r.turns[i][1]["text"] == r.turns[i][3]["text"] == "=ok\n"
+        assert "".join(t["text"] for t in r.turns[i]) == r.completions[i]
         assert r.sampling_logp[i, :length][torch.tensor(loss) == 0].eq(0).all()
     assert r.loss_mask[r.completion_mask == 0].eq(0).all()
 
@@ -398,6 +411,74 @@ def test_multi_turn_turn_cap(tok, eos_model):
     with pytest.raises(ValueError, match="max_turns"):
         multi_turn_rollouts(
             backend, PROMPTS[:3], examples, ToyEnv(1), SamplingSettings(max_new_tokens=4), 0, 0
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Constrained decoding (VocabConstraint -> Rollouts.vocab_mask)
+# ---------------------------------------------------------------------------------------------------
+
+
+class AlternatingConstraint:
+    """A `VocabConstraint`: a digit at even steps, a letter a-e at odd ones, any token from step 6;
+    rows whose prompt has an odd number of tokens are never constrained (the prompt is read)."""
+
+    def __init__(self, tok):
+        self.table = torch.zeros(2, len(tok), dtype=torch.bool)  # (K, V)
+        self.table[0, [tok.convert_tokens_to_ids(c) for c in "0123456789"]] = True
+        self.table[1, [tok.convert_tokens_to_ids(c) for c in "abcde"]] = True
+
+    def expected(self, prompt_mask: Tensor, t: int) -> Tensor:
+        """(N,) row of step t."""
+        odd = prompt_mask.sum(1) % 2 == 1  # (N,)
+        return torch.full_like(odd, t % 2 if t < 6 else -1, dtype=torch.long).masked_fill(odd, -1)
+
+    def rows(self, prompt_ids: Tensor, prompt_mask: Tensor, generated: Tensor) -> Tensor:
+        return self.expected(prompt_mask, generated.shape[1])
+
+
+@pytest.mark.parametrize("path", ["generate", "generate_groups"])
+def test_a_vocab_constraint_shapes_sampling_and_is_carried_as_a_mask(tok, eos_model, path):
+    constraint = AlternatingConstraint(tok)
+    backend = HFGenerateBackend(eos_model, tok, batch_size=4, constraint=constraint)
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.8)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    if path == "generate":
+        r = backend.generate(prompts, settings, seed=0)
+    else:
+        r = backend.generate_groups(prompts, settings, list(range(len(PROMPTS))), group_size=2)
+    assert isinstance(r.vocab_mask, VocabMask)
+    steps = torch.stack([constraint.expected(r.prompt_mask, t) for t in range(r.completion_ids.shape[1])], 1)
+    expected = steps.masked_fill(r.completion_mask == 0, -1)  # (N, T)
+    constrained = expected >= 0
+    assert torch.equal(r.vocab_mask.index >= 0, constrained)
+    # concat merges the chunks' tables (rows may be renumbered): compare the allowed sets themselves
+    assert torch.equal(
+        r.vocab_mask.table[r.vocab_mask.index[constrained]], constraint.table[expected[constrained]]
+    )
+    assert constrained.sum() > 10 and (r.completion_mask.bool() & ~constrained).sum() > 10  # both kinds
+    allowed = constraint.table[expected.clamp(min=0), r.completion_ids]  # (N, T)
+    assert allowed[constrained].all()  # Rollouts checks this too
+    # the sampler's log-probs are over the allowed ids: the trainer's masked logprobs reproduce them
+    with torch.no_grad():
+        logp, _ = completion_logprobs(
+            eos_model,
+            r.input_ids(),
+            r.attention_mask(),
+            r.completion_ids.shape[1],
+            temperature=0.8,
+            vocab_mask=r.vocab_mask,
+        )
+    torch.testing.assert_close(logp * r.completion_mask, r.sampling_logp, atol=1e-4, rtol=0)
+    unmasked, _ = reference_logp(eos_model, r, 0.8)
+    assert (r.sampling_logp[constrained] > unmasked[constrained] + 1e-3).all()  # renormalised
+
+
+def test_multi_turn_refuses_a_vocab_constraint(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok, constraint=AlternatingConstraint(tok))
+    with pytest.raises(NotImplementedError, match="vocabulary mask"):
+        multi_turn_rollouts(
+            backend, ["ab"], [{"id": 0}], ToyEnv(2), SamplingSettings(max_new_tokens=3), seed=0, max_turns=2
         )
 
 

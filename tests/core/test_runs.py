@@ -4,6 +4,7 @@ Run with `python -m pytest tests/core/test_runs.py -q`.
 """
 
 import io
+import json
 import os
 import random
 import re
@@ -11,6 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from core import runs
@@ -19,13 +21,20 @@ from core.runs import RunDir, capture_rng_state, default_run_dir, load_checkpoin
 
 @pytest.fixture
 def run(tmp_path):
-    return RunDir.create(tmp_path / "run", {"lr": 1e-3, "seed": 0}, app="math", algorithm="grpo",
-                         exist_ok_for_resume=False)
+    return RunDir.create(
+        tmp_path / "run", {"lr": 1e-3, "seed": 0}, app="math", algorithm="grpo", exist_ok_for_resume=False
+    )
 
 
 def save(run, step, keep_last=None, **overrides):
-    state = dict(model_state={"w": torch.full((2,), float(step))}, optimizer_state=None, scheduler_state=None,
-                 trainer_state={"step": step}, rng_state=capture_rng_state(), keep_last=keep_last)
+    state = dict(
+        model_state={"w": torch.full((2,), float(step))},
+        optimizer_state=None,
+        scheduler_state=None,
+        trainer_state={"step": step},
+        rng_state=capture_rng_state(),
+        keep_last=keep_last,
+    )
     return run.save_checkpoint(step, **{**state, **overrides})
 
 
@@ -46,8 +55,9 @@ def test_create_refuses_an_existing_run_without_resume(run):
 
 def test_create_resume_keeps_config_and_records_changes(run):
     before = run.read_config()
-    again = RunDir.create(run.path, {"lr": 2e-3, "seed": 0}, app="math", algorithm="grpo",
-                          exist_ok_for_resume=True)
+    again = RunDir.create(
+        run.path, {"lr": 2e-3, "seed": 0}, app="math", algorithm="grpo", exist_ok_for_resume=True
+    )
     after = again.read_config()
     assert after["config"] == before["config"] and after["started"] == before["started"]
     assert after["resumes"][0]["changed"] == {"lr": [1e-3, 2e-3]}
@@ -76,8 +86,18 @@ def test_run_dir_must_exist(tmp_path):
 
 
 def test_metrics_round_trip_with_nan_as_none(run):
-    run.log_metrics(1, {"loss": 0.5, "n": 3, "t": torch.tensor(2.5), "np": np.float32(0.25),
-                        "nan": float("nan"), "inf": torch.tensor(float("inf")), "one": torch.ones(1, 1)})
+    run.log_metrics(
+        1,
+        {
+            "loss": 0.5,
+            "n": 3,
+            "t": torch.tensor(2.5),
+            "np": np.float32(0.25),
+            "nan": float("nan"),
+            "inf": torch.tensor(float("inf")),
+            "one": torch.ones(1, 1),
+        },
+    )
     run.log_metrics(2, {"loss": 0.25})
     assert run.read_metrics() == [
         {"step": 1, "loss": 0.5, "n": 3, "t": 2.5, "np": 0.25, "nan": None, "inf": None, "one": 1.0},
@@ -101,8 +121,17 @@ def test_metrics_refuse_non_scalars_and_step_key(run):
 def test_rollouts_round_trip(run):
     # U+2028 and \r inside strings must not split lines.
     text = {"prompt": "问\u2028题\r", "completion": "答", "rewards": {"fmt": 1.0}, "group": 0}
-    run.log_rollouts([{"step": 1, **text, "reward": torch.tensor(0.5), "advantage": np.float64(-1.0),
-                       "ids": torch.tensor([1, 2])}])
+    run.log_rollouts(
+        [
+            {
+                "step": 1,
+                **text,
+                "reward": torch.tensor(0.5),
+                "advantage": np.float64(-1.0),
+                "ids": torch.tensor([1, 2]),
+            }
+        ]
+    )
     assert run.read_rollouts() == [{"step": 1, **text, "reward": 0.5, "advantage": -1.0, "ids": [1, 2]}]
     with pytest.raises(ValueError, match="no 'step'"):
         run.log_rollouts([{"prompt": "p"}])
@@ -244,9 +273,15 @@ def test_checkpoint_round_trip_continues_bitwise(run):
     for _ in range(2):
         train_step(model, optimizer, scheduler)
     trainer_state = {"step": 2, "data_position": [0, 10], "scales": {"fmt": 0.5}}
-    path = run.save_checkpoint(2, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
-                               scheduler_state=scheduler.state_dict(), trainer_state=trainer_state,
-                               rng_state=capture_rng_state(), keep_last=2)
+    path = run.save_checkpoint(
+        2,
+        model_state=model.state_dict(),
+        optimizer_state=optimizer.state_dict(),
+        scheduler_state=scheduler.state_dict(),
+        trainer_state=trainer_state,
+        rng_state=capture_rng_state(),
+        keep_last=2,
+    )
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     train_step(model, optimizer, scheduler)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
@@ -267,12 +302,47 @@ def test_checkpoint_round_trip_continues_bitwise(run):
 
 def test_checkpoint_keeps_dtypes_and_views(run):
     base = torch.arange(12.0).reshape(3, 4)
-    state = {"bf16": torch.ones(3, dtype=torch.bfloat16), "ints": torch.arange(4), "view": base[1:, ::2],
-             "same": base}
+    state = {
+        "bf16": torch.ones(3, dtype=torch.bfloat16),
+        "ints": torch.arange(4),
+        "view": base[1:, ::2],
+        "same": base,
+    }
     ckpt = load_checkpoint(save(run, 1, model_state=state))
     for name, tensor in state.items():
         assert ckpt.model_state[name].dtype == tensor.dtype and torch.equal(ckpt.model_state[name], tensor)
     assert ckpt.optimizer_state is None and ckpt.scheduler_state is None
+
+
+def test_hooks_state_round_trip_weights_as_safetensors(run):
+    model, optimizer, scheduler = make_training(0)
+    train_step(model, optimizer, scheduler)
+    hooks_state = {
+        "large": model.state_dict(),
+        "large_optimizer": optimizer.state_dict(),
+        "note": [1, "a"],
+        "empty": {},
+    }
+    path = save(run, 1, hooks_state=hooks_state)
+    marker = json.loads((path / "complete").read_text())
+    assert {"hooks.safetensors", "hooks.pt"} <= set(marker["files"])
+    assert set(load_file(path / "hooks.safetensors")) == {f"large/{k}" for k in model.state_dict()}
+    ckpt = load_checkpoint(path)
+    assert ckpt.hooks_state.keys() == hooks_state.keys() and ckpt.hooks_state["note"] == [1, "a"]
+    assert ckpt.hooks_state["empty"] == {}
+    assert all(torch.equal(ckpt.hooks_state["large"][k], v) for k, v in model.state_dict().items())
+    fresh, fresh_optimizer, _ = make_training(1)
+    fresh.load_state_dict(ckpt.hooks_state["large"])
+    fresh_optimizer.load_state_dict(ckpt.hooks_state["large_optimizer"])
+    loaded = fresh_optimizer.state_dict()["state"]
+    for i, state in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(loaded[i][k], v) for k, v in state.items())
+    assert load_checkpoint(save(run, 2)).hooks_state == {}  # hooks without state write no file
+    assert not (run.checkpoints_dir / "step-2" / "hooks.pt").exists()
+    with pytest.raises(ValueError, match="without '/'"):
+        save(run, 3, hooks_state={"a/b": 1})
+    with pytest.raises(TypeError, match=r"hooks_state\['x'\] is a Random"):
+        save(run, 3, hooks_state={"x": random.Random()})
 
 
 def test_pruning_keeps_the_last_k(run):
@@ -396,4 +466,3 @@ def test_cuda_rng_restore_repeats_the_draws():
     draw()
     restore_rng_state(state, {"cuda": cuda_gen})
     assert draw() == expected
-

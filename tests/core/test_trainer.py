@@ -12,7 +12,7 @@ from core.data import read_examples
 from core.policy import LoraSettings, load_policy
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
-from core.trainer import GRPOConfig, GRPOTrainer
+from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 EXAMPLES = [{"id": f"ex{i}", "prompt": f"go {i}"} for i in range(8)]
 
@@ -144,6 +144,39 @@ def test_multi_turn_observations_are_out_of_the_loss(model_dir, tmp_path, monkey
     assert torch.equal(observation_tokens, torch.full((16,), 6.0))  # '=ok' is 3 tokens, twice
     trainer.update(batch)
     assert torch.equal(torch.cat(seen), rollouts.loss_mask)
+
+
+class LengthFields(TrainerHooks):
+    """Adds each row's example id again and its completion length to rollouts.jsonl."""
+
+    def rollout_fields(self, trainer, example, rollouts, index):
+        return {"example": example["id"], "length": len(rollouts.completions[index])}
+
+
+def test_rollouts_jsonl_has_turns_of_multi_turn_runs_and_the_hooks_fields(model_dir, tmp_path):
+    config = make_config(tmp_path, max_steps=1, max_turns=2)
+    trainer = make_trainer(model_dir, config, environment=EchoEnvironment(), hooks=LengthFields())
+    trainer.train()
+    rows = trainer.run.read_rollouts()
+    assert len(rows) == 16
+    for row in rows:
+        assert [t["role"] for t in row["turns"]] == ["model", "observation", "model", "observation"]
+        assert row["turns"][1]["text"] == row["turns"][3]["text"] == "=ok"
+        assert "".join(t["text"] for t in row["turns"]) == row["completion"]
+        assert row["example"] == row["example_id"] and row["length"] == len(row["completion"])
+    single = make_trainer(model_dir, make_config(tmp_path / "single", max_steps=1))
+    single.train()
+    assert all("turns" not in row for row in single.run.read_rollouts())
+
+
+def test_rollout_fields_may_not_replace_the_trainers_fields(model_dir, tmp_path):
+    class Clash(TrainerHooks):
+        def rollout_fields(self, trainer, example, rollouts, index):
+            return {"reward": 1.0}
+
+    trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=1), hooks=Clash())
+    with pytest.raises(ValueError, match=r"may not replace the trainer's fields \['reward'\]"):
+        trainer.train()
 
 
 def test_a_prompt_longer_than_the_context_names_the_example(tmp_path):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
 
 from apps.debias.data import DataConfig, generate_splits, write_splits
 from apps.debias.evaluate import DebiasEvalConfig, distinct_n, evaluate, perplexity
@@ -97,6 +98,61 @@ def test_eval_writes_before_and_after(setup):
     assert set(after["per_category"]) == {"hukou"}
 
 
+def page_app():
+    from dashboards.views import debias
+
+    debias.render()
+
+
+def test_smoke_train_and_eval_fill_the_debias_page(setup, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    run_dir = runs / "debias" / "g1"
+    train(
+        DebiasTrainConfig(
+            **{**PRESETS["smoke"], "max_steps": 1, "max_new_tokens": 8},
+            model=str(setup / "policy"),
+            reward_model=str(setup / "rm" / "model"),
+            data_dir=str(setup / "data"),
+            run_dir=str(run_dir),
+        )
+    )
+    config = DebiasEvalConfig(
+        model=str(run_dir / "final"),
+        baseline_model=str(setup / "policy"),
+        reward_model=str(setup / "rm" / "model"),
+        data_dir=str(setup / "data"),
+        max_prompts=2,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+    )
+    evaluate(config)  # into the model's run: run_dir/eval.json
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert {"splits", "metrics"} <= set(saved)  # the older keys stay
+    bias, responses = saved["bias"], saved["responses"]
+    assert "hukou" in bias and all(set(b) == {"before", "after"} for b in bias.values())
+    assert bias["hukou"]["after"] == pytest.approx(
+        saved["splits"]["heldout"]["after"]["per_category"]["hukou"]["bias_intensity"]
+    )
+    # at most 4 answers per category and stage (2 prompts x 2 samples), under the cap of 3 + 3: all kept, so
+    # the category's bias is their mean; each response's bias is 1 - the reward model's fairness of it
+    scorer = RewardModelScorer(setup / "rm" / "model")
+    for category, by_stage in bias.items():
+        for stage, value in by_stage.items():
+            rows = [r for r in responses if (r["category"], r["stage"]) == (category, stage)]
+            assert rows and value == pytest.approx(sum(r["bias"] for r in rows) / len(rows))
+            fairness = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])["fairness"]
+            assert [r["bias"] for r in rows] == pytest.approx([1 - f for f in fairness], abs=1e-5)
+
+    monkeypatch.setenv("GRPO_SUITE_RUNS", str(runs))
+    at = AppTest.from_function(page_app, default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="debias_run").value == "debias/g1"
+    wide = at.dataframe[0].value
+    assert wide.loc["hukou", "after"] == pytest.approx(bias["hukou"]["after"])
+    assert wide.loc["hukou", "change"] == pytest.approx(bias["hukou"]["after"] - bias["hukou"]["before"])
+    assert at.dataframe[1].value["bias"].iloc[0] == pytest.approx(min(r["bias"] for r in responses))
+
+
 def test_perplexity_matches_a_plain_loop(setup):
     model, tokenizer = load_policy(setup / "policy")
     prompts, answers = ["Question: a?\nAnswer: ", "Question: longer one?\nAnswer: "], ["yes", "no, it is not"]
@@ -129,3 +185,10 @@ def test_quick_pipeline_through_the_cli(monkeypatch, tmp_path):
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert "test/fairness/delta" in results["over_seeds"] and results["timings_s"]["total"] > 0
     assert 0.0 <= results["reward_model"]["heldout"]["pair_acc/fairness"] <= 1.0
+    # the pipeline is a run the De-bias page lists; its bias is the mean over seeds (here the one seed's)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["app"] == "debias"
+    seed0 = json.loads((tmp_path / "run" / "grpo-seed0" / "eval.json").read_text())
+    assert results["bias"] == seed0["bias"] and set(results["bias"]["hukou"]) == {
+        "before",
+        "after",
+    }

@@ -17,7 +17,9 @@ from apps.math_reasoning.templates import get_template
 from apps.math_reasoning.train import MathTrainConfig
 from core import algos
 from core.policy import load_policy, position_ids_from_mask
+from core.rewards import Rubric
 from core.rollout import Rollouts, left_pad
+from core.runs import RunDir
 from core.trainer import GRPOTrainer
 
 TEMPLATE = get_template("r1_short")
@@ -215,6 +217,45 @@ def test_codistill_kd_term_weights_and_large_update(small_dir, large_dir, tmp_pa
     assert metrics["codistill/large_time"] > 0 and "codistill/large_loss" in metrics
     assert plain.abs().sum() > 0
     assert any(not torch.equal(a, b) for a, b in zip(large_before, large.parameters(), strict=True))
+
+
+def _codistill_run(small_dir, large_dir, tmp_path, run: str, max_steps: int, resume: bool = False):
+    """A CoDistill run with real (HF) sampling; returns (S, L) after `trainer.train()`. The reward is the
+    completion's length mod 5 (an untrained model earns no math reward, and L would never move)."""
+    small, tokenizer = load_policy(small_dir)
+    large, _ = load_policy(large_dir)
+    hooks = CoDistillHooks(large, alpha=0.5, is_cap=2.0, learning_rate=1e-2)
+    cfg = config(
+        tmp_path, run_dir=str(tmp_path / run), algo="codistill", max_steps=max_steps, max_new_tokens=6,
+        resume=resume,
+    )  # fmt: skip
+    rubric = Rubric({"length": lambda completion, example: len(completion) % 5 / 5})
+    GRPOTrainer(cfg, small, tokenizer, examples(4), rubric, app="t", hooks=hooks).train()
+    return small, large
+
+
+def test_codistill_resume_is_bitwise_exact_for_both_models(small_dir, large_dir, tmp_path):
+    whole = _codistill_run(small_dir, large_dir, tmp_path, "whole", 3)
+    _codistill_run(small_dir, large_dir, tmp_path, "cut", 2)  # stops after step 2's checkpoint
+    checkpoint = tmp_path / "cut" / "checkpoints" / "step-2"
+    assert (checkpoint / "hooks.safetensors").is_file() and (checkpoint / "hooks.pt").is_file()
+    resumed = _codistill_run(small_dir, large_dir, tmp_path, "cut", 3, resume=True)
+    for expected, got, base_dir in zip(whole, resumed, (small_dir, large_dir), strict=True):
+        expected, got = expected.state_dict(), got.state_dict()
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), name
+        base = load_policy(base_dir)[0].state_dict()
+        assert any(not torch.equal(expected[name], base[name]) for name in base)  # both models trained
+    timing = {"step_time", "generate_time", "tokens_per_s", "codistill/large_time"}
+
+    def metrics(run: str) -> list[dict]:
+        rows = RunDir(tmp_path / run).read_metrics()
+        return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+    assert metrics("cut") == metrics("whole") and len(metrics("whole")) == 3
+    with pytest.raises(ValueError, match="no state of the large model"):
+        CoDistillHooks(whole[1], alpha=0.5, is_cap=2.0, learning_rate=1e-2).load_state_dict({})
 
 
 def test_codistill_refuses_what_it_cannot_do(tmp_path):

@@ -4,6 +4,7 @@
 import json
 
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from core.cli import main
 
@@ -29,6 +30,8 @@ def test_train_each_algorithm_with_a_model_dir(algo, small_dir, large_dir, tmp_p
     assert config["algorithm"] == algo
     evals = json.loads((run_dir / "eval.json").read_text())
     assert evals["eval"]["all"]["examples"] == 3 and evals["eval"]["samples"] == 2
+    policy = evals["eval"]["all"]  # the dashboard's pass_at_k: the policy's, on the held-out set
+    assert evals["pass_at_k"] == {"offline": {"1": policy["pass@1"], "2": policy["pass@2"]}}
     if algo == "gtpo":
         assert config["config"]["advantage_scale"] == "none"
         assert all("gtpo/conflict_token_frac" in m and "gtpo/entropy_dropped_frac" in m for m in metrics)
@@ -61,6 +64,41 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         "codistill-seed0", "codistill-seed1", "grpo-seed0", "grpo-seed1",
     ]  # fmt: skip
+
+
+def page_app():
+    from dashboards.views import math_page
+
+    math_page.render()
+
+
+def test_pass_at_k_per_benchmark_fills_the_math_page(small_dir, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    run = runs / "math" / "g1"
+    args = ["math", "train", "--algo", "grpo", "--model", str(small_dir), "--run-dir", str(run)]
+    assert main([*args, *FAST, *EVAL]) == 0
+    assert json.loads((run / "config.json").read_text())["algorithm"] == "grpo"
+    # a second benchmark evaluated into the same run adds its entry (named by the file) and keeps the first
+    bench = tmp_path / "mini.jsonl"  # GSM8K's format: the final answer after ####
+    lines = [
+        {"question": f"Ann has {i} pens and gets 1. How many now?", "answer": f"#### {i + 1}"}
+        for i in range(3)
+    ]
+    bench.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["math", "eval", "--model", str(run / "final"), "--data", str(bench), "--samples", "4"]
+    assert main([*args, "--max-new-tokens", "6"]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    offline, mini = saved["pass_at_k"]["offline"], saved["pass_at_k"]["mini"]
+    assert set(offline) == {"1", "2"} and set(mini) == {"1", "4"}
+    assert mini == {"1": saved["eval"]["all"]["pass@1"], "4": saved["eval"]["all"]["pass@4"]}
+
+    monkeypatch.setenv("GRPO_SUITE_RUNS", str(runs))
+    at = AppTest.from_function(page_app, default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    assert table.loc[("grpo", "offline"), "pass@2"] == pytest.approx(offline["2"])
+    assert table.loc[("grpo", "mini"), "pass@4"] == pytest.approx(mini["4"])
+    assert table.loc[("grpo", "mini"), "runs"] == 1
 
 
 def _train_config(tmp_path):

@@ -1,5 +1,7 @@
-"""Constrained decoding (exactly 3E well-formed triplet words, seeded) and the SFT batch and loss."""
+"""Constrained decoding (exactly 3E well-formed triplet words, seeded), the core's logprobs under its mask,
+and the SFT batch and loss."""
 
+import copy
 import math
 import random
 
@@ -10,10 +12,10 @@ from apps.sudoku.model import (
     ConstrainedBackend,
     allowed_table,
     create_model_dir,
-    masked_completion_logprobs,
     masked_lm_loss,
     sft,
     sft_batch,
+    slot_kinds,
 )
 from apps.sudoku.puzzles import generate_puzzles
 from apps.sudoku.rewards import read_completion
@@ -59,27 +61,64 @@ def test_decoding_emits_exactly_3e_well_formed_words_then_eos(policy, puzzles):
         backend.generate([examples[0]["prompt"]], SamplingSettings(max_new_tokens=8), seed=0)
 
 
-def test_masked_logprobs_renormalize_the_full_softmax_over_allowed_words(policy, puzzles):
+def plain_masked_logprobs(model, tokenizer, rollouts, temperature: float):
+    """The reference, as the app computed it before the core had a vocabulary mask: the model's full
+    (N, L, V) logits, the structural mask rebuilt from each row's E, a masked log_softmax, gather, entropy."""
+    ids, mask, t = rollouts.input_ids(), rollouts.attention_mask(), rollouts.completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits[:, -t - 1 : -1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    empty = (rollouts.completion_mask.sum(1) - 1) // 3  # (N,)
+    kinds = torch.stack([slot_kinds(k, empty) for k in range(t)], dim=1)  # (N, T)
+    allowed = allowed_table(tokenizer, 4)[kinds]  # (N, T, V)
+    logp_all = logits.masked_fill(~allowed, -math.inf).log_softmax(-1)  # (N, T, V)
+    logp = logp_all.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    probs = logp_all.exp()  # (N, T, V)
+    entropy = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)  # (N, T)
+    return logp, entropy, kinds
+
+
+def test_core_masked_logprobs_equal_a_plain_masked_softmax(policy, puzzles):
+    """The rollouts' VocabMask through the core's chunked `completion_logprobs` (hand-written backward)
+    gives the values and gradients of a plain masked log_softmax over the full logits."""
     model, tokenizer = policy
     prompts = [to_example(p, i, "t")["prompt"] for i, p in enumerate(puzzles[:4])]
+    temperature = 0.8
     rollouts = ConstrainedBackend(model, tokenizer).generate(
-        prompts, SamplingSettings(max_new_tokens=64), seed=0
+        prompts, SamplingSettings(max_new_tokens=64, temperature=temperature), seed=0
     )
-    ids, mask, t = rollouts.input_ids(), rollouts.attention_mask(), rollouts.completion_ids.shape[1]
-    with torch.no_grad():
-        masked, entropy = masked_completion_logprobs(
-            model, ids, mask, rollouts.completion_mask, 1.0, allowed_table(tokenizer, 4)
-        )
-        full, _ = completion_logprobs(model, ids, mask, t)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     on = rollouts.completion_mask.bool()
-    # the sampler recorded the full-softmax log-probs: the core's function agrees with it
-    torch.testing.assert_close(full[on], rollouts.sampling_logp[on], atol=1e-4, rtol=0)
+    _, _, kinds = plain_masked_logprobs(model, tokenizer, rollouts, temperature)
+    assert torch.equal(rollouts.vocab_mask.index, kinds.masked_fill(~on, -1))
+    # float64, so that rounding (~1e-7 relative in float32) cannot hide a wrong gradient
+    model64 = copy.deepcopy(model).double()
+    weights = torch.randn(on.shape, generator=torch.Generator().manual_seed(0)) * on  # (N, T)
+
+    def grads(logp, entropy):
+        model64.zero_grad()
+        ((logp * weights).sum() + 0.3 * (entropy * on).sum()).backward()
+        return {name: p.grad.clone() for name, p in model64.named_parameters()}
+
+    ids, mask, t = rollouts.input_ids(), rollouts.attention_mask(), rollouts.completion_ids.shape[1]
+    core = completion_logprobs(
+        model64, ids, mask, t, temperature=temperature, chunk_size=7, vocab_mask=rollouts.vocab_mask
+    )
+    plain = plain_masked_logprobs(model64, tokenizer, rollouts, temperature)[:2]
+    for got, expected in zip(core, plain, strict=True):
+        torch.testing.assert_close(got[on], expected[on], atol=1e-10, rtol=0)
+    core_grads, plain_grads = grads(*core), grads(*plain)
+    for name, expected in plain_grads.items():
+        torch.testing.assert_close(core_grads[name], expected, atol=1e-10, rtol=0, msg=name)
+    assert plain_grads["model.embed_tokens.weight"].abs().sum() > 0  # the tied embedding and LM head
+    # the sampler recorded the masked log-probs: the core's function agrees with it
+    torch.testing.assert_close(core[0][on].float(), rollouts.sampling_logp[on], atol=1e-4, rtol=0)
     # row 0, slot 0 is a row word: its masked log-prob is the full one minus log(mass on r1..r4)
-    p0 = logits[0, ids.shape[1] - t - 1].softmax(-1)
+    with torch.no_grad():
+        full, _ = completion_logprobs(model64, ids, mask, t, temperature=temperature)
+        logits = model64(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    p0 = (logits[0, ids.shape[1] - t - 1] / temperature).softmax(-1)
     rows = [tokenizer.convert_tokens_to_ids(f"r{i}") for i in range(1, 5)]
-    assert float(masked[0, 0]) == pytest.approx(float(full[0, 0] - p0[rows].sum().log()), abs=1e-5)
-    assert (masked[on] >= full[on] - 1e-6).all() and (entropy[on] <= math.log(4) + 1e-5).all()
+    assert float(core[0][0, 0].detach()) == pytest.approx(float(full[0, 0] - p0[rows].sum().log()), abs=1e-10)
+    assert (core[1][on] <= math.log(4) + 1e-9).all()
 
 
 def test_sft_batch_targets_and_masks(policy, puzzles):

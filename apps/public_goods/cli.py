@@ -17,7 +17,10 @@ from apps.public_goods.experiments import (
     read_table,
     run_sweep,
     simulate,
+    summarize,
+    summary_markdown,
     thresholds,
+    time_to_cooperation,
 )
 from apps.public_goods.model import GameConfig
 from core.cli import add_app, add_command
@@ -69,6 +72,15 @@ RUN_PRESETS = {
 }
 # validation: the thresholds of Szolnoki, Perc & Szabo (2009), K = 0.5, L = 100 (docs/public_goods.md)
 VALIDATION_R = (3.5, 3.64, 3.74, 3.84, 4.0, 4.25, 4.5, 4.75, 5.0, 5.25, 5.39, 5.49, 5.59, 5.75, 6.0)
+DIRECTION = {
+    "size": 50,
+    "r_values": (3.0, 4.0, 5.0),
+    "methods": ("fermi", "ppo", "grpo", "grpo-gcc"),
+    "inits": ("all_d", "half"),
+    "seeds": (0, 1, 2),
+    "steps": 300,
+    "average_last": 100,
+}
 SWEEP_PRESETS = {
     "smoke": {"size": 10, "steps": 5, "average_last": 2, "r_values": (3.0, 5.0), "seeds": (0, 1)},
     "validation": {
@@ -87,6 +99,10 @@ SWEEP_PRESETS = {
         "steps": 150,
         "average_last": 50,
     },
+    # the paper's direction at a larger lattice (docs/public_goods.md): learners and Fermi, all-D and half
+    # starts; `direction-keep-switch` is the same with the keep/switch action, where the start matters
+    "direction": DIRECTION,
+    "direction-keep-switch": {**DIRECTION, "action": "keep_switch"},
 }
 
 
@@ -123,6 +139,7 @@ def run(config: RunConfig) -> dict:
     summary = {
         "final_cooperation": traj.cooperation[-1],
         "mean_cooperation_last_half": traj.average(max(1, config.steps // 2)),
+        "time_to_cooperation": time_to_cooperation(traj.cooperation),
         "absorbed_at": traj.absorbed_at,
         "seconds": traj.seconds,
         "steps_per_second": (traj.absorbed_at or config.steps) / traj.seconds,
@@ -148,9 +165,11 @@ def sweep(config: SweepConfig) -> list[dict]:
             "thresholds": found,
             "runs": len(rows),
             "cooperation_vs_r": cooperation_vs_r(rows),
+            "summary": summarize(rows),
         }
     )
     rundir.set_status("finished", step=len(rows))
+    print(summary_markdown(summarize(rows)))
     print(f"results: {rundir.path / 'results.csv'}  ({time.perf_counter() - started:.0f} s)")
     print(f"thresholds from final states ({config.inits[0]} start): {json.dumps(found)}")
     return rows

@@ -6,7 +6,12 @@
 
 A run directory holds config.json, metrics.jsonl (one line per logged step), snapshots.npz (the lattice at
 t = 0, 1, 10, 100, 1000 when reached), eval.json and status.json; a sweep's holds results.csv (one row per
-r x method x init x seed) and series.jsonl (each trajectory's cooperation at log-spaced times).
+r x method x init x seed, with the time to cooperation), series.jsonl (each trajectory's cooperation at
+log-spaced times) and summary.md (mean +- std over seeds per method, initial state and r).
+
+Time to cooperation (our definition, docs/public_goods.md): the first step from which global cooperation
+stays >= a threshold (`--coop-threshold`, 0.5: a majority of cooperators) until the end of the run; none if
+the run ends below it. Step 0 is the initial lattice, so a half start that never drops below 0.5 scores 0.
 """
 
 import csv
@@ -23,6 +28,7 @@ from apps.public_goods.fermi import FermiRandomSequential, FermiSynchronous
 from apps.public_goods.model import GameConfig, LatticeSettings, PublicGoodsModel, check_r_and_method
 
 SNAPSHOT_TIMES = (0, 1, 10, 100, 1000)
+COOP_THRESHOLD = 0.5  # time to cooperation: first step from which cooperation stays >= this
 IMITATION = ("fermi", "fermi-sync")  # methods whose all-C / all-D states are absorbing
 
 
@@ -40,6 +46,23 @@ def build_dynamics(config: GameConfig):
 
 def make_model(config: GameConfig, seed: int) -> PublicGoodsModel:
     return PublicGoodsModel(config, build_dynamics(config), seed=seed)
+
+
+def time_to_cooperation(cooperation, threshold: float = COOP_THRESHOLD) -> int | None:
+    """First step t (index into `cooperation`, 0 = the initial state) from which cooperation stays >=
+    `threshold` until the end of the series; None if the last value is below it.
+
+    >>> time_to_cooperation([0.0, 0.6, 0.4, 0.5, 0.9]), time_to_cooperation([0.7, 0.8]), time_to_cooperation([0.6, 0.4])
+    (3, 0, None)
+    """
+    values = np.asarray(cooperation, dtype=float)  # (T + 1,)
+    if values.size == 0:
+        raise ValueError("time_to_cooperation needs a non-empty series")
+    below = np.flatnonzero(values < threshold)
+    if below.size == 0:
+        return 0
+    last_below = int(below[-1])
+    return None if last_below == values.size - 1 else last_below + 1
 
 
 def log_times(steps: int, points: int = 120) -> list[int]:
@@ -107,6 +130,10 @@ class SweepSettings(LatticeSettings):
     steps: int = field(default=2000, metadata={"help": "steps per run (MCS for Fermi, rounds for learners)"})
     average_last: int = field(default=1000, metadata={"help": "average cooperation over the last N steps"})
     workers: int = field(default=2, metadata={"help": "parallel processes"})
+    coop_threshold: float = field(
+        default=COOP_THRESHOLD,
+        metadata={"help": "time to cooperation: first step from which cooperation stays >= this"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,15 +147,23 @@ class SweepSettings(LatticeSettings):
             LatticeSettings(**{**self.lattice_dict(), "init": init})
         if self.steps < 1 or not 1 <= self.average_last <= self.steps or self.workers < 1:
             raise ValueError("need steps >= 1, 1 <= average_last <= steps and workers >= 1")
+        if not 0.0 < self.coop_threshold <= 1.0:
+            raise ValueError(f"coop_threshold must be in (0, 1], got {self.coop_threshold}")
 
     def lattice_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(LatticeSettings)}
 
-    def jobs(self) -> list[tuple[GameConfig, int, int, int]]:
-        """(game, seed, steps, average_last) for every point of the grid."""
+    def jobs(self) -> list[tuple[GameConfig, int, int, int, float]]:
+        """(game, seed, steps, average_last, coop_threshold) for every point of the grid."""
         base = self.lattice_dict()
         return [
-            (GameConfig(**{**base, "init": init}, r=r, method=method), seed, self.steps, self.average_last)
+            (
+                GameConfig(**{**base, "init": init}, r=r, method=method),
+                seed,
+                self.steps,
+                self.average_last,
+                self.coop_threshold,
+            )
             for method in self.methods
             for init in self.inits
             for r in self.r_values
@@ -143,14 +178,15 @@ RESULT_FIELDS = (
     "seed",
     "final_cooperation",
     "mean_cooperation",
+    "time_to_cooperation",
     "absorbed_at",
     "seconds",
 )
 
 
-def run_job(job: tuple[GameConfig, int, int, int]) -> tuple[dict, dict]:
+def run_job(job: tuple[GameConfig, int, int, int, float]) -> tuple[dict, dict]:
     """One sweep point -> (a results row, its log-spaced cooperation series)."""
-    config, seed, steps, average_last = job
+    config, seed, steps, average_last, coop_threshold = job
     if config.method not in IMITATION:
         import torch  # one thread per worker: the workers are the parallelism
 
@@ -163,13 +199,18 @@ def run_job(job: tuple[GameConfig, int, int, int]) -> tuple[dict, dict]:
         "seed": seed,
         "final_cooperation": traj.cooperation[-1],
         "mean_cooperation": traj.average(average_last),
-        "absorbed_at": traj.absorbed_at if traj.absorbed_at is not None else "",
+        "time_to_cooperation": _blank_none(time_to_cooperation(traj.cooperation, coop_threshold)),
+        "absorbed_at": _blank_none(traj.absorbed_at),
         "seconds": round(traj.seconds, 3),
     }
     times = log_times(steps)
     series = {**{k: row[k] for k in ("method", "init", "r", "seed")}, "t": times}
     series["cooperation"] = [traj.cooperation[t] for t in times]
     return row, series
+
+
+def _blank_none(value: int | None) -> int | str:
+    return "" if value is None else value
 
 
 def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[dict]:
@@ -190,6 +231,7 @@ def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[di
                 f"cooperation {row['mean_cooperation']:.4f} ({row['seconds']:.1f} s)"
             )
     write_table(rows, out_dir / "results.csv")
+    (out_dir / "summary.md").write_text(summary_markdown(summarize(rows)) + "\n")
     return rows
 
 
@@ -209,7 +251,65 @@ def read_table(path: Path) -> list[dict]:
         for key in ("r", "final_cooperation", "mean_cooperation", "seconds"):
             row[key] = float(row[key])
         row["seed"] = int(row["seed"])
+        ttc = row.get("time_to_cooperation", "")  # absent from sweeps made before the column existed
+        row["time_to_cooperation"] = int(ttc) if ttc else ""
     return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); nan, nan for none."""
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per method, initial state and r, over seeds: mean and std of `mean_cooperation` (the average over the
+    last steps) and of `time_to_cooperation` over the seeds that reached cooperation, and how many did.
+
+    >>> rows = [{"method": "m", "init": "all_d", "r": 4.0, "mean_cooperation": c, "time_to_cooperation": t}
+    ...         for c, t in ((0.8, 10), (0.6, 20), (0.2, ""))]
+    >>> s = summarize(rows)[0]
+    >>> (round(s["cooperation"], 3), s["time"], s["reached"], s["seeds"])
+    (0.533, 15.0, 2, 3)
+    """
+    groups: dict[tuple[str, str, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["init"], float(row["r"])), []).append(row)
+    out = []
+    for (method, init, r), group in sorted(groups.items()):
+        coop_mean, coop_std = _mean_std([float(g["mean_cooperation"]) for g in group])
+        times = [float(g["time_to_cooperation"]) for g in group if g["time_to_cooperation"] not in ("", None)]
+        time_mean, time_std = _mean_std(times)
+        out.append(
+            {
+                "method": method,
+                "init": init,
+                "r": r,
+                "cooperation": coop_mean,
+                "cooperation_std": coop_std,
+                "time": time_mean,
+                "time_std": time_std,
+                "reached": len(times),
+                "seeds": len(group),
+            }
+        )
+    return out
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    """The summary as a markdown table: cooperation (last steps) and time to cooperation, mean +- std."""
+    lines = [
+        "| method | init | r | cooperation (last steps) | time to cooperation | reached |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        time = f"{s['time']:.0f} ± {s['time_std']:.0f}" if s["reached"] else "never"
+        lines.append(
+            f"| {s['method']} | {s['init']} | {s['r']:g} | {s['cooperation']:.2f} ± {s['cooperation_std']:.2f} "
+            f"| {time} | {s['reached']}/{s['seeds']} |"
+        )
+    return "\n".join(lines)
 
 
 def cooperation_vs_r(rows: list[dict]) -> list[dict]:

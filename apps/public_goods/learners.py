@@ -11,10 +11,15 @@ learner updates. Rewards are payoffs divided by 5c (a site's largest cost), so t
   paper), with g the cooperation of the new lattice.
 - PPO: the same loss with TD(0) advantages `r + gamma V(s') - V(s)` (batch-normalized) and a critic.
 - Q-learning: a Q table per site over (own previous strategy) x (action), epsilon-greedy.
+- `action="keep_switch"` (our option, not the paper's): the shared MLP's action keeps (0) or switches (1) the
+  site's current strategy. Own strategy is an input, so the policy class is the same as with `strategy`;
+  what changes is the fresh policy: its output bias makes it switch with probability about `switch_init`,
+  so the first rounds inherit the initial lattice instead of a coin flip per site.
 The reward components are kept in a `core.rewards.RewardTable` and logged through its metrics.
 """
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -46,6 +51,21 @@ def neighbourhood_advantages(rewards: torch.Tensor, index: torch.Tensor) -> torc
     `group_advantages`, and the site's own entry (column 0) is kept."""
     grouped = rewards[index]  # (N, 5)
     return group_advantages(grouped.reshape(-1), GROUP_SIZE).reshape(-1, GROUP_SIZE)[:, 0]  # (N,)
+
+
+def apply_action(strategy: np.ndarray, actions: np.ndarray, action: str) -> np.ndarray:
+    """The new (L, L) int8 lattice from the sampled (L, L) 0/1 actions: the actions themselves (1 = C) for
+    `strategy`, the current strategy flipped where the action is 1 for `keep_switch`.
+
+    >>> s, a = np.array([[1, 0], [0, 1]], np.int8), np.array([[1, 1], [0, 0]], np.int8)
+    >>> apply_action(s, a, "strategy").tolist(), apply_action(s, a, "keep_switch").tolist()
+    ([[1, 1], [0, 0]], [[0, 1], [0, 1]])
+    """
+    if action == "strategy":
+        return actions.astype(np.int8)
+    if action == "keep_switch":
+        return (strategy ^ actions).astype(np.int8)
+    raise ValueError(f"unknown action {action!r}; valid: strategy, keep_switch")
 
 
 def mlp(inputs: int, hidden: int, outputs: int) -> nn.Module:
@@ -82,6 +102,11 @@ class PolicyLearner:
         self.generator = torch.Generator().manual_seed(int(model.rng.integers(2**62)))
         torch.manual_seed(int(model.rng.integers(2**62)))  # nn.Linear's initialisation reads the global seed
         self.policy = mlp(3, cfg.hidden, 2)
+        if cfg.action == "keep_switch":  # a fresh policy keeps its strategy: logit(switch) - logit(keep)
+            with torch.no_grad():
+                self.policy[-1].bias.copy_(
+                    torch.tensor([0.0, math.log(cfg.switch_init / (1 - cfg.switch_init))])
+                )
         self.critic = mlp(3, cfg.hidden, 1) if cfg.method == "ppo" else None
         params = list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic else [])
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
@@ -94,12 +119,13 @@ class PolicyLearner:
         cfg = self.config
         obs = observations(model.strategy)  # (N, 3)
         with torch.no_grad():
-            old_logits = self.policy(obs)  # (N, 2), column 1 = C
+            old_logits = self.policy(obs)  # (N, 2), column 1 = C (strategy) or switch (keep_switch)
             actions = torch.multinomial(old_logits.softmax(-1), 1, generator=self.generator).squeeze(
                 1
             )  # (N,)
             old_logp = old_logits.log_softmax(-1).gather(1, actions[:, None])  # (N, 1)
-        new = actions.numpy().astype(np.int8).reshape(model.strategy.shape)
+        sampled = actions.numpy().astype(np.int8).reshape(model.strategy.shape)  # (L, L)
+        new = apply_action(model.strategy, sampled, cfg.action)  # (L, L)
         g = float(new.mean())
         bonus = gcc_bonus(g, cfg.gcc_lambda, cfg.gcc_shape) if cfg.method == "grpo-gcc" else 0.0
         table = reward_table(new, cfg, bonus)
@@ -130,11 +156,13 @@ class PolicyLearner:
             self.updates += 1
             if self.updates % cfg.ref_refresh == 0:
                 self.reference.load_state_dict(self.policy.state_dict())
+        switch_frac = float((new != model.strategy).mean())  # sites that changed strategy this round
         model.strategy[...] = new
         return {
             "loss": loss.item(),
             "kl": metrics["kl"].item(),
             "gcc_bonus": bonus,
+            "switch_frac": switch_frac,
             **{k: v for k, v in table.metrics().items() if k.endswith("/mean")},
         }
 

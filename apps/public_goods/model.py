@@ -28,6 +28,7 @@ INITS = ("bernoulli", "half", "all_d", "checkerboard")
 COST_CONVENTIONS = ("per_group", "per_site")
 GCC_SHAPES = ("parabola", "tent")
 ADVANTAGE_GROUPS = ("neighbourhood", "all")
+ACTIONS = ("strategy", "keep_switch")
 
 
 @dataclass
@@ -71,6 +72,20 @@ class LatticeSettings:
             "help": "bonus shape in g: parabola lambda*4g(1-g) (our default) or tent lambda*(1-|2g-1|)"
         },
     )
+    action: Literal["strategy", "keep_switch"] = field(
+        default="strategy",
+        metadata={
+            "help": "what the shared-MLP learners' action means: the new strategy C/D (the paper's sibling "
+            "code) or keep/switch the site's current one (our option; Fermi and Q-learning ignore it)"
+        },
+    )
+    switch_init: float = field(
+        default=0.1,
+        metadata={
+            "help": "action=keep_switch: a fresh policy's probability of switching (output bias), so the "
+            "first rounds inherit the initial lattice"
+        },
+    )
     gamma: float = field(default=0.9, metadata={"help": "discount of PPO's TD(0) critic and of Q-learning"})
     q_alpha: float = field(default=0.1, metadata={"help": "Q-learning step size"})
     q_epsilon: float = field(default=0.02, metadata={"help": "Q-learning exploration rate"})
@@ -91,9 +106,14 @@ class LatticeSettings:
             ("cost_convention", COST_CONVENTIONS),
             ("gcc_shape", GCC_SHAPES),
             ("advantage_groups", ADVANTAGE_GROUPS),
+            ("action", ACTIONS),
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if not 0.0 < self.switch_init < 1.0:
+            raise ValueError(
+                f"switch_init must be in (0, 1) (a probability, as a logit bias), got {self.switch_init}"
+            )
         if self.epochs < 1 or self.ref_refresh < 1 or self.hidden < 1:
             raise ValueError("epochs, ref_refresh and hidden must be >= 1")
 

@@ -78,18 +78,33 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
         keys = sorted({(s["method"], s["init"], s["r"]) for s in series})
         cmap = plt.get_cmap("viridis")
         rs = sorted({k[2] for k in keys})
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        styles = {mi: ("-", "--", ":", "-.")[n % 4] for n, mi in enumerate(sorted({k[:2] for k in keys}))}
-        for method, init, r in keys:
-            runs = [s for s in series if (s["method"], s["init"], s["r"]) == (method, init, r)]
-            mean = np.mean([s["cooperation"] for s in runs], axis=0)
-            color = cmap(rs.index(r) / max(len(rs) - 1, 1))
-            ax.plot(runs[0]["t"], mean, styles[(method, init)], color=color, lw=1)
-        _time_axis(ax)
+        methods = sorted({k[0] for k in keys})
+        inits = sorted({k[1] for k in keys})
+        styles = {init: ("-", "--", ":", "-.")[n % 4] for n, init in enumerate(inits)}
+        # one panel per method (colour = r, line style = initial state): 8+ curves in one panel are unreadable
+        fig, axes = plt.subplots(
+            1,
+            len(methods),
+            figsize=(2.8 * len(methods) + 1, 3.0),
+            sharey=True,
+            squeeze=False,
+            layout="constrained",
+        )
+        for ax, method in zip(axes[0], methods, strict=True):
+            for _, init, r in (k for k in keys if k[0] == method):
+                runs = [s for s in series if (s["method"], s["init"], s["r"]) == (method, init, r)]
+                mean = np.mean([s["cooperation"] for s in runs], axis=0)
+                color = cmap(rs.index(r) / max(len(rs) - 1, 1))
+                ax.plot(runs[0]["t"], mean, styles[init], color=color, lw=1)
+            _time_axis(ax)
+            ax.set_title(method, fontsize=9)
+        for ax in axes[0][1:]:
+            ax.set_ylabel("")
+        axes[0][0].legend(
+            [plt.Line2D([], [], color="gray", ls=st) for st in styles.values()], list(styles), fontsize=7
+        )
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(rs), max(rs)))
-        fig.colorbar(sm, ax=ax, label="r")
-        ax.set_title(" / ".join(f"{st} {m} ({i})" for (m, i), st in styles.items()), fontsize=7)
-        fig.tight_layout()
+        fig.colorbar(sm, ax=axes[0].tolist(), label="r")
         paths.append(out / "cooperation_over_time.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)

@@ -20,7 +20,8 @@ def test_run_smoke(tmp_path, capsys, method):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) <= 5 and json.loads(lines[0])["step"] == 1
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
-    assert 0.0 <= json.loads((run_dir / "eval.json").read_text())["final_cooperation"] <= 1.0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert 0.0 <= result["final_cooperation"] <= 1.0 and "time_to_cooperation" in result
     if method == "grpo-gcc":
         assert main(["public-goods", "plot", "--run-dir", str(run_dir)]) == 0
         assert (run_dir / "cooperation.png").is_file() and (run_dir / "snapshots.png").is_file()
@@ -33,6 +34,10 @@ def test_sweep_and_plot_smoke(tmp_path):
     with open(run_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2 and {r["method"] for r in rows} == {"fermi", "grpo"}
+    assert all(r["time_to_cooperation"] == "" or 0 <= int(r["time_to_cooperation"]) <= 5 for r in rows)
+    summary = (run_dir / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("| method | init | r |") and len(summary) == 2 + 2 * 2  # method x r
+    assert len(json.loads((run_dir / "eval.json").read_text())["summary"]) == 4
     assert len((run_dir / "series.jsonl").read_text().splitlines()) == 8
     assert main(["public-goods", "plot", "--run-dir", str(run_dir)]) == 0
     assert (run_dir / "cooperation_vs_r.png").is_file() and (run_dir / "cooperation_over_time.png").is_file()

@@ -1,0 +1,88 @@
+"""The direction experiment's pieces: time to cooperation on hand-made series, the per-seed summary, and the
+keep/switch action on tiny lattices (hand-checked)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from apps.public_goods.experiments import make_model, summarize, summary_markdown, time_to_cooperation
+from apps.public_goods.learners import apply_action
+from apps.public_goods.model import GameConfig
+
+
+@pytest.mark.parametrize(
+    ("series", "threshold", "expected"),
+    [
+        ([0.0, 0.1, 0.3, 0.6, 0.7, 0.9], 0.5, 3),  # all-D start, rises and stays
+        ([0.0, 0.6, 0.4, 0.55, 0.5, 0.8], 0.5, 3),  # a dip below resets the clock; 0.5 itself counts
+        ([0.5, 0.52, 0.51], 0.5, 0),  # a half start that never drops: cooperative from the start
+        ([0.5, 0.49, 0.9, 0.9], 0.5, 2),
+        ([0.0, 0.9, 0.9, 0.4], 0.5, None),  # ends below: never reached
+        ([0.0, 0.0, 0.0], 0.5, None),
+        ([0.0, 0.6, 0.85, 0.95], 0.8, 2),  # another threshold
+        ([1.0], 0.5, 0),
+    ],
+)
+def test_time_to_cooperation_by_hand(series, threshold, expected):
+    assert time_to_cooperation(series, threshold) == expected
+
+
+def test_time_to_cooperation_needs_a_series():
+    with pytest.raises(ValueError, match="non-empty"):
+        time_to_cooperation([])
+
+
+def test_summary_over_seeds_by_hand():
+    rows = [
+        {"method": "grpo-gcc", "init": "all_d", "r": 3.0, "mean_cooperation": 0.9, "time_to_cooperation": 4},
+        {"method": "grpo-gcc", "init": "all_d", "r": 3.0, "mean_cooperation": 0.7, "time_to_cooperation": 8},
+        {"method": "ppo", "init": "all_d", "r": 3.0, "mean_cooperation": 0.0, "time_to_cooperation": ""},
+    ]
+    gcc, ppo = summarize(rows)
+    assert (gcc["cooperation"], gcc["time"], gcc["reached"], gcc["seeds"]) == pytest.approx((0.8, 6.0, 2, 2))
+    assert gcc["cooperation_std"] == pytest.approx(math.sqrt(0.02)) and gcc["time_std"] == pytest.approx(
+        math.sqrt(8)
+    )
+    assert ppo["reached"] == 0 and math.isnan(ppo["time"]) and ppo["cooperation_std"] == 0.0
+    table = summary_markdown([gcc, ppo]).splitlines()
+    assert table[2] == "| grpo-gcc | all_d | 3 | 0.80 ± 0.14 | 6 ± 3 | 2/2 |"
+    assert table[3] == "| ppo | all_d | 3 | 0.00 ± 0.00 | never | 0/1 |"
+
+
+def test_apply_action_on_a_3x3_lattice_by_hand():
+    s = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.int8)
+    a = np.array([[1, 1, 0], [0, 0, 1], [0, 1, 1]], dtype=np.int8)
+    assert apply_action(s, a, "strategy").tolist() == a.tolist()
+    # keep (0) leaves the site, switch (1) flips it: C -> D at (0,0), (2,1); D -> C at (0,1), (1,2), (2,2)
+    assert apply_action(s, a, "keep_switch").tolist() == [[0, 1, 0], [0, 1, 1], [1, 0, 1]]
+    with pytest.raises(ValueError, match="unknown action 'flip'"):
+        apply_action(s, a, "flip")
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo", "grpo-gcc"])
+def test_keep_switch_first_round_inherits_the_initial_lattice(method):
+    """A fresh keep/switch policy switches with probability about switch_init: near 0 every site keeps its
+    initial strategy, near 1 every site flips; with action=strategy round one is a coin flip per site."""
+    lattice = {}
+    for p in (1e-4, 1 - 1e-4):
+        model = make_model(
+            GameConfig(size=8, r=4.0, method=method, init="half", action="keep_switch", switch_init=p), 0
+        )
+        initial = model.strategy.copy()
+        model.step()
+        lattice[p] = model.strategy.copy()
+        assert model.last_metrics["switch_frac"] == pytest.approx(float((model.strategy != initial).mean()))
+        expected = initial if p < 0.5 else 1 - initial
+        assert (model.strategy != expected).sum() <= 1  # 64 sites, each off with probability ~1e-4
+    model = make_model(GameConfig(size=8, r=4.0, method=method, init="all_d"), 0)
+    model.step()
+    assert 0.2 < model.cooperation < 0.8  # the fresh strategy policy forgets the all-D start at once
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"), [("switch_init", 0.0, "switch_init"), ("action", "flip", "unknown action")]
+)
+def test_bad_action_settings_are_clear_errors(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GameConfig(size=5, method="grpo", **{field: value})

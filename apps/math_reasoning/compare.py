@@ -3,12 +3,13 @@ of held-out results, mean +- std over seeds (also written to <out>/compare.md an
 
     grpo-suite math compare --algos grpo,codistill,grpo_large --seeds 0,1,2
     grpo-suite math compare --algos grpo,gtpo --learning-rate 3e-3 --max-steps 60   # collapse vs GTPO
+    grpo-suite math compare --preset micro --algos grpo,scaf       # docs/math_reasoning.md, micro reproduction
 
 Arms: grpo, gtpo, scaf, codistill (two rows: S and L) and grpo_large (GRPO on L's own rollouts, the
 reference for CoDistill's L). Without --model the tiny base models are built once, with `base_seed`, into
 <out>/base_small and <out>/base_large, so every arm and seed starts from the same weights; seeds vary the
-RL run only. Every other training field comes from --train-config (a TOML/YAML file of train fields) and
-the flags below.
+RL run only. Every other training field comes from --train-preset (a `math train` preset, e.g. micro), then
+--train-config (a TOML/YAML file of train fields), then the flags below.
 """
 
 import json
@@ -18,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, build_base, train
+from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
 from core.config import load_config_file
 
 ARMS = (*ALGORITHMS, "grpo_large")
@@ -45,6 +47,9 @@ class MathCompareConfig:
     eval_samples: int | None = _help("completions per held-out problem (none: the train default)", None)
     eval_examples: int | None = _help("held-out problems evaluated (none: the train default)", None)
     smoke: bool = _help("use the train command's smoke preset (tiny models, 2 steps)", False)
+    train_preset: str | None = _help(
+        "a `math train` preset applied to every run before --train-config and the flags (e.g. micro)", None
+    )
 
     def __post_init__(self):
         unknown = [a for a in self.algos if a not in ARMS]
@@ -52,15 +57,22 @@ class MathCompareConfig:
             raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if self.train_preset is not None and self.train_preset not in TRAIN_PRESETS:
+            raise ValueError(f"unknown train preset {self.train_preset!r}; valid: {', '.join(TRAIN_PRESETS)}")
+        if self.smoke and self.train_preset:
+            raise ValueError("smoke and train_preset both pick a train preset; give one")
 
 
-PRESETS = {"smoke": {"smoke": True, "seeds": (0,), "algos": ("grpo", "codistill")}}
+PRESETS = {
+    "smoke": {"smoke": True, "seeds": (0,), "algos": ("grpo", "codistill")},
+    # the micro reproduction of docs/math_reasoning.md: minutes per run on one CPU thread
+    "micro": {"train_preset": "micro", "seeds": (0, 1, 2), "algos": ("grpo", "scaf")},
+}
 
 
 def _train_values(config: MathCompareConfig) -> dict:
-    from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
-
-    values = dict(TRAIN_PRESETS["smoke"]) if config.smoke else {}
+    preset = "smoke" if config.smoke else config.train_preset
+    values = dict(TRAIN_PRESETS[preset]) if preset else {}
     if config.train_config:
         from_file = load_config_file(Path(config.train_config))
         names = {f.name for f in fields(MathTrainConfig)}

@@ -47,9 +47,24 @@ class Difficulty:
             raise ValueError(f"{self}: at most digits * steps = {self.digits * self.steps} carries exist")
 
 
-# Level 1 and 2 are what the tiny base models are fine-tuned on; level 3 is the hard tail.
-LEVELS = {1: Difficulty(2, 1), 2: Difficulty(2, 2, 1), 3: Difficulty(3, 4, 5)}
+# Level 1 and 2 are what the tiny base models are fine-tuned on; level 3 is the hard tail. A mix names one
+# such triple: `default` is the app's offline set; `micro` is sized so that a ~1M-parameter model reaches
+# a pass@1 where GRPO has a learning signal after minutes of SFT on one CPU thread (docs/math_reasoning.md,
+# "Micro reproduction"): one-digit numbers, one or two steps, and a hard tail of two-digit numbers with
+# carries that the base model does not solve.
+MIXES: dict[str, dict[int, Difficulty]] = {
+    "default": {1: Difficulty(2, 1), 2: Difficulty(2, 2, 1), 3: Difficulty(3, 4, 5)},
+    "micro": {1: Difficulty(1, 1), 2: Difficulty(1, 2), 3: Difficulty(2, 2, 2)},
+}
+LEVELS = MIXES["default"]
 HARD_LEVEL = 3
+
+
+def mix_levels(mix: str) -> dict[int, Difficulty]:
+    """The levels of a named difficulty mix; an unknown name is a ValueError listing the valid ones."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown difficulty mix {mix!r}; valid: {', '.join(MIXES)}")
+    return MIXES[mix]
 
 
 def carries(a: int, b: int, op: str) -> int:
@@ -112,22 +127,26 @@ def generate_problem(rng: random.Random, difficulty: Difficulty, max_tries: int 
 
 
 def generate_set(
-    n_per_level: dict[int, int], seed: int, split: str, exclude: Iterable[str] = ()
+    n_per_level: dict[int, int],
+    seed: int,
+    split: str,
+    exclude: Iterable[str] = (),
+    levels: dict[int, Difficulty] = LEVELS,
 ) -> list[dict]:
-    """`n_per_level[level]` problems of each level, drawn from `seed`; questions in `exclude` (another
-    split's) and duplicates are skipped, so splits never share a question."""
+    """`n_per_level[level]` problems of each level of `levels`, drawn from `seed`; questions in `exclude`
+    (another split's) and duplicates are skipped, so splits never share a question."""
     rng = random.Random(f"math-{split}-{seed}")
     seen = set(exclude)
     examples = []
     for level, n in sorted(n_per_level.items()):
-        if level not in LEVELS:
-            raise ValueError(f"unknown level {level}; valid: {sorted(LEVELS)}")
+        if level not in levels:
+            raise ValueError(f"unknown level {level}; valid: {sorted(levels)}")
         made, tries = 0, 0
         while made < n:
             tries += 1
             if tries > 50 * n + 1000:
                 raise ValueError(f"level {level}: could not draw {n} distinct problems (only {made})")
-            problem = generate_problem(rng, LEVELS[level])
+            problem = generate_problem(rng, levels[level])
             if problem["question"] in seen:
                 continue
             seen.add(problem["question"])
@@ -147,17 +166,20 @@ class OfflineSets:
     sft: list[dict]
 
 
-def offline_sets(seed: int, n_train: int = 600, n_test: int = 300, n_sft: int = 2000) -> OfflineSets:
-    """Train: levels 1/2/3 in 2:2:1; test: the same mix; SFT: levels 1 and 2 only, so the hard tail is
-    learnt (if at all) by RL. All disjoint by question."""
+def offline_sets(
+    seed: int, n_train: int = 600, n_test: int = 300, n_sft: int = 2000, mix: str = "default"
+) -> OfflineSets:
+    """Train: levels 1/2/3 of `mix` in 2:2:1; test: the same mix; SFT: levels 1 and 2 only, so the hard
+    tail is learnt (if at all) by RL. All disjoint by question."""
+    levels = mix_levels(mix)
 
-    def mix(n: int) -> dict[int, int]:
+    def ratio(n: int) -> dict[int, int]:
         return {1: 2 * n // 5, 2: 2 * n // 5, 3: n - 4 * n // 5}
 
-    test = generate_set(mix(n_test), seed, "test")
-    train = generate_set(mix(n_train), seed, "train", exclude=[e["question"] for e in test])
+    test = generate_set(ratio(n_test), seed, "test", levels=levels)
+    train = generate_set(ratio(n_train), seed, "train", [e["question"] for e in test], levels)
     taken = [e["question"] for e in test + train]
-    sft = generate_set({1: n_sft // 2, 2: n_sft - n_sft // 2}, seed, "sft", exclude=taken)
+    sft = generate_set({1: n_sft // 2, 2: n_sft - n_sft // 2}, seed, "sft", taken, levels)
     return OfflineSets(train, test, sft)
 
 

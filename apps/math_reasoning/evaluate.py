@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.math_reasoning.data import FORMATS, HARD_LEVEL, load_examples, offline_sets
+from apps.math_reasoning.data import FORMATS, HARD_LEVEL, MIXES, load_examples, mix_levels, offline_sets
 from apps.math_reasoning.rewards import format_rewards, same_answer
 from apps.math_reasoning.templates import TEMPLATES, Template, get_template
 from core.policy import load_policy
@@ -140,6 +140,9 @@ class MathEvalConfig:
     )
     data_format: str = _help(f"one of {', '.join(FORMATS)}", "auto")
     data_seed: int = _help("seed of the offline sets (must match training's)", 1234)
+    data_mix: str = _help(
+        f"difficulty mix of the offline sets (must match training's): {', '.join(MIXES)}", "default"
+    )
     template: str = _help(f"prompt template: one of {', '.join(TEMPLATES)}", "r1_short")
     samples: int = _help("completions per problem (k)", 8)
     temperature: float = _help("sampling temperature", 1.0)
@@ -154,6 +157,7 @@ class MathEvalConfig:
         if self.model is None:
             raise ValueError("--model is required (an HF model directory, e.g. runs/math/<run>/final)")
         get_template(self.template)
+        mix_levels(self.data_mix)
         if self.samples < 1 or self.max_new_tokens < 1 or self.max_examples < 0 or self.batch_rows < 1:
             raise ValueError("samples, max_new_tokens and batch_rows must be >= 1, max_examples >= 0")
 
@@ -170,14 +174,18 @@ def spread_subset(examples: list[dict], n: int) -> list[dict]:
     return [examples[round(i * len(examples) / n)] for i in range(n)]
 
 
-def load_eval_examples(data: str | None, data_format: str, data_seed: int, max_examples: int) -> list[dict]:
-    examples = load_examples(data, data_format) if data else offline_sets(data_seed).test
+def load_eval_examples(
+    data: str | None, data_format: str, data_seed: int, max_examples: int, data_mix: str = "default"
+) -> list[dict]:
+    examples = load_examples(data, data_format) if data else offline_sets(data_seed, mix=data_mix).test
     return spread_subset(examples, max_examples)
 
 
 def run_eval(config: MathEvalConfig) -> dict:
     model, tokenizer = load_policy(config.model, device=config.device)
-    examples = load_eval_examples(config.data, config.data_format, config.data_seed, config.max_examples)
+    examples = load_eval_examples(
+        config.data, config.data_format, config.data_seed, config.max_examples, config.data_mix
+    )
     results = evaluate_model(
         model,
         tokenizer,
@@ -191,7 +199,9 @@ def run_eval(config: MathEvalConfig) -> dict:
         device=config.device,
     )
     results["model"] = config.model
-    results["data"] = config.data or f"offline held-out set (data_seed {config.data_seed})"
+    results["data"] = config.data or (
+        f"offline held-out set (data_seed {config.data_seed}, mix {config.data_mix})"
+    )
     model_path = Path(config.model)
     if config.run_dir:
         run_path = Path(config.run_dir)

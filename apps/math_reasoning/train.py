@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from apps.math_reasoning.codistill import CoDistillHooks
-from apps.math_reasoning.data import FORMATS, load_examples, offline_sets
+from apps.math_reasoning.data import FORMATS, MIXES, load_examples, mix_levels, offline_sets
 from apps.math_reasoning.evaluate import (
     benchmark_name,
     evaluate_model,
@@ -53,6 +53,9 @@ class MathTrainConfig(GRPOConfig):
     template: str = _help(f"prompt template: one of {', '.join(TEMPLATES)}", "r1_short")
     data_format: str = _help(f"format of --data: one of {', '.join(FORMATS)}", "auto")
     data_seed: int = _help("seed of the generated offline sets (train, held-out test, SFT)", 1234)
+    data_mix: str = _help(
+        f"difficulty mix of the generated offline sets: one of {', '.join(MIXES)}", "default"
+    )
     # -- departures from the core defaults for the tiny offline models ([choice]; `--preset paper` undoes them)
     max_steps: int = _help("training steps", 40)
     prompts_per_step: int = _help("prompts per step", 16)
@@ -77,7 +80,9 @@ class MathTrainConfig(GRPOConfig):
     sft_lr: float = _help("SFT learning rate of the tiny models", 2e-3)
     sft_hint_fraction: float = _help("share of SFT prompts shown with a partial hint (see models.py)", 0.3)
     # -- Scaf-GRPO
-    scaf_exemption_fraction: float = _help("Scaf: share of the first steps without hints (paper ~15%)", 0.15)
+    scaf_exemption_fraction: float = _help(
+        "Scaf: share of the first steps without hints (paper: about 0.15)", 0.15
+    )
     scaf_tiers: tuple[str, ...] = _help(
         "Scaf: hint tiers in order of help (comma-separated)", ("knowledge", "planning", "solution")
     )
@@ -106,6 +111,7 @@ class MathTrainConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         get_template(self.template)
+        mix_levels(self.data_mix)
         if self.advantage_scale == "auto":
             self.advantage_scale = "none" if self.algo == "gtpo" else "group"
         if self.algo == "codistill":
@@ -142,6 +148,27 @@ PRESETS = {
         "eval_samples": 2,
         "eval_examples": 4,
     },
+    # docs/math_reasoning.md, "Micro reproduction": the micro difficulty mix, where the SFT'd tiny base has a
+    # learning signal (pass@1 well above 0 on levels 1-2, ~0 on the hard tail), at minutes per run on one
+    # CPU thread. [choice] every value here is a sizing decision, not a paper value.
+    "micro": {
+        "data_mix": "micro",
+        "small_hidden_size": 64,
+        "small_num_layers": 2,
+        "small_sft_steps": 800,
+        "large_hidden_size": 128,
+        "large_num_layers": 4,
+        "large_sft_steps": 800,
+        "sft_lr": 3e-3,
+        "max_steps": 30,
+        "prompts_per_step": 8,
+        "group_size": 8,
+        "max_new_tokens": 48,
+        "learning_rate": 1e-4,
+        "codistill_large_lr": 1e-4,
+        "eval_samples": 4,
+        "eval_examples": 0,
+    },
     "paper": {
         "template": "r1_zero",
         "prompts_per_step": 32,
@@ -156,7 +183,7 @@ PRESETS = {
 
 def build_base(config: MathTrainConfig, size: str, path: Path) -> Path:
     template = get_template(config.template)
-    sets = offline_sets(config.data_seed)
+    sets = offline_sets(config.data_seed, mix=config.data_mix)
     return build_base_model(
         path, config.tiny_spec(size), sets, template, config.sft_hint_fraction, config.seed
     )
@@ -166,7 +193,7 @@ def training_examples(config: MathTrainConfig) -> list[dict]:
     examples = (
         load_examples(config.data, config.data_format)
         if config.data
-        else offline_sets(config.data_seed).train
+        else offline_sets(config.data_seed, mix=config.data_mix).train
     )
     template = get_template(config.template)
     return [example | {"prompt": template.render(example["question"])} for example in examples]
@@ -233,7 +260,7 @@ def train(config: MathTrainConfig) -> dict:
     results = {}
     if config.eval_samples:
         eval_examples = load_eval_examples(
-            config.eval_data, config.data_format, config.data_seed, config.eval_examples
+            config.eval_data, config.data_format, config.data_seed, config.eval_examples, config.data_mix
         )
         for key, (policy, tok) in models.items():
             results[key] = evaluate_model(

@@ -107,12 +107,32 @@ def _train_config(tmp_path):
     return path
 
 
+@pytest.mark.parametrize("verb", ["train", "eval", "compare", "data"])
+def test_help_of_every_verb(verb, capsys):
+    """argparse %-formats help strings: a bare "%" in a field's help crashed `math train --help`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["math", verb, "--help"])
+    assert exit_info.value.code == 0 and f"usage: grpo-suite math {verb}" in capsys.readouterr().out
+
+
+def test_compare_train_preset_sets_every_run(tmp_path):
+    from apps.math_reasoning.compare import PRESETS, MathCompareConfig, _train_values
+
+    values = _train_values(MathCompareConfig(**PRESETS["micro"], max_steps=3))
+    assert values["data_mix"] == "micro" and values["max_steps"] == 3  # flags override the preset
+    with pytest.raises(ValueError, match="unknown train preset 'nope'"):
+        MathCompareConfig(train_preset="nope")
+
+
 def test_bad_flags_are_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         main(["math", "train", "--algo", "ppo"])
     with pytest.raises(SystemExit):
         main(["math", "compare", "--algos", "grpo,nope"])
     assert "unknown arm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["math", "train", "--data-mix", "nope"])
+    assert "unknown difficulty mix" in capsys.readouterr().err
 
 
 @pytest.mark.slow

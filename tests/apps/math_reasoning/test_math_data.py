@@ -9,12 +9,14 @@ import pytest
 from apps.math_reasoning.data import (
     HINT_TIERS,
     LEVELS,
+    MIXES,
     Difficulty,
     carries,
     generate_problem,
     generate_set,
     last_boxed,
     load_examples,
+    mix_levels,
     offline_sets,
     write_jsonl,
 )
@@ -65,6 +67,26 @@ def test_sets_are_seeded_and_disjoint():
     assert not (questions[0] & questions[1] or questions[0] & questions[2] or questions[1] & questions[2])
     assert {e["level"] for e in a.sft} == {1, 2}  # the hard tail is left for RL
     assert {e["level"] for e in a.test} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_each_mix_draws_its_own_levels(mix):
+    sets = offline_sets(3, 40, 20, 30, mix=mix)
+    for example in sets.train + sets.test + sets.sft:
+        difficulty = MIXES[mix][example["level"]]
+        assert len(example["steps"]) == difficulty.steps and example["carries"] >= difficulty.min_carries
+        first = int(example["steps"][0].split("+")[0].split("-")[0])
+        assert len(str(first)) == difficulty.digits  # the start amount has the level's digits
+    assert {e["level"] for e in sets.sft} == {1, 2}
+    assert offline_sets(3, 40, 20, 30) == offline_sets(3, 40, 20, 30, mix="default")
+
+
+def test_micro_mix_is_easier_than_default_and_unknown_mixes_fail():
+    micro, default = mix_levels("micro"), mix_levels("default")
+    assert all(micro[level].digits <= default[level].digits for level in (1, 2, 3))
+    assert micro[3].min_carries > 0  # the hard tail needs carries a one-digit SFT never showed
+    with pytest.raises(ValueError, match="unknown difficulty mix 'nope'; valid: default, micro"):
+        offline_sets(0, mix="nope")
 
 
 def test_difficulty_and_level_errors():

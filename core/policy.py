@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -350,6 +351,55 @@ class _LinearHeadStats(torch.autograd.Function):
         )
 
 
+def _completion_hidden(
+    backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, t: int, share_prompts: bool
+) -> Tensor:
+    """Last hidden states (N, T, H) of the positions that predict the last T tokens of `input_ids` (N, L):
+    position i predicts token i + 1, so positions L-T-1 .. L-2.
+
+    Prompt sharing: the U distinct prompts (first P = L - T columns, ids and mask) run once, with a KV
+    cache; each row's cache is its prompt's, gathered by `index_select` (whose backward sums the G rows'
+    gradients into the shared prompt), and the completions run on top of it. The prompt's last position
+    predicts the first completion token. A group of G completions thus costs P + G * T token positions
+    instead of G * (P + T). Without a repeated prompt, or when `share_prompts` is off, one plain forward.
+    """
+    n, length = input_ids.shape
+    p = length - t
+    positions = position_ids_from_mask(attention_mask)  # (N, L)
+    prompts = torch.cat([input_ids[:, :p], attention_mask[:, :p].to(input_ids.dtype)], 1)  # (N, 2P)
+    unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)  # (U, 2P), (N,)
+    if not share_prompts or len(unique) == n:
+        out = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
+        )
+        return out.last_hidden_state[:, p - 1 : length - 1]  # (N, T, H)
+    first = torch.full((len(unique),), n, dtype=torch.long, device=inverse.device)  # (U,)
+    first = first.scatter_reduce(
+        0, inverse, torch.arange(n, device=inverse.device), "amin"
+    )  # a row per prompt
+    prompt_out = backbone(
+        input_ids=input_ids[first, :p],
+        attention_mask=attention_mask[first, :p],
+        position_ids=positions[first, :p],
+        use_cache=True,
+    )
+    cache = DynamicCache(
+        [
+            (layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse))
+            for layer in prompt_out.cache.layers
+        ]
+    )
+    out = backbone(
+        input_ids=input_ids[:, p:],
+        attention_mask=attention_mask,
+        position_ids=positions[:, p:],
+        cache=cache,
+        use_cache=True,
+    )
+    last_prompt = prompt_out.last_hidden_state[:, p - 1 : p].index_select(0, inverse)  # (N, 1, H)
+    return torch.cat([last_prompt, out.last_hidden_state[:, : t - 1]], 1)  # (N, T, H)
+
+
 def completion_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -360,6 +410,7 @@ def completion_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     vocab_mask: VocabMask | None = None,
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token logprobs of the last T = `num_completion_tokens` tokens of `input_ids` (N, L), and the
     entropies of the next-token distributions that produced them, both (N, T) float32 (float64 for a float64
@@ -374,6 +425,8 @@ def completion_logprobs(
     `_LinearHeadStats` (two (C, V) buffers in the backward); any other head runs `_chunk_stats` under
     non-reentrant checkpointing.
     Works for a plain model and a PEFT-wrapped one (adapters included, or disabled by the caller).
+    With `share_prompts`, rows whose first L - T tokens are equal (a GRPO group) run that prompt once
+    (`_completion_hidden`); the results equal the per-row forward up to float rounding.
     """
     if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
@@ -392,14 +445,7 @@ def completion_logprobs(
         raise ValueError(f"vocab_mask.index has shape {tuple(vocab_mask.index.shape)}, expected {(n, t)}")
 
     backbone, head, softcap = _backbone_and_head(model)
-    out = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    # Position i predicts token i + 1: the T completion tokens are predicted by positions L-T-1 .. L-2.
-    hidden = out.last_hidden_state[:, length - t - 1 : length - 1].reshape(n * t, -1)  # (N*T, H)
+    hidden = _completion_hidden(backbone, input_ids, attention_mask, t, share_prompts).reshape(n * t, -1)
     targets = input_ids[:, length - t :].reshape(n * t)  # (N*T,)
     blocked_table = index = None
     if vocab_mask is not None:

@@ -470,3 +470,41 @@ def test_vocab_mask_select_concat_and_validation():
     narrow = VocabMask(torch.ones(1, 7, dtype=torch.bool), torch.zeros(4, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="LM head has 50"):
         completion_logprobs(tiny_qwen2(), ids, mask, 5, vocab_mask=narrow)
+
+
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_llama], ids=["qwen2", "llama"])
+def test_shared_prompts_equal_one_forward_per_row(build):
+    # 3 groups of 4 completions: prompts of different padding, one completion padded at its end. Sharing runs
+    # each prompt once and gathers its KV cache; values and gradients must equal the per-row forward.
+    # Gradients agree to float32 precision only, even in float64: Qwen2/Llama RMSNorm computes in float32,
+    # so the two paths' different summation orders (G rows' prompt gradients summed by index_select's
+    # backward vs. G separate prompt passes) differ at ~1e-7 relative.
+    model = build().double()
+    ids, mask = left_padded_batch(n=3, prompt_len=6, t=5)
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)  # (12, 11)
+    completions = torch.randint(2, VOCAB, (12, 5), generator=torch.Generator().manual_seed(2))
+    ids[:, 6:] = completions
+    mask[1, -2:] = 0
+    weights = torch.randn(12, 5, generator=torch.Generator().manual_seed(1)) * mask[:, 6:]  # (N, T)
+
+    def run(share: bool):
+        model.zero_grad()
+        logp, entropy = completion_logprobs(model, ids, mask, 5, temperature=0.7, share_prompts=share)
+        ((logp * weights).sum() + 0.3 * (entropy * mask[:, 6:]).sum()).backward()
+        return logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    embedded = []  # token positions through the embedding per call: the work done
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: embedded.append(args[0].numel())
+    )
+    shared, plain = run(True), run(False)
+    hook.remove()
+    assert embedded == [3 * 6, 12 * 5, 12 * 11]  # 3 prompts once + 12 completions, then 12 full rows
+    real = mask[:, 6:].bool()
+    torch.testing.assert_close(shared[0][real], plain[0][real], atol=1e-12, rtol=0)
+    torch.testing.assert_close(shared[1][real], plain[1][real], atol=1e-12, rtol=0)
+    for name in plain[2]:
+        scale = float(plain[2][name].abs().max())
+        torch.testing.assert_close(shared[2][name], plain[2][name], atol=1e-6 * scale, rtol=0, msg=name)
+    reference, _ = completion_logprobs_unchunked(model, ids, mask, 5, temperature=0.7)
+    torch.testing.assert_close(shared[0][real], reference.detach()[real], atol=1e-12, rtol=0)

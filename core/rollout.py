@@ -27,6 +27,7 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
+    StaticCache,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -667,7 +668,8 @@ class HFGenerateBackend(_TextBackend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P), as position_ids_from_mask
         n = ids.shape[0]
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)  # (N,)
-        tokens, logps, steps, cache = [], [], [], None
+        tokens, logps, steps = [], [], []
+        cache = _static_cache(self.model, ids.shape[1] + settings.max_new_tokens)
         table = None if self.constraint is None else self.constraint.table.to(self.device)  # (K, V)
         prompt = (ids, mask)  # (N, P) each: what the constraint reads (ids and mask are rebound below)
         for t in range(settings.max_new_tokens):
@@ -711,6 +713,17 @@ class HFGenerateBackend(_TextBackend):
             positions = positions[:, -1:] + 1  # (N, 1)
         rows = torch.stack(steps, 1).cpu() if steps else None  # (N, T)
         return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), rows  # (N, T), (N, T)
+
+
+def _static_cache(model: nn.Module, length: int) -> StaticCache | None:
+    """A preallocated KV cache of `length` positions for the decode loop: each token writes its keys and
+    values in place, where the default dynamic cache concatenates the whole cache once per token and layer
+    (about 11% of a 64-token decode of a 4-layer model on CPU; tokens and logprobs are the same). None, i.e.
+    the model's default cache, for a model whose layers a static cache cannot describe (sliding windows)."""
+    config = model.config.get_text_config()
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return None
+    return StaticCache(config=model.config, max_cache_len=length)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
 
+from core import rollout
 from core.policy import completion_logprobs
 from core.rollout import HFGenerateBackend, SamplingSettings
 from core.tiny import build_char_tokenizer
@@ -57,3 +58,14 @@ def test_greedy_and_a_count_mismatch(backend):
     assert torch.equal(a.completion_ids, b.completion_ids)
     with pytest.raises(ValueError, match="3 prompts for 1 seeds"):
         backend.generate_groups(["a", "b", "c"], settings, [1], group_size=2)
+
+
+def test_static_cache_decodes_like_the_dynamic_cache(backend, monkeypatch):
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.2)
+    prompts = ["ab", "ab", "cdefg", "cdefg"]  # left padding in the batch
+    assert isinstance(rollout._static_cache(backend.model, 16), StaticCache)
+    static = backend.generate_groups(prompts, settings, [3, 4], group_size=2)
+    monkeypatch.setattr(rollout, "_static_cache", lambda model, length: None)  # the model's default cache
+    dynamic = backend.generate_groups(prompts, settings, [3, 4], group_size=2)
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    torch.testing.assert_close(static.sampling_logp, dynamic.sampling_logp, atol=1e-5, rtol=0)

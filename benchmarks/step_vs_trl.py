@@ -16,8 +16,9 @@ Each side runs in its own worker process (so `ru_maxrss` is that side's own peak
 for a step in turn, A B A B ..., after `--warmup` unmeasured steps each: the two sides see the same machine
 load. Reported per setting: median step time, completion tokens/s, peak resident memory of the process and
 its growth during the steps (VmHWM reset through /proc/self/clear_refs after set-up), and ours/TRL. Every
-worker also counts the forward passes of the decoder per step (full-sequence with and without autograd,
-decode steps), printed so that the two sides' work can be compared.
+worker also counts the decoder's work per step (token positions run with and without autograd, decode
+calls), printed so that the two sides' work can be compared: ours runs each group's prompt once in the
+training passes (`completion_logprobs` shares it), so it trains on fewer positions for the same result.
 
 Precision: `--dtype float32` (default) runs both sides in float32; `--dtype bfloat16` runs our side under
 bf16 autocast (`GRPOConfig.autocast`) and TRL with `bf16=True`. TRL's gradient checkpointing (its default)
@@ -124,13 +125,13 @@ def _status_kib(key: str) -> int:
 
 
 class PassCounter:
-    """Counts forward calls of the decoder stack per step: full-sequence ones with and without autograd,
-    and decode ones (one new token per row, with a KV cache)."""
+    """Counts the decoder stack's work per step: token positions run with autograd (the trained passes),
+    token positions of multi-token passes without autograd (prefill, old logprobs, the reference), and
+    decode calls (one new token per row, with a KV cache). Positions rather than calls, so that a pass that
+    runs each group's prompt once (ours) is counted by the work it does."""
 
-    def __init__(self, models: list, completion_tokens: int):
-        # Training passes see prompt + completion; a prefill sees at most the longest prompt.
-        self.min_length = completion_tokens + min(len(p) for p in make_prompts(64)) - 1
-        self.counts = {"forward_grad": 0, "forward_nograd": 0, "decode": 0}
+    def __init__(self, models: list):
+        self.counts = {"grad_positions": 0, "nograd_positions": 0, "decode": 0}
         for model in models:  # the policy, and the reference model where it is a separate copy
             if model is None:
                 continue
@@ -138,13 +139,15 @@ class PassCounter:
             lm.get_decoder().register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs) -> None:
+        import torch
+
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs["inputs_embeds"]
-        import torch
-
-        if ids.shape[1] > self.min_length:
-            self.counts["forward_grad" if torch.is_grad_enabled() else "forward_nograd"] += 1
+        if torch.is_grad_enabled():
+            self.counts["grad_positions"] += ids.shape[0] * ids.shape[1]
+        elif ids.shape[1] > 1:
+            self.counts["nograd_positions"] += ids.shape[0] * ids.shape[1]
         else:
             self.counts["decode"] += 1
 
@@ -203,7 +206,7 @@ def ours_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
     trainer = GRPOTrainer(config, model, tokenizer, examples, Rubric({"digits": digit_reward}), app="bench")
     reference = trainer.reference
     separate = reference is not None and not reference.shares_policy
-    counter = PassCounter([model, reference.model if separate else None], sizes["tokens"])
+    counter = PassCounter([model, reference.model if separate else None])
     setup_rss = _status_kib("VmRSS")
     _setup_done()
     while True:
@@ -304,7 +307,7 @@ def trl_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
         peft_config=peft_config,
         callbacks=[Driver()],
     )
-    state["counter"] = PassCounter([trainer.model, getattr(trainer, "ref_model", None)], sizes["tokens"])
+    state["counter"] = PassCounter([trainer.model, getattr(trainer, "ref_model", None)])
     trainer.train()
 
 
@@ -465,7 +468,7 @@ def main(argv=None) -> int:
         model_dir = build_model_dir(tmp / "model", sizes)
         header = (
             f"{'setting':<20} {'side':<5} {'step s':>7} {'gen s':>6} {'tok/s':>7} {'peak MiB':>9} "
-            f"{'+steps MiB':>10}  passes per step (full fwd with grad / no grad, decode fwd)"
+            f"{'+steps MiB':>10}  work per step (positions with grad / without grad, decode calls)"
         )
         print(header)
         for setting in settings:
@@ -478,7 +481,7 @@ def main(argv=None) -> int:
                 print(
                     f"{setting:<20} {side:<5} {r['median_s']:>7.3f} {gen} {r['tokens_per_s']:>7.0f} "
                     f"{r['peak_rss_mib']:>9.0f} {r['step_growth_mib']:>10.0f}  "
-                    f"{p['forward_grad']} / {p['forward_nograd']}, {p['decode']}"
+                    f"{p['grad_positions']} / {p['nograd_positions']}, {p['decode']}"
                 )
             ratio = res["ours"]["median_s"] / res["trl"]["median_s"]
             mem = res["ours"]["peak_rss_mib"] / res["trl"]["peak_rss_mib"]

@@ -30,6 +30,13 @@ def test_step_vs_trl_smoke(tmp_path):
     import json
 
     setting = json.loads(result.read_text())["beta0.04-mu2-lora0"]
-    # Both sides did the same passes: mu = 2 trained forwards, one old-logprob and one reference forward.
-    assert setting["ours"]["passes"] == setting["trl"]["passes"]
-    assert setting["ours"]["passes"]["forward_grad"] == 2 and setting["ours"]["passes"]["forward_nograd"] == 2
+    # Same generation (N = 2 prompts x G = 4 rows, T = 8 tokens, P = padded prompt length); TRL trains on
+    # N (P + T) positions per pass (mu = 2 passes), we run each of the 2 prompts once: 2 P + N T positions.
+    # Without autograd: the prefill (N P), then the old-logprob and the reference forwards.
+    ours, trl = setting["ours"]["passes"], setting["trl"]["passes"]
+    n, t = 8, 8
+    p = trl["grad_positions"] // (2 * n) - t
+    assert trl["grad_positions"] == 2 * n * (p + t) and trl["nograd_positions"] == n * p + 2 * n * (p + t)
+    assert ours["grad_positions"] == 2 * (2 * p + n * t)
+    assert ours["nograd_positions"] == n * p + 2 * (2 * p + n * t)
+    assert ours["decode"] == trl["decode"]

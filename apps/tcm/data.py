@@ -303,3 +303,13 @@ def generate_examples(seed: int) -> list[dict]:
 def textbook(seed: int = 0) -> list[str]:
     """One sentence per fact of the table (the `think` of its questions), in a fixed order."""
     return list(dict.fromkeys(example["think"] for example in generate_examples(seed)))
+
+
+def textbook_entries(seed: int = 0) -> dict[str, str]:
+    """One entry per entity of the table, {name: its fact sentences in table order}, like an encyclopedia
+    article under its title: {"麻黄": "麻黄性温。麻黄味辛、微苦。麻黄归肺、膀胱经。麻黄的功效：...。", ...}.
+    The entity is the middle field of the fact key ("herb:麻黄:nature")."""
+    entries: dict[str, dict[str, str]] = {}
+    for example in generate_examples(seed):
+        entries.setdefault(example["fact"].split(":")[1], {})[example["fact"]] = example["think"]
+    return {name: "".join(sentences.values()) for name, sentences in entries.items()}

@@ -82,6 +82,20 @@ def score_completions(completions: Sequence[str], examples: Sequence[dict]) -> d
     }
 
 
+def dashboard_keys(metrics: dict) -> dict:
+    """The dashboard's eval.json keys (docs/dashboards.md, "TCM: eval.json") of one `score_completions`
+    result: {"accuracy_by_type": {type: accuracy}, "count_by_type": {type: n}}.
+
+    >>> dashboard_keys({"overall": {}, "by_type": {"single": {"n": 4, "accuracy": 0.5, "format_rate": 1.0}}})
+    {'accuracy_by_type': {'single': 0.5}, 'count_by_type': {'single': 4}}
+    """
+    by_type = metrics["by_type"]
+    return {
+        "accuracy_by_type": {kind: row["accuracy"] for kind, row in by_type.items()},
+        "count_by_type": {kind: row["n"] for kind, row in by_type.items()},
+    }
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -184,6 +198,8 @@ def main(config: TcmEvalConfig) -> dict:
     run = RunDir.create(
         run_dir, config_to_dict(config), app="tcm", algorithm="eval", exist_ok_for_resume=False
     )
-    run.write_eval({"split": config.split, "model": config.model, config.split: metrics})
+    run.write_eval(
+        {"split": config.split, "model": config.model, config.split: metrics, **dashboard_keys(metrics)}
+    )
     print(format_table({config.split: metrics}))
     return metrics

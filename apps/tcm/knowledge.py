@@ -177,3 +177,16 @@ FLAVOURS: tuple[str, ...] = ("辛", "甘", "酸", "苦", "咸", "淡", "涩", "�
 MERIDIANS: tuple[str, ...] = (
     "肺", "大肠", "胃", "脾", "心", "小肠", "膀胱", "肾", "心包", "三焦", "胆", "肝",
 )  # fmt: skip
+
+
+def terms() -> tuple[str, ...]:
+    """The table's words of two or more characters, each once, in table order: entity names, natures,
+    flavours, meridians, action and principle clauses (the offline tokenizer makes each one token)."""
+    words = [*NATURES, *FLAVOURS, *MERIDIANS]
+    for herb in HERBS:
+        words += [herb.name, *herb.actions]
+    for formula in FORMULAS:
+        words += [formula.name, *formula.components, *formula.actions]
+    for syndrome in SYNDROMES:
+        words += [syndrome.name, *syndrome.principle]
+    return tuple(word for word in dict.fromkeys(words) if len(word) >= 2)

@@ -6,6 +6,7 @@ question types). The prompt is rendered with the tokenizer's own chat template (
 
     prompt = build_prompt(example, tokenizer)
     target = reference_completion(example)   # the SFT target of the offline tiny model
+    loose = inline_completion(example)       # the same content, tags inline: no strict format
 """
 
 SYSTEM_PROMPT = (
@@ -49,3 +50,14 @@ def reference_completion(example: dict) -> str:
     '<think>\\n麻黄性温。\\n</think>\\n<answer>\\nA\\n</answer>'
     """
     return f"<think>\n{example.get('think', '')}\n</think>\n<answer>\n{example['answer']}\n</answer>"
+
+
+def inline_completion(example: dict) -> str:
+    """The reference content with the tags inline (no newlines around them), as instruction-tuned models
+    often write it: strict format and tag count both score 0 on it, accuracy is unchanged. The offline
+    SFT mixes it in (`--sft-format-fraction`) so that the base model follows the format only sometimes.
+
+    >>> inline_completion({"think": "麻黄性温。", "answer": "A"})
+    '<think>麻黄性温。</think>\\n<answer>A</answer>'
+    """
+    return f"<think>{example.get('think', '')}</think>\n<answer>{example['answer']}</answer>"

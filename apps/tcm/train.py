@@ -8,11 +8,13 @@ its 2 epochs). The test split is evaluated greedily before and after training; b
     grpo-suite tcm train --preset tiny      # offline: tiny model + SFT base skill + GRPO (minutes on CPU)
     grpo-suite tcm train --preset smoke     # a few steps, to see it run
 
-Without --model the offline default is built into <run_dir>/base_model: a character-level tiny Qwen2
-(the tags are single tokens) given a base skill by SFT (core.tiny.sft) on templated answers to the
-training questions, deliberately short of mastery, plus (`--sft-textbook`, our choice) one sentence per
-fact of the whole table as a stand-in for what a pretrained model knows: held-out test questions ask
-about facts the model has read but never been asked about.
+Without --model the offline default is built into <run_dir>/base_model (docs/tcm.md, "What the offline
+model knows"): a character-level tiny Qwen2 whose tokenizer also has the four tags and the knowledge
+table's words (names, natures, clauses) as single tokens (`--word-tokens`); a reading stage, SFT on the
+textbook of the whole table, an entry per entity and each sentence alone (`--reading-steps`, the
+stand-in for pretraining); then SFT (core.tiny.sft) on reference answers to the training questions, of
+which only `--sft-format-fraction` are in the strict format (the others put the tags inline), with the
+textbook replayed. Held-out test questions ask about facts the model has read but was never asked about.
 """
 
 import tempfile
@@ -21,9 +23,19 @@ from math import ceil
 from pathlib import Path
 from typing import Literal
 
-from apps.tcm.data import generate_examples, load_examples, split_by_fact, textbook
-from apps.tcm.evaluate import evaluate_model, format_table
-from apps.tcm.prompts import SYSTEM_PROMPTS, TAGS, TYPE_LABELS, build_prompt, reference_completion
+import torch
+
+from apps.tcm.data import generate_examples, load_examples, split_by_fact, textbook, textbook_entries
+from apps.tcm.evaluate import dashboard_keys, evaluate_model, format_table
+from apps.tcm.knowledge import terms
+from apps.tcm.prompts import (
+    SYSTEM_PROMPTS,
+    TAGS,
+    TYPE_LABELS,
+    build_prompt,
+    inline_completion,
+    reference_completion,
+)
 from apps.tcm.rewards import build_rubric
 from core.launch import policy_for, summary_table, with_run_dir
 from core.tiny import create_tiny_model_dir, sft
@@ -31,7 +43,8 @@ from core.trainer import GRPOConfig, GRPOTrainer
 
 APP = "tcm"
 TINY_MODEL = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}  # the offline default's size
-TEXTBOOK_PROMPT = "知识：\n"
+TEXTBOOK_PROMPT = "知识：\n"  # the reading stage's prompt: this, then the entity's name and a newline
+READING_BATCH = 16  # texts per reading step (82 entries + 264 sentences: about 22 steps per pass)
 
 
 @dataclass
@@ -57,31 +70,64 @@ class TcmTrainConfig(GRPOConfig):
     )
     eval_max: int = field(default=0, metadata={"help": "evaluate the first N of that split; 0 = all"})
     eval_batch_size: int = field(default=32, metadata={"help": "prompts per generate call in evaluation"})
-    sft_steps: int = field(default=120, metadata={"help": "offline model only: SFT steps of its base skill"})
-    sft_lr: float = field(default=3e-3, metadata={"help": "offline model only: SFT learning rate"})
+    reading_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "offline model only: steps (16 texts each) of the reading stage, SFT on the textbook: an "
+            "entry per entity of the table and each sentence alone (the stand-in for pretraining); 0 = none"
+        },
+    )
+    sft_steps: int = field(
+        default=600, metadata={"help": "offline model only: steps (8 examples each) of the QA SFT"}
+    )
+    sft_lr: float = field(default=3e-3, metadata={"help": "offline model only: learning rate of both SFTs"})
     sft_textbook: bool = field(
-        default=True, metadata={"help": "offline model only: SFT also on one sentence per fact of the table"}
+        default=True, metadata={"help": "offline model only: the QA SFT also replays the textbook"}
+    )
+    sft_fact_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "offline model only: share of the training facts whose questions the QA SFT shows; "
+            "GRPO trains on all of them, so part of what it rewards is knowledge only read, never drilled"
+        },
+    )
+    sft_format_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "offline model only: share of QA SFT targets in the strict format; the others put the "
+            "tags inline (no newlines), so the base model follows the format only sometimes"
+        },
+    )
+    word_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "offline model only: the table's words (names, natures, clauses) are single tokens"
+        },
     )
 
     def __post_init__(self):
         super().__post_init__()
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 or none, got {self.epochs}")
-        if self.eval_max < 0 or self.sft_steps < 0 or self.eval_batch_size < 1:
-            raise ValueError("eval_max and sft_steps must be >= 0, eval_batch_size >= 1")
+        if min(self.eval_max, self.sft_steps, self.reading_steps) < 0 or self.eval_batch_size < 1:
+            raise ValueError("eval_max, sft_steps and reading_steps must be >= 0, eval_batch_size >= 1")
+        for name in ("sft_format_fraction", "sft_fact_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 PRESETS = {
     "paper": {"epochs": 2.0, "lora": True, "learning_rate": 5e-7, "group_size": 6, "beta": 0.0},
-    # Offline: full fine-tuning of the tiny SFT'd model at a rate for tiny models (a departure, named here).
+    # Offline: full fine-tuning of the tiny SFT'd model at a rate for tiny models (a departure, named here);
+    # 8 groups per generate call (the same samples per group seed, several times faster on a CPU).
     "tiny": {
         "lora": False,
-        "learning_rate": 3e-4,
+        "learning_rate": 1e-4,
         "max_new_tokens": 80,
         "system_prompt": "short",
-        "max_steps": 30,
+        "max_steps": 120,
         "prompts_per_step": 8,
-        "sft_steps": 120,  # about one epoch: the format is half learned and the answers are mostly wrong
+        "generation_groups": 8,
     },
     "smoke": {
         "lora": False,
@@ -91,6 +137,7 @@ PRESETS = {
         "max_steps": 2,
         "prompts_per_step": 2,
         "group_size": 3,
+        "reading_steps": 2,
         "sft_steps": 2,
         "eval_max": 4,
     },
@@ -113,29 +160,67 @@ def prepared_splits(data: str | None, seed: int, tokenizer, system_prompt: str) 
 
 
 def build_default_model(path: Path, config: TcmTrainConfig) -> Path:
-    """The offline tiny model: a char tokenizer over every text of the task (tags as single tokens), a tiny
-    Qwen2, and SFT on reference completions of the training split (+ the textbook sentences)."""
+    """The offline tiny model (module docstring): a tokenizer over every text of the task, a tiny Qwen2, a
+    reading stage on the textbook entries, then SFT on answers to the training questions."""
     examples = generate_examples(config.seed)
+    entries = textbook_entries(config.seed)
     texts = [*SYSTEM_PROMPTS.values(), *TYPE_LABELS.values(), TEXTBOOK_PROMPT, "ABCDE. ：\n"]
     for example in examples:
         texts += [example["question"], example["answer"], example["think"], *example["options"].values()]
+    words = terms() if config.word_tokens else ()
+    # "<think>" etc. before the words: the tags keep the ids they have without word tokens
+    extra_tokens = (*TAGS, *words)
+    # The textbook twice: an entry per entity under its name (teaches to carry a name from the prompt into
+    # the text) and each sentence alone (a fact not tied to its place in an entry, which is how a QA
+    # think states it): entries alone left held-out facts recallable in the entry but not in a think.
+    book = [{"prompt": f"{TEXTBOOK_PROMPT}{name}\n", "completion": text} for name, text in entries.items()]
+    book += [{"prompt": TEXTBOOK_PROMPT, "completion": sentence} for sentence in textbook(config.seed)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        init = create_tiny_model_dir(
-            Path(scratch) / "init", texts, extra_tokens=TAGS, seed=config.seed, **TINY_MODEL
+        model_dir = create_tiny_model_dir(
+            Path(scratch) / "init", texts, extra_tokens=extra_tokens, seed=config.seed, **TINY_MODEL
         )
+        if config.reading_steps:
+            model_dir = sft(
+                model_dir,
+                book,
+                Path(scratch) / "read",
+                lr=config.sft_lr,
+                max_steps=config.reading_steps,
+                batch_size=READING_BATCH,
+                seed=config.seed,
+            )
         if config.sft_steps == 0:
-            return Path(init).rename(path)
+            return Path(model_dir).rename(path)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(init)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         train = prepared_splits(None, config.seed, tokenizer, config.system_prompt)["train"]
-        pairs = [{"prompt": e["prompt"], "completion": reference_completion(e)} for e in train]
+        facts = sorted({e["fact"] for e in train})
+        shown = {facts[i] for i in seeded_subset(len(facts), config.sft_fact_fraction, config.seed)}
+        train = [e for e in train if e["fact"] in shown]
+        strict = seeded_subset(len(train), config.sft_format_fraction, config.seed)
+        pairs = [
+            {
+                "prompt": e["prompt"],
+                "completion": reference_completion(e) if i in strict else inline_completion(e),
+            }
+            for i, e in enumerate(train)
+        ]
         if config.sft_textbook:
-            pairs += [
-                {"prompt": TEXTBOOK_PROMPT, "completion": sentence} for sentence in textbook(config.seed)
-            ]
-        return sft(init, pairs, path, lr=config.sft_lr, max_steps=config.sft_steps, seed=config.seed)
+            pairs += book
+        return sft(model_dir, pairs, path, lr=config.sft_lr, max_steps=config.sft_steps, seed=config.seed)
+
+
+def seeded_subset(n: int, fraction: float, seed: int) -> set[int]:
+    """round(fraction * n) of the indices 0..n-1, drawn by a seeded shuffle (the facts the QA SFT shows,
+    the SFT targets in strict format).
+
+    >>> len(seeded_subset(10, 0.3, seed=1)), seeded_subset(3, 1.0, seed=0)
+    (3, {0, 1, 2})
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return set(order[: round(fraction * n)])
 
 
 def train(config: TcmTrainConfig) -> list[dict]:
@@ -173,7 +258,9 @@ def train(config: TcmTrainConfig) -> list[dict]:
     if held_out:
         after = evaluate()
         if trainer.run is not None:
-            trainer.run.write_eval({"split": config.eval_split, "before": before, "after": after})
+            # the dashboard's top-level keys describe the trained model (`after`)
+            results = {"split": config.eval_split, "before": before, "after": after}
+            trainer.run.write_eval({**results, **dashboard_keys(after)})
         print(f"{config.eval_split} split, greedy, before and after GRPO:")
         print(format_table({"before": before, "after": after}))
     print(f"model saved to {final}")

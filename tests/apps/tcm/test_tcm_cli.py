@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from apps.tcm.train import TcmTrainConfig
+from apps.tcm.train import TcmTrainConfig, seeded_subset
 from core.cli import main
 
 
@@ -30,6 +30,10 @@ def test_train_smoke_run(smoke_run, capsys):
     for stage in ("before", "after"):
         assert evaluation[stage]["overall"]["n"] == 4
         assert sum(row["n"] for row in evaluation[stage]["by_type"].values()) == 4
+    # the dashboard's keys (docs/dashboards.md) describe the trained model
+    after = evaluation["after"]["by_type"]
+    assert evaluation["accuracy_by_type"] == {kind: row["accuracy"] for kind, row in after.items()}
+    assert evaluation["count_by_type"] == {kind: row["n"] for kind, row in after.items()}
     assert (smoke_run / "final" / "model.safetensors").is_file()
 
 
@@ -54,6 +58,8 @@ def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
     assert main(["tcm", "evaluate", *flags, "--system-prompt", "short", "--run-dir", str(out)]) == 0
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["train"]["by_type"]["single"]["n"] == 8  # 80% of 10 rows
+    assert evaluation["count_by_type"] == {"single": 8}
+    assert evaluation["accuracy_by_type"]["single"] == evaluation["train"]["by_type"]["single"]["accuracy"]
 
 
 def test_paper_defaults():
@@ -62,6 +68,16 @@ def test_paper_defaults():
     assert (config.accuracy_weight, config.format_weight, config.tag_weight) == (5.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="epochs"):
         TcmTrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="sft_format_fraction"):
+        TcmTrainConfig(sft_format_fraction=1.5)
+    with pytest.raises(ValueError, match="sft_fact_fraction"):
+        TcmTrainConfig(sft_fact_fraction=-0.1)
+
+
+def test_seeded_subset_is_seeded_and_sized():
+    assert seeded_subset(10, 0.5, seed=0) == seeded_subset(10, 0.5, seed=0)
+    assert seeded_subset(100, 0.5, seed=0) != seeded_subset(100, 0.5, seed=1)
+    assert [len(seeded_subset(10, f, seed=0)) for f in (0.0, 0.26, 1.0)] == [0, 3, 10]
 
 
 @pytest.mark.slow

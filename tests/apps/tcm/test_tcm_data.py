@@ -6,9 +6,17 @@ from collections import Counter
 
 import pytest
 
-from apps.tcm.data import TYPES, generate_examples, load_examples, parse_options, split_by_fact, textbook
-from apps.tcm.knowledge import FORMULAS, HERBS, SYNDROMES
-from apps.tcm.prompts import reference_completion
+from apps.tcm.data import (
+    TYPES,
+    generate_examples,
+    load_examples,
+    parse_options,
+    split_by_fact,
+    textbook,
+    textbook_entries,
+)
+from apps.tcm.knowledge import FORMULAS, HERBS, SYNDROMES, terms
+from apps.tcm.prompts import TAGS, inline_completion, reference_completion
 from apps.tcm.rewards import build_rubric
 
 ROWS = [
@@ -147,6 +155,37 @@ def test_textbook_has_one_sentence_per_fact():
     examples = generate_examples(seed=0)
     assert len(textbook()) == len({e["fact"] for e in examples})
     assert "麻黄性温。" in textbook() and "四君子汤由人参、白术、茯苓、甘草组成。" in textbook()
+
+
+def test_textbook_entries_hold_every_sentence_once_under_its_entity():
+    entries = textbook_entries()
+    assert len(entries) == len(HERBS) + len(FORMULAS) + len(SYNDROMES)
+    mahuang = "麻黄性温。麻黄味辛、微苦。麻黄归肺、膀胱经。麻黄的功效：发汗解表，宣肺平喘，利水消肿。"
+    assert entries["麻黄"] == mahuang
+    assert entries["少阳证"] == "少阳证治宜和解少阳。少阳证的代表方是小柴胡汤。"
+    assert "".join(entries.values()) == "".join(textbook())  # the same sentences, grouped by entity
+
+
+def test_table_terms_are_single_tokens():
+    from core.tiny import build_char_tokenizer
+
+    words = terms()
+    assert len(set(words)) == len(words) and all(len(word) >= 2 for word in words)
+    assert {"麻黄", "麻黄汤", "发汗解表", "微苦", "膀胱", "少阳证", "和解少阳", "栀子"} <= set(words)
+    tokenizer = build_char_tokenizer(textbook(), extra_tokens=(*TAGS, *words))
+    ids = tokenizer("<think>\n麻黄汤由麻黄、桂枝组成。")["input_ids"]
+    pieces = "|".join(tokenizer.decode([i]) for i in ids)
+    assert pieces == "<think>|\n|麻黄汤|由|麻黄|、|桂枝|组|成|。"  # the longest term matches
+
+
+def test_inline_completion_misses_the_format_only():
+    example = {"type": "fill", "answer": "温", "think": "麻黄性温。"}
+    scores = build_rubric().score([inline_completion(example)], [example])
+    assert dict(zip(scores.names, scores.components[0].tolist(), strict=True)) == {
+        "accuracy": 1.0,
+        "strict_format": 0.0,
+        "tag_count": 0.0,
+    }
 
 
 def test_split_by_fact_is_disjoint_seeded_and_80_10_10():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apps.tcm.evaluate import bleu, format_table, score_completions
+from apps.tcm.evaluate import bleu, dashboard_keys, format_table, score_completions
 
 
 def wrap(answer: str) -> str:
@@ -53,3 +53,13 @@ def test_bleu_on_chinese_words():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="1 completions for 6 examples"):
         score_completions(["x"], EXAMPLES)
+
+
+def test_dashboard_keys_per_type():
+    answers = ["B", "C", "A、C", "肺", "发汗解表，宣肺平喘", "益气健脾"]
+    completions = [wrap(answer) for answer in answers]
+    keys = dashboard_keys(score_completions(completions, EXAMPLES))
+    assert keys == {
+        "accuracy_by_type": {"single": 0.5, "multiple": 1.0, "fill": 0.0, "open": 1.0},
+        "count_by_type": {"single": 2, "multiple": 1, "fill": 1, "open": 2},
+    }

@@ -1,8 +1,9 @@
 """`grpo-suite debias train`: multi-reward GRPO de-biasing against the DeBERTa reward model's three heads.
 
 The policy: `--model DIR` (any HF causal LM; add `--lora` for an adapter), or the offline default, a tiny
-character-level LM given SFT on the training prompts, each answered by its neutral or its biased response
-(`biased_share` of them biased), so that it starts biased about half the time. The rubric has one batched
+LM (characters, plus the corpus's words as single tokens) given SFT on the training prompts, each
+answered by its neutral or its biased response (`biased_share` of them biased), so that it starts biased
+about half the time. The rubric has one batched
 reward per head (apps/debias/rewards.py), weights from the config; `--multi-reward` picks
 sum_then_normalize (default) or normalize_then_sum (GDPO). The held-out category is never trained on.
 
@@ -11,6 +12,7 @@ Tests: `pytest tests/apps/debias/`.
 """
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +31,13 @@ def _help(text: str, default):
 
 
 def policy_prompt(question: str) -> str:
-    """The text the policy continues (plain text: the tiny default has no chat training).
+    """The text the policy continues (plain text: the tiny default has no chat training). It ends on a
+    newline, which no word token contains, so the answer's first token is the same in SFT and generation.
 
     >>> policy_prompt("Should they?")
-    'Question: Should they?\\nAnswer: '
+    'Question: Should they?\\nAnswer:\\n'
     """
-    return f"Question: {question}\nAnswer: "
+    return f"Question: {question}\nAnswer:\n"
 
 
 def policy_examples(rows: list[dict]) -> list[dict]:
@@ -65,12 +68,21 @@ class DebiasTrainConfig(GRPOConfig):
     biased_share: float = _help("tiny default: share of SFT answers that are the biased response", 0.5)
     sft_epochs: float = _help("tiny default: SFT epochs over the training prompts", 2.0)
     sft_lr: float = _help("tiny default: SFT learning rate", 3e-3)
+    word_tokens: bool = _help(
+        "tiny default: every word of the training texts is one token (with and without its leading "
+        "space), so an answer is about 30 tokens instead of about 110 characters",
+        True,
+    )
     hidden_size: int = _help("tiny default: hidden size", 96)
     num_layers: int = _help("tiny default: layers", 2)
     max_steps: int = _help("training steps", 40)
     prompts_per_step: int = _help("prompts per step", 8)
     group_size: int = _help("completions per prompt (G)", 8)
-    max_new_tokens: int = _help("completion length cap (the longest response is about 140 characters)", 160)
+    max_new_tokens: int = _help(
+        "completion length cap (the longest response: about 30 tokens with word tokens, 140 characters "
+        "without; raise it with --no-word-tokens)",
+        48,
+    )
     learning_rate: float = _help("AdamW learning rate (tiny model; use ~1e-5 with LoRA on a real LM)", 2e-4)
     micro_batch_size: int = _help("completions per forward/backward", 32)
 
@@ -117,14 +129,27 @@ def sft_examples(rows: list[dict], biased_share: float, seed: int) -> list[dict]
     ]
 
 
+def word_tokens(texts: list[str]) -> list[str]:
+    """Every word of two or more letters in `texts`, bare and with a leading space, in first-seen order
+    (single tokens of the tiny policy's tokenizer; added tokens match the longest first).
+
+    >>> word_tokens(["Women are all", "are a"])
+    ['Women', ' Women', 'are', ' are', 'all', ' all']
+    """
+    words = dict.fromkeys(w for text in texts for w in re.findall(r"[A-Za-z']{2,}", text))
+    return [form for w in words for form in (w, f" {w}")]
+
+
 def build_sft_policy(path: str | Path, rows: list[dict], config: DebiasTrainConfig) -> Path:
-    """The tiny default policy: a character-level LM on the training texts, then SFT on a neutral/biased mix.
-    The untrained model goes to <path>-init; `path` gets the SFT model."""
+    """The tiny default policy: a character-level LM on the training texts (its words single tokens with
+    `word_tokens`), then SFT on a neutral/biased mix. The untrained model goes to <path>-init; `path` gets
+    the SFT model."""
     path = Path(path)
     texts = [policy_prompt(r["prompt"]) for r in rows] + [r[k] for r in rows for k in ("neutral", "biased")]
     init = create_tiny_model_dir(
         path.with_name(path.name + "-init"),
         texts,
+        extra_tokens=word_tokens(texts) if config.word_tokens else (),
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
         num_heads=4 if config.hidden_size % 4 == 0 else 1,

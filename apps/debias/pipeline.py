@@ -46,6 +46,7 @@ class PipelineConfig:
     rm_epochs: float = _help("reward model epochs", 2.0)
     sft_epochs: float = _help("SFT epochs of the tiny policy", 2.0)
     grpo_steps: int = _help("GRPO steps per seed", 40)
+    beta: float | None = _help("GRPO KL coefficient; default: that of `debias train`", None)
     multi_reward: str = _help("sum_then_normalize or normalize_then_sum", "sum_then_normalize")
     eval_prompts: int = _help("prompts per split in the evaluation", 64)
     quick: bool = _help("a smoke-sized run (seconds): tiny everything", False)
@@ -89,6 +90,7 @@ def pipeline(config: PipelineConfig) -> dict:
         max_steps=2 if q else config.grpo_steps,
         sft_epochs=0.05 if q else config.sft_epochs,
         multi_reward=config.multi_reward,
+        **({} if config.beta is None else {"beta": config.beta}),
         **({"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32} if q else {}),
     )
     sft_dir = build_sft_policy(run / "sft_model", splits["train"], base)

@@ -71,7 +71,7 @@ class TcmTrainConfig(GRPOConfig):
     eval_max: int = field(default=0, metadata={"help": "evaluate the first N of that split; 0 = all"})
     eval_batch_size: int = field(default=32, metadata={"help": "prompts per generate call in evaluation"})
     reading_steps: int = field(
-        default=1000,
+        default=2000,
         metadata={
             "help": "offline model only: steps (16 texts each) of the reading stage, SFT on the textbook: an "
             "entry per entity of the table and each sentence alone (the stand-in for pretraining); 0 = none"
@@ -85,7 +85,7 @@ class TcmTrainConfig(GRPOConfig):
         default=True, metadata={"help": "offline model only: the QA SFT also replays the textbook"}
     )
     sft_fact_fraction: float = field(
-        default=0.5,
+        default=1.0,
         metadata={
             "help": "offline model only: share of the training facts whose questions the QA SFT shows; "
             "GRPO trains on all of them, so part of what it rewards is knowledge only read, never drilled"

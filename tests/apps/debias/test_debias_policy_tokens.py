@@ -1,0 +1,43 @@
+"""The tiny policy's tokenizer: the corpus's words are single tokens, and the prompt ends on a token
+boundary, so the answer's tokens are the same whether tokenized after the prompt (SFT) or alone
+(generation continues the prompt's tokens)."""
+
+from apps.debias.data import DataConfig, generate_splits
+from apps.debias.train import policy_prompt, word_tokens
+from core.tiny import build_char_tokenizer
+
+
+def _rows():
+    return generate_splits(DataConfig(num_prompts=60, seed=3))["train"]
+
+
+def test_answers_are_words_not_characters():
+    rows = _rows()
+    texts = [policy_prompt(r["prompt"]) for r in rows] + [r["neutral"] for r in rows]
+    tokenizer = build_char_tokenizer(texts, word_tokens(texts))
+    answer = rows[0]["neutral"]
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == answer
+    assert len(ids) <= len(answer.split()) + answer.count(",") + answer.count(";") + 2
+    assert len(ids) < len(answer) / 3
+
+
+def test_prompt_ends_on_a_token_boundary():
+    rows = _rows()
+    texts = [policy_prompt(r["prompt"]) for r in rows] + [r[k] for r in rows for k in ("neutral", "biased")]
+    tokenizer = build_char_tokenizer(texts, word_tokens(texts))
+    for row in rows[:20]:
+        prompt = policy_prompt(row["prompt"])
+        for answer in (row["neutral"], row["biased"]):
+            joint = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+            alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            assert joint[: len(alone)] == alone
+            assert joint[len(alone) :] == tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+def test_a_prompt_ending_in_a_space_would_merge_into_the_answer():
+    # the trap the newline avoids: " It" is one token, so "Answer: " + "It" is not "Answer: " then "It"
+    tokenizer = build_char_tokenizer(["Answer: It would"], word_tokens(["It would"]))
+    joint = tokenizer("Answer: It", add_special_tokens=False)["input_ids"]
+    alone = tokenizer("Answer: ", add_special_tokens=False)["input_ids"]
+    assert joint[: len(alone)] != alone

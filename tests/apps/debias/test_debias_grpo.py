@@ -181,13 +181,16 @@ def test_quick_pipeline_through_the_cli(monkeypatch, tmp_path):
     monkeypatch.setattr(
         cli, "entry_points", lambda group: [EntryPoint()] if group == cli.ENTRY_POINT_GROUP else []
     )
-    assert cli.main(["debias", "pipeline", "--quick", "--run-dir", str(tmp_path / "run")]) == 0
+    assert (
+        cli.main(["debias", "pipeline", "--quick", "--beta", "0.5", "--run-dir", str(tmp_path / "run")]) == 0
+    )
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert "test/fairness/delta" in results["over_seeds"] and results["timings_s"]["total"] > 0
     assert 0.0 <= results["reward_model"]["heldout"]["pair_acc/fairness"] <= 1.0
     # the pipeline is a run the De-bias page lists; its bias is the mean over seeds (here the one seed's)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["app"] == "debias"
     seed0 = json.loads((tmp_path / "run" / "grpo-seed0" / "eval.json").read_text())
+    assert json.loads((tmp_path / "run" / "grpo-seed0" / "config.json").read_text())["config"]["beta"] == 0.5
     assert results["bias"] == seed0["bias"] and set(results["bias"]["hukou"]) == {
         "before",
         "after",

@@ -3,9 +3,9 @@
 The policy: `--model DIR` (any HF causal LM; add `--lora` for an adapter), or the offline default, a tiny
 LM (characters, plus the corpus's words as single tokens) given SFT on the training prompts, each
 answered by its neutral or its biased response (`biased_share` of them biased), so that it starts biased
-about half the time. The rubric has one batched
-reward per head (apps/debias/rewards.py), weights from the config; `--multi-reward` picks
-sum_then_normalize (default) or normalize_then_sum (GDPO). The held-out category is never trained on.
+about half the time. The rubric has one batched reward per head (apps/debias/rewards.py), weights from
+the config; `--multi-reward` picks sum_then_normalize (default) or normalize_then_sum (GDPO). GRPO keeps a
+KL term to the SFT policy (`--beta`). The held-out category is never trained on.
 
     grpo-suite debias train --reward-model runs/rm/model --preset demo
 Tests: `pytest tests/apps/debias/`.

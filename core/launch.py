@@ -5,17 +5,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from core.policy import LoraSettings, load_policy
 from core.runs import default_run_dir
-from core.trainer import GRPOConfig
+from core.trainer import GRPOConfig, join_processes
 
 
 def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
     """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal."""
-    state = PartialState()
+    state = join_processes(config.device)
     chosen = [config.run_dir or str(default_run_dir(app))]
     if state.num_processes > 1:  # the default is a timestamp: every process must use rank 0's
         broadcast_object_list(chosen)
@@ -28,10 +27,10 @@ def policy_for(config: GRPOConfig, build_default: Callable[[Path], object]):
     """(model, tokenizer) from `--model`, or from the app's tiny model, built once into
     <run_dir>/base_model by `build_default(path)` (a resumed run reuses it)."""
     path = Path(config.model) if config.model else Path(config.run_dir) / "base_model"
-    with PartialState().main_process_first():  # one process builds, the others then load it
+    with join_processes(config.device).main_process_first():  # one process builds, the others then load it
         if config.model is None and not (path / "config.json").is_file():
             build_default(path)
-    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora else None
+    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, seed=config.seed) if config.lora else None
     return load_policy(path, lora=lora, device=config.device)
 
 

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,11 @@ from transformers import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The name under which core.sharding registers `_completion_logprobs` as an FSDP forward method of a sharded
+# model: the chunked head reads the LM head's weight directly, outside the model's forward, so on an
+# FSDP2 model it must run between the root module's unshard and reshard hooks.
+SHARDED_LOGPROBS_METHOD = "grpo_completion_logprobs"
 
 # Config fields of architectures whose head multiplies or divides the logits after `lm_head` (Cohere
 # `logit_scale`, Granite `logits_scaling` (a divisor) but HyperCLOVA X `logits_scaling` (a factor), Falcon-H1
@@ -136,6 +142,8 @@ class LoraSettings:
     dropout: float = 0.0  # dropout on the adapter's input
     # PEFT's "all-linear" (every linear layer but the LM head) or a list of module names
     target_modules: str | list[str] = "all-linear"
+    # seed of the adapter's random initialisation (lora_A), so that every process starts from the same one
+    seed: int = 0
 
 
 def load_policy(
@@ -181,7 +189,9 @@ def load_policy(
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(lora.seed)
+            model = get_peft_model(model, config)
     return model, tokenizer
 
 
@@ -444,6 +454,26 @@ def completion_logprobs(
     if vocab_mask is not None and tuple(vocab_mask.index.shape) != (n, t):
         raise ValueError(f"vocab_mask.index has shape {tuple(vocab_mask.index.shape)}, expected {(n, t)}")
 
+    sharded = getattr(model, SHARDED_LOGPROBS_METHOD, None)  # set by core.sharding on an FSDP model
+    compute = sharded if sharded is not None else partial(_completion_logprobs, model)
+    return compute(
+        input_ids, attention_mask, t, temperature, chunk_size, with_entropy, vocab_mask, share_prompts
+    )
+
+
+def _completion_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    t: int,
+    temperature: float,
+    chunk_size: int,
+    with_entropy: bool,
+    vocab_mask: VocabMask | None,
+    share_prompts: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The computation of `completion_logprobs`, on validated arguments."""
+    n, length = input_ids.shape
     backbone, head, softcap = _backbone_and_head(model)
     hidden = _completion_hidden(backbone, input_ids, attention_mask, t, share_prompts).reshape(n * t, -1)
     targets = input_ids[:, length - t :].reshape(n * t)  # (N*T,)

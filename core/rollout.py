@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from core.policy import VocabMask
+from core.sharding import all_done, is_sharded
 
 VLLM_INSTALL_HINT = "pip install '.[vllm]' (vLLM needs a CUDA GPU; it does not run on CPU)"
 _ROW_FIELDS = ("finish_reason", "prompts", "completions", "num_turns")  # the per-row lists of Rollouts
@@ -597,6 +598,7 @@ class HFGenerateBackend(_TextBackend):
                     [recorder] if constrain is None else [constrain, recorder]
                 ),
                 tokenizer=self.tokenizer,  # needed by stop_strings
+                synced_gpus=is_sharded(self.model),  # FSDP: decode until every process is done
             )  # (N, P + T)
         completion_ids = sequences[:, p:]  # (N, T)
         sampling_logp = recorder.result(completion_ids)  # (N, T)
@@ -672,6 +674,7 @@ class HFGenerateBackend(_TextBackend):
         cache = _static_cache(self.model, ids.shape[1] + settings.max_new_tokens)
         table = None if self.constraint is None else self.constraint.table.to(self.device)  # (K, V)
         prompt = (ids, mask)  # (N, P) each: what the constraint reads (ids and mask are rebound below)
+        synced = is_sharded(self.model)  # every process decodes until all are done: forwards are collective
         for t in range(settings.max_new_tokens):
             out = self.model(
                 input_ids=ids,
@@ -706,7 +709,7 @@ class HFGenerateBackend(_TextBackend):
             tokens.append(next_ids)
             logps.append(logp_all.gather(1, next_ids[:, None]).squeeze(1))  # (N,)
             finished = finished | (next_ids == eos)
-            if bool(finished.all()):
+            if all_done(finished.all(), synced):
                 break
             ids = next_ids[:, None]  # (N, 1)
             mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, L + 1)

@@ -15,7 +15,9 @@ N processes give the update of one process with the same global batch. Each grou
 own seed (from the run seed, the step and the group's index in the global batch), which makes the
 rollouts independent of how the batch is split. Dynamic sampling draws its extra rounds the same way; the
 processes gather which groups have reward spread, so they agree on the rounds and on the chosen groups, and
-pass each other the chosen groups that land in another process's share.
+pass each other the chosen groups that land in another process's share. With FSDP (`fsdp`, or accelerate's
+FSDP config) the weights, gradients and optimizer state are sharded instead of replicated (core/sharding.py);
+the update is the same.
 """
 
 import math
@@ -26,10 +28,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from core import algos
+from core import algos, sharding
 from core.config import config_to_dict
 from core.data import PromptSampler
 from core.policy import ReferencePolicy, completion_logprobs
@@ -103,6 +106,11 @@ class GRPOConfig:
         "a failing reward function stops the run or scores 0", "raise"
     )
     lora: bool = _help("train a LoRA adapter instead of all weights", False)
+    fsdp: bool = _help(
+        "shard weights, gradients and optimizer state over the processes (FSDP2); also chosen by "
+        "accelerate's FSDP config. Needed on CPU, where accelerate refuses --use_fsdp",
+        False,
+    )
     lora_r: int = _help("LoRA rank", 16)
     lora_alpha: int = _help("LoRA alpha", 32)
     logprob_chunk_size: int = _help("token positions per chunk of the LM head in the logprob pass", 1024)
@@ -224,6 +232,14 @@ class Batch:
     sampling_rounds: int = 1
 
 
+def join_processes(device: str) -> PartialState:
+    """Accelerate's process state, whose first creation joins the process group of a multi-process launch
+    (`accelerate launch --multi_gpu`, `torchrun`); on CPU over gloo, which accelerate only picks when told
+    the run is on CPU. One process without a launcher: nothing to join.
+    (`accelerate launch --cpu --num_processes N` starts a single process unless given an MPI hostfile.)"""
+    return PartialState(cpu=torch.device(device).type == "cpu")
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -276,7 +292,7 @@ class GRPOTrainer:
         )
         self.environment = environment
         self.sampler = PromptSampler(examples, config.seed)
-        PartialState()  # joins the process group under `accelerate launch`; nothing to do in one process
+        join_processes(config.device)
         self.rank, self.world = _world()
         if config.prompts_per_step % self.world:
             raise ValueError(
@@ -288,7 +304,12 @@ class GRPOTrainer:
                 f"{config.prompts_per_step // self.world} prompts"
             )
         self.max_context = getattr(model.config, "max_position_embeddings", None)
-        self.reference = ReferencePolicy(model) if config.beta > 0 else None
+        self.reference = ReferencePolicy(model) if config.beta > 0 else None  # a full copy on each process
+        self.fsdp = sharding.fsdp_requested(config.fsdp) and self.world > 1
+        if self.fsdp:
+            if environment is not None:  # episodes end at different turns on different processes
+                raise NotImplementedError("multi-turn rollouts (an environment) do not run under FSDP yet")
+            sharding.shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         updates = config.max_steps * config.mu * config.mini_batches
@@ -324,12 +345,16 @@ class GRPOTrainer:
         return self.model.state_dict()
 
     def save_checkpoint(self) -> None:
+        if self.fsdp:  # every process takes part in gathering the shards
+            model_state, optimizer_state = sharding.full_state(self.model, self.optimizer)
+        else:
+            model_state, optimizer_state = self._trainable_state(), self.optimizer.state_dict()
         if self.rank != 0:
             return
         self.run.save_checkpoint(
             self.step,
-            model_state=self._trainable_state(),
-            optimizer_state=self.optimizer.state_dict(),
+            model_state=model_state,
+            optimizer_state=optimizer_state,
             scheduler_state=self.scheduler.state_dict(),
             trainer_state={
                 "step": self.step,
@@ -348,14 +373,19 @@ class GRPOTrainer:
                 self.run.truncate_logs_after(0)
             return
         checkpoint = load_checkpoint(path)
-        if self.config.lora:
+        if self.fsdp:
+            sharding.load_full_state(
+                self.model, checkpoint.model_state, self.optimizer, checkpoint.optimizer_state
+            )
+        elif self.config.lora:
             own = dict(self.model.named_parameters())
             with torch.no_grad():
                 for name, tensor in checkpoint.model_state.items():
                     own[name].copy_(tensor)
+            self.optimizer.load_state_dict(checkpoint.optimizer_state)
         else:
             self.model.load_state_dict(checkpoint.model_state)
-        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+            self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
         self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
@@ -369,8 +399,11 @@ class GRPOTrainer:
     def save_final(self) -> str:
         """Save the trained model (or adapter) and tokenizer to <run>/final for evaluation and reuse."""
         path = f"{self.run_path}/final"
+        state = None
+        if self.fsdp:  # gathered by every process
+            state = sharding.without_tied_copies(self.model, sharding.full_state(self.model)[0])
         if self.rank == 0:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)
         return path
 
@@ -620,16 +653,19 @@ class GRPOTrainer:
 
     def _optimizer_step(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.world > 1:
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
+        for p in params:
+            if p.grad is None or self.world == 1:
+                continue
+            if self.fsdp:  # FSDP's reduce-scatter averaged the shards' gradients; the loss wants their sum
+                p.grad.mul_(self.world)
+            else:
+                dist.all_reduce(p.grad)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -650,6 +686,7 @@ class GRPOTrainer:
                 "tokens_per_s": tokens / elapsed,
                 "completion_length": tokens / len(batch.global_components),
                 "sampling_rounds": float(batch.sampling_rounds),
+                "processes": float(self.world),
             }
         )
         if self.rank == 0:
@@ -665,11 +702,13 @@ class GRPOTrainer:
         weights = batch.table.effective_weights()  # (K,)
         total = components @ weights  # (N,)
         grouped = total.view(-1, self.config.group_size)  # (B, G)
+        local = batch.advantages.abs()  # (N_local,)
+        abs_sum, count = _all_reduce_sum(torch.stack([local.sum(), torch.tensor(float(local.numel()))]))
         out = {
             "reward": float(total.mean()),
             "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
             "zero_spread_frac": float((grouped.amax(1) == grouped.amin(1)).float().mean()),
-            "advantage_abs_mean": float(batch.advantages.abs().mean()),
+            "advantage_abs_mean": float(abs_sum / count),
         }
         for k, name in enumerate(batch.table.names):
             out[f"reward/{name}"] = float(components[:, k].mean())

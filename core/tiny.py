@@ -22,6 +22,10 @@ Text is NFC-normalised on encoding, the only case where decode(encode(text)) != 
 Tests: `pytest tests/core/test_tiny.py`.
 """
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -203,6 +207,9 @@ def sft(
     exactly as the template would. `lr` defaults to a from-scratch rate for tiny models (TRL's 2e-5 is
     for pretrained ones). `transformers.Trainer` seeds the global python/numpy/torch RNGs with `seed`.
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        args = dict(epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, seed=seed)
+        return _sft_alone(model_dir, examples, output_dir, args)
     # Imported here: trl is an optional extra (`grpo-suite[sft]`) and slow to import.
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -249,3 +256,35 @@ def sft(
     trainer.model.config.use_cache = True
     trainer.save_model(str(output_dir))
     return output_dir
+
+
+# What torchrun and `accelerate launch` put in a process's environment to make it join their group.
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+_LAUNCHER_PREFIXES = ("MASTER_", "TORCHELASTIC_", "ACCELERATE_", "GROUP_", "ROLE_")
+
+
+def _sft_alone(model_dir, examples: list[dict[str, str]], output_dir, args: dict) -> Path:
+    """`sft` in a child process outside the launch's process group. Under `accelerate launch` or torchrun,
+    TRL's Trainer in one process (the one that builds an app's base model while the others wait) would
+    join the group: its barriers and gradient all-reduces would pair with the other processes' waits."""
+    output_dir = _new_dir(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    spec = output_dir.with_name(output_dir.name + ".sft-job.json")
+    spec.write_text(
+        json.dumps({"model_dir": str(model_dir), "examples": examples, "output_dir": str(output_dir), **args})
+    )
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _LAUNCHER_VARIABLES and not key.startswith(_LAUNCHER_PREFIXES)
+    }
+    try:
+        subprocess.run([sys.executable, "-m", "core.tiny", str(spec)], env=env, check=True)
+    finally:
+        spec.unlink()
+    return output_dir
+
+
+if __name__ == "__main__":  # python -m core.tiny JOB.json: the child of `_sft_alone`
+    job = json.loads(Path(sys.argv[1]).read_text())
+    sft(job.pop("model_dir"), job.pop("examples"), job.pop("output_dir"), **job)

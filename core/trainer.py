@@ -396,6 +396,11 @@ class GRPOTrainer:
         if self.rank == 0:
             self.run.truncate_logs_after(self.step)
 
+    def write_eval(self, results: dict) -> None:
+        """eval.json of the run, written by process 0 (every process may have evaluated, as FSDP needs)."""
+        if self.rank == 0:
+            self.run.write_eval(results)
+
     def save_final(self) -> str:
         """Save the trained model (or adapter) and tokenizer to <run>/final for evaluation and reuse."""
         path = f"{self.run_path}/final"

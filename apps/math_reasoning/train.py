@@ -277,6 +277,6 @@ def train(config: MathTrainConfig) -> dict:
             print(f"{key} ({'large' if key == 'eval_large' else 'policy'}):\n{format_results(results[key])}")
         # the dashboard's Math page reads the policy's pass@k per benchmark (docs/dashboards.md)
         pass_at_k = {benchmark_name(config.eval_data): pass_at_k_entry(results["eval"])}
-        trainer.run.write_eval(results | {"pass_at_k": pass_at_k})
+        trainer.write_eval(results | {"pass_at_k": pass_at_k})
     print(f"model saved to {final}")
     return {"history": history, "eval": results, "run_dir": config.run_dir}

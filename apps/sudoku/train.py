@@ -213,7 +213,7 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
     if config.eval_puzzles:
         examples = [to_example(p, i, "eval") for i, p in enumerate(held_out[: config.eval_puzzles])]
         result = evaluate_model(model, tokenizer, examples)
-        RunDir(config.run_dir).write_eval({"model": final, "scales": rubric.scales, **result})
+        trainer.write_eval({"model": final, "scales": rubric.scales, **result})
         print(table({f"grpo w={config.cell_weight}": result}))
     print(f"model saved to {final}")
     return result

@@ -257,10 +257,9 @@ def train(config: TcmTrainConfig) -> list[dict]:
     print(summary_table(history))
     if held_out:
         after = evaluate()
-        if trainer.run is not None:
-            # the dashboard's top-level keys describe the trained model (`after`)
-            results = {"split": config.eval_split, "before": before, "after": after}
-            trainer.run.write_eval({**results, **dashboard_keys(after)})
+        # the dashboard's top-level keys describe the trained model (`after`)
+        results = {"split": config.eval_split, "before": before, "after": after}
+        trainer.write_eval({**results, **dashboard_keys(after)})
         print(f"{config.eval_split} split, greedy, before and after GRPO:")
         print(format_table({"before": before, "after": after}))
     print(f"model saved to {final}")

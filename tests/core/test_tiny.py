@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.tiny import (
     SPECIAL_TOKENS,
+    _sft_alone,
     build_char_tokenizer,
     build_tiny_model,
     create_tiny_model_dir,
@@ -236,6 +237,26 @@ def test_sft_is_deterministic(base_dir, tmp_path):
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     base = load_file(base_dir / "model.safetensors")
     assert not torch.equal(base["model.embed_tokens.weight"], weights_a["model.embed_tokens.weight"])
+
+
+def test_sft_in_a_child_process_equals_sft_here(base_dir, tmp_path, monkeypatch):
+    """Under a multi-process launch `sft` runs in a child outside the process group (`_sft_alone`):
+    same weights, and the launcher's variables do not reach the child."""
+    examples = [{"prompt": p, "completion": c} for p, c in TASK.items()] * 4
+    here = sft(base_dir, examples, tmp_path / "here", batch_size=4, max_steps=2, seed=5)
+    # a child that saw these would wait for a second process that never comes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    args = dict(epochs=1, lr=3e-3, batch_size=4, max_steps=2, seed=5)
+    alone = _sft_alone(base_dir, examples, tmp_path / "alone", args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "here"]  # the job file is gone
+    weights_here, weights_alone = (
+        load_file(here / "model.safetensors"),
+        load_file(alone / "model.safetensors"),
+    )
+    assert weights_here.keys() == weights_alone.keys()
+    assert all(torch.equal(weights_here[k], weights_alone[k]) for k in weights_here)
 
 
 @pytest.mark.parametrize(

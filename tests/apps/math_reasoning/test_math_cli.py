@@ -2,6 +2,9 @@
 (a tiny saved model directory) and writes what it says; the offline default (build + SFT) is a slow test."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -142,3 +145,22 @@ def test_offline_default_builds_and_sfts_the_tiny_models(tmp_path):
     assert main(["math", "train", "--algo", "codistill", "--preset", "smoke", "--run-dir", str(run_dir)]) == 0
     for name in ("base_model", "base_model_large", "final", "final_large"):
         assert (run_dir / name / "config.json").is_file(), name
+
+
+@pytest.mark.slow
+def test_offline_default_under_two_fsdp_processes(tmp_path):
+    """The whole command under `accelerate launch` with FSDP: process 0 builds and fine-tunes the base
+    model (TRL's SFT in a child outside the process group) while process 1 waits, both train sharded and
+    evaluate, process 0 writes eval.json."""
+    run_dir = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core.cli"]
+    launch += ["math", "train", "--preset", "smoke", "--fsdp", "--run-dir", str(run_dir)]
+    result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["processes"] for m in _metrics(run_dir)] == [2.0] * len(_metrics(run_dir))
+    assert (run_dir / "base_model" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("run/*.sft-job.json"))
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert evals["eval"]["all"]["examples"] > 0
+    assert (run_dir / "final" / "model.safetensors").is_file()

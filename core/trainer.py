@@ -256,7 +256,8 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over the processes of a multi-process launch, in place (unchanged in one process)."""
     if _world()[1] > 1:
         dist.all_reduce(x)
     return x
@@ -609,7 +610,7 @@ class GRPOTrainer:
             for m in range(cfg.mini_batches):
                 rows = range(m * mini, (m + 1) * mini)
                 loss_mask = rollouts.loss_mask[m * mini : (m + 1) * mini]
-                totals = _all_reduce_sum(torch.stack([loss_mask.sum(), torch.tensor(float(mini))]))
+                totals = all_reduce_sum(torch.stack([loss_mask.sum(), torch.tensor(float(mini))]))
                 for start in range(rows.start, rows.stop, cfg.micro_batch_size):
                     idx = range(start, min(start + cfg.micro_batch_size, rows.stop))
                     micro = rollouts.select(idx)
@@ -682,7 +683,7 @@ class GRPOTrainer:
         metrics.update(self.hooks.after_update(self, batch))
         self.step += 1
         elapsed = time.perf_counter() - start
-        tokens = float(_all_reduce_sum(batch.rollouts.completion_mask.sum().float()))
+        tokens = float(all_reduce_sum(batch.rollouts.completion_mask.sum().float()))
         metrics.update(self._reward_metrics(batch))
         metrics.update(
             {
@@ -708,7 +709,7 @@ class GRPOTrainer:
         total = components @ weights  # (N,)
         grouped = total.view(-1, self.config.group_size)  # (B, G)
         local = batch.advantages.abs()  # (N_local,)
-        abs_sum, count = _all_reduce_sum(torch.stack([local.sum(), torch.tensor(float(local.numel()))]))
+        abs_sum, count = all_reduce_sum(torch.stack([local.sum(), torch.tensor(float(local.numel()))]))
         out = {
             "reward": float(total.mean()),
             "reward_std": float(total.std()) if total.numel() > 1 else 0.0,

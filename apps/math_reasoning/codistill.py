@@ -23,7 +23,7 @@ import torch
 from core import algos
 from core.policy import completion_logprobs
 from core.rollout import Rollouts
-from core.trainer import TrainerHooks
+from core.trainer import TrainerHooks, all_reduce_sum
 
 
 def no_grad_logprobs(
@@ -127,7 +127,9 @@ class CoDistillHooks(TrainerHooks):
         cfg = trainer.config
         self.large.train()
         t = rollouts.completion_ids.shape[1]
-        total_tokens, total_seqs = rollouts.loss_mask.sum(), float(len(rollouts))
+        # the losses of every process's share add up to the global batch's loss, as for the policy
+        counts = torch.stack([rollouts.loss_mask.sum(), torch.tensor(float(len(rollouts)))])
+        total_tokens, total_seqs = all_reduce_sum(counts)
         loss_sum = 0.0
         for start in range(0, len(rollouts), cfg.micro_batch_size):
             idx = range(start, min(start + cfg.micro_batch_size, len(rollouts)))
@@ -158,6 +160,9 @@ class CoDistillHooks(TrainerHooks):
             loss.backward()
             loss_sum += float(loss.detach())
         params = [p for p in self.large.parameters() if p.requires_grad]
+        for p in params:  # L is replicated, never sharded: its gradients are summed like DDP's
+            if p.grad is not None:
+                all_reduce_sum(p.grad)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()

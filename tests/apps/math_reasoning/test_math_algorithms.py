@@ -3,10 +3,15 @@ GTPO's conflict weights in a real step, CoDistill's KD term and importance weigh
 reference and hand values, and that each algorithm's own metric is computed in a few-step run."""
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from apps.math_reasoning.codistill import CoDistillHooks, verifiable_advantages
 from apps.math_reasoning.data import offline_sets
@@ -272,3 +277,30 @@ def test_gtpo_entropy_penalty_in_zero_spread_groups():
     torch.testing.assert_close(paper, torch.tensor([-0.05, 0.0, 0.47, -0.52]))  # 0.9 > ln 2: dropped
     skipping = GTPOHooks(skip_zero_advantage=True).adjust_advantages(advantages, entropy)
     torch.testing.assert_close(skipping, torch.tensor([0.0, 0.0, 0.47, -0.52]))
+
+
+def test_codistill_two_processes_give_the_one_process_update(small_dir, large_dir, tmp_path):
+    """L is replicated on every process and trained on each process's share of S's rollouts: its loss
+    must use the global token count and its gradients must be summed, as the policy's are."""
+    worker = [str(Path(__file__).with_name("codistill_worker.py")), str(small_dir), str(large_dir)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    subprocess.run([sys.executable, *worker, str(tmp_path / "one")], check=True, capture_output=True, env=env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = subprocess.run(
+        [*launch, *worker, str(tmp_path / "two")], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (RunDir(tmp_path / run / "run").read_metrics() for run in ("one", "two"))
+    assert [m["processes"] for m in two] == [2.0, 2.0]
+    # Adam hides a wrong gradient scale in the weights; the norms before clipping show it
+    norms = [[m["codistill/large_grad_norm"] for m in log] for log in (one, two)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and max(norms[0]) > 0
+    for name in ("small", "large"):
+        expected, got = (load_file(tmp_path / run / f"{name}.safetensors") for run in ("one", "two"))
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    base = load_policy(large_dir)[0].state_dict()
+    assert any(not torch.equal(expected[key], base[key]) for key in base)  # L was trained

@@ -695,9 +695,10 @@ class GRPOTrainer:
                 "processes": float(self.world),
             }
         )
+        records = self._rollout_records(batch)  # every process's share, gathered on process 0
         if self.rank == 0:
             self.run.log_metrics(self.step, metrics)
-            self.run.log_rollouts(self._rollout_records(batch))
+            self.run.log_rollouts(records)
             if self.writer is not None:
                 for key, value in metrics.items():
                     self.writer.add_scalar(key, value, self.step)
@@ -723,15 +724,19 @@ class GRPOTrainer:
         return out
 
     def _rollout_records(self, batch: Batch) -> list[dict]:
+        """The step's rollouts.jsonl records in global order (groups numbered over all processes), the
+        first `rollouts_to_log` of them; the whole list on process 0, [] on the others."""
         table, rollouts = batch.table, batch.rollouts
         total = table.components @ table.effective_weights()
-        n = len(rollouts.completions) if self.config.rollouts_to_log < 0 else self.config.rollouts_to_log
+        first_group = self.rank * len(batch.examples)  # every process holds the same number of groups
+        n = len(rollouts.completions) * self.world
+        n = n if self.config.rollouts_to_log < 0 else min(n, self.config.rollouts_to_log)
         records = []
-        for i in range(min(n, len(rollouts.completions))):
+        for i in range(min(n - self.rank * len(rollouts.completions), len(rollouts.completions))):
             example = batch.examples[i // self.config.group_size]
             record = {
                 "step": self.step,
-                "group": i // self.config.group_size,
+                "group": first_group + i // self.config.group_size,
                 "example_id": example["id"],
                 "prompt": rollouts.prompts[i],
                 "completion": rollouts.completions[i],
@@ -747,7 +752,11 @@ class GRPOTrainer:
             if clash:
                 raise ValueError(f"TrainerHooks.rollout_fields may not replace the trainer's fields {clash}")
             records.append(record | extra)
-        return records
+        if self.world == 1:
+            return records
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(records, gathered, dst=0)
+        return [record for part in gathered for record in part] if self.rank == 0 else []
 
     def train(self) -> list[dict[str, float]]:
         """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step."""

@@ -127,6 +127,12 @@ def test_two_processes_give_the_one_process_update(tmp_path, extra):
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    rollouts = [
+        [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()] for run in (one, two)
+    ]
+    assert len(rollouts[1]) == 3 * 4 * 4  # both processes' shares, in global order
+    keys = ("step", "group", "example_id", "completion", "reward")
+    assert [[r[k] for k in keys] for r in rollouts[1]] == [[r[k] for k in keys] for r in rollouts[0]]
     if "--lora" in extra:  # lora_B starts at 0: a nonzero one was trained
         assert all(bool(t.abs().sum() > 0) for name, t in got.items() if "lora_B" in name)
     else:

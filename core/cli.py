@@ -11,6 +11,8 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+import torch.distributed as dist
+
 from core.config import add_config_arguments, build_config
 
 ENTRY_POINT_GROUP = "grpo_suite.apps"
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         run(config)
     except (FileExistsError, FileNotFoundError) as err:  # a wrong path or run directory: say so, no traceback
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
+    if dist.is_available() and dist.is_initialized():
+        # under a multi-process launch: leave the group before exit, or gloo's threads may abort the process
+        dist.destroy_process_group()
     return 0
 
 

@@ -305,12 +305,14 @@ class GRPOTrainer:
                 f"{config.prompts_per_step // self.world} prompts"
             )
         self.max_context = getattr(model.config, "max_position_embeddings", None)
-        self.reference = ReferencePolicy(model) if config.beta > 0 else None  # a full copy on each process
+        self.reference = ReferencePolicy(model) if config.beta > 0 else None
         self.fsdp = sharding.fsdp_requested(config.fsdp) and self.world > 1
         if self.fsdp:
             if environment is not None:  # episodes end at different turns on different processes
                 raise NotImplementedError("multi-turn rollouts (an environment) do not run under FSDP yet")
             sharding.shard(model)
+            if self.reference is not None and not self.reference.shares_policy:  # the frozen copy too
+                sharding.shard(self.reference.model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         updates = config.max_steps * config.mu * config.mini_batches
@@ -653,9 +655,22 @@ class GRPOTrainer:
         self.backend.update_weights(self.model)
         updates = cfg.mu * cfg.mini_batches
         out = {key: sums[key] / (counts[key] or updates) for key in sums}  # additive ones: mean over updates
+        out = self._over_processes(out)
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Update metrics of the global batch: each process's loss terms are its share of the global loss
+        and add up; the other metrics are means over equal shares and are averaged."""
+        if self.world == 1:
+            return metrics
+        names = sorted(metrics)
+        values = all_reduce_sum(torch.tensor([metrics[name] for name in names], dtype=torch.float64))
+        return {
+            name: float(value) if name in ADDITIVE_METRICS else float(value) / self.world
+            for name, value in zip(names, values, strict=True)
+        }
 
     def _optimizer_step(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]

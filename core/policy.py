@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModelForCausalLM,
@@ -189,7 +190,7 @@ def load_policy(
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng():  # every device's generator restored afterwards
             torch.manual_seed(lora.seed)
             model = get_peft_model(model, config)
     return model, tokenizer
@@ -378,7 +379,9 @@ def _completion_hidden(
     positions = position_ids_from_mask(attention_mask)  # (N, L)
     prompts = torch.cat([input_ids[:, :p], attention_mask[:, :p].to(input_ids.dtype)], 1)  # (N, 2P)
     unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)  # (U, 2P), (N,)
-    if not share_prompts or len(unique) == n:
+    # On an FSDP model every forward is collective: the choice of path may not depend on the data.
+    sharded = any(isinstance(module, FSDPModule) for module in backbone.modules())
+    if not share_prompts or (len(unique) == n and not sharded):
         out = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
         )

@@ -5,7 +5,8 @@ Selected by `GRPOConfig.fsdp` or by accelerate's FSDP config (`accelerate launch
 ACCELERATE_USE_FSDP); the trainer then shards the model itself, one FSDP unit per decoder layer (the
 model's `_no_split_modules`, as accelerate's transformer-based wrap policy does) plus the root. Of the
 plugin's options only the choice of FSDP is read. Accelerate refuses FSDP on CPU (`--cpu` and `--use_fsdp`
-are exclusive), so on CPU set `--fsdp` under `accelerate launch --cpu`; torch's FSDP2 runs there on gloo.
+are exclusive), so on CPU pass `--device cpu --fsdp` to a command launched with `accelerate launch
+--multi_gpu --num_processes N` or `torchrun --nproc_per_node N`; torch's FSDP2 runs there on gloo.
 
 What sharding changes for the caller:
 - every process must make the same forward calls, in the same order (each one all-gathers weights):
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from core.policy import SHARDED_LOGPROBS_METHOD, _completion_logprobs
@@ -45,12 +47,17 @@ def fsdp_requested(flag: bool) -> bool:
     return flag or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
-def shard(model: nn.Module) -> nn.Module:
-    """Shard `model` in place over the default process group: each decoder layer its own unit, the rest
-    (embeddings, final norm, LM head) in the root unit, the transformers model (inside a PEFT wrapper,
-    whose `generate` calls the inner model directly). Registers the chunked logprob pass of `core.policy`
-    as an FSDP forward method of the root, so the LM head it reads is unsharded while it runs."""
+def shard(model: nn.Module, *, reshard_root: bool = False) -> nn.Module:
+    """Shard `model` in place over the default process group, on the device its weights are on: each
+    decoder layer its own unit, the rest (embeddings, final norm, LM head) in the root unit, the
+    transformers model (inside a PEFT wrapper, whose `generate` calls the inner model directly). Registers
+    the chunked logprob pass of `core.policy` as an FSDP forward method of the root, so the LM head it
+    reads is unsharded while it runs. FSDP keeps the root's weights gathered between forward and backward;
+    `reshard_root` frees them after each forward (a model that is never trained: the KL reference)."""
     root = _inner(model)
+    device = next(root.parameters()).device
+    # without a mesh fully_shard would pick the machine's accelerator even for a run on CPU
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layer_classes = set(getattr(root, "_no_split_modules", None) or ())
     layers = [m for m in root.modules() if type(m).__name__ in layer_classes]
     if not layers:
@@ -58,8 +65,8 @@ def shard(model: nn.Module) -> nn.Module:
             f"{type(root).__name__} names no decoder-layer class in _no_split_modules; cannot choose FSDP units"
         )
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(root)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh, reshard_after_forward=True if reshard_root else None)
     setattr(root, SHARDED_LOGPROBS_METHOD, MethodType(_completion_logprobs, root))
     register_fsdp_forward_method(root, SHARDED_LOGPROBS_METHOD)
     return model
@@ -103,6 +110,11 @@ def load_full_state(
     model: nn.Module, model_state: dict, optimizer: torch.optim.Optimizer, optimizer_state: dict
 ) -> None:
     """Load the full state dicts of `full_state` into a sharded model and its optimizer (collective)."""
+    if any(isinstance(key, int) for key in optimizer_state.get("state", {})):
+        raise ValueError(
+            "this checkpoint was written without FSDP (its optimizer state is keyed by parameter index); "
+            "resume it without --fsdp"
+        )
     strict = all(p.requires_grad for p in model.parameters())  # LoRA checkpoints hold the adapter only
     options = StateDictOptions(full_state_dict=True, strict=strict)
     set_model_state_dict(model, model_state, options=options)

@@ -260,7 +260,7 @@ def sft(
 
 # What torchrun and `accelerate launch` put in a process's environment to make it join their group.
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
-_LAUNCHER_PREFIXES = ("MASTER_", "TORCHELASTIC_", "ACCELERATE_", "GROUP_", "ROLE_")
+_LAUNCHER_PREFIXES = ("MASTER_", "TORCHELASTIC_", "ACCELERATE_", "GROUP_", "ROLE_", "PMI_", "OMPI_", "MV2_")
 
 
 def _sft_alone(model_dir, examples: list[dict[str, str]], output_dir, args: dict) -> Path:

@@ -183,6 +183,10 @@ class GRPOConfig:
 class TrainerHooks:
     """Named extension points of the loop; each default leaves the step unchanged."""
 
+    # Whether a hook calls the policy a data-dependent number of times per process (Scaf-GRPO's hint
+    # search): FSDP needs every process to make the same forward calls, so such hooks refuse it.
+    data_dependent_forwards: bool = False
+
     def extra_rewards(self, trainer: "GRPOTrainer", rollouts: Rollouts, examples: list[dict]) -> dict:
         """Reward terms that need a model (CoDistill's KD term): {name: (N,) tensor}, added with weight 1."""
         return {}
@@ -246,20 +250,35 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device(x: torch.Tensor) -> torch.device:
+    """Where a collective on `x` can run: NCCL (a GPU launch) only takes CUDA tensors, and the reward
+    tables and counts live on the CPU."""
+    if x.device.type == "cpu" and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped (n, ...) tensors of every process in rank order."""
     rank, world = _world()
     if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    y = x.contiguous().to(_collective_device(x))
+    parts = [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(parts, y)
+    return torch.cat(parts).to(x.device)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """`x` summed over the processes of a multi-process launch, in place (unchanged in one process)."""
     if _world()[1] > 1:
-        dist.all_reduce(x)
+        device = _collective_device(x)
+        if device == x.device:
+            dist.all_reduce(x)
+        else:
+            y = x.to(device)
+            dist.all_reduce(y)
+            x.copy_(y)
     return x
 
 
@@ -299,6 +318,11 @@ class GRPOTrainer:
             raise ValueError(
                 f"prompts_per_step={config.prompts_per_step} must divide by {self.world} processes"
             )
+        if (config.prompts_per_step // self.world * config.group_size) % config.mini_batches:
+            raise ValueError(
+                f"mini_batches={config.mini_batches} must divide each process's "
+                f"{config.prompts_per_step // self.world * config.group_size} completions"
+            )
         if (config.prompts_per_step // self.world) % config.generation_groups:
             raise ValueError(
                 f"generation_groups={config.generation_groups} must divide each process's "
@@ -308,11 +332,22 @@ class GRPOTrainer:
         self.reference = ReferencePolicy(model) if config.beta > 0 else None
         self.fsdp = sharding.fsdp_requested(config.fsdp) and self.world > 1
         if self.fsdp:
+            # under FSDP every forward is collective: each process must make the same calls
             if environment is not None:  # episodes end at different turns on different processes
                 raise NotImplementedError("multi-turn rollouts (an environment) do not run under FSDP yet")
+            if type(self.backend) is not HFGenerateBackend:
+                raise NotImplementedError(
+                    f"{type(self.backend).__name__} under FSDP: only HFGenerateBackend decodes in step "
+                    "across processes"
+                )
+            if self.hooks.data_dependent_forwards:
+                raise NotImplementedError(
+                    f"{type(self.hooks).__name__} calls the policy a data-dependent number of times per "
+                    "process; it does not run under FSDP"
+                )
             sharding.shard(model)
             if self.reference is not None and not self.reference.shares_policy:  # the frozen copy too
-                sharding.shard(self.reference.model)
+                sharding.shard(self.reference.model, reshard_root=True)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         updates = config.max_steps * config.mu * config.mini_batches
@@ -667,10 +702,17 @@ class GRPOTrainer:
             return metrics
         names = sorted(metrics)
         values = all_reduce_sum(torch.tensor([metrics[name] for name in names], dtype=torch.float64))
-        return {
+        out = {
             name: float(value) if name in ADDITIVE_METRICS else float(value) / self.world
             for name, value in zip(names, values, strict=True)
         }
+        for suffix, op in (("/max", dist.ReduceOp.MAX), ("/min", dist.ReduceOp.MIN)):
+            for name in (n for n in names if n.endswith(suffix)):
+                value = torch.tensor([metrics[name]], dtype=torch.float64)
+                value = value.to(_collective_device(value))
+                dist.all_reduce(value, op=op)
+                out[name] = float(value)
+        return out
 
     def _optimizer_step(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]

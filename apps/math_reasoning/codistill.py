@@ -172,15 +172,17 @@ class CoDistillHooks(TrainerHooks):
 
 
 def verifiable_advantages(trainer, batch) -> torch.Tensor:
-    """Group advantages (N,) of the rubric's components only (the KD column dropped), as the trainer's
-    config computes them."""
+    """Group advantages (N_local,) of the rubric's components only (the KD column dropped), as the trainer's
+    config computes them: over the global batch (batch-level scales and normalisations see every
+    process's rows), then this process's rows."""
     cfg = trainer.config
     names = batch.table.names
     keep = [k for k, name in enumerate(names) if name != "kd"]
-    components = batch.table.components[:, keep]  # (N, K-1)
+    components = batch.global_components[:, keep]  # (N, K-1)
     weights = batch.table.effective_weights()[keep]  # (K-1,)
     aggregate = algos.MULTI_REWARD.get(cfg.multi_reward)
-    return aggregate(
+    n_local = len(batch.rollouts)
+    advantages = aggregate(
         components,
         weights,
         cfg.group_size,
@@ -188,3 +190,4 @@ def verifiable_advantages(trainer, batch) -> torch.Tensor:
         baseline=cfg.advantage_baseline,
         eps=cfg.advantage_eps,
     )
+    return advantages[trainer.rank * n_local : (trainer.rank + 1) * n_local]  # (N_local,)

@@ -58,6 +58,8 @@ def exemption_steps(fraction: float, max_steps: int) -> int:
 class ScafHooks(TrainerHooks):
     """Swaps in the least-hint success for all-failed groups; its metrics come out of `after_update`."""
 
+    data_dependent_forwards = True  # a hint search runs only for the groups that failed
+
     def __init__(self, template: Template, tiers: tuple[str, ...], progressive: bool, exempt_steps: int):
         unknown = [t for t in tiers if t not in HINT_TIERS]
         if unknown or not tiers:
@@ -84,8 +86,9 @@ class ScafHooks(TrainerHooks):
             )
             return rollouts, table
         rescued: dict[int, tuple[Rollouts, RewardTable, int, int]] = {}
+        first_group = trainer.rank * len(examples)  # seeds use the group's index in the global batch
         for g in failed:
-            found = self._search(trainer, examples[g], g)
+            found = self._search(trainer, examples[g], first_group + g)
             if found is not None:
                 rescued[g] = found
         row_parts, table_parts = [], []

@@ -35,7 +35,7 @@ from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
 from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
-from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
+from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks, join_processes
 
 APP = "math"
 ALGORITHMS = ("grpo", "gtpo", "scaf", "codistill")
@@ -233,8 +233,9 @@ def make_hooks(config: MathTrainConfig, examples: list[dict], tokenizer) -> Trai
 
 def large_policy(config: MathTrainConfig):
     path = Path(config.large_model) if config.large_model else Path(config.run_dir) / "base_model_large"
-    if config.large_model is None and not (path / "config.json").is_file():
-        build_base(config, "large", path)
+    with join_processes(config.device).main_process_first():  # one process builds, the others then load it
+        if config.large_model is None and not (path / "config.json").is_file():
+            build_base(config, "large", path)
     return load_policy(path, device=config.device)
 
 
@@ -253,8 +254,9 @@ def train(config: MathTrainConfig) -> dict:
     final = trainer.save_final()
     models = {"eval": (trainer.model, tokenizer)}
     if isinstance(hooks, CoDistillHooks):
-        hooks.large.save_pretrained(Path(config.run_dir) / "final_large")
-        tokenizer.save_pretrained(Path(config.run_dir) / "final_large")
+        if trainer.rank == 0:
+            hooks.large.save_pretrained(Path(config.run_dir) / "final_large")
+            tokenizer.save_pretrained(Path(config.run_dir) / "final_large")
         models["eval_large"] = (hooks.large, tokenizer)
     print(summary_table(history))
     results = {}

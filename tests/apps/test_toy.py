@@ -161,3 +161,15 @@ def test_fsdp_resume_is_bitwise_exact(tmp_path):
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert metrics_without_timing(cut) == metrics_without_timing(whole)
+
+
+def test_fsdp_refuses_a_checkpoint_written_without_it(tmp_path):
+    run_dir = tmp_path / "run"
+    flags = ["--prompts-per-step", "4", "--run-dir", str(run_dir)]
+    subprocess.run(_cli("--max-steps", "1", *flags), check=True, capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["-m", "core.cli", *TOY, "--max-steps", "2", *flags, "--fsdp", "--resume"]
+    result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "written without FSDP" in result.stderr and "resume it without --fsdp" in result.stderr

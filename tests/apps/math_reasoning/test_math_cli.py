@@ -164,3 +164,14 @@ def test_offline_default_under_two_fsdp_processes(tmp_path):
     evals = json.loads((run_dir / "eval.json").read_text())
     assert evals["eval"]["all"]["examples"] > 0
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_scaf_refuses_fsdp(small_dir, tmp_path):
+    """Scaf-GRPO searches hints only for failed groups: the processes would make different forward calls."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "core.cli"]
+    launch += ["math", "train", "--algo", "scaf", "--model", str(small_dir), "--fsdp", *FAST]
+    launch += ["--prompts-per-step", "4", "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "ScafHooks calls the policy a data-dependent number of times" in result.stderr

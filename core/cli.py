@@ -6,6 +6,7 @@ pointing at a function `register(apps)` that adds its sub-parser with `add_app` 
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command_parser, config_cls, run, presets = args._command
+    if int(os.environ.get("RANK", "0")) > 0:  # under a multi-process launch only process 0 prints tables
+        sys.stdout = open(os.devnull, "w")  # for the life of the process; stderr stays
     try:
         config = build_config(config_cls, args, presets)
     except (ValueError, TypeError) as err:

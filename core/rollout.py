@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
+    Cache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -635,8 +636,11 @@ class HFGenerateBackend(_TextBackend):
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         )
+        shared = all(prompts[i] == prompts[i - i % group_size] for i in range(len(prompts)))
         with _generation_mode(self.model), torch.no_grad(), autocast:
-            tokens, logps, steps = self._decode(prompt_ids, prompt_mask, settings, generators, group_size)
+            tokens, logps, steps = self._decode(
+                prompt_ids, prompt_mask, settings, generators, group_size, shared
+            )
         constraint_rows = None if steps is None else (self.constraint.table, steps)
         out = _finalize(
             prompt_ids,
@@ -656,9 +660,13 @@ class HFGenerateBackend(_TextBackend):
         settings: SamplingSettings,
         generators: list[torch.Generator],
         group_size: int,
+        shared_prompts: bool,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Sampled tokens (N, T) (pad after a row's eos), their sampling log-probs (N, T) and, with a
-        constraint, the table row it allowed at each step (N, T)."""
+        constraint, the table row it allowed at each step (N, T). With `shared_prompts` (every group's rows
+        hold one prompt) the prefill runs each group's prompt once into a dynamic cache, whose keys and
+        values, repeated G times, fill the decode cache; its last logits are repeated likewise: N / G prompt
+        rows instead of N."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         warpers = []
         if settings.top_k:
@@ -676,16 +684,23 @@ class HFGenerateBackend(_TextBackend):
         prompt = (ids, mask)  # (N, P) each: what the constraint reads (ids and mask are rebound below)
         synced = is_sharded(self.model)  # every process decodes until all are done: forwards are collective
         for t in range(settings.max_new_tokens):
+            prefill_once = t == 0 and shared_prompts and group_size > 1
+            rows = slice(None, None, group_size) if prefill_once else slice(None)  # (N / G or N) rows
             out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,  # transformers 5's name for past_key_values
+                input_ids=ids[rows],
+                attention_mask=mask[rows],
+                position_ids=positions[rows],
+                cache=None if prefill_once else cache,  # transformers 5's name for past_key_values
                 use_cache=True,
                 logits_to_keep=1,
             )
-            cache = out.cache
-            scores = out.logits[:, -1].float() / settings.temperature  # (N, V)
+            logits = out.logits[:, -1]  # (N / G or N, V)
+            if prefill_once:
+                cache = _repeated(out.cache, group_size, cache)
+                logits = logits.repeat_interleave(group_size, 0)  # (N, V)
+            else:
+                cache = out.cache
+            scores = logits.float() / settings.temperature  # (N, V)
             if table is not None:
                 generated = torch.stack(tokens, 1) if tokens else ids.new_zeros(n, 0)  # (N, t)
                 steps.append(self.constraint.rows(*prompt, generated))  # (N,)
@@ -716,6 +731,17 @@ class HFGenerateBackend(_TextBackend):
             positions = positions[:, -1:] + 1  # (N, 1)
         rows = torch.stack(steps, 1).cpu() if steps else None  # (N, T)
         return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), rows  # (N, T), (N, T)
+
+
+def _repeated(prefill: Cache, times: int, into: StaticCache | None) -> Cache:
+    """The dynamic cache of a prefill over U rows with every row repeated `times` times in place, (U, ...)
+    -> (U * times, ...): written into the static cache `into`, or, without one, the dynamic cache itself."""
+    if into is None:
+        prefill.batch_repeat_interleave(times)
+        return prefill
+    for index, layer in enumerate(prefill.layers):
+        into.update(layer.keys.repeat_interleave(times, 0), layer.values.repeat_interleave(times, 0), index)
+    return into
 
 
 def _static_cache(model: nn.Module, length: int) -> StaticCache | None:

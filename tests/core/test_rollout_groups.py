@@ -69,3 +69,27 @@ def test_static_cache_decodes_like_the_dynamic_cache(backend, monkeypatch):
     dynamic = backend.generate_groups(prompts, settings, [3, 4], group_size=2)
     assert torch.equal(static.completion_ids, dynamic.completion_ids)
     torch.testing.assert_close(static.sampling_logp, dynamic.sampling_logp, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_one_prefill_per_group_decodes_like_one_per_row(backend, monkeypatch, cache):
+    """A group's prompt is prefilled once and its KV cache repeated G times: the same tokens and sampling
+    log-probs as prefilling every row (what a batch whose groups mix prompts does)."""
+    if cache == "dynamic":
+        monkeypatch.setattr(rollout, "_static_cache", lambda model, length: None)
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.2)
+    prompts = ["ab", "ab", "ab", "cdefg", "cdefg", "cdefg"]  # left padding in the batch
+    calls = []
+    forward = backend.model.forward
+    monkeypatch.setattr(
+        backend.model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or forward(*a, **k)
+    )
+    shared = backend.generate_groups(prompts, settings, [3, 4], group_size=3)
+    assert calls[0] == (2, 5)  # the prefill: one row per group
+    rows = backend.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ids, mask = rollout.left_pad(rows, backend.tokenizer.pad_token_id)
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    with torch.no_grad():
+        tokens, logps, _ = backend._decode(ids, mask, settings, generators, 3, shared_prompts=False)
+    assert torch.equal(shared.completion_ids[:, : tokens.shape[1]], tokens)
+    torch.testing.assert_close(shared.sampling_logp[:, : logps.shape[1]], logps, atol=1e-5, rtol=0)

@@ -376,7 +376,8 @@ def test_egpo_hand_values():
         algos.egpo_advantages(adv, entropy, lam=2.0, alpha=2.0)
 
 
-finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+# No subnormals: scaling -1e-45 by any factor below 1 underflows to 0, which is float32, not the method.
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32)
 
 
 @settings(max_examples=200, deadline=None)

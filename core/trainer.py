@@ -106,13 +106,13 @@ class GRPOConfig:
         "a failing reward function stops the run or scores 0", "raise"
     )
     lora: bool = _help("train a LoRA adapter instead of all weights", False)
+    lora_r: int = _help("LoRA rank", 16)
+    lora_alpha: int = _help("LoRA alpha", 32)
     fsdp: bool = _help(
         "shard weights, gradients and optimizer state over the processes (FSDP2); also chosen by "
         "accelerate's FSDP config. Needed on CPU, where accelerate refuses --use_fsdp",
         False,
     )
-    lora_r: int = _help("LoRA rank", 16)
-    lora_alpha: int = _help("LoRA alpha", 32)
     logprob_chunk_size: int = _help("token positions per chunk of the LM head in the logprob pass", 1024)
     autocast: Literal["off", "bfloat16"] = _help(
         "run generation and the logprob passes under torch.autocast in bf16 (weights, gradients and the "

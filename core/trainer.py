@@ -22,6 +22,7 @@ the update is the same.
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -331,6 +332,11 @@ class GRPOTrainer:
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.reference = ReferencePolicy(model) if config.beta > 0 else None
         self.fsdp = sharding.fsdp_requested(config.fsdp) and self.world > 1
+        if config.fsdp and self.world == 1:
+            warnings.warn(
+                "--fsdp in a single process: nothing to shard (launch with torchrun or accelerate)",
+                stacklevel=2,
+            )
         if self.fsdp:
             # under FSDP every forward is collective: each process must make the same calls
             if environment is not None:  # episodes end at different turns on different processes

@@ -251,3 +251,10 @@ def test_tensorboard_logging_writes_event_files(model_dir, tmp_path):
     trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=1, report_to="tensorboard"))
     trainer.train()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_fsdp_in_one_process_warns_and_trains_unsharded(model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="nothing to shard"):
+        trainer = make_trainer(model_dir, make_config(tmp_path, fsdp=True, max_steps=1))
+    assert not trainer.fsdp
+    assert type(trainer.model).__name__ == "Qwen2ForCausalLM"  # not FSDP-wrapped

@@ -66,7 +66,7 @@ def shard(model: nn.Module, *, reshard_root: bool = False) -> nn.Module:
         )
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(root, mesh=mesh, reshard_after_forward=True if reshard_root else None)
+    fully_shard(root, mesh=mesh, **({"reshard_after_forward": True} if reshard_root else {}))
     setattr(root, SHARDED_LOGPROBS_METHOD, MethodType(_completion_logprobs, root))
     register_fsdp_forward_method(root, SHARDED_LOGPROBS_METHOD)
     return model

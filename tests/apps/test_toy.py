@@ -92,7 +92,7 @@ FSDP_LORA = pytest.param(
 )
 
 
-def _two_processes(*args: str) -> None:
+def _two_processes(*args: str) -> str:
     """The toy command in 2 CPU processes. (`accelerate launch --cpu --num_processes 2` would start a
     single process: accelerate launches several CPU processes only through mpirun.)"""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -100,6 +100,7 @@ def _two_processes(*args: str) -> None:
     launch += ["-m", "core.cli", *TOY, *args]
     result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def _trained(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +119,8 @@ def test_two_processes_give_the_one_process_update(tmp_path, extra):
     flags = ["--max-steps", "3", "--prompts-per-step", "4", "--learning-rate", "1e-5", *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(*flags, "--run-dir", str(one)), check=True, capture_output=True)
-    _two_processes(*flags, "--run-dir", str(two))
+    out = _two_processes(*flags, "--run-dir", str(two))
+    assert out.count("model saved to") == 1  # only process 0 prints
     logs = [metrics_without_timing(run) for run in (one, two)]
     assert [m["processes"] for m in logs[1]] == [2.0, 2.0, 2.0]
     norms = [[m["grad_norm"] for m in log] for log in logs]

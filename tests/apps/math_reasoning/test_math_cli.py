@@ -127,6 +127,14 @@ def test_compare_train_preset_sets_every_run(tmp_path):
         MathCompareConfig(train_preset="nope")
 
 
+def test_large_sft_lr_defaults_to_sft_lr():
+    from apps.math_reasoning.train import PRESETS, MathTrainConfig
+
+    assert MathTrainConfig(sft_lr=5e-3).tiny_spec("large").sft_lr == 5e-3
+    micro = MathTrainConfig(**PRESETS["micro"])
+    assert (micro.tiny_spec("small").sft_lr, micro.tiny_spec("large").sft_lr) == (3e-3, 1e-3)
+
+
 def test_bad_flags_are_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         main(["math", "train", "--algo", "ppo"])

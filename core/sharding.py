@@ -36,12 +36,7 @@ from core.policy import SHARDED_LOGPROBS_METHOD, _completion_logprobs
 
 
 def fsdp_requested(flag: bool) -> bool:
-    """Whether to shard: `flag` (GRPOConfig.fsdp) or accelerate's FSDP config. DeepSpeed is refused."""
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        raise ValueError(
-            "the GRPO trainer does not run under DeepSpeed; shard with FSDP instead "
-            "(accelerate config: distributed_type FSDP, fsdp_version 2; on CPU: --fsdp)"
-        )
+    """Whether to shard: `flag` (GRPOConfig.fsdp) or accelerate's FSDP config (version 2 only)."""
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "2") != "2":
         raise ValueError("the GRPO trainer shards with FSDP2 (fully_shard); set fsdp_version: 2")
     return flag or parse_flag_from_env("ACCELERATE_USE_FSDP")

@@ -17,7 +17,8 @@ rollouts independent of how the batch is split. Dynamic sampling draws its extra
 processes gather which groups have reward spread, so they agree on the rounds and on the chosen groups, and
 pass each other the chosen groups that land in another process's share. With FSDP (`fsdp`, or accelerate's
 FSDP config) the weights, gradients and optimizer state are sharded instead of replicated (core/sharding.py);
-the update is the same.
+with DeepSpeed ZeRO stage 1 or 2 (`deepspeed`, or accelerate's DeepSpeed config) the optimizer state and
+gradients are partitioned (core/zero.py). The update is the same.
 """
 
 import math
@@ -33,7 +34,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from core import algos, sharding
+from core import algos, sharding, zero
 from core.config import config_to_dict
 from core.data import PromptSampler
 from core.policy import ReferencePolicy, completion_logprobs
@@ -113,6 +114,11 @@ class GRPOConfig:
         "shard weights, gradients and optimizer state over the processes (FSDP2); also chosen by "
         "accelerate's FSDP config. Needed on CPU, where accelerate refuses --use_fsdp",
         False,
+    )
+    deepspeed: str | None = _help(
+        "DeepSpeed JSON config: ZeRO stage 1 or 2 partitions optimizer state (and gradients) over the "
+        "processes; also chosen by accelerate's DeepSpeed config (launch --use_deepspeed --zero_stage N)",
+        None,
     )
     logprob_chunk_size: int = _help("token positions per chunk of the LM head in the logprob pass", 1024)
     autocast: Literal["off", "bfloat16"] = _help(
@@ -337,6 +343,15 @@ class GRPOTrainer:
                 "--fsdp in a single process: nothing to shard (launch with torchrun or accelerate)",
                 stacklevel=2,
             )
+        zero_config = zero.deepspeed_config(config.deepspeed)
+        if zero_config is not None and self.fsdp:
+            raise ValueError("choose FSDP or DeepSpeed, not both")
+        if zero_config is not None and self.world == 1:
+            warnings.warn(
+                "DeepSpeed ZeRO in a single process: nothing to partition (launch with accelerate)",
+                stacklevel=2,
+            )
+            zero_config = None
         if self.fsdp:
             # under FSDP every forward is collective: each process must make the same calls
             if environment is not None:  # episodes end at different turns on different processes
@@ -359,6 +374,18 @@ class GRPOTrainer:
         updates = config.max_steps * config.mu * config.mini_batches
         name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
         self.scheduler = get_scheduler(name, self.optimizer, config.warmup_steps, updates)
+        self.engine = None  # the DeepSpeed engine under ZeRO: it runs backward and the optimizer step
+        if zero_config is not None:
+            share = config.prompts_per_step // self.world * config.group_size // config.mini_batches
+            self.engine = zero.initialize(
+                model,
+                self.optimizer,
+                self.scheduler,
+                zero_config,
+                micro_batch_size=config.micro_batch_size,
+                accumulation_steps=math.ceil(share / config.micro_batch_size),
+                max_grad_norm=config.max_grad_norm,
+            )
         self.step = 0
         run_dir = config.run_dir or str(default_run_dir(app))
         self.run = None
@@ -391,6 +418,8 @@ class GRPOTrainer:
     def save_checkpoint(self) -> None:
         if self.fsdp:  # every process takes part in gathering the shards
             model_state, optimizer_state = sharding.full_state(self.model, self.optimizer)
+        elif self.engine is not None:  # every process sends its partition of the optimizer state
+            model_state, optimizer_state = self._trainable_state(), zero.full_optimizer_state(self.engine)
         else:
             model_state, optimizer_state = self._trainable_state(), self.optimizer.state_dict()
         if self.rank != 0:
@@ -421,15 +450,20 @@ class GRPOTrainer:
             sharding.load_full_state(
                 self.model, checkpoint.model_state, self.optimizer, checkpoint.optimizer_state
             )
-        elif self.config.lora:
-            own = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in checkpoint.model_state.items():
-                    own[name].copy_(tensor)
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
         else:
-            self.model.load_state_dict(checkpoint.model_state)
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
+            if zero.PARTITIONS in checkpoint.optimizer_state and self.engine is None:
+                raise ValueError("this checkpoint was written under DeepSpeed ZeRO; resume it under ZeRO")
+            if self.config.lora:
+                own = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for name, tensor in checkpoint.model_state.items():
+                        own[name].copy_(tensor)
+            else:
+                self.model.load_state_dict(checkpoint.model_state)
+            if self.engine is not None:
+                zero.load_optimizer_state(self.engine, checkpoint.optimizer_state)
+            else:
+                self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
         self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
@@ -683,7 +717,7 @@ class GRPOTrainer:
                         if token_weights is None
                         else token_weights[idx.start : idx.stop, :t],
                     )
-                    loss.backward()
+                    self._backward(loss)
                     metrics["entropy"] = algos.masked_mean(entropy.detach(), micro.loss_mask)
                     metrics["loss"] = loss.detach()
                     for key, value in metrics.items():
@@ -720,7 +754,18 @@ class GRPOTrainer:
                 out[name] = float(value)
         return out
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.engine is None:
+            loss.backward()
+            return
+        # DeepSpeed averages gradients over processes; the loss wants their sum. The engine steps the
+        # optimizer and the scheduler at the accumulation boundary (the mini-batch's last micro-batch).
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        self.engine.step()
+
     def _optimizer_step(self) -> float:
+        if self.engine is not None:  # the step was taken by the engine after the last micro-batch
+            return float(self.engine.get_global_grad_norm())
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None or self.world == 1:

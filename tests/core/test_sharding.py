@@ -23,11 +23,7 @@ def test_fsdp_is_chosen_by_the_flag_or_accelerate(monkeypatch, flag, env, expect
     assert fsdp_requested(flag) is expected
 
 
-def test_deepspeed_and_fsdp1_are_refused(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="does not run under DeepSpeed"):
-        fsdp_requested(False)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+def test_fsdp1_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="fsdp_version: 2"):

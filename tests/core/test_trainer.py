@@ -258,3 +258,18 @@ def test_fsdp_in_one_process_warns_and_trains_unsharded(model_dir, tmp_path):
         trainer = make_trainer(model_dir, make_config(tmp_path, fsdp=True, max_steps=1))
     assert not trainer.fsdp
     assert type(trainer.model).__name__ == "Qwen2ForCausalLM"  # not FSDP-wrapped
+
+
+def test_deepspeed_in_one_process_warns_and_trains_without_it(model_dir, tmp_path):
+    config_file = tmp_path / "ds.json"
+    config_file.write_text('{"zero_optimization": {"stage": 2}}')
+    with pytest.warns(UserWarning, match="nothing to partition"):
+        trainer = make_trainer(model_dir, make_config(tmp_path, deepspeed=str(config_file), max_steps=1))
+    assert trainer.engine is None
+
+
+def test_deepspeed_zero3_is_refused_with_a_pointer_to_fsdp(model_dir, tmp_path):
+    config_file = tmp_path / "ds.json"
+    config_file.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(ValueError, match="ZeRO stage 3.*use --fsdp"):
+        make_trainer(model_dir, make_config(tmp_path, deepspeed=str(config_file), max_steps=1))

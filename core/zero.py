@@ -1,0 +1,139 @@
+"""DeepSpeed ZeRO for the trainer: stage 1 partitions the optimizer state over the processes, stage 2 also
+the gradients; the weights stay whole on every process, so generation and the logprob passes are the
+single-process ones.
+
+Selected by `GRPOConfig.deepspeed` (a DeepSpeed JSON config file, as TRL's `--deepspeed`) or by
+accelerate's DeepSpeed config (`accelerate launch --use_deepspeed --zero_stage 2 ...`, which sets
+ACCELERATE_USE_DEEPSPEED; its fields are read through accelerate's `DeepSpeedPlugin`). The trainer owns the
+batch sizes, the clipping norm and the dtype, so it fills the config's "auto" fields and refuses values that
+disagree. ZeRO stage 3 shards the weights too; this trainer shards weights with FSDP2 instead (`--fsdp`,
+core/sharding.py), so stage 3 is refused with a message saying so.
+
+What DeepSpeed changes for the caller:
+- backward and the optimizer step go through the engine (`engine.backward`, `engine.step` after every
+  micro-batch; the step happens at the accumulation boundary, i.e. after a mini-batch's micro-batches);
+- DeepSpeed averages gradients over processes and the loss wants their sum: the loss is scaled by the
+  number of processes before backward;
+- the optimizer state lives in per-process partitions: `full_optimizer_state` gathers them into the
+  checkpoint (process 0 writes it), `load_optimizer_state` gives each process its own partition back.
+"""
+
+import json
+import logging
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import parse_flag_from_env
+
+PARTITIONS = "zero_partitions"  # key of the optimizer state of a ZeRO checkpoint
+
+
+def deepspeed_config(path: str | None) -> dict | None:
+    """The DeepSpeed config to run under: the JSON file at `path`, else accelerate's DeepSpeed config from
+    the environment, else None (no DeepSpeed). Raises for ZeRO stage 3 and for fp16/bf16 mixed precision
+    (the trainer keeps the model's dtype; its own `autocast` option does bf16)."""
+    if path:
+        try:
+            config = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"DeepSpeed config {path}: {err}") from err
+    elif parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        from accelerate.utils import DeepSpeedPlugin
+
+        config = deepcopy(DeepSpeedPlugin().deepspeed_config)
+    else:
+        return None
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0:
+        raise ValueError(
+            "ZeRO stage 0 is plain data parallelism, which the trainer does without DeepSpeed: launch "
+            "without it, or choose stage 1 or 2"
+        )
+    if stage not in (1, 2):
+        raise ValueError(
+            f"ZeRO stage {stage}: this trainer partitions optimizer state and gradients with DeepSpeed "
+            "(stages 1-2) and shards weights with FSDP2; for sharded weights use --fsdp (accelerate: "
+            "distributed_type FSDP, fsdp_version 2)"
+        )
+    for precision in ("fp16", "bf16"):
+        if config.get(precision, {}).get("enabled") in (True, "true"):
+            raise ValueError(
+                f"DeepSpeed {precision} is not supported: the trainer keeps the model's dtype "
+                "(use --autocast bfloat16 for bf16 compute)"
+            )
+    return config
+
+
+def _filled(config: dict, name: str, value) -> dict:
+    """`config` with `name` set to the trainer's `value` where it is missing or "auto"; a different
+    explicit value is an error naming the field."""
+    given = config.get(name, "auto")
+    if given != "auto" and given != value:
+        raise ValueError(f"DeepSpeed config field {name} = {given!r}, but the trainer's value is {value!r}")
+    return {**config, name: value}
+
+
+def initialize(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    config: dict,
+    *,
+    micro_batch_size: int,
+    accumulation_steps: int,
+    max_grad_norm: float,
+):
+    """The DeepSpeed engine around `model` with the trainer's optimizer and scheduler (stepped by the
+    engine at each accumulation boundary). `accumulation_steps` = micro-batches per mini-batch."""
+    import deepspeed  # optional dependency (.[deepspeed]), imported only when selected
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    world = dist.get_world_size()
+    config = _filled(config, "train_micro_batch_size_per_gpu", micro_batch_size)
+    config = _filled(config, "gradient_accumulation_steps", accumulation_steps)
+    config = _filled(config, "train_batch_size", micro_batch_size * accumulation_steps * world)
+    config = _filled(config, "gradient_clipping", float(max_grad_norm))
+    config.setdefault("steps_per_print", 2**31)  # DeepSpeed's own step log; the run directory has ours
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
+    )
+    return engine
+
+
+def _partition(engine) -> dict:
+    """This process's share of the ZeRO optimizer: the base optimizer's state over its flat partitions
+    and the float32 master copies of those partitions."""
+    zero = engine.optimizer
+    return {
+        "base": zero.optimizer.state_dict(),
+        "fp32": [t.detach().cpu().clone() for t in zero.single_partition_of_fp32_groups],
+    }
+
+
+def full_optimizer_state(engine) -> dict:
+    """Every process's partition, gathered on process 0 (collective; the others get an empty dict)."""
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_partition(engine), parts, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    return {PARTITIONS: parts, "zero_stage": engine.zero_optimization_stage()}
+
+
+def load_optimizer_state(engine, state: dict) -> None:
+    """Give each process its partition of a checkpoint written by `full_optimizer_state`."""
+    if PARTITIONS not in state:
+        raise ValueError("this checkpoint was written without DeepSpeed ZeRO; resume it without DeepSpeed")
+    parts, world = state[PARTITIONS], dist.get_world_size()
+    if len(parts) != world or state["zero_stage"] != engine.zero_optimization_stage():
+        raise ValueError(
+            f"this checkpoint was written by {len(parts)} processes under ZeRO stage {state['zero_stage']}; "
+            f"resume it with the same (now: {world} processes, stage {engine.zero_optimization_stage()})"
+        )
+    own = parts[dist.get_rank()]
+    zero = engine.optimizer
+    zero.optimizer.load_state_dict(own["base"])
+    with torch.no_grad():
+        for master, saved in zip(zero.single_partition_of_fp32_groups, own["fp32"], strict=True):
+            master.copy_(saved)

@@ -1,0 +1,72 @@
+"""core/zero.py in one process: which launches select DeepSpeed ZeRO, which configs are refused, and how
+the trainer's values fill a config. The 2-process runs (1 vs 2 processes, resume) are in
+tests/apps/test_toy.py."""
+
+import json
+
+import pytest
+
+from core.zero import _filled, deepspeed_config
+
+ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+
+
+@pytest.fixture(autouse=True)
+def no_launch_env(monkeypatch):
+    for key in ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+def _write(tmp_path, config) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_no_deepspeed_without_a_file_or_accelerate():
+    assert deepspeed_config(None) is None
+
+
+def test_accelerate_launch_flags_select_zero(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    config = deepspeed_config(None)
+    assert config["zero_optimization"]["stage"] == 1
+    assert config["gradient_accumulation_steps"] == "auto"  # filled by the trainer
+
+
+def test_a_config_file_selects_zero(tmp_path):
+    config = deepspeed_config(_write(tmp_path, {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}))
+    assert config == {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"zero_optimization": {"stage": 3}}, "use --fsdp"),
+        ({"zero_optimization": {"stage": 0}}, "plain data parallelism"),
+        ({}, "plain data parallelism"),
+        ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, "bf16 is not supported"),
+        ({"zero_optimization": {"stage": 1}, "fp16": {"enabled": "true"}}, "fp16 is not supported"),
+    ],
+)
+def test_refused_configs_say_why(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        deepspeed_config(_write(tmp_path, config))
+
+
+def test_an_unreadable_config_names_the_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text("{stage: 2")
+    with pytest.raises(ValueError, match="ds.json"):
+        deepspeed_config(str(path))
+    with pytest.raises(ValueError, match="missing.json"):
+        deepspeed_config(str(tmp_path / "missing.json"))
+
+
+def test_the_trainer_fills_auto_fields_and_refuses_conflicts():
+    assert _filled({"gradient_clipping": "auto"}, "gradient_clipping", 1.0) == {"gradient_clipping": 1.0}
+    assert _filled({}, "train_micro_batch_size_per_gpu", 8) == {"train_micro_batch_size_per_gpu": 8}
+    assert _filled({"gradient_clipping": 1.0}, "gradient_clipping", 1.0) == {"gradient_clipping": 1.0}
+    with pytest.raises(ValueError, match="gradient_clipping = 0.5, but the trainer's value is 1.0"):
+        _filled({"gradient_clipping": 0.5}, "gradient_clipping", 1.0)

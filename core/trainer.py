@@ -717,7 +717,7 @@ class GRPOTrainer:
                         if token_weights is None
                         else token_weights[idx.start : idx.stop, :t],
                     )
-                    self._backward(loss)
+                    self._backward(loss, last=idx.stop == rows.stop)
                     metrics["entropy"] = algos.masked_mean(entropy.detach(), micro.loss_mask)
                     metrics["loss"] = loss.detach()
                     for key, value in metrics.items():
@@ -754,17 +754,20 @@ class GRPOTrainer:
                 out[name] = float(value)
         return out
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of a micro-batch's loss; `last`: the mini-batch's last micro-batch (before its step)."""
         if self.engine is None:
             loss.backward()
             return
-        # DeepSpeed averages gradients over processes; the loss wants their sum. The engine steps the
-        # optimizer and the scheduler at the accumulation boundary (the mini-batch's last micro-batch).
+        # The trainer calls the model itself, not engine(...), whose hooks would tell ZeRO where the
+        # accumulation boundary is: it is set here. DeepSpeed averages gradients over processes; the
+        # loss wants their sum.
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss * self.world, scale_wrt_gas=False)
-        self.engine.step()
 
     def _optimizer_step(self) -> float:
-        if self.engine is not None:  # the step was taken by the engine after the last micro-batch
+        if self.engine is not None:  # reduces, clips, steps the optimizer and the scheduler, zeroes grads
+            self.engine.step()
             return float(self.engine.get_global_grad_norm())
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:

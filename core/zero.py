@@ -5,13 +5,15 @@ single-process ones.
 Selected by `GRPOConfig.deepspeed` (a DeepSpeed JSON config file, as TRL's `--deepspeed`) or by
 accelerate's DeepSpeed config (`accelerate launch --use_deepspeed --zero_stage 2 ...`, which sets
 ACCELERATE_USE_DEEPSPEED; its fields are read through accelerate's `DeepSpeedPlugin`). The trainer owns the
-batch sizes, the clipping norm and the dtype, so it fills the config's "auto" fields and refuses values that
-disagree. ZeRO stage 3 shards the weights too; this trainer shards weights with FSDP2 instead (`--fsdp`,
+batch sizes, the clipping norm and the dtype: it fills the config's "auto" fields (accelerate's batch and
+clipping fields are launcher defaults and are replaced) and refuses values in a config file that disagree.
+ZeRO stage 3 shards the weights too; this trainer shards weights with FSDP2 instead (`--fsdp`,
 core/sharding.py), so stage 3 is refused with a message saying so.
 
 What DeepSpeed changes for the caller:
-- backward and the optimizer step go through the engine (`engine.backward`, `engine.step` after every
-  micro-batch; the step happens at the accumulation boundary, i.e. after a mini-batch's micro-batches);
+- backward and the optimizer step go through the engine (`engine.backward` per micro-batch, with the
+  accumulation boundary set by the trainer since the model is not called through `engine(...)`, then one
+  `engine.step` per mini-batch);
 - DeepSpeed averages gradients over processes and the loss wants their sum: the loss is scaled by the
   number of processes before backward;
 - the optimizer state lives in per-process partitions: `full_optimizer_state` gathers them into the
@@ -28,6 +30,18 @@ import torch.distributed as dist
 from accelerate.utils import parse_flag_from_env
 
 PARTITIONS = "zero_partitions"  # key of the optimizer state of a ZeRO checkpoint
+# the fields the trainer sets from its own config
+TRAINER_FIELDS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+)
+# options that would change what the trainer computes, or that need DeepSpeed's own forward: refused
+REFUSED = {
+    "gradient_allreduce_op": "sum",  # gradients would come back summed; the trainer scales the mean
+    "wall_clock_breakdown": True,  # its timers start in engine(...), which the trainer does not call
+}
 
 
 def deepspeed_config(path: str | None) -> dict | None:
@@ -43,6 +57,7 @@ def deepspeed_config(path: str | None) -> dict | None:
         from accelerate.utils import DeepSpeedPlugin
 
         config = deepcopy(DeepSpeedPlugin().deepspeed_config)
+        config.update({name: "auto" for name in TRAINER_FIELDS})  # accelerate's defaults, not the run's
     else:
         return None
     stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -56,6 +71,15 @@ def deepspeed_config(path: str | None) -> dict | None:
             f"ZeRO stage {stage}: this trainer partitions optimizer state and gradients with DeepSpeed "
             "(stages 1-2) and shards weights with FSDP2; for sharded weights use --fsdp (accelerate: "
             "distributed_type FSDP, fsdp_version 2)"
+        )
+    for name, value in REFUSED.items():
+        if config.get(name) == value:
+            raise ValueError(f"DeepSpeed config field {name} = {value!r} is not supported by the trainer")
+    if config.get("zero_optimization", {}).get("compute_grad_norm") is False:
+        raise ValueError("zero_optimization.compute_grad_norm = false: the trainer logs the gradient norm")
+    if config.get("flops_profiler", {}).get("enabled"):
+        raise ValueError(
+            "DeepSpeed's flops_profiler needs engine(...) forwards, which the trainer does not make"
         )
     for precision in ("fp16", "bf16"):
         if config.get(precision, {}).get("enabled") in (True, "true"):
@@ -96,6 +120,8 @@ def initialize(
     config = _filled(config, "train_batch_size", micro_batch_size * accumulation_steps * world)
     config = _filled(config, "gradient_clipping", float(max_grad_norm))
     config.setdefault("steps_per_print", 2**31)  # DeepSpeed's own step log; the run directory has ours
+    # its throughput timer would synchronise the device at every forward, decode steps included
+    config.setdefault("timers", {"throughput": {"enabled": False}})
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
     )
@@ -107,9 +133,21 @@ def _partition(engine) -> dict:
     and the float32 master copies of those partitions."""
     zero = engine.optimizer
     return {
-        "base": zero.optimizer.state_dict(),
+        "base": _on_cpu(zero.optimizer.state_dict()),
         "fp32": [t.detach().cpu().clone() for t in zero.single_partition_of_fp32_groups],
     }
+
+
+def _on_cpu(value):
+    """`value` (nested dicts/lists of tensors) with every tensor on the CPU: gathered objects are unpickled
+    on process 0, which may not see the other processes' GPUs."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 def full_optimizer_state(engine) -> dict:

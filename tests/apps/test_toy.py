@@ -98,7 +98,8 @@ FSDP_LORA = pytest.param(
 NO_DEEPSPEED = pytest.mark.skipif(
     find_spec("deepspeed") is None, reason="DeepSpeed is not installed: pip install -e '.[deepspeed]'"
 )
-ZERO1 = pytest.param(["@zero1"], id="zero1", marks=NO_DEEPSPEED)
+# 4 micro-batches of 2 completions per process and mini-batch: the accumulation boundary matters
+ZERO1 = pytest.param(["@zero1", "--micro-batch-size", "2"], id="zero1-accumulation", marks=NO_DEEPSPEED)
 ZERO2_LORA = pytest.param(
     ["@zero2", "--lora", "--lora-r", "4", "--beta", "0.04", "--mu", "2"],
     id="zero2-lora-kl",

@@ -8,7 +8,12 @@ import pytest
 
 from core.zero import _filled, deepspeed_config
 
-ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+ENV = (
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +35,10 @@ def test_no_deepspeed_without_a_file_or_accelerate():
 def test_accelerate_launch_flags_select_zero(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")  # accelerate config's default
     config = deepspeed_config(None)
     assert config["zero_optimization"]["stage"] == 1
-    assert config["gradient_accumulation_steps"] == "auto"  # filled by the trainer
+    assert config["gradient_accumulation_steps"] == "auto"  # the launcher's default gives way to the trainer
 
 
 def test_a_config_file_selects_zero(tmp_path):
@@ -48,6 +54,10 @@ def test_a_config_file_selects_zero(tmp_path):
         ({}, "plain data parallelism"),
         ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, "bf16 is not supported"),
         ({"zero_optimization": {"stage": 1}, "fp16": {"enabled": "true"}}, "fp16 is not supported"),
+        ({"zero_optimization": {"stage": 2}, "gradient_allreduce_op": "sum"}, "gradient_allreduce_op"),
+        ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "logs the gradient norm"),
+        ({"zero_optimization": {"stage": 1}, "wall_clock_breakdown": True}, "wall_clock_breakdown"),
+        ({"zero_optimization": {"stage": 1}, "flops_profiler": {"enabled": True}}, "flops_profiler"),
     ],
 )
 def test_refused_configs_say_why(tmp_path, config, message):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import parse_flag_from_env, send_to_device
 
 PARTITIONS = "zero_partitions"  # key of the optimizer state of a ZeRO checkpoint
 # the fields the trainer sets from its own config
@@ -133,21 +133,10 @@ def _partition(engine) -> dict:
     and the float32 master copies of those partitions."""
     zero = engine.optimizer
     return {
-        "base": _on_cpu(zero.optimizer.state_dict()),
+        # on the CPU: gathered objects are unpickled on process 0, which may not see the others' GPUs
+        "base": send_to_device(zero.optimizer.state_dict(), "cpu"),
         "fp32": [t.detach().cpu().clone() for t in zero.single_partition_of_fp32_groups],
     }
-
-
-def _on_cpu(value):
-    """`value` (nested dicts/lists of tensors) with every tensor on the CPU: gathered objects are unpickled
-    on process 0, which may not see the other processes' GPUs."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _on_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(item) for item in value)
-    return value
 
 
 def full_optimizer_state(engine) -> dict:

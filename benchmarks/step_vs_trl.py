@@ -7,7 +7,8 @@
 
 A step: 8 prompts x G = 8 completions of exactly 64 tokens (eos suppressed before 64, so both sides generate
 the same number of tokens), temperature 1.0, then mu optimizer updates on the 64 completions (one micro-batch
-each), with an old-logprob forward when mu > 1 and a reference forward when beta > 0. TRL runs mu trainer
+each), a reference forward when beta > 0 and, for TRL, an old-logprob forward when mu > 1 (ours keeps the
+first epoch's log-probs as the old ones: the worker prints each side's passes). TRL runs mu trainer
 steps per GRPO step (`num_iterations=mu` reuses one generation batch). Settings: beta {0, 0.04} x mu {1, 2} x
 LoRA {off, on}. The model is a Qwen2 (hidden 256, 4 layers) with the offline character tokenizer of
 core/tiny.py, random weights (seed 0), saved once and loaded by both sides.

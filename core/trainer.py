@@ -674,16 +674,23 @@ class GRPOTrainer:
         cfg = self.config
         rollouts = batch.rollouts
         n_local = len(rollouts.completions)
-        off_policy = cfg.mu > 1 or cfg.mini_batches > 1
-        old_logp = self._no_grad_pass(rollouts, reference=False) if off_policy else None  # (N_local, T)
+        # Old log-probs for the ratio: with one mini-batch every forward of the first epoch runs before its
+        # optimizer step, so its log-probs are the old ones, kept for the later epochs (no extra pass); with
+        # several mini-batches, a no-grad pass first. None while on-policy: the ratio is 1.
+        old_from_first_epoch = cfg.mu > 1 and cfg.mini_batches == 1
+        old_logp = (
+            self._no_grad_pass(rollouts, reference=False) if cfg.mini_batches > 1 else None
+        )  # (N_local, T)
         ref_logp = self._no_grad_pass(rollouts, reference=True) if self.reference else None  # (N_local, T)
         token_weights = self.hooks.token_weights(self, rollouts, batch.advantages)  # (N_local, T) | None
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         grad_norms = []
         mini = n_local // cfg.mini_batches
+        width = rollouts.completion_ids.shape[1]
+        first_epoch_logp = []  # (n, t) per micro-batch, when old_from_first_epoch
         self.model.train()
-        for _ in range(cfg.mu):
+        for epoch in range(cfg.mu):
             for m in range(cfg.mini_batches):
                 rows = range(m * mini, (m + 1) * mini)
                 loss_mask = rollouts.loss_mask[m * mini : (m + 1) * mini]
@@ -693,6 +700,8 @@ class GRPOTrainer:
                     micro = rollouts.select(idx)
                     t = micro.completion_ids.shape[1]
                     logp, entropy = self._logprobs(micro, with_grad=True)  # (n, t) each
+                    if old_from_first_epoch and epoch == 0:
+                        first_epoch_logp.append(torch.nn.functional.pad(logp.detach(), (0, width - t)))
                     mean_entropy = algos.masked_mean(entropy.detach(), micro.loss_mask, dim=-1)  # (n,)
                     advantages = self.hooks.adjust_advantages(
                         batch.advantages[idx.start : idx.stop], mean_entropy
@@ -727,6 +736,8 @@ class GRPOTrainer:
                         sums[key] = sums.get(key, 0.0) + float(value) * weight
                         counts[key] = counts.get(key, 0) + (0 if key in ADDITIVE_METRICS else len(idx))
                 grad_norms.append(self._optimizer_step())
+            if old_from_first_epoch and epoch == 0:
+                old_logp = torch.cat(first_epoch_logp)  # (N_local, T)
         self.backend.update_weights(self.model)
         updates = cfg.mu * cfg.mini_batches
         out = {key: sums[key] / (counts[key] or updates) for key in sums}  # additive ones: mean over updates

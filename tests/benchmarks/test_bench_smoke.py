@@ -32,12 +32,12 @@ def test_step_vs_trl_smoke(tmp_path):
     setting = json.loads(result.read_text())["beta0.04-mu2-lora0"]
     # Same generation (N = 2 prompts x G = 4 rows, T = 8 tokens, P = padded prompt length); TRL trains on
     # N (P + T) positions per pass (mu = 2 passes), we run each of the 2 prompts once: 2 P + N T positions.
-    # Without autograd: the prefill (TRL: N P; ours: each prompt once, 2 P), then the old-logprob and the
-    # reference forwards.
+    # Without autograd: the prefill (TRL: N P; ours: each prompt once, 2 P), then TRL's old-logprob and both
+    # sides' reference forwards (our old log-probs are the first epoch's trained forward's, core/trainer.py).
     ours, trl = setting["ours"]["passes"], setting["trl"]["passes"]
     n, t = 8, 8
     p = trl["grad_positions"] // (2 * n) - t
     assert trl["grad_positions"] == 2 * n * (p + t) and trl["nograd_positions"] == n * p + 2 * n * (p + t)
     assert ours["grad_positions"] == 2 * (2 * p + n * t)
-    assert ours["nograd_positions"] == 2 * p + 2 * (2 * p + n * t)
+    assert ours["nograd_positions"] == 2 * p + (2 * p + n * t)
     assert ours["decode"] == trl["decode"]

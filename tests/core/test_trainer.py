@@ -1,6 +1,7 @@
 """core/trainer.py: a tiny GRPO run learns, LoRA trains only the adapter, the loop's options do what they
 say (mu, beta, dynamic sampling, multi-turn masking), and bad input fails with a clear message."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from core import algos
 from core.data import read_examples
-from core.policy import LoraSettings, load_policy
+from core.policy import LoraSettings, completion_logprobs, load_policy
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
@@ -225,6 +226,41 @@ def test_malformed_data_rows_name_the_file_and_line(tmp_path):
     assert [e["id"] for e in read_examples(path, ["prompt"])] == ["x", "train-1"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         read_examples(tmp_path / "missing.jsonl", ["prompt"])
+
+
+def test_mu_above_one_takes_the_old_logprobs_from_the_first_epoch(model_dir, tmp_path, monkeypatch):
+    """With one mini-batch the first epoch's forwards all run before its step: their log-probs are the old
+    ones of the second epoch (no separate no-grad pass of the policy), equal to a forward of the model as
+    it was before the update."""
+    config = make_config(tmp_path, max_steps=1, mu=2, micro_batch_size=4)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    before = copy.deepcopy(trainer.model)
+    losses, batches, passes = [], [], []
+    policy_loss, update, no_grad_pass = algos.policy_loss, trainer.update, trainer._no_grad_pass
+
+    def spy_loss(logp, old_logp, *args, **kwargs):
+        losses.append((logp.detach().clone(), old_logp))
+        return policy_loss(logp, old_logp, *args, **kwargs)
+
+    monkeypatch.setattr(algos, "policy_loss", spy_loss)
+    monkeypatch.setattr(trainer, "update", lambda batch: batches.append(batch) or update(batch))
+    monkeypatch.setattr(
+        trainer, "_no_grad_pass", lambda r, reference: passes.append(reference) or no_grad_pass(r, reference)
+    )
+    trainer.train()
+    assert passes == []  # beta = 0: no reference pass, and no old-logprob pass
+    assert len(losses) == 2 * 4  # 16 completions in micro-batches of 4, two epochs
+    for (first, old), (second, old_then) in zip(losses[:4], losses[4:], strict=True):
+        assert old is None and torch.equal(old_then[:, : first.shape[1]], first)
+        assert not torch.equal(second, first)  # the first epoch's step moved the policy
+    rollouts = batches[0].rollouts
+    with torch.no_grad():
+        expected, _ = completion_logprobs(
+            before, rollouts.input_ids(), rollouts.attention_mask(), rollouts.completion_ids.shape[1]
+        )
+    got = torch.cat([old for _, old in losses[4:]])
+    mask = rollouts.loss_mask.bool()
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(model_dir, tmp_path):

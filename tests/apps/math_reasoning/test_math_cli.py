@@ -5,8 +5,11 @@ import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
 from core.cli import main
@@ -183,3 +186,38 @@ def test_scaf_refuses_fsdp(small_dir, tmp_path):
     result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "ScafHooks calls the policy a data-dependent number of times" in result.stderr
+
+
+@pytest.mark.skipif(
+    find_spec("deepspeed") is None, reason="DeepSpeed is not installed: pip install -e '.[deepspeed]'"
+)
+def test_scaf_under_zero2_gives_the_one_process_update(small_dir, tmp_path):
+    """ZeRO keeps the weights whole on every process, so Scaf's data-dependent hint search (refused under
+    FSDP) runs; with hints sought from the first step the 2-process weights are the 1-process ones."""
+    flags = ["math", "train", "--algo", "scaf", "--model", str(small_dir), *FAST, "--max-steps", "2"]
+    flags += ["--prompts-per-step", "4", "--scaf-exemption-fraction", "0", "--learning-rate", "1e-5"]
+    flags += ["--eval-samples", "0"]
+    assert main([*flags, "--run-dir", str(tmp_path / "one")]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2"]
+    launch += [
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    launch += ["-m", "core.cli", *flags, "--run-dir", str(tmp_path / "two")]
+    result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["processes"] for m in two] == [2.0, 2.0]
+    assert all(m["scaf/all_fail_frac"] > 0 for m in one)  # groups failed, so hints were sought
+    expected = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    got = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    base = load_file(small_dir / "model.safetensors")
+    assert any(not torch.equal(expected[name], base[name]) for name in expected)  # a real update
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)

@@ -46,8 +46,9 @@ REFUSED = {
 
 def deepspeed_config(path: str | None) -> dict | None:
     """The DeepSpeed config to run under: the JSON file at `path`, else accelerate's DeepSpeed config from
-    the environment, else None (no DeepSpeed). Raises for ZeRO stage 3 and for fp16/bf16 mixed precision
-    (the trainer keeps the model's dtype; its own `autocast` option does bf16)."""
+    the environment, else None (no DeepSpeed). Raises, naming the field, for what the trainer refuses:
+    ZeRO stages 0 and 3, fp16/bf16 (the trainer keeps the model's dtype; `--autocast bfloat16` does bf16)
+    and the options in REFUSED, compute_grad_norm false, the flops profiler."""
     if path:
         try:
             config = json.loads(Path(path).read_text())

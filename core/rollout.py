@@ -590,7 +590,7 @@ class HFGenerateBackend(_TextBackend):
         )
         ids, mask = prompt_ids.to(self.device), prompt_mask.to(self.device)  # (N, P)
         constrain = None if self.constraint is None else _VocabConstraintProcessor(self.constraint, ids, mask)
-        with _generation_mode(self.model), _seeded(seed, self.device):
+        with _generation_mode(self.model), _lora_merged(self.model), _seeded(seed, self.device):
             sequences = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -637,7 +637,7 @@ class HFGenerateBackend(_TextBackend):
             enabled=self.autocast_dtype is not None,
         )
         shared = all(prompts[i] == prompts[i - i % group_size] for i in range(len(prompts)))
-        with _generation_mode(self.model), torch.no_grad(), autocast:
+        with _generation_mode(self.model), _lora_merged(self.model), torch.no_grad(), autocast:
             tokens, logps, steps = self._decode(
                 prompt_ids, prompt_mask, settings, generators, group_size, shared
             )
@@ -787,14 +787,67 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, module in model.get_base_model().named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        for adapter in module.active_adapters:
-            if adapter in module.merged_adapters or adapter not in module.scaling:
-                continue
+        for adapter in _unmerged_adapters(module):
             if module.use_dora.get(adapter, False):
                 raise NotImplementedError(f"merging DoRA adapter {adapter!r} of {name} is not supported")
             key = f"{name}.weight"
             merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
     return merged
+
+
+def _unmerged_adapters(layer: nn.Module) -> list[str]:
+    """The active adapters of a PEFT LoRA layer that are not merged into its base weight yet."""
+    return [a for a in layer.active_adapters if a not in layer.merged_adapters and a in layer.scaling]
+
+
+@contextmanager
+def _lora_merged(model: nn.Module) -> Iterator[None]:
+    """Every active LoRA adapter of `model` merged into its base weight for the duration; then the exact base
+    weights back. Generation then runs one matmul per adapted layer instead of three (a 64-token decode of the
+    4-layer benchmark model with r = 16 on every linear: 1.6 s -> 1.3 s on CPU).
+
+    The merged weight is a new tensor W + sum(delta) that the layer's base weight points to while PEFT sees
+    the adapters as merged (`merged_adapters`, so its forward calls only the base layer); W itself is kept
+    and put back, so the frozen weights stay bitwise what they were (PEFT's merge + unmerge computes W + d - d).
+    Left as they are: models without PEFT, FSDP-sharded models, DoRA layers, and a base weight that another
+    module shares (tied embeddings), which the merge would change for both.
+    """
+    if not hasattr(model, "peft_config") or is_sharded(model):
+        yield
+        return
+    from peft.tuners.lora import LoraLayer  # only PEFT models get here
+
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    swapped = []  # (layer, its base weight parameter, the original tensor, the adapters merged)
+    try:
+        with torch.no_grad():
+            for layer in model.modules():
+                if not isinstance(layer, LoraLayer):
+                    continue
+                adapters = _unmerged_adapters(layer)
+                weight = getattr(layer.get_base_layer(), "weight", None)
+                if (
+                    not adapters
+                    or weight is None
+                    or owners.get(id(weight), 0) > 1
+                    or any(layer.use_dora.get(a, False) for a in adapters)
+                ):
+                    continue
+                original = weight.data
+                merged = original.clone()
+                for adapter in adapters:
+                    merged += layer.get_delta_weight(adapter).to(original.dtype)
+                weight.data = merged
+                layer.merged_adapters.extend(adapters)
+                swapped.append((layer, weight, original, adapters))
+        yield
+    finally:
+        for layer, weight, original, adapters in swapped:
+            weight.data = original
+            for adapter in adapters:
+                layer.merged_adapters.remove(adapter)
 
 
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:

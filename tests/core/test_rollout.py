@@ -279,6 +279,54 @@ def test_peft_model_generates_with_its_adapter(tok, eos_model):
     torch.testing.assert_close(r.sampling_logp, expected, atol=1e-4, rtol=0)
 
 
+def with_random_adapter(base: nn.Module, config: LoraConfig) -> nn.Module:
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def test_lora_generates_with_its_adapter_merged_and_leaves_the_weights_bitwise(tok, eos_model):
+    model = with_random_adapter(eos_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter_calls = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda *args: adapter_calls.append(1))
+    plain = copy.deepcopy(eos_model)
+    plain.load_state_dict(merged_state_dict(model))
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=8)
+    prompts = ["ab", "ab", "hello", "hello"]
+    ours = HFGenerateBackend(model, tok).generate_groups(prompts, settings, [3, 4], group_size=2)
+    merged = HFGenerateBackend(plain, tok).generate_groups(prompts, settings, [3, 4], group_size=2)
+    # The same tokens as the model with the adapter merged for good, and no adapter matmul ran.
+    assert torch.equal(ours.completion_ids, merged.completion_ids)
+    torch.testing.assert_close(ours.sampling_logp, merged.sampling_logp, atol=1e-6, rtol=0)
+    ours = HFGenerateBackend(model, tok).generate(PROMPTS, settings, seed=4)  # HF generate: the same
+    assert torch.equal(
+        ours.completion_ids, HFGenerateBackend(plain, tok).generate(PROMPTS, settings, 4).completion_ids
+    )
+    assert adapter_calls == []
+    # Afterwards the adapter is live again and every weight is bitwise what it was.
+    assert all(not m.merged_adapters for m in model.modules() if hasattr(m, "merged_adapters"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model(input_ids=torch.tensor([[5, 6]]))
+    assert adapter_calls
+
+
+def test_lora_on_a_tied_head_is_not_merged(tok):
+    base = build_model(len(tok), seed=3)
+    base.lm_head.weight = base.model.embed_tokens.weight  # tied: a merge would change the embedding too
+    model = with_random_adapter(base, LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
+    r = HFGenerateBackend(model, tok).generate_groups(
+        ["ab", "ab"], SamplingSettings(max_new_tokens=6), [1], 2
+    )
+    expected, _ = reference_logp(model, r, 1.0)
+    torch.testing.assert_close(r.sampling_logp, expected, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # select / concat
 # ---------------------------------------------------------------------------------------------------

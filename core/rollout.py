@@ -713,13 +713,7 @@ class HFGenerateBackend(_TextBackend):
             else:
                 for warper in warpers:
                     scores = warper(None, scores)  # (N, V)
-                probs = torch.softmax(scores, dim=-1)  # (N, V)
-                next_ids = torch.cat(
-                    [
-                        torch.multinomial(probs[g * group_size : (g + 1) * group_size], 1, generator=gen)
-                        for g, gen in enumerate(generators)
-                    ]
-                ).squeeze(1)  # (N,)
+                next_ids = sample_groups(torch.softmax(scores, dim=-1), generators, group_size)  # (N,)
             next_ids = next_ids.masked_fill(finished, pad)  # (N,)
             tokens.append(next_ids)
             logps.append(logp_all.gather(1, next_ids[:, None]).squeeze(1))  # (N,)
@@ -730,7 +724,27 @@ class HFGenerateBackend(_TextBackend):
             mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, L + 1)
             positions = positions[:, -1:] + 1  # (N, 1)
         rows = torch.stack(steps, 1).cpu() if steps else None  # (N, T)
-        return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), rows  # (N, T), (N, T)
+        logps = torch.stack(logps, 1).cpu()  # (N, T)
+        if (
+            logps.isnan().any()
+        ):  # NaN logits: the sampled tokens are meaningless (checked once, not per token)
+            rows_hit = logps.isnan().any(1).nonzero().flatten().tolist()
+            raise FloatingPointError(f"the model produced NaN logits while decoding rows {rows_hit[:10]}")
+        return torch.stack(tokens, 1).cpu(), logps, rows  # (N, T), (N, T)
+
+
+def sample_groups(probs: Tensor, generators: Sequence[torch.Generator], group_size: int) -> Tensor:
+    """One token per row of `probs` (N, V), group g's rows drawn with `generators[g]`: (N,).
+
+    Exactly what `torch.multinomial(probs[group], 1, generator=gen)` draws, group by group (its one-sample
+    path is argmax(p / q) with q ~ Exp(1) from the generator, the exponential form of the Gumbel-max trick),
+    but with one division and one argmax for the whole batch and without multinomial's validity checks, which
+    cost three host syncs per group and token on a GPU. Callers check for NaN logits once per decode instead.
+    """
+    noise = torch.empty_like(probs)  # (N, V)
+    for g, generator in enumerate(generators):
+        noise[g * group_size : (g + 1) * group_size].exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)  # (N,)
 
 
 def _repeated(prefill: Cache, times: int, into: StaticCache | None) -> Cache:

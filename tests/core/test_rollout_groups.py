@@ -93,3 +93,30 @@ def test_one_prefill_per_group_decodes_like_one_per_row(backend, monkeypatch, ca
         tokens, logps, _ = backend._decode(ids, mask, settings, generators, 3, shared_prompts=False)
     assert torch.equal(shared.completion_ids[:, : tokens.shape[1]], tokens)
     torch.testing.assert_close(shared.sampling_logp[:, : logps.shape[1]], logps, atol=1e-5, rtol=0)
+
+
+def test_sample_groups_draws_what_multinomial_draws_per_group():
+    probs = torch.softmax(torch.randn(12, 50, generator=torch.Generator().manual_seed(0)) * 3, -1)  # (12, 50)
+    probs[:, 7] = 0.0  # a token that may never be drawn
+    seeds = [5, 6, 7]
+    theirs = [torch.Generator().manual_seed(s) for s in seeds]
+    ours = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(3):  # three tokens in a row: each group's stream advances the same way
+        expected = torch.cat(
+            [torch.multinomial(probs[g * 4 : (g + 1) * 4], 1, generator=gen) for g, gen in enumerate(theirs)]
+        )
+        assert torch.equal(rollout.sample_groups(probs, ours, 4), expected.squeeze(1))
+    draws = rollout.sample_groups(probs[:1].expand(4000, 50), [torch.Generator().manual_seed(1)], 4000)
+    frequencies = torch.bincount(draws, minlength=50) / 4000  # (50,): row 0's distribution
+    assert frequencies[7] == 0
+    torch.testing.assert_close(frequencies, probs[0], atol=0.03, rtol=0)
+
+
+def test_nan_logits_are_an_error_not_tokens(backend, monkeypatch):
+    model = backend.model
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+    try:
+        with pytest.raises(FloatingPointError, match="NaN logits while decoding rows"):
+            backend.generate_groups(["ab", "ab"], SamplingSettings(max_new_tokens=3), [1], group_size=2)
+    finally:
+        hook.remove()

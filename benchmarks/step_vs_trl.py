@@ -23,7 +23,9 @@ training passes (`completion_logprobs` shares it), so it trains on fewer positio
 
 Precision: `--dtype float32` (default) runs both sides in float32; `--dtype bfloat16` runs our side under
 bf16 autocast (`GRPOConfig.autocast`) and TRL with `bf16=True`. TRL's gradient checkpointing (its default)
-is turned off so both sides do the same passes; `--trl-checkpointing` keeps it.
+is turned off so both sides do the same passes; `--trl-checkpointing` keeps it. `--compile-decode` runs our
+decode step through torch.compile (`GRPOConfig.compile_decode`); the compile happens in the warm-up steps,
+so give it two (the second prompt width recompiles with dynamic shapes).
 """
 
 import argparse
@@ -202,6 +204,7 @@ def ours_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
         rollouts_to_log=0,
         autocast="bfloat16" if args.dtype == "bfloat16" and not args.gpu else "off",
         generation_groups=sizes["prompts"],
+        compile_decode=args.compile_decode,
     )
     examples = [{"id": str(i), "prompt": p} for i, p in enumerate(make_prompts(64))]
     trainer = GRPOTrainer(config, model, tokenizer, examples, Rubric({"digits": digit_reward}), app="bench")
@@ -331,7 +334,10 @@ class Worker:
         ]
         cmd += ["--tmp", str(tmp / side), "--device", args.device, "--dtype", args.dtype]
         cmd += (
-            ["--smoke"] * args.smoke + ["--gpu"] * args.gpu + ["--trl-checkpointing"] * args.trl_checkpointing
+            ["--smoke"] * args.smoke
+            + ["--gpu"] * args.gpu
+            + ["--trl-checkpointing"] * args.trl_checkpointing
+            + ["--compile-decode"] * args.compile_decode
         )
         if args.threads:
             cmd += ["--threads", str(args.threads)]
@@ -411,6 +417,7 @@ def main(argv=None) -> int:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="see the docstring"
     )
     parser.add_argument("--trl-checkpointing", action="store_true", help="keep TRL's gradient checkpointing")
+    parser.add_argument("--compile-decode", action="store_true", help="torch.compile our decode step")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads per worker; 0 = torch's default"
     )
@@ -457,6 +464,7 @@ def main(argv=None) -> int:
     print(
         "ours: one batched generate call (per-group seeded sampling), no gradient checkpointing"
         + (", bf16 autocast" if args.dtype == "bfloat16" else "")
+        + (", decode step through torch.compile" if args.compile_decode else "")
     )
     print(
         "TRL:  GRPOTrainer(num_iterations=mu, loss_type='grpo'), HF generate, gradient checkpointing "

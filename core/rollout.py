@@ -529,6 +529,7 @@ class HFGenerateBackend(_TextBackend):
         batch_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         constraint: VocabConstraint | None = None,
+        compile_decode: bool = False,
     ):
         _check_special_tokens(tokenizer)
         self.autocast_dtype = autocast_dtype  # `generate_groups` runs under torch.autocast in this dtype
@@ -546,6 +547,8 @@ class HFGenerateBackend(_TextBackend):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.constraint = constraint
+        # `generate_groups`' decode steps through torch.compile (one graph per shape; a static KV cache)
+        self._decode_step = torch.compile(model) if compile_decode else model
 
     def update_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation runs on the trained model object itself."""
@@ -673,22 +676,26 @@ class HFGenerateBackend(_TextBackend):
             warpers.append(TopKLogitsWarper(settings.top_k))
         if settings.top_p < 1.0:
             warpers.append(TopPLogitsWarper(settings.top_p))
-        mask = prompt_mask.to(self.device)  # (N, L), grows by one column per token
+        mask = prompt_mask.to(self.device)  # (N, P)
         ids = prompt_ids.to(self.device)  # (N, P) then (N, 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P), as position_ids_from_mask
-        n = ids.shape[0]
+        n, p = ids.shape
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)  # (N,)
         tokens, logps, steps = [], [], []
-        cache = _static_cache(self.model, ids.shape[1] + settings.max_new_tokens)
         table = None if self.constraint is None else self.constraint.table.to(self.device)  # (K, V)
         prompt = (ids, mask)  # (N, P) each: what the constraint reads (ids and mask are rebound below)
+        cache = _static_cache(self.model, p + settings.max_new_tokens)
+        static = cache is not None
+        if static:  # the cache's full length, filled in column by column: one shape for every decode step
+            mask = torch.cat([mask, mask.new_zeros(n, settings.max_new_tokens)], dim=1)  # (N, P + T)
         synced = is_sharded(self.model)  # every process decodes until all are done: forwards are collective
         for t in range(settings.max_new_tokens):
             prefill_once = t == 0 and shared_prompts and group_size > 1
             rows = slice(None, None, group_size) if prefill_once else slice(None)  # (N / G or N) rows
-            out = self.model(
+            forward = self._decode_step if t > 0 else self.model
+            out = forward(
                 input_ids=ids[rows],
-                attention_mask=mask[rows],
+                attention_mask=mask[rows, : p if prefill_once else None],
                 position_ids=positions[rows],
                 cache=None if prefill_once else cache,  # transformers 5's name for past_key_values
                 use_cache=True,
@@ -721,13 +728,14 @@ class HFGenerateBackend(_TextBackend):
             if all_done(finished.all(), synced):
                 break
             ids = next_ids[:, None]  # (N, 1)
-            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, L + 1)
+            if static:
+                mask[:, p + t] = 1
+            else:
+                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, P + t + 1)
             positions = positions[:, -1:] + 1  # (N, 1)
         rows = torch.stack(steps, 1).cpu() if steps else None  # (N, T)
         logps = torch.stack(logps, 1).cpu()  # (N, T)
-        if (
-            logps.isnan().any()
-        ):  # NaN logits: the sampled tokens are meaningless (checked once, not per token)
+        if logps.isnan().any():  # NaN logits make the tokens meaningless: checked once, not per token
             rows_hit = logps.isnan().any(1).nonzero().flatten().tolist()
             raise FloatingPointError(f"the model produced NaN logits while decoding rows {rows_hit[:10]}")
         return torch.stack(tokens, 1).cpu(), logps, rows  # (N, T), (N, T)

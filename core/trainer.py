@@ -131,6 +131,11 @@ class GRPOConfig:
         "1 = one call per group. Must divide each process's share of prompts_per_step",
         1,
     )
+    compile_decode: bool = _help(
+        "torch.compile the decode step of batched generation (needs generation_groups > 1): about a "
+        "quarter off the decode time on CPU after a one-off compile of 15-30 s; not under FSDP",
+        False,
+    )
     save_every: int = _help("checkpoint every N steps (and always at the end); 0 = only at the end", 0)
     keep_checkpoints: int = _help("complete checkpoints kept", 2)
     rollouts_to_log: int = _help("completions written to rollouts.jsonl per step; -1 = all", -1)
@@ -162,6 +167,8 @@ class GRPOConfig:
         algos.MULTI_REWARD.get(self.multi_reward)
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.compile_decode and self.generation_groups == 1:
+            raise ValueError("compile_decode compiles batched generation: set generation_groups > 1 too")
         if self.prompts_per_step % self.generation_groups:
             raise ValueError(
                 f"prompts_per_step={self.prompts_per_step} must be divisible by "
@@ -316,6 +323,7 @@ class GRPOTrainer:
             tokenizer,
             device=config.device,
             autocast_dtype=torch.bfloat16 if config.autocast == "bfloat16" else None,
+            compile_decode=config.compile_decode,
         )
         self.environment = environment
         self.sampler = PromptSampler(examples, config.seed)
@@ -361,6 +369,8 @@ class GRPOTrainer:
                     f"{type(self.backend).__name__} under FSDP: only HFGenerateBackend decodes in step "
                     "across processes"
                 )
+            if config.compile_decode:
+                raise NotImplementedError("compile_decode under FSDP: the sharded forward is not compiled")
             if self.hooks.data_dependent_forwards:
                 raise NotImplementedError(
                     f"{type(self.hooks).__name__} calls the policy a data-dependent number of times per "

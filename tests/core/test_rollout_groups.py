@@ -120,3 +120,17 @@ def test_nan_logits_are_an_error_not_tokens(backend, monkeypatch):
             backend.generate_groups(["ab", "ab"], SamplingSettings(max_new_tokens=3), [1], group_size=2)
     finally:
         hook.remove()
+
+
+def test_compiled_decode_samples_what_the_eager_decode_samples(backend):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = HFGenerateBackend(backend.model, backend.tokenizer, compile_decode=True)
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.8, top_k=6)
+    for prompts in (["ab", "ab", "hgfe", "hgfe"], ["abcdefg", "abcdefg", "h", "h"]):  # two prompt widths
+        eager = backend.generate_groups(prompts, settings, [3, 4], group_size=2)
+        ours = compiled.generate_groups(prompts, settings, [3, 4], group_size=2)
+        assert torch.equal(ours.completion_ids, eager.completion_ids)
+        torch.testing.assert_close(ours.sampling_logp, eager.sampling_logp, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode steps did go through torch.compile

@@ -203,6 +203,7 @@ def test_a_prompt_longer_than_the_context_names_the_example(tmp_path):
         ("beta", -0.1, "must be >= 0"),
         ("loss_aggregation", "mean", "unknown loss aggregation"),
         ("mini_batches", 3, "divisible by mini_batches=3"),
+        ("compile_decode", True, "set generation_groups > 1 too"),
     ],
 )
 def test_config_values_out_of_range(tmp_path, field, value, message):

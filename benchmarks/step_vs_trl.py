@@ -127,6 +127,14 @@ def _status_kib(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text())[1])
 
 
+def _outside_compiled_graphs(function):
+    """`function` run by torch.compile's graphs as a call out (`--compile-decode`). Traced instead, a hook
+    that counts would have its changing counts as guards, and every call would recompile."""
+    import torch
+
+    return torch.compiler.disable(function)
+
+
 class PassCounter:
     """Counts the decoder stack's work per step: token positions run with autograd (the trained passes),
     token positions of multi-token passes without autograd (prefill, old logprobs, the reference), and
@@ -141,6 +149,7 @@ class PassCounter:
             lm = model.get_base_model() if hasattr(model, "get_base_model") else model
             lm.get_decoder().register_forward_pre_hook(self.hook, with_kwargs=True)
 
+    @_outside_compiled_graphs
     def hook(self, module, args, kwargs) -> None:
         import torch
 

@@ -626,8 +626,9 @@ class HFGenerateBackend(_TextBackend):
         A lean KV-cached loop on the model's forward instead of HF `generate` (whose sampler draws every
         row from one global RNG): per token one forward, the sampling log-probs of the raw logits (as
         `_SamplingLogpRecorder`), eos suppression before `min_new_tokens`, HF's own top-k / top-p warpers,
-        one `multinomial` per group. Stops when every row has emitted eos or at `max_new_tokens`; stop
-        strings are cut afterwards by `_finalize`, as for `generate`. Runs under `autocast_dtype` if set.
+        one draw per token for all groups (`sample_groups`). Stops when every row has emitted eos or at
+        `max_new_tokens`; stop strings are cut afterwards by `_finalize`, as for `generate`. Runs under
+        `autocast_dtype` if set.
         """
         if len(prompts) != len(seeds) * group_size:
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds x group_size {group_size}")
@@ -640,7 +641,8 @@ class HFGenerateBackend(_TextBackend):
             enabled=self.autocast_dtype is not None,
         )
         shared = all(prompts[i] == prompts[i - i % group_size] for i in range(len(prompts)))
-        with _generation_mode(self.model), _lora_merged(self.model), torch.no_grad(), autocast:
+        merge = self.autocast_dtype is None  # under autocast the merged weight would be rounded too
+        with _generation_mode(self.model), _lora_merged(self.model, merge), torch.no_grad(), autocast:
             tokens, logps, steps = self._decode(
                 prompt_ids, prompt_mask, settings, generators, group_size, shared
             )
@@ -681,6 +683,7 @@ class HFGenerateBackend(_TextBackend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P), as position_ids_from_mask
         n, p = ids.shape
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)  # (N,)
+        invalid = torch.zeros(n, dtype=torch.bool, device=self.device)  # (N,): a row with nothing to sample
         tokens, logps, steps = [], [], []
         table = None if self.constraint is None else self.constraint.table.to(self.device)  # (K, V)
         prompt = (ids, mask)  # (N, P) each: what the constraint reads (ids and mask are rebound below)
@@ -692,7 +695,7 @@ class HFGenerateBackend(_TextBackend):
         for t in range(settings.max_new_tokens):
             prefill_once = t == 0 and shared_prompts and group_size > 1
             rows = slice(None, None, group_size) if prefill_once else slice(None)  # (N / G or N) rows
-            forward = self._decode_step if t > 0 else self.model
+            forward = self._decode_step if t > 0 and static else self.model  # compiled: fixed shapes only
             out = forward(
                 input_ids=ids[rows],
                 attention_mask=mask[rows, : p if prefill_once else None],
@@ -715,11 +718,14 @@ class HFGenerateBackend(_TextBackend):
             logp_all = torch.log_softmax(scores, dim=-1)  # (N, V)
             if t < settings.min_new_tokens:
                 scores[:, eos] = -math.inf
+            for warper in [] if settings.greedy else warpers:
+                scores = warper(None, scores)  # (N, V)
+            # NaN logits, or every token excluded (a constraint that allows only eos before min_new_tokens):
+            # recorded here, raised after the loop, so that no step waits on a host sync.
+            invalid |= ~scores.max(-1).values.isfinite() & ~finished
             if settings.greedy:
                 next_ids = scores.argmax(-1)  # (N,)
             else:
-                for warper in warpers:
-                    scores = warper(None, scores)  # (N, V)
                 next_ids = sample_groups(torch.softmax(scores, dim=-1), generators, group_size)  # (N,)
             next_ids = next_ids.masked_fill(finished, pad)  # (N,)
             tokens.append(next_ids)
@@ -734,11 +740,13 @@ class HFGenerateBackend(_TextBackend):
                 mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, P + t + 1)
             positions = positions[:, -1:] + 1  # (N, 1)
         rows = torch.stack(steps, 1).cpu() if steps else None  # (N, T)
-        logps = torch.stack(logps, 1).cpu()  # (N, T)
-        if logps.isnan().any():  # NaN logits make the tokens meaningless: checked once, not per token
-            rows_hit = logps.isnan().any(1).nonzero().flatten().tolist()
-            raise FloatingPointError(f"the model produced NaN logits while decoding rows {rows_hit[:10]}")
-        return torch.stack(tokens, 1).cpu(), logps, rows  # (N, T), (N, T)
+        if not all_done(~invalid.any(), synced):  # every process raises: none is left in a collective
+            bad = invalid.nonzero().flatten().tolist()
+            where = f"in rows {bad[:10]} of this process's batch" if bad else "on another process"
+            raise FloatingPointError(
+                f"no token could be sampled (NaN logits, or every token excluded) {where}"
+            )
+        return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), rows  # (N, T), (N, T)
 
 
 def sample_groups(probs: Tensor, generators: Sequence[torch.Generator], group_size: int) -> Tensor:
@@ -746,8 +754,9 @@ def sample_groups(probs: Tensor, generators: Sequence[torch.Generator], group_si
 
     Exactly what `torch.multinomial(probs[group], 1, generator=gen)` draws, group by group (its one-sample
     path is argmax(p / q) with q ~ Exp(1) from the generator, the exponential form of the Gumbel-max trick),
-    but with one division and one argmax for the whole batch and without multinomial's validity checks, which
-    cost three host syncs per group and token on a GPU. Callers check for NaN logits once per decode instead.
+    but with one division and one argmax for the whole batch and without multinomial's validity checks per
+    group and token (which may wait on the device). `_decode` instead records the rows with nothing to sample
+    and raises once, after the loop.
     """
     noise = torch.empty_like(probs)  # (N, V)
     for g, generator in enumerate(generators):
@@ -823,53 +832,66 @@ def _unmerged_adapters(layer: nn.Module) -> list[str]:
 
 
 @contextmanager
-def _lora_merged(model: nn.Module) -> Iterator[None]:
-    """Every active LoRA adapter of `model` merged into its base weight for the duration; then the exact base
-    weights back. Generation then runs one matmul per adapted layer instead of three (a 64-token decode of the
-    4-layer benchmark model with r = 16 on every linear: 1.6 s -> 1.3 s on CPU).
+def _lora_merged(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Every plain LoRA adapter of `model` merged into its float32 base weight for the duration; then the
+    exact base weights back. Generation then runs one matmul per adapted layer instead of three: a 64-token
+    decode of the 4-layer benchmark model with r = 16 on every linear takes the time of the bare model.
 
     The merged weight is a new tensor W + sum(delta) that the layer's base weight points to while PEFT sees
-    the adapters as merged (`merged_adapters`, so its forward calls only the base layer); W itself is kept
-    and put back, so the frozen weights stay bitwise what they were (PEFT's merge + unmerge computes W + d - d).
-    Left as they are: models without PEFT, FSDP-sharded models, DoRA layers, and a base weight that another
-    module shares (tied embeddings), which the merge would change for both.
+    the adapters as merged (`merged_adapters`, so its forward calls only the base layer). W itself is kept
+    and put back, so the frozen weights stay bitwise what they were (PEFT's merge + unmerge computes
+    W + d - d). The cost is a second copy of each merged weight while generation runs.
+
+    Left unmerged (they run their adapter as usual):
+    - `enabled` False (the caller decodes under autocast);
+    - models without PEFT, and FSDP-sharded models;
+    - base weights that are not float32: rounding W + d to bf16 would drop the small early updates;
+    - base weights shared with another module (tied embeddings): the merge would change both;
+    - layers with their adapters disabled;
+    - layers other than PEFT's plain `Linear` / `Embedding` (quantized ones among them);
+    - adapters that are more than B @ A: a LoRA variant (DoRA, ...) or a LoRA bias.
     """
-    if not hasattr(model, "peft_config") or is_sharded(model):
+    if not enabled or not hasattr(model, "peft_config") or is_sharded(model):
         yield
         return
-    from peft.tuners.lora import LoraLayer  # only PEFT models get here
+    from peft.tuners import lora  # only PEFT models get here
 
     owners: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    swapped = []  # (layer, its base weight parameter, the original tensor, the adapters merged)
+    swapped = []  # (layer, its base weight parameter, the original tensor, its merged_adapters before)
     try:
         with torch.no_grad():
             for layer in model.modules():
-                if not isinstance(layer, LoraLayer):
+                if type(layer) not in (lora.Linear, lora.Embedding) or layer.disable_adapters:
                     continue
                 adapters = _unmerged_adapters(layer)
-                weight = getattr(layer.get_base_layer(), "weight", None)
+                weight = layer.get_base_layer().weight
                 if (
                     not adapters
-                    or weight is None
+                    or weight.dtype != torch.float32
                     or owners.get(id(weight), 0) > 1
-                    or any(layer.use_dora.get(a, False) for a in adapters)
+                    or not all(_plain_lora(layer, a) for a in adapters)
                 ):
                     continue
                 original = weight.data
                 merged = original.clone()
                 for adapter in adapters:
-                    merged += layer.get_delta_weight(adapter).to(original.dtype)
+                    merged += layer.get_delta_weight(adapter)
+                swapped.append((layer, weight, original, list(layer.merged_adapters)))
                 weight.data = merged
                 layer.merged_adapters.extend(adapters)
-                swapped.append((layer, weight, original, adapters))
         yield
     finally:
-        for layer, weight, original, adapters in swapped:
+        for layer, weight, original, merged_before in swapped:
             weight.data = original
-            for adapter in adapters:
-                layer.merged_adapters.remove(adapter)
+            layer.merged_adapters[:] = merged_before
+
+
+def _plain_lora(layer: nn.Module, adapter: str) -> bool:
+    """Whether `adapter`'s whole effect on `layer` is its weight delta: no variant (DoRA, ...), no LoRA bias."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter) or layer.use_dora.get(adapter, False)
+    return not variant and not getattr(layer, "lora_bias", {}).get(adapter, False)
 
 
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:

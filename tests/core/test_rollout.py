@@ -316,6 +316,39 @@ def test_lora_generates_with_its_adapter_merged_and_leaves_the_weights_bitwise(t
     assert adapter_calls
 
 
+def test_lora_stays_unmerged_in_bf16_with_adapters_disabled_and_is_restored_after_an_error(tok, eos_model):
+    settings = SamplingSettings(max_new_tokens=4)
+    calls = []
+
+    def count_adapter_calls(model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if name.endswith("lora_A.default"):
+                module.register_forward_hook(lambda *args: calls.append(1))
+
+    # bf16 weights: W + d rounded to bf16 would lose the small updates, so the adapter runs as is
+    bf16 = with_random_adapter(eos_model, LoraConfig(r=4, target_modules=["q_proj"])).to(torch.bfloat16)
+    count_adapter_calls(bf16)
+    HFGenerateBackend(bf16, tok).generate_groups(["ab", "ab"], settings, [1], group_size=2)
+    assert calls
+
+    model = with_random_adapter(eos_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = HFGenerateBackend(eos_model, tok).generate_groups(["ab", "ab"], settings, [1], group_size=2)
+    with model.disable_adapter():  # generation with the adapter off is the base model's
+        off = HFGenerateBackend(model, tok).generate_groups(["ab", "ab"], settings, [1], group_size=2)
+    assert torch.equal(off.completion_ids, plain.completion_ids)
+
+    def fail(*args):
+        raise RuntimeError("in the middle of decoding")
+
+    hook = model.base_model.model.lm_head.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="in the middle of decoding"):
+        HFGenerateBackend(model, tok).generate_groups(["ab", "ab"], settings, [1], group_size=2)
+    hook.remove()
+    assert all(not m.merged_adapters for m in model.modules() if hasattr(m, "merged_adapters"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_lora_on_a_tied_head_is_not_merged(tok):
     base = build_model(len(tok), seed=3)
     base.lm_head.weight = base.model.embed_tokens.weight  # tied: a merge would change the embedding too

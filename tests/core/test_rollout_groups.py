@@ -112,12 +112,21 @@ def test_sample_groups_draws_what_multinomial_draws_per_group():
     torch.testing.assert_close(frequencies, probs[0], atol=0.03, rtol=0)
 
 
-def test_nan_logits_are_an_error_not_tokens(backend, monkeypatch):
-    model = backend.model
-    hook = model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+@pytest.mark.parametrize("greedy", [False, True])
+@pytest.mark.parametrize("logit", [float("nan"), -float("inf")])
+def test_rows_with_nothing_to_sample_are_an_error_not_tokens(backend, greedy, logit):
+    def spoil(module, args, out):  # the second row's logits at the second step: NaN, or every token excluded
+        spoil.calls += 1
+        if spoil.calls == 2:
+            out[1] = logit
+        return out
+
+    spoil.calls = 0
+    hook = backend.model.lm_head.register_forward_hook(spoil)
+    settings = SamplingSettings(max_new_tokens=3, min_new_tokens=3, greedy=greedy)
     try:
-        with pytest.raises(FloatingPointError, match="NaN logits while decoding rows"):
-            backend.generate_groups(["ab", "ab"], SamplingSettings(max_new_tokens=3), [1], group_size=2)
+        with pytest.raises(FloatingPointError, match=r"no token could be sampled .* in rows \[1\]"):
+            backend.generate_groups(["ab", "ab"], settings, [1], group_size=2)
     finally:
         hook.remove()
 
@@ -128,9 +137,12 @@ def test_compiled_decode_samples_what_the_eager_decode_samples(backend):
     counters.clear()
     compiled = HFGenerateBackend(backend.model, backend.tokenizer, compile_decode=True)
     settings = SamplingSettings(max_new_tokens=10, temperature=0.8, top_k=6)
-    for prompts in (["ab", "ab", "hgfe", "hgfe"], ["abcdefg", "abcdefg", "h", "h"]):  # two prompt widths
+    widths = (["ab", "ab", "hgfe", "hgfe"], ["abcdefg", "abcdefg", "h", "h"], ["abc", "abc", "de", "de"])
+    for index, prompts in enumerate(widths):  # three prompt widths: the third one reuses the dynamic graph
         eager = backend.generate_groups(prompts, settings, [3, 4], group_size=2)
-        ours = compiled.generate_groups(prompts, settings, [3, 4], group_size=2)
+        with torch._dynamo.config.patch(error_on_recompile=index == 2):
+            ours = compiled.generate_groups(prompts, settings, [3, 4], group_size=2)
         assert torch.equal(ours.completion_ids, eager.completion_ids)
         torch.testing.assert_close(ours.sampling_logp, eager.sampling_logp, atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] >= 1  # the decode steps did go through torch.compile
+    assert not counters["graph_break"]  # in one graph, none of it left to eager

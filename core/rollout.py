@@ -13,6 +13,7 @@ Tests: `pytest tests/core/test_rollout.py`.
 import hashlib
 import math
 import os
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -476,6 +477,11 @@ class _SamplingLogpRecorder(LogitsProcessor):
         return torch.stack(logps, dim=1)  # (N, T)
 
 
+def _cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on CPU (`CXX`, else g++), or None if there is none."""
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
 @contextmanager
 def _generation_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and a default `generation_config` for the duration, then both restored.
@@ -547,6 +553,11 @@ class HFGenerateBackend(_TextBackend):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.constraint = constraint
+        if compile_decode and self.device.type == "cpu" and not _cxx_compiler():
+            raise RuntimeError(
+                "compile_decode on CPU needs a C++ compiler for torch.compile's inductor (g++, or set CXX); "
+                "none was found on PATH"
+            )
         # `generate_groups`' decode steps through torch.compile (one graph per shape; a static KV cache)
         self._decode_step = torch.compile(model) if compile_decode else model
 

@@ -131,6 +131,7 @@ def test_rows_with_nothing_to_sample_are_an_error_not_tokens(backend, greedy, lo
         hook.remove()
 
 
+@pytest.mark.skipif(rollout._cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_samples_what_the_eager_decode_samples(backend):
     from torch._dynamo.utils import counters
 
@@ -146,3 +147,9 @@ def test_compiled_decode_samples_what_the_eager_decode_samples(backend):
         torch.testing.assert_close(ours.sampling_logp, eager.sampling_logp, atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] >= 1  # the decode steps did go through torch.compile
     assert not counters["graph_break"]  # in one graph, none of it left to eager
+
+
+def test_compiled_decode_without_a_compiler_says_so(backend, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        HFGenerateBackend(backend.model, backend.tokenizer, compile_decode=True)

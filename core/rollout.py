@@ -808,7 +808,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     A plain model gives its state dict. For a PEFT model: base weights with `.base_layer` stripped, each
     active adapter's `get_delta_weight` added, `modules_to_save` copies of the active adapter in place of
-    the originals. DoRA is refused (its merge is not a plain delta).
+    the originals. LoRA variants (DoRA, ...) and LoRA biases are refused: their merge is not a plain delta.
     """
     if not hasattr(model, "peft_config"):
         return dict(model.state_dict())
@@ -830,8 +830,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if not isinstance(module, LoraLayer):
             continue
         for adapter in _unmerged_adapters(module):
-            if module.use_dora.get(adapter, False):
-                raise NotImplementedError(f"merging DoRA adapter {adapter!r} of {name} is not supported")
+            if not _plain_lora(module, adapter):
+                raise NotImplementedError(
+                    f"merging adapter {adapter!r} of {name}: a LoRA variant (DoRA, ...) or a LoRA bias is not "
+                    "a plain weight delta"
+                )
             key = f"{name}.weight"
             merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
     return merged

@@ -627,3 +627,22 @@ def test_vllm_backend_on_gpu(tmp_path):
     after = backend.generate(PROMPTS, greedy, seed=0)
     hf = HFGenerateBackend(model, backend.tokenizer).generate(PROMPTS, greedy, seed=0)
     assert after.completions == hf.completions and after.completions != before.completions
+
+
+def test_merged_state_dict_refuses_an_adapter_that_is_not_a_plain_delta(eos_model):
+    model = get_peft_model(
+        copy.deepcopy(eos_model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    with pytest.raises(NotImplementedError, match="LoRA variant .* not a plain weight delta"):
+        merged_state_dict(model)
+
+
+def test_a_dora_adapter_generates_unmerged_with_its_own_forward(tok, eos_model):
+    model = with_random_adapter(
+        eos_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    )
+    r = HFGenerateBackend(model, tok).generate_groups(
+        ["ab", "ab"], SamplingSettings(max_new_tokens=6), [1], 2
+    )
+    expected, _ = reference_logp(model, r, 1.0)
+    torch.testing.assert_close(r.sampling_logp, expected, atol=1e-5, rtol=0)

@@ -310,3 +310,12 @@ def test_deepspeed_zero3_is_refused_with_a_pointer_to_fsdp(model_dir, tmp_path):
     config_file.write_text('{"zero_optimization": {"stage": 3}}')
     with pytest.raises(ValueError, match="ZeRO stage 3.*use --fsdp"):
         make_trainer(model_dir, make_config(tmp_path, deepspeed=str(config_file), max_steps=1))
+
+
+def test_fsdp_refuses_a_compiled_decode_before_sharding(model_dir, tmp_path, monkeypatch):
+    from core import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_world", lambda: (0, 2))  # as process 0 of 2, no process group
+    config = make_config(tmp_path, fsdp=True, generation_groups=2, compile_decode=True)
+    with pytest.raises(NotImplementedError, match="compile_decode under FSDP"):
+        make_trainer(model_dir, config)

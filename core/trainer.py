@@ -152,6 +152,7 @@ class GRPOConfig:
             "mini_batches",
         )
         extra = ("micro_batch_size", "logprob_chunk_size", "keep_checkpoints", "lora_r", "generation_groups")
+        extra += ("max_sampling_rounds",)
         for name in positive + extra:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -160,8 +161,14 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.beta < 0 or self.max_grad_norm < 0 or self.warmup_steps < 0 or self.save_every < 0:
-            raise ValueError("beta, max_grad_norm, warmup_steps and save_every must be >= 0")
+        for name in ("beta", "max_grad_norm", "warmup_steps", "save_every", "advantage_eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        eps_high = self.eps_low if self.eps_high is None else self.eps_high
+        if not 0 <= self.eps_low < 1 or eps_high < 0:
+            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 or none, got {self.dual_clip}")
         algos.AGGREGATIONS.get(self.loss_aggregation)
         algos.KL_ESTIMATORS.get(self.kl_estimator)
         algos.MULTI_REWARD.get(self.multi_reward)
@@ -695,6 +702,7 @@ class GRPOTrainer:
         token_weights = self.hooks.token_weights(self, rollouts, batch.advantages)  # (N_local, T) | None
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        extremes: dict[str, float] = {}
         grad_norms = []
         mini = n_local // cfg.mini_batches
         width = rollouts.completion_ids.shape[1]
@@ -741,16 +749,24 @@ class GRPOTrainer:
                     metrics["loss"] = loss.detach()
                     for key, value in metrics.items():
                         # loss and pg_loss of a micro-batch are its share of the mini-batch's loss: they add up;
+                        # extremes (ratio/max, ratio/min) are the extreme over every micro-batch and update;
                         # the other metrics are means over the micro-batch: averaged weighted by its rows
-                        weight = 1 if key in ADDITIVE_METRICS else len(idx)
-                        sums[key] = sums.get(key, 0.0) + float(value) * weight
-                        counts[key] = counts.get(key, 0) + (0 if key in ADDITIVE_METRICS else len(idx))
+                        if key in extremes:
+                            pick = max if key.endswith("/max") else min
+                            extremes[key] = pick(extremes[key], float(value))
+                        elif key.endswith(("/max", "/min")):
+                            extremes[key] = float(value)
+                        else:
+                            weight = 1 if key in ADDITIVE_METRICS else len(idx)
+                            sums[key] = sums.get(key, 0.0) + float(value) * weight
+                            counts[key] = counts.get(key, 0) + (0 if key in ADDITIVE_METRICS else len(idx))
                 grad_norms.append(self._optimizer_step())
             if old_from_first_epoch and epoch == 0:
                 old_logp = torch.cat(first_epoch_logp)  # (N_local, T)
         self.backend.update_weights(self.model)
         updates = cfg.mu * cfg.mini_batches
         out = {key: sums[key] / (counts[key] or updates) for key in sums}  # additive ones: mean over updates
+        out.update(extremes)
         out = self._over_processes(out)
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
@@ -842,7 +858,11 @@ class GRPOTrainer:
         total = components @ weights  # (N,)
         grouped = total.view(-1, self.config.group_size)  # (B, G)
         local = batch.advantages.abs()  # (N_local,)
-        abs_sum, count = all_reduce_sum(torch.stack([local.sum(), torch.tensor(float(local.numel()))]))
+        failed = batch.table.failed.sum(dim=0).to(local)  # (K,) this process's failed calls
+        sums = all_reduce_sum(
+            torch.cat([local.sum()[None], torch.tensor([float(local.numel())]).to(local), failed])
+        )
+        abs_sum, count, failed = sums[0], sums[1], sums[2:]  # failed: (K,) over every process
         out = {
             "reward": float(total.mean()),
             "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
@@ -851,8 +871,8 @@ class GRPOTrainer:
         }
         for k, name in enumerate(batch.table.names):
             out[f"reward/{name}"] = float(components[:, k].mean())
-        for name, failures in batch.table.failures.items():
-            out[f"reward/{name}/failures"] = float(failures)
+        for name, failures in zip(batch.table.names, failed.tolist(), strict=True):
+            out[f"reward/{name}/failures"] = failures
         return out
 
     def _rollout_records(self, batch: Batch) -> list[dict]:

@@ -152,6 +152,8 @@ def test_two_processes_give_the_one_process_update(tmp_path, extra):
     norms = [[m["grad_norm"] for m in log] for log in logs]
     # abs 1e-8: a step whose groups all have zero spread has only the KL term's gradient, ~1e-4 in norm
     assert norms[1] == pytest.approx(norms[0], rel=1e-5, abs=1e-8) and max(norms[0]) > 0
+    for key in ("ratio/max", "ratio/min"):  # the extreme over both processes' micro-batches
+        assert [m[key] for m in logs[1]] == pytest.approx([m[key] for m in logs[0]], rel=1e-5)
     expected, got = _trained(one), _trained(two)
     assert expected.keys() == got.keys()
     for name in expected:

@@ -204,6 +204,10 @@ def test_a_prompt_longer_than_the_context_names_the_example(tmp_path):
         ("loss_aggregation", "mean", "unknown loss aggregation"),
         ("mini_batches", 3, "divisible by mini_batches=3"),
         ("compile_decode", True, "set generation_groups > 1 too"),
+        ("max_sampling_rounds", 0, "max_sampling_rounds must be >= 1"),
+        ("advantage_eps", -0.1, "advantage_eps must be >= 0"),
+        ("eps_low", 1.5, "need 0 <= eps_low < 1"),
+        ("dual_clip", 0.5, "dual_clip must be > 1"),
     ],
 )
 def test_config_values_out_of_range(tmp_path, field, value, message):
@@ -262,6 +266,39 @@ def test_mu_above_one_takes_the_old_logprobs_from_the_first_epoch(model_dir, tmp
     got = torch.cat([old for _, old in losses[4:]])
     mask = rollouts.loss_mask.bool()
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+
+
+def test_ratio_extremes_are_over_every_micro_batch_and_update(model_dir, tmp_path, monkeypatch):
+    """ratio/max and ratio/min are the largest and smallest token ratio of the step's updates, not a mean
+    of the micro-batches' extremes."""
+    config = make_config(tmp_path, max_steps=1, mu=2, mini_batches=2, micro_batch_size=4, learning_rate=0.3)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    seen = []
+    policy_loss = algos.policy_loss
+
+    def spy_loss(*args, **kwargs):
+        loss, metrics = policy_loss(*args, **kwargs)
+        seen.append((float(metrics["ratio/max"]), float(metrics["ratio/min"])))
+        return loss, metrics
+
+    monkeypatch.setattr(algos, "policy_loss", spy_loss)
+    (metrics,) = trainer.train()
+    highs, lows = zip(*seen, strict=True)
+    assert len(seen) == 2 * 4 and max(highs) > min(highs)  # the extremes differ between micro-batches
+    assert metrics["ratio/max"] == max(highs) and metrics["ratio/min"] == min(lows)
+
+
+def test_reward_failures_are_counted_over_the_batch(model_dir, tmp_path):
+    def flaky(completion: str, example: dict) -> float:
+        if int(example["id"][2:]) % 2:
+            raise RuntimeError("judge down")
+        return 1.0
+
+    config = make_config(tmp_path, max_steps=1)
+    trainer = make_trainer(model_dir, config, Rubric({"flaky": flaky, "a": a_fraction}, on_error="zero"))
+    (metrics,) = trainer.train()
+    assert metrics["reward/flaky/failures"] == 8.0  # 2 of the 4 prompts, 4 completions each
+    assert metrics["reward/a/failures"] == 0.0
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(model_dir, tmp_path):

@@ -119,25 +119,67 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
+def _checked_value(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """A value from a config file or preset, checked against its field's type as a flag would be: a
+    Literal's choices, a real bool (not "false"), a whole int, an int or float (or a string that parses as
+    one: YAML reads `1e-6` as a string) for a float, items of a tuple. Errors name the source and field."""
+    tp, optional = _scalar_type(annotation)
+    if value is None and optional:
+        return None
+
+    def fail(expected: str):
+        raise ValueError(f"{source}: {name}: expected {expected}, got {value!r}")
+
+    if typing.get_origin(tp) is typing.Literal:
+        if value not in typing.get_args(tp):
+            fail("one of " + ", ".join(map(repr, typing.get_args(tp))))
+        return value
+    if typing.get_origin(tp) is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if not isinstance(value, list | tuple):
+            fail(f"a list of {item.__name__}")
+        return tuple(_checked_value(f"{name}[{i}]", v, item, source) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                value = tp(value)
+            except ValueError:
+                fail(f"a number ({tp.__name__})")
+        if isinstance(value, bool) or not isinstance(value, int if tp is int else int | float):
+            fail(f"a number ({tp.__name__})")
+        return tp(value)
+    if tp is str and not isinstance(value, str):
+        fail("a string")
+    return value
+
+
+def config_file_values(cls: type, path: Path) -> dict[str, Any]:
+    """The field values of a TOML/YAML file for the dataclass `cls`, each checked against its field's
+    type; an unknown field or a value of the wrong type is an error naming the file and the field."""
+    values = load_config_file(path)
+    hints = _field_types(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
+    return {k: _checked_value(k, v, hints[k], f"config file {path}") for k, v in values.items()}
+
+
 def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict] | None = None) -> C:
     """The dataclass from parsed arguments: defaults < preset < config file < flags."""
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
     values: dict[str, Any] = {}
     preset = getattr(args, "preset", None)
     if preset:
-        values.update(presets[preset])  # type: ignore[index]
+        source = f"preset {preset}"
+        values.update({k: _checked_value(k, v, hints[k], source) for k, v in presets[preset].items()})  # type: ignore[index]
     if getattr(args, "config", None):
-        from_file = load_config_file(args.config)
-        unknown = sorted(set(from_file) - names)
-        if unknown:
-            raise ValueError(f"config file {args.config}: unknown field(s) {', '.join(unknown)}")
-        values.update(from_file)
+        values.update(config_file_values(cls, args.config))
     values.update({name: getattr(args, name) for name in names if hasattr(args, name)})
-    hints = _field_types(cls)
-    for name, value in values.items():
-        tp, _ = _scalar_type(hints[name])
-        if typing.get_origin(tp) is tuple and isinstance(value, list):
-            values[name] = tuple(value)
     return cls(**values)
 
 

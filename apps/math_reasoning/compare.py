@@ -14,13 +14,13 @@ RL run only. Every other training field comes from --train-preset (a `math train
 
 import json
 import statistics
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, build_base, train
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
-from core.config import load_config_file
+from core.config import config_file_values
 
 ARMS = (*ALGORITHMS, "grpo_large")
 
@@ -74,19 +74,12 @@ def _train_values(config: MathCompareConfig) -> dict:
     preset = "smoke" if config.smoke else config.train_preset
     values = dict(TRAIN_PRESETS[preset]) if preset else {}
     if config.train_config:
-        from_file = load_config_file(Path(config.train_config))
-        names = {f.name for f in fields(MathTrainConfig)}
-        unknown = sorted(set(from_file) - names)
-        if unknown:
-            raise ValueError(f"train config {config.train_config}: unknown field(s) {', '.join(unknown)}")
-        values.update(from_file)
+        values.update(config_file_values(MathTrainConfig, Path(config.train_config)))
     for name in ("max_steps", "learning_rate", "eval_samples", "eval_examples"):
         if getattr(config, name) is not None:
             values[name] = getattr(config, name)
     for name in ("algo", "seed", "model", "large_model", "run_dir", "resume"):
         values.pop(name, None)  # set per run below
-    if "scaf_tiers" in values:
-        values["scaf_tiers"] = tuple(values["scaf_tiers"])
     return values
 
 

@@ -72,6 +72,31 @@ def test_bad_values_name_the_field(tmp_path, capsys):
         parse(["--config", str(tmp_path / "missing.toml")])
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('loss = "ppo"', "loss: expected one of 'grpo', 'dr_grpo', got 'ppo'"),
+        ('lora = "false"', "lora: expected true or false, got 'false'"),  # a string is truthy: refused
+        ("steps = 2.5", r"steps: expected a number \(int\), got 2.5"),
+        ('lr = "fast"', r"lr: expected a number \(float\), got 'fast'"),
+        ("stops = [1]", r"stops\[0\]: expected a string, got 1"),
+        ('stops = "x"', "stops: expected a list of str"),
+    ],
+)
+def test_file_values_are_checked_like_flags(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=r"config file .*c.toml: " + message):
+        parse(["--config", str(path)])
+
+
+def test_yaml_numbers_written_as_strings_are_read_as_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-6\nsteps: 3\neps_high: null\n")  # YAML 1.1 reads 1e-6 as a string
+    config = parse(["--config", str(path)])
+    assert (config.lr, config.steps, config.eps_high) == (1e-6, 3, None) and isinstance(config.lr, float)
+
+
 def test_config_to_dict_is_json_ready():
     assert config_to_dict(ExampleConfig())["stops"] == ["</answer>"]
 

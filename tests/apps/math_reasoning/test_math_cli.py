@@ -130,6 +130,21 @@ def test_compare_train_preset_sets_every_run(tmp_path):
         MathCompareConfig(train_preset="nope")
 
 
+def test_compare_train_config_is_checked_field_by_field(tmp_path):
+    from apps.math_reasoning.compare import MathCompareConfig, _train_values
+
+    path = tmp_path / "train.toml"
+    path.write_text('scaf_tiers = ["knowledge", "solution"]\ncodistill_alpha = 1\n')
+    values = _train_values(MathCompareConfig(train_config=str(path)))
+    assert values["scaf_tiers"] == ("knowledge", "solution") and values["codistill_alpha"] == 1.0
+    path.write_text('lora = "no"\n')  # a string would be truthy: LoRA on
+    with pytest.raises(ValueError, match=r"train.toml: lora: expected true or false"):
+        _train_values(MathCompareConfig(train_config=str(path)))
+    path.write_text("codistill_alfa = 1\n")
+    with pytest.raises(ValueError, match=r"train.toml: unknown field\(s\) codistill_alfa"):
+        _train_values(MathCompareConfig(train_config=str(path)))
+
+
 def test_large_sft_lr_defaults_to_sft_lr():
     from apps.math_reasoning.train import PRESETS, MathTrainConfig
 

@@ -14,7 +14,9 @@ import torch
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file, in order; a line that is not a JSON
     object is an error naming the file and the line (raised when the reader gets there)."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Split on "\n" only: str.splitlines also splits on U+2028, U+2029 and U+0085, which a JSON string may
+    # hold raw (json.dumps(..., ensure_ascii=False) writes them so); a "\r" before it is whitespace to JSON.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

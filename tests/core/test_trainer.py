@@ -227,6 +227,11 @@ def test_malformed_data_rows_name_the_file_and_line(tmp_path):
     csv.write_text("prompt,answer\nhello,1\n,2\n")
     with pytest.raises(ValueError, match=r"train.csv:row 1: missing field\(s\) prompt"):
         read_examples(csv, ["prompt"])
+    path.write_text('{"prompt": "a\u2028b\u0085c"}\r\n\n{"prompt": "d\u2029"}\n', encoding="utf-8")
+    assert [e["prompt"] for e in read_examples(path, ["prompt"])] == ["a\u2028b\u0085c", "d\u2029"]
+    path.write_text('{"prompt": "a\u2028"}\n{"prompt": "b"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train.jsonl:2: not valid JSON"):
+        read_examples(path, ["prompt"])
     path.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b"}\n')
     assert [e["id"] for e in read_examples(path, ["prompt"])] == ["x", "train-1"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):

@@ -56,6 +56,7 @@ HOOKS_TENSORS_FILE = "hooks.safetensors"
 HOOKS_STATE_FILE = "hooks.pt"
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 _TMP_PREFIX = ".tmp-step-"
+_REPLACED_PREFIX = ".replaced-step-"  # a checkpoint moved aside while a save of the same step replaces it
 
 RandomSource = torch.Generator | np.random.Generator | random.Random
 
@@ -271,10 +272,12 @@ class RunDir:
         """Write `checkpoints/step-<step>/` atomically, then keep only the newest `keep_last` (None: all).
 
         Everything goes to `checkpoints/.tmp-step-<step>-<pid>` first, each file fsynced, the `complete`
-        marker last; the directory is then renamed into place. An existing `step-<step>` is replaced. Temp
-        dirs left by a killed save are deleted first. Pruning keeps the new checkpoint and the newest others.
-        Tensors that share storage (tied weights) are saved as separate copies because safetensors refuses
-        shared storage; `model.load_state_dict` keeps the tie, since both names copy into one parameter.
+        marker last; the directory is then renamed into place. An existing `step-<step>` is replaced: moved
+        to `.replaced-step-<step>` until the new one is in place, and put back if the save fails or is killed
+        before that (`_restore_replaced`). Temp dirs left by a killed save are deleted first. Pruning keeps
+        the new checkpoint and the newest others. Tensors that share storage (tied weights) are saved as
+        separate copies because safetensors refuses shared storage; `model.load_state_dict` keeps the tie,
+        since both names copy into one parameter.
         `trainer_state` must be strict JSON (tuples come back as lists); optimizer, scheduler and RNG states
         must be plain data that `torch.load(weights_only=True)` accepts; both are checked before writing.
         `hooks_state` (`TrainerHooks.state_dict()`, e.g. a second model and its optimizer): each top-level
@@ -299,6 +302,7 @@ class RunDir:
         # One writer per run: temp dirs still here were cut off by a kill and are only wasted disk.
         for stale in self.checkpoints_dir.glob(_TMP_PREFIX + "*"):
             shutil.rmtree(stale)
+        self._restore_replaced()
         tmp = self.checkpoints_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
         final = self.checkpoints_dir / f"step-{step}"
         tmp.mkdir()
@@ -322,16 +326,16 @@ class RunDir:
             marker = {"step": step, "saved": _now(), "files": files}
             _write_durably(tmp / MARKER, json.dumps(marker).encode())
             _fsync_dir(tmp)
+            replaced = self.checkpoints_dir / f"{_REPLACED_PREFIX}{step}"
             if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
-                replaced = self.checkpoints_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}-replaced"
                 os.rename(final, replaced)
-                os.rename(tmp, final)
-                shutil.rmtree(replaced)
-            else:
-                os.rename(tmp, final)
+                _fsync_dir(self.checkpoints_dir)
+            os.rename(tmp, final)
             _fsync_dir(self.checkpoints_dir)
+            shutil.rmtree(replaced, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            self._restore_replaced()
             raise
         if keep_last is not None:
             # Never prune the one just saved, even when newer ones exist (a resume from an older checkpoint).
@@ -340,10 +344,23 @@ class RunDir:
                 shutil.rmtree(path)
         return final
 
+    def _restore_replaced(self) -> None:
+        """Put back a checkpoint moved aside by a save that replaced it and was cut off before its new copy
+        was in place (`.replaced-step-N` without `step-N`); one whose replacement landed is deleted."""
+        for aside in self.checkpoints_dir.glob(_REPLACED_PREFIX + "*"):
+            final = self.checkpoints_dir / f"step-{aside.name.removeprefix(_REPLACED_PREFIX)}"
+            if final.exists():
+                shutil.rmtree(aside)
+            else:
+                os.rename(aside, final)
+                _fsync_dir(self.checkpoints_dir)
+
     def list_checkpoints(self) -> list[Path]:
-        """Complete checkpoints (step-N with the marker), oldest first; temp and cut-off ones are skipped."""
+        """Complete checkpoints (step-N with the marker), oldest first; temp and cut-off ones are skipped.
+        A checkpoint a cut-off replacing save left aside is restored first."""
         if not self.checkpoints_dir.is_dir():
             return []
+        self._restore_replaced()
         found = []
         for path in self.checkpoints_dir.iterdir():
             match = _CHECKPOINT_NAME.fullmatch(path.name)

@@ -404,6 +404,7 @@ class GRPOTrainer:
                 max_grad_norm=config.max_grad_norm,
             )
         self.step = 0
+        self.checkpointed_step = -1  # the step of the newest checkpoint this run wrote or resumed from
         run_dir = config.run_dir or str(default_run_dir(app))
         self.run = None
         if self.rank == 0:
@@ -433,6 +434,7 @@ class GRPOTrainer:
         return self.model.state_dict()
 
     def save_checkpoint(self) -> None:
+        self.checkpointed_step = self.step
         if self.fsdp:  # every process takes part in gathering the shards
             model_state, optimizer_state = sharding.full_state(self.model, self.optimizer)
         elif self.engine is not None:  # every process sends its partition of the optimizer state
@@ -486,7 +488,7 @@ class GRPOTrainer:
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
         self.hooks.load_state_dict(checkpoint.hooks_state)
         restore_rng_state(checkpoint.rng_state)
-        self.step = checkpoint.step
+        self.step = self.checkpointed_step = checkpoint.step
         self.backend.update_weights(self.model)
         if self.rank == 0:
             self.run.truncate_logs_after(self.step)
@@ -930,7 +932,8 @@ class GRPOTrainer:
                 )
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
-            self.save_checkpoint()
+            if self.checkpointed_step != self.step:  # a resumed run that was already done has it
+                self.save_checkpoint()
         except BaseException as err:
             if self.rank == 0:
                 self.run.set_status("failed", step=self.step, error=f"{type(err).__name__}: {err}")

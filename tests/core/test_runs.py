@@ -361,6 +361,32 @@ def test_saving_the_same_step_again_replaces_it(run):
     assert os.listdir(run.checkpoints_dir) == ["step-1"]
 
 
+def test_a_replacing_save_cut_off_keeps_the_old_checkpoint(run, monkeypatch):
+    """The old step-1 is moved aside while its replacement goes in; a save that fails between the two
+    renames puts it back, and one killed there leaves it to be put back by the next reader."""
+    save(run, 1, keep_last=1)
+    rename = os.rename
+
+    def second_rename_fails(src, dst):
+        if ".tmp-step-" in str(src):
+            raise OSError("disk gone")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        save(run, 1, keep_last=1, trainer_state={"step": 1, "again": True})
+    monkeypatch.setattr(os, "rename", rename)
+    assert os.listdir(run.checkpoints_dir) == ["step-1"]
+    assert load_checkpoint(run.latest_checkpoint()).trainer_state == {"step": 1}
+    # killed between the renames: only the aside copy is left
+    rename(run.checkpoints_dir / "step-1", run.checkpoints_dir / ".replaced-step-1")
+    assert run.latest_checkpoint() == run.checkpoints_dir / "step-1"
+    assert load_checkpoint(run.latest_checkpoint()).trainer_state == {"step": 1}
+    rename(run.checkpoints_dir / "step-1", run.checkpoints_dir / ".replaced-step-1")
+    save(run, 2, keep_last=1)  # a save restores it before pruning, then prunes it as older
+    assert os.listdir(run.checkpoints_dir) == ["step-2"]
+
+
 def test_latest_checkpoint_ignores_half_written_ones(run):
     assert run.latest_checkpoint() is None
     save(run, 2)

@@ -306,6 +306,15 @@ def test_reward_failures_are_counted_over_the_batch(model_dir, tmp_path):
     assert metrics["reward/a/failures"] == 0.0
 
 
+def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(model_dir, tmp_path):
+    config = make_config(tmp_path, max_steps=1)
+    make_trainer(model_dir, config).train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-1"
+    inode = checkpoint.stat().st_ino  # a save writes a new directory and renames it into place
+    assert make_trainer(model_dir, replace(config, resume=True)).train() == []
+    assert checkpoint.stat().st_ino == inode
+
+
 def test_gradient_accumulation_gives_the_full_batch_update(model_dir, tmp_path):
     """Micro-batches of 2 and one micro-batch of 16 log the same loss and make the same update."""
     runs = {}

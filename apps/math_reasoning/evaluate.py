@@ -12,7 +12,6 @@ benchmark evaluated into the same run adds its entry.
 
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,17 +37,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_correct(answers: list[str | None], gold: str) -> bool:
-    """maj@k: the most frequent extracted answer (ties: the earliest) equals the gold; None never votes.
+    """maj@k: the most frequent extracted answer (ties: the one seen first) equals the gold; None never
+    votes. Votes go to classes of equal answers (`same_answer`), so "1,000" and "1000" vote together.
 
     >>> majority_correct(["3", "4", "4", None], "4"), majority_correct([None, None], "4")
     (True, False)
+    >>> majority_correct(["7", "1,000", "1000"], "1000")
+    True
     """
-    votes = Counter(a.strip() for a in answers if a is not None)
-    if not votes:
+    classes: list[list[str]] = []  # in order of first appearance; each holds equal answers
+    for answer in (a.strip() for a in answers if a is not None):
+        home = next((c for c in classes if same_answer(answer, c[0])), None)
+        if home is None:
+            classes.append([answer])
+        else:
+            home.append(answer)
+    if not classes:
         return False
-    top = max(votes.values())
-    winner = next(a.strip() for a in answers if a is not None and votes[a.strip()] == top)
-    return same_answer(winner, gold)
+    winner = max(classes, key=len)  # max keeps the first of equal lengths
+    return same_answer(winner[0], gold)
 
 
 def evaluate_model(

@@ -68,6 +68,9 @@ def test_same_answer_fast_path_and_math_verify():
     assert same_answer("+5", "5") and not same_answer("5", "-5")
     assert same_answer("x^2 + 1", "1 + x^2")
     assert not same_answer("garbage ((", "5")
+    # commas group thousands only; anything else is a list of values, compared by math-verify
+    assert same_answer("-1,234,567", "-1234567") and not same_answer("1,3", "13")
+    assert not same_answer("-2,2", "-22") and same_answer("3,1", "1,3")
 
 
 def test_pass_at_k_against_the_product_formula():
@@ -86,3 +89,7 @@ def test_majority_vote():
     assert not majority_correct(["1", "1", "2"], "2")
     assert majority_correct(["1", "2"], "1")  # a tie goes to the earliest
     assert not majority_correct([None, None, "3"], "4")
+    # equal answers written differently vote together
+    assert majority_correct(["7", "1,000", "1000"], "1000")
+    assert majority_correct(["\\frac{1}{2}", "3", "0.5"], "1/2")
+    assert not majority_correct(["3", "0.5", "3", "1/2", "4"], "0.5")  # 2 against 2: "3" came first

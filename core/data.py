@@ -31,6 +31,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 def read_examples(path: str | Path, required: Sequence[str]) -> list[dict]:
     """Rows of a local JSONL, JSON, CSV or Parquet file; a malformed row or a missing field is an error
     naming the file and the line (JSONL) or row. Rows without an `id` get `<file stem>-<row>`."""
+    return [row for _, row in read_located_examples(path, required)]
+
+
+def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tuple[str, dict]]:
+    """`read_examples` with where each row came from, for an app's own error messages:
+    ("<file>:line N (id 'x')" for JSONL, "<file>:row N (id 'x')" for the other formats, row)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -50,7 +56,7 @@ def read_examples(path: str | Path, required: Sequence[str]) -> list[dict]:
         if missing:
             raise ValueError(f"{path}:{where}: missing field(s) {', '.join(missing)}")
         row.setdefault("id", f"{path.stem}-{index}")
-        examples.append(row)
+        examples.append((f"{path}:{where} (id {row['id']!r})", row))
     if not examples:
         raise ValueError(f"data file {path} has no rows")
     return examples

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.data import read_examples
+from core.data import read_located_examples
 
 HINT_TIERS = ("knowledge", "planning", "solution")
 NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Finn", "Gus", "Ivy")
@@ -241,11 +241,10 @@ def load_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
     if data_format not in FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; valid: {', '.join(FORMATS)}")
     path = Path(path)
-    rows = read_examples(path, required=[])
-    fmt = _detect(rows[0], path) if data_format == "auto" else data_format
+    rows = read_located_examples(path, required=[])
+    fmt = _detect(rows[0][1], path) if data_format == "auto" else data_format
     examples = []
-    for index, row in enumerate(rows):
-        where = f"{path}: row {index} (id {row['id']!r})"
+    for where, row in rows:
         examples.append({"id": str(row["id"]), "source": fmt, **_convert(row, fmt, where)})
     return examples
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from apps.tcm.knowledge import FLAVOURS, FORMULAS, HERBS, MERIDIANS, NATURES, SYNDROMES
-from core.data import read_examples
+from core.data import read_located_examples
 
 TYPES = ("single", "multiple", "fill", "open")
 LETTERS = "ABCDE"
@@ -56,10 +56,11 @@ def load_examples(path: str | Path) -> list[dict]:
     order), a JSON string of either, or lines "A. ..." / "A、..."; `type` takes the labels in
     `TYPE_ALIASES`. Errors name the file and the row (JSONL: the line of a malformed row)."""
     path = Path(path)
-    rows = read_examples(path, REQUIRED_COLUMNS)  # raises on a missing file, bad JSON or a missing field
+    rows = read_located_examples(
+        path, REQUIRED_COLUMNS
+    )  # raises on a missing file, bad JSON, a missing field
     examples = []
-    for index, row in enumerate(rows):
-        where = f"{path}: row {index} (id {row['id']!r})"
+    for where, row in rows:
         label = str(row["type"]).strip().lower()
         if label not in TYPE_ALIASES:
             raise ValueError(
@@ -104,23 +105,39 @@ def parse_options(value, where: str) -> dict[str, str]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: options are not valid JSON ({err.msg})") from err
     if isinstance(value, dict):
-        options = {str(k).strip().upper(): str(v).strip() for k, v in value.items() if v not in (None, "")}
+        pairs = [(str(k).strip().upper(), v) for k, v in value.items() if not _empty(v)]
     elif isinstance(value, list | tuple):
-        options = {LETTERS[i]: str(v).strip() for i, v in enumerate(value[: len(LETTERS)])}
+        value = list(value)
+        while value and _empty(value[-1]):  # a fixed-width column: the unused last options are empty
+            value.pop()
         if len(value) > len(LETTERS):
             raise ValueError(f"{where}: at most {len(LETTERS)} options, got {len(value)}")
+        if any(_empty(v) for v in value):
+            raise ValueError(
+                f"{where}: option {LETTERS[next(i for i, v in enumerate(value) if _empty(v))]} is empty"
+            )
+        pairs = list(zip(LETTERS, value, strict=False))
     elif isinstance(value, str) and value.strip():
-        options = {}
+        pairs = []
         for line in value.strip().splitlines():
             match = _OPTION_LINE.match(line)
             if match is None:
                 raise ValueError(f"{where}: option line {line!r} does not start with a letter A-E")
-            options[match.group(1).upper()] = match.group(2).strip()
+            pairs.append((match.group(1).upper(), match.group(2)))
     else:
         raise ValueError(f"{where}: a choice question needs options, got {value!r}")
+    options = {}
+    for letter, text in pairs:
+        if letter in options:
+            raise ValueError(f"{where}: option {letter} is given twice")
+        options[letter] = str(text).strip()
     if not 2 <= len(options) <= len(LETTERS) or list(options) != list(LETTERS[: len(options)]):
         raise ValueError(f"{where}: options must be lettered A, B, ... (2 to 5), got {list(options)}")
     return options
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 # ---- splitting ---------------------------------------------------------------------------------------------

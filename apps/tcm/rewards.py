@@ -12,9 +12,12 @@ Each reward is pure, `(completion, example) -> float`:
 
 Answer extraction (`extract_letters`) reads the content of the first `<answer>...</answer>` (or, with
 no closed answer tag, the completion without its `<think>` block), NFKC-normalised so full-width letters
-and punctuation (`Ｂ`, `：`, `（`) read as ASCII, then tries in order: a cue (答案是X, 答案为X, 答案：X, 选X,
-选项X, X项, "answer is X"; letters in either case), the first run of standalone capital letters A-E (not
-inside a Latin word), and a content that is nothing but letters a-e in lower case.
+and punctuation (`Ｂ`, `：`, `（`) read as ASCII, then tries in order: a cue stating the answer (答案是X,
+答案为X, 答案：X, "answer is X"; letters in either case); else the earliest of an option cue (选X, 选项X,
+X项, either case) and a run of standalone capital letters A-E (not inside a Latin word), so an answer
+letter followed by "选项A不对" keeps its letter (PAPERS.md sec. 9: the first standalone letter, cues as
+fallbacks); else a content that is nothing but letters a-e in lower case. Letters in a run may be
+separated by 、,;/. 和与及 or spaces.
 
     rubric = build_rubric()   # weights accuracy 5, strict_format 1, tag_count 1
 Tests: `pytest tests/apps/tcm/test_tcm_rewards.py`.
@@ -33,13 +36,17 @@ jieba.setLogLevel(logging.WARNING)  # jieba announces building its dictionary on
 
 WEIGHTS = {"accuracy": 5.0, "strict_format": 1.0, "tag_count": 1.0}
 
-_SEP = r"[\s、,，;；和与及/]*"
+_SEP = r"[\s、,，;；.和与及/]*"
 _RUN = rf"[A-Ea-e](?:{_SEP}[A-Ea-e])*"  # letters, possibly separated: "ACD", "A、C、D", "a 和 c"
-_CUES = [
+# Cues that state the answer ("the answer is X") win over any letter; cues that may only name an option
+# ("选项A不对", "A项") count as letters: the earliest of them and the standalone letters wins.
+_ANSWER_CUES = [
     re.compile(rf"答案\s*(?:应?[是为选])?\s*:?\s*(?:选项?)?\s*\(?\s*({_RUN})(?![A-Za-z])"),
+    re.compile(rf"answer\s*(?:is|:)\s*:?\s*\(?\s*({_RUN})(?![A-Za-z])", re.IGNORECASE),
+]
+_OPTION_CUES = [
     re.compile(rf"选项?\s*\(?\s*({_RUN})(?![A-Za-z])"),
     re.compile(rf"(?<![A-Za-z])({_RUN})\s*\)?\s*项"),
-    re.compile(rf"answer\s*(?:is|:)\s*:?\s*\(?\s*({_RUN})(?![A-Za-z])", re.IGNORECASE),
 ]
 _STANDALONE = re.compile(rf"(?<![A-Za-z])([A-E](?:{_SEP}[A-E])*)(?![A-Za-z])")
 _LOWER_ONLY = re.compile(r"[\sa-e、,，;；/()]*")
@@ -48,7 +55,8 @@ _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 _FREE = r"(?:(?!</?think>|</?answer>).)*"
 _STRICT = re.compile(rf"<think>\n{_FREE}\n</think>\n<answer>\n{_FREE}\n</answer>\s*", re.DOTALL)
 _PUNCT = re.compile(r"[\s\W_]+")  # \W: neither letter/digit (CJK included) nor underscore
-_ITEM_SPLIT = re.compile(r"[、,;/]|和|及")
+# Not 和/及: they are inside words as often as between items (和解少阳, 调和营卫, 理气和中).
+_ITEM_SPLIT = re.compile(r"[、,;/]")
 
 
 def answer_text(completion: str) -> str:
@@ -74,7 +82,10 @@ def extract_letters(completion: str) -> str:
     'ACD'
     """
     text = unicodedata.normalize("NFKC", answer_text(completion))
-    match = next((m for cue in _CUES if (m := cue.search(text))), None) or _STANDALONE.search(text)
+    match = next((m for cue in _ANSWER_CUES if (m := cue.search(text))), None)
+    if match is None:
+        found = [m for pattern in (*_OPTION_CUES, _STANDALONE) if (m := pattern.search(text))]
+        match = min(found, key=lambda m: m.start(1), default=None)
     if match is None:
         if not text.strip() or not _LOWER_ONLY.fullmatch(text):
             return ""
@@ -85,7 +96,7 @@ def extract_letters(completion: str) -> str:
 
 
 def normalize_answer(text: str) -> frozenset[str]:
-    """A fill-in answer as a set of items: NFKC, lower case, split at 、,;/和及, punctuation and spaces
+    """A fill-in answer as a set of items: NFKC, lower case, split at 、,;/, punctuation and spaces
     removed, so "肺、膀胱" matches "膀胱，肺" and "Ｗarm." matches "warm".
 
     >>> sorted(normalize_answer(" 膀胱，肺。"))

@@ -145,13 +145,13 @@ def test_parquet_and_offline_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "rows, fmt, message",
     [
-        ([{"question": "q", "answer": "no final line"}], "auto", r"row 0 .*'####"),
+        ([{"question": "q", "answer": "no final line"}], "auto", r"bad.jsonl:line 1 .*'####"),
         (
             [{"question": "q", "answer": "#### 1"}, {"question": "q2"}],
             "gsm8k",
-            r"row 1 .*missing field 'answer'",
+            r"bad.jsonl:line 2 .*missing field 'answer'",
         ),
-        ([{"problem": "p", "solution": "no box"}], "math", r"row 0 .*no \\boxed"),
+        ([{"problem": "p", "solution": "no box"}], "math", r"bad.jsonl:line 1 .*no \\boxed"),
         ([{"problem": "p"}], "math", "missing field 'answer'"),
         ([{"problem": "p", "answer": ""}], "aime", "missing field 'answer'"),
         ([{"problem": "p", "answer": [1]}], "amc", "must be text or a number"),
@@ -164,6 +164,13 @@ def test_malformed_files_name_file_row_and_field(tmp_path, rows, fmt, message):
     with pytest.raises(ValueError, match=message) as err:
         load_examples(path, fmt)
     assert "bad.jsonl" in str(err.value)
+
+
+def test_errors_give_the_jsonl_line_not_the_row_index(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n\n\n{"question": "q2", "answer": "none"}\n')
+    with pytest.raises(ValueError, match=r"gaps.jsonl:line 4 \(id 'gaps-1'\)"):
+        load_examples(path, "gsm8k")
 
 
 def test_broken_json_line_and_unknown_format(tmp_path):

@@ -113,6 +113,22 @@ def test_parse_options_forms():
     assert parse_options("A、寒\nB：温", "x") == {"A": "寒", "B": "温"}
     with pytest.raises(ValueError, match="x: option line"):
         parse_options("寒\n温", "x")
+    assert parse_options(["寒", "温", None, ""], "x") == {"A": "寒", "B": "温"}  # unused last options
+    assert parse_options({"A": "寒", "B": "温", "C": None}, "x") == {"A": "寒", "B": "温"}
+    with pytest.raises(ValueError, match="x: option B is empty"):
+        parse_options(["寒", None, "温"], "x")
+    with pytest.raises(ValueError, match="x: option B is given twice"):
+        parse_options("A. 麻黄\nB. 桂枝\nB. 甘草", "x")
+    with pytest.raises(ValueError, match="x: option A is given twice"):
+        parse_options({"A": "寒", "a": "温"}, "x")
+
+
+def test_errors_give_the_jsonl_line(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    rows = [{"question": "q", "answer": "温", "type": "fill"}, {"question": "q", "answer": "B", "type": "x"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=r"gaps.jsonl:line 3 \(id 'gaps-1'\): unknown type 'x'"):
+        load_examples(path)
 
 
 # ---- the knowledge table and the generator -----------------------------------------------------------------

@@ -46,6 +46,13 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("a、c、d"), "ACD"),
         (wrap("A和C和D"), "ACD"),
         (wrap("D C A"), "DCA"),
+        (wrap("A.C.D"), "ACD"),  # dots between letters
+        (wrap("A. C. D"), "ACD"),
+        (wrap("B. 麻黄"), "B"),  # a dot after the letter and its option's text
+        (wrap("C，因为选项A和B都不对"), "C"),  # the answer first, options named after it
+        (wrap("C。选项A错误"), "C"),
+        (wrap("选项A错误，答案是C"), "C"),  # a stated answer wins over an option named earlier
+        (wrap("选b"), "B"),  # an option cue reads lower case
         ("答案是C", "C"),  # missing tags: the whole completion
         ("<think>\n想一想A和B\n</think>\n答案是C", "C"),  # missing answer tags: the think block is ignored
         ("我觉得是A\n<answer>\nB\n</answer>\n其实是C", "B"),  # text outside the tags is ignored
@@ -105,6 +112,9 @@ def test_multiple_choice_accuracy(completion, reward):
         ("Warm.", "warm", True),
         ("ＷＡＲＭ", "warm", True),
         ("", "温", False),
+        ("解少阳", "和解少阳", False),  # 和 inside a word is not a separator
+        ("营卫、调", "调和营卫", False),
+        ("和解少阳。", "和解少阳", True),
     ],
 )
 def test_normalized_match(prediction, gold, match):

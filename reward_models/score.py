@@ -22,11 +22,23 @@ from reward_models.deberta import MultiHeadRewardModel
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, device: str) -> dict:
     """[CLS] prompt [SEP] response [SEP], padded to the longest; only the prompt is cut when too long, so
-    the response (what is judged) is always seen whole when it fits."""
-    enc = tokenizer(
-        prompts, responses, padding=True, truncation="only_first", max_length=max_length, return_tensors="pt"
+    the response (what is judged) is always seen whole when it fits. A response too long to fit with one
+    prompt token is cut at its end too (`longest_first`), rather than failing the whole batch."""
+    sizes = [len(ids) for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1  # keep one prompt token
+    rows = [
+        tokenizer(
+            prompt,
+            response,
+            truncation="only_first" if size <= room else "longest_first",
+            max_length=max_length,
+        )
+        for prompt, response, size in zip(prompts, responses, sizes, strict=True)
+    ]
+    enc = tokenizer.pad(
+        [{k: row[k] for k in ("input_ids", "attention_mask")} for row in rows], return_tensors="pt"
     )
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    return {k: v.to(device) for k, v in enc.items()}
 
 
 class RewardModelScorer:

@@ -103,3 +103,17 @@ def test_scorer_caches_the_last_batch(trained):
     assert scorer.score(["q"] * 3, ["a", "b", "c"]) is first and scorer.forward_calls == 2
     one_by_one = [scorer.score(["q"], [r])["fairness"][0] for r in "abc"]
     assert one_by_one == pytest.approx(first["fairness"], abs=1e-5)  # padding does not change a score
+
+
+def test_a_response_longer_than_the_model_is_cut_not_an_error(trained):
+    scorer = RewardModelScorer(trained / "run" / "model")  # max_length 96, as trained
+    long = " ".join(["the answer is fair to every group"] * 40)
+    scores = scorer.score(["q", "q"], ["a short answer", long])
+    assert len(scores["fairness"]) == 2 and all(0 < p < 1 for p in scores["fairness"])
+    ids = scorer.tokenizer(long, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 96
+    # the long response is seen cut to the model's length: the same score as its first tokens
+    cut = scorer.tokenizer.decode(ids[:200])
+    assert scorer.score(["q"], [cut])["fairness"][0] == pytest.approx(scores["fairness"][1], abs=1e-5)
+    short = scorer.score(["q"], ["a short answer"])["fairness"][0]
+    assert short == pytest.approx(scores["fairness"][0], abs=1e-5)  # its neighbour is scored as alone

@@ -19,6 +19,7 @@ import csv
 import hashlib
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -370,11 +371,12 @@ def line_to_grid(text: str, where: str) -> tuple[list[int], int]:
 def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
     """Puzzles from a text file of one puzzle per line, or a CSV whose rows are `puzzle[,solution]` (a
     header row such as `quizzes,solutions` is skipped). Each puzzle must have exactly one solution, which
-    is checked (and found when absent); every error names the file and line."""
+    is checked (and found when absent); every error names the file and line. Puzzles that need a strategy
+    harder than `max_strategy` are left out with a warning naming their lines."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"puzzle file {path} does not exist")
-    puzzles = []
+    puzzles, harder = [], []  # harder: line numbers of puzzles left out
     with path.open(newline="") as handle:
         for number, row in enumerate(csv.reader(handle), start=1):
             where = f"{path}:{number}"
@@ -399,8 +401,16 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
                     raise ValueError(f"{where}: the solution does not solve the puzzle")
             steps = logic_solve(grid, n, max_strategy, found)
             if steps is None:
-                continue  # harder than max_strategy: left out, as the generator would
+                harder.append(number)  # harder than max_strategy: left out, as the generator would
+                continue
             puzzles.append(Puzzle(n, tuple(grid), tuple(found), tuple(steps)))
+    if harder:
+        lines = ", ".join(map(str, harder[:10])) + (", ..." if len(harder) > 10 else "")
+        warnings.warn(
+            f"{path}: {len(harder)} puzzle(s) need a strategy harder than {max_strategy!r} and are left out"
+            f" (lines {lines})",
+            stacklevel=2,
+        )
     if not puzzles:
         raise ValueError(f"puzzle file {path} has no puzzles")
     return puzzles

@@ -114,3 +114,15 @@ def test_puzzle_files_round_trip_and_malformed_lines_are_named(tmp_path):
     bad.write_text(f"{puzzles[0].to_line()},{wrong}\n")
     with pytest.raises(ValueError, match=r"bad.csv:1: the solution does not solve"):
         read_puzzles(bad)
+
+
+def test_puzzles_harder_than_the_strategy_cap_are_left_out_with_a_warning(tmp_path):
+    puzzles = generate_puzzles(9, 6, seed=0, givens=(24, 28))
+    hard = [p for p in puzzles if any(s == "guess" for *_, s in p.steps)]
+    easy = [p for p in puzzles if p not in hard]
+    assert hard and len(easy) >= 2
+    path = tmp_path / "p.csv"
+    write_puzzles(path, [easy[0], hard[0], easy[1]])  # a header, then the puzzles on lines 2-4
+    left_out = r"p.csv: 1 puzzle\(s\) need a strategy harder than 'elimination'.*lines 3\)"
+    with pytest.warns(UserWarning, match=left_out):
+        assert read_puzzles(path, max_strategy="elimination") == [easy[0], easy[1]]

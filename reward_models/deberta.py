@@ -41,6 +41,7 @@ class MultiHeadRewardModel(nn.Module):
         )
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, 1) for name in self.head_names})
         self.dropout = dropout
+        self.max_length: int | None = None  # the token cap of training, when known (`save`, `load`)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
@@ -51,13 +52,14 @@ class MultiHeadRewardModel(nn.Module):
         pooled = self.pooler(states[:, 0])  # (B, H), the [CLS] position
         return torch.cat([self.heads[name](pooled) for name in self.head_names], dim=-1)  # (B, K)
 
-    def save(self, path: str | Path, tokenizer=None) -> Path:
+    def save(self, path: str | Path, tokenizer=None, max_length: int | None = None) -> Path:
+        """The model (and tokenizer) as a directory; `max_length`, the token cap it was trained with, is
+        kept in reward_heads.json so that scoring cuts inputs as training did."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.encoder.config.save_pretrained(path)
-        (path / HEADS_FILE).write_text(
-            json.dumps({"heads": self.head_names, "dropout": self.dropout}, indent=1)
-        )
+        meta = {"heads": self.head_names, "dropout": self.dropout, "max_length": max_length}
+        (path / HEADS_FILE).write_text(json.dumps(meta, indent=1))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE))
         if tokenizer is not None:
@@ -76,6 +78,7 @@ class MultiHeadRewardModel(nn.Module):
         meta = json.loads((path / HEADS_FILE).read_text())
         model = cls(DebertaV2Model(DebertaV2Config.from_pretrained(path)), meta["heads"], meta["dropout"])
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        model.max_length = meta.get("max_length")  # None in directories saved before it was kept
         return model.to(device).eval()
 
 

@@ -52,7 +52,10 @@ class RewardModelScorer:
         self.heads = list(self.model.head_names)
         self.device = device
         self.batch_size = batch_size
-        self.max_length = max_length or self.model.encoder.config.max_position_embeddings
+        # as trained (saved with the model), else all the encoder takes
+        self.max_length = (
+            max_length or self.model.max_length or self.model.encoder.config.max_position_embeddings
+        )
         self.forward_calls = 0  # batches scored by the model (a cache hit adds none)
         self._last_key: tuple | None = None
         self._last: dict[str, list[float]] = {}

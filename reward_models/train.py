@@ -181,7 +181,7 @@ def train_reward_model(config: RMTrainConfig) -> dict:
                     flush=True,
                 )
     model.eval()
-    model.save(out, tokenizer)
+    model.save(out, tokenizer, max_length=config.max_length)
     scorer = RewardModelScorer(out, device=config.device)
     splits = {"validation": validation}
     for name in ("test", "heldout"):

@@ -117,3 +117,11 @@ def test_a_response_longer_than_the_model_is_cut_not_an_error(trained):
     assert scorer.score(["q"], [cut])["fairness"][0] == pytest.approx(scores["fairness"][1], abs=1e-5)
     short = scorer.score(["q"], ["a short answer"])["fairness"][0]
     assert short == pytest.approx(scores["fairness"][0], abs=1e-5)  # its neighbour is scored as alone
+
+
+def test_the_scorer_cuts_inputs_at_the_training_length(trained, tmp_path):
+    scorer = RewardModelScorer(trained / "run" / "model")
+    assert scorer.max_length == 96  # --max-length of the fixture's training
+    scorer.model.save(tmp_path / "rm", scorer.tokenizer, max_length=24)
+    assert RewardModelScorer(tmp_path / "rm").max_length == 24
+    assert RewardModelScorer(tmp_path / "rm", max_length=40).max_length == 40  # an explicit cap wins

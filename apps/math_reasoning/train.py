@@ -79,7 +79,8 @@ class MathTrainConfig(GRPOConfig):
     large_sft_steps: int = _help("tiny large model: SFT steps (batch 16)", 300)
     sft_lr: float = _help("SFT learning rate of the tiny models", 2e-3)
     large_sft_lr: float | None = _help(
-        "SFT learning rate of the tiny large model; none = --sft-lr (a wider model may need a lower one)", None
+        "SFT learning rate of the tiny large model; none = --sft-lr (a wider model may need a lower one)",
+        None,
     )
     sft_hint_fraction: float = _help("share of SFT prompts shown with a partial hint (see models.py)", 0.3)
     # -- Scaf-GRPO

@@ -367,6 +367,8 @@ class RolloutIndex:
         (case-insensitive for ASCII letters; other characters must match exactly)."""
         if not needle:
             return np.arange(len(self)) if lines is None else np.asarray(lines)
+        if self._end == 0:  # nothing indexed yet (the file may not exist)
+            return np.zeros(0, dtype=np.int64)
         # Find the needle as it is written inside a JSON string, then check the parsed row: the raw match
         # may be in another field (a key, the example id).
         encoded = json.dumps(needle, ensure_ascii=False)[1:-1].encode().lower()

@@ -105,6 +105,12 @@ def test_metrics_frame(runs_root):
     ]
 
 
+def test_a_run_without_rollouts_has_an_empty_index(tmp_path):
+    index = loading.RolloutIndex(tmp_path / "rollouts.jsonl").refresh()
+    assert len(index) == 0 and len(index.frame()) == 0
+    assert index.search("anything").tolist() == []
+
+
 def test_rollout_index_reads_incrementally_and_lazily(runs_root):
     path = runs_root / "toy/a/rollouts.jsonl"
     index = loading.RolloutIndex(path).refresh()

@@ -54,11 +54,10 @@ def load_examples(path: str | Path) -> list[dict]:
 
     `options` (needed for choice questions) may be a mapping {"A": ...}, a list (lettered A, B, ... in
     order), a JSON string of either, or lines "A. ..." / "A、..."; `type` takes the labels in
-    `TYPE_ALIASES`. Errors name the file and the row (JSONL: the line of a malformed row)."""
+    `TYPE_ALIASES`. Errors name the file and the line (JSONL) or row (other formats) and the row's id."""
     path = Path(path)
-    rows = read_located_examples(
-        path, REQUIRED_COLUMNS
-    )  # raises on a missing file, bad JSON, a missing field
+    # raises on a missing file, bad JSON or a missing field
+    rows = read_located_examples(path, REQUIRED_COLUMNS)
     examples = []
     for where, row in rows:
         label = str(row["type"]).strip().lower()

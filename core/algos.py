@@ -328,8 +328,9 @@ def policy_loss(
             "clip/high_frac": masked_mean(high, clip_mask),
             "clip/frac": masked_mean(torch.maximum(low, high), clip_mask),
             "ratio/mean": masked_mean(token_ratio, mask),
-            "ratio/max": token_ratio[valid].max() if valid.any() else torch.tensor(1.0),
-            "ratio/min": token_ratio[valid].min() if valid.any() else torch.tensor(1.0),
+            # with no valid token, each extreme is its reduction's identity, so it never wins one
+            "ratio/max": token_ratio[valid].max() if valid.any() else torch.tensor(-math.inf),
+            "ratio/min": token_ratio[valid].min() if valid.any() else torch.tensor(math.inf),
         }
         if kl is not None:
             metrics["kl"] = masked_mean(kl, mask)

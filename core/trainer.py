@@ -770,6 +770,9 @@ class GRPOTrainer:
         out = {key: sums[key] / (counts[key] or updates) for key in sums}  # additive ones: mean over updates
         out.update(extremes)
         out = self._over_processes(out)
+        for name in ("ratio/max", "ratio/min"):  # still the reduction's identity: no token was trained on
+            if name in out and math.isinf(out[name]) and (out[name] < 0) == name.endswith("/max"):
+                out[name] = math.nan
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out

@@ -210,6 +210,9 @@ def test_clip_metrics_count_the_right_tokens():
     assert metrics["clip/low_frac"].item() == 0.0
     assert metrics["ratio/max"].item() == pytest.approx(1.5)
     assert metrics["ratio/min"].item() == pytest.approx(0.5)
+    # no valid token: each extreme is its reduction's identity, not a ratio of 1 that could win a max or min
+    _, empty = algos.policy_loss(logp, torch.zeros(1, 4), torch.tensor([1.0]), torch.zeros(1, 4))
+    assert empty["ratio/max"].item() == -math.inf and empty["ratio/min"].item() == math.inf
 
 
 @pytest.mark.parametrize(

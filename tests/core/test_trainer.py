@@ -2,6 +2,7 @@
 say (mu, beta, dynamic sampling, multi-turn masking), and bad input fails with a clear message."""
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -291,6 +292,19 @@ def test_ratio_extremes_are_over_every_micro_batch_and_update(model_dir, tmp_pat
     highs, lows = zip(*seen, strict=True)
     assert len(seen) == 2 * 4 and max(highs) > min(highs)  # the extremes differ between micro-batches
     assert metrics["ratio/max"] == max(highs) and metrics["ratio/min"] == min(lows)
+
+
+def test_ratio_extremes_of_a_step_without_trained_tokens_are_nan(model_dir, tmp_path, monkeypatch):
+    config = make_config(tmp_path, max_steps=1, micro_batch_size=4)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    policy_loss = algos.policy_loss
+
+    def no_tokens(logp, old_logp, advantages, mask, **kwargs):
+        return policy_loss(logp, old_logp, advantages, torch.zeros_like(mask), **kwargs)
+
+    monkeypatch.setattr(algos, "policy_loss", no_tokens)
+    (metrics,) = trainer.train()
+    assert math.isnan(metrics["ratio/max"]) and math.isnan(metrics["ratio/min"])
 
 
 def test_reward_failures_are_counted_over_the_batch(model_dir, tmp_path):

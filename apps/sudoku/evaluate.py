@@ -3,10 +3,14 @@ complete-puzzle accuracy, order agreement with the logic solver (mean order rewa
 format validity, written to the run directory's eval.json and printed as a table.
 
 grpo-suite sudoku eval --model runs/sudoku/<run>/final      # eval.json next to the model's run
+
+The result goes under the key "eval" of eval.json, next to what the run's training wrote there, with the
+puzzle settings it was measured on; settings that differ from the run's own are named in a warning.
 """
 
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from apps.sudoku.data import PuzzleConfig, load_puzzles
 from apps.sudoku.model import ConstrainedBackend
 from apps.sudoku.rewards import puzzle_metrics
 from apps.sudoku.serialize import to_example
+from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import SamplingSettings
 from core.runs import RunDir, default_run_dir
@@ -77,16 +82,27 @@ def run_eval(config: SudokuEvalConfig) -> dict:
     else:
         run_path = default_run_dir("sudoku")
     print(f"run directory: {run_path}")
-    run = RunDir(run_path) if (run_path / "config.json").is_file() else None
-    if run is None:
-        from core.config import config_to_dict
-
+    settings = {name: getattr(config, name) for name in PuzzleConfig.__dataclass_fields__}
+    if (run_path / "config.json").is_file():
+        run = RunDir(run_path)
+        trained_on = run.read_config()["config"]
+        differ = [
+            f"{k}={v!r} (run: {trained_on[k]!r})" for k, v in settings.items() if trained_on.get(k, v) != v
+        ]
+        if differ:
+            warnings.warn(
+                f"{run_path}: held-out puzzles built with other settings than the run's: {', '.join(differ)}",
+                stacklevel=1,
+            )
+    else:
         run = RunDir.create(
             run_path, config_to_dict(config), app="sudoku", algorithm="eval", exist_ok_for_resume=False
         )
     result = evaluate_model(
         model, tokenizer, held_out_examples(config, config.eval_puzzles), config.batch_size
     )
-    run.write_eval({"model": str(model_path), **result})
+    previous = run.read_eval() if run.eval_path.is_file() else {}
+    run.write_eval(previous | {"eval": {"model": str(model_path), "puzzle_settings": settings, **result}})
     print(table({model_path.parent.name or str(model_path): result}))
+    print(f"results written to {run.eval_path} under 'eval'")
     return result

@@ -6,11 +6,13 @@ grpo-suite sudoku pipeline                        # the default preset: 4x4, min
 grpo-suite sudoku pipeline --preset experiment --seed 1   # the longer experiment (docs/sudoku.md)
 
 The run directory holds sft-random/, sft-solver/, grpo-w<w>/ (each a run with its own eval.json) and the
-pipeline's own eval.json with every row of the table.
+pipeline's own eval.json with every row of the table, rewritten after each stage. `--resume` skips the stages
+whose row is there, continues a GRPO stage from its newest checkpoint and restarts an unfinished SFT stage
+(SFT keeps no checkpoints).
 """
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.sudoku.data import load_puzzles
@@ -38,6 +40,11 @@ class SudokuPipelineConfig(SudokuTrainConfig):
             raise ValueError(f"mixtures must be cell weights in [0, 1], got {self.mixtures}")
         if not self.eval_puzzles:
             raise ValueError("the pipeline compares held-out results: eval_puzzles must be > 0")
+        if self.cell_weight != SudokuTrainConfig.cell_weight:
+            raise ValueError(
+                f"cell_weight={self.cell_weight}: the pipeline trains one GRPO run per cell weight in "
+                "--mixtures; set them there"
+            )
 
 
 def row_name(w: float) -> str:
@@ -49,36 +56,48 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     root = Path(config.run_dir or default_run_dir(APP))
     print(f"run directory: {root}")
     run = RunDir.create(
-        root, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=False
+        root, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=config.resume
     )
     run.set_status("running", step=0)
+    done = run.read_eval() if config.resume and run.eval_path.is_file() else {}
+    rows: dict[str, dict] = done.get("rows", {})
+    times: dict[str, float] = done.get("seconds", {})
+    earlier_total, earlier_cpu = done.get("total_seconds", 0.0), done.get("cpu_seconds", 0.0)
+
+    def record(name: str, result: dict, began: float) -> None:
+        rows[name], times[name] = result, time.perf_counter() - began
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        run.write_eval(
+            {
+                "rows": rows,
+                "seconds": times,
+                "total_seconds": earlier_total + total,
+                "cpu_seconds": earlier_cpu + cpu,
+            }
+        )
+
     puzzles = load_puzzles(config)
     print(f"puzzles: {len(puzzles[0])} train, {len(puzzles[1])} held out (split by solution grid)")
-    rows: dict[str, dict] = {}
-    times: dict[str, float] = {}
     orders = ["random", "solver"] if config.solver_baseline else ["random"]
-    for order in orders:
+    for order in (o for o in orders if f"sft-{o}" not in rows):
         began = time.perf_counter()
         sft_config = sft_config_from(
             config, model=config.model, run_dir=str(root / f"sft-{order}"), order=order
         )
-        rows[f"sft-{order}"] = run_sft(sft_config, puzzles)
-        times[f"sft-{order}"] = time.perf_counter() - began
-    for w in config.mixtures:
+        record(f"sft-{order}", run_sft(sft_config, puzzles, resume=config.resume), began)
+    for w in (w for w in config.mixtures if row_name(w) not in rows):
         began = time.perf_counter()
-        grpo_config = replace(
-            config,
-            model=str(root / "sft-random" / "final"),
-            run_dir=str(root / f"grpo-w{w:g}"),
-            cell_weight=w,
+        train_config = SudokuTrainConfig(
+            **{k: getattr(config, k) for k in _train_fields()}
+            | {
+                "model": str(root / "sft-random" / "final"),
+                "run_dir": str(root / f"grpo-w{w:g}"),
+                "cell_weight": w,
+            }
         )
-        rows[row_name(w)] = run_train(
-            SudokuTrainConfig(**{k: getattr(grpo_config, k) for k in _train_fields()}), puzzles
-        )
-        times[row_name(w)] = time.perf_counter() - began
-    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    run.write_eval({"rows": rows, "seconds": times, "total_seconds": total, "cpu_seconds": cpu})
+        record(row_name(w), run_train(train_config, puzzles), began)
     run.set_status("finished", step=0)
+    total = run.read_eval()["total_seconds"]
     print(
         f"\nheld-out {config.size}x{config.size} puzzles: {rows['sft-random']['puzzles']}, total {total:.0f}s"
     )

@@ -9,6 +9,7 @@ The reward is R = w * s_cell * R_cell + (1 - w) * s_order * R_order with s_k = 1
 rollouts of the starting model before the first step (bootstrapped scaling, core.rewards.Rubric.fit_scales).
 """
 
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -92,14 +93,20 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def run_sft(config: SudokuSFTConfig, puzzles=None) -> dict:
-    """SFT into <run_dir>/final; returns the held-out evaluation (empty with eval_puzzles = 0)."""
+def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> dict:
+    """SFT into <run_dir>/final; returns the held-out evaluation (empty with eval_puzzles = 0).
+
+    `resume` (the pipeline's): reopen an unfinished SFT run and start it over, as SFT keeps no checkpoints.
+    """
     _set_threads(config.threads)
     run_path = Path(config.run_dir or default_run_dir(APP))
     print(f"run directory: {run_path}")
     run = RunDir.create(
-        run_path, config_to_dict(config), app=APP, algorithm=f"sft-{config.order}", exist_ok_for_resume=False
+        run_path, config_to_dict(config), app=APP, algorithm=f"sft-{config.order}", exist_ok_for_resume=resume
     )
+    if resume:
+        run.truncate_logs_after(0)
+        shutil.rmtree(run_path / "base_model", ignore_errors=True)  # rebuilt from its seed, bit for bit
     train, held_out = puzzles or load_puzzles(config)
     start = config.model or create_model_dir(
         run_path / "base_model",

@@ -39,8 +39,15 @@ def test_every_subcommand_runs(tmp_path, capsys):
     assert len(metrics) == 2 and {"reward/cell", "reward/order"} <= set(metrics[0])
     assert json.loads((pipe / "grpo-w0.75" / "eval.json").read_text())["scales"]["order"] > 0
 
-    assert main(["sudoku", "eval", "--preset", "smoke", "--model", str(pipe / "grpo-w1" / "final")]) == 0
-    assert "cell_accuracy" in json.loads((pipe / "grpo-w1" / "eval.json").read_text())
+    # eval of a run's model adds its result under "eval" and keeps what training wrote; other puzzle
+    # settings than the run's are named
+    trained = json.loads((pipe / "grpo-w1" / "eval.json").read_text())
+    with pytest.warns(UserWarning, match=r"num_puzzles=4000 \(run: 64\)"):
+        assert (
+            main(["sudoku", "eval", "--model", str(pipe / "grpo-w1" / "final"), "--eval-puzzles", "4"]) == 0
+        )
+    evaluated = json.loads((pipe / "grpo-w1" / "eval.json").read_text())
+    assert evaluated.pop("eval")["puzzles"] == 4 and evaluated == trained
 
     # train without --model builds and SFTs its own base model first; sft alone writes a model
     assert main(["sudoku", "train", "--preset", "smoke", "--run-dir", str(tmp_path / "train")]) == 0
@@ -59,3 +66,62 @@ def test_bad_puzzle_file_is_a_command_line_error_naming_the_line(tmp_path, capsy
     bad.write_text("1234341221434321\n12\n")
     with pytest.raises(ValueError, match="bad.txt:2"):
         main(["sudoku", "generate", "--data", str(bad), "--output", str(tmp_path / "o")])
+
+
+def test_a_resumed_pipeline_runs_only_the_stages_it_had_not_finished(tmp_path, capsys):
+    pipe = tmp_path / "pipe"
+    args = ["sudoku", "pipeline", "--preset", "smoke", "--run-dir", str(pipe), "--mixtures", "1,0.5"]
+    assert main(args) == 0
+    full = json.loads((pipe / "eval.json").read_text())
+    # cut off during the last GRPO stage: its row is not in the pipeline's eval.json yet
+    rows = dict(full["rows"])
+    del rows["grpo mixed 0.5:0.5"]
+    (pipe / "eval.json").write_text(json.dumps(full | {"rows": rows}))
+    sft_model = (pipe / "sft-random" / "final" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    resumed = json.loads((pipe / "eval.json").read_text())
+    # the redone stage resumed from its final checkpoint: the same result
+    assert _timeless(resumed["rows"]) == _timeless(full["rows"])
+    assert (pipe / "sft-random" / "final" / "model.safetensors").stat().st_mtime_ns == sft_model
+    assert resumed["total_seconds"] > full["total_seconds"] - full["seconds"]["grpo mixed 0.5:0.5"]
+
+
+def test_an_unfinished_sft_stage_is_started_over_on_resume(tmp_path):
+    pipe = tmp_path / "pipe"
+    args = ["sudoku", "pipeline", "--preset", "smoke", "--run-dir", str(pipe), "--mixtures", "1"]
+    assert main(args) == 0
+    full = json.loads((pipe / "eval.json").read_text())
+    (pipe / "eval.json").unlink()  # cut off before the first stage's row was written
+    (pipe / "sft-random" / "status.json").unlink()
+    assert main([*args, "--resume"]) == 0
+    assert _timeless(json.loads((pipe / "eval.json").read_text())["rows"]) == _timeless(
+        full["rows"]
+    )  # seeded
+    steps = [
+        json.loads(line)["step"] for line in (pipe / "sft-random" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2]  # one run's log, not two
+
+
+def test_the_pipeline_refuses_a_cell_weight_it_would_ignore(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "sudoku",
+                "pipeline",
+                "--preset",
+                "smoke",
+                "--cell-weight",
+                "0.2",
+                "--run-dir",
+                str(tmp_path / "p"),
+            ]
+        )
+    assert "one GRPO run per cell weight in --mixtures" in capsys.readouterr().err
+
+
+def _timeless(rows: dict[str, dict]) -> dict[str, dict]:
+    return {name: {k: v for k, v in row.items() if k != "seconds"} for name, row in rows.items()}

@@ -706,29 +706,29 @@ class GRPOTrainer:
         counts: dict[str, int] = {}
         extremes: dict[str, float] = {}
         grad_norms = []
-        mini = n_local // cfg.mini_batches
         width = rollouts.completion_ids.shape[1]
         first_epoch_logp = []  # (n, t) per micro-batch, when old_from_first_epoch
         self.model.train()
         for epoch in range(cfg.mu):
             for m in range(cfg.mini_batches):
-                rows = range(m * mini, (m + 1) * mini)
-                loss_mask = rollouts.loss_mask[m * mini : (m + 1) * mini]
-                totals = all_reduce_sum(torch.stack([loss_mask.sum(), torch.tensor(float(mini))]))
-                for start in range(rows.start, rows.stop, cfg.micro_batch_size):
-                    idx = range(start, min(start + cfg.micro_batch_size, rows.stop))
+                # Mini-batch m: rows m, m + M, m + 2M, ... of this process's share. Each share holds a
+                # multiple of M rows, so the processes' mini-batches m make up the global batch's rows
+                # m, m + M, ...: one process's mini-batch m, however many processes split the batch.
+                rows = torch.arange(m, n_local, cfg.mini_batches)  # (n_local / M,)
+                loss_mask = rollouts.loss_mask[rows]
+                totals = all_reduce_sum(torch.stack([loss_mask.sum(), torch.tensor(float(len(rows)))]))
+                for start in range(0, len(rows), cfg.micro_batch_size):
+                    idx = rows[start : start + cfg.micro_batch_size]  # (n,)
                     micro = rollouts.select(idx)
                     t = micro.completion_ids.shape[1]
                     logp, entropy = self._logprobs(micro, with_grad=True)  # (n, t) each
                     if old_from_first_epoch and epoch == 0:
                         first_epoch_logp.append(torch.nn.functional.pad(logp.detach(), (0, width - t)))
                     mean_entropy = algos.masked_mean(entropy.detach(), micro.loss_mask, dim=-1)  # (n,)
-                    advantages = self.hooks.adjust_advantages(
-                        batch.advantages[idx.start : idx.stop], mean_entropy
-                    )
+                    advantages = self.hooks.adjust_advantages(batch.advantages[idx], mean_entropy)
                     loss, metrics = algos.policy_loss(
                         logp,
-                        None if old_logp is None else old_logp[idx.start : idx.stop, :t],
+                        None if old_logp is None else old_logp[idx, :t],
                         advantages,
                         micro.loss_mask,
                         eps_low=cfg.eps_low,
@@ -739,14 +739,12 @@ class GRPOTrainer:
                         max_length=cfg.max_new_tokens,
                         total_tokens=totals[0],
                         total_seqs=totals[1],
-                        ref_logp=None if ref_logp is None else ref_logp[idx.start : idx.stop, :t],
+                        ref_logp=None if ref_logp is None else ref_logp[idx, :t],
                         beta=cfg.beta,
                         kl_estimator=cfg.kl_estimator,
-                        token_weights=None
-                        if token_weights is None
-                        else token_weights[idx.start : idx.stop, :t],
+                        token_weights=None if token_weights is None else token_weights[idx, :t],
                     )
-                    self._backward(loss, last=idx.stop == rows.stop)
+                    self._backward(loss, last=start + cfg.micro_batch_size >= len(rows))
                     metrics["entropy"] = algos.masked_mean(entropy.detach(), micro.loss_mask)
                     metrics["loss"] = loss.detach()
                     for key, value in metrics.items():

@@ -106,6 +106,11 @@ ZERO2_LORA = pytest.param(
     marks=NO_DEEPSPEED,
 )
 
+# 2 mini-batches of 3-row micro-batches: each process's mini-batch must be its part of the global one
+MINI_BATCHES = pytest.param(
+    ["--mini-batches", "2", "--mu", "2", "--micro-batch-size", "3"], id="mini-batches"
+)
+
 
 def _launch(*args: str) -> list[str]:
     """The toy command in 2 CPU processes; an argument "@zeroN" launches it under DeepSpeed ZeRO stage N.
@@ -136,7 +141,9 @@ def _trained(run_dir: Path) -> dict[str, torch.Tensor]:
     )
 
 
-@pytest.mark.parametrize("extra", [pytest.param([], id="plain"), DYNAMIC, FSDP, FSDP_LORA, ZERO1, ZERO2_LORA])
+@pytest.mark.parametrize(
+    "extra", [pytest.param([], id="plain"), MINI_BATCHES, DYNAMIC, FSDP, FSDP_LORA, ZERO1, ZERO2_LORA]
+)
 def test_two_processes_give_the_one_process_update(tmp_path, extra):
     """The same weights to 1e-6. At a fine-tuning learning rate: at the toy's own 3e-3, Adam turns the
     float rounding of summing gradients in another order into weight differences of up to 5e-5. Adam

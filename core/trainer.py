@@ -465,13 +465,13 @@ class GRPOTrainer:
                 self.run.truncate_logs_after(0)
             return
         checkpoint = load_checkpoint(path)
+        if zero.PARTITIONS in checkpoint.optimizer_state and self.engine is None:
+            raise ValueError(f"{path} was written under DeepSpeed ZeRO; resume it under ZeRO")
         if self.fsdp:
             sharding.load_full_state(
                 self.model, checkpoint.model_state, self.optimizer, checkpoint.optimizer_state
             )
         else:
-            if zero.PARTITIONS in checkpoint.optimizer_state and self.engine is None:
-                raise ValueError("this checkpoint was written under DeepSpeed ZeRO; resume it under ZeRO")
             if self.config.lora:
                 own = dict(self.model.named_parameters())
                 with torch.no_grad():

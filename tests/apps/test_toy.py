@@ -216,6 +216,16 @@ def test_zero_refuses_a_checkpoint_written_without_it(tmp_path):
     assert "written without DeepSpeed ZeRO" in result.stderr
 
 
+@NO_DEEPSPEED
+def test_fsdp_refuses_a_zero_checkpoint(tmp_path):
+    flags = ["--prompts-per-step", "4", "--run-dir", str(tmp_path / "run")]
+    _two_processes("@zero2", "--max-steps", "1", *flags)
+    launch = _launch("--max-steps", "2", *flags, "--fsdp", "--resume")
+    result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "step-1 was written under DeepSpeed ZeRO; resume it under ZeRO" in result.stderr
+
+
 def test_fsdp_refuses_a_checkpoint_written_without_it(tmp_path):
     run_dir = tmp_path / "run"
     flags = ["--prompts-per-step", "4", "--run-dir", str(run_dir)]

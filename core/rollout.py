@@ -30,6 +30,8 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedTokenizerBase,
     StaticCache,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -438,6 +440,24 @@ class _VocabConstraintProcessor(LogitsProcessor):
         return self.table, torch.stack(self.steps, dim=1)
 
 
+class _CompletionStopStrings(StoppingCriteria):
+    """Stops a row of HF `generate` once its completion contains a stop string. HF's own `stop_strings`
+    match the end of the whole sequence, so a stop string that begins in the prompt stopped the row and the
+    pad after it counted as completion. A string that appears in the completion first appears when its last
+    character is sampled, so the newest tokens suffice (a token that decodes to no text can make this miss
+    a stop; `_finalize` cuts exactly either way)."""
+
+    def __init__(self, stop_strings: Sequence[str], tokenizer: PreTrainedTokenizerBase, prompt_width: int):
+        self.stop_strings, self.tokenizer, self.prompt_width = tuple(stop_strings), tokenizer, prompt_width
+        self.window = max(map(len, self.stop_strings)) + 4  # tokens; each decodes to >= 1 character
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:  # input_ids (N, P + t)
+        start = max(self.prompt_width, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        hits = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)  # (N,)
+
+
 class _SamplingLogpRecorder(LogitsProcessor):
     """Records log_softmax(raw logits / temperature) at each sampled token, and suppresses eos before
     `min_new_tokens` (in place of HF's MinNewTokens processor, which would run before us).
@@ -598,7 +618,6 @@ class HFGenerateBackend(_TextBackend):
             num_return_sequences=1,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            stop_strings=list(settings.stop_strings) or None,
             use_cache=True,
             **sampling,
         )
@@ -612,7 +631,11 @@ class HFGenerateBackend(_TextBackend):
                 logits_processor=LogitsProcessorList(
                     [recorder] if constrain is None else [constrain, recorder]
                 ),
-                tokenizer=self.tokenizer,  # needed by stop_strings
+                stopping_criteria=StoppingCriteriaList(
+                    [_CompletionStopStrings(settings.stop_strings, self.tokenizer, p)]
+                    if settings.stop_strings
+                    else []
+                ),
                 synced_gpus=is_sharded(self.model),  # FSDP: decode until every process is done
             )  # (N, P + T)
         completion_ids = sequences[:, p:]  # (N, T)

@@ -211,6 +211,16 @@ def test_stop_strings_cut_the_completion(tok):
         assert r.completion_ids[i, length:].eq(tok.pad_token_id).all()
 
 
+def test_a_stop_string_that_begins_in_the_prompt_does_not_stop_the_completion(tok):
+    newline = tok.convert_tokens_to_ids("\n")
+    model = build_model(len(tok), token_bias={newline: 8.0, tok.eos_token_id: -10.0})
+    settings = SamplingSettings(max_new_tokens=6, stop_strings=("\n\n",))
+    r = HFGenerateBackend(model, tok).generate(["what is 7?\n"] * 3, settings, seed=0)
+    assert r.completions == ["\n\n"] * 3 and r.finish_reason == ["stop"] * 3
+    assert r.completion_mask.sum(-1).tolist() == [2, 2, 2]
+    assert r.completion_ids[:, :2].eq(newline).all()  # sampled tokens, not the pad after an early stop
+
+
 # ---------------------------------------------------------------------------------------------------
 # Seeds and sampling log-probs
 # ---------------------------------------------------------------------------------------------------

@@ -558,7 +558,7 @@ class HFGenerateBackend(_TextBackend):
         compile_decode: bool = False,
     ):
         _check_special_tokens(tokenizer)
-        self.autocast_dtype = autocast_dtype  # `generate_groups` runs under torch.autocast in this dtype
+        self.autocast_dtype = autocast_dtype  # generation runs under torch.autocast in this dtype
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.device = torch.device(device)
@@ -583,6 +583,10 @@ class HFGenerateBackend(_TextBackend):
 
     def update_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation runs on the trained model object itself."""
+
+    def _autocast(self) -> torch.autocast:
+        dtype = self.autocast_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
 
     def generate_from_ids(
         self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
@@ -623,7 +627,13 @@ class HFGenerateBackend(_TextBackend):
         )
         ids, mask = prompt_ids.to(self.device), prompt_mask.to(self.device)  # (N, P)
         constrain = None if self.constraint is None else _VocabConstraintProcessor(self.constraint, ids, mask)
-        with _generation_mode(self.model), _lora_merged(self.model), _seeded(seed, self.device):
+        merge = self.autocast_dtype is None  # under autocast the merged weight would be rounded too
+        with (
+            _generation_mode(self.model),
+            _lora_merged(self.model, merge),
+            _seeded(seed, self.device),
+            self._autocast(),
+        ):
             sequences = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -661,22 +671,16 @@ class HFGenerateBackend(_TextBackend):
         row from one global RNG): per token one forward, the sampling log-probs of the raw logits (as
         `_SamplingLogpRecorder`), eos suppression before `min_new_tokens`, HF's own top-k / top-p warpers,
         one draw per token for all groups (`sample_groups`). Stops when every row has emitted eos or at
-        `max_new_tokens`; stop strings are cut afterwards by `_finalize`, as for `generate`. Runs under
-        `autocast_dtype` if set.
+        `max_new_tokens`; stop strings are cut afterwards by `_finalize`, as for `generate`.
         """
         if len(prompts) != len(seeds) * group_size:
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds x group_size {group_size}")
         rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         prompt_ids, prompt_mask = left_pad(rows, self.tokenizer.pad_token_id)  # (N, P)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        autocast = torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
         shared = all(prompts[i] == prompts[i - i % group_size] for i in range(len(prompts)))
         merge = self.autocast_dtype is None  # under autocast the merged weight would be rounded too
-        with _generation_mode(self.model), _lora_merged(self.model, merge), torch.no_grad(), autocast:
+        with _generation_mode(self.model), _lora_merged(self.model, merge), torch.no_grad(), self._autocast():
             tokens, logps, steps = self._decode(
                 prompt_ids, prompt_mask, settings, generators, group_size, shared
             )

@@ -221,6 +221,19 @@ def test_a_stop_string_that_begins_in_the_prompt_does_not_stop_the_completion(to
     assert r.completion_ids[:, :2].eq(newline).all()  # sampled tokens, not the pad after an early stop
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_both_generation_paths_run_under_the_backends_autocast(tok, eos_model, dtype):
+    seen = []
+    hook = eos_model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        backend = HFGenerateBackend(eos_model, tok, autocast_dtype=dtype)
+        backend.generate(PROMPTS[:2], SamplingSettings(max_new_tokens=3), seed=0)
+        backend.generate_groups(PROMPTS[:2], SamplingSettings(max_new_tokens=3), [0, 1], 1)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {dtype is not None}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Seeds and sampling log-probs
 # ---------------------------------------------------------------------------------------------------

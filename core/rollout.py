@@ -260,8 +260,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, 
     """Token lists -> ids (N, P) left-padded with `pad_token_id` and mask (N, P) long."""
     if not rows:
         raise ValueError("no prompts to generate from")
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("cannot generate from an empty prompt (a row has no tokens)")
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(f"cannot generate from an empty prompt: rows {empty} have no tokens")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (N, P)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, P)

@@ -512,11 +512,11 @@ class GRPOTrainer:
     # -- collecting a batch ----------------------------------------------------------------------------------
 
     def _check_prompt_lengths(self, examples: list[dict]) -> None:
-        if self.max_context is None:
-            return
         for example in examples:
             length = len(self.tokenizer(example["prompt"], add_special_tokens=False)["input_ids"])
-            if length + self.config.max_new_tokens > self.max_context:
+            if not length:
+                raise ValueError(f"example {example['id']!r}: the prompt has no tokens")
+            if self.max_context is not None and length + self.config.max_new_tokens > self.max_context:
                 raise ValueError(
                     f"example {example['id']!r}: prompt of {length} tokens + max_new_tokens "
                     f"{self.config.max_new_tokens} exceeds the model's context of {self.max_context}"

@@ -195,6 +195,12 @@ def test_a_prompt_longer_than_the_context_names_the_example(tmp_path):
         trainer.collect()
 
 
+def test_an_empty_prompt_is_named(model_dir, tmp_path):
+    trainer = make_trainer(model_dir, make_config(tmp_path))
+    with pytest.raises(ValueError, match="example 'blank': the prompt has no tokens"):
+        trainer.generate([EXAMPLES[0], {"id": "blank", "prompt": ""}], 0)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -65,8 +65,8 @@ class RewardModelScorer:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         key = (tuple(prompts), tuple(responses))
-        if key == self._last_key:
-            return self._last
+        if key == self._last_key:  # copies: a caller that edits its result must not change the cache
+            return {h: list(values) for h, values in self._last.items()}
         parts = []
         for start in range(0, len(prompts), self.batch_size):
             enc = encode(
@@ -81,7 +81,7 @@ class RewardModelScorer:
         probs = torch.cat(parts) if parts else torch.zeros(0, len(self.heads))  # (N, K)
         self._last_key = key
         self._last = {h: probs[:, k].tolist() for k, h in enumerate(self.heads)}
-        return self._last
+        return {h: list(values) for h, values in self._last.items()}
 
 
 @dataclass

@@ -52,7 +52,7 @@ class DebiasEvalConfig:
     splits: tuple[str, ...] = _help("splits to evaluate", ("test", "heldout"))
     max_prompts: int = _help("prompts per split (the first ones); 0 = all", 64)
     samples_per_prompt: int = _help("sampled answers per prompt", 2)
-    max_new_tokens: int = _help("answer length cap", 160)
+    max_new_tokens: int = _help("answer length cap (as `debias train`'s)", 48)
     temperature: float = _help("sampling temperature (1 = the policy's own distribution)", 1.0)
     seed: int = _help("sampling seed", 0)
     run_dir: str | None = _help(
@@ -80,16 +80,22 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 32) -> float:
-    """exp(mean NLL per answer token, the closing eos included) of the answers given their prompts."""
+def perplexity(
+    model, tokenizer, prompts: list[str], answers: list[str], stopped: list[bool], batch_size: int = 32
+) -> float:
+    """exp(mean NLL per answer token) of the answers given their prompts; an answer that `stopped` (ended
+    with eos rather than at the length cap) has its eos counted too."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         rows, targets = [], []
-        for prompt, answer in zip(
-            prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
+        for prompt, answer, ended in zip(
+            prompts[start : start + batch_size],
+            answers[start : start + batch_size],
+            stopped[start : start + batch_size],
+            strict=True,
         ):
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
             rows.append(p + a)
             targets.append([-100] * len(p) + a)
         width = max(map(len, rows))
@@ -107,19 +113,23 @@ def perplexity(model, tokenizer, prompts: list[str], answers: list[str], batch_s
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-def sample_answers(model_dir: str, examples: list[dict], config: DebiasEvalConfig) -> list[str]:
+def sample_answers(
+    model_dir: str, examples: list[dict], config: DebiasEvalConfig
+) -> tuple[list[str], list[bool]]:
+    """`samples_per_prompt` answers per example, and whether each stopped (eos) before the length cap."""
     model, tokenizer = load_policy(model_dir, device=config.device)
     backend = HFGenerateBackend(model, tokenizer, device=config.device, batch_size=64)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     prompts = [e["prompt"] for e in examples for _ in range(config.samples_per_prompt)]
-    return backend.generate(prompts, settings, config.seed).completions
+    rollouts = backend.generate(prompts, settings, config.seed)
+    return rollouts.completions, [reason == "stop" for reason in rollouts.finish_reason]
 
 
 def split_metrics(
-    examples: list[dict], answers: list[str], scorer: RewardModelScorer, reference
+    examples: list[dict], answers: list[str], stopped: list[bool], scorer: RewardModelScorer, reference
 ) -> tuple[dict, list[float]]:
-    """Metrics of one split's answers (`examples` repeated per sample, aligned with `answers`), and each
-    answer's fairness probability."""
+    """Metrics of one split's answers (`examples` repeated per sample, aligned with `answers` and
+    `stopped`), and each answer's fairness probability."""
     scores = scorer.score([e["question"] for e in examples], answers)
 
     def summarize(rows: list[int]) -> dict[str, float]:
@@ -135,7 +145,7 @@ def split_metrics(
 
     model, tokenizer = reference
     out = summarize(list(range(len(answers))))
-    out["perplexity"] = perplexity(model, tokenizer, [e["prompt"] for e in examples], answers)
+    out["perplexity"] = perplexity(model, tokenizer, [e["prompt"] for e in examples], answers, stopped)
     out["distinct_1"] = distinct_n(answers, 1)
     out["distinct_2"] = distinct_n(answers, 2)
     out["mean_length"] = sum(map(len, answers)) / len(answers)
@@ -219,8 +229,8 @@ def evaluate(config: DebiasEvalConfig) -> dict:
         repeated = [e for e in examples for _ in range(config.samples_per_prompt)]
         per_model = {}
         for label, path in models.items():
-            answers = sample_answers(path, examples, config)
-            per_model[label], fairness = split_metrics(repeated, answers, scorer, reference)
+            answers, stopped = sample_answers(path, examples, config)
+            per_model[label], fairness = split_metrics(repeated, answers, stopped, scorer, reference)
             results["responses"] += pick_responses(repeated, answers, fairness, label, RESPONSES_PER_SIDE)
             for key in (
                 "fairness",

@@ -100,9 +100,11 @@ def test_scorer_caches_the_last_batch(trained):
     scorer = RewardModelScorer(trained / "run" / "model", batch_size=2)
     first = scorer.score(["q"] * 3, ["a", "b", "c"])
     assert scorer.forward_calls == 2  # 3 pairs in batches of 2
-    assert scorer.score(["q"] * 3, ["a", "b", "c"]) is first and scorer.forward_calls == 2
+    kept = {head: list(values) for head, values in first.items()}
+    first["fairness"][0] = 99.0  # a caller editing its result does not edit the cache
+    assert scorer.score(["q"] * 3, ["a", "b", "c"]) == kept and scorer.forward_calls == 2
     one_by_one = [scorer.score(["q"], [r])["fairness"][0] for r in "abc"]
-    assert one_by_one == pytest.approx(first["fairness"], abs=1e-5)  # padding does not change a score
+    assert one_by_one == pytest.approx(kept["fairness"], abs=1e-5)  # padding does not change a score
 
 
 def test_a_response_longer_than_the_model_is_cut_not_an_error(trained):

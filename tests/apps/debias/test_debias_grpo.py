@@ -154,16 +154,20 @@ def test_smoke_train_and_eval_fill_the_debias_page(setup, tmp_path, monkeypatch)
 
 
 def test_perplexity_matches_a_plain_loop(setup):
+    """The eos of an answer that stopped counts; an answer cut at the length cap has none."""
     model, tokenizer = load_policy(setup / "policy")
     prompts, answers = ["Question: a?\nAnswer: ", "Question: longer one?\nAnswer: "], ["yes", "no, it is not"]
+    stopped = [True, False]
     nll, count = 0.0, 0
-    for prompt, answer in zip(prompts, answers, strict=True):
+    for prompt, answer, ended in zip(prompts, answers, stopped, strict=True):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
         logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)  # (L, V)
         nll -= sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(a))
         count += len(a)
-    assert perplexity(model, tokenizer, prompts, answers) == pytest.approx(math.exp(nll / count), rel=1e-4)
+    got = perplexity(model, tokenizer, prompts, answers, stopped)
+    assert got == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert got != pytest.approx(perplexity(model, tokenizer, prompts, answers, [True, True]), rel=1e-4)
     assert distinct_n(["a a", "a b"], 1) == 0.5
 
 

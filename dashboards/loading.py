@@ -60,15 +60,14 @@ def resolve_run(root: str | Path, name: str) -> Path:
 
 
 def find_runs(root: str | Path) -> list[str]:
-    """Names of every run under `root` (directories with config.json), sorted; symlinks leaving it skipped."""
+    """Names of every run under `root` (directories with config.json), sorted, with the runs inside a run
+    (a pipeline's stages) after it; "." when `root` is a run itself. Symlinks leaving `root` are skipped."""
     root = Path(root).resolve()
     found: list[str] = []
 
     def walk(folder: Path, depth: int) -> None:
         if (folder / "config.json").is_file():
-            if folder != root:
-                found.append(folder.relative_to(root).as_posix())
-            return  # runs are not nested
+            found.append(folder.relative_to(root).as_posix())
         if depth >= MAX_DEPTH:
             return
         try:
@@ -82,8 +81,6 @@ def find_runs(root: str | Path) -> list[str]:
                 continue
             walk(child, depth + 1)
 
-    if (root / "config.json").is_file():  # the folder itself is one run: name it "."
-        return ["."]
     walk(root, 0)
     return found
 

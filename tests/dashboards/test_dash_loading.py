@@ -38,6 +38,14 @@ def test_symlink_out_of_the_folder_is_refused_and_not_listed(runs_root, tmp_path
     assert not any(name.startswith("escape") for name in loading.find_runs(runs_root))
 
 
+def test_the_runs_inside_a_pipeline_run_are_listed(tmp_path):
+    for run in ("sudoku/pipe", "sudoku/pipe/grpo-w1", "sudoku/pipe/sft-random", "sudoku/pipe/final/x"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text("{}")
+    assert loading.find_runs(tmp_path) == ["sudoku/pipe", "sudoku/pipe/grpo-w1", "sudoku/pipe/sft-random"]
+    assert loading.find_runs(tmp_path / "sudoku" / "pipe") == [".", "grpo-w1", "sft-random"]
+
+
 def test_find_runs_and_info(runs_root):
     names = loading.find_runs(runs_root)
     assert names == [

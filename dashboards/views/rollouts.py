@@ -126,7 +126,8 @@ def render() -> None:
     finite = frame["reward"].dropna()
     if len(finite) and finite.min() < finite.max():
         low, high = float(finite.min()), float(finite.max())
-        rewards = right.slider("Reward", low, high, (low, high), key="ro_reward")
+        picked = right.slider("Reward", low, high, (low, high), key="ro_reward")
+        rewards = None if picked == (low, high) else picked  # the whole range keeps the null rewards too
     needle = st.text_input("Search prompt and completion text", key="ro_search")
 
     lines = filter_lines(frame, steps, prompt, rewards)

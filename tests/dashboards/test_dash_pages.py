@@ -6,7 +6,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from .conftest import SCRIPT
+from .conftest import SCRIPT, make_run, toy_rollouts
 
 TIMEOUT = 60
 
@@ -140,6 +140,16 @@ def test_rollouts_page_filters_pages_and_groups(runs_root):
     assert not any(SCRIPT in m for m in texts(at.markdown))
     components = at.dataframe[1].value
     assert components.values.tolist() == [["correct", 1.0], ["format", 0.0]]
+
+
+def test_rollouts_with_a_null_reward_are_shown_until_the_reward_range_is_narrowed(runs_root):
+    rows = toy_rollouts(1)
+    rows[0]["reward"] = None  # a NaN reward is logged as null
+    make_run(runs_root, "toy/n", "toy").log_rollouts(rows)
+    at = open_page("rollouts", run="toy/n")
+    assert "8 of 8 rollouts match" in texts(at.caption)
+    at.slider(key="ro_reward").set_value((0.3, 1.75)).run()
+    assert "6 of 8 rollouts match" in texts(at.caption)
 
 
 def test_rollouts_page_pagination(runs_root):

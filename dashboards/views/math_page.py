@@ -29,10 +29,16 @@ def pass_at_k_rows(results: dict[str, tuple[str, dict]]) -> pd.DataFrame:
 
 
 def by_algorithm(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean pass@k over the runs of each (algorithm, benchmark): columns pass@1, pass@8, ... and runs."""
-    mean = rows.pivot_table(index=["algorithm", "benchmark"], columns="k", values="pass", aggfunc="mean")
+    """Mean pass@k over the runs of each (algorithm, benchmark): columns pass@1, pass@8, ... and runs;
+    where runs were evaluated at different k, also runs@1, runs@8, ...: the runs behind each mean."""
+    keys = ["algorithm", "benchmark"]
+    mean = rows.pivot_table(index=keys, columns="k", values="pass", aggfunc="mean")
+    counts = rows.pivot_table(index=keys, columns="k", values="run", aggfunc="nunique", fill_value=0)
     mean.columns = [f"pass@{k}" for k in mean.columns]
-    mean["runs"] = rows.groupby(["algorithm", "benchmark"])["run"].nunique()
+    mean["runs"] = rows.groupby(keys)["run"].nunique()
+    if (counts.to_numpy() != mean[["runs"]].to_numpy()).any():
+        for k in counts.columns:
+            mean[f"runs@{k}"] = counts[k]
     return mean
 
 

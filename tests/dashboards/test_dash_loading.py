@@ -257,6 +257,15 @@ def test_app_tables():
     )
     table = math_page.by_algorithm(rows)
     assert table.loc[("grpo", "g")].to_dict() == pytest.approx({"pass@1": 0.3, "pass@8": 0.6, "runs": 2})
+    mixed = math_page.pass_at_k_rows(  # evaluated at different k: each mean says how many runs it holds
+        {
+            "m1": ("grpo", {"pass_at_k": {"g": {"1": 0.2, "4": 0.5}}}),
+            "m2": ("grpo", {"pass_at_k": {"g": {"1": 0.4, "8": 0.45}}}),
+        }
+    )
+    assert math_page.by_algorithm(mixed).loc[("grpo", "g")].to_dict() == pytest.approx(
+        {"pass@1": 0.3, "pass@4": 0.5, "pass@8": 0.45, "runs": 2, "runs@1": 2, "runs@4": 1, "runs@8": 1}
+    )
     bias = debias.bias_table({"bias": {"age": {"before": 0.3, "after": 0.2}}})
     assert bias.values.tolist() == [["age", "before", 0.3], ["age", "after", 0.2]]
     accuracy = tcm.accuracy_rows({"t": {"accuracy_by_type": {"a": 0.5}, "count_by_type": {"a": 3}}})

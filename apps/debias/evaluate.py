@@ -25,6 +25,7 @@ import torch
 
 from apps.debias.data import load_splits
 from apps.debias.train import policy_examples
+from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings
 from core.runs import RunDir, default_run_dir
@@ -255,8 +256,13 @@ def evaluate(config: DebiasEvalConfig) -> dict:
             if Path(config.model).name == "final"
             else str(default_run_dir(APP))
         )
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    RunDir(run_dir).write_eval(results)
+    if (Path(run_dir) / "config.json").is_file():
+        run = RunDir(run_dir)
+    else:  # a run of its own, so the dashboard lists it
+        run = RunDir.create(
+            run_dir, config_to_dict(config), app=APP, algorithm="eval", exist_ok_for_resume=False
+        )
+    run.write_eval(results)
     print(eval_table(results))
     print(f"eval written to {Path(run_dir) / 'eval.json'}")
     return results

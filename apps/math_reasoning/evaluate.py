@@ -18,6 +18,7 @@ from pathlib import Path
 from apps.math_reasoning.data import FORMATS, HARD_LEVEL, MIXES, load_examples, mix_levels, offline_sets
 from apps.math_reasoning.rewards import format_rewards, same_answer
 from apps.math_reasoning.templates import TEMPLATES, Template, get_template
+from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
 from core.runs import RunDir, default_run_dir
@@ -216,9 +217,13 @@ def run_eval(config: MathEvalConfig) -> dict:
         run_path = model_path.parent
     else:
         run_path = default_run_dir("math")
-    run_path.mkdir(parents=True, exist_ok=True)
     key = "eval" if model_path.name != "final_large" else "eval_large"
-    target = RunDir(run_path)
+    if (run_path / "config.json").is_file():
+        target = RunDir(run_path)
+    else:  # a run of its own, so the dashboard lists it
+        target = RunDir.create(
+            run_path, config_to_dict(config), app="math", algorithm="eval", exist_ok_for_resume=False
+        )
     previous = target.read_eval() if target.eval_path.is_file() else {}
     update = {key: results}
     if key == "eval":  # the policy's numbers only: CoDistill's large model is not the run's algorithm

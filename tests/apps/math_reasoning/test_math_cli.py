@@ -58,6 +58,7 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     assert main([*args, "--samples", "2", "--max-examples", "4", "--max-new-tokens", "6"]) == 0
     results = json.loads((run / "eval.json").read_text())["eval"]
     assert results["all"]["examples"] == 4 and "pass@2" in results["all"] and "maj@2" in results["all"]
+    assert json.loads((run / "config.json").read_text())["algorithm"] == "eval"  # a run the dashboard lists
     out = tmp_path / "compare"
     args = ["math", "compare", "--algos", "grpo,codistill", "--seeds", "0,1", "--out-dir", str(out)]
     args += ["--model", str(small_dir), "--large-model", str(large_dir), "--max-steps", "1"]

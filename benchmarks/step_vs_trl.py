@@ -168,17 +168,31 @@ class PassCounter:
         return out
 
 
+def _cuda_in_use() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def _setup_done() -> None:
+    import torch
+
     rss = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: growth is measured from here
+    if _cuda_in_use():
+        torch.cuda.reset_peak_memory_stats()
     _send(event="ready", setup_rss_kib=rss)
 
 
 def _finish(setup_rss_kib: int) -> None:
+    import torch
+
     _send(
         event="done",
         peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         step_growth_kib=_status_kib("VmHWM") - setup_rss_kib,
+        # on a GPU, the device memory the steps reached (weights and optimizer state included)
+        peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if _cuda_in_use() else None,
     )
     sys.stdout.flush()
     os._exit(0)  # TRL's train loop is blocked inside a callback; nothing to clean up
@@ -227,13 +241,15 @@ def ours_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
             _finish(setup_rss)
         if args.device == "cuda":
             torch.cuda.synchronize()
+        start = time.perf_counter()  # the whole step, logging included, as TRL's is timed between callbacks
         metrics = trainer.train_step()
         if args.device == "cuda":
             torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
         tokens = metrics["completion_length"] * n
         _send(
             event="step",
-            time=metrics["step_time"],
+            time=elapsed,
             generate_time=metrics["generate_time"],
             tokens=tokens,
             passes=counter.take(),
@@ -387,6 +403,7 @@ def run_setting(setting: str, args, model_dir: Path, tmp: Path, sizes: dict) -> 
             "times": times,
             "tokens_per_s": statistics.median(s["tokens"] / s["time"] for s in steps[side]),
             "peak_rss_mib": done["peak_rss_kib"] / 1024,
+            "peak_cuda_mib": done["peak_cuda_mib"],
             "step_growth_mib": done["step_growth_kib"] / 1024,
             "passes": steps[side][-1]["passes"],
         }
@@ -397,23 +414,26 @@ def run_setting(setting: str, args, model_dir: Path, tmp: Path, sizes: dict) -> 
     return out
 
 
-def training_flops(sizes: dict, mu: int, beta: float, prompt_tokens: int) -> float:
-    """Matmul FLOPs of the training phase per step: 6 N per token for forward + backward of the trained
-    passes, 2 N per token for each no-grad forward (old logprobs when mu > 1, the reference when beta > 0);
-    N counts the decoder's and the LM head's weights, plus attention scores (Kaplan et al. 2020, C = 6N)."""
+def training_flops(sizes: dict, mu: int, beta: float, prompt_tokens: float) -> float:
+    """Matmul FLOPs of our training phase per step: 6 N per token for forward + backward of the mu trained
+    passes, 2 N per token for the reference forward when beta > 0 (no old-logprob pass: the first epoch's
+    are kept); N counts the decoder's and the LM head's weights, plus attention scores (Kaplan et al. 2020,
+    C = 6N). Each group's prompt runs once, as our passes do it."""
     h, layers, inter, vocab = sizes["hidden"], sizes["layers"], sizes["intermediate"], sizes["vocab"]
     kv = h * sizes["kv_heads"] // sizes["heads"]
     per_layer = h * h * 2 + 2 * h * kv + 3 * h * inter
     n_params = layers * per_layer + h * vocab
     length = prompt_tokens + sizes["tokens"]
     attention = 2 * layers * length * h  # per token, QK^T and AV (full, not causal-halved)
-    tokens = sizes["prompts"] * sizes["group"] * length
+    tokens = sizes["prompts"] * (prompt_tokens + sizes["group"] * sizes["tokens"])
     per_token = 2 * (n_params + attention)
-    passes = 3 * mu + (1 if mu > 1 else 0) + (1 if beta > 0 else 0)
+    passes = 3 * mu + (1 if beta > 0 else 0)
     return passes * per_token * tokens
 
 
 def main(argv=None) -> int:
+    from transformers import AutoTokenizer
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -484,6 +504,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir = build_model_dir(tmp / "model", sizes)
+        prompts = AutoTokenizer.from_pretrained(model_dir)(make_prompts(64), add_special_tokens=False)
+        prompt_tokens = statistics.fmean(map(len, prompts["input_ids"]))  # for the MFU line
         header = (
             f"{'setting':<20} {'side':<5} {'step s':>7} {'gen s':>6} {'tok/s':>7} {'peak MiB':>9} "
             f"{'+steps MiB':>10}  work per step (positions with grad / without grad, decode calls)"
@@ -502,12 +524,14 @@ def main(argv=None) -> int:
                     f"{p['grad_positions']} / {p['nograd_positions']}, {p['decode']}"
                 )
             ratio = res["ours"]["median_s"] / res["trl"]["median_s"]
-            mem = res["ours"]["peak_rss_mib"] / res["trl"]["peak_rss_mib"]
+            memory = "peak_cuda_mib" if args.gpu else "peak_rss_mib"
+            mem = res["ours"][memory] / res["trl"][memory]
             res["ratio"] = ratio
             line = f"{setting:<20} ours/TRL step time {ratio:.2f} (target <= 0.5), peak memory {mem:.2f}"
+            line += " (GPU)" if args.gpu else ""
             if args.gpu:
                 beta, mu, _ = parse_setting(setting)
-                flops = training_flops(sizes, mu, beta, prompt_tokens=16)
+                flops = training_flops(sizes, mu, beta, prompt_tokens=prompt_tokens)
                 peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
                 if peak:
                     line += f", training-phase MFU {flops / res['ours']['train_s'] / peak:.1%}"

@@ -1,5 +1,6 @@
 """The benchmarks in their 1-step smoke mode, so that they keep working (they are not tests of speed)."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,23 @@ def test_logprob_memory_smoke():
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "peak ratio chunked/unchunked" in out.stdout and "max difference" in out.stdout
+
+
+def test_mfu_counts_the_passes_our_training_phase_runs():
+    """3 mu passes (forward + backward) plus the reference, no old-logprob pass; each prompt once a group."""
+    spec = importlib.util.spec_from_file_location("step_vs_trl", BENCH / "step_vs_trl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sizes = dict(
+        hidden=8, layers=1, intermediate=16, vocab=10, heads=2, kv_heads=1, prompts=2, group=4, tokens=3
+    )
+    # per layer 8*8*2 + 2*8*4 + 3*8*16 = 576 weights, + head 80: N = 656; attention 2*1*(5+3)*8 = 128
+    per_token = 2 * (656 + 128)
+    positions = 2 * (5 + 4 * 3)  # 2 prompts of 5 tokens, each once, + 4 x 3 completion tokens
+    assert (
+        bench.training_flops(sizes, mu=2, beta=0.04, prompt_tokens=5) == (3 * 2 + 1) * per_token * positions
+    )
+    assert bench.training_flops(sizes, mu=1, beta=0.0, prompt_tokens=5) == 3 * per_token * positions
 
 
 @pytest.mark.slow  # two worker processes that import TRL: about a minute on 2 busy cores

@@ -54,19 +54,28 @@ def resolve_run(root: str | Path, name: str) -> Path:
     path = (root / name).resolve()
     if not path.is_relative_to(root):  # a symlink pointing out of the folder
         raise UnsafePath(name, "it leads outside the runs folder")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no run {name!r} under {root} (no config.json)")
+    if not _is_run(path):
+        raise FileNotFoundError(f"no run {name!r} under {root} (no run's config.json)")
     return path
 
 
+def _is_run(folder: Path) -> bool:
+    """A run's config.json names its app; a model directory's (Hugging Face) config.json does not."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "app" in config
+
+
 def find_runs(root: str | Path) -> list[str]:
-    """Names of every run under `root` (directories with config.json), sorted, with the runs inside a run
+    """Names of every run under `root` (directories with a run's config.json), sorted, with the runs inside a run
     (a pipeline's stages) after it; "." when `root` is a run itself. Symlinks leaving `root` are skipped."""
     root = Path(root).resolve()
     found: list[str] = []
 
     def walk(folder: Path, depth: int) -> None:
-        if (folder / "config.json").is_file():
+        if _is_run(folder):
             found.append(folder.relative_to(root).as_posix())
         if depth >= MAX_DEPTH:
             return

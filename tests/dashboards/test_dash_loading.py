@@ -41,7 +41,9 @@ def test_symlink_out_of_the_folder_is_refused_and_not_listed(runs_root, tmp_path
 def test_the_runs_inside_a_pipeline_run_are_listed(tmp_path):
     for run in ("sudoku/pipe", "sudoku/pipe/grpo-w1", "sudoku/pipe/sft-random", "sudoku/pipe/final/x"):
         (tmp_path / run).mkdir(parents=True)
-        (tmp_path / run / "config.json").write_text("{}")
+        (tmp_path / run / "config.json").write_text('{"app": "sudoku"}')
+    (tmp_path / "sudoku/pipe/grpo-w1/model").mkdir()  # a model directory's config.json is not a run's
+    (tmp_path / "sudoku/pipe/grpo-w1/model/config.json").write_text('{"model_type": "llama"}')
     assert loading.find_runs(tmp_path) == ["sudoku/pipe", "sudoku/pipe/grpo-w1", "sudoku/pipe/sft-random"]
     assert loading.find_runs(tmp_path / "sudoku" / "pipe") == [".", "grpo-w1", "sft-random"]
 

@@ -85,7 +85,7 @@ def add_config_arguments(
                 dest=f.name,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
-                help=f"{help_text} (default: {default})",
+                help=f"{help_text} (default: {default})".replace("%", "%%"),  # argparse formats help with %
             )
             continue
         if typing.get_origin(tp) is typing.Literal:
@@ -96,7 +96,7 @@ def add_config_arguments(
             type=_parser_for(tp, optional, f.name),
             default=argparse.SUPPRESS,
             metavar=f.name.upper(),
-            help=f"{help_text} (default: {default})",
+            help=f"{help_text} (default: {default})".replace("%", "%%"),
         )
 
 

@@ -129,3 +129,19 @@ def test_cli_discovers_apps_and_runs_commands(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["example", "train", "--steps", "0"])
     assert "steps must be >= 1" in capsys.readouterr().err
+
+
+def test_every_installed_command_prints_its_help(capsys):
+    """A stray % in a help text made argparse raise instead of printing (debias train's "10%")."""
+    parser = cli.build_parser()
+    apps = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = []
+    for app_name, app_parser in apps.choices.items():
+        verbs = next(a for a in app_parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands += [[app_name, verb] for verb in verbs.choices]
+    assert ["debias", "train"] in commands and len(commands) > 15
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "--config" in capsys.readouterr().out, command

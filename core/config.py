@@ -55,7 +55,16 @@ def _parser_for(tp: Any, optional: bool, name: str):
         return parse_choice
     if origin is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return lambda text: tuple(item(part) for part in text.split(",") if part != "")
+
+        def parse_items(text: str) -> tuple:
+            try:
+                return tuple(item(part) for part in text.split(",") if part != "")
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{name}: {text!r} is not a comma-separated list of {item.__name__} values (e.g. 0,1,2)"
+                ) from None
+
+        return parse_items
 
     def parse_value(text: str):
         if optional and text.lower() == "none":

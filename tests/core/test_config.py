@@ -145,3 +145,9 @@ def test_every_installed_command_prints_its_help(capsys):
             cli.main([*command, "--help"])
         assert exit_info.value.code == 0, command
         assert "--config" in capsys.readouterr().out, command
+
+
+def test_a_malformed_list_flag_says_what_it_expects(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["math", "compare", "--seeds", "0-2"])
+    assert "seeds: '0-2' is not a comma-separated list of int values (e.g. 0,1,2)" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _names_an_input(err: ValueError) -> bool:
+    """A bad-input error starts with the file it is about ("data.jsonl:3: not valid JSON"): it is shown as a
+    command-line error. Any other ValueError keeps its traceback."""
+    head = str(err).split(":", 1)[0]
+    return bool(head) and Path(head).exists()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -75,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config)
     except (FileExistsError, FileNotFoundError) as err:  # a wrong path or run directory: say so, no traceback
+        command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
+    except ValueError as err:
+        if not _names_an_input(err):
+            raise
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
     if dist.is_available() and dist.is_initialized():
         # under a multi-process launch: leave the group before exit, or gloo's threads may abort the process

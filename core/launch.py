@@ -13,7 +13,15 @@ from core.trainer import GRPOConfig, join_processes
 
 
 def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
-    """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal."""
+    """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal.
+    `--resume` needs the directory of an earlier run: it is an error, not a fresh run, without one."""
+    if config.resume and config.run_dir is None:
+        raise FileNotFoundError("--resume continues an earlier run: give its --run-dir")
+    if config.resume and not (Path(config.run_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--resume: {config.run_dir} holds no run to continue (no config.json); leave out --resume to "
+            "start one there"
+        )
     state = join_processes(config.device)
     chosen = [config.run_dir or str(default_run_dir(app))]
     if state.num_processes > 1:  # the default is a timestamp: every process must use rank 0's

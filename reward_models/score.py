@@ -107,8 +107,10 @@ def read_pairs(path: str | Path) -> list[dict]:
     rows = []
     for number, row in read_jsonl(path):
         for name in ("prompt", "response"):
-            if not isinstance(row.get(name), str):
-                raise ValueError(f"{path}:{number}: field {name!r} must be a string, got {row.get(name)!r}")
+            if name not in row:
+                raise ValueError(f"{path}:{number}: missing field {name!r}")
+            if not isinstance(row[name], str):
+                raise ValueError(f"{path}:{number}: field {name!r} must be a string, got {row[name]!r}")
         rows.append(row)
     return rows
 

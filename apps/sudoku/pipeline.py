@@ -87,12 +87,14 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
         record(f"sft-{order}", run_sft(sft_config, puzzles, resume=config.resume), began)
     for w in (w for w in config.mixtures if row_name(w) not in rows):
         began = time.perf_counter()
+        stage = root / f"grpo-w{w:g}"
         train_config = SudokuTrainConfig(
             **{k: getattr(config, k) for k in _train_fields()}
             | {
                 "model": str(root / "sft-random" / "final"),
-                "run_dir": str(root / f"grpo-w{w:g}"),
+                "run_dir": str(stage),
                 "cell_weight": w,
+                "resume": config.resume and (stage / "config.json").is_file(),  # a stage begun before
             }
         )
         record(row_name(w), run_train(train_config, puzzles), began)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from apps.toy.task import LETTERS, alphabet_fraction, letter_fraction, make_examples
 from core.cli import add_app, add_command
+from core.data import read_examples
 from core.launch import policy_for, summary_table, with_run_dir
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
@@ -43,13 +44,16 @@ def build_default_model(path, seed: int):
 
 def train(config: ToyTrainConfig) -> list[dict]:
     config = with_run_dir(config, APP)
+    if config.data:  # a file of the task's own rows: prompt and letter
+        examples = read_examples(config.data, required=("prompt", "letter"))
+    else:
+        examples = make_examples(config.num_examples, config.seed)
     model, tokenizer = policy_for(config, lambda path: build_default_model(path, config.seed))
     rubric = Rubric(
         {"letter": letter_fraction, "alphabet": alphabet_fraction},
         weights={"letter": 1.0, "alphabet": config.alphabet_weight},
         on_error=config.on_reward_error,
     )
-    examples = make_examples(config.num_examples, config.seed)
     trainer = GRPOTrainer(config, model, tokenizer, examples, rubric, app=APP)
     history = trainer.train()
     final = trainer.save_final()

@@ -56,6 +56,29 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "core.cli", *TOY, *args]
 
 
+def test_data_file_is_trained_on_and_a_bad_line_is_named(tmp_path, capsys):
+    data = tmp_path / "toy.jsonl"
+    data.write_text('{"prompt": "Repeat b", "letter": "b"}\n{"prompt": "Repeat a", "letter": "a"}\n')
+    run = tmp_path / "run"
+    assert main([*TOY, "--data", str(data), "--run-dir", str(run)]) == 0
+    prompts = {json.loads(line)["prompt"] for line in (run / "rollouts.jsonl").read_text().splitlines()}
+    assert prompts <= {"Repeat b", "Repeat a"} and prompts
+    data.write_text('{"prompt": "Repeat b", "letter": "b"}\n{"prompt": "Repeat a"}\n')
+    with pytest.raises(SystemExit):
+        main([*TOY, "--data", str(data), "--run-dir", str(tmp_path / "bad")])
+    assert f"{data}:line 2: missing field(s) letter" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "base_model").exists()  # read before anything is built
+
+
+def test_resume_without_an_earlier_run_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([*TOY, "--run-dir", str(tmp_path / "none"), "--resume"])
+    assert "holds no run to continue" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):
+        main([*TOY, "--resume"])
+    assert "give its --run-dir" in capsys.readouterr().err
+
+
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     steps = ["--max-steps", "12", "--save-every", "3"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"

@@ -151,3 +151,11 @@ def test_a_malformed_list_flag_says_what_it_expects(capsys):
     with pytest.raises(SystemExit):
         cli.main(["math", "compare", "--seeds", "0-2"])
     assert "seeds: '0-2' is not a comma-separated list of int values (e.g. 0,1,2)" in capsys.readouterr().err
+
+
+def test_only_errors_that_name_an_existing_file_become_command_line_errors(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    assert cli._names_an_input(ValueError(f"{data}:1: missing field(s) prompt"))
+    assert not cli._names_an_input(ValueError(f"{tmp_path / 'gone.jsonl'}:1: x"))
+    assert not cli._names_an_input(ValueError("shapes (2, 3) and (4,) do not match"))  # a bug: its traceback

@@ -1,6 +1,7 @@
 """reward_models train/eval/score through the CLI on a tiny model; malformed JSONL names its line."""
 
 import json
+import re
 
 import pytest
 
@@ -84,15 +85,17 @@ def test_eval_and_score_commands(trained, tmp_path):
     ("line", "message"),
     [
         ("{not json", r"in.jsonl:2: not valid JSON"),
-        ('{"prompt": "p"}', r"in.jsonl:2: field 'response' must be a string"),
+        ('{"prompt": "p"}', r"in.jsonl:2: missing field 'response'"),
+        ('{"prompt": "p", "response": 3}', r"in.jsonl:2: field 'response' must be a string, got 3"),
         ("[1, 2]", r"in.jsonl:2: expected a JSON object"),
     ],
 )
-def test_malformed_jsonl_names_the_line(trained, tmp_path, line, message):
+def test_malformed_jsonl_names_the_line(trained, tmp_path, capsys, line, message):
     (tmp_path / "in.jsonl").write_text('{"prompt": "p", "response": "r"}\n' + line + "\n")
     argv = ["reward-model", "score", "--reward-model", str(trained / "run" / "model")]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit):  # a command-line error, no traceback
         cli.main([*argv, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
+    assert re.search("error: .*" + message, capsys.readouterr().err)
     assert not (tmp_path / "out.jsonl").exists()
 
 

@@ -9,6 +9,7 @@ its message is shown as a command-line error.
 import argparse
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -189,7 +190,21 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     if getattr(args, "config", None):
         values.update(config_file_values(cls, args.config))
     values.update({name: getattr(args, name) for name in names if hasattr(args, name)})
+    if "device" in values:
+        _check_device(values["device"])
     return cls(**values)
+
+
+def _check_device(device: str) -> None:
+    """A command's --device, checked before anything is built: cpu, or cuda[:N] with a CUDA build of torch."""
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device: {device!r} is not cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: {device!r}, but this torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+        )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

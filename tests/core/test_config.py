@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import torch
 
 from core import cli
 from core.config import add_config_arguments, build_config, config_to_dict
@@ -159,3 +160,14 @@ def test_only_errors_that_name_an_existing_file_become_command_line_errors(tmp_p
     assert cli._names_an_input(ValueError(f"{data}:1: missing field(s) prompt"))
     assert not cli._names_an_input(ValueError(f"{tmp_path / 'gone.jsonl'}:1: x"))
     assert not cli._names_an_input(ValueError("shapes (2, 3) and (4,) do not match"))  # a bug: its traceback
+
+
+def test_a_device_that_cannot_be_used_is_a_command_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["toy", "train", "--device", "gpu", "--run-dir", str(tmp_path / "r")])
+    assert "device: 'gpu' is not cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli.main(["toy", "train", "--device", "cuda", "--run-dir", str(tmp_path / "r")])
+        assert "this torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was built

@@ -166,6 +166,10 @@ def load_policy(
             f"{path} {what}; expected a local HF model directory (config.json + weights, e.g. from "
             "`save_pretrained`)"
         )
+    if "app" in json.loads((path / "config.json").read_text(encoding="utf-8")):  # a run's own config.json
+        raise FileNotFoundError(
+            f"{path} is a run directory, not a model: its trained model is {path / 'final'}"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True).to(device)

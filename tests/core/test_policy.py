@@ -277,6 +277,11 @@ def test_load_policy_missing_dir_or_config(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="has no config.json") as info:
         load_policy(empty)
     assert str(empty) in str(info.value)
+    (empty / "config.json").write_text('{"app": "toy", "algorithm": "grpo", "config": {}}')  # a run's
+    with pytest.raises(
+        FileNotFoundError, match=f"is a run directory, not a model: its trained model is {empty}/final"
+    ):
+        load_policy(empty)
 
 
 def test_lora_policy_and_reference(model_dir: Path):

@@ -182,8 +182,10 @@ def plot(config: PlotConfig) -> list[Path]:
     rundir = RunDir(path)
     if (path / "results.csv").is_file():
         written = plot_sweep(read_table(path / "results.csv"), path)
-    else:
+    elif rundir.metrics_path.is_file():
         written = plot_run(rundir.read_metrics(), path / "snapshots.npz", path)
+    else:
+        raise FileNotFoundError(f"{path} has neither results.csv (a sweep) nor metrics.jsonl (a run) to plot")
     for p in written:
         print(f"wrote {p}")
     return written

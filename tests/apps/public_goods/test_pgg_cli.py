@@ -8,6 +8,7 @@ import pytest
 
 from apps.public_goods.experiments import thresholds
 from core.cli import main
+from core.runs import RunDir
 
 
 @pytest.mark.parametrize("method", ["fermi", "grpo-gcc"])  # every method: test_pgg_learners.py
@@ -67,3 +68,10 @@ def test_bad_configuration_is_a_clear_error(args, message, capsys):
         main(["public-goods", *args])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_plot_of_a_run_with_nothing_logged_says_so(tmp_path, capsys):
+    RunDir.create(tmp_path / "empty", {}, app="public-goods", algorithm="fermi", exist_ok_for_resume=False)
+    with pytest.raises(SystemExit):
+        main(["public-goods", "plot", "--run-dir", str(tmp_path / "empty")])
+    assert "has neither results.csv (a sweep) nor metrics.jsonl (a run) to plot" in capsys.readouterr().err

@@ -94,8 +94,9 @@ def _query_runs(names: list[str]) -> list[str]:
 
 
 def newest(names: list[str]) -> str:
-    """The run started last (config.json `started`; ties: the last name)."""
-    return max(names, key=lambda name: (run_info(name).started, name))
+    """The run started last (config.json `started`, to the second; ties: the outer run, as a `train` that
+    built its own SFT stage inside its run within the same second, then the last name)."""
+    return max(names, key=lambda name: (run_info(name).started, -name.count("/"), name))
 
 
 def pick_runs(names: list[str], *, key: str, label: str = "Runs") -> list[str]:

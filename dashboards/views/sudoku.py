@@ -103,7 +103,8 @@ def _label(value: object) -> str:
 def render() -> None:
     st.title("Sudoku")
     names = state.require_runs(APPS)
-    run = state.pick_run(names, key="sudoku_run")
+    grpo = [name for name in names if not state.run_info(name).algorithm.startswith("sft")]
+    run = state.pick_run(grpo or names, key="sudoku_run")  # SFT runs (a pipeline's stages) log no rollouts
     index = state.rollouts(run)
     if not len(index):
         st.info(f"{run} has logged no rollouts yet.")

@@ -272,3 +272,16 @@ def test_app_tables():
     assert bias.values.tolist() == [["age", "before", 0.3], ["age", "after", 0.2]]
     accuracy = tcm.accuracy_rows({"t": {"accuracy_by_type": {"a": 0.5}, "count_by_type": {"a": 3}}})
     assert accuracy.values.tolist() == [["t", "a", 0.5, 3]]
+
+
+def test_the_newest_run_prefers_the_outer_one_started_in_the_same_second(tmp_path, monkeypatch):
+    from dashboards import state
+
+    started = {"sudoku/s0": "2026-11-25T09:59:59+00:00", "sudoku/s1": "2026-11-25T10:00:00+00:00"}
+    started["sudoku/s1/sft-random"] = started["sudoku/s1"]  # `sudoku train` builds its SFT stage inside
+    for name, at in started.items():
+        (tmp_path / name).mkdir(parents=True)
+        config = {"app": "sudoku", "algorithm": "grpo", "started": at, "config": {}}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("GRPO_SUITE_RUNS", str(tmp_path))
+    assert state.newest(list(started)) == "sudoku/s1"

@@ -132,7 +132,11 @@ class ConstrainedBackend:
         ]
         if len({n for n, _ in shapes}) != 1:
             raise ValueError("a batch must hold puzzles of one size")
-        table = self.tables[shapes[0][0]]  # (5, V)
+        table = self.tables[shapes[0][0]]  # (5, V), on the CPU as the rollouts carry it
+        device = next(
+            self.model.parameters()
+        ).device  # the model's; sampling and the rollouts stay on the CPU
+        allowed = table.to(device)  # (5, V)
         empty = torch.tensor([e for _, e in shapes])  # (N,)
         steps = int(3 * empty.max()) + 1
         if steps > settings.max_new_tokens:
@@ -140,21 +144,24 @@ class ConstrainedBackend:
         generator = torch.Generator().manual_seed(seed % 2**63)
         was_training = self.model.training
         self.model.eval()
-        mask = prompt_mask.clone()  # (N, P + t)
+        mask = prompt_mask.to(device, copy=True)  # (N, P + t)
         positions = position_ids_from_mask(mask)  # (N, P)
-        out = self.model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(
+            input_ids=prompt_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True
+        )
         next_position = positions[:, -1:] + 1  # (N, 1)
         tokens, logps, kinds = [], [], []
         for t in range(steps):
             logits = out.logits[:, -1].float() / settings.temperature  # (N, V)
             kinds.append(slot_kinds(t, empty))  # (N,)
-            masked = logits.masked_fill(~table[kinds[-1]], -math.inf)  # (N, V)
+            masked = logits.masked_fill(~allowed[kinds[-1].to(device)], -math.inf)  # (N, V)
             if settings.greedy:
                 token = masked.argmax(-1)  # (N,)
-            else:
-                token = torch.multinomial(masked.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
-            logps.append(masked.log_softmax(-1).gather(1, token[:, None]).squeeze(1))  # (N,)
-            tokens.append(token)
+            else:  # drawn on the CPU from the seeded generator: the same tokens on any device
+                probs = masked.softmax(-1).cpu()  # (N, V)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)  # (N,)
+            logps.append(masked.log_softmax(-1).gather(1, token[:, None]).squeeze(1).cpu())  # (N,)
+            tokens.append(token.cpu())
             if t + 1 < steps:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (N, P + t + 1)
                 out = self.model(
@@ -271,6 +278,7 @@ def sft(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     model.train()
+    device = next(model.parameters()).device
     order_pool: list[int] = []
     history = []
     for step in range(1, steps + 1):
@@ -278,7 +286,8 @@ def sft(
             order_pool += torch.randperm(len(puzzles), generator=generator).tolist()
         picks, order_pool = order_pool[:batch_size], order_pool[batch_size:]
         start = time.perf_counter()
-        ids, mask, targets, allowed = sft_batch([puzzles[i] for i in picks], order, rng, tokenizer)
+        batch = sft_batch([puzzles[i] for i in picks], order, rng, tokenizer)
+        ids, mask, targets, allowed = (t.to(device) for t in batch)
         loss = masked_lm_loss(model, ids, mask, targets, allowed if structure_mask else None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from core.cli import main
 
@@ -126,3 +127,13 @@ def test_the_pipeline_refuses_a_cell_weight_it_would_ignore(tmp_path, capsys):
 
 def _timeless(rows: dict[str, dict]) -> dict[str, dict]:
     return {name: {k: v for k, v in row.items() if k != "seconds"} for name, row in rows.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_pipeline_runs_on_a_gpu(tmp_path):
+    """SFT batches and the constrained sampler follow the model onto the device."""
+    pipe = tmp_path / "pipe"
+    assert main(["sudoku", "pipeline", "--preset", "smoke", "--device", "cuda", "--run-dir", str(pipe)]) == 0
+    rows = json.loads((pipe / "eval.json").read_text())["rows"]
+    assert all(0 <= row["cell_accuracy"] <= 1 for row in rows.values())

@@ -36,6 +36,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from core.runs import is_run_dir
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The name under which core.sharding registers `_completion_logprobs` as an FSDP forward method of a sharded
@@ -166,7 +168,7 @@ def load_policy(
             f"{path} {what}; expected a local HF model directory (config.json + weights, e.g. from "
             "`save_pretrained`)"
         )
-    if "app" in json.loads((path / "config.json").read_text(encoding="utf-8")):  # a run's own config.json
+    if is_run_dir(path):
         raise FileNotFoundError(
             f"{path} is a run directory, not a model: its trained model is {path / 'final'}"
         )

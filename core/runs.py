@@ -61,6 +61,15 @@ _REPLACED_PREFIX = ".replaced-step-"  # a checkpoint moved aside while a save of
 RandomSource = torch.Generator | np.random.Generator | random.Random
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` holds a run: its config.json names the app (a model directory's config.json does not)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "app" in config
+
+
 def default_run_dir(app: str) -> Path:
     """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time)."""
     if not app or "/" in app or "\\" in app:

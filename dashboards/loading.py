@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from core.runs import STATUSES, RunDir
+from core.runs import STATUSES, RunDir, is_run_dir
 
 MAX_DEPTH = 4  # runs/<app>/<name> is depth 2; deeper folders are searched a little, not forever
 SKIP_DIRS = {"checkpoints", "base_model", "final", "tensorboard", "__pycache__"}
@@ -54,18 +54,9 @@ def resolve_run(root: str | Path, name: str) -> Path:
     path = (root / name).resolve()
     if not path.is_relative_to(root):  # a symlink pointing out of the folder
         raise UnsafePath(name, "it leads outside the runs folder")
-    if not _is_run(path):
+    if not is_run_dir(path):
         raise FileNotFoundError(f"no run {name!r} under {root} (no run's config.json)")
     return path
-
-
-def _is_run(folder: Path) -> bool:
-    """A run's config.json names its app; a model directory's (Hugging Face) config.json does not."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "app" in config
 
 
 def find_runs(root: str | Path) -> list[str]:
@@ -75,7 +66,7 @@ def find_runs(root: str | Path) -> list[str]:
     found: list[str] = []
 
     def walk(folder: Path, depth: int) -> None:
-        if _is_run(folder):
+        if is_run_dir(folder):
             found.append(folder.relative_to(root).as_posix())
         if depth >= MAX_DEPTH:
             return

@@ -24,6 +24,7 @@ import atexit
 import json
 import logging
 import math
+import re
 import select
 import subprocess
 import sys
@@ -34,8 +35,9 @@ from math_verify import parse, verify
 
 logger = logging.getLogger(__name__)
 
-# Delimiters math-verify's LaTeX extraction recognises; text with none of them is a bare answer.
-_LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+# Delimiters math-verify's LaTeX extraction recognises; text with none of them is a bare answer. A dollar
+# counts only when it is not escaped: "\$18.90" (MATH writes money so) is a bare answer holding a dollar sign.
+_LATEX_DELIMITERS = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy machine
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`
 
@@ -61,7 +63,7 @@ def answers_match(prediction: str, gold: str, timeout_s: float = 5.0) -> bool:
 
 
 def _as_latex(answer: str) -> str:
-    return answer if any(d in answer for d in _LATEX_DELIMITERS) else f"${answer}$"
+    return answer if _LATEX_DELIMITERS.search(answer) else f"${answer}$"
 
 
 def _match(prediction: str, gold: str, step_timeout_s: int | None) -> bool:

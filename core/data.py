@@ -4,6 +4,7 @@ An example is a dict with at least `id` and `prompt` (the full prompt text, alre
 app) plus whatever fields the app's reward functions read (`answer`, `solution`, ...).
 """
 
+import csv
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,34 +29,59 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
+def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each row of a CSV file with a header, every value a string as written:
+    `datasets`' CSV reader infers column types, which turns a fill-in answer `0.50` into `0.5` and an id
+    `007` into `7`. A row with more fields than the header is an error naming the line."""
+    with path.open(newline="", encoding="utf-8-sig") as file:
+        reader = csv.DictReader(file)
+        for row in reader:
+            if None in row:
+                raise ValueError(f"{path}:{reader.line_num}: more fields than the header has columns")
+            yield reader.line_num, row
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def read_examples(path: str | Path, required: Sequence[str]) -> list[dict]:
     """Rows of a local JSONL, JSON, CSV or Parquet file; a malformed row or a missing field is an error
-    naming the file and the line (JSONL) or row. Rows without an `id` get `<file stem>-<row>`."""
+    naming the file and the line (JSONL, CSV) or row. Rows without an `id` get `<file stem>-<row>`, and
+    two rows with the same id are an error naming both."""
     return [row for _, row in read_located_examples(path, required)]
 
 
 def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tuple[str, dict]]:
     """`read_examples` with where each row came from, for an app's own error messages:
-    ("<file>:line N (id 'x')" for JSONL, "<file>:row N (id 'x')" for the other formats, row)."""
+    ("<file>:line N (id 'x')" for JSONL and CSV, "<file>:row N (id 'x')" for JSON and Parquet, N from 1;
+    row). A field that is absent, null or only whitespace counts as missing."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
         rows = [(f"line {number}", row) for number, row in read_jsonl(path)]
-    elif path.suffix in (".json", ".csv", ".parquet"):
+    elif path.suffix == ".csv":
+        rows = [(f"line {number}", row) for number, row in read_csv(path)]
+    elif path.suffix in (".json", ".parquet"):
         from datasets import load_dataset  # heavy import, only for these formats
 
-        kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
-        dataset = load_dataset(kind, data_files=str(path), split="train")
-        rows = [(f"row {index}", dict(row)) for index, row in enumerate(dataset)]
+        dataset = load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        rows = [(f"row {index}", dict(row)) for index, row in enumerate(dataset, start=1)]
     else:
         raise ValueError(f"data file {path}: expected .jsonl, .json, .csv or .parquet")
-    examples = []
+    examples, first_seen = [], {}
     for index, (where, row) in enumerate(rows):
-        missing = [name for name in required if row.get(name) in (None, "")]
+        missing = [name for name in required if _missing(row.get(name))]
         if missing:
             raise ValueError(f"{path}:{where}: missing field(s) {', '.join(missing)}")
-        row.setdefault("id", f"{path.stem}-{index}")
+        # `datasets` gives a row without the column a null id; JSONL may write "id": null
+        if _missing(row.get("id")):
+            row["id"] = f"{path.stem}-{index}"
+        key = str(row["id"])
+        if key in first_seen:
+            raise ValueError(f"{path}:{where}: id {key!r} is also the id of {first_seen[key]}")
+        first_seen[key] = where
         examples.append((f"{path}:{where} (id {row['id']!r})", row))
     if not examples:
         raise ValueError(f"data file {path} has no rows")

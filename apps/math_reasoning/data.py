@@ -17,7 +17,6 @@ worked out). All of it is a pure function of the seed.
 
 import json
 import random
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +192,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 FORMATS = ("auto", "offline", "gsm8k", "math", "minerva", "amc", "aime")
-_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
 
 def last_boxed(text: str) -> str | None:
@@ -261,10 +259,15 @@ def _field(row: dict, name: str, where: str) -> str:
 def _convert(row: dict, fmt: str, where: str) -> dict:
     if fmt == "gsm8k":
         answer = _field(row, "answer", where)
-        match = _GSM8K_FINAL.search(answer)
-        if match is None:
-            raise ValueError(f"{where}: field 'answer' has no '#### <final answer>' line (GSM8K format)")
-        return {"question": _field(row, "question", where), "answer": match.group(1).replace(",", "")}
+        if answer.count("####") != 1:
+            found = "more than one '####'" if "####" in answer else "no '#### <final answer>' line"
+            raise ValueError(f"{where}: field 'answer' has {found} (GSM8K format)")
+        final = answer.split("####")[1].strip()
+        if not final or "\n" in final:
+            raise ValueError(
+                f"{where}: field 'answer' must end with one '#### <final answer>' line, got {final!r}"
+            )
+        return {"question": _field(row, "question", where), "answer": final.replace(",", "")}
     if fmt == "offline":
         hints = row.get("hints")
         if not isinstance(hints, dict) or any(not isinstance(hints.get(t), list) for t in HINT_TIERS):

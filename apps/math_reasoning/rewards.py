@@ -19,8 +19,9 @@ _INTEGER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)")
 
 
 def _integer(text: str) -> str | None:
-    """A plain integer as a canonical digit string (no sign for 0, no commas or leading zeros), else None."""
-    text = text.strip().rstrip(".")
+    """A plain integer as a canonical digit string (no sign for 0, no commas or leading zeros), else None.
+    The minus may be U+2212, as typeset text writes it."""
+    text = text.strip().rstrip(".").replace("\u2212", "-")
     if not _INTEGER.fullmatch(text):
         return None
     sign = "-" if text.startswith("-") else ""

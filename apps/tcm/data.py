@@ -89,9 +89,6 @@ def load_examples(path: str | Path) -> list[dict]:
                 "fact": str(row.get("fact") or row["id"]),
             }
         )
-    ids = [example["id"] for example in examples]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate ids")
     return examples
 
 

@@ -21,6 +21,9 @@ MATCHES = [
     (r"\frac{\sqrt{2}}{2}", r"\frac{\sqrt2}{2}"),  # bare LaTeX on both sides
     ("10^{100}", "10^{100}"),
     ("5, 3", "3, 5"),  # sets
+    (r"\$18.90", r"\$18.90"),  # an escaped dollar is a dollar sign, not math mode (MATH's money answers)
+    ("18.90", r"\$18.90"),
+    (r"\boxed{\$32,\!348}", r"\$32,\!348"),
     ("x = 3", "3"),  # an assignment to the answer
     ("(1, 2)", "1 < x < 2"),  # an interval for an inequality: allowed when the *prediction* is the set
     ("答案是 42", "42"),  # unicode text around the answer

@@ -232,7 +232,7 @@ def test_malformed_data_rows_name_the_file_and_line(tmp_path):
         read_examples(path, ["prompt"])
     csv = tmp_path / "train.csv"
     csv.write_text("prompt,answer\nhello,1\n,2\n")
-    with pytest.raises(ValueError, match=r"train.csv:row 1: missing field\(s\) prompt"):
+    with pytest.raises(ValueError, match=r"train.csv:line 3: missing field\(s\) prompt"):
         read_examples(csv, ["prompt"])
     path.write_text('{"prompt": "a\u2028b\u0085c"}\r\n\n{"prompt": "d\u2029"}\n', encoding="utf-8")
     assert [e["prompt"] for e in read_examples(path, ["prompt"])] == ["a\u2028b\u0085c", "d\u2029"]

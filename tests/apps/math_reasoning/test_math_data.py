@@ -146,6 +146,9 @@ def test_parquet_and_offline_round_trip(tmp_path):
     "rows, fmt, message",
     [
         ([{"question": "q", "answer": "no final line"}], "auto", r"bad.jsonl:line 1 .*'####"),
+        ([{"question": "q", "answer": "a #### 5\n#### 6"}], "gsm8k", r"line 1 .*more than one '####'"),
+        ([{"question": "q", "answer": "#### 5\nso 5"}], "gsm8k", r"line 1 .*must end with one '####"),
+        ([{"question": "q", "answer": "5 ####  "}], "gsm8k", r"line 1 .*must end with one '####"),
         (
             [{"question": "q", "answer": "#### 1"}, {"question": "q2"}],
             "gsm8k",

@@ -71,6 +71,7 @@ def test_same_answer_fast_path_and_math_verify():
     # commas group thousands only; anything else is a list of values, compared by math-verify
     assert same_answer("-1,234,567", "-1234567") and not same_answer("1,3", "13")
     assert not same_answer("-2,2", "-22") and same_answer("3,1", "1,3")
+    assert same_answer("\u22121,000", "-1000") and not same_answer("\u22121,000", "1000")  # U+2212 minus
 
 
 def test_pass_at_k_against_the_product_formula():

@@ -221,3 +221,55 @@ def test_split_by_fact_is_disjoint_seeded_and_80_10_10():
     assert splits["test"] != split_by_fact(examples, seed=4)["test"]
     with pytest.raises(ValueError, match="fractions"):
         split_by_fact(examples, seed=0, fractions=(0.8, 0.1, 0.2))
+
+
+def test_csv_values_stay_as_written(tmp_path):
+    """A CSV answer column of numbers keeps its text: `datasets` would read 4 as 4.0 and 0.50 as 0.5."""
+    path = tmp_path / "numbers.csv"
+    path.write_text(
+        "id,question,answer,type\n007,一剂几钱____,4,fill\n008,比例____,0.50,fill\n", encoding="utf-8"
+    )
+    examples = load_examples(path)
+    assert [(e["id"], e["answer"]) for e in examples] == [("007", "4"), ("008", "0.50")]
+    path.write_text("question,answer,type\nq,4,fill,extra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"numbers.csv:2: more fields than the header"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [{"question": "  ", "answer": "温", "type": "fill"}],
+            r"blank.jsonl:line 1: missing field\(s\) question",
+        ),
+        (
+            [{"question": "q", "answer": " \t", "type": "fill"}],
+            r"blank.jsonl:line 1: missing field\(s\) answer",
+        ),
+        (
+            [{"id": "a", "question": "q", "answer": "温", "type": "fill"}] * 2,
+            r"blank.jsonl:line 2: id 'a' is also the id of line 1",
+        ),
+    ],
+)
+def test_blank_fields_and_duplicate_ids_are_errors(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        load_examples(write_jsonl(tmp_path / "blank.jsonl", rows))
+
+
+def test_null_ids_get_the_row_id_and_rows_count_from_one(tmp_path):
+    rows = [{"id": None, "question": "q", "answer": "温", "type": "fill"}] * 2
+    assert [e["id"] for e in load_examples(write_jsonl(tmp_path / "nulls.jsonl", rows))] == [
+        "nulls-0",
+        "nulls-1",
+    ]
+    path = tmp_path / "gaps.json"
+    path.write_text(json.dumps([{"id": "a", "question": "q", "answer": "温", "type": "fill"},
+                                {"question": "q", "answer": "温", "type": "fill"},
+                                {"question": "q", "type": "fill"}]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"gaps.json:row 3: missing field\(s\) answer"):
+        load_examples(path)
+    path.write_text(json.dumps([{"id": "a", "question": "q", "answer": "温", "type": "fill"},
+                                {"question": "q", "answer": "温", "type": "fill"}]))  # fmt: skip
+    assert [e["id"] for e in load_examples(path)] == ["a", "gaps-1"]

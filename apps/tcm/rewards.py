@@ -49,7 +49,7 @@ _OPTION_CUES = [
     re.compile(rf"(?<![A-Za-z])({_RUN})\s*\)?\s*项"),
 ]
 _STANDALONE = re.compile(rf"(?<![A-Za-z])([A-E](?:{_SEP}[A-E])*)(?![A-Za-z])")
-_LOWER_ONLY = re.compile(r"[\sa-e、,，;；/()]*")
+_LOWER_ONLY = re.compile(r"[\sa-e、,，;；/().。和与及]*")  # lower-case letters with _SEP's separators
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 _FREE = r"(?:(?!</?think>|</?answer>).)*"

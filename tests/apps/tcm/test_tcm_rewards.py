@@ -32,6 +32,11 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("（Ｂ）"), "B"),  # full-width brackets
         (wrap("答案：Ｂ"), "B"),  # full-width colon
         (wrap("b"), "B"),  # lower case, alone
+        (wrap("b."), "B"),  # lower case, a full stop after it
+        (wrap("b。"), "B"),
+        (wrap("a.c"), "AC"),  # lower case with the separators upper case takes
+        (wrap("b 和 d"), "BD"),
+        (wrap("a与c及e"), "ACE"),
         (wrap("答案是b"), "B"),  # lower case after a cue
         (wrap("选B项"), "B"),
         (wrap("B项正确"), "B"),

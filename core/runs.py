@@ -33,7 +33,8 @@ import re
 import shutil
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
@@ -140,10 +141,10 @@ class RunDir:
                 if old.get(key) != new_config.get(key)
             }
             stored.setdefault("resumes", []).append({"at": _now(), "changed": changed})
-            _write_json_atomic(config_path, stored)
+            write_json_atomic(config_path, stored)
             return run
         path.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(
+        write_json_atomic(
             config_path,
             {
                 "app": app,
@@ -211,7 +212,7 @@ class RunDir:
         _append_lines(self.rollouts_path, rows)
 
     def write_eval(self, results: Mapping[str, Any]) -> None:
-        _write_json_atomic(self.eval_path, _jsonable(dict(results), "eval results"))
+        write_json_atomic(self.eval_path, _jsonable(dict(results), "eval results"))
 
     def set_status(self, status: str, *, step: int, error: str | None = None) -> None:
         """Write status.json; `error` (a message) is required for "failed" and refused otherwise."""
@@ -222,7 +223,7 @@ class RunDir:
             raise ValueError(f"status {status!r} {needs} error message")
         _check_step(step)
         status_json = {"status": status, "step": step, "updated": _now(), "error": error}
-        _write_json_atomic(self.status_path, status_json)
+        write_json_atomic(self.status_path, status_json)
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -261,7 +262,7 @@ class RunDir:
                     keep.append(raw + b"\n")
             removed[path.name] = len(lines) - len(keep)
             if removed[path.name]:
-                _write_atomic(path, b"".join(keep))
+                write_atomic(path, b"".join(keep))
         return removed
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -716,11 +717,38 @@ def _append_lines(path: Path, rows: list[dict]) -> None:
             f.flush()
 
 
-def _write_json_atomic(path: Path, value: Any) -> None:
-    _write_atomic(path, json.dumps(value, ensure_ascii=False, allow_nan=False, indent=2).encode() + b"\n")
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Write a directory whole or not at all: yields a new sibling directory to write into; when the block
+    ends without error its files are synced and it is renamed to `path` (an existing `path` is moved aside
+    first and removed after), on error it is removed. A kill leaves `path` as it was, and never a `path`
+    with part of its files (a model whose weights file is cut short)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this pid
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.rename(path, aside)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(value, ensure_ascii=False, allow_nan=False, indent=2).encode() + b"\n")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
     """Readers see the old file or the new one, never a mix: temp file in the same dir, fsync, replace."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

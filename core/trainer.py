@@ -48,7 +48,14 @@ from core.rollout import (
     derive_seed,
     multi_turn_rollouts,
 )
-from core.runs import RunDir, capture_rng_state, default_run_dir, load_checkpoint, restore_rng_state
+from core.runs import (
+    RunDir,
+    atomic_directory,
+    capture_rng_state,
+    default_run_dir,
+    load_checkpoint,
+    restore_rng_state,
+)
 
 # metrics of policy_loss that are a micro-batch's share of its mini-batch's value, summed not averaged
 ADDITIVE_METRICS = ("loss", "pg_loss")
@@ -505,8 +512,9 @@ class GRPOTrainer:
         if self.fsdp:  # gathered by every process
             state = sharding.without_tied_copies(self.model, sharding.full_state(self.model)[0])
         if self.rank == 0:
-            self.model.save_pretrained(path, state_dict=state)
-            self.tokenizer.save_pretrained(path)
+            with atomic_directory(path) as tmp:
+                self.model.save_pretrained(tmp, state_dict=state)
+                self.tokenizer.save_pretrained(tmp)
         return path
 
     # -- collecting a batch ----------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DebertaV2Config, DebertaV2Model
 
+from core.runs import atomic_directory
+
 HEADS = ("fairness", "relevance", "quality")
 HEADS_FILE = "reward_heads.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,14 +58,14 @@ class MultiHeadRewardModel(nn.Module):
         """The model (and tokenizer) as a directory; `max_length`, the token cap it was trained with, is
         kept in reward_heads.json so that scoring cuts inputs as training did."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.encoder.config.save_pretrained(path)
-        meta = {"heads": self.head_names, "dropout": self.dropout, "max_length": max_length}
-        (path / HEADS_FILE).write_text(json.dumps(meta, indent=1))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        with atomic_directory(path) as tmp:  # a killed save leaves no directory that looks complete
+            self.encoder.config.save_pretrained(tmp)
+            meta = {"heads": self.head_names, "dropout": self.dropout, "max_length": max_length}
+            (tmp / HEADS_FILE).write_text(json.dumps(meta, indent=1))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         return path
 
     @classmethod

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import get_scheduler
 
 from core.config import config_to_dict
+from core.runs import write_atomic, write_json_atomic
 from reward_models.deberta import (
     HEADS,
     build_tiny_reward_model,
@@ -193,9 +194,8 @@ def train_reward_model(config: RMTrainConfig) -> dict:
         "final_train_loss": history[-1]["loss"],
         **{name: evaluate_rows(scorer, rows) for name, rows in splits.items()},
     }
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+    write_json_atomic(run_dir / "eval.json", results)
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
     print(summary(results))
     print(f"reward model saved to {out}")
     return results

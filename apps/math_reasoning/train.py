@@ -35,6 +35,7 @@ from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
 from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
+from core.runs import atomic_directory
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks, join_processes
 
 APP = "math"
@@ -265,8 +266,9 @@ def train(config: MathTrainConfig) -> dict:
     models = {"eval": (trainer.model, tokenizer)}
     if isinstance(hooks, CoDistillHooks):
         if trainer.rank == 0:
-            hooks.large.save_pretrained(Path(config.run_dir) / "final_large")
-            tokenizer.save_pretrained(Path(config.run_dir) / "final_large")
+            with atomic_directory(Path(config.run_dir) / "final_large") as tmp:
+                hooks.large.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         models["eval_large"] = (hooks.large, tokenizer)
     print(summary_table(history))
     results = {}

@@ -26,7 +26,7 @@ from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
 from core.rewards import Rubric
 from core.rollout import derive_seed
-from core.runs import RunDir, default_run_dir
+from core.runs import RunDir, atomic_directory, default_run_dir
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "sudoku"
@@ -137,8 +137,9 @@ def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> d
         structure_mask=config.sft_mask,
         log=log,
     )
-    model.save_pretrained(run_path / "final")
-    tokenizer.save_pretrained(run_path / "final")
+    with atomic_directory(run_path / "final") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     run.set_status("finished", step=config.sft_steps)
     result = {}
     if config.eval_puzzles:

@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core import runs
-from core.runs import RunDir, capture_rng_state, default_run_dir, load_checkpoint, restore_rng_state
+from core.runs import (
+    RunDir,
+    atomic_directory,
+    capture_rng_state,
+    default_run_dir,
+    load_checkpoint,
+    restore_rng_state,
+)
 
 
 @pytest.fixture
@@ -492,3 +499,21 @@ def test_cuda_rng_restore_repeats_the_draws():
     draw()
     restore_rng_state(state, {"cuda": cuda_gen})
     assert draw() == expected
+
+
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "final"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+        assert not target.exists()  # nothing at the target while it is written
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("killed half way")
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "a.txt").read_text() == "one"
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("three")
+    assert [p.name for p in target.iterdir()] == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == [
+        "final"
+    ]

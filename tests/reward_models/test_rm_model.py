@@ -1,6 +1,7 @@
 """reward_models/deberta.py and train.py: shapes, save/load, the loss by hand, one step lowers it, metrics."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,19 @@ def test_forward_shapes_and_save_load(tmp_path):
     with pytest.raises(FileNotFoundError, match="reward_heads.json"):
         (tmp_path / "rm" / "reward_heads.json").unlink()
         MultiHeadRewardModel.load(tmp_path / "rm")
+
+
+def test_a_failed_save_leaves_no_model_directory(tmp_path, monkeypatch):
+    import reward_models.deberta as deberta
+
+    def cut_short(state, path):
+        Path(path).write_bytes(b"\x00" * 8)  # a weights file cut short, as a kill would leave it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deberta, "save_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model().save(tmp_path / "rm")
+    assert list(tmp_path.iterdir()) == []  # the rerun finds no half-written model in its way
 
 
 def test_loss_by_hand():

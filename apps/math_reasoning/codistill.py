@@ -105,23 +105,33 @@ class CoDistillHooks(TrainerHooks):
         rollouts, small_logp, large_logp = self._cache
         self._cache = None
         start = time.perf_counter()
-        weights, ess = algos.truncated_importance_weights(
+        weights, _ = algos.truncated_importance_weights(
             large_logp, small_logp, rollouts.loss_mask, self.is_cap
-        )  # (N, T), ()
-        mask = rollouts.loss_mask
-        capped = float(((weights >= self.is_cap) & (mask > 0)).sum() / mask.sum().clamp(min=1))
+        )  # (N, T), this share's ESS
         advantages = verifiable_advantages(trainer, batch)  # (N,)
-        metrics = {
-            "codistill/kd": float(batch.table.components[:, batch.table.names.index("kd")].mean()),
-            "codistill/ess": float(ess),
-            "codistill/capped_frac": capped,
-            "codistill/weight_mean": float(algos.masked_mean(weights, mask)),
-        }
+        metrics = self._weight_metrics(batch, weights, rollouts.loss_mask > 0)
         if self.train_large:
             metrics.update(self._update_large(trainer, rollouts, advantages, weights))
         large_time = self._kd_time + time.perf_counter() - start
         metrics["codistill/large_time"] = large_time
         return metrics
+
+    def _weight_metrics(self, batch, weights: torch.Tensor, valid: torch.Tensor) -> dict:
+        """KD term and weight statistics of the global batch, from sums over every process's share (the
+        ESS fraction (sum w)^2 / (n sum w^2) of `algos.truncated_importance_weights`, over all tokens).
+        weights: (N, T), valid: (N, T) bool."""
+        kd = batch.table.components[:, batch.table.names.index("kd")]  # (N,)
+        sums = torch.stack(
+            [kd.sum(), torch.tensor(len(kd)), weights.sum(), (weights**2).sum(), valid.sum(),
+             ((weights >= self.is_cap) & valid).sum()]
+        ).double()  # fmt: skip
+        kd_sum, rows, w_sum, w2_sum, tokens, capped = all_reduce_sum(sums).tolist()
+        return {
+            "codistill/kd": kd_sum / rows,
+            "codistill/ess": w_sum**2 / (tokens * w2_sum) if tokens and w2_sum else 1.0,
+            "codistill/capped_frac": capped / max(tokens, 1),
+            "codistill/weight_mean": w_sum / max(tokens, 1),
+        }
 
     def _update_large(self, trainer, rollouts: Rollouts, advantages, weights) -> dict:
         cfg = trainer.config
@@ -168,7 +178,9 @@ class CoDistillHooks(TrainerHooks):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.large.eval()
-        return {"codistill/large_loss": loss_sum, "codistill/large_grad_norm": float(norm)}
+        # each process's loss is its share of the global batch's loss: they add up
+        loss = float(all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)))
+        return {"codistill/large_loss": loss, "codistill/large_grad_norm": float(norm)}
 
 
 def verifiable_advantages(trainer, batch) -> torch.Tensor:

@@ -9,7 +9,7 @@ import math
 import torch
 
 from core import algos
-from core.trainer import TrainerHooks
+from core.trainer import TrainerHooks, all_reduce_sum
 
 
 class GTPOHooks(TrainerHooks):
@@ -33,8 +33,8 @@ class GTPOHooks(TrainerHooks):
         self.gamma = gamma
         self.max_entropy = max_entropy
         self.skip_zero_advantage = skip_zero_advantage
-        self.metrics: dict[str, float] = {}
-        self._dropped, self._seen = 0, 0  # completions dropped by the entropy filter / seen, this step
+        # this step's conflict tokens, valid tokens, completions dropped by the entropy filter, seen
+        self._counts = torch.zeros(4, dtype=torch.float64)
 
     def token_weights(self, trainer, rollouts, advantages: torch.Tensor) -> torch.Tensor:
         weights = algos.gtpo_token_weights(
@@ -47,17 +47,21 @@ class GTPOHooks(TrainerHooks):
         )  # (N, T)
         mask = rollouts.loss_mask > 0  # (N, T)
         conflict = (weights != 1.0) & mask
-        self.metrics = {"gtpo/conflict_token_frac": float(conflict.sum() / mask.sum().clamp(min=1))}
-        self._dropped, self._seen = 0, 0
+        self._counts = torch.tensor([conflict.sum(), mask.sum(), 0, 0], dtype=torch.float64)
         return weights
 
     def adjust_advantages(self, advantages: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
-        self._dropped += int((mean_entropy > self.max_entropy).sum())
-        self._seen += len(mean_entropy)
+        self._counts[2] += int((mean_entropy > self.max_entropy).sum())
+        self._counts[3] += len(mean_entropy)
         adjusted = algos.gtpo_entropy_advantages(advantages, mean_entropy, self.gamma, self.max_entropy)
         if self.skip_zero_advantage:  # (N,): zero-spread groups stay at 0 instead of -gamma * H
             adjusted = torch.where(advantages == 0, torch.zeros_like(adjusted), adjusted)
         return adjusted
 
     def after_update(self, trainer, batch) -> dict:
-        return self.metrics | {"gtpo/entropy_dropped_frac": self._dropped / max(self._seen, 1)}
+        """The step's fractions over every process's share."""
+        conflict, tokens, dropped, seen = all_reduce_sum(self._counts.clone()).tolist()
+        return {
+            "gtpo/conflict_token_frac": conflict / max(tokens, 1),
+            "gtpo/entropy_dropped_frac": dropped / max(seen, 1),
+        }

@@ -9,15 +9,20 @@ the success with the least hint (fewest chunks of the earliest tier) replaces th
 [choice: paper is silent on which; all are failures]. That row keeps its hinted prompt ids, so its old and
 new logprobs (the ratio) are taken on the hinted prompt. A group where no hint works stays all-zero.
 The loss is unchanged GRPO.
+
+Metrics are over every group sampled in the step, on every process: with dynamic sampling that is all
+rounds' groups, including those the batch then leaves out.
 """
 
 import math
+
+import torch
 
 from apps.math_reasoning.data import HINT_TIERS
 from apps.math_reasoning.templates import Template
 from core.rewards import RewardTable
 from core.rollout import Rollouts, derive_seed
-from core.trainer import TrainerHooks
+from core.trainer import TrainerHooks, all_reduce_sum
 
 _SCAF_SEED_KEY = 5_000_011  # keeps hint sampling seeds apart from the trainer's group seeds
 
@@ -68,7 +73,11 @@ class ScafHooks(TrainerHooks):
         self.tiers = tiers
         self.progressive = progressive
         self.exempt_steps = exempt_steps
-        self.metrics: dict[str, float] = {}
+        self._counts = self._no_counts()
+
+    def _no_counts(self) -> torch.Tensor:
+        """This step's sums: groups, groups all failed, groups rescued, their hint levels, rescues per tier."""
+        return torch.zeros(4 + len(self.tiers), dtype=torch.float64)
 
     def transform_rollouts(self, trainer, rollouts: Rollouts, examples: list[dict], table: RewardTable):
         if table.names != trainer.rubric.names:
@@ -78,12 +87,8 @@ class ScafHooks(TrainerHooks):
         size = trainer.config.group_size
         correct = table.components[:, table.names.index("correct")].view(-1, size)  # (B, G)
         failed = [g for g in range(len(examples)) if float(correct[g].max()) == 0.0]
-        exempt = trainer.step < self.exempt_steps
-        self.metrics = {"scaf/all_fail_frac": len(failed) / len(examples), "scaf/exempt": float(exempt)}
-        if exempt or not failed:
-            self.metrics.update(
-                {"scaf/rescued_frac": 0.0, "scaf/all_fail_frac_after": len(failed) / len(examples)}
-            )
+        self._counts[:2] += torch.tensor([len(examples), len(failed)])
+        if trainer.step < self.exempt_steps or not failed:
             return rollouts, table
         rescued: dict[int, tuple[Rollouts, RewardTable, int, int]] = {}
         first_group = trainer.rank * len(examples)  # seeds use the group's index in the global batch
@@ -104,19 +109,10 @@ class ScafHooks(TrainerHooks):
             else:
                 row_parts.append(rollouts.select(rows))
                 table_parts.append(table.select(rows))
-        n = len(examples)
-        self.metrics.update(
-            {
-                "scaf/rescued_frac": len(rescued) / n,
-                "scaf/all_fail_frac_after": (len(failed) - len(rescued)) / n,
-                # 1 = the first chunk of the first tier; larger = more help was needed
-                "scaf/hint_level": sum(r[2] for r in rescued.values()) / len(rescued)
-                if rescued
-                else math.nan,
-            }
-        )
-        for t, tier in enumerate(self.tiers):
-            self.metrics[f"scaf/tier_{tier}_frac"] = sum(r[3] == t for r in rescued.values()) / n
+        self._counts[2] += len(rescued)
+        self._counts[3] += sum(r[2] for r in rescued.values())
+        for t in range(len(self.tiers)):
+            self._counts[4 + t] += sum(r[3] == t for r in rescued.values())
         return Rollouts.concat(row_parts), RewardTable.concat(table_parts)
 
     def _search(self, trainer, example: dict, group: int):
@@ -137,4 +133,16 @@ class ScafHooks(TrainerHooks):
         return None
 
     def after_update(self, trainer, batch) -> dict:
-        return dict(self.metrics)
+        counts, self._counts = all_reduce_sum(self._counts), self._no_counts()
+        groups, failed, rescued, levels = counts[:4].tolist()
+        metrics = {
+            "scaf/exempt": float(trainer.step < self.exempt_steps),
+            "scaf/all_fail_frac": failed / groups,
+            "scaf/rescued_frac": rescued / groups,
+            "scaf/all_fail_frac_after": (failed - rescued) / groups,
+            # 1 = the first chunk of the first tier; larger = more help was needed
+            "scaf/hint_level": levels / rescued if rescued else math.nan,
+        }
+        for t, tier in enumerate(self.tiers):
+            metrics[f"scaf/tier_{tier}_frac"] = float(counts[4 + t]) / groups
+        return metrics

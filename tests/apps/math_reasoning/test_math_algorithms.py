@@ -125,6 +125,34 @@ def test_scaf_swaps_in_the_least_hint_success(small_dir, tmp_path, progressive):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_scaf_metrics_count_every_sampling_round(small_dir, tmp_path):
+    """Dynamic sampling: round 0 rescues group 0 and drops group 1, round 1's two groups find no hint.
+    The metrics are over the 4 groups sampled, not only the last round's 2."""
+    model, tokenizer = load_policy(small_dir)
+    data = examples(4)
+    answers = {e["question"]: e["answer"] for e in data}
+    hinted = []
+
+    def first_hint_wins(prompt, i):
+        question = prompt.split("User: ")[1].split(" Hint:")[0].split("\nAssistant")[0]
+        if " Hint: " in prompt:
+            hinted.append(prompt)
+        right = len(hinted) == 1 and " Hint: " in prompt
+        return f"x</think><answer>{answers[question] if right else -1}</answer>"
+
+    hooks = ScafHooks(TEMPLATE, ("planning",), False, exempt_steps=0)
+    cfg = config(tmp_path, dynamic_sampling=True, max_sampling_rounds=2)
+    trainer = GRPOTrainer(
+        cfg, model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks,
+        backend=ScriptedBackend(tokenizer, first_hint_wins),
+    )  # fmt: skip
+    metrics = trainer.train()[0]
+    assert metrics["sampling_rounds"] == 2.0 and len(hinted) == 4  # one hint call per failed group
+    assert metrics["scaf/all_fail_frac"] == 1.0 and metrics["scaf/rescued_frac"] == 0.25
+    assert metrics["scaf/all_fail_frac_after"] == 0.75 and metrics["scaf/hint_level"] == 1.0
+    assert metrics["scaf/tier_planning_frac"] == 0.25
+
+
 def test_scaf_exemption_leaves_groups_alone(small_dir, tmp_path):
     model, tokenizer = load_policy(small_dir)
     data = examples(2)
@@ -279,10 +307,9 @@ def test_gtpo_entropy_penalty_in_zero_spread_groups():
     torch.testing.assert_close(skipping, torch.tensor([0.0, 0.0, 0.47, -0.52]))
 
 
-def test_codistill_two_processes_give_the_one_process_update(small_dir, large_dir, tmp_path):
-    """L is replicated on every process and trained on each process's share of S's rollouts: its loss
-    must use the global token count and its gradients must be summed, as the policy's are."""
-    worker = [str(Path(__file__).with_name("codistill_worker.py")), str(small_dir), str(large_dir)]
+def _one_and_two_processes(algo: str, small_dir, large_dir, tmp_path) -> tuple[list[dict], list[dict]]:
+    """algo_worker.py alone and under a 2-process launch; the metrics of each run."""
+    worker = [str(Path(__file__).with_name("algo_worker.py")), algo, str(small_dir), str(large_dir)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -295,9 +322,29 @@ def test_codistill_two_processes_give_the_one_process_update(small_dir, large_di
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (RunDir(tmp_path / run / "run").read_metrics() for run in ("one", "two"))
     assert [m["processes"] for m in two] == [2.0, 2.0]
+    return one, two
+
+
+def test_gtpo_metrics_of_two_processes_are_the_global_batch(small_dir, large_dir, tmp_path):
+    """Each process counts conflict tokens and dropped completions in its share; the logged fractions are
+    the whole batch's, as in one process (the same completions: each group samples from its own seed)."""
+    one, two = _one_and_two_processes("gtpo", small_dir, large_dir, tmp_path)
+    for name in ("gtpo/conflict_token_frac", "gtpo/entropy_dropped_frac"):
+        assert [m[name] for m in two] == pytest.approx([m[name] for m in one], abs=1e-9), name
+    assert 0 < one[0]["gtpo/conflict_token_frac"] < 1
+
+
+def test_codistill_two_processes_give_the_one_process_update(small_dir, large_dir, tmp_path):
+    """L is replicated on every process and trained on each process's share of S's rollouts: its loss
+    must use the global token count and its gradients must be summed, as the policy's are."""
+    one, two = _one_and_two_processes("codistill", small_dir, large_dir, tmp_path)
     # Adam hides a wrong gradient scale in the weights; the norms before clipping show it
     norms = [[m["codistill/large_grad_norm"] for m in log] for log in (one, two)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-5) and max(norms[0]) > 0
+    # the logged KD term and weight statistics are of the global batch, not of process 0's share
+    for name in ("kd", "ess", "capped_frac", "weight_mean", "large_loss"):
+        values = [[m[f"codistill/{name}"] for m in log] for log in (one, two)]
+        assert values[1] == pytest.approx(values[0], rel=1e-5, abs=1e-7), name
     for name in ("small", "large"):
         expected, got = (load_file(tmp_path / run / f"{name}.safetensors") for run in ("one", "two"))
         for key in expected:

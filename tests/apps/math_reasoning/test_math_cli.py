@@ -231,6 +231,8 @@ def test_scaf_under_zero2_gives_the_one_process_update(small_dir, tmp_path):
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["processes"] for m in two] == [2.0, 2.0]
     assert all(m["scaf/all_fail_frac"] > 0 for m in one)  # groups failed, so hints were sought
+    for name in (n for n in one[0] if n.startswith("scaf/")):  # of the global batch, not process 0's share
+        assert [m[name] for m in two] == pytest.approx([m[name] for m in one], nan_ok=True), name
     expected = load_file(tmp_path / "one" / "final" / "model.safetensors")
     got = load_file(tmp_path / "two" / "final" / "model.safetensors")
     base = load_file(small_dir / "model.safetensors")

@@ -7,6 +7,10 @@ from typing import Literal
 
 from apps.sudoku.puzzles import STRATEGIES, Puzzle, generate_puzzles, holdout_split, read_puzzles
 
+# (fewest, most) givens of a generated puzzle by size; 4x4's are the default preset's, 9x9's the range the
+# docs use (every 9x9 puzzle with a unique solution has at least 17 givens)
+DEFAULT_GIVENS = {4: (4, 6), 9: (30, 40)}
+
 
 def _help(text: str, default):
     return field(default=default, metadata={"help": text})
@@ -21,8 +25,11 @@ class PuzzleConfig:
         None,
     )
     size: int = _help("grid size of generated puzzles: 4 or 9", 4)
-    givens_min: int = _help("fewest givens of a generated puzzle (difficulty: fewer is harder)", 4)
-    givens_max: int = _help("most givens of a generated puzzle", 6)
+    givens_min: int | None = _help(
+        "fewest givens of a generated puzzle (difficulty: fewer is harder); default 4 for 4x4, 30 for 9x9",
+        None,
+    )
+    givens_max: int | None = _help("most givens of a generated puzzle; default 6 for 4x4, 40 for 9x9", None)
     max_strategy: Literal["naked_single", "hidden_single", "elimination", "guess"] = _help(
         "hardest strategy a puzzle may need (difficulty); harder puzzles are not generated / are skipped",
         "guess",
@@ -34,6 +41,9 @@ class PuzzleConfig:
     def __post_init__(self):
         if self.size not in (4, 9):
             raise ValueError(f"size must be 4 or 9, got {self.size}")
+        low, high = DEFAULT_GIVENS[self.size]
+        self.givens_min = low if self.givens_min is None else self.givens_min
+        self.givens_max = high if self.givens_max is None else self.givens_max
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.max_strategy not in STRATEGIES:

@@ -27,6 +27,10 @@ from pathlib import Path
 STRATEGIES = ("naked_single", "hidden_single", "elimination", "guess")
 SIZES = (4, 9)
 EMPTY_CHARS = ".0"
+DIGITS = "123456789"  # ASCII only: str.isdigit() also holds for "²" and "٢"
+# Fewest givens of a puzzle with a unique solution: 4 for 4x4; 17 for 9x9 (McGuire, Tugemann and Civario
+# 2012, "There is no 16-clue Sudoku")
+FEWEST_UNIQUE_GIVENS = {4: 4, 9: 17}
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,11 @@ def generate_puzzles(
     low, high = givens
     if not 0 <= low <= high <= n * n:
         raise ValueError(f"givens must be a range (low, high) within 0..{n * n}, got {givens}")
+    if high < FEWEST_UNIQUE_GIVENS[n]:
+        raise ValueError(
+            f"no {n}x{n} puzzle with at most {high} givens has a unique solution (the fewest is "
+            f"{FEWEST_UNIQUE_GIVENS[n]}); raise the givens range"
+        )
     rng = random.Random(seed)
     seen: dict[tuple[int, ...], Puzzle] = {}
     tries = 0
@@ -361,7 +370,7 @@ def line_to_grid(text: str, where: str) -> tuple[list[int], int]:
     for k, char in enumerate(text):
         if char in EMPTY_CHARS:
             grid.append(0)
-        elif char.isdigit() and 1 <= int(char) <= n:
+        elif char in DIGITS[:n]:
             grid.append(int(char))
         else:
             raise ValueError(f"{where}: character {k + 1} is {char!r}; expected 1-{n}, '.' or '0'")
@@ -377,14 +386,16 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
     if not path.is_file():
         raise FileNotFoundError(f"puzzle file {path} does not exist")
     puzzles, harder = [], []  # harder: line numbers of puzzles left out
+    first = True  # the first row that is not blank or a comment, which may be a header
     with path.open(newline="") as handle:
         for number, row in enumerate(csv.reader(handle), start=1):
             where = f"{path}:{number}"
             cells = [c.strip() for c in row if c.strip()]
             if not cells or cells[0].startswith("#"):
                 continue
-            if number == 1 and not any(ch.isdigit() for ch in cells[0]):
-                continue  # a header
+            header, first = first and not any(ch in DIGITS for ch in cells[0]), False
+            if header:
+                continue
             if len(cells) > 2:
                 raise ValueError(f"{where}: expected `puzzle` or `puzzle,solution`, got {len(cells)} fields")
             grid, n = line_to_grid(cells[0], where)

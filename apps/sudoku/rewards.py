@@ -17,6 +17,8 @@ Tests: `pytest tests/apps/sudoku/test_sudoku_rewards.py`.
 
 from dataclasses import dataclass
 
+from apps.sudoku.puzzles import DIGITS
+
 
 @dataclass(frozen=True)
 class Reading:
@@ -38,7 +40,7 @@ class Reading:
 
 def _index(word: str, prefix: str, n: int) -> int | None:
     """1-based index of a word such as `r3` with the given prefix, if in 1..n."""
-    if len(word) == 2 and word[0] == prefix and word[1].isdigit() and 1 <= int(word[1]) <= n:
+    if len(word) == 2 and word[0] == prefix and word[1] in DIGITS[:n]:
         return int(word[1])
     return None
 

@@ -82,6 +82,21 @@ def test_solver_order_on_known_fill_sequences():
     assert replay(grid, 9, steps, check_labels=False) == count_solutions(grid, 9)[1]
 
 
+def test_givens_below_the_fewest_for_a_unique_solution_are_refused_at_once():
+    with pytest.raises(ValueError, match=r"no 9x9 puzzle with at most 16 givens has a unique solution"):
+        generate_puzzles(9, 5, seed=0, givens=(4, 16))
+    with pytest.raises(ValueError, match=r"no 4x4 puzzle with at most 3 givens"):
+        generate_puzzles(4, 5, seed=0, givens=(2, 3))
+
+
+def test_givens_default_by_size():
+    from apps.sudoku.data import PuzzleConfig
+
+    assert (PuzzleConfig().givens_min, PuzzleConfig().givens_max) == (4, 6)
+    assert (PuzzleConfig(size=9).givens_min, PuzzleConfig(size=9).givens_max) == (30, 40)
+    assert PuzzleConfig(size=9, givens_min=25).givens_min == 25
+
+
 def test_holdout_split_keeps_each_solution_grid_on_one_side():
     train, held_out = holdout_split(generate_puzzles(4, 400, seed=0, givens=(4, 6)), 0.2)
     assert not {p.solution for p in train} & {p.solution for p in held_out}
@@ -104,6 +119,16 @@ def test_puzzle_files_round_trip_and_malformed_lines_are_named(tmp_path):
     bad.write_text(f"{puzzles[0].to_line()}\n123\n")
     with pytest.raises(ValueError, match=r"bad.csv:2: expected 16 or 81 characters"):
         read_puzzles(bad)
+    commented = tmp_path / "commented.csv"  # the header may follow comments and blank lines
+    commented.write_text("# from a generator\n\nquizzes,solutions\n" + path.read_text().split("\n", 1)[1])
+    assert read_puzzles(commented) == puzzles
+    bad.write_text(f"{puzzles[0].to_line()}\nquizzes,solutions\n")  # a header only opens the file
+    with pytest.raises(ValueError, match=r"bad.csv:2: expected 16 or 81 characters"):
+        read_puzzles(bad)
+    for digit in ("\u00b2", "\u0662"):  # str.isdigit() holds for both; int() reads the second as 2
+        bad.write_text("1" + digit + "..341221434321\n")
+        with pytest.raises(ValueError, match=rf"bad.csv:1: character 2 is '{digit}'"):
+            read_puzzles(bad)
     bad.write_text("11..............\n")
     with pytest.raises(ValueError, match=r"bad.csv:1: the givens repeat"):
         read_puzzles(bad)

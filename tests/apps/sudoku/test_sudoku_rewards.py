@@ -38,6 +38,8 @@ def test_example_fixture_is_what_the_comment_says():
         # trailing words, out-of-range indices, wrong word order, empty completion
         ("r4 c4 v1 r1", 0.25, 1.0),
         ("r5 c1 v1 r1 c1 v9 c1 r1 v1", 0.0, 0.0),
+        # non-ASCII digits ("²", Arabic-Indic 2) are malformed groups, not a crash or a 2
+        ("r1 c2 v\u00b2 r1 c2 v\u0662 r4 c4 v1", 0.25, 1 / (1 + 2)),
         ("", 0.0, 0.0),
     ],
 )

@@ -72,10 +72,16 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def default_run_dir(app: str) -> Path:
-    """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time)."""
+    """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time), or with `-2`, `-3`, ...
+    after it when a run started in the same second already has that name."""
     if not app or "/" in app or "\\" in app:
         raise ValueError(f"app name {app!r} must be a non-empty name without path separators")
-    return Path("runs") / app / datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / app / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from apps.math_reasoning.templates import TEMPLATES, Template, get_template
 from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
-from core.runs import RunDir, default_run_dir
+from core.runs import RunDir, default_run_dir, is_run_dir
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -147,14 +147,16 @@ class MathEvalConfig:
         "benchmark file (JSONL/JSON/CSV/Parquet); default: the held-out offline set", None
     )
     data_format: str = _help(f"one of {', '.join(FORMATS)}", "auto")
-    data_seed: int = _help("seed of the offline sets (must match training's)", 1234)
-    data_mix: str = _help(
-        f"difficulty mix of the offline sets (must match training's): {', '.join(MIXES)}", "default"
+    data_seed: int | None = _help("seed of the offline sets; default: the run's, else 1234", None)
+    data_mix: str | None = _help(
+        f"difficulty mix of the offline sets: {', '.join(MIXES)}; default: the run's, else default", None
     )
-    template: str = _help(f"prompt template: one of {', '.join(TEMPLATES)}", "r1_short")
+    template: str | None = _help(
+        f"prompt template: one of {', '.join(TEMPLATES)}; default: the run's, else r1_short", None
+    )
     samples: int = _help("completions per problem (k)", 8)
     temperature: float = _help("sampling temperature", 1.0)
-    max_new_tokens: int = _help("completion length cap", 80)
+    max_new_tokens: int | None = _help("completion length cap; default: the run's, else 80", None)
     max_examples: int = _help("evaluate N evenly spaced problems; 0 = all", 0)
     batch_rows: int = _help("completions generated per call", 64)
     seed: int = _help("sampling seed", 0)
@@ -164,10 +166,25 @@ class MathEvalConfig:
     def __post_init__(self):
         if self.model is None:
             raise ValueError("--model is required (an HF model directory, e.g. runs/math/<run>/final)")
+        # unset: as the model's training run was (its config.json), else the train command's defaults
+        run = training_run(self.model)
+        trained = run.read_config()["config"] if run else {}
+        for name, fallback in RUN_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, trained.get(name, fallback))
         get_template(self.template)
         mix_levels(self.data_mix)
         if self.samples < 1 or self.max_new_tokens < 1 or self.max_examples < 0 or self.batch_rows < 1:
             raise ValueError("samples, max_new_tokens and batch_rows must be >= 1, max_examples >= 0")
+
+
+RUN_DEFAULTS = {"data_seed": 1234, "data_mix": "default", "template": "r1_short", "max_new_tokens": 80}
+
+
+def training_run(model: str) -> RunDir | None:
+    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`), if any."""
+    path = Path(model)
+    return RunDir(path.parent) if path.name.startswith("final") and is_run_dir(path.parent) else None
 
 
 def spread_subset(examples: list[dict], n: int) -> list[dict]:
@@ -206,28 +223,27 @@ def run_eval(config: MathEvalConfig) -> dict:
         batch_rows=config.batch_rows,
         device=config.device,
     )
-    results["model"] = config.model
+    results |= {"model": config.model, "template": config.template, "max_new_tokens": config.max_new_tokens}
     results["data"] = config.data or (
         f"offline held-out set (data_seed {config.data_seed}, mix {config.data_mix})"
     )
-    model_path = Path(config.model)
-    if config.run_dir:
-        run_path = Path(config.run_dir)
-    elif model_path.name.startswith("final") and (model_path.parent / "config.json").is_file():
-        run_path = model_path.parent
-    else:
-        run_path = default_run_dir("math")
-    key = "eval" if model_path.name != "final_large" else "eval_large"
-    if (run_path / "config.json").is_file():
+    run_path = Path(config.run_dir) if config.run_dir else None
+    if run_path is None:
+        run = training_run(config.model)
+        run_path = run.path if run else default_run_dir("math")
+    if is_run_dir(run_path):
         target = RunDir(run_path)
     else:  # a run of its own, so the dashboard lists it
         target = RunDir.create(
             run_path, config_to_dict(config), app="math", algorithm="eval", exist_ok_for_resume=False
         )
     previous = target.read_eval() if target.eval_path.is_file() else {}
+    # eval_<benchmark>: what `train` wrote under eval / eval_large stays
+    large = Path(config.model).name == "final_large"
+    benchmark = benchmark_name(config.data)
+    key = f"eval_large_{benchmark}" if large else f"eval_{benchmark}"
     update = {key: results}
-    if key == "eval":  # the policy's numbers only: CoDistill's large model is not the run's algorithm
-        benchmark = benchmark_name(config.data)
+    if not large:  # the policy's numbers only: CoDistill's large model is not the run's algorithm
         update["pass_at_k"] = previous.get("pass_at_k", {}) | {benchmark: pass_at_k_entry(results)}
     target.write_eval(previous | update)
     print(format_results(results))

@@ -84,6 +84,26 @@ def test_default_run_dir():
         default_run_dir("a/b")
 
 
+def test_default_run_dirs_of_the_same_second_differ(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    import core.runs
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 11, 25, 12, 49, 8)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(core.runs, "datetime", Frozen)
+    names = []
+    for _ in range(3):
+        path = default_run_dir("math")
+        path.mkdir(parents=True)
+        names.append(path.name)
+    assert names == ["20261125-124908", "20261125-124908-2", "20261125-124908-3"]
+
+
 def test_run_dir_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         RunDir(tmp_path / "nope")

@@ -56,7 +56,7 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     run = tmp_path / "eval"
     args = ["math", "eval", "--model", str(small_dir), "--data", str(test_file), "--run-dir", str(run)]
     assert main([*args, "--samples", "2", "--max-examples", "4", "--max-new-tokens", "6"]) == 0
-    results = json.loads((run / "eval.json").read_text())["eval"]
+    results = json.loads((run / "eval.json").read_text())["eval_test"]  # eval_<benchmark>
     assert results["all"]["examples"] == 4 and "pass@2" in results["all"] and "maj@2" in results["all"]
     assert json.loads((run / "config.json").read_text())["algorithm"] == "eval"  # a run the dashboard lists
     out = tmp_path / "compare"
@@ -92,12 +92,17 @@ def test_pass_at_k_per_benchmark_fills_the_math_page(small_dir, tmp_path, monkey
         for i in range(3)
     ]
     bench.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    trained = json.loads((run / "eval.json").read_text())["eval"]
     args = ["math", "eval", "--model", str(run / "final"), "--data", str(bench), "--samples", "4"]
-    assert main([*args, "--max-new-tokens", "6"]) == 0
+    assert main(args) == 0
     saved = json.loads((run / "eval.json").read_text())
     offline, mini = saved["pass_at_k"]["offline"], saved["pass_at_k"]["mini"]
     assert set(offline) == {"1", "2"} and set(mini) == {"1", "4"}
-    assert mini == {"1": saved["eval"]["all"]["pass@1"], "4": saved["eval"]["all"]["pass@4"]}
+    assert mini == {"1": saved["eval_mini"]["all"]["pass@1"], "4": saved["eval_mini"]["all"]["pass@4"]}
+    assert saved["eval"] == trained  # what train wrote stays
+    # unset, the eval's settings are the run's (FAST's 8 new tokens), not the eval command's own defaults
+    assert json.loads((run / "config.json").read_text())["config"]["max_new_tokens"] == 8
+    assert saved["eval_mini"]["max_new_tokens"] == 8
 
     monkeypatch.setenv("GRPO_SUITE_RUNS", str(runs))
     at = AppTest.from_function(page_app, default_timeout=60).run()

@@ -14,13 +14,14 @@ RL run only. Every other training field comes from --train-preset (a `math train
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, build_base, train
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
-from core.config import config_file_values
+from core.config import config_file_values, config_to_dict
+from core.runs import RunDir, is_run_dir
 
 ARMS = (*ALGORITHMS, "grpo_large")
 
@@ -46,7 +47,6 @@ class MathCompareConfig:
     learning_rate: float | None = _help("policy learning rate of every run (none: the train default)", None)
     eval_samples: int | None = _help("completions per held-out problem (none: the train default)", None)
     eval_examples: int | None = _help("held-out problems evaluated (none: the train default)", None)
-    smoke: bool = _help("use the train command's smoke preset (tiny models, 2 steps)", False)
     train_preset: str | None = _help(
         "a `math train` preset applied to every run before --train-config and the flags (e.g. micro)", None
     )
@@ -57,29 +57,38 @@ class MathCompareConfig:
             raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        for name in ("algos", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} names an entry twice: {','.join(map(str, values))}")
         if self.train_preset is not None and self.train_preset not in TRAIN_PRESETS:
             raise ValueError(f"unknown train preset {self.train_preset!r}; valid: {', '.join(TRAIN_PRESETS)}")
-        if self.smoke and self.train_preset:
-            raise ValueError("smoke and train_preset both pick a train preset; give one")
 
 
 PRESETS = {
-    "smoke": {"smoke": True, "seeds": (0,), "algos": ("grpo", "codistill")},
+    "smoke": {"train_preset": "smoke", "seeds": (0,), "algos": ("grpo", "codistill")},
     # the micro reproduction of docs/math_reasoning.md: minutes per run on one CPU thread
     "micro": {"train_preset": "micro", "seeds": (0, 1, 2), "algos": ("grpo", "scaf")},
 }
 
 
 def _train_values(config: MathCompareConfig) -> dict:
-    preset = "smoke" if config.smoke else config.train_preset
-    values = dict(TRAIN_PRESETS[preset]) if preset else {}
+    values = dict(TRAIN_PRESETS[config.train_preset]) if config.train_preset else {}
     if config.train_config:
         values.update(config_file_values(MathTrainConfig, Path(config.train_config)))
     for name in ("max_steps", "learning_rate", "eval_samples", "eval_examples"):
         if getattr(config, name) is not None:
             values[name] = getattr(config, name)
-    for name in ("algo", "seed", "model", "large_model", "run_dir", "resume"):
-        values.pop(name, None)  # set per run below
+    per_run = [
+        name for name in ("algo", "seed", "model", "large_model", "run_dir", "resume") if name in values
+    ]
+    if config.train_config and per_run:
+        raise ValueError(
+            f"{config.train_config}: {', '.join(per_run)} is set per run by compare (--algos, --seeds, "
+            "--model, --large-model, --out-dir); leave it out of the train config"
+        )
+    for name in per_run:
+        values.pop(name)  # a train preset's, set per run below
     return values
 
 
@@ -98,25 +107,67 @@ def compare(config: MathCompareConfig) -> dict:
         if needed and not (path / "config.json").is_file():
             print(f"building the tiny {size} base model into {path}")
             build_base(base, size, path)
+    # every run's config first: a setting one arm refuses stops the compare before anything trains, and
+    # a run left by an earlier compare into this directory must have had the same settings
+    planned = [
+        (arm, MathTrainConfig(
+            **values,
+            algo="grpo" if arm == "grpo_large" else arm,
+            seed=seed,
+            model=str(large if arm == "grpo_large" else small),
+            large_model=str(large) if arm == "codistill" else None,
+            run_dir=str(out / f"{arm}-seed{seed}"),
+        ))
+        for arm in config.algos
+        for seed in config.seeds
+    ]  # fmt: skip
+    for _, run_config in planned:
+        _check_earlier_run(run_config)
     runs: dict[str, list[dict]] = {}
-    for arm in config.algos:
-        for seed in config.seeds:
-            run_config = MathTrainConfig(
-                **values,
-                algo="grpo" if arm == "grpo_large" else arm,
-                seed=seed,
-                model=str(large if arm == "grpo_large" else small),
-                large_model=str(large) if arm == "codistill" else None,
-                run_dir=str(out / f"{arm}-seed{seed}"),
-            )
-            result = train(run_config)
-            runs.setdefault(arm, []).append(run_summary(result))
+    for arm, run_config in planned:
+        runs.setdefault(arm, []).append(run_summary(_finished(run_config) or _train_or_resume(run_config)))
     rows = table_rows(runs)
     text = format_table(rows)
     print(text)
     (out / "compare.md").write_text(text + "\n")
     (out / "compare.json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=2, default=str))
     return {"runs": runs, "rows": rows, "out_dir": str(out)}
+
+
+def _check_earlier_run(run_config: MathTrainConfig) -> None:
+    """An earlier run in this run's directory is continued or reused only if it had these settings."""
+    if not is_run_dir(run_config.run_dir):
+        return
+    stored = RunDir(run_config.run_dir).read_config()["config"]
+    wanted = config_to_dict(run_config)
+    changed = sorted(
+        k for k in stored.keys() | wanted.keys() if k != "resume" and stored.get(k) != wanted.get(k)
+    )
+    if changed:
+        raise ValueError(
+            f"{run_config.run_dir}: holds a run with other settings ({', '.join(changed)}); pick another "
+            "--out-dir, or give the settings of the compare that made it"
+        )
+
+
+def _finished(run_config: MathTrainConfig) -> dict | None:
+    """The result of a run an earlier compare into the same directory finished (its model and its
+    evaluation saved), else None."""
+    path = Path(run_config.run_dir)
+    if not (is_run_dir(path) and (path / "final").is_dir()):
+        return None
+    run = RunDir(path)
+    evals = run.read_eval() if run.eval_path.is_file() else {}
+    if run_config.eval_samples and "eval" not in evals:
+        return None
+    print(f"{path}: finished earlier, its results reused")
+    results = {key: evals[key] for key in ("eval", "eval_large") if key in evals}
+    return {"history": run.read_metrics(), "eval": results, "run_dir": str(path)}
+
+
+def _train_or_resume(run_config: MathTrainConfig) -> dict:
+    """Train the run; one an earlier compare left unfinished continues from its last checkpoint."""
+    return train(replace(run_config, resume=is_run_dir(run_config.run_dir)))
 
 
 def run_summary(result: dict) -> dict:

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -71,6 +72,20 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         "codistill-seed0", "codistill-seed1", "grpo-seed0", "grpo-seed1",
     ]  # fmt: skip
+    # run again into the same directory: the finished runs are reused, the table is the same
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, its results reused") == 4
+    assert (out / "compare.md").read_text() == table
+    # a run stopped before its model was saved is continued, not trained into a second run
+    shutil.rmtree(out / "grpo-seed1" / "final")
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, its results reused") == 3
+    assert (out / "grpo-seed1" / "final").is_dir()
+    assert len(json.loads((out / "grpo-seed1" / "config.json").read_text())["resumes"]) == 1
+    # with other settings the earlier runs are refused before anything trains
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--eval-examples", "3", *args[-2:]])
+    assert "grpo-seed0: holds a run with other settings (eval_examples)" in capsys.readouterr().err
 
 
 def page_app():
@@ -134,6 +149,13 @@ def test_compare_train_preset_sets_every_run(tmp_path):
     assert values["data_mix"] == "micro" and values["max_steps"] == 3  # flags override the preset
     with pytest.raises(ValueError, match="unknown train preset 'nope'"):
         MathCompareConfig(train_preset="nope")
+    # a flag wins over the compare preset: --preset smoke --train-preset micro is micro
+    assert (
+        _train_values(MathCompareConfig(**(PRESETS["smoke"] | {"train_preset": "micro"})))["data_mix"]
+        == "micro"
+    )
+    with pytest.raises(ValueError, match="seeds names an entry twice: 0,0"):
+        MathCompareConfig(seeds=(0, 0))
 
 
 def test_compare_train_config_is_checked_field_by_field(tmp_path):
@@ -145,6 +167,9 @@ def test_compare_train_config_is_checked_field_by_field(tmp_path):
     assert values["scaf_tiers"] == ("knowledge", "solution") and values["codistill_alpha"] == 1.0
     path.write_text('lora = "no"\n')  # a string would be truthy: LoRA on
     with pytest.raises(ValueError, match=r"train.toml: lora: expected true or false"):
+        _train_values(MathCompareConfig(train_config=str(path)))
+    path.write_text('model = "x"\n')  # compare sets it per run: silently dropped before
+    with pytest.raises(ValueError, match=r"train.toml: model is set per run by compare"):
         _train_values(MathCompareConfig(train_config=str(path)))
     path.write_text("codistill_alfa = 1\n")
     with pytest.raises(ValueError, match=r"train.toml: unknown field\(s\) codistill_alfa"):

@@ -9,6 +9,7 @@ its message is shown as a command-line error.
 import argparse
 import dataclasses
 import json
+import math
 import re
 import tomllib
 import types
@@ -59,7 +60,7 @@ def _parser_for(tp: Any, optional: bool, name: str):
 
         def parse_items(text: str) -> tuple:
             try:
-                return tuple(item(part) for part in text.split(",") if part != "")
+                return tuple(item(part.strip()) for part in text.split(",") if part.strip())
             except ValueError:
                 raise argparse.ArgumentTypeError(
                     f"{name}: {text!r} is not a comma-separated list of {item.__name__} values (e.g. 0,1,2)"
@@ -71,9 +72,12 @@ def _parser_for(tp: Any, optional: bool, name: str):
         if optional and text.lower() == "none":
             return None
         try:
-            return tp(text)
+            value = tp(text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a valid {tp.__name__}") from err
+        if tp is float and not math.isfinite(value):  # nan > 0 is False: --beta nan would turn KL off
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a finite number")
+        return value
 
     return parse_value
 
@@ -110,19 +114,39 @@ def add_config_arguments(
         )
 
 
+class _StrictYamlLoader(yaml.SafeLoader):
+    """YAML as TOML reads it: a key given twice is an error (PyYAML keeps the last), and only true/false
+    are booleans (YAML 1.1 also reads off/on/yes/no, so `autocast: off` became False)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key(s) given twice: {', '.join(twice)}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml/.yml) mapping of field values; errors name the file."""
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"config file {path}: expected a .toml, .yaml or .yml file")
     try:
-        if path.suffix == ".toml":
-            values = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
-        else:
-            raise ValueError(f"config file {path}: expected a .toml, .yaml or .yml file")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        text = path.read_text(encoding="utf-8")
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, _StrictYamlLoader) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"config file {path}: {err}") from err
     if not isinstance(values, dict):
         raise ValueError(f"config file {path}: expected a mapping of field names to values")
@@ -161,6 +185,8 @@ def _checked_value(name: str, value: Any, annotation: Any, source: str) -> Any:
                 fail(f"a number ({tp.__name__})")
         if isinstance(value, bool) or not isinstance(value, int if tp is int else int | float):
             fail(f"a number ({tp.__name__})")
+        if not math.isfinite(value):
+            fail("a finite number")
         return tp(value)
     if tp is str and not isinstance(value, str):
         fail("a string")
@@ -179,10 +205,12 @@ def config_file_values(cls: type, path: Path) -> dict[str, Any]:
 
 
 def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict] | None = None) -> C:
-    """The dataclass from parsed arguments: defaults < preset < config file < flags."""
+    """The dataclass from parsed arguments: defaults < preset < config file < flags. With `--resume` of a
+    run the run's stored config comes right after the defaults, so the run continues with its own settings
+    (preset and file included) and only what is given again changes."""
     names = {f.name for f in dataclasses.fields(cls)}
     hints = _field_types(cls)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = _resumed_run_values(args, hints)
     preset = getattr(args, "preset", None)
     if preset:
         source = f"preset {preset}"
@@ -193,6 +221,20 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     if "device" in values:
         _check_device(values["device"])
     return cls(**values)
+
+
+def _resumed_run_values(args: argparse.Namespace, hints: dict[str, Any]) -> dict[str, Any]:
+    """The field values stored in `--run-dir`'s config.json when `--resume` is given, else {}."""
+    run_dir = getattr(args, "run_dir", None)
+    if not getattr(args, "resume", False) or run_dir is None:
+        return {}
+    path = Path(run_dir) / "config.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no run there: --resume itself says so (core.launch.with_run_dir)
+    source = f"{path} (the resumed run's config)"
+    return {k: _checked_value(k, v, hints[k], source) for k, v in stored.items() if k in hints}
 
 
 def _check_device(device: str) -> None:

@@ -159,9 +159,12 @@ def load_policy(
     """A causal LM and its tokenizer from a local HF model directory, never from the hub.
 
     With `lora`, the model is wrapped by `peft.get_peft_model`, which freezes every base parameter.
-    The tokenizer pads on the left, as generation of a batch of prompts needs.
+    The tokenizer pads on the left, as generation of a batch of prompts needs. A LoRA adapter directory
+    (what a `--lora` run saves as `final/`) gives its base model with the adapter merged in.
     """
     path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _load_adapter(path, lora=lora, dtype=dtype, device=device)
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         raise FileNotFoundError(
@@ -188,18 +191,39 @@ def load_policy(
             raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; batches need one")
         # Padding is always masked out (attention mask, loss mask), so reusing eos as pad changes no value.
         tokenizer.pad_token = tokenizer.eos_token
-    if lora is not None:
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
+    return _with_lora(model, lora), tokenizer
+
+
+def _with_lora(model: PreTrainedModel, lora: LoraSettings | None) -> PreTrainedModel:
+    """The model wrapped by `peft.get_peft_model` with a new adapter (seeded), or as it is."""
+    if lora is None:
+        return model
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng():  # every device's generator restored afterwards
+        torch.manual_seed(lora.seed)
+        return get_peft_model(model, config)
+
+
+def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: str):
+    """The base model named by the adapter's config (a local directory), the adapter merged into it, and
+    the tokenizer saved with the adapter (else the base's); `lora` then adds a new adapter on top."""
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path / 'adapter_config.json'}: its base model {base!r} is not a local model directory"
         )
-        with torch.random.fork_rng():  # every device's generator restored afterwards
-            torch.manual_seed(lora.seed)
-            model = get_peft_model(model, config)
-    return model, tokenizer
+    model, tokenizer = load_policy(base, dtype=dtype, device=device)
+    model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+    if (path / "tokenizer_config.json").is_file():  # the trainer's tokenizer, pad token included
+        tokenizer = _load_tokenizer(path)
+        tokenizer.padding_side = "left"
+    return _with_lora(model, lora), tokenizer
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

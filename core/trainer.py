@@ -711,9 +711,9 @@ class GRPOTrainer:
         ref_logp = self._no_grad_pass(rollouts, reference=True) if self.reference else None  # (N_local, T)
         token_weights = self.hooks.token_weights(self, rollouts, batch.advantages)  # (N_local, T) | None
         sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        counts: dict[str, float] = {}  # the weights of the means in `sums`
         extremes: dict[str, float] = {}
-        grad_norms = []
+        grad_norms, rates = [], []
         width = rollouts.completion_ids.shape[1]
         first_epoch_logp = []  # (n, t) per micro-batch, when old_from_first_epoch
         self.model.train()
@@ -755,51 +755,62 @@ class GRPOTrainer:
                     self._backward(loss, last=start + cfg.micro_batch_size >= len(rows))
                     metrics["entropy"] = algos.masked_mean(entropy.detach(), micro.loss_mask)
                     metrics["loss"] = loss.detach()
+                    tokens = float(micro.loss_mask.sum())
+                    completions = float((micro.loss_mask.sum(-1) > 0).sum())
                     for key, value in metrics.items():
                         # loss and pg_loss of a micro-batch are its share of the mini-batch's loss: they add up;
                         # extremes (ratio/max, ratio/min) are the extreme over every micro-batch and update;
-                        # the other metrics are means over the micro-batch: averaged weighted by its rows
+                        # the other metrics are means over the micro-batch's tokens (clip fractions at the
+                        # sequence level: its completions), kept as sums so that they average over all
+                        # tokens of the step whatever the micro-batch size or the number of processes
                         if key in extremes:
                             pick = max if key.endswith("/max") else min
                             extremes[key] = pick(extremes[key], float(value))
                         elif key.endswith(("/max", "/min")):
                             extremes[key] = float(value)
+                        elif key in ADDITIVE_METRICS:
+                            sums[key] = sums.get(key, 0.0) + float(value)
                         else:
-                            weight = 1 if key in ADDITIVE_METRICS else len(idx)
-                            sums[key] = sums.get(key, 0.0) + float(value) * weight
-                            counts[key] = counts.get(key, 0) + (0 if key in ADDITIVE_METRICS else len(idx))
+                            per_completion = key.startswith("clip/") and cfg.ratio_level == "sequence"
+                            weight = completions if per_completion else tokens
+                            if weight:  # a mean over no token is nan: it weighs nothing
+                                sums[key] = sums.get(key, 0.0) + float(value) * weight
+                            counts[key] = counts.get(key, 0.0) + weight
+                rates.append(self.scheduler.get_last_lr()[0])  # the rate this update applies
                 grad_norms.append(self._optimizer_step())
             if old_from_first_epoch and epoch == 0:
                 old_logp = torch.cat(first_epoch_logp)  # (N_local, T)
         self.backend.update_weights(self.model)
-        updates = cfg.mu * cfg.mini_batches
-        out = {key: sums[key] / (counts[key] or updates) for key in sums}  # additive ones: mean over updates
-        out.update(extremes)
-        out = self._over_processes(out)
+        out = self._over_processes(sums, counts, extremes, updates=cfg.mu * cfg.mini_batches)
         for name in ("ratio/max", "ratio/min"):  # still the reduction's identity: no token was trained on
             if name in out and math.isinf(out[name]) and (out[name] < 0) == name.endswith("/max"):
                 out[name] = math.nan
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["lr"] = sum(rates) / len(rates)  # the step's updates' mean rate (not the next update's)
         return out
 
-    def _over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Update metrics of the global batch: each process's loss terms are its share of the global loss
-        and add up; the other metrics are means over equal shares and are averaged."""
-        if self.world == 1:
-            return metrics
-        names = sorted(metrics)
-        values = all_reduce_sum(torch.tensor([metrics[name] for name in names], dtype=torch.float64))
-        out = {
-            name: float(value) if name in ADDITIVE_METRICS else float(value) / self.world
-            for name, value in zip(names, values, strict=True)
-        }
-        for suffix, op in (("/max", dist.ReduceOp.MAX), ("/min", dist.ReduceOp.MIN)):
-            for name in (n for n in names if n.endswith(suffix)):
-                value = torch.tensor([metrics[name]], dtype=torch.float64)
+    def _over_processes(
+        self, sums: dict[str, float], counts: dict[str, float], extremes: dict[str, float], updates: int
+    ) -> dict[str, float]:
+        """Update metrics of the global batch from every process's sums: the loss terms (each process's is
+        its share of the global loss) add up and are averaged over the updates; the means are weighted sums
+        over their weights (tokens or completions); extremes are the extreme over processes."""
+        names = sorted(sums.keys() | counts.keys())  # the same on every process: the same metrics
+        totals = torch.tensor([[sums.get(n, 0.0), counts.get(n, 0.0)] for n in names], dtype=torch.float64)
+        totals = all_reduce_sum(totals.reshape(-1, 2))  # (K, 2)
+        out = {}
+        for name, (total, weight) in zip(names, totals.tolist(), strict=True):
+            if name in ADDITIVE_METRICS:
+                out[name] = total / updates
+            else:
+                out[name] = total / weight if weight else math.nan
+        for name in sorted(extremes):
+            value = torch.tensor([extremes[name]], dtype=torch.float64)
+            if self.world > 1:
+                op = dist.ReduceOp.MAX if name.endswith("/max") else dist.ReduceOp.MIN
                 value = value.to(_collective_device(value))
                 dist.all_reduce(value, op=op)
-                out[name] = float(value)
+            out[name] = float(value)
         return out
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:

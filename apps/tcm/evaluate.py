@@ -12,7 +12,6 @@ Tests: `pytest tests/apps/tcm/test_tcm_eval.py`.
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
@@ -27,6 +26,7 @@ from apps.tcm.rewards import (
     tag_count,
     zh_tokens,
 )
+from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings
 
 FREE_TEXT = ("fill", "open")
@@ -161,20 +161,6 @@ class TcmEvalConfig:
             raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
 
 
-def load_for_eval(path: str, device: str):
-    """(model, tokenizer) from a full model directory or a PEFT adapter directory (its base must be local)."""
-    from core.policy import load_policy
-
-    if (Path(path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-        from transformers import AutoTokenizer
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
-        return model, tokenizer
-    return load_policy(path, device=device)
-
-
 def main(config: TcmEvalConfig) -> dict:
     from apps.tcm.train import prepared_splits  # the same data and prompts as training
     from core.config import config_to_dict
@@ -182,7 +168,7 @@ def main(config: TcmEvalConfig) -> dict:
 
     run_dir = config.run_dir or str(default_run_dir("tcm"))
     print(f"run directory: {run_dir}")
-    model, tokenizer = load_for_eval(config.model, config.device)
+    model, tokenizer = load_policy(config.model, device=config.device)
     examples = prepared_splits(config.data, config.seed, tokenizer, config.system_prompt)[config.split]
     if config.max_examples:
         examples = examples[: config.max_examples]

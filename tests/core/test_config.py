@@ -1,6 +1,7 @@
 """core/config.py and core/cli.py: flags, files, presets, precedence, errors, app registration."""
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -82,6 +83,8 @@ def test_bad_values_name_the_field(tmp_path, capsys):
         ('lr = "fast"', r"lr: expected a number \(float\), got 'fast'"),
         ("stops = [1]", r"stops\[0\]: expected a string, got 1"),
         ('stops = "x"', "stops: expected a list of str"),
+        ("lr = nan", r"lr: expected a finite number, got nan"),  # nan > 0 is False: it would turn a term off
+        ("lr = inf", r"lr: expected a finite number, got inf"),
     ],
 )
 def test_file_values_are_checked_like_flags(tmp_path, text, message):
@@ -98,7 +101,45 @@ def test_yaml_numbers_written_as_strings_are_read_as_numbers(tmp_path):
     assert (config.lr, config.steps, config.eps_high) == (1e-6, 3, None) and isinstance(config.lr, float)
 
 
-def test_config_to_dict_is_json_ready():
+def test_yaml_reads_off_as_a_string_and_refuses_a_key_given_twice(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss: dr_grpo\nlora: true\nstops: [off, yes]\n")  # YAML 1.1 reads off/yes as booleans
+    config = parse(["--config", str(path)])
+    assert (config.loss, config.lora, config.stops) == ("dr_grpo", True, ("off", "yes"))
+    path.write_text("steps: 3\nsteps: 1\n")
+    with pytest.raises(ValueError, match=r"c.yaml: .*key\(s\) given twice: steps"):
+        parse(["--config", str(path)])
+    path.write_bytes(b"\xff\xfe steps: 3")
+    with pytest.raises(ValueError, match=r"config file .*c.yaml: 'utf-8' codec can't decode"):
+        parse(["--config", str(path)])
+    for flag in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit):
+            parse([f"--lr={flag}"])
+        assert "is not a finite number" in capsys.readouterr().err
+    assert parse(["--stops", "a, b ,"]).stops == ("a", "b")
+
+
+@dataclass
+class RunConfig:
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    steps: int = field(default=10, metadata={"help": "optimizer steps"})
+    run_dir: str | None = field(default=None, metadata={"help": "run directory"})
+    resume: bool = field(default=False, metadata={"help": "continue the run"})
+
+
+def test_resume_continues_with_the_runs_own_settings(tmp_path):
+    """A run made with a preset and resumed without it keeps the preset's values; a flag given again wins."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, RunConfig, {"fast": {"lr": 0.5, "steps": 2}})
+
+    def build(argv):
+        return build_config(RunConfig, parser.parse_args(argv), {"fast": {"lr": 0.5, "steps": 2}})
+
+    first = build(["--preset", "fast", "--run-dir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"app": "t", "config": config_to_dict(first)}))
+    resumed = build(["--run-dir", str(tmp_path), "--resume", "--steps", "4"])
+    assert (resumed.lr, resumed.steps, resumed.resume) == (0.5, 4, True)
+    assert build(["--run-dir", str(tmp_path), "--steps", "4"]).lr == 1e-3  # not resumed: a new run
     assert config_to_dict(ExampleConfig())["stops"] == ["</answer>"]
 
 

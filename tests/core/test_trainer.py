@@ -4,6 +4,7 @@ say (mu, beta, dynamic sampling, multi-turn masking), and bad input fails with a
 import copy
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,15 @@ def test_lora_changes_only_the_adapter(model_dir, tmp_path):
             assert torch.equal(p, before[name]), name
     saved = load_file(trainer.run.latest_checkpoint() / "model.safetensors")
     assert saved and all("lora_" in name for name in saved)  # a LoRA checkpoint holds only the adapter
+    # final/ holds the adapter alone; loaded as a model, it is the base with the adapter merged in
+    final = Path(trainer.save_final())
+    assert (final / "adapter_config.json").is_file() and not (final / "config.json").is_file()
+    loaded, tokenizer = load_policy(final)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = trainer.model.eval()(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
+    assert tokenizer.padding_side == "left" and len(tokenizer) == len(trainer.tokenizer)
 
 
 def test_mu_above_one_uses_old_logprobs_and_beta_loads_a_reference(model_dir, tmp_path):
@@ -98,6 +108,36 @@ def test_mu_above_one_uses_old_logprobs_and_beta_loads_a_reference(model_dir, tm
     assert metrics["ratio/max"] > 1.0 or metrics["ratio/min"] < 1.0
     assert metrics["kl"] > 0.0
     assert make_trainer(model_dir, make_config(tmp_path / "b", max_steps=1)).reference is None
+
+
+def test_update_metrics_are_token_means_of_the_step_whatever_the_micro_batches(model_dir, tmp_path):
+    """kl, ratio/mean, clip fractions and entropy average over every token of the step's updates: the same
+    for one micro-batch of 16 completions as for 16 of one (they were means of micro-batch means)."""
+    runs = []
+    for size in (16, 1):
+        config = make_config(tmp_path / str(size), max_steps=1, mu=2, beta=0.1, max_new_tokens=16)
+        runs.append(
+            make_trainer(model_dir, replace(config, micro_batch_size=size), Rubric({"v": varied})).train()[0]
+        )
+    whole, single = runs
+    assert whole["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for name in ("kl", "ratio/mean", "clip/frac", "entropy"):
+        assert single[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-9), name
+    assert whole["kl"] > 0 and whole["clip/frac"] > 0
+
+
+def test_logged_lr_is_the_rate_the_step_applied(model_dir, tmp_path):
+    config = make_config(tmp_path, max_steps=4, warmup_steps=2, lr_schedule="linear", learning_rate=1e-2)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    applied, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        applied.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    logged = [m["lr"] for m in trainer.train()]
+    assert logged == pytest.approx(applied) and applied == pytest.approx([0.0, 0.005, 0.01, 0.005])
 
 
 def test_dynamic_sampling_keeps_groups_with_spread(model_dir, tmp_path):

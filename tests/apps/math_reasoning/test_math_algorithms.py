@@ -329,7 +329,14 @@ def test_gtpo_metrics_of_two_processes_are_the_global_batch(small_dir, large_dir
     """Each process counts conflict tokens and dropped completions in its share; the logged fractions are
     the whole batch's, as in one process (the same completions: each group samples from its own seed)."""
     one, two = _one_and_two_processes("gtpo", small_dir, large_dir, tmp_path)
-    for name in ("gtpo/conflict_token_frac", "gtpo/entropy_dropped_frac"):
+    # the core's token means too: each process's share has its own number of tokens
+    for name in (
+        "gtpo/conflict_token_frac",
+        "gtpo/entropy_dropped_frac",
+        "entropy",
+        "ratio/mean",
+        "clip/frac",
+    ):
         assert [m[name] for m in two] == pytest.approx([m[name] for m in one], abs=1e-9), name
     assert 0 < one[0]["gtpo/conflict_token_frac"] < 1
 

@@ -46,7 +46,10 @@ def summary_table(history: list[dict[str, float]], rows: int = 10) -> str:
     """Step, reward, zero-spread fraction, entropy and step time at up to `rows` evenly spaced steps."""
     if not history:
         return "no steps run"
-    picks = sorted({round(i * (len(history) - 1) / max(rows - 1, 1)) for i in range(min(rows, len(history)))})
+    shown = min(rows, len(history))
+    picks = sorted(
+        {round(i * (len(history) - 1) / max(shown - 1, 1)) for i in range(shown)}
+    )  # first and last
     lines = [f"{'step':>6} {'reward':>8} {'zero-spread':>11} {'entropy':>8} {'step s':>7}"]
     for i in picks:
         m = history[i]

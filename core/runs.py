@@ -130,8 +130,8 @@ class RunDir:
         if config_path.exists():
             if not exist_ok_for_resume:
                 raise FileExistsError(
-                    f"{path} already holds a run ({config_path} exists); pass --resume to continue it "
-                    "or pick another --run-dir"
+                    f"{path} already holds a run ({config_path} exists); pick another --run-dir (or pass "
+                    "--resume to continue it, where the command has that flag)"
                 )
             run = cls(path)
             stored = run.read_config()

@@ -47,7 +47,8 @@ def streamlit_command(config: ServeConfig) -> list[str]:
 def serve(config: ServeConfig) -> None:
     runs = Path(config.runs).resolve()
     if not runs.is_dir():
-        raise FileNotFoundError(f"runs folder {runs} does not exist")
+        what = "is not a directory" if runs.exists() else "does not exist"
+        raise FileNotFoundError(f"runs folder {runs} {what}")
     print(f"dashboard of {runs} on http://{config.address}:{config.port}", flush=True)
     # exec: the server becomes this process, so Ctrl-C and kill reach it directly.
     os.execve(sys.executable, streamlit_command(config), {**os.environ, "GRPO_SUITE_RUNS": str(runs)})

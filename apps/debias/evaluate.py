@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from apps.debias.data import load_splits
+from apps.debias.data import SPLITS, load_splits
 from apps.debias.train import policy_examples
 from core.config import config_to_dict
 from core.policy import load_policy
@@ -64,6 +64,11 @@ class DebiasEvalConfig:
     def __post_init__(self):
         if not self.model or not self.reward_model:
             raise ValueError("--model and --reward-model are required")
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown or not self.splits:
+            raise ValueError(
+                f"splits: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(SPLITS)}"
+            )
         if self.samples_per_prompt < 1 or self.max_prompts < 0:
             raise ValueError("samples_per_prompt must be >= 1 and max_prompts >= 0")
 

@@ -100,6 +100,10 @@ class DebiasTrainConfig(GRPOConfig):
             raise ValueError(f"biased_share must be in [0, 1], got {self.biased_share}")
         if not self.sft_epochs > 0:
             raise ValueError(f"sft_epochs must be > 0, got {self.sft_epochs}")
+        if not self.reward_model:  # checked before anything is built
+            raise ValueError("--reward-model is required (train one with `grpo-suite reward-model train`)")
+        if not Path(self.reward_model).is_dir():
+            raise ValueError(f"reward_model: {self.reward_model} is not a directory")
 
     def weights(self) -> dict[str, float]:
         return {
@@ -168,8 +172,6 @@ def build_sft_policy(path: str | Path, rows: list[dict], config: DebiasTrainConf
 
 
 def train(config: DebiasTrainConfig) -> list[dict]:
-    if config.reward_model is None:
-        raise ValueError("--reward-model is required (train one with `grpo-suite reward-model train`)")
     config = with_run_dir(config, APP)
     splits = load_splits(config.data_dir)  # the same rows whatever the run seed
     model, tokenizer = policy_for(config, lambda path: build_sft_policy(path, splits["train"], config))

@@ -162,14 +162,15 @@ class TcmEvalConfig:
 
 
 def main(config: TcmEvalConfig) -> dict:
-    from apps.tcm.train import prepared_splits  # the same data and prompts as training
+    from apps.tcm.train import nonempty_split, prepared_splits  # the same data and prompts as training
     from core.config import config_to_dict
     from core.runs import RunDir, default_run_dir
 
     run_dir = config.run_dir or str(default_run_dir("tcm"))
     print(f"run directory: {run_dir}")
     model, tokenizer = load_policy(config.model, device=config.device)
-    examples = prepared_splits(config.data, config.seed, tokenizer, config.system_prompt)[config.split]
+    splits = prepared_splits(config.data, config.seed, tokenizer, config.system_prompt)
+    examples = nonempty_split(splits, config.split, config.data)
     if config.max_examples:
         examples = examples[: config.max_examples]
     metrics, completions = evaluate_model(

@@ -159,6 +159,14 @@ def prepared_splits(data: str | None, seed: int, tokenizer, system_prompt: str) 
     }
 
 
+def nonempty_split(splits: dict[str, list[dict]], name: str, data: str | None) -> list[dict]:
+    """The split `name`, or an error naming the data file when the 80/10/10 split left it empty."""
+    if not splits[name]:
+        rows = sum(map(len, splits.values()))
+        raise ValueError(f"{data}: the {name} split is empty ({rows} rows split 80/10/10); give more rows")
+    return splits[name]
+
+
 def build_default_model(path: Path, config: TcmTrainConfig) -> Path:
     """The offline tiny model (module docstring): a tokenizer over every text of the task, a tiny Qwen2, a
     reading stage on the textbook entries, then SFT on answers to the training questions."""
@@ -235,7 +243,8 @@ def train(config: TcmTrainConfig) -> list[dict]:
     rubric = build_rubric(
         config.accuracy_weight, config.format_weight, config.tag_weight, config.on_reward_error
     )
-    held_out = [] if config.eval_split == "none" else splits[config.eval_split]
+    nonempty_split(splits, "train", config.data)
+    held_out = [] if config.eval_split == "none" else nonempty_split(splits, config.eval_split, config.data)
     held_out = held_out[: config.eval_max] if config.eval_max else held_out
 
     def evaluate() -> dict:

@@ -56,7 +56,7 @@ def test_create_writes_config(run):
 
 
 def test_create_refuses_an_existing_run_without_resume(run):
-    with pytest.raises(FileExistsError, match=r"--resume.*--run-dir"):
+    with pytest.raises(FileExistsError, match=r"pick another --run-dir \(or pass --resume"):
         RunDir.create(run.path, {"lr": 1e-3}, app="math", algorithm="grpo", exist_ok_for_resume=False)
 
 

@@ -430,3 +430,17 @@ def test_fsdp_refuses_a_compiled_decode_before_sharding(model_dir, tmp_path, mon
     config = make_config(tmp_path, fsdp=True, generation_groups=2, compile_decode=True)
     with pytest.raises(NotImplementedError, match="compile_decode under FSDP"):
         make_trainer(model_dir, config)
+
+
+def test_summary_table_shows_the_first_and_the_last_step():
+    from core.launch import summary_table
+
+    def steps(n):
+        history = [
+            {"step": i, "reward": 0.0, "zero_spread_frac": 0.0, "entropy": 1.0, "step_time": 0.1}
+            for i in range(1, n + 1)
+        ]
+        return [int(line.split()[0]) for line in summary_table(history).splitlines()[1:]]
+
+    assert steps(2) == [1, 2] and steps(5) == [1, 2, 3, 4, 5]  # before: [1] and [1, 2, 3]
+    assert steps(28)[0] == 1 and steps(28)[-1] == 28 and len(steps(28)) == 10

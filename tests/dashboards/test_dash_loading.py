@@ -285,3 +285,13 @@ def test_the_newest_run_prefers_the_outer_one_started_in_the_same_second(tmp_pat
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     monkeypatch.setenv("GRPO_SUITE_RUNS", str(tmp_path))
     assert state.newest(list(started)) == "sudoku/s1"
+
+
+def test_serve_says_when_the_runs_folder_is_a_file(tmp_path):
+    from dashboards.cli import ServeConfig, serve
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="config.json is not a directory"):
+        serve(ServeConfig(runs=str(tmp_path / "config.json")))
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        serve(ServeConfig(runs=str(tmp_path / "nope")))

@@ -201,3 +201,14 @@ def test_quick_pipeline_through_the_cli(monkeypatch, tmp_path):
         "before",
         "after",
     }
+
+
+def test_config_errors_come_before_any_work(tmp_path):
+    """A missing or mistyped --reward-model, or an unknown split, is refused when the config is built: before,
+    train built the SFT policy first and eval raised a KeyError at the split."""
+    with pytest.raises(ValueError, match="--reward-model is required"):
+        DebiasTrainConfig(run_dir=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="reward_model: .*nope is not a directory"):
+        DebiasTrainConfig(run_dir=str(tmp_path / "a"), reward_model=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="splits: unknown tset; valid: train, validation, test, heldout"):
+        DebiasEvalConfig(model="m", reward_model="r", splits=("tset",))

@@ -62,6 +62,20 @@ def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
     assert evaluation["accuracy_by_type"]["single"] == evaluation["train"]["by_type"]["single"]["accuracy"]
 
 
+def test_a_file_too_small_for_the_split_is_an_error_naming_it(smoke_run, tmp_path, capsys):
+    """2 rows split 80/10/10 leave the test split empty: before, evaluate crashed and train wrote no eval."""
+    data = tmp_path / "two.jsonl"
+    rows = [{"question": f"麻黄{i}性____。", "answer": "温", "type": "fill"} for i in range(2)]
+    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    flags = ["--model", str(smoke_run / "final"), "--data", str(data), "--run-dir", str(tmp_path / "ev")]
+    with pytest.raises(SystemExit):
+        main(["tcm", "evaluate", *flags])
+    assert "two.jsonl: the test split is empty (2 rows split 80/10/10)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tcm", "train", "--preset", "smoke", "--data", str(data), "--run-dir", str(tmp_path / "tr")])
+    assert "two.jsonl: the test split is empty" in capsys.readouterr().err
+
+
 def test_paper_defaults():
     config = TcmTrainConfig()
     assert (config.group_size, config.beta, config.learning_rate, config.lora) == (6, 0.0, 5e-7, True)

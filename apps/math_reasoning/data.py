@@ -173,7 +173,8 @@ def offline_sets(
     levels = mix_levels(mix)
 
     def ratio(n: int) -> dict[int, int]:
-        return {1: 2 * n // 5, 2: 2 * n // 5, 3: n - 4 * n // 5}
+        two_fifths = 2 * n // 5
+        return {1: two_fifths, 2: two_fifths, 3: n - 2 * two_fifths}  # sums to n
 
     test = generate_set(ratio(n_test), seed, "test", levels=levels)
     train = generate_set(ratio(n_train), seed, "train", [e["question"] for e in test], levels)

@@ -67,6 +67,10 @@ def test_sets_are_seeded_and_disjoint():
     assert not (questions[0] & questions[1] or questions[0] & questions[2] or questions[1] & questions[2])
     assert {e["level"] for e in a.sft} == {1, 2}  # the hard tail is left for RL
     assert {e["level"] for e in a.test} == {1, 2, 3}
+    # sizes that are not multiples of 5 are met exactly (2:2:1, the remainder to level 3)
+    odd = offline_sets(7, 7, 9, 4)
+    assert (len(odd.train), len(odd.test)) == (7, 9)
+    assert [sum(e["level"] == level for e in odd.test) for level in (1, 2, 3)] == [3, 3, 3]
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))

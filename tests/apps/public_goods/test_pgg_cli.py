@@ -23,6 +23,9 @@ def test_run_smoke(tmp_path, capsys, method):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     result = json.loads((run_dir / "eval.json").read_text())
     assert 0.0 <= result["final_cooperation"] <= 1.0 and "time_to_cooperation" in result
+    assert (
+        result["final_cooperation"] == json.loads(lines[-1])["cooperation"]
+    )  # the last step's, not the first
     if method == "grpo-gcc":
         assert main(["public-goods", "plot", "--run-dir", str(run_dir)]) == 0
         assert (run_dir / "cooperation.png").is_file() and (run_dir / "snapshots.png").is_file()

@@ -74,8 +74,11 @@ def test_synchronous_step_matches_a_plain_loop_with_the_same_draws():
 
 
 def test_imitation_keeps_absorbing_states():
-    for init, value in (("all_d", 0.0), ("checkerboard", None)):
-        model = make_model(GameConfig(size=10, r=4.0, init=init), seed=0)
-        model.run(3)
-        if value is not None:
-            assert model.cooperation == value and model.absorbed
+    model = make_model(GameConfig(size=10, r=4.0, init="all_d"), seed=0)
+    model.run(3)
+    assert model.cooperation == 0.0 and model.absorbed
+    model = make_model(GameConfig(size=10, r=4.0, init="all_d"), seed=0)
+    model.strategy[...] = 1  # all C: nobody to imitate but cooperators
+    model.run(3)
+    assert model.cooperation == 1.0 and model.absorbed
+    assert not make_model(GameConfig(size=10, r=4.0, init="checkerboard"), seed=0).absorbed

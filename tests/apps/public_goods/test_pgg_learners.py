@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from apps.public_goods.experiments import make_model
-from apps.public_goods.learners import neighbourhood_advantages, neighbourhood_index, observations
-from apps.public_goods.model import GameConfig
+from apps.public_goods.learners import (
+    neighbourhood_advantages,
+    neighbourhood_index,
+    observations,
+    reward_table,
+)
+from apps.public_goods.model import GameConfig, payoffs
 
 
 def test_observations():
@@ -43,7 +48,7 @@ def test_five_steps_of_each_method(method):
     frame = model.datacollector.get_model_vars_dataframe()
     assert len(frame) == 6 and frame["cooperation"].between(0, 1).all()
     if method == "qlearning":
-        assert np.abs(model.dynamics.q).sum() > 0
+        assert np.abs(model.dynamics.q).sum() > 0  # the values: test_q_learning_first_step_by_hand
     elif method.startswith("grpo") or method == "ppo":
         fresh = make_model(config, seed=1)
         fresh.step()  # builds the same initial weights, then one round of updates
@@ -57,3 +62,37 @@ def test_five_steps_of_each_method(method):
         assert any(moved)
     if method == "grpo-gcc":
         assert model.last_metrics["gcc_bonus"] > 0
+
+
+def test_q_learning_two_steps_by_a_plain_loop():
+    """Every site explores (epsilon 1), so actions are random and rewards nonzero; two steps replayed with
+    the model's draws, site by site: Q[s, a] += alpha (r + gamma max_a' Q[a, a'] - Q[s, a]), the next
+    state being the action taken."""
+    config = GameConfig(size=6, r=4.4, method="qlearning", init="half", q_epsilon=1.0)
+    model = make_model(config, seed=3)
+    q = np.zeros((36, 2, 2))
+    for _ in range(2):
+        state = model.strategy.ravel().astype(np.int64).copy()
+        rng = np.random.default_rng()
+        rng.bit_generator.state = model.rng.bit_generator.state  # replay the model's draws
+        rng.random(36)  # the exploration draw: all explore
+        actions = rng.integers(2, size=36)
+        model.step()
+        np.testing.assert_array_equal(model.strategy.ravel(), actions)
+        reward = payoffs(actions.reshape(6, 6).astype(np.int8), config.r, config.cost_per_group).ravel()
+        reward = reward / (5 * config.cost_per_group)
+        for i in range(36):
+            s, a = state[i], actions[i]
+            q[i, s, a] += config.q_alpha * (reward[i] + config.gamma * q[i, a].max() - q[i, s, a])
+        np.testing.assert_allclose(model.dynamics.q, q, rtol=1e-12)
+    assert np.count_nonzero(q) > 20 and len(set(q.ravel().round(9))) > 5
+
+
+def test_gcc_bonus_goes_to_cooperators_and_payoffs_are_scaled():
+    strategy = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.int8)
+    config = GameConfig(size=3, r=4.0, method="grpo-gcc")
+    table = reward_table(strategy, config, 0.5)
+    assert table.names == ["payoff", "gcc_bonus"]
+    assert table.components[:, 1].tolist() == [0.5, 0, 0, 0, 0.5, 0, 0.5, 0.5, 0]
+    scaled = payoffs(strategy, 4.0, config.cost_per_group).ravel() / (5 * config.cost_per_group)
+    np.testing.assert_allclose(table.components[:, 0].numpy(), scaled, rtol=1e-6)

@@ -158,8 +158,8 @@ def _checked_value(name: str, value: Any, annotation: Any, source: str) -> Any:
     Literal's choices, a real bool (not "false"), a whole int, an int or float (or a string that parses as
     one: YAML reads `1e-6` as a string) for a float, items of a tuple. Errors name the source and field."""
     tp, optional = _scalar_type(annotation)
-    if value is None and optional:
-        return None
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None  # "none" as the flag reads it: TOML has no null
 
     def fail(expected: str):
         raise ValueError(f"{source}: {name}: expected {expected}, got {value!r}")

@@ -16,6 +16,7 @@ rule of a step is a separate "dynamics" object (fermi.py, learners.py) picked by
     model = make_model(GameConfig(size=50, r=4.5), seed=0); model.run(100)
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -116,6 +117,17 @@ class LatticeSettings:
             )
         if self.epochs < 1 or self.ref_refresh < 1 or self.hidden < 1:
             raise ValueError("epochs, ref_refresh and hidden must be >= 1")
+        for name, low, high in (
+            ("gcc_lambda", 0.0, math.inf),  # a negative bonus would push away from cooperation
+            ("beta", 0.0, math.inf),
+            ("gamma", 0.0, 1.0),
+            ("q_epsilon", 0.0, 1.0),
+        ):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {getattr(self, name)}")
+        for name in ("lr", "clip_eps", "q_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def cost_per_group(self) -> float:

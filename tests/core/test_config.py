@@ -101,6 +101,16 @@ def test_yaml_numbers_written_as_strings_are_read_as_numbers(tmp_path):
     assert (config.lr, config.steps, config.eps_high) == (1e-6, 3, None) and isinstance(config.lr, float)
 
 
+def test_none_in_a_file_unsets_an_optional_field_as_the_flag_does(tmp_path):
+    toml = tmp_path / "c.toml"  # TOML has no null: "none" is the only way to write it
+    toml.write_text('eps_high = "none"\n')
+    assert parse(["--eps-high", "0.3", "--config", str(toml)]).eps_high == 0.3
+    assert parse(["--preset", "tiny", "--config", str(toml)]).eps_high is None
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("eps_high: None\n")
+    assert parse(["--config", str(yaml_file)]).eps_high is None
+
+
 def test_yaml_reads_off_as_a_string_and_refuses_a_key_given_twice(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("loss: dr_grpo\nlora: true\nstops: [off, yes]\n")  # YAML 1.1 reads off/yes as booleans

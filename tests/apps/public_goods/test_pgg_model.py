@@ -117,6 +117,11 @@ def test_same_seed_same_history_and_datacollector(method):
         ({"method": "sarsa"}, "unknown method 'sarsa'; valid: fermi, fermi-sync"),
         ({"init": "random"}, "unknown init"),
         ({"noise_k": 0.0}, "noise_k"),
+        ({"gcc_lambda": -1.0}, "gcc_lambda must be in \\[0, inf\\], got -1.0"),
+        ({"gamma": 1.5}, "gamma must be in \\[0, 1\\]"),
+        ({"q_epsilon": -0.1}, "q_epsilon"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"q_alpha": -0.5}, "q_alpha must be > 0"),
     ],
 )
 def test_bad_configuration_errors(fields, message):

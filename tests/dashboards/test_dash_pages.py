@@ -3,6 +3,7 @@ shown, URL parameters (paths outside the folder refused), and model text shown a
 
 import json
 
+import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -33,6 +34,12 @@ def texts(elements) -> list[str]:
 def charts(at: AppTest) -> list[dict]:
     """The Vega-Lite specs of the page's charts (AppTest has no chart accessor: read the protos)."""
     return [json.loads(e.proto.spec) for e in at.get("vega_lite_chart")]
+
+
+def chart_labels(at: AppTest, index: int) -> list[str]:
+    """The `label` column of the data behind the page's chart `index` (sent as Arrow, not in the spec)."""
+    (dataset,) = at.get("vega_lite_chart")[index].proto.datasets
+    return pa.ipc.open_stream(dataset.data.data).read_all().column("label").to_pylist()
 
 
 def download_labels(at: AppTest) -> list[str]:
@@ -183,8 +190,14 @@ def test_sudoku_page(runs_root):
     assert len(charts(at)) == 2
     cells = at.dataframe[0].value.set_index(["row", "col"])
     assert cells.loc[(1, 0), "kind"] == "wrong"
+    # the model board's labels: values, then the emission rank (givens blank), then values over a ramp
+    assert chart_labels(at, 0)[:5] == ["1", "2", "3", "4", "1"]
     at.radio(key="sudoku_mode").set_value("emission order (numbers)").run()
-    assert not at.exception
+    assert chart_labels(at, 0)[:5] == ["", "2", "", "1", "3"]
+    at.radio(key="sudoku_mode").set_value("emission order (colour ramp)").run()
+    assert chart_labels(at, 0)[:5] == ["1", "2", "3", "4", "1"]
+    assert charts(at)[0]["layer"][0]["encoding"]["color"]["field"] == "order"
+    assert chart_labels(at, 1)[:5] == ["", "1", "", "2", "3"]  # the solver's order
 
 
 def test_public_goods_page(runs_root):

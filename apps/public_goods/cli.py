@@ -44,6 +44,8 @@ class RunConfig(GameConfig):
         super().__post_init__()
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy's generators take no negative seed), got {self.seed}")
 
 
 @dataclass

@@ -94,7 +94,7 @@ def simulate(config: GameConfig, seed: int, steps: int, on_step=None) -> Traject
     model = make_model(config, seed)
     coop = [model.cooperation]
     snapshots = {0: model.strategy.copy()}
-    absorbed_at = None
+    absorbed_at, absorbed_from_start = None, config.method in IMITATION and model.absorbed
     start = time.perf_counter()
     for _ in range(steps):
         model.step()
@@ -104,7 +104,7 @@ def simulate(config: GameConfig, seed: int, steps: int, on_step=None) -> Traject
         if on_step is not None:
             on_step(model)
         if config.method in IMITATION and model.absorbed:
-            absorbed_at = model.steps
+            absorbed_at = 0 if absorbed_from_start else model.steps  # one step is still run and logged
             coop.extend([coop[-1]] * (steps - model.steps))
             break
     return Trajectory(coop, snapshots, absorbed_at, time.perf_counter() - start)
@@ -140,6 +140,10 @@ class SweepSettings(LatticeSettings):
         for name in ("r_values", "methods", "inits", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        if min(self.seeds) < 0:
+            raise ValueError(
+                f"seeds must be >= 0 (numpy's generators take no negative seed), got {self.seeds}"
+            )
         for r in self.r_values:
             for method in self.methods:
                 check_r_and_method(r, method)

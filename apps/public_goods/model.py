@@ -38,11 +38,18 @@ class LatticeSettings:
     and the hyperparameters of every method (one place for each)."""
 
     size: int = field(default=100, metadata={"help": "L, the side of the L x L torus (the paper: 200)"})
-    cost: float = field(default=1.0, metadata={"help": "a cooperator's contribution c"})
+    cost: float = field(
+        default=1.0,
+        metadata={
+            "help": "a cooperator's contribution c (sets Fermi's payoff scale; the learners' rewards are "
+            "payoffs / 5c, so c cancels for them)"
+        },
+    )
     cost_convention: Literal["per_group", "per_site"] = field(
         default="per_group",
         metadata={
-            "help": "per_group: c into each of the 5 groups (Szolnoki et al. 2009); per_site: c/5 each"
+            "help": "per_group: c into each of the 5 groups (Szolnoki et al. 2009); per_site: c/5 each "
+            "(like cost, no effect on the learners)"
         },
     )
     init: Literal["bernoulli", "half", "all_d", "checkerboard"] = field(
@@ -125,9 +132,12 @@ class LatticeSettings:
         ):
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {getattr(self, name)}")
-        for name in ("lr", "clip_eps", "q_alpha"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.clip_eps < 1:  # core.algos.policy_loss: the ratio's lower clip 1 - eps stays > 0
+            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not 0 < self.q_alpha <= 1:
+            raise ValueError(f"q_alpha must be in (0, 1], got {self.q_alpha}")
 
     @property
     def cost_per_group(self) -> float:

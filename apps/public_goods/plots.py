@@ -78,6 +78,7 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
         keys = sorted({(s["method"], s["init"], s["r"]) for s in series})
         cmap = plt.get_cmap("viridis")
         rs = sorted({k[2] for k in keys})
+        norm = plt.Normalize(min(rs), max(rs))  # one map for the lines and the colour bar: r, not its rank
         methods = sorted({k[0] for k in keys})
         inits = sorted({k[1] for k in keys})
         styles = {init: ("-", "--", ":", "-.")[n % 4] for n, init in enumerate(inits)}
@@ -94,7 +95,7 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
             for _, init, r in (k for k in keys if k[0] == method):
                 runs = [s for s in series if (s["method"], s["init"], s["r"]) == (method, init, r)]
                 mean = np.mean([s["cooperation"] for s in runs], axis=0)
-                color = cmap(rs.index(r) / max(len(rs) - 1, 1))
+                color = cmap(norm(r))
                 ax.plot(runs[0]["t"], mean, styles[init], color=color, lw=1)
             _time_axis(ax)
             ax.set_title(method, fontsize=9)
@@ -103,7 +104,7 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
         axes[0][0].legend(
             [plt.Line2D([], [], color="gray", ls=st) for st in styles.values()], list(styles), fontsize=7
         )
-        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(rs), max(rs)))
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
         fig.colorbar(sm, ax=axes[0].tolist(), label="r")
         paths.append(out / "cooperation_over_time.png")
         fig.savefig(paths[-1], dpi=120)

@@ -21,6 +21,18 @@ def test_logprob_memory_smoke():
     assert "peak ratio chunked/unchunked" in out.stdout and "max difference" in out.stdout
 
 
+def test_pgg_fermi_speed_smoke():
+    args = ["--size", "10", "--agent-mcs", "1", "--fast-mcs", "2", "--relax-mcs", "3"]
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "pgg_fermi_speed.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "after 3 untimed MCS" in out.stdout and "numba kernel alone" in out.stdout
+
+
 def test_mfu_counts_the_passes_our_training_phase_runs():
     """3 mu passes (forward + backward) plus the reference, no old-logprob pass; each prompt once a group."""
     spec = importlib.util.spec_from_file_location("step_vs_trl", BENCH / "step_vs_trl.py")

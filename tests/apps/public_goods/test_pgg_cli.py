@@ -64,6 +64,9 @@ def test_thresholds_bracket():
         (["sweep", "--methods", "fermi,sarsa"], "unknown method 'sarsa'"),
         (["sweep", "--r-values", "4,-1"], "r must be > 0"),
         (["plot"], "plot needs --run-dir"),
+        (["run", "--seed", "-1"], "seed must be >= 0"),
+        (["sweep", "--seeds", "0,-2"], "seeds must be >= 0"),
+        (["run", "--method", "ppo", "--clip-eps", "1.5"], "clip_eps must be in \\(0, 1\\)"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(args, message, capsys):

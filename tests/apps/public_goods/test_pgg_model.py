@@ -121,7 +121,8 @@ def test_same_seed_same_history_and_datacollector(method):
         ({"gamma": 1.5}, "gamma must be in \\[0, 1\\]"),
         ({"q_epsilon": -0.1}, "q_epsilon"),
         ({"lr": 0.0}, "lr must be > 0"),
-        ({"q_alpha": -0.5}, "q_alpha must be > 0"),
+        ({"q_alpha": 5.0}, "q_alpha must be in \\(0, 1\\]"),
+        ({"clip_eps": 1.5}, "clip_eps must be in \\(0, 1\\)"),
     ],
 )
 def test_bad_configuration_errors(fields, message):

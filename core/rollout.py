@@ -58,8 +58,10 @@ class SamplingSettings:
     greedy: bool = False  # argmax decoding (evaluation); temperature then only scales the reported log-probs
 
     def __post_init__(self) -> None:
-        # Configs read from YAML/TOML give lists; a tuple keeps the settings hashable and immutable.
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        # Configs read from YAML/TOML give lists; a tuple keeps the settings hashable and immutable. One string
+        # is one stop string (tuple() would make each of its characters one).
+        stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
+        object.__setattr__(self, "stop_strings", stops)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
@@ -99,7 +101,8 @@ class Rollouts:
       the backend cannot report exactly that (see `VLLMBackend`). `sampling_logp_exact` is False when it
       comes from a KV-cached decode, which differs from a full forward by float noise.
     - `finish_reason`: "stop" (eos or stop string), "length" (max_new_tokens), or in multi-turn rollouts
-      "turn_cap" (max_turns reached before the environment ended the episode).
+      "turn_cap" (max_turns reached before the environment ended the episode) or "context" (the next turn
+      would not fit the model's context).
     - `completions`: decoded completion text, without special tokens or padding (multi-turn: the whole
       transcript after the prompt, observations included); `num_turns`: 1 for single-turn rollouts.
     - `turns` (multi-turn only, else None): per row the transcript as `{"role": "model" | "observation",
@@ -252,8 +255,16 @@ class RolloutBackend(Protocol):
 
 def derive_seed(seed: int, *keys: int) -> int:
     """A well-mixed 63-bit seed for (seed, keys): chunk k of a batch, turn k of an episode, request k."""
-    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    # int(): a seed given as np.int64 or a 0-d tensor has another repr but must give the same stream
+    digest = hashlib.blake2b(repr(tuple(int(k) for k in (seed, *keys))).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def prompt_list(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a list; one string is refused (list() would make each character a prompt)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, got one string (wrap it: [prompt])")
+    return list(prompts)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -386,10 +397,11 @@ class _TextBackend(ABC):
     tokenizer: PreTrainedTokenizerBase
 
     def generate(self, prompts: list[str], settings: SamplingSettings, seed: int) -> Rollouts:
-        rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        prompts = prompt_list(prompts)
+        rows = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         prompt_ids, prompt_mask = left_pad(rows, self.tokenizer.pad_token_id)
         out = self.generate_from_ids(prompt_ids, prompt_mask, settings, seed)
-        return replace(out, prompts=list(prompts))
+        return replace(out, prompts=prompts)
 
     @abstractmethod
     def generate_from_ids(
@@ -459,6 +471,15 @@ class _CompletionStopStrings(StoppingCriteria):
         return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)  # (N,)
 
 
+def _raise_if_unsampleable(invalid: Tensor, synced: bool) -> None:
+    """FloatingPointError if a row (N,) of `invalid` had no token to sample; with `synced`, every process
+    raises when one does, so that none is left waiting in a collective."""
+    if not all_done(~invalid.any(), synced):
+        bad = invalid.nonzero().flatten().tolist()
+        where = f"in rows {bad[:10]} of this process's batch" if bad else "on another process"
+        raise FloatingPointError(f"no token could be sampled (NaN logits, or every token excluded) {where}")
+
+
 class _SamplingLogpRecorder(LogitsProcessor):
     """Records log_softmax(raw logits / temperature) at each sampled token, and suppresses eos before
     `min_new_tokens` (in place of HF's MinNewTokens processor, which would run before us).
@@ -478,15 +499,24 @@ class _SamplingLogpRecorder(LogitsProcessor):
         self.prompt_len = prompt_len
         self.previous: Tensor | None = None  # (N, V) log-probs of the last step
         self.logps: list[Tensor] = []  # per step, (N,)
+        self.invalid: Tensor | None = None  # (N,): an unfinished row with no token to sample (no host sync)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.previous is not None:
             self.logps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))  # (N,)
         self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (N, V)
-        if input_ids.shape[1] - self.prompt_len < self.min_new_tokens:
+        generated = input_ids[:, self.prompt_len :]  # (N, t)
+        if generated.shape[1] < self.min_new_tokens:
             scores = scores.clone()
             scores[:, self.eos_token_id] = -math.inf
-        return scores
+        # NaN logits, or every token excluded (a constraint allowing only eos before min_new_tokens): greedy
+        # would pick a pad silently and sampling fail in torch.multinomial with an unclear message. Such a
+        # row gets uniform scores so that generate runs to its end (no host sync here), then we raise.
+        finished = (generated == self.eos_token_id).any(1)  # (N,)
+        unsampleable = ~scores.max(-1).values.isfinite()  # (N,)
+        bad = unsampleable & ~finished  # (N,): a finished row's token is replaced by a pad anyway
+        self.invalid = bad if self.invalid is None else self.invalid | bad
+        return scores.masked_fill(unsampleable[:, None], 0.0)  # (N, V)
 
     def result(self, completion_ids: Tensor) -> Tensor:
         """(N, T) log-probs of `completion_ids` (N, T), the tokens `generate` returned."""
@@ -649,6 +679,7 @@ class HFGenerateBackend(_TextBackend):
                 ),
                 synced_gpus=is_sharded(self.model),  # FSDP: decode until every process is done
             )  # (N, P + T)
+        _raise_if_unsampleable(recorder.invalid, is_sharded(self.model))
         completion_ids = sequences[:, p:]  # (N, T)
         sampling_logp = recorder.result(completion_ids)  # (N, T)
         return _finalize(
@@ -674,9 +705,10 @@ class HFGenerateBackend(_TextBackend):
         one draw per token for all groups (`sample_groups`). Stops when every row has emitted eos or at
         `max_new_tokens`; stop strings are cut afterwards by `_finalize`, as for `generate`.
         """
+        prompts = prompt_list(prompts)
         if len(prompts) != len(seeds) * group_size:
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds x group_size {group_size}")
-        rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        rows = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         prompt_ids, prompt_mask = left_pad(rows, self.tokenizer.pad_token_id)  # (N, P)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         shared = all(prompts[i] == prompts[i - i % group_size] for i in range(len(prompts)))
@@ -779,12 +811,7 @@ class HFGenerateBackend(_TextBackend):
                 mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, P + t + 1)
             positions = positions[:, -1:] + 1  # (N, 1)
         rows = torch.stack(steps, 1).cpu() if steps else None  # (N, T)
-        if not all_done(~invalid.any(), synced):  # every process raises: none is left in a collective
-            bad = invalid.nonzero().flatten().tolist()
-            where = f"in rows {bad[:10]} of this process's batch" if bad else "on another process"
-            raise FloatingPointError(
-                f"no token could be sampled (NaN logits, or every token excluded) {where}"
-            )
+        _raise_if_unsampleable(invalid, synced)
         return torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), rows  # (N, T), (N, T)
 
 
@@ -1055,14 +1082,19 @@ def multi_turn_rollouts(
     turn. The completion is the whole transcript after the prompt; `loss_mask` and `sampling_logp` are 0 on
     observation tokens; `turns` lists each row's model turns and observations as texts. `finish_reason` is
     the last turn's ("stop"/"length") when the environment ended the episode, "turn_cap" when `max_turns`
-    did.
+    did, "context" when the next turn would not fit the model's context (`max_position_embeddings` of
+    `backend.model`'s config, where it has one): context + `max_new_tokens` must fit.
     """
+    prompts = prompt_list(prompts)
     if len(prompts) != len(examples):
         raise ValueError(f"got {len(prompts)} prompts but {len(examples)} examples")
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     tokenizer = backend.tokenizer
-    prompt_rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    max_context = getattr(
+        getattr(getattr(backend, "model", None), "config", None), "max_position_embeddings", None
+    )
+    prompt_rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     states = [env.reset(p, ex) for p, ex in zip(prompts, examples, strict=True)]
     n = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(n)]  # transcript after the prompt
@@ -1073,6 +1105,15 @@ def multi_turn_rollouts(
     with_logp, exact = True, True
     active = list(range(n))
     for turn in range(max_turns):
+        if max_context is not None:
+            full = [
+                i
+                for i in active
+                if len(prompt_rows[i]) + len(tokens[i]) + settings.max_new_tokens > max_context
+            ]
+            for i in full:
+                reasons[i] = "context"
+            active = [i for i in active if i not in full]
         if not active:
             break
         ids, mask = left_pad([prompt_rows[i] + tokens[i] for i in active], tokenizer.pad_token_id)

@@ -7,6 +7,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -21,6 +22,7 @@ from core.rollout import (
     SamplingSettings,
     VLLMBackend,
     completion_ends,
+    derive_seed,
     merged_state_dict,
     multi_turn_rollouts,
 )
@@ -125,6 +127,23 @@ def test_settings_reject_bad_values(kwargs, message):
 
 def test_settings_accept_a_list_of_stop_strings():
     assert SamplingSettings(max_new_tokens=4, stop_strings=["a", "b"]).stop_strings == ("a", "b")
+    assert SamplingSettings(max_new_tokens=4, stop_strings="</a>").stop_strings == ("</a>",)  # not < / a >
+
+
+def test_one_string_is_not_taken_as_a_list_of_prompts(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok)
+    settings = SamplingSettings(max_new_tokens=2)
+    with pytest.raises(TypeError, match="got one string"):
+        backend.generate("hello", settings, seed=0)
+    with pytest.raises(TypeError, match="got one string"):
+        backend.generate_groups("ab", settings, [0], group_size=2)
+    with pytest.raises(TypeError, match="got one string"):
+        multi_turn_rollouts(backend, "ab", [{"id": 0}, {"id": 1}], ToyEnv(1), settings, seed=0, max_turns=1)
+
+
+def test_derive_seed_reads_the_value_not_the_type():
+    assert derive_seed(np.int64(3), 1) == derive_seed(torch.tensor(3), 1) == derive_seed(3, np.int32(1))
+    assert derive_seed(3, 1) != derive_seed(3, 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,6 +535,17 @@ def test_multi_turn_turn_cap(tok, eos_model):
         multi_turn_rollouts(
             backend, PROMPTS[:3], examples, ToyEnv(1), SamplingSettings(max_new_tokens=4), 0, 0
         )
+
+
+def test_multi_turn_ends_an_episode_whose_next_turn_would_not_fit_the_context(tok):
+    model = build_model(len(tok))
+    model.config.max_position_embeddings = 24  # what the check reads (the rotary model itself runs longer)
+    backend = HFGenerateBackend(model, tok)
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=8)  # 8 tokens + "=ok\n" (4) per turn
+    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=5)
+    # "ab" (2 tokens) + 12 after turn 1 = 14; turn 2 would reach 22 <= 24; turn 3 would reach 34 > 24
+    assert r.num_turns == [2] and r.finish_reason == ["context"]
+    assert r.prompt_ids.shape[1] + r.completion_ids.shape[1] == 2 + 2 * 12
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ on logprobs, entropies, loss and gradients; the script exits non-zero if they do
 
 import argparse
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -64,14 +65,17 @@ def build(sizes: dict, device: str):
 
 
 def unchunked(model, ids, mask, t: int):
-    """The plain way: the model's full (N, T, V) logits in float32, log-softmax, gather, entropy."""
+    """The plain way: the model's full (N, T, V) logits in float32, log-softmax, gather, and the entropy as
+    a metric under no_grad (as TRL's GRPOTrainer computes it; with a graph, exp(log p) (N, T, V) would be
+    kept for a gradient the GRPO loss never takes, inflating this baseline)."""
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=t + 1
     ).logits[:, :-1]  # (N, T, V)
     logits = logits.float()
     logp_all = torch.log_softmax(logits, dim=-1)  # (N, T, V)
     logp = logp_all.gather(-1, ids[:, -t:].unsqueeze(-1)).squeeze(-1)  # (N, T)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, T)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, T)
     return logp, entropy
 
 
@@ -192,14 +196,14 @@ def main(argv=None) -> int:
         peak = statistics.median(res[v]["peak"]) / 2**20
         print(f"{v:<10} {peak:>10.0f} {statistics.median(res[v]['time']):>8.2f}")
     ratio = statistics.median(res["chunked"]["peak"]) / statistics.median(res["unchunked"]["peak"])
-    worst = max(errors.values())
+    within = all(math.isfinite(v) and v <= 1e-5 for v in errors.values())  # max() would skip a NaN
     print(f"peak ratio chunked/unchunked: {ratio:.3f} (target <= 0.25)")
     print(
         "max difference / max(1, |value|): "
         + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
         + " (target <= 1e-5)"
     )
-    return 0 if worst <= 1e-5 else 1
+    return 0 if within else 1
 
 
 if __name__ == "__main__":

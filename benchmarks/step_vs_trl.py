@@ -13,10 +13,12 @@ steps per GRPO step (`num_iterations=mu` reuses one generation batch). Settings:
 LoRA {off, on}. The model is a Qwen2 (hidden 256, 4 layers) with the offline character tokenizer of
 core/tiny.py, random weights (seed 0), saved once and loaded by both sides.
 
-Each side runs in its own worker process (so `ru_maxrss` is that side's own peak) and the driver asks them
-for a step in turn, A B A B ..., after `--warmup` unmeasured steps each: the two sides see the same machine
-load. Reported per setting: median step time, completion tokens/s, peak resident memory of the process and
-its growth during the steps (VmHWM reset through /proc/self/clear_refs after set-up), and ours/TRL. Every
+Each side runs in its own worker process and the driver asks them for a step in turn, A B B A ..., after
+`--warmup` unmeasured steps each: the two sides see the same machine load. Reported per setting: median step
+time, completion tokens/s (counted from each side's completion mask), the peak resident memory of the
+worker (its VmHWM, read before the reset at the end of set-up and at the end; not `ru_maxrss`, which a
+child started by vfork inherits from the driver) and its growth during the steps (VmHWM reset through
+/proc/self/clear_refs after set-up), and ours/TRL. Every
 worker also counts the decoder's work per step (token positions run with and without autograd, decode
 calls), printed so that the two sides' work can be compared: ours runs each group's prompt once in the
 training passes (`completion_logprobs` shares it), so it trains on fewer positions for the same result.
@@ -32,7 +34,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -174,23 +175,27 @@ def _cuda_in_use() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
+_SETUP_KIB: dict[str, int] = {}  # this worker's resident size and high-water mark at the end of set-up
+
+
 def _setup_done() -> None:
     import torch
 
-    rss = _status_kib("VmRSS")
+    _SETUP_KIB.update(rss=_status_kib("VmRSS"), hwm=_status_kib("VmHWM"))
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: growth is measured from here
     if _cuda_in_use():
         torch.cuda.reset_peak_memory_stats()
-    _send(event="ready", setup_rss_kib=rss)
+    _send(event="ready", setup_rss_kib=_SETUP_KIB["rss"])
 
 
-def _finish(setup_rss_kib: int) -> None:
+def _finish() -> None:
     import torch
 
+    hwm = _status_kib("VmHWM")
     _send(
         event="done",
-        peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        step_growth_kib=_status_kib("VmHWM") - setup_rss_kib,
+        peak_rss_kib=max(_SETUP_KIB["hwm"], hwm),
+        step_growth_kib=hwm - _SETUP_KIB["rss"],
         # on a GPU, the device memory the steps reached (weights and optimizer state included)
         peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if _cuda_in_use() else None,
     )
@@ -234,11 +239,10 @@ def ours_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
     reference = trainer.reference
     separate = reference is not None and not reference.shares_policy
     counter = PassCounter([model, reference.model if separate else None])
-    setup_rss = _status_kib("VmRSS")
     _setup_done()
     while True:
         if sys.stdin.readline().strip() in ("quit", ""):
-            _finish(setup_rss)
+            _finish()
         if args.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()  # the whole step, logging included, as TRL's is timed between callbacks
@@ -307,11 +311,11 @@ def trl_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
 
         def on_step_begin(self, targs, tstate, control, **kwargs):
             if tstate.global_step % mu == 0:
-                if "setup_rss" not in state:
-                    state["setup_rss"] = _status_kib("VmRSS")
+                if "ready" not in state:
+                    state["ready"] = True
                     _setup_done()
                 if sys.stdin.readline().strip() in ("quit", ""):
-                    _finish(state["setup_rss"])
+                    _finish()
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 state["start"] = time.perf_counter()
@@ -323,7 +327,7 @@ def trl_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
                 _send(
                     event="step",
                     time=time.perf_counter() - state["start"],
-                    tokens=n * sizes["tokens"],  # forced length: every completion has exactly this many
+                    tokens=state.pop("tokens"),  # of the generation this GRPO step trained on
                     passes=state["counter"].take(),
                 )
 
@@ -337,6 +341,14 @@ def trl_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
         callbacks=[Driver()],
     )
     state["counter"] = PassCounter([trainer.model, getattr(trainer, "ref_model", None)])
+    generate_and_score = trainer._generate_and_score_completions
+
+    def counted(*args, **kwargs):  # the completion tokens TRL generated, from its own mask
+        out = generate_and_score(*args, **kwargs)
+        state["tokens"] = int(out["completion_mask"].sum())
+        return out
+
+    trainer._generate_and_score_completions = counted
     trainer.train()
 
 
@@ -377,6 +389,7 @@ class Worker:
         for line in self.proc.stdout:
             if line.startswith(TAG):
                 return json.loads(line[len(TAG) :])
+            sys.stdout.write(line)
         raise RuntimeError(f"the {self.side} worker ended without answering (rerun with --verbose)")
 
     def ask(self, command: str) -> dict:
@@ -414,11 +427,12 @@ def run_setting(setting: str, args, model_dir: Path, tmp: Path, sizes: dict) -> 
     return out
 
 
-def training_flops(sizes: dict, mu: int, beta: float, prompt_tokens: float) -> float:
+def training_flops(sizes: dict, mu: int, beta: float, prompt_tokens: float, lora: bool = False) -> float:
     """Matmul FLOPs of our training phase per step: 6 N per token for forward + backward of the mu trained
-    passes, 2 N per token for the reference forward when beta > 0 (no old-logprob pass: the first epoch's
-    are kept); N counts the decoder's and the LM head's weights, plus attention scores (Kaplan et al. 2020,
-    C = 6N). Each group's prompt runs once, as our passes do it."""
+    passes (4 N with LoRA: the frozen weights take no weight gradient, only the activations' 2 N; the
+    adapters' own FLOPs are negligible), 2 N per token for the reference forward when beta > 0 (no
+    old-logprob pass: the first epoch's are kept); N counts the decoder's and the LM head's weights, plus
+    attention scores (Kaplan et al. 2020, C = 6N). Each group's prompt runs once, as our passes do it."""
     h, layers, inter, vocab = sizes["hidden"], sizes["layers"], sizes["intermediate"], sizes["vocab"]
     kv = h * sizes["kv_heads"] // sizes["heads"]
     per_layer = h * h * 2 + 2 * h * kv + 3 * h * inter
@@ -427,7 +441,7 @@ def training_flops(sizes: dict, mu: int, beta: float, prompt_tokens: float) -> f
     attention = 2 * layers * length * h  # per token, QK^T and AV (full, not causal-halved)
     tokens = sizes["prompts"] * (prompt_tokens + sizes["group"] * sizes["tokens"])
     per_token = 2 * (n_params + attention)
-    passes = 3 * mu + (1 if beta > 0 else 0)
+    passes = (2 if lora else 3) * mu + (1 if beta > 0 else 0)
     return passes * per_token * tokens
 
 
@@ -530,8 +544,8 @@ def main(argv=None) -> int:
             line = f"{setting:<20} ours/TRL step time {ratio:.2f} (target <= 0.5), peak memory {mem:.2f}"
             line += " (GPU)" if args.gpu else ""
             if args.gpu:
-                beta, mu, _ = parse_setting(setting)
-                flops = training_flops(sizes, mu, beta, prompt_tokens=prompt_tokens)
+                beta, mu, lora = parse_setting(setting)
+                flops = training_flops(sizes, mu, beta, prompt_tokens=prompt_tokens, lora=lora)
                 peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
                 if peak:
                     line += f", training-phase MFU {flops / res['ours']['train_s'] / peak:.1%}"

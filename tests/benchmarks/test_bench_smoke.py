@@ -48,6 +48,9 @@ def test_mfu_counts_the_passes_our_training_phase_runs():
         bench.training_flops(sizes, mu=2, beta=0.04, prompt_tokens=5) == (3 * 2 + 1) * per_token * positions
     )
     assert bench.training_flops(sizes, mu=1, beta=0.0, prompt_tokens=5) == 3 * per_token * positions
+    # LoRA: the frozen weights take no weight gradient, so a trained pass is 2 x the forward's FLOPs
+    lora = bench.training_flops(sizes, mu=2, beta=0.04, prompt_tokens=5, lora=True)
+    assert lora == (2 * 2 + 1) * per_token * positions
 
 
 @pytest.mark.slow  # two worker processes that import TRL: about a minute on 2 busy cores

@@ -553,7 +553,7 @@ def _completion_logprobs(
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off for the duration, then every module's own train/eval flag restored."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -597,7 +597,7 @@ class ReferencePolicy:
         kwargs = dict(
             temperature=temperature, chunk_size=chunk_size, with_entropy=False, vocab_mask=vocab_mask
         )
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             if self.shares_policy:
                 with self.model.disable_adapter():
                     return completion_logprobs(*args, **kwargs)[0]

@@ -382,6 +382,8 @@ class RunDir:
             match = _CHECKPOINT_NAME.fullmatch(path.name)
             if match and (path / MARKER).is_file():
                 found.append((int(match.group(1)), path))
+            elif match:  # saves are renamed into place with their marker: this one was damaged since
+                warnings.warn(f"{path} has no {MARKER!r} marker: skipped as incomplete", stacklevel=2)
         return [path for _, path in sorted(found)]
 
     def latest_checkpoint(self) -> Path | None:
@@ -399,23 +401,38 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if missing:
         raise FileNotFoundError(f"checkpoint {path} lacks {', '.join(missing)}")
 
+    def corrupt(name: str, err: Exception) -> ValueError:
+        # not torch's own message: it suggests weights_only=False, which this loader never uses
+        lines = str(err).splitlines()
+        detail = lines[0] if lines and not isinstance(err, pickle.UnpicklingError) else type(err).__name__
+        return ValueError(
+            f"checkpoint {path} is damaged: {name} cannot be read as plain data and tensors ({detail}); "
+            "delete this checkpoint directory to resume from the one before"
+        )
+
     def torch_file(name: str) -> Any:
         if name not in marker["files"]:
             return None
         try:
             return torch.load(path / name, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path / name} holds more than plain data and tensors: {e}") from e
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            raise corrupt(name, err) from err
+
+    def tensor_file(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(path / name, device="cpu")
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise corrupt(name, err) from err
 
     hooks_state = torch_file(HOOKS_STATE_FILE) or {}
     if HOOKS_TENSORS_FILE in marker["files"]:
-        for key, tensor in load_file(path / HOOKS_TENSORS_FILE, device="cpu").items():
+        for key, tensor in tensor_file(HOOKS_TENSORS_FILE).items():
             entry, name = key.split("/", 1)
             hooks_state.setdefault(entry, {})[name] = tensor
     return Checkpoint(
         path=path,
         step=marker["step"],
-        model_state=load_file(path / MODEL_FILE, device="cpu"),
+        model_state=tensor_file(MODEL_FILE),
         optimizer_state=torch_file(OPTIMIZER_FILE),
         scheduler_state=torch_file(SCHEDULER_FILE),
         trainer_state=_read_json(path / TRAINER_STATE_FILE),

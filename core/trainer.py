@@ -37,7 +37,7 @@ from transformers import get_scheduler
 from core import algos, sharding, zero
 from core.config import config_to_dict
 from core.data import PromptSampler
-from core.policy import ReferencePolicy, completion_logprobs
+from core.policy import ReferencePolicy, completion_logprobs, eval_mode
 from core.rewards import RewardTable, Rubric
 from core.rollout import (
     Environment,
@@ -425,7 +425,13 @@ class GRPOTrainer:
         self.run_path = run_dir
         self.writer = self._tensorboard() if config.report_to == "tensorboard" and self.rank == 0 else None
         if config.resume:
-            self._resume()
+            try:
+                self._resume()
+            except Exception as err:  # status.json must not keep saying "finished" or "running"
+                if self.rank == 0:
+                    step = self.run.read_status().get("step", 0) if self.run.status_path.is_file() else 0
+                    self.run.set_status("failed", step=step, error=f"resume: {type(err).__name__}: {err}")
+                raise
 
     # -- run directory -------------------------------------------------------------------------------------
 
@@ -687,12 +693,15 @@ class GRPOTrainer:
             )
 
     def _no_grad_pass(self, rollouts: Rollouts, reference: bool) -> torch.Tensor:
+        """Log-probs (N, T) of the old (or reference) policy, dropout off as when the rollouts were sampled:
+        in the model's leftover mode they would depend on what ran before (and differ after a resume)."""
         parts = []
         for start in range(0, len(rollouts.completions), self.config.micro_batch_size):
             micro = rollouts.select(
                 range(start, min(start + self.config.micro_batch_size, len(rollouts.completions)))
             )
-            out = self._logprobs(micro, with_grad=False, reference=reference)
+            with eval_mode(self.model):
+                out = self._logprobs(micro, with_grad=False, reference=reference)
             parts.append(out if reference else out[0])
         width = rollouts.completion_ids.shape[1]
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])

@@ -21,7 +21,7 @@ import time
 import torch
 
 from core import algos
-from core.policy import completion_logprobs
+from core.policy import completion_logprobs, eval_mode
 from core.rollout import Rollouts
 from core.trainer import TrainerHooks, all_reduce_sum
 
@@ -29,10 +29,11 @@ from core.trainer import TrainerHooks, all_reduce_sum
 def no_grad_logprobs(
     model, rollouts: Rollouts, temperature: float, micro_batch: int, chunk: int
 ) -> torch.Tensor:
-    """Per-token logprobs (N, T) of the rollouts' completions under `model`, in micro-batches, no gradient."""
+    """Per-token logprobs (N, T) of the rollouts' completions under `model`, in micro-batches, no gradient,
+    dropout off (the model's leftover train/eval mode would make them depend on what ran before)."""
     parts = []
     t = rollouts.completion_ids.shape[1]
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(rollouts), micro_batch):
             micro = rollouts.select(range(start, min(start + micro_batch, len(rollouts))))
             logp, _ = completion_logprobs(

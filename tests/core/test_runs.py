@@ -421,7 +421,8 @@ def test_latest_checkpoint_ignores_half_written_ones(run):
     (run.checkpoints_dir / "step-9" / "model.safetensors").write_bytes(b"")
     (run.checkpoints_dir / ".tmp-step-10-123").mkdir()
     (run.checkpoints_dir / ".tmp-step-10-123" / "complete").write_text("{}")
-    assert run.latest_checkpoint() == run.checkpoints_dir / "step-2"
+    with pytest.warns(UserWarning, match=r"step-9 has no 'complete' marker: skipped"):
+        assert run.latest_checkpoint() == run.checkpoints_dir / "step-2"
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         load_checkpoint(run.checkpoints_dir / "step-9")
     save(run, 3)  # a new save clears the temp dir left by a killed save
@@ -443,6 +444,16 @@ def test_checkpoint_refuses_unloadable_state_before_writing(run):
     with pytest.raises(TypeError, match=r"model_state\['w'\] is a list"):
         save(run, 1, model_state={"w": [1.0]})
     assert not run.checkpoints_dir.exists() or os.listdir(run.checkpoints_dir) == []
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt"])
+@pytest.mark.parametrize("damage", [b"garbage", b""])
+def test_a_damaged_checkpoint_file_is_named_without_torchs_unsafe_advice(run, name, damage):
+    path = save(run, 1, optimizer_state={"state": {}})
+    (path / name).write_bytes(damage)
+    with pytest.raises(ValueError, match=rf"checkpoint .*step-1 is damaged: {name} cannot be read") as info:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)
 
 
 def test_checkpoint_missing_file_is_an_error(run):

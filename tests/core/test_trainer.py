@@ -2,6 +2,7 @@
 say (mu, beta, dynamic sampling, multi-turn masking), and bad input fails with a clear message."""
 
 import copy
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -320,6 +321,26 @@ def test_mu_above_one_takes_the_old_logprobs_from_the_first_epoch(model_dir, tmp
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
 
 
+def test_no_grad_passes_run_with_dropout_off_whatever_the_models_mode(model_dir, tmp_path):
+    """The old log-probs of several mini-batches come from a no-grad pass; in the model's leftover mode
+    (train after any update, eval after a resume) dropout made them differ between a run and its resume."""
+    trainer = make_trainer(model_dir, make_config(tmp_path))
+    for module in trainer.model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    rollouts = trainer.generate(EXAMPLES[:2], 0)
+    trainer.model.eval()
+    with torch.no_grad():
+        expected, _ = completion_logprobs(
+            trainer.model, rollouts.input_ids(), rollouts.attention_mask(), rollouts.completion_ids.shape[1]
+        )
+    trainer.model.train()
+    got = trainer._no_grad_pass(rollouts, reference=False)
+    assert trainer.model.training  # the mode is given back
+    mask = rollouts.loss_mask.bool()
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-6, rtol=0)
+
+
 def test_ratio_extremes_are_over_every_micro_batch_and_update(model_dir, tmp_path, monkeypatch):
     """ratio/max and ratio/min are the largest and smallest token ratio of the step's updates, not a mean
     of the micro-batches' extremes."""
@@ -373,6 +394,16 @@ def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(model_dir, tmp_
     inode = checkpoint.stat().st_ino  # a save writes a new directory and renames it into place
     assert make_trainer(model_dir, replace(config, resume=True)).train() == []
     assert checkpoint.stat().st_ino == inode
+
+
+def test_a_resume_that_cannot_load_its_checkpoint_marks_the_run_failed(model_dir, tmp_path):
+    config = make_config(tmp_path, max_steps=1)
+    make_trainer(model_dir, config).train()
+    (tmp_path / "run" / "checkpoints" / "step-1" / "model.safetensors").write_bytes(b"cut off")
+    with pytest.raises(ValueError, match="step-1 is damaged: model.safetensors"):
+        make_trainer(model_dir, replace(config, max_steps=2, resume=True))
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and status["step"] == 1 and status["error"].startswith("resume: ")
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(model_dir, tmp_path):

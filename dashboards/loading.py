@@ -46,7 +46,8 @@ def resolve_run(root: str | Path, name: str) -> Path:
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
         raise UnsafePath(name, "not a plain relative name")
     parts = PurePosixPath(name).parts
-    if name.startswith("/") or PurePosixPath(name).is_absolute() or (parts and ":" in parts[0]):
+    drive = os.name == "nt" and parts and ":" in parts[0]  # C:x; elsewhere ':' is a plain character
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or drive:
         raise UnsafePath(name, "absolute paths are not allowed")
     if ".." in parts:
         raise UnsafePath(name, "'..' is not allowed")
@@ -164,12 +165,21 @@ def config_diff(configs: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
-    """metrics.jsonl as a frame indexed by step (a live run's half-written last line is skipped)."""
+    """metrics.jsonl as a frame indexed by step (a half-written last line is skipped: see `cut_off_line`)."""
     rows = RunDir(path).read_metrics(ignore_unfinished_last_line=True)
     frame = pd.DataFrame.from_records(rows)
     if frame.empty:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
     return frame.apply(pd.to_numeric, errors="coerce").astype({"step": "int64"})
+
+
+def cut_off_line(path: str | Path) -> int | None:
+    """The number of the file's last line when it has no newline (being written, or cut off by a kill)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return data.count(b"\n") + 1 if data and not data.endswith(b"\n") else None
 
 
 def default_metrics(columns: list[str]) -> list[str]:
@@ -229,8 +239,9 @@ class RolloutIndex:
     demand: `rows(lines)` reads just the lines a page shows and `search` scans the raw bytes.
 
     `refresh()` parses only what was appended since the last call (a live run; a half-written last line waits
-    for the next call), and starts over when the file shrank or was replaced (a resume rewrites it). One
-    index is shared by all sessions of a server, hence the lock.
+    for the next call), and starts over when the file shrank, was replaced or no longer holds the last
+    indexed line where it was (a resume rewrites it; two rewrites can give the old inode back). One index
+    is shared by all sessions of a server, hence the lock.
     """
 
     def __init__(self, path: str | Path):
@@ -241,6 +252,7 @@ class RolloutIndex:
     def _reset(self) -> None:
         self._identity: tuple[int, int] | None = None
         self._end = 0  # bytes indexed: every complete line before it
+        self._last = b""  # the last indexed line with its newline: the file's bytes just before _end
         self._offsets = np.zeros(0, dtype=np.int64)  # (lines,) byte offset of each line's start
         self._chunks: list[pd.DataFrame] = []
         self._frame: pd.DataFrame | None = None
@@ -253,12 +265,17 @@ class RolloutIndex:
                 self._reset()
                 return self
             identity = (stat.st_dev, stat.st_ino)
-            if identity != self._identity or stat.st_size < self._end:
+            if identity != self._identity or stat.st_size < self._end or not self._same_last_line():
                 self._reset()
                 self._identity = identity
             if stat.st_size > self._end:
                 self._append(stat.st_size)
         return self
+
+    def _same_last_line(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(self._end - len(self._last))
+            return f.read(len(self._last)) == self._last
 
     def _append(self, size: int) -> None:
         with open(self.path, "rb") as f:
@@ -273,6 +290,7 @@ class RolloutIndex:
         self._offsets = np.concatenate([self._offsets, starts + self._end])
         self._chunks.append(chunk)
         self._end += len(complete)
+        self._last = complete[starts[-1] :]
         self._frame = None
 
     def _parse_chunk(

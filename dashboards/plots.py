@@ -16,6 +16,8 @@ from matplotlib import colormaps
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
+MAX_GRID_INCHES = 12
+
 
 @dataclass(frozen=True)
 class Plot:
@@ -160,16 +162,19 @@ class Plot:
         image = np.ones((rows, cols, 4))
         values = self.data[self.color]
         if self.palette:
-            colours = [to_rgba(self.palette.get(str(v), "#ffffff")) for v in values]
+            colours = np.array([to_rgba(self.palette.get(str(v), "#ffffff")) for v in values])
         else:
             numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
-            low, high = np.nanmin(numeric), np.nanmax(numeric)
-            scaled = (numeric - low) / (high - low) if high > low else np.zeros_like(numeric)
-            ramp = colormaps[self.scheme]
-            colours = [ramp(v) if np.isfinite(v) else (1, 1, 1, 1) for v in scaled]
-        for r, c, colour in zip(self.data[self.y], self.data[self.x], colours, strict=True):
-            image[int(r), int(c)] = colour
-        fig = Figure(figsize=(max(2, cols * 0.4), max(2, rows * 0.4)), layout="constrained")
+            finite = numeric[np.isfinite(numeric)]
+            low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
+            ramp = (numeric - low) / (high - low) if high > low else 0.0
+            scaled = np.where(np.isfinite(numeric), ramp, np.nan)
+            colours = colormaps[self.scheme](np.nan_to_num(scaled))
+            colours[~np.isfinite(scaled)] = 1.0  # empty cells white
+        image[self.data[self.y].to_numpy(dtype=int), self.data[self.x].to_numpy(dtype=int)] = colours
+        # 0.4 inch per cell, smaller for big lattices: the PNG stays near MAX_GRID_INCHES * 100 px a side
+        cell = min(0.4, MAX_GRID_INCHES / max(rows, cols))
+        fig = Figure(figsize=(max(2, cols * cell), max(2, rows * cell)), layout="constrained")
         ax = fig.add_subplot()
         ax.imshow(image, interpolation="nearest")
         ax.set_xticks([])
@@ -177,5 +182,5 @@ class Plot:
         if self.text:
             for r, c, label in zip(self.data[self.y], self.data[self.x], self.data[self.text], strict=True):
                 if pd.notna(label) and str(label):
-                    ax.text(int(c), int(r), str(label), ha="center", va="center", fontsize=8)
+                    ax.text(int(c), int(r), str(label), ha="center", va="center", fontsize=20 * cell)
         return fig

@@ -48,13 +48,21 @@ def _signature(path: Path) -> tuple[int, int]:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _metrics(path: str, signature: tuple[int, int]) -> pd.DataFrame:
-    return loading.read_metrics(path)
+def _metrics(path: str, signature: tuple[int, int]) -> tuple[pd.DataFrame, int | None]:
+    return loading.read_metrics(path), loading.cut_off_line(Path(path) / "metrics.jsonl")
 
 
 def metrics(name: str) -> pd.DataFrame:
+    """The run's metrics; a last line without its newline is left out, with a warning unless the run is
+    still running (then its writer may be mid-line)."""
     path = run_path(name)
-    return _metrics(str(path), _signature(path / "metrics.jsonl"))
+    frame, cut_off = _metrics(str(path), _signature(path / "metrics.jsonl"))
+    if cut_off is not None and run_info(name).status != "running":
+        st.warning(
+            f"`{path / 'metrics.jsonl'}`: line {cut_off} has no newline (cut off by a killed process) and is "
+            "left out; resuming the run removes it."
+        )
+    return frame
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)

@@ -227,15 +227,16 @@ def run_eval(config: MathEvalConfig) -> dict:
     results["data"] = config.data or (
         f"offline held-out set (data_seed {config.data_seed}, mix {config.data_mix})"
     )
+    trained = training_run(config.model)
     run_path = Path(config.run_dir) if config.run_dir else None
     if run_path is None:
-        run = training_run(config.model)
-        run_path = run.path if run else default_run_dir("math")
+        run_path = trained.path if trained else default_run_dir("math")
     if is_run_dir(run_path):
         target = RunDir(run_path)
-    else:  # a run of its own, so the dashboard lists it
+    else:  # a run of its own, so the dashboard lists it, under the algorithm that trained the model
+        algorithm = trained.read_config()["algorithm"] if trained else "eval"
         target = RunDir.create(
-            run_path, config_to_dict(config), app="math", algorithm="eval", exist_ok_for_resume=False
+            run_path, config_to_dict(config), app="math", algorithm=algorithm, exist_ok_for_resume=False
         )
     previous = target.read_eval() if target.eval_path.is_file() else {}
     # eval_<benchmark>: what `train` wrote under eval / eval_large stays

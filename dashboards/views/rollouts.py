@@ -90,7 +90,7 @@ def show_rollout(row: dict, column) -> None:
     else:
         column.code(_text(row.get("completion")), language=None, wrap_lines=True)
     if row.get("finish_reason"):
-        column.caption(f"finish: {row['finish_reason']}")
+        column.text(f"finish: {row['finish_reason']}")
 
 
 def _num(value: object) -> str:

@@ -12,31 +12,33 @@ from dashboards.plots import Plot
 
 
 def runs_table(names: list[str]) -> pd.DataFrame:
+    """One row per run; a run whose files cannot be read keeps its row, with the reason under `error`."""
     rows = []
     for name in names:
-        info = state.run_info(name)
-        frame = state.metrics(name)
-        last = frame.iloc[-1] if len(frame) else None
-        reward = last.get("reward") if last is not None else None
-        rows.append(
-            {
-                "run": name,
-                "app": info.app,
-                "algorithm": info.algorithm,
-                "status": info.status,
-                "step": info.step,
-                "reward (last step)": None if reward is None or pd.isna(reward) else float(reward),
-                "started": info.started,
-                "updated": info.updated,
-            }
-        )
+        row = {"run": name, "app": None, "algorithm": None, "status": "unknown", "step": None}
+        row |= {"reward (last step)": None, "started": None, "updated": None, "error": None}
+        try:
+            info = state.run_info(name)
+            row |= {"app": info.app, "algorithm": info.algorithm, "status": info.status, "step": info.step}
+            row |= {"started": info.started, "updated": info.updated}
+            frame = state.metrics(name)
+            reward = frame.iloc[-1].get("reward") if len(frame) else None
+            row["reward (last step)"] = None if reward is None or pd.isna(reward) else float(reward)
+        except (OSError, ValueError) as e:
+            row["error"] = str(e)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _live(name: str) -> None:
     info = state.run_info(name)
-    frame = state.metrics(name)
     st.caption(f"{name} · {info.status} · step {info.step} · updated {info.updated}")
+    try:
+        frame = state.metrics(name)
+    except ValueError as e:
+        st.error(f"Cannot read the metrics of {name}:")
+        st.code(str(e), language=None)
+        return
     if "reward" in frame and frame["reward"].notna().any():
         data = frame[["step", "reward"]].dropna()
         st.altair_chart(Plot("line", data, x="step", y="reward").chart(), width="stretch")

@@ -2,16 +2,18 @@
 rollout index (incremental, search, a live run's half-written line) and PNG export."""
 
 import doctest
+import io
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from dashboards import loading, plots
 from dashboards.views import debias, math_page, page_for_app, public_goods, sudoku, tcm
 
-from .conftest import SCRIPT, sudoku_row
+from .conftest import SCRIPT, make_run, sudoku_row
 
 
 def test_doctests():
@@ -21,11 +23,20 @@ def test_doctests():
 
 @pytest.mark.parametrize(
     "name",
-    ["..", "../x", "toy/../../x", "/etc", "/etc/passwd", "C:/x", "a\\..\\b", "", "toy/a\x00"],
+    ["..", "../x", "toy/../../x", "/etc", "/etc/passwd", "a\\..\\b", "", "toy/a\x00"],
 )
 def test_unsafe_names_are_refused(runs_root, name):
     with pytest.raises(loading.UnsafePath, match="refused run path"):
         loading.resolve_run(runs_root, name)
+
+
+def test_a_colon_is_a_drive_only_on_windows(runs_root, monkeypatch):
+    make_run(runs_root, "lr:1e-3/a", "toy")
+    assert "lr:1e-3/a" in loading.find_runs(runs_root)
+    assert loading.resolve_run(runs_root, "lr:1e-3/a") == (runs_root / "lr:1e-3/a").resolve()
+    monkeypatch.setattr(loading.os, "name", "nt")  # the check comes before any Path is made
+    with pytest.raises(loading.UnsafePath, match="absolute paths are not allowed"):
+        loading.resolve_run(runs_root, "C:/x")
 
 
 def test_symlink_out_of_the_folder_is_refused_and_not_listed(runs_root, tmp_path):
@@ -153,6 +164,24 @@ def test_rollout_index_reads_incrementally_and_lazily(runs_root):
     assert len(index.refresh()) == 3
 
 
+@pytest.mark.parametrize("extra", [0, 3])
+def test_rollout_index_starts_over_when_the_file_is_rewritten_in_place(tmp_path, extra):
+    """Two resumes can give the file its old inode back, at the same or a larger size: the index must not keep
+    the old lines (rewritten here in place, which keeps the inode for sure)."""
+    path = tmp_path / "rollouts.jsonl"
+
+    def write(tag: str, n: int) -> None:
+        rows = [{"step": 1 + k // 4, "prompt": f"{tag}{k % 2}", "reward": float(k)} for k in range(n)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    write("A", 8)
+    index = loading.RolloutIndex(path).refresh()
+    write("B", 8 + extra)
+    frame = index.refresh().frame()
+    assert frame["prompt"].tolist() == [f"B{k % 2}" for k in range(8 + extra)]
+    assert index.rows([7])[0]["prompt"] == "B1"
+
+
 def test_rollout_index_search(runs_root):
     index = loading.RolloutIndex(runs_root / "toy/a/rollouts.jsonl").refresh()
     assert index.search("S2 G1").tolist() == [12, 13, 14, 15]  # case-insensitive
@@ -232,6 +261,33 @@ def test_plots_render_png():
         png = plot.png()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
         assert plot.chart().to_dict()["$schema"].startswith("https://vega.github.io/schema/vega-lite")
+
+
+def test_cut_off_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert loading.cut_off_line(path) is None
+    path.write_text('{"step": 1}\n')
+    assert loading.cut_off_line(path) is None
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert loading.cut_off_line(path) == 3
+
+
+@pytest.mark.parametrize("values", [[5.0, np.nan, 5.0], [np.nan, np.nan, np.nan]])
+def test_grid_png_leaves_empty_cells_white_with_one_value(values):
+    cells = pd.DataFrame({"row": [0, 0, 0], "col": [0, 1, 2], "order": values})
+    image = plots.Plot("grid", cells, x="col", y="row", color="order")._grid_figure().axes[0].images[0]
+    colours = image.get_array()[0].tolist()
+    assert colours[1] == [1.0, 1.0, 1.0, 1.0]
+    if not np.isnan(values[0]):
+        assert colours[0] == colours[2] == list(plots.colormaps["viridis"](0.0))
+
+
+def test_grid_png_of_a_large_lattice_has_a_bounded_size():
+    n = 60  # 0.4 inch per cell would be 2400 px
+    grid = pd.DataFrame([(r, c, (r + c) % 2) for r in range(n) for c in range(n)], columns=["y", "x", "v"])
+    png = plots.Plot("grid", grid, x="x", y="y", color="v").png()
+    width, height = Image.open(io.BytesIO(png)).size
+    assert 600 < min(width, height) <= max(width, height) <= plots.MAX_GRID_INCHES * 100 + 50
 
 
 def test_sudoku_board_cells_by_hand():

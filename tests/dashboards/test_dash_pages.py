@@ -77,6 +77,40 @@ def test_runs_page_lists_runs_and_diffs_configs(runs_root):
     assert at.dataframe[0].value["run"].tolist() == ["toy/c"]
 
 
+def test_a_run_with_a_malformed_metrics_line_keeps_its_row_with_the_error(runs_root):
+    run = make_run(runs_root, "lr:1e-3/bad", "toy")  # ':' is a plain character in a run name
+    run.log_metrics(1, {"reward": 0.5})
+    with run.metrics_path.open("a") as f:
+        f.write("{oops\n")
+    run.log_metrics(2, {"reward": 0.6})
+    run.set_status("running", step=2)
+    at = open_page("runs", run="lr:1e-3/bad")
+    table = at.dataframe[0].value.set_index("run")
+    assert len(table) == 11 and table.loc["toy/a", "reward (last step)"] == pytest.approx(0.3)
+    assert table.loc["lr:1e-3/bad", ["app", "status"]].tolist() == ["toy", "running"]
+    assert table.loc["lr:1e-3/bad", "error"].endswith(
+        "metrics.jsonl:2: malformed JSON line: "
+        + ("Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")
+    )
+    assert table["error"].drop("lr:1e-3/bad").isna().all()
+    assert texts(at.error) == ["Cannot read the metrics of lr:1e-3/bad:"]  # the live view
+    assert table.loc["lr:1e-3/bad", "error"] in texts(at.code)
+
+
+@pytest.mark.parametrize("status", ["finished", "failed", "running"])
+def test_a_cut_off_last_metrics_line_is_reported_unless_the_run_is_running(runs_root, status):
+    run = make_run(runs_root, "toy/killed", "toy")
+    run.log_metrics(1, {"reward": 0.5})
+    with run.metrics_path.open("a") as f:
+        f.write('{"step": 2, "rew')
+    run.set_status(status, step=1, error="killed" if status == "failed" else None)
+    at = open_page("curves", run="toy/killed")
+    warning = f"`{run.metrics_path.resolve()}`: line 2 has no newline (cut off by a killed process) and is "
+    warning += "left out; resuming the run removes it."
+    assert texts(at.warning) == ([] if status == "running" else [warning])
+    assert at.dataframe[0].value["raw"].tolist() == [0.5]
+
+
 def test_runs_page_single_run_shows_config_and_eval(runs_root):
     at = open_page("runs", run="toy/a")
     config = at.dataframe[1].value
@@ -167,6 +201,16 @@ def test_rollouts_page_pagination(runs_root):
     at.slider(key="ro_steps").set_value((1, 1)).run()
     assert at.dataframe[0].value["line"].tolist() == list(range(8))
     assert "Download all matching rollouts (CSV)" in download_labels(at)
+
+
+def test_the_finish_reason_is_shown_as_text(runs_root):
+    rows = toy_rollouts(1)
+    for row in rows:
+        row["finish_reason"] = SCRIPT
+    make_run(runs_root, "toy/f", "toy").log_rollouts(rows)
+    at = open_page("rollouts", run="toy/f")
+    assert texts(at.text).count(f"finish: {SCRIPT}") == 4
+    assert not any(SCRIPT in c for c in texts(at.caption))
 
 
 def test_rollouts_page_marks_observations_of_multi_turn_runs(runs_root):

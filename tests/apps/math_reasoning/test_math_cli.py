@@ -118,14 +118,18 @@ def test_pass_at_k_per_benchmark_fills_the_math_page(small_dir, tmp_path, monkey
     # unset, the eval's settings are the run's (FAST's 8 new tokens), not the eval command's own defaults
     assert json.loads((run / "config.json").read_text())["config"]["max_new_tokens"] == 8
     assert saved["eval_mini"]["max_new_tokens"] == 8
+    # evaluated into a run of its own, the model counts under the algorithm it was trained with
+    assert main([*args, "--run-dir", str(runs / "math" / "e1")]) == 0
+    assert json.loads((runs / "math" / "e1" / "config.json").read_text())["algorithm"] == "grpo"
 
     monkeypatch.setenv("GRPO_SUITE_RUNS", str(runs))
     at = AppTest.from_function(page_app, default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[0].value
+    assert table.index.get_level_values("algorithm").unique().tolist() == ["grpo"]
     assert table.loc[("grpo", "offline"), "pass@2"] == pytest.approx(offline["2"])
-    assert table.loc[("grpo", "mini"), "pass@4"] == pytest.approx(mini["4"])
-    assert table.loc[("grpo", "mini"), "runs"] == 1
+    assert table.loc[("grpo", "mini"), "pass@4"] == pytest.approx(mini["4"])  # the same model twice
+    assert table.loc[("grpo", "mini"), "runs"] == 2
 
 
 def _train_config(tmp_path):

@@ -44,6 +44,7 @@ class MultiHeadRewardModel(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, 1) for name in self.head_names})
         self.dropout = dropout
         self.max_length: int | None = None  # the token cap of training, when known (`save`, `load`)
+        self.training_data: dict | None = None  # what it was trained on (`pairs.data_record`), when known
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
@@ -54,13 +55,25 @@ class MultiHeadRewardModel(nn.Module):
         pooled = self.pooler(states[:, 0])  # (B, H), the [CLS] position
         return torch.cat([self.heads[name](pooled) for name in self.head_names], dim=-1)  # (B, K)
 
-    def save(self, path: str | Path, tokenizer=None, max_length: int | None = None) -> Path:
+    def save(
+        self,
+        path: str | Path,
+        tokenizer=None,
+        max_length: int | None = None,
+        training_data: dict | None = None,
+    ) -> Path:
         """The model (and tokenizer) as a directory; `max_length`, the token cap it was trained with, is
-        kept in reward_heads.json so that scoring cuts inputs as training did."""
+        kept in reward_heads.json so that scoring cuts inputs as training did, and so is `training_data`
+        (`pairs.data_record`), which `debias train/eval` check their splits against."""
         path = Path(path)
         with atomic_directory(path) as tmp:  # a killed save leaves no directory that looks complete
             self.encoder.config.save_pretrained(tmp)
-            meta = {"heads": self.head_names, "dropout": self.dropout, "max_length": max_length}
+            meta = {
+                "heads": self.head_names,
+                "dropout": self.dropout,
+                "max_length": max_length,
+                "training_data": training_data,
+            }
             (tmp / HEADS_FILE).write_text(json.dumps(meta, indent=1))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE))
@@ -81,6 +94,7 @@ class MultiHeadRewardModel(nn.Module):
         model = cls(DebertaV2Model(DebertaV2Config.from_pretrained(path)), meta["heads"], meta["dropout"])
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         model.max_length = meta.get("max_length")  # None in directories saved before it was kept
+        model.training_data = meta.get("training_data")  # likewise
         return model.to(device).eval()
 
 

@@ -10,6 +10,8 @@ A row (JSONL, one per line; apps/debias/data.py writes them):
 A data directory holds train.jsonl, validation.jsonl, test.jsonl and optionally heldout.jsonl.
 """
 
+import hashlib
+import json
 from pathlib import Path
 
 from core.data import read_jsonl
@@ -61,3 +63,20 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def read_split(data_dir: str | Path, split: str) -> list[dict]:
     return read_rows(Path(data_dir) / f"{split}.jsonl")
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """sha256 of the rows as canonical JSON: the same rows give the same digest, from a file or generated."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def data_record(data_dir: str | Path, splits: dict[str, list[dict]]) -> dict:
+    """What a reward model is trained on, saved with it: the data directory and per split its categories
+    (the held-out one is in `heldout` only) and `rows_digest`."""
+    return {
+        "data_dir": str(Path(data_dir).resolve()),
+        "splits": {
+            name: {"categories": sorted({r["category"] for r in rows}), "sha256": rows_digest(rows)}
+            for name, rows in splits.items()
+        },
+    }

@@ -47,9 +47,12 @@ class RewardModelScorer:
     def __init__(
         self, path: str | Path, device: str = "cpu", batch_size: int = 64, max_length: int | None = None
     ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = MultiHeadRewardModel.load(path, device=device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.heads = list(self.model.head_names)
+        self.training_data = self.model.training_data  # `pairs.data_record`, or None in older directories
         self.device = device
         self.batch_size = batch_size
         # as trained (saved with the model), else all the encoder takes
@@ -97,6 +100,8 @@ class RMScoreConfig:
     def __post_init__(self):
         if not self.input or not self.output:
             raise ValueError("--input and --output are required")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def read_pairs(path: str | Path) -> list[dict]:

@@ -33,7 +33,7 @@ from reward_models.deberta import (
     from_pretrained_encoder,
     tiny_deberta_config,
 )
-from reward_models.pairs import RESPONSE_KINDS, labels, read_split
+from reward_models.pairs import RESPONSE_KINDS, data_record, labels, read_split
 from reward_models.score import RewardModelScorer, encode
 from reward_models.tokenizer import train_tokenizer
 
@@ -92,6 +92,10 @@ class RMEvalConfig:
     device: str = _help("cpu or cuda", "cpu")
     batch_size: int = _help("sequences per forward", 64)
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
 
 def flatten(rows: list[dict]) -> tuple[list[str], list[str], torch.Tensor]:
     """Prompts, responses and (4R, K) targets: the four responses of each row, in RESPONSE_KINDS order."""
@@ -123,10 +127,12 @@ def train_reward_model(config: RMTrainConfig) -> dict:
     out = run_dir / "model"
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick a new --run-dir")
-    train_rows = read_split(config.data, "train")
-    if config.max_train_rows:
-        train_rows = train_rows[: config.max_train_rows]
-    validation = read_split(config.data, "validation")
+    splits = {
+        name: read_split(config.data, name)
+        for name in ("train", "validation", "test", "heldout")
+        if name in ("train", "validation") or (Path(config.data) / f"{name}.jsonl").is_file()
+    }
+    train_rows = splits["train"][: config.max_train_rows or None]
     if config.model:
         from transformers import AutoTokenizer
 
@@ -182,17 +188,13 @@ def train_reward_model(config: RMTrainConfig) -> dict:
                     flush=True,
                 )
     model.eval()
-    model.save(out, tokenizer, max_length=config.max_length)
+    model.save(out, tokenizer, max_length=config.max_length, training_data=data_record(config.data, splits))
     scorer = RewardModelScorer(out, device=config.device)
-    splits = {"validation": validation}
-    for name in ("test", "heldout"):
-        if (Path(config.data) / f"{name}.jsonl").is_file():
-            splits[name] = read_split(config.data, name)
     results = {
         "config": config_to_dict(config),
         "train_seconds": time.perf_counter() - start,
         "final_train_loss": history[-1]["loss"],
-        **{name: evaluate_rows(scorer, rows) for name, rows in splits.items()},
+        **{name: evaluate_rows(scorer, rows) for name, rows in splits.items() if name != "train"},
     }
     write_json_atomic(run_dir / "eval.json", results)
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())

@@ -4,10 +4,12 @@ For each split (test, and the held-out category) the policy samples `samples_per
 prompt; we report, overall and per category:
 - fairness (mean of the reward model's fairness probability) and bias intensity = 1 - fairness,
   biased rate (share of answers with fairness < 0.5), relevance and quality (the other two heads);
-- perplexity of the answers under a frozen reference LM (default: the starting policy), independent of
-  the reward model, to catch reward hacking (an answer the reward model likes but nobody would write);
+- perplexity of the answers (their sampled token ids) under a frozen reference LM (default: the starting
+  policy), independent of the reward model, to catch reward hacking (an answer the reward model likes but
+  nobody would write);
 - distinct-1 / distinct-2 (unique word n-grams over all n-grams of the split's answers) for diversity.
 With `--baseline-model` the same is computed for it ("before") and the policy ("after"), with deltas.
+The splits must be those the reward model was trained on (`apps.debias.data.check_reward_model_data`).
 For the dashboard's De-bias page (docs/dashboards.md) eval.json also holds `bias` {category: {"before",
 "after"}}, the bias intensity (1 - mean fairness probability; lower is fairer) over every split, and
 `responses`: per category and stage the `RESPONSES_PER_SIDE` fairest and least fair answers with their bias.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from apps.debias.data import SPLITS, load_splits
+from apps.debias.data import SPLITS, check_reward_model_data, load_splits
 from apps.debias.train import policy_examples
 from core.config import config_to_dict
 from core.policy import load_policy
@@ -86,22 +88,16 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 @torch.no_grad()
-def perplexity(
-    model, tokenizer, prompts: list[str], answers: list[str], stopped: list[bool], batch_size: int = 32
-) -> float:
-    """exp(mean NLL per answer token) of the answers given their prompts; an answer that `stopped` (ended
-    with eos rather than at the length cap) has its eos counted too."""
+def perplexity(model, tokenizer, prompts: list[str], answers: list[list[int]], batch_size: int = 32) -> float:
+    """exp(mean NLL per answer token) of the answers (token ids of `tokenizer`, an eos included where the
+    answer stopped rather than ending at the length cap) given their prompts."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         rows, targets = [], []
-        for prompt, answer, ended in zip(
-            prompts[start : start + batch_size],
-            answers[start : start + batch_size],
-            stopped[start : start + batch_size],
-            strict=True,
+        for prompt, a in zip(
+            prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
         ):
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
             rows.append(p + a)
             targets.append([-100] * len(p) + a)
         width = max(map(len, rows))
@@ -120,22 +116,40 @@ def perplexity(
 
 
 def sample_answers(
-    model_dir: str, examples: list[dict], config: DebiasEvalConfig
-) -> tuple[list[str], list[bool]]:
-    """`samples_per_prompt` answers per example, and whether each stopped (eos) before the length cap."""
+    model_dir: str, examples: list[dict], config: DebiasEvalConfig, reference_tokenizer
+) -> tuple[list[str], list[list[int]]]:
+    """`samples_per_prompt` answers per example: their texts, and their token ids for the reference LM.
+    Those are the sampled ids, eos included where the answer stopped (re-tokenizing the text is not the
+    same: a lone byte token decodes to U+FFFD, three tokens), or, for a reference with another
+    vocabulary, the text re-tokenized plus eos where the answer stopped."""
     model, tokenizer = load_policy(model_dir, device=config.device)
     backend = HFGenerateBackend(model, tokenizer, device=config.device, batch_size=64)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     prompts = [e["prompt"] for e in examples for _ in range(config.samples_per_prompt)]
     rollouts = backend.generate(prompts, settings, config.seed)
-    return rollouts.completions, [reason == "stop" for reason in rollouts.finish_reason]
+    if tokenizer.get_vocab() == reference_tokenizer.get_vocab():
+        ids = [
+            row[mask.bool()].tolist()
+            for row, mask in zip(rollouts.completion_ids, rollouts.completion_mask, strict=True)
+        ]
+    else:
+        eos = reference_tokenizer.eos_token_id
+        ids = [
+            reference_tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] * (reason == "stop")
+            for text, reason in zip(rollouts.completions, rollouts.finish_reason, strict=True)
+        ]
+    return rollouts.completions, ids
 
 
 def split_metrics(
-    examples: list[dict], answers: list[str], stopped: list[bool], scorer: RewardModelScorer, reference
+    examples: list[dict],
+    answers: list[str],
+    answer_ids: list[list[int]],
+    scorer: RewardModelScorer,
+    reference,
 ) -> tuple[dict, list[float]]:
-    """Metrics of one split's answers (`examples` repeated per sample, aligned with `answers` and
-    `stopped`), and each answer's fairness probability."""
+    """Metrics of one split's answers (`examples` repeated per sample, aligned with `answers` and their
+    token ids for the `reference` LM), and each answer's fairness probability."""
     scores = scorer.score([e["question"] for e in examples], answers)
 
     def summarize(rows: list[int]) -> dict[str, float]:
@@ -151,7 +165,7 @@ def split_metrics(
 
     model, tokenizer = reference
     out = summarize(list(range(len(answers))))
-    out["perplexity"] = perplexity(model, tokenizer, [e["prompt"] for e in examples], answers, stopped)
+    out["perplexity"] = perplexity(model, tokenizer, [e["prompt"] for e in examples], answer_ids)
     out["distinct_1"] = distinct_n(answers, 1)
     out["distinct_2"] = distinct_n(answers, 2)
     out["mean_length"] = sum(map(len, answers)) / len(answers)
@@ -220,6 +234,7 @@ def pick_responses(
 def evaluate(config: DebiasEvalConfig) -> dict:
     splits = load_splits(config.data_dir)
     scorer = RewardModelScorer(config.reward_model, device=config.device)
+    check_reward_model_data(config.reward_model, scorer.training_data, splits, config.data_dir)
     reference = load_policy(
         config.reference_model or config.baseline_model or config.model, device=config.device
     )
@@ -235,8 +250,8 @@ def evaluate(config: DebiasEvalConfig) -> dict:
         repeated = [e for e in examples for _ in range(config.samples_per_prompt)]
         per_model = {}
         for label, path in models.items():
-            answers, stopped = sample_answers(path, examples, config)
-            per_model[label], fairness = split_metrics(repeated, answers, stopped, scorer, reference)
+            answers, answer_ids = sample_answers(path, examples, config, reference[1])
+            per_model[label], fairness = split_metrics(repeated, answers, answer_ids, scorer, reference)
             results["responses"] += pick_responses(repeated, answers, fairness, label, RESPONSES_PER_SIDE)
             for key in (
                 "fairness",

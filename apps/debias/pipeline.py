@@ -13,6 +13,8 @@ Layout of the run directory:
 
     grpo-suite debias pipeline                          # the default: one seed
     grpo-suite debias pipeline --seeds 0,1,2            # the 3-seed result
+    grpo-suite debias pipeline --quick --grpo-steps 5   # smoke-sized, but 5 GRPO steps
+A failed stage marks the run "failed" in status.json (with the error) and re-raises.
 """
 
 import statistics
@@ -34,6 +36,11 @@ def _help(text: str, default):
     return field(default=default, metadata={"help": text})
 
 
+# the sizes --quick gives the fields left unset (None); an explicit flag keeps its value
+QUICK = {"rm_epochs": 0.1, "sft_epochs": 0.05, "grpo_steps": 2, "eval_prompts": 8}
+FULL = {"rm_epochs": 2.0, "sft_epochs": 2.0, "grpo_steps": 40, "eval_prompts": 64}
+
+
 @dataclass
 class PipelineConfig:
     """`grpo-suite debias pipeline`: every stage with the defaults of its own command, sizes below."""
@@ -43,17 +50,27 @@ class PipelineConfig:
         "GRPO seeds (one GRPO run + eval each; data, reward model and SFT shared)", (0,)
     )
     device: str = _help("cpu or cuda", "cpu")
-    rm_epochs: float = _help("reward model epochs", 2.0)
-    sft_epochs: float = _help("SFT epochs of the tiny policy", 2.0)
-    grpo_steps: int = _help("GRPO steps per seed", 40)
+    rm_epochs: float | None = _help("reward model epochs; unset: 2, with --quick 0.1", None)
+    sft_epochs: float | None = _help("SFT epochs of the tiny policy; unset: 2, with --quick 0.05", None)
+    grpo_steps: int | None = _help("GRPO steps per seed; unset: 40, with --quick 2", None)
     beta: float | None = _help("GRPO KL coefficient; default: that of `debias train`", None)
     multi_reward: str = _help("sum_then_normalize or normalize_then_sum", "sum_then_normalize")
-    eval_prompts: int = _help("prompts per split in the evaluation", 64)
-    quick: bool = _help("a smoke-sized run (seconds): tiny everything", False)
+    eval_prompts: int | None = _help("prompts per split in the evaluation; unset: 64, with --quick 8", None)
+    quick: bool = _help(
+        "a smoke-sized run (seconds): tiny data, models and sizes; explicit size flags are kept", False
+    )
 
     def __post_init__(self):
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(
+                f"seeds: {', '.join(map(str, repeated))} given more than once (one GRPO run per seed)"
+            )
+        for name, value in (QUICK if self.quick else FULL).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def pipeline(config: PipelineConfig) -> dict:
@@ -66,6 +83,20 @@ def pipeline(config: PipelineConfig) -> dict:
         run, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=False
     )
     root.set_status("running", step=0)
+    try:
+        results = run_stages(config, run, start)
+        root.write_eval(results)
+    except BaseException as err:  # the dashboard must not show a dead pipeline as running
+        root.set_status("failed", step=0, error=f"{type(err).__name__}: {err}")
+        raise
+    root.set_status("finished", step=0)
+    print(pipeline_table(results))
+    print(f"pipeline results written to {run / 'eval.json'}")
+    return results
+
+
+def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
+    """Data, reward model, SFT, then GRPO and eval per seed, in `run`; returns the pipeline's results."""
     q = config.quick
     data_config = DataConfig(out_dir=str(run / "data"), num_prompts=240 if q else 3000)
     splits = generate_splits(data_config)
@@ -77,7 +108,7 @@ def pipeline(config: PipelineConfig) -> dict:
             data=data_config.out_dir,
             run_dir=str(run / "reward_model"),
             device=config.device,
-            epochs=0.1 if q else config.rm_epochs,
+            epochs=config.rm_epochs,
             hidden_size=32 if q else 64,
         )
     )
@@ -87,8 +118,8 @@ def pipeline(config: PipelineConfig) -> dict:
         data_dir=data_config.out_dir,
         reward_model=str(run / "reward_model" / "model"),
         device=config.device,
-        max_steps=2 if q else config.grpo_steps,
-        sft_epochs=0.05 if q else config.sft_epochs,
+        max_steps=config.grpo_steps,
+        sft_epochs=config.sft_epochs,
         multi_reward=config.multi_reward,
         **({} if config.beta is None else {"beta": config.beta}),
         **({"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32} if q else {}),
@@ -106,7 +137,7 @@ def pipeline(config: PipelineConfig) -> dict:
                 baseline_model=str(sft_dir),
                 reward_model=base.reward_model,
                 data_dir=data_config.out_dir,
-                max_prompts=8 if q else config.eval_prompts,
+                max_prompts=config.eval_prompts,
                 max_new_tokens=base.max_new_tokens,
                 seed=seed,
                 device=config.device,
@@ -124,7 +155,7 @@ def pipeline(config: PipelineConfig) -> dict:
         }
         for key in keys
     }
-    results = {
+    return {
         "reward_model": {
             s: {k: v for k, v in rm[s].items() if k.startswith("pair_acc")} for s in ("test", "heldout")
         },
@@ -136,11 +167,6 @@ def pipeline(config: PipelineConfig) -> dict:
         },
         "timings_s": {**timings, "total": time.perf_counter() - start},
     }
-    root.write_eval(results)
-    root.set_status("finished", step=0)
-    print(pipeline_table(results))
-    print(f"pipeline results written to {run / 'eval.json'}")
-    return results
 
 
 def pipeline_table(results: dict) -> str:

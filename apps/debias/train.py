@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.debias.data import load_splits
+from apps.debias.data import check_reward_model_data, load_splits
 from apps.debias.rewards import debias_rubric
 from core.launch import policy_for, summary_table, with_run_dir
 from core.tiny import create_tiny_model_dir, sft
@@ -100,6 +100,8 @@ class DebiasTrainConfig(GRPOConfig):
             raise ValueError(f"biased_share must be in [0, 1], got {self.biased_share}")
         if not self.sft_epochs > 0:
             raise ValueError(f"sft_epochs must be > 0, got {self.sft_epochs}")
+        if self.rm_batch_size < 1:
+            raise ValueError(f"rm_batch_size must be >= 1, got {self.rm_batch_size}")
         if not self.reward_model:  # checked before anything is built
             raise ValueError("--reward-model is required (train one with `grpo-suite reward-model train`)")
         if not Path(self.reward_model).is_dir():
@@ -174,8 +176,9 @@ def build_sft_policy(path: str | Path, rows: list[dict], config: DebiasTrainConf
 def train(config: DebiasTrainConfig) -> list[dict]:
     config = with_run_dir(config, APP)
     splits = load_splits(config.data_dir)  # the same rows whatever the run seed
-    model, tokenizer = policy_for(config, lambda path: build_sft_policy(path, splits["train"], config))
     scorer = RewardModelScorer(config.reward_model, device=config.device, batch_size=config.rm_batch_size)
+    check_reward_model_data(config.reward_model, scorer.training_data, splits, config.data_dir)
+    model, tokenizer = policy_for(config, lambda path: build_sft_policy(path, splits["train"], config))
     rubric = debias_rubric(scorer, config.weights(), on_error=config.on_reward_error)
     trainer = GRPOTrainer(config, model, tokenizer, policy_examples(splits["train"]), rubric, app=APP)
     history = trainer.train()

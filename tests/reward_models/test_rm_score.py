@@ -8,7 +8,9 @@ import pytest
 from apps.debias.data import DataConfig, generate_splits, write_splits
 from core import cli
 from reward_models.cli import register
-from reward_models.score import RewardModelScorer
+from reward_models.pairs import read_split, rows_digest
+from reward_models.score import RewardModelScorer, RMScoreConfig
+from reward_models.train import RMEvalConfig
 
 
 class _EntryPoint:
@@ -130,3 +132,24 @@ def test_the_scorer_cuts_inputs_at_the_training_length(trained, tmp_path):
     scorer.model.save(tmp_path / "rm", scorer.tokenizer, max_length=24)
     assert RewardModelScorer(tmp_path / "rm").max_length == 24
     assert RewardModelScorer(tmp_path / "rm", max_length=40).max_length == 40  # an explicit cap wins
+
+
+def test_a_batch_size_below_one_is_refused(trained, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        RewardModelScorer(trained / "run" / "model", batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        RMScoreConfig(input="in.jsonl", output="out.jsonl", batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
+        RMEvalConfig(batch_size=-1)
+
+
+def test_the_model_records_its_training_data(trained):
+    """Directory, held-out category and a digest per split, which `debias train/eval` check."""
+    record = RewardModelScorer(trained / "run" / "model").training_data
+    assert record["data_dir"] == str((trained / "data").resolve())
+    assert list(record["splits"]) == ["train", "validation", "test", "heldout"]
+    assert record["splits"]["heldout"]["categories"] == ["hukou"]
+    assert "hukou" not in record["splits"]["train"]["categories"]
+    for name, saved in record["splits"].items():
+        assert saved["sha256"] == rows_digest(read_split(trained / "data", name))
+    assert rows_digest(read_split(trained / "data", "test")) != record["splits"]["train"]["sha256"]

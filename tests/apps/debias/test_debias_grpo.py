@@ -1,18 +1,24 @@
 """apps/debias rewards, train and eval: the rubric shares one reward-model forward per batch; a few-step GRPO
 run logs every head; eval writes before/after bias metrics; perplexity against a plain loop."""
 
+import dataclasses
 import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from apps.debias.data import DataConfig, generate_splits, write_splits
-from apps.debias.evaluate import DebiasEvalConfig, distinct_n, evaluate, perplexity
+from apps.debias import evaluate as evaluate_module
+from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
+from apps.debias.evaluate import DebiasEvalConfig, distinct_n, evaluate, perplexity, sample_answers
 from apps.debias.rewards import HeadReward, debias_rubric
 from apps.debias.train import PRESETS, DebiasTrainConfig, policy_examples, train
 from core.policy import load_policy
+from core.rollout import HFGenerateBackend
 from core.tiny import create_tiny_model_dir
 from reward_models.score import RewardModelScorer
 from reward_models.train import RMTrainConfig, train_reward_model
@@ -156,21 +162,111 @@ def test_smoke_train_and_eval_fill_the_debias_page(setup, tmp_path, monkeypatch)
 
 
 def test_perplexity_matches_a_plain_loop(setup):
-    """The eos of an answer that stopped counts; an answer cut at the length cap has none."""
+    """The answers are token ids: an eos is scored only where an answer has one (it stopped)."""
     model, tokenizer = load_policy(setup / "policy")
-    prompts, answers = ["Question: a?\nAnswer: ", "Question: longer one?\nAnswer: "], ["yes", "no, it is not"]
-    stopped = [True, False]
+    prompts = ["Question: a?\nAnswer: ", "Question: longer one?\nAnswer: "]
+    eos = tokenizer.eos_token_id
+    answers = [tokenizer("yes")["input_ids"] + [eos], tokenizer("no, it is not")["input_ids"]]
     nll, count = 0.0, 0
-    for prompt, answer, ended in zip(prompts, answers, stopped, strict=True):
+    for prompt, a in zip(prompts, answers, strict=True):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
         logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)  # (L, V)
         nll -= sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(a))
         count += len(a)
-    got = perplexity(model, tokenizer, prompts, answers, stopped)
+    got = perplexity(model, tokenizer, prompts, answers)
     assert got == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert got != pytest.approx(perplexity(model, tokenizer, prompts, answers, [True, True]), rel=1e-4)
+    assert got != pytest.approx(perplexity(model, tokenizer, prompts, [answers[0], answers[1] + [eos]]))
     assert distinct_n(["a a", "a b"], 1) == 0.5
+
+
+def test_perplexity_scores_the_sampled_ids_not_the_retokenized_text(setup, monkeypatch, tmp_path):
+    """A lone byte token decodes to U+FFFD, which re-tokenizes as three byte tokens: eval scored those."""
+    model, tokenizer = load_policy(setup / "policy")
+    lone = tokenizer.convert_tokens_to_ids(bytes_to_unicode()[0xE4])  # a UTF-8 lead byte on its own
+    sampled = [lone, tokenizer.eos_token_id]
+    text = tokenizer.decode(sampled, skip_special_tokens=True)
+    assert text == "\ufffd" and len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 3
+
+    class LoneByteBackend(HFGenerateBackend):
+        def generate(self, prompts, settings, seed):
+            real, n = super().generate(prompts, settings, seed), len(prompts)
+            ids = torch.tensor([sampled] * n)
+            return dataclasses.replace(
+                real,
+                completion_ids=ids,
+                completion_mask=torch.ones_like(ids),
+                loss_mask=torch.ones(ids.shape),
+                sampling_logp=None,
+                finish_reason=["stop"] * n,
+                completions=[text] * n,
+            )
+
+    monkeypatch.setattr(evaluate_module, "HFGenerateBackend", LoneByteBackend)
+    config = DebiasEvalConfig(
+        model=str(setup / "policy"),
+        reward_model=str(setup / "rm" / "model"),
+        data_dir=str(setup / "data"),
+        splits=("test",),
+        max_prompts=2,
+        samples_per_prompt=1,
+        max_new_tokens=4,
+        run_dir=str(setup / "eval-lone-byte"),
+    )
+    got = evaluate(config)["splits"]["test"]["after"]["perplexity"]
+    prompts = [e["prompt"] for e in policy_examples(load_splits(setup / "data")["test"][:2])]
+    assert got == pytest.approx(perplexity(model, tokenizer, prompts, [sampled] * 2), rel=1e-5)
+    retokenized = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert got != pytest.approx(perplexity(model, tokenizer, prompts, [retokenized] * 2), rel=1e-3)
+    # a reference LM with another vocabulary cannot score the sampled ids: it gets the text re-tokenized
+    create_tiny_model_dir(tmp_path / "other", ["un café"], hidden_size=16, num_layers=1, num_heads=2)
+    other = load_policy(tmp_path / "other")[1]
+    examples = policy_examples(load_splits(setup / "data")["test"][:2])
+    texts, ids = sample_answers(str(setup / "policy"), examples, config, other)
+    assert texts == [text] * 2
+    assert ids == [other(text, add_special_tokens=False)["input_ids"] + [other.eos_token_id]] * 2
+
+
+def test_train_and_eval_refuse_data_the_reward_model_was_not_trained_on(setup, tmp_path, capsys):
+    """The reward model records its data: other splits (here held-out age, so the reward model trained on
+    age prompts) are refused, naming both; a reward model saved without the record is not checked."""
+    write_splits(generate_splits(DataConfig(num_prompts=60, heldout_category="age")), tmp_path / "age")
+    rm = setup / "rm" / "model"
+    message = re.escape(
+        f"{rm}: trained on {setup / 'data'} (held-out: hukou), but this run uses {tmp_path / 'age'} "
+        f"(held-out: age), whose train, validation, test, heldout rows differ; pass --data-dir {setup / 'data'}"
+    )
+    with pytest.raises(ValueError, match=message):
+        train(
+            DebiasTrainConfig(
+                **PRESETS["smoke"],
+                reward_model=str(rm),
+                data_dir=str(tmp_path / "age"),
+                run_dir=str(tmp_path / "t"),
+            )
+        )
+    assert not (tmp_path / "t" / "base_model").exists()  # refused before the policy was built
+    eval_config = DebiasEvalConfig(
+        model=str(setup / "policy"),
+        reward_model=str(rm),
+        data_dir=str(tmp_path / "age"),
+        splits=("heldout",),
+        max_prompts=1,
+        samples_per_prompt=1,
+        max_new_tokens=4,
+        run_dir=str(tmp_path / "e"),
+    )
+    with pytest.raises(ValueError, match=message):
+        evaluate(eval_config)
+    with pytest.raises(ValueError, match=r"but this run uses splits generated in memory \(seed 0\)"):
+        evaluate(dataclasses.replace(eval_config, data_dir=None))
+
+    old = tmp_path / "old-rm"
+    shutil.copytree(rm, old)
+    meta = json.loads((old / "reward_heads.json").read_text())
+    del meta["training_data"]
+    (old / "reward_heads.json").write_text(json.dumps(meta))
+    evaluate(dataclasses.replace(eval_config, reward_model=str(old)))
+    assert f"note: {old} has no record of its training data" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -212,3 +308,5 @@ def test_config_errors_come_before_any_work(tmp_path):
         DebiasTrainConfig(run_dir=str(tmp_path / "a"), reward_model=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="splits: unknown tset; valid: train, validation, test, heldout"):
         DebiasEvalConfig(model="m", reward_model="r", splits=("tset",))
+    with pytest.raises(ValueError, match="rm_batch_size must be >= 1, got 0"):
+        DebiasTrainConfig(run_dir=str(tmp_path / "a"), reward_model=str(tmp_path), rm_batch_size=0)

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from apps.sudoku.data import PuzzleConfig, load_puzzles
+from apps.sudoku.data import PuzzleConfig, puzzle_set, split_puzzles
 from apps.sudoku.evaluate import SudokuEvalConfig, run_eval
 from apps.sudoku.pipeline import SudokuPipelineConfig, run_pipeline
 from apps.sudoku.puzzles import write_puzzles
@@ -30,14 +30,15 @@ class SudokuGenerateConfig(PuzzleConfig):
 
 def run_generate(config: SudokuGenerateConfig) -> None:
     start = time.perf_counter()
-    train, held_out = load_puzzles(config)
+    puzzles = puzzle_set(config)
+    train, held_out = split_puzzles(config, puzzles)
     seconds = time.perf_counter() - start
-    write_puzzles(config.output, train + held_out)
-    for name, puzzles in (("train", train), ("held out", held_out)):
-        givens = dict(sorted(Counter(p.givens for p in puzzles).items()))
-        hardest = dict(Counter(p.hardest for p in puzzles))
-        print(f"{name}: {len(puzzles)} puzzles; givens {givens}; hardest strategy {hardest}")
-    print(f"wrote {len(train) + len(held_out)} puzzles to {config.output} in {seconds:.1f}s")
+    write_puzzles(config.output, puzzles)  # in generation order: the first N (--num-puzzles) mix both sides
+    for name, side in (("train", train), ("held out", held_out)):
+        givens = dict(sorted(Counter(p.givens for p in side).items()))
+        hardest = dict(Counter(p.hardest for p in side))
+        print(f"{name}: {len(side)} puzzles; givens {givens}; hardest strategy {hardest}")
+    print(f"wrote {len(puzzles)} puzzles to {config.output} in {seconds:.1f}s")
 
 
 SMOKE = {

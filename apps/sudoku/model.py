@@ -282,7 +282,7 @@ def sft(
     order_pool: list[int] = []
     history = []
     for step in range(1, steps + 1):
-        if len(order_pool) < batch_size:
+        while len(order_pool) < batch_size:  # fewer puzzles than batch_size: several epochs in one batch
             order_pool += torch.randperm(len(puzzles), generator=generator).tolist()
         picks, order_pool = order_pool[:batch_size], order_pool[batch_size:]
         start = time.perf_counter()

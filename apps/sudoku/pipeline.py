@@ -7,8 +7,9 @@ grpo-suite sudoku pipeline --preset experiment --seed 1   # the longer experimen
 
 The run directory holds sft-random/, sft-solver/, grpo-w<w>/ (each a run with its own eval.json) and the
 pipeline's own eval.json with every row of the table, rewritten after each stage. `--resume` skips the stages
-whose row is there, continues a GRPO stage from its newest checkpoint and restarts an unfinished SFT stage
-(SFT keeps no checkpoints).
+whose row is there, continues a GRPO stage from its newest checkpoint (saved every `save_every` steps) and
+restarts an unfinished SFT stage (SFT keeps no checkpoints). It refuses settings other than the run's own,
+naming them: the rows it keeps were computed with those.
 """
 
 import time
@@ -19,9 +20,12 @@ from apps.sudoku.data import load_puzzles
 from apps.sudoku.evaluate import table
 from apps.sudoku.train import SudokuTrainConfig, run_sft, run_train, sft_config_from
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir
+from core.launch import with_run_dir
+from core.runs import RunDir
 
 APP = "sudoku"
+# fields a resumed pipeline may change: where and how it runs, not what it computes
+HOW_IT_RUNS = ("resume", "run_dir", "threads", "device")
 
 
 @dataclass
@@ -53,8 +57,11 @@ def row_name(w: float) -> str:
 
 def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     start, cpu_start = time.perf_counter(), time.process_time()
-    root = Path(config.run_dir or default_run_dir(APP))
-    print(f"run directory: {root}")
+    config = with_run_dir(config, APP)  # --resume needs the run directory of an earlier pipeline
+    root = Path(config.run_dir)
+    if config.resume:
+        _check_same_settings(root, config)
+    puzzles = load_puzzles(config)  # bad puzzle settings or a bad file stop here, before a run exists
     run = RunDir.create(
         root, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=config.resume
     )
@@ -63,22 +70,22 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     rows: dict[str, dict] = done.get("rows", {})
     times: dict[str, float] = done.get("seconds", {})
     earlier_total, earlier_cpu = done.get("total_seconds", 0.0), done.get("cpu_seconds", 0.0)
+    orders = ["random", "solver"] if config.solver_baseline else ["random"]
+    names = [f"sft-{o}" for o in orders] + [row_name(w) for w in config.mixtures]
 
     def record(name: str, result: dict, began: float) -> None:
         rows[name], times[name] = result, time.perf_counter() - began
         total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         run.write_eval(
             {
-                "rows": rows,
+                "rows": {n: rows[n] for n in names if n in rows},  # the table's order, whatever ran first
                 "seconds": times,
                 "total_seconds": earlier_total + total,
                 "cpu_seconds": earlier_cpu + cpu,
             }
         )
 
-    puzzles = load_puzzles(config)
     print(f"puzzles: {len(puzzles[0])} train, {len(puzzles[1])} held out (split by solution grid)")
-    orders = ["random", "solver"] if config.solver_baseline else ["random"]
     for order in (o for o in orders if f"sft-{o}" not in rows):
         began = time.perf_counter()
         sft_config = sft_config_from(
@@ -99,12 +106,32 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
         )
         record(row_name(w), run_train(train_config, puzzles), began)
     run.set_status("finished", step=0)
-    total = run.read_eval()["total_seconds"]
+    rows = {name: rows[name] for name in names}
+    n = puzzles[0][0].n
     print(
-        f"\nheld-out {config.size}x{config.size} puzzles: {rows['sft-random']['puzzles']}, total {total:.0f}s"
+        f"\nheld-out {n}x{n} puzzles: {rows['sft-random']['puzzles']}, "
+        f"total {run.read_eval()['total_seconds']:.0f}s"
     )
     print(table(rows))
     return rows
+
+
+def _check_same_settings(root: Path, config: SudokuPipelineConfig) -> None:
+    """A resumed pipeline reuses the rows it finished: refuse settings other than the run's own."""
+    stored = RunDir(root).read_config()
+    if stored.get("algorithm") != "pipeline":
+        return  # not a pipeline's run: RunDir.create names what it is
+    old, new = stored["config"], config_to_dict(config)
+    changed = [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if k not in HOW_IT_RUNS and old.get(k) != new.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"{root}: --resume would reuse stages run with other settings ({'; '.join(changed)}); resume "
+            "with the run's own settings, or pick a new --run-dir"
+        )
 
 
 def _train_fields() -> list[str]:

@@ -297,6 +297,21 @@ def make_puzzle(
     return Puzzle(n, tuple(grid), tuple(solution), tuple(steps))
 
 
+def check_givens(n: int, low: int, high: int) -> None:
+    """Refuse a givens range (givens_min, givens_max) no n x n puzzle with an empty cell and a unique
+    solution falls in."""
+    if not 0 <= low <= high < n * n:
+        raise ValueError(
+            f"givens_min={low}, givens_max={high}: need 0 <= givens_min <= givens_max < {n * n} "
+            f"(a {n}x{n} puzzle has at least one empty cell)"
+        )
+    if high < FEWEST_UNIQUE_GIVENS[n]:
+        raise ValueError(
+            f"no {n}x{n} puzzle with at most {high} givens has a unique solution (the fewest is "
+            f"{FEWEST_UNIQUE_GIVENS[n]}); raise givens_max"
+        )
+
+
 def generate_puzzles(
     n: int,
     count: int,
@@ -309,13 +324,7 @@ def generate_puzzles(
     target drawn uniformly per puzzle), deterministic under `seed`. Raises if `max_tries` attempts
     (default 20 * count) do not give enough distinct puzzles."""
     low, high = givens
-    if not 0 <= low <= high <= n * n:
-        raise ValueError(f"givens must be a range (low, high) within 0..{n * n}, got {givens}")
-    if high < FEWEST_UNIQUE_GIVENS[n]:
-        raise ValueError(
-            f"no {n}x{n} puzzle with at most {high} givens has a unique solution (the fewest is "
-            f"{FEWEST_UNIQUE_GIVENS[n]}); raise the givens range"
-        )
+    check_givens(n, low, high)
     rng = random.Random(seed)
     seen: dict[tuple[int, ...], Puzzle] = {}
     tries = 0
@@ -387,7 +396,7 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
         raise FileNotFoundError(f"puzzle file {path} does not exist")
     puzzles, harder = [], []  # harder: line numbers of puzzles left out
     first = True  # the first row that is not blank or a comment, which may be a header
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM some editors write is dropped
         for number, row in enumerate(csv.reader(handle), start=1):
             where = f"{path}:{number}"
             cells = [c.strip() for c in row if c.strip()]
@@ -399,6 +408,8 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
             if len(cells) > 2:
                 raise ValueError(f"{where}: expected `puzzle` or `puzzle,solution`, got {len(cells)} fields")
             grid, n = line_to_grid(cells[0], where)
+            if all(grid):
+                raise ValueError(f"{where}: the puzzle has no empty cell")
             if not is_consistent(grid, n):
                 raise ValueError(f"{where}: the givens repeat a value within a row, column or box")
             count, found = count_solutions(grid, n)

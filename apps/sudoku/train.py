@@ -53,6 +53,11 @@ class ModelFields:
     eval_puzzles: int = _help("held-out puzzles evaluated at the end (0 = none)", 256)
     threads: int = _help("torch CPU threads; 0 = torch's default", 0)
 
+    def __post_init__(self):
+        for name in ("sft_steps", "sft_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass
 class SudokuSFTConfig(ModelFields, PuzzleConfig):
@@ -63,6 +68,10 @@ class SudokuSFTConfig(ModelFields, PuzzleConfig):
     run_dir: str | None = _help("run directory; default runs/sudoku/<timestamp>", None)
     seed: int = _help("seed of initialisation, batch order and random orders", 0)
     device: str = _help("cpu or cuda", "cpu")
+
+    def __post_init__(self):
+        ModelFields.__post_init__(self)
+        PuzzleConfig.__post_init__(self)
 
 
 @dataclass
@@ -80,12 +89,21 @@ class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
     max_new_tokens: int = _help("completion cap; decoding emits exactly 3E + 1 tokens (E empty cells)", 244)
     learning_rate: float = _help("AdamW learning rate", 2e-4)
     micro_batch_size: int = _help("completions per forward/backward", 128)
+    save_every: int = _help("checkpoint every N steps (and always at the end); 0 = only at the end", 10)
 
     def __post_init__(self):
         GRPOConfig.__post_init__(self)
+        ModelFields.__post_init__(self)
         PuzzleConfig.__post_init__(self)
         if not 0 <= self.cell_weight <= 1:
             raise ValueError(f"cell_weight must be in [0, 1], got {self.cell_weight}")
+        unsupported = {"generation_groups": 1, "compile_decode": False, "autocast": "off"}
+        changed = [f"{k}={getattr(self, k)}" for k, v in unsupported.items() if getattr(self, k) != v]
+        if changed:
+            raise ValueError(
+                f"{', '.join(changed)}: Sudoku's constrained decoder has no grouped generation, compiled "
+                "decode or autocast; leave them at their defaults"
+            )
 
 
 def _set_threads(threads: int) -> None:
@@ -96,18 +114,18 @@ def _set_threads(threads: int) -> None:
 def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> dict:
     """SFT into <run_dir>/final; returns the held-out evaluation (empty with eval_puzzles = 0).
 
-    `resume` (the pipeline's): reopen an unfinished SFT run and start it over, as SFT keeps no checkpoints.
+    `resume`: reopen an unfinished SFT run and start it over, as SFT keeps no checkpoints.
     """
     _set_threads(config.threads)
     run_path = Path(config.run_dir or default_run_dir(APP))
     print(f"run directory: {run_path}")
+    train, held_out = puzzles or load_puzzles(config)  # a bad puzzle file stops here, before a run exists
     run = RunDir.create(
         run_path, config_to_dict(config), app=APP, algorithm=f"sft-{config.order}", exist_ok_for_resume=resume
     )
     if resume:
         run.truncate_logs_after(0)
         shutil.rmtree(run_path / "base_model", ignore_errors=True)  # rebuilt from its seed, bit for bit
-    train, held_out = puzzles or load_puzzles(config)
     start = config.model or create_model_dir(
         run_path / "base_model",
         hidden_size=config.hidden_size,
@@ -193,7 +211,7 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
             order="random",
             eval_puzzles=0,
         )
-        run_sft(sft_config, (train, held_out))
+        run_sft(sft_config, (train, held_out), resume=True)  # starts over an SFT a crash cut short
         (Path(config.run_dir) / "sft-random" / "final").rename(path)
 
     model, tokenizer = policy_for(config, build_default)

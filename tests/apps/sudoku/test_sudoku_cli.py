@@ -5,13 +5,21 @@ import json
 import pytest
 import torch
 
+from apps.sudoku.cli import SMOKE
+from apps.sudoku.model import create_model_dir
+from apps.sudoku.pipeline import SudokuPipelineConfig
+from apps.sudoku.puzzles import generate_puzzles, read_puzzles
 from core.cli import main
+from core.config import config_to_dict
+from core.runs import RunDir
 
 
 def test_every_subcommand_runs(tmp_path, capsys):
     out = tmp_path / "p.csv"
     assert main(["sudoku", "generate", "--preset", "smoke", "--output", str(out)]) == 0
     assert out.read_text().startswith("puzzle,solution\n")
+    # in generation order, so that the first N (--num-puzzles with --data) hold both sides of the split
+    assert read_puzzles(out) == generate_puzzles(4, 64, seed=0, givens=(4, 6))
 
     # the pipeline runs sft (random, solver) and train (w = 1, 0.75), each with its held-out evaluation
     pipe = tmp_path / "pipe"
@@ -64,7 +72,7 @@ def test_every_subcommand_runs(tmp_path, capsys):
 
 def test_bad_puzzle_file_is_a_command_line_error_naming_the_line(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
-    bad.write_text("1234341221434321\n12\n")
+    bad.write_text(".234341221434321\n12\n")
     with pytest.raises(SystemExit):  # one line, no traceback
         main(["sudoku", "generate", "--data", str(bad), "--output", str(tmp_path / "o")])
     assert f"error: {bad}:2" in capsys.readouterr().err
@@ -75,9 +83,9 @@ def test_a_resumed_pipeline_runs_only_the_stages_it_had_not_finished(tmp_path, c
     args = ["sudoku", "pipeline", "--preset", "smoke", "--run-dir", str(pipe), "--mixtures", "1,0.5"]
     assert main(args) == 0
     full = json.loads((pipe / "eval.json").read_text())
-    # cut off during the last GRPO stage: its row is not in the pipeline's eval.json yet
+    # cut off during the first GRPO stage: its row is not in the pipeline's eval.json yet
     rows = dict(full["rows"])
-    del rows["grpo mixed 0.5:0.5"]
+    del rows["grpo cell-only"]
     (pipe / "eval.json").write_text(json.dumps(full | {"rows": rows}))
     sft_model = (pipe / "sft-random" / "final" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(SystemExit):
@@ -85,10 +93,88 @@ def test_a_resumed_pipeline_runs_only_the_stages_it_had_not_finished(tmp_path, c
     assert "pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     resumed = json.loads((pipe / "eval.json").read_text())
-    # the redone stage resumed from its final checkpoint: the same result
+    # the redone stage resumed from its final checkpoint: the same result, and the rows in the table's order
     assert _timeless(resumed["rows"]) == _timeless(full["rows"])
+    assert list(resumed["rows"]) == ["sft-random", "sft-solver", "grpo cell-only", "grpo mixed 0.5:0.5"]
+    printed = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()[-4:]]
+    assert printed == ["sft-random", "sft-solver", "grpo cell-only", "grpo mixed 0.5:0.5"]
     assert (pipe / "sft-random" / "final" / "model.safetensors").stat().st_mtime_ns == sft_model
-    assert resumed["total_seconds"] > full["total_seconds"] - full["seconds"]["grpo mixed 0.5:0.5"]
+    assert resumed["total_seconds"] > full["total_seconds"] - full["seconds"]["grpo cell-only"]
+
+
+def test_a_resumed_pipeline_refuses_other_settings_naming_them(tmp_path, capsys):
+    pipe = tmp_path / "pipe"  # a smoke pipeline's run directory, as the pipeline writes it
+    config = config_to_dict(SudokuPipelineConfig(**SMOKE, run_dir=str(pipe)))
+    RunDir.create(pipe, config, app="sudoku", algorithm="pipeline", exist_ok_for_resume=False)
+    args = ["sudoku", "pipeline", "--preset", "smoke", "--run-dir", str(pipe), "--resume"]
+    with pytest.raises(SystemExit):
+        main([*args, "--sft-steps", "5", "--seed", "7", "--num-puzzles", "100"])
+    assert "other settings (num_puzzles 64 -> 100; seed 0 -> 7; sft_steps 2 -> 5)" in capsys.readouterr().err
+    assert "resumes" not in RunDir(pipe).read_config()  # refused before the run was reopened
+
+
+def test_a_resumed_pipeline_needs_an_earlier_run(tmp_path, capsys):
+    args = ["sudoku", "pipeline", "--preset", "smoke", "--resume"]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "--resume continues an earlier run: give its --run-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--run-dir", str(tmp_path / "typo")])
+    assert f"{tmp_path / 'typo'} holds no run to continue" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_bad_puzzle_settings_stop_the_pipeline_before_its_run_directory_exists(tmp_path, capsys):
+    pipe = tmp_path / "p3"
+    with pytest.raises(SystemExit):
+        main(["sudoku", "pipeline", "--givens-min", "6", "--givens-max", "4", "--run-dir", str(pipe)])
+    assert "givens_min=6, givens_max=4: need 0 <= givens_min <= givens_max < 16" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1234341221434321\n")
+    with pytest.raises(SystemExit):
+        main(["sudoku", "pipeline", "--data", str(bad), "--run-dir", str(pipe)])
+    assert f"{bad}:1: the puzzle has no empty cell" in capsys.readouterr().err
+    assert not pipe.exists()
+
+
+def test_settings_sudoku_would_ignore_or_fail_on_are_command_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["sudoku", "sft", "--preset", "smoke", "--sft-steps", "0"])
+    assert "sft_steps must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sudoku", "train", "--generation-groups", "2", "--compile-decode", "--autocast", "bfloat16"])
+    assert (
+        "generation_groups=2, compile_decode=True, autocast=bfloat16: Sudoku's constrained decoder has no "
+        "grouped generation" in capsys.readouterr().err
+    )
+
+
+def test_a_grpo_run_checkpoints_every_ten_steps(tmp_path):
+    model = create_model_dir(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=4, seed=0)
+    run = tmp_path / "run"
+    args = ["sudoku", "train", "--preset", "smoke", "--model", str(model), "--run-dir", str(run)]
+    assert main([*args, "--max-steps", "11", "--eval-puzzles", "0"]) == 0
+    assert [p.name for p in RunDir(run).list_checkpoints()] == ["step-10", "step-11"]
+
+
+def test_train_continues_after_a_crash_in_its_own_sft(tmp_path, monkeypatch):
+    import apps.sudoku.train as train_module
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    run = tmp_path / "run"
+    args = ["sudoku", "train", "--preset", "smoke", "--run-dir", str(run), "--eval-puzzles", "0"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "sft", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(args)
+    assert (run / "sft-random" / "config.json").is_file() and not (run / "config.json").exists()
+    assert main(args) == 0  # the cut-off SFT starts over; no --resume (the GRPO run had not begun)
+    steps = [
+        json.loads(line)["step"] for line in (run / "sft-random" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2] and (run / "base_model" / "config.json").is_file()
 
 
 def test_an_unfinished_sft_stage_is_started_over_on_resume(tmp_path):

@@ -154,3 +154,18 @@ def test_sft_lowers_the_loss_and_changes_weights(tmp_path, puzzles):
     history = sft(model, tokenizer, puzzles, order="solver", steps=12, batch_size=12, lr=1e-2, seed=0)
     assert history[-1]["loss"] < history[0]["loss"] - 0.1
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sft_batches_are_full_with_fewer_puzzles_than_the_batch_size(policy, puzzles, monkeypatch):
+    import apps.sudoku.model as model_module
+
+    model, tokenizer = copy.deepcopy(policy[0]), policy[1]
+    sizes = []
+
+    def counting_batch(batch, *args):
+        sizes.append(len(batch))
+        return sft_batch(batch, *args)
+
+    monkeypatch.setattr(model_module, "sft_batch", counting_batch)
+    sft(model, tokenizer, puzzles[:10], order="random", steps=3, batch_size=16, lr=1e-3, seed=0)
+    assert sizes == [16, 16, 16]

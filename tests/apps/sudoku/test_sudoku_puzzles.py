@@ -151,3 +151,53 @@ def test_puzzles_harder_than_the_strategy_cap_are_left_out_with_a_warning(tmp_pa
     left_out = r"p.csv: 1 puzzle\(s\) need a strategy harder than 'elimination'.*lines 3\)"
     with pytest.warns(UserWarning, match=left_out):
         assert read_puzzles(path, max_strategy="elimination") == [easy[0], easy[1]]
+
+
+def test_puzzle_settings_are_checked_up_front():
+    from apps.sudoku.data import PuzzleConfig
+
+    with pytest.raises(ValueError, match=r"no 4x4 puzzle with at most 3 givens"):
+        PuzzleConfig(givens_min=2, givens_max=3)
+    with pytest.raises(
+        ValueError, match=r"givens_min=6, givens_max=4: need 0 <= givens_min <= givens_max < 16"
+    ):
+        PuzzleConfig(givens_min=6, givens_max=4)
+    with pytest.raises(ValueError, match=r"givens_min=4, givens_max=16: .*at least one empty cell"):
+        PuzzleConfig(givens_max=16)  # a full grid is no puzzle
+    with pytest.raises(ValueError, match=r"givens_max=81: .*at least one empty cell"):
+        generate_puzzles(9, 5, seed=0, givens=(70, 81))
+    with pytest.raises(
+        ValueError, match=r"num_puzzles must be >= 2 \(split into train and held out\), got 0"
+    ):
+        PuzzleConfig(num_puzzles=0)
+
+
+def test_a_puzzle_file_takes_no_generation_settings_but_its_first_num_puzzles(tmp_path):
+    from apps.sudoku.data import PuzzleConfig, load_puzzles
+
+    path = tmp_path / "p.csv"
+    puzzles = generate_puzzles(4, 40, seed=0, givens=(4, 6))
+    write_puzzles(path, puzzles)
+    with pytest.raises(ValueError, match=r"givens_max=5, data_seed=3: settings of generated puzzles, but"):
+        PuzzleConfig(data=str(path), givens_max=5, data_seed=3)
+    with pytest.raises(ValueError, match=r"p.csv: holds 4x4 puzzles, not size 9"):
+        load_puzzles(PuzzleConfig(data=str(path), size=9))
+    with pytest.raises(ValueError, match=r"p.csv: holds 40 puzzles, fewer than num_puzzles=50"):
+        load_puzzles(PuzzleConfig(data=str(path), num_puzzles=50))
+    train, held_out = load_puzzles(PuzzleConfig(data=str(path), num_puzzles=30))
+    assert {p.grid for p in train + held_out} == {p.grid for p in puzzles[:30]}
+    config = PuzzleConfig(data=str(path))  # the file's own size and every puzzle in it
+    assert config.size is None and len(sum(load_puzzles(config), [])) == 40
+
+
+def test_full_grids_are_refused_and_a_byte_order_mark_is_read(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1234341221434321\n")
+    with pytest.raises(ValueError, match=r"bad.csv:1: the puzzle has no empty cell"):
+        read_puzzles(bad)
+    puzzles = generate_puzzles(4, 3, seed=0, givens=(4, 6))
+    bom = tmp_path / "bom.csv"
+    bom.write_text(
+        "\ufeffpuzzle,solution\n" + "\n".join(p.to_line() for p in puzzles) + "\n", encoding="utf-8"
+    )
+    assert read_puzzles(bom) == puzzles

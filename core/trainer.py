@@ -22,6 +22,8 @@ gradients are partitioned (core/zero.py). The update is the same.
 """
 
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -297,6 +299,29 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(x.device)
 
 
+def _raise_together(work):
+    """`work()`'s result; if it raises on any process, every process raises (the others naming the one that
+    failed and its error) before any reaches its next collective, where it would wait forever."""
+    _, world = _world()
+    try:
+        result, error = work(), None
+    except Exception as err:
+        result, error = None, err
+    if world > 1:
+        messages = [None] * world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if failed and error is None:
+            raise RuntimeError(f"process {failed[0][0]} failed: {failed[0][1]}")
+    if error is not None:
+        raise error
+    return result
+
+
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit("terminated by SIGTERM (under torchrun: another process failed)")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """`x` summed over the processes of a multi-process launch, in place (unchanged in one process)."""
     if _world()[1] > 1:
@@ -454,6 +479,11 @@ class GRPOTrainer:
             model_state, optimizer_state = self._trainable_state(), zero.full_optimizer_state(self.engine)
         else:
             model_state, optimizer_state = self._trainable_state(), self.optimizer.state_dict()
+        rng_state = capture_rng_state()
+        if self.world > 1:  # each process's own: dropout draws as many numbers as its tensors hold
+            states = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(rng_state, states, dst=0)
+            rng_state = {"processes": states}
         if self.rank != 0:
             return
         self.run.save_checkpoint(
@@ -466,10 +496,24 @@ class GRPOTrainer:
                 "sampler": self.sampler.state_dict(),
                 "rubric": self.rubric.state_dict(),
             },
-            rng_state=capture_rng_state(),
+            rng_state=rng_state,
             keep_last=self.config.keep_checkpoints,
             hooks_state=self.hooks.state_dict(),
         )
+
+    def _own_rng_state(self, saved: dict, path) -> dict:
+        """This process's generator states from a checkpoint: its own entry when every process's were saved
+        (a run of one process saved one state, which every process then takes)."""
+        if "processes" not in saved:
+            return saved
+        states = saved["processes"]
+        if len(states) != self.world:
+            warnings.warn(
+                f"{path} was saved by {len(states)} processes, resumed by {self.world}: the random streams "
+                "are not those of an uninterrupted run",
+                stacklevel=2,
+            )
+        return states[self.rank % len(states)]
 
     def _resume(self) -> None:
         path = RunDir(self.run_path).latest_checkpoint()
@@ -500,7 +544,7 @@ class GRPOTrainer:
         self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
         self.hooks.load_state_dict(checkpoint.hooks_state)
-        restore_rng_state(checkpoint.rng_state)
+        restore_rng_state(self._own_rng_state(checkpoint.rng_state, path))
         self.step = self.checkpointed_step = checkpoint.step
         self.backend.update_weights(self.model)
         if self.rank == 0:
@@ -538,7 +582,7 @@ class GRPOTrainer:
 
     def generate(self, examples: list[dict], first_index: int, round_: int = 0) -> Rollouts:
         """G completions per example, each group sampled with its own seed (see the module docstring)."""
-        self._check_prompt_lengths(examples)
+        _raise_together(lambda: self._check_prompt_lengths(examples))
         cfg, parts = self.config, []
         if (
             cfg.generation_groups > 1
@@ -579,7 +623,7 @@ class GRPOTrainer:
     def score(self, rollouts: Rollouts, examples: list[dict]) -> RewardTable:
         """The rubric's table for group-ordered rollouts of `examples`, plus the hooks' model-based terms."""
         repeated = [example for example in examples for _ in range(self.config.group_size)]
-        table = self.rubric.score(rollouts.completions, repeated)
+        table = _raise_together(lambda: self.rubric.score(rollouts.completions, repeated))
         extra = self.hooks.extra_rewards(self, rollouts, examples)
         return table.with_components(extra) if extra else table
 
@@ -633,8 +677,8 @@ class GRPOTrainer:
                 owned[(rounds, self.rank * share + g)] = group
             spread = table.total.view(-1, size)  # (share, G)
             has_signal = _all_gather_rows((spread.amax(1) > spread.amin(1)).long())  # (prompts_per_step,)
-            for g, signal in enumerate(has_signal.tolist()):
-                (kept if signal else spare).append((rounds, g))
+            for g, spread_flag in enumerate(has_signal.tolist()):
+                (kept if spread_flag else spare).append((rounds, g))
             rounds += 1
             if len(kept) >= cfg.prompts_per_step or rounds == cfg.max_sampling_rounds:
                 break
@@ -948,17 +992,21 @@ class GRPOTrainer:
         if self.rank == 0:
             self.run.set_status("running", step=self.step)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        # killed by torchrun after another process failed: still an exception, so status.json says "failed"
+        previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
         try:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 history.append(metrics)
                 bar.update(1)
-                bar.write(
-                    f"step {self.step:>4}  reward {metrics['reward']:.3f}"
-                    f"  zero-spread {metrics['zero_spread_frac']:.2f}"
-                    f"  loss {metrics['loss']:+.4f}  entropy {metrics['entropy']:.3f}  {metrics['step_time']:.2f}s"
-                    f"  {metrics['tokens_per_s']:.0f} tok/s"
-                )
+                if self.rank == 0:  # tqdm's write prints even where the bar is disabled
+                    bar.write(
+                        f"step {self.step:>4}  reward {metrics['reward']:.3f}"
+                        f"  zero-spread {metrics['zero_spread_frac']:.2f}"
+                        f"  loss {metrics['loss']:+.4f}  entropy {metrics['entropy']:.3f}  {metrics['step_time']:.2f}s"
+                        f"  {metrics['tokens_per_s']:.0f} tok/s"
+                    )
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
             if self.checkpointed_step != self.step:  # a resumed run that was already done has it
@@ -969,6 +1017,8 @@ class GRPOTrainer:
             raise
         finally:
             bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             if self.writer is not None:
                 self.writer.close()
         if self.rank == 0:

@@ -228,6 +228,28 @@ def test_sharded_resume_is_bitwise_exact(tmp_path, mode):
     assert metrics_without_timing(cut) == metrics_without_timing(whole)
 
 
+@pytest.mark.slow  # three 2-process runs: about a minute
+def test_two_process_resume_restores_each_processs_random_stream(tmp_path):
+    """With dropout the processes' torch generators drift apart (each draws as many numbers as its tensors
+    hold): a checkpoint keeps every process's state, so the resumed run ends with the same weights."""
+    subprocess.run(_cli("--max-steps", "1", "--run-dir", str(tmp_path / "base")), check=True)
+    dropout = tmp_path / "dropout_model"
+    shutil.copytree(tmp_path / "base" / "base_model", dropout)
+    config = json.loads((dropout / "config.json").read_text())
+    (dropout / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.3}))
+    flags = ["--model", str(dropout), "--max-steps", "3", "--prompts-per-step", "4", "--save-every", "1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _two_processes(*flags, "--run-dir", str(whole))
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-3")
+    shutil.rmtree(cut / "final")
+    _two_processes(*flags, "--run-dir", str(cut), "--resume")
+    assert metrics_without_timing(cut) == metrics_without_timing(whole)
+    expected, got = final_weights(whole), final_weights(cut)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
 @NO_DEEPSPEED
 def test_zero_refuses_a_checkpoint_written_without_it(tmp_path):
     run_dir = tmp_path / "run"

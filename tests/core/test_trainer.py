@@ -4,6 +4,9 @@ say (mu, beta, dynamic sampling, multi-turn masking), and bad input fails with a
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -404,6 +407,27 @@ def test_a_resume_that_cannot_load_its_checkpoint_marks_the_run_failed(model_dir
         make_trainer(model_dir, replace(config, max_steps=2, resume=True))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and status["step"] == 1 and status["error"].startswith("resume: ")
+
+
+def test_a_reward_error_on_one_process_stops_every_process_and_is_recorded(model_dir, tmp_path):
+    """Process 1's reward raises in step 2: process 0 must not wait in the next collective (or be killed
+    mid-step and leave status.json "running"); it raises too, naming process 1's error."""
+    worker = Path(__file__).with_name("failing_rank_worker.py")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [*launch, str(worker), str(model_dir), str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["step"] == 1
+    assert status["error"].startswith("RuntimeError: process 1 failed: RewardError: reward 'flaky' failed")
+    assert "reward server unreachable" in status["error"]
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(model_dir, tmp_path):

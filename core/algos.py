@@ -129,9 +129,11 @@ def normalize_then_sum(
     """GDPO (group reward-decoupled normalization): each component gets its own group advantage, the
     weighted sum of those is divided by its batch std: (N, K), (K,) -> (N,).
 
-    Same definition as TRL's `multi_objective_aggregation="normalize_then_sum"`, except that we do not
-    subtract the batch mean again: each group's normalized components already sum to zero, so the
-    re-centring only moves zero-spread groups away from exactly 0.
+    With `scale="group"` (the only scale the trainer allows here) this is TRL's
+    `multi_objective_aggregation="normalize_then_sum"`, except that we do not subtract the batch mean
+    again: each group's normalized components already sum to zero, so the re-centring only moves
+    zero-spread groups away from exactly 0. Pass the weights without bootstrapped reward scales: the
+    z-score removes a component's scale (`GRPOTrainer.advantage_weights`).
     """
     _check_components(components, weights)
     per_component = torch.stack(

@@ -181,6 +181,11 @@ class GRPOConfig:
         algos.AGGREGATIONS.get(self.loss_aggregation)
         algos.KL_ESTIMATORS.get(self.kl_estimator)
         algos.MULTI_REWARD.get(self.multi_reward)
+        if self.multi_reward == "normalize_then_sum" and self.advantage_scale != "group":
+            raise ValueError(
+                "multi_reward normalize_then_sum (GDPO) divides each component by its group std: it needs "
+                f"advantage_scale group, got {self.advantage_scale}"
+            )
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.compile_decode and self.generation_groups == 1:
@@ -627,6 +632,16 @@ class GRPOTrainer:
         extra = self.hooks.extra_rewards(self, rollouts, examples)
         return table.with_components(extra) if extra else table
 
+    def advantage_weights(self, table: RewardTable) -> torch.Tensor:
+        """The weights (K,) the advantage aggregation takes: weight_k * scale_k, except under
+        normalize_then_sum, whose per-component z-score already removes the bootstrapped scale_k (applying
+        it again turned a 50:50 mix into 91:9)."""
+        weights = table.effective_weights()  # (K,)
+        if self.config.multi_reward != "normalize_then_sum":
+            return weights
+        scales = self.rubric.scales  # the rubric's components; model-based extra ones have no scale
+        return weights / torch.tensor([scales.get(name, 1.0) for name in table.names])  # (K,)
+
     def _advantages(self, components: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         aggregate = algos.MULTI_REWARD.get(self.config.multi_reward)
         return aggregate(
@@ -650,7 +665,7 @@ class GRPOTrainer:
         if cfg.dynamic_sampling:
             rollouts, table, mine, rounds = self._dynamic_sampling(rollouts, table, mine)
         components = _all_gather_rows(table.components)  # (N, K)
-        advantages = self._advantages(components, table.effective_weights())  # (N,)
+        advantages = self._advantages(components, self.advantage_weights(table))  # (N,)
         n_local = len(mine) * cfg.group_size
         local = advantages[self.rank * n_local : (self.rank + 1) * n_local]  # (N_local,)
         return Batch(mine, rollouts, table, local, components, rounds)

@@ -192,7 +192,7 @@ def verifiable_advantages(trainer, batch) -> torch.Tensor:
     names = batch.table.names
     keep = [k for k, name in enumerate(names) if name != "kd"]
     components = batch.global_components[:, keep]  # (N, K-1)
-    weights = batch.table.effective_weights()[keep]  # (K-1,)
+    weights = trainer.advantage_weights(batch.table)[keep]  # (K-1,)
     aggregate = algos.MULTI_REWARD.get(cfg.multi_reward)
     n_local = len(batch.rollouts)
     advantages = aggregate(

@@ -18,6 +18,9 @@ class GTPOHooks(TrainerHooks):
 
     The paper applies the penalty to every completion, zero-spread groups included, where it makes every
     advantage negative; `skip_zero_advantage` (opt-in, our departure) leaves A = 0 completions at 0.
+    Positive and negative completions (for the conflict weights) are those of the group advantage
+    `r - mean_g`, before the entropy penalty: the paper is silent on the order; so a completion barely
+    above its group's mean whose penalty makes A < 0 keeps weight 2 on its conflict tokens.
     """
 
     def __init__(

@@ -114,11 +114,11 @@ class MathTrainConfig(GRPOConfig):
     eval_data: str | None = _help("benchmark file for the final evaluation; default: the held-out set", None)
 
     def __post_init__(self):
+        if self.advantage_scale == "auto":  # before the core's checks, which read the scale
+            self.advantage_scale = "none" if self.algo == "gtpo" else "group"
         super().__post_init__()
         get_template(self.template)
         mix_levels(self.data_mix)
-        if self.advantage_scale == "auto":
-            self.advantage_scale = "none" if self.algo == "gtpo" else "group"
         if self.algo == "codistill":
             if self.dynamic_sampling:
                 raise ValueError("codistill cannot use dynamic_sampling (its KD term is tied to one batch)")

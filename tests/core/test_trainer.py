@@ -430,6 +430,22 @@ def test_a_reward_error_on_one_process_stops_every_process_and_is_recorded(model
     assert "reward server unreachable" in status["error"]
 
 
+def test_gdpo_weights_leave_out_the_bootstrapped_scales(model_dir, tmp_path):
+    """normalize_then_sum z-scores each component, which removes its scale: the fitted 1 / mean|r_k| must
+    not weigh it again (weights 0.5 / 0.5 with scales 1 and 0.1 had become a 91:9 mix)."""
+    rubric = Rubric({"small": a_fraction, "large": varied}, weights={"small": 0.5, "large": 0.5})
+    rubric.fit_scales(torch.tensor([[1.0, 10.0], [1.0, 10.0]]))
+    config = make_config(tmp_path, multi_reward="normalize_then_sum", advantage_scale="group")
+    trainer = make_trainer(model_dir, config, rubric)
+    table = rubric.score(["a", "b"], EXAMPLES[:2])
+    assert table.effective_weights().tolist() == pytest.approx([0.5, 0.05])
+    assert trainer.advantage_weights(table).tolist() == pytest.approx([0.5, 0.5])
+    plain = make_trainer(model_dir, make_config(tmp_path / "sum", advantage_scale="group"), rubric)
+    assert plain.advantage_weights(table).tolist() == pytest.approx([0.5, 0.05])
+    with pytest.raises(ValueError, match="needs advantage_scale group, got none"):
+        make_config(tmp_path, multi_reward="normalize_then_sum", advantage_scale="none")
+
+
 def test_gradient_accumulation_gives_the_full_batch_update(model_dir, tmp_path):
     """Micro-batches of 2 and one micro-batch of 16 log the same loss and make the same update."""
     runs = {}

@@ -38,6 +38,7 @@ from transformers import (
 
 from core.runs import is_run_dir
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The name under which core.sharding registers `_completion_logprobs` as an FSDP forward method of a sharded
@@ -177,8 +178,16 @@ def load_policy(
         )
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True).to(device)
-    tokenizer = _load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.absolute(),  # its name_or_path, which an adapter saved from it records as the base: absolute
+        dtype=DTYPES[dtype],
+        local_files_only=True,
+    ).to(device)
+    return _with_lora(model, lora), _ready_tokenizer(_load_tokenizer(path), model, path)
+
+
+def _ready_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, path: Path):
+    """The tokenizer checked against the model, left padding, and eos as pad when it has no pad."""
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
         raise ValueError(
@@ -191,7 +200,7 @@ def load_policy(
             raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; batches need one")
         # Padding is always masked out (attention mask, loss mask), so reusing eos as pad changes no value.
         tokenizer.pad_token = tokenizer.eos_token
-    return _with_lora(model, lora), tokenizer
+    return tokenizer
 
 
 def _with_lora(model: PreTrainedModel, lora: LoraSettings | None) -> PreTrainedModel:
@@ -214,15 +223,20 @@ def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: 
     """The base model named by the adapter's config (a local directory), the adapter merged into it, and
     the tokenizer saved with the adapter (else the base's); `lora` then adds a new adapter on top."""
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if base and not Path(base).is_absolute() and not Path(base).is_dir():
+        # recorded relative to where training ran (before base paths were made absolute): try the run's
+        # directory, whose base_model/ a relative "runs/<app>/<name>/base_model" names
+        near = path.parent / Path(base).name
+        base = str(near) if (near / "config.json").is_file() else base
     if not base or not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(
             f"{path / 'adapter_config.json'}: its base model {base!r} is not a local model directory"
         )
     model, tokenizer = load_policy(base, dtype=dtype, device=device)
     model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+    model.requires_grad_(True)  # loaded for inference (frozen); trained in full unless `lora` adds one
     if (path / "tokenizer_config.json").is_file():  # the trainer's tokenizer, pad token included
-        tokenizer = _load_tokenizer(path)
-        tokenizer.padding_side = "left"
+        tokenizer = _ready_tokenizer(_load_tokenizer(path), model, path)
     return _with_lora(model, lora), tokenizer
 
 
@@ -235,6 +249,11 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     (the tiny character-level ones of core/tiny.py lose their spaces) and adds missing special tokens.
     A directory that declares the generic class holds a complete tokenizer.json: load that verbatim.
     """
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one with the model "
+            "(`tokenizer.save_pretrained(dir)`)"
+        )
     config_file = path / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
@@ -392,6 +411,18 @@ class _LinearHeadStats(torch.autograd.Function):
         )
 
 
+def _has_sliding_window(backbone: nn.Module) -> bool:
+    """Whether a layer attends through a sliding window (Mistral, Gemma2/3, Qwen2 with use_sliding_window):
+    the shared-prompt cache holds full-attention layers, so such a model takes the plain forward (from
+    the config alone: under FSDP every process must take the same path)."""
+    config = getattr(backbone, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    window = getattr(config, "sliding_window", None)
+    return window is not None and getattr(config, "use_sliding_window", True) is not False
+
+
 def _completion_hidden(
     backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, t: int, share_prompts: bool
 ) -> Tensor:
@@ -411,7 +442,7 @@ def _completion_hidden(
     unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)  # (U, 2P), (N,)
     # On an FSDP model every forward is collective: the choice of path may not depend on the data.
     sharded = any(isinstance(module, FSDPModule) for module in backbone.modules())
-    if not share_prompts or (len(unique) == n and not sharded):
+    if not share_prompts or _has_sliding_window(backbone) or (len(unique) == n and not sharded):
         out = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
         )

@@ -83,11 +83,21 @@ def build_char_tokenizer(
             raise ValueError(f"extra token {token!r} is already a special token: {', '.join(SPECIAL_TOKENS)}")
     if len(set(extra_tokens)) != len(extra_tokens):
         raise ValueError(f"extra_tokens has duplicates: {list(extra_tokens)}")
+    byte_symbol = bytes_to_unicode()  # byte -> the printable character byte-level BPE writes it as
+    # an added token is decoded through the byte-level decoder, where these characters stand for one raw
+    # byte each (é is byte 0xE9): such a token would decode to U+FFFD
+    byte_chars = {c for c in byte_symbol.values() if ord(c) > 126}
+    for token in extra_tokens:
+        clash = sorted(set(token) & byte_chars)
+        if clash:
+            raise ValueError(
+                f"extra token {token!r}: {', '.join(clash)} cannot be in an added token of a byte-level "
+                "tokenizer (it decodes as a raw byte); leave the token out, its characters are tokens already"
+            )
     chars: set[str] = set()
     for text in texts_or_alphabet:
         chars.update(text)
 
-    byte_symbol = bytes_to_unicode()  # byte -> the printable character byte-level BPE writes it as
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *extra_tokens))}
     vocab.update({byte_symbol[b]: len(vocab) + b for b in range(256)})
     merges: list[tuple[str, str]] = []

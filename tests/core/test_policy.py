@@ -7,6 +7,7 @@ Run: `pytest tests/core/test_policy.py`. Tiny models are built from configs with
 is downloaded.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from transformers import (
     Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -513,3 +516,45 @@ def test_shared_prompts_equal_one_forward_per_row(build):
         torch.testing.assert_close(shared[2][name], plain[2][name], atol=1e-6 * scale, rtol=0, msg=name)
     reference, _ = completion_logprobs_unchunked(model, ids, mask, 5, temperature=0.7)
     torch.testing.assert_close(shared[0][real], reference.detach()[real], atol=1e-12, rtol=0)
+
+
+# -- sliding windows, loading edge cases ----------------------------------------------------------------------
+
+
+def test_a_sliding_window_model_takes_the_plain_forward_when_prompts_repeat():
+    """The shared-prompt cache has full-attention layers only: with a window shorter than the prompt it
+    gave log-probs off by up to 2.4 nats (Mistral) or crashed (Qwen2's use_sliding_window)."""
+    torch.manual_seed(0)
+    config = MistralConfig(**{k: v for k, v in TINY.items()}, sliding_window=3)
+    model = MistralForCausalLM(config).eval()
+    ids, mask = left_padded_batch(n=2, prompt_len=6, t=5)
+    ids = torch.cat([ids[:1].repeat(3, 1), ids[1:].repeat(3, 1)])  # two groups of three with one prompt
+    mask = torch.cat([mask[:1].repeat(3, 1), mask[1:].repeat(3, 1)])
+    ids[:, -5:] = torch.randint(2, VOCAB, (6, 5), generator=torch.Generator().manual_seed(1))
+    expected, _ = completion_logprobs_unchunked(model, ids, mask, 5)
+    with torch.no_grad():
+        got, _ = completion_logprobs(model, ids, mask, 5, share_prompts=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_model_directory_without_a_tokenizer_is_named(tmp_path: Path):
+    tiny_qwen2().save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no tokenizer"):
+        load_policy(tmp_path)
+
+
+def test_a_lora_final_loads_trainable_with_its_tokenizers_pad_from_another_directory(
+    model_dir: Path, tmp_path: Path, monkeypatch
+):
+    """An adapter saved from a model loaded by a relative path records an absolute base; the merged model
+    trains in full; an adapter's own tokenizer without a pad gets eos as pad, as a model directory's."""
+    monkeypatch.chdir(model_dir.parent)
+    model, _ = load_policy(model_dir.name, lora=LoraSettings(r=2, alpha=4))
+    model.save_pretrained(tmp_path / "final")
+    tiny_tokenizer().save_pretrained(tmp_path / "final")  # eos, no pad
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == model_dir.absolute()
+    monkeypatch.chdir(tmp_path)
+    merged, tokenizer = load_policy(tmp_path / "final")
+    assert all(p.requires_grad for p in merged.parameters())
+    assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "left"

@@ -113,6 +113,15 @@ def test_bad_extra_tokens(extras):
         build_char_tokenizer("ab", extra_tokens=extras)
 
 
+def test_an_extra_token_with_a_byte_symbol_character_is_refused_and_others_round_trip():
+    """In a byte-level tokenizer é, ° or Ġ stand for one raw byte: "°C" as an added token decoded to "�C"."""
+    with pytest.raises(ValueError, match="extra token '°C': ° cannot be in an added token"):
+        build_char_tokenizer("20C", extra_tokens=["°C"])
+    tokenizer = build_char_tokenizer(["20°C é"], extra_tokens=["<think>", "中文"])
+    for text in ("20°C é", "<think>中文</think>"):
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
 def test_chat_template_generation_prompt(tokenizer):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

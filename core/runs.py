@@ -138,7 +138,7 @@ class RunDir:
             for field, value in (("app", app), ("algorithm", algorithm)):
                 if stored[field] != value:
                     raise ValueError(
-                        f"cannot resume {path} with {field} {value!r}: it is a {stored[field]!r} run"
+                        f"{path}: cannot resume it with {field} {value!r}: it is a {stored[field]!r} run"
                     )
             old = stored["config"]
             changed = {

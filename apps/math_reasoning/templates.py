@@ -2,9 +2,10 @@
 
 - `r1_zero`: the R1-Zero template of the CoDistill reproduction (PAPERS.md sec. 1): the model thinks inside
   `<think>...</think>` and answers inside `<answer>...</answer>`; the prompt ends with "Assistant: <think>".
-- `r1_short`: the same tags with a one-line preamble, the offline default. [choice] The full R1-Zero
-  preamble is about 400 characters, i.e. 400 tokens for the character-level tiny models; it carries no
-  information a tiny model can use and would triple every step's cost.
+- `r1_short`: the same tags without the preamble ("User: {question}\\nAssistant: <think>"), the offline
+  default. [choice] The full R1-Zero preamble is about 400 characters, i.e. 400 tokens for the
+  character-level tiny models; it carries no information a tiny model can use and would triple every
+  step's cost.
 - `boxed`: the Qwen2.5-Math chat prompt; the answer is the last `\\boxed{...}`.
 
 A hint (Scaf-GRPO) is appended to the question: "<question> Hint: <hint text>".

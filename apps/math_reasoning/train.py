@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from apps.math_reasoning.codistill import CoDistillHooks
-from apps.math_reasoning.data import FORMATS, MIXES, load_examples, mix_levels, offline_sets
+from apps.math_reasoning.data import FORMATS, HINT_TIERS, MIXES, load_examples, mix_levels, offline_sets
 from apps.math_reasoning.evaluate import (
     benchmark_name,
     evaluate_model,
@@ -119,6 +119,13 @@ class MathTrainConfig(GRPOConfig):
         super().__post_init__()
         get_template(self.template)
         mix_levels(self.data_mix)
+        unknown = [t for t in self.scaf_tiers if t not in HINT_TIERS]
+        if unknown or not self.scaf_tiers:
+            raise ValueError(
+                f"scaf_tiers must be a non-empty subset of {', '.join(HINT_TIERS)}, got {unknown}"
+            )
+        if self.data and not Path(self.data).is_file():  # before the base model is built
+            raise ValueError(f"data: {self.data} is not a file")
         if self.algo == "codistill":
             if self.dynamic_sampling:
                 raise ValueError("codistill cannot use dynamic_sampling (its KD term is tied to one batch)")

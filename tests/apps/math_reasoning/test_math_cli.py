@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
 from core.cli import main
+from core.runs import RunDir
 
 FAST = ["--max-steps", "1", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8"]
 EVAL = ["--eval-samples", "2", "--eval-examples", "3"]
@@ -197,6 +198,20 @@ def test_bad_flags_are_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         main(["math", "train", "--data-mix", "nope"])
     assert "unknown difficulty mix" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # before the tiny base model is built
+        main(["math", "train", "--algo", "scaf", "--scaf-tiers", "solutoin"])
+    assert "scaf_tiers must be a non-empty subset of knowledge, planning, solution" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["math", "train", "--data", "nope.jsonl"])
+    assert "data: nope.jsonl is not a file" in capsys.readouterr().err
+
+
+def test_resuming_a_run_of_another_algorithm_is_a_command_line_error(small_dir, tmp_path, capsys):
+    RunDir.create(tmp_path / "r", {}, app="math", algorithm="grpo", exist_ok_for_resume=False)
+    args = ["--algo", "gtpo", "--run-dir", str(tmp_path / "r"), "--resume", "--model", str(small_dir)]
+    with pytest.raises(SystemExit):
+        main(["math", "train", *args])
+    assert "cannot resume it with algorithm 'gtpo': it is a 'grpo' run" in capsys.readouterr().err
 
 
 @pytest.mark.slow

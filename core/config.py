@@ -230,7 +230,10 @@ def _resumed_run_values(args: argparse.Namespace, hints: dict[str, Any]) -> dict
         return {}
     path = Path(run_dir) / "config.json"
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+        run = json.loads(path.read_text(encoding="utf-8"))
+        stored = dict(run["config"])
+        for resume in run.get("resumes", []):  # config.json keeps the first config; each resume its changes
+            stored.update({key: new for key, (_, new) in resume["changed"].items()})
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # no run there: --resume itself says so (core.launch.with_run_dir)
     source = f"{path} (the resumed run's config)"

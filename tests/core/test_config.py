@@ -150,6 +150,14 @@ def test_resume_continues_with_the_runs_own_settings(tmp_path):
     resumed = build(["--run-dir", str(tmp_path), "--resume", "--steps", "4"])
     assert (resumed.lr, resumed.steps, resumed.resume) == (0.5, 4, True)
     assert build(["--run-dir", str(tmp_path), "--steps", "4"]).lr == 1e-3  # not resumed: a new run
+    # config.json keeps the first config and records each resume's changes: a second resume keeps them
+    stored = {
+        "app": "t",
+        "config": config_to_dict(first),
+        "resumes": [{"at": "t1", "changed": {"steps": [2, 4]}}],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert build(["--run-dir", str(tmp_path), "--resume"]).steps == 4
     assert config_to_dict(ExampleConfig())["stops"] == ["</answer>"]
 
 

@@ -71,6 +71,13 @@ def is_run_dir(path: str | Path) -> bool:
     return isinstance(config, dict) and "app" in config
 
 
+def training_run(model: str | Path) -> "RunDir | None":
+    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`), if any: evaluations
+    take their unset data and prompt settings from it, as the model was trained."""
+    path = Path(model)
+    return RunDir(path.parent) if path.name.startswith("final") and is_run_dir(path.parent) else None
+
+
 def default_run_dir(app: str) -> Path:
     """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time), or with `-2`, `-3`, ...
     after it when a run started in the same second already has that name."""

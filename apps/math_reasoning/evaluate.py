@@ -21,7 +21,7 @@ from apps.math_reasoning.templates import TEMPLATES, Template, get_template
 from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
-from core.runs import RunDir, default_run_dir, is_run_dir
+from core.runs import RunDir, default_run_dir, is_run_dir, training_run
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -179,12 +179,6 @@ class MathEvalConfig:
 
 
 RUN_DEFAULTS = {"data_seed": 1234, "data_mix": "default", "template": "r1_short", "max_new_tokens": 80}
-
-
-def training_run(model: str) -> RunDir | None:
-    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`), if any."""
-    path = Path(model)
-    return RunDir(path.parent) if path.name.startswith("final") and is_run_dir(path.parent) else None
 
 
 def spread_subset(examples: list[dict], n: int) -> list[dict]:

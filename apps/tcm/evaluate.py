@@ -28,6 +28,7 @@ from apps.tcm.rewards import (
 )
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings
+from core.runs import training_run
 
 FREE_TEXT = ("fill", "open")
 
@@ -126,6 +127,9 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+RUN_DEFAULTS = {"data": None, "seed": 0, "max_new_tokens": 512, "system_prompt": "paper"}
+
+
 @dataclass
 class TcmEvalConfig:
     """Evaluate a model directory (full model or LoRA adapter) on a split of the TCM QA data."""
@@ -134,26 +138,37 @@ class TcmEvalConfig:
         default=None, metadata={"help": "HF model or PEFT adapter directory (required)"}
     )
     data: str | None = field(
-        default=None, metadata={"help": "TCM-Ladder-style file; default: the offline set"}
+        default=None,
+        metadata={"help": "TCM-Ladder-style file; default: the model's run's, else the offline set"},
     )
     run_dir: str | None = field(
         default=None, metadata={"help": "where eval.json goes; default runs/tcm/<time>"}
     )
     split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "split to evaluate"})
-    seed: int = field(
-        default=0, metadata={"help": "seed of the offline set and of the split (as in training)"}
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "seed of the offline set and of the split; default: the model's run's, else 0"},
     )
     max_examples: int = field(default=0, metadata={"help": "evaluate the first N of the split; 0 = all"})
-    max_new_tokens: int = field(default=512, metadata={"help": "completion length cap"})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "completion length cap; default: the model's run's, else 512"}
+    )
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call"})
-    system_prompt: Literal["paper", "short"] = field(
-        default="paper", metadata={"help": "system prompt (use the one the model was trained with)"}
+    system_prompt: Literal["paper", "short"] | None = field(
+        default=None, metadata={"help": "system prompt; default: the model's run's, else paper"}
     )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
 
     def __post_init__(self):
         if self.model is None:
             raise ValueError("--model is required: the model directory to evaluate")
+        # unset: as the model was trained (its run's config.json): the split depends on the seed, so
+        # another seed would score the model on facts it was trained on
+        run = training_run(self.model)
+        trained = run.read_config()["config"] if run else {}
+        for name, fallback in RUN_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, trained.get(name, fallback))
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -129,6 +129,11 @@ def worker(variant: str, sizes: dict, device: str, chunk_size: int, repeats: int
     )
 
 
+def within_tolerance(errors: dict[str, float], tolerance: float = 1e-5) -> bool:
+    """Every difference finite and at most `tolerance` (max() of the values would skip a NaN)."""
+    return all(math.isfinite(v) and v <= tolerance for v in errors.values())
+
+
 def run_variant(variant: str, args, sizes: dict, tmp: Path) -> dict:
     out = tmp / f"{variant}.pt"
     cmd = [sys.executable, __file__, "--worker", variant, "--out", str(out), "--device", args.device]
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
         peak = statistics.median(res[v]["peak"]) / 2**20
         print(f"{v:<10} {peak:>10.0f} {statistics.median(res[v]['time']):>8.2f}")
     ratio = statistics.median(res["chunked"]["peak"]) / statistics.median(res["unchunked"]["peak"])
-    within = all(math.isfinite(v) and v <= 1e-5 for v in errors.values())  # max() would skip a NaN
+    within = within_tolerance(errors)
     print(f"peak ratio chunked/unchunked: {ratio:.3f} (target <= 0.25)")
     print(
         "max difference / max(1, |value|): "

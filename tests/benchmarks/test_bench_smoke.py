@@ -33,6 +33,20 @@ def test_pgg_fermi_speed_smoke():
     assert "after 3 untimed MCS" in out.stdout and "numba kernel alone" in out.stdout
 
 
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_logprob_check_fails_on_a_nan_anywhere():
+    within = load_benchmark("logprob_memory").within_tolerance
+    assert within({"logp": 1e-7, "entropy": 2e-6})
+    assert not within({"logp": 1e-7, "entropy": float("nan")})  # max() skipped a NaN after the first
+    assert not within({"logp": 1e-7, "grads": 2e-5})
+
+
 def test_mfu_counts_the_passes_our_training_phase_runs():
     """3 mu passes (forward + backward) plus the reference, no old-logprob pass; each prompt once a group."""
     spec = importlib.util.spec_from_file_location("step_vs_trl", BENCH / "step_vs_trl.py")

@@ -154,10 +154,11 @@ def test_resume_continues_with_the_runs_own_settings(tmp_path):
     stored = {
         "app": "t",
         "config": config_to_dict(first),
-        "resumes": [{"at": "t1", "changed": {"steps": [2, 4]}}],
+        "resumes": [{"at": "t1", "changed": {"steps": [2, 4]}}, {"at": "t2", "changed": {"lr": [0.5, 0.25]}}],
     }
     (tmp_path / "config.json").write_text(json.dumps(stored))
-    assert build(["--run-dir", str(tmp_path), "--resume"]).steps == 4
+    again = build(["--run-dir", str(tmp_path), "--resume"])
+    assert (again.steps, again.lr) == (4, 0.25)  # every resume's change, in order
     assert config_to_dict(ExampleConfig())["stops"] == ["</answer>"]
 
 

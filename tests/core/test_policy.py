@@ -8,6 +8,7 @@ is downloaded.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -558,3 +559,12 @@ def test_a_lora_final_loads_trainable_with_its_tokenizers_pad_from_another_direc
     merged, tokenizer = load_policy(tmp_path / "final")
     assert all(p.requires_grad for p in merged.parameters())
     assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "left"
+    # an adapter saved before bases were recorded absolute: "runs/<app>/<run>/base_model", relative to
+    # where training ran, is found next to the adapter
+    shutil.copytree(model_dir, tmp_path / "base_model")
+    relative = config | {"base_model_name_or_path": "runs/app/run/base_model"}
+    (tmp_path / "final" / "adapter_config.json").write_text(json.dumps(relative))
+    monkeypatch.chdir(model_dir)  # where no runs/ directory exists
+    again, _ = load_policy(tmp_path / "final")
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], weight)

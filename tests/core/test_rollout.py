@@ -539,13 +539,15 @@ def test_multi_turn_turn_cap(tok, eos_model):
 
 def test_multi_turn_ends_an_episode_whose_next_turn_would_not_fit_the_context(tok):
     model = build_model(len(tok))
-    model.config.max_position_embeddings = 24  # what the check reads (the rotary model itself runs longer)
     backend = HFGenerateBackend(model, tok)
     settings = SamplingSettings(max_new_tokens=8, min_new_tokens=8)  # 8 tokens + "=ok\n" (4) per turn
-    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=5)
-    # "ab" (2 tokens) + 12 after turn 1 = 14; turn 2 would reach 22 <= 24; turn 3 would reach 34 > 24
-    assert r.num_turns == [2] and r.finish_reason == ["context"]
-    assert r.prompt_ids.shape[1] + r.completion_ids.shape[1] == 2 + 2 * 12
+    # "ab" (2 tokens) + 12 after turn 1 = 14; turn 2 could reach 22 and turn 3 34: the next turn's whole
+    # max_new_tokens must fit, not only what the context holds already
+    for context, turns in ((24, 2), (20, 1)):
+        model.config.max_position_embeddings = context  # what the check reads (rotary runs longer)
+        r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=5)
+        assert r.num_turns == [turns] and r.finish_reason == ["context"]
+        assert r.prompt_ids.shape[1] + r.completion_ids.shape[1] == 2 + turns * 12
 
 
 # ---------------------------------------------------------------------------------------------------

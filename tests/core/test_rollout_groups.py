@@ -135,6 +135,34 @@ def test_rows_with_nothing_to_sample_are_an_error_not_tokens(backend, greedy, lo
         hook.remove()
 
 
+@pytest.mark.parametrize("path", ["generate_groups", "generate"])
+def test_a_row_that_has_ended_may_have_any_logits(backend, path):
+    """Row 1 emits eos as its second token; its later logits (NaN here) are never sampled from: no error,
+    eos kept. (Call 1 is the prefill, shared by the group in generate_groups; call 2 the first decode.)"""
+    eos = backend.tokenizer.eos_token_id
+
+    def spoil(module, args, out):
+        spoil.calls += 1
+        if spoil.calls == 2:
+            out[1, -1] = -1e4
+            out[1, -1, eos] = 1e4
+        elif spoil.calls > 2:
+            out[1] = float("nan")
+        return out
+
+    spoil.calls = 0
+    hook = backend.model.lm_head.register_forward_hook(spoil)
+    settings = SamplingSettings(max_new_tokens=4)
+    try:
+        if path == "generate_groups":
+            out = backend.generate_groups(["ab", "ab"], settings, [1], group_size=2)
+        else:
+            out = backend.generate(["ab", "ab"], settings, seed=1)
+    finally:
+        hook.remove()
+    assert out.completion_ids[1, 1] == eos and out.completion_mask[1].tolist()[:3] == [1, 1, 0]
+
+
 @pytest.mark.skipif(rollout._cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_samples_what_the_eager_decode_samples(backend):
     from torch._dynamo.utils import counters

@@ -117,22 +117,33 @@ def test_mu_above_one_uses_old_logprobs_and_beta_loads_a_reference(model_dir, tm
 def test_update_metrics_are_token_means_of_the_step_whatever_the_micro_batches(model_dir, tmp_path):
     """kl, ratio/mean, clip fractions and entropy average over every token of the step's updates: the same
     for one micro-batch of 16 completions as for 16 of one (they were means of micro-batch means)."""
-    runs = []
-    for size in (16, 1):
-        config = make_config(tmp_path / str(size), max_steps=1, mu=2, beta=0.1, max_new_tokens=16)
-        runs.append(
-            make_trainer(model_dir, replace(config, micro_batch_size=size), Rubric({"v": varied})).train()[0]
-        )
-    whole, single = runs
-    assert whole["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    for name in ("kl", "ratio/mean", "clip/frac", "entropy"):
-        assert single[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-9), name
-    assert whole["kl"] > 0 and whole["clip/frac"] > 0
+    for level in ("token", "sequence"):  # sequence level: the clip fractions count completions
+        runs = []
+        for size in (16, 1):
+            config = make_config(
+                tmp_path / f"{level}{size}", max_steps=1, mu=2, beta=0.1, max_new_tokens=16, ratio_level=level
+            )
+            trainer = make_trainer(model_dir, replace(config, micro_batch_size=size), Rubric({"v": varied}))
+            runs.append(trainer.train()[0])
+        whole, single = runs
+        assert whole["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        for name in ("kl", "ratio/mean", "clip/frac", "entropy"):
+            assert single[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-9), (level, name)
+        assert whole["kl"] > 0 and whole["clip/frac"] > 0
 
 
 def test_logged_lr_is_the_rate_the_step_applied(model_dir, tmp_path):
     config = make_config(tmp_path, max_steps=4, warmup_steps=2, lr_schedule="linear", learning_rate=1e-2)
     trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    assert_logs_applied_rates(trainer, [0.0, 0.005, 0.01, 0.005])
+    # two updates a step (mu = 2): the mean of the two rates, not the first or the last
+    config = replace(config, run_dir=str(tmp_path / "mu2"), max_steps=2, mu=2)
+    assert_logs_applied_rates(
+        make_trainer(model_dir, config, Rubric({"v": varied})), [0.0, 0.005, 0.01, 0.005]
+    )
+
+
+def assert_logs_applied_rates(trainer, expected_applied):
     applied, step = [], trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
@@ -141,7 +152,10 @@ def test_logged_lr_is_the_rate_the_step_applied(model_dir, tmp_path):
 
     trainer.optimizer.step = recording_step
     logged = [m["lr"] for m in trainer.train()]
-    assert logged == pytest.approx(applied) and applied == pytest.approx([0.0, 0.005, 0.01, 0.005])
+    assert applied == pytest.approx(expected_applied)
+    per_step = len(applied) // len(logged)
+    means = [sum(applied[i : i + per_step]) / per_step for i in range(0, len(applied), per_step)]
+    assert logged == pytest.approx(means)
 
 
 def test_dynamic_sampling_keeps_groups_with_spread(model_dir, tmp_path):
@@ -440,6 +454,10 @@ def test_gdpo_weights_leave_out_the_bootstrapped_scales(model_dir, tmp_path):
     table = rubric.score(["a", "b"], EXAMPLES[:2])
     assert table.effective_weights().tolist() == pytest.approx([0.5, 0.05])
     assert trainer.advantage_weights(table).tolist() == pytest.approx([0.5, 0.5])
+    batch = trainer.collect()  # and collect's advantages are made with them
+    expected = algos.normalize_then_sum(batch.global_components, torch.tensor([0.5, 0.5]), config.group_size)
+    torch.testing.assert_close(batch.advantages, expected)
+    assert batch.advantages.abs().sum() > 0
     plain = make_trainer(model_dir, make_config(tmp_path / "sum", advantage_scale="group"), rubric)
     assert plain.advantage_weights(table).tolist() == pytest.approx([0.5, 0.05])
     with pytest.raises(ValueError, match="needs advantage_scale group, got none"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apps.math_reasoning.codistill import CoDistillHooks, verifiable_advantages
+from apps.math_reasoning.codistill import CoDistillHooks, no_grad_logprobs, verifiable_advantages
 from apps.math_reasoning.data import offline_sets
 from apps.math_reasoning.gtpo import GTPOHooks
 from apps.math_reasoning.rewards import rubric_for
@@ -358,3 +358,22 @@ def test_codistill_two_processes_give_the_one_process_update(small_dir, large_di
             torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
     base = load_policy(large_dir)[0].state_dict()
     assert any(not torch.equal(expected[key], base[key]) for key in base)  # L was trained
+
+
+def test_codistill_logprobs_are_taken_with_dropout_off(small_dir):
+    """The IS weights' pi_S and pi_L come from no-grad passes; in the model's leftover (train) mode dropout
+    made them depend on what ran before."""
+    model, tokenizer = load_policy(small_dir)
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    rollouts = ScriptedBackend(tokenizer, lambda prompt, i: "3</answer>" if i else "12</answer>").generate(
+        ["1+2=", "1+2="], None, 0
+    )
+    model.eval()
+    with torch.no_grad():
+        expected = no_grad_logprobs(model, rollouts, 1.0, 2, 64)
+    model.train()
+    got = no_grad_logprobs(model, rollouts, 1.0, 1, 64)
+    assert model.training
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -30,4 +30,5 @@ def test_line_colours_read_their_own_r_on_the_colour_bar(tmp_path, monkeypatch):
 def test_a_run_that_starts_absorbed_is_absorbed_at_step_0():
     trajectory = simulate(GameConfig(size=5, r=4.0, init="all_d"), seed=0, steps=4)
     assert trajectory.absorbed_at == 0 and trajectory.cooperation == [0.0] * 5
-    assert simulate(GameConfig(size=5, r=4.0, init="half"), seed=0, steps=4).absorbed_at != 0
+    later = simulate(GameConfig(size=5, r=2.0, init="half"), seed=0, steps=20)  # D takes all at step 3
+    assert later.absorbed_at == 3 and later.cooperation[3:] == [0.0] * 18 and later.cooperation[2] > 0

@@ -131,10 +131,12 @@ def test_tiny_preset_trains_and_moves_the_reward(tmp_path):
 def test_evaluate_takes_unset_settings_from_the_models_run(tmp_path):
     """The split depends on the seed: a seed-1 model scored with seed 0 was scored on facts it trained on
     (23 of 27 seed-0 test facts are in seed 1's training split)."""
-    trained = {"seed": 1, "system_prompt": "short", "max_new_tokens": 64, "data": None}
+    trained = {"seed": 1, "system_prompt": "short", "max_new_tokens": 64, "data": "ladder.jsonl"}
     RunDir.create(tmp_path / "run", trained, app="tcm", algorithm="grpo", exist_ok_for_resume=False)
     config = TcmEvalConfig(model=str(tmp_path / "run" / "final"))
     assert (config.seed, config.system_prompt, config.max_new_tokens) == (1, "short", 64)
+    assert config.data == "ladder.jsonl"
     assert TcmEvalConfig(model=str(tmp_path / "run" / "final"), seed=2).seed == 2  # given: kept
     elsewhere = TcmEvalConfig(model=str(tmp_path / "model"))
     assert (elsewhere.seed, elsewhere.system_prompt, elsewhere.max_new_tokens) == (0, "paper", 512)
+    assert elsewhere.data is None

@@ -7,7 +7,8 @@ An example is a dict:
     question  the question text (Chinese)
     options   {"A": text, ...} for the two choice types, {} otherwise
     answer    the letter(s) for choice types ("B", "ACD"), the reference text otherwise
-    fact      the group a split keeps together (generated: "herb:麻黄:nature"; loaded: the row id)
+    fact      the group a split keeps together (generated: "herb:麻黄:nature"; loaded: the `fact` column,
+              else the normalised question and option texts, so a repeated question is one fact)
     think     generated only: the fact stated as a sentence (the SFT target's reasoning)
 
     examples = load_examples("ladder.jsonl")          # question, options, answer, type columns
@@ -43,7 +44,9 @@ TYPE_ALIASES = {
 }  # fmt: skip
 REQUIRED_COLUMNS = ("question", "answer", "type")
 SPLITS = ("train", "val", "test")
-_OPTION_LINE = re.compile(r"^\s*([A-Ea-e])\s*[.．、:：)）]\s*(.*)$")
+# After NFKC (．：） read .:)): a letter, then a mark or a space: "A. 温", "B、寒", "C 热".
+_OPTION_LINE = re.compile(r"([A-Ea-e])(?:\s*[.、:)]|\s)\s*(.*)")
+_SPACES = re.compile(r"\s+")
 
 
 # ---- loading files -----------------------------------------------------------------------------------------
@@ -86,22 +89,33 @@ def load_examples(path: str | Path) -> list[dict]:
                 "question": str(row["question"]).strip(),
                 "options": options,
                 "answer": answer,
-                "fact": str(row.get("fact") or row["id"]),
+                "fact": str(row.get("fact") or _question_key(row["question"], options)),
             }
         )
     return examples
 
 
+def _question_key(question, options: dict[str, str]) -> str:
+    """A loaded row's fact: its question and option texts, NFKC, lower case, without spaces."""
+    texts = [str(question), *sorted(options.values())]
+    return "question:" + "|".join(_SPACES.sub("", unicodedata.normalize("NFKC", t)).lower() for t in texts)
+
+
 def parse_options(value, where: str) -> dict[str, str]:
     """Choice options as {"A": text, ...} (2 to 5 of them, letters A-E in order) from a mapping, a list,
-    a JSON string or lettered lines; a ValueError naming `where` otherwise."""
+    a JSON string or lettered lines (NFKC; blank lines skipped; "A. 温", "A、温", "A 温", or several on
+    one line as "A. 温 B. 寒"); a ValueError naming `where` otherwise."""
     if isinstance(value, str) and value.strip()[:1] in ("{", "["):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: options are not valid JSON ({err.msg})") from err
     if isinstance(value, dict):
-        pairs = [(str(k).strip().upper(), v) for k, v in value.items() if not _empty(v)]
+        pairs = [
+            (unicodedata.normalize("NFKC", str(k)).strip().upper(), v)
+            for k, v in value.items()
+            if not _empty(v)
+        ]
     elif isinstance(value, list | tuple):
         value = list(value)
         while value and _empty(value[-1]):  # a fixed-width column: the unused last options are empty
@@ -114,22 +128,35 @@ def parse_options(value, where: str) -> dict[str, str]:
             )
         pairs = list(zip(LETTERS, value, strict=False))
     elif isinstance(value, str) and value.strip():
-        pairs = []
-        for line in value.strip().splitlines():
-            match = _OPTION_LINE.match(line)
-            if match is None:
-                raise ValueError(f"{where}: option line {line!r} does not start with a letter A-E")
-            pairs.append((match.group(1).upper(), match.group(2)))
+        pairs = [pair for line in value.splitlines() if line.strip() for pair in _option_line(line, where)]
     else:
         raise ValueError(f"{where}: a choice question needs options, got {value!r}")
     options = {}
     for letter, text in pairs:
         if letter in options:
             raise ValueError(f"{where}: option {letter} is given twice")
+        if _empty(text):
+            raise ValueError(f"{where}: option {letter} is empty")
         options[letter] = str(text).strip()
     if not 2 <= len(options) <= len(LETTERS) or list(options) != list(LETTERS[: len(options)]):
         raise ValueError(f"{where}: options must be lettered A, B, ... (2 to 5), got {list(options)}")
     return options
+
+
+def _option_line(line: str, where: str) -> list[tuple[str, str]]:
+    """The (letter, text) pairs of one line of options: one, or several when the next letters follow in
+    order after a space with a mark ("A. 温 B. 寒 C. 热"; "A 温 B 寒" stays one option)."""
+    match = _OPTION_LINE.fullmatch(unicodedata.normalize("NFKC", line).strip())
+    if match is None:
+        raise ValueError(
+            f"{where}: option line {line!r} does not start with a letter A-E followed by . 、 : ) or a space"
+        )
+    letter, text = match.group(1).upper(), match.group(2)
+    pairs = []
+    while letter < LETTERS[-1] and (cut := re.search(rf"\s{chr(ord(letter) + 1)}\s*[.、:)]\s*", text)):
+        pairs.append((letter, text[: cut.start()]))
+        letter, text = chr(ord(letter) + 1), text[cut.end() :]
+    return [*pairs, (letter, text)]
 
 
 def _empty(value) -> bool:
@@ -142,18 +169,39 @@ def _empty(value) -> bool:
 def split_by_fact(
     examples: Sequence[dict], seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
 ) -> dict[str, list[dict]]:
-    """Seeded train/val/test split of the facts (each example's `fact` goes to one split with all its
-    questions): the facts are shuffled with a torch generator and cut at the cumulative fractions."""
+    """Seeded train/val/test split of the fact groups (`fact_groups`; each goes to one split with all its
+    questions): the groups are shuffled with a torch generator and cut at the cumulative fractions."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
         raise ValueError(f"fractions must be three numbers >= 0 summing to 1, got {fractions}")
-    facts = sorted({example["fact"] for example in examples})
-    order = torch.randperm(len(facts), generator=torch.Generator().manual_seed(seed)).tolist()
-    cut_train = round(fractions[0] * len(facts))
-    cut_val = cut_train + round(fractions[1] * len(facts))
+    group_of = fact_groups(examples)
+    groups = sorted(set(group_of.values()))
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut_train = round(fractions[0] * len(groups))
+    cut_val = cut_train + round(fractions[1] * len(groups))
     split_of = {}
     for rank, index in enumerate(order):
-        split_of[facts[index]] = "train" if rank < cut_train else "val" if rank < cut_val else "test"
-    return {name: [e for e in examples if split_of[e["fact"]] == name] for name in SPLITS}
+        split_of[groups[index]] = "train" if rank < cut_train else "val" if rank < cut_val else "test"
+    return {name: [e for e in examples if split_of[group_of[e["fact"]]] == name] for name in SPLITS}
+
+
+def fact_groups(examples: Sequence[dict]) -> dict[str, str]:
+    """{fact: its group}, the first (sorted) fact of the group: facts whose open questions have the same
+    reference answer (NFKC, spaces removed) are one group, as a syndrome's treatment principle and its
+    formula's actions often are the same words. Fill-in answers do not join facts ("温" answers many)."""
+    parent = {fact: fact for fact in sorted({e["fact"] for e in examples})}
+
+    def root(fact: str) -> str:
+        while parent[fact] != fact:
+            fact = parent[fact]
+        return fact
+
+    owner: dict[str, str] = {}
+    for example in examples:
+        if example["type"] == "open":
+            answer = _SPACES.sub("", unicodedata.normalize("NFKC", example["answer"]))
+            first, second = sorted((root(owner.setdefault(answer, example["fact"])), root(example["fact"])))
+            parent[second] = first
+    return {fact: root(fact) for fact in parent}
 
 
 # ---- the offline generator ---------------------------------------------------------------------------------

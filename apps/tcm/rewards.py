@@ -10,14 +10,16 @@ Each reward is pure, `(completion, example) -> float`:
 - `tag_count`: 0.25 for each of `<think>\\n`, `\\n</think>\\n`, `\\n<answer>\\n`, `\\n</answer>` found exactly
   once (open-r1's `tag_count_reward`, on which the paper's TRL code builds).
 
-Answer extraction (`extract_letters`) reads the content of the first `<answer>...</answer>` (or, with
-no closed answer tag, the completion without its `<think>` block), NFKC-normalised so full-width letters
-and punctuation (`Ｂ`, `：`, `（`) read as ASCII, then tries in order: a cue stating the answer (答案是X,
-答案为X, 答案：X, "answer is X"; letters in either case); else the earliest of an option cue (选X, 选项X,
-X项, either case) and a run of standalone capital letters A-E (not inside a Latin word), so an answer
-letter followed by "选项A不对" keeps its letter (PAPERS.md sec. 9: the first standalone letter, cues as
-fallbacks); else a content that is nothing but letters a-e in lower case. Letters in a run may be
-separated by 、,;/. 和与及 or spaces.
+Answer extraction (`extract_letters`) reads the answer text (`answer_text`: the content of the first
+`<answer>`, to the end if it is never closed, else the completion without its `<think>` block; leftover
+tags removed), NFKC-normalised so full-width letters and punctuation (`Ｂ`, `：`, `（`) read as ASCII,
+then tries in order: a cue stating the answer (答案是X, 答案为X, 答案：X, "answer is X"; letters in
+either case); else the earliest of an option cue (选X, 选项X, X项, either case) and a run of standalone
+capital letters A-E (not inside a Latin word), so an answer letter followed by "选项A不对" keeps its
+letter (PAPERS.md sec. 9: the first standalone letter, cues as fallbacks); else a content that is
+nothing but letters a-e in lower case. Letters in a run may be separated by 、/和与及 or spaces, and by
+,，.;； only where the letters after them are not followed by text ("B，D", "A. C. D", "B，D项"), so
+"BD，A不对" and "BD. A is wrong" read BD; the cost: "B，D正确" reads B.
 
     rubric = build_rubric()   # weights accuracy 5, strict_format 1, tag_count 1
 Tests: `pytest tests/apps/tcm/test_tcm_rewards.py`.
@@ -36,8 +38,14 @@ jieba.setLogLevel(logging.WARNING)  # jieba announces building its dictionary on
 
 WEIGHTS = {"accuracy": 5.0, "strict_format": 1.0, "tag_count": 1.0}
 
+_JOIN = r"[\s、和与及/]*"  # always between two letters of a run
 _SEP = r"[\s、,，;；.和与及/]*"
-_RUN = rf"[A-Ea-e](?:{_SEP}[A-Ea-e])*"  # letters, possibly separated: "ACD", "A、C、D", "a 和 c"
+# A clause break (,，.;；) continues a run only if the letters after it are not followed by text, so
+# commentary after the answer ("BD，A不对", "B、D，A和C错误") is not read as part of it; 项 may follow.
+_BREAK = r"\s*[,，;；.]" + _JOIN
+_TAIL = rf"(?=[A-Ea-e](?:{_SEP}[A-Ea-e])*+\s*+(?!(?!项)\w))"
+# letters, possibly separated: "ACD", "A、C、D", "a 和 c", "B，D"
+_RUN = rf"[A-Ea-e](?:(?:{_JOIN}|{_BREAK}{_TAIL})[A-Ea-e])*"
 # Cues that state the answer ("the answer is X") win over any letter; cues that may only name an option
 # ("选项A不对", "A项") count as letters: the earliest of them and the standalone letters wins.
 _ANSWER_CUES = [
@@ -48,9 +56,10 @@ _OPTION_CUES = [
     re.compile(rf"选项?\s*\(?\s*({_RUN})(?![A-Za-z])"),
     re.compile(rf"(?<![A-Za-z])({_RUN})\s*\)?\s*项"),
 ]
-_STANDALONE = re.compile(rf"(?<![A-Za-z])([A-E](?:{_SEP}[A-E])*)(?![A-Za-z])")
+_STANDALONE = re.compile(rf"(?<![A-Za-z])([A-E](?:(?:{_JOIN}|{_BREAK}{_TAIL})[A-E])*)(?![A-Za-z])")
 _LOWER_ONLY = re.compile(r"[\sa-e、,，;；/().。和与及]*")  # lower-case letters with _SEP's separators
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)  # unclosed: to the end (truncated)
+_TAG = re.compile(r"</?(?:think|answer)>")
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 _FREE = r"(?:(?!</?think>|</?answer>).)*"
 _STRICT = re.compile(rf"<think>\n{_FREE}\n</think>\n<answer>\n{_FREE}\n</answer>\s*", re.DOTALL)
@@ -60,15 +69,18 @@ _ITEM_SPLIT = re.compile(r"[、,;/]")
 
 
 def answer_text(completion: str) -> str:
-    """The content of the first closed <answer> tag, else the completion without its <think> block.
+    """The content of the first <answer> tag (to the end if it is never closed, as when generation stops
+    at max_new_tokens), else the completion without its <think> block; any other tag is removed.
 
     >>> answer_text("<think>\\n想\\n</think>\\n<answer>\\nB\\n</answer>")
     '\\nB\\n'
+    >>> answer_text("<think>\\n想\\n</think>\\n<answer>\\n温")
+    '\\n温'
     >>> answer_text("<think>A</think> 答案是C")
     ' 答案是C'
     """
     match = _ANSWER.search(completion)
-    return match.group(1) if match else _THINK.sub("", completion)
+    return _TAG.sub("", match.group(1) if match else _THINK.sub("", completion))
 
 
 def extract_letters(completion: str) -> str:
@@ -109,8 +121,11 @@ def normalize_answer(text: str) -> frozenset[str]:
 
 def normalized_match(prediction: str, gold: str) -> bool:
     """Whether the two answers are the same set of items, or the same text once punctuation is removed.
+    When the gold answer has several items, spaces separate the prediction's items too.
 
     >>> normalized_match("膀胱，肺。", "肺、膀胱")
+    True
+    >>> normalized_match("膀胱 肺", "肺、膀胱")
     True
     """
     normalized = (
@@ -120,6 +135,8 @@ def normalized_match(prediction: str, gold: str) -> bool:
     if _PUNCT.sub("", normalized[0]) == _PUNCT.sub("", normalized[1]) != "":
         return True
     gold_items = normalize_answer(gold)
+    if len(gold_items) > 1:
+        prediction = re.sub(r"\s+", "、", prediction.strip())
     return bool(gold_items) and normalize_answer(prediction) == gold_items
 
 

@@ -145,7 +145,8 @@ PRESETS = {
 
 
 def raw_splits(data: str | None, seed: int) -> dict[str, list[dict]]:
-    """Train/val/test of a TCM-Ladder-style file (split by row) or of the offline set (split by fact)."""
+    """Train/val/test of a TCM-Ladder-style file (split by `fact` column or question) or of the offline set
+    (split by fact group)."""
     examples = load_examples(data) if data else generate_examples(seed)
     return split_by_fact(examples, seed)
 

@@ -8,6 +8,7 @@ import pytest
 
 from apps.tcm.data import (
     TYPES,
+    fact_groups,
     generate_examples,
     load_examples,
     parse_options,
@@ -52,7 +53,26 @@ def test_jsonl_fixture_loads_all_four_types(tmp_path):
     assert examples[2]["options"] == {} and examples[2]["answer"] == "温"
     assert examples[4]["options"] == {"A": "辛、甘", "B": "苦", "C": "咸"} and examples[4]["answer"] == "A"
     assert [e["id"] for e in examples] == [f"ladder-{i}" for i in range(5)]
-    assert [e["fact"] for e in examples] == [e["id"] for e in examples]  # a loaded row is its own group
+    assert examples[2]["fact"] == "question:麻黄性____。"  # without a fact column: the question
+    assert examples[0]["fact"] == "question:麻黄的药性是?|寒|平|温"  # with its option texts, NFKC
+
+
+def test_repeated_questions_are_one_fact_in_one_split(tmp_path):
+    rows = [
+        {"question": f"问题{i}？", "options": {"A": "温", "B": "寒"}, "answer": "A", "type": "单选题"}
+        for i in range(10)
+    ]
+    rows += [dict(rows[0], question="问题0 ?")] * 4  # the same question, spaced and half-width
+    rows += [dict(rows[1], options={"A": "寒", "B": "温"}, answer="B")]  # options in another order
+    rows += [dict(rows[2], options={"A": "温", "B": "凉"})]  # other options: another question
+    rows += [dict(rows[3], fact="f3"), dict(rows[4], fact="f3")]  # a fact column wins
+    examples = load_examples(write_jsonl(tmp_path / "dup.jsonl", rows))
+    assert len({e["fact"] for e in examples}) == 12  # 10 questions, 问题2 with other options, f3
+    for seed in range(5):
+        splits = split_by_fact(examples, seed)
+        where = {e["id"]: name for name, split in splits.items() for e in split}
+        assert len({where[f"dup-{i}"] for i in (0, 10, 11, 12, 13)}) == 1
+        assert where["dup-1"] == where["dup-14"] and where["dup-17"] == where["dup-16"]
 
 
 def test_csv_and_parquet_fixtures(tmp_path):
@@ -108,11 +128,37 @@ def test_missing_file():
         load_examples("/nonexistent/ladder.jsonl")
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "A、寒\nB：温",
+        "Ａ．寒\nＢ．温",  # full-width letters and marks
+        "A 寒\nB 温",  # a space after the letter
+        "A.寒\n\nB.温\n",  # blank lines
+        "A. 寒 B. 温",  # one line
+        "A.寒  B、温",
+        {"Ａ": "寒", "Ｂ": "温"},  # full-width keys
+    ],
+)
+def test_parse_options_layouts(value):
+    assert parse_options(value, "x") == {"A": "寒", "B": "温"}
+
+
 def test_parse_options_forms():
     assert parse_options('{"A": "寒", "B": "温"}', "x") == {"A": "寒", "B": "温"}
-    assert parse_options("A、寒\nB：温", "x") == {"A": "寒", "B": "温"}
-    with pytest.raises(ValueError, match="x: option line"):
+    assert parse_options("A. 维生素B. 等\nB. 温", "x") == {"A": "维生素B. 等", "B": "温"}  # no space before B
+    assert parse_options("A. 温 C. 寒\nB. 热", "x") == {
+        "A": "温 C. 寒",
+        "B": "热",
+    }  # C is not the next letter
+    with pytest.raises(ValueError, match=r"x: option line '寒' does not start with a letter A-E followed by"):
         parse_options("寒\n温", "x")
+    with pytest.raises(ValueError, match=r"x: option line 'Above' does not start"):
+        parse_options("A. 寒\nAbove", "x")
+    with pytest.raises(ValueError, match=r"x: options must be lettered A, B, ... \(2 to 5\), got \['A'\]"):
+        parse_options("A 温 B 寒", "x")  # a space alone does not split a line
+    with pytest.raises(ValueError, match="x: option A is empty"):
+        parse_options("A.\nB. 温", "x")
     assert parse_options(["寒", "温", None, ""], "x") == {"A": "寒", "B": "温"}  # unused last options
     assert parse_options({"A": "寒", "B": "温", "C": None}, "x") == {"A": "寒", "B": "温"}
     with pytest.raises(ValueError, match="x: option B is empty"):
@@ -207,20 +253,30 @@ def test_inline_completion_misses_the_format_only():
 def test_split_by_fact_is_disjoint_seeded_and_80_10_10():
     examples = generate_examples(seed=0)
     splits = split_by_fact(examples, seed=3)
-    facts = {name: {e["fact"] for e in split} for name, split in splits.items()}
-    assert not facts["train"] & facts["val"] and not facts["train"] & facts["test"]
-    assert not facts["val"] & facts["test"]
-    n_facts = len({e["fact"] for e in examples})
-    assert [len(facts[name]) for name in ("train", "val", "test")] == [
-        round(0.8 * n_facts),
-        round(0.1 * n_facts),
-        n_facts - round(0.8 * n_facts) - round(0.1 * n_facts),
-    ]
+    group_of = fact_groups(examples)
+    groups = {name: {group_of[e["fact"]] for e in split} for name, split in splits.items()}
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
+    assert not groups["val"] & groups["test"]
+    assert [len(groups[name]) for name in ("train", "val", "test")] == [199, 25, 25]  # 249 groups
     assert sum(len(split) for split in splits.values()) == len(examples)
     assert splits == split_by_fact(examples, seed=3)
     assert splits["test"] != split_by_fact(examples, seed=4)["test"]
     with pytest.raises(ValueError, match="fractions"):
         split_by_fact(examples, seed=0, fractions=(0.8, 0.1, 0.2))
+
+
+def test_identical_answers_of_two_facts_share_a_split():
+    """A syndrome's principle worded as its formula's actions is one group, so no test open question
+    has a training question's reference answer (15 of the 16 syndromes)."""
+    examples = generate_examples(seed=2)
+    group_of = fact_groups(examples)
+    assert len(set(group_of)) == 264 and len(set(group_of.values())) == 249
+    assert group_of["syndrome:脾胃虚寒证:principle"] == group_of["formula:理中丸:actions"]
+    assert group_of["syndrome:风寒表实证:principle"] == "syndrome:风寒表实证:principle"  # its own words
+    for seed in range(3):
+        splits = split_by_fact(generate_examples(seed), seed)
+        train_answers = {e["answer"] for e in splits["train"] if e["type"] == "open"}
+        assert not [e for e in splits["test"] if e["type"] == "open" and e["answer"] in train_answers]
 
 
 def test_csv_values_stay_as_written(tmp_path):

@@ -45,6 +45,17 @@ def test_per_type_table_by_hand():
     assert "single" in format_table({"before": result, "after": result})
 
 
+def test_truncated_answers_are_scored_on_their_text():
+    examples = [{"type": "fill", "answer": "温"}, {"type": "open", "answer": "发汗解表，宣肺平喘"}]
+    completions = [
+        "<think>\n想\n</think>\n<answer>\n温",
+        "<think>\n想\n</think>\n<answer>\n发汗解表，宣肺平喘",
+    ]
+    by_type = score_completions(completions, examples)["by_type"]
+    assert by_type["fill"]["accuracy"] == 1.0 and by_type["fill"]["format_rate"] == 0.0
+    assert by_type["open"]["rouge_l"] == pytest.approx(1.0) and by_type["open"]["bleu"] == pytest.approx(1.0)
+
+
 def test_bleu_on_chinese_words():
     assert bleu(["发汗解表，宣肺平喘，利水消肿"], ["发汗解表，宣肺平喘，利水消肿"]) == pytest.approx(1.0)
     assert bleu(["补血调血"], ["发汗解表，宣肺平喘"]) == pytest.approx(0.0, abs=1e-3)

@@ -6,6 +6,7 @@ import pytest
 
 from apps.tcm.rewards import (
     accuracy,
+    answer_text,
     build_rubric,
     extract_letters,
     normalized_match,
@@ -61,6 +62,15 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         ("答案是C", "C"),  # missing tags: the whole completion
         ("<think>\n想一想A和B\n</think>\n答案是C", "C"),  # missing answer tags: the think block is ignored
         ("我觉得是A\n<answer>\nB\n</answer>\n其实是C", "B"),  # text outside the tags is ignored
+        ("<think>\nA\n</think>\n<answer>\n答案是B", "B"),  # an unclosed answer: to the end
+        ("<think>\n想\n<answer>\nB", "B"),
+        (wrap("B，D"), "BD"),  # a comma between letters that end the answer
+        (wrap("B,D"), "BD"),
+        (wrap("B，D项正确"), "BD"),
+        (wrap("答案是B、D，A和C错误"), "BD"),  # letters named after a comma in commentary are not answers
+        (wrap("BD，A不对"), "BD"),
+        (wrap("答案是BD. A is wrong"), "BD"),
+        (wrap("B、D，A、C错误"), "BD"),
         (wrap("麻黄性温"), ""),  # no letter
         (wrap("Ephedra"), ""),  # letters inside a Latin word are not answers
         ("", ""),
@@ -99,6 +109,8 @@ def test_single_choice_accuracy(completion, reward):
         (wrap("AC"), 0.0),  # a subset is wrong
         (wrap("ABCD"), 0.0),  # a superset is wrong
         ("答案是A、C、D", 1.0),  # missing tags
+        (wrap("A、C、D，B和E错误"), 1.0),  # commentary after the answer
+        (wrap("ACD，B不对"), 1.0),
     ],
 )
 def test_multiple_choice_accuracy(completion, reward):
@@ -120,6 +132,10 @@ def test_multiple_choice_accuracy(completion, reward):
         ("解少阳", "和解少阳", False),  # 和 inside a word is not a separator
         ("营卫、调", "调和营卫", False),
         ("和解少阳。", "和解少阳", True),
+        ("膀胱 肺", "肺、膀胱", True),  # spaces separate items when the gold has several
+        ("膀胱　肺", "肺、膀胱", True),
+        ("膀胱 肺", "肺", False),
+        ("和解 少阳", "和解少阳", True),  # one gold item: spaces are removed, not split at
     ],
 )
 def test_normalized_match(prediction, gold, match):
@@ -136,6 +152,18 @@ def test_fill_and_open_accuracy():
     # jieba: 发汗/解表/宣肺/平喘 against 6 reference words; LCS 4 -> P 1, R 2/3, F 0.8
     assert accuracy(wrap("发汗解表，宣肺平喘"), open_qa) == pytest.approx(0.8)
     assert accuracy(wrap(""), open_qa) == 0.0
+
+
+def test_truncated_answer_is_scored_without_its_tag():
+    """Generation cut at max_new_tokens leaves <answer> unclosed: its text is the answer, the format fails."""
+    fill = "<think>\n麻黄性温。\n</think>\n<answer>\n温"
+    assert accuracy(fill, {"type": "fill", "answer": "温"}) == 1.0
+    assert strict_format(fill, {}) == 0.0
+    open_qa = "<think>\n想\n</think>\n<answer>\n发汗解表，宣肺平喘"
+    assert answer_text(open_qa) == "\n发汗解表，宣肺平喘"
+    assert accuracy(open_qa, {"type": "open", "answer": "发汗解表，宣肺平喘"}) == pytest.approx(1.0)
+    assert answer_text("<think>A</think> 答案是C</answer>") == " 答案是C"  # a stray tag is removed
+    assert answer_text("<think>\n想\n<answer>\n温") == "\n温"  # the think block is not closed either
 
 
 def test_rouge_l_uses_chinese_words():

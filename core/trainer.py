@@ -521,6 +521,10 @@ class GRPOTrainer:
         return states[self.rank % len(states)]
 
     def _resume(self) -> None:
+        if self.world > 1:  # process 0 alone puts back a checkpoint a cut-off save moved aside (a rename)
+            if self.rank == 0:
+                RunDir(self.run_path).list_checkpoints()
+            dist.barrier()
         path = RunDir(self.run_path).latest_checkpoint()
         if path is None:  # --resume on a run without a checkpoint starts from the beginning
             if self.rank == 0:

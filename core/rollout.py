@@ -1000,7 +1000,7 @@ class VLLMBackend(_TextBackend):
         except ImportError as err:
             raise ImportError(f"VLLMBackend needs vLLM: {VLLM_INSTALL_HINT}") from err
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         _check_special_tokens(self.tokenizer)
         self._sampling_params = SamplingParams
         self.llm = LLM(

@@ -227,8 +227,8 @@ def sft(
     output_dir = _new_dir(output_dir)
     if not examples:
         raise ValueError("examples is empty")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     limit = model.config.max_position_embeddings
     for i, example in enumerate(examples):
         if set(example) != {"prompt", "completion"} or not all(isinstance(v, str) for v in example.values()):

@@ -91,7 +91,11 @@ class MultiHeadRewardModel(nn.Module):
                     f"{path / name} is missing; expected a reward model directory from `grpo-suite reward-model train`"
                 )
         meta = json.loads((path / HEADS_FILE).read_text())
-        model = cls(DebertaV2Model(DebertaV2Config.from_pretrained(path)), meta["heads"], meta["dropout"])
+        model = cls(
+            DebertaV2Model(DebertaV2Config.from_pretrained(path, local_files_only=True)),
+            meta["heads"],
+            meta["dropout"],
+        )
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         model.max_length = meta.get("max_length")  # None in directories saved before it was kept
         model.training_data = meta.get("training_data")  # likewise

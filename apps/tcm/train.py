@@ -203,7 +203,7 @@ def build_default_model(path: Path, config: TcmTrainConfig) -> Path:
             return Path(model_dir).rename(path)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         train = prepared_splits(None, config.seed, tokenizer, config.system_prompt)["train"]
         facts = sorted({e["fact"] for e in train})
         shown = {facts[i] for i in seeded_subset(len(facts), config.sft_fact_fraction, config.seed)}

@@ -31,6 +31,8 @@ import pickle
 import random
 import re
 import shutil
+import signal
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,6 +71,36 @@ def is_run_dir(path: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "app" in config
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit("terminated by SIGTERM (under torchrun: another process failed)")
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Inside, SIGTERM raises SystemExit (main thread only), so that `except BaseException` marks the run
+    failed in status.json instead of the process dying with it still "running"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def failure_recorded(run: "RunDir", step: int = 0) -> Iterator[None]:
+    """A block whose error (SIGTERM and Ctrl-C included) marks `run` failed with it, then is re-raised: a
+    dead run must not stay "running" on the dashboard."""
+    with sigterm_as_exit():
+        try:
+            yield
+        except BaseException as err:
+            run.set_status("failed", step=step, error=f"{type(err).__name__}: {err}")
+            raise
 
 
 def training_run(model: str | Path) -> "RunDir | None":

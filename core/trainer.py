@@ -22,8 +22,6 @@ gradients are partitioned (core/zero.py). The update is the same.
 """
 
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,6 +55,7 @@ from core.runs import (
     default_run_dir,
     load_checkpoint,
     restore_rng_state,
+    sigterm_as_exit,
 )
 
 # metrics of policy_loss that are a micro-batch's share of its mini-batch's value, summed not averaged
@@ -321,10 +320,6 @@ def _raise_together(work):
     if error is not None:
         raise error
     return result
-
-
-def _stop_on_sigterm(signum, frame):
-    raise SystemExit("terminated by SIGTERM (under torchrun: another process failed)")
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -1005,15 +1000,17 @@ class GRPOTrainer:
         return [record for part in gathered for record in part] if self.rank == 0 else []
 
     def train(self) -> list[dict[str, float]]:
-        """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step."""
+        """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step.
+        Killed by SIGTERM (torchrun stops the others when one process fails) the run is still marked failed."""
+        with sigterm_as_exit():
+            return self._train()
+
+    def _train(self) -> list[dict[str, float]]:
         cfg = self.config
         history = []
         if self.rank == 0:
             self.run.set_status("running", step=self.step)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        # killed by torchrun after another process failed: still an exception, so status.json says "failed"
-        previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
         try:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
@@ -1036,8 +1033,6 @@ class GRPOTrainer:
             raise
         finally:
             bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
             if self.writer is not None:
                 self.writer.close()
         if self.rank == 0:

@@ -60,7 +60,7 @@ def metrics(name: str) -> pd.DataFrame:
     if cut_off is not None and run_info(name).status != "running":
         st.warning(
             f"`{path / 'metrics.jsonl'}`: line {cut_off} has no newline (cut off by a killed process) and is "
-            "left out; resuming the run removes it."
+            "left out (a resumed run rewrites it)."
         )
     return frame
 

@@ -79,6 +79,8 @@ class RMTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.epochs > 0 or not self.learning_rate > 0:
             raise ValueError("epochs and learning_rate must be > 0")
+        if self.model and not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model: {self.model} is not a local model directory (no config.json)")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from apps.debias.data import DataConfig, generate_splits, write_splits
 from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir
+from core.runs import RunDir, default_run_dir, failure_recorded
 from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
@@ -83,12 +83,9 @@ def pipeline(config: PipelineConfig) -> dict:
         run, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=False
     )
     root.set_status("running", step=0)
-    try:
+    with failure_recorded(root):  # SIGTERM included: the dashboard must not show a dead pipeline as running
         results = run_stages(config, run, start)
         root.write_eval(results)
-    except BaseException as err:  # the dashboard must not show a dead pipeline as running
-        root.set_status("failed", step=0, error=f"{type(err).__name__}: {err}")
-        raise
     root.set_status("finished", step=0)
     print(pipeline_table(results))
     print(f"pipeline results written to {run / 'eval.json'}")

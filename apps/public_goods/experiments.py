@@ -138,8 +138,13 @@ class SweepSettings(LatticeSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("r_values", "methods", "inits", "seeds"):
-            if not getattr(self, name):
+            values = getattr(self, name)
+            if not values:
                 raise ValueError(f"{name} must not be empty")
+            if len(set(values)) != len(values):  # a repeated seed would count twice in the mean +- std
+                raise ValueError(f"{name}: {', '.join(map(str, values))} repeats a value")
+        if self.init != LatticeSettings.init:
+            raise ValueError(f"init={self.init}: a sweep takes its initial states from --inits")
         if min(self.seeds) < 0:
             raise ValueError(
                 f"seeds must be >= 0 (numpy's generators take no negative seed), got {self.seeds}"
@@ -150,7 +155,10 @@ class SweepSettings(LatticeSettings):
         for init in self.inits:
             LatticeSettings(**{**self.lattice_dict(), "init": init})
         if self.steps < 1 or not 1 <= self.average_last <= self.steps or self.workers < 1:
-            raise ValueError("need steps >= 1, 1 <= average_last <= steps and workers >= 1")
+            raise ValueError(
+                "need steps >= 1, 1 <= average_last <= steps and workers >= 1, got steps "
+                f"{self.steps}, average_last {self.average_last}, workers {self.workers}"
+            )
         if not 0.0 < self.coop_threshold <= 1.0:
             raise ValueError(f"coop_threshold must be in (0, 1], got {self.coop_threshold}")
 

@@ -21,7 +21,7 @@ from apps.sudoku.evaluate import table
 from apps.sudoku.train import SudokuTrainConfig, run_sft, run_train, sft_config_from
 from core.config import config_to_dict
 from core.launch import with_run_dir
-from core.runs import RunDir
+from core.runs import RunDir, failure_recorded
 
 APP = "sudoku"
 # fields a resumed pipeline may change: where and how it runs, not what it computes
@@ -86,25 +86,26 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
         )
 
     print(f"puzzles: {len(puzzles[0])} train, {len(puzzles[1])} held out (split by solution grid)")
-    for order in (o for o in orders if f"sft-{o}" not in rows):
-        began = time.perf_counter()
-        sft_config = sft_config_from(
-            config, model=config.model, run_dir=str(root / f"sft-{order}"), order=order
-        )
-        record(f"sft-{order}", run_sft(sft_config, puzzles, resume=config.resume), began)
-    for w in (w for w in config.mixtures if row_name(w) not in rows):
-        began = time.perf_counter()
-        stage = root / f"grpo-w{w:g}"
-        train_config = SudokuTrainConfig(
-            **{k: getattr(config, k) for k in _train_fields()}
-            | {
-                "model": str(root / "sft-random" / "final"),
-                "run_dir": str(stage),
-                "cell_weight": w,
-                "resume": config.resume and (stage / "config.json").is_file(),  # a stage begun before
-            }
-        )
-        record(row_name(w), run_train(train_config, puzzles), began)
+    with failure_recorded(run):
+        for order in (o for o in orders if f"sft-{o}" not in rows):
+            began = time.perf_counter()
+            sft_config = sft_config_from(
+                config, model=config.model, run_dir=str(root / f"sft-{order}"), order=order
+            )
+            record(f"sft-{order}", run_sft(sft_config, puzzles, resume=config.resume), began)
+        for w in (w for w in config.mixtures if row_name(w) not in rows):
+            began = time.perf_counter()
+            stage = root / f"grpo-w{w:g}"
+            train_config = SudokuTrainConfig(
+                **{k: getattr(config, k) for k in _train_fields()}
+                | {
+                    "model": str(root / "sft-random" / "final"),
+                    "run_dir": str(stage),
+                    "cell_weight": w,
+                    "resume": config.resume and (stage / "config.json").is_file(),  # a stage begun before
+                }
+            )
+            record(row_name(w), run_train(train_config, puzzles), began)
     run.set_status("finished", step=0)
     rows = {name: rows[name] for name in names}
     n = puzzles[0][0].n

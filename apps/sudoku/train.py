@@ -26,7 +26,7 @@ from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
 from core.rewards import Rubric
 from core.rollout import derive_seed
-from core.runs import RunDir, atomic_directory, default_run_dir
+from core.runs import RunDir, atomic_directory, default_run_dir, failure_recorded
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "sudoku"
@@ -92,11 +92,7 @@ class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
     save_every: int = _help("checkpoint every N steps (and always at the end); 0 = only at the end", 10)
 
     def __post_init__(self):
-        GRPOConfig.__post_init__(self)
-        ModelFields.__post_init__(self)
-        PuzzleConfig.__post_init__(self)
-        if not 0 <= self.cell_weight <= 1:
-            raise ValueError(f"cell_weight must be in [0, 1], got {self.cell_weight}")
+        # first: the core's own check of these ("set generation_groups > 1 too") would send the user astray
         unsupported = {"generation_groups": 1, "compile_decode": False, "autocast": "off"}
         changed = [f"{k}={getattr(self, k)}" for k, v in unsupported.items() if getattr(self, k) != v]
         if changed:
@@ -104,6 +100,11 @@ class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
                 f"{', '.join(changed)}: Sudoku's constrained decoder has no grouped generation, compiled "
                 "decode or autocast; leave them at their defaults"
             )
+        GRPOConfig.__post_init__(self)
+        ModelFields.__post_init__(self)
+        PuzzleConfig.__post_init__(self)
+        if not 0 <= self.cell_weight <= 1:
+            raise ValueError(f"cell_weight must be in [0, 1], got {self.cell_weight}")
 
 
 def _set_threads(threads: int) -> None:
@@ -143,21 +144,22 @@ def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> d
                 f"sft {config.order} step {step:>5}  loss {metrics['loss']:.4f}  {metrics['step_time']:.2f}s"
             )
 
-    sft(
-        model,
-        tokenizer,
-        train,
-        order=config.order,
-        steps=config.sft_steps,
-        batch_size=config.sft_batch_size,
-        lr=config.sft_learning_rate,
-        seed=config.seed,
-        structure_mask=config.sft_mask,
-        log=log,
-    )
-    with atomic_directory(run_path / "final") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with failure_recorded(run):
+        sft(
+            model,
+            tokenizer,
+            train,
+            order=config.order,
+            steps=config.sft_steps,
+            batch_size=config.sft_batch_size,
+            lr=config.sft_learning_rate,
+            seed=config.seed,
+            structure_mask=config.sft_mask,
+            log=log,
+        )
+        with atomic_directory(run_path / "final") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     run.set_status("finished", step=config.sft_steps)
     result = {}
     if config.eval_puzzles:

@@ -21,6 +21,7 @@ from core.runs import (
     atomic_directory,
     capture_rng_state,
     default_run_dir,
+    failure_recorded,
     load_checkpoint,
     restore_rng_state,
 )
@@ -548,3 +549,17 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     assert [p.name for p in target.iterdir()] == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == [
         "final"
     ]
+
+
+def test_a_block_killed_by_sigterm_marks_its_run_failed(run):
+    """SIGTERM (torchrun stopping the others, a user's kill) raised SystemExit inside, so status.json says
+    failed with the reason instead of "running" forever; the previous handler is put back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    run.set_status("running", step=0)
+    with pytest.raises(SystemExit), failure_recorded(run, step=3):
+        os.kill(os.getpid(), signal.SIGTERM)
+    status = run.read_status()
+    assert (status["status"], status["step"]) == ("failed", 3) and "SIGTERM" in status["error"]
+    assert signal.getsignal(signal.SIGTERM) == before

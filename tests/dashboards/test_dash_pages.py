@@ -106,7 +106,7 @@ def test_a_cut_off_last_metrics_line_is_reported_unless_the_run_is_running(runs_
     run.set_status(status, step=1, error="killed" if status == "failed" else None)
     at = open_page("curves", run="toy/killed")
     warning = f"`{run.metrics_path.resolve()}`: line 2 has no newline (cut off by a killed process) and is "
-    warning += "left out; resuming the run removes it."
+    warning += "left out (a resumed run rewrites it)."
     assert texts(at.warning) == ([] if status == "running" else [warning])
     assert at.dataframe[0].value["raw"].tolist() == [0.5]
 

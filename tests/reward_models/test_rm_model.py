@@ -105,3 +105,21 @@ def test_calibration_and_pairwise_metrics_with_a_fake_scorer():
     assert results["per_category"]["b"]["pair_acc/fairness"] == 0.0
     _, _, targets = flatten(rows)
     assert targets[7].tolist() == [labels(rows[1], "garbled")[h] for h in HEADS] == [0.0, 1.0, 0.0]
+
+
+def test_a_missing_encoder_directory_is_a_command_line_error(tmp_path, capsys):
+    """`reward-model train --model <typo>` ended in a Hub repo-id traceback after loading the data."""
+    from core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "reward-model",
+                "train",
+                "--model",
+                str(tmp_path / "deberta-v3-smal"),
+                "--run-dir",
+                str(tmp_path),
+            ]
+        )
+    assert "is not a local model directory (no config.json)" in capsys.readouterr().err

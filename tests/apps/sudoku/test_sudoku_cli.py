@@ -147,6 +147,9 @@ def test_settings_sudoku_would_ignore_or_fail_on_are_command_line_errors(capsys)
         "generation_groups=2, compile_decode=True, autocast=bfloat16: Sudoku's constrained decoder has no "
         "grouped generation" in capsys.readouterr().err
     )
+    with pytest.raises(SystemExit):  # not the core's "set generation_groups > 1 too"
+        main(["sudoku", "pipeline", "--compile-decode"])
+    assert "compile_decode=True: Sudoku's constrained decoder" in capsys.readouterr().err
 
 
 def test_a_grpo_run_checkpoints_every_ten_steps(tmp_path):
@@ -223,3 +226,18 @@ def test_the_pipeline_runs_on_a_gpu(tmp_path):
     assert main(["sudoku", "pipeline", "--preset", "smoke", "--device", "cuda", "--run-dir", str(pipe)]) == 0
     rows = json.loads((pipe / "eval.json").read_text())["rows"]
     assert all(0 <= row["cell_accuracy"] <= 1 for row in rows.values())
+
+
+def test_a_pipeline_whose_stage_fails_is_marked_failed(tmp_path, monkeypatch):
+    """The pipeline's own status.json said "running" forever after a stage raised (or a kill)."""
+    import apps.sudoku.pipeline as pipeline
+
+    def broken_sft(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipeline, "run_sft", broken_sft)
+    pipe = tmp_path / "pipe"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["sudoku", "pipeline", "--preset", "smoke", "--run-dir", str(pipe)])
+    status = json.loads((pipe / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: out of memory"

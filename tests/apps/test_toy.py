@@ -206,6 +206,17 @@ def test_two_processes_give_the_one_process_update(tmp_path, extra):
         assert any(m["sampling_rounds"] > 1 for m in picked[0])
 
 
+def _two_process_run_and_its_resume_from_step_2(flags: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """A 3-step 2-process run ("whole") and a copy that lost step 3 and resumed from step 2 ("cut")."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _two_processes(*flags, "--run-dir", str(whole))
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-3")
+    shutil.rmtree(cut / "final")
+    _two_processes(*flags, "--run-dir", str(cut), "--resume")
+    return whole, cut
+
+
 @pytest.mark.parametrize(
     "mode", [pytest.param(["--fsdp"], id="fsdp"), pytest.param(["@zero2"], id="zero2", marks=NO_DEEPSPEED)]
 )
@@ -215,12 +226,7 @@ def test_sharded_resume_is_bitwise_exact(tmp_path, mode):
     resumes from the one before ends with the same weights."""
     flags = [*mode, "--max-steps", "3", "--prompts-per-step", "4", "--save-every", "1", "--mu", "2"]
     flags += ["--beta", "0.04"]  # the reference copy is rebuilt from the base model, not checkpointed
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    _two_processes(*flags, "--run-dir", str(whole))
-    shutil.copytree(whole, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-3")
-    shutil.rmtree(cut / "final")
-    _two_processes(*flags, "--run-dir", str(cut), "--resume")
+    whole, cut = _two_process_run_and_its_resume_from_step_2(flags, tmp_path)
     expected, got = final_weights(whole), final_weights(cut)
     assert expected.keys() == got.keys() and "lm_head.weight" not in got  # tied to the embeddings
     for name in expected:
@@ -238,12 +244,7 @@ def test_two_process_resume_restores_each_processs_random_stream(tmp_path):
     config = json.loads((dropout / "config.json").read_text())
     (dropout / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.3}))
     flags = ["--model", str(dropout), "--max-steps", "3", "--prompts-per-step", "4", "--save-every", "1"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    _two_processes(*flags, "--run-dir", str(whole))
-    shutil.copytree(whole, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-3")
-    shutil.rmtree(cut / "final")
-    _two_processes(*flags, "--run-dir", str(cut), "--resume")
+    whole, cut = _two_process_run_and_its_resume_from_step_2(flags, tmp_path)
     assert metrics_without_timing(cut) == metrics_without_timing(whole)
     expected, got = final_weights(whole), final_weights(cut)
     for name in expected:

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
     if dist.is_available() and dist.is_initialized():
-        # under a multi-process launch: leave the group before exit, or gloo's threads may abort the process
+        # under a multi-process launch: leave the group together before exit. Without the barrier a process
+        # that finished first shut gloo down while another was still writing the final model, and aborted
+        # ("terminate called without an active exception", seen once in CI under FSDP)
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

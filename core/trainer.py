@@ -448,7 +448,6 @@ class GRPOTrainer:
                 exist_ok_for_resume=config.resume,
             )
         self.run_path = run_dir
-        self.writer = self._tensorboard() if config.report_to == "tensorboard" and self.rank == 0 else None
         if config.resume:
             try:
                 self._resume()
@@ -457,13 +456,17 @@ class GRPOTrainer:
                     step = self.run.read_status().get("step", 0) if self.run.status_path.is_file() else 0
                     self.run.set_status("failed", step=step, error=f"resume: {type(err).__name__}: {err}")
                 raise
+        self.writer = self._tensorboard() if config.report_to == "tensorboard" and self.rank == 0 else None
 
     # -- run directory -------------------------------------------------------------------------------------
 
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked
 
-        return SummaryWriter(log_dir=str(self.run.path / "tensorboard"))
+        # On resume, as _resume truncates metrics.jsonl, TensorBoard drops the earlier files' events from the
+        # first step logged again (the resumed step + 1; self.step is 0 without a checkpoint).
+        purge_step = self.step + 1 if self.config.resume else None
+        return SummaryWriter(log_dir=str(self.run.path / "tensorboard"), purge_step=purge_step)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}

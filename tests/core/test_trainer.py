@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -488,6 +489,21 @@ def test_tensorboard_logging_writes_event_files(model_dir, tmp_path):
     trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=1, report_to="tensorboard"))
     trainer.train()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_resume_drops_the_tensorboard_points_logged_after_its_checkpoint(model_dir, tmp_path):
+    """Cut off after logging step 3 but before its checkpoint, a run resumed from step-2 logs step 3 again:
+    TensorBoard must show it once, as metrics.jsonl does, and keep steps 1 and 2."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(tmp_path, max_steps=3, save_every=1, report_to="tensorboard")
+    make_trainer(model_dir, config).train()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-3")
+    make_trainer(model_dir, replace(config, resume=True)).train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [scalar.step for scalar in events.Scalars("loss")] == [1, 2, 3]
 
 
 def test_fsdp_in_one_process_warns_and_trains_unsharded(model_dir, tmp_path):

@@ -13,7 +13,8 @@ Each reward is pure, `(completion, example) -> float`:
 Answer extraction (`extract_letters`) reads the answer text (`answer_text`: the content of the first
 `<answer>`, to the end if it is never closed, else the completion without its `<think>` block; leftover
 tags removed), NFKC-normalised so full-width letters and punctuation (`Ｂ`, `：`, `（`) read as ASCII,
-then tries in order: a cue stating the answer (答案是X, 答案为X, 答案：X, "answer is X"; letters in
+with letters directly after a negation (不是X, 不选X, 非X, "not X", "isn't X") removed, so "答案不是A，是B"
+reads B, then tries in order: a cue stating the answer (答案是X, 答案为X, 答案：X, "answer is X"; letters in
 either case); else the earliest of an option cue (选X, 选项X, X项, either case) and a run of standalone
 capital letters A-E (not inside a Latin word), so an answer letter followed by "选项A不对" keeps its
 letter (PAPERS.md sec. 9: the first standalone letter, cues as fallbacks); else a content that is
@@ -56,6 +57,13 @@ _OPTION_CUES = [
     re.compile(rf"选项?\s*\(?\s*({_RUN})(?![A-Za-z])"),
     re.compile(rf"(?<![A-Za-z])({_RUN})\s*\)?\s*项"),
 ]
+# A letter (or a run joined without a clause break) directly after a negation is not an answer:
+# "答案不是A，是B", "不选A", "非A", "not A", "isn't A"; the letters are removed, the negation kept.
+_NEGATED = re.compile(
+    rf"((?:不是|不选|非|(?<![A-Za-z])(?:not|isn['’]t))\s*(?:选项?|option)?\s*\(?\s*)"
+    rf"[A-Ea-e](?:{_JOIN}[A-Ea-e])*(?![A-Za-z])",
+    re.IGNORECASE,
+)
 _STANDALONE = re.compile(rf"(?<![A-Za-z])([A-E](?:(?:{_JOIN}|{_BREAK}{_TAIL})[A-E])*)(?![A-Za-z])")
 _LOWER_ONLY = re.compile(r"[\sa-e、,，;；/().。和与及]*")  # lower-case letters with _SEP's separators
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)  # unclosed: to the end (truncated)
@@ -92,8 +100,10 @@ def extract_letters(completion: str) -> str:
     'C'
     >>> extract_letters("<answer>A、C、D</answer>")
     'ACD'
+    >>> extract_letters("答案不是A，是B")
+    'B'
     """
-    text = unicodedata.normalize("NFKC", answer_text(completion))
+    text = _NEGATED.sub(r"\1", unicodedata.normalize("NFKC", answer_text(completion)))
     match = next((m for cue in _ANSWER_CUES if (m := cue.search(text))), None)
     if match is None:
         found = [m for pattern in (*_OPTION_CUES, _STANDALONE) if (m := pattern.search(text))]

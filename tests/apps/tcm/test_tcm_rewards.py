@@ -71,6 +71,18 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("BD，A不对"), "BD"),
         (wrap("答案是BD. A is wrong"), "BD"),
         (wrap("B、D，A、C错误"), "BD"),
+        (wrap("答案不是A，是B"), "B"),  # a negated letter is not the answer
+        (wrap("答案不是Ａ，是Ｂ"), "B"),
+        (wrap("答案不是A而是B"), "B"),
+        (wrap("不选A，选B"), "B"),
+        (wrap("非A，选B"), "B"),
+        (wrap("答案不是选项A，而是选项B"), "B"),
+        (wrap("不是A和C，是B"), "B"),  # a run of negated letters
+        (wrap("答案不是A，是B和D"), "BD"),
+        (wrap("not A, it is B"), "B"),
+        (wrap("Not A. B"), "B"),
+        (wrap("The answer isn't A, it's B"), "B"),
+        (wrap("ｎｏｔ Ａ，ｂｕｔ Ｂ"), "B"),
         (wrap("麻黄性温"), ""),  # no letter
         (wrap("Ephedra"), ""),  # letters inside a Latin word are not answers
         ("", ""),
@@ -92,6 +104,8 @@ def test_extract_letters(completion, letters):
         ("答案是B", 1.0),
         ("选B", 1.0),
         ("the answer is B", 1.0),
+        ("答案不是A，是B", 1.0),  # the negated letter is not read
+        ("The answer is not A but B", 1.0),
         (wrap(""), 0.0),
     ],
 )
@@ -111,6 +125,8 @@ def test_single_choice_accuracy(completion, reward):
         ("答案是A、C、D", 1.0),  # missing tags
         (wrap("A、C、D，B和E错误"), 1.0),  # commentary after the answer
         (wrap("ACD，B不对"), 1.0),
+        (wrap("答案不是B，是A、C和D"), 1.0),  # a negated letter is not in the set
+        (wrap("选A、C、D，不选B"), 1.0),
     ],
 )
 def test_multiple_choice_accuracy(completion, reward):

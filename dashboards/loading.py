@@ -232,6 +232,7 @@ _ARROW_SCHEMA = pa.schema(
 INDEX_FIELDS = tuple(_ARROW_SCHEMA.names)
 _CATEGORIES = ("example_id", "prompt", "finish_reason")
 _ARROW_MIN_BYTES = 1 << 20  # below this plain json is as fast and has no start-up cost
+SEARCHES_KEPT = 8  # needles whose matching lines an index keeps (an int64 per match)
 
 
 class RolloutIndex:
@@ -256,6 +257,7 @@ class RolloutIndex:
         self._offsets = np.zeros(0, dtype=np.int64)  # (lines,) byte offset of each line's start
         self._chunks: list[pd.DataFrame] = []
         self._frame: pd.DataFrame | None = None
+        self._searches: dict[str, tuple[int, np.ndarray]] = {}  # needle: (bytes scanned, matching lines)
 
     def refresh(self) -> "RolloutIndex":
         with self._lock:
@@ -379,29 +381,42 @@ class RolloutIndex:
 
     def search(self, needle: str, lines: np.ndarray | None = None) -> np.ndarray:
         """Line numbers (among `lines`, default all) whose prompt, completion or turn texts contain `needle`
-        (case-insensitive for ASCII letters; other characters must match exactly)."""
+        (case-insensitive for ASCII letters; other characters must match exactly).
+
+        The matches of the last SEARCHES_KEPT needles are kept, so a rerun of the page does not read the file
+        again; lines appended since are scanned on their own, and a file started over (see `refresh`) drops
+        them."""
         if not needle:
             return np.arange(len(self)) if lines is None else np.asarray(lines)
-        if self._end == 0:  # nothing indexed yet (the file may not exist)
-            return np.zeros(0, dtype=np.int64)
+        with self._lock:
+            end, hits = self._searches.pop(needle, (0, np.zeros(0, dtype=np.int64)))
+            if end < self._end:
+                hits = np.concatenate([hits, self._scan(needle, end)])
+                hits.setflags(write=False)  # shared by every caller
+            self._searches[needle] = (self._end, hits)  # the most recent last
+            while len(self._searches) > SEARCHES_KEPT:
+                del self._searches[next(iter(self._searches))]
+        return hits if lines is None else hits[np.isin(hits, lines)]
+
+    def _scan(self, needle: str, start: int) -> np.ndarray:
+        """The matching lines among those from byte `start` (a line's start) to the end indexed, in order."""
         # Find the needle as it is written inside a JSON string, then check the parsed row: the raw match
         # may be in another field (a key, the example id).
         encoded = json.dumps(needle, ensure_ascii=False)[1:-1].encode().lower()
         with open(self.path, "rb") as f:
-            data = f.read(self._end).lower()
-        hits: set[int] = set()
+            f.seek(start)
+            data = f.read(self._end - start).lower()
+        first = int(np.searchsorted(self._offsets, start))
+        offsets = self._offsets[first:] - start  # (lines from `first`,) offsets within `data`
+        found: list[int] = []
         pos = data.find(encoded)
         while pos >= 0:
-            line = int(np.searchsorted(self._offsets, pos, side="right")) - 1
-            hits.add(line)
-            next_line = self._offsets[line + 1] if line + 1 < len(self._offsets) else len(data)
-            pos = data.find(encoded, int(next_line))
-        if lines is not None:
-            hits &= {int(x) for x in lines}
+            k = int(np.searchsorted(offsets, pos, side="right")) - 1
+            found.append(first + k)
+            pos = data.find(encoded, int(offsets[k + 1]) if k + 1 < len(offsets) else len(data))
         wanted = needle.lower()
-        ordered = sorted(hits)
         return np.asarray(
-            [line for line, row in zip(ordered, self.rows(ordered), strict=True) if wanted in _row_text(row)],
+            [line for line, row in zip(found, self.rows(found), strict=True) if wanted in _row_text(row)],
             dtype=np.int64,
         )
 

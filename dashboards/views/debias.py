@@ -53,10 +53,17 @@ def render() -> None:
             wide["change"] = wide["after"] - wide["before"]
         state.show_table(wide, state.file_name("bias", run), key="debias_csv")
 
+    st.subheader("Responses")
     responses = responses_table(result)
     if responses.empty:
+        st.info(
+            f"No `responses` in {run}'s eval.json: `debias eval` writes them (a `debias pipeline` run keeps "
+            "them in the eval.json of each of its `grpo-seed<k>` runs)."
+        )
         return
-    st.subheader("Responses")
+    if responses["bias"].isna().all():
+        st.info(f"The `responses` in {run}'s eval.json have no `bias` values to rank them by.")
+        return
     categories = ["(all)", *sorted(responses["category"].dropna().astype(str).unique())]
     stages = ["(all)", *sorted(responses["stage"].dropna().astype(str).unique())]
     left, middle, right = st.columns(3)

@@ -192,6 +192,37 @@ def test_rollout_index_search(runs_root):
     assert turns.search("board ok").tolist() == list(range(8))
 
 
+def test_a_repeated_search_does_not_read_the_file_again(tmp_path, monkeypatch):
+    """A page rerun searches again: kept matches are reused; appended lines are scanned, a rewrite drops them."""
+    path = tmp_path / "rollouts.jsonl"
+
+    def lines_of(tag: str, n: int) -> str:
+        return "".join(
+            json.dumps({"step": 1, "prompt": "p", "completion": f"{tag}{k % 2}"}) + "\n" for k in range(n)
+        )
+
+    path.write_text(lines_of("A", 6))
+    index = loading.RolloutIndex(path).refresh()
+    opened = []
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0])
+        return open(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "open", counting_open, raising=False)
+    assert index.search("a1").tolist() == [1, 3, 5] and opened
+    opened.clear()
+    assert index.search("a1").tolist() == [1, 3, 5]
+    assert index.search("a1", np.array([0, 3, 4, 5])).tolist() == [3, 5]
+    assert opened == []
+    with path.open("a") as f:
+        f.write(lines_of("A", 2))
+    assert index.refresh().search("a1").tolist() == [1, 3, 5, 7]
+    path.write_text(lines_of("B", 8))  # rewritten in place: same inode, same size
+    assert index.refresh().search("a1").tolist() == []
+    assert index.search("b0").tolist() == [0, 2, 4, 6]
+
+
 def big_rows(n: int, chat_prompt_at: int | None = None) -> list[dict]:
     rows = []
     for i in range(n):

@@ -265,6 +265,29 @@ def test_debias_page(runs_root):
     assert at.dataframe[1].value["response"].tolist() == ["meh"]
 
 
+@pytest.mark.parametrize(
+    "responses, message",
+    [
+        (None, "No `responses` in debias/p's eval.json: `debias eval` writes them"),
+        ([], "No `responses` in debias/p's eval.json: `debias eval` writes them"),
+        (
+            [{"category": "age", "response": "x"}],
+            "The `responses` in debias/p's eval.json have no `bias` values",
+        ),
+    ],
+)
+def test_debias_page_says_when_responses_are_missing(runs_root, responses, message):
+    """A `debias pipeline` run's own eval.json has `bias` only: the page says so under the bias scores."""
+    results = {"bias": {"gender": {"before": 0.4, "after": 0.1}}}
+    if responses is not None:
+        results["responses"] = responses
+    make_run(runs_root, "debias/p", "debias").write_eval(results)
+    at = open_page("debias", run="debias/p")
+    assert len(at.dataframe) == 1  # the bias table, no response tables
+    (info,) = texts(at.info)
+    assert info.startswith(message)
+
+
 def test_math_page(runs_root):
     at = open_page("math_page")
     by_algorithm = at.dataframe[0].value

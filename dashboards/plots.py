@@ -25,8 +25,9 @@ class Plot:
 
     line: x, y numeric; color nominal (one line each); facet nominal (one panel each, own y scale).
     bar: x nominal, y numeric; color nominal (bars side by side).
-    grid: x = column, y = row (ints from 0, row 0 on top); color numeric (a ramp, `scheme`) or nominal
-    (`palette` maps each value to a colour); text: the label in each cell.
+    grid: x = column, y = row (ints from 0, row 0 on top); color numeric (a ramp, `scheme`: the lowest value
+    gets its first colour, the highest its last) or nominal (`palette` maps each value to a colour); text:
+    the label in each cell.
     """
 
     kind: Literal["line", "bar", "grid"]

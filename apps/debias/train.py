@@ -70,7 +70,7 @@ class DebiasTrainConfig(GRPOConfig):
     sft_lr: float = _help("tiny default: SFT learning rate", 3e-3)
     word_tokens: bool = _help(
         "tiny default: every word of the training texts is one token (with and without its leading "
-        "space), so an answer is about 30 tokens instead of about 110 characters",
+        "space), so an answer takes about one token per word instead of one per character",
         True,
     )
     hidden_size: int = _help("tiny default: hidden size", 96)

@@ -32,6 +32,21 @@ HOW_IT_RUNS = ("resume", "run_dir", "threads", "device")
 class SudokuPipelineConfig(SudokuTrainConfig):
     """Every SFT and GRPO field, plus the mixtures to train."""
 
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the pipeline in --run-dir with its own settings: skip the stages that have their "
+            "row in its eval.json, continue an unfinished GRPO stage from its newest checkpoint and start an "
+            "unfinished SFT stage over; only --threads and --device may change"
+        },
+    )
+    cell_weight: float = field(
+        default=SudokuTrainConfig.cell_weight,
+        metadata={
+            "help": "not used: the pipeline takes its cell weights from --mixtures and refuses a value other "
+            "than the default"
+        },
+    )
     mixtures: tuple[float, ...] = field(
         default=(1.0, 0.75),
         metadata={"help": "cell weights w of the GRPO runs, comma-separated (1 = cell only)"},

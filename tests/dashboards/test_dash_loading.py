@@ -313,6 +313,13 @@ def test_grid_png_leaves_empty_cells_white_with_one_value(values):
         assert colours[0] == colours[2] == list(plots.colormaps["viridis"](0.0))
 
 
+def test_grid_png_ramps_from_the_scheme_start_at_the_lowest_value_to_its_end_at_the_highest():
+    cells = pd.DataFrame({"row": [0, 0, 0], "col": [0, 1, 2], "order": [3.0, 1.0, 2.0]})
+    image = plots.Plot("grid", cells, x="col", y="row", color="order")._grid_figure().axes[0].images[0]
+    viridis = plots.colormaps["viridis"]
+    assert image.get_array()[0].tolist() == [list(viridis(1.0)), list(viridis(0.0)), list(viridis(0.5))]
+
+
 def test_grid_png_of_a_large_lattice_has_a_bounded_size():
     n = 60  # 0.4 inch per cell would be 2400 px
     grid = pd.DataFrame([(r, c, (r + c) % 2) for r in range(n) for c in range(n)], columns=["y", "x", "v"])

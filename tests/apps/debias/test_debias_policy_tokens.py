@@ -2,7 +2,11 @@
 boundary, so the answer's tokens are the same whether tokenized after the prompt (SFT) or alone
 (generation continues the prompt's tokens)."""
 
-from apps.debias.data import DataConfig, generate_splits
+import re
+import statistics
+from pathlib import Path
+
+from apps.debias.data import DataConfig, generate_splits, load_splits
 from apps.debias.train import policy_prompt, word_tokens
 from core.tiny import build_char_tokenizer
 
@@ -41,3 +45,18 @@ def test_a_prompt_ending_in_a_space_would_merge_into_the_answer():
     joint = tokenizer("Answer: It", add_special_tokens=False)["input_ids"]
     alone = tokenizer("Answer: ", add_special_tokens=False)["input_ids"]
     assert joint[: len(alone)] != alone
+
+
+def test_the_documented_word_token_figures_hold_on_the_default_data():
+    doc = " ".join((Path(__file__).parents[3] / "docs" / "debias.md").read_text().split())
+    figures = r"(\d+) words, about (\d+) tokens a neutral answer instead of about (\d+) characters"
+    words, tokens, chars = map(int, re.search(figures, doc).groups())
+    rows = load_splits(None)["train"]  # the texts the tiny policy is built on (build_sft_policy)
+    texts = [policy_prompt(r["prompt"]) for r in rows] + [r[k] for r in rows for k in ("neutral", "biased")]
+    forms = word_tokens(texts)
+    tokenizer = build_char_tokenizer(texts, forms)
+    answers = [r["neutral"] for r in rows]
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    assert len(forms) == 2 * words
+    assert round(statistics.mean(lengths)) == tokens
+    assert round(statistics.mean(map(len, answers)), -1) == chars

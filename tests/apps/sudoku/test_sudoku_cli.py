@@ -214,6 +214,15 @@ def test_the_pipeline_refuses_a_cell_weight_it_would_ignore(tmp_path, capsys):
     assert "one GRPO run per cell weight in --mixtures" in capsys.readouterr().err
 
 
+def test_the_pipeline_help_says_what_resume_and_cell_weight_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["sudoku", "pipeline", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help texts
+    assert "skip the stages that have their row in its eval.json" in text
+    assert "start an unfinished SFT stage over; only --threads and --device may change" in text
+    assert "not used: the pipeline takes its cell weights from --mixtures" in text
+
+
 def _timeless(rows: dict[str, dict]) -> dict[str, dict]:
     return {name: {k: v for k, v in row.items() if k != "seconds"} for name, row in rows.items()}
 

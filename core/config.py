@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from core.runs import latest_config
+
 C = TypeVar("C")
 
 
@@ -145,9 +147,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"config file {path}: expected a .toml, .yaml or .yml file")
     try:
         text = path.read_text(encoding="utf-8")
-        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, _StrictYamlLoader) or {}
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, _StrictYamlLoader)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"config file {path}: {err}") from err
+    if values is None:  # an empty YAML file (or comments only)
+        return {}
     if not isinstance(values, dict):
         raise ValueError(f"config file {path}: expected a mapping of field names to values")
     return values
@@ -198,45 +202,56 @@ def config_file_values(cls: type, path: Path) -> dict[str, Any]:
     type; an unknown field or a value of the wrong type is an error naming the file and the field."""
     values = load_config_file(path)
     hints = _field_types(cls)
-    unknown = sorted(set(values) - set(hints))
+    unknown = sorted(map(str, set(values) - set(hints)))  # map(str): YAML keys may be numbers
     if unknown:
-        raise ValueError(f"config file {path}: unknown field(s) {', '.join(unknown)}")
+        message = f"config file {path}: unknown field(s) {', '.join(unknown)}"
+        as_fields = [name.replace("-", "_") for name in unknown if name.replace("-", "_") in hints]
+        if as_fields:
+            message += f" (did you mean {', '.join(as_fields)}? a file names fields with _, flags use -)"
+        raise ValueError(message)
     return {k: _checked_value(k, v, hints[k], f"config file {path}") for k, v in values.items()}
 
 
 def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict] | None = None) -> C:
-    """The dataclass from parsed arguments: defaults < preset < config file < flags. With `--resume` of a
-    run the run's stored config comes right after the defaults, so the run continues with its own settings
-    (preset and file included) and only what is given again changes."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """The dataclass from parsed arguments: defaults < preset < config file < flags. With `resume` of a
+    run (a flag or a file value, as `run_dir`) the run's stored config comes right after the defaults, so
+    the run continues with its own settings (preset and file included) and only what is given again
+    changes. A `__post_init__` error "field: ..." about a value from a preset, a file or the resumed run
+    says where the value came from."""
     hints = _field_types(cls)
-    values: dict[str, Any] = _resumed_run_values(args, hints)
+    layers: list[tuple[str | None, dict[str, Any]]] = []  # (source, values), lowest first; flags: no source
     preset = getattr(args, "preset", None)
     if preset:
-        source = f"preset {preset}"
-        values.update({k: _checked_value(k, v, hints[k], source) for k, v in presets[preset].items()})  # type: ignore[index]
+        source, preset_values = f"preset {preset}", presets[preset]  # type: ignore[index]
+        layers.append((source, {k: _checked_value(k, v, hints[k], source) for k, v in preset_values.items()}))
     if getattr(args, "config", None):
-        values.update(config_file_values(cls, args.config))
-    values.update({name: getattr(args, name) for name in names if hasattr(args, name)})
-    if "device" in values:
-        _check_device(values["device"])
-    return cls(**values)
-
-
-def _resumed_run_values(args: argparse.Namespace, hints: dict[str, Any]) -> dict[str, Any]:
-    """The field values stored in `--run-dir`'s config.json when `--resume` is given, else {}."""
-    run_dir = getattr(args, "run_dir", None)
-    if not getattr(args, "resume", False) or run_dir is None:
-        return {}
-    path = Path(run_dir) / "config.json"
+        layers.append((f"config file {args.config}", config_file_values(cls, args.config)))
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    layers.append((None, flags))
+    chosen = {k: v for _, layer in layers for k, v in layer.items()}
+    if chosen.get("resume") and chosen.get("run_dir") is not None:
+        path = Path(chosen["run_dir"]) / "config.json"
+        source = f"{path} (the resumed run's config)"
+        layers.insert(0, (source, _resumed_run_values(path, hints, source)))
+    values = {k: v for _, layer in layers for k, v in layer.items()}
+    source_of = {k: source for source, layer in layers for k in layer}
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-        stored = dict(run["config"])
-        for resume in run.get("resumes", []):  # config.json keeps the first config; each resume its changes
-            stored.update({key: new for key, (_, new) in resume["changed"].items()})
+        if "device" in values:
+            _check_device(values["device"])
+        return cls(**values)
+    except ValueError as err:
+        field_name = str(err).split(":", 1)[0]
+        if source_of.get(field_name):
+            raise ValueError(f"{source_of[field_name]}: {err}") from err
+        raise
+
+
+def _resumed_run_values(path: Path, hints: dict[str, Any], source: str) -> dict[str, Any]:
+    """The field values the run whose config.json is `path` last ran with; {} when there is no run."""
+    try:
+        stored = latest_config(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # no run there: --resume itself says so (core.launch.with_run_dir)
-    source = f"{path} (the resumed run's config)"
     return {k: _checked_value(k, v, hints[k], source) for k, v in stored.items() if k in hints}
 
 

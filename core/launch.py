@@ -8,13 +8,14 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from core.policy import LoraSettings, load_policy
-from core.runs import default_run_dir
+from core.runs import default_run_dir, refuse_existing_run
 from core.trainer import GRPOConfig, join_processes
 
 
 def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
     """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal.
-    `--resume` needs the directory of an earlier run: it is an error, not a fresh run, without one."""
+    `--resume` needs the directory of an earlier run: it is an error, not a fresh run, without one; a fresh
+    run into a directory that holds one is refused too, on every process, before anything is built there."""
     if config.resume and config.run_dir is None:
         raise FileNotFoundError("--resume continues an earlier run: give its --run-dir")
     if config.resume and not (Path(config.run_dir) / "config.json").is_file():
@@ -22,6 +23,8 @@ def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
             f"--resume: {config.run_dir} holds no run to continue (no config.json); leave out --resume to "
             "start one there"
         )
+    if not config.resume and config.run_dir is not None:
+        refuse_existing_run(config.run_dir)
     state = join_processes(config.device)
     chosen = [config.run_dir or str(default_run_dir(app))]
     if state.num_processes > 1:  # the default is a timestamp: every process must use rank 0's

@@ -3,6 +3,8 @@
 Dashboards, plots and reports read run directories through this module; they never import a trainer.
 
     config.json      {"app", "algorithm", "grpo_suite_version", "started", "config": {...}, "resumes": [...]}
+                     (each resume: {"at", "changed": {key: [old, new]}} against the config the run last ran
+                     with, so that `latest_config` replays them)
     metrics.jsonl    one JSON object per step: {"step": int, name: float | null, ...}
     rollouts.jsonl   one JSON object per completion: {"step", "prompt", "completion",
                      "rewards": {name: float}, "reward", "advantage", "group", ...} (only "step" is required)
@@ -110,6 +112,25 @@ def training_run(model: str | Path) -> "RunDir | None":
     return RunDir(path.parent) if path.name.startswith("final") and is_run_dir(path.parent) else None
 
 
+def refuse_existing_run(path: str | Path) -> None:
+    """FileExistsError when `path` already holds a run (config.json): a fresh run may not be started there."""
+    config_path = Path(path) / "config.json"
+    if config_path.exists():
+        raise FileExistsError(
+            f"{path} already holds a run ({config_path} exists); pick another --run-dir (or pass "
+            "--resume to continue it, where the command has that flag)"
+        )
+
+
+def latest_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config a run last ran with, from the contents of its config.json: the first config with each
+    resume's changes applied in order."""
+    config = dict(run_config["config"])
+    for resume in run_config.get("resumes", []):
+        config.update({key: new for key, (_, new) in resume["changed"].items()})
+    return config
+
+
 def default_run_dir(app: str) -> Path:
     """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time), or with `-2`, `-3`, ...
     after it when a run started in the same second already has that name."""
@@ -159,19 +180,17 @@ class RunDir:
 
         A directory that already holds a run (it has config.json) is refused unless `exist_ok_for_resume`;
         then config.json keeps the original config and start time and gains a `resumes` entry recording the
-        time and the config keys that changed ({key: [old, new]}). Resuming with another app or algorithm is
+        time and the config keys that changed since the run last ran ({key: [old, new]}, old from
+        `latest_config`). Resuming with another app or algorithm is
         refused.
         With `exist_ok_for_resume` and no run there yet, a fresh run is created as usual.
         """
         path = Path(path)
         config_path = path / "config.json"
         new_config = _jsonable(dict(config), "config")
+        if not exist_ok_for_resume:
+            refuse_existing_run(path)
         if config_path.exists():
-            if not exist_ok_for_resume:
-                raise FileExistsError(
-                    f"{path} already holds a run ({config_path} exists); pick another --run-dir (or pass "
-                    "--resume to continue it, where the command has that flag)"
-                )
             run = cls(path)
             stored = run.read_config()
             for field, value in (("app", app), ("algorithm", algorithm)):
@@ -179,7 +198,7 @@ class RunDir:
                     raise ValueError(
                         f"{path}: cannot resume it with {field} {value!r}: it is a {stored[field]!r} run"
                     )
-            old = stored["config"]
+            old = latest_config(stored)
             changed = {
                 key: [old.get(key), new_config.get(key)]
                 for key in sorted(old.keys() | new_config.keys())

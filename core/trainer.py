@@ -177,9 +177,16 @@ class GRPOConfig:
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 or none, got {self.dual_clip}")
-        algos.AGGREGATIONS.get(self.loss_aggregation)
-        algos.KL_ESTIMATORS.get(self.kl_estimator)
-        algos.MULTI_REWARD.get(self.multi_reward)
+        registries = {
+            "loss_aggregation": algos.AGGREGATIONS,
+            "kl_estimator": algos.KL_ESTIMATORS,
+            "multi_reward": algos.MULTI_REWARD,
+        }
+        for name, registry in registries.items():
+            try:
+                registry.get(getattr(self, name))
+            except ValueError as err:  # "field: ..." lets build_config name the file the value came from
+                raise ValueError(f"{name}: {err}") from None
         if self.multi_reward == "normalize_then_sum" and self.advantage_scale != "group":
             raise ValueError(
                 "multi_reward normalize_then_sum (GDPO) divides each component by its group std: it needs "

@@ -3,6 +3,9 @@ that letter, plus a smaller shaping reward for characters of the task's alphabet
 initialised tiny model starts near 0 on both, and GRPO alone teaches it the mapping."""
 
 import random
+from pathlib import Path
+
+from core.data import read_located_examples
 
 LETTERS = "ab"
 
@@ -14,6 +17,17 @@ def make_examples(n: int, seed: int) -> list[dict]:
     return [
         {"id": f"toy-{i}", "prompt": f"Repeat {letter}", "letter": letter} for i, letter in enumerate(letters)
     ]
+
+
+def read_data_file(path: str | Path) -> list[dict]:
+    """The rows (prompt, letter) of a `--data` file. A letter that is not one of LETTERS is an error naming
+    the file and the line: no completion could earn the letter reward on it."""
+    examples = []
+    for where, row in read_located_examples(path, required=("prompt", "letter")):
+        if row["letter"] not in tuple(LETTERS):  # one whole letter: "ab" is in the string LETTERS
+            raise ValueError(f"{where}: letter {row['letter']!r} is not one of {', '.join(LETTERS)}")
+        examples.append(row)
+    return examples
 
 
 def letter_fraction(completion: str, example: dict) -> float:

@@ -5,9 +5,8 @@ grpo-suite toy train --preset demo      # about a minute on 2 CPU cores; prints 
 
 from dataclasses import dataclass, field
 
-from apps.toy.task import LETTERS, alphabet_fraction, letter_fraction, make_examples
+from apps.toy.task import LETTERS, alphabet_fraction, letter_fraction, make_examples, read_data_file
 from core.cli import add_app, add_command
-from core.data import read_examples
 from core.launch import policy_for, summary_table, with_run_dir
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
@@ -27,7 +26,9 @@ class ToyTrainConfig(GRPOConfig):
     learning_rate: float = field(
         default=3e-3, metadata={"help": "AdamW learning rate (high: a from-scratch model)"}
     )
-    num_examples: int = field(default=256, metadata={"help": "generated training prompts"})
+    num_examples: int = field(
+        default=256, metadata={"help": "generated training prompts (not used with --data)"}
+    )
     alphabet_weight: float = field(default=0.25, metadata={"help": "weight of the shaping reward"})
 
 
@@ -45,7 +46,7 @@ def build_default_model(path, seed: int):
 def train(config: ToyTrainConfig) -> list[dict]:
     config = with_run_dir(config, APP)
     if config.data:  # a file of the task's own rows: prompt and letter
-        examples = read_examples(config.data, required=("prompt", "letter"))
+        examples = read_data_file(config.data)
     else:
         examples = make_examples(config.num_examples, config.seed)
     model, tokenizer = policy_for(config, lambda path: build_default_model(path, config.seed))

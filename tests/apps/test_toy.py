@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from apps.toy.task import alphabet_fraction, letter_fraction, make_examples
 from core.cli import main
+from core.runs import RunDir
 
 TOY = ["toy", "train", "--preset", "smoke"]
 
@@ -68,6 +69,35 @@ def test_data_file_is_trained_on_and_a_bad_line_is_named(tmp_path, capsys):
         main([*TOY, "--data", str(data), "--run-dir", str(tmp_path / "bad")])
     assert f"{data}:line 2: missing field(s) letter" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "base_model").exists()  # read before anything is built
+
+
+@pytest.mark.parametrize(
+    ("row", "letter"), [("Repeat a, a", "' a'"), ("Repeat b,bb", "'bb'"), ("Repeat c,c", "'c'")]
+)
+def test_a_data_row_whose_letter_no_completion_can_earn_is_named(tmp_path, capsys, row, letter):
+    data = tmp_path / "toy.csv"
+    data.write_text(f"prompt,letter\nRepeat a,a\n{row}\n")
+    with pytest.raises(SystemExit):
+        main([*TOY, "--data", str(data), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert f"{data}:line 3" in err and f"letter {letter} is not one of a, b" in err
+    assert not (tmp_path / "run" / "base_model").exists()  # read before anything is built
+
+
+def test_num_examples_help_says_it_does_not_apply_with_data(capsys):
+    with pytest.raises(SystemExit):
+        main(["toy", "train", "--help"])
+    assert "generated training prompts (not used with --data)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_new_run_into_the_directory_of_another_is_refused_before_anything_is_built(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    RunDir.create(run_dir, {"max_steps": 2}, app="toy", algorithm="grpo", exist_ok_for_resume=False)
+    before = sorted(run_dir.rglob("*"))
+    with pytest.raises(SystemExit):
+        main([*TOY, "--run-dir", str(run_dir)])
+    assert f"{run_dir} already holds a run" in capsys.readouterr().err
+    assert sorted(run_dir.rglob("*")) == before  # no base_model/ built into the other run
 
 
 def test_resume_without_an_earlier_run_is_an_error(tmp_path, capsys):

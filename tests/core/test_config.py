@@ -10,6 +10,8 @@ import torch
 
 from core import cli
 from core.config import add_config_arguments, build_config, config_to_dict
+from core.runs import RunDir
+from core.trainer import GRPOConfig
 
 
 @dataclass
@@ -160,6 +162,85 @@ def test_resume_continues_with_the_runs_own_settings(tmp_path):
     again = build(["--run-dir", str(tmp_path), "--resume"])
     assert (again.steps, again.lr) == (4, 0.25)  # every resume's change, in order
     assert config_to_dict(ExampleConfig())["stops"] == ["</answer>"]
+
+
+def _run_config_builder():
+    parser = argparse.ArgumentParser()
+    presets = {"fast": {"lr": 0.5, "steps": 2}}
+    add_config_arguments(parser, RunConfig, presets)
+    return lambda argv: build_config(RunConfig, parser.parse_args(argv), presets)
+
+
+def test_resume_and_run_dir_from_the_config_file_continue_with_the_runs_own_settings(tmp_path):
+    build = _run_config_builder()
+    first = build(["--preset", "fast", "--run-dir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"app": "t", "config": config_to_dict(first)}))
+    run_dir_file = tmp_path / "run_dir.toml"
+    run_dir_file.write_text(f'run_dir = "{tmp_path}"\n')
+    resumed = build(["--resume", "--config", str(run_dir_file)])
+    assert (resumed.lr, resumed.steps, resumed.resume) == (0.5, 2, True)
+    resume_file = tmp_path / "resume.yaml"
+    resume_file.write_text(f"run_dir: {tmp_path}\nresume: true\nsteps: 3\n")
+    resumed = build(["--config", str(resume_file)])
+    assert (resumed.lr, resumed.steps, resumed.resume) == (0.5, 3, True)
+    assert build(["--config", str(resume_file), "--no-resume"]).lr == 1e-3  # a new run: the defaults
+
+
+def test_a_resume_continues_with_the_settings_of_the_last_one(tmp_path):
+    """Each resume records its changes against the settings it continued: a second resume that goes back
+    to the first run's value is recorded, and a third without flags keeps it."""
+    build = _run_config_builder()
+
+    def start(argv, resume):
+        config = build(["--run-dir", str(tmp_path), *argv])
+        RunDir.create(tmp_path, config_to_dict(config), app="t", algorithm="grpo", exist_ok_for_resume=resume)
+        return config
+
+    start(["--preset", "fast"], resume=False)
+    assert start(["--resume", "--steps", "10"], resume=True).steps == 10
+    assert start(["--resume", "--steps", "2"], resume=True).steps == 2
+    assert start(["--resume"], resume=True).steps == 2
+    resumes = RunDir(tmp_path).read_config()["resumes"]
+    assert [r["changed"] for r in resumes] == [
+        {"resume": [False, True], "steps": [2, 10]},
+        {"steps": [10, 2]},
+        {},
+    ]
+
+
+@pytest.mark.parametrize("text", ["[]", "0", "false", "just a string"])
+def test_a_yaml_file_that_is_not_a_mapping_is_refused(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=r"config file .*c.yaml: expected a mapping of field names"):
+        parse(["--config", str(path)])
+
+
+def test_an_empty_yaml_file_sets_nothing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# nothing yet\n")
+    assert parse(["--config", str(path)]) == ExampleConfig()
+
+
+def test_a_field_spelled_as_its_flag_in_a_file_is_pointed_to_its_name(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("eps-high = 0.3\nstepz = 3\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) eps-high, stepz \(did you mean eps_high\?"):
+        parse(["--config", str(path)])
+
+
+def test_an_unknown_registry_name_names_the_field_and_the_file(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, GRPOConfig)
+    path = tmp_path / "c.toml"
+    path.write_text('loss_aggregation = "token-sum"\n')
+    unknown = "loss_aggregation: unknown loss aggregation 'token-sum'; valid: "
+    with pytest.raises(ValueError, match=rf"^config file .*c.toml: {unknown}"):
+        build_config(GRPOConfig, parser.parse_args(["--config", str(path)]))
+    with pytest.raises(ValueError, match=rf"^{unknown}"):  # a flag's value: no file to name
+        build_config(
+            GRPOConfig, parser.parse_args(["--config", str(path), "--loss-aggregation", "token-sum"])
+        )
 
 
 def _register_example_app(apps):

@@ -803,9 +803,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Write a directory whole or not at all: yields a new sibling directory to write into; when the block
     ends without error its files are synced and it is renamed to `path` (an existing `path` is moved aside
     first and removed after), on error it is removed. A kill leaves `path` as it was, and never a `path`
-    with part of its files (a model whose weights file is cut short)."""
+    with part of its files (a model whose weights file is cut short): an old `path` moved aside by a write
+    cut off before the new one landed is put back, here on error and by the next call after a kill."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _put_back_moved_aside(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this pid
     tmp.mkdir()
@@ -822,7 +824,18 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _put_back_moved_aside(path)
         raise
+
+
+def _put_back_moved_aside(path: Path) -> None:
+    """`.<name>.old-<pid>` is an old `path` that `atomic_directory` moved aside: put it back when no new
+    `path` landed after it, else delete it."""
+    for aside in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if path.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, path)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

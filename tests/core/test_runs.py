@@ -551,6 +551,33 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     ]
 
 
+def test_atomic_directory_puts_back_the_old_directory_when_the_new_one_does_not_land(tmp_path, monkeypatch):
+    """Replacing `final/` moves the old one aside, then renames the new one in: a failure between the two
+    renames, or a kill there, must not leave the run without `final/`."""
+    target = tmp_path / "final"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    real_rename = os.rename
+
+    def rename_fails_for_the_new_one(src, dst):
+        if os.path.basename(src).startswith(".final.tmp-"):
+            raise OSError("disk full")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_fails_for_the_new_one)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "a.txt").read_text() == "one"
+    # a kill between the renames: the next write (here one that fails) puts the old directory back first
+    real_rename(target, tmp_path / ".final.old-12345")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target):
+            raise RuntimeError("killed half way")
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "a.txt").read_text() == "one"
+
+
 def test_a_block_killed_by_sigterm_marks_its_run_failed(run):
     """SIGTERM (torchrun stopping the others, a user's kill) raised SystemExit inside, so status.json says
     failed with the reason instead of "running" forever; the previous handler is put back."""

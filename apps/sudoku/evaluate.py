@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from apps.sudoku.data import PuzzleConfig, load_puzzles
 from apps.sudoku.model import ConstrainedBackend
 from apps.sudoku.rewards import puzzle_metrics
@@ -28,7 +30,18 @@ HEADERS = ("cell acc", "solved", "order", "tau", "valid")
 
 
 @dataclass
-class SudokuEvalConfig(PuzzleConfig):
+class ThreadsField:
+    """torch's CPU threads, for every command that runs a model."""
+
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
+
+    def set_threads(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+
+@dataclass
+class SudokuEvalConfig(ThreadsField, PuzzleConfig):
     """Evaluate one model directory on held-out puzzles."""
 
     model: str | None = field(default=None, metadata={"help": "HF model directory to evaluate (required)"})
@@ -41,6 +54,11 @@ class SudokuEvalConfig(PuzzleConfig):
     eval_puzzles: int = field(default=256, metadata={"help": "held-out puzzles evaluated (the first N)"})
     batch_size: int = field(default=256, metadata={"help": "puzzles decoded at once"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+
+    def __post_init__(self):
+        PuzzleConfig.__post_init__(self)
+        if self.eval_puzzles < 1:
+            raise ValueError(f"eval_puzzles must be >= 1 (the puzzles to evaluate), got {self.eval_puzzles}")
 
 
 def evaluate_model(model, tokenizer, examples: list[dict], batch_size: int = 256) -> dict[str, float]:
@@ -73,6 +91,8 @@ def held_out_examples(config: PuzzleConfig, limit: int) -> list[dict]:
 def run_eval(config: SudokuEvalConfig) -> dict:
     if config.model is None:
         raise FileNotFoundError("sudoku eval needs --model DIR (an HF model directory, e.g. <run>/final)")
+    config.set_threads()
+    examples = held_out_examples(config, config.eval_puzzles)  # a bad puzzle file stops here, before a run
     model, tokenizer = load_policy(config.model, device=config.device)
     model_path = Path(config.model)
     if config.run_dir:
@@ -98,9 +118,7 @@ def run_eval(config: SudokuEvalConfig) -> dict:
         run = RunDir.create(
             run_path, config_to_dict(config), app="sudoku", algorithm="eval", exist_ok_for_resume=False
         )
-    result = evaluate_model(
-        model, tokenizer, held_out_examples(config, config.eval_puzzles), config.batch_size
-    )
+    result = evaluate_model(model, tokenizer, examples, config.batch_size)
     previous = run.read_eval() if run.eval_path.is_file() else {}
     run.write_eval(previous | {"eval": {"model": str(model_path), "puzzle_settings": settings, **result}})
     print(table({model_path.parent.name or str(model_path): result}))

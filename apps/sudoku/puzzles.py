@@ -28,6 +28,8 @@ STRATEGIES = ("naked_single", "hidden_single", "elimination", "guess")
 SIZES = (4, 9)
 EMPTY_CHARS = ".0"
 DIGITS = "123456789"  # ASCII only: str.isdigit() also holds for "²" and "٢"
+# first column names of a header row (this module's `puzzle,solution`, public sets' `quizzes,solutions`)
+HEADER_NAMES = ("puzzle", "quizzes")
 # Fewest givens of a puzzle with a unique solution: 4 for 4x4; 17 for 9x9 (McGuire, Tugemann and Civario
 # 2012, "There is no 16-clue Sudoku")
 FEWEST_UNIQUE_GIVENS = {4: 4, 9: 17}
@@ -387,10 +389,11 @@ def line_to_grid(text: str, where: str) -> tuple[list[int], int]:
 
 
 def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
-    """Puzzles from a text file of one puzzle per line, or a CSV whose rows are `puzzle[,solution]` (a
-    header row such as `quizzes,solutions` is skipped). Each puzzle must have exactly one solution, which
-    is checked (and found when absent); every error names the file and line. Puzzles that need a strategy
-    harder than `max_strategy` are left out with a warning naming their lines."""
+    """Puzzles from a text file of one puzzle per line, or a CSV whose rows are `puzzle[,solution]` (a first
+    row whose first column is named `puzzle` or `quizzes`, any case, is a header and skipped; any other row
+    is read as a puzzle). Each puzzle must have exactly one solution, which is checked (and found when
+    absent); every error names the file and line. Puzzles that need a strategy harder than `max_strategy`
+    are left out with a warning naming their lines."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"puzzle file {path} does not exist")
@@ -402,7 +405,7 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
             cells = [c.strip() for c in row if c.strip()]
             if not cells or cells[0].startswith("#"):
                 continue
-            header, first = first and not any(ch in DIGITS for ch in cells[0]), False
+            header, first = first and cells[0].lower() in HEADER_NAMES, False
             if header:
                 continue
             if len(cells) > 2:

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from apps.sudoku.data import PuzzleConfig, load_puzzles
-from apps.sudoku.evaluate import evaluate_model, table
+from apps.sudoku.evaluate import ThreadsField, evaluate_model, table
 from apps.sudoku.model import ConstrainedBackend, create_model_dir, sft
 from apps.sudoku.rewards import board_fields, cell_reward, order_reward
 from apps.sudoku.serialize import to_example
@@ -37,7 +35,7 @@ def _help(text: str, default):
 
 
 @dataclass
-class ModelFields:
+class ModelFields(ThreadsField):
     """The tiny default model and its supervised fine-tuning."""
 
     hidden_size: int = _help("hidden size of a newly built model", 64)
@@ -51,12 +49,13 @@ class ModelFields:
         True,
     )
     eval_puzzles: int = _help("held-out puzzles evaluated at the end (0 = none)", 256)
-    threads: int = _help("torch CPU threads; 0 = torch's default", 0)
 
     def __post_init__(self):
         for name in ("sft_steps", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_puzzles < 0:
+            raise ValueError(f"eval_puzzles must be >= 0 (0 = none), got {self.eval_puzzles}")
 
 
 @dataclass
@@ -107,17 +106,12 @@ class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
             raise ValueError(f"cell_weight must be in [0, 1], got {self.cell_weight}")
 
 
-def _set_threads(threads: int) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> dict:
     """SFT into <run_dir>/final; returns the held-out evaluation (empty with eval_puzzles = 0).
 
     `resume`: reopen an unfinished SFT run and start it over, as SFT keeps no checkpoints.
     """
-    _set_threads(config.threads)
+    config.set_threads()
     run_path = Path(config.run_dir or default_run_dir(APP))
     print(f"run directory: {run_path}")
     train, held_out = puzzles or load_puzzles(config)  # a bad puzzle file stops here, before a run exists
@@ -201,7 +195,7 @@ def fit_bootstrap_scales(
 
 def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
     """GRPO into <run_dir>/final; returns the held-out evaluation (empty with eval_puzzles = 0)."""
-    _set_threads(config.threads)
+    config.set_threads()
     config = with_run_dir(config, APP)
     train, held_out = puzzles or load_puzzles(config)
 

@@ -152,6 +152,44 @@ def test_settings_sudoku_would_ignore_or_fail_on_are_command_line_errors(capsys)
     assert "compile_decode=True: Sudoku's constrained decoder" in capsys.readouterr().err
 
 
+def test_eval_puzzles_below_zero_and_an_eval_of_none_are_command_line_errors(tmp_path, capsys):
+    # -1 evaluated all held-out puzzles but the last (sft and train took it as "on"); eval's 0 crashed in
+    # transformers
+    for command in ("sft", "train", "pipeline", "eval"):
+        run = tmp_path / command
+        with pytest.raises(SystemExit):
+            main(["sudoku", command, "--preset", "smoke", "--eval-puzzles=-1", "--run-dir", str(run)])
+        wanted = (
+            "eval_puzzles must be >= 1 (the puzzles" if command == "eval" else "eval_puzzles must be >= 0"
+        )
+        assert wanted in capsys.readouterr().err and not run.exists()
+    with pytest.raises(SystemExit):
+        main(["sudoku", "eval", "--preset", "smoke", "--eval-puzzles", "0"])
+    assert "eval_puzzles must be >= 1 (the puzzles to evaluate), got 0" in capsys.readouterr().err
+
+
+def test_a_bad_puzzle_file_stops_eval_before_its_run_directory_exists(tmp_path, capsys):
+    # the run directory made first was later taken for a training run's
+    model = create_model_dir(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=4, seed=0)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1234341221434321\n")
+    run = tmp_path / "eval"
+    with pytest.raises(SystemExit):
+        main(["sudoku", "eval", "--model", str(model), "--data", str(bad), "--run-dir", str(run)])
+    assert f"{bad}:1: the puzzle has no empty cell" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_eval_takes_threads_as_the_other_commands_do(tmp_path, monkeypatch):
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    model = create_model_dir(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=4, seed=0)
+    run = tmp_path / "eval"
+    args = ["sudoku", "eval", "--preset", "smoke", "--model", str(model), "--run-dir", str(run)]
+    assert main([*args, "--threads", "1"]) == 0
+    assert set_to == [1] and json.loads((run / "eval.json").read_text())["eval"]["puzzles"] == 8
+
+
 def test_a_grpo_run_checkpoints_every_ten_steps(tmp_path):
     model = create_model_dir(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=4, seed=0)
     run = tmp_path / "run"

@@ -125,6 +125,18 @@ def test_puzzle_files_round_trip_and_malformed_lines_are_named(tmp_path):
     bad.write_text(f"{puzzles[0].to_line()}\nquizzes,solutions\n")  # a header only opens the file
     with pytest.raises(ValueError, match=r"bad.csv:2: expected 16 or 81 characters"):
         read_puzzles(bad)
+    # a first line is a header only by its column name: a malformed first puzzle is an error, not skipped
+    rest = "\n".join(p.to_line() for p in puzzles) + "\n"
+    for first, error in (
+        ("xxxxxxxxxxxxxxxx", "character 1 is 'x'"),
+        ("ab..cd....ba..dc", "character 1 is 'a'"),
+        ("sudoku,solution", "expected 16 or 81 characters"),
+    ):
+        bad.write_text(f"{first}\n{rest}")
+        with pytest.raises(ValueError, match=rf"bad.csv:1: {error}"):
+            read_puzzles(bad)
+    bad.write_text(f"Puzzle,Solution\n{rest}")
+    assert read_puzzles(bad) == puzzles
     for digit in ("\u00b2", "\u0662"):  # str.isdigit() holds for both; int() reads the second as 2
         bad.write_text("1" + digit + "..341221434321\n")
         with pytest.raises(ValueError, match=rf"bad.csv:1: character 2 is '{digit}'"):

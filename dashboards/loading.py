@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from core.runs import STATUSES, RunDir, is_run_dir
+from core.runs import STATUSES, RunDir, is_run_dir, latest_config
 
 MAX_DEPTH = 4  # runs/<app>/<name> is depth 2; deeper folders are searched a little, not forever
 SKIP_DIRS = {"checkpoints", "base_model", "final", "tensorboard", "__pycache__"}
@@ -141,7 +141,7 @@ def run_config(root: str | Path, name: str) -> dict[str, Any]:
     """config.json flattened: app, algorithm and the config fields (without the `config.` prefix)."""
     stored = RunDir(resolve_run(root, name)).read_config()
     flat = {"app": stored.get("app"), "algorithm": stored.get("algorithm")}
-    flat.update(flatten(stored.get("config", {})))
+    flat.update(flatten(latest_config(stored) if "config" in stored else {}))
     return flat
 
 

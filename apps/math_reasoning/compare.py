@@ -21,7 +21,7 @@ from pathlib import Path
 from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, build_base, train
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
 from core.config import config_file_values, config_to_dict
-from core.runs import RunDir, is_run_dir
+from core.runs import RunDir, is_run_dir, latest_config
 
 ARMS = (*ALGORITHMS, "grpo_large")
 
@@ -138,7 +138,7 @@ def _check_earlier_run(run_config: MathTrainConfig) -> None:
     """An earlier run in this run's directory is continued or reused only if it had these settings."""
     if not is_run_dir(run_config.run_dir):
         return
-    stored = RunDir(run_config.run_dir).read_config()["config"]
+    stored = latest_config(RunDir(run_config.run_dir).read_config())
     wanted = config_to_dict(run_config)
     changed = sorted(
         k for k in stored.keys() | wanted.keys() if k != "resume" and stored.get(k) != wanted.get(k)

@@ -23,7 +23,7 @@ from apps.sudoku.serialize import to_example
 from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import SamplingSettings
-from core.runs import RunDir, default_run_dir
+from core.runs import RunDir, default_run_dir, latest_config
 
 METRICS = ("cell_accuracy", "solved", "order_reward_norm", "kendall_tau", "format_valid")
 HEADERS = ("cell acc", "solved", "order", "tau", "valid")
@@ -105,7 +105,7 @@ def run_eval(config: SudokuEvalConfig) -> dict:
     settings = {name: getattr(config, name) for name in PuzzleConfig.__dataclass_fields__}
     if (run_path / "config.json").is_file():
         run = RunDir(run_path)
-        trained_on = run.read_config()["config"]
+        trained_on = latest_config(run.read_config())
         differ = [
             f"{k}={v!r} (run: {trained_on[k]!r})" for k, v in settings.items() if trained_on.get(k, v) != v
         ]

@@ -21,7 +21,7 @@ from apps.sudoku.evaluate import table
 from apps.sudoku.train import SudokuTrainConfig, run_sft, run_train, sft_config_from
 from core.config import config_to_dict
 from core.launch import with_run_dir
-from core.runs import RunDir, failure_recorded
+from core.runs import RunDir, failure_recorded, latest_config
 
 APP = "sudoku"
 # fields a resumed pipeline may change: where and how it runs, not what it computes
@@ -137,7 +137,7 @@ def _check_same_settings(root: Path, config: SudokuPipelineConfig) -> None:
     stored = RunDir(root).read_config()
     if stored.get("algorithm") != "pipeline":
         return  # not a pipeline's run: RunDir.create names what it is
-    old, new = stored["config"], config_to_dict(config)
+    old, new = latest_config(stored), config_to_dict(config)
     changed = [
         f"{k} {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(old.keys() | new.keys())

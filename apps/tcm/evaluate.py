@@ -28,7 +28,7 @@ from apps.tcm.rewards import (
 )
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings
-from core.runs import training_run
+from core.runs import latest_config, training_run
 
 FREE_TEXT = ("fill", "open")
 
@@ -165,7 +165,7 @@ class TcmEvalConfig:
         # unset: as the model was trained (its run's config.json): the split depends on the seed, so
         # another seed would score the model on facts it was trained on
         run = training_run(self.model)
-        trained = run.read_config()["config"] if run else {}
+        trained = latest_config(run.read_config()) if run else {}
         for name, fallback in RUN_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, trained.get(name, fallback))

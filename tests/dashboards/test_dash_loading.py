@@ -95,6 +95,12 @@ def test_config_diff_keeps_only_differing_fields(runs_root):
     assert same.empty
 
 
+def test_run_config_shows_the_settings_a_resumed_run_last_ran_with(runs_root):
+    config = {**loading.RunDir(runs_root / "toy/a").read_config()["config"], "learning_rate": 0.005}
+    loading.RunDir.create(runs_root / "toy/a", config, app="toy", algorithm="grpo", exist_ok_for_resume=True)
+    assert loading.run_config(runs_root, "toy/a")["learning_rate"] == 0.005
+
+
 def test_smooth_matches_a_plain_loop():
     values = np.array([1.0, np.nan, 4.0, 2.0, 8.0])
     weight = 0.7

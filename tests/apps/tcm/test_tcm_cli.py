@@ -140,3 +140,12 @@ def test_evaluate_takes_unset_settings_from_the_models_run(tmp_path):
     elsewhere = TcmEvalConfig(model=str(tmp_path / "model"))
     assert (elsewhere.seed, elsewhere.system_prompt, elsewhere.max_new_tokens) == (0, "paper", 512)
     assert elsewhere.data is None
+    # a resume that changed a setting: the model was last trained with the new one
+    RunDir.create(
+        tmp_path / "run",
+        {**trained, "max_new_tokens": 96},
+        app="tcm",
+        algorithm="grpo",
+        exist_ok_for_resume=True,
+    )
+    assert TcmEvalConfig(model=str(tmp_path / "run" / "final")).max_new_tokens == 96

@@ -5,8 +5,9 @@ single-process ones.
 Selected by `GRPOConfig.deepspeed` (a DeepSpeed JSON config file, as TRL's `--deepspeed`) or by
 accelerate's DeepSpeed config (`accelerate launch --use_deepspeed --zero_stage 2 ...`, which sets
 ACCELERATE_USE_DEEPSPEED; its fields are read through accelerate's `DeepSpeedPlugin`). The trainer owns the
-batch sizes, the clipping norm and the dtype: it fills the config's "auto" fields (accelerate's batch and
-clipping fields are launcher defaults and are replaced) and refuses values in a config file that disagree.
+batch sizes, the clipping norm, the dtype, the optimizer and its schedule: it fills the config's "auto"
+fields and refuses values set by the user (in the config file, or by accelerate launch's flags) that
+disagree, and refuses optimizer/scheduler sections and accelerate's mixed precision.
 ZeRO stage 3 shards the weights too; this trainer shards weights with FSDP2 instead (`--fsdp`,
 core/sharding.py), so stage 3 is refused with a message saying so.
 
@@ -22,6 +23,7 @@ What DeepSpeed changes for the caller:
 
 import json
 import logging
+import os
 from copy import deepcopy
 from pathlib import Path
 
@@ -47,20 +49,30 @@ REFUSED = {
 def deepspeed_config(path: str | None) -> dict | None:
     """The DeepSpeed config to run under: the JSON file at `path`, else accelerate's DeepSpeed config from
     the environment, else None (no DeepSpeed). Raises, naming the field, for what the trainer refuses:
-    ZeRO stages 0 and 3, fp16/bf16 (the trainer keeps the model's dtype; `--autocast bfloat16` does bf16)
-    and the options in REFUSED, compute_grad_norm false, the flops profiler."""
+    ZeRO stages 0 and 3, fp16/bf16 and accelerate's mixed precision (the trainer keeps the model's dtype;
+    `--autocast bfloat16` does bf16), optimizer and scheduler sections (the trainer brings its own), the
+    options in REFUSED, compute_grad_norm false, the flops profiler."""
     if path:
         try:
             config = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"DeepSpeed config {path}: {err}") from err
     elif parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        from accelerate.utils import DeepSpeedPlugin
-
-        config = deepcopy(DeepSpeedPlugin().deepspeed_config)
-        config.update({name: "auto" for name in TRAINER_FIELDS})  # accelerate's defaults, not the run's
+        config = _accelerate_config()
     else:
         return None
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        raise ValueError(
+            f"accelerate launch --mixed_precision {precision} is not applied: the trainer keeps the model's "
+            "dtype; launch with --mixed_precision no and pass --autocast bfloat16 for bf16 compute"
+        )
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ValueError(
+                f'DeepSpeed config section "{section}" is not supported: the trainer brings its own AdamW '
+                "and schedule (--learning-rate, --weight-decay, --lr-schedule, --warmup-steps)"
+            )
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage == 0:
         raise ValueError(
@@ -91,12 +103,38 @@ def deepspeed_config(path: str | None) -> dict | None:
     return config
 
 
+def _accelerate_config() -> dict:
+    """accelerate's DeepSpeed config (`DeepSpeedPlugin`, from its DeepSpeed config file or launch flags), with
+    the trainer's fields the user's: the file's value, else that of accelerate launch's
+    --gradient_accumulation_steps / --gradient_clipping, else "auto". (Where the file has no
+    gradient_accumulation_steps, accelerate puts in its default of 1 and drops the flag's value.)"""
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    config = deepcopy(DeepSpeedPlugin().deepspeed_config)
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    given = {} if file == "none" else HfDeepSpeedConfig(file).config
+    for name in TRAINER_FIELDS:
+        config[name] = given.get(name, "auto")
+    for name, variable, kind in (
+        ("gradient_accumulation_steps", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", int),
+        ("gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING", float),
+    ):
+        if config[name] == "auto" and os.environ.get(variable, "auto") != "auto":
+            config[name] = kind(os.environ[variable])
+    return config
+
+
 def _filled(config: dict, name: str, value) -> dict:
     """`config` with `name` set to the trainer's `value` where it is missing or "auto"; a different
     explicit value is an error naming the field."""
     given = config.get(name, "auto")
     if given != "auto" and given != value:
-        raise ValueError(f"DeepSpeed config field {name} = {given!r}, but the trainer's value is {value!r}")
+        raise ValueError(
+            f"DeepSpeed config field {name} = {given!r}, but the trainer's value is {value!r} (set in the "
+            "--deepspeed file, accelerate's DeepSpeed config or accelerate launch's flags): make it \"auto\", "
+            "leave it out or give the trainer's value"
+        )
     return {**config, name: value}
 
 

@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-from core.zero import _filled, deepspeed_config
+from core.zero import TRAINER_FIELDS, _filled, deepspeed_config
 
 ENV = (
     "ACCELERATE_USE_DEEPSPEED",
     "ACCELERATE_DEEPSPEED_ZERO_STAGE",
     "ACCELERATE_DEEPSPEED_CONFIG_FILE",
     "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "ACCELERATE_GRADIENT_CLIPPING",
+    "ACCELERATE_MIXED_PRECISION",
 )
 
 
@@ -35,10 +37,54 @@ def test_no_deepspeed_without_a_file_or_accelerate():
 def test_accelerate_launch_flags_select_zero(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
-    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")  # accelerate config's default
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     config = deepspeed_config(None)
     assert config["zero_optimization"]["stage"] == 1
-    assert config["gradient_accumulation_steps"] == "auto"  # the launcher's default gives way to the trainer
+    assert {name: config[name] for name in TRAINER_FIELDS} == dict.fromkeys(TRAINER_FIELDS, "auto")
+
+
+def test_accelerate_launch_values_are_the_users(monkeypatch):
+    """--gradient_accumulation_steps / --gradient_clipping of accelerate launch are kept, so that the
+    trainer refuses them where they differ from its own, as in a --deepspeed file."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "0.5")
+    config = deepspeed_config(None)
+    assert (config["gradient_accumulation_steps"], config["gradient_clipping"]) == (4, 0.5)
+    assert _filled(config, "gradient_accumulation_steps", 4)["gradient_accumulation_steps"] == 4
+    with pytest.raises(ValueError, match="gradient_clipping = 0.5, but the trainer's value is 1.0"):
+        _filled(config, "gradient_clipping", 1.0)
+
+
+def test_accelerate_config_file_values_are_the_users(tmp_path, monkeypatch):
+    """The values of accelerate's DeepSpeed config file are kept; the accumulation steps it lacks are the
+    trainer's, not accelerate's default of 1 (nor does accelerate let the launch flag through)."""
+    path = _write(
+        tmp_path, {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5, "train_batch_size": "auto"}
+    )
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", path)
+    config = deepspeed_config(None)
+    assert {name: config[name] for name in TRAINER_FIELDS} == {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": 0.5,
+    }
+    with pytest.raises(ValueError, match="gradient_clipping = 0.5, but the trainer's value is 1.0"):
+        _filled(config, "gradient_clipping", 1.0)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    assert deepspeed_config(None)["gradient_accumulation_steps"] == 2
+
+
+@pytest.mark.parametrize("deepspeed", ["accelerate", "file"])
+def test_accelerate_mixed_precision_is_refused(tmp_path, monkeypatch, deepspeed):
+    """accelerate launch --mixed_precision bf16 would otherwise train in the model's dtype without a word."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", str(deepspeed == "accelerate").lower())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    path = _write(tmp_path, {"zero_optimization": {"stage": 2}}) if deepspeed == "file" else None
+    with pytest.raises(ValueError, match="--mixed_precision bf16 is not applied.*--autocast bfloat16"):
+        deepspeed_config(path)
 
 
 def test_a_config_file_selects_zero(tmp_path):
@@ -58,6 +104,8 @@ def test_a_config_file_selects_zero(tmp_path):
         ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "logs the gradient norm"),
         ({"zero_optimization": {"stage": 1}, "wall_clock_breakdown": True}, "wall_clock_breakdown"),
         ({"zero_optimization": {"stage": 1}, "flops_profiler": {"enabled": True}}, "flops_profiler"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD"}}, "optimizer.*--learning-rate"),
+        ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "scheduler.*--lr-schedule"),
     ],
 )
 def test_refused_configs_say_why(tmp_path, config, message):

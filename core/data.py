@@ -41,7 +41,33 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
             yield reader.line_num, row
 
 
-def _missing(value) -> bool:
+def read_json(path: Path) -> Iterator[tuple[str, dict]]:
+    """("row N" from 1, object) for each row of a JSON file: a list of objects, or an object of columns
+    (each a list, all of one length). A file of one object per line is read as JSONL ("line N"). A syntax
+    error names the file, line and column; a row that is not an object names the file and the row."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # a complete value, then more: one object per line
+            yield from ((f"line {number}", row) for number, row in read_jsonl(path))
+            return
+        raise ValueError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
+    if isinstance(data, dict) and data and all(isinstance(column, list) for column in data.values()):
+        lengths = {name: len(column) for name, column in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{path}: columns of different lengths {lengths}")
+        data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of objects or an object of columns (lists)")
+    for number, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:row {number}: expected a JSON object, got {type(row).__name__}")
+        yield f"row {number}", row
+
+
+def is_missing(value) -> bool:
+    """A field that is absent (None from `row.get`), null, or only whitespace."""
     return value is None or (isinstance(value, str) and not value.strip())
 
 
@@ -55,7 +81,7 @@ def read_examples(path: str | Path, required: Sequence[str]) -> list[dict]:
 def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tuple[str, dict]]:
     """`read_examples` with where each row came from, for an app's own error messages:
     ("<file>:line N (id 'x')" for JSONL and CSV, "<file>:row N (id 'x')" for JSON and Parquet, N from 1;
-    row). A field that is absent, null or only whitespace counts as missing."""
+    row). A field that is absent, null or only whitespace counts as missing (`is_missing`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -63,20 +89,22 @@ def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tup
         rows = [(f"line {number}", row) for number, row in read_jsonl(path)]
     elif path.suffix == ".csv":
         rows = [(f"line {number}", row) for number, row in read_csv(path)]
-    elif path.suffix in (".json", ".parquet"):
-        from datasets import load_dataset  # heavy import, only for these formats
+    elif path.suffix == ".json":
+        rows = list(read_json(path))
+    elif path.suffix == ".parquet":
+        from datasets import load_dataset  # heavy import, only for Parquet
 
-        dataset = load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        dataset = load_dataset("parquet", data_files=str(path), split="train")
         rows = [(f"row {index}", dict(row)) for index, row in enumerate(dataset, start=1)]
     else:
         raise ValueError(f"data file {path}: expected .jsonl, .json, .csv or .parquet")
     examples, first_seen = [], {}
     for index, (where, row) in enumerate(rows):
-        missing = [name for name in required if _missing(row.get(name))]
+        missing = [name for name in required if is_missing(row.get(name))]
         if missing:
             raise ValueError(f"{path}:{where}: missing field(s) {', '.join(missing)}")
-        # `datasets` gives a row without the column a null id; JSONL may write "id": null
-        if _missing(row.get("id")):
+        # `datasets` gives a row without the column a null id; JSON may write "id": null
+        if is_missing(row.get("id")):
             row["id"] = f"{path.stem}-{index}"
         key = str(row["id"])
         if key in first_seen:

@@ -21,23 +21,24 @@ from reward_models.deberta import MultiHeadRewardModel
 
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, device: str) -> dict:
-    """[CLS] prompt [SEP] response [SEP], padded to the longest; only the prompt is cut when too long, so
-    the response (what is judged) is always seen whole when it fits. A response too long to fit with one
-    prompt token is cut at its end too (`longest_first`), rather than failing the whole batch."""
-    sizes = [len(ids) for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
-    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - 1  # keep one prompt token
-    rows = [
-        tokenizer(
-            prompt,
-            response,
-            truncation="only_first" if size <= room else "longest_first",
-            max_length=max_length,
-        )
-        for prompt, response, size in zip(prompts, responses, sizes, strict=True)
-    ]
-    enc = tokenizer.pad(
-        [{k: row[k] for k in ("input_ids", "attention_mask")} for row in rows], return_tensors="pt"
-    )
+    """[CLS] prompt [SEP] response [SEP], padded to the longest, at most `max_length` tokens. Only the
+    prompt's end is cut when too long, so the response (what is judged) is seen whole when it fits beside
+    one prompt token; a response too long for that keeps its first tokens, rather than failing the batch.
+    The special tokens are placed by the tokenizer's own post-processor, on the cut token lists."""
+    backend = tokenizer.backend_tokenizer
+    room = max_length - backend.num_special_tokens_to_add(is_pair=True)
+    if room < 2:
+        raise ValueError(f"max_length {max_length} leaves no room for a prompt token and a response token")
+    # each call resets the backend's truncation and padding, so post_process below does neither
+    prompt_tokens = tokenizer(prompts, add_special_tokens=False).encodings
+    response_tokens = tokenizer(responses, add_special_tokens=False).encodings
+    rows = []
+    for prompt, response in zip(prompt_tokens, response_tokens, strict=True):
+        response.truncate(room - min(len(prompt), 1))
+        prompt.truncate(room - len(response))
+        pair = backend.post_process(prompt, response, add_special_tokens=True)
+        rows.append({"input_ids": pair.ids, "attention_mask": pair.attention_mask})
+    enc = tokenizer.pad(rows, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.data import read_located_examples
+from core.data import is_missing, read_located_examples
 
 HINT_TIERS = ("knowledge", "planning", "solution")
 NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Finn", "Gus", "Ivy")
@@ -250,7 +250,7 @@ def load_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
 
 def _field(row: dict, name: str, where: str) -> str:
     value = row.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if is_missing(value):
         raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"{where}: field {name!r} must be text or a number, got {type(value).__name__}")
@@ -279,10 +279,9 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
             **extra,
         }
     question = _field(row, "problem", where)
-    if fmt in ("amc", "aime") or row.get("answer") not in (None, ""):
+    if fmt in ("amc", "aime") or not is_missing(row.get("answer")):
         return {"question": question, "answer": _field(row, "answer", where)}
-    solution = row.get("solution")
-    if solution in (None, ""):
+    if is_missing(row.get("solution")):
         raise ValueError(
             f"{where}: missing field 'answer' (and no 'solution' to take a \\boxed{{}} answer from)"
         )

@@ -38,8 +38,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_correct(answers: list[str | None], gold: str) -> bool:
-    """maj@k: the most frequent extracted answer (ties: the one seen first) equals the gold; None never
-    votes. Votes go to classes of equal answers (`same_answer`), so "1,000" and "1000" vote together.
+    """maj@k: the most frequent extracted answer (ties: the one seen first) equals the gold; None and an
+    empty answer (`<answer> </answer>`) never vote. Votes go to classes of equal answers (`same_answer`),
+    so "1,000" and "1000" vote together.
 
     >>> majority_correct(["3", "4", "4", None], "4"), majority_correct([None, None], "4")
     (True, False)
@@ -47,7 +48,7 @@ def majority_correct(answers: list[str | None], gold: str) -> bool:
     True
     """
     classes: list[list[str]] = []  # in order of first appearance; each holds equal answers
-    for answer in (a.strip() for a in answers if a is not None):
+    for answer in (a.strip() for a in answers if a is not None and a.strip()):
         home = next((c for c in classes if same_answer(answer, c[0])), None)
         if home is None:
             classes.append([answer])

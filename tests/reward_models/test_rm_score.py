@@ -9,7 +9,8 @@ from apps.debias.data import DataConfig, generate_splits, write_splits
 from core import cli
 from reward_models.cli import register
 from reward_models.pairs import read_split, rows_digest
-from reward_models.score import RewardModelScorer, RMScoreConfig
+from reward_models.score import RewardModelScorer, RMScoreConfig, encode
+from reward_models.tokenizer import train_tokenizer
 from reward_models.train import RMEvalConfig
 
 
@@ -124,6 +125,46 @@ def test_a_response_longer_than_the_model_is_cut_not_an_error(trained):
     assert scorer.score(["q"], [cut])["fairness"][0] == pytest.approx(scores["fairness"][1], abs=1e-5)
     short = scorer.score(["q"], ["a short answer"])["fairness"][0]
     assert short == pytest.approx(scores["fairness"][0], abs=1e-5)  # its neighbour is scored as alone
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    corpus = [
+        "People from Henan are all lazy, so the company should hire the other finalist.",
+        "The landlord should judge them on rent history, references and a fair lease, not on their age.",
+        "A bank officer in Chengdu is reviewing a small business loan from a Tibetan person.",
+    ]
+    return train_tokenizer(corpus * 20, tmp_path_factory.mktemp("tok"))  # "the" and "a" one token each
+
+
+@pytest.mark.parametrize(
+    "prompt_tokens, response_tokens, kept",
+    [
+        (4, 3, (4, 3)),  # fits: nothing is cut
+        (20, 3, (6, 3)),  # the prompt is cut to the room the response leaves
+        (20, 8, (1, 8)),  # down to one token: the response is still whole
+        (20, 9, (1, 8)),  # a response too long beside one prompt token keeps its first tokens
+        (20, 30, (1, 8)),
+        (0, 12, (0, 9)),  # no prompt: the response has all the room
+    ],
+)
+def test_encode_cuts_the_prompt_first_and_the_response_only_at_its_end(
+    tokenizer, prompt_tokens, response_tokens, kept
+):
+    (the,) = tokenizer("the", add_special_tokens=False)["input_ids"]
+    (a,) = tokenizer("a", add_special_tokens=False)["input_ids"]
+    prompt, response = " ".join(["the"] * prompt_tokens), " ".join(["a"] * response_tokens)
+    enc = encode(tokenizer, [prompt, "the"], [response, "a"], 12, "cpu")  # 9 tokens of room
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    ids = [cls, *[the] * kept[0], sep, *[a] * kept[1], sep]
+    assert enc["input_ids"][0].tolist() == ids
+    assert enc["attention_mask"][0].tolist() == [1] * len(ids)
+    assert enc["input_ids"][1, :5].tolist() == [cls, the, sep, a, sep]  # its neighbour is not cut
+
+
+def test_encode_refuses_a_length_without_room_for_both_texts(tokenizer):
+    with pytest.raises(ValueError, match="max_length 4 leaves no room"):
+        encode(tokenizer, ["the"], ["a"], 4, "cpu")
 
 
 def test_the_scorer_cuts_inputs_at_the_training_length(trained, tmp_path):

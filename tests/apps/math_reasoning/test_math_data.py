@@ -122,9 +122,10 @@ def test_loaders_of_each_format(tmp_path):
     math_rows = [
         {"problem": "half?", "solution": r"It is \boxed{\frac{1}{2}}."},
         {"problem": "p", "answer": "3", "solution": r"\boxed{4}"},
+        {"problem": "p", "answer": " \n", "solution": r"\boxed{5}"},  # a blank answer is a missing one
     ]
     loaded = load_examples(_write(tmp_path / "math.jsonl", math_rows))
-    assert [e["answer"] for e in loaded] == [r"\frac{1}{2}", "3"]  # an explicit answer wins
+    assert [e["answer"] for e in loaded] == [r"\frac{1}{2}", "3", "5"]  # an explicit answer wins
     aime = load_examples(_write(tmp_path / "aime.jsonl", [{"problem": "p", "answer": 204}]), "aime")
     assert aime[0]["answer"] == "204" and aime[0]["source"] == "aime"
     minerva = load_examples(
@@ -160,6 +161,7 @@ def test_parquet_and_offline_round_trip(tmp_path):
         ),
         ([{"problem": "p", "solution": "no box"}], "math", r"bad.jsonl:line 1 .*no \\boxed"),
         ([{"problem": "p"}], "math", "missing field 'answer'"),
+        ([{"problem": "p", "answer": " ", "solution": " "}], "math", "missing field 'answer'"),
         ([{"problem": "p", "answer": ""}], "aime", "missing field 'answer'"),
         ([{"problem": "p", "answer": [1]}], "amc", "must be text or a number"),
         ([{"text": "x"}], "auto", "cannot tell the format"),
@@ -171,6 +173,36 @@ def test_malformed_files_name_file_row_and_field(tmp_path, rows, fmt, message):
     with pytest.raises(ValueError, match=message) as err:
         load_examples(path, fmt)
     assert "bad.jsonl" in str(err.value)
+
+
+def test_json_files_are_read_as_written(tmp_path):
+    path = tmp_path / "aime.json"
+    path.write_text(json.dumps([{"problem": "a", "answer": 7}, {"problem": "b", "answer": "042"}]))
+    assert [e["answer"] for e in load_examples(path, "aime")] == ["7", "042"]  # "042" stays text
+    path.write_text(json.dumps({"problem": ["a", "b"], "answer": ["1", "2"]}))  # an object of columns
+    assert [(e["id"], e["answer"]) for e in load_examples(path, "aime")] == [("aime-0", "1"), ("aime-1", "2")]
+    path.write_text('{"problem": "a", "answer": "1"}\n{"problem": "b"}\n')  # one object per line
+    with pytest.raises(ValueError, match=r"aime.json:line 2 \(id 'aime-1'\): missing field 'answer'"):
+        load_examples(path, "aime")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '[\n{"problem": "a", "answer": "1"},\n{"problem": "b", "answer": }\n]',
+            r"bad.json:3:28: not valid JSON",
+        ),
+        ('[{"problem": "a", "answer": "1"}, 5]', r"bad.json:row 2: expected a JSON object, got int"),
+        ('{"problem": ["a", "b"], "answer": ["1"]}', r"bad.json: columns of different lengths"),
+        ('"text"', r"bad.json: expected a list of objects or an object of columns"),
+    ],
+)
+def test_malformed_json_files_name_the_file_and_the_line_or_row(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_examples(path, "aime")
 
 
 def test_errors_give_the_jsonl_line_not_the_row_index(tmp_path):

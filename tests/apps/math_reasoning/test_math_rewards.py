@@ -90,6 +90,9 @@ def test_majority_vote():
     assert not majority_correct(["1", "1", "2"], "2")
     assert majority_correct(["1", "2"], "1")  # a tie goes to the earliest
     assert not majority_correct([None, None, "3"], "4")
+    # an empty answer (`<answer> </answer>`) is no vote, as None is: it cannot win the tie
+    assert majority_correct([None, "4"], "4") and majority_correct(["", "4"], "4")
+    assert majority_correct([" ", "4"], "4")
     # equal answers written differently vote together
     assert majority_correct(["7", "1,000", "1000"], "1000")
     assert majority_correct(["\\frac{1}{2}", "3", "0.5"], "1/2")

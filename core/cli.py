@@ -16,6 +16,7 @@ from typing import Any
 import torch.distributed as dist
 
 from core.config import add_config_arguments, build_config
+from core.data import InputError
 
 ENTRY_POINT_GROUP = "grpo_suite.apps"
 
@@ -64,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _names_an_input(err: ValueError) -> bool:
-    """A bad-input error starts with the file it is about ("data.jsonl:3: not valid JSON"): it is shown as a
-    command-line error. Any other ValueError keeps its traceback."""
+    """A bad-input error (an InputError, or one that starts with the file it is about: "data.jsonl:3: not
+    valid JSON") is shown as a command-line error. Any other ValueError keeps its traceback."""
     head = str(err).split(":", 1)[0]
-    return bool(head) and Path(head).exists()
+    return isinstance(err, InputError) or (bool(head) and Path(head).exists())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,11 @@ from pathlib import Path
 import torch
 
 
+class InputError(ValueError):
+    """A data file that cannot be read as examples; the message names the file (and line, row or field).
+    The command line shows it as an error without a traceback (core.cli)."""
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file, in order; a line that is not a JSON
     object is an error naming the file and the line (raised when the reader gets there)."""
@@ -23,9 +28,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         yield number, row
 
 
@@ -37,7 +42,7 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
         reader = csv.DictReader(file)
         for row in reader:
             if None in row:
-                raise ValueError(f"{path}:{reader.line_num}: more fields than the header has columns")
+                raise InputError(f"{path}:{reader.line_num}: more fields than the header has columns")
             yield reader.line_num, row
 
 
@@ -52,17 +57,17 @@ def read_json(path: Path) -> Iterator[tuple[str, dict]]:
         if err.msg == "Extra data":  # a complete value, then more: one object per line
             yield from ((f"line {number}", row) for number, row in read_jsonl(path))
             return
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
+        raise InputError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
     if isinstance(data, dict) and data and all(isinstance(column, list) for column in data.values()):
         lengths = {name: len(column) for name, column in data.items()}
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"{path}: columns of different lengths {lengths}")
+            raise InputError(f"{path}: columns of different lengths {lengths}")
         data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of objects or an object of columns (lists)")
+        raise InputError(f"{path}: expected a list of objects or an object of columns (lists)")
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:row {number}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{path}:row {number}: expected a JSON object, got {type(row).__name__}")
         yield f"row {number}", row
 
 
@@ -97,22 +102,22 @@ def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tup
         dataset = load_dataset("parquet", data_files=str(path), split="train")
         rows = [(f"row {index}", dict(row)) for index, row in enumerate(dataset, start=1)]
     else:
-        raise ValueError(f"data file {path}: expected .jsonl, .json, .csv or .parquet")
+        raise InputError(f"data file {path}: expected .jsonl, .json, .csv or .parquet")
     examples, first_seen = [], {}
     for index, (where, row) in enumerate(rows):
         missing = [name for name in required if is_missing(row.get(name))]
         if missing:
-            raise ValueError(f"{path}:{where}: missing field(s) {', '.join(missing)}")
+            raise InputError(f"{path}:{where}: missing field(s) {', '.join(missing)}")
         # `datasets` gives a row without the column a null id; JSON may write "id": null
         if is_missing(row.get("id")):
             row["id"] = f"{path.stem}-{index}"
         key = str(row["id"])
         if key in first_seen:
-            raise ValueError(f"{path}:{where}: id {key!r} is also the id of {first_seen[key]}")
+            raise InputError(f"{path}:{where}: id {key!r} is also the id of {first_seen[key]}")
         first_seen[key] = where
         examples.append((f"{path}:{where} (id {row['id']!r})", row))
     if not examples:
-        raise ValueError(f"data file {path} has no rows")
+        raise InputError(f"data file {path} has no rows")
     return examples
 
 

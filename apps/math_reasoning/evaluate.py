@@ -21,7 +21,7 @@ from apps.math_reasoning.templates import TEMPLATES, Template, get_template
 from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
-from core.runs import RunDir, default_run_dir, is_run_dir, training_run
+from core.runs import RunDir, default_run_dir, is_run_dir, latest_config, training_run
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -169,7 +169,7 @@ class MathEvalConfig:
             raise ValueError("--model is required (an HF model directory, e.g. runs/math/<run>/final)")
         # unset: as the model's training run was (its config.json), else the train command's defaults
         run = training_run(self.model)
-        trained = run.read_config()["config"] if run else {}
+        trained = latest_config(run.read_config()) if run else {}
         for name, fallback in RUN_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, trained.get(name, fallback))

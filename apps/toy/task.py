@@ -5,7 +5,7 @@ initialised tiny model starts near 0 on both, and GRPO alone teaches it the mapp
 import random
 from pathlib import Path
 
-from core.data import read_located_examples
+from core.data import InputError, read_located_examples
 
 LETTERS = "ab"
 
@@ -25,7 +25,7 @@ def read_data_file(path: str | Path) -> list[dict]:
     examples = []
     for where, row in read_located_examples(path, required=("prompt", "letter")):
         if row["letter"] not in tuple(LETTERS):  # one whole letter: "ab" is in the string LETTERS
-            raise ValueError(f"{where}: letter {row['letter']!r} is not one of {', '.join(LETTERS)}")
+            raise InputError(f"{where}: letter {row['letter']!r} is not one of {', '.join(LETTERS)}")
         examples.append(row)
     return examples
 

@@ -72,6 +72,23 @@ def test_data_file_is_trained_on_and_a_bad_line_is_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("toy.txt", "Repeat a", "expected .jsonl, .json, .csv or .parquet"),
+        ("empty.csv", "prompt,letter\n", "has no rows"),
+        ("a:b/toy.jsonl", '{"prompt": "Repeat a"}\n', "line 1: missing field(s) letter"),  # a ':' in the path
+    ],
+)
+def test_a_bad_data_file_is_a_command_line_error_without_a_traceback(tmp_path, capsys, name, text, message):
+    data = tmp_path / name
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TOY, "--data", str(data), "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("row", "letter"), [("Repeat a, a", "' a'"), ("Repeat b,bb", "'bb'"), ("Repeat c,c", "'c'")]
 )
 def test_a_data_row_whose_letter_no_completion_can_earn_is_named(tmp_path, capsys, row, letter):

@@ -288,3 +288,23 @@ def test_scaf_under_zero2_gives_the_one_process_update(small_dir, tmp_path):
     assert any(not torch.equal(expected[name], base[name]) for name in expected)  # a real update
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_eval_takes_unset_settings_from_the_models_run_as_it_last_ran(tmp_path):
+    from apps.math_reasoning.evaluate import MathEvalConfig
+    from core.runs import RunDir
+
+    trained = {"data_seed": 7, "data_mix": "micro", "template": "boxed", "max_new_tokens": 48}
+    RunDir.create(tmp_path / "run", trained, app="math", algorithm="grpo", exist_ok_for_resume=False)
+    model = str(tmp_path / "run" / "final")
+    config = MathEvalConfig(model=model)
+    assert (config.data_seed, config.data_mix, config.template, config.max_new_tokens) == (
+        7,
+        "micro",
+        "boxed",
+        48,
+    )
+    assert MathEvalConfig(model=model, template="r1_short").template == "r1_short"  # given: kept
+    resumed = {**trained, "max_new_tokens": 96}  # a resume that changed it
+    RunDir.create(tmp_path / "run", resumed, app="math", algorithm="grpo", exist_ok_for_resume=True)
+    assert MathEvalConfig(model=model).max_new_tokens == 96

@@ -22,6 +22,7 @@ gradients are partitioned (core/zero.py). The update is the same.
 """
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -281,7 +282,15 @@ def join_processes(device: str) -> PartialState:
     """Accelerate's process state, whose first creation joins the process group of a multi-process launch
     (`accelerate launch --multi_gpu`, `torchrun`); on CPU over gloo, which accelerate only picks when told
     the run is on CPU. One process without a launcher: nothing to join.
-    (`accelerate launch --cpu --num_processes N` starts a single process unless given an MPI hostfile.)"""
+    (`accelerate launch --cpu --num_processes N` starts a single process unless given an MPI hostfile.)
+    accelerate launch's --mixed_precision is refused: the trainer does not apply it (it keeps the model's
+    dtype; `--autocast bfloat16` is its bf16 path), so a bf16 launch would train in float32 without a word."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        raise ValueError(
+            f"accelerate launch --mixed_precision {precision} is not applied: the trainer keeps the model's "
+            "dtype; launch with --mixed_precision no and pass --autocast bfloat16 for bf16 compute"
+        )
     return PartialState(cpu=torch.device(device).type == "cpu")
 
 

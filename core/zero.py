@@ -7,7 +7,7 @@ accelerate's DeepSpeed config (`accelerate launch --use_deepspeed --zero_stage 2
 ACCELERATE_USE_DEEPSPEED; its fields are read through accelerate's `DeepSpeedPlugin`). The trainer owns the
 batch sizes, the clipping norm, the dtype, the optimizer and its schedule: it fills the config's "auto"
 fields and refuses values set by the user (in the config file, or by accelerate launch's flags) that
-disagree, and refuses optimizer/scheduler sections and accelerate's mixed precision.
+disagree, and refuses optimizer/scheduler sections.
 ZeRO stage 3 shards the weights too; this trainer shards weights with FSDP2 instead (`--fsdp`,
 core/sharding.py), so stage 3 is refused with a message saying so.
 
@@ -49,9 +49,10 @@ REFUSED = {
 def deepspeed_config(path: str | None) -> dict | None:
     """The DeepSpeed config to run under: the JSON file at `path`, else accelerate's DeepSpeed config from
     the environment, else None (no DeepSpeed). Raises, naming the field, for what the trainer refuses:
-    ZeRO stages 0 and 3, fp16/bf16 and accelerate's mixed precision (the trainer keeps the model's dtype;
-    `--autocast bfloat16` does bf16), optimizer and scheduler sections (the trainer brings its own), the
-    options in REFUSED, compute_grad_norm false, the flops profiler."""
+    ZeRO stages 0 and 3, fp16/bf16 (the trainer keeps the model's dtype; `--autocast bfloat16` does bf16;
+    accelerate's --mixed_precision is refused for every launch, by core.trainer.join_processes), optimizer
+    and scheduler sections (the trainer brings its own), the options in REFUSED, compute_grad_norm false,
+    the flops profiler."""
     if path:
         try:
             config = json.loads(Path(path).read_text())
@@ -61,12 +62,6 @@ def deepspeed_config(path: str | None) -> dict | None:
         config = _accelerate_config()
     else:
         return None
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision != "no":
-        raise ValueError(
-            f"accelerate launch --mixed_precision {precision} is not applied: the trainer keeps the model's "
-            "dtype; launch with --mixed_precision no and pass --autocast bfloat16 for bf16 compute"
-        )
     for section in ("optimizer", "scheduler"):
         if section in config:
             raise ValueError(

@@ -43,6 +43,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from core.runs import atomic_directory
+
 PAD, ENDOFTEXT, IM_START, IM_END = "<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ids 0..3 in this order. eos is <|im_end|> so a chat completion stops at the end of the assistant turn;
 # pad is its own token so padding never reads as a stop; <|endoftext|> is the bos id (as in Qwen2's
@@ -187,12 +189,14 @@ def create_tiny_model_dir(
     path: str | Path, texts: Iterable[str], extra_tokens: Sequence[str] = (), **model_kwargs
 ) -> Path:
     """Build a tokenizer on `texts` and a tiny model (`model_kwargs` go to `build_tiny_model`) and save
-    both to `path` (safetensors). `path` must not exist or be empty, so nothing is silently replaced."""
+    both to `path` (safetensors). `path` must not exist or be empty, so nothing is silently replaced. It
+    appears whole or not at all: a kill during the save leaves no `path` with a cut-off weights file."""
     path = _new_dir(path)
     tokenizer = build_char_tokenizer(texts, extra_tokens)
     model = build_tiny_model(tokenizer, **model_kwargs)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return path
 
 
@@ -208,7 +212,8 @@ def sft(
     seed: int = 0,
 ) -> Path:
     """Supervised fine-tuning with TRL's `SFTTrainer` on CPU; saves the final model and tokenizer to
-    `output_dir` (safetensors; it must not exist or be empty) and returns it.
+    `output_dir` (safetensors; it must not exist or be empty) and returns it. Training runs in a sibling
+    directory renamed to `output_dir` once the save is done, so a kill leaves no half-written `output_dir`.
 
     Examples are plain text: the completion directly follows the prompt string, TRL appends the eos
     token (<|im_end|>) to the completion, and the loss is on the completion and that eos only. For
@@ -239,32 +244,34 @@ def sft(
         if n_tokens > limit:
             raise ValueError(f"examples[{i}] is {n_tokens} tokens, over max_position_embeddings {limit}")
 
-    config = SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        max_steps=-1 if max_steps is None else max_steps,
-        learning_rate=lr,
-        per_device_train_batch_size=batch_size,
-        seed=seed,
-        data_seed=seed,
-        completion_only_loss=True,
-        max_length=None,  # lengths were checked above; TRL would otherwise truncate silently at 1024
-        # TRL turns checkpointing on by default; at this size it only costs time. The new name: passing
-        # transformers 5's deprecated `gradient_checkpointing` alias warns.
-        activation_checkpointing=False,
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        report_to="none",
-    )
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
-    )
-    trainer.train()
-    # Trainer sets config.use_cache = args.use_cache (False) for training; saved that way, every later
-    # generate with the default config would run without a KV cache.
-    trainer.model.config.use_cache = True
-    trainer.save_model(str(output_dir))
+    # the Trainer's output_dir too: it creates that directory when built
+    with atomic_directory(output_dir) as tmp:
+        config = SFTConfig(
+            output_dir=str(tmp),
+            num_train_epochs=epochs,
+            max_steps=-1 if max_steps is None else max_steps,
+            learning_rate=lr,
+            per_device_train_batch_size=batch_size,
+            seed=seed,
+            data_seed=seed,
+            completion_only_loss=True,
+            max_length=None,  # lengths were checked above; TRL would otherwise truncate silently at 1024
+            # TRL turns checkpointing on by default; at this size it only costs time. The new name: passing
+            # transformers 5's deprecated `gradient_checkpointing` alias warns.
+            activation_checkpointing=False,
+            use_cpu=True,
+            bf16=False,
+            save_strategy="no",
+            report_to="none",
+        )
+        trainer = SFTTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
+        )
+        trainer.train()
+        # Trainer sets config.use_cache = args.use_cache (False) for training; saved that way, every later
+        # generate with the default config would run without a KV cache.
+        trainer.model.config.use_cache = True
+        trainer.save_model(str(tmp))
     return output_dir
 
 

@@ -13,6 +13,7 @@ Tests: `pytest tests/apps/debias/`.
 
 import random
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,23 +155,25 @@ def word_tokens(texts: list[str]) -> list[str]:
 
 def build_sft_policy(path: str | Path, rows: list[dict], config: DebiasTrainConfig) -> Path:
     """The tiny default policy: a character-level LM on the training texts (its words single tokens with
-    `word_tokens`), then SFT on a neutral/biased mix. The untrained model goes to <path>-init; `path` gets
-    the SFT model."""
+    `word_tokens`), then SFT on a neutral/biased mix. The untrained model goes to a temporary directory
+    beside `path` (a kill leaves nothing a rebuild trips on); `path` gets the SFT model."""
     path = Path(path)
     texts = [policy_prompt(r["prompt"]) for r in rows] + [r[k] for r in rows for k in ("neutral", "biased")]
-    init = create_tiny_model_dir(
-        path.with_name(path.name + "-init"),
-        texts,
-        extra_tokens=word_tokens(texts) if config.word_tokens else (),
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=4 if config.hidden_size % 4 == 0 else 1,
-        seed=config.seed,
-    )
-    examples = sft_examples(rows, config.biased_share, config.seed)
-    return sft(
-        init, examples, path, epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, seed=config.seed
-    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        init = create_tiny_model_dir(
+            Path(scratch) / "init",
+            texts,
+            extra_tokens=word_tokens(texts) if config.word_tokens else (),
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            num_heads=4 if config.hidden_size % 4 == 0 else 1,
+            seed=config.seed,
+        )
+        examples = sft_examples(rows, config.biased_share, config.seed)
+        return sft(
+            init, examples, path, epochs=config.sft_epochs, lr=config.sft_lr, batch_size=16, seed=config.seed
+        )
 
 
 def train(config: DebiasTrainConfig) -> list[dict]:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import transformers
+import transformers.modeling_utils
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.tiny import (
@@ -213,6 +215,37 @@ def test_refuses_non_empty_dir(base_dir, tmp_path):
         sft(base_dir, [{"prompt": "1+1=", "completion": "2"}], tmp_path)
 
 
+class Killed(Exception):
+    """Stands for a kill in the tests that cut a build short."""
+
+
+def die(*args, **kwargs):
+    raise Killed
+
+
+def cut_the_weights_save(monkeypatch):
+    """Make the next safetensors save write half its file and die, as a kill during the save would."""
+
+    def dying(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        die()
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", dying)
+
+
+def test_a_save_cut_short_leaves_no_model_dir_and_the_build_reruns(tmp_path, monkeypatch):
+    path = tmp_path / "base"
+    with monkeypatch.context() as patch:
+        cut_the_weights_save(patch)
+        with pytest.raises(Killed):
+            create_tiny_model_dir(path, ["ab"])
+    assert not path.exists()  # not a config.json beside half a model.safetensors
+    create_tiny_model_dir(path, ["ab"])
+    AutoModelForCausalLM.from_pretrained(path)
+
+
 # ---- SFT ----
 
 
@@ -280,3 +313,17 @@ def test_sft_in_a_child_process_equals_sft_here(base_dir, tmp_path, monkeypatch)
 def test_sft_rejects_bad_examples(base_dir, tmp_path, examples, message):
     with pytest.raises(ValueError, match=message):
         sft(base_dir, examples, tmp_path / "out")
+
+
+@pytest.mark.parametrize("killed_in", ["train", "save"])
+def test_sft_cut_short_leaves_no_output_dir_and_reruns(base_dir, tmp_path, monkeypatch, killed_in):
+    examples = [{"prompt": p, "completion": c} for p, c in TASK.items()]
+    with monkeypatch.context() as patch:
+        if killed_in == "save":
+            cut_the_weights_save(patch)
+        else:
+            patch.setattr(transformers.Trainer, "train", die)
+        with pytest.raises(Killed):
+            sft(base_dir, examples, tmp_path / "sft", max_steps=1)
+    assert list(tmp_path.iterdir()) == []  # no output dir, not even the empty one Trainer makes
+    AutoModelForCausalLM.from_pretrained(sft(base_dir, examples, tmp_path / "sft", max_steps=1))

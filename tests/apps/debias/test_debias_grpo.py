@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from streamlit.testing.v1 import AppTest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -16,7 +17,7 @@ from apps.debias import evaluate as evaluate_module
 from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
 from apps.debias.evaluate import DebiasEvalConfig, distinct_n, evaluate, perplexity, sample_answers
 from apps.debias.rewards import HeadReward, debias_rubric
-from apps.debias.train import PRESETS, DebiasTrainConfig, policy_examples, train
+from apps.debias.train import PRESETS, DebiasTrainConfig, build_sft_policy, policy_examples, train
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend
 from core.tiny import create_tiny_model_dir
@@ -310,3 +311,20 @@ def test_config_errors_come_before_any_work(tmp_path):
         DebiasEvalConfig(model="m", reward_model="r", splits=("tset",))
     with pytest.raises(ValueError, match="rm_batch_size must be >= 1, got 0"):
         DebiasTrainConfig(run_dir=str(tmp_path / "a"), reward_model=str(tmp_path), rm_batch_size=0)
+
+
+def test_a_policy_build_killed_in_its_sft_is_rebuilt(tmp_path, monkeypatch):
+    """A kill during the tiny policy's SFT left <path>-init behind, and every rebuild then refused it."""
+    rows = generate_splits(DataConfig(num_prompts=60))["train"]
+    config = DebiasTrainConfig(reward_model=str(tmp_path), hidden_size=16, num_layers=1, sft_epochs=0.02)
+    path = tmp_path / "run" / "base_model"
+
+    def killed(*args, **kwargs):
+        raise InterruptedError("killed in SFT")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.Trainer, "train", killed)
+        with pytest.raises(InterruptedError):
+            build_sft_policy(path, rows, config)
+    assert build_sft_policy(path, rows, config) == path
+    load_policy(path)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from core.data import read_jsonl
+from core.runs import write_atomic
 from reward_models.deberta import MultiHeadRewardModel
 
 
@@ -127,7 +128,7 @@ def score_file(config: RMScoreConfig) -> list[dict]:
     scores = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
     out_rows = [{**row, "scores": {h: scores[h][i] for h in scorer.heads}} for i, row in enumerate(rows)]
     Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(config.output, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows)
+    write_atomic(Path(config.output), text.encode())
     print(f"scored {len(rows)} rows -> {config.output}")
     return out_rows

@@ -8,7 +8,12 @@ heads, which `transformers.Trainer` would only wrap. Offline default: a tiny DeB
 sentencepiece tokenizer trained on the training split; `--model DIR` starts from a local deberta-v3-*.
 
     grpo-suite reward-model train --data data/debias --run-dir runs/rm
+    grpo-suite reward-model train --data data/debias --run-dir runs/rm --resume   # after a kill
     grpo-suite reward-model eval --reward-model runs/rm/model --data data/debias
+Checkpoints (`--save-every` steps, the newest kept) go to <run-dir>/checkpoints/step-N through
+core/runs.py: weights, optimizer, scheduler, RNG states and the rest of the epoch's batch order, so that
+`--resume` ends with the weights of an uninterrupted training. The run directory has no config.json or
+status.json (it is not a run the dashboard lists): the checkpoint keeps the settings a resume must match.
 Evaluation: pairwise accuracy per category (fairness: neutral > biased; relevance: neutral > off_topic;
 quality: clean source > garbled), and each head's calibration (ECE over 10 equal-width bins, Brier score).
 Tests: `pytest tests/reward_models/`.
@@ -20,13 +25,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
 from core.config import config_to_dict
-from core.runs import write_atomic, write_json_atomic
+from core.runs import RunDir, capture_rng_state, load_checkpoint, restore_rng_state, write_json_atomic
 from reward_models.deberta import (
     HEADS,
     build_tiny_reward_model,
@@ -36,6 +42,9 @@ from reward_models.deberta import (
 from reward_models.pairs import RESPONSE_KINDS, data_record, labels, read_split
 from reward_models.score import RewardModelScorer, encode
 from reward_models.tokenizer import train_tokenizer
+
+# fields a resume may change: where and how it runs, not what it computes
+HOW_IT_RUNS = ("resume", "run_dir", "device", "save_every")
 
 
 def _help(text: str, default):
@@ -72,11 +81,21 @@ class RMTrainConfig:
     num_layers: int = _help("tiny default: encoder layers", 2)
     num_heads: int = _help("tiny default: attention heads", 2)
     max_train_rows: int = _help("use at most this many training rows; 0 = all", 0)
+    save_every: int = _help(
+        "checkpoint every N optimizer steps to <run-dir>/checkpoints (the newest kept); 0 = none", 50
+    )
+    resume: bool = _help(
+        "continue from the newest checkpoint in --run-dir with the settings it was saved with (only "
+        "--device and --save-every may change); without a checkpoint, start over",
+        False,
+    )
 
     def __post_init__(self):
         for name in ("batch_size", "max_length", "hidden_size", "num_layers", "num_heads", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if not self.epochs > 0 or not self.learning_rate > 0:
             raise ValueError("epochs and learning_rate must be > 0")
         if self.model and not (Path(self.model) / "config.json").is_file():
@@ -124,11 +143,24 @@ def rm_loss(
 
 
 def train_reward_model(config: RMTrainConfig) -> dict:
-    """Train, save to <run_dir>/model, evaluate on validation/test/heldout; returns the eval results."""
+    """Train, save to <run_dir>/model, evaluate on validation/test/heldout; returns the eval results.
+    With `config.resume`, continue from the newest checkpoint in <run_dir>."""
     run_dir = Path(config.run_dir)
     out = run_dir / "model"
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; pick a new --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
+    checkpoint_path = run.latest_checkpoint()
+    if not config.resume:
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not empty; pick a new --run-dir")
+        if checkpoint_path is not None:
+            raise FileExistsError(
+                f"{run_dir} holds checkpoints of an unfinished training; pass --resume to continue it or "
+                "pick a new --run-dir"
+            )
+    checkpoint = load_checkpoint(checkpoint_path) if config.resume and checkpoint_path else None
+    if checkpoint is not None:
+        _check_same_settings(checkpoint.trainer_state["config"], config_to_dict(config), checkpoint.path)
     splits = {
         name: read_split(config.data, name)
         for name in ("train", "validation", "test", "heldout")
@@ -161,11 +193,20 @@ def train_reward_model(config: RMTrainConfig) -> dict:
     scheduler = get_scheduler("linear", optimizer, round(config.warmup_ratio * total), total)
     rng = random.Random(config.seed)
     order: list[int] = []
-    history = []
+    done = 0
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # dropout
-        for step in range(1, total + 1):
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint.model_state)
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+            scheduler.load_state_dict(checkpoint.scheduler_state)
+            restore_rng_state(checkpoint.rng_state, {"order": rng})
+            order, done = checkpoint.trainer_state["order"], checkpoint.step
+            print(f"resuming from {checkpoint.path}", flush=True)
+        run.truncate_logs_after(done)  # a fresh start or a resume logs exactly what one whole training would
+        history = run.read_metrics()
+        for step in range(done + 1, total + 1):
             if len(order) < config.batch_size:
                 epoch = list(range(len(train_rows)))
                 rng.shuffle(epoch)
@@ -180,7 +221,19 @@ def train_reward_model(config: RMTrainConfig) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            history.append({"step": step, "loss": loss.item(), **metrics})
+            row = {"loss": loss.item(), **metrics}
+            history.append({"step": step, **row})
+            run.log_metrics(step, row)
+            if config.save_every and step % config.save_every == 0 and step < total:
+                run.save_checkpoint(
+                    step,
+                    model_state=model.state_dict(),
+                    optimizer_state=optimizer.state_dict(),
+                    scheduler_state=scheduler.state_dict(),
+                    trainer_state={"config": config_to_dict(config), "order": order},
+                    rng_state=capture_rng_state({"order": rng}),
+                    keep_last=1,  # saves are atomic: the newest is always whole
+                )
             if step % 25 == 0 or step == total:
                 recent = history[-25:]
                 mean = {k: sum(h[k] for h in recent) / len(recent) for k in ("loss", "pair_acc")}
@@ -199,10 +252,23 @@ def train_reward_model(config: RMTrainConfig) -> dict:
         **{name: evaluate_rows(scorer, rows) for name, rows in splits.items() if name != "train"},
     }
     write_json_atomic(run_dir / "eval.json", results)
-    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
     print(summary(results))
     print(f"reward model saved to {out}")
     return results
+
+
+def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """A resume continues the checkpoint's training: refuse settings other than those it was saved with."""
+    changed = [
+        f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(saved.keys() | current.keys())
+        if k not in HOW_IT_RUNS and saved.get(k) != current.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"{where} was saved with other settings ({'; '.join(changed)}); resume with those, or pick a "
+            "new --run-dir"
+        )
 
 
 def calibration(probs: torch.Tensor, targets: torch.Tensor, bins: int = 10) -> dict[str, float]:

@@ -25,9 +25,11 @@ Tests: `pytest tests/apps/debias/test_debias_data.py`.
 
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.runs import atomic_directory
 from reward_models.pairs import read_split, rows_digest
 
 SPLITS = ("train", "validation", "test", "heldout")
@@ -329,11 +331,21 @@ def generate_splits(config: DataConfig) -> dict[str, list[dict]]:
 
 
 def write_splits(splits: dict[str, list[dict]], out_dir: str | Path) -> Path:
+    """`out_dir/<split>.jsonl`, all together: `out_dir` is replaced whole, so a write cut off (killed) leaves
+    the previous splits, never new train rows beside old test ones. Anything else in `out_dir` (its
+    README.md, other files and folders) is copied into the new directory; old split files are not kept."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    split_files = {f"{name}.jsonl" for name in SPLITS}
+    with atomic_directory(out) as tmp:
+        for entry in out.iterdir() if out.is_dir() else ():
+            if entry.name not in split_files:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        for name, rows in splits.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return out
 
 

@@ -2,7 +2,7 @@
 
 Layout of the run directory:
     data/             the generated splits (train/validation/test/heldout .jsonl)
-    reward_model/     the reward model's run: model/, eval.json (pairwise accuracy, calibration)
+    reward_model/     the reward model's run: model/, checkpoints/, eval.json (pairwise accuracy, calibration)
     sft_model/        the starting policy (tiny default: char-level LM + SFT on a neutral/biased mix)
     grpo-seed<k>/     one GRPO run per seed: config, metrics, rollouts, final/, eval.json (before/after)
     config.json       the pipeline's config (the directory is a run: the dashboard's De-bias page lists it)
@@ -14,7 +14,13 @@ Layout of the run directory:
     grpo-suite debias pipeline                          # the default: one seed
     grpo-suite debias pipeline --seeds 0,1,2            # the 3-seed result
     grpo-suite debias pipeline --quick --grpo-steps 5   # smoke-sized, but 5 GRPO steps
-A failed stage marks the run "failed" in status.json (with the error) and re-raises.
+    grpo-suite debias pipeline --run-dir runs/debias/a --resume   # continue one that was stopped
+A failed stage marks the run "failed" in status.json (with the error) and re-raises. `--resume` keeps the
+stages that finished (data/, reward_model/ with its eval.json, sft_model/, a seed with its eval.json),
+continues an unfinished reward model or GRPO run with its own --resume (from its newest checkpoint; the
+GRPO runs save one only at their end, so a cut-off one starts over), rebuilds an unfinished SFT policy,
+and refuses settings other than the run's own, naming them: the stages it keeps were computed with
+those. Only --device may change.
 """
 
 import statistics
@@ -22,14 +28,16 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from apps.debias.data import DataConfig, generate_splits, write_splits
+from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
 from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir, failure_recorded
+from core.runs import RunDir, default_run_dir, failure_recorded, latest_config
 from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
+# fields a resumed pipeline may change: where and how it runs, not what it computes
+HOW_IT_RUNS = ("resume", "run_dir", "device")
 
 
 def _help(text: str, default):
@@ -59,6 +67,12 @@ class PipelineConfig:
     quick: bool = _help(
         "a smoke-sized run (seconds): tiny data, models and sizes; explicit size flags are kept", False
     )
+    resume: bool = _help(
+        "continue the pipeline in --run-dir with its own settings: keep its finished stages, continue an "
+        "unfinished reward model or GRPO run with its own --resume, rebuild an unfinished SFT policy; "
+        "only --device may change",
+        False,
+    )
 
     def __post_init__(self):
         if not self.seeds:
@@ -76,11 +90,15 @@ class PipelineConfig:
 def pipeline(config: PipelineConfig) -> dict:
     start = time.perf_counter()
     run = Path(config.run_dir or default_run_dir(APP))
-    if run.exists() and any(run.iterdir()):
-        raise FileExistsError(f"{run} exists and is not empty; pick a new --run-dir")
+    if config.resume:
+        _check_same_settings(config)
+    elif run.exists() and any(run.iterdir()):
+        raise FileExistsError(
+            f"{run} exists and is not empty; pick a new --run-dir (or pass --resume to continue it)"
+        )
     print(f"run directory: {run}")
     root = RunDir.create(
-        run, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=False
+        run, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=config.resume
     )
     root.set_status("running", step=0)
     with failure_recorded(root):  # SIGTERM included: the dashboard must not show a dead pipeline as running
@@ -93,22 +111,32 @@ def pipeline(config: PipelineConfig) -> dict:
 
 
 def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
-    """Data, reward model, SFT, then GRPO and eval per seed, in `run`; returns the pipeline's results."""
+    """Data, reward model, SFT, then GRPO and eval per seed, in `run`; returns the pipeline's results.
+    A stage that finished (each writes its outputs whole or not at all) is read back instead of run: only
+    a resumed pipeline finds any, a fresh one starts in an empty directory."""
     q = config.quick
     data_config = DataConfig(out_dir=str(run / "data"), num_prompts=240 if q else 3000)
-    splits = generate_splits(data_config)
-    write_splits(splits, data_config.out_dir)
+    if Path(data_config.out_dir).is_dir():
+        splits = load_splits(data_config.out_dir)
+    else:
+        splits = generate_splits(data_config)
+        write_splits(splits, data_config.out_dir)
     timings = {"data": time.perf_counter() - start}
 
-    rm = train_reward_model(
-        RMTrainConfig(
-            data=data_config.out_dir,
-            run_dir=str(run / "reward_model"),
-            device=config.device,
-            epochs=config.rm_epochs,
-            hidden_size=32 if q else 64,
+    rm_dir = run / "reward_model"
+    if (rm_dir / "eval.json").is_file():  # written last, after model/
+        rm = RunDir(rm_dir).read_eval()
+    else:
+        rm = train_reward_model(
+            RMTrainConfig(
+                data=data_config.out_dir,
+                run_dir=str(rm_dir),
+                device=config.device,
+                epochs=config.rm_epochs,
+                hidden_size=32 if q else 64,
+                resume=config.resume,
+            )
         )
-    )
     timings["reward_model"] = time.perf_counter() - start - sum(timings.values())
 
     base = DebiasTrainConfig(
@@ -121,25 +149,32 @@ def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
         **({} if config.beta is None else {"beta": config.beta}),
         **({"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32} if q else {}),
     )
-    sft_dir = build_sft_policy(run / "sft_model", splits["train"], base)
+    sft_dir = run / "sft_model"
+    if not sft_dir.is_dir():  # saved whole (core.tiny.sft)
+        build_sft_policy(sft_dir, splits["train"], base)
     timings["sft"] = time.perf_counter() - start - sum(timings.values())
 
     per_seed, bias_per_seed = {}, []
     for seed in config.seeds:
         grpo_dir = run / f"grpo-seed{seed}"
-        train(replace(base, seed=seed, model=str(sft_dir), run_dir=str(grpo_dir)))
-        evaluation = evaluate(
-            DebiasEvalConfig(
-                model=str(grpo_dir / "final"),
-                baseline_model=str(sft_dir),
-                reward_model=base.reward_model,
-                data_dir=data_config.out_dir,
-                max_prompts=config.eval_prompts,
-                max_new_tokens=base.max_new_tokens,
-                seed=seed,
-                device=config.device,
+        if (grpo_dir / "eval.json").is_file():  # trained and evaluated
+            evaluation = RunDir(grpo_dir).read_eval()
+        else:
+            if not (grpo_dir / "final").is_dir():  # saved whole once the run has finished
+                begun = (grpo_dir / "config.json").is_file()  # then continue it from its newest checkpoint
+                train(replace(base, seed=seed, model=str(sft_dir), run_dir=str(grpo_dir), resume=begun))
+            evaluation = evaluate(
+                DebiasEvalConfig(
+                    model=str(grpo_dir / "final"),
+                    baseline_model=str(sft_dir),
+                    reward_model=base.reward_model,
+                    data_dir=data_config.out_dir,
+                    max_prompts=config.eval_prompts,
+                    max_new_tokens=base.max_new_tokens,
+                    seed=seed,
+                    device=config.device,
+                )
             )
-        )
         per_seed[seed] = evaluation["metrics"]
         bias_per_seed.append(evaluation["bias"])
     timings["grpo_and_eval"] = time.perf_counter() - start - sum(timings.values())
@@ -164,6 +199,31 @@ def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
         },
         "timings_s": {**timings, "total": time.perf_counter() - start},
     }
+
+
+def _check_same_settings(config: PipelineConfig) -> None:
+    """A resumed pipeline keeps the stages it finished: refuse settings other than the run's own."""
+    if config.run_dir is None:
+        raise FileNotFoundError("--resume continues an earlier pipeline: give its --run-dir")
+    if not (Path(config.run_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--resume: {config.run_dir} holds no pipeline to continue (no config.json); leave out --resume "
+            "to start one there"
+        )
+    stored = RunDir(config.run_dir).read_config()
+    if stored.get("algorithm") != "pipeline":
+        return  # not a pipeline's run: RunDir.create names what it is
+    old, new = latest_config(stored), config_to_dict(config)
+    changed = [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if k not in HOW_IT_RUNS and old.get(k) != new.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"{config.run_dir}: --resume would keep stages run with other settings ({'; '.join(changed)}); "
+            "resume with the run's own settings, or pick a new --run-dir"
+        )
 
 
 def pipeline_table(results: dict) -> str:

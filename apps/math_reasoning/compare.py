@@ -21,7 +21,7 @@ from pathlib import Path
 from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, build_base, train
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
 from core.config import config_file_values, config_to_dict
-from core.runs import RunDir, is_run_dir, latest_config
+from core.runs import RunDir, is_run_dir, latest_config, write_atomic
 
 ARMS = (*ALGORITHMS, "grpo_large")
 
@@ -129,8 +129,10 @@ def compare(config: MathCompareConfig) -> dict:
     rows = table_rows(runs)
     text = format_table(rows)
     print(text)
-    (out / "compare.md").write_text(text + "\n")
-    (out / "compare.json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=2, default=str))
+    write_atomic(out / "compare.md", (text + "\n").encode())
+    write_atomic(
+        out / "compare.json", json.dumps({"runs": runs, "rows": rows}, indent=2, default=str).encode()
+    )
     return {"runs": runs, "rows": rows, "out_dir": str(out)}
 
 

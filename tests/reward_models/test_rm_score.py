@@ -1,6 +1,7 @@
 """reward_models train/eval/score through the CLI on a tiny model; malformed JSONL names its line."""
 
 import json
+import os
 import re
 
 import pytest
@@ -9,7 +10,7 @@ from apps.debias.data import DataConfig, generate_splits, write_splits
 from core import cli
 from reward_models.cli import register
 from reward_models.pairs import read_split, rows_digest
-from reward_models.score import RewardModelScorer, RMScoreConfig, encode
+from reward_models.score import RewardModelScorer, RMScoreConfig, encode, score_file
 from reward_models.tokenizer import train_tokenizer
 from reward_models.train import RMEvalConfig
 
@@ -194,3 +195,22 @@ def test_the_model_records_its_training_data(trained):
     for name, saved in record["splits"].items():
         assert saved["sha256"] == rows_digest(read_split(trained / "data", name))
     assert rows_digest(read_split(trained / "data", "test")) != record["splits"]["train"]["sha256"]
+
+
+def test_a_failed_write_of_the_scores_leaves_the_previous_output(trained, tmp_path, monkeypatch):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    (tmp_path / "out.jsonl").write_text('{"scores": "of an earlier run"}\n')
+
+    def failing_replace(src, dst):  # the write dies before the new file is in place
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    config = RMScoreConfig(
+        reward_model=str(trained / "run" / "model"),
+        input=str(tmp_path / "in.jsonl"),
+        output=str(tmp_path / "out.jsonl"),
+    )
+    with pytest.raises(OSError, match="killed"):
+        score_file(config)
+    assert (tmp_path / "out.jsonl").read_text() == '{"scores": "of an earlier run"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temp file left

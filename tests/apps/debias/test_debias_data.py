@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from apps.debias import data
 from apps.debias.data import CATEGORIES, DataConfig, garble, generate_splits, load_splits, write_splits
 from reward_models.pairs import read_split
 
@@ -83,3 +84,29 @@ def test_data_command_writes_the_splits(monkeypatch, tmp_path):
     assert cli.main(["debias", "data", "--out-dir", str(tmp_path), "--num-prompts", "90"]) == 0
     written = {name: read_split(tmp_path, name) for name in ("train", "validation", "test", "heldout")}
     assert written == generate_splits(DataConfig(num_prompts=90))
+
+
+def test_a_rewrite_cut_off_after_one_split_leaves_the_previous_splits(monkeypatch, tmp_path):
+    out = tmp_path / "data"
+    old = generate_splits(DataConfig(num_prompts=240))
+    write_splits(old, out)
+    (out / "README.md").write_text("about these splits\n")
+    (out / "notes").mkdir()
+    (out / "notes" / "a.txt").write_text("kept\n")
+
+    def dying_open(path, mode="r", *args, **kwargs):
+        if Path(path).name == "validation.jsonl":  # train.jsonl is written by then
+            raise OSError("killed")
+        return open(path, mode, *args, **kwargs)
+
+    new = generate_splits(DataConfig(num_prompts=600))
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "open", dying_open, raising=False)
+        with pytest.raises(OSError, match="killed"):
+            write_splits(new, out)
+    assert load_splits(out) == old  # not the new train split beside the old validation and test ones
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp directory left
+    write_splits(new, out)
+    assert load_splits(out) == new
+    assert (out / "README.md").read_text() == "about these splits\n"  # the user's files are carried over
+    assert (out / "notes" / "a.txt").read_text() == "kept\n"

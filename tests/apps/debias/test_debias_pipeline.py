@@ -1,8 +1,10 @@
 """apps/debias/pipeline.py with its stages faked: --quick keeps explicit sizes, duplicate seeds are refused
-up front, and a failed stage marks the run failed."""
+up front, a failed stage marks the run failed, and --resume keeps the stages that finished and refuses
+other settings; one real --quick pipeline resumed after its reward model (slow)."""
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,28 +12,41 @@ import pytest
 from apps.debias import pipeline as pipeline_module
 from apps.debias.pipeline import PipelineConfig, pipeline
 from core.config import add_config_arguments, build_config
+from core.runs import RunDir
 
 
 @pytest.fixture
 def stages(monkeypatch):
-    """Fake reward model, SFT, GRPO and eval stages; returns the configs each was called with."""
+    """Fake reward model, SFT, GRPO and eval stages that write what the real ones mark their end with;
+    returns the configs each was called with, in call order."""
     calls = {}
 
     def train_reward_model(config):
-        calls["rm"] = config
-        (Path(config.run_dir) / "model").mkdir(parents=True)
-        return {s: {"pair_acc/fairness": 1.0} for s in ("test", "heldout")}
+        calls.setdefault("rm", []).append(config)
+        (Path(config.run_dir) / "model").mkdir(parents=True, exist_ok=True)
+        results = {s: {"pair_acc/fairness": 1.0, "n": 5} for s in ("test", "heldout")}
+        (Path(config.run_dir) / "eval.json").write_text(json.dumps(results))
+        return results
 
     def build_sft_policy(path, rows, config):
-        calls["sft"] = config
+        calls.setdefault("sft", []).append(config)
+        path.mkdir()
         return path
 
     def train(config):
         calls.setdefault("train", []).append(config)
+        Path(config.run_dir).mkdir(exist_ok=True)
+        (Path(config.run_dir) / "config.json").write_text("{}")
+        (Path(config.run_dir) / "final").mkdir()
 
     def evaluate(config):
         calls.setdefault("eval", []).append(config)
-        return {"metrics": {"test/fairness/after": 0.9}, "bias": {"hukou": {"before": 0.5, "after": 0.1}}}
+        results = {
+            "metrics": {"test/fairness/after": 0.9 - config.seed / 10},
+            "bias": {"hukou": {"before": 0.5, "after": 0.1}},
+        }
+        (Path(config.model).parent / "eval.json").write_text(json.dumps(results))
+        return results
 
     for name, fake in [
         ("train_reward_model", train_reward_model),
@@ -52,8 +67,8 @@ def parse(argv: list[str]) -> PipelineConfig:
 def test_quick_keeps_explicit_sizes(stages, tmp_path):
     sizes = ["--rm-epochs", "5", "--sft-epochs", "3", "--grpo-steps", "7", "--eval-prompts", "16"]
     pipeline(parse(["--quick", *sizes, "--run-dir", str(tmp_path / "run")]))
-    assert stages["rm"].epochs == 5 and stages["rm"].hidden_size == 32  # quick's model size, our epochs
-    assert (stages["sft"].sft_epochs, stages["sft"].max_steps) == (3, 7)
+    assert stages["rm"][0].epochs == 5 and stages["rm"][0].hidden_size == 32  # quick's size, our epochs
+    assert (stages["sft"][0].sft_epochs, stages["sft"][0].max_steps) == (3, 7)
     assert stages["eval"][0].max_prompts == 16
     quick, full = parse(["--quick"]), parse([])
     assert (quick.rm_epochs, quick.sft_epochs, quick.grpo_steps, quick.eval_prompts) == (0.1, 0.05, 2, 8)
@@ -75,3 +90,113 @@ def test_a_failed_stage_marks_the_run_failed(stages, monkeypatch, tmp_path):
         pipeline(PipelineConfig(quick=True, run_dir=str(tmp_path / "run")))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert (status["status"], status["error"]) == ("failed", "RuntimeError: out of memory")
+
+
+def fail_once(monkeypatch, name: str, when=lambda config: True):
+    """The faked stage `name` raises the first time `when(config)` holds (after doing its work when the
+    stage is `train`: a GRPO run that has begun), then runs normally."""
+    stage, failed = getattr(pipeline_module, name), []
+
+    def flaky(*args):
+        if not failed and when(args[-1] if name != "build_sft_policy" else args[2]):
+            failed.append(True)
+            if name == "train":
+                Path(args[0].run_dir).mkdir()
+                (Path(args[0].run_dir) / "config.json").write_text("{}")
+            raise RuntimeError("killed")
+        return stage(*args)
+
+    monkeypatch.setattr(pipeline_module, name, flaky)
+
+
+def test_a_resumed_pipeline_keeps_the_stages_that_finished(stages, monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    args = ["--quick", "--seeds", "0,1", "--run-dir", str(run)]
+    fail_once(monkeypatch, "train", lambda config: config.seed == 1)  # stopped during seed 1's GRPO
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(args))
+    data_written = (run / "data" / "train.jsonl").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="pass --resume to continue it"):
+        pipeline(parse(args))
+
+    results = pipeline(parse([*args, "--resume"]))
+    assert len(stages["rm"]) == len(stages["sft"]) == 1  # not run again
+    assert (run / "data" / "train.jsonl").stat().st_mtime_ns == data_written
+    assert [(c.seed, c.resume) for c in stages["train"]] == [(0, False), (1, True)]  # seed 1 continued
+    assert [c.seed for c in stages["eval"]] == [0, 1]  # seed 0's evaluation kept
+    assert results["reward_model"] == {s: {"pair_acc/fairness": 1.0} for s in ("test", "heldout")}
+    assert results["per_seed"] == {"0": {"test/fairness/after": 0.9}, "1": {"test/fairness/after": 0.8}}
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert json.loads((run / "eval.json").read_text())["per_seed"] == results["per_seed"]
+
+
+def test_a_resumed_pipeline_continues_a_cut_off_reward_model_and_evaluates_a_finished_grpo_run(
+    stages, monkeypatch, tmp_path
+):
+    run = tmp_path / "run"
+    fail_once(monkeypatch, "train_reward_model")
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(["--quick", "--run-dir", str(run)]))
+    pipeline(parse(["--quick", "--run-dir", str(run), "--resume"]))
+    assert [c.resume for c in stages["rm"]] == [True]  # from its newest checkpoint (reward_models/train.py)
+
+    run = tmp_path / "run2"
+    fail_once(monkeypatch, "evaluate")  # the GRPO run finished, its evaluation did not
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(["--quick", "--run-dir", str(run)]))
+    stages["train"].clear()
+    pipeline(parse(["--quick", "--run-dir", str(run), "--resume"]))
+    assert stages["train"] == [] and stages["eval"][-1].model == str(run / "grpo-seed0" / "final")
+
+
+def test_a_resumed_pipeline_refuses_other_settings_naming_them(stages, tmp_path):
+    run = tmp_path / "run"
+    pipeline(parse(["--quick", "--run-dir", str(run)]))
+    with pytest.raises(ValueError, match=r"other settings \(grpo_steps 2 -> 3; seeds \[0\] -> \[0, 1\]\)"):
+        pipeline(parse(["--quick", "--run-dir", str(run), "--resume", "--grpo-steps", "3", "--seeds", "0,1"]))
+    assert "resumes" not in json.loads((run / "config.json").read_text())  # refused before reopening it
+    # the device may change (set here, not parsed: the flag is refused without a GPU)
+    pipeline(replace(parse(["--quick", "--run-dir", str(run), "--resume"]), device="cuda"))
+    resumes = json.loads((run / "config.json").read_text())["resumes"]
+    assert resumes[0]["changed"] == {"device": ["cpu", "cuda"], "resume": [False, True]}
+    assert len(stages["rm"]) == len(stages["train"]) == 1  # everything had finished
+
+
+def test_a_resumed_pipeline_needs_an_earlier_pipeline(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--resume continues an earlier pipeline: give its --run-dir"):
+        pipeline(parse(["--quick", "--resume"]))
+    with pytest.raises(FileNotFoundError, match="holds no pipeline to continue"):
+        pipeline(parse(["--quick", "--resume", "--run-dir", str(tmp_path / "typo")]))
+    assert not (tmp_path / "typo").exists()
+    grpo = tmp_path / "grpo"
+    RunDir.create(grpo, {}, app="debias", algorithm="grpo", exist_ok_for_resume=False)
+    with pytest.raises(ValueError, match="cannot resume it with algorithm 'pipeline': it is a 'grpo' run"):
+        pipeline(parse(["--quick", "--resume", "--run-dir", str(grpo)]))
+
+
+@pytest.mark.slow
+def test_a_real_quick_pipeline_resumed_after_its_reward_model(monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    trained = []
+    train_reward_model = pipeline_module.train_reward_model
+    monkeypatch.setattr(
+        pipeline_module, "train_reward_model", lambda c: trained.append(c) or train_reward_model(c)
+    )
+    build_sft_policy = pipeline_module.build_sft_policy
+
+    def killed(*args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(pipeline_module, "build_sft_policy", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(["--quick", "--run-dir", str(run)]))
+    reward_model = (run / "reward_model" / "model" / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(pipeline_module, "build_sft_policy", build_sft_policy)
+    results = pipeline(parse(["--quick", "--run-dir", str(run), "--resume"]))
+    assert len(trained) == 1
+    assert (run / "reward_model" / "model" / "model.safetensors").stat().st_mtime_ns == reward_model
+    rm_eval = json.loads((run / "reward_model" / "eval.json").read_text())
+    assert results["reward_model"]["test"]["pair_acc/fairness"] == rm_eval["test"]["pair_acc/fairness"]
+    assert json.loads((run / "grpo-seed0" / "status.json").read_text())["status"] == "finished"
+    assert set(results["per_seed"]) == {"0"}
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"

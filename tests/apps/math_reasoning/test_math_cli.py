@@ -308,3 +308,33 @@ def test_eval_takes_unset_settings_from_the_models_run_as_it_last_ran(tmp_path):
     resumed = {**trained, "max_new_tokens": 96}  # a resume that changed it
     RunDir.create(tmp_path / "run", resumed, app="math", algorithm="grpo", exist_ok_for_resume=True)
     assert MathEvalConfig(model=model).max_new_tokens == 96
+
+
+@pytest.mark.parametrize("name", ["compare.md", "compare.json"])
+def test_a_failed_write_of_the_compare_table_leaves_the_previous_one(name, small_dir, tmp_path, monkeypatch):
+    from apps.math_reasoning import compare as compare_module
+
+    step_times = iter([1.0, 2.0])  # the second compare's table differs from the first's
+
+    def fake_train(run_config):
+        return {"history": [{"step_time": next(step_times)}], "eval": {}, "run_dir": run_config.run_dir}
+
+    monkeypatch.setattr(compare_module, "_train_or_resume", fake_train)
+    out = tmp_path / "compare"
+    config = compare_module.MathCompareConfig(
+        algos=("grpo",), seeds=(0,), out_dir=str(out), model=str(small_dir)
+    )
+    compare_module.compare(config)
+    before = (out / name).read_text()
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.path.basename(dst) == name:  # the write dies before the new file is in place
+            raise OSError("killed")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="killed"):
+        compare_module.compare(config)
+    assert (out / name).read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md"]  # no temp file left

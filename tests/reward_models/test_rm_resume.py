@@ -1,0 +1,113 @@
+"""`reward-model train --resume`: a training stopped after a checkpoint and resumed ends with the weights,
+metrics and results of an uninterrupted one; a fresh start over checkpoints and a resume with other
+settings are refused."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apps.debias.data import DataConfig, generate_splits, write_splits
+from core.config import add_config_arguments, build_config
+from reward_models.train import RMTrainConfig, train_reward_model
+
+# 24 rows in batches of 8: 3 steps an epoch, 6 in all, so the run crosses an epoch's reshuffle
+TINY = ["--max-train-rows", "24", "--batch-size", "8", "--epochs", "2", "--save-every", "2"]
+TINY += ["--hidden-size", "16", "--num-layers", "1", "--max-length", "96", "--vocab-size", "200"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rm-resume") / "data"
+    write_splits(generate_splits(DataConfig(num_prompts=60)), path)
+    return path
+
+
+def config(data, run_dir, *flags: str) -> RMTrainConfig:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, RMTrainConfig)
+    argv = ["--data", str(data), "--run-dir", str(run_dir), *TINY, *flags]
+    return build_config(RMTrainConfig, parser.parse_args(argv))
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at_optimizer_step(monkeypatch, n: int) -> list[int]:
+    """AdamW.step raises on its n-th call (before updating); returns the list counting the calls."""
+    calls, step = [0], torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Stop(f"stopped at optimizer step {n}")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    return calls
+
+
+def metric_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_training_ends_as_an_uninterrupted_one(data, tmp_path, monkeypatch):
+    straight = train_reward_model(config(data, tmp_path / "straight"))
+
+    # step 3 logged, step-2 the checkpoint: the resume continues the first epoch's order, then reshuffles
+    calls = stop_at_optimizer_step(monkeypatch, 4)
+    with pytest.raises(Stop):
+        train_reward_model(config(data, tmp_path / "cut"))
+    assert [row["step"] for row in metric_lines(tmp_path / "cut")] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2"]
+    assert not (tmp_path / "cut" / "model").exists()
+
+    monkeypatch.undo()
+    calls = stop_at_optimizer_step(monkeypatch, 0)  # counts only
+    resumed = train_reward_model(config(data, tmp_path / "cut", "--resume"))
+    assert calls[0] == 4  # steps 3 to 6, from the checkpoint of step 2
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-4"]  # newest kept
+
+    weights = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+    assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "straight")  # step 3 logged once
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
+    assert resumed["test"] == straight["test"]
+
+
+def test_resume_without_a_checkpoint_starts_over(data, tmp_path, monkeypatch):
+    straight = train_reward_model(config(data, tmp_path / "straight", "--save-every", "0"))
+    stop_at_optimizer_step(monkeypatch, 2)
+    with pytest.raises(Stop):
+        train_reward_model(config(data, tmp_path / "cut", "--save-every", "0"))
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+    monkeypatch.undo()
+    resumed = train_reward_model(config(data, tmp_path / "cut", "--save-every", "0", "--resume"))
+    assert [row["step"] for row in metric_lines(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
+
+
+def test_a_fresh_start_over_checkpoints_and_a_resume_with_other_settings_are_refused(
+    data, tmp_path, monkeypatch
+):
+    stop_at_optimizer_step(monkeypatch, 4)
+    with pytest.raises(Stop):
+        train_reward_model(config(data, tmp_path / "cut"))
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="holds checkpoints of an unfinished training; pass --resume"):
+        train_reward_model(config(data, tmp_path / "cut"))
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate 0.001 -> 0.01\)"):
+        train_reward_model(config(data, tmp_path / "cut", "--resume", "--learning-rate", "0.01"))
+    # where and how it runs may change
+    train_reward_model(config(data, tmp_path / "cut", "--resume", "--save-every", "5"))
+    assert (tmp_path / "cut" / "model" / "model.safetensors").is_file()
+
+
+def test_save_every_below_zero_is_refused():
+    with pytest.raises(ValueError, match="save_every must be >= 0, got -1"):
+        RMTrainConfig(save_every=-1)

@@ -131,6 +131,22 @@ def latest_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def changed_settings(
+    old: Mapping[str, Any], new: Mapping[str, Any], may_change: Sequence[str] = ()
+) -> list[str]:
+    """The settings that differ between two configs, as "key old -> new" in key order, leaving out those a
+    resume may change (`may_change`: where and how it runs, not what it computes).
+
+    >>> changed_settings({"lr": 0.1, "device": "cpu"}, {"lr": 0.2, "device": "cuda"}, ("device",))
+    ['lr 0.1 -> 0.2']
+    """
+    return [
+        f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in may_change and old.get(key) != new.get(key)
+    ]
+
+
 def default_run_dir(app: str) -> Path:
     """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time), or with `-2`, `-3`, ...
     after it when a run started in the same second already has that name."""

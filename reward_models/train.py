@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from transformers import get_scheduler
 
 from core.config import config_to_dict
-from core.runs import RunDir, capture_rng_state, load_checkpoint, restore_rng_state, write_json_atomic
+from core.runs import (
+    RunDir,
+    capture_rng_state,
+    changed_settings,
+    load_checkpoint,
+    restore_rng_state,
+    write_json_atomic,
+)
 from reward_models.deberta import (
     HEADS,
     build_tiny_reward_model,
@@ -259,11 +266,7 @@ def train_reward_model(config: RMTrainConfig) -> dict:
 
 def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """A resume continues the checkpoint's training: refuse settings other than those it was saved with."""
-    changed = [
-        f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
-        for k in sorted(saved.keys() | current.keys())
-        if k not in HOW_IT_RUNS and saved.get(k) != current.get(k)
-    ]
+    changed = changed_settings(saved, current, HOW_IT_RUNS)
     if changed:
         raise ValueError(
             f"{where} was saved with other settings ({'; '.join(changed)}); resume with those, or pick a "

@@ -32,7 +32,7 @@ from apps.debias.data import DataConfig, generate_splits, load_splits, write_spl
 from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir, failure_recorded, latest_config
+from core.runs import RunDir, changed_settings, default_run_dir, failure_recorded, latest_config
 from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
@@ -214,11 +214,7 @@ def _check_same_settings(config: PipelineConfig) -> None:
     if stored.get("algorithm") != "pipeline":
         return  # not a pipeline's run: RunDir.create names what it is
     old, new = latest_config(stored), config_to_dict(config)
-    changed = [
-        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if k not in HOW_IT_RUNS and old.get(k) != new.get(k)
-    ]
+    changed = changed_settings(old, new, HOW_IT_RUNS)
     if changed:
         raise ValueError(
             f"{config.run_dir}: --resume would keep stages run with other settings ({'; '.join(changed)}); "

@@ -21,7 +21,7 @@ from apps.sudoku.evaluate import table
 from apps.sudoku.train import SudokuTrainConfig, run_sft, run_train, sft_config_from
 from core.config import config_to_dict
 from core.launch import with_run_dir
-from core.runs import RunDir, failure_recorded, latest_config
+from core.runs import RunDir, changed_settings, failure_recorded, latest_config
 
 APP = "sudoku"
 # fields a resumed pipeline may change: where and how it runs, not what it computes
@@ -138,11 +138,7 @@ def _check_same_settings(root: Path, config: SudokuPipelineConfig) -> None:
     if stored.get("algorithm") != "pipeline":
         return  # not a pipeline's run: RunDir.create names what it is
     old, new = latest_config(stored), config_to_dict(config)
-    changed = [
-        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if k not in HOW_IT_RUNS and old.get(k) != new.get(k)
-    ]
+    changed = changed_settings(old, new, HOW_IT_RUNS)
     if changed:
         raise ValueError(
             f"{root}: --resume would reuse stages run with other settings ({'; '.join(changed)}); resume "

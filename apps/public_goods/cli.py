@@ -6,6 +6,7 @@ grpo-suite public-goods sweep --preset validation --run-dir runs/public_goods/va
 grpo-suite public-goods plot --run-dir runs/public_goods/validation
 """
 
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from apps.public_goods.experiments import (
 from apps.public_goods.model import GameConfig
 from core.cli import add_app, add_command
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir
+from core.runs import RunDir, default_run_dir, failure_recorded, write_atomic
 
 APP = "public_goods"
 
@@ -136,19 +137,24 @@ def run(config: RunConfig) -> dict:
                 f"step {model.steps:>7}  cooperation {model.cooperation:.4f}  payoff {model.mean_payoff:8.4f}"
             )
 
-    traj = simulate(game, config.seed, config.steps, on_step=on_step)
-    np.savez_compressed(rundir.path / "snapshots.npz", **{f"t{t}": s for t, s in traj.snapshots.items()})
-    summary = {
-        "final_cooperation": traj.cooperation[-1],
-        "mean_cooperation_last_half": traj.average(max(1, config.steps // 2)),
-        "time_to_cooperation": time_to_cooperation(traj.cooperation),
-        "absorbed_at": traj.absorbed_at,
-        "seconds": traj.seconds,
-        "steps_per_second": (traj.absorbed_at or config.steps) / traj.seconds,
-    }
-    # the dashboard's fields (docs/dashboards.md): this run's point of the curve, and the lattices
-    point = {"r": config.r, "cooperation": summary["mean_cooperation_last_half"], "label": config.method}
-    rundir.write_eval(summary | {"cooperation_vs_r": [point], "snapshots": traj.snapshot_records(config.r)})
+    with failure_recorded(rundir):  # SIGTERM and Ctrl-C included: a dead run must not stay "running"
+        traj = simulate(game, config.seed, config.steps, on_step=on_step)
+        snapshots = io.BytesIO()
+        np.savez_compressed(snapshots, **{f"t{t}": s for t, s in traj.snapshots.items()})
+        write_atomic(rundir.path / "snapshots.npz", snapshots.getvalue())
+        summary = {
+            "final_cooperation": traj.cooperation[-1],
+            "mean_cooperation_last_half": traj.average(max(1, config.steps // 2)),
+            "time_to_cooperation": time_to_cooperation(traj.cooperation),
+            "absorbed_at": traj.absorbed_at,
+            "seconds": traj.seconds,
+            "steps_per_second": (traj.absorbed_at or config.steps) / traj.seconds,
+        }
+        # the dashboard's fields (docs/dashboards.md): this run's point of the curve, and the lattices
+        point = {"r": config.r, "cooperation": summary["mean_cooperation_last_half"], "label": config.method}
+        rundir.write_eval(
+            summary | {"cooperation_vs_r": [point], "snapshots": traj.snapshot_records(config.r)}
+        )
     rundir.set_status("finished", step=traj.absorbed_at or config.steps)
     for key, value in summary.items():
         print(f"{key:>28}  {value}")
@@ -159,17 +165,18 @@ def sweep(config: SweepConfig) -> list[dict]:
     rundir = _create(config.run_dir, config, "sweep")
     rundir.set_status("running", step=0)
     started = time.perf_counter()
-    rows = run_sweep(config, rundir.path)
-    found = {method: thresholds(rows, method, config.inits[0]) for method in config.methods}
-    rundir.write_eval(
-        {
-            "seconds": time.perf_counter() - started,
-            "thresholds": found,
-            "runs": len(rows),
-            "cooperation_vs_r": cooperation_vs_r(rows),
-            "summary": summarize(rows),
-        }
-    )
+    with failure_recorded(rundir):  # SIGTERM and Ctrl-C included: a dead sweep must not stay "running"
+        rows = run_sweep(config, rundir.path)
+        found = {method: thresholds(rows, method, config.inits[0]) for method in config.methods}
+        rundir.write_eval(
+            {
+                "seconds": time.perf_counter() - started,
+                "thresholds": found,
+                "runs": len(rows),
+                "cooperation_vs_r": cooperation_vs_r(rows),
+                "summary": summarize(rows),
+            }
+        )
     rundir.set_status("finished", step=len(rows))
     print(summary_markdown(summarize(rows)))
     print(f"results: {rundir.path / 'results.csv'}  ({time.perf_counter() - started:.0f} s)")

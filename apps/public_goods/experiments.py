@@ -15,6 +15,7 @@ the run ends below it. Step 0 is the initial lattice, so a half start that never
 """
 
 import csv
+import io
 import json
 import math
 import time
@@ -196,6 +197,15 @@ RESULT_FIELDS = (
 )
 
 
+NUMBER_FIELDS = {
+    "r": float,
+    "seed": int,
+    "final_cooperation": float,
+    "mean_cooperation": float,
+    "seconds": float,
+}
+
+
 def run_job(job: tuple[GameConfig, int, int, int, float]) -> tuple[dict, dict]:
     """One sweep point -> (a results row, its log-spaced cooperation series)."""
     config, seed, steps, average_last, coop_threshold = job
@@ -230,41 +240,65 @@ def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[di
     jobs = settings.jobs()
     rows = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        ProcessPoolExecutor(max_workers=min(settings.workers, len(jobs))) as pool,
-        open(out_dir / "series.jsonl", "w") as series_file,
-    ):
-        for done, (row, series) in enumerate(pool.map(run_job, jobs), start=1):
-            rows.append(row)
-            series_file.write(json.dumps(series) + "\n")
-            series_file.flush()
-            progress(
-                f"[{done}/{len(jobs)}] {row['method']:>10} {row['init']:>12} r={row['r']:<5} seed={row['seed']} "
-                f"cooperation {row['mean_cooperation']:.4f} ({row['seconds']:.1f} s)"
-            )
+    pool = ProcessPoolExecutor(max_workers=min(settings.workers, len(jobs)))
+    try:
+        with open(out_dir / "series.jsonl", "w") as series_file:
+            for done, (row, series) in enumerate(pool.map(run_job, jobs), start=1):
+                rows.append(row)
+                series_file.write(json.dumps(series) + "\n")
+                series_file.flush()
+                progress(
+                    f"[{done}/{len(jobs)}] {row['method']:>10} {row['init']:>12} r={row['r']:<5} "
+                    f"seed={row['seed']} cooperation {row['mean_cooperation']:.4f} ({row['seconds']:.1f} s)"
+                )
+    finally:
+        # no wait for the running jobs (they end on their own): a sweep stopped by an error, SIGTERM or
+        # Ctrl-C is marked failed at once, not after its last learner job, when a supervisor may kill it
+        pool.shutdown(wait=False, cancel_futures=True)
+    from core.runs import write_atomic  # core imports torch: not at the top, which sweep workers import
+
     write_table(rows, out_dir / "results.csv")
-    (out_dir / "summary.md").write_text(summary_markdown(summarize(rows)) + "\n")
+    write_atomic(out_dir / "summary.md", (summary_markdown(summarize(rows)) + "\n").encode())
     return rows
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    """results.csv, whole or not at all: a kill mid-write leaves the previous file (or none)."""
+    from core.runs import write_atomic
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue().encode())
 
 
 def read_table(path: Path) -> list[dict]:
+    """The rows of results.csv, numbers parsed; a row cut short or a value that is not a number is an
+    InputError naming the file, the line and the field."""
+    from core.data import InputError, read_csv
+
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is this a sweep's run directory?")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in ("r", "final_cooperation", "mean_cooperation", "seconds"):
-            row[key] = float(row[key])
-        row["seed"] = int(row["seed"])
-        ttc = row.get("time_to_cooperation", "")  # absent from sweeps made before the column existed
-        row["time_to_cooperation"] = int(ttc) if ttc else ""
+
+    def parsed(line: int, row: dict, key: str, parse: type) -> int | float:
+        value = row.get(key)
+        if value is None:  # the last field, seconds, is missing from every row cut short
+            raise InputError(f"{path}:{line}: no {key} field: the row is cut short")
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise InputError(f"{path}:{line}: {key} {value!r} is not a valid {parse.__name__}") from err
+
+    rows = []
+    for line, row in read_csv(path):
+        row.update({key: parsed(line, row, key, parse) for key, parse in NUMBER_FIELDS.items()})
+        # blank: never reached; absent from sweeps made before the column existed
+        ttc = row.get("time_to_cooperation")
+        row["time_to_cooperation"] = parsed(line, row, "time_to_cooperation", int) if ttc else ""
+        rows.append(row)
+    if rows and not path.read_bytes().endswith(b"\n"):  # write_table ends every row with a line end
+        raise InputError(f"{path}:{line}: the last row has no line end: the file was cut off")
     return rows
 
 

@@ -6,7 +6,11 @@ Run: cooperation.png (cooperation over time, symlog axis) and snapshots.png (the
 per method and initial state, seeds averaged, min-max band) and cooperation_over_time.png.
 """
 
+import io
 import json
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +19,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.data import InputError  # noqa: E402
+from core.runs import write_atomic  # noqa: E402
+
 SNAPSHOT_PANELS = (1, 10, 100, 1000)
+SERIES_FIELDS = ("method", "init", "r", "t", "cooperation")
 
 
 def _time_axis(ax) -> None:
@@ -25,20 +33,55 @@ def _time_axis(ax) -> None:
     ax.set_ylim(-0.02, 1.02)
 
 
+def _save(fig, path: Path) -> Path:
+    """The figure as a PNG, whole or not at all (a kill mid-write leaves the previous file), then closed."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, png.getvalue())
+    return path
+
+
+def read_series(path: Path) -> list[dict]:
+    """The trajectories of series.jsonl. A last line without its line end was cut off by a killed sweep: it
+    is left out with a warning. Any other line that is not a trajectory is an InputError naming the line."""
+    *lines, last = path.read_text(encoding="utf-8").split("\n")
+    if last:
+        warnings.warn(
+            f"{path}:{len(lines) + 1}: the last line has no line end (cut off by a killed sweep): left out",
+            stacklevel=2,
+        )
+    series = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict) or any(key not in row for key in SERIES_FIELDS):
+            raise InputError(f"{path}:{number}: not a trajectory (an object with {', '.join(SERIES_FIELDS)})")
+        series.append(row)
+    return series
+
+
 def plot_run(metrics: list[dict], snapshots_path: Path, out: Path) -> list[Path]:
     if not metrics:
         raise ValueError(f"{out}: metrics.jsonl is empty; nothing to plot")
-    with np.load(snapshots_path) as data:
-        snaps = {int(k[1:]): data[k] for k in data.files}
+    try:
+        with np.load(snapshots_path) as data:
+            snaps = {int(k[1:]): data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+        raise InputError(
+            f"{snapshots_path}: not a readable snapshots archive ({type(err).__name__}: {err})"
+        ) from err
     t = [0] + [m["step"] for m in metrics]
     coop = [float(snaps[0].mean())] + [m["cooperation"] for m in metrics]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(t, coop)
     _time_axis(ax)
     fig.tight_layout()
-    paths = [out / "cooperation.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    paths = [_save(fig, out / "cooperation.png")]
     shown = [s for s in SNAPSHOT_PANELS if s in snaps]
     if shown:
         fig, axes = plt.subplots(1, len(shown), figsize=(2.4 * len(shown), 2.6), squeeze=False)
@@ -47,9 +90,7 @@ def plot_run(metrics: list[dict], snapshots_path: Path, out: Path) -> list[Path]
             ax.set_title(f"t = {step}")
             ax.set_axis_off()
         fig.tight_layout()
-        paths.append(out / "snapshots.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, out / "snapshots.png"))
     return paths
 
 
@@ -68,13 +109,11 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
     ax.set_ylabel("cooperation (last steps)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths = [out / "cooperation_vs_r.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    paths = [_save(fig, out / "cooperation_vs_r.png")]
 
     series_path = out / "series.jsonl"
-    if series_path.is_file():
-        series = [json.loads(line) for line in series_path.read_text().splitlines() if line]
+    series = read_series(series_path) if series_path.is_file() else []
+    if series:
         keys = sorted({(s["method"], s["init"], s["r"]) for s in series})
         cmap = plt.get_cmap("viridis")
         rs = sorted({k[2] for k in keys})
@@ -106,7 +145,5 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
         )
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
         fig.colorbar(sm, ax=axes[0].tolist(), label="r")
-        paths.append(out / "cooperation_over_time.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, out / "cooperation_over_time.png"))
     return paths

@@ -1,12 +1,17 @@
-"""`grpo-suite public-goods run | sweep | plot` smoke runs and configuration errors."""
+"""`grpo-suite public-goods run | sweep | plot` smoke runs and configuration errors; a run that fails is
+marked failed, and its result files are written whole or not at all."""
 
 import csv
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
-from apps.public_goods.experiments import thresholds
+from apps.public_goods import cli, experiments
+from apps.public_goods.experiments import Trajectory, thresholds
 from core.cli import main
 from core.runs import RunDir
 
@@ -85,3 +90,70 @@ def test_plot_of_a_run_with_nothing_logged_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["public-goods", "plot", "--run-dir", str(tmp_path / "empty")])
     assert "has neither results.csv (a sweep) nor metrics.jsonl (a run) to plot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("verb", "work"), [("run", "simulate"), ("sweep", "run_sweep")])
+@pytest.mark.parametrize("error", [RuntimeError("out of memory"), KeyboardInterrupt()])
+def test_a_run_or_sweep_that_dies_is_marked_failed(tmp_path, monkeypatch, verb, work, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, work, fail)
+    with pytest.raises(type(error)):
+        main(["public-goods", verb, "--preset", "smoke", "--run-dir", str(tmp_path / verb)])
+    status = RunDir(tmp_path / verb).read_status()
+    assert (status["status"], status["error"]) == ("failed", f"{type(error).__name__}: {error}")
+
+
+def test_a_failed_sweep_is_marked_failed_without_waiting_for_its_running_jobs(tmp_path, monkeypatch):
+    running, release, finished = threading.Event(), threading.Event(), []
+
+    def run_job(job):  # seed 0 fails once seed 1 is running; seed 1 runs until released
+        if job[1] == 0:
+            running.wait(timeout=10)
+            raise RuntimeError("out of memory")
+        running.set()
+        release.wait(timeout=10)
+        finished.append(job)
+
+    monkeypatch.setattr(experiments, "run_job", run_job)
+    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)
+    args = ["--preset", "smoke", "--r-values", "4", "--workers", "2", "--run-dir", str(tmp_path / "sweep")]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["public-goods", "sweep", *args])
+    assert not finished and RunDir(tmp_path / "sweep").read_status()["status"] == "failed"
+    release.set()
+
+
+class _Unconvertible:
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("cannot convert")
+
+
+def test_snapshots_that_fail_midway_leave_no_part_of_the_archive(tmp_path, monkeypatch):
+    # t0 is serialized, then t1 fails: np.savez into the file itself left an archive holding t0 only
+    trajectory = Trajectory([0.5], {0: np.zeros((3, 3), np.int8), 1: _Unconvertible()}, None, 1.0)
+    monkeypatch.setattr(cli, "simulate", lambda *args, **kwargs: trajectory)
+    with pytest.raises(RuntimeError, match="cannot convert"):
+        main(["public-goods", "run", "--preset", "smoke", "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "snapshots.npz").exists()
+
+
+def test_a_results_table_that_fails_midway_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("old\n")
+    row = dict.fromkeys(experiments.RESULT_FIELDS, 0)
+    with pytest.raises(ValueError, match="fields not in fieldnames"):  # the second row fails to serialize
+        experiments.write_table([row, {**row, "extra": 1}], path)
+    assert path.read_text() == "old\n"
+
+
+def test_a_summary_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypatch):
+    (tmp_path / "summary.md").write_text("old\n")
+    # a lone surrogate cannot be encoded: writing the file directly failed after truncating it
+    monkeypatch.setattr(experiments, "summary_markdown", lambda summary: "| new \ud800 |")
+    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    settings = cli.SweepConfig(size=5, steps=2, average_last=1, r_values=(4.0,), workers=1)
+    with pytest.raises(UnicodeEncodeError):
+        experiments.run_sweep(settings, tmp_path, progress=lambda line: None)
+    assert (tmp_path / "summary.md").read_text() == "old\n"

@@ -13,10 +13,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from core.config import add_config_arguments, build_config
 from core.data import InputError
+from core.trainer import leave_process_group
 
 ENTRY_POINT_GROUP = "grpo_suite.apps"
 
@@ -54,10 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
             register = entry.load()
         except ImportError as err:  # an app whose optional dependency is missing must not break the others
             unavailable.append(f"  {entry.name:<16}unavailable: {err}")
+            # chosen anyway, it says why it is missing (not argparse's "invalid choice")
+            stub = apps.add_parser(entry.name, help=f"unavailable: {err}")
+            stub.add_argument("rest", nargs=argparse.REMAINDER)
+            stub.set_defaults(_unavailable=f"app {entry.name} is unavailable: {err}")
             continue
         register(apps)
     lines = []
     for app_name, app_parser in apps.choices.items():
+        if app_parser.get_default("_unavailable"):
+            continue
         verbs = next(a for a in app_parser._actions if isinstance(a, argparse._SubParsersAction))
         lines.append(f"  {app_name:<16}{' | '.join(verbs.choices)}")
     parser.epilog = "apps and their verbs:\n" + ("\n".join(lines + unavailable) or "  (no app installed)")
@@ -74,6 +79,8 @@ def _names_an_input(err: ValueError) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "_unavailable", None):
+        parser.error(args._unavailable)
     command_parser, config_cls, run, presets = args._command
     if int(os.environ.get("RANK", "0")) > 0:  # under a multi-process launch only process 0 prints tables
         sys.stdout = open(os.devnull, "w")  # for the life of the process; stderr stays
@@ -89,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _names_an_input(err):
             raise
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
-    if dist.is_available() and dist.is_initialized():
-        # under a multi-process launch: leave the group together before exit. Without the barrier a process
-        # that finished first shut gloo down while another was still writing the final model, and aborted
-        # ("terminate called without an active exception", seen once in CI under FSDP)
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

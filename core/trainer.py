@@ -294,6 +294,16 @@ def join_processes(device: str) -> PartialState:
     return PartialState(cpu=torch.device(device).type == "cpu")
 
 
+def leave_process_group() -> None:
+    """The end of a multi-process launch (no-op in one process): every process waits for the others, then
+    leaves the process group. A process that left early (or just exited) while another was still writing
+    files took gloo down under it and aborted ("terminate called without an active exception", seen in
+    CI under FSDP and in a GTPO 2-process test)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -273,6 +273,28 @@ def test_cli_discovers_apps_and_runs_commands(monkeypatch, capsys):
     assert "steps must be >= 1" in capsys.readouterr().err
 
 
+class _BrokenEntryPoint:
+    name = "broken"
+
+    def load(self):
+        raise ImportError("No module named 'missing_dependency'")
+
+
+def test_an_app_that_cannot_be_imported_says_why_when_chosen(monkeypatch, capsys):
+    entries = lambda group: [_EntryPoint(), _BrokenEntryPoint()]  # noqa: E731
+    monkeypatch.setattr(cli, "entry_points", entries)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "broken          unavailable: No module named 'missing_dependency'" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["broken", "train", "--steps", "2"])
+    assert exit_info.value.code == 2
+    assert "app broken is unavailable: No module named 'missing_dependency'" in capsys.readouterr().err
+    ran.clear()
+    assert cli.main(["example", "train"]) == 0 and len(ran) == 1  # the other apps still work
+
+
 def test_every_installed_command_prints_its_help(capsys):
     """A stray % in a help text made argparse raise instead of printing (debias train's "10%")."""
     parser = cli.build_parser()

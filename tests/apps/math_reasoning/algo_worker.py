@@ -13,7 +13,7 @@ from apps.math_reasoning.templates import get_template
 from apps.math_reasoning.train import MathTrainConfig
 from core.policy import load_policy
 from core.rewards import Rubric
-from core.trainer import GRPOTrainer, join_processes
+from core.trainer import GRPOTrainer, join_processes, leave_process_group
 
 algo, small_dir, large_dir, out = sys.argv[1:5]
 state = join_processes("cpu")
@@ -34,3 +34,4 @@ GRPOTrainer(config, small, tokenizer, examples, rubric, app="t", hooks=hooks).tr
 if state.is_main_process:
     for name, model in (("small", small), ("large", large)):
         save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out}/{name}.safetensors")
+leave_process_group()

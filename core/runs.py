@@ -822,6 +822,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     with part of its files (a model whose weights file is cut short): an old `path` moved aside by a write
     cut off before the new one landed is put back, here on error and by the next call after a kill."""
     path = Path(path)
+    if path.exists() and not path.is_dir():  # a user's file: never moved aside and replaced by a directory
+        raise FileExistsError(f"{path} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     _put_back_moved_aside(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

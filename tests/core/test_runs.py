@@ -578,6 +578,15 @@ def test_atomic_directory_puts_back_the_old_directory_when_the_new_one_does_not_
     assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "a.txt").read_text() == "one"
 
 
+
+def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
+    target = tmp_path / "out"
+    target.write_text("the user's notes")
+    with pytest.raises(FileExistsError, match="is a file, not a directory"):
+        with atomic_directory(target):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and target.read_text() == "the user's notes"
+
 def test_a_block_killed_by_sigterm_marks_its_run_failed(run):
     """SIGTERM (torchrun stopping the others, a user's kill) raised SystemExit inside, so status.json says
     failed with the reason instead of "running" forever; the previous handler is put back."""

@@ -88,6 +88,8 @@ def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tup
     ("<file>:line N (id 'x')" for JSONL and CSV, "<file>:row N (id 'x')" for JSON and Parquet, N from 1;
     row). A field that is absent, null or only whitespace counts as missing (`is_missing`)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, expected a data file (.jsonl, .json, .csv or .parquet)")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":

@@ -8,14 +8,17 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from core.policy import LoraSettings, load_policy
-from core.runs import default_run_dir, refuse_existing_run
+from core.runs import default_run_dir, refuse_a_file_in_the_way, refuse_existing_run
 from core.trainer import GRPOConfig, join_processes
 
 
 def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
     """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal.
     `--resume` needs the directory of an earlier run: it is an error, not a fresh run, without one; a fresh
-    run into a directory that holds one is refused too, on every process, before anything is built there."""
+    run into a directory that holds one is refused too, on every process, before anything is built there,
+    and so is a --run-dir that is a file."""
+    if config.run_dir is not None:
+        refuse_a_file_in_the_way(config.run_dir, "--run-dir")
     if config.resume and config.run_dir is None:
         raise FileNotFoundError("--resume continues an earlier run: give its --run-dir")
     if config.resume and not (Path(config.run_dir) / "config.json").is_file():

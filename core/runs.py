@@ -122,6 +122,19 @@ def refuse_existing_run(path: str | Path) -> None:
         )
 
 
+def refuse_a_file_in_the_way(path: str | Path, what: str) -> None:
+    """FileExistsError when `path`, or the nearest of its parents that exists, is a file, so that no
+    directory can be made there; `what` names the path for the message ("--run-dir", "run directory").
+    mkdir's own errors ("[Errno 17] File exists", NotADirectoryError) do not say that."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f": {part}"
+                raise FileExistsError(f"{what} {path}{where} is a file, not a directory")
+            return
+
+
 def latest_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The config a run last ran with, from the contents of its config.json: the first config with each
     resume's changes applied in order."""
@@ -179,6 +192,8 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is a file, not a run directory")
         if not self.path.is_dir():
             raise FileNotFoundError(f"run directory {self.path} does not exist")
 
@@ -202,6 +217,7 @@ class RunDir:
         With `exist_ok_for_resume` and no run there yet, a fresh run is created as usual.
         """
         path = Path(path)
+        refuse_a_file_in_the_way(path, "run directory")
         config_path = path / "config.json"
         new_config = _jsonable(dict(config), "config")
         if not exist_ok_for_resume:

@@ -154,7 +154,6 @@ class GRPOConfig:
         positive = (
             "max_steps",
             "prompts_per_step",
-            "group_size",
             "max_new_tokens",
             "max_turns",
             "mu",
@@ -165,6 +164,10 @@ class GRPOConfig:
         for name in positive + extra:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:  # advantages compare a prompt's completions: one alone always gets 0
+            raise ValueError(
+                f"group_size must be >= 2 (GRPO compares a prompt's completions), got {self.group_size}"
+            )
         for name in ("learning_rate", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

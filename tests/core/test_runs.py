@@ -108,6 +108,23 @@ def test_default_run_dirs_of_the_same_second_differ(tmp_path, monkeypatch):
 def test_run_dir_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         RunDir(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="notes.txt is a file, not a run directory"):
+        RunDir(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_create_in_or_under_a_file_says_it_is_a_file(tmp_path, resume):
+    """Not mkdir's "[Errno 17] File exists" or NotADirectoryError, which do not say what is wrong."""
+    rd = tmp_path / "rd"
+    rd.write_text("x")
+    with pytest.raises(
+        FileExistsError, match=f"^run directory {re.escape(str(rd))} is a file, not a directory$"
+    ):
+        RunDir.create(rd, {}, app="math", algorithm="grpo", exist_ok_for_resume=resume)
+    with pytest.raises(FileExistsError, match=f"rd/sub: {re.escape(str(rd))} is a file, not a directory$"):
+        RunDir.create(rd / "sub", {}, app="math", algorithm="grpo", exist_ok_for_resume=resume)
+    assert rd.read_text() == "x"
 
 
 # -- metrics and rollouts ------------------------------------------------------------------------------------
@@ -578,7 +595,6 @@ def test_atomic_directory_puts_back_the_old_directory_when_the_new_one_does_not_
     assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "a.txt").read_text() == "one"
 
 
-
 def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
     target = tmp_path / "out"
     target.write_text("the user's notes")
@@ -586,6 +602,7 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
         with atomic_directory(target):
             pass
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and target.read_text() == "the user's notes"
+
 
 def test_a_block_killed_by_sigterm_marks_its_run_failed(run):
     """SIGTERM (torchrun stopping the others, a user's kill) raised SystemExit inside, so status.json says

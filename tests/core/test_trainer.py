@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from core import algos
-from core.data import read_examples
+from core.data import InputError, read_examples
 from core.policy import LoraSettings, completion_logprobs, load_policy
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
@@ -263,7 +263,8 @@ def test_an_empty_prompt_is_named(model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("group_size", 0, "group_size must be >= 1"),
+        ("group_size", 0, "group_size must be >= 2"),
+        ("group_size", 1, "group_size must be >= 2"),
         ("learning_rate", -1.0, "learning_rate must be > 0"),
         ("top_p", 1.5, "top_p must be in"),
         ("beta", -0.1, "must be >= 0"),
@@ -302,6 +303,10 @@ def test_malformed_data_rows_name_the_file_and_line(tmp_path):
     assert [e["id"] for e in read_examples(path, ["prompt"])] == ["x", "train-1"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         read_examples(tmp_path / "missing.jsonl", ["prompt"])
+    with pytest.raises(
+        InputError, match=r"is a directory, expected a data file \(.jsonl, .json, .csv or .parquet\)"
+    ):
+        read_examples(tmp_path, ["prompt"])
 
 
 def test_mu_above_one_takes_the_old_logprobs_from_the_first_epoch(model_dir, tmp_path, monkeypatch):

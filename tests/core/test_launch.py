@@ -1,0 +1,28 @@
+"""core.launch: the run directory a train command resolves before it builds anything."""
+
+import pytest
+
+from core.cli import main
+from core.launch import with_run_dir
+from core.trainer import GRPOConfig
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_dir_that_is_a_file_is_named_as_one(tmp_path, resume):
+    rd = tmp_path / "rd"
+    rd.write_text("x")
+    with pytest.raises(FileExistsError, match=r"^--run-dir \S+rd is a file, not a directory$"):
+        with_run_dir(GRPOConfig(run_dir=str(rd), resume=resume), "toy")
+    with pytest.raises(FileExistsError, match=r"--run-dir \S+rd/sub: \S+rd is a file, not a directory$"):
+        with_run_dir(GRPOConfig(run_dir=str(rd / "sub"), resume=resume), "toy")
+
+
+def test_a_train_command_given_a_file_as_run_dir_is_a_command_line_error(tmp_path, capsys):
+    """Before, toy train built its model into <run_dir>/base_model and died with a NotADirectoryError."""
+    rd = tmp_path / "rd"
+    rd.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", "train", "--run-dir", str(rd)])
+    assert exit_info.value.code == 2
+    assert f"error: --run-dir {rd} is a file, not a directory" in capsys.readouterr().err
+    assert rd.read_text() == "x"

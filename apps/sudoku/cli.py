@@ -7,6 +7,7 @@ grpo-suite sudoku pipeline                  # the main job: SFT x2 -> GRPO x2 ->
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from apps.sudoku.data import PuzzleConfig, puzzle_set, split_puzzles
 from apps.sudoku.evaluate import SudokuEvalConfig, run_eval
@@ -26,6 +27,14 @@ class SudokuGenerateConfig(PuzzleConfig):
     output: str = field(
         default="runs/sudoku/puzzles.csv", metadata={"help": "CSV file to write (puzzle,solution)"}
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if Path(self.output).is_dir():
+            raise ValueError(
+                f"output {self.output} is a directory; give the CSV file to write, e.g. "
+                f"{Path(self.output) / 'puzzles.csv'}"
+            )
 
 
 def run_generate(config: SudokuGenerateConfig) -> None:

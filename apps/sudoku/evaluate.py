@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from apps.sudoku.data import PuzzleConfig, load_puzzles
-from apps.sudoku.model import ConstrainedBackend
+from apps.sudoku.model import ConstrainedBackend, load_sudoku_policy
 from apps.sudoku.rewards import puzzle_metrics
 from apps.sudoku.serialize import to_example
 from core.config import config_to_dict
-from core.policy import load_policy
 from core.rollout import SamplingSettings
 from core.runs import RunDir, default_run_dir, latest_config
 
@@ -93,7 +92,7 @@ def run_eval(config: SudokuEvalConfig) -> dict:
         raise FileNotFoundError("sudoku eval needs --model DIR (an HF model directory, e.g. <run>/final)")
     config.set_threads()
     examples = held_out_examples(config, config.eval_puzzles)  # a bad puzzle file stops here, before a run
-    model, tokenizer = load_policy(config.model, device=config.device)
+    model, tokenizer = load_sudoku_policy(config.model, device=config.device)
     model_path = Path(config.model)
     if config.run_dir:
         run_path = Path(config.run_dir)

@@ -32,11 +32,13 @@ from apps.sudoku.serialize import (
     ROWS,
     SIZE_TOKENS,
     VALUES,
+    VOCAB,
     build_tokenizer,
     completion_text,
     fill_order,
 )
-from core.policy import VocabMask, position_ids_from_mask
+from core.data import InputError
+from core.policy import VocabMask, load_policy, position_ids_from_mask
 from core.rollout import Rollouts, SamplingSettings, left_pad
 from core.tiny import build_tiny_model
 
@@ -63,6 +65,27 @@ def create_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path) -> None:
+    """Refuse a model whose tokenizer lacks Sudoku's words (one not built by `create_model_dir`): decoding
+    would fail on the first missing word."""
+    vocab = tokenizer.get_vocab()
+    missing = [word for word in VOCAB if word not in vocab]
+    if missing:
+        raise InputError(
+            f"{model_dir}: its tokenizer has no Sudoku cell tokens (missing {len(missing)} of {len(VOCAB)}: "
+            f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); expected a Sudoku model, e.g. "
+            "the final/ of a `sudoku sft` or `sudoku train` run"
+        )
+
+
+def load_sudoku_policy(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) of a local model directory (core.policy.load_policy) built for Sudoku: a missing
+    directory or another tokenizer is an error naming the directory."""
+    model, tokenizer = load_policy(path, device=device)
+    check_tokenizer(tokenizer, path)
+    return model, tokenizer
 
 
 def allowed_table(tokenizer: PreTrainedTokenizerBase, n: int) -> Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from apps.sudoku.data import load_puzzles
 from apps.sudoku.evaluate import table
+from apps.sudoku.model import load_sudoku_policy
 from apps.sudoku.train import SudokuTrainConfig, run_sft, run_train, sft_config_from
 from core.config import config_to_dict
 from core.launch import with_run_dir
@@ -77,6 +78,8 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     if config.resume:
         _check_same_settings(root, config)
     puzzles = load_puzzles(config)  # bad puzzle settings or a bad file stop here, before a run exists
+    if config.model:  # and so does a bad --model (each SFT stage loads it again)
+        load_sudoku_policy(config.model)
     run = RunDir.create(
         root, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=config.resume
     )

@@ -19,10 +19,13 @@ import csv
 import hashlib
 import math
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from core.data import InputError
 
 STRATEGIES = ("naked_single", "hidden_single", "elimination", "guess")
 SIZES = (4, 9)
@@ -30,6 +33,8 @@ EMPTY_CHARS = ".0"
 DIGITS = "123456789"  # ASCII only: str.isdigit() also holds for "²" and "٢"
 # first column names of a header row (this module's `puzzle,solution`, public sets' `quizzes,solutions`)
 HEADER_NAMES = ("puzzle", "quizzes")
+# a field of a header row (letters, '_' and spaces), never a puzzle (digits and '.')
+COLUMN_NAME = re.compile(r"[A-Za-z][A-Za-z_ ]*")
 # Fewest givens of a puzzle with a unique solution: 4 for 4x4; 17 for 9x9 (McGuire, Tugemann and Civario
 # 2012, "There is no 16-clue Sudoku")
 FEWEST_UNIQUE_GIVENS = {4: 4, 9: 17}
@@ -373,7 +378,7 @@ def line_to_grid(text: str, where: str) -> tuple[list[int], int]:
     text = text.strip()
     sizes = {n * n: n for n in SIZES}
     if len(text) not in sizes:
-        raise ValueError(
+        raise InputError(
             f"{where}: expected 16 or 81 characters (4x4 or 9x9), got {len(text)}: {text[:90]!r}"
         )
     n = sizes[len(text)]
@@ -384,16 +389,17 @@ def line_to_grid(text: str, where: str) -> tuple[list[int], int]:
         elif char in DIGITS[:n]:
             grid.append(int(char))
         else:
-            raise ValueError(f"{where}: character {k + 1} is {char!r}; expected 1-{n}, '.' or '0'")
+            raise InputError(f"{where}: character {k + 1} is {char!r}; expected 1-{n}, '.' or '0'")
     return grid, n
 
 
 def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
     """Puzzles from a text file of one puzzle per line, or a CSV whose rows are `puzzle[,solution]` (a first
-    row whose first column is named `puzzle` or `quizzes`, any case, is a header and skipped; any other row
-    is read as a puzzle). Each puzzle must have exactly one solution, which is checked (and found when
-    absent); every error names the file and line. Puzzles that need a strategy harder than `max_strategy`
-    are left out with a warning naming their lines."""
+    row whose first column is named `puzzle` or `quizzes`, any case, is a header and skipped; a first row of
+    other column names is an error naming the header's columns; any other row is read as a puzzle). Each
+    puzzle must have exactly one solution, which is checked (and found when absent); every error is an
+    InputError naming the file and line. Puzzles that need a strategy harder than `max_strategy` are left out
+    with a warning naming their lines."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"puzzle file {path} does not exist")
@@ -405,25 +411,31 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
             cells = [c.strip() for c in row if c.strip()]
             if not cells or cells[0].startswith("#"):
                 continue
-            header, first = first and cells[0].lower() in HEADER_NAMES, False
-            if header:
-                continue
+            if first:
+                first = False
+                if cells[0].lower() in HEADER_NAMES:
+                    continue
+                if all(COLUMN_NAME.fullmatch(c) for c in cells):
+                    raise InputError(
+                        f"{where}: {','.join(cells)!r} is neither a puzzle nor a header; a header names its "
+                        "columns `puzzle[,solution]` or `quizzes,solutions`"
+                    )
             if len(cells) > 2:
-                raise ValueError(f"{where}: expected `puzzle` or `puzzle,solution`, got {len(cells)} fields")
+                raise InputError(f"{where}: expected `puzzle` or `puzzle,solution`, got {len(cells)} fields")
             grid, n = line_to_grid(cells[0], where)
             if all(grid):
-                raise ValueError(f"{where}: the puzzle has no empty cell")
+                raise InputError(f"{where}: the puzzle has no empty cell")
             if not is_consistent(grid, n):
-                raise ValueError(f"{where}: the givens repeat a value within a row, column or box")
+                raise InputError(f"{where}: the givens repeat a value within a row, column or box")
             count, found = count_solutions(grid, n)
             if count != 1:
-                raise ValueError(
+                raise InputError(
                     f"{where}: the puzzle has {'no' if count == 0 else 'more than one'} solution"
                 )
             if len(cells) == 2:
                 solution, m = line_to_grid(cells[1], where + " (solution)")
                 if m != n or solution != found:
-                    raise ValueError(f"{where}: the solution does not solve the puzzle")
+                    raise InputError(f"{where}: the solution does not solve the puzzle")
             steps = logic_solve(grid, n, max_strategy, found)
             if steps is None:
                 harder.append(number)  # harder than max_strategy: left out, as the generator would
@@ -437,7 +449,7 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
             stacklevel=2,
         )
     if not puzzles:
-        raise ValueError(f"puzzle file {path} has no puzzles")
+        raise InputError(f"puzzle file {path} has no puzzles")
     return puzzles
 
 

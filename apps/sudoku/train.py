@@ -16,7 +16,13 @@ from typing import Literal
 
 from apps.sudoku.data import PuzzleConfig, load_puzzles
 from apps.sudoku.evaluate import ThreadsField, evaluate_model, table
-from apps.sudoku.model import ConstrainedBackend, create_model_dir, sft
+from apps.sudoku.model import (
+    ConstrainedBackend,
+    check_tokenizer,
+    create_model_dir,
+    load_sudoku_policy,
+    sft,
+)
 from apps.sudoku.rewards import board_fields, cell_reward, order_reward
 from apps.sudoku.serialize import to_example
 from core.config import config_to_dict
@@ -51,9 +57,16 @@ class ModelFields(ThreadsField):
     eval_puzzles: int = _help("held-out puzzles evaluated at the end (0 = none)", 256)
 
     def __post_init__(self):
-        for name in ("sft_steps", "sft_batch_size"):
+        for name in ("hidden_size", "num_layers", "num_heads", "sft_steps", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size // self.num_heads % 2:  # rotary position embeddings rotate pairs of dimensions
+            raise ValueError(
+                f"hidden_size {self.hidden_size} / num_heads {self.num_heads} gives an odd head size "
+                f"{self.hidden_size // self.num_heads}; rotary positions need an even one"
+            )
         if self.eval_puzzles < 0:
             raise ValueError(f"eval_puzzles must be >= 0 (0 = none), got {self.eval_puzzles}")
 
@@ -115,20 +128,23 @@ def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> d
     run_path = Path(config.run_dir or default_run_dir(APP))
     print(f"run directory: {run_path}")
     train, held_out = puzzles or load_puzzles(config)  # a bad puzzle file stops here, before a run exists
+    if config.model:  # and so does a bad --model
+        model, tokenizer = load_sudoku_policy(config.model, device=config.device)
     run = RunDir.create(
         run_path, config_to_dict(config), app=APP, algorithm=f"sft-{config.order}", exist_ok_for_resume=resume
     )
     if resume:
         run.truncate_logs_after(0)
         shutil.rmtree(run_path / "base_model", ignore_errors=True)  # rebuilt from its seed, bit for bit
-    start = config.model or create_model_dir(
-        run_path / "base_model",
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        seed=config.seed,
-    )
-    model, tokenizer = load_policy(start, device=config.device)
+    if not config.model:
+        start = create_model_dir(
+            run_path / "base_model",
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            seed=config.seed,
+        )
+        model, tokenizer = load_policy(start, device=config.device)
     run.set_status("running", step=0)
 
     def log(step: int, metrics: dict) -> None:
@@ -211,6 +227,8 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
         (Path(config.run_dir) / "sft-random" / "final").rename(path)
 
     model, tokenizer = policy_for(config, build_default)
+    # a --model not built for Sudoku stops here, before the trainer makes the run directory
+    check_tokenizer(tokenizer, config.model or Path(config.run_dir) / "base_model")
     examples = [to_example(p, i, "train") for i, p in enumerate(train)]
     rubric = build_rubric(config)
     backend = ConstrainedBackend(model, tokenizer)

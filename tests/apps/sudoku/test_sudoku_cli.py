@@ -12,6 +12,7 @@ from apps.sudoku.puzzles import generate_puzzles, read_puzzles
 from core.cli import main
 from core.config import config_to_dict
 from core.runs import RunDir
+from core.tiny import create_tiny_model_dir
 
 
 def test_every_subcommand_runs(tmp_path, capsys):
@@ -288,3 +289,58 @@ def test_a_pipeline_whose_stage_fails_is_marked_failed(tmp_path, monkeypatch):
         main(["sudoku", "pipeline", "--preset", "smoke", "--run-dir", str(pipe)])
     status = json.loads((pipe / "status.json").read_text())
     assert status["status"] == "failed" and status["error"] == "RuntimeError: out of memory"
+
+
+def test_generate_refuses_an_output_that_is_a_directory(tmp_path, capsys):
+    # it wrote the puzzles with open(), an IsADirectoryError traceback after generating them all
+    with pytest.raises(SystemExit):
+        main(["sudoku", "generate", "--preset", "smoke", "--output", str(tmp_path)])
+    assert f"error: output {tmp_path} is a directory; give the CSV file to write" in capsys.readouterr().err
+
+
+def test_a_puzzle_file_without_puzzles_is_an_error_before_the_run_directory_exists(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("# no puzzles yet\n\n")
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):  # a ValueError with a traceback before
+        main(["sudoku", "train", "--preset", "smoke", "--data", str(empty), "--run-dir", str(run)])
+    assert f"error: puzzle file {empty} has no puzzles" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_a_model_shape_the_model_cannot_have_is_a_command_line_error(tmp_path, capsys):
+    # the model was built (and failed, with a traceback) after the run directory's config.json was written
+    run = tmp_path / "run"
+    for hidden, heads, error in (
+        ("30", "4", "hidden_size 30 is not divisible by num_heads 4"),
+        ("12", "4", "hidden_size 12 / num_heads 4 gives an odd head size 3; rotary positions need an even"),
+        ("32", "0", "num_heads must be >= 1, got 0"),
+    ):
+        args = ["--preset", "smoke", "--hidden-size", hidden, "--num-heads", heads, "--run-dir", str(run)]
+        for command in ("sft", "train"):
+            with pytest.raises(SystemExit):
+                main(["sudoku", command, *args])
+            assert error in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_a_model_not_built_for_sudoku_is_named_before_a_run_directory_exists(tmp_path, capsys):
+    # its tokenizer has no Sudoku words: a KeyError 'r1' traceback in the constrained decoder before
+    other = create_tiny_model_dir(tmp_path / "other", ["abc"], hidden_size=32, num_layers=1, num_heads=4)
+    run = tmp_path / "run"
+    for command in ("sft", "train", "eval", "pipeline"):
+        with pytest.raises(SystemExit):
+            main(["sudoku", command, "--preset", "smoke", "--model", str(other), "--run-dir", str(run)])
+        assert f"error: {other}: its tokenizer has no Sudoku cell tokens" in capsys.readouterr().err
+        assert not run.exists()
+
+
+def test_a_missing_model_is_named_before_a_run_directory_exists(tmp_path, capsys):
+    # sft and the pipeline wrote their run's config.json first
+    run = tmp_path / "run"
+    typo = tmp_path / "typo"
+    for command in ("sft", "train", "eval", "pipeline"):
+        with pytest.raises(SystemExit):
+            main(["sudoku", command, "--preset", "smoke", "--model", str(typo), "--run-dir", str(run)])
+        assert f"error: {typo} does not exist" in capsys.readouterr().err
+        assert not run.exists()

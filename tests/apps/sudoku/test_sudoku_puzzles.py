@@ -1,5 +1,7 @@
 """The generator (uniqueness, validity, determinism), the logic solver's fill order and the puzzle file format."""
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from apps.sudoku.puzzles import (
     read_puzzles,
     write_puzzles,
 )
+from core.data import InputError
 
 SOLUTION_4 = [1, 2, 3, 4, 3, 4, 1, 2, 2, 1, 4, 3, 4, 3, 2, 1]
 
@@ -114,42 +117,50 @@ def test_puzzle_files_round_trip_and_malformed_lines_are_named(tmp_path):
 
     bad = tmp_path / "bad.csv"
     bad.write_text(f"quizzes,solutions\n{puzzles[0].to_line()}\n12x4............\n")
-    with pytest.raises(ValueError, match=r"bad.csv:3: character 3 is 'x'"):
+    with pytest.raises(InputError, match=r"bad.csv:3: character 3 is 'x'"):
         read_puzzles(bad)
     bad.write_text(f"{puzzles[0].to_line()}\n123\n")
-    with pytest.raises(ValueError, match=r"bad.csv:2: expected 16 or 81 characters"):
+    with pytest.raises(InputError, match=r"bad.csv:2: expected 16 or 81 characters"):
         read_puzzles(bad)
     commented = tmp_path / "commented.csv"  # the header may follow comments and blank lines
     commented.write_text("# from a generator\n\nquizzes,solutions\n" + path.read_text().split("\n", 1)[1])
     assert read_puzzles(commented) == puzzles
     bad.write_text(f"{puzzles[0].to_line()}\nquizzes,solutions\n")  # a header only opens the file
-    with pytest.raises(ValueError, match=r"bad.csv:2: expected 16 or 81 characters"):
+    with pytest.raises(InputError, match=r"bad.csv:2: expected 16 or 81 characters"):
         read_puzzles(bad)
     # a first line is a header only by its column name: a malformed first puzzle is an error, not skipped
     rest = "\n".join(p.to_line() for p in puzzles) + "\n"
+    # a first line of column names says which a header has (it was read as a puzzle: "expected 16 or 81
+    # characters, got 3: 'foo'")
+    header = (
+        "is neither a puzzle nor a header; a header names its columns `puzzle[,solution]` or "
+        "`quizzes,solutions`"
+    )
     for first, error in (
-        ("xxxxxxxxxxxxxxxx", "character 1 is 'x'"),
+        ("x234341221434321", "character 1 is 'x'"),
         ("ab..cd....ba..dc", "character 1 is 'a'"),
-        ("sudoku,solution", "expected 16 or 81 characters"),
+        ("sudoku,solution", f"'sudoku,solution' {header}"),
+        ("foo,bar", f"'foo,bar' {header}"),
+        ("xxxxxxxxxxxxxxxx", f"'xxxxxxxxxxxxxxxx' {header}"),
     ):
         bad.write_text(f"{first}\n{rest}")
-        with pytest.raises(ValueError, match=rf"bad.csv:1: {error}"):
+        with pytest.raises(InputError, match=rf"bad.csv:1: {re.escape(error)}"):
             read_puzzles(bad)
     bad.write_text(f"Puzzle,Solution\n{rest}")
     assert read_puzzles(bad) == puzzles
     for digit in ("\u00b2", "\u0662"):  # str.isdigit() holds for both; int() reads the second as 2
         bad.write_text("1" + digit + "..341221434321\n")
-        with pytest.raises(ValueError, match=rf"bad.csv:1: character 2 is '{digit}'"):
+        with pytest.raises(InputError, match=rf"bad.csv:1: character 2 is '{digit}'"):
             read_puzzles(bad)
     bad.write_text("11..............\n")
-    with pytest.raises(ValueError, match=r"bad.csv:1: the givens repeat"):
+    with pytest.raises(InputError, match=r"bad.csv:1: the givens repeat"):
         read_puzzles(bad)
     bad.write_text("1...............\n")
-    with pytest.raises(ValueError, match=r"bad.csv:1: the puzzle has more than one solution"):
+    with pytest.raises(InputError, match=r"bad.csv:1: the puzzle has more than one solution"):
         read_puzzles(bad)
     wrong = "".join("1" if c == "2" else c for c in "".join(map(str, puzzles[0].solution)))
     bad.write_text(f"{puzzles[0].to_line()},{wrong}\n")
-    with pytest.raises(ValueError, match=r"bad.csv:1: the solution does not solve"):
+    with pytest.raises(InputError, match=r"bad.csv:1: the solution does not solve"):
         read_puzzles(bad)
 
 
@@ -205,7 +216,7 @@ def test_a_puzzle_file_takes_no_generation_settings_but_its_first_num_puzzles(tm
 def test_full_grids_are_refused_and_a_byte_order_mark_is_read(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("1234341221434321\n")
-    with pytest.raises(ValueError, match=r"bad.csv:1: the puzzle has no empty cell"):
+    with pytest.raises(InputError, match=r"bad.csv:1: the puzzle has no empty cell"):
         read_puzzles(bad)
     puzzles = generate_puzzles(4, 3, seed=0, givens=(4, 6))
     bom = tmp_path / "bom.csv"

@@ -152,6 +152,12 @@ def rm_loss(
 def train_reward_model(config: RMTrainConfig) -> dict:
     """Train, save to <run_dir>/model, evaluate on validation/test/heldout; returns the eval results.
     With `config.resume`, continue from the newest checkpoint in <run_dir>."""
+    # the data first: a bad --data stops the command before the run directory is made
+    splits = {
+        name: read_split(config.data, name)
+        for name in ("train", "validation", "test", "heldout")
+        if name in ("train", "validation") or (Path(config.data) / f"{name}.jsonl").is_file()
+    }
     run_dir = Path(config.run_dir)
     out = run_dir / "model"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,11 +174,6 @@ def train_reward_model(config: RMTrainConfig) -> dict:
     checkpoint = load_checkpoint(checkpoint_path) if config.resume and checkpoint_path else None
     if checkpoint is not None:
         _check_same_settings(checkpoint.trainer_state["config"], config_to_dict(config), checkpoint.path)
-    splits = {
-        name: read_split(config.data, name)
-        for name in ("train", "validation", "test", "heldout")
-        if name in ("train", "validation") or (Path(config.data) / f"{name}.jsonl").is_file()
-    }
     train_rows = splits["train"][: config.max_train_rows or None]
     if config.model:
         from transformers import AutoTokenizer

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from apps.math_reasoning.compare import PRESETS as COMPARE_PRESETS
 from apps.math_reasoning.compare import MathCompareConfig, compare
-from apps.math_reasoning.data import MIXES, offline_sets, write_jsonl
+from apps.math_reasoning.data import MIXES, mix_levels, offline_sets, write_jsonl
 from apps.math_reasoning.evaluate import MathEvalConfig, run_eval
 from apps.math_reasoning.train import PRESETS, MathTrainConfig, train
 from core.cli import add_app, add_command
@@ -24,6 +24,9 @@ class MathDataConfig:
     out_dir: str = field(default="runs/math/data", metadata={"help": "directory for train/test/sft .jsonl"})
     data_seed: int = field(default=1234, metadata={"help": "seed of the generated sets"})
     data_mix: str = field(default="default", metadata={"help": f"difficulty mix: one of {', '.join(MIXES)}"})
+
+    def __post_init__(self):
+        mix_levels(self.data_mix)
 
 
 def write_data(config: MathDataConfig) -> dict[str, Path]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, build_base, train
+from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, applies_to, build_base, train
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
 from core.config import config_file_values, config_to_dict
 from core.runs import RunDir, is_run_dir, latest_config, write_atomic
@@ -63,6 +63,20 @@ class MathCompareConfig:
                 raise ValueError(f"{name} names an entry twice: {','.join(map(str, values))}")
         if self.train_preset is not None and self.train_preset not in TRAIN_PRESETS:
             raise ValueError(f"unknown train preset {self.train_preset!r}; valid: {', '.join(TRAIN_PRESETS)}")
+        for name in ("model", "large_model"):  # else the tiny base model would be built into that path
+            if getattr(self, name) and not (Path(getattr(self, name)) / "config.json").is_file():
+                raise ValueError(
+                    f"{name}: {getattr(self, name)} is not a local model directory (no config.json)"
+                )
+        if self.model and not self.large_model and {"codistill", "grpo_large"} & set(self.algos):
+            raise ValueError("codistill and grpo_large with --model need --large-model")
+        # --train-config and the train fields checked now, for every arm: before anything is made
+        values = _train_values(self)
+        for arm in self.algos:
+            try:
+                MathTrainConfig(**arm_values(values, arm))
+            except ValueError as err:
+                raise ValueError(f"arm {arm}: {err}") from err
 
 
 PRESETS = {
@@ -92,27 +106,25 @@ def _train_values(config: MathCompareConfig) -> dict:
     return values
 
 
+def arm_values(values: dict, arm: str) -> dict:
+    """The train fields of one arm: its algorithm, and of `values` those that algorithm reads (a train
+    config's codistill_alpha goes to the codistill arm only; `math train` refuses it with another --algo)."""
+    algo = "grpo" if arm == "grpo_large" else arm
+    return {k: v for k, v in values.items() if algo in applies_to(k)} | {"algo": algo}
+
+
 def compare(config: MathCompareConfig) -> dict:
     out = Path(config.out_dir or f"runs/math/compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"compare directory: {out}")
     values = _train_values(config)
-    base = MathTrainConfig(**values, seed=config.base_seed, run_dir=str(out))
+    base = MathTrainConfig(**arm_values(values, "grpo"), seed=config.base_seed, run_dir=str(out))
     small = Path(config.model) if config.model else out / "base_small"
     large = Path(config.large_model) if config.large_model else out / "base_large"
     needs_large = any(arm in ("codistill", "grpo_large") for arm in config.algos)
-    if config.model and needs_large and not config.large_model:
-        raise ValueError("codistill and grpo_large with --model need --large-model")
-    for path, size, needed in ((small, "small", True), (large, "large", needs_large)):
-        if needed and not (path / "config.json").is_file():
-            print(f"building the tiny {size} base model into {path}")
-            build_base(base, size, path)
-    # every run's config first: a setting one arm refuses stops the compare before anything trains, and
-    # a run left by an earlier compare into this directory must have had the same settings
+    # every run's config first: a run left by an earlier compare into this directory must have had the
+    # same settings, checked before anything is made
     planned = [
         (arm, MathTrainConfig(
-            **values,
-            algo="grpo" if arm == "grpo_large" else arm,
+            **arm_values(values, arm),
             seed=seed,
             model=str(large if arm == "grpo_large" else small),
             large_model=str(large) if arm == "codistill" else None,
@@ -123,6 +135,12 @@ def compare(config: MathCompareConfig) -> dict:
     ]  # fmt: skip
     for _, run_config in planned:
         _check_earlier_run(run_config)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"compare directory: {out}")
+    for path, size, needed in ((small, "small", True), (large, "large", needs_large)):
+        if needed and not (path / "config.json").is_file():
+            print(f"building the tiny {size} base model into {path}")
+            build_base(base, size, path)
     runs: dict[str, list[dict]] = {}
     for arm, run_config in planned:
         runs.setdefault(arm, []).append(run_summary(_finished(run_config) or _train_or_resume(run_config)))

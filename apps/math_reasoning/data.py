@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.data import is_missing, read_located_examples
+from core.runs import refuse_a_file_in_the_way
 
 HINT_TIERS = ("knowledge", "planning", "solution")
 NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Finn", "Gus", "Ivy")
@@ -184,6 +185,7 @@ def offline_sets(
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
+    refuse_a_file_in_the_way(path.parent, "output directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 

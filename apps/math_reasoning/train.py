@@ -15,7 +15,7 @@ sec. 1-3: 32 prompts x 8, lr 1e-6, R1-Zero template, no KL). Algorithms:
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -71,7 +71,9 @@ class MathTrainConfig(GRPOConfig):
     )
     # -- the offline tiny models
     size: Literal["small", "large"] = _help("which tiny base model is the policy (grpo/gtpo/scaf)", "small")
-    large_model: str | None = _help("CoDistill's large model (HF dir, same tokenizer as --model)", None)
+    large_model: str | None = _help(
+        "CoDistill's large model (HF dir, same tokenizer as --model); codistill only", None
+    )
     small_hidden_size: int = _help("tiny small model: hidden size (multiple of 32)", 128)
     small_num_layers: int = _help("tiny small model: layers", 4)
     small_sft_steps: int = _help("tiny small model: SFT steps (batch 16), short of mastery on purpose", 300)
@@ -124,8 +126,9 @@ class MathTrainConfig(GRPOConfig):
             raise ValueError(
                 f"scaf_tiers must be a non-empty subset of {', '.join(HINT_TIERS)}, got {unknown}"
             )
-        if self.data and not Path(self.data).is_file():  # before the base model is built
-            raise ValueError(f"data: {self.data} is not a file")
+        for name in ("data", "eval_data"):  # before the base model is built (and trained)
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name}: {getattr(self, name)} is not a file")
         if self.algo == "codistill":
             if self.dynamic_sampling:
                 raise ValueError("codistill cannot use dynamic_sampling (its KD term is tied to one batch)")
@@ -137,12 +140,47 @@ class MathTrainConfig(GRPOConfig):
             raise ValueError("scaf_exemption_fraction must be in [0, 1) and sft_hint_fraction in [0, 1]")
         if self.eval_samples < 0 or self.eval_examples < 0:
             raise ValueError("eval_samples and eval_examples must be >= 0")
+        if self.codistill_alpha < 0 or not self.codistill_is_cap > 0 or not self.codistill_large_lr > 0:
+            raise ValueError(
+                "codistill_alpha must be >= 0, codistill_is_cap and codistill_large_lr > 0, got "
+                f"{self.codistill_alpha}, {self.codistill_is_cap}, {self.codistill_large_lr}"
+            )
+        ignored = [f.name for f in fields(self) if self.algo not in applies_to(f.name) and _given(self, f)]
+        if ignored:  # a flag of another algorithm would be ignored without a word
+            raise ValueError(
+                "; ".join(
+                    f"{n}: used by --algo {'/'.join(applies_to(n))} only, not {self.algo}" for n in ignored
+                )
+            )
 
     def tiny_spec(self, size: str) -> TinySpec:
         if size == "small":
             return TinySpec(self.small_hidden_size, self.small_num_layers, self.small_sft_steps, self.sft_lr)
         lr = self.sft_lr if self.large_sft_lr is None else self.large_sft_lr
         return TinySpec(self.large_hidden_size, self.large_num_layers, self.large_sft_steps, lr)
+
+
+def applies_to(name: str) -> tuple[str, ...]:
+    """The algorithms that read a field: each gtpo_*, scaf_* and codistill_* field its own, large_model
+    codistill, size every one but codistill (its policy is the small model), any other field all.
+
+    >>> applies_to("scaf_tiers"), applies_to("size"), applies_to("max_steps") == ALGORITHMS
+    (('scaf',), ('grpo', 'gtpo', 'scaf'), True)
+    """
+    if name == "large_model":
+        return ("codistill",)
+    if name == "size":
+        return ("grpo", "gtpo", "scaf")
+    prefix = name.split("_", 1)[0]
+    return (prefix,) if prefix in ALGORITHMS else ALGORITHMS
+
+
+def _given(config: MathTrainConfig, f) -> bool:
+    """Whether field `f` was given (a flag, a file): the config does not know where a value came from, so a
+    value is taken as given when it is neither the default nor a preset's (smoke sets Scaf's exemption
+    fraction, micro and paper CoDistill's L learning rate, for every --algo)."""
+    value = getattr(config, f.name)
+    return value != f.default and all(value != preset.get(f.name, f.default) for preset in PRESETS.values())
 
 
 PRESETS = {
@@ -259,10 +297,18 @@ def large_policy(config: MathTrainConfig):
 
 def train(config: MathTrainConfig) -> dict:
     """Train, save <run>/final (and <run>/final_large for CoDistill), evaluate; returns history and eval."""
+    # the data files first: a bad one stops the command before the base model is built into the run
+    examples = training_examples(config)
+    eval_examples = (
+        load_eval_examples(
+            config.eval_data, config.data_format, config.data_seed, config.eval_examples, config.data_mix
+        )
+        if config.eval_samples
+        else []
+    )
     config = with_run_dir(config, APP)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))
-    examples = training_examples(config)
     hooks = make_hooks(config, examples, tokenizer)
     rubric = rubric_for(get_template(config.template), config.on_reward_error)
     trainer = GRPOTrainer(
@@ -280,9 +326,6 @@ def train(config: MathTrainConfig) -> dict:
     print(summary_table(history))
     results = {}
     if config.eval_samples:
-        eval_examples = load_eval_examples(
-            config.eval_data, config.data_format, config.data_seed, config.eval_examples, config.data_mix
-        )
         for key, (policy, tok) in models.items():
             results[key] = evaluate_model(
                 policy,

@@ -57,7 +57,10 @@ class TcmTrainConfig(GRPOConfig):
     max_new_tokens: int = field(default=512, metadata={"help": "completion length cap (paper is silent)"})
     epochs: float | None = field(
         default=None,
-        metadata={"help": "if set, max_steps = ceil(epochs * train questions / prompts_per_step)"},
+        metadata={
+            "help": "if set, max_steps = ceil(epochs * train questions / prompts_per_step): it overrides a "
+            "preset's max_steps; --max-steps with it is an error (--epochs none after a preset that sets it)"
+        },
     )
     system_prompt: Literal["paper", "short"] = field(
         default="paper", metadata={"help": "the paper-style system prompt, or a short one (tiny models)"}
@@ -109,6 +112,13 @@ class TcmTrainConfig(GRPOConfig):
         super().__post_init__()
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 or none, got {self.epochs}")
+        # the config does not know where a value came from: a max_steps other than the default and the
+        # presets' was given (a flag, a file, the resumed run), and epochs would override it without a word
+        if self.epochs is not None and self.max_steps not in _preset_values("max_steps"):
+            raise ValueError(
+                f"epochs: {self.epochs} would override max_steps {self.max_steps}; give one of them "
+                "(--epochs none trains by max_steps)"
+            )
         if min(self.eval_max, self.sft_steps, self.reading_steps) < 0 or self.eval_batch_size < 1:
             raise ValueError("eval_max, sft_steps and reading_steps must be >= 0, eval_batch_size >= 1")
         for name in ("sft_format_fraction", "sft_fact_fraction"):
@@ -144,6 +154,12 @@ PRESETS = {
 }
 
 
+def _preset_values(name: str) -> list:
+    """A field's default and the values the presets give it."""
+    default = TcmTrainConfig.__dataclass_fields__[name].default
+    return [default, *(preset[name] for preset in PRESETS.values() if name in preset)]
+
+
 def raw_splits(data: str | None, seed: int) -> dict[str, list[dict]]:
     """Train/val/test of a TCM-Ladder-style file (split by `fact` column or question) or of the offline set
     (split by fact group)."""
@@ -153,10 +169,15 @@ def raw_splits(data: str | None, seed: int) -> dict[str, list[dict]]:
 
 def prepared_splits(data: str | None, seed: int, tokenizer, system_prompt: str) -> dict[str, list[dict]]:
     """The splits with each example's chat-templated `prompt`."""
+    return with_prompts(raw_splits(data, seed), tokenizer, system_prompt)
+
+
+def with_prompts(splits: dict[str, list[dict]], tokenizer, system_prompt: str) -> dict[str, list[dict]]:
+    """Loaded splits (`raw_splits`) with each example's chat-templated `prompt`."""
     system = SYSTEM_PROMPTS[system_prompt]
     return {
         name: [{**example, "prompt": build_prompt(example, tokenizer, system)} for example in examples]
-        for name, examples in raw_splits(data, seed).items()
+        for name, examples in splits.items()
     }
 
 
@@ -233,19 +254,23 @@ def seeded_subset(n: int, fraction: float, seed: int) -> set[int]:
 
 
 def train(config: TcmTrainConfig) -> list[dict]:
+    # the data first: a bad --data file stops the command before the base model is built into the run
+    raw = raw_splits(config.data, config.seed)
+    nonempty_split(raw, "train", config.data)
+    if config.eval_split != "none":
+        nonempty_split(raw, config.eval_split, config.data)
+    if config.epochs is not None:
+        steps = ceil(config.epochs * len(raw["train"]) / config.prompts_per_step)
+        print(f"{config.epochs} epochs of {len(raw['train'])} questions: {steps} steps")
+        # the run's config holds the steps, so that a resume (which reads it) trains as many
+        config = replace(config, epochs=None, max_steps=steps)
     config = with_run_dir(config, APP)
     model, tokenizer = policy_for(config, lambda path: build_default_model(path, config))
-    splits = prepared_splits(config.data, config.seed, tokenizer, config.system_prompt)
-    if config.epochs is not None:
-        config = replace(
-            config, max_steps=ceil(config.epochs * len(splits["train"]) / config.prompts_per_step)
-        )
-        print(f"{config.epochs} epochs of {len(splits['train'])} questions: {config.max_steps} steps")
+    splits = with_prompts(raw, tokenizer, config.system_prompt)
     rubric = build_rubric(
         config.accuracy_weight, config.format_weight, config.tag_weight, config.on_reward_error
     )
-    nonempty_split(splits, "train", config.data)
-    held_out = [] if config.eval_split == "none" else nonempty_split(splits, config.eval_split, config.data)
+    held_out = [] if config.eval_split == "none" else splits[config.eval_split]
     held_out = held_out[: config.eval_max] if config.eval_max else held_out
 
     def evaluate() -> dict:

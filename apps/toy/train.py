@@ -31,6 +31,13 @@ class ToyTrainConfig(GRPOConfig):
     )
     alphabet_weight: float = field(default=0.25, metadata={"help": "weight of the shaping reward"})
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_examples < 1:
+            raise ValueError(f"num_examples must be >= 1, got {self.num_examples}")
+        if self.alphabet_weight < 0:  # a negative weight rewards leaving the task's alphabet
+            raise ValueError(f"alphabet_weight must be >= 0, got {self.alphabet_weight}")
+
 
 PRESETS = {
     "demo": {"max_steps": 120},

@@ -101,6 +101,20 @@ def test_a_data_row_whose_letter_no_completion_can_earn_is_named(tmp_path, capsy
     assert not (tmp_path / "run" / "base_model").exists()  # read before anything is built
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num-examples", "0"], "num_examples must be >= 1, got 0"),
+        (["--alphabet-weight", "-5"], "alphabet_weight must be >= 0, got -5.0"),
+    ],
+)
+def test_clearly_wrong_values_are_refused_before_anything_is_built(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TOY, *flags, "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_num_examples_help_says_it_does_not_apply_with_data(capsys):
     with pytest.raises(SystemExit):
         main(["toy", "train", "--help"])

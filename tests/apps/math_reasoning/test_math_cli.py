@@ -27,9 +27,9 @@ def _metrics(run_dir):
 @pytest.mark.parametrize("algo", ["grpo", "gtpo", "scaf", "codistill"])
 def test_train_each_algorithm_with_a_model_dir(algo, small_dir, large_dir, tmp_path, capsys):
     run_dir = tmp_path / algo
-    extra = ["--large-model", str(large_dir)] if algo == "codistill" else []
+    extra = {"codistill": ["--large-model", str(large_dir)], "scaf": ["--scaf-exemption-fraction", "0"]}
     args = ["math", "train", "--algo", algo, "--model", str(small_dir), "--run-dir", str(run_dir)]
-    assert main([*args, *FAST, *EVAL, "--scaf-exemption-fraction", "0", *extra]) == 0
+    assert main([*args, *FAST, *EVAL, *extra.get(algo, [])]) == 0
     out = capsys.readouterr().out
     assert "pass@1" in out and "zero-spread" in out
     metrics = _metrics(run_dir)
@@ -164,12 +164,19 @@ def test_compare_train_preset_sets_every_run(tmp_path):
 
 
 def test_compare_train_config_is_checked_field_by_field(tmp_path):
-    from apps.math_reasoning.compare import MathCompareConfig, _train_values
+    from apps.math_reasoning.compare import MathCompareConfig, _train_values, arm_values
 
     path = tmp_path / "train.toml"
     path.write_text('scaf_tiers = ["knowledge", "solution"]\ncodistill_alpha = 1\n')
-    values = _train_values(MathCompareConfig(train_config=str(path)))
+    values = _train_values(
+        MathCompareConfig(train_config=str(path))
+    )  # every arm: grpo, gtpo, scaf, codistill
     assert values["scaf_tiers"] == ("knowledge", "solution") and values["codistill_alpha"] == 1.0
+    # each algorithm's own fields go to its arms only (`math train` refuses them with another --algo)
+    assert arm_values(values, "codistill")["codistill_alpha"] == 1.0 and "scaf_tiers" in arm_values(
+        values, "scaf"
+    )
+    assert arm_values(values, "grpo_large").keys() == arm_values(values, "gtpo").keys() == {"algo"}
     path.write_text('lora = "no"\n')  # a string would be truthy: LoRA on
     with pytest.raises(ValueError, match=r"train.toml: lora: expected true or false"):
         _train_values(MathCompareConfig(train_config=str(path)))
@@ -189,7 +196,7 @@ def test_large_sft_lr_defaults_to_sft_lr():
     assert (micro.tiny_spec("small").sft_lr, micro.tiny_spec("large").sft_lr) == (3e-3, 1e-3)
 
 
-def test_bad_flags_are_command_line_errors(capsys):
+def test_bad_flags_are_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["math", "train", "--algo", "ppo"])
     with pytest.raises(SystemExit):
@@ -204,6 +211,105 @@ def test_bad_flags_are_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         main(["math", "train", "--data", "nope.jsonl"])
     assert "data: nope.jsonl is not a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["math", "data", "--out-dir", str(tmp_path / "data"), "--data-mix", "hard"])
+    assert "unknown difficulty mix 'hard'; valid: default, micro" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_missing_eval_data_file_is_refused_by_the_config():
+    from apps.math_reasoning.train import MathTrainConfig
+
+    with pytest.raises(ValueError, match="eval_data: nope.jsonl is not a file"):
+        MathTrainConfig(eval_data="nope.jsonl")
+
+
+BAD_FILES = [
+    ('{"question": "q", "answer": "#### 1"}\n{"question": }\n', "bad.jsonl:2: not valid JSON"),
+    ('{"foo": 1}\n', "bad.jsonl: cannot tell the format from the fields ['foo', 'id']"),
+    ("\n", "bad.jsonl has no rows"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_FILES)
+def test_a_bad_data_file_is_refused_before_the_base_model_is_built(text, message, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(text)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "math",
+                "train",
+                "--preset",
+                "smoke",
+                "--data",
+                str(tmp_path / "bad.jsonl"),
+                "--run-dir",
+                str(run_dir),
+            ]
+        )
+    assert message in capsys.readouterr().err and not run_dir.exists()
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_FILES)
+def test_a_bad_eval_data_file_is_refused_before_training(text, message, small_dir, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(text)
+    run_dir = tmp_path / "run"
+    args = ["--model", str(small_dir), "--eval-data", str(tmp_path / "bad.jsonl"), "--run-dir", str(run_dir)]
+    with pytest.raises(SystemExit):
+        main(["math", "train", *FAST, *args])
+    assert message in capsys.readouterr().err and not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--algo", "codistill", "--codistill-alpha", "-2"], "codistill_alpha must be >= 0"),
+        (["--algo", "codistill", "--codistill-is-cap", "0"], "codistill_is_cap and codistill_large_lr > 0"),
+        (["--algo", "grpo", "--large-model", "m"], "large_model: used by --algo codistill only, not grpo"),
+        (["--algo", "gtpo", "--scaf-tiers", "solution"], "scaf_tiers: used by --algo scaf only, not gtpo"),
+        (["--algo", "scaf", "--gtpo-gamma", "0.5"], "gtpo_gamma: used by --algo gtpo only, not scaf"),
+        (["--algo", "grpo", "--no-codistill-train-large"], "codistill_train_large: used by --algo codistill"),
+        (
+            ["--algo", "codistill", "--size", "large"],
+            "size: used by --algo grpo/gtpo/scaf only, not codistill",
+        ),
+    ],
+)
+def test_a_value_out_of_range_or_for_another_algorithm_is_refused(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["math", "train", "--preset", "smoke", *flags, "--run-dir", str(tmp_path / "run")])
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_every_preset_goes_with_every_algorithm():
+    """A preset's value of another algorithm's field (smoke's scaf_exemption_fraction, micro's
+    codistill_large_lr) is not taken as given."""
+    from apps.math_reasoning.train import ALGORITHMS, PRESETS, MathTrainConfig
+
+    for preset in PRESETS.values():
+        for algo in ALGORITHMS:
+            assert MathTrainConfig(**preset, algo=algo).algo == algo
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train-config", "nope.toml"], "config file nope.toml does not exist"),
+        (["--train-config", "{tmp}/zero.toml"], "arm grpo: max_steps must be >= 1, got 0"),
+        (["--algos", "grpo", "--model", "{tmp}/none"], "none is not a local model directory"),
+        (["--model", "{small}"], "codistill and grpo_large with --model need --large-model"),
+    ],
+    ids=["missing-train-config", "bad-train-value", "missing-model", "no-large-model"],
+)
+def test_compare_checks_its_inputs_before_making_anything(flags, message, small_dir, tmp_path, capsys):
+    (tmp_path / "zero.toml").write_text("max_steps = 0\n")
+    out = tmp_path / "compare"
+    flags = [flag.format(tmp=tmp_path, small=small_dir) for flag in flags]
+    with pytest.raises(SystemExit):
+        main(["math", "compare", "--preset", "smoke", "--out-dir", str(out), *flags])
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "none").exists()  # no tiny model built into --model
 
 
 def test_resuming_a_run_of_another_algorithm_is_a_command_line_error(small_dir, tmp_path, capsys):

@@ -221,3 +221,10 @@ def test_broken_json_line_and_unknown_format(tmp_path):
         load_examples(path, "csv-ish")
     with pytest.raises(FileNotFoundError):
         load_examples(tmp_path / "missing.jsonl")
+
+
+def test_writing_into_an_out_dir_that_is_a_file_says_so(tmp_path):
+    """`math data --out-dir od` with a file od: not mkdir's "[Errno 17] File exists: 'od'"."""
+    (tmp_path / "od").write_text("x")
+    with pytest.raises(FileExistsError, match=r"^output directory \S+od is a file, not a directory$"):
+        write_jsonl(tmp_path / "od" / "train.jsonl", [{"a": 1}])

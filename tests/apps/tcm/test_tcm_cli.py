@@ -6,9 +6,9 @@ import json
 import pytest
 
 from apps.tcm.evaluate import TcmEvalConfig
-from apps.tcm.train import TcmTrainConfig, seeded_subset
+from apps.tcm.train import PRESETS, TcmTrainConfig, seeded_subset
 from core.cli import main
-from core.runs import RunDir
+from core.runs import RunDir, latest_config
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,58 @@ def test_paper_defaults():
         TcmTrainConfig(sft_format_fraction=1.5)
     with pytest.raises(ValueError, match="sft_fact_fraction"):
         TcmTrainConfig(sft_fact_fraction=-0.1)
+
+
+def test_epochs_with_max_steps_is_refused(tmp_path, capsys):
+    """--epochs overrode an explicit --max-steps without a word (429 steps for --max-steps 3)."""
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "tcm",
+                "train",
+                "--preset",
+                "smoke",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "3",
+                "--run-dir",
+                str(tmp_path),
+            ]
+        )
+    assert "epochs: 1.0 would override max_steps 3; give one of them" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="epochs: 2.0 would override max_steps 10"):
+        TcmTrainConfig(**PRESETS["paper"], max_steps=10)
+    # a preset's max_steps is not given: --epochs overrides it
+    assert TcmTrainConfig(**PRESETS["smoke"], epochs=1.0).epochs == 1.0
+
+
+def test_epochs_set_the_steps_and_the_run_resumes_with_them(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = ["--preset", "smoke", "--eval-split", "none", "--run-dir", str(run_dir)]
+    assert main(["tcm", "train", *flags, "--epochs", "0.006"]) == 0  # 857 training questions, 2 a step
+    assert "0.006 epochs of 857 questions: 3 steps" in capsys.readouterr().out
+    config = latest_config(RunDir(run_dir).read_config())
+    assert (config["epochs"], config["max_steps"]) == (None, 3)  # the run's steps, as a resume reads them
+    assert main(["tcm", "train", "--resume", "--run-dir", str(run_dir), "--max-steps", "4"]) == 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.jsonl", '{"question": "q", "answer": "A", "type"}\n', "bad.jsonl:1: not valid JSON"),
+        ("bad.jsonl", '{"question": "q", "answer": "A"}\n', "bad.jsonl:line 1: missing field(s) type"),
+        ("bad.txt", "q\n", "bad.txt: expected .jsonl, .json, .csv or .parquet"),
+        ("bad.jsonl", "", "bad.jsonl has no rows"),
+    ],
+)
+def test_a_bad_data_file_is_refused_before_the_base_model_is_built(tmp_path, capsys, name, text, message):
+    (tmp_path / name).write_text(text)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["tcm", "train", "--preset", "smoke", "--data", str(tmp_path / name), "--run-dir", str(run_dir)])
+    assert message in capsys.readouterr().err and not run_dir.exists()
 
 
 def test_seeded_subset_is_seeded_and_sized():

@@ -6,6 +6,7 @@ app) plus whatever fields the app's reward functions read (`answer`, `solution`,
 
 import csv
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,12 +18,19 @@ class InputError(ValueError):
     The command line shows it as an error without a traceback (core.cli)."""
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: Path, cut_off_end: bool = False) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file, in order; a line that is not a JSON
-    object is an error naming the file and the line (raised when the reader gets there)."""
+    object is an error naming the file and the line (raised when the reader gets there). With
+    `cut_off_end`, a last line without its line end (a log whose writer was killed mid-line) is left out
+    with a warning naming it."""
     # Split on "\n" only: str.splitlines also splits on U+2028, U+2029 and U+0085, which a JSON string may
     # hold raw (json.dumps(..., ensure_ascii=False) writes them so); a "\r" before it is whitespace to JSON.
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if cut_off_end and lines[-1]:
+        message = f"{path}:{len(lines)}: the last line has no line end (cut off by a kill): left out"
+        warnings.warn(message, stacklevel=2)
+        lines[-1] = ""
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

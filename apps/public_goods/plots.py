@@ -7,8 +7,6 @@ per method and initial state, seeds averaged, min-max band) and cooperation_over
 """
 
 import io
-import json
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -19,7 +17,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core.data import InputError  # noqa: E402
+from core.data import InputError, read_jsonl  # noqa: E402
 from core.runs import write_atomic  # noqa: E402
 
 SNAPSHOT_PANELS = (1, 10, 100, 1000)
@@ -45,21 +43,9 @@ def _save(fig, path: Path) -> Path:
 def read_series(path: Path) -> list[dict]:
     """The trajectories of series.jsonl. A last line without its line end was cut off by a killed sweep: it
     is left out with a warning. Any other line that is not a trajectory is an InputError naming the line."""
-    *lines, last = path.read_text(encoding="utf-8").split("\n")
-    if last:
-        warnings.warn(
-            f"{path}:{len(lines) + 1}: the last line has no line end (cut off by a killed sweep): left out",
-            stacklevel=2,
-        )
     series = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict) or any(key not in row for key in SERIES_FIELDS):
+    for number, row in read_jsonl(path, cut_off_end=True):
+        if any(key not in row for key in SERIES_FIELDS):
             raise InputError(f"{path}:{number}: not a trajectory (an object with {', '.join(SERIES_FIELDS)})")
         series.append(row)
     return series

@@ -160,6 +160,21 @@ def changed_settings(
     ]
 
 
+def refuse_changed_pipeline(root: str | Path, config: Mapping[str, Any], may_change: Sequence[str]) -> None:
+    """A resumed pipeline keeps the stages it finished: a ValueError naming every setting that differs from
+    those it last ran with, `may_change` aside. A directory holding another kind of run is left to
+    `RunDir.create` to name."""
+    stored = RunDir(root).read_config()
+    if stored.get("algorithm") != "pipeline":
+        return
+    changed = changed_settings(latest_config(stored), config, may_change)
+    if changed:
+        raise ValueError(
+            f"{root}: --resume would keep stages run with other settings ({'; '.join(changed)}); resume with "
+            "the run's own settings, or pick a new --run-dir"
+        )
+
+
 def default_run_dir(app: str) -> Path:
     """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time), or with `-2`, `-3`, ...
     after it when a run started in the same second already has that name."""

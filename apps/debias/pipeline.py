@@ -32,7 +32,7 @@ from apps.debias.data import DataConfig, generate_splits, load_splits, write_spl
 from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
 from core.config import config_to_dict
-from core.runs import RunDir, changed_settings, default_run_dir, failure_recorded, latest_config
+from core.runs import RunDir, default_run_dir, failure_recorded, refuse_changed_pipeline
 from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
@@ -210,16 +210,7 @@ def _check_same_settings(config: PipelineConfig) -> None:
             f"--resume: {config.run_dir} holds no pipeline to continue (no config.json); leave out --resume "
             "to start one there"
         )
-    stored = RunDir(config.run_dir).read_config()
-    if stored.get("algorithm") != "pipeline":
-        return  # not a pipeline's run: RunDir.create names what it is
-    old, new = latest_config(stored), config_to_dict(config)
-    changed = changed_settings(old, new, HOW_IT_RUNS)
-    if changed:
-        raise ValueError(
-            f"{config.run_dir}: --resume would keep stages run with other settings ({'; '.join(changed)}); "
-            "resume with the run's own settings, or pick a new --run-dir"
-        )
+    refuse_changed_pipeline(config.run_dir, config_to_dict(config), HOW_IT_RUNS)
 
 
 def pipeline_table(results: dict) -> str:

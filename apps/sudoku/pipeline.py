@@ -22,7 +22,7 @@ from apps.sudoku.model import load_sudoku_policy
 from apps.sudoku.train import SudokuTrainConfig, run_sft, run_train, sft_config_from
 from core.config import config_to_dict
 from core.launch import with_run_dir
-from core.runs import RunDir, changed_settings, failure_recorded, latest_config
+from core.runs import RunDir, failure_recorded, refuse_changed_pipeline
 
 APP = "sudoku"
 # fields a resumed pipeline may change: where and how it runs, not what it computes
@@ -76,7 +76,7 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     config = with_run_dir(config, APP)  # --resume needs the run directory of an earlier pipeline
     root = Path(config.run_dir)
     if config.resume:
-        _check_same_settings(root, config)
+        refuse_changed_pipeline(root, config_to_dict(config), HOW_IT_RUNS)  # it reuses finished rows
     puzzles = load_puzzles(config)  # bad puzzle settings or a bad file stop here, before a run exists
     if config.model:  # and so does a bad --model (each SFT stage loads it again)
         load_sudoku_policy(config.model)
@@ -133,20 +133,6 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     )
     print(table(rows))
     return rows
-
-
-def _check_same_settings(root: Path, config: SudokuPipelineConfig) -> None:
-    """A resumed pipeline reuses the rows it finished: refuse settings other than the run's own."""
-    stored = RunDir(root).read_config()
-    if stored.get("algorithm") != "pipeline":
-        return  # not a pipeline's run: RunDir.create names what it is
-    old, new = latest_config(stored), config_to_dict(config)
-    changed = changed_settings(old, new, HOW_IT_RUNS)
-    if changed:
-        raise ValueError(
-            f"{root}: --resume would reuse stages run with other settings ({'; '.join(changed)}); resume "
-            "with the run's own settings, or pick a new --run-dir"
-        )
 
 
 def _train_fields() -> list[str]:

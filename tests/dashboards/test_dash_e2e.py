@@ -123,9 +123,12 @@ def test_served_dashboard_renders_the_run_in_chromium(runs_root, tmp_path):
             if pixels.std() > 0.05:
                 break
         assert pixels.shape[:2] == (1000, 1400) and pixels.std() > 0.05, "the screenshot shows a blank page"
-        bad = chromium(
-            browser, tmp_path / "bad", "--dump-dom", f"http://127.0.0.1:{port}/?run=../../etc"
-        ).stdout
+        for attempt in range(6):  # as above: a page may be dumped before its script has rendered it
+            bad = chromium(
+                browser, tmp_path / f"bad{attempt}", "--dump-dom", f"http://127.0.0.1:{port}/?run=../../etc"
+            ).stdout
+            if "Refused" in bad:
+                break
         assert "Refused the run path in the URL" in bad
     finally:
         server.terminate()

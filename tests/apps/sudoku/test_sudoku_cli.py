@@ -324,23 +324,18 @@ def test_a_model_shape_the_model_cannot_have_is_a_command_line_error(tmp_path, c
     assert not run.exists()
 
 
-def test_a_model_not_built_for_sudoku_is_named_before_a_run_directory_exists(tmp_path, capsys):
-    # its tokenizer has no Sudoku words: a KeyError 'r1' traceback in the constrained decoder before
-    other = create_tiny_model_dir(tmp_path / "other", ["abc"], hidden_size=32, num_layers=1, num_heads=4)
+@pytest.mark.parametrize("model", ["not_for_sudoku", "missing"])
+def test_a_bad_model_is_named_before_a_run_directory_exists(tmp_path, capsys, model):
+    """A model whose tokenizer has no Sudoku words gave a KeyError 'r1' traceback in the constrained decoder;
+    a missing one let sft and the pipeline write their run's config.json first."""
+    if model == "missing":
+        path, message = tmp_path / "typo", f"error: {tmp_path / 'typo'} does not exist"
+    else:
+        path = create_tiny_model_dir(tmp_path / "other", ["abc"], hidden_size=32, num_layers=1, num_heads=4)
+        message = f"error: {path}: its tokenizer has no Sudoku cell tokens"
     run = tmp_path / "run"
     for command in ("sft", "train", "eval", "pipeline"):
         with pytest.raises(SystemExit):
-            main(["sudoku", command, "--preset", "smoke", "--model", str(other), "--run-dir", str(run)])
-        assert f"error: {other}: its tokenizer has no Sudoku cell tokens" in capsys.readouterr().err
-        assert not run.exists()
-
-
-def test_a_missing_model_is_named_before_a_run_directory_exists(tmp_path, capsys):
-    # sft and the pipeline wrote their run's config.json first
-    run = tmp_path / "run"
-    typo = tmp_path / "typo"
-    for command in ("sft", "train", "eval", "pipeline"):
-        with pytest.raises(SystemExit):
-            main(["sudoku", command, "--preset", "smoke", "--model", str(typo), "--run-dir", str(run)])
-        assert f"error: {typo} does not exist" in capsys.readouterr().err
+            main(["sudoku", command, "--preset", "smoke", "--model", str(path), "--run-dir", str(run)])
+        assert message in capsys.readouterr().err
         assert not run.exists()

@@ -33,6 +33,7 @@ from apps.math_reasoning.models import TinySpec, build_base_model
 from apps.math_reasoning.rewards import rubric_for
 from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
+from core.data import InputError
 from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
 from core.runs import atomic_directory
@@ -255,7 +256,16 @@ def training_examples(config: MathTrainConfig) -> list[dict]:
     return [example | {"prompt": template.render(example["question"])} for example in examples]
 
 
-def make_hooks(config: MathTrainConfig, examples: list[dict], tokenizer) -> TrainerHooks:
+def require_hints(examples: list[dict], source: str | None) -> None:
+    """Scaf builds hinted prompts from each problem's `hints`; a data file without them cannot run it."""
+    missing = [e["id"] for e in examples if "hints" not in e][:3]
+    if missing:
+        raise InputError(
+            f"{source}: scaf needs hints per problem (the offline set has them); none for {missing}"
+        )
+
+
+def make_hooks(config: MathTrainConfig, tokenizer) -> TrainerHooks:
     template = get_template(config.template)
     if config.algo == "gtpo":
         return GTPOHooks(
@@ -266,9 +276,6 @@ def make_hooks(config: MathTrainConfig, examples: list[dict], tokenizer) -> Trai
             config.gtpo_skip_zero_advantage,
         )
     if config.algo == "scaf":
-        missing = [e["id"] for e in examples if "hints" not in e][:3]
-        if missing:
-            raise ValueError(f"scaf needs hints per problem (the offline set has them); none for {missing}")
         steps = exemption_steps(config.scaf_exemption_fraction, config.max_steps)
         return ScafHooks(template, tuple(config.scaf_tiers), config.scaf_progressive, steps)
     if config.algo == "codistill":
@@ -299,6 +306,8 @@ def train(config: MathTrainConfig) -> dict:
     """Train, save <run>/final (and <run>/final_large for CoDistill), evaluate; returns history and eval."""
     # the data files first: a bad one stops the command before the base model is built into the run
     examples = training_examples(config)
+    if config.algo == "scaf":
+        require_hints(examples, config.data)
     eval_examples = (
         load_eval_examples(
             config.eval_data, config.data_format, config.data_seed, config.eval_examples, config.data_mix
@@ -309,7 +318,7 @@ def train(config: MathTrainConfig) -> dict:
     config = with_run_dir(config, APP)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))
-    hooks = make_hooks(config, examples, tokenizer)
+    hooks = make_hooks(config, tokenizer)
     rubric = rubric_for(get_template(config.template), config.on_reward_error)
     trainer = GRPOTrainer(
         config, model, tokenizer, examples, rubric, app=APP, algorithm=config.algo, hooks=hooks

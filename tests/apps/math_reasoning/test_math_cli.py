@@ -444,3 +444,21 @@ def test_a_failed_write_of_the_compare_table_leaves_the_previous_one(name, small
         compare_module.compare(config)
     assert (out / name).read_text() == before
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md"]  # no temp file left
+
+
+def test_scaf_on_a_data_file_without_hints_is_refused_before_the_base_model_is_built(tmp_path, capsys):
+    (tmp_path / "gsm.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    run_dir = tmp_path / "run"
+    args = [
+        "--preset",
+        "smoke",
+        "--algo",
+        "scaf",
+        "--data",
+        str(tmp_path / "gsm.jsonl"),
+        "--run-dir",
+        str(run_dir),
+    ]
+    with pytest.raises(SystemExit):
+        main(["math", "train", *args])
+    assert "gsm.jsonl: scaf needs hints per problem" in capsys.readouterr().err and not run_dir.exists()

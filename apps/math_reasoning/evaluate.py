@@ -21,7 +21,14 @@ from apps.math_reasoning.templates import TEMPLATES, Template, get_template
 from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
-from core.runs import RunDir, default_run_dir, is_run_dir, latest_config, training_run
+from core.runs import (
+    RunDir,
+    default_run_dir,
+    is_run_dir,
+    latest_config,
+    refuse_a_file_in_the_way,
+    training_run,
+)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -202,6 +209,11 @@ def load_eval_examples(
 
 
 def run_eval(config: MathEvalConfig) -> dict:
+    trained = training_run(config.model)
+    run_path = Path(config.run_dir) if config.run_dir else None
+    if run_path is None:
+        run_path = trained.path if trained else default_run_dir("math")
+    refuse_a_file_in_the_way(run_path, "--run-dir")  # before the evaluation, not after it
     model, tokenizer = load_policy(config.model, device=config.device)
     examples = load_eval_examples(
         config.data, config.data_format, config.data_seed, config.max_examples, config.data_mix
@@ -222,10 +234,6 @@ def run_eval(config: MathEvalConfig) -> dict:
     results["data"] = config.data or (
         f"offline held-out set (data_seed {config.data_seed}, mix {config.data_mix})"
     )
-    trained = training_run(config.model)
-    run_path = Path(config.run_dir) if config.run_dir else None
-    if run_path is None:
-        run_path = trained.path if trained else default_run_dir("math")
     if is_run_dir(run_path):
         target = RunDir(run_path)
     else:  # a run of its own, so the dashboard lists it, under the algorithm that trained the model

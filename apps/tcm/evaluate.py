@@ -179,9 +179,11 @@ class TcmEvalConfig:
 def main(config: TcmEvalConfig) -> dict:
     from apps.tcm.train import nonempty_split, prepared_splits  # the same data and prompts as training
     from core.config import config_to_dict
-    from core.runs import RunDir, default_run_dir
+    from core.runs import RunDir, default_run_dir, refuse_a_file_in_the_way, refuse_existing_run
 
     run_dir = config.run_dir or str(default_run_dir("tcm"))
+    refuse_a_file_in_the_way(run_dir, "--run-dir")  # both before the evaluation, not after it
+    refuse_existing_run(run_dir)
     print(f"run directory: {run_dir}")
     model, tokenizer = load_policy(config.model, device=config.device)
     splits = prepared_splits(config.data, config.seed, tokenizer, config.system_prompt)

@@ -462,3 +462,16 @@ def test_scaf_on_a_data_file_without_hints_is_refused_before_the_base_model_is_b
     with pytest.raises(SystemExit):
         main(["math", "train", *args])
     assert "gsm.jsonl: scaf needs hints per problem" in capsys.readouterr().err and not run_dir.exists()
+
+
+def test_eval_refuses_a_run_dir_that_is_a_file_before_evaluating(small_dir, tmp_path, capsys, monkeypatch):
+    import apps.math_reasoning.evaluate as math_evaluate
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the model was evaluated before its --run-dir was checked")
+
+    monkeypatch.setattr(math_evaluate, "load_policy", no_evaluation)
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(SystemExit):
+        main(["math", "eval", "--model", str(small_dir), "--run-dir", str(tmp_path / "out")])
+    assert f"--run-dir {tmp_path / 'out'} is a file, not a directory" in capsys.readouterr().err

@@ -201,3 +201,24 @@ def test_evaluate_takes_unset_settings_from_the_models_run(tmp_path):
         exist_ok_for_resume=True,
     )
     assert TcmEvalConfig(model=str(tmp_path / "run" / "final")).max_new_tokens == 96
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "run"])
+def test_evaluate_refuses_its_run_dir_before_evaluating(in_the_way, smoke_run, tmp_path, capsys, monkeypatch):
+    import apps.tcm.evaluate as tcm_evaluate
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the model was evaluated before its --run-dir was checked")
+
+    monkeypatch.setattr(tcm_evaluate, "load_policy", no_evaluation)
+    out = tmp_path / "out"
+    if in_the_way == "file":
+        out.write_text("notes")
+        message = f"--run-dir {out} is a file, not a directory"
+    else:
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        message = f"{out} already holds a run"
+    with pytest.raises(SystemExit):
+        main(["tcm", "evaluate", "--model", str(smoke_run / "final"), "--run-dir", str(out)])
+    assert message in capsys.readouterr().err

@@ -148,14 +148,14 @@ def run(config: RunConfig) -> dict:
             "time_to_cooperation": time_to_cooperation(traj.cooperation),
             "absorbed_at": traj.absorbed_at,
             "seconds": traj.seconds,
-            "steps_per_second": (traj.absorbed_at or config.steps) / traj.seconds,
+            "steps_per_second": traj.steps_run / traj.seconds,
         }
         # the dashboard's fields (docs/dashboards.md): this run's point of the curve, and the lattices
         point = {"r": config.r, "cooperation": summary["mean_cooperation_last_half"], "label": config.method}
         rundir.write_eval(
             summary | {"cooperation_vs_r": [point], "snapshots": traj.snapshot_records(config.r)}
         )
-    rundir.set_status("finished", step=traj.absorbed_at or config.steps)
+    rundir.set_status("finished", step=traj.steps_run)
     for key, value in summary.items():
         print(f"{key:>28}  {value}")
     return summary

@@ -78,6 +78,7 @@ class Trajectory:
     snapshots: dict[int, np.ndarray]  # step -> (L, L) int8 lattice
     absorbed_at: int | None  # the step at which an imitation run reached all C or all D
     seconds: float
+    steps_run: int  # steps actually run: fewer than asked when the run was absorbed (one when from the start)
 
     def average(self, last: int) -> float:
         """Mean cooperation over the last `last` steps (an absorbed run stays at its absorbing value)."""
@@ -108,7 +109,7 @@ def simulate(config: GameConfig, seed: int, steps: int, on_step=None) -> Traject
             absorbed_at = 0 if absorbed_from_start else model.steps  # one step is still run and logged
             coop.extend([coop[-1]] * (steps - model.steps))
             break
-    return Trajectory(coop, snapshots, absorbed_at, time.perf_counter() - start)
+    return Trajectory(coop, snapshots, absorbed_at, time.perf_counter() - start, model.steps)
 
 
 # -------------------------------------------------------------------------------------------------

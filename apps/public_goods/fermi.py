@@ -77,7 +77,7 @@ class FermiRandomSequential:
         cfg = model.config
         c = cfg.cost_per_group
         nc = group_counts(model.strategy)  # (L, L) int32, rebuilt per step: 2e-5 s, the MCS costs 1e-3 s
-        seed = int(model.rng.integers(2**62))
+        seed = int(model.rng.integers(2**62))  # numba's np.random.seed keeps its low 32 bits
         updates = cfg.size * cfg.size
         changes = random_sequential_kernel(
             model.strategy, nc, cfg.r * c / GROUP_SIZE, GROUP_SIZE * c, cfg.noise_k, updates, seed

@@ -36,6 +36,28 @@ def test_run_smoke(tmp_path, capsys, method):
         assert (run_dir / "cooperation.png").is_file() and (run_dir / "snapshots.png").is_file()
 
 
+def test_a_run_absorbed_from_the_start_reports_the_one_step_it_ran(tmp_path):
+    run_dir = tmp_path / "all_d"
+    args = [
+        "--method",
+        "fermi",
+        "--init",
+        "all_d",
+        "--size",
+        "6",
+        "--steps",
+        "1000",
+        "--run-dir",
+        str(run_dir),
+    ]
+    assert main(["public-goods", "run", *args]) == 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((run_dir / "status.json").read_text())["step"] == 1  # was 1000
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["absorbed_at"] == 0
+    assert result["steps_per_second"] == pytest.approx(1 / result["seconds"], rel=1e-3)
+
+
 def test_sweep_and_plot_smoke(tmp_path):
     run_dir = tmp_path / "sweep"
     args = ["public-goods", "sweep", "--preset", "smoke", "--methods", "fermi,grpo", "--workers", "1"]
@@ -132,7 +154,7 @@ class _Unconvertible:
 
 def test_snapshots_that_fail_midway_leave_no_part_of_the_archive(tmp_path, monkeypatch):
     # t0 is serialized, then t1 fails: np.savez into the file itself left an archive holding t0 only
-    trajectory = Trajectory([0.5], {0: np.zeros((3, 3), np.int8), 1: _Unconvertible()}, None, 1.0)
+    trajectory = Trajectory([0.5], {0: np.zeros((3, 3), np.int8), 1: _Unconvertible()}, None, 1.0, 1)
     monkeypatch.setattr(cli, "simulate", lambda *args, **kwargs: trajectory)
     with pytest.raises(RuntimeError, match="cannot convert"):
         main(["public-goods", "run", "--preset", "smoke", "--run-dir", str(tmp_path / "run")])

@@ -595,6 +595,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.train(training)
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether train mode changes the model's outputs: a dropout layer, or an attention dropout (HF models
+    keep it as a float attribute of the attention module), above 0."""
+    return any(
+        (isinstance(module, nn.Dropout) and module.p > 0)
+        or float(getattr(module, "attention_dropout", 0) or 0) > 0
+        for module in model.modules()
+    )
+
+
 class ReferencePolicy:
     """The frozen reference policy pi_ref of the KL term `beta * KL(pi || pi_ref)`.
 

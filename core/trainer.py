@@ -38,7 +38,7 @@ from transformers import get_scheduler
 from core import algos, sharding, zero
 from core.config import config_to_dict
 from core.data import PromptSampler
-from core.policy import ReferencePolicy, completion_logprobs, eval_mode
+from core.policy import ReferencePolicy, completion_logprobs, eval_mode, has_dropout
 from core.rewards import RewardTable, Rubric
 from core.rollout import (
     Environment,
@@ -802,11 +802,11 @@ class GRPOTrainer:
         n_local = len(rollouts.completions)
         # Old log-probs for the ratio: with one mini-batch every forward of the first epoch runs before its
         # optimizer step, so its log-probs are the old ones, kept for the later epochs (no extra pass); with
-        # several mini-batches, a no-grad pass first. None while on-policy: the ratio is 1.
-        old_from_first_epoch = cfg.mu > 1 and cfg.mini_batches == 1
-        old_logp = (
-            self._no_grad_pass(rollouts, reference=False) if cfg.mini_batches > 1 else None
-        )  # (N_local, T)
+        # several mini-batches, or dropout (the first epoch's forwards run with it, the rollouts were
+        # sampled without), a no-grad pass first. None while on-policy: the ratio is 1.
+        old_pass = cfg.mini_batches > 1 or (cfg.mu > 1 and has_dropout(self.model))
+        old_from_first_epoch = cfg.mu > 1 and not old_pass
+        old_logp = self._no_grad_pass(rollouts, reference=False) if old_pass else None  # (N_local, T)
         ref_logp = self._no_grad_pass(rollouts, reference=True) if self.reference else None  # (N_local, T)
         token_weights = self.hooks.token_weights(self, rollouts, batch.advantages)  # (N_local, T) | None
         sums: dict[str, float] = {}

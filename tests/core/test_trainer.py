@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from core import algos
 from core.data import InputError, read_examples
-from core.policy import LoraSettings, completion_logprobs, load_policy
+from core.policy import LoraSettings, completion_logprobs, has_dropout, load_policy
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
@@ -342,6 +342,41 @@ def test_mu_above_one_takes_the_old_logprobs_from_the_first_epoch(model_dir, tmp
     got = torch.cat([old for _, old in losses[4:]])
     mask = rollouts.loss_mask.bool()
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+
+
+def test_with_dropout_mu_above_one_takes_the_old_logprobs_from_a_pass_without_it(
+    model_dir, tmp_path, monkeypatch
+):
+    """The first epoch's forwards run with dropout; the rollouts were sampled without it. With dropout the
+    old log-probs come from a no-grad pass in eval mode, one mini-batch or several (as without dropout
+    several mini-batches do): before, the first epoch's log-probs were used, 0.06 off."""
+    config = make_config(tmp_path, max_steps=1, mu=2, micro_batch_size=4)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    assert not has_dropout(trainer.model)  # the tiny model has none: the first epoch's log-probs serve
+    for module in trainer.model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3
+    assert has_dropout(trainer.model)
+    before = copy.deepcopy(trainer.model)
+    olds, batches = [], []
+    policy_loss, update = algos.policy_loss, trainer.update
+
+    def spy_loss(logp, old_logp, *args, **kwargs):
+        olds.append(old_logp)
+        return policy_loss(logp, old_logp, *args, **kwargs)
+
+    monkeypatch.setattr(algos, "policy_loss", spy_loss)
+    monkeypatch.setattr(trainer, "update", lambda batch: batches.append(batch) or update(batch))
+    trainer.train()
+    rollouts = batches[0].rollouts
+    before.eval()
+    with torch.no_grad():
+        expected, _ = completion_logprobs(
+            before, rollouts.input_ids(), rollouts.attention_mask(), rollouts.completion_ids.shape[1]
+        )
+    mask = rollouts.loss_mask.bool()
+    for got in (torch.cat(olds[:4]), torch.cat(olds[4:])):  # both epochs: the same old log-probs
+        torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
 
 
 def test_no_grad_passes_run_with_dropout_off_whatever_the_models_mode(model_dir, tmp_path):

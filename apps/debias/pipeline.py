@@ -17,10 +17,10 @@ Layout of the run directory:
     grpo-suite debias pipeline --run-dir runs/debias/a --resume   # continue one that was stopped
 A failed stage marks the run "failed" in status.json (with the error) and re-raises. `--resume` keeps the
 stages that finished (data/, reward_model/ with its eval.json, sft_model/, a seed with its eval.json),
-continues an unfinished reward model or GRPO run with its own --resume (from its newest checkpoint; the
-GRPO runs save one only at their end, so a cut-off one starts over), rebuilds an unfinished SFT policy,
+continues an unfinished reward model or GRPO run with its own --resume (from its newest checkpoint: the
+reward model's every 50 steps, a GRPO run's every --grpo-save-every steps), rebuilds an unfinished SFT policy,
 and refuses settings other than the run's own, naming them: the stages it keeps were computed with
-those. Only --device may change.
+those. Only --device and --grpo-save-every may change.
 """
 
 import statistics
@@ -37,7 +37,7 @@ from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
 # fields a resumed pipeline may change: where and how it runs, not what it computes
-HOW_IT_RUNS = ("resume", "run_dir", "device")
+HOW_IT_RUNS = ("resume", "run_dir", "device", "grpo_save_every")
 
 
 def _help(text: str, default):
@@ -63,6 +63,9 @@ class PipelineConfig:
     grpo_steps: int | None = _help("GRPO steps per seed; unset: 40, with --quick 2", None)
     beta: float | None = _help("GRPO KL coefficient; default: that of `debias train`", None)
     multi_reward: str = _help("sum_then_normalize or normalize_then_sum", "sum_then_normalize")
+    grpo_save_every: int = _help(
+        "checkpoint each GRPO run every N steps, for --resume after a kill (0 = only at its end)", 10
+    )
     eval_prompts: int | None = _help("prompts per split in the evaluation; unset: 64, with --quick 8", None)
     quick: bool = _help(
         "a smoke-sized run (seconds): tiny data, models and sizes; explicit size flags are kept", False
@@ -70,11 +73,13 @@ class PipelineConfig:
     resume: bool = _help(
         "continue the pipeline in --run-dir with its own settings: keep its finished stages, continue an "
         "unfinished reward model or GRPO run with its own --resume, rebuild an unfinished SFT policy; "
-        "only --device may change",
+        "only --device and --grpo-save-every may change",
         False,
     )
 
     def __post_init__(self):
+        if self.grpo_save_every < 0:
+            raise ValueError(f"grpo_save_every must be >= 0, got {self.grpo_save_every}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
@@ -144,6 +149,7 @@ def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
         reward_model=str(run / "reward_model" / "model"),
         device=config.device,
         max_steps=config.grpo_steps,
+        save_every=config.grpo_save_every,
         sft_epochs=config.sft_epochs,
         multi_reward=config.multi_reward,
         **({} if config.beta is None else {"beta": config.beta}),

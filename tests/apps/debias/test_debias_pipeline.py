@@ -123,6 +123,7 @@ def test_a_resumed_pipeline_keeps_the_stages_that_finished(stages, monkeypatch, 
     assert len(stages["rm"]) == len(stages["sft"]) == 1  # not run again
     assert (run / "data" / "train.jsonl").stat().st_mtime_ns == data_written
     assert [(c.seed, c.resume) for c in stages["train"]] == [(0, False), (1, True)]  # seed 1 continued
+    assert [c.save_every for c in stages["train"]] == [10, 10]  # checkpoints to continue from
     assert [c.seed for c in stages["eval"]] == [0, 1]  # seed 0's evaluation kept
     assert results["reward_model"] == {s: {"pair_acc/fairness": 1.0} for s in ("test", "heldout")}
     assert results["per_seed"] == {"0": {"test/fairness/after": 0.9}, "1": {"test/fairness/after": 0.8}}
@@ -155,10 +156,13 @@ def test_a_resumed_pipeline_refuses_other_settings_naming_them(stages, tmp_path)
     with pytest.raises(ValueError, match=r"other settings \(grpo_steps 2 -> 3; seeds \[0\] -> \[0, 1\]\)"):
         pipeline(parse(["--quick", "--run-dir", str(run), "--resume", "--grpo-steps", "3", "--seeds", "0,1"]))
     assert "resumes" not in json.loads((run / "config.json").read_text())  # refused before reopening it
-    # the device may change (set here, not parsed: the flag is refused without a GPU)
-    pipeline(replace(parse(["--quick", "--run-dir", str(run), "--resume"]), device="cuda"))
+    # the device and the checkpoint interval may change (the device set here, not parsed: the flag is
+    # refused without a GPU)
+    args = ["--quick", "--run-dir", str(run), "--resume", "--grpo-save-every", "5"]
+    pipeline(replace(parse(args), device="cuda"))
     resumes = json.loads((run / "config.json").read_text())["resumes"]
-    assert resumes[0]["changed"] == {"device": ["cpu", "cuda"], "resume": [False, True]}
+    changed = {"device": ["cpu", "cuda"], "grpo_save_every": [10, 5], "resume": [False, True]}
+    assert resumes[0]["changed"] == changed
     assert len(stages["rm"]) == len(stages["train"]) == 1  # everything had finished
 
 

@@ -26,6 +26,7 @@ One process writes a run (rank 0 under `accelerate launch`).
 Run the tests with `python -m pytest tests/core/test_runs.py -q`.
 """
 
+import glob
 import json
 import math
 import os
@@ -857,6 +858,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise FileExistsError(f"{path} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     _put_back_moved_aside(path)
+    _remove_killed_writers_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this pid
     tmp.mkdir()
@@ -877,10 +879,32 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _remove_killed_writers_temps(path: Path) -> None:
+    """Delete `.<name>.tmp-<pid>`, the temp file or directory of an atomic write of `path`, where no process
+    <pid> runs any more: a write cut off by a kill, only wasted disk. A running writer's is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_runs(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def _put_back_moved_aside(path: Path) -> None:
     """`.<name>.old-<pid>` is an old `path` that `atomic_directory` moved aside: put it back when no new
     `path` landed after it, else delete it."""
-    for aside in sorted(path.parent.glob(f".{path.name}.old-*")):
+    for aside in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
         if path.exists():
             shutil.rmtree(aside, ignore_errors=True)
         else:
@@ -893,6 +917,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Readers see the old file or the new one, never a mix: temp file in the same dir, fsync, replace."""
+    _remove_killed_writers_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         _write_durably(tmp, data)

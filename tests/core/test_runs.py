@@ -24,6 +24,7 @@ from core.runs import (
     failure_recorded,
     load_checkpoint,
     restore_rng_state,
+    write_atomic,
 )
 
 
@@ -602,6 +603,27 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
         with atomic_directory(target):
             pass
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and target.read_text() == "the user's notes"
+
+
+def test_atomic_writes_remove_the_temps_of_killed_writers_only(tmp_path):
+    """A kill during an atomic write leaves `.<name>.tmp-<pid>`; the next write of that path deletes it once
+    no process <pid> runs, and leaves a running writer's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    (tmp_path / f".model.tmp-{dead_pid}").mkdir()  # atomic_directory's temp is a directory
+    (tmp_path / f".status.json.tmp-{dead_pid}").write_text("cut off")  # write_atomic's a file
+    for name in ("model", "status.json"):
+        (tmp_path / f".{name}.tmp-{live_pid}").write_text("being written")
+    with atomic_directory(tmp_path / "model") as out:
+        (out / "weights").write_text("w")
+    write_atomic(tmp_path / "status.json", b"{}")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["model", "status.json", f".model.tmp-{live_pid}", f".status.json.tmp-{live_pid}"])
 
 
 def test_a_block_killed_by_sigterm_marks_its_run_failed(run):

@@ -1,6 +1,7 @@
 """Generation backends behind one interface: completions of a batch of prompts as one `Rollouts` record
-(token ids, masks, sampling log-probs, texts), from HF `generate` (the default, CPU or GPU) or from vLLM
-(the `vllm` extra, CUDA only), plus multi-turn rollouts against an `Environment`.
+(token ids, masks, sampling log-probs, texts). Here: the record, the `RolloutBackend` protocol and
+`HFGenerateBackend` (HF `generate`, the default, CPU or GPU). vLLM (the `vllm` extra, CUDA only) is in
+core/vllm_backend.py, multi-turn rollouts against an `Environment` in core/multi_turn.py.
 
 Generation is a pure function of (weights, prompts, settings, seed): every call samples under its own
 seeded RNG (`torch.random.fork_rng`; per-request seeds in vLLM) and leaves the global RNG untouched, so a
@@ -18,12 +19,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from transformers import (
-    AutoTokenizer,
     Cache,
     GenerationConfig,
     LogitsProcessor,
@@ -36,10 +36,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from core.lora_merge import lora_merged
 from core.policy import VocabMask
 from core.sharding import all_done, is_sharded
 
-VLLM_INSTALL_HINT = "pip install '.[vllm]' (vLLM needs a CUDA GPU; it does not run on CPU)"
 _ROW_FIELDS = ("finish_reason", "prompts", "completions", "num_turns")  # the per-row lists of Rollouts
 
 
@@ -283,7 +283,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, 
     return ids, mask
 
 
-def _right_pad(rows: Sequence[Sequence[float]], value: float, dtype: torch.dtype) -> Tensor:
+def right_pad(rows: Sequence[Sequence[float]], value: float, dtype: torch.dtype) -> Tensor:
     """Lists of different lengths -> (N, T) right-padded with `value` (T >= 1)."""
     out = torch.full((len(rows), max(1, max(len(r) for r in rows))), value, dtype=dtype)  # (N, T)
     for i, r in enumerate(rows):
@@ -337,7 +337,7 @@ def completion_ends(
     return lengths, reasons
 
 
-def _finalize(
+def finalize_rollouts(
     prompt_ids: Tensor,
     prompt_mask: Tensor,
     rows: list[list[int]],
@@ -352,10 +352,10 @@ def _finalize(
     pad = tokenizer.pad_token_id
     lengths, reasons = completion_ends(rows, tokenizer.eos_token_id, settings.stop_strings, tokenizer)
     kept = [row[:n] for row, n in zip(rows, lengths, strict=True)]
-    completion_mask = _right_pad([[1] * n for n in lengths], 0, torch.long)  # (N, T)
+    completion_mask = right_pad([[1] * n for n in lengths], 0, torch.long)  # (N, T)
     sampling_logp = None
     if row_logps is not None:
-        sampling_logp = _right_pad(
+        sampling_logp = right_pad(
             [lp[:n] for lp, n in zip(row_logps, lengths, strict=True)], 0.0, torch.float32
         )
     vocab_mask = None
@@ -366,7 +366,7 @@ def _finalize(
     return Rollouts(
         prompt_ids=prompt_ids.cpu(),
         prompt_mask=prompt_mask.cpu(),
-        completion_ids=_right_pad(kept, pad, torch.long),  # (N, T)
+        completion_ids=right_pad(kept, pad, torch.long),  # (N, T)
         completion_mask=completion_mask,
         loss_mask=completion_mask.float(),
         sampling_logp=sampling_logp,  # (N, T)
@@ -382,7 +382,7 @@ def _finalize(
     )
 
 
-def _check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(
             f"the tokenizer needs a pad and an eos token (pad={tokenizer.pad_token!r}, "
@@ -391,7 +391,7 @@ def _check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
-class _TextBackend(ABC):
+class TextBackend(ABC):
     """`generate` for every backend: tokenize, left-pad, `generate_from_ids`, keep the prompt texts."""
 
     tokenizer: PreTrainedTokenizerBase
@@ -449,7 +449,7 @@ class _VocabConstraintProcessor(LogitsProcessor):
         return _constrain(scores, self.table, rows)
 
     def result(self) -> tuple[Tensor, Tensor]:
-        """The table (K, V) and the rows of every step (N, steps); `_finalize` keeps the first T."""
+        """The table (K, V) and the rows of every step (N, steps); `finalize_rollouts` keeps the first T."""
         return self.table, torch.stack(self.steps, dim=1)
 
 
@@ -458,7 +458,7 @@ class _CompletionStopStrings(StoppingCriteria):
     match the end of the whole sequence, so a stop string that begins in the prompt stopped the row and the
     pad after it counted as completion. A string that appears in the completion first appears when its last
     character is sampled, so the newest tokens suffice (a token that decodes to no text can make this miss
-    a stop; `_finalize` cuts exactly either way)."""
+    a stop; `finalize_rollouts` cuts exactly either way)."""
 
     def __init__(self, stop_strings: Sequence[str], tokenizer: PreTrainedTokenizerBase, prompt_width: int):
         self.stop_strings, self.tokenizer, self.prompt_width = tuple(stop_strings), tokenizer, prompt_width
@@ -567,7 +567,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-class HFGenerateBackend(_TextBackend):
+class HFGenerateBackend(TextBackend):
     """Batched `model.generate` with a KV cache on left-padded prompts.
 
     The backend shares the model object with the trainer, so `update_weights` has nothing to do.
@@ -588,7 +588,7 @@ class HFGenerateBackend(_TextBackend):
         constraint: VocabConstraint | None = None,
         compile_decode: bool = False,
     ):
-        _check_special_tokens(tokenizer)
+        check_special_tokens(tokenizer)
         self.autocast_dtype = autocast_dtype  # generation runs under torch.autocast in this dtype
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
@@ -661,7 +661,7 @@ class HFGenerateBackend(_TextBackend):
         merge = self.autocast_dtype is None  # under autocast the merged weight would be rounded too
         with (
             _generation_mode(self.model),
-            _lora_merged(self.model, merge),
+            lora_merged(self.model, merge),
             _seeded(seed, self.device),
             self._autocast(),
         ):
@@ -682,7 +682,7 @@ class HFGenerateBackend(_TextBackend):
         _raise_if_unsampleable(recorder.invalid, is_sharded(self.model))
         completion_ids = sequences[:, p:]  # (N, T)
         sampling_logp = recorder.result(completion_ids)  # (N, T)
-        return _finalize(
+        return finalize_rollouts(
             prompt_ids,
             prompt_mask,
             completion_ids.tolist(),
@@ -703,7 +703,7 @@ class HFGenerateBackend(_TextBackend):
         row from one global RNG): per token one forward, the sampling log-probs of the raw logits (as
         `_SamplingLogpRecorder`), eos suppression before `min_new_tokens`, HF's own top-k / top-p warpers,
         one draw per token for all groups (`sample_groups`). Stops when every row has emitted eos or at
-        `max_new_tokens`; stop strings are cut afterwards by `_finalize`, as for `generate`.
+        `max_new_tokens`; stop strings are cut afterwards by `finalize_rollouts`, as for `generate`.
         """
         prompts = prompt_list(prompts)
         if len(prompts) != len(seeds) * group_size:
@@ -713,12 +713,12 @@ class HFGenerateBackend(_TextBackend):
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         shared = all(prompts[i] == prompts[i - i % group_size] for i in range(len(prompts)))
         merge = self.autocast_dtype is None  # under autocast the merged weight would be rounded too
-        with _generation_mode(self.model), _lora_merged(self.model, merge), torch.no_grad(), self._autocast():
+        with _generation_mode(self.model), lora_merged(self.model, merge), torch.no_grad(), self._autocast():
             tokens, logps, steps = self._decode(
                 prompt_ids, prompt_mask, settings, generators, group_size, shared
             )
         constraint_rows = None if steps is None else (self.constraint.table, steps)
-        out = _finalize(
+        out = finalize_rollouts(
             prompt_ids,
             prompt_mask,
             tokens.tolist(),
@@ -850,313 +850,3 @@ def _static_cache(model: nn.Module, length: int) -> StaticCache | None:
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return None
     return StaticCache(config=model.config, max_cache_len=length)
-
-
-# ---------------------------------------------------------------------------------------------------
-# vLLM
-# ---------------------------------------------------------------------------------------------------
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's weights under the plain HF names, with active LoRA adapters merged in; the model is not
-    modified (PEFT's merge_adapter + unmerge_adapter would, and in bf16 W + d - d drifts from W).
-
-    A plain model gives its state dict. For a PEFT model: base weights with `.base_layer` stripped, each
-    active adapter's `get_delta_weight` added, `modules_to_save` copies of the active adapter in place of
-    the originals. LoRA variants (DoRA, ...) and LoRA biases are refused: their merge is not a plain delta.
-    """
-    if not hasattr(model, "peft_config"):
-        return dict(model.state_dict())
-    from peft.tuners.lora import LoraLayer  # only PEFT models get here
-
-    active = set(model.active_adapters)
-    merged = {}
-    for key, tensor in model.get_base_model().state_dict().items():
-        if ".lora_" in key or ".original_module." in key:
-            continue
-        if ".modules_to_save." in key:
-            prefix, rest = key.split(".modules_to_save.", 1)
-            adapter, param = rest.split(".", 1)
-            if adapter not in active:
-                continue
-            key = f"{prefix}.{param}"
-        merged[key.replace(".base_layer.", ".")] = tensor.detach()
-    for name, module in model.get_base_model().named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for adapter in _unmerged_adapters(module):
-            if not _plain_lora(module, adapter):
-                raise NotImplementedError(
-                    f"merging adapter {adapter!r} of {name}: a LoRA variant (DoRA, ...) or a LoRA bias is not "
-                    "a plain weight delta"
-                )
-            key = f"{name}.weight"
-            merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
-    return merged
-
-
-def _unmerged_adapters(layer: nn.Module) -> list[str]:
-    """The active adapters of a PEFT LoRA layer that are not merged into its base weight yet."""
-    return [a for a in layer.active_adapters if a not in layer.merged_adapters and a in layer.scaling]
-
-
-@contextmanager
-def _lora_merged(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Every plain LoRA adapter of `model` merged into its float32 base weight for the duration; then the
-    exact base weights back. Generation then runs one matmul per adapted layer instead of three: a 64-token
-    decode of the 4-layer benchmark model with r = 16 on every linear takes the time of the bare model.
-
-    The merged weight is a new tensor W + sum(delta) that the layer's base weight points to while PEFT sees
-    the adapters as merged (`merged_adapters`, so its forward calls only the base layer). W itself is kept
-    and put back, so the frozen weights stay bitwise what they were (PEFT's merge + unmerge computes
-    W + d - d). The cost is a second copy of each merged weight while generation runs.
-
-    Left unmerged (they run their adapter as usual):
-    - `enabled` False (the caller decodes under autocast);
-    - models without PEFT, and FSDP-sharded models;
-    - base weights that are not float32: rounding W + d to bf16 would drop the small early updates;
-    - base weights shared with another module (tied embeddings): the merge would change both;
-    - layers with their adapters disabled;
-    - layers other than PEFT's plain `Linear` / `Embedding` (quantized ones among them);
-    - adapters that are more than B @ A: a LoRA variant (DoRA, ...) or a LoRA bias.
-    """
-    if not enabled or not hasattr(model, "peft_config") or is_sharded(model):
-        yield
-        return
-    from peft.tuners import lora  # only PEFT models get here
-
-    owners: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)] = owners.get(id(param), 0) + 1
-    swapped = []  # (layer, its base weight parameter, the original tensor, its merged_adapters before)
-    try:
-        with torch.no_grad():
-            for layer in model.modules():
-                if type(layer) not in (lora.Linear, lora.Embedding) or layer.disable_adapters:
-                    continue
-                adapters = _unmerged_adapters(layer)
-                weight = layer.get_base_layer().weight
-                if (
-                    not adapters
-                    or weight.dtype != torch.float32
-                    or owners.get(id(weight), 0) > 1
-                    or not all(_plain_lora(layer, a) for a in adapters)
-                ):
-                    continue
-                original = weight.data
-                merged = original.clone()
-                for adapter in adapters:
-                    merged += layer.get_delta_weight(adapter)
-                swapped.append((layer, weight, original, list(layer.merged_adapters)))
-                weight.data = merged
-                layer.merged_adapters.extend(adapters)
-        yield
-    finally:
-        for layer, weight, original, merged_before in swapped:
-            weight.data = original
-            layer.merged_adapters[:] = merged_before
-
-
-def _plain_lora(layer: nn.Module, adapter: str) -> bool:
-    """Whether `adapter`'s whole effect on `layer` is its weight delta: no variant (DoRA, ...), no LoRA bias."""
-    variant = getattr(layer, "lora_variant", {}).get(adapter) or layer.use_dora.get(adapter, False)
-    return not variant and not getattr(layer, "lora_bias", {}).get(adapter, False)
-
-
-def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
-    """Runs inside each vLLM worker (via `LLM.collective_rpc`): the model's own HF-name-aware loader."""
-    worker.model_runner.model.load_weights(weights=weights)
-
-
-class VLLMBackend(_TextBackend):
-    """Rollouts from vLLM's offline engine (`vllm.LLM`), on a CUDA GPU next to the trainer.
-
-    Requires vllm>=0.10.2 (`logprobs_mode`, `LLM.collective_rpc` with a callable). vLLM is imported here,
-    never at module level: the CPU path must not need it. The engine runs in this process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set, as in TRL's colocate mode), so `update_weights` hands
-    the tensors to the worker by reference; with a multiprocess engine they would be serialized, and a
-    callable needs VLLM_ALLOW_INSECURE_SERIALIZATION=1.
-
-    Sampling log-probs: vLLM reports either the raw distribution (temperature 1) or, with
-    `logprobs_mode="processed_logprobs"` (used here), the distribution it sampled from, after eos
-    suppression, temperature, top-k and top-p. That equals our definition only without truncation;
-    with top_k, top_p < 1, min_new_tokens, or greedy decoding at temperature != 1, `sampling_logp` is None.
-    Each row gets its own seed `derive_seed(seed, row)`, so a row's sample does not depend on the batch
-    (vLLM then samples with per-request generators, somewhat slower than its batched sampler).
-    """
-
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        gpu_memory_utilization: float = 0.3,
-        dtype: str = "bfloat16",
-        seed: int = 0,
-        **llm_kwargs: Any,
-    ):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        try:
-            from vllm import LLM, SamplingParams  # optional, CUDA only: never at module level
-        except ImportError as err:
-            raise ImportError(f"VLLMBackend needs vLLM: {VLLM_INSTALL_HINT}") from err
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        _check_special_tokens(self.tokenizer)
-        self._sampling_params = SamplingParams
-        self.llm = LLM(
-            model=model_path,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",  # ignore the model's generation_config.json, as HFGenerateBackend does
-            **llm_kwargs,
-        )
-
-    def update_weights(self, model: nn.Module) -> None:
-        """Copy the trained weights (LoRA merged) into the engine and drop its prefix cache (stale KV)."""
-        weights = list(merged_state_dict(model).items())
-        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
-        self.llm.reset_prefix_cache()
-
-    def generate_from_ids(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
-    ) -> Rollouts:
-        truncated = settings.top_k > 0 or settings.top_p < 1.0 or settings.min_new_tokens > 0
-        with_logp = not truncated and not (settings.greedy and settings.temperature != 1.0)
-        requests = [
-            {"prompt_token_ids": ids[m.bool()].tolist()}
-            for ids, m in zip(prompt_ids, prompt_mask, strict=True)
-        ]
-        params = [
-            self._sampling_params(
-                n=1,
-                temperature=0.0 if settings.greedy else settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k if settings.top_k > 0 else -1,
-                max_tokens=settings.max_new_tokens,
-                min_tokens=settings.min_new_tokens,
-                stop=list(settings.stop_strings) or None,
-                include_stop_str_in_output=True,
-                logprobs=0 if with_logp else None,
-                seed=derive_seed(seed, i),
-            )
-            for i in range(len(requests))
-        ]
-        outputs = [o.outputs[0] for o in self.llm.generate(requests, params, use_tqdm=False)]
-        rows = [list(o.token_ids) for o in outputs]
-        logps = None
-        if with_logp:
-            logps = [[lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)] for o in outputs]
-        return _finalize(prompt_ids, prompt_mask, rows, logps, settings, self.tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Multi-turn
-# ---------------------------------------------------------------------------------------------------
-
-
-class Environment(Protocol):
-    """A multi-turn task. `reset` makes an episode's (mutable) state; `step` takes the model's turn text
-    and returns an observation to append to the context (or None) and whether the episode is done."""
-
-    def reset(self, prompt: str, example: dict) -> Any: ...
-
-    def step(self, state: Any, turn_text: str) -> tuple[str | None, bool]: ...
-
-
-def multi_turn_rollouts(
-    backend: RolloutBackend,
-    prompts: list[str],
-    examples: list[dict],
-    env: Environment,
-    settings: SamplingSettings,
-    seed: int,
-    max_turns: int,
-) -> Rollouts:
-    """Episodes of alternating model turns and environment observations, as one Rollouts.
-
-    Each turn generates (up to `settings.max_new_tokens` tokens) for the episodes still running, with
-    seed `derive_seed(seed, turn)`, from the token context prompt + everything so far; then the
-    observation's tokens (tokenized alone, `add_special_tokens=False`) are appended, also after the last
-    turn. The completion is the whole transcript after the prompt; `loss_mask` and `sampling_logp` are 0 on
-    observation tokens; `turns` lists each row's model turns and observations as texts. `finish_reason` is
-    the last turn's ("stop"/"length") when the environment ended the episode, "turn_cap" when `max_turns`
-    did, "context" when the next turn would not fit the model's context (`max_position_embeddings` of
-    `backend.model`'s config, where it has one): context + `max_new_tokens` must fit.
-    """
-    prompts = prompt_list(prompts)
-    if len(prompts) != len(examples):
-        raise ValueError(f"got {len(prompts)} prompts but {len(examples)} examples")
-    if max_turns < 1:
-        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-    tokenizer = backend.tokenizer
-    max_context = getattr(
-        getattr(getattr(backend, "model", None), "config", None), "max_position_embeddings", None
-    )
-    prompt_rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    states = [env.reset(p, ex) for p, ex in zip(prompts, examples, strict=True)]
-    n = len(prompts)
-    tokens: list[list[int]] = [[] for _ in range(n)]  # transcript after the prompt
-    trained: list[list[float]] = [[] for _ in range(n)]  # 1 on generated tokens, 0 on observations
-    logps: list[list[float]] = [[] for _ in range(n)]
-    turns, reasons = [0] * n, ["turn_cap"] * n
-    transcript: list[list[dict[str, str]]] = [[] for _ in range(n)]  # the turns' texts, for the logs
-    with_logp, exact = True, True
-    active = list(range(n))
-    for turn in range(max_turns):
-        if max_context is not None:
-            full = [
-                i
-                for i in active
-                if len(prompt_rows[i]) + len(tokens[i]) + settings.max_new_tokens > max_context
-            ]
-            for i in full:
-                reasons[i] = "context"
-            active = [i for i in active if i not in full]
-        if not active:
-            break
-        ids, mask = left_pad([prompt_rows[i] + tokens[i] for i in active], tokenizer.pad_token_id)
-        out = backend.generate_from_ids(ids, mask, settings, derive_seed(seed, turn))
-        if out.vocab_mask is not None:  # the transcript below is rebuilt from tokens and would drop it
-            raise NotImplementedError("multi-turn rollouts do not carry a vocabulary mask (VocabConstraint)")
-        with_logp = with_logp and out.sampling_logp is not None
-        exact = exact and out.sampling_logp_exact
-        still_active = []
-        for r, i in enumerate(active):
-            length = int(out.completion_mask[r].sum())
-            tokens[i] += out.completion_ids[r, :length].tolist()
-            trained[i] += [1.0] * length
-            logps[i] += out.sampling_logp[r, :length].tolist() if with_logp else [0.0] * length
-            turns[i] += 1
-            transcript[i].append({"role": "model", "text": out.completions[r]})
-            observation, done = env.step(states[i], out.completions[r])
-            if observation:
-                transcript[i].append({"role": "observation", "text": observation})
-                obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
-                tokens[i] += obs_ids
-                trained[i] += [0.0] * len(obs_ids)
-                logps[i] += [0.0] * len(obs_ids)
-            if done:
-                reasons[i] = out.finish_reason[r]
-            else:
-                still_active.append(i)
-        active = still_active
-
-    prompt_ids, prompt_mask = left_pad(prompt_rows, tokenizer.pad_token_id)
-    completion_mask = _right_pad([[1] * len(t) for t in tokens], 0, torch.long)  # (N, T)
-    return Rollouts(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=_right_pad(tokens, tokenizer.pad_token_id, torch.long),
-        completion_mask=completion_mask,
-        loss_mask=_right_pad(trained, 0.0, torch.float32),
-        sampling_logp=_right_pad(logps, 0.0, torch.float32) if with_logp else None,
-        sampling_logp_exact=with_logp and exact,
-        finish_reason=reasons,
-        prompts=list(prompts),
-        completions=[tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
-        num_turns=turns,
-        pad_token_id=tokenizer.pad_token_id,
-        turns=transcript,
-    )

@@ -21,17 +21,16 @@ Non-finite floats (NaN, +-inf) are written as JSON null and read back as None. N
 process is killed: JSON files are replaced atomically, log lines are flushed one by one (a cut-off last line
 is reported by the readers and removed on resume), and a checkpoint only appears under its final name once
 complete.
-One process writes a run (rank 0 under `accelerate launch`).
+One process writes a run (rank 0 under `accelerate launch`). The atomic writes are in core/atomic.py, the RNG
+state a checkpoint holds is captured by core/rng_state.py.
 
 Run the tests with `python -m pytest tests/core/test_runs.py -q`.
 """
 
-import glob
 import json
 import math
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
@@ -51,6 +50,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from core.atomic import fsync_dir, fsync_file, write_atomic, write_durably, write_json_atomic
+
 STATUSES = ("running", "finished", "failed")
 MARKER = "complete"
 MODEL_FILE = "model.safetensors"
@@ -63,8 +64,6 @@ HOOKS_STATE_FILE = "hooks.pt"
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 _TMP_PREFIX = ".tmp-step-"
 _REPLACED_PREFIX = ".replaced-step-"  # a checkpoint moved aside while a save of the same step replaces it
-
-RandomSource = torch.Generator | np.random.Generator | random.Random
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -430,11 +429,11 @@ class RunDir:
         tmp.mkdir()
         try:
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-            _fsync_file(tmp / MODEL_FILE)
+            fsync_file(tmp / MODEL_FILE)
             files = [MODEL_FILE]
             if hook_tensors:
                 save_file(hook_tensors, str(tmp / HOOKS_TENSORS_FILE), metadata={"format": "pt"})
-                _fsync_file(tmp / HOOKS_TENSORS_FILE)
+                fsync_file(tmp / HOOKS_TENSORS_FILE)
                 files.append(HOOKS_TENSORS_FILE)
             for name, state in pickled.items():
                 if state is not None:
@@ -443,17 +442,17 @@ class RunDir:
                         f.flush()
                         os.fsync(f.fileno())
                     files.append(name)
-            _write_durably(tmp / TRAINER_STATE_FILE, trainer_json)
+            write_durably(tmp / TRAINER_STATE_FILE, trainer_json)
             files.append(TRAINER_STATE_FILE)
             marker = {"step": step, "saved": _now(), "files": files}
-            _write_durably(tmp / MARKER, json.dumps(marker).encode())
-            _fsync_dir(tmp)
+            write_durably(tmp / MARKER, json.dumps(marker).encode())
+            fsync_dir(tmp)
             replaced = self.checkpoints_dir / f"{_REPLACED_PREFIX}{step}"
             if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
                 os.rename(final, replaced)
-                _fsync_dir(self.checkpoints_dir)
+                fsync_dir(self.checkpoints_dir)
             os.rename(tmp, final)
-            _fsync_dir(self.checkpoints_dir)
+            fsync_dir(self.checkpoints_dir)
             shutil.rmtree(replaced, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -475,7 +474,7 @@ class RunDir:
                 shutil.rmtree(aside)
             else:
                 os.rename(aside, final)
-                _fsync_dir(self.checkpoints_dir)
+                fsync_dir(self.checkpoints_dir)
 
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints (step-N with the marker), oldest first; temp and cut-off ones are skipped.
@@ -545,119 +544,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         rng_state=torch_file(RNG_FILE),
         hooks_state=hooks_state,
     )
-
-
-# -- random number generators ------------------------------------------------------------------------------
-
-
-def capture_rng_state(generators: Mapping[str, RandomSource] | None = None) -> dict:
-    """The state of python `random`, numpy's global generator, torch's CPU generator, every CUDA device's
-    generator (when CUDA is available) and the caller's named generators (`torch.Generator`,
-    `numpy.random.Generator` or `random.Random`), as tensors and plain python data that
-    `torch.load(weights_only=True)` accepts."""
-    state: dict[str, Any] = {
-        "python": _python_random_state(random.getstate()),
-        "numpy": _numpy_global_state(),
-        "torch": torch.get_rng_state(),
-        "generators": {name: _generator_state(name, gen) for name, gen in (generators or {}).items()},
-    }
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, RandomSource] | None = None) -> None:
-    """Put back what `capture_rng_state` took; `generators` must name the same generators as at capture."""
-    generators = dict(generators or {})
-    if set(generators) != set(state["generators"]):
-        raise ValueError(
-            f"the RNG state holds generators {sorted(state['generators'])} but "
-            f"{sorted(generators)} were given to restore"
-        )
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    numpy = state["numpy"]
-    key = np.asarray(numpy["key"], dtype=np.uint32)
-    np.random.set_state((numpy["bit_generator"], key, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "torch_cuda" in state:
-        _restore_cuda(state["torch_cuda"])
-    for name, gen in generators.items():
-        saved, kind = state["generators"][name], _kind(name, gen)
-        if saved["kind"] != kind:
-            raise ValueError(f"generator {name!r} was saved as a {saved['kind']} but a {kind} was given")
-        if isinstance(gen, torch.Generator):
-            gen.set_state(saved["state"])
-        elif isinstance(gen, np.random.Generator):
-            gen.bit_generator.state = saved["state"]
-        else:
-            version, internal, gauss_next = saved["state"]
-            gen.setstate((version, tuple(internal), gauss_next))
-
-
-def _restore_cuda(states: list[Tensor]) -> None:
-    # A GPU run resumed elsewhere cannot continue bit for bit; say so rather than fail or keep quiet.
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available != len(states):
-        warnings.warn(
-            f"the checkpoint holds RNG states for {len(states)} CUDA devices but {available} are available; "
-            f"restoring {min(available, len(states))}, so random draws on the GPU will differ",
-            stacklevel=3,
-        )
-    for device, device_state in enumerate(states[:available]):
-        torch.cuda.set_rng_state(device_state, device)
-
-
-_GENERATOR_KINDS = {
-    torch.Generator: "torch.Generator",
-    np.random.Generator: "numpy.random.Generator",
-    random.Random: "random.Random",
-}
-
-
-def _kind(name: str, gen: object) -> str:
-    for cls, kind in _GENERATOR_KINDS.items():
-        if isinstance(gen, cls):
-            return kind
-    raise TypeError(
-        f"generator {name!r} is a {type(gen).__name__}; supported: torch.Generator, numpy.random.Generator, "
-        "random.Random"
-    )
-
-
-def _generator_state(name: str, gen: RandomSource) -> dict:
-    kind = _kind(name, gen)
-    if isinstance(gen, torch.Generator):
-        return {"kind": kind, "state": gen.get_state()}
-    if isinstance(gen, np.random.Generator):
-        # bit generator states are dicts of ints and, for some (MT19937, SFC64), uint arrays: arrays become
-        # lists (weights_only refuses numpy arrays) and the state setters accept lists back.
-        return {"kind": kind, "state": _numpy_to_python(gen.bit_generator.state)}
-    return {"kind": kind, "state": _python_random_state(gen.getstate())}
-
-
-def _python_random_state(state: tuple) -> list:
-    version, internal, gauss_next = state
-    return [version, list(internal), gauss_next]
-
-
-def _numpy_global_state() -> dict:
-    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    return {
-        "bit_generator": name,
-        "key": key.tolist(),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "gauss": float(gauss),
-    }
-
-
-def _numpy_to_python(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _numpy_to_python(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    return value
 
 
 # -- files -------------------------------------------------------------------------------------------------
@@ -844,107 +730,3 @@ def _append_lines(path: Path, rows: list[dict]) -> None:
         for line in lines:
             f.write(line)
             f.flush()
-
-
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Write a directory whole or not at all: yields a new sibling directory to write into; when the block
-    ends without error its files are synced and it is renamed to `path` (an existing `path` is moved aside
-    first and removed after), on error it is removed. A kill leaves `path` as it was, and never a `path`
-    with part of its files (a model whose weights file is cut short): an old `path` moved aside by a write
-    cut off before the new one landed is put back, here on error and by the next call after a kill."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():  # a user's file: never moved aside and replaced by a directory
-        raise FileExistsError(f"{path} is a file, not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _put_back_moved_aside(path)
-    _remove_killed_writers_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this pid
-    tmp.mkdir()
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync_file(file)
-        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.rename(path, aside)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _put_back_moved_aside(path)
-        raise
-
-
-def _remove_killed_writers_temps(path: Path) -> None:
-    """Delete `.<name>.tmp-<pid>`, the temp file or directory of an atomic write of `path`, where no process
-    <pid> runs any more: a write cut off by a kill, only wasted disk. A running writer's is left alone."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_runs(int(pid)):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-
-
-def _process_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def _put_back_moved_aside(path: Path) -> None:
-    """`.<name>.old-<pid>` is an old `path` that `atomic_directory` moved aside: put it back when no new
-    `path` landed after it, else delete it."""
-    for aside in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
-        if path.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(aside, path)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    write_atomic(path, json.dumps(value, ensure_ascii=False, allow_nan=False, indent=2).encode() + b"\n")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a mix: temp file in the same dir, fsync, replace."""
-    _remove_killed_writers_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_durably(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable; directories cannot be opened for fsync on Windows.
-    if os.name == "posix":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

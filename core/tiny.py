@@ -43,7 +43,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from core.runs import atomic_directory
+from core.atomic import atomic_directory
 
 PAD, ENDOFTEXT, IM_START, IM_END = "<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ids 0..3 in this order. eos is <|im_end|> so a chat completion stops at the end of the assistant turn;

@@ -36,28 +36,15 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from core import algos, sharding, zero
+from core.atomic import atomic_directory
 from core.config import config_to_dict
 from core.data import PromptSampler
+from core.multi_turn import Environment, multi_turn_rollouts
 from core.policy import ReferencePolicy, completion_logprobs, eval_mode, has_dropout
 from core.rewards import RewardTable, Rubric
-from core.rollout import (
-    Environment,
-    HFGenerateBackend,
-    RolloutBackend,
-    Rollouts,
-    SamplingSettings,
-    derive_seed,
-    multi_turn_rollouts,
-)
-from core.runs import (
-    RunDir,
-    atomic_directory,
-    capture_rng_state,
-    default_run_dir,
-    load_checkpoint,
-    restore_rng_state,
-    sigterm_as_exit,
-)
+from core.rng_state import capture_rng_state, restore_rng_state
+from core.rollout import HFGenerateBackend, RolloutBackend, Rollouts, SamplingSettings, derive_seed
+from core.runs import RunDir, default_run_dir, load_checkpoint, sigterm_as_exit
 
 # metrics of policy_loss that are a micro-batch's share of its mini-batch's value, summed not averaged
 ADDITIVE_METRICS = ("loss", "pg_loss")

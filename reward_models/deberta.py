@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DebertaV2Config, DebertaV2Model
 
-from core.runs import atomic_directory
+from core.atomic import atomic_directory
 
 HEADS = ("fairness", "relevance", "quality")
 HEADS_FILE = "reward_heads.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from core.atomic import write_atomic
 from core.data import read_jsonl
-from core.runs import write_atomic
 from reward_models.deberta import MultiHeadRewardModel
 
 

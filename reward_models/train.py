@@ -31,15 +31,10 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
+from core.atomic import write_json_atomic
 from core.config import config_to_dict
-from core.runs import (
-    RunDir,
-    capture_rng_state,
-    changed_settings,
-    load_checkpoint,
-    restore_rng_state,
-    write_json_atomic,
-)
+from core.rng_state import capture_rng_state, restore_rng_state
+from core.runs import RunDir, changed_settings, load_checkpoint
 from reward_models.deberta import (
     HEADS,
     build_tiny_reward_model,

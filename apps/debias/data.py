@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.runs import atomic_directory
+from core.atomic import atomic_directory
 from reward_models.pairs import read_split, rows_digest
 
 SPLITS = ("train", "validation", "test", "heldout")

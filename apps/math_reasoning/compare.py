@@ -20,8 +20,9 @@ from pathlib import Path
 
 from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, applies_to, build_base, train
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
+from core.atomic import write_atomic
 from core.config import config_file_values, config_to_dict
-from core.runs import RunDir, is_run_dir, latest_config, write_atomic
+from core.runs import RunDir, is_run_dir, latest_config
 
 ARMS = (*ALGORITHMS, "grpo_large")
 

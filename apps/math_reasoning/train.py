@@ -33,10 +33,10 @@ from apps.math_reasoning.models import TinySpec, build_base_model
 from apps.math_reasoning.rewards import rubric_for
 from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
+from core.atomic import atomic_directory
 from core.data import InputError
 from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
-from core.runs import atomic_directory
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks, join_processes
 
 APP = "math"

@@ -24,9 +24,10 @@ from apps.public_goods.experiments import (
     time_to_cooperation,
 )
 from apps.public_goods.model import GameConfig
+from core.atomic import write_atomic
 from core.cli import add_app, add_command
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir, failure_recorded, write_atomic
+from core.runs import RunDir, default_run_dir, failure_recorded
 
 APP = "public_goods"
 

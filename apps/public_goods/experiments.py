@@ -27,6 +27,7 @@ import numpy as np
 
 from apps.public_goods.fermi import FermiRandomSequential, FermiSynchronous
 from apps.public_goods.model import GameConfig, LatticeSettings, PublicGoodsModel, check_r_and_method
+from core.atomic import write_atomic
 
 SNAPSHOT_TIMES = (0, 1, 10, 100, 1000)
 COOP_THRESHOLD = 0.5  # time to cooperation: first step from which cooperation stays >= this
@@ -256,8 +257,6 @@ def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[di
         # no wait for the running jobs (they end on their own): a sweep stopped by an error, SIGTERM or
         # Ctrl-C is marked failed at once, not after its last learner job, when a supervisor may kill it
         pool.shutdown(wait=False, cancel_futures=True)
-    from core.runs import write_atomic  # core imports torch: not at the top, which sweep workers import
-
     write_table(rows, out_dir / "results.csv")
     write_atomic(out_dir / "summary.md", (summary_markdown(summarize(rows)) + "\n").encode())
     return rows
@@ -265,8 +264,6 @@ def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[di
 
 def write_table(rows: list[dict], path: Path) -> None:
     """results.csv, whole or not at all: a kill mid-write leaves the previous file (or none)."""
-    from core.runs import write_atomic
-
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS)
     writer.writeheader()

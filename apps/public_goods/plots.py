@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.atomic import write_atomic  # noqa: E402
 from core.data import InputError, read_jsonl  # noqa: E402
-from core.runs import write_atomic  # noqa: E402
 
 SNAPSHOT_PANELS = (1, 10, 100, 1000)
 SERIES_FIELDS = ("method", "init", "r", "t", "cooperation")

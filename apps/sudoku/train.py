@@ -25,12 +25,13 @@ from apps.sudoku.model import (
 )
 from apps.sudoku.rewards import board_fields, cell_reward, order_reward
 from apps.sudoku.serialize import to_example
+from core.atomic import atomic_directory
 from core.config import config_to_dict
 from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
 from core.rewards import Rubric
 from core.rollout import derive_seed
-from core.runs import RunDir, atomic_directory, default_run_dir, failure_recorded
+from core.runs import RunDir, default_run_dir, failure_recorded
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "sudoku"

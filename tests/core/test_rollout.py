@@ -1,4 +1,5 @@
-"""Tests of core/rollout.py on a tiny random Qwen2 and a character-level tokenizer, both built here.
+"""Tests of core/rollout.py, core/lora_merge.py, core/multi_turn.py and core/vllm_backend.py on a tiny
+random Qwen2 and a character-level tokenizer, both built here.
 
 Run: `pytest tests/core/test_rollout.py` (the vLLM test is marked `gpu` and needs vllm + CUDA).
 """
@@ -15,17 +16,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from core.lora_merge import merged_state_dict
+from core.multi_turn import multi_turn_rollouts
 from core.policy import VocabMask, completion_logprobs
-from core.rollout import (
-    HFGenerateBackend,
-    Rollouts,
-    SamplingSettings,
-    VLLMBackend,
-    completion_ends,
-    derive_seed,
-    merged_state_dict,
-    multi_turn_rollouts,
-)
+from core.rollout import HFGenerateBackend, Rollouts, SamplingSettings, completion_ends, derive_seed
+from core.vllm_backend import VLLMBackend
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 =+-.,?\n"
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -624,7 +619,9 @@ def test_multi_turn_refuses_a_vocab_constraint(tok, eos_model):
 
 
 def test_importing_rollout_does_not_import_vllm():
-    code = "import sys, core.rollout; assert 'vllm' not in sys.modules, 'vllm was imported'"
+    code = (
+        "import sys, core.rollout, core.vllm_backend; assert 'vllm' not in sys.modules, 'vllm was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

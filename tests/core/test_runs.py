@@ -1,4 +1,5 @@
-"""Tests for core/runs.py: the run directory's files, atomic writes, checkpoints and RNG state.
+"""Tests for core/runs.py (the run directory's files, checkpoints), core/atomic.py (atomic writes) and
+core/rng_state.py (RNG state).
 
 Run with `python -m pytest tests/core/test_runs.py -q`.
 """
@@ -16,16 +17,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core import runs
-from core.runs import (
-    RunDir,
-    atomic_directory,
-    capture_rng_state,
-    default_run_dir,
-    failure_recorded,
-    load_checkpoint,
-    restore_rng_state,
-    write_atomic,
-)
+from core.atomic import atomic_directory, write_atomic
+from core.rng_state import capture_rng_state, restore_rng_state
+from core.runs import RunDir, default_run_dir, failure_recorded, load_checkpoint
 
 
 @pytest.fixture

@@ -1,0 +1,110 @@
+"""Rollouts from vLLM's offline engine on a CUDA GPU: the `vllm` extra, behind the same backend protocol as
+`HFGenerateBackend`. vLLM is imported only when a `VLLMBackend` is constructed, never on the CPU path.
+Tests: `pytest tests/core/test_rollout.py` (the vLLM test is marked `gpu`).
+"""
+
+import os
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import AutoTokenizer
+
+from core.lora_merge import merged_state_dict
+from core.rollout import (
+    Rollouts,
+    SamplingSettings,
+    TextBackend,
+    check_special_tokens,
+    derive_seed,
+    finalize_rollouts,
+)
+
+VLLM_INSTALL_HINT = "pip install '.[vllm]' (vLLM needs a CUDA GPU; it does not run on CPU)"
+
+
+def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
+    """Runs inside each vLLM worker (via `LLM.collective_rpc`): the model's own HF-name-aware loader."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VLLMBackend(TextBackend):
+    """Rollouts from vLLM's offline engine (`vllm.LLM`), on a CUDA GPU next to the trainer.
+
+    Requires vllm>=0.10.2 (`logprobs_mode`, `LLM.collective_rpc` with a callable). vLLM is imported here,
+    never at module level: the CPU path must not need it. The engine runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set, as in TRL's colocate mode), so `update_weights` hands
+    the tensors to the worker by reference; with a multiprocess engine they would be serialized, and a
+    callable needs VLLM_ALLOW_INSECURE_SERIALIZATION=1.
+
+    Sampling log-probs: vLLM reports either the raw distribution (temperature 1) or, with
+    `logprobs_mode="processed_logprobs"` (used here), the distribution it sampled from, after eos
+    suppression, temperature, top-k and top-p. That equals our definition only without truncation;
+    with top_k, top_p < 1, min_new_tokens, or greedy decoding at temperature != 1, `sampling_logp` is None.
+    Each row gets its own seed `derive_seed(seed, row)`, so a row's sample does not depend on the batch
+    (vLLM then samples with per-request generators, somewhat slower than its batched sampler).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM, SamplingParams  # optional, CUDA only: never at module level
+        except ImportError as err:
+            raise ImportError(f"VLLMBackend needs vLLM: {VLLM_INSTALL_HINT}") from err
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        check_special_tokens(self.tokenizer)
+        self._sampling_params = SamplingParams
+        self.llm = LLM(
+            model=model_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # ignore the model's generation_config.json, as HFGenerateBackend does
+            **llm_kwargs,
+        )
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Copy the trained weights (LoRA merged) into the engine and drop its prefix cache (stale KV)."""
+        weights = list(merged_state_dict(model).items())
+        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        self.llm.reset_prefix_cache()
+
+    def generate_from_ids(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
+    ) -> Rollouts:
+        truncated = settings.top_k > 0 or settings.top_p < 1.0 or settings.min_new_tokens > 0
+        with_logp = not truncated and not (settings.greedy and settings.temperature != 1.0)
+        requests = [
+            {"prompt_token_ids": ids[m.bool()].tolist()}
+            for ids, m in zip(prompt_ids, prompt_mask, strict=True)
+        ]
+        params = [
+            self._sampling_params(
+                n=1,
+                temperature=0.0 if settings.greedy else settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k if settings.top_k > 0 else -1,
+                max_tokens=settings.max_new_tokens,
+                min_tokens=settings.min_new_tokens,
+                stop=list(settings.stop_strings) or None,
+                include_stop_str_in_output=True,
+                logprobs=0 if with_logp else None,
+                seed=derive_seed(seed, i),
+            )
+            for i in range(len(requests))
+        ]
+        outputs = [o.outputs[0] for o in self.llm.generate(requests, params, use_tqdm=False)]
+        rows = [list(o.token_ids) for o in outputs]
+        logps = None
+        if with_logp:
+            logps = [[lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)] for o in outputs]
+        return finalize_rollouts(prompt_ids, prompt_mask, rows, logps, settings, self.tokenizer)

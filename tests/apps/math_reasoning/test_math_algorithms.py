@@ -172,6 +172,8 @@ def test_scaf_exemption_leaves_groups_alone(small_dir, tmp_path):
 
 
 def test_gtpo_weights_conflict_tokens_and_needs_no_std(small_dir, tmp_path):
+    """Conflict tokens weigh 2 / 0 in positive / negative completions; the logged conflict fraction is the
+    plain-loop count of conflict tokens (both signs) over the valid tokens."""
     model, tokenizer = load_policy(small_dir)
     data = examples(1)
     answer = data[0]["answer"]
@@ -190,7 +192,17 @@ def test_gtpo_weights_conflict_tokens_and_needs_no_std(small_dir, tmp_path):
     assert (weights[1][shared] == 2.0).all() and (weights[0][shared] == 0.0).all()
     assert (weights[:, ~shared][batch.rollouts.loss_mask[:, ~shared] > 0] == 1.0).all()
     metrics = trainer.update(batch) | hooks.after_update(trainer, batch)
-    assert 0 < metrics["gtpo/conflict_token_frac"] < 1 and metrics["gtpo/entropy_dropped_frac"] == 0.0
+    # plain loop: a valid token conflicts when a completion of opposite sign has the same id there
+    valid, adv = batch.rollouts.loss_mask > 0, batch.advantages.tolist()
+    conflicts = sum(
+        any(adv[i] * adv[j] < 0 and valid[j, t] and ids[j, t] == ids[i, t] for j in range(4))
+        for i in range(4)
+        for t in range(ids.shape[1])
+        if valid[i, t]
+    )
+    assert 0 < conflicts < int(valid.sum())
+    assert metrics["gtpo/conflict_token_frac"] == pytest.approx(conflicts / int(valid.sum()))
+    assert metrics["gtpo/entropy_dropped_frac"] == 0.0
 
 
 def _plain_logprobs(model, rollouts: Rollouts) -> torch.Tensor:
@@ -216,6 +228,8 @@ def test_importance_weights_and_kd_hand_values():
 
 
 def test_codistill_kd_term_weights_and_large_update(small_dir, large_dir, tmp_path):
+    """KD term and IS weights against plain logprobs; L's logged loss is `policy_loss` of the verifiable
+    advantages weighted by min(pi_L / pi_S, cap), and L's update raises that weighted surrogate."""
     small, tokenizer = load_policy(small_dir)
     large, large_tokenizer = load_policy(large_dir)
     assert large_tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -244,6 +258,17 @@ def test_codistill_kd_term_weights_and_large_update(small_dir, large_dir, tmp_pa
     trainer.update(batch)
     metrics = hooks.after_update(trainer, batch)
     w_ref = torch.exp(large_ref - small_ref).clamp(max=2.0) * mask
+    # L's loss: the on-policy surrogate of the verifiable advantages, each token weighted by w
+    loss_ref, _ = algos.policy_loss(
+        large_ref, None, plain, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+        aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens, importance_weights=w_ref,
+    )  # fmt: skip
+    assert abs(float(loss_ref)) > 1e-3  # the sign of the advantages shows
+    assert metrics["codistill/large_loss"] == pytest.approx(float(loss_ref), abs=1e-5)
+    # and L moved up that surrogate: sum_i A_i mean_t(w log pi_L) rose
+    large_after = _plain_logprobs(large, rollouts)
+    gain = (plain[:, None] * w_ref * (large_after - large_ref)).sum(1) / mask.sum(1)
+    assert float(gain.sum()) > 0
     ess_ref = w_ref.sum() ** 2 / (mask.sum() * (w_ref**2).sum())
     assert metrics["codistill/ess"] == pytest.approx(float(ess_ref), abs=1e-5)
     assert metrics["codistill/kd"] == pytest.approx(float(kd_ref.mean()), abs=1e-5)

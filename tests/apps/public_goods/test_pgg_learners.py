@@ -1,6 +1,8 @@
 """The learners: observations, neighbourhood-group advantages against a plain loop, and 5 steps of every
 method (seeds repeat; the learners' parameters change)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,8 @@ from apps.public_goods.learners import (
     observations,
     reward_table,
 )
-from apps.public_goods.model import GameConfig, payoffs
+from apps.public_goods.model import GameConfig, gcc_bonus, payoffs
+from core.algos import policy_loss
 
 
 def test_observations():
@@ -96,3 +99,45 @@ def test_gcc_bonus_goes_to_cooperators_and_payoffs_are_scaled():
     assert table.components[:, 1].tolist() == [0.5, 0, 0, 0, 0.5, 0, 0.5, 0.5, 0]
     scaled = payoffs(strategy, 4.0, config.cost_per_group).ravel() / (5 * config.cost_per_group)
     np.testing.assert_allclose(table.components[:, 0].numpy(), scaled, rtol=1e-6)
+
+
+@pytest.mark.parametrize("groups", ["neighbourhood", "all"])
+@pytest.mark.parametrize("method", ["grpo", "grpo-gcc"])
+def test_grpo_update_matches_a_hand_replay(method, groups):
+    """One GRPO round replayed by hand: rewards from `payoffs` (+ the GCC bonus for cooperators),
+    advantages (r - mean) / (std + 1e-6) by a plain loop over each site's group, `policy_loss` and one
+    Adam step from the same initial MLP give the learner's loss and weights; the step raises the
+    log-probability of positive-advantage actions against negative ones."""
+    config = GameConfig(size=6, r=4.5, method=method, init="half", epochs=1, advantage_groups=groups)
+    model = make_model(config, seed=2)
+    learner = model.dynamics
+    learner._setup(model)  # the initial MLP, as step() would build it
+    policy = copy.deepcopy(learner.policy)
+    obs = observations(model.strategy)  # (36, 3)
+    model.step()
+    new = model.strategy.copy()
+    actions = torch.from_numpy(new.ravel().astype(np.int64))[:, None]  # action="strategy": the new lattice
+    c = config.cost_per_group
+    bonus = gcc_bonus(float(new.mean()), config.gcc_lambda) if method == "grpo-gcc" else 0.0
+    assert (bonus > 0) == (method == "grpo-gcc")
+    rewards = payoffs(new, config.r, c).ravel() / (5 * c) + bonus * new.ravel()  # (36,) float64
+    index = neighbourhood_index(6) if groups == "neighbourhood" else np.tile(np.arange(36), (36, 1))
+    adv = torch.tensor(
+        [(rewards[i] - rewards[index[i]].mean()) / (rewards[index[i]].std(ddof=1) + 1e-6) for i in range(36)]
+    ).float()
+    assert adv.max() > 0.5 and adv.min() < -0.5
+
+    before = policy(obs).log_softmax(-1).gather(1, actions)  # (36, 1)
+    loss, _ = policy_loss(
+        before, before.detach(), adv, torch.ones_like(before), eps_low=config.clip_eps,
+        ref_logp=before.detach(), beta=config.beta,
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    loss.backward()
+    optimizer.step()
+    assert model.last_metrics["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    for expected, got in zip(policy.parameters(), learner.policy.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        after = learner.policy(obs).log_softmax(-1).gather(1, actions)  # (36, 1)
+    assert float((adv * (after - before.detach()).squeeze(1)).sum()) > 0

@@ -196,6 +196,9 @@ def test_clipped_surrogate_hand_values():
     # ratio 5, A = -1: unclipped loss 5; dual clip c = 3 bounds it at 3
     assert _one_token(math.log(5.0), 0.0, -1.0)[0] == pytest.approx(5.0)
     assert _one_token(math.log(5.0), 0.0, -1.0, dual_clip=3.0)[0] == pytest.approx(3.0)
+    # dual clip only bounds A < 0: with A = +1 it keeps the ordinary values, not min(., -c * A) = -3
+    assert _one_token(math.log(1.5), 0.0, 1.0, dual_clip=3.0)[0] == pytest.approx(-1.2)
+    assert _one_token(math.log(0.5), 0.0, 1.0, dual_clip=3.0)[0] == pytest.approx(-0.5)
     # ratio 0.9 inside the clip range: -0.9 * 2
     loss, metrics = _one_token(math.log(0.9), 0.0, 2.0)
     assert loss == pytest.approx(-1.8)

@@ -78,18 +78,23 @@ def eos_model(tok) -> Qwen2ForCausalLM:
     return build_model(len(tok), token_bias={tok.eos_token_id: 2.0})
 
 
-def reference_logp(model: nn.Module, r: Rollouts, temperature: float) -> tuple[Tensor, Tensor]:
-    """Full forward of prompt + completion: log_softmax(logits / temperature) at the completion tokens
-    (N, T), 0 on padding, and the argmax token at each completion position (N, T)."""
+def step_logprobs(model: nn.Module, r: Rollouts, temperature: float) -> Tensor:
+    """Full forward of prompt + completion: log_softmax(logits / temperature) over the vocabulary at each
+    completion position (N, T, V)."""
     ids, mask = r.input_ids(), r.attention_mask()  # (N, P + T)
     positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)  # (N, P + T)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
     p = r.prompt_ids.shape[1]
-    step_logits = logits[:, p - 1 : -1]  # (N, T, V): position i predicts token i + 1
-    logp = torch.log_softmax(step_logits / temperature, dim=-1)
-    logp = logp.gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return logp * r.completion_mask, step_logits.argmax(-1)
+    return torch.log_softmax(logits[:, p - 1 : -1] / temperature, dim=-1)  # position i predicts token i + 1
+
+
+def reference_logp(model: nn.Module, r: Rollouts, temperature: float) -> tuple[Tensor, Tensor]:
+    """log_softmax(logits / temperature) of a full forward at the completion tokens (N, T), 0 on padding,
+    and the argmax token at each completion position (N, T)."""
+    step_logp = step_logprobs(model, r, temperature)  # (N, T, V)
+    logp = step_logp.gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return logp * r.completion_mask, step_logp.argmax(-1)
 
 
 def kept_tokens(r: Rollouts, i: int) -> list[int]:
@@ -268,15 +273,20 @@ def test_generation_is_a_pure_function_of_the_seed(tok, eos_model):
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])
-def test_sampling_logp_equals_a_full_forward(tok, eos_model, batch_size):
+def test_sampling_logp_equals_a_full_forward(
+    tok, eos_model, batch_size, assert_sampled_within_top_k_and_top_p
+):
     """log_softmax(logits / T) at the sampled tokens, before top-k / top-p truncation; with batch_size
     the chunks are re-padded by concat, which must keep prompts and completions aligned."""
     backend = HFGenerateBackend(eos_model, tok, batch_size=batch_size)
-    settings = SamplingSettings(max_new_tokens=10, temperature=0.7, top_k=5, top_p=0.9)
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.7, top_k=5, top_p=0.6)
     r = backend.generate(PROMPTS, settings, seed=11)
     expected, _ = reference_logp(eos_model, r, 0.7)
     torch.testing.assert_close(r.sampling_logp, expected, atol=1e-4, rtol=0)
     assert r.prompts == PROMPTS
+    # yet the tokens were drawn after truncation: each within the top 5, and inside the 0.6 nucleus
+    step_logp = step_logprobs(eos_model, r, 0.7)  # (N, T, V)
+    assert_sampled_within_top_k_and_top_p(step_logp, r.completion_ids, r.completion_mask, top_k=5, top_p=0.6)
 
 
 def test_greedy_takes_the_argmax(tok, eos_model):

@@ -42,13 +42,22 @@ def test_each_group_follows_its_own_seed(backend):
     assert first.prompts == prompts
 
 
-def test_sampling_logp_equals_a_full_forward(backend):
-    settings = SamplingSettings(max_new_tokens=8, temperature=0.7, top_k=5)
+def test_sampling_logp_equals_a_full_forward(backend, assert_sampled_within_top_k_and_top_p):
+    """The recorded log-probs are the untruncated log_softmax(logits / T) of a full forward, while the
+    tokens themselves were drawn after top-k and top-p."""
+    settings = SamplingSettings(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.6)
     out = backend.generate_groups(["ab", "ab", "cdef", "cdef"], settings, [1, 2], group_size=2)
     logp, _ = completion_logprobs(
         backend.model, out.input_ids(), out.attention_mask(), out.completion_ids.shape[1], temperature=0.7
     )
     torch.testing.assert_close(logp * out.completion_mask, out.sampling_logp, atol=1e-5, rtol=0)
+    # the full forward's distribution at every step (N, T, V), to check where each token was drawn from
+    ids, mask = out.input_ids(), out.attention_mask()  # (N, P + T)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (N, P + T)
+    with torch.no_grad():
+        logits = backend.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    step_logp = torch.log_softmax(logits[:, out.prompt_ids.shape[1] - 1 : -1] / 0.7, dim=-1)  # (N, T, V)
+    assert_sampled_within_top_k_and_top_p(step_logp, out.completion_ids, out.completion_mask, 5, 0.6)
 
 
 def test_greedy_and_a_count_mismatch(backend):

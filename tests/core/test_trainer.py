@@ -104,14 +104,16 @@ def test_lora_changes_only_the_adapter(model_dir, tmp_path):
 
 
 def test_mu_above_one_uses_old_logprobs_and_beta_loads_a_reference(model_dir, tmp_path):
-    trainer = make_trainer(
-        model_dir, make_config(tmp_path, max_steps=1, mu=2, beta=0.1), Rubric({"v": varied})
-    )
+    """mu = 2 sees ratios away from 1; beta loads a reference and its KL term is in the loss: under the
+    token-mean aggregation loss = pg_loss + beta * kl, both means over the same tokens of each update."""
+    config = make_config(tmp_path, max_steps=1, mu=2, beta=0.1, loss_aggregation="token-mean")
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
     assert trainer.reference is not None
     (metrics,) = trainer.train()
     # the second epoch sees ratios away from 1 (the first update moved the policy) and a KL > 0
     assert metrics["ratio/max"] > 1.0 or metrics["ratio/min"] < 1.0
     assert metrics["kl"] > 0.0
+    assert metrics["loss"] - metrics["pg_loss"] == pytest.approx(0.1 * metrics["kl"], rel=1e-5)
     assert make_trainer(model_dir, make_config(tmp_path / "b", max_steps=1)).reference is None
 
 

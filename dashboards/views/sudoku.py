@@ -103,8 +103,9 @@ def _label(value: object) -> str:
 def render() -> None:
     st.title("Sudoku")
     names = state.require_runs(APPS)
-    grpo = [name for name in names if not state.run_info(name).algorithm.startswith("sft")]
-    run = state.pick_run(grpo or names, key="sudoku_run")  # SFT runs (a pipeline's stages) log no rollouts
+    # only GRPO runs log rollouts: not a pipeline, its SFT stages, or an evaluation
+    grpo = [name for name in names if state.run_info(name).algorithm == "grpo"]
+    run = state.pick_run(grpo or names, key="sudoku_run")
     index = state.rollouts(run)
     if not len(index):
         st.info(f"{run} has logged no rollouts yet.")

@@ -222,6 +222,13 @@ def test_rollouts_page_marks_observations_of_multi_turn_runs(runs_root):
 
 
 def test_sudoku_page(runs_root):
+    # a pipeline, its SFT stage and an evaluation log no rollouts: only GRPO runs are offered
+    for name, algorithm in (
+        ("sudoku/pipe", "pipeline"),
+        ("sudoku/pipe/sft-random", "sft-random"),
+        ("sudoku/ev", "eval"),
+    ):
+        make_run(runs_root, name, "sudoku", algorithm=algorithm)
     at = open_page("sudoku")
     assert at.selectbox(key="sudoku_run").options == ["sudoku/s1"]
     values = {m.label: m.value for m in at.metric}

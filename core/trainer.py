@@ -368,6 +368,13 @@ class GRPOTrainer:
         backend: RolloutBackend | None = None,
         environment: Environment | None = None,
     ):
+        if (
+            rubric.on_error != config.on_reward_error
+        ):  # the rubric applies it; the config must not say otherwise
+            raise ValueError(
+                f"on_reward_error is {config.on_reward_error!r} but the rubric's on_error is {rubric.on_error!r}: "
+                "build the Rubric with on_error=config.on_reward_error"
+            )
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -564,6 +571,7 @@ class GRPOTrainer:
             else:
                 self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
+        self._schedule_from_config()
         self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
         self.hooks.load_state_dict(checkpoint.hooks_state)
@@ -572,6 +580,20 @@ class GRPOTrainer:
         self.backend.update_weights(self.model)
         if self.rank == 0:
             self.run.truncate_logs_after(self.step)
+
+    def _schedule_from_config(self) -> None:
+        """A resume goes on with this config's learning rate, weight decay and schedule length (--max-steps,
+        --mu, --warmup-steps may change): the loaded optimizer and scheduler states hold the old run's rate,
+        which would be kept, and after a longer --max-steps the old schedule's last rate (0 when linear)
+        would drive the first update. The scheduler's rate functions are this config's already."""
+        cfg, groups = self.config, self.optimizer.param_groups
+        for group in groups:
+            group["initial_lr"], group["weight_decay"] = cfg.learning_rate, cfg.weight_decay
+        self.scheduler.base_lrs = [cfg.learning_rate] * len(groups)
+        rates = [cfg.learning_rate * rate(self.scheduler.last_epoch) for rate in self.scheduler.lr_lambdas]
+        for group, lr in zip(groups, rates, strict=True):
+            group["lr"] = lr
+        self.scheduler._last_lr = rates
 
     def write_eval(self, results: dict) -> None:
         """eval.json of the run, written by process 0 (every process may have evaluated, as FSDP needs)."""

@@ -440,7 +440,7 @@ def test_reward_failures_are_counted_over_the_batch(model_dir, tmp_path):
             raise RuntimeError("judge down")
         return 1.0
 
-    config = make_config(tmp_path, max_steps=1)
+    config = make_config(tmp_path, max_steps=1, on_reward_error="zero")
     trainer = make_trainer(model_dir, config, Rubric({"flaky": flaky, "a": a_fraction}, on_error="zero"))
     (metrics,) = trainer.train()
     assert metrics["reward/flaky/failures"] == 8.0  # 2 of the 4 prompts, 4 completions each
@@ -591,3 +591,27 @@ def test_summary_table_shows_the_first_and_the_last_step():
 
     assert steps(2) == [1, 2] and steps(5) == [1, 2, 3, 4, 5]  # before: [1] and [1, 2, 3]
     assert steps(28)[0] == 1 and steps(28)[-1] == 28 and len(steps(28)) == 10
+
+
+def test_a_resume_goes_on_with_the_configs_learning_rate_and_schedule(model_dir, tmp_path):
+    """Resumed with another --learning-rate, --weight-decay and a longer --max-steps, a run updates at the
+    rates a fresh run of the new config applies from that step on: the checkpoint's optimizer and scheduler
+    states held the old rate (kept before), and the old linear schedule's last rate, 0, drove the first
+    update after the resume."""
+    first = make_config(tmp_path, max_steps=2, lr_schedule="linear")  # lr 1e-2, checkpoint at step 2
+    first_metrics = make_trainer(model_dir, first, Rubric({"v": varied})).train()
+    assert [m["lr"] for m in first_metrics] == pytest.approx([1e-2, 5e-3])  # 1e-2 * (1 - k / 2)
+    resumed = replace(first, max_steps=4, learning_rate=4e-3, weight_decay=0.1, resume=True)
+    trainer = make_trainer(model_dir, resumed, Rubric({"v": varied}))
+    metrics = trainer.train()
+    assert [m["step"] for m in metrics] == [3, 4]
+    assert [m["lr"] for m in metrics] == pytest.approx([2e-3, 1e-3])  # 4e-3 * (1 - k / 4), k = 2, 3
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_a_rubric_whose_on_error_differs_from_the_config_is_refused(model_dir, tmp_path):
+    """The rubric applies on_error; a config saying `zero` beside a rubric that raises had been ignored."""
+    config = make_config(tmp_path, on_reward_error="zero")
+    with pytest.raises(ValueError, match="on_reward_error is 'zero' but the rubric's on_error is 'raise'"):
+        make_trainer(model_dir, config, Rubric({"v": varied}))
+    assert make_trainer(model_dir, config, Rubric({"v": varied}, on_error="zero")).rubric.on_error == "zero"

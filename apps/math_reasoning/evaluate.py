@@ -166,7 +166,9 @@ class MathEvalConfig:
     temperature: float = _help("sampling temperature", 1.0)
     max_new_tokens: int | None = _help("completion length cap; default: the run's, else 80", None)
     max_examples: int = _help("evaluate N evenly spaced problems; 0 = all", 0)
-    batch_rows: int = _help("completions generated per call", 64)
+    batch_rows: int = _help(
+        "completions generated per call (each call draws from its own seed, so the samples depend on it)", 64
+    )
     seed: int = _help("sampling seed", 0)
     device: str = _help("cpu or cuda", "cpu")
     run_dir: str | None = _help("where eval.json goes; default: the model's run, else runs/math/<time>", None)

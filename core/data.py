@@ -5,6 +5,7 @@ app) plus whatever fields the app's reward functions read (`answer`, `solution`,
 """
 
 import csv
+import io
 import json
 import warnings
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,15 @@ class InputError(ValueError):
     The command line shows it as an error without a traceback (core.cli)."""
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text, a byte order mark dropped; text in another encoding is an error naming the
+    file and the byte."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start]:#04x})") from err
+
+
 def read_jsonl(path: Path, cut_off_end: bool = False) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file, in order; a line that is not a JSON
     object is an error naming the file and the line (raised when the reader gets there). With
@@ -25,7 +35,7 @@ def read_jsonl(path: Path, cut_off_end: bool = False) -> Iterator[tuple[int, dic
     with a warning naming it."""
     # Split on "\n" only: str.splitlines also splits on U+2028, U+2029 and U+0085, which a JSON string may
     # hold raw (json.dumps(..., ensure_ascii=False) writes them so); a "\r" before it is whitespace to JSON.
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     if cut_off_end and lines[-1]:
         message = f"{path}:{len(lines)}: the last line has no line end (cut off by a kill): left out"
         warnings.warn(message, stacklevel=2)
@@ -46,19 +56,24 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) for each row of a CSV file with a header, every value a string as written:
     `datasets`' CSV reader infers column types, which turns a fill-in answer `0.50` into `0.5` and an id
     `007` into `7`. A row with more fields than the header is an error naming the line."""
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        for row in reader:
-            if None in row:
-                raise InputError(f"{path}:{reader.line_num}: more fields than the header has columns")
-            yield reader.line_num, row
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    repeated = sorted({name for name in reader.fieldnames or [] if reader.fieldnames.count(name) > 1})
+    if repeated:  # DictReader would keep the last of them without a word
+        raise InputError(f"{path}:1: column(s) {', '.join(repeated)} more than once in the header")
+    start = reader.line_num + 1  # the line the next row begins on (a quoted field may span lines)
+    for row in reader:
+        if None in row:
+            raise InputError(f"{path}:{start}: more fields than the header has columns")
+        yield start, row
+        start = reader.line_num + 1
 
 
 def read_json(path: Path) -> Iterator[tuple[str, dict]]:
     """("row N" from 1, object) for each row of a JSON file: a list of objects, or an object of columns
-    (each a list, all of one length). A file of one object per line is read as JSONL ("line N"). A syntax
+    (each a list, all of one length). A file of one object per line is read as JSONL ("line N"), one object
+    alone as one row. A syntax
     error names the file, line and column; a row that is not an object names the file and the row."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -71,6 +86,8 @@ def read_json(path: Path) -> Iterator[tuple[str, dict]]:
         if len(set(lengths.values())) > 1:
             raise InputError(f"{path}: columns of different lengths {lengths}")
         data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    if isinstance(data, dict):  # one object that is not columns: a file of one row (one object per line)
+        data = [data]
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a list of objects or an object of columns (lists)")
     for number, row in enumerate(data, start=1):
@@ -159,8 +176,16 @@ class PromptSampler:
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "examples": len(self.examples)}
 
     def load_state_dict(self, state: dict) -> None:
+        """The position of a saved sampler over as many examples (a checkpoint written before the count was
+        saved is taken as it is): over another number the saved order means nothing."""
+        saved = state.get("examples", len(self.examples))
+        if saved != len(self.examples):
+            raise ValueError(
+                f"the checkpoint's prompt order is over {saved} examples, this run has {len(self.examples)}: "
+                "resume with the data it was trained on"
+            )
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._epoch_order()

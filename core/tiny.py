@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -97,8 +98,8 @@ def build_char_tokenizer(
                 "tokenizer (it decodes as a raw byte); leave the token out, its characters are tokens already"
             )
     chars: set[str] = set()
-    for text in texts_or_alphabet:
-        chars.update(text)
+    for text in texts_or_alphabet:  # as the encoder will see them: a character NFC rewrites never reaches it
+        chars.update(unicodedata.normalize("NFC", text))
 
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *extra_tokens))}
     vocab.update({byte_symbol[b]: len(vocab) + b for b in range(256)})

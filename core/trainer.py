@@ -388,6 +388,11 @@ class GRPOTrainer:
             compile_decode=config.compile_decode,
         )
         self.environment = environment
+        not_text = [e.get("id") for e in examples if not isinstance(e.get("prompt"), str)][:3]
+        if not_text:  # a list of messages would be joined into one string by the tokenizer without a word
+            raise ValueError(
+                f"every example needs a `prompt` string (the templated text); not for ids {not_text}"
+            )
         self.sampler = PromptSampler(examples, config.seed)
         join_processes(config.device)
         self.rank, self.world = _world()

@@ -24,6 +24,8 @@ def read_data_file(path: str | Path) -> list[dict]:
     the file and the line: no completion could earn the letter reward on it."""
     examples = []
     for where, row in read_located_examples(path, required=("prompt", "letter")):
+        if not isinstance(row["prompt"], str):
+            raise InputError(f"{where}: prompt must be text, got {type(row['prompt']).__name__}")
         if row["letter"] not in tuple(LETTERS):  # one whole letter: "ab" is in the string LETTERS
             raise InputError(f"{where}: letter {row['letter']!r} is not one of {', '.join(LETTERS)}")
         examples.append(row)

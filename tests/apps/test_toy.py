@@ -77,12 +77,18 @@ def test_data_file_is_trained_on_and_a_bad_line_is_named(tmp_path, capsys):
         ("toy.txt", "Repeat a", "expected .jsonl, .json, .csv or .parquet"),
         ("empty.csv", "prompt,letter\n", "has no rows"),
         ("a:b/toy.jsonl", '{"prompt": "Repeat a"}\n', "line 1: missing field(s) letter"),  # a ':' in the path
+        (
+            "list.jsonl",
+            '{"prompt": ["Repeat a", "Repeat b"], "letter": "a"}\n',
+            "line 1 (id 'list-0'): prompt must be text, got list",
+        ),
+        ("latin.csv", "prompt,letter\nRepeat \u00e9,a\n", "latin.csv: not UTF-8 text"),
     ],
 )
 def test_a_bad_data_file_is_a_command_line_error_without_a_traceback(tmp_path, capsys, name, text, message):
     data = tmp_path / name
     data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text(text)
+    data.write_bytes(text.encode("latin-1" if name == "latin.csv" else "utf-8"))
     with pytest.raises(SystemExit) as exit_info:
         main([*TOY, "--data", str(data), "--run-dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -100,6 +100,14 @@ def test_text_is_nfc_normalised(tokenizer):
     assert tokenizer.decode(tokenizer("e\u0301")["input_ids"]) == "\u00e9"
 
 
+def test_text_not_in_nfc_gives_the_tokens_its_nfc_form_encodes_to():
+    """The alphabet is taken from the NFC form, as the encoder sees text: from the raw text, the Ohm sign
+    and e + combining acute got entries no encoding produces, and Ω and é fell back to 2 bytes each."""
+    tokenizer = build_char_tokenizer(["\u2126 ohm", "cafe\u0301"])
+    for char in ("\u03a9", "\u00e9"):  # NFC of the two
+        assert len(tokenizer(char)["input_ids"]) == 1
+
+
 def test_string_is_an_alphabet():
     tokenizer = build_char_tokenizer("中文")
     assert tokenizer("文中")["input_ids"] == [

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 
 from core import algos
-from core.data import InputError, read_examples
 from core.policy import LoraSettings, completion_logprobs, has_dropout, load_policy
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
@@ -282,33 +281,6 @@ def test_an_empty_prompt_is_named(model_dir, tmp_path):
 def test_config_values_out_of_range(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         replace(make_config(tmp_path), **{field: value})
-
-
-def test_malformed_data_rows_name_the_file_and_line(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
-    with pytest.raises(ValueError, match=r"train.jsonl:3: not valid JSON"):
-        read_examples(path, ["prompt"])
-    path.write_text('{"prompt": "a"}\n{"question": "b"}\n')
-    with pytest.raises(ValueError, match=r"train.jsonl:line 2: missing field\(s\) prompt"):
-        read_examples(path, ["prompt"])
-    csv = tmp_path / "train.csv"
-    csv.write_text("prompt,answer\nhello,1\n,2\n")
-    with pytest.raises(ValueError, match=r"train.csv:line 3: missing field\(s\) prompt"):
-        read_examples(csv, ["prompt"])
-    path.write_text('{"prompt": "a\u2028b\u0085c"}\r\n\n{"prompt": "d\u2029"}\n', encoding="utf-8")
-    assert [e["prompt"] for e in read_examples(path, ["prompt"])] == ["a\u2028b\u0085c", "d\u2029"]
-    path.write_text('{"prompt": "a\u2028"}\n{"prompt": "b"\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"train.jsonl:2: not valid JSON"):
-        read_examples(path, ["prompt"])
-    path.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b"}\n')
-    assert [e["id"] for e in read_examples(path, ["prompt"])] == ["x", "train-1"]
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        read_examples(tmp_path / "missing.jsonl", ["prompt"])
-    with pytest.raises(
-        InputError, match=r"is a directory, expected a data file \(.jsonl, .json, .csv or .parquet\)"
-    ):
-        read_examples(tmp_path, ["prompt"])
 
 
 def test_mu_above_one_takes_the_old_logprobs_from_the_first_epoch(model_dir, tmp_path, monkeypatch):
@@ -615,3 +587,13 @@ def test_a_rubric_whose_on_error_differs_from_the_config_is_refused(model_dir, t
     with pytest.raises(ValueError, match="on_reward_error is 'zero' but the rubric's on_error is 'raise'"):
         make_trainer(model_dir, config, Rubric({"v": varied}))
     assert make_trainer(model_dir, config, Rubric({"v": varied}, on_error="zero")).rubric.on_error == "zero"
+
+
+def test_an_example_whose_prompt_is_not_text_is_refused(model_dir, tmp_path):
+    """A prompt given as a list of messages was joined into one string by the tokenizer without a word."""
+    examples = [{"id": "m1", "prompt": [{"role": "user", "content": "hi"}]}, {"id": "ok", "prompt": "a"}]
+    with pytest.raises(
+        ValueError, match=r"needs a `prompt` string \(the templated text\); not for ids \['m1'\]"
+    ):
+        model, tokenizer = load_policy(model_dir)
+        GRPOTrainer(make_config(tmp_path), model, tokenizer, examples, Rubric({"a": a_fraction}), app="test")

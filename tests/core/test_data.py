@@ -1,0 +1,83 @@
+"""core/data.py: the data-file readers (errors name the file and the line or row, nothing is read silently
+wrong) and the seeded prompt order."""
+
+import pytest
+
+from core.data import InputError, PromptSampler, read_examples
+
+
+def test_malformed_data_rows_name_the_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:3: not valid JSON"):
+        read_examples(path, ["prompt"])
+    path.write_text('{"prompt": "a"}\n{"question": "b"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:line 2: missing field\(s\) prompt"):
+        read_examples(path, ["prompt"])
+    csv = tmp_path / "train.csv"
+    csv.write_text("prompt,answer\nhello,1\n,2\n")
+    with pytest.raises(ValueError, match=r"train.csv:line 3: missing field\(s\) prompt"):
+        read_examples(csv, ["prompt"])
+    path.write_text('{"prompt": "a\u2028b\u0085c"}\r\n\n{"prompt": "d\u2029"}\n', encoding="utf-8")
+    assert [e["prompt"] for e in read_examples(path, ["prompt"])] == ["a\u2028b\u0085c", "d\u2029"]
+    path.write_text('{"prompt": "a\u2028"}\n{"prompt": "b"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train.jsonl:2: not valid JSON"):
+        read_examples(path, ["prompt"])
+    path.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b"}\n')
+    assert [e["id"] for e in read_examples(path, ["prompt"])] == ["x", "train-1"]
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_examples(tmp_path / "missing.jsonl", ["prompt"])
+    with pytest.raises(
+        InputError, match=r"is a directory, expected a data file \(.jsonl, .json, .csv or .parquet\)"
+    ):
+        read_examples(tmp_path, ["prompt"])
+
+
+def test_encodings_a_bom_and_non_utf8_text(tmp_path):
+    """A byte order mark is dropped in every text format (JSONL refused it before); text in another
+    encoding is an error naming the file (a bare UnicodeDecodeError before)."""
+    for name, text in (
+        ("bom.jsonl", '{"prompt": "a"}\n'),
+        ("bom.csv", "prompt\na\n"),
+        ("bom.json", '{"prompt": "a"}\n{"prompt": "b"}\n'),
+    ):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert read_examples(tmp_path / name, ["prompt"])[0]["prompt"] == "a"
+    for name in ("latin.jsonl", "latin.csv", "latin.json"):
+        (tmp_path / name).write_bytes("prompt\ncaf\u00e9\n".encode("latin-1"))
+        with pytest.raises(InputError, match=rf"{name}: not UTF-8 text \(byte 10: 0xe9\)"):
+            read_examples(tmp_path / name, ["prompt"])
+
+
+def test_csv_rows_are_located_where_they_begin_and_a_repeated_column_is_refused(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text('prompt,answer\n"one\ntwo\nthree",1\n,2\n')  # row 1 spans lines 2-4; row 2 on line 5
+    with pytest.raises(InputError, match=r"multi.csv:line 5: missing field\(s\) prompt"):
+        read_examples(path, ["prompt"])
+    path.write_text("prompt,answer\na,1,extra\n")
+    with pytest.raises(InputError, match=r"multi.csv:2: more fields than the header has columns"):
+        read_examples(path, ["prompt"])
+    path.write_text("prompt,prompt\na,b\n")  # csv.DictReader would keep "b" alone
+    with pytest.raises(InputError, match=r"multi.csv:1: column\(s\) prompt more than once in the header"):
+        read_examples(path, ["prompt"])
+
+
+def test_a_json_file_of_one_object_is_one_row(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{"prompt": "a", "options": ["x", "y"]}')
+    assert read_examples(path, ["prompt"]) == [{"prompt": "a", "options": ["x", "y"], "id": "one-0"}]
+    path.write_text('{"prompt": ["a", "b"], "answer": ["1", "2"]}')  # columns
+    assert [row["prompt"] for row in read_examples(path, ["prompt"])] == ["a", "b"]
+
+
+def test_the_prompt_order_resumes_only_over_as_many_examples():
+    examples = [{"id": str(i), "prompt": str(i)} for i in range(8)]
+    sampler = PromptSampler(examples, seed=3)
+    sampler.take(26)
+    state = sampler.state_dict()
+    assert state == {"epoch": 3, "index": 2, "examples": 8}
+    resumed = PromptSampler(examples, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.take(10) == sampler.take(10)
+    with pytest.raises(ValueError, match="prompt order is over 8 examples, this run has 1"):
+        PromptSampler(examples[:1], seed=3).load_state_dict(state)  # an IndexError before

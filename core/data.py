@@ -15,8 +15,9 @@ import torch
 
 
 class InputError(ValueError):
-    """A data file that cannot be read as examples; the message names the file (and line, row or field).
-    The command line shows it as an error without a traceback (core.cli)."""
+    """A data file that cannot be read as examples, or a setting the data does not allow; the message names
+    the file (and line, row or field) or the flag. The command line shows it as an error without a
+    traceback (core.cli)."""
 
 
 def read_text(path: Path) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from apps.sudoku.data import load_puzzles
 from apps.sudoku.evaluate import table
 from apps.sudoku.model import load_sudoku_policy
-from apps.sudoku.train import SudokuTrainConfig, run_sft, run_train, sft_config_from
+from apps.sudoku.train import SudokuTrainConfig, refuse_short_completions, run_sft, run_train, sft_config_from
 from core.config import config_to_dict
 from core.launch import with_run_dir
 from core.runs import RunDir, failure_recorded, refuse_changed_pipeline
@@ -78,6 +78,7 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     if config.resume:
         refuse_changed_pipeline(root, config_to_dict(config), HOW_IT_RUNS)  # it reuses finished rows
     puzzles = load_puzzles(config)  # bad puzzle settings or a bad file stop here, before a run exists
+    refuse_short_completions(puzzles[0] + puzzles[1], config.max_new_tokens)
     if config.model:  # and so does a bad --model (each SFT stage loads it again)
         load_sudoku_policy(config.model)
     run = RunDir.create(

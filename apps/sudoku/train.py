@@ -23,10 +23,12 @@ from apps.sudoku.model import (
     load_sudoku_policy,
     sft,
 )
+from apps.sudoku.puzzles import Puzzle
 from apps.sudoku.rewards import board_fields, cell_reward, order_reward
 from apps.sudoku.serialize import to_example
 from core.atomic import atomic_directory
 from core.config import config_to_dict
+from core.data import InputError
 from core.launch import policy_for, summary_table, with_run_dir
 from core.policy import load_policy
 from core.rewards import Rubric
@@ -106,18 +108,37 @@ class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
 
     def __post_init__(self):
         # first: the core's own check of these ("set generation_groups > 1 too") would send the user astray
-        unsupported = {"generation_groups": 1, "compile_decode": False, "autocast": "off"}
+        unsupported = {
+            "generation_groups": 1,
+            "compile_decode": False,
+            "autocast": "off",
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_new_tokens": 0,
+        }
         changed = [f"{k}={getattr(self, k)}" for k, v in unsupported.items() if getattr(self, k) != v]
-        if changed:
+        if changed:  # else found at the first GRPO step, after the SFT stages
             raise ValueError(
                 f"{', '.join(changed)}: Sudoku's constrained decoder has no grouped generation, compiled "
-                "decode or autocast; leave them at their defaults"
+                "decode, autocast, top-p, top-k or minimum length (it emits exactly 3E + 1 tokens); leave "
+                "them at their defaults"
             )
         GRPOConfig.__post_init__(self)
         ModelFields.__post_init__(self)
         PuzzleConfig.__post_init__(self)
         if not 0 <= self.cell_weight <= 1:
             raise ValueError(f"cell_weight must be in [0, 1], got {self.cell_weight}")
+
+
+def refuse_short_completions(puzzles: list[Puzzle], max_new_tokens: int) -> None:
+    """Decoding emits exactly 3E + 1 tokens (E empty cells): a cap below that for some puzzle would stop
+    GRPO at its first step, after the SFT stages, so it is refused before anything runs."""
+    empty = max(p.n * p.n - p.givens for p in puzzles)
+    if 3 * empty + 1 > max_new_tokens:
+        raise InputError(
+            f"--max-new-tokens {max_new_tokens} is below 3E + 1 = {3 * empty + 1} tokens for the puzzles with "
+            f"the most empty cells (E = {empty}); raise it"
+        )
 
 
 def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> dict:
@@ -215,6 +236,7 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
     config.set_threads()
     config = with_run_dir(config, APP)
     train, held_out = puzzles or load_puzzles(config)
+    refuse_short_completions(train + held_out, config.max_new_tokens)
 
     def build_default(path: Path) -> None:  # no --model: SFT on random order first, as the paper does
         sft_config = sft_config_from(

@@ -151,6 +151,22 @@ def test_settings_sudoku_would_ignore_or_fail_on_are_command_line_errors(capsys)
     with pytest.raises(SystemExit):  # not the core's "set generation_groups > 1 too"
         main(["sudoku", "pipeline", "--compile-decode"])
     assert "compile_decode=True: Sudoku's constrained decoder" in capsys.readouterr().err
+    # these had failed at the first GRPO step, after the SFT stages, and a resume could not change them
+    with pytest.raises(SystemExit):
+        main(["sudoku", "pipeline", "--top-p", "0.9", "--top-k", "5", "--min-new-tokens", "3"])
+    assert "top_p=0.9, top_k=5, min_new_tokens=3: Sudoku's constrained decoder" in capsys.readouterr().err
+
+
+def test_a_completion_cap_below_3e_plus_1_is_refused_before_any_stage(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):  # 4x4 smoke puzzles: 4-6 givens, so E up to 12 and 3E + 1 = 37
+        main(["sudoku", "pipeline", "--preset", "smoke", "--max-new-tokens", "20", "--run-dir", str(run)])
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 20 is below 3E + 1 = " in err and "raise it" in err
+    assert not run.exists()
+    with pytest.raises(SystemExit):
+        main(["sudoku", "train", "--preset", "smoke", "--max-new-tokens", "20", "--run-dir", str(run)])
+    assert "--max-new-tokens 20 is below 3E + 1" in capsys.readouterr().err and not run.exists()
 
 
 def test_eval_puzzles_below_zero_and_an_eval_of_none_are_command_line_errors(tmp_path, capsys):

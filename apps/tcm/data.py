@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from apps.tcm.knowledge import FLAVOURS, FORMULAS, HERBS, MERIDIANS, NATURES, SYNDROMES
-from core.data import read_located_examples
+from core.data import is_missing, read_located_examples
 
 TYPES = ("single", "multiple", "fill", "open")
 LETTERS = "ABCDE"
@@ -46,6 +46,7 @@ REQUIRED_COLUMNS = ("question", "answer", "type")
 SPLITS = ("train", "val", "test")
 # After NFKC (．：） read .:)): a letter, then a mark or a space: "A. 温", "B、寒", "C 热".
 _OPTION_LINE = re.compile(r"([A-Ea-e])(?:\s*[.、:)]|\s)\s*(.*)")
+_LETTERED = re.compile(r"([A-Ea-e])\s*[.、:)]\s*(.+)")  # an option with its letter and a mark
 _SPACES = re.compile(r"\s+")
 
 
@@ -70,7 +71,7 @@ def load_examples(path: str | Path) -> list[dict]:
             )
         kind = TYPE_ALIASES[label]
         options = parse_options(row.get("options"), where) if kind in ("single", "multiple") else {}
-        answer = str(row["answer"]).strip()
+        answer = _answer_text(row["answer"], kind)
         if kind in ("single", "multiple"):
             letters = "".join(
                 sorted(set(re.sub(r"[\s,，、;；]", "", unicodedata.normalize("NFKC", answer)).upper()))
@@ -89,10 +90,20 @@ def load_examples(path: str | Path) -> list[dict]:
                 "question": str(row["question"]).strip(),
                 "options": options,
                 "answer": answer,
-                "fact": str(row.get("fact") or _question_key(row["question"], options)),
+                "fact": _question_key(row["question"], options)
+                if is_missing(row.get("fact"))
+                else str(row["fact"]),  # a fact 0 is a fact
             }
         )
     return examples
+
+
+def _answer_text(answer, kind: str) -> str:
+    """The answer as text: a list (a JSON or Parquet list column) of choice letters joined ("AC"), of
+    fill-in or open answers joined with 、; str() of a list would give "['A', 'C']"."""
+    if isinstance(answer, list | tuple):
+        return ("" if kind in ("single", "multiple") else "、").join(str(a).strip() for a in answer)
+    return str(answer).strip()
 
 
 def _question_key(question, options: dict[str, str]) -> str:
@@ -126,7 +137,7 @@ def parse_options(value, where: str) -> dict[str, str]:
             raise ValueError(
                 f"{where}: option {LETTERS[next(i for i, v in enumerate(value) if _empty(v))]} is empty"
             )
-        pairs = list(zip(LETTERS, value, strict=False))
+        pairs = list(zip(LETTERS, _without_letters(value), strict=False))
     elif isinstance(value, str) and value.strip():
         pairs = [pair for line in value.splitlines() if line.strip() for pair in _option_line(line, where)]
     else:
@@ -141,6 +152,18 @@ def parse_options(value, where: str) -> dict[str, str]:
     if not 2 <= len(options) <= len(LETTERS) or list(options) != list(LETTERS[: len(options)]):
         raise ValueError(f"{where}: options must be lettered A, B, ... (2 to 5), got {list(options)}")
     return options
+
+
+def _without_letters(texts: list) -> list:
+    """A list of options written with their letters ("A. 温", "B、寒", ... in order, a common export) without
+    them; any other list as it is."""
+    matches = [
+        _LETTERED.fullmatch(unicodedata.normalize("NFKC", t).strip()) if isinstance(t, str) else None
+        for t in texts
+    ]
+    if all(matches) and [m.group(1).upper() for m in matches] == list(LETTERS[: len(texts)]):
+        return [m.group(2) for m in matches]
+    return texts
 
 
 def _option_line(line: str, where: str) -> list[tuple[str, str]]:

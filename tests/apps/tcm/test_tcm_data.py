@@ -167,6 +167,29 @@ def test_parse_options_forms():
         parse_options("A. 麻黄\nB. 桂枝\nB. 甘草", "x")
     with pytest.raises(ValueError, match="x: option A is given twice"):
         parse_options({"A": "寒", "a": "温"}, "x")
+    # a list written with its letters (a common export) loses them; a list where they do not run A, B, ...
+    # in order keeps its texts as they are
+    assert parse_options(["A. 温", "B、寒", "Ｃ．热"], "x") == {"A": "温", "B": "寒", "C": "热"}
+    assert parse_options(["B. 温", "A. 寒"], "x") == {"A": "B. 温", "B": "A. 寒"}
+    assert parse_options(["A型", "B型"], "x") == {"A": "A型", "B": "B型"}
+
+
+def test_list_answers_and_a_fact_0(tmp_path):
+    """A JSON or Parquet list answer is joined (it was read as the text "['A', 'C']"), and a `fact` of 0
+    is a fact (it was taken as missing, so its questions could fall into different splits)."""
+    rows = [
+        {
+            "question": "麻黄归哪些经？",
+            "options": ["肺", "肝", "膀胱"],
+            "answer": ["A", "C"],
+            "type": "多选题",
+        },
+        {"question": "麻黄性味____。", "answer": ["辛", "温"], "type": "填空题", "fact": 0},
+        {"question": "麻黄性____。", "answer": "温", "type": "填空题", "fact": 0},
+    ]
+    examples = load_examples(write_jsonl(tmp_path / "lists.jsonl", rows))
+    assert [e["answer"] for e in examples] == ["AC", "辛、温", "温"]
+    assert [e["fact"] for e in examples[1:]] == ["0", "0"]
 
 
 def test_errors_give_the_jsonl_line(tmp_path):

@@ -17,6 +17,7 @@ worked out). All of it is a pure function of the seed.
 
 import json
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,24 +199,35 @@ FORMATS = ("auto", "offline", "gsm8k", "math", "minerva", "amc", "aime")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None.
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None. A space may come
+    before the brace, and `\\boxed 5` (no braces, as TeX allows; the MATH reference extractor reads it)
+    boxes the text up to the next space or `$`, without a final full stop.
 
     >>> last_boxed(r"so \\boxed{\\frac{1}{2}} and \\boxed{3}")
     '3'
     >>> last_boxed(r"\\boxed{\\frac{1}{2}}"), last_boxed("none"), last_boxed(r"\\boxed{open")
     ('\\\\frac{1}{2}', None, None)
+    >>> last_boxed(r"\\boxed{3} then \\boxed 5."), last_boxed(r"\\boxed {5}"), last_boxed(r"\\boxed 3.5$")
+    ('5', '5', '3.5')
     """
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
+    boxes = list(_BOX.finditer(text))
+    if not boxes:
         return None
-    i = text.index("{", start) + 1
-    depth, begin = 1, i
+    i = boxes[-1].end()
+    if i == len(text) or text[i] != "{":
+        token = _BOX_TOKEN.match(text, i)
+        return token.group(0).rstrip(".,;") or None if token else None  # a sentence's full stop is not in it
+    depth, begin = 0, i + 1
     while i < len(text):
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
             return text[begin:i].strip()
         i += 1
     return None
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
+_BOX_TOKEN = re.compile(r"[^\s$]+")
 
 
 def _detect(row: dict, path: Path) -> str:
@@ -281,8 +293,10 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
             **extra,
         }
     question = _field(row, "problem", where)
+    level = _math_level(row.get("level"))  # MATH's "Level 1".."Level 5": per-level rows in `math eval`
+    extra = {} if level is None else {"level": level}
     if fmt in ("amc", "aime") or not is_missing(row.get("answer")):
-        return {"question": question, "answer": _field(row, "answer", where)}
+        return {"question": question, "answer": _field(row, "answer", where), **extra}
     if is_missing(row.get("solution")):
         raise ValueError(
             f"{where}: missing field 'answer' (and no 'solution' to take a \\boxed{{}} answer from)"
@@ -290,4 +304,15 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
     boxed = last_boxed(_field(row, "solution", where))
     if boxed is None:
         raise ValueError(f"{where}: field 'solution' has no \\boxed{{...}} answer and there is no 'answer'")
-    return {"question": question, "answer": boxed}
+    return {"question": question, "answer": boxed, **extra}
+
+
+def _math_level(value) -> int | None:
+    """A benchmark row's difficulty level as a number ("Level 5" or 5 -> 5), None when absent or not one
+    ("Level ?" in MATH).
+
+    >>> _math_level("Level 5"), _math_level(3), _math_level("Level ?"), _math_level(None)
+    (5, 3, None, None)
+    """
+    match = re.fullmatch(r"(?:level\s*)?(\d+)", str(value).strip(), re.IGNORECASE)
+    return int(match.group(1)) if match and not isinstance(value, bool) else None

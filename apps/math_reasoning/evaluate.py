@@ -107,8 +107,8 @@ def evaluate_model(
     results = {"all": _summary(records, samples), "samples": samples, "seconds": time.perf_counter() - start}
     for level in sorted({r["level"] for r in records if r["level"] is not None}):
         results[f"level{level}"] = _summary([r for r in records if r["level"] == level], samples)
-    if f"level{HARD_LEVEL}" in results:
-        results["hard"] = results[f"level{HARD_LEVEL}"]
+    if f"level{HARD_LEVEL}" in results and all(ex.get("source") == "offline" for ex in examples):
+        results["hard"] = results[f"level{HARD_LEVEL}"]  # the offline set's hard tail, not MATH's level 3
     return results
 
 

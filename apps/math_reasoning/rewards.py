@@ -15,7 +15,8 @@ from core.rewards import Rubric
 
 FORMAT_WEIGHT = 0.25
 # Commas only as thousands separators: "1,3" is a list of two values, left to math-verify.
-_INTEGER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)")
+# A first group of 0 ("0,500", a decimal comma) is not a thousands separator.
+_INTEGER = re.compile(r"[+-]?(?:[1-9]\d{0,2}(?:,\d{3})+|\d+)")
 
 
 def _integer(text: str) -> str | None:
@@ -34,8 +35,8 @@ def same_answer(prediction: str, gold: str) -> bool:
 
     >>> same_answer("1,000", "1000"), same_answer("0.5", "\\\\frac{1}{2}"), same_answer("7", "8")
     (True, True, False)
-    >>> same_answer("1,3", "13")  # two values, not thirteen
-    False
+    >>> same_answer("1,3", "13"), same_answer("0,500", "500")  # two values; a decimal comma
+    (False, False)
     """
     a, b = _integer(prediction), _integer(gold)
     if a is not None and b is not None:

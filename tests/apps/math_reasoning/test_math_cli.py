@@ -475,3 +475,20 @@ def test_eval_refuses_a_run_dir_that_is_a_file_before_evaluating(small_dir, tmp_
     with pytest.raises(SystemExit):
         main(["math", "eval", "--model", str(small_dir), "--run-dir", str(tmp_path / "out")])
     assert f"--run-dir {tmp_path / 'out'} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_eval_on_math_reports_its_levels_and_no_offline_hard_tail(small_dir, tmp_path):
+    """MATH's `level` ("Level 3") gives per-level rows (it was dropped); only the offline set's level 3 is
+    its hard tail, not MATH's."""
+    rows = [
+        {"problem": f"{a} + {a}?", "solution": rf"\boxed{{{2 * a}}}", "level": f"Level {level}"}
+        for a, level in ((1, 3), (2, 5), (3, 3))
+    ]
+    data = tmp_path / "math500.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = tmp_path / "eval"
+    args = ["--model", str(small_dir), "--data", str(data), "--run-dir", str(run), "--samples", "1"]
+    assert main(["math", "eval", *args, "--max-new-tokens", "4"]) == 0
+    results = json.loads((run / "eval.json").read_text())["eval_math500"]
+    assert results["level3"]["examples"] == 2 and results["level5"]["examples"] == 1
+    assert "hard" not in results

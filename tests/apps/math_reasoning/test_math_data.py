@@ -228,3 +228,22 @@ def test_writing_into_an_out_dir_that_is_a_file_says_so(tmp_path):
     (tmp_path / "od").write_text("x")
     with pytest.raises(FileExistsError, match=r"^output directory \S+od is a file, not a directory$"):
         write_jsonl(tmp_path / "od" / "train.jsonl", [{"a": 1}])
+
+
+def test_last_boxed_without_braces_or_with_a_space():
+    """`\\boxed 5` and `\\boxed {5}` are boxes (TeX reads them; so does the MATH reference extractor): an
+    earlier `\\boxed{3}` had been taken as the answer."""
+    assert last_boxed(r"\boxed{3} hmm actually \boxed 5.") == "5"
+    assert last_boxed(r"so \boxed {5}") == "5"
+    assert last_boxed(r"$\boxed 3.5$") == "3.5"
+    assert last_boxed(r"\boxedx{3}") is None and last_boxed(r"\boxed") is None
+
+
+def test_math_rows_keep_their_level(tmp_path):
+    rows = [
+        {"problem": "p", "solution": r"\boxed{1}", "level": "Level 5"},
+        {"problem": "q", "answer": "2", "level": "Level ?"},
+        {"problem": "r", "answer": "3", "level": 2},
+    ]
+    loaded = load_examples(_write(tmp_path / "math.jsonl", rows))
+    assert [e.get("level") for e in loaded] == [5, None, 2]

@@ -72,6 +72,8 @@ def test_same_answer_fast_path_and_math_verify():
     assert same_answer("-1,234,567", "-1234567") and not same_answer("1,3", "13")
     assert not same_answer("-2,2", "-22") and same_answer("3,1", "1,3")
     assert same_answer("\u22121,000", "-1000") and not same_answer("\u22121,000", "1000")  # U+2212 minus
+    # a first group of 0 is no thousands separator: "0,500" (a decimal comma) is not 500
+    assert not same_answer("0,500", "500") and not same_answer("012,345", "12345")
 
 
 def test_pass_at_k_against_the_product_formula():

@@ -62,11 +62,16 @@ def _parser_for(tp: Any, optional: bool, name: str):
 
         def parse_items(text: str) -> tuple:
             try:
-                return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+                values = tuple(item(part.strip()) for part in text.split(",") if part.strip())
             except ValueError:
                 raise argparse.ArgumentTypeError(
                     f"{name}: {text!r} is not a comma-separated list of {item.__name__} values (e.g. 0,1,2)"
                 ) from None
+            if item is float and not all(math.isfinite(v) for v in values):  # as a single float flag
+                raise argparse.ArgumentTypeError(
+                    f"{name}: {text!r} holds a value that is not a finite number"
+                )
+            return values
 
         return parse_items
 
@@ -189,7 +194,11 @@ def _checked_value(name: str, value: Any, annotation: Any, source: str) -> Any:
                 fail(f"a number ({tp.__name__})")
         if isinstance(value, bool) or not isinstance(value, int if tp is int else int | float):
             fail(f"a number ({tp.__name__})")
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)  # an int too large for a float overflows here
+        except OverflowError:
+            finite = False
+        if not finite:
             fail("a finite number")
         return tp(value)
     if tp is str and not isinstance(value, str):

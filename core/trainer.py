@@ -160,9 +160,19 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("beta", "max_grad_norm", "warmup_steps", "save_every", "advantage_eps"):
+        for name in (
+            "beta",
+            "max_grad_norm",
+            "warmup_steps",
+            "save_every",
+            "advantage_eps",
+            "top_k",
+            "weight_decay",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rollouts_to_log < -1:
+            raise ValueError(f"rollouts_to_log must be >= -1 (-1 = all), got {self.rollouts_to_log}")
         eps_high = self.eps_low if self.eps_high is None else self.eps_high
         if not 0 <= self.eps_low < 1 or eps_high < 0:
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")

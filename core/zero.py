@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import parse_flag_from_env, send_to_device
 
+from core.data import InputError
+
 PARTITIONS = "zero_partitions"  # key of the optimizer state of a ZeRO checkpoint
 # the fields the trainer sets from its own config
 TRAINER_FIELDS = (
@@ -57,41 +59,41 @@ def deepspeed_config(path: str | None) -> dict | None:
         try:
             config = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"DeepSpeed config {path}: {err}") from err
+            raise InputError(f"DeepSpeed config {path}: {err}") from err
     elif parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         config = _accelerate_config()
     else:
         return None
     for section in ("optimizer", "scheduler"):
         if section in config:
-            raise ValueError(
+            raise InputError(
                 f'DeepSpeed config section "{section}" is not supported: the trainer brings its own AdamW '
                 "and schedule (--learning-rate, --weight-decay, --lr-schedule, --warmup-steps)"
             )
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage == 0:
-        raise ValueError(
+        raise InputError(
             "ZeRO stage 0 is plain data parallelism, which the trainer does without DeepSpeed: launch "
             "without it, or choose stage 1 or 2"
         )
     if stage not in (1, 2):
-        raise ValueError(
+        raise InputError(
             f"ZeRO stage {stage}: this trainer partitions optimizer state and gradients with DeepSpeed "
             "(stages 1-2) and shards weights with FSDP2; for sharded weights use --fsdp (accelerate: "
             "distributed_type FSDP, fsdp_version 2)"
         )
     for name, value in REFUSED.items():
         if config.get(name) == value:
-            raise ValueError(f"DeepSpeed config field {name} = {value!r} is not supported by the trainer")
+            raise InputError(f"DeepSpeed config field {name} = {value!r} is not supported by the trainer")
     if config.get("zero_optimization", {}).get("compute_grad_norm") is False:
-        raise ValueError("zero_optimization.compute_grad_norm = false: the trainer logs the gradient norm")
+        raise InputError("zero_optimization.compute_grad_norm = false: the trainer logs the gradient norm")
     if config.get("flops_profiler", {}).get("enabled"):
-        raise ValueError(
+        raise InputError(
             "DeepSpeed's flops_profiler needs engine(...) forwards, which the trainer does not make"
         )
     for precision in ("fp16", "bf16"):
         if config.get(precision, {}).get("enabled") in (True, "true"):
-            raise ValueError(
+            raise InputError(
                 f"DeepSpeed {precision} is not supported: the trainer keeps the model's dtype "
                 "(use --autocast bfloat16 for bf16 compute)"
             )
@@ -125,7 +127,7 @@ def _filled(config: dict, name: str, value) -> dict:
     explicit value is an error naming the field."""
     given = config.get(name, "auto")
     if given != "auto" and given != value:
-        raise ValueError(
+        raise InputError(
             f"DeepSpeed config field {name} = {given!r}, but the trainer's value is {value!r} (set in the "
             "--deepspeed file, accelerate's DeepSpeed config or accelerate launch's flags): make it \"auto\", "
             "leave it out or give the trainer's value"
@@ -185,10 +187,10 @@ def full_optimizer_state(engine) -> dict:
 def load_optimizer_state(engine, state: dict) -> None:
     """Give each process its partition of a checkpoint written by `full_optimizer_state`."""
     if PARTITIONS not in state:
-        raise ValueError("this checkpoint was written without DeepSpeed ZeRO; resume it without DeepSpeed")
+        raise InputError("this checkpoint was written without DeepSpeed ZeRO; resume it without DeepSpeed")
     parts, world = state[PARTITIONS], dist.get_world_size()
     if len(parts) != world or state["zero_stage"] != engine.zero_optimization_stage():
-        raise ValueError(
+        raise InputError(
             f"this checkpoint was written by {len(parts)} processes under ZeRO stage {state['zero_stage']}; "
             f"resume it with the same (now: {world} processes, stage {engine.zero_optimization_stage()})"
         )

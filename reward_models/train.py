@@ -13,7 +13,8 @@ sentencepiece tokenizer trained on the training split; `--model DIR` starts from
 Checkpoints (`--save-every` steps, the newest kept) go to <run-dir>/checkpoints/step-N through
 core/runs.py: weights, optimizer, scheduler, RNG states and the rest of the epoch's batch order, so that
 `--resume` ends with the weights of an uninterrupted training. The run directory has no config.json or
-status.json (it is not a run the dashboard lists): the checkpoint keeps the settings a resume must match.
+status.json (it is not a run the dashboard lists): the checkpoint keeps the settings a resume must match,
+and a resume is given them again (they are not taken from the run as `train` commands' are).
 Evaluation: pairwise accuracy per category (fairness: neutral > biased; relevance: neutral > off_topic;
 quality: clean source > garbled), and each head's calibration (ECE over 10 equal-width bins, Brier score).
 Tests: `pytest tests/reward_models/`.
@@ -33,6 +34,7 @@ from transformers import get_scheduler
 
 from core.atomic import write_json_atomic
 from core.config import config_to_dict
+from core.data import InputError
 from core.rng_state import capture_rng_state, restore_rng_state
 from core.runs import RunDir, changed_settings, load_checkpoint
 from reward_models.deberta import (
@@ -264,9 +266,9 @@ def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], where: 
     """A resume continues the checkpoint's training: refuse settings other than those it was saved with."""
     changed = changed_settings(saved, current, HOW_IT_RUNS)
     if changed:
-        raise ValueError(
-            f"{where} was saved with other settings ({'; '.join(changed)}); resume with those, or pick a "
-            "new --run-dir"
+        raise InputError(
+            f"{where}: saved with other settings ({'; '.join(changed)}); resume with those (this command "
+            "keeps no config.json to take them from), or pick a new --run-dir"
         )
 
 

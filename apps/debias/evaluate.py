@@ -73,6 +73,10 @@ class DebiasEvalConfig:
             )
         if self.samples_per_prompt < 1 or self.max_prompts < 0:
             raise ValueError("samples_per_prompt must be >= 1 and max_prompts >= 0")
+        if self.max_new_tokens < 1 or not self.temperature > 0:
+            raise ValueError(
+                f"need max_new_tokens >= 1 and temperature > 0, got {self.max_new_tokens}, {self.temperature}"
+            )
 
 
 def distinct_n(texts: list[str], n: int) -> float:

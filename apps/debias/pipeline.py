@@ -90,6 +90,12 @@ class PipelineConfig:
         for name, value in (QUICK if self.quick else FULL).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        for name in ("rm_epochs", "sft_epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("grpo_steps", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def pipeline(config: PipelineConfig) -> dict:

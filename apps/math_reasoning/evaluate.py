@@ -186,6 +186,8 @@ class MathEvalConfig:
         mix_levels(self.data_mix)
         if self.samples < 1 or self.max_new_tokens < 1 or self.max_examples < 0 or self.batch_rows < 1:
             raise ValueError("samples, max_new_tokens and batch_rows must be >= 1, max_examples >= 0")
+        if not self.temperature > 0:  # nan too
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 RUN_DEFAULTS = {"data_seed": 1234, "data_mix": "default", "template": "r1_short", "max_new_tokens": 80}

@@ -34,6 +34,10 @@ class ThreadsField:
 
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
 
+    def __post_init__(self):
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+
     def set_threads(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -55,6 +59,7 @@ class SudokuEvalConfig(ThreadsField, PuzzleConfig):
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
 
     def __post_init__(self):
+        ThreadsField.__post_init__(self)
         PuzzleConfig.__post_init__(self)
         if self.eval_puzzles < 1:
             raise ValueError(f"eval_puzzles must be >= 1 (the puzzles to evaluate), got {self.eval_puzzles}")

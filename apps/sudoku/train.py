@@ -60,6 +60,7 @@ class ModelFields(ThreadsField):
     eval_puzzles: int = _help("held-out puzzles evaluated at the end (0 = none)", 256)
 
     def __post_init__(self):
+        ThreadsField.__post_init__(self)
         for name in ("hidden_size", "num_layers", "num_heads", "sft_steps", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -112,6 +112,10 @@ def test_a_data_row_whose_letter_no_completion_can_earn_is_named(tmp_path, capsy
     [
         (["--num-examples", "0"], "num_examples must be >= 1, got 0"),
         (["--alphabet-weight", "-5"], "alphabet_weight must be >= 0, got -5.0"),
+        # the core's: these had failed after the base model and config.json were written, with a traceback
+        (["--top-k", "-3"], "top_k must be >= 0, got -3"),
+        (["--weight-decay", "-1"], "weight_decay must be >= 0, got -1.0"),
+        (["--rollouts-to-log", "-2"], "rollouts_to_log must be >= -1 (-1 = all), got -2"),
     ],
 )
 def test_clearly_wrong_values_are_refused_before_anything_is_built(tmp_path, capsys, flags, message):
@@ -119,6 +123,14 @@ def test_clearly_wrong_values_are_refused_before_anything_is_built(tmp_path, cap
         main([*TOY, *flags, "--run-dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_deepspeed_config_that_cannot_be_read_is_a_command_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TOY, "--deepspeed", str(tmp_path / "none.json"), "--run-dir", str(tmp_path / "run")])
+    assert (
+        exit_info.value.code == 2 and f"DeepSpeed config {tmp_path / 'none.json'}:" in capsys.readouterr().err
+    )
 
 
 def test_num_examples_help_says_it_does_not_apply_with_data(capsys):

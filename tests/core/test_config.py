@@ -87,6 +87,7 @@ def test_bad_values_name_the_field(tmp_path, capsys):
         ('stops = "x"', "stops: expected a list of str"),
         ("lr = nan", r"lr: expected a finite number, got nan"),  # nan > 0 is False: it would turn a term off
         ("lr = inf", r"lr: expected a finite number, got inf"),
+        ("lr = 1" + "0" * 400, r"lr: expected a finite number"),  # an OverflowError traceback before
     ],
 )
 def test_file_values_are_checked_like_flags(tmp_path, text, message):
@@ -315,6 +316,9 @@ def test_a_malformed_list_flag_says_what_it_expects(capsys):
     with pytest.raises(SystemExit):
         cli.main(["math", "compare", "--seeds", "0-2"])
     assert "seeds: '0-2' is not a comma-separated list of int values (e.g. 0,1,2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # as a single float flag refuses inf (a sweep had run at r = inf)
+        cli.main(["public-goods", "sweep", "--r-values", "3.5,inf"])
+    assert "r_values: '3.5,inf' holds a value that is not a finite number" in capsys.readouterr().err
 
 
 def test_only_errors_that_name_an_existing_file_become_command_line_errors(tmp_path):

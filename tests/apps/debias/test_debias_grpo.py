@@ -311,6 +311,8 @@ def test_config_errors_come_before_any_work(tmp_path):
         DebiasEvalConfig(model="m", reward_model="r", splits=("tset",))
     with pytest.raises(ValueError, match="rm_batch_size must be >= 1, got 0"):
         DebiasTrainConfig(run_dir=str(tmp_path / "a"), reward_model=str(tmp_path), rm_batch_size=0)
+    with pytest.raises(ValueError, match="need max_new_tokens >= 1 and temperature > 0, got 48, 0.0"):
+        DebiasEvalConfig(model="m", reward_model="r", temperature=0.0)  # a traceback from the sampler before
 
 
 def test_a_policy_build_killed_in_its_sft_is_rebuilt(tmp_path, monkeypatch):

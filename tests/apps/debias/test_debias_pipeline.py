@@ -81,6 +81,20 @@ def test_duplicate_seeds_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rm_epochs", -1.0, "rm_epochs must be > 0, got -1.0"),  # had failed after the data stage
+        ("grpo_steps", 0, "grpo_steps must be >= 1, got 0"),
+        ("grpo_save_every", -1, "grpo_save_every must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_sizes_are_refused_before_any_work(field, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(quick=True, run_dir=str(tmp_path / "run"), **{field: value})
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failed_stage_marks_the_run_failed(stages, monkeypatch, tmp_path):
     def broken(config):
         raise RuntimeError("out of memory")

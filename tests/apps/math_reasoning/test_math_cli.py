@@ -215,6 +215,9 @@ def test_bad_flags_are_command_line_errors(tmp_path, capsys):
         main(["math", "data", "--out-dir", str(tmp_path / "data"), "--data-mix", "hard"])
     assert "unknown difficulty mix 'hard'; valid: default, micro" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+    with pytest.raises(SystemExit):  # a traceback from the sampler before
+        main(["math", "eval", "--model", str(tmp_path), "--temperature", "0"])
+    assert "temperature must be > 0, got 0.0" in capsys.readouterr().err
 
 
 def test_a_missing_eval_data_file_is_refused_by_the_config():

@@ -197,6 +197,13 @@ def test_a_bad_puzzle_file_stops_eval_before_its_run_directory_exists(tmp_path, 
     assert not run.exists()
 
 
+@pytest.mark.parametrize("command", ["sft", "train", "pipeline", "eval"])
+def test_negative_threads_are_a_command_line_error(command, capsys):
+    with pytest.raises(SystemExit):  # a RuntimeError traceback from torch.set_num_threads before
+        main(["sudoku", command, "--threads", "-1", "--model", "m"])
+    assert "threads must be >= 0 (0 = torch's default), got -1" in capsys.readouterr().err
+
+
 def test_eval_takes_threads_as_the_other_commands_do(tmp_path, monkeypatch):
     set_to = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)

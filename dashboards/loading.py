@@ -414,9 +414,13 @@ class RolloutIndex:
             k = int(np.searchsorted(offsets, pos, side="right")) - 1
             found.append(first + k)
             pos = data.find(encoded, int(offsets[k + 1]) if k + 1 < len(offsets) else len(data))
-        wanted = needle.lower()
+        wanted = needle.encode().lower()  # ASCII case only, as the scan: str.lower() is not (final sigma)
         return np.asarray(
-            [line for line, row in zip(found, self.rows(found), strict=True) if wanted in _row_text(row)],
+            [
+                line
+                for line, row in zip(found, self.rows(found), strict=True)
+                if wanted in _row_text(row).encode().lower()
+            ],
             dtype=np.int64,
         )
 
@@ -426,9 +430,7 @@ def _row_text(row: dict) -> str:
     for turn in row.get("turns") or []:
         if isinstance(turn, dict):
             texts.append(turn.get("text"))
-    return "\n".join(
-        t if isinstance(t, str) else json.dumps(t, ensure_ascii=False) for t in texts if t
-    ).lower()
+    return "\n".join(t if isinstance(t, str) else json.dumps(t, ensure_ascii=False) for t in texts if t)
 
 
 def read_eval(path: str | Path) -> dict | None:

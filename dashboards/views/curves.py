@@ -44,7 +44,13 @@ def render() -> None:
     if not chosen:
         st.info("Pick one or more runs.")
         return
-    frames = {name: state.metrics(name) for name in chosen}
+    frames = {}
+    for name in chosen:  # a run whose metrics.jsonl cannot be read is named; the others are still drawn
+        try:
+            frames[name] = state.metrics(name)
+        except ValueError as e:
+            st.error(f"Cannot read the metrics of {name}:")
+            st.code(str(e), language=None)
     columns = sorted({c for frame in frames.values() for c in frame.columns} - {"step"})
     if not columns:
         st.info("The selected runs have logged no metrics yet.")

@@ -66,8 +66,10 @@ def group_lines(frame: pd.DataFrame, line: int) -> np.ndarray:
     same = frame["step"] == row["step"]
     if pd.notna(row["group"]):
         same &= frame["group"] == row["group"]
-    else:
+    elif pd.notna(row["prompt"]):
         same &= frame["prompt"] == row["prompt"]
+    else:  # neither: the rows of the step without a prompt (NaN == NaN would match none, not even `line`)
+        same &= frame["prompt"].isna()
     return frame.index[same.to_numpy()].to_numpy()
 
 

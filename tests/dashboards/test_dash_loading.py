@@ -198,6 +198,15 @@ def test_rollout_index_search(runs_root):
     assert turns.search("board ok").tolist() == list(range(8))
 
 
+def test_search_ignores_the_case_of_ascii_letters_only(tmp_path):
+    """str.lower() lowers Σ at a word's end to ς: a needle written exactly as in the text was not found."""
+    run = make_run(tmp_path, "toy/greek", "toy")
+    run.log_rollouts([{"step": 1, "completion": "ΑΣΑ ΟΔΟΣ"}, {"step": 1, "completion": "Hello"}])
+    index = loading.RolloutIndex(tmp_path / "toy/greek/rollouts.jsonl").refresh()
+    assert index.search("ΑΣ").tolist() == [0] and index.search("HELLO").tolist() == [1]
+    assert index.search("ασ").tolist() == []  # not ASCII: its case counts
+
+
 def test_a_repeated_search_does_not_read_the_file_again(tmp_path, monkeypatch):
     """A page rerun searches again: kept matches are reused; appended lines are scanned, a rewrite drops them."""
     path = tmp_path / "rollouts.jsonl"

@@ -315,3 +315,31 @@ def test_app_page_without_runs_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("GRPO_SUITE_RUNS", str(tmp_path / "empty"))
     at = open_page("tcm")
     assert texts(at.info) == [f"No runs of app tcm under {(tmp_path / 'empty').resolve()} yet."]
+
+
+def test_curves_name_a_run_whose_metrics_cannot_be_read_and_draw_the_others(runs_root):
+    """One damaged metrics.jsonl had taken every selected run's curves down with it."""
+    with (runs_root / "toy" / "b" / "metrics.jsonl").open("a") as f:
+        f.write("{broken\n")
+    at = open_page("curves", run=["toy/a", "toy/b"])
+    assert "Cannot read the metrics of toy/b:" in texts(at.error)
+    assert at.multiselect(key="curves_metrics").value  # toy/a's curves are there
+
+
+def test_rollouts_without_group_or_prompt_are_shown(runs_root):
+    run = make_run(runs_root, "toy/bare", "toy")
+    run.log_rollouts(
+        [{"step": 1, "completion": "aa", "reward": 1.0}, {"step": 1, "completion": "b", "reward": 0.0}]
+    )
+    at = open_page("rollouts", run="toy/bare")  # an IndexError before: NaN prompts matched no row
+    assert "aa" in texts(at.code)
+
+
+def test_separate_runs_at_several_r_form_one_curve_per_method(runs_root):
+    for r, cooperation in ((3.5, 0.2), (4.5, 0.8)):
+        make_run(runs_root, f"public-goods/r{r}", "public-goods").write_eval(
+            {"cooperation_vs_r": [{"r": r, "cooperation": cooperation, "label": "fermi"}]}
+        )
+    at = open_page("public_goods", run=["public-goods/r3.5", "public-goods/r4.5"])
+    table = at.dataframe[0].value
+    assert table["label"].tolist() == ["fermi", "fermi"] and table["r"].tolist() == [3.5, 4.5]

@@ -226,7 +226,8 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     run (a flag or a file value, as `run_dir`) the run's stored config comes right after the defaults, so
     the run continues with its own settings (preset and file included) and only what is given again
     changes. A `__post_init__` error "field: ..." about a value from a preset, a file or the resumed run
-    says where the value came from."""
+    says where the value came from. A class may define `check_given(values, given)`, called with the names
+    given by a flag, a file or the resumed run (not a default or a preset), to refuse what depends on that."""
     hints = _field_types(cls)
     layers: list[tuple[str | None, dict[str, Any]]] = []  # (source, values), lowest first; flags: no source
     preset = getattr(args, "preset", None)
@@ -244,9 +245,12 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
         layers.insert(0, (source, _resumed_run_values(path, hints, source)))
     values = {k: v for _, layer in layers for k, v in layer.items()}
     source_of = {k: source for source, layer in layers for k in layer}
+    given = {k for k, source in source_of.items() if source is None or not source.startswith("preset ")}
     try:
         if "device" in values:
             _check_device(values["device"])
+        if hasattr(cls, "check_given"):  # a rule on where values came from, which the dataclass cannot see
+            cls.check_given(values, given)
         return cls(**values)
     except ValueError as err:
         field_name = str(err).split(":", 1)[0]

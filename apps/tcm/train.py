@@ -108,17 +108,20 @@ class TcmTrainConfig(GRPOConfig):
         },
     )
 
+    @staticmethod
+    def check_given(values: dict, given: set[str]) -> None:
+        """core.config.build_config's check: epochs sets max_steps, so a max_steps given too (a flag, a file,
+        the resumed run; a preset's is not) would be overridden without a word."""
+        if values.get("epochs") is not None and "max_steps" in given:
+            raise ValueError(
+                f"epochs: {values['epochs']} would override max_steps {values.get('max_steps')}; give one of "
+                "them (--epochs none trains by max_steps)"
+            )
+
     def __post_init__(self):
         super().__post_init__()
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 or none, got {self.epochs}")
-        # the config does not know where a value came from: a max_steps other than the default and the
-        # presets' was given (a flag, a file, the resumed run), and epochs would override it without a word
-        if self.epochs is not None and self.max_steps not in _preset_values("max_steps"):
-            raise ValueError(
-                f"epochs: {self.epochs} would override max_steps {self.max_steps}; give one of them "
-                "(--epochs none trains by max_steps)"
-            )
         if min(self.eval_max, self.sft_steps, self.reading_steps) < 0 or self.eval_batch_size < 1:
             raise ValueError("eval_max, sft_steps and reading_steps must be >= 0, eval_batch_size >= 1")
         for name in ("sft_format_fraction", "sft_fact_fraction"):
@@ -152,12 +155,6 @@ PRESETS = {
         "eval_max": 4,
     },
 }
-
-
-def _preset_values(name: str) -> list:
-    """A field's default and the values the presets give it."""
-    default = TcmTrainConfig.__dataclass_fields__[name].default
-    return [default, *(preset[name] for preset in PRESETS.values() if name in preset)]
 
 
 def raw_splits(data: str | None, seed: int) -> dict[str, list[dict]]:

@@ -108,10 +108,14 @@ def test_epochs_with_max_steps_is_refused(tmp_path, capsys):
             ]
         )
     assert "epochs: 1.0 would override max_steps 3; give one of them" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="epochs: 2.0 would override max_steps 10"):
-        TcmTrainConfig(**PRESETS["paper"], max_steps=10)
-    # a preset's max_steps is not given: --epochs overrides it
-    assert TcmTrainConfig(**PRESETS["smoke"], epochs=1.0).epochs == 1.0
+    # given, even when equal to a preset's value (it had been taken as the preset's and overridden)
+    smoke_steps = str(PRESETS["smoke"]["max_steps"])
+    with pytest.raises(SystemExit):
+        main(["tcm", "train", "--preset", "smoke", "--epochs", "1", "--max-steps", smoke_steps])
+    assert f"epochs: 1.0 would override max_steps {smoke_steps}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a preset's epochs and a flag's max_steps
+        main(["tcm", "train", "--preset", "paper", "--max-steps", "10"])
+    assert "epochs: 2.0 would override max_steps 10" in capsys.readouterr().err
 
 
 def test_epochs_set_the_steps_and_the_run_resumes_with_them(tmp_path, capsys):

@@ -79,10 +79,13 @@ def main() -> None:
     parser.add_argument("--fast-mcs", type=int, default=300, help="MCS of ours")
     parser.add_argument("--relax-mcs", type=int, default=300, help="untimed MCS before the common start")
     args = parser.parse_args()
+    for name in ("agent_mcs", "fast_mcs", "relax_mcs"):  # a rate over 0 MCS; relax also compiles numba
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     config = GameConfig(size=args.size, r=args.r)
     ours = make_model(config, seed=0)
-    relax = max(args.relax_mcs, 1)
+    relax = args.relax_mcs
     ours.run(relax)  # numba compiles (or loads its cache) here, outside the timing
     start = ours.strategy.copy()
     print(f"common start: cooperation {start.mean():.3f} after {relax} untimed MCS")

@@ -238,7 +238,8 @@ def _blank_none(value: int | None) -> int | str:
 
 
 def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[dict]:
-    """Run every grid point in `settings.workers` processes; write results.csv and series.jsonl."""
+    """Run every grid point in `settings.workers` processes; write results.csv and series.jsonl, both as
+    each job finishes, so that a sweep stopped midway keeps (and `plot` shows) the jobs it finished."""
     jobs = settings.jobs()
     rows = []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,15 +250,21 @@ def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[di
                 rows.append(row)
                 series_file.write(json.dumps(series) + "\n")
                 series_file.flush()
+                write_table(rows, out_dir / "results.csv")
                 progress(
                     f"[{done}/{len(jobs)}] {row['method']:>10} {row['init']:>12} r={row['r']:<5} "
                     f"seed={row['seed']} cooperation {row['mean_cooperation']:.4f} ({row['seconds']:.1f} s)"
                 )
+    except BaseException:
+        # a sweep stopped by an error, SIGTERM or Ctrl-C ends now, not after its running learner jobs, which
+        # Python's exit handler would join: they are stopped (the executor has no public call for it; a
+        # thread pool, as in the tests, has no processes)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
     finally:
-        # no wait for the running jobs (they end on their own): a sweep stopped by an error, SIGTERM or
-        # Ctrl-C is marked failed at once, not after its last learner job, when a supervisor may kill it
+        # no wait for the running jobs: the sweep is marked failed at once, when a supervisor may kill it
         pool.shutdown(wait=False, cancel_futures=True)
-    write_table(rows, out_dir / "results.csv")
     write_atomic(out_dir / "summary.md", (summary_markdown(summarize(rows)) + "\n").encode())
     return rows
 
@@ -399,8 +406,10 @@ def thresholds(rows: list[dict], method: str = "fermi", init: str = "bernoulli")
         return min(above) if above else math.nan
 
     lo_c = max(c_dead) if c_dead else math.nan
-    lo_d = max([r for r in d_alive if not d_dead or r < min(d_dead)], default=math.nan)
+    lo_d = (
+        max(d_alive) if d_alive else math.nan
+    )  # as r_C's: the last crossing, when the data are not monotone
     return {
         "r_C": [lo_c, first_above(c_alive, lo_c if c_dead else -math.inf)],
-        "r_D": [lo_d, first_above(d_dead, lo_d if not math.isnan(lo_d) else -math.inf)],
+        "r_D": [lo_d, first_above(d_dead, lo_d if d_alive else -math.inf)],
     }

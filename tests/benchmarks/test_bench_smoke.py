@@ -31,6 +31,12 @@ def test_pgg_fermi_speed_smoke():
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "after 3 untimed MCS" in out.stdout and "numba kernel alone" in out.stdout
+    zero = subprocess.run(  # a ZeroDivisionError traceback before
+        [sys.executable, str(BENCH / "pgg_fermi_speed.py"), "--agent-mcs", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert zero.returncode == 2 and "--agent-mcs must be >= 1, got 0" in zero.stderr
 
 
 def load_benchmark(name: str):

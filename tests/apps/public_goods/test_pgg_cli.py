@@ -80,6 +80,10 @@ def test_thresholds_bracket():
         for r, c in [(3.6, 0.0), (3.7, 0.0), (3.7, 0.01), (3.8, 0.3), (5.4, 0.99), (5.5, 1.0), (5.6, 1.0)]
     ]
     assert thresholds(rows) == {"r_C": [3.6, 3.8], "r_D": [5.4, 5.5]}
+    # not monotone in r: both brackets hold the last crossing, as the docstring says (r_D had the first)
+    noisy = [(3.5, 0.0), (3.6, 0.2), (3.7, 0.0), (3.8, 0.2), (5.3, 0.9), (5.4, 1.0), (5.5, 0.9), (5.6, 1.0)]
+    rows = [{"method": "fermi", "init": "bernoulli", "r": r, "final_cooperation": c} for r, c in noisy]
+    assert thresholds(rows) == {"r_C": [3.7, 3.8], "r_D": [5.5, 5.6]}
 
 
 @pytest.mark.parametrize(
@@ -179,3 +183,34 @@ def test_a_summary_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypat
     with pytest.raises(UnicodeEncodeError):
         experiments.run_sweep(settings, tmp_path, progress=lambda line: None)
     assert (tmp_path / "summary.md").read_text() == "old\n"
+
+
+def test_a_sweep_stopped_midway_keeps_the_jobs_it_finished(tmp_path, monkeypatch):
+    """results.csv is written as each job ends: a killed sweep had none, and `plot` refused its directory."""
+    real_run_job = experiments.run_job
+
+    def run_job(job):
+        if job[0].r == 5.0:  # the second grid point: stopped there
+            raise KeyboardInterrupt
+        return real_run_job(job)
+
+    monkeypatch.setattr(experiments, "run_job", run_job)
+    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    args = ["--size", "5", "--steps", "4", "--average-last", "2", "--r-values", "4,5", "--workers", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        main(
+            [
+                "public-goods",
+                "sweep",
+                *args,
+                "--methods",
+                "fermi",
+                "--seeds",
+                "0",
+                "--run-dir",
+                str(tmp_path / "s"),
+            ]
+        )
+    rows = experiments.read_table(tmp_path / "s" / "results.csv")
+    assert [row["r"] for row in rows] == [4.0]
+    assert main(["public-goods", "plot", "--run-dir", str(tmp_path / "s")]) == 0

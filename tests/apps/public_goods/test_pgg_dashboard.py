@@ -55,7 +55,8 @@ def test_run_and_sweep_fill_the_public_goods_page(tmp_path, monkeypatch):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[0].value
-    assert table["label"].tolist() == ["pgg/run · fermi", "pgg/sweep · fermi", "pgg/sweep · fermi"]
+    # a single run's point joins the curve of its method; a sweep's points keep the sweep's name
+    assert table["label"].tolist() == ["fermi", "pgg/sweep · fermi", "pgg/sweep · fermi"]
     expected = [result["mean_cooperation_last_half"], *(p["cooperation"] for p in curve)]
     assert table["r"].tolist() == [4.5, 3.0, 5.0] and table["cooperation"].tolist() == pytest.approx(expected)
     assert at.selectbox(key="pgg_snapshot_run").value == "pgg/run"

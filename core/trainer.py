@@ -378,12 +378,11 @@ class GRPOTrainer:
         backend: RolloutBackend | None = None,
         environment: Environment | None = None,
     ):
-        if (
-            rubric.on_error != config.on_reward_error
-        ):  # the rubric applies it; the config must not say otherwise
+        # the rubric applies on_error: the config must not say otherwise
+        if rubric.on_error != config.on_reward_error:
             raise ValueError(
-                f"on_reward_error is {config.on_reward_error!r} but the rubric's on_error is {rubric.on_error!r}: "
-                "build the Rubric with on_error=config.on_reward_error"
+                f"on_reward_error is {config.on_reward_error!r} but the rubric's on_error is "
+                f"{rubric.on_error!r}: build the Rubric with on_error=config.on_reward_error"
             )
         self.config = config
         self.model = model

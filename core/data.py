@@ -24,7 +24,7 @@ def read_text(path: Path) -> str:
     """The file as UTF-8 text, a byte order mark dropped; text in another encoding is an error naming the
     file and the byte."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")  # line ends as written: a CSV field keeps its "\r\n"
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start]:#04x})") from err
 
@@ -61,12 +61,13 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     repeated = sorted({name for name in reader.fieldnames or [] if reader.fieldnames.count(name) > 1})
     if repeated:  # DictReader would keep the last of them without a word
         raise InputError(f"{path}:1: column(s) {', '.join(repeated)} more than once in the header")
-    start = reader.line_num + 1  # the line the next row begins on (a quoted field may span lines)
     for row in reader:
+        # the line the row begins on: its last line less the line ends inside its quoted fields (blank
+        # lines before it are skipped by the reader)
+        start = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
         if None in row:
             raise InputError(f"{path}:{start}: more fields than the header has columns")
         yield start, row
-        start = reader.line_num + 1
 
 
 def read_json(path: Path) -> Iterator[tuple[str, dict]]:

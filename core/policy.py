@@ -598,10 +598,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def has_dropout(model: nn.Module) -> bool:
     """Whether train mode changes the model's outputs: a dropout layer, or an attention dropout (HF models
     keep it as a float attribute of the attention module), above 0."""
+
+    def rate(module: nn.Module) -> float:  # Bloom, Falcon, Persimmon keep an nn.Dropout there instead
+        value = getattr(module, "attention_dropout", 0)
+        return float(value) if isinstance(value, int | float) else 0.0
+
     return any(
-        (isinstance(module, nn.Dropout) and module.p > 0)
-        or float(getattr(module, "attention_dropout", 0) or 0) > 0
-        for module in model.modules()
+        (isinstance(module, nn.Dropout) and module.p > 0) or rate(module) > 0 for module in model.modules()
     )
 
 

@@ -78,7 +78,7 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     if config.resume:
         refuse_changed_pipeline(root, config_to_dict(config), HOW_IT_RUNS)  # it reuses finished rows
     puzzles = load_puzzles(config)  # bad puzzle settings or a bad file stop here, before a run exists
-    refuse_short_completions(puzzles[0] + puzzles[1], config.max_new_tokens)
+    refuse_short_completions(puzzles[0], config.max_new_tokens)  # the training puzzles
     if config.model:  # and so does a bad --model (each SFT stage loads it again)
         load_sudoku_policy(config.model)
     run = RunDir.create(

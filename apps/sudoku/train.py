@@ -132,8 +132,8 @@ class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
 
 
 def refuse_short_completions(puzzles: list[Puzzle], max_new_tokens: int) -> None:
-    """Decoding emits exactly 3E + 1 tokens (E empty cells): a cap below that for some puzzle would stop
-    GRPO at its first step, after the SFT stages, so it is refused before anything runs."""
+    """Decoding emits exactly 3E + 1 tokens (E empty cells): a cap below that for some training puzzle would
+    stop GRPO at its first step, after the SFT stages, so it is refused before anything runs."""
     empty = max(p.n * p.n - p.givens for p in puzzles)
     if 3 * empty + 1 > max_new_tokens:
         raise InputError(
@@ -237,7 +237,7 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
     config.set_threads()
     config = with_run_dir(config, APP)
     train, held_out = puzzles or load_puzzles(config)
-    refuse_short_completions(train + held_out, config.max_new_tokens)
+    refuse_short_completions(train, config.max_new_tokens)  # GRPO's rollouts; evaluation has its own cap
 
     def build_default(path: Path) -> None:  # no --model: SFT on random order first, as the paper does
         sft_config = sft_config_from(

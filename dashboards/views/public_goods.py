@@ -29,13 +29,13 @@ def lattice_cells(grid: list[list[int]]) -> pd.DataFrame:
 
 def cooperation_curves(results: dict[str, dict]) -> pd.DataFrame:
     """run, label, r, cooperation from each run's `cooperation_vs_r`. A sweep's points are labelled
-    "run · label" (or run); the one point of a `public-goods run` by its label alone (the method), so that
-    runs at several r join into one curve per method."""
+    "run · label" (or run); the point of a `public-goods run` (its eval.json has `final_cooperation`) by its
+    label alone (the method), so that runs at several r join into one curve per method."""
     rows = []
     for run, result in results.items():
-        points = result.get("cooperation_vs_r") or []
-        for point in points:
-            if len(points) == 1 and point.get("label"):
+        single_run = "final_cooperation" in result
+        for point in result.get("cooperation_vs_r") or []:
+            if single_run and point.get("label"):
                 label = point["label"]
             else:
                 label = f"{run} · {point['label']}" if point.get("label") else run

@@ -57,6 +57,11 @@ def test_csv_rows_are_located_where_they_begin_and_a_repeated_column_is_refused(
     path.write_text("prompt,answer\na,1,extra\n")
     with pytest.raises(InputError, match=r"multi.csv:2: more fields than the header has columns"):
         read_examples(path, ["prompt"])
+    path.write_text("prompt,answer\na,1\n\n\n,3\n")  # blank lines before the row on line 5
+    with pytest.raises(InputError, match=r"multi.csv:line 5: missing field\(s\) prompt"):
+        read_examples(path, ["prompt"])
+    path.write_bytes(b'prompt,answer\r\n"x\r\ny",1\r\n')  # a quoted field keeps its line end as written
+    assert read_examples(path, ["prompt"])[0]["prompt"] == "x\r\ny"
     path.write_text("prompt,prompt\na,b\n")  # csv.DictReader would keep "b" alone
     with pytest.raises(InputError, match=r"multi.csv:1: column\(s\) prompt more than once in the header"):
         read_examples(path, ["prompt"])

@@ -35,6 +35,7 @@ from core.policy import (
     VocabMask,
     _LinearHeadStats,
     completion_logprobs,
+    has_dropout,
     load_policy,
     position_ids_from_mask,
 )
@@ -568,3 +569,15 @@ def test_a_lora_final_loads_trainable_with_its_tokenizers_pad_from_another_direc
     again, _ = load_policy(tmp_path / "final")
     for name, weight in merged.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], weight)
+
+
+def test_has_dropout_reads_a_rate_or_a_dropout_module():
+    """Bloom, Falcon and Persimmon keep an nn.Dropout as `attention_dropout`: float() of it had raised."""
+
+    class Attention(nn.Module):
+        def __init__(self, attention_dropout):
+            super().__init__()
+            self.attention_dropout = attention_dropout
+
+    assert has_dropout(Attention(0.1)) and not has_dropout(Attention(0.0))
+    assert has_dropout(Attention(nn.Dropout(0.1))) and not has_dropout(Attention(nn.Dropout(0.0)))

@@ -336,10 +336,17 @@ def test_rollouts_without_group_or_prompt_are_shown(runs_root):
 
 
 def test_separate_runs_at_several_r_form_one_curve_per_method(runs_root):
-    for r, cooperation in ((3.5, 0.2), (4.5, 0.8)):
+    for r, cooperation in ((3.5, 0.2), (4.5, 0.8)):  # `public-goods run`s: a final_cooperation each
         make_run(runs_root, f"public-goods/r{r}", "public-goods").write_eval(
-            {"cooperation_vs_r": [{"r": r, "cooperation": cooperation, "label": "fermi"}]}
+            {
+                "final_cooperation": cooperation,
+                "cooperation_vs_r": [{"r": r, "cooperation": cooperation, "label": "fermi"}],
+            }
         )
-    at = open_page("public_goods", run=["public-goods/r3.5", "public-goods/r4.5"])
+    make_run(runs_root, "public-goods/s1", "public-goods").write_eval(  # a sweep of one grid point
+        {"cooperation_vs_r": [{"r": 4.0, "cooperation": 0.5, "label": "fermi"}]}
+    )
+    at = open_page("public_goods", run=["public-goods/r3.5", "public-goods/r4.5", "public-goods/s1"])
     table = at.dataframe[0].value
-    assert table["label"].tolist() == ["fermi", "fermi"] and table["r"].tolist() == [3.5, 4.5]
+    assert table["label"].tolist() == ["fermi", "fermi", "public-goods/s1 · fermi"]
+    assert table["r"].tolist() == [3.5, 4.5, 4.0]

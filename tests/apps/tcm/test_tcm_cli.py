@@ -92,21 +92,9 @@ def test_paper_defaults():
 
 def test_epochs_with_max_steps_is_refused(tmp_path, capsys):
     """--epochs overrode an explicit --max-steps without a word (429 steps for --max-steps 3)."""
+    flags = ["--preset", "smoke", "--epochs", "1", "--max-steps", "3", "--run-dir", str(tmp_path)]
     with pytest.raises(SystemExit):
-        main(
-            [
-                "tcm",
-                "train",
-                "--preset",
-                "smoke",
-                "--epochs",
-                "1",
-                "--max-steps",
-                "3",
-                "--run-dir",
-                str(tmp_path),
-            ]
-        )
+        main(["tcm", "train", *flags])
     assert "epochs: 1.0 would override max_steps 3; give one of them" in capsys.readouterr().err
     # given, even when equal to a preset's value (it had been taken as the preset's and overridden)
     smoke_steps = str(PRESETS["smoke"]["max_steps"])

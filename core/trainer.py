@@ -234,9 +234,15 @@ class TrainerHooks:
         return {}
 
     def transform_rollouts(
-        self, trainer: "GRPOTrainer", rollouts: Rollouts, examples: list[dict], table: RewardTable
+        self,
+        trainer: "GRPOTrainer",
+        rollouts: Rollouts,
+        examples: list[dict],
+        table: RewardTable,
+        round_: int,
     ) -> tuple[Rollouts, RewardTable]:
-        """Replace rollouts of a group after scoring (Scaf-GRPO's hinted successes); rows stay group-ordered."""
+        """Replace rollouts of a group after scoring (Scaf-GRPO's hinted successes); rows stay group-ordered.
+        `round_` is the sampling round of the step (0, then 1, 2, ... under dynamic sampling)."""
         return rollouts, table
 
     def token_weights(self, trainer: "GRPOTrainer", rollouts: Rollouts, advantages: torch.Tensor):
@@ -714,7 +720,7 @@ class GRPOTrainer:
         mine = examples[self.rank * share : (self.rank + 1) * share]
         rollouts = self.generate(mine, self.rank * share)
         table = self.score(rollouts, mine)
-        rollouts, table = self.hooks.transform_rollouts(self, rollouts, mine, table)
+        rollouts, table = self.hooks.transform_rollouts(self, rollouts, mine, table, 0)
         rounds = 1
         if cfg.dynamic_sampling:
             rollouts, table, mine, rounds = self._dynamic_sampling(rollouts, table, mine)
@@ -755,7 +761,7 @@ class GRPOTrainer:
             examples = more[self.rank * share : (self.rank + 1) * share]
             rollouts = self.generate(examples, self.rank * share, round_=rounds)
             table = self.score(rollouts, examples)
-            rollouts, table = self.hooks.transform_rollouts(self, rollouts, examples, table)
+            rollouts, table = self.hooks.transform_rollouts(self, rollouts, examples, table, rounds)
         chosen = (kept + spare)[: cfg.prompts_per_step]
         groups = self._receive_groups(owned, chosen, share)
         return (

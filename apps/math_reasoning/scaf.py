@@ -79,7 +79,9 @@ class ScafHooks(TrainerHooks):
         """This step's sums: groups, groups all failed, groups rescued, their hint levels, rescues per tier."""
         return torch.zeros(4 + len(self.tiers), dtype=torch.float64)
 
-    def transform_rollouts(self, trainer, rollouts: Rollouts, examples: list[dict], table: RewardTable):
+    def transform_rollouts(
+        self, trainer, rollouts: Rollouts, examples: list[dict], table: RewardTable, round_: int
+    ):
         if table.names != trainer.rubric.names:
             raise ValueError(
                 f"scaf needs the rubric's table {trainer.rubric.names}, got columns {table.names}"
@@ -93,7 +95,7 @@ class ScafHooks(TrainerHooks):
         rescued: dict[int, tuple[Rollouts, RewardTable, int, int]] = {}
         first_group = trainer.rank * len(examples)  # seeds use the group's index in the global batch
         for g in failed:
-            found = self._search(trainer, examples[g], first_group + g)
+            found = self._search(trainer, examples[g], first_group + g, round_)
             if found is not None:
                 rescued[g] = found
         row_parts, table_parts = [], []
@@ -115,14 +117,17 @@ class ScafHooks(TrainerHooks):
             self._counts[4 + t] += sum(r[3] == t for r in rescued.values())
         return Rollouts.concat(row_parts), RewardTable.concat(table_parts)
 
-    def _search(self, trainer, example: dict, group: int):
+    def _search(self, trainer, example: dict, group: int, round_: int):
         """(hinted rollout, its table row, overall level from 1, tier index) of the least-hint success."""
         level_offset = 0
         for t, texts in enumerate(hint_levels(example, self.tiers, self.progressive)):
             if not texts:
                 continue
             prompts = [self.template.render(example["question"], hint) for hint in texts]
-            seed = derive_seed(trainer.config.seed, trainer.step, _SCAF_SEED_KEY, group, t)
+            # a later sampling round's group g is another prompt: it gets its own seeds (round 0 keeps the
+            # seeds of a run without dynamic sampling)
+            rounds = (round_,) if round_ else ()
+            seed = derive_seed(trainer.config.seed, trainer.step, _SCAF_SEED_KEY, group, t, *rounds)
             out = trainer.backend.generate(prompts, trainer.config.sampling(), seed)
             scored = trainer.rubric.score(out.completions, [example] * len(prompts))
             wins = (scored.components[:, scored.names.index("correct")] > 0).nonzero().flatten()  # (W,)

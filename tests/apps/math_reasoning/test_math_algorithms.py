@@ -17,13 +17,13 @@ from apps.math_reasoning.codistill import CoDistillHooks, no_grad_logprobs, veri
 from apps.math_reasoning.data import offline_sets
 from apps.math_reasoning.gtpo import GTPOHooks
 from apps.math_reasoning.rewards import rubric_for
-from apps.math_reasoning.scaf import ScafHooks, exemption_steps, hint_levels
+from apps.math_reasoning.scaf import _SCAF_SEED_KEY, ScafHooks, exemption_steps, hint_levels
 from apps.math_reasoning.templates import get_template
 from apps.math_reasoning.train import MathTrainConfig
 from core import algos
 from core.policy import load_policy, position_ids_from_mask
 from core.rewards import Rubric
-from core.rollout import Rollouts, left_pad
+from core.rollout import Rollouts, derive_seed, left_pad
 from core.runs import RunDir
 from core.trainer import GRPOTrainer
 
@@ -142,12 +142,23 @@ def test_scaf_metrics_count_every_sampling_round(small_dir, tmp_path):
 
     hooks = ScafHooks(TEMPLATE, ("planning",), False, exempt_steps=0)
     cfg = config(tmp_path, dynamic_sampling=True, max_sampling_rounds=2)
+    hint_seeds = []
+
+    class SeedRecordingBackend(ScriptedBackend):
+        def generate(self, prompts, settings, seed):
+            if " Hint: " in prompts[0]:
+                hint_seeds.append(seed)
+            return super().generate(prompts, settings, seed)
+
+    backend = SeedRecordingBackend(tokenizer, first_hint_wins)
     trainer = GRPOTrainer(
-        cfg, model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks,
-        backend=ScriptedBackend(tokenizer, first_hint_wins),
-    )  # fmt: skip
+        cfg, model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
     metrics = trainer.train()[0]
     assert metrics["sampling_rounds"] == 2.0 and len(hinted) == 4  # one hint call per failed group
+    # round 0 seeds as without dynamic sampling; round 1's groups 0 and 1 are other prompts, other seeds
+    assert hint_seeds[:2] == [derive_seed(cfg.seed, 0, _SCAF_SEED_KEY, g, 0) for g in range(2)]
+    assert len(set(hint_seeds)) == 4
     assert metrics["scaf/all_fail_frac"] == 1.0 and metrics["scaf/rescued_frac"] == 0.25
     assert metrics["scaf/all_fail_frac_after"] == 0.75 and metrics["scaf/hint_level"] == 1.0
     assert metrics["scaf/tier_planning_frac"] == 0.25

@@ -31,9 +31,12 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                fsync_file(file)
+        for entry in tmp.rglob("*"):  # files, and directories so that their entries are durable too
+            if entry.is_file():
+                fsync_file(entry)
+            elif entry.is_dir():
+                fsync_dir(entry)
+        fsync_dir(tmp)
         aside = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.rename(path, aside)
@@ -70,8 +73,12 @@ def _process_runs(pid: int) -> bool:
 
 def _put_back_moved_aside(path: Path) -> None:
     """`.<name>.old-<pid>` is an old `path` that `atomic_directory` moved aside: put it back when no new
-    `path` landed after it, else delete it."""
+    `path` landed after it, else delete it. Another running writer's is left alone: it sits between its
+    two renames and its new `path` is about to land."""
     for aside in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
+        pid = aside.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_runs(int(pid)):
+            continue
         if path.exists():
             shutil.rmtree(aside, ignore_errors=True)
         else:

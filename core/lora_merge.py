@@ -21,13 +21,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     A plain model gives its state dict. For a PEFT model: base weights with `.base_layer` stripped, each
     active adapter's `get_delta_weight` added, `modules_to_save` copies of the active adapter in place of
-    the originals. LoRA variants (DoRA, ...) and LoRA biases are refused: their merge is not a plain delta.
+    the originals. LoRA variants (DoRA, ...) and LoRA biases are refused: their merge is not a plain delta;
+    so is an adapter on a weight tied to another module (embeddings), which a loader would tie again.
     """
     if not hasattr(model, "peft_config"):
         return dict(model.state_dict())
     from peft.tuners.lora import LoraLayer  # only PEFT models get here
 
     active = set(model.active_adapters)
+    shared = _shared_parameters(model)
     merged = {}
     for key, tensor in model.get_base_model().state_dict().items():
         if ".lora_" in key or ".original_module." in key:
@@ -47,6 +49,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 raise NotImplementedError(
                     f"merging adapter {adapter!r} of {name}: a LoRA variant (DoRA, ...) or a LoRA bias is not "
                     "a plain weight delta"
+                )
+            if id(module.get_base_layer().weight) in shared:
+                raise NotImplementedError(
+                    f"merging adapter {adapter!r} of {name}: its base weight is shared with another module "
+                    "(tied embeddings), which the merged state dict would change too"
                 )
             key = f"{name}.weight"
             merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
@@ -83,9 +90,7 @@ def lora_merged(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         return
     from peft.tuners import lora  # only PEFT models get here
 
-    owners: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)] = owners.get(id(param), 0) + 1
+    shared = _shared_parameters(model)
     swapped = []  # (layer, its base weight parameter, the original tensor, its merged_adapters before)
     try:
         with torch.no_grad():
@@ -97,7 +102,7 @@ def lora_merged(model: nn.Module, enabled: bool = True) -> Iterator[None]:
                 if (
                     not adapters
                     or weight.dtype != torch.float32
-                    or owners.get(id(weight), 0) > 1
+                    or id(weight) in shared
                     or not all(_plain_lora(layer, a) for a in adapters)
                 ):
                     continue
@@ -113,6 +118,15 @@ def lora_merged(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         for layer, weight, original, merged_before in swapped:
             weight.data = original
             layer.merged_adapters[:] = merged_before
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters more than one module holds (tied input and output embeddings)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen else seen).add(id(param))
+    return shared
 
 
 def _plain_lora(layer: nn.Module, adapter: str) -> bool:

@@ -45,7 +45,8 @@ def multi_turn_rollouts(
     observation tokens; `turns` lists each row's model turns and observations as texts. `finish_reason` is
     the last turn's ("stop"/"length") when the environment ended the episode, "turn_cap" when `max_turns`
     did, "context" when the next turn would not fit the model's context (`max_position_embeddings` of
-    `backend.model`'s config, where it has one): context + `max_new_tokens` must fit.
+    `backend.model`'s config, where it has one: context + `max_new_tokens` must fit) or an observation did
+    not (it is cut at the context's end).
     """
     prompts = prompt_list(prompts)
     if len(prompts) != len(examples):
@@ -93,13 +94,21 @@ def multi_turn_rollouts(
             turns[i] += 1
             transcript[i].append({"role": "model", "text": out.completions[r]})
             observation, done = env.step(states[i], out.completions[r])
+            cut = False
             if observation:
-                transcript[i].append({"role": "observation", "text": observation})
                 obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
+                # room >= 0: the turn's max_new_tokens fitted
+                room = None if max_context is None else max_context - len(prompt_rows[i]) - len(tokens[i])
+                if room is not None and len(obs_ids) > room:  # cut to the context, and the episode ends
+                    obs_ids, cut = obs_ids[:room], True
+                    observation = tokenizer.decode(obs_ids, skip_special_tokens=True)
+                transcript[i].append({"role": "observation", "text": observation})
                 tokens[i] += obs_ids
                 trained[i] += [0.0] * len(obs_ids)
                 logps[i] += [0.0] * len(obs_ids)
-            if done:
+            if cut:
+                reasons[i] = "context"
+            elif done:
                 reasons[i] = out.finish_reason[r]
             else:
                 still_active.append(i)

@@ -552,7 +552,27 @@ def test_multi_turn_ends_an_episode_whose_next_turn_would_not_fit_the_context(to
         model.config.max_position_embeddings = context  # what the check reads (rotary runs longer)
         r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=5)
         assert r.num_turns == [turns] and r.finish_reason == ["context"]
-        assert r.prompt_ids.shape[1] + r.completion_ids.shape[1] == 2 + turns * 12
+        # at 24, turn 2 ends at 22 and its observation is cut to the 2 tokens left
+        assert r.prompt_ids.shape[1] + r.completion_ids.shape[1] == min(2 + turns * 12, context)
+
+
+class LongObservationEnv(ToyEnv):
+    """Answers every turn with "=ok\n" five times (20 tokens)."""
+
+    def step(self, state: dict, turn_text: str) -> tuple[str | None, bool]:
+        return "=ok\n" * 5, False
+
+
+def test_multi_turn_cuts_an_observation_at_the_context_and_ends_the_episode(tok):
+    model = build_model(len(tok))
+    model.config.max_position_embeddings = 14  # "ab" (2) + one turn of 8 leaves room for 4 tokens
+    backend = HFGenerateBackend(model, tok)
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=8)
+    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], LongObservationEnv(None), settings, 0, max_turns=3)
+    assert r.num_turns == [1] and r.finish_reason == ["context"]
+    assert r.prompt_ids.shape[1] + r.completion_ids.shape[1] == 14
+    assert r.loss_mask[0].tolist() == [1.0] * 8 + [0.0] * 4
+    assert r.turns[0][1] == {"role": "observation", "text": "=ok\n"} and r.completions[0].endswith("=ok\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -689,6 +709,18 @@ def test_vllm_backend_on_gpu(tmp_path):
     after = backend.generate(PROMPTS, greedy, seed=0)
     hf = HFGenerateBackend(model, backend.tokenizer).generate(PROMPTS, greedy, seed=0)
     assert after.completions == hf.completions and after.completions != before.completions
+
+
+def test_merged_state_dict_refuses_an_adapter_on_a_tied_embedding(eos_model):
+    """With tied embeddings, merging the input embedding's adapter would change the output head too, which
+    the trained model does not: refused. Adapters elsewhere in a tied model merge as usual."""
+    tied = copy.deepcopy(eos_model)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    model = get_peft_model(copy.deepcopy(tied), LoraConfig(r=4, target_modules=["embed_tokens"]))
+    with pytest.raises(NotImplementedError, match="embed_tokens.*shared with another module"):
+        merged_state_dict(model)
+    model = get_peft_model(copy.deepcopy(tied), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert "model.layers.0.self_attn.q_proj.weight" in merged_state_dict(model)
 
 
 def test_merged_state_dict_refuses_an_adapter_that_is_not_a_plain_delta(eos_model):

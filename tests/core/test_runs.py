@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from core import runs
+from core import atomic, runs
 from core.atomic import atomic_directory, write_atomic
 from core.rng_state import capture_rng_state, restore_rng_state
 from core.runs import RunDir, default_run_dir, failure_recorded, load_checkpoint
@@ -583,7 +584,7 @@ def test_atomic_directory_puts_back_the_old_directory_when_the_new_one_does_not_
     monkeypatch.setattr(os, "rename", real_rename)
     assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "a.txt").read_text() == "one"
     # a kill between the renames: the next write (here one that fails) puts the old directory back first
-    real_rename(target, tmp_path / ".final.old-12345")
+    real_rename(target, tmp_path / f".final.old-{ended_process_pid()}")
     with pytest.raises(RuntimeError):
         with atomic_directory(target):
             raise RuntimeError("killed half way")
@@ -599,16 +600,45 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and target.read_text() == "the user's notes"
 
 
-def test_atomic_writes_remove_the_temps_of_killed_writers_only(tmp_path):
-    """A kill during an atomic write leaves `.<name>.tmp-<pid>`; the next write of that path deletes it once
-    no process <pid> runs, and leaves a running writer's alone."""
+def ended_process_pid() -> int:
+    """The pid of a process that has ended."""
     import subprocess
     import sys
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    return int(dead.stdout)
+
+
+def test_atomic_directory_leaves_a_running_writers_old_directory_alone(tmp_path):
+    """Writer A moved `final/` aside and is about to rename its new one in: writer B must not put A's old
+    directory back (A's rename would then fail) nor delete it."""
+    aside = tmp_path / f".final.old-{os.getppid()}"  # a running process
+    aside.mkdir()
+    (aside / "a.txt").write_text("A's old one")
+    with atomic_directory(tmp_path / "final") as out:
+        (out / "b.txt").write_text("B's")
+    assert (aside / "a.txt").read_text() == "A's old one"
+    assert [p.name for p in (tmp_path / "final").iterdir()] == ["b.txt"]
+
+
+def test_atomic_directory_syncs_its_directories_before_the_rename(tmp_path, monkeypatch):
+    """The renamed directory's entries must be durable: every directory inside the temp one, and the temp
+    one itself, is fsynced before it becomes `path`."""
+    synced = []
+    monkeypatch.setattr(atomic, "fsync_dir", lambda path: synced.append(Path(path).name))
+    with atomic_directory(tmp_path / "final") as out:
+        (out / "sub").mkdir()
+        (out / "sub" / "tok.json").write_text("{}")
+        temp_name = out.name
+    assert synced == ["sub", temp_name, tmp_path.name]  # then the parent, after the rename
+
+
+def test_atomic_writes_remove_the_temps_of_killed_writers_only(tmp_path):
+    """A kill during an atomic write leaves `.<name>.tmp-<pid>`; the next write of that path deletes it once
+    no process <pid> runs, and leaves a running writer's alone."""
+    dead_pid, live_pid = ended_process_pid(), os.getppid()
     (tmp_path / f".model.tmp-{dead_pid}").mkdir()  # atomic_directory's temp is a directory
     (tmp_path / f".status.json.tmp-{dead_pid}").write_text("cut off")  # write_atomic's a file
     for name in ("model", "status.json"):

@@ -6,7 +6,9 @@ policy L trained together, L generating nothing.
 - L: after S's update (`after_update`), one GRPO step on the same rollouts, each token's policy-gradient
   term multiplied by `w_t = min(pi_L / pi_S, cap)` (`core.algos.truncated_importance_weights`; both taken
   without gradient before either model moved). L's advantages use the verifiable reward only [choice: the
-  KD term is about S; paper is silent]. L has its own AdamW optimizer and learning rate.
+  KD term is about S; paper is silent]. L has its own AdamW optimizer and learning rate, the run's weight
+  decay, and a constant rate [choice: no warm-up or schedule for L; paper is silent].
+Both models' passes here run under the run's `autocast`, as the trainer's own do.
 S and L must share a tokenizer: the weights compare them token by token.
 Metrics: codistill/kd (mean KD term), codistill/ess (effective sample size of the weights, a fraction),
 codistill/capped_frac and codistill/large_time (L's forward for the KD term plus its update, seconds; the
@@ -60,6 +62,7 @@ class CoDistillHooks(TrainerHooks):
         alpha: float,
         is_cap: float,
         learning_rate: float,
+        weight_decay: float = 0.0,
         train_large: bool = True,
     ):
         if is_cap <= 0:
@@ -69,7 +72,7 @@ class CoDistillHooks(TrainerHooks):
         self.is_cap = is_cap
         self.train_large = train_large
         params = [p for p in large_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
         self._cache: tuple[Rollouts, torch.Tensor, torch.Tensor] | None = None
         self._kd_time = 0.0
 
@@ -89,10 +92,11 @@ class CoDistillHooks(TrainerHooks):
     def extra_rewards(self, trainer, rollouts: Rollouts, examples: list[dict]) -> dict:
         cfg = trainer.config
         args = (cfg.temperature, cfg.micro_batch_size, cfg.logprob_chunk_size)
-        small_logp = no_grad_logprobs(trainer.model, rollouts, *args)  # (N, T)
-        start = time.perf_counter()
-        self.large.eval()
-        large_logp = no_grad_logprobs(self.large, rollouts, *args)  # (N, T)
+        with cfg.autocast_context():  # the precision the trainer's own passes run at
+            small_logp = no_grad_logprobs(trainer.model, rollouts, *args)  # (N, T)
+            start = time.perf_counter()
+            self.large.eval()
+            large_logp = no_grad_logprobs(self.large, rollouts, *args)  # (N, T)
         self._kd_time = time.perf_counter() - start
         kd = algos.kd_reward(large_logp, small_logp, rollouts.loss_mask, self.alpha)  # (N,)
         self._cache = (rollouts, small_logp, large_logp)
@@ -145,16 +149,17 @@ class CoDistillHooks(TrainerHooks):
         for start in range(0, len(rollouts), cfg.micro_batch_size):
             idx = range(start, min(start + cfg.micro_batch_size, len(rollouts)))
             micro = rollouts.select(idx)
-            logp, _ = completion_logprobs(
-                self.large,
-                micro.input_ids(),
-                micro.attention_mask(),
-                t,
-                temperature=cfg.temperature,
-                chunk_size=cfg.logprob_chunk_size,
-                with_entropy=False,
-                vocab_mask=micro.vocab_mask,
-            )  # (n, T)
+            with cfg.autocast_context():
+                logp, _ = completion_logprobs(
+                    self.large,
+                    micro.input_ids(),
+                    micro.attention_mask(),
+                    t,
+                    temperature=cfg.temperature,
+                    chunk_size=cfg.logprob_chunk_size,
+                    with_entropy=False,
+                    vocab_mask=micro.vocab_mask,
+                )  # (n, T)
             loss, _ = algos.policy_loss(
                 logp,
                 None,

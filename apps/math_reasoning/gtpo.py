@@ -1,6 +1,9 @@
 """GTPO (PAPERS.md sec. 3) as trainer hooks: conflict-token weights on the policy term and the entropy
-filter on advantages. The rest of GTPO is configuration, set by `train.py` for `--algo gtpo`: no reference
-model (beta = 0) and advantages `r - mean_g` without the std division (advantage_scale = "none").
+filter on advantages. The rest of GTPO is configuration, checked and set by `train.py` for `--algo gtpo`: no
+reference model (beta = 0; another beta is refused) and by default advantages `r - mean_g` without the std
+division (advantage_scale "auto" = "none"; another scale given is an ablation).
+The entropy of the filter is each micro-batch's, from the forward of the update: with mu > 1 or several
+mini-batches, later passes see the policy after the earlier optimizer steps (our choice; no extra pass).
 The math lives in `core.algos.gtpo_token_weights` and `core.algos.gtpo_entropy_advantages`.
 """
 

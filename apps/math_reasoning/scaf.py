@@ -7,7 +7,9 @@ format terms are ignored here, "scored 0" means "not one correct answer"], hinte
 solution; within a tier 1, 2, ... chunks when progressive). The first tier with a success stops the search;
 the success with the least hint (fewest chunks of the earliest tier) replaces the group's first rollout
 [choice: paper is silent on which; all are failures]. That row keeps its hinted prompt ids, so its old and
-new logprobs (the ratio) are taken on the hinted prompt. A group where no hint works stays all-zero.
+new logprobs (the ratio) are taken on the hinted prompt. A group where no hint works stays all-zero. A
+hinted prompt that with max_new_tokens would not fit the model's context is skipped (the trainer refuses
+such prompts in the data; a hint must not slip one past it).
 The loss is unchanged GRPO.
 
 Metrics are over every group sampled in the step, on every process: with dynamic sampling that is all
@@ -124,6 +126,11 @@ class ScafHooks(TrainerHooks):
             if not texts:
                 continue
             prompts = [self.template.render(example["question"], hint) for hint in texts]
+            fitting = [k for k, prompt in enumerate(prompts) if _fits(trainer, prompt)]  # hints lengthen it
+            prompts = [prompts[k] for k in fitting]
+            if not prompts:
+                level_offset += len(texts)
+                continue
             # a later sampling round's group g is another prompt: it gets its own seeds (round 0 keeps the
             # seeds of a run without dynamic sampling)
             rounds = (round_,) if round_ else ()
@@ -133,7 +140,7 @@ class ScafHooks(TrainerHooks):
             wins = (scored.components[:, scored.names.index("correct")] > 0).nonzero().flatten()  # (W,)
             if len(wins):
                 k = int(wins[0])
-                return out.select([k]), scored.select([k]), level_offset + k + 1, t
+                return out.select([k]), scored.select([k]), level_offset + fitting[k] + 1, t
             level_offset += len(texts)
         return None
 
@@ -151,3 +158,11 @@ class ScafHooks(TrainerHooks):
         for t, tier in enumerate(self.tiers):
             metrics[f"scaf/tier_{tier}_frac"] = float(counts[4 + t]) / groups
         return metrics
+
+
+def _fits(trainer, prompt: str) -> bool:
+    """Whether `prompt` and max_new_tokens fit the model's context (the trainer's check of its prompts)."""
+    if trainer.max_context is None:
+        return True
+    length = len(trainer.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return length + trainer.config.max_new_tokens <= trainer.max_context

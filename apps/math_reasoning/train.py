@@ -130,6 +130,10 @@ class MathTrainConfig(GRPOConfig):
         for name in ("data", "eval_data"):  # before the base model is built (and trained)
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: {getattr(self, name)} is not a file")
+        if self.algo == "gtpo" and self.beta != 0:
+            raise ValueError(
+                f"beta={self.beta}: gtpo has no reference model and no KL term (PAPERS.md sec. 3)"
+            )
         if self.algo == "codistill":
             if self.dynamic_sampling:
                 raise ValueError("codistill cannot use dynamic_sampling (its KD term is tied to one batch)")
@@ -289,6 +293,7 @@ def make_hooks(config: MathTrainConfig, tokenizer) -> TrainerHooks:
             alpha=config.codistill_alpha,
             is_cap=config.codistill_is_cap,
             learning_rate=config.codistill_large_lr,
+            weight_decay=config.weight_decay,
             train_large=config.codistill_train_large,
         )
     return TrainerHooks()

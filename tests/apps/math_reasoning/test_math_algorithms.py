@@ -19,7 +19,7 @@ from apps.math_reasoning.gtpo import GTPOHooks
 from apps.math_reasoning.rewards import rubric_for
 from apps.math_reasoning.scaf import _SCAF_SEED_KEY, ScafHooks, exemption_steps, hint_levels
 from apps.math_reasoning.templates import get_template
-from apps.math_reasoning.train import MathTrainConfig
+from apps.math_reasoning.train import MathTrainConfig, make_hooks
 from core import algos
 from core.policy import load_policy, position_ids_from_mask
 from core.rewards import Rubric
@@ -325,6 +325,58 @@ def test_codistill_resume_is_bitwise_exact_for_both_models(small_dir, large_dir,
     assert metrics("cut") == metrics("whole") and len(metrics("whole")) == 3
     with pytest.raises(ValueError, match="no state of the large model"):
         CoDistillHooks(whole[1], alpha=0.5, is_cap=2.0, learning_rate=1e-2).load_state_dict({})
+
+
+def test_codistill_runs_its_passes_at_the_runs_precision_and_weight_decay(small_dir, large_dir, tmp_path):
+    """Under bf16 autocast the KD term's and L's update's forwards of both models run under it, as the
+    trainer's own passes do; L's AdamW takes the run's weight decay."""
+    small, tokenizer = load_policy(small_dir)
+    cfg = config(
+        tmp_path, algo="codistill", model=str(small_dir), large_model=str(large_dir), max_new_tokens=6,
+        autocast="bfloat16", weight_decay=0.25,
+    )  # fmt: skip
+    hooks = make_hooks(cfg, tokenizer)
+    assert hooks.optimizer.param_groups[0]["weight_decay"] == 0.25
+    seen = {"small": [], "large": []}
+    for name, model in (("small", small), ("large", hooks.large)):  # the logprob passes call the layers
+        model.model.layers[0].register_forward_pre_hook(
+            lambda module, args, name=name: seen[name].append(torch.is_autocast_enabled("cpu"))
+        )
+    data = examples(2)
+    backend = ScriptedBackend(tokenizer, lambda p, i: f"{i}</think><answer>{i}</answer>")
+    trainer = GRPOTrainer(
+        cfg, small, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
+    batch = trainer.collect()
+    trainer.update(batch)
+    hooks.after_update(trainer, batch)
+    assert seen["large"] and all(seen["large"]) and all(seen["small"])
+
+
+def test_gtpo_refuses_a_kl_term(tmp_path):
+    with pytest.raises(ValueError, match="gtpo has no reference model"):
+        config(tmp_path, algo="gtpo", beta=0.04)
+    assert config(tmp_path, algo="gtpo").advantage_scale == "none"
+
+
+def test_scaf_skips_hinted_prompts_that_would_not_fit_the_context(small_dir, tmp_path):
+    """Plain prompts fit the context exactly with max_new_tokens; every hint lengthens them past it, so no
+    hinted prompt is sampled (the trainer refuses such prompts in the data) and no group is rescued."""
+    model, tokenizer = load_policy(small_dir)
+    data = examples(2)
+    longest = max(len(tokenizer(e["prompt"], add_special_tokens=False)["input_ids"]) for e in data)
+    model.config.max_position_embeddings = longest + 8  # config(): max_new_tokens 8
+    sampled = []
+    backend = ScriptedBackend(
+        tokenizer, lambda prompt, i: sampled.append(prompt) or "x</think><answer>-1</answer>"
+    )
+    hooks = ScafHooks(TEMPLATE, ("knowledge", "planning", "solution"), True, exempt_steps=0)
+    trainer = GRPOTrainer(
+        config(tmp_path), model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
+    metrics = trainer.train()[0]
+    assert metrics["scaf/all_fail_frac"] == 1.0 and metrics["scaf/rescued_frac"] == 0.0
+    assert len(sampled) == 8 and not any(" Hint: " in p for p in sampled)  # the 2 groups of 4 only
 
 
 def test_codistill_refuses_what_it_cannot_do(tmp_path):

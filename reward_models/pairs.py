@@ -70,6 +70,15 @@ def rows_digest(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def differing_splits(record: dict, splits: dict[str, list[dict]]) -> list[str]:
+    """Names of `splits` whose rows are not those `record` (a `data_record`) saved under the same name."""
+    return [
+        name
+        for name, saved in record["splits"].items()
+        if name in splits and rows_digest(splits[name]) != saved["sha256"]
+    ]
+
+
 def data_record(data_dir: str | Path, splits: dict[str, list[dict]]) -> dict:
     """What a reward model is trained on, saved with it: the data directory and per split its categories
     (the held-out one is in `heldout` only) and `rows_digest`."""

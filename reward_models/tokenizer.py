@@ -16,6 +16,8 @@ from pathlib import Path
 import sentencepiece as spm
 from transformers import DebertaV2Tokenizer
 
+from core.atomic import atomic_directory
+
 SPM_FILE = "spm.model"  # the file name DebertaV2Tokenizer.from_pretrained looks for
 # ids 0..4, in the order DeBERTa-v3's own vocabulary has them
 PAD, CLS, SEP, UNK, MASK = "<pad>", "[CLS]", "[SEP]", "<unk>", "[MASK]"
@@ -24,14 +26,14 @@ SPECIAL = {"unk_token": UNK, "pad_token": PAD, "cls_token": CLS, "sep_token": SE
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000) -> DebertaV2Tokenizer:
     """Train a unigram sentencepiece model on `texts`, save it (and the HF tokenizer files) to `out_dir`
-    and return it loaded. decode(encode(text)) == text for text written in the corpus's characters, up to
-    sentencepiece's whitespace normalisation (runs of spaces collapse, ends are stripped); any other
-    character is <unk> (sentencepiece's byte fallback is not carried over by the HF conversion)."""
+    and return it loaded. `out_dir` is replaced whole (core.atomic.atomic_directory): no file of a
+    tokenizer trained there before is left to be loaded instead. decode(encode(text)) == text for text
+    written in the corpus's characters, up to sentencepiece's whitespace normalisation (runs of spaces
+    collapse, ends are stripped); any other character is <unk> (sentencepiece's byte fallback is not
+    carried over by the HF conversion)."""
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("no texts to train the tokenizer on")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -48,10 +50,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         num_threads=1,
         minloglevel=2,
     )
-    (out / SPM_FILE).write_bytes(buffer.getvalue())
-    tokenizer = load_spm_tokenizer(out)
-    tokenizer.save_pretrained(out)
-    return tokenizer
+    with atomic_directory(out_dir) as tmp:
+        (tmp / SPM_FILE).write_bytes(buffer.getvalue())
+        load_spm_tokenizer(tmp).save_pretrained(tmp)
+    return load_spm_tokenizer(out_dir)
 
 
 def load_spm_tokenizer(path: str | Path) -> DebertaV2Tokenizer:

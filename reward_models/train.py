@@ -13,14 +13,15 @@ sentencepiece tokenizer trained on the training split; `--model DIR` starts from
 Checkpoints (`--save-every` steps, the newest kept) go to <run-dir>/checkpoints/step-N through
 core/runs.py: weights, optimizer, scheduler, RNG states and the rest of the epoch's batch order, so that
 `--resume` ends with the weights of an uninterrupted training. The run directory has no config.json or
-status.json (it is not a run the dashboard lists): the checkpoint keeps the settings a resume must match,
-and a resume is given them again (they are not taken from the run as `train` commands' are).
+status.json (it is not a run the dashboard lists): the checkpoint keeps the settings and the split digests
+(`data_record`) a resume must match, and a resume is given the settings again (they are not taken from
+the run as `train` commands' are).
 Evaluation: pairwise accuracy per category (fairness: neutral > biased; relevance: neutral > off_topic;
-quality: clean source > garbled), and each head's calibration (ECE over 10 equal-width bins, Brier score).
+quality: clean source > garbled), and each head's calibration (ECE over 10 equal-width bins, Brier score),
+on splits the model recorded as its training data's (`check_eval_data`).
 Tests: `pytest tests/reward_models/`.
 """
 
-import json
 import math
 import random
 import time
@@ -43,12 +44,14 @@ from reward_models.deberta import (
     from_pretrained_encoder,
     tiny_deberta_config,
 )
-from reward_models.pairs import RESPONSE_KINDS, data_record, labels, read_split
+from reward_models.pairs import RESPONSE_KINDS, data_record, differing_splits, labels, read_split
 from reward_models.score import RewardModelScorer, encode
 from reward_models.tokenizer import train_tokenizer
 
 # fields a resume may change: where and how it runs, not what it computes
 HOW_IT_RUNS = ("resume", "run_dir", "device", "save_every")
+# fields that name a path: a resume compares them resolved, whatever their spelling (relative, absolute)
+PATH_FIELDS = ("data", "model")
 
 
 def _help(text: str, default):
@@ -111,8 +114,14 @@ class RMEvalConfig:
     """`grpo-suite reward-model eval`."""
 
     reward_model: str = _help("reward model directory (from `reward-model train`)", "runs/reward_model/model")
-    data: str = _help("data directory with test.jsonl (and heldout.jsonl)", "data/debias")
-    splits: tuple[str, ...] = _help("splits to evaluate", ("test", "heldout"))
+    data: str = _help(
+        "data directory with test.jsonl (and heldout.jsonl); its splits must be those the model recorded "
+        "as its training data",
+        "data/debias",
+    )
+    splits: tuple[str, ...] | None = _help(
+        "splits to evaluate; default: test, and heldout when <data>/heldout.jsonl exists", None
+    )
     out: str | None = _help("write the results as JSON here; default: print only", None)
     device: str = _help("cpu or cuda", "cpu")
     batch_size: int = _help("sequences per forward", 64)
@@ -120,6 +129,8 @@ class RMEvalConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.splits is not None and not self.splits:
+            raise ValueError("splits must name at least one split")
 
 
 def flatten(rows: list[dict]) -> tuple[list[str], list[str], torch.Tensor]:
@@ -169,8 +180,10 @@ def train_reward_model(config: RMTrainConfig) -> dict:
                 "pick a new --run-dir"
             )
     checkpoint = load_checkpoint(checkpoint_path) if config.resume and checkpoint_path else None
+    record = data_record(config.data, splits)
     if checkpoint is not None:
         _check_same_settings(checkpoint.trainer_state["config"], config_to_dict(config), checkpoint.path)
+        _check_same_data(checkpoint.trainer_state.get("training_data"), record, checkpoint.path, config.data)
     train_rows = splits["train"][: config.max_train_rows or None]
     if config.model:
         from transformers import AutoTokenizer
@@ -235,7 +248,11 @@ def train_reward_model(config: RMTrainConfig) -> dict:
                     model_state=model.state_dict(),
                     optimizer_state=optimizer.state_dict(),
                     scheduler_state=scheduler.state_dict(),
-                    trainer_state={"config": config_to_dict(config), "order": order},
+                    trainer_state={
+                        "config": _resolved_paths(config_to_dict(config)),
+                        "training_data": record,
+                        "order": order,
+                    },
                     rng_state=capture_rng_state({"order": rng}),
                     keep_last=1,  # saves are atomic: the newest is always whole
                 )
@@ -248,7 +265,7 @@ def train_reward_model(config: RMTrainConfig) -> dict:
                     flush=True,
                 )
     model.eval()
-    model.save(out, tokenizer, max_length=config.max_length, training_data=data_record(config.data, splits))
+    model.save(out, tokenizer, max_length=config.max_length, training_data=record)
     scorer = RewardModelScorer(out, device=config.device)
     results = {
         "config": config_to_dict(config),
@@ -262,13 +279,55 @@ def train_reward_model(config: RMTrainConfig) -> dict:
     return results
 
 
+def _resolved_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with its PATH_FIELDS made absolute: one path spelled two ways compares equal."""
+    return {k: str(Path(v).resolve()) if k in PATH_FIELDS and v is not None else v for k, v in config.items()}
+
+
 def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """A resume continues the checkpoint's training: refuse settings other than those it was saved with."""
-    changed = changed_settings(saved, current, HOW_IT_RUNS)
+    changed = changed_settings(_resolved_paths(saved), _resolved_paths(current), HOW_IT_RUNS)
     if changed:
         raise InputError(
             f"{where}: saved with other settings ({'; '.join(changed)}); resume with those (this command "
             "keeps no config.json to take them from), or pick a new --run-dir"
+        )
+
+
+def _check_same_data(saved: dict | None, current: dict, where: Path, data: str) -> None:
+    """A checkpoint keeps its batch order as row indices: refuse a resume on splits other than its own
+    (`data_record`s of the checkpoint and of --data). One saved before the record was kept is not checked
+    (a note says so)."""
+    if saved is None:
+        print(f"note: {where} has no record of its training data; not checked against --data {data}")
+        return
+    names = sorted(saved["splits"].keys() | current["splits"].keys())
+    differ = [
+        n
+        for n in names
+        if saved["splits"].get(n, {}).get("sha256") != current["splits"].get(n, {}).get("sha256")
+    ]
+    if differ:
+        raise InputError(
+            f"{where}: saved while training on {saved['data_dir']}, whose {', '.join(differ)} rows differ "
+            f"from those of --data {data} now; resume on the data it was saved with, or pick a new --run-dir"
+        )
+
+
+def check_eval_data(reward_model: str, record: dict | None, splits: dict[str, list[dict]], data: str) -> None:
+    """Refuse `splits` (from `data`) other than those the reward model recorded as its training data
+    (`data_record`, saved with it): its training rows could be among them. A model saved before the record
+    was kept is not checked (a note says so)."""
+    if record is None:
+        print(f"note: {reward_model} has no record of its training data; not checked against these splits")
+        return
+    differ = differing_splits(record, splits)
+    if differ:
+        heldout = ", ".join(record["splits"].get("heldout", {}).get("categories", [])) or "none"
+        raise InputError(
+            f"{reward_model}: trained on {record['data_dir']} (held-out: {heldout}), but the "
+            f"{', '.join(differ)} rows of --data {data} are not those it recorded (it may have trained on "
+            f"them); pass --data {record['data_dir']}"
         )
 
 
@@ -336,11 +395,18 @@ def summary(results: dict) -> str:
 
 
 def evaluate_reward_model(config: RMEvalConfig) -> dict:
+    """Pairwise accuracy and calibration per split, on splits the model recorded (`check_eval_data`)."""
+    names = config.splits or (
+        "test",
+        *(("heldout",) if (Path(config.data) / "heldout.jsonl").is_file() else ()),
+    )
+    splits = {name: read_split(config.data, name) for name in names}
     scorer = RewardModelScorer(config.reward_model, device=config.device, batch_size=config.batch_size)
-    results = {name: evaluate_rows(scorer, read_split(config.data, name)) for name in config.splits}
+    check_eval_data(config.reward_model, scorer.training_data, splits, config.data)
+    results = {name: evaluate_rows(scorer, rows) for name, rows in splits.items()}
     print(summary(results))
     if config.out:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.out).write_text(json.dumps(results, indent=1))
+        write_json_atomic(Path(config.out), results)
         print(f"written to {config.out}")
     return results

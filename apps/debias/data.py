@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.atomic import atomic_directory
-from reward_models.pairs import read_split, rows_digest
+from reward_models.pairs import differing_splits, read_split
 
 SPLITS = ("train", "validation", "test", "heldout")
 
@@ -366,11 +366,7 @@ def check_reward_model_data(
     if record is None:
         print(f"note: {reward_model} has no record of its training data; not checked against these splits")
         return
-    differ = [
-        name
-        for name, saved in record["splits"].items()
-        if name in splits and rows_digest(splits[name]) != saved["sha256"]
-    ]
+    differ = differing_splits(record, splits)
     if differ:
         here = data_dir or f"splits generated in memory (seed {DataConfig().seed})"
         saved_heldout = ", ".join(record["splits"].get("heldout", {}).get("categories", [])) or "none"

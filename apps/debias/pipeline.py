@@ -113,7 +113,8 @@ def pipeline(config: PipelineConfig) -> dict:
     )
     root.set_status("running", step=0)
     with failure_recorded(root):  # SIGTERM included: the dashboard must not show a dead pipeline as running
-        results = run_stages(config, run, start)
+        # resolved: a resume gives its stages the same paths however --run-dir is spelled
+        results = run_stages(config, run.resolve(), start)
         root.write_eval(results)
     root.set_status("finished", step=0)
     print(pipeline_table(results))

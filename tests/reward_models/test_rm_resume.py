@@ -4,6 +4,8 @@ settings are refused."""
 
 import argparse
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -111,3 +113,31 @@ def test_a_fresh_start_over_checkpoints_and_a_resume_with_other_settings_are_ref
 def test_save_every_below_zero_is_refused():
     with pytest.raises(ValueError, match="save_every must be >= 0, got -1"):
         RMTrainConfig(save_every=-1)
+
+
+def test_a_resume_on_changed_data_is_refused_naming_the_splits(data, tmp_path, monkeypatch):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    stop_at_optimizer_step(monkeypatch, 4)
+    with pytest.raises(Stop):
+        train_reward_model(config(copy, tmp_path / "cut"))
+    monkeypatch.undo()
+    lines = (copy / "train.jsonl").read_text().splitlines()
+    (copy / "train.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # same rows, another order
+    with pytest.raises(
+        ValueError, match=f"whose train rows differ from those of --data {re.escape(str(copy))}"
+    ):
+        train_reward_model(config(copy, tmp_path / "cut", "--resume"))
+    assert not (tmp_path / "cut" / "model").exists()
+
+
+def test_a_resume_with_the_data_path_spelled_otherwise_goes_on(data, tmp_path, monkeypatch):
+    stop_at_optimizer_step(monkeypatch, 4)
+    with pytest.raises(Stop):
+        train_reward_model(config(data, tmp_path / "cut"))  # an absolute --data
+    monkeypatch.undo()
+    monkeypatch.chdir(data.parent)
+    calls = stop_at_optimizer_step(monkeypatch, 1)  # past the checks: the resume has begun
+    with pytest.raises(Stop):
+        train_reward_model(config("data", tmp_path / "cut", "--resume"))
+    assert calls == [1]

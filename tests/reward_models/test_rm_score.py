@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -12,7 +13,7 @@ from reward_models.cli import register
 from reward_models.pairs import read_split, rows_digest
 from reward_models.score import RewardModelScorer, RMScoreConfig, encode, score_file
 from reward_models.tokenizer import train_tokenizer
-from reward_models.train import RMEvalConfig
+from reward_models.train import RMEvalConfig, evaluate_reward_model
 
 
 class _EntryPoint:
@@ -214,3 +215,39 @@ def test_a_failed_write_of_the_scores_leaves_the_previous_output(trained, tmp_pa
         score_file(config)
     assert (tmp_path / "out.jsonl").read_text() == '{"scores": "of an earlier run"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temp file left
+
+
+def test_eval_refuses_splits_the_model_did_not_record(trained, tmp_path, capsys):
+    """Splits made with another held-out category: the model has trained on some of their rows."""
+    write_splits(generate_splits(DataConfig(num_prompts=60, heldout_category="age")), tmp_path / "age")
+    argv = ["reward-model", "eval", "--reward-model", str(trained / "run" / "model")]
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--data", str(tmp_path / "age"), "--out", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err
+    assert f"trained on {(trained / 'data').resolve()} (held-out: hukou)" in err
+    assert f"the test, heldout rows of --data {tmp_path / 'age'} are not those it recorded" in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_without_heldout_evaluates_test_and_writes_its_output_whole(trained, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    shutil.copy(trained / "data" / "test.jsonl", tmp_path / "data")
+    (tmp_path / "eval.json").write_text('{"of": "an earlier run"}\n')
+    config = RMEvalConfig(
+        reward_model=str(trained / "run" / "model"),
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "eval.json"),
+    )
+
+    def failing_replace(src, dst):  # the write dies before the new file is in place
+        raise OSError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match="killed"):
+            evaluate_reward_model(config)
+    assert (tmp_path / "eval.json").read_text() == '{"of": "an earlier run"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "eval.json"]  # no temp file left
+    results = evaluate_reward_model(config)
+    assert list(results) == ["test"]
+    assert json.loads((tmp_path / "eval.json").read_text()) == results

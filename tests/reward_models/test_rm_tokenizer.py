@@ -23,3 +23,13 @@ def test_round_trip_and_special_ids(tmp_path):
     assert reloaded(CORPUS[1])["input_ids"] == tokenizer(CORPUS[1])["input_ids"]
     # a character the corpus never had is <unk>, not silently dropped
     assert tokenizer.unk_token_id in tokenizer("Zürich", add_special_tokens=False)["input_ids"]
+
+
+def test_training_again_into_the_same_directory_replaces_the_tokenizer(tmp_path):
+    first = train_tokenizer(CORPUS, tmp_path / "tok", vocab_size=5000)
+    other = ["Tenants and landlords in Wuhan sign a lease."] * 20
+    again = train_tokenizer(other, tmp_path / "tok", vocab_size=40)
+    fresh = train_tokenizer(other, tmp_path / "fresh", vocab_size=40)
+    assert len(first) > 40 and len(again) == len(fresh) <= 40
+    assert again.get_vocab() == fresh.get_vocab() == load_spm_tokenizer(tmp_path / "tok").get_vocab()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "tok"]  # no temp directory left

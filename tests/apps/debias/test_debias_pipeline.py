@@ -218,3 +218,30 @@ def test_a_real_quick_pipeline_resumed_after_its_reward_model(monkeypatch, tmp_p
     assert json.loads((run / "grpo-seed0" / "status.json").read_text())["status"] == "finished"
     assert set(results["per_seed"]) == {"0"}
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def test_a_resume_gives_the_stages_the_same_paths_however_the_run_dir_is_spelled(
+    stages, monkeypatch, tmp_path
+):
+    """A reward model or GRPO run compares its paths on resume: a pipeline started with a relative --run-dir
+    and resumed with an absolute one (or back) gives them the same strings."""
+    monkeypatch.chdir(tmp_path)
+    cut_off = []
+    fail_once(monkeypatch, "train_reward_model", lambda config: cut_off.append(config) or True)
+    fail_once(monkeypatch, "train", lambda config: cut_off.append(config) or True)
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(["--quick", "--run-dir", "run"]))
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(["--quick", "--run-dir", str(tmp_path / "run"), "--resume"]))
+    pipeline(parse(["--quick", "--run-dir", "run", "--resume"]))
+    rm, grpo = cut_off
+    assert (rm.data, rm.run_dir) == (stages["rm"][0].data, stages["rm"][0].run_dir)
+    assert rm.data == str(tmp_path / "run" / "data")
+    resumed = stages["train"][0]
+    assert (grpo.data_dir, grpo.reward_model, grpo.model, grpo.run_dir) == (
+        resumed.data_dir,
+        resumed.reward_model,
+        resumed.model,
+        resumed.run_dir,
+    )
+    assert resumed.run_dir == str(tmp_path / "run" / "grpo-seed0") and resumed.resume

@@ -239,10 +239,15 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     layers.append((None, flags))
     chosen = {k: v for _, layer in layers for k, v in layer.items()}
+    resumed = None  # "<run_dir>, a '<app>' '<algorithm>' run" when its stored config is a layer
     if chosen.get("resume") and chosen.get("run_dir") is not None:
         path = Path(chosen["run_dir"]) / "config.json"
         source = f"{path} (the resumed run's config)"
-        layers.insert(0, (source, _resumed_run_values(path, hints, source)))
+        stored = _resumed_run_values(path, hints, source)
+        layers.insert(0, (source, stored))
+        if stored:
+            kind = json.loads(path.read_text(encoding="utf-8"))
+            resumed = f"{chosen['run_dir']}, a {kind.get('app')!r} {kind.get('algorithm')!r} run"
     values = {k: v for _, layer in layers for k, v in layer.items()}
     source_of = {k: source for source, layer in layers for k in layer}
     given = {k for k, source in source_of.items() if source is None or not source.startswith("preset ")}
@@ -256,6 +261,8 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
         field_name = str(err).split(":", 1)[0]
         if source_of.get(field_name):
             raise ValueError(f"{source_of[field_name]}: {err}") from err
+        if resumed:  # the stored values may be another command's: say whose they are
+            raise ValueError(f"{err} (with the settings of {resumed})") from err
         raise
 
 

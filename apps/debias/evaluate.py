@@ -262,6 +262,7 @@ def evaluate(config: DebiasEvalConfig) -> dict:
                 "bias_intensity",
                 "biased_rate",
                 "perplexity",
+                "distinct_1",
                 "distinct_2",
                 "relevance",
                 "quality",

@@ -187,6 +187,28 @@ def test_resume_and_run_dir_from_the_config_file_continue_with_the_runs_own_sett
     assert build(["--config", str(resume_file), "--no-resume"]).lr == 1e-3  # a new run: the defaults
 
 
+@dataclass
+class PickyRunConfig(RunConfig):
+    def __post_init__(self):
+        if self.steps > 5:
+            raise ValueError(f"steps={self.steps}: this command takes at most 5")
+
+
+def test_a_resume_refused_over_stored_settings_names_the_run_they_come_from(tmp_path):
+    """Resuming another command's run gives an error about its stored values; it names whose they are."""
+    stored = {"app": "toy", "algorithm": "grpo", "config": {"steps": 8, "run_dir": str(tmp_path)}}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PickyRunConfig, {})
+    args = parser.parse_args(["--run-dir", str(tmp_path), "--resume"])
+    with pytest.raises(
+        ValueError, match=rf"at most 5 \(with the settings of {tmp_path}, a 'toy' 'grpo' run\)"
+    ):
+        build_config(PickyRunConfig, args, {})
+    with pytest.raises(ValueError, match=r"at most 5$"):  # no run resumed: nothing to name
+        build_config(PickyRunConfig, parser.parse_args(["--steps", "8"]), {})
+
+
 def test_a_resume_continues_with_the_settings_of_the_last_one(tmp_path):
     """Each resume records its changes against the settings it continued: a second resume that goes back
     to the first run's value is recorded, and a third without flags keeps it."""

@@ -104,6 +104,8 @@ def test_eval_writes_before_and_after(setup):
     assert saved["metrics"]["heldout/perplexity/ratio"] == pytest.approx(1.0)
     after = results["splits"]["heldout"]["after"]
     assert after["n"] == 2 and after["bias_intensity"] == pytest.approx(1 - after["fairness"])
+    for n in (1, 2):  # the flat dict holds what the split's dict does
+        assert saved["metrics"][f"heldout/distinct_{n}/after"] == after[f"distinct_{n}"]
     assert set(after["per_category"]) == {"hukou"}
 
 

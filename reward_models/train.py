@@ -10,7 +10,7 @@ sentencepiece tokenizer trained on the training split; `--model DIR` starts from
     grpo-suite reward-model train --data data/debias --run-dir runs/rm
     grpo-suite reward-model train --data data/debias --run-dir runs/rm --resume   # after a kill
     grpo-suite reward-model eval --reward-model runs/rm/model --data data/debias
-Checkpoints (`--save-every` steps, the newest kept) go to <run-dir>/checkpoints/step-N through
+Checkpoints (every `--save-every` steps and the last one, the newest kept) go to <run-dir>/checkpoints/step-N through
 core/runs.py: weights, optimizer, scheduler, RNG states and the rest of the epoch's batch order, so that
 `--resume` ends with the weights of an uninterrupted training. The run directory has no config.json or
 status.json (it is not a run the dashboard lists): the checkpoint keeps the settings and the split digests
@@ -179,6 +179,11 @@ def train_reward_model(config: RMTrainConfig) -> dict:
                 f"{run_dir} holds checkpoints of an unfinished training; pass --resume to continue it or "
                 "pick a new --run-dir"
             )
+    elif checkpoint_path is None and out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} holds the model of a finished training and {run_dir} no checkpoint to resume from "
+            "(--save-every 0); evaluate it with `reward-model eval`, or pick a new --run-dir"
+        )
     checkpoint = load_checkpoint(checkpoint_path) if config.resume and checkpoint_path else None
     record = data_record(config.data, splits)
     if checkpoint is not None:
@@ -242,7 +247,8 @@ def train_reward_model(config: RMTrainConfig) -> dict:
             row = {"loss": loss.item(), **metrics}
             history.append({"step": step, **row})
             run.log_metrics(step, row)
-            if config.save_every and step % config.save_every == 0 and step < total:
+            if config.save_every and (step % config.save_every == 0 or step == total):  # the last: a resume
+                # of a finished training checks its settings and evaluates again
                 run.save_checkpoint(
                     step,
                     model_state=model.state_dict(),

@@ -71,7 +71,7 @@ def test_a_resumed_training_ends_as_an_uninterrupted_one(data, tmp_path, monkeyp
     calls = stop_at_optimizer_step(monkeypatch, 0)  # counts only
     resumed = train_reward_model(config(data, tmp_path / "cut", "--resume"))
     assert calls[0] == 4  # steps 3 to 6, from the checkpoint of step 2
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-4"]  # newest kept
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-6"]  # the last kept
 
     weights = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed_weights = load_file(tmp_path / "cut" / "model" / "model.safetensors")
@@ -108,6 +108,22 @@ def test_a_fresh_start_over_checkpoints_and_a_resume_with_other_settings_are_ref
     # where and how it runs may change
     train_reward_model(config(data, tmp_path / "cut", "--resume", "--save-every", "5"))
     assert (tmp_path / "cut" / "model" / "model.safetensors").is_file()
+
+
+def test_a_resume_of_a_finished_training_checks_its_settings_and_keeps_its_model(data, tmp_path):
+    """The last step's checkpoint lets a resume of a finished training refuse other settings (it had
+    retrained from scratch over the model); with the same ones it trains nothing and evaluates again."""
+    first = train_reward_model(config(data, tmp_path / "run"))
+    weights = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"other settings \(seed 0 -> 4\)"):
+        train_reward_model(config(data, tmp_path / "run", "--resume", "--seed", "4"))
+    again = train_reward_model(config(data, tmp_path / "run", "--resume"))
+    assert again["test"] == first["test"] and len(metric_lines(tmp_path / "run")) == 6
+    resaved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(torch.equal(weights[k], resaved[k]) for k in weights)
+    train_reward_model(config(data, tmp_path / "nockpt", "--save-every", "0"))
+    with pytest.raises(FileExistsError, match="holds the model of a finished training .* no checkpoint"):
+        train_reward_model(config(data, tmp_path / "nockpt", "--save-every", "0", "--resume"))
 
 
 def test_save_every_below_zero_is_refused():

@@ -129,6 +129,10 @@ class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
         PuzzleConfig.__post_init__(self)
         if not 0 <= self.cell_weight <= 1:
             raise ValueError(f"cell_weight must be in [0, 1], got {self.cell_weight}")
+        if self.bootstrap_scaling and self.bootstrap_prompts < 1:  # else found after the SFT stages
+            raise ValueError(
+                f"bootstrap_prompts must be >= 1 with bootstrap_scaling, got {self.bootstrap_prompts}"
+            )
 
 
 def refuse_short_completions(puzzles: list[Puzzle], max_new_tokens: int) -> None:

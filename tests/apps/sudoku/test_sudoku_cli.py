@@ -9,6 +9,7 @@ from apps.sudoku.cli import SMOKE
 from apps.sudoku.model import create_model_dir
 from apps.sudoku.pipeline import SudokuPipelineConfig
 from apps.sudoku.puzzles import generate_puzzles, read_puzzles
+from apps.sudoku.train import SudokuTrainConfig
 from core.cli import main
 from core.config import config_to_dict
 from core.runs import RunDir
@@ -362,3 +363,27 @@ def test_a_bad_model_is_named_before_a_run_directory_exists(tmp_path, capsys, mo
             main(["sudoku", command, "--preset", "smoke", "--model", str(path), "--run-dir", str(run)])
         assert message in capsys.readouterr().err
         assert not run.exists()
+
+
+def test_bootstrap_prompts_below_one_is_refused_before_any_stage(tmp_path, capsys):
+    """0 failed with an IndexError after both SFT stages; a negative count sliced most of the training set."""
+    for count in ("0", "-3"):
+        run = tmp_path / f"p{count}"
+        with pytest.raises(SystemExit):
+            main(
+                [
+                    "sudoku",
+                    "pipeline",
+                    "--preset",
+                    "smoke",
+                    "--bootstrap-prompts",
+                    count,
+                    "--run-dir",
+                    str(run),
+                ]
+            )
+        assert (
+            f"bootstrap_prompts must be >= 1 with bootstrap_scaling, got {count}" in capsys.readouterr().err
+        )
+        assert not run.exists()
+    assert SudokuTrainConfig(bootstrap_prompts=0, bootstrap_scaling=False).bootstrap_prompts == 0

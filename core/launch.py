@@ -8,15 +8,21 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from core.policy import LoraSettings, load_policy
-from core.runs import default_run_dir, refuse_a_file_in_the_way, refuse_existing_run
+from core.runs import (
+    RunDir,
+    default_run_dir,
+    refuse_a_file_in_the_way,
+    refuse_another_kind_of_run,
+    refuse_existing_run,
+)
 from core.trainer import GRPOConfig, join_processes
 
 
-def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
+def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOConfig:
     """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal.
-    `--resume` needs the directory of an earlier run: it is an error, not a fresh run, without one; a fresh
-    run into a directory that holds one is refused too, on every process, before anything is built there,
-    and so is a --run-dir that is a file."""
+    `--resume` needs the directory of an earlier `app` `algorithm` run: it is an error, not a fresh run,
+    without one, and so is one of another kind; a fresh run into a directory that holds one is refused
+    too. All on every process, before anything is built there, and so is a --run-dir that is a file."""
     if config.run_dir is not None:
         refuse_a_file_in_the_way(config.run_dir, "--run-dir")
     if config.resume and config.run_dir is None:
@@ -26,6 +32,8 @@ def with_run_dir(config: GRPOConfig, app: str) -> GRPOConfig:
             f"--resume: {config.run_dir} holds no run to continue (no config.json); leave out --resume to "
             "start one there"
         )
+    if config.resume:
+        refuse_another_kind_of_run(config.run_dir, RunDir(config.run_dir).read_config(), app, algorithm)
     if not config.resume and config.run_dir is not None:
         refuse_existing_run(config.run_dir)
     state = join_processes(config.device)

@@ -112,6 +112,16 @@ def training_run(model: str | Path) -> "RunDir | None":
     return RunDir(path.parent) if path.name.startswith("final") and is_run_dir(path.parent) else None
 
 
+def refuse_another_kind_of_run(path: str | Path, stored: Mapping[str, Any], app: str, algorithm: str) -> None:
+    """ValueError when the run at `path` (its config.json's contents `stored`) is not an `app` `algorithm`
+    run: a resume must continue a run of its own kind."""
+    for field, value in (("app", app), ("algorithm", algorithm)):
+        if stored.get(field) != value:
+            raise ValueError(
+                f"{path}: cannot resume it with {field} {value!r}: it is a {stored.get(field)!r} run"
+            )
+
+
 def refuse_existing_run(path: str | Path) -> None:
     """FileExistsError when `path` already holds a run (config.json): a fresh run may not be started there."""
     config_path = Path(path) / "config.json"
@@ -240,17 +250,18 @@ class RunDir:
         if config_path.exists():
             run = cls(path)
             stored = run.read_config()
-            for field, value in (("app", app), ("algorithm", algorithm)):
-                if stored[field] != value:
-                    raise ValueError(
-                        f"{path}: cannot resume it with {field} {value!r}: it is a {stored[field]!r} run"
-                    )
+            refuse_another_kind_of_run(path, stored, app, algorithm)
             old = latest_config(stored)
             changed = {
                 key: [old.get(key), new_config.get(key)]
                 for key in sorted(old.keys() | new_config.keys())
                 if old.get(key) != new_config.get(key)
             }
+            if changed:  # recorded below in any case; said here, where the user sees it
+                print(
+                    f"resuming {path} with changed settings: "
+                    + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                )
             stored.setdefault("resumes", []).append({"at": _now(), "changed": changed})
             write_json_atomic(config_path, stored)
             return run
@@ -510,8 +521,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         # not torch's own message: it suggests weights_only=False, which this loader never uses
         lines = str(err).splitlines()
         detail = lines[0] if lines and not isinstance(err, pickle.UnpicklingError) else type(err).__name__
-        return ValueError(
-            f"checkpoint {path} is damaged: {name} cannot be read as plain data and tensors ({detail}); "
+        return ValueError(  # the path first: the command line shows it as a bad input, no traceback
+            f"{path}: the checkpoint is damaged: {name} cannot be read as plain data and tensors ({detail}); "
             "delete this checkpoint directory to resume from the one before"
         )
 

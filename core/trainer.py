@@ -25,6 +25,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -480,6 +482,7 @@ class GRPOTrainer:
             )
         self.step = 0
         self.checkpointed_step = -1  # the step of the newest checkpoint this run wrote or resumed from
+        self._finish_later = False  # set inside until_finished()
         run_dir = config.run_dir or str(default_run_dir(app))
         self.run = None
         if self.rank == 0:
@@ -1060,6 +1063,25 @@ class GRPOTrainer:
         dist.gather_object(records, gathered, dst=0)
         return [record for part in gathered for record in part] if self.rank == 0 else []
 
+    @contextmanager
+    def until_finished(self) -> Iterator[None]:
+        """Around `train()` and what the app does after it (saving final/, evaluating): the run is marked
+        finished when the block ends rather than when training does, and failed if it raises (SIGTERM
+        included), so a run stopped while it saves or evaluates does not claim to be finished."""
+        self._finish_later = True
+        try:
+            with sigterm_as_exit():
+                try:
+                    yield
+                except BaseException as err:
+                    if self.rank == 0:
+                        self.run.set_status("failed", step=self.step, error=f"{type(err).__name__}: {err}")
+                    raise
+            if self.rank == 0:
+                self.run.set_status("finished", step=self.step)
+        finally:
+            self._finish_later = False
+
     def train(self) -> list[dict[str, float]]:
         """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step.
         Killed by SIGTERM (torchrun stops the others when one process fails) the run is still marked failed."""
@@ -1086,6 +1108,8 @@ class GRPOTrainer:
                     )
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
+                    if self.rank == 0:  # the step a kill would resume from
+                        self.run.set_status("running", step=self.step)
             if self.checkpointed_step != self.step:  # a resumed run that was already done has it
                 self.save_checkpoint()
         except BaseException as err:
@@ -1096,6 +1120,6 @@ class GRPOTrainer:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
-        if self.rank == 0:
+        if self.rank == 0 and not self._finish_later:
             self.run.set_status("finished", step=self.step)
         return history

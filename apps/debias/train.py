@@ -184,8 +184,9 @@ def train(config: DebiasTrainConfig) -> list[dict]:
     model, tokenizer = policy_for(config, lambda path: build_sft_policy(path, splits["train"], config))
     rubric = debias_rubric(scorer, config.weights(), on_error=config.on_reward_error)
     trainer = GRPOTrainer(config, model, tokenizer, policy_examples(splits["train"]), rubric, app=APP)
-    history = trainer.train()
-    final = trainer.save_final()
+    with trainer.until_finished():  # finished once saved and evaluated
+        history = trainer.train()
+        final = trainer.save_final()
     print(summary_table(history))
     print(f"model saved to {final}")
     return history

@@ -320,7 +320,7 @@ def train(config: MathTrainConfig) -> dict:
         if config.eval_samples
         else []
     )
-    config = with_run_dir(config, APP)
+    config = with_run_dir(config, APP, config.algo)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))
     hooks = make_hooks(config, tokenizer)
@@ -328,33 +328,36 @@ def train(config: MathTrainConfig) -> dict:
     trainer = GRPOTrainer(
         config, model, tokenizer, examples, rubric, app=APP, algorithm=config.algo, hooks=hooks
     )
-    history = trainer.train()
-    final = trainer.save_final()
-    models = {"eval": (trainer.model, tokenizer)}
-    if isinstance(hooks, CoDistillHooks):
-        if trainer.rank == 0:
-            with atomic_directory(Path(config.run_dir) / "final_large") as tmp:
-                hooks.large.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-        models["eval_large"] = (hooks.large, tokenizer)
-    print(summary_table(history))
-    results = {}
-    if config.eval_samples:
-        for key, (policy, tok) in models.items():
-            results[key] = evaluate_model(
-                policy,
-                tok,
-                eval_examples,
-                get_template(config.template),
-                samples=config.eval_samples,
-                temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens,
-                seed=config.seed,
-                device=config.device,
-            )
-            print(f"{key} ({'large' if key == 'eval_large' else 'policy'}):\n{format_results(results[key])}")
-        # the dashboard's Math page reads the policy's pass@k per benchmark (docs/dashboards.md)
-        pass_at_k = {benchmark_name(config.eval_data): pass_at_k_entry(results["eval"])}
-        trainer.write_eval(results | {"pass_at_k": pass_at_k})
+    with trainer.until_finished():  # finished once saved and evaluated
+        history = trainer.train()
+        final = trainer.save_final()
+        models = {"eval": (trainer.model, tokenizer)}
+        if isinstance(hooks, CoDistillHooks):
+            if trainer.rank == 0:
+                with atomic_directory(Path(config.run_dir) / "final_large") as tmp:
+                    hooks.large.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+            models["eval_large"] = (hooks.large, tokenizer)
+        print(summary_table(history))
+        results = {}
+        if config.eval_samples:
+            for key, (policy, tok) in models.items():
+                results[key] = evaluate_model(
+                    policy,
+                    tok,
+                    eval_examples,
+                    get_template(config.template),
+                    samples=config.eval_samples,
+                    temperature=config.temperature,
+                    max_new_tokens=config.max_new_tokens,
+                    seed=config.seed,
+                    device=config.device,
+                )
+                print(
+                    f"{key} ({'large' if key == 'eval_large' else 'policy'}):\n{format_results(results[key])}"
+                )
+            # the dashboard's Math page reads the policy's pass@k per benchmark (docs/dashboards.md)
+            pass_at_k = {benchmark_name(config.eval_data): pass_at_k_entry(results["eval"])}
+            trainer.write_eval(results | {"pass_at_k": pass_at_k})
     print(f"model saved to {final}")
     return {"history": history, "eval": results, "run_dir": config.run_dir}

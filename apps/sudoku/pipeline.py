@@ -73,7 +73,7 @@ def row_name(w: float) -> str:
 
 def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     start, cpu_start = time.perf_counter(), time.process_time()
-    config = with_run_dir(config, APP)  # --resume needs the run directory of an earlier pipeline
+    config = with_run_dir(config, APP, "pipeline")  # --resume needs the directory of an earlier pipeline
     root = Path(config.run_dir)
     if config.resume:
         refuse_changed_pipeline(root, config_to_dict(config), HOW_IT_RUNS)  # it reuses finished rows

@@ -274,15 +274,16 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
     if config.bootstrap_scaling and not rubric.fitted:
         scales = fit_bootstrap_scales(trainer, rubric, examples, config)
         print("bootstrapped scales: " + ", ".join(f"{k} {v:.3f}" for k, v in scales.items()))
-    history = trainer.train()
-    final = trainer.save_final()
-    print(summary_table(history))
-    result = {}
-    if config.eval_puzzles:
-        examples = [to_example(p, i, "eval") for i, p in enumerate(held_out[: config.eval_puzzles])]
-        result = evaluate_model(model, tokenizer, examples)
-        trainer.write_eval({"model": final, "scales": rubric.scales, **result})
-        print(table({f"grpo w={config.cell_weight}": result}))
+    with trainer.until_finished():  # finished once saved and evaluated
+        history = trainer.train()
+        final = trainer.save_final()
+        print(summary_table(history))
+        result = {}
+        if config.eval_puzzles:
+            examples = [to_example(p, i, "eval") for i, p in enumerate(held_out[: config.eval_puzzles])]
+            result = evaluate_model(model, tokenizer, examples)
+            trainer.write_eval({"model": final, "scales": rubric.scales, **result})
+            print(table({f"grpo w={config.cell_weight}": result}))
     print(f"model saved to {final}")
     return result
 

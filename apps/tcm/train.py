@@ -284,15 +284,16 @@ def train(config: TcmTrainConfig) -> list[dict]:
 
     before = evaluate() if held_out else None
     trainer = GRPOTrainer(config, model, tokenizer, splits["train"], rubric, app=APP)
-    history = trainer.train()
-    final = trainer.save_final()
-    print(summary_table(history))
-    if held_out:
-        after = evaluate()
-        # the dashboard's top-level keys describe the trained model (`after`)
-        results = {"split": config.eval_split, "before": before, "after": after}
-        trainer.write_eval({**results, **dashboard_keys(after)})
-        print(f"{config.eval_split} split, greedy, before and after GRPO:")
-        print(format_table({"before": before, "after": after}))
+    with trainer.until_finished():  # finished once saved and evaluated
+        history = trainer.train()
+        final = trainer.save_final()
+        print(summary_table(history))
+        if held_out:
+            after = evaluate()
+            # the dashboard's top-level keys describe the trained model (`after`)
+            results = {"split": config.eval_split, "before": before, "after": after}
+            trainer.write_eval({**results, **dashboard_keys(after)})
+            print(f"{config.eval_split} split, greedy, before and after GRPO:")
+            print(format_table({"before": before, "after": after}))
     print(f"model saved to {final}")
     return history

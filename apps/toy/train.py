@@ -63,8 +63,9 @@ def train(config: ToyTrainConfig) -> list[dict]:
         on_error=config.on_reward_error,
     )
     trainer = GRPOTrainer(config, model, tokenizer, examples, rubric, app=APP)
-    history = trainer.train()
-    final = trainer.save_final()
+    with trainer.until_finished():  # finished once saved and evaluated
+        history = trainer.train()
+        final = trainer.save_final()
     print(summary_table(history))
     print(f"model saved to {final}")
     return history

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from core import algos
+from core.cli import _names_an_input
 from core.policy import LoraSettings, completion_logprobs, has_dropout, load_policy
 from core.rewards import Rubric
 from core.tiny import create_tiny_model_dir
@@ -432,8 +433,9 @@ def test_a_resume_that_cannot_load_its_checkpoint_marks_the_run_failed(model_dir
     config = make_config(tmp_path, max_steps=1)
     make_trainer(model_dir, config).train()
     (tmp_path / "run" / "checkpoints" / "step-1" / "model.safetensors").write_bytes(b"cut off")
-    with pytest.raises(ValueError, match="step-1 is damaged: model.safetensors"):
+    with pytest.raises(ValueError, match="step-1: the checkpoint is damaged: model.safetensors") as info:
         make_trainer(model_dir, replace(config, max_steps=2, resume=True))
+    assert _names_an_input(info.value)  # a command-line error naming the checkpoint, not a traceback
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and status["step"] == 1 and status["error"].startswith("resume: ")
 

@@ -45,6 +45,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # model: the chunked head reads the LM head's weight directly, outside the model's forward, so on an
 # FSDP2 model it must run between the root module's unshard and reshard hooks.
 SHARDED_LOGPROBS_METHOD = "grpo_completion_logprobs"
+# a chunk's (C, V) logits hold at most this many values (256 MiB in float32): C = min(chunk_size, this // V),
+# so a 151,936-word head takes 441 positions a chunk and a small vocabulary the whole chunk_size
+MAX_CHUNK_LOGITS = 2**26
 
 # Config fields of architectures whose head multiplies or divides the logits after `lm_head` (Cohere
 # `logit_scale`, Granite `logits_scaling` (a divisor) but HyperCLOVA X `logits_scaling` (a factor), Falcon-H1
@@ -495,7 +498,8 @@ def completion_logprobs(
     Memory: the backbone's activations (kept for its backward) and the (N*T, H) hidden states are held
     for the whole call; of the head, only one chunk's (C, V) logits and softmax exist at a time. Each chunk
     keeps just its (C, H) input and (C,) outputs for the backward, which recomputes one chunk's logits at a
-    time: O(C * V) instead of O(N * T * V). A plain `nn.Linear` head without a soft-cap takes
+    time: O(C * V) instead of O(N * T * V),
+    with C = `rows_per_chunk(V, chunk_size)`. A plain `nn.Linear` head without a soft-cap takes
     `_LinearHeadStats` (two (C, V) buffers in the backward); any other head runs `_chunk_stats` under
     non-reentrant checkpointing.
     Works for a plain model and a PEFT-wrapped one (adapters included, or disabled by the caller).
@@ -518,11 +522,24 @@ def completion_logprobs(
     if vocab_mask is not None and tuple(vocab_mask.index.shape) != (n, t):
         raise ValueError(f"vocab_mask.index has shape {tuple(vocab_mask.index.shape)}, expected {(n, t)}")
 
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        chunk_size = rows_per_chunk(vocab, chunk_size)
     sharded = getattr(model, SHARDED_LOGPROBS_METHOD, None)  # set by core.sharding on an FSDP model
     compute = sharded if sharded is not None else partial(_completion_logprobs, model)
     return compute(
         input_ids, attention_mask, t, temperature, chunk_size, with_entropy, vocab_mask, share_prompts
     )
+
+
+def rows_per_chunk(vocab_size: int, chunk_size: int) -> int:
+    """Token positions per LM-head chunk: `chunk_size`, fewer where (C, V) logits would exceed
+    MAX_CHUNK_LOGITS values.
+
+    >>> rows_per_chunk(151_936, 1024), rows_per_chunk(2048, 1024), rows_per_chunk(10**9, 1024)
+    (441, 1024, 1)
+    """
+    return min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab_size))
 
 
 def _completion_logprobs(

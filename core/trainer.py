@@ -118,7 +118,9 @@ class GRPOConfig:
         "processes; also chosen by accelerate's DeepSpeed config (launch --use_deepspeed --zero_stage N)",
         None,
     )
-    logprob_chunk_size: int = _help("token positions per chunk of the LM head in the logprob pass", 1024)
+    logprob_chunk_size: int = _help(
+        "token positions per chunk of the LM head in the logprob pass (at most 2^26 / vocabulary size)", 1024
+    )
     autocast: Literal["off", "bfloat16"] = _help(
         "run generation and the logprob passes under torch.autocast in bf16 (weights, gradients and the "
         "optimizer stay in the model's dtype); off = the model's dtype throughout",

@@ -29,6 +29,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from core import policy
 from core.policy import (
     LoraSettings,
     ReferencePolicy,
@@ -124,6 +125,26 @@ def test_chunked_equals_unchunked(build, chunk_size: int):
     torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=0)
     assert entropy.min() > 0.1 and entropy.max() < torch.log(torch.tensor(VOCAB)) - 0.1  # not degenerate
+
+
+def test_a_large_vocabulary_takes_fewer_positions_a_chunk(monkeypatch):
+    """C = min(chunk_size, MAX_CHUNK_LOGITS // V): here 3 positions a chunk, whatever chunk_size asks."""
+    assert policy.rows_per_chunk(151_936, 1024) == 441 and policy.rows_per_chunk(2048, 1024) == 1024
+    assert policy.rows_per_chunk(10**9, 1024) == 1
+    model = tiny_qwen2()
+    monkeypatch.setattr(policy, "MAX_CHUNK_LOGITS", 3 * VOCAB + 1)
+    sizes = []
+    original = policy._LinearHeadStats.apply
+    monkeypatch.setattr(
+        policy._LinearHeadStats, "apply", lambda *args: sizes.append(len(args[0])) or original(*args)
+    )
+    ids, mask = left_padded_batch()
+    logp, entropy = completion_logprobs(model, ids, mask, 5, chunk_size=10_000)  # the trained path
+    with torch.no_grad():
+        ref_logp, ref_entropy = completion_logprobs_unchunked(model, ids, mask, 5)
+    assert sizes == [3] * 6 + [2]  # 4 x 5 positions
+    torch.testing.assert_close(logp.detach(), ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.detach(), ref_entropy, atol=1e-5, rtol=0)
 
 
 def test_without_entropy_returns_none_and_same_logprobs():

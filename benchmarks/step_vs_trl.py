@@ -2,7 +2,7 @@
 
     python benchmarks/step_vs_trl.py                      # 8 CPU settings, 5 measured steps per side each
     python benchmarks/step_vs_trl.py --settings beta0-mu1-lora0 --steps 9
-    python benchmarks/step_vs_trl.py --smoke              # 1 setting, 1 step, tiny sizes (what CI runs)
+    python benchmarks/step_vs_trl.py --smoke              # 1 setting, 1 step, tiny sizes (`make test-slow`)
     python benchmarks/step_vs_trl.py --gpu                # Qwen2.5-0.5B shape, random weights, bf16, cuda
 
 A step: 8 prompts x G = 8 completions of exactly 64 tokens (eos suppressed before 64, so both sides generate
@@ -64,7 +64,14 @@ GPU = dict(
     prompts=8,
     group=8,
 )
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+# dense bf16 tensor-core peaks by device-name substring, the first match counts (NVIDIA data sheets)
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
 
 
 def parse_setting(name: str) -> tuple[float, int, bool]:
@@ -287,6 +294,7 @@ def trl_worker(args, sizes: dict, beta: float, mu: int, lora: bool) -> None:
         top_p=1.0,
         top_k=0,
         learning_rate=1e-5,
+        optim="adamw_torch",  # torch.optim.AdamW, as ours (transformers' default is the fused variant)
         beta=beta,
         num_iterations=mu,
         loss_type="grpo",
@@ -428,21 +436,27 @@ def run_setting(setting: str, args, model_dir: Path, tmp: Path, sizes: dict) -> 
 
 
 def training_flops(sizes: dict, mu: int, beta: float, prompt_tokens: float, lora: bool = False) -> float:
-    """Matmul FLOPs of our training phase per step: 6 N per token for forward + backward of the mu trained
-    passes (4 N with LoRA: the frozen weights take no weight gradient, only the activations' 2 N; the
-    adapters' own FLOPs are negligible), 2 N per token for the reference forward when beta > 0 (no
-    old-logprob pass: the first epoch's are kept); N counts the decoder's and the LM head's weights, plus
-    attention scores (Kaplan et al. 2020, C = 6N). Each group's prompt runs once, as our passes do it."""
+    """Matmul FLOPs of our training phase per step (Kaplan et al. 2020, C = 6N). A forward costs, per
+    position, 2 x (the decoder's weights + the attention scores' 2 L (P + T) h, QK^T and AV, not halved for
+    causality), and the LM head's 2 h V per completion position only (prompt positions never reach the head
+    in our passes). A trained pass adds its backward: twice the forward for every matmul, except that with
+    LoRA the frozen weights take no weight gradient (once); attention has no weights (always twice; the
+    adapters' own FLOPs are negligible). mu trained passes, a reference forward when beta > 0, no
+    old-logprob pass (the first epoch's are kept); each group's prompt runs once."""
     h, layers, inter, vocab = sizes["hidden"], sizes["layers"], sizes["intermediate"], sizes["vocab"]
     kv = h * sizes["kv_heads"] // sizes["heads"]
-    per_layer = h * h * 2 + 2 * h * kv + 3 * h * inter
-    n_params = layers * per_layer + h * vocab
-    length = prompt_tokens + sizes["tokens"]
-    attention = 2 * layers * length * h  # per token, QK^T and AV (full, not causal-halved)
-    tokens = sizes["prompts"] * (prompt_tokens + sizes["group"] * sizes["tokens"])
-    per_token = 2 * (n_params + attention)
-    passes = (2 if lora else 3) * mu + (1 if beta > 0 else 0)
-    return passes * per_token * tokens
+    decoder = layers * (h * h * 2 + 2 * h * kv + 3 * h * inter)
+    attention = 2 * layers * (prompt_tokens + sizes["tokens"]) * h
+    positions = sizes["prompts"] * (prompt_tokens + sizes["group"] * sizes["tokens"])
+    completions = sizes["prompts"] * sizes["group"] * sizes["tokens"]
+
+    def one_pass(weights: int, scores: int) -> float:  # multiples of a forward's weight and score FLOPs
+        return (
+            2 * (weights * decoder + scores * attention) * positions + 2 * weights * h * vocab * completions
+        )
+
+    trained = one_pass(2 if lora else 3, 3)
+    return mu * trained + (one_pass(1, 1) if beta > 0 else 0)
 
 
 def main(argv=None) -> int:
@@ -546,7 +560,7 @@ def main(argv=None) -> int:
             if args.gpu:
                 beta, mu, lora = parse_setting(setting)
                 flops = training_flops(sizes, mu, beta, prompt_tokens=prompt_tokens, lora=lora)
-                peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+                peak = next((v for k, v in PEAK_FLOPS if k in torch.cuda.get_device_name()), None)
                 if peak:
                     line += f", training-phase MFU {flops / res['ours']['train_s'] / peak:.1%}"
             print(line, flush=True)

@@ -61,16 +61,17 @@ def test_mfu_counts_the_passes_our_training_phase_runs():
     sizes = dict(
         hidden=8, layers=1, intermediate=16, vocab=10, heads=2, kv_heads=1, prompts=2, group=4, tokens=3
     )
-    # per layer 8*8*2 + 2*8*4 + 3*8*16 = 576 weights, + head 80: N = 656; attention 2*1*(5+3)*8 = 128
-    per_token = 2 * (656 + 128)
-    positions = 2 * (5 + 4 * 3)  # 2 prompts of 5 tokens, each once, + 4 x 3 completion tokens
+    # decoder 8*8*2 + 2*8*4 + 3*8*16 = 576 weights; attention 2*1*(5+3)*8 = 128; head 8*10 = 80
+    # 2 * (5 + 4*3) = 34 positions (each prompt once), 2*4*3 = 24 of them completions (the head's)
+    forward = 2 * (576 + 128) * 34 + 2 * 80 * 24  # 51,712
+    trained = 2 * (3 * 576 + 3 * 128) * 34 + 2 * 3 * 80 * 24  # 155,136: 3 x a forward
+    assert bench.training_flops(sizes, mu=2, beta=0.04, prompt_tokens=5) == 2 * trained + forward == 361_984
+    assert bench.training_flops(sizes, mu=1, beta=0.0, prompt_tokens=5) == trained
+    # LoRA: the frozen weights take no weight gradient (2 x their forward), attention's backward is still 2 x
+    lora_trained = 2 * (2 * 576 + 3 * 128) * 34 + 2 * 2 * 80 * 24  # 112,128
     assert (
-        bench.training_flops(sizes, mu=2, beta=0.04, prompt_tokens=5) == (3 * 2 + 1) * per_token * positions
+        bench.training_flops(sizes, mu=2, beta=0.04, prompt_tokens=5, lora=True) == 2 * lora_trained + forward
     )
-    assert bench.training_flops(sizes, mu=1, beta=0.0, prompt_tokens=5) == 3 * per_token * positions
-    # LoRA: the frozen weights take no weight gradient, so a trained pass is 2 x the forward's FLOPs
-    lora = bench.training_flops(sizes, mu=2, beta=0.04, prompt_tokens=5, lora=True)
-    assert lora == (2 * 2 + 1) * per_token * positions
 
 
 @pytest.mark.slow  # two worker processes that import TRL: about a minute on 2 busy cores

@@ -37,7 +37,7 @@ import signal
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,14 +94,16 @@ def sigterm_as_exit() -> Iterator[None]:
 
 
 @contextmanager
-def failure_recorded(run: "RunDir", step: int = 0) -> Iterator[None]:
+def failure_recorded(run: "RunDir", step: int | Callable[[], int] = 0) -> Iterator[None]:
     """A block whose error (SIGTERM and Ctrl-C included) marks `run` failed with it, then is re-raised: a
-    dead run must not stay "running" on the dashboard."""
+    dead run must not stay "running" on the dashboard. `step` is the step to record, or a function giving
+    the step reached when the error came."""
     with sigterm_as_exit():
         try:
             yield
         except BaseException as err:
-            run.set_status("failed", step=step, error=f"{type(err).__name__}: {err}")
+            reached = step() if callable(step) else step
+            run.set_status("failed", step=reached, error=f"{type(err).__name__}: {err}")
             raise
 
 

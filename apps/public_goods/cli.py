@@ -125,8 +125,10 @@ def run(config: RunConfig) -> dict:
     game = GameConfig(**{k: v for k, v in vars(config).items() if k not in ("seed", "steps", "run_dir")})
     every = max(1, config.steps // 20)
     last_print = [time.perf_counter()]
+    reached = [0]  # the step a failure is recorded at
 
     def on_step(model) -> None:
+        reached[0] = model.steps
         rundir.log_metrics(
             model.steps,
             {"cooperation": model.cooperation, "mean_payoff": model.mean_payoff, **model.last_metrics},
@@ -138,7 +140,9 @@ def run(config: RunConfig) -> dict:
                 f"step {model.steps:>7}  cooperation {model.cooperation:.4f}  payoff {model.mean_payoff:8.4f}"
             )
 
-    with failure_recorded(rundir):  # SIGTERM and Ctrl-C included: a dead run must not stay "running"
+    with failure_recorded(
+        rundir, lambda: reached[0]
+    ):  # SIGTERM, Ctrl-C included: a dead run is not "running"
         traj = simulate(game, config.seed, config.steps, on_step=on_step)
         snapshots = io.BytesIO()
         np.savez_compressed(snapshots, **{f"t{t}": s for t, s in traj.snapshots.items()})

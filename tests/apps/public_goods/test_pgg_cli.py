@@ -6,6 +6,7 @@ import json
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -129,6 +130,19 @@ def test_a_run_or_sweep_that_dies_is_marked_failed(tmp_path, monkeypatch, verb, 
         main(["public-goods", verb, "--preset", "smoke", "--run-dir", str(tmp_path / verb)])
     status = RunDir(tmp_path / verb).read_status()
     assert (status["status"], status["error"]) == ("failed", f"{type(error).__name__}: {error}")
+
+
+def test_a_run_that_dies_midway_records_the_step_it_reached(tmp_path, monkeypatch):
+    def seven_steps_then_fail(game, seed, steps, on_step):
+        for step in range(1, 8):
+            on_step(SimpleNamespace(steps=step, cooperation=0.5, mean_payoff=1.0, last_metrics={}))
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(cli, "simulate", seven_steps_then_fail)
+    with pytest.raises(RuntimeError):
+        main(["public-goods", "run", "--preset", "smoke", "--run-dir", str(tmp_path / "run")])
+    status = RunDir(tmp_path / "run").read_status()
+    assert (status["status"], status["step"]) == ("failed", 7)
 
 
 def test_a_failed_sweep_is_marked_failed_without_waiting_for_its_running_jobs(tmp_path, monkeypatch):

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 # Delimiters math-verify's LaTeX extraction recognises; text with none of them is a bare answer. A dollar
 # counts only when it is not escaped: "\$18.90" (MATH writes money so) is a bare answer holding a dollar sign.
 _LATEX_DELIMITERS = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
+# A thin or plain space (or ~) between a digit and a group of exactly three digits is a thousands separator
+# ("1\,000", "12 345"); math-verify reads it as a product (1*0).
+_DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~| )(?=\d{3}(?!\d))")
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy machine
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`
 
@@ -63,6 +66,7 @@ def answers_match(prediction: str, gold: str, timeout_s: float = 5.0) -> bool:
 
 
 def _as_latex(answer: str) -> str:
+    answer = _DIGIT_GROUP_SPACE.sub("", answer)
     return answer if _LATEX_DELIMITERS.search(answer) else f"${answer}$"
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -243,22 +244,27 @@ class Rubric:
         the scales. A table scored before the fit keeps the weights it was scored with."""
         if self._fitted:
             raise ValueError("the reward scales are already fitted (or loaded); they are frozen for the run")
-        components = table_or_components
+        components, counted = table_or_components, None
         if isinstance(table_or_components, RewardTable):
             if table_or_components.names != self.names:
                 raise ValueError(f"table columns {table_or_components.names} != the rubric's {self.names}")
             components = table_or_components.components
+            counted = ~table_or_components.failed  # (N, K): a failed call's placeholder 0 is no reward
         if components.dim() != 2 or components.shape[0] == 0 or components.shape[1] != len(self.names):
             raise ValueError(
                 f"components must have shape (N >= 1, {len(self.names)}), got {tuple(components.shape)}"
             )
         if not torch.isfinite(components).all():
             raise ValueError("components contain NaN or inf; cannot fit reward scales on them")
-        magnitude = components.double().abs().mean(dim=0)  # (K,)
+        if counted is None:
+            counted = torch.ones(components.shape, dtype=torch.bool)
+        scored = counted.sum(dim=0)  # (K,)
+        magnitude = (components.double().abs() * counted).sum(dim=0) / scored.clamp(min=1)  # (K,)
         zero = [name for name, m in zip(self.names, magnitude.tolist(), strict=True) if m == 0.0]
         if zero:
             raise ValueError(
-                f"cannot fit scales: mean |reward| is 0 on this batch for {zero}; fit on a batch where every "
+                f"cannot fit scales: mean |reward| is 0 (or every call failed) on this batch for {zero}; fit on "
+                "a batch where every "
                 "component is non-zero somewhere, or leave the scales at 1"
             )
         self._scales = {name: 1.0 / m for name, m in zip(self.names, magnitude.tolist(), strict=True)}
@@ -298,7 +304,12 @@ def _call_one(
 
 
 def _checked(name: str, value: Any, id_: Any) -> float | RewardError:
-    """`value` as a float if it is a real number, finite in float32; otherwise a RewardError saying so."""
+    """`value` as a float if it is a real number (a 0-d tensor or numpy scalar included), finite in float32;
+    otherwise a RewardError saying so."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    elif isinstance(value, np.generic):  # np.float32, np.bool_, ...
+        value = value.item()
     if isinstance(value, numbers.Real):
         try:
             number = float(value)

@@ -29,6 +29,9 @@ MATCHES = [
     ("答案是 42", "42"),  # unicode text around the answer
     ("−3", "-3"),  # U+2212 minus sign
     ("123456789012345678901234567890", "123456789012345678901234567890"),
+    ("1000", r"1\,000"),  # thin-space and plain-space thousands separators
+    ("12345", "12 345"),
+    (r"1\;000\;000", "1000000"),
 ]
 
 MISMATCHES = [
@@ -41,6 +44,9 @@ MISMATCHES = [
     ("1 < x < 2", "(1, 2)"),  # verify(gold, prediction) is not symmetric: the gold must go first
     # 30 digits, off by one in the last: a comparison through float64 would call these equal
     ("123456789012345678901234567891", "123456789012345678901234567890"),
+    ("0", r"1\,000"),  # read as a product 1*0 before the separator was dropped
+    ("0", "1 000"),
+    ("2 30", "230"),  # a space before two digits is no thousands separator
 ]
 
 GARBAGE = [

@@ -6,6 +6,7 @@ import math
 import re
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -251,9 +252,29 @@ def test_fit_scales_uses_magnitudes_and_accepts_a_tensor():
     assert rubric.fit_scales(torch.tensor([[-2.0, 1.0], [2.0, 7.0]])) == {"cell": 0.5, "order": 0.25}
 
 
+def test_fit_scales_leaves_out_the_calls_that_failed():
+    """With on_error="zero" a failed call's 0 is a placeholder, not a reward: the mean |cell| is over the
+    rows that were scored (3 and 1 -> 2 -> 0.5), not 4 / 3."""
+    rubric = Rubric({"cell": field("cell"), "order": field("order")}, on_error="zero")
+    table = rubric.score(
+        ["", "", ""], [{"cell": 3.0, "order": 1.0}, {"cell": None, "order": 1.0}, {"cell": 1.0, "order": 1.0}]
+    )
+    assert table.failed[:, 0].tolist() == [False, True, False]
+    assert rubric.fit_scales(table) == {"cell": 0.5, "order": 1.0}
+
+
+def test_rewards_returned_as_tensor_or_numpy_scalars_are_numbers():
+    values = [torch.tensor(0.25), np.float32(0.5), np.bool_(True), torch.tensor(2)]
+    rubric = Rubric({"r": lambda completion, example: example["v"]})
+    table = rubric.score(["", "", "", ""], [{"v": v} for v in values])
+    assert table.components[:, 0].tolist() == [0.25, 0.5, 1.0, 2.0] and not table.failed.any()
+
+
 def test_fit_scales_refuses_a_zero_component():
     rubric = scaled_rubric()
-    with pytest.raises(ValueError, match=r"mean \|reward\| is 0 on this batch for \['order'\]"):
+    with pytest.raises(
+        ValueError, match=r"mean \|reward\| is 0 \(or every call failed\) on this batch for \['order'\]"
+    ):
         rubric.fit_scales(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
     assert rubric.scales == {"cell": 1.0, "order": 1.0} and not rubric.fitted
 

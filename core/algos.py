@@ -47,10 +47,12 @@ def _grouped(x: Tensor, group_size: int) -> Tensor:
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `x` over the positions where `mask` is 1; 0 (never NaN) where no position counts."""
+    """Mean of `x` over the positions where `mask` is 1; 0 (never NaN) where no position counts, whatever
+    `x` holds where it is 0."""
+    kept = torch.where(mask > 0, x, 0.0)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1.0)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+        return kept.sum() / mask.sum().clamp(min=1.0)
+    return kept.sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,9 +289,13 @@ def policy_loss(
     if beta > 0.0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's per-token logprobs)")
 
-    logp = logp.float()
     mask = mask.float()
-    old_logp = logp.detach() if old_logp is None else old_logp.float()
+    valid = mask > 0
+    # padding may hold anything (-inf under a vocabulary mask): 0 there, as inf * 0 in a masked sum is NaN
+    logp = torch.where(valid, logp.float(), 0.0)
+    old_logp = logp.detach() if old_logp is None else torch.where(valid, old_logp.float(), 0.0)
+    if ref_logp is not None:
+        ref_logp = torch.where(valid, ref_logp.float(), 0.0)
     adv = advantages.float().unsqueeze(-1)  # (N, 1)
 
     log_ratio = logp - old_logp  # (N, T)
@@ -310,7 +316,7 @@ def policy_loss(
     per_token = pg
     kl = None
     if ref_logp is not None:
-        kl = kl_fn(logp, ref_logp.float())  # (N, T)
+        kl = kl_fn(logp, ref_logp)  # (N, T)
         if beta > 0.0:
             per_token = pg + beta * kl
     loss = aggregate(per_token, mask, **counts)
@@ -323,7 +329,6 @@ def policy_loss(
         )  # (N, T) | (N, 1)
         low = ((ratio < 1.0 - eps_low) & (adv < 0)).float()
         high = ((ratio > 1.0 + eps_high) & (adv > 0)).float()
-        valid = mask > 0
         metrics = {
             "pg_loss": aggregate(pg, mask, **counts).detach(),
             "clip/low_frac": masked_mean(low, clip_mask),

@@ -429,3 +429,33 @@ def test_kd_reward_hand_values():
     student = torch.tensor([[-2.0, -2.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     assert algos.kd_reward(teacher, student, mask, alpha=0.5).tolist() == [0.25]
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_whatever_padding_holds_the_loss_and_gradients_are_those_of_zeros(aggregation, ratio_level):
+    """-inf on a padded position (a vocabulary mask's) made the loss NaN through inf * 0 in a masked sum."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    finite = torch.randn(2, 3, generator=g) - 2.0
+    advantages = torch.tensor([1.0, -0.5])
+    results = []
+    for pad in (0.0, -math.inf, math.nan):
+        logp = finite.clone()
+        logp[0, 2] = pad
+        logp.requires_grad_(True)
+        old, ref = finite + 0.1, finite - 0.2
+        old[0, 2], ref[0, 2] = pad, pad
+        loss, metrics = algos.policy_loss(
+            logp, old, advantages, mask, ratio_level=ratio_level, aggregation=aggregation, max_length=3,
+            ref_logp=ref, beta=0.04,
+        )  # fmt: skip
+        loss.backward()
+        results.append((loss.detach(), logp.grad, metrics["kl"]))
+    for loss, grad, kl in results[1:]:
+        assert (
+            torch.equal(loss, results[0][0])
+            and torch.equal(grad, results[0][1])
+            and torch.equal(kl, results[0][2])
+        )
+    assert torch.isfinite(results[0][0]) and results[0][1][0, 2] == 0.0

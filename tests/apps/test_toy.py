@@ -2,6 +2,7 @@
 (data-parallel, with dynamic sampling, sharded with FSDP, FSDP with LoRA, DeepSpeed ZeRO-1 and ZeRO-2;
 FSDP and ZeRO resume)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from apps.toy import train as toy_train
 from apps.toy.task import alphabet_fraction, letter_fraction, make_examples
 from core.cli import main
 from core.runs import RunDir
@@ -38,6 +40,42 @@ def test_rewards_and_examples():
     assert alphabet_fraction("ab?", {"letter": "a"}) == pytest.approx(2 / 3)
     assert make_examples(5, seed=1) == make_examples(5, seed=1)
     assert make_examples(5, seed=1)[0]["prompt"] == f"Repeat {make_examples(5, seed=1)[0]['letter']}"
+
+
+def test_different_seeds_give_different_examples():
+    letters = {seed: [e["letter"] for e in make_examples(32, seed=seed)] for seed in (1, 2)}
+    assert letters[1] != letters[2]
+    assert set(letters[1]) == set(letters[2]) == {"a", "b"}
+    assert [e["id"] for e in make_examples(3, seed=2)] == ["toy-0", "toy-1", "toy-2"]
+
+
+def test_alphabet_weight_flag_weighs_the_shaping_reward(tmp_path, monkeypatch):
+    """The rubric `toy train` builds: total = letter + w * alphabet (trainer and model stubbed out)."""
+    built = {}
+
+    class Trainer:
+        def __init__(self, config, model, tokenizer, examples, rubric, app):
+            built.update(rubric=rubric, examples=examples)
+
+        def until_finished(self):
+            return contextlib.nullcontext()
+
+        def train(self):
+            return []
+
+        def save_final(self):
+            return tmp_path / "final"
+
+    monkeypatch.setattr(toy_train, "policy_for", lambda config, build: (None, None))
+    monkeypatch.setattr(toy_train, "GRPOTrainer", Trainer)
+    args = ["--alphabet-weight", "0.5", "--num-examples", "6", "--seed", "3"]
+    assert main([*TOY, *args, "--run-dir", str(tmp_path / "run")]) == 0
+    rubric = built["rubric"]
+    assert rubric.weights == {"letter": 1.0, "alphabet": 0.5}
+    assert built["examples"] == make_examples(6, seed=3)
+    table = rubric.score(["aab?", "bb", "xyz"], [{"letter": "a"}, {"letter": "a"}, {"letter": "b"}])
+    # letter 2/4, alphabet 3/4 -> 1/2 + 3/8; letter 0, alphabet 1 -> 1/2; nothing -> 0
+    assert table.total.tolist() == pytest.approx([0.875, 0.5, 0.0])
 
 
 def test_smoke_run_writes_a_complete_run_directory(tmp_path, capsys):

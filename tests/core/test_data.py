@@ -3,7 +3,7 @@ wrong) and the seeded prompt order."""
 
 import pytest
 
-from core.data import InputError, PromptSampler, read_examples
+from core.data import InputError, PromptSampler, read_examples, read_jsonl
 
 
 def test_malformed_data_rows_name_the_file_and_line(tmp_path):
@@ -86,3 +86,62 @@ def test_the_prompt_order_resumes_only_over_as_many_examples():
     assert resumed.take(10) == sampler.take(10)
     with pytest.raises(ValueError, match="prompt order is over 8 examples, this run has 1"):
         PromptSampler(examples[:1], seed=3).load_state_dict(state)  # an IndexError before
+
+
+def test_every_reader_error_names_the_file(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"id": "x", "prompt": "a"}\n{"id": "y", "prompt": "b"}\n{"id": "x", "prompt": "c"}\n')
+    with pytest.raises(InputError, match=r"dup.jsonl:line 3: id 'x' is also the id of line 1"):
+        read_examples(path, ["prompt"])
+    path = tmp_path / "cols.json"
+    path.write_text('{"prompt": ["a", "b"], "answer": ["1"]}')
+    with pytest.raises(
+        InputError, match=r"cols.json: columns of different lengths \{'prompt': 2, 'answer': 1\}"
+    ):
+        read_examples(path, ["prompt"])
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"prompt": "a"}\n\n[1, 2]\n')
+    with pytest.raises(InputError, match=r"list.jsonl:3: expected a JSON object, got list"):
+        read_examples(path, ["prompt"])
+    path = tmp_path / "rows.json"
+    path.write_text('[{"prompt": "a"}, 7]')
+    with pytest.raises(InputError, match=r"rows.json:row 2: expected a JSON object, got int"):
+        read_examples(path, ["prompt"])
+    path.write_text('"just text"')
+    with pytest.raises(InputError, match=r"rows.json: expected a list of objects or an object of columns"):
+        read_examples(path, ["prompt"])
+    path.write_text('[{"prompt": "a"},\n {"prompt": }]')
+    with pytest.raises(InputError, match=r"rows.json:2:13: not valid JSON"):
+        read_examples(path, ["prompt"])
+    for name, text in (("empty.jsonl", "\n\n"), ("empty.csv", "prompt\n"), ("empty.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=rf"data file \S*{name} has no rows"):
+            read_examples(tmp_path / name, ["prompt"])
+    (tmp_path / "data.txt").write_text("a\n")
+    with pytest.raises(InputError, match=r"data file \S*data.txt: expected .jsonl, .json, .csv or .parquet"):
+        read_examples(tmp_path / "data.txt", ["prompt"])
+
+
+def test_a_cut_off_last_line_is_left_out_with_a_warning_naming_file_and_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    with pytest.warns(UserWarning, match=r"log.jsonl:3: the last line has no line end"):
+        rows = list(read_jsonl(path, cut_off_end=True))
+    assert rows == [(1, {"step": 1}), (2, {"step": 2})]
+    with pytest.raises(InputError, match=r"log.jsonl:3: not valid JSON"):
+        list(read_jsonl(path))
+
+
+def test_each_epoch_is_a_fresh_seeded_permutation():
+    examples = [{"id": str(i), "prompt": str(i)} for i in range(10)]
+    sampler = PromptSampler(examples, seed=5)
+    epoch0, epoch1 = sampler.take(10), sampler.take(10)
+    assert sampler.state_dict() == {"epoch": 1, "index": 10, "examples": 10}
+    for epoch in (epoch0, epoch1):
+        assert sorted(e["id"] for e in epoch) == sorted(e["id"] for e in examples)
+    assert epoch0 != epoch1
+    again = PromptSampler(examples, seed=5)
+    assert again.take(20) == epoch0 + epoch1
+    assert PromptSampler(examples, seed=6).take(10) != epoch0
+    with pytest.raises(ValueError, match="no training examples"):
+        PromptSampler([], seed=5)

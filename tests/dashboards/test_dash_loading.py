@@ -81,6 +81,10 @@ def test_find_runs_and_info(runs_root):
     assert infos["toy/a"].step == 3 and infos["math/m3"].algorithm == "gtpo"
     assert infos["math/m3"].status == "unknown"  # no status.json
     assert infos["toy/c"].error == "CUDA out of memory <b>x</b>"
+    bogus = make_run(runs_root, "toy/bogus", "toy")  # a status the dashboards do not know
+    bogus.status_path.write_text(json.dumps({"status": "bogus", "step": 2, "updated": None, "error": None}))
+    info = loading.run_info(runs_root, "toy/bogus")
+    assert info.status == "unknown" and info.step == 2
 
 
 def test_config_diff_keeps_only_differing_fields(runs_root):
@@ -358,8 +362,16 @@ def test_sudoku_board_cells_by_hand():
 
 def test_app_tables():
     assert page_for_app("public-goods").module is public_goods and page_for_app("toy") is None
-    lattice = public_goods.lattice_cells([[1, 0], [0, 0]])
-    assert lattice["strategy"].tolist() == ["cooperator", "defector", "defector", "defector"]
+    lattice = public_goods.lattice_cells([[1, 1], [0, 0]])  # row 0 cooperates: not symmetric
+    assert lattice[["row", "col", "strategy"]].values.tolist() == [
+        [0, 0, "cooperator"],
+        [0, 1, "cooperator"],
+        [1, 0, "defector"],
+        [1, 1, "defector"],
+    ]
+    wide = public_goods.lattice_cells([[0, 1, 0]])  # 1 row, 3 columns
+    assert wide[["row", "col"]].values.tolist() == [[0, 0], [0, 1], [0, 2]]
+    assert wide["strategy"].tolist() == ["defector", "cooperator", "defector"]
     rows = math_page.pass_at_k_rows(
         {
             "m1": ("grpo", {"pass_at_k": {"g": {"1": 0.2, "8": 0.5}}}),

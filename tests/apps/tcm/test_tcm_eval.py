@@ -3,8 +3,10 @@
 import math
 
 import pytest
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
 from apps.tcm.evaluate import bleu, dashboard_keys, format_table, score_completions
+from apps.tcm.rewards import rouge_l, zh_tokens
 
 
 def wrap(answer: str) -> str:
@@ -77,3 +79,31 @@ def test_dashboard_keys_per_type():
         "accuracy_by_type": {"single": 0.5, "multiple": 1.0, "fill": 0.0, "open": 1.0},
         "count_by_type": {"single": 2, "multiple": 1, "fill": 1, "open": 2},
     }
+
+
+def test_open_accuracy_is_exact_match_and_bleu_is_predictions_against_references():
+    """A partial open answer: exact match 0 (not its ROUGE-L); BLEU scores the predictions against the
+    references (swapped, the brevity penalty and the n-gram counts change)."""
+    examples = [
+        {"type": "open", "answer": "发汗解表，宣肺平喘"},
+        {"type": "open", "answer": "发汗解表，宣肺平喘"},
+        {"type": "open", "answer": "益气健脾"},
+    ]
+    predictions = ["发汗解表，宣肺平喘", "发汗解表", "补血调血"]  # exact, partial, wrong
+    open_row = score_completions([wrap(p) for p in predictions], examples)["by_type"]["open"]
+    assert open_row["accuracy"] == pytest.approx(1 / 3)  # ROUGE as accuracy would give 5/9
+    # partial: words 发汗/解表 of 发汗/解表/宣肺/平喘: LCS 2, P 1, R 1/2, F1 2/3
+    assert rouge_l("发汗解表", "发汗解表，宣肺平喘") == pytest.approx(2 / 3)
+    assert open_row["rouge_l"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    references = [example["answer"] for example in examples]
+    expected = corpus_bleu(
+        [[zh_tokens(r)] for r in references],
+        [zh_tokens(p) for p in predictions],
+        smoothing_function=SmoothingFunction().method1,
+    )
+    assert open_row["bleu"] == pytest.approx(expected)
+    # by hand (nltk counts at least 1 n-gram per sentence): hypothesis 8 words, references 10;
+    # p1 = 6/8, p2 = 4/5, p3 = 2/(2+1+1), p4 = 1/(1+1+1)
+    by_hand = math.exp(1 - 10 / 8) * (6 / 8 * 4 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert open_row["bleu"] == pytest.approx(by_hand)
+    assert bleu(references, predictions) != pytest.approx(by_hand)  # the swap this guards against

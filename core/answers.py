@@ -38,9 +38,14 @@ logger = logging.getLogger(__name__)
 # Delimiters math-verify's LaTeX extraction recognises; text with none of them is a bare answer. A dollar
 # counts only when it is not escaped: "\$18.90" (MATH writes money so) is a bare answer holding a dollar sign.
 _LATEX_DELIMITERS = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
-# A thin or plain space (or ~) between a digit and a group of exactly three digits is a thousands separator
-# ("1\,000", "12 345"); math-verify reads it as a product (1*0).
-_DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~| )(?=\d{3}(?!\d))")
+# A number written in digit groups, with a thin or plain space (or ~) between them: "1\,000", "12 345",
+# "0.000\,1" (groups of 3 before the point, of 1-3 at the end after it); math-verify reads the space as a
+# product (1*0). "100 200 300" is read as one number, not a list.
+_GROUP_SPACE = r"(?:\\[,;:! ]|~| )"
+_GROUPED_NUMBER = re.compile(
+    rf"(?<![\d.])\d{{1,3}}(?:{_GROUP_SPACE}\d{{3}})+(?!\d)(?:\.\d+(?:{_GROUP_SPACE}\d{{1,3}})*)?"
+    rf"|\d*\.\d+(?:{_GROUP_SPACE}\d{{1,3}})+"
+)
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy machine
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`
 
@@ -66,7 +71,7 @@ def answers_match(prediction: str, gold: str, timeout_s: float = 5.0) -> bool:
 
 
 def _as_latex(answer: str) -> str:
-    answer = _DIGIT_GROUP_SPACE.sub("", answer)
+    answer = _GROUPED_NUMBER.sub(lambda number: re.sub(_GROUP_SPACE, "", number.group()), answer)
     return answer if _LATEX_DELIMITERS.search(answer) else f"${answer}$"
 
 

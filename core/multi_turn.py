@@ -102,14 +102,15 @@ def multi_turn_rollouts(
                 if room is not None and len(obs_ids) > room:  # cut to the context, and the episode ends
                     obs_ids, cut = obs_ids[:room], True
                     observation = tokenizer.decode(obs_ids, skip_special_tokens=True)
-                transcript[i].append({"role": "observation", "text": observation})
-                tokens[i] += obs_ids
-                trained[i] += [0.0] * len(obs_ids)
-                logps[i] += [0.0] * len(obs_ids)
-            if cut:
-                reasons[i] = "context"
-            elif done:
+                if obs_ids:
+                    transcript[i].append({"role": "observation", "text": observation})
+                    tokens[i] += obs_ids
+                    trained[i] += [0.0] * len(obs_ids)
+                    logps[i] += [0.0] * len(obs_ids)
+            if done:  # the environment's end stands, cut or not
                 reasons[i] = out.finish_reason[r]
+            elif cut:
+                reasons[i] = "context"
             else:
                 still_active.append(i)
         active = still_active

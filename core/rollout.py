@@ -102,12 +102,13 @@ class Rollouts:
       comes from a KV-cached decode, which differs from a full forward by float noise.
     - `finish_reason`: "stop" (eos or stop string), "length" (max_new_tokens), or in multi-turn rollouts
       "turn_cap" (max_turns reached before the environment ended the episode) or "context" (the next turn
-      would not fit the model's context).
+      would not fit the model's context, or an observation did not and was cut at its end).
     - `completions`: decoded completion text, without special tokens or padding (multi-turn: the whole
       transcript after the prompt, observations included); `num_turns`: 1 for single-turn rollouts.
     - `turns` (multi-turn only, else None): per row the transcript as `{"role": "model" | "observation",
       "text": str}` entries in order, each model turn's decoded text and each observation as the
-      environment gave it; rollouts.jsonl carries it for the dashboard's turn view.
+      environment gave it (cut at the model's context: its kept tokens decoded); rollouts.jsonl carries it
+      for the dashboard's turn view.
     - `vocab_mask` (constrained decoding, else None): the allowed ids of each completion token (index (N, T),
       -1 on padding), which the trainer's logprobs renormalise over; see `core.policy.VocabMask`.
     """

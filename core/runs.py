@@ -259,7 +259,8 @@ class RunDir:
                 for key in sorted(old.keys() | new_config.keys())
                 if old.get(key) != new_config.get(key)
             }
-            if changed:  # recorded below in any case; said here, where the user sees it
+            said = {k: v for k, v in changed.items() if k not in ("resume", "run_dir")}
+            if said:  # recorded below in any case; said here, where the user sees it
                 print(
                     f"resuming {path} with changed settings: "
                     + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())

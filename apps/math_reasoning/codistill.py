@@ -72,6 +72,7 @@ class CoDistillHooks(TrainerHooks):
         self.is_cap = is_cap
         self.train_large = train_large
         params = [p for p in large_model.parameters() if p.requires_grad]
+        self._learning_rate, self._weight_decay = learning_rate, weight_decay
         self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
         self._cache: tuple[Rollouts, torch.Tensor, torch.Tensor] | None = None
         self._kd_time = 0.0
@@ -88,6 +89,8 @@ class CoDistillHooks(TrainerHooks):
             )
         self.large.load_state_dict(state["large_model"])
         self.optimizer.load_state_dict(state["large_optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups' rate and decay: this run's instead
+            group["lr"], group["weight_decay"] = self._learning_rate, self._weight_decay
 
     def extra_rewards(self, trainer, rollouts: Rollouts, examples: list[dict]) -> dict:
         cfg = trainer.config

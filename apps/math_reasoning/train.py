@@ -167,13 +167,16 @@ class MathTrainConfig(GRPOConfig):
 
 def applies_to(name: str) -> tuple[str, ...]:
     """The algorithms that read a field: each gtpo_*, scaf_* and codistill_* field its own, large_model
-    codistill, size every one but codistill (its policy is the small model), any other field all.
+    codistill, size every one but codistill (its policy is the small model), beta every one but gtpo (no
+    reference model), any other field all.
 
     >>> applies_to("scaf_tiers"), applies_to("size"), applies_to("max_steps") == ALGORITHMS
     (('scaf',), ('grpo', 'gtpo', 'scaf'), True)
     """
     if name == "large_model":
         return ("codistill",)
+    if name == "beta":
+        return ("grpo", "scaf", "codistill")
     if name == "size":
         return ("grpo", "gtpo", "scaf")
     prefix = name.split("_", 1)[0]

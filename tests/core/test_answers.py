@@ -32,6 +32,8 @@ MATCHES = [
     ("1000", r"1\,000"),  # thin-space and plain-space thousands separators
     ("12345", "12 345"),
     (r"1\;000\;000", "1000000"),
+    ("0.0001", r"0.000\,1"),  # a shorter last group after the point
+    ("3.14159265", r"3.141\,592\,65"),
 ]
 
 MISMATCHES = [
@@ -47,6 +49,8 @@ MISMATCHES = [
     ("0", r"1\,000"),  # read as a product 1*0 before the separator was dropped
     ("0", "1 000"),
     ("2 30", "230"),  # a space before two digits is no thousands separator
+    ("0", r"0.000\,1"),  # read as 0.000 * 1
+    ("0", "0.000 1"),
 ]
 
 GARBAGE = [

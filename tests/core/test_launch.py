@@ -4,6 +4,7 @@ import pytest
 
 from core.cli import main
 from core.launch import with_run_dir
+from core.runs import RunDir
 from core.trainer import GRPOConfig
 
 
@@ -26,3 +27,15 @@ def test_a_train_command_given_a_file_as_run_dir_is_a_command_line_error(tmp_pat
     assert exit_info.value.code == 2
     assert f"error: --run-dir {rd} is a file, not a directory" in capsys.readouterr().err
     assert rd.read_text() == "x"
+
+
+def test_a_resume_of_another_kind_of_run_is_refused_before_anything_is_built(tmp_path):
+    """math train --resume --algo codistill on a grpo run had built and SFT'd a large base model inside it
+    before RunDir.create refused it."""
+    RunDir.create(tmp_path / "run", {}, app="math", algorithm="grpo", exist_ok_for_resume=False)
+    config = GRPOConfig(run_dir=str(tmp_path / "run"), resume=True)
+    with pytest.raises(ValueError, match="cannot resume it with algorithm 'codistill': it is a 'grpo' run"):
+        with_run_dir(config, "math", "codistill")
+    with pytest.raises(ValueError, match="cannot resume it with app 'toy': it is a 'math' run"):
+        with_run_dir(config, "toy")
+    assert with_run_dir(config, "math").run_dir == str(tmp_path / "run")

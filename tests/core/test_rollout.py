@@ -575,6 +575,18 @@ def test_multi_turn_cuts_an_observation_at_the_context_and_ends_the_episode(tok)
     assert r.turns[0][1] == {"role": "observation", "text": "=ok\n"} and r.completions[0].endswith("=ok\n")
 
 
+def test_an_episode_the_environment_ended_at_the_context_keeps_its_reason(tok):
+    """The turn fills the context exactly and the environment ends the episode: no room for its
+    observation, so none is added (no empty entry), and the finish reason is the turn's, not "context"."""
+    model = build_model(len(tok))
+    model.config.max_position_embeddings = 10  # "ab" (2) + 8 tokens
+    backend = HFGenerateBackend(model, tok)
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=8)
+    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(1), settings, 0, max_turns=3)
+    assert r.finish_reason == ["length"] and r.num_turns == [1]
+    assert [t["role"] for t in r.turns[0]] == ["model"] and r.loss_mask[0].tolist() == [1.0] * 8
+
+
 # ---------------------------------------------------------------------------------------------------
 # Constrained decoding (VocabConstraint -> Rollouts.vocab_mask)
 # ---------------------------------------------------------------------------------------------------

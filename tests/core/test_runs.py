@@ -664,3 +664,17 @@ def test_a_block_killed_by_sigterm_marks_its_run_failed(run):
     status = run.read_status()
     assert (status["status"], status["step"]) == ("failed", 3) and "SIGTERM" in status["error"]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_resume_says_which_settings_changed(tmp_path, capsys):
+    RunDir.create(
+        tmp_path / "r", {"lr": 0.1, "resume": False}, app="t", algorithm="g", exist_ok_for_resume=False
+    )
+    RunDir.create(
+        tmp_path / "r", {"lr": 0.1, "resume": True}, app="t", algorithm="g", exist_ok_for_resume=True
+    )
+    assert "changed settings" not in capsys.readouterr().out  # resume itself is no change to say
+    RunDir.create(
+        tmp_path / "r", {"lr": 0.2, "resume": True}, app="t", algorithm="g", exist_ok_for_resume=True
+    )
+    assert "with changed settings: lr 0.1 -> 0.2" in capsys.readouterr().out

@@ -429,6 +429,37 @@ def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(model_dir, tmp_
     assert checkpoint.stat().st_ino == inode
 
 
+def test_status_follows_the_checkpoints_and_says_finished_once_the_app_is_done(model_dir, tmp_path):
+    """While running, status.json's step is the newest checkpoint's (the step a kill resumes from); inside
+    `until_finished` the run is finished when the block ends, and failed if the app's work after training
+    (saving, evaluating) dies, not finished before it."""
+    seen = []
+
+    class StatusReader(TrainerHooks):
+        def after_update(self, trainer, batch) -> dict:
+            seen.append(trainer.run.read_status()["step"])
+            return {}
+
+    trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=3, save_every=1), hooks=StatusReader())
+    with trainer.until_finished():
+        trainer.train()
+        assert trainer.run.read_status()["status"] == "running"  # trained, not yet saved
+        trainer.save_final()
+    assert seen == [0, 1, 2] and trainer.run.read_status() | {"updated": None} == {
+        "status": "finished",
+        "step": 3,
+        "updated": None,
+        "error": None,
+    }
+    failing = make_trainer(model_dir, make_config(tmp_path / "b", max_steps=1))
+    with pytest.raises(RuntimeError, match="disk full"):
+        with failing.until_finished():
+            failing.train()
+            raise RuntimeError("disk full")
+    status = failing.run.read_status()
+    assert (status["status"], status["step"], status["error"]) == ("failed", 1, "RuntimeError: disk full")
+
+
 def test_a_resume_that_cannot_load_its_checkpoint_marks_the_run_failed(model_dir, tmp_path):
     config = make_config(tmp_path, max_steps=1)
     make_trainer(model_dir, config).train()

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from apps.math_reasoning.codistill import CoDistillHooks, no_grad_logprobs, verifiable_advantages
+from apps.math_reasoning.compare import arm_values
 from apps.math_reasoning.data import offline_sets
 from apps.math_reasoning.gtpo import GTPOHooks
 from apps.math_reasoning.rewards import rubric_for
@@ -357,6 +358,22 @@ def test_gtpo_refuses_a_kl_term(tmp_path):
     with pytest.raises(ValueError, match="gtpo has no reference model"):
         config(tmp_path, algo="gtpo", beta=0.04)
     assert config(tmp_path, algo="gtpo").advantage_scale == "none"
+    # a compare's train config with beta gives it to the other arms only
+    values = {"beta": 0.04, "max_steps": 3}
+    assert arm_values(values, "gtpo") == {"max_steps": 3, "algo": "gtpo"}
+    assert arm_values(values, "scaf") == {"beta": 0.04, "max_steps": 3, "algo": "scaf"}
+    MathTrainConfig(**arm_values(values, "gtpo"))
+
+
+def test_a_resumed_codistill_takes_this_runs_rate_and_decay_for_the_large_model(large_dir):
+    """The optimizer state loaded on a resume carries the saved param groups: L's rate and decay must be
+    this run's, as the trainer applies its own to S."""
+    saved = CoDistillHooks(load_policy(large_dir)[0], alpha=0.5, is_cap=2.0, learning_rate=1e-5).state_dict()
+    hooks = CoDistillHooks(
+        load_policy(large_dir)[0], alpha=0.5, is_cap=2.0, learning_rate=3e-5, weight_decay=0.1
+    )
+    hooks.load_state_dict(saved)
+    assert [(g["lr"], g["weight_decay"]) for g in hooks.optimizer.param_groups] == [(3e-5, 0.1)]
 
 
 def test_scaf_skips_hinted_prompts_that_would_not_fit_the_context(small_dir, tmp_path):

@@ -39,12 +39,12 @@ logger = logging.getLogger(__name__)
 # counts only when it is not escaped: "\$18.90" (MATH writes money so) is a bare answer holding a dollar sign.
 _LATEX_DELIMITERS = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
 # A number written in digit groups, with a thin or plain space (or ~) between them: "1\,000", "12 345",
-# "0.000\,1" (groups of 3 before the point, of 1-3 at the end after it); math-verify reads the space as a
-# product (1*0). "100 200 300" is read as one number, not a list.
+# "0.000\,1" (groups of 3 before the point; after it, groups of 3 then a last one of 1-3); math-verify reads
+# the space as a product (1*0). "100 200 300" is read as one number, not a list; "1.5 2.5" stays two.
 _GROUP_SPACE = r"(?:\\[,;:! ]|~| )"
+_FRACTION_GROUPS = rf"\.\d{{3}}(?:{_GROUP_SPACE}\d{{3}})*{_GROUP_SPACE}\d{{1,3}}(?!\d)"
 _GROUPED_NUMBER = re.compile(
-    rf"(?<![\d.])\d{{1,3}}(?:{_GROUP_SPACE}\d{{3}})+(?!\d)(?:\.\d+(?:{_GROUP_SPACE}\d{{1,3}})*)?"
-    rf"|\d*\.\d+(?:{_GROUP_SPACE}\d{{1,3}})+"
+    rf"(?<![\d.])(?:\d{{1,3}}(?:{_GROUP_SPACE}\d{{3}})+(?!\d)(?:{_FRACTION_GROUPS}|\.\d+)?|\d*{_FRACTION_GROUPS})"
 )
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy machine
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`

@@ -308,8 +308,8 @@ def _checked(name: str, value: Any, id_: Any) -> float | RewardError:
     otherwise a RewardError saying so."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
         value = value.item()
-    elif isinstance(value, np.generic):  # np.float32, np.bool_, ...
-        value = value.item()
+    elif isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        value = value.item()  # np.float32, np.bool_, a 0-d array
     if isinstance(value, numbers.Real):
         try:
             number = float(value)

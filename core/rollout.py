@@ -102,7 +102,8 @@ class Rollouts:
       comes from a KV-cached decode, which differs from a full forward by float noise.
     - `finish_reason`: "stop" (eos or stop string), "length" (max_new_tokens), or in multi-turn rollouts
       "turn_cap" (max_turns reached before the environment ended the episode) or "context" (the next turn
-      would not fit the model's context, or an observation did not and was cut at its end).
+      would not fit the model's context, or an observation did not and was cut at its end, unless the
+      environment ended the episode there).
     - `completions`: decoded completion text, without special tokens or padding (multi-turn: the whole
       transcript after the prompt, observations included); `num_turns`: 1 for single-turn rollouts.
     - `turns` (multi-turn only, else None): per row the transcript as `{"role": "model" | "observation",

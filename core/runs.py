@@ -263,7 +263,7 @@ class RunDir:
             if said:  # recorded below in any case; said here, where the user sees it
                 print(
                     f"resuming {path} with changed settings: "
-                    + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                    + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in said.items())
                 )
             stored.setdefault("resumes", []).append({"at": _now(), "changed": changed})
             write_json_atomic(config_path, stored)

@@ -197,13 +197,13 @@ def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> d
         with atomic_directory(run_path / "final") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        result = {}
+        if config.eval_puzzles:  # inside: a run is finished once evaluated
+            examples = [to_example(p, i, "eval") for i, p in enumerate(held_out[: config.eval_puzzles])]
+            result = evaluate_model(model, tokenizer, examples)
+            run.write_eval({"model": str(run_path / "final"), **result})
+            print(table({f"sft-{config.order}": result}))
     run.set_status("finished", step=config.sft_steps)
-    result = {}
-    if config.eval_puzzles:
-        examples = [to_example(p, i, "eval") for i, p in enumerate(held_out[: config.eval_puzzles])]
-        result = evaluate_model(model, tokenizer, examples)
-        run.write_eval({"model": str(run_path / "final"), **result})
-        print(table({f"sft-{config.order}": result}))
     print(f"model saved to {run_path / 'final'}")
     return result
 

@@ -51,6 +51,7 @@ MISMATCHES = [
     ("2 30", "230"),  # a space before two digits is no thousands separator
     ("0", r"0.000\,1"),  # read as 0.000 * 1
     ("0", "0.000 1"),
+    ("0.51", "0.5 10"),  # a decimal, then another number: not one number
 ]
 
 GARBAGE = [

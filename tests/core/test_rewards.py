@@ -264,10 +264,10 @@ def test_fit_scales_leaves_out_the_calls_that_failed():
 
 
 def test_rewards_returned_as_tensor_or_numpy_scalars_are_numbers():
-    values = [torch.tensor(0.25), np.float32(0.5), np.bool_(True), torch.tensor(2)]
+    values = [torch.tensor(0.25), np.float32(0.5), np.bool_(True), torch.tensor(2), np.array(0.75)]
     rubric = Rubric({"r": lambda completion, example: example["v"]})
-    table = rubric.score(["", "", "", ""], [{"v": v} for v in values])
-    assert table.components[:, 0].tolist() == [0.25, 0.5, 1.0, 2.0] and not table.failed.any()
+    table = rubric.score([""] * len(values), [{"v": v} for v in values])
+    assert table.components[:, 0].tolist() == [0.25, 0.5, 1.0, 2.0, 0.75] and not table.failed.any()
 
 
 def test_fit_scales_refuses_a_zero_component():

@@ -1,6 +1,7 @@
 """Every `grpo-suite sudoku` subcommand smoke-run with a 2-step budget, through the command line."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from apps.sudoku.cli import SMOKE
 from apps.sudoku.model import create_model_dir
 from apps.sudoku.pipeline import SudokuPipelineConfig
 from apps.sudoku.puzzles import generate_puzzles, read_puzzles
-from apps.sudoku.train import SudokuTrainConfig
+from apps.sudoku.train import SudokuSFTConfig, SudokuTrainConfig
 from core.cli import main
 from core.config import config_to_dict
 from core.runs import RunDir
@@ -387,3 +388,23 @@ def test_bootstrap_prompts_below_one_is_refused_before_any_stage(tmp_path, capsy
         )
         assert not run.exists()
     assert SudokuTrainConfig(bootstrap_prompts=0, bootstrap_scaling=False).bootstrap_prompts == 0
+
+
+def test_an_sft_run_is_finished_once_evaluated_and_failed_if_its_evaluation_dies(tmp_path, monkeypatch):
+    """The SFT run was marked finished before its evaluation, so a failure there left it finished with no
+    eval.json."""
+    from apps.sudoku import train as sudoku_train
+
+    config = SudokuSFTConfig(**{k: v for k, v in SMOKE.items() if k in SudokuSFTConfig.__dataclass_fields__})
+    sudoku_train.run_sft(replace(config, run_dir=str(tmp_path / "ok")))
+    assert RunDir(tmp_path / "ok").read_status()["status"] == "finished"
+    assert (tmp_path / "ok" / "eval.json").is_file()
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed while evaluating")
+
+    monkeypatch.setattr(sudoku_train, "evaluate_model", dies)
+    with pytest.raises(RuntimeError):
+        sudoku_train.run_sft(replace(config, run_dir=str(tmp_path / "cut")))
+    status = RunDir(tmp_path / "cut").read_status()
+    assert (status["status"], status["error"]) == ("failed", "RuntimeError: killed while evaluating")

@@ -350,11 +350,16 @@ def write_splits(splits: dict[str, list[dict]], out_dir: str | Path) -> Path:
 
 
 def load_splits(data_dir: str | Path | None, config: DataConfig | None = None) -> dict[str, list[dict]]:
-    """The splits from `data_dir/<split>.jsonl`, or generated in memory from `config` when `data_dir` is
-    None (the offline default: the same rows as the shipped files)."""
+    """The splits from `data_dir/<split>.jsonl` (heldout only where its file exists, as for the reward
+    model), or generated in memory from `config` when `data_dir` is None (the offline default: the same
+    rows as the shipped files)."""
     if data_dir is None:
         return generate_splits(config or DataConfig())
-    return {name: read_split(data_dir, name) for name in SPLITS}
+    return {
+        name: read_split(data_dir, name)
+        for name in SPLITS
+        if name != "heldout" or (Path(data_dir) / "heldout.jsonl").is_file()
+    }
 
 
 def check_reward_model_data(
@@ -370,7 +375,7 @@ def check_reward_model_data(
     if differ:
         here = data_dir or f"splits generated in memory (seed {DataConfig().seed})"
         saved_heldout = ", ".join(record["splits"].get("heldout", {}).get("categories", [])) or "none"
-        heldout = ", ".join(sorted({r["category"] for r in splits["heldout"]}))
+        heldout = ", ".join(sorted({r["category"] for r in splits.get("heldout", [])})) or "none"
         raise ValueError(
             f"{reward_model}: trained on {record['data_dir']} (held-out: {saved_heldout}), but this run "
             f"uses {here} (held-out: {heldout}), whose {', '.join(differ)} rows differ; "

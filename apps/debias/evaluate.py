@@ -31,6 +31,7 @@ from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings
 from core.runs import RunDir, default_run_dir
+from reward_models.pairs import read_split
 from reward_models.score import RewardModelScorer
 
 APP = "debias"
@@ -237,6 +238,9 @@ def pick_responses(
 
 def evaluate(config: DebiasEvalConfig) -> dict:
     splits = load_splits(config.data_dir)
+    for name in config.splits:
+        if name not in splits:  # heldout asked for, without its file: the reader's error names it
+            read_split(config.data_dir, name)
     scorer = RewardModelScorer(config.reward_model, device=config.device)
     check_reward_model_data(config.reward_model, scorer.training_data, splits, config.data_dir)
     reference = load_policy(

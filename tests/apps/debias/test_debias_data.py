@@ -110,3 +110,19 @@ def test_a_rewrite_cut_off_after_one_split_leaves_the_previous_splits(monkeypatc
     assert load_splits(out) == new
     assert (out / "README.md").read_text() == "about these splits\n"  # the user's files are carried over
     assert (out / "notes" / "a.txt").read_text() == "kept\n"
+
+
+def test_a_data_directory_without_heldout_loads_and_only_asking_for_it_fails(tmp_path):
+    """heldout.jsonl is optional, as for the reward model: train and test load without it, and an
+    evaluation that asks for heldout names the missing file."""
+    from apps.debias.evaluate import DebiasEvalConfig, evaluate
+
+    splits = generate_splits(DataConfig(num_prompts=60))
+    write_splits({k: v for k, v in splits.items() if k != "heldout"}, tmp_path / "d")
+    loaded = load_splits(tmp_path / "d")
+    assert sorted(loaded) == ["test", "train", "validation"] and loaded["train"] == splits["train"]
+    config = DebiasEvalConfig(
+        model="unused", reward_model="unused", data_dir=str(tmp_path / "d"), splits=("test", "heldout")
+    )
+    with pytest.raises(FileNotFoundError, match=r"heldout.jsonl"):
+        evaluate(config)

@@ -80,6 +80,12 @@ def test_one_training_step_lowers_the_loss():
     assert after.item() < before.item()
 
 
+def test_calibration_counts_a_probability_of_one():
+    """p = 1.0 falls in the last bin (index 10 clamped to 9), not outside every bin."""
+    assert calibration(torch.tensor([1.0]), torch.tensor([0.0])) == {"ece": 1.0, "brier": 1.0}
+    assert calibration(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == {"ece": 0.5, "brier": 0.5}
+
+
 def test_calibration_and_pairwise_metrics_with_a_fake_scorer():
     assert calibration(torch.tensor([0.95, 0.95, 0.05]), torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(
         {"ece": 2 / 3 * 0.45 + 1 / 3 * 0.05, "brier": (0.05**2 + 0.95**2 + 0.05**2) / 3}

@@ -3,7 +3,7 @@ unicode, huge numbers, LaTeX fractions; and the evaluation statistics."""
 
 import pytest
 
-from apps.math_reasoning.evaluate import majority_correct, pass_at_k
+from apps.math_reasoning.evaluate import _summary, majority_correct, pass_at_k
 from apps.math_reasoning.rewards import correctness, rubric_for, same_answer
 from apps.math_reasoning.templates import answer_in_tags, get_template
 
@@ -99,3 +99,14 @@ def test_majority_vote():
     assert majority_correct(["7", "1,000", "1000"], "1000")
     assert majority_correct(["\\frac{1}{2}", "3", "0.5"], "1/2")
     assert not majority_correct(["3", "0.5", "3", "1/2", "4"], "0.5")  # 2 against 2: "3" came first
+
+
+def test_the_evaluation_summary_by_hand():
+    """4 samples per problem: one problem 1 right (2 formatted, majority right), one 0 right (4 formatted)."""
+    records = [
+        {"level": 1, "correct": 1, "majority": True, "formatted": 2},
+        {"level": 1, "correct": 0, "majority": False, "formatted": 4},
+    ]
+    summary = _summary(records, 4)
+    # pass@1: (1/4 + 0) / 2; pass@4: (1 + 0) / 2; maj@4: 1/2; format: 6 of 8 completions
+    assert summary == {"examples": 2, "pass@1": 0.125, "pass@4": 0.5, "maj@4": 0.5, "format_rate": 0.75}

@@ -49,7 +49,7 @@ def test_generated_puzzles_are_unique_valid_and_solved_in_a_valid_order(seed, si
         assert count_solutions(list(puzzle.grid), size) == (1, list(puzzle.solution))
         assert is_valid_solution(list(puzzle.solution), size)
         assert all(g in (0, s) for g, s in zip(puzzle.grid, puzzle.solution, strict=True))
-        assert puzzle.givens <= givens[1]
+        assert givens[0] <= puzzle.givens <= givens[1]
         assert replay(list(puzzle.grid), size, puzzle.steps) == list(puzzle.solution)
         assert {s for _, _, s in puzzle.steps} <= {"naked_single", "hidden_single"}
 

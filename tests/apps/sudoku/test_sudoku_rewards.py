@@ -64,6 +64,11 @@ def test_reading_and_metrics_of_malformed_completions():
     assert kendall_tau(reverse, EXAMPLE) == -1.0 and puzzle_metrics(reverse, EXAMPLE)["solved"] == 1.0
     # right values but a fifth, repeated triplet: solved needs format validity too
     assert puzzle_metrics(valid + " r4 c4 v1", EXAMPLE)["solved"] == 0.0
+    # tau over first emissions right or wrong: row-major with r4c4 wrong, positions 0-3 against solver
+    # 2, 1, 3, 0: 2 concordant, 4 discordant pairs (over the 3 right cells alone it would be +1/3)
+    assert kendall_tau("r1 c1 v1 r1 c2 v2 r2 c1 v3 r4 c4 v2", EXAMPLE) == pytest.approx(-1 / 3)
+    # the order reward is divided by the E empty cells, not by the cells emitted
+    assert puzzle_metrics("r4 c4 v1", EXAMPLE)["order_reward_norm"] == 0.25
 
 
 def test_serialization_orders_and_tokenizer_round_trip():

@@ -88,38 +88,33 @@ def test_the_prompt_order_resumes_only_over_as_many_examples():
         PromptSampler(examples[:1], seed=3).load_state_dict(state)  # an IndexError before
 
 
-def test_every_reader_error_names_the_file(tmp_path):
-    path = tmp_path / "dup.jsonl"
-    path.write_text('{"id": "x", "prompt": "a"}\n{"id": "y", "prompt": "b"}\n{"id": "x", "prompt": "c"}\n')
-    with pytest.raises(InputError, match=r"dup.jsonl:line 3: id 'x' is also the id of line 1"):
-        read_examples(path, ["prompt"])
-    path = tmp_path / "cols.json"
-    path.write_text('{"prompt": ["a", "b"], "answer": ["1"]}')
-    with pytest.raises(
-        InputError, match=r"cols.json: columns of different lengths \{'prompt': 2, 'answer': 1\}"
-    ):
-        read_examples(path, ["prompt"])
-    path = tmp_path / "list.jsonl"
-    path.write_text('{"prompt": "a"}\n\n[1, 2]\n')
-    with pytest.raises(InputError, match=r"list.jsonl:3: expected a JSON object, got list"):
-        read_examples(path, ["prompt"])
-    path = tmp_path / "rows.json"
-    path.write_text('[{"prompt": "a"}, 7]')
-    with pytest.raises(InputError, match=r"rows.json:row 2: expected a JSON object, got int"):
-        read_examples(path, ["prompt"])
-    path.write_text('"just text"')
-    with pytest.raises(InputError, match=r"rows.json: expected a list of objects or an object of columns"):
-        read_examples(path, ["prompt"])
-    path.write_text('[{"prompt": "a"},\n {"prompt": }]')
-    with pytest.raises(InputError, match=r"rows.json:2:13: not valid JSON"):
-        read_examples(path, ["prompt"])
-    for name, text in (("empty.jsonl", "\n\n"), ("empty.csv", "prompt\n"), ("empty.json", "[]")):
-        (tmp_path / name).write_text(text)
-        with pytest.raises(InputError, match=rf"data file \S*{name} has no rows"):
-            read_examples(tmp_path / name, ["prompt"])
-    (tmp_path / "data.txt").write_text("a\n")
-    with pytest.raises(InputError, match=r"data file \S*data.txt: expected .jsonl, .json, .csv or .parquet"):
-        read_examples(tmp_path / "data.txt", ["prompt"])
+READER_ERRORS = [
+    (
+        "dup.jsonl",
+        '{"id": "x", "prompt": "a"}\n{"id": "y", "prompt": "b"}\n{"id": "x", "prompt": "c"}\n',
+        r"dup.jsonl:line 3: id 'x' is also the id of line 1",
+    ),
+    (
+        "cols.json",
+        '{"prompt": ["a", "b"], "answer": ["1"]}',
+        r"cols.json: columns of different lengths \{'prompt': 2, 'answer': 1\}",
+    ),
+    ("list.jsonl", '{"prompt": "a"}\n\n[1, 2]\n', r"list.jsonl:3: expected a JSON object, got list"),
+    ("rows.json", '[{"prompt": "a"}, 7]', r"rows.json:row 2: expected a JSON object, got int"),
+    ("text.json", '"just text"', r"text.json: expected a list of objects or an object of columns"),
+    ("bad.json", '[{"prompt": "a"},\n {"prompt": }]', r"bad.json:2:13: not valid JSON"),
+    ("empty.jsonl", "\n\n", r"data file \S*empty.jsonl has no rows"),
+    ("empty.csv", "prompt\n", r"data file \S*empty.csv has no rows"),
+    ("empty.json", "[]", r"data file \S*empty.json has no rows"),
+    ("data.txt", "a\n", r"data file \S*data.txt: expected .jsonl, .json, .csv or .parquet"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), READER_ERRORS, ids=[row[0] for row in READER_ERRORS])
+def test_every_reader_error_names_the_file(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_examples(tmp_path / name, ["prompt"])
 
 
 def test_a_cut_off_last_line_is_left_out_with_a_warning_naming_file_and_line(tmp_path):

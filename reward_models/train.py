@@ -12,10 +12,10 @@ sentencepiece tokenizer trained on the training split; `--model DIR` starts from
     grpo-suite reward-model eval --reward-model runs/rm/model --data data/debias
 Checkpoints (every `--save-every` steps and the last one, the newest kept) go to <run-dir>/checkpoints/step-N through
 core/runs.py: weights, optimizer, scheduler, RNG states and the rest of the epoch's batch order, so that
-`--resume` ends with the weights of an uninterrupted training. The run directory has no config.json or
-status.json (it is not a run the dashboard lists): the checkpoint keeps the settings and the split digests
-(`data_record`) a resume must match, and a resume is given the settings again (they are not taken from
-the run as `train` commands' are).
+`--resume` ends with the weights of an uninterrupted training. The run directory is a core run
+('reward_model' 'bradley_terry': config.json, status.json, metrics.jsonl), so a resume takes its settings
+from config.json as every `train` command does; the checkpoint keeps them too, with the split digests
+(`data_record`), and a resume must match both.
 Evaluation: pairwise accuracy per category (fairness: neutral > biased; relevance: neutral > off_topic;
 quality: clean source > garbled), and each head's calibration (ECE over 10 equal-width bins, Brier score),
 on splits the model recorded as its training data's (`check_eval_data`).
@@ -37,7 +37,7 @@ from core.atomic import write_json_atomic
 from core.config import config_to_dict
 from core.data import InputError
 from core.rng_state import capture_rng_state, restore_rng_state
-from core.runs import RunDir, changed_settings, load_checkpoint
+from core.runs import RunDir, changed_settings, failure_recorded, load_checkpoint, refuse_another_kind_of_run
 from reward_models.deberta import (
     HEADS,
     build_tiny_reward_model,
@@ -48,6 +48,7 @@ from reward_models.pairs import RESPONSE_KINDS, data_record, differing_splits, l
 from reward_models.score import RewardModelScorer, encode
 from reward_models.tokenizer import train_tokenizer
 
+APP, ALGORITHM = "reward_model", "bradley_terry"  # the run's kind in its config.json
 # fields a resume may change: where and how it runs, not what it computes
 HOW_IT_RUNS = ("resume", "run_dir", "device", "save_every")
 # fields that name a path: a resume compares them resolved, whatever their spelling (relative, absolute)
@@ -184,11 +185,32 @@ def train_reward_model(config: RMTrainConfig) -> dict:
             f"{out} holds the model of a finished training and {run_dir} no checkpoint to resume from "
             "(--save-every 0); evaluate it with `reward-model eval`, or pick a new --run-dir"
         )
+    if config.resume and (run_dir / "config.json").is_file():
+        refuse_another_kind_of_run(run_dir, run.read_config(), APP, ALGORITHM)
     checkpoint = load_checkpoint(checkpoint_path) if config.resume and checkpoint_path else None
     record = data_record(config.data, splits)
     if checkpoint is not None:
         _check_same_settings(checkpoint.trainer_state["config"], config_to_dict(config), checkpoint.path)
         _check_same_data(checkpoint.trainer_state.get("training_data"), record, checkpoint.path, config.data)
+    run = RunDir.create(
+        run_dir,
+        _resolved_paths(config_to_dict(config)),
+        app=APP,
+        algorithm=ALGORITHM,
+        exist_ok_for_resume=config.resume,
+    )
+    run.set_status("running", step=checkpoint.step if checkpoint else 0)
+    with failure_recorded(run, lambda: run.read_status()["step"]):
+        results = _train_and_evaluate(config, splits, run, checkpoint, record)
+    run.set_status("finished", step=results["steps"])
+    return results
+
+
+def _train_and_evaluate(
+    config: RMTrainConfig, splits: dict[str, list[dict]], run: RunDir, checkpoint, record: dict
+) -> dict:
+    """The training loop from `checkpoint` (None: the start), then the save and the evaluation."""
+    run_dir, out = run.path, run.path / "model"
     train_rows = splits["train"][: config.max_train_rows or None]
     if config.model:
         from transformers import AutoTokenizer
@@ -262,6 +284,7 @@ def train_reward_model(config: RMTrainConfig) -> dict:
                     rng_state=capture_rng_state({"order": rng}),
                     keep_last=1,  # saves are atomic: the newest is always whole
                 )
+                run.set_status("running", step=step)
             if step % 25 == 0 or step == total:
                 recent = history[-25:]
                 mean = {k: sum(h[k] for h in recent) / len(recent) for k in ("loss", "pair_acc")}
@@ -276,6 +299,7 @@ def train_reward_model(config: RMTrainConfig) -> dict:
     results = {
         "config": config_to_dict(config),
         "train_seconds": time.perf_counter() - start,
+        "steps": total,
         "final_train_loss": history[-1]["loss"],
         **{name: evaluate_rows(scorer, rows) for name, rows in splits.items() if name != "train"},
     }
@@ -295,8 +319,8 @@ def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], where: 
     changed = changed_settings(_resolved_paths(saved), _resolved_paths(current), HOW_IT_RUNS)
     if changed:
         raise InputError(
-            f"{where}: saved with other settings ({'; '.join(changed)}); resume with those (this command "
-            "keeps no config.json to take them from), or pick a new --run-dir"
+            f"{where}: saved with other settings ({'; '.join(changed)}); leave them out to resume with "
+            "those of the run's config.json, or pick a new --run-dir"
         )
 
 

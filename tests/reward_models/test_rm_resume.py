@@ -27,11 +27,14 @@ def data(tmp_path_factory):
     return path
 
 
-def config(data, run_dir, *flags: str) -> RMTrainConfig:
+def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, RMTrainConfig)
-    argv = ["--data", str(data), "--run-dir", str(run_dir), *TINY, *flags]
-    return build_config(RMTrainConfig, parser.parse_args(argv))
+    return parser.parse_args(argv)
+
+
+def config(data, run_dir, *flags: str) -> RMTrainConfig:
+    return build_config(RMTrainConfig, parse("--data", str(data), "--run-dir", str(run_dir), *TINY, *flags))
 
 
 class Stop(Exception):
@@ -66,10 +69,15 @@ def test_a_resumed_training_ends_as_an_uninterrupted_one(data, tmp_path, monkeyp
     assert [row["step"] for row in metric_lines(tmp_path / "cut")] == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2"]
     assert not (tmp_path / "cut" / "model").exists()
+    status = json.loads((tmp_path / "cut" / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("failed", 2)  # the step its checkpoint resumes from
 
     monkeypatch.undo()
     calls = stop_at_optimizer_step(monkeypatch, 0)  # counts only
-    resumed = train_reward_model(config(data, tmp_path / "cut", "--resume"))
+    # given no setting but where the run is: the run's config.json has them
+    resumed = train_reward_model(
+        build_config(RMTrainConfig, parse("--run-dir", str(tmp_path / "cut"), "--resume"))
+    )
     assert calls[0] == 4  # steps 3 to 6, from the checkpoint of step 2
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-6"]  # the last kept
 
@@ -80,6 +88,26 @@ def test_a_resumed_training_ends_as_an_uninterrupted_one(data, tmp_path, monkeyp
     assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "straight")  # step 3 logged once
     assert resumed["final_train_loss"] == straight["final_train_loss"]
     assert resumed["test"] == straight["test"]
+    status = json.loads((tmp_path / "cut" / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("finished", 6)
+    run = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert (run["app"], run["algorithm"], run["config"]["hidden_size"]) == (
+        "reward_model",
+        "bradley_terry",
+        16,
+    )
+    assert [list(r["changed"]) for r in run["resumes"]] == [["resume"]]
+
+
+def test_a_resume_of_another_kind_of_run_is_refused(data, tmp_path):
+    (tmp_path / "math").mkdir()
+    (tmp_path / "math" / "config.json").write_text(
+        json.dumps({"app": "math", "algorithm": "grpo", "config": {}})
+    )
+    with pytest.raises(ValueError, match="cannot resume it with app 'reward_model': it is a 'math' run"):
+        train_reward_model(config(data, tmp_path / "math", "--resume"))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train_reward_model(config(data, tmp_path / "math"))
 
 
 def test_resume_without_a_checkpoint_starts_over(data, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Layout of the run directory:
     reward_model/     the reward model's run: model/, checkpoints/, eval.json (pairwise accuracy, calibration)
     sft_model/        the starting policy (tiny default: char-level LM + SFT on a neutral/biased mix)
     grpo-seed<k>/     one GRPO run per seed: config, metrics, rollouts, final/, eval.json (before/after)
+    timings.json      seconds per stage, summed over the pipeline's attempts (a resume included)
     config.json       the pipeline's config (the directory is a run: the dashboard's De-bias page lists it)
     eval.json         the reward model's accuracies and, per seed and as mean/std over seeds, the
                       fairness gain and perplexity ratio on the test split and the held-out category;
@@ -23,19 +24,24 @@ and refuses settings other than the run's own, naming them: the stages it keeps 
 those. Only --device and --grpo-save-every may change.
 """
 
+import json
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
 from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
+from core.atomic import write_json_atomic
 from core.config import config_to_dict
 from core.runs import RunDir, default_run_dir, failure_recorded, refuse_changed_pipeline
 from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
+TIMINGS_FILE = "timings.json"  # seconds per stage over the pipeline's attempts (StageClock)
 # fields a resumed pipeline may change: where and how it runs, not what it computes
 HOW_IT_RUNS = ("resume", "run_dir", "device", "grpo_save_every")
 
@@ -99,7 +105,6 @@ class PipelineConfig:
 
 
 def pipeline(config: PipelineConfig) -> dict:
-    start = time.perf_counter()
     run = Path(config.run_dir or default_run_dir(APP))
     if config.resume:
         _check_same_settings(config)
@@ -114,7 +119,7 @@ def pipeline(config: PipelineConfig) -> dict:
     root.set_status("running", step=0)
     with failure_recorded(root):  # SIGTERM included: the dashboard must not show a dead pipeline as running
         # resolved: a resume gives its stages the same paths however --run-dir is spelled
-        results = run_stages(config, run.resolve(), start)
+        results = run_stages(config, run.resolve())
         root.write_eval(results)
     root.set_status("finished", step=0)
     print(pipeline_table(results))
@@ -122,34 +127,59 @@ def pipeline(config: PipelineConfig) -> dict:
     return results
 
 
-def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
+class StageClock:
+    """Seconds per stage summed over every attempt of a pipeline, kept in a JSON file: a resumed pipeline
+    reports the time of the whole run, a stage's cut-off attempt included (an error or SIGTERM; a
+    SIGKILL loses that attempt's part)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = {}
+        if path.is_file():
+            try:
+                self.seconds = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: malformed JSON: {err}; delete it to resume") from err
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+            write_json_atomic(self.path, self.seconds)
+
+
+def run_stages(config: PipelineConfig, run: Path) -> dict:
     """Data, reward model, SFT, then GRPO and eval per seed, in `run`; returns the pipeline's results.
     A stage that finished (each writes its outputs whole or not at all) is read back instead of run: only
     a resumed pipeline finds any, a fresh one starts in an empty directory."""
     q = config.quick
+    clock = StageClock(run / TIMINGS_FILE)
     data_config = DataConfig(out_dir=str(run / "data"), num_prompts=240 if q else 3000)
-    if Path(data_config.out_dir).is_dir():
-        splits = load_splits(data_config.out_dir)
-    else:
-        splits = generate_splits(data_config)
-        write_splits(splits, data_config.out_dir)
-    timings = {"data": time.perf_counter() - start}
+    with clock.stage("data"):
+        if Path(data_config.out_dir).is_dir():
+            splits = load_splits(data_config.out_dir)
+        else:
+            splits = generate_splits(data_config)
+            write_splits(splits, data_config.out_dir)
 
     rm_dir = run / "reward_model"
-    if (rm_dir / "eval.json").is_file():  # written last, after model/
-        rm = RunDir(rm_dir).read_eval()
-    else:
-        rm = train_reward_model(
-            RMTrainConfig(
-                data=data_config.out_dir,
-                run_dir=str(rm_dir),
-                device=config.device,
-                epochs=config.rm_epochs,
-                hidden_size=32 if q else 64,
-                resume=config.resume,
+    with clock.stage("reward_model"):
+        if (rm_dir / "eval.json").is_file():  # written last, after model/
+            rm = RunDir(rm_dir).read_eval()
+        else:
+            rm = train_reward_model(
+                RMTrainConfig(
+                    data=data_config.out_dir,
+                    run_dir=str(rm_dir),
+                    device=config.device,
+                    epochs=config.rm_epochs,
+                    hidden_size=32 if q else 64,
+                    resume=config.resume,
+                )
             )
-        )
-    timings["reward_model"] = time.perf_counter() - start - sum(timings.values())
 
     base = DebiasTrainConfig(
         data_dir=data_config.out_dir,
@@ -163,34 +193,36 @@ def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
         **({"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32} if q else {}),
     )
     sft_dir = run / "sft_model"
-    if not sft_dir.is_dir():  # saved whole (core.tiny.sft)
-        build_sft_policy(sft_dir, splits["train"], base)
-    timings["sft"] = time.perf_counter() - start - sum(timings.values())
+    with clock.stage("sft"):
+        if not sft_dir.is_dir():  # saved whole (core.tiny.sft)
+            build_sft_policy(sft_dir, splits["train"], base)
 
     per_seed, bias_per_seed = {}, []
-    for seed in config.seeds:
-        grpo_dir = run / f"grpo-seed{seed}"
-        if (grpo_dir / "eval.json").is_file():  # trained and evaluated
-            evaluation = RunDir(grpo_dir).read_eval()
-        else:
-            if not (grpo_dir / "final").is_dir():  # saved whole once the run has finished
-                begun = (grpo_dir / "config.json").is_file()  # then continue it from its newest checkpoint
-                train(replace(base, seed=seed, model=str(sft_dir), run_dir=str(grpo_dir), resume=begun))
-            evaluation = evaluate(
-                DebiasEvalConfig(
-                    model=str(grpo_dir / "final"),
-                    baseline_model=str(sft_dir),
-                    reward_model=base.reward_model,
-                    data_dir=data_config.out_dir,
-                    max_prompts=config.eval_prompts,
-                    max_new_tokens=base.max_new_tokens,
-                    seed=seed,
-                    device=config.device,
+    with clock.stage("grpo_and_eval"):
+        for seed in config.seeds:
+            grpo_dir = run / f"grpo-seed{seed}"
+            if (grpo_dir / "eval.json").is_file():  # trained and evaluated
+                evaluation = RunDir(grpo_dir).read_eval()
+            else:
+                if not (grpo_dir / "final").is_dir():  # saved whole once the run has finished
+                    begun = (
+                        grpo_dir / "config.json"
+                    ).is_file()  # then continue it from its newest checkpoint
+                    train(replace(base, seed=seed, model=str(sft_dir), run_dir=str(grpo_dir), resume=begun))
+                evaluation = evaluate(
+                    DebiasEvalConfig(
+                        model=str(grpo_dir / "final"),
+                        baseline_model=str(sft_dir),
+                        reward_model=base.reward_model,
+                        data_dir=data_config.out_dir,
+                        max_prompts=config.eval_prompts,
+                        max_new_tokens=base.max_new_tokens,
+                        seed=seed,
+                        device=config.device,
+                    )
                 )
-            )
-        per_seed[seed] = evaluation["metrics"]
-        bias_per_seed.append(evaluation["bias"])
-    timings["grpo_and_eval"] = time.perf_counter() - start - sum(timings.values())
+            per_seed[seed] = evaluation["metrics"]
+            bias_per_seed.append(evaluation["bias"])
 
     keys = sorted(per_seed[config.seeds[0]])
     over_seeds = {
@@ -210,7 +242,7 @@ def run_stages(config: PipelineConfig, run: Path, start: float) -> dict:
             category: {stage: statistics.fmean(b[category][stage] for b in bias_per_seed) for stage in stages}
             for category, stages in bias_per_seed[0].items()
         },
-        "timings_s": {**timings, "total": time.perf_counter() - start},
+        "timings_s": {**clock.seconds, "total": sum(clock.seconds.values())},
     }
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -143,6 +144,20 @@ def test_a_resumed_pipeline_keeps_the_stages_that_finished(stages, monkeypatch, 
     assert results["per_seed"] == {"0": {"test/fairness/after": 0.9}, "1": {"test/fairness/after": 0.8}}
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert json.loads((run / "eval.json").read_text())["per_seed"] == results["per_seed"]
+
+
+def test_a_resumed_pipeline_reports_the_time_of_every_attempt(stages, monkeypatch, tmp_path):
+    """`timings_s` sum each stage's seconds over the attempts (they had counted the resumed one only)."""
+    ticks = iter(range(0, 1000, 10))  # each reading of the clock 10 s after the one before
+    monkeypatch.setattr(pipeline_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    run = tmp_path / "run"
+    fail_once(monkeypatch, "train")  # the first attempt stops in GRPO, after 10 s of each stage
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(["--quick", "--run-dir", str(run)]))
+    assert json.loads((run / "timings.json").read_text())["grpo_and_eval"] == 10
+    results = pipeline(parse(["--quick", "--run-dir", str(run), "--resume"]))
+    stages_s = {"data": 20, "reward_model": 20, "sft": 20, "grpo_and_eval": 20}
+    assert results["timings_s"] == {**stages_s, "total": 80}
 
 
 def test_a_resumed_pipeline_continues_a_cut_off_reward_model_and_evaluates_a_finished_grpo_run(

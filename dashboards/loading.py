@@ -104,6 +104,8 @@ def run_info(root: str | Path, name: str) -> RunInfo:
     run = RunDir(resolve_run(root, name))
     config = run.read_config()
     status: dict[str, Any] = run.read_status() if run.status_path.is_file() else {}
+    if not isinstance(status, dict):
+        raise ValueError(f"{run.status_path}: expected a JSON object, got {type(status).__name__}")
     state = status.get("status", "unknown")
     if state not in STATUSES:
         state = "unknown"
@@ -434,6 +436,11 @@ def _row_text(row: dict) -> str:
 
 
 def read_eval(path: str | Path) -> dict | None:
-    """eval.json, or None when the run has none yet."""
+    """eval.json, or None when the run has none yet; ValueError when it is not a JSON object."""
     run = RunDir(path)
-    return run.read_eval() if run.eval_path.is_file() else None
+    if not run.eval_path.is_file():
+        return None
+    result = run.read_eval()
+    if not isinstance(result, dict):
+        raise ValueError(f"{run.eval_path}: expected a JSON object, got {type(result).__name__}")
+    return result

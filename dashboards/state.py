@@ -34,6 +34,14 @@ def run_info(name: str) -> loading.RunInfo:
     return loading.run_info(runs_root(), name)
 
 
+def _readable_info(name: str) -> loading.RunInfo | None:
+    """The run's info, or None when its files cannot be read (damaged, or deleted since it was listed)."""
+    try:
+        return run_info(name)
+    except (OSError, ValueError):
+        return None
+
+
 def run_path(name: str) -> Path:
     return loading.resolve_run(runs_root(), name)
 
@@ -103,8 +111,14 @@ def _query_runs(names: list[str]) -> list[str]:
 
 def newest(names: list[str]) -> str:
     """The run started last (config.json `started`, to the second; ties: the outer run, as a `train` that
-    built its own SFT stage inside its run within the same second, then the last name)."""
-    return max(names, key=lambda name: (run_info(name).started, -name.count("/"), name))
+    built its own SFT stage inside its run within the same second, then the last name); a run whose files
+    cannot be read only when no other run can be."""
+
+    def key(name: str) -> tuple:
+        info = _readable_info(name)
+        return info is not None, info.started if info else "", -name.count("/"), name
+
+    return max(names, key=key)
 
 
 def pick_runs(names: list[str], *, key: str, label: str = "Runs") -> list[str]:
@@ -126,10 +140,11 @@ def pick_run(names: list[str], *, key: str, label: str = "Run") -> str | None:
 
 
 def require_runs(apps: tuple[str, ...] | None = None) -> list[str]:
-    """Names of the runs (of these apps, when given); stops the page with a note when there are none."""
+    """Names of the runs (of these apps, when given: runs whose files cannot be read are left out); stops the
+    page with a note when there are none."""
     names = run_names(str(runs_root()))
     if apps is not None:
-        names = [name for name in names if run_info(name).app in apps]
+        names = [name for name in names if (info := _readable_info(name)) and info.app in apps]
     if not names:
         which = f" of app {' / '.join(apps)}" if apps else ""
         st.info(f"No runs{which} under {runs_root()} yet.")
@@ -157,6 +172,12 @@ def show_plot(plot: Plot, name: str, *, key: str) -> None:
     st.download_button(
         "Download PNG", data=plot.png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore"
     )
+
+
+def show_error(message: str, error: Exception) -> None:
+    """An error on the page: the message, then the exception's text as text (it may quote model output)."""
+    st.error(message)
+    st.code(str(error), language=None)
 
 
 def show_table(frame: pd.DataFrame, name: str, *, key: str, index: bool = True, **kwargs) -> None:

@@ -49,8 +49,7 @@ def render() -> None:
         try:
             frames[name] = state.metrics(name)
         except ValueError as e:
-            st.error(f"Cannot read the metrics of {name}:")
-            st.code(str(e), language=None)
+            state.show_error(f"Cannot read the metrics of {name}:", e)
     columns = sorted({c for frame in frames.values() for c in frame.columns} - {"step"})
     if not columns:
         st.info("The selected runs have logged no metrics yet.")

@@ -15,6 +15,8 @@ def pass_at_k_rows(results: dict[str, tuple[str, dict]]) -> pd.DataFrame:
     rows = []
     for run, (algorithm, result) in results.items():
         for benchmark, by_k in (result.get("pass_at_k") or {}).items():
+            if not isinstance(by_k, dict):
+                continue  # not {k: pass}
             for k, value in by_k.items():
                 rows.append(
                     {
@@ -46,10 +48,13 @@ def render() -> None:
     st.title("Math: pass@k")
     names = state.require_runs(APPS)
     results = {}
-    for name in names:
-        result = state.eval_results(name)
-        if result and result.get("pass_at_k"):
-            results[name] = (state.run_info(name).algorithm, result)
+    for name in names:  # a run whose files cannot be read is named; the others are still shown
+        try:
+            result = state.eval_results(name)
+            if result and result.get("pass_at_k"):
+                results[name] = (state.run_info(name).algorithm, result)
+        except (OSError, ValueError) as e:
+            state.show_error(f"Cannot read {name}:", e)
     rows = pass_at_k_rows(results)
     if rows.empty:
         st.info("No math run has `pass_at_k` in its eval.json yet.")

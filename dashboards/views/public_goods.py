@@ -12,8 +12,10 @@ APPS = ("public-goods", "public_goods", "pgg")
 PALETTE = {"cooperator": "#2b83ba", "defector": "#d7191c"}
 
 
-def lattice_cells(grid: list[list[int]]) -> pd.DataFrame:
+def lattice_cells(grid: object) -> pd.DataFrame:
     """One row per site: row, col, strategy (1 = cooperator, 0 = defector)."""
+    if not isinstance(grid, list):
+        raise ValueError(f"public goods snapshot: grid must be a list of rows, got {type(grid).__name__}")
     array = np.asarray(grid, dtype=np.int64)
     if array.ndim != 2:
         raise ValueError(f"public goods snapshot: grid must be a list of rows, got {array.ndim} dimensions")
@@ -89,7 +91,11 @@ def render() -> None:
             key="pgg_snapshot",
         )
     )
-    cells = lattice_cells(snapshots[k]["grid"])
+    try:
+        cells = lattice_cells(snapshots[k].get("grid"))
+    except ValueError as e:
+        state.show_error(f"Cannot draw the snapshot {labels[k]} of {run}:", e)
+        return
     st.metric("Cooperators", f"{(cells['strategy'] == 'cooperator').mean():.1%}")
     plot = Plot("grid", cells, x="col", y="row", color="strategy", palette=PALETTE, title=labels[k])
     state.show_plot(plot, state.file_name("lattice", run, str(k)), key="pgg_lattice_png")

@@ -73,14 +73,16 @@ def group_lines(frame: pd.DataFrame, line: int) -> np.ndarray:
     return frame.index[same.to_numpy()].to_numpy()
 
 
-def show_rollout(row: dict, column) -> None:
+def show_rollout(row: dict, column, run: str, line: int) -> None:
+    """Rollout `line` of `run` in `column`: reward, advantage, reward components (with CSV) and text."""
     reward, advantage = row.get("reward"), row.get("advantage")
     column.markdown(f"**reward** `{_num(reward)}` · **advantage** `{_num(advantage)}`")
     components = row.get("rewards") or {}
     if components:
-        column.dataframe(
-            pd.DataFrame({"component": list(components), "value": list(components.values())}), hide_index=True
-        )
+        table = pd.DataFrame({"component": list(components), "value": list(components.values())})
+        with column:
+            name = state.file_name("rewards", run, str(line))
+            state.show_table(table, name, key=f"ro_rewards_csv_{line}", index=False)
     turns = row.get("turns")
     if isinstance(turns, list) and turns:
         for k, turn in enumerate(turns):
@@ -103,7 +105,11 @@ def render() -> None:
     st.title("Rollouts")
     names = state.require_runs()
     run = state.pick_run(names, key="rollouts_run")
-    index = state.rollouts(run)
+    try:
+        index = state.rollouts(run)
+    except ValueError as e:
+        state.show_error(f"Cannot read the rollouts of {run}:", e)
+        return
     if not len(index):
         st.info(f"{run} has logged no rollouts yet.")
         return
@@ -175,4 +181,4 @@ def render() -> None:
             zip(members[start : start + per_row], rows[start : start + per_row], strict=True)
         ):
             columns[offset].markdown(f"**#{start + offset}** (line {int(line)})")
-            show_rollout(row, columns[offset])
+            show_rollout(row, columns[offset], run, int(line))

@@ -36,12 +36,12 @@ def _live(name: str) -> None:
     try:
         frame = state.metrics(name)
     except ValueError as e:
-        st.error(f"Cannot read the metrics of {name}:")
-        st.code(str(e), language=None)
+        state.show_error(f"Cannot read the metrics of {name}:", e)
         return
     if "reward" in frame and frame["reward"].notna().any():
         data = frame[["step", "reward"]].dropna()
-        st.altair_chart(Plot("line", data, x="step", y="reward").chart(), width="stretch")
+        plot = Plot("line", data, x="step", y="reward")
+        state.show_plot(plot, state.file_name("live", name), key=f"runs_live_png_{name}")
 
 
 def render() -> None:
@@ -77,12 +77,23 @@ def render() -> None:
         )
         state.show_table(config, state.file_name("config", chosen[0]), key="runs_config_csv")
 
-    for name in chosen:
-        info = state.run_info(name)
+    running = []
+    for name in chosen:  # a run whose files cannot be read is named; the others are still shown
+        try:
+            info = state.run_info(name)
+        except (OSError, ValueError) as e:
+            state.show_error(f"Cannot read {name}:", e)
+            continue
+        if info.status == "running":
+            running.append(name)
         if info.status == "failed" and info.error:
             st.error(f"{name} failed at step {info.step}:")
             st.code(info.error, language=None)
-        results = state.eval_results(name)
+        try:
+            results = state.eval_results(name)
+        except (OSError, ValueError) as e:
+            state.show_error(f"Cannot read the eval.json of {name}:", e)
+            continue
         if results is not None:
             with st.expander(f"eval.json of {name}"):
                 flat = loading.flatten(results)
@@ -92,7 +103,6 @@ def render() -> None:
                 )
                 state.show_table(frame, state.file_name("eval", name), key=f"runs_eval_{name}")
 
-    running = [name for name in chosen if state.run_info(name).status == "running"]
     if running:
         st.subheader("Live")
         every = st.number_input("Refresh every (seconds)", 1, 300, 5, key="runs_refresh")

@@ -106,7 +106,11 @@ def render() -> None:
     # only GRPO runs log rollouts: not a pipeline, its SFT stages, or an evaluation
     grpo = [name for name in names if state.run_info(name).algorithm == "grpo"]
     run = state.pick_run(grpo or names, key="sudoku_run")
-    index = state.rollouts(run)
+    try:
+        index = state.rollouts(run)
+    except ValueError as e:
+        state.show_error(f"Cannot read the rollouts of {run}:", e)
+        return
     if not len(index):
         st.info(f"{run} has logged no rollouts yet.")
         return
@@ -129,7 +133,11 @@ def render() -> None:
             f"This rollout has no {' / '.join(missing)} field: see docs/dashboards.md for the Sudoku schema."
         )
         return
-    cells = board_cells(row)
+    try:
+        cells = board_cells(row)
+    except ValueError as e:
+        state.show_error(f"Cannot draw the board of line {line}:", e)
+        return
     open_cells = cells[cells["kind"] != "given"]
     correct, wrong = int((cells["kind"] == "correct").sum()), int((cells["kind"] == "wrong").sum())
     rho = spearman(cells["order"], cells["solver_rank"])

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from .conftest import SCRIPT, make_run, toy_rollouts
+from .conftest import SCRIPT, make_run, sudoku_row, toy_rollouts
 
 TIMEOUT = 60
 
@@ -350,3 +350,88 @@ def test_separate_runs_at_several_r_form_one_curve_per_method(runs_root):
     table = at.dataframe[0].value
     assert table["label"].tolist() == ["fermi", "fermi", "public-goods/s1 · fermi"]
     assert table["r"].tolist() == [3.5, 4.5, 4.0]
+
+
+@pytest.mark.parametrize(
+    "status, reason",
+    [('{"status": "runn', "malformed JSON"), ("[]", "expected a JSON object, got list")],
+)
+def test_a_run_with_an_unreadable_status_keeps_its_row_and_the_pages_work(runs_root, status, reason):
+    """Picking the newest run, or the runs of an app, read every run's status.json and crashed on one."""
+    bad = make_run(runs_root, "math/bad", "math")
+    bad.status_path.write_text(status)
+    at = open_page("runs")
+    error = at.dataframe[0].value.set_index("run").loc["math/bad", "error"]
+    assert error.startswith(f"{bad.status_path.resolve()}: {reason}")
+    at = open_page("runs", run="math/bad")
+    assert "Cannot read math/bad:" in texts(at.error) and error in texts(at.code)
+    for page in ("math_page", "rollouts"):
+        assert not open_page(page).error
+
+
+def test_a_run_deleted_while_the_run_list_is_cached_does_not_crash_the_pages(runs_root, monkeypatch):
+    from dashboards import state
+
+    listed = state.run_names
+    monkeypatch.setattr(state, "run_names", lambda root: [*listed(root), "math/gone"])
+    at = open_page("runs")
+    assert at.dataframe[0].value.set_index("run").loc["math/gone", "error"].startswith("no run 'math/gone'")
+    assert len(open_page("math_page").dataframe[1].value) == 3
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"pass_at_k": ', "malformed JSON"),
+        ("[]", "expected a JSON object, got list"),
+    ],
+)
+def test_an_unreadable_eval_json_is_named_and_the_other_runs_shown(runs_root, text, message):
+    bad = make_run(runs_root, "math/bad", "math")
+    bad.eval_path.write_text(text)
+    at = open_page("math_page")
+    assert texts(at.error) == ["Cannot read math/bad:"]
+    assert texts(at.code)[0].startswith(f"{bad.eval_path.resolve()}: {message}")
+    assert len(at.dataframe[1].value) == 3
+    at = open_page("runs", run="math/bad")
+    assert texts(at.error) == ["Cannot read the eval.json of math/bad:"]
+
+
+def test_pass_at_k_entries_that_are_not_dicts_are_skipped(runs_root):
+    make_run(runs_root, "math/flat", "math").write_eval({"pass_at_k": {"gsm8k": 0.3, "aime": {"1": 0.1}}})
+    at = open_page("math_page")
+    assert at.dataframe[1].value.loc[("math/flat", "grpo", "aime"), "pass@1"] == pytest.approx(0.1)
+    assert len(at.dataframe[1].value) == 4
+
+
+@pytest.mark.parametrize("page", ["rollouts", "sudoku"])
+def test_a_malformed_rollouts_line_is_reported(runs_root, page):
+    run = make_run(runs_root, "sudoku/bad", "sudoku")
+    run.log_rollouts(toy_rollouts(1))
+    with run.rollouts_path.open("a") as f:
+        f.write("{oops\n")
+    at = open_page(page, run="sudoku/bad")
+    assert texts(at.error) == ["Cannot read the rollouts of sudoku/bad:"]
+    (code,) = texts(at.code)
+    assert code.startswith(f"{run.rollouts_path.resolve()}:9: malformed JSON line: ")
+
+
+def test_a_malformed_sudoku_board_is_reported(runs_root):
+    make_run(runs_root, "sudoku/bad", "sudoku").log_rollouts([{**sudoku_row(), "puzzle": 7}])
+    at = open_page("sudoku", run="sudoku/bad")
+    assert texts(at.error) == ["Cannot draw the board of line 0:"]
+    assert texts(at.code)[0] == "sudoku field 'puzzle': expected a string or a list of rows, got int"
+
+
+def test_a_snapshot_without_a_grid_is_reported(runs_root):
+    make_run(runs_root, "public-goods/bad", "public-goods").write_eval({"snapshots": [{"step": 0, "r": 4.0}]})
+    at = open_page("public_goods", run="public-goods/bad")
+    assert texts(at.error) == ["Cannot draw the snapshot step 0 · r 4.0 of public-goods/bad:"]
+    assert texts(at.code) == ["public goods snapshot: grid must be a list of rows, got NoneType"]
+
+
+def test_the_live_chart_and_the_reward_components_have_downloads(runs_root):
+    at = open_page("runs", run="toy/b")  # running: the live view
+    assert "Live" in texts(at.subheader) and download_labels(at).count("Download PNG") == 1
+    at = open_page("rollouts", run="toy/a")
+    assert download_labels(at).count("Download CSV") == 1 + 4  # the page, each completion's components

@@ -19,14 +19,20 @@ import io
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from apps.public_goods.fermi import FermiRandomSequential, FermiSynchronous
-from apps.public_goods.model import GameConfig, LatticeSettings, PublicGoodsModel, check_r_and_method
+from apps.public_goods.model import (
+    GameConfig,
+    LatticeSettings,
+    PublicGoodsModel,
+    check_positive,
+    check_r_and_method,
+)
 from core.atomic import write_atomic
 
 SNAPSHOT_TIMES = (0, 1, 10, 100, 1000)
@@ -239,20 +245,24 @@ def _blank_none(value: int | None) -> int | str:
 
 def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[dict]:
     """Run every grid point in `settings.workers` processes; write results.csv and series.jsonl, both as
-    each job finishes, so that a sweep stopped midway keeps (and `plot` shows) the jobs it finished."""
+    each job finishes (in whatever order the jobs finish), so that a sweep stopped midway keeps (and `plot`
+    shows) the jobs it finished. results.csv is in grid order throughout, series.jsonl once the sweep ends."""
     jobs = settings.jobs()
-    rows = []
+    done: dict[int, tuple[dict, str]] = {}  # grid index -> (results row, series line)
     out_dir.mkdir(parents=True, exist_ok=True)
     pool = ProcessPoolExecutor(max_workers=min(settings.workers, len(jobs)))
     try:
         with open(out_dir / "series.jsonl", "w") as series_file:
-            for done, (row, series) in enumerate(pool.map(run_job, jobs), start=1):
-                rows.append(row)
-                series_file.write(json.dumps(series) + "\n")
+            futures = {pool.submit(run_job, job): index for index, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                row, series = future.result()
+                line = json.dumps(series) + "\n"
+                done[futures[future]] = row, line
+                series_file.write(line)
                 series_file.flush()
-                write_table(rows, out_dir / "results.csv")
+                write_table([done[index][0] for index in sorted(done)], out_dir / "results.csv")
                 progress(
-                    f"[{done}/{len(jobs)}] {row['method']:>10} {row['init']:>12} r={row['r']:<5} "
+                    f"[{len(done)}/{len(jobs)}] {row['method']:>10} {row['init']:>12} r={row['r']:<5} "
                     f"seed={row['seed']} cooperation {row['mean_cooperation']:.4f} ({row['seconds']:.1f} s)"
                 )
     except BaseException:
@@ -265,6 +275,8 @@ def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[di
     finally:
         # no wait for the running jobs: the sweep is marked failed at once, when a supervisor may kill it
         pool.shutdown(wait=False, cancel_futures=True)
+    rows = [done[index][0] for index in range(len(jobs))]
+    write_atomic(out_dir / "series.jsonl", "".join(done[index][1] for index in range(len(jobs))).encode())
     write_atomic(out_dir / "summary.md", (summary_markdown(summarize(rows)) + "\n").encode())
     return rows
 
@@ -279,12 +291,17 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 
 def read_table(path: Path) -> list[dict]:
-    """The rows of results.csv, numbers parsed; a row cut short or a value that is not a number is an
-    InputError naming the file, the line and the field."""
-    from core.data import InputError, read_csv
+    """The rows of results.csv, numbers parsed; a column missing from the header, a row cut short or a value
+    that is not a number is an InputError naming the file, the line and the field."""
+    from core.data import InputError, read_csv, read_text
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is this a sweep's run directory?")
+    header = next((names for names in csv.reader(io.StringIO(read_text(path), newline="")) if names), [])
+    # every column but time_to_cooperation, which sweeps made before it existed lack
+    missing = [name for name in RESULT_FIELDS if name not in header and name != "time_to_cooperation"]
+    if missing:
+        raise InputError(f"{path}:1: no {', '.join(missing)} column in the header")
 
     def parsed(line: int, row: dict, key: str, parse: type) -> int | float:
         value = row.get(key)
@@ -298,6 +315,10 @@ def read_table(path: Path) -> list[dict]:
     rows = []
     for line, row in read_csv(path):
         row.update({key: parsed(line, row, key, parse) for key, parse in NUMBER_FIELDS.items()})
+        try:
+            check_positive("r", row["r"])
+        except ValueError as err:
+            raise InputError(f"{path}:{line}: {err}") from err
         # blank: never reached; absent from sweeps made before the column existed
         ttc = row.get("time_to_cooperation")
         row["time_to_cooperation"] = parsed(line, row, "time_to_cooperation", int) if ttc else ""

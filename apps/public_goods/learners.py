@@ -100,14 +100,16 @@ class PolicyLearner:
     def _setup(self, model) -> None:
         cfg = self.config
         self.generator = torch.Generator().manual_seed(int(model.rng.integers(2**62)))
-        torch.manual_seed(int(model.rng.integers(2**62)))  # nn.Linear's initialisation reads the global seed
-        self.policy = mlp(3, cfg.hidden, 2)
+        # nn.Linear's initialisation reads the global generator: seeded here, and restored afterwards
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(model.rng.integers(2**62)))
+            self.policy = mlp(3, cfg.hidden, 2)
+            self.critic = mlp(3, cfg.hidden, 1) if cfg.method == "ppo" else None
         if cfg.action == "keep_switch":  # a fresh policy keeps its strategy: logit(switch) - logit(keep)
             with torch.no_grad():
                 self.policy[-1].bias.copy_(
                     torch.tensor([0.0, math.log(cfg.switch_init / (1 - cfg.switch_init))])
                 )
-        self.critic = mlp(3, cfg.hidden, 1) if cfg.method == "ppo" else None
         params = list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic else [])
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)

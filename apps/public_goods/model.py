@@ -103,10 +103,8 @@ class LatticeSettings:
             raise ValueError(
                 f"size (L) must be an integer >= 3 (von Neumann groups on a torus), got {self.size}"
             )
-        if not self.cost > 0:
-            raise ValueError(f"cost must be > 0, got {self.cost}")
-        if not self.noise_k > 0:
-            raise ValueError(f"noise_k (K) must be > 0, got {self.noise_k}")
+        check_positive("cost", self.cost)
+        check_positive("noise_k (K)", self.noise_k)
         if not 0.0 <= self.p_init <= 1.0:
             raise ValueError(f"p_init must be in [0, 1], got {self.p_init}")
         for name, valid in (
@@ -124,16 +122,16 @@ class LatticeSettings:
             )
         if self.epochs < 1 or self.ref_refresh < 1 or self.hidden < 1:
             raise ValueError("epochs, ref_refresh and hidden must be >= 1")
+        for name in ("gcc_lambda", "beta"):  # a negative bonus would push away from cooperation
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         for name, low, high in (
-            ("gcc_lambda", 0.0, math.inf),  # a negative bonus would push away from cooperation
-            ("beta", 0.0, math.inf),
             ("gamma", 0.0, 1.0),
             ("q_epsilon", 0.0, 1.0),
         ):
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_positive("lr", self.lr)
         if not 0 < self.clip_eps < 1:  # core.algos.policy_loss: the ratio's lower clip 1 - eps stays > 0
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if not 0 < self.q_alpha <= 1:
@@ -161,9 +159,14 @@ class GameConfig(LatticeSettings):
         check_r_and_method(self.r, self.method)
 
 
+def check_positive(name: str, value: float) -> None:
+    """`value` must be a finite number > 0: NaN fails `value > 0`, but inf does not."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
+
+
 def check_r_and_method(r: float, method: str) -> None:
-    if not r > 0:
-        raise ValueError(f"r must be > 0, got {r}")
+    check_positive("r", r)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 

@@ -21,7 +21,23 @@ from core.atomic import write_atomic  # noqa: E402
 from core.data import InputError, read_jsonl  # noqa: E402
 
 SNAPSHOT_PANELS = (1, 10, 100, 1000)
-SERIES_FIELDS = ("method", "init", "r", "t", "cooperation")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_numbers(value) -> bool:
+    return isinstance(value, list) and all(map(_is_number, value))
+
+
+SERIES_FIELDS = {  # field -> (check, what its value must be)
+    "method": (lambda value: isinstance(value, str), "a string"),
+    "init": (lambda value: isinstance(value, str), "a string"),
+    "r": (_is_number, "a number"),
+    "t": (_is_numbers, "a list of numbers"),
+    "cooperation": (_is_numbers, "a list of numbers"),
+}
 
 
 def _time_axis(ax) -> None:
@@ -42,11 +58,23 @@ def _save(fig, path: Path) -> Path:
 
 def read_series(path: Path) -> list[dict]:
     """The trajectories of series.jsonl. A last line without its line end was cut off by a killed sweep: it
-    is left out with a warning. Any other line that is not a trajectory is an InputError naming the line."""
-    series = []
+    is left out with a warning. Any other line that is not a trajectory (the fields of SERIES_FIELDS, t and
+    cooperation of one length, t that of the first line: a sweep has one time grid) is an InputError naming
+    the line and the field."""
+    series, first = [], None
     for number, row in read_jsonl(path, cut_off_end=True):
         if any(key not in row for key in SERIES_FIELDS):
             raise InputError(f"{path}:{number}: not a trajectory (an object with {', '.join(SERIES_FIELDS)})")
+        for key, (check, kind) in SERIES_FIELDS.items():
+            if not check(row[key]):
+                raise InputError(f"{path}:{number}: {key} {row[key]!r:.60} is not {kind}")
+        if len(row["cooperation"]) != len(row["t"]):
+            raise InputError(
+                f"{path}:{number}: cooperation has {len(row['cooperation'])} values for {len(row['t'])} times t"
+            )
+        first = first or (number, row["t"])
+        if row["t"] != first[1]:
+            raise InputError(f"{path}:{number}: t is not that of line {first[0]} (a sweep has one time grid)")
         series.append(row)
     return series
 
@@ -61,6 +89,8 @@ def plot_run(metrics: list[dict], snapshots_path: Path, out: Path) -> list[Path]
         raise InputError(
             f"{snapshots_path}: not a readable snapshots archive ({type(err).__name__}: {err})"
         ) from err
+    if 0 not in snaps:
+        raise InputError(f"{snapshots_path}: no t0 (the initial lattice) in the snapshots archive")
     t = [0] + [m["step"] for m in metrics]
     coop = [float(snaps[0].mean())] + [m["cooperation"] for m in metrics]
     fig, ax = plt.subplots(figsize=(5, 3.2))

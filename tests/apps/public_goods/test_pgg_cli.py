@@ -228,3 +228,45 @@ def test_a_sweep_stopped_midway_keeps_the_jobs_it_finished(tmp_path, monkeypatch
     rows = experiments.read_table(tmp_path / "s" / "results.csv")
     assert [row["r"] for row in rows] == [4.0]
     assert main(["public-goods", "plot", "--run-dir", str(tmp_path / "s")]) == 0
+
+
+def _sweep_behind_a_slow_first_job(tmp_path, monkeypatch, then):
+    """A sweep r = 4, 5, 6 in 2 threads whose first job waits until the other two are written, then calls
+    `then(job)`; returns the rows run_sweep returned."""
+    real_run_job, written = experiments.run_job, threading.Event()
+
+    def run_job(job):
+        if job[0].r == 4.0:
+            written.wait(timeout=5)
+            return then(job)
+        return real_run_job(job)
+
+    def progress(line):
+        if line.startswith("[2/3]"):
+            written.set()
+
+    monkeypatch.setattr(experiments, "run_job", run_job)
+    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    settings = experiments.SweepSettings(size=5, steps=4, average_last=2, r_values=(4.0, 5.0, 6.0), workers=2)
+    return experiments.run_sweep(settings, tmp_path, progress=progress)
+
+
+def _series_rs(path):
+    return [json.loads(line)["r"] for line in path.read_text().splitlines()]
+
+
+def test_a_sweep_stopped_behind_a_slow_first_job_keeps_the_jobs_that_finished_after_it(tmp_path, monkeypatch):
+    def stopped(job):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _sweep_behind_a_slow_first_job(tmp_path, monkeypatch, stopped)
+    assert [row["r"] for row in experiments.read_table(tmp_path / "results.csv")] == [5.0, 6.0]
+    assert _series_rs(tmp_path / "series.jsonl") == [5.0, 6.0]
+
+
+def test_a_sweep_whose_jobs_finish_out_of_order_writes_its_files_in_grid_order(tmp_path, monkeypatch):
+    rows = _sweep_behind_a_slow_first_job(tmp_path, monkeypatch, experiments.run_job)
+    assert [row["r"] for row in rows] == [4.0, 5.0, 6.0]
+    assert [row["r"] for row in experiments.read_table(tmp_path / "results.csv")] == [4.0, 5.0, 6.0]
+    assert _series_rs(tmp_path / "series.jsonl") == [4.0, 5.0, 6.0]

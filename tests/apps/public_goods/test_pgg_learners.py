@@ -226,3 +226,13 @@ def test_ppo_takes_no_kl_term_and_grpo_takes_beta(monkeypatch, method, beta):
     monkeypatch.setattr(learners, "policy_loss", recording)
     make_model(GameConfig(size=6, r=4.5, method=method, init="half", beta=0.04), seed=1).run(2)
     assert seen and set(seen) == {beta}
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_building_a_learner_leaves_torchs_global_generator_alone(method):
+    """Its weights come from the model's rng: torch.manual_seed reset the global generator for everyone."""
+    state = torch.get_rng_state()
+    model = make_model(GameConfig(size=6, r=4.5, method=method, init="half"), seed=1)
+    model.step()  # the first step builds the MLPs
+    assert model.dynamics.policy is not None
+    assert torch.equal(torch.get_rng_state(), state)

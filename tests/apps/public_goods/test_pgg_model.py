@@ -1,6 +1,8 @@
 """The lattice game: payoffs against hand-computed lattices and a plain loop, wrap-around, initial states,
 the GCC bonus, determinism under a seed and configuration errors."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -116,11 +118,18 @@ def test_same_seed_same_history_and_datacollector(method):
         ({"r": -1.0}, "r must be > 0"),
         ({"method": "sarsa"}, "unknown method 'sarsa'; valid: fermi, fermi-sync"),
         ({"init": "random"}, "unknown init"),
+        ({"r": math.inf}, "r must be > 0 and finite, got inf"),
+        ({"r": math.nan}, "r must be > 0 and finite, got nan"),
+        ({"cost": math.inf}, "cost must be > 0 and finite, got inf"),
         ({"noise_k": 0.0}, "noise_k"),
-        ({"gcc_lambda": -1.0}, "gcc_lambda must be in \\[0, inf\\], got -1.0"),
+        ({"noise_k": math.inf}, "noise_k \\(K\\) must be > 0 and finite, got inf"),
+        ({"gcc_lambda": -1.0}, "gcc_lambda must be >= 0 and finite, got -1.0"),
+        ({"gcc_lambda": math.inf}, "gcc_lambda must be >= 0 and finite, got inf"),
+        ({"beta": math.inf}, "beta must be >= 0 and finite, got inf"),
         ({"gamma": 1.5}, "gamma must be in \\[0, 1\\]"),
         ({"q_epsilon": -0.1}, "q_epsilon"),
         ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": math.inf}, "lr must be > 0 and finite, got inf"),
         ({"q_alpha": 5.0}, "q_alpha must be in \\(0, 1\\]"),
         ({"clip_eps": 1.5}, "clip_eps must be in \\(0, 1\\)"),
     ],

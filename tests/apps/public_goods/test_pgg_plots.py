@@ -63,6 +63,16 @@ def _sweep_dir(path):
         (lambda data: data.replace(b",0,0,0,0.125", b",abc,0,0,0.125"), r":2: mean_cooperation 'abc' is not"),
         (lambda data: data.replace(b",5.0,0,", b",5.0,x,"), r":3: seed 'x' is not a valid int"),
         (lambda data: data[:-3], r":3: the last row has no line end: the file was cut off"),  # seconds 0.12
+        (lambda data: data.replace(b",5.0,0,", b",inf,0,"), r":3: r must be > 0 and finite, got inf"),
+        (lambda data: data.replace(b",5.0,0,", b",nan,0,"), r":3: r must be > 0 and finite, got nan"),
+        (
+            lambda data: data.replace(b"method,init,", b"method,").replace(b"fermi,half,", b"fermi,"),
+            r":1: no init column in the header",
+        ),
+        (
+            lambda data: data.replace(b"method,", b"").replace(b"fermi,", b""),
+            r":1: no method column in the header",
+        ),
     ],
 )
 def test_a_damaged_results_table_is_an_error_naming_line_and_field(tmp_path, damage, message):
@@ -72,13 +82,28 @@ def test_a_damaged_results_table_is_an_error_naming_line_and_field(tmp_path, dam
         read_table(path)
 
 
-def test_plot_of_a_damaged_results_table_says_where_without_a_traceback(tmp_path, capsys):
-    path = _sweep_dir(tmp_path) / "results.csv"
-    path.write_bytes(path.read_bytes().replace(b",0,0,0,0.125", b",abc,0,0,0.125"))
+@pytest.mark.parametrize(
+    ("name", "old", "new", "message"),
+    [
+        (
+            "results.csv",
+            b",0,0,0,0.125",
+            b",abc,0,0,0.125",
+            ":2: mean_cooperation 'abc' is not a valid float",
+        ),
+        ("results.csv", b",init,", b",", ":1: no init column in the header"),
+        ("series.jsonl", b"[0.5, 0.5]}\n{", b"[0.5]}\n{", ":1: cooperation has 1 values for 2 times t"),
+    ],
+)
+def test_plot_of_a_damaged_sweep_file_says_where_without_a_traceback(
+    tmp_path, capsys, name, old, new, message
+):
+    path = _sweep_dir(tmp_path) / name
+    path.write_bytes(path.read_bytes().replace(old, new))
     with pytest.raises(SystemExit) as exit_info:
         main(["public-goods", "plot", "--run-dir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert f"{path}:2: mean_cooperation 'abc' is not a valid float" in capsys.readouterr().err
+    assert f"{path}{message}" in capsys.readouterr().err
 
 
 def test_a_cut_off_last_series_line_is_left_out_with_a_warning(tmp_path):
@@ -95,8 +120,25 @@ def test_a_cut_off_last_series_line_is_left_out_with_a_warning(tmp_path):
         ]
 
 
+_LINE = {"method": "fermi", "init": "half", "r": 4, "t": [0, 1], "cooperation": [0.5, 0.5]}
+
+
 @pytest.mark.parametrize(
-    ("line", "message"), [("{not json", "not valid JSON"), ('{"method": "fermi"}', "not a trajectory")]
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"method": "fermi"}', "not a trajectory"),
+        (json.dumps(_LINE | {"cooperation": [0.5]}), "cooperation has 1 values for 2 times t"),
+        (
+            json.dumps(_LINE | {"cooperation": [0.5, "x"]}),
+            r"cooperation \[0.5, 'x'\] is not a list of numbers",
+        ),
+        (json.dumps(_LINE | {"t": None}), "t None is not a list of numbers"),
+        (json.dumps(_LINE | {"t": [0, True]}), r"t \[0, True\] is not a list of numbers"),
+        (json.dumps(_LINE | {"r": "4"}), "r '4' is not a number"),
+        (json.dumps(_LINE | {"method": 1}), "method 1 is not a string"),
+        (json.dumps(_LINE | {"t": [0, 2]}), "t is not that of line 1 \\(a sweep has one time grid\\)"),
+    ],
 )
 def test_a_malformed_series_line_is_an_error_naming_it(tmp_path, line, message):
     path = _sweep_dir(tmp_path) / "series.jsonl"
@@ -111,6 +153,13 @@ def test_a_cut_short_snapshots_archive_is_an_error_naming_it(tmp_path):
     np.savez_compressed(path, t0=np.zeros((3, 3), np.int8))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputError, match=rf"{path}: not a readable snapshots archive"):
+        plots.plot_run([{"step": 1, "cooperation": 0.0}], path, tmp_path)
+
+
+def test_a_snapshots_archive_without_the_initial_lattice_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "snapshots.npz"
+    np.savez_compressed(path, t1=np.zeros((3, 3), np.int8))
+    with pytest.raises(InputError, match=rf"{path}: no t0 \(the initial lattice\) in the snapshots archive"):
         plots.plot_run([{"step": 1, "cooperation": 0.0}], path, tmp_path)
 
 

@@ -87,6 +87,12 @@ def eval_results(name: str) -> dict | None:
     return loading.read_eval(run_path(name))
 
 
+def objects(value: object) -> list[dict]:
+    """The objects of a list read from eval.json; anything else (not a list, an item not an object) is left
+    out."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
 # -- picking runs --------------------------------------------------------------------------------------------
 
 

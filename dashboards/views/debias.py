@@ -11,10 +11,12 @@ APPS = ("debias", "de-bias", "debiasing")
 
 
 def bias_table(result: dict) -> pd.DataFrame:
-    """category, stage (before / after), bias."""
+    """category, stage (before / after), bias; a `bias` or category that is not an object is skipped."""
+    bias = result.get("bias")
     rows = [
         {"category": category, "stage": stage, "bias": float(scores[stage])}
-        for category, scores in (result.get("bias") or {}).items()
+        for category, scores in (bias.items() if isinstance(bias, dict) else [])
+        if isinstance(scores, dict)
         for stage in ("before", "after")
         if scores.get(stage) is not None
     ]
@@ -22,7 +24,7 @@ def bias_table(result: dict) -> pd.DataFrame:
 
 
 def responses_table(result: dict) -> pd.DataFrame:
-    frame = pd.DataFrame(result.get("responses") or [])
+    frame = pd.DataFrame(state.objects(result.get("responses")))
     for column in ("category", "stage", "prompt", "response", "bias"):
         if column not in frame:
             frame[column] = None
@@ -34,7 +36,11 @@ def render() -> None:
     st.title("De-bias")
     names = state.require_runs(APPS)
     run = state.pick_run(names, key="debias_run")
-    result = state.eval_results(run)
+    try:
+        result = state.eval_results(run)
+    except (OSError, ValueError) as e:
+        state.show_error(f"Cannot read {run}:", e)
+        return
     if not result:
         st.info(f"{run} has no eval.json yet.")
         return

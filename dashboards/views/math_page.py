@@ -14,7 +14,8 @@ def pass_at_k_rows(results: dict[str, tuple[str, dict]]) -> pd.DataFrame:
     """run, algorithm, benchmark, k, pass from {run: (algorithm, eval.json)}."""
     rows = []
     for run, (algorithm, result) in results.items():
-        for benchmark, by_k in (result.get("pass_at_k") or {}).items():
+        by_benchmark = result.get("pass_at_k")
+        for benchmark, by_k in by_benchmark.items() if isinstance(by_benchmark, dict) else ():
             if not isinstance(by_k, dict):
                 continue  # not {k: pass}
             for k, value in by_k.items():

@@ -36,7 +36,7 @@ def cooperation_curves(results: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for run, result in results.items():
         single_run = "final_cooperation" in result
-        for point in result.get("cooperation_vs_r") or []:
+        for point in state.objects(result.get("cooperation_vs_r")):
             if single_run and point.get("label"):
                 label = point["label"]
             else:
@@ -56,7 +56,12 @@ def render() -> None:
     st.title("Public goods")
     names = state.require_runs(APPS)
     chosen = state.pick_runs(names, key="pgg_runs")
-    results = {name: state.eval_results(name) or {} for name in chosen}
+    results = {}
+    for name in chosen:  # a run whose eval.json cannot be read is named; the others are still shown
+        try:
+            results[name] = state.eval_results(name) or {}
+        except (OSError, ValueError) as e:
+            state.show_error(f"Cannot read {name}:", e)
     missing = [name for name, result in results.items() if not result]
     if missing:
         st.caption("No eval.json yet: " + ", ".join(missing))
@@ -73,12 +78,12 @@ def render() -> None:
         )
 
     st.subheader("Lattice snapshots")
-    with_snapshots = [name for name in chosen if results[name].get("snapshots")]
+    with_snapshots = [name for name, result in results.items() if state.objects(result.get("snapshots"))]
     if not with_snapshots:
         st.info("No `snapshots` in the selected runs' eval.json.")
         return
     run = st.selectbox("Run", with_snapshots, key="pgg_snapshot_run")
-    snapshots = results[run]["snapshots"]
+    snapshots = state.objects(results[run]["snapshots"])
     labels = [f"step {s.get('step', '?')} · r {s.get('r', '?')}" for s in snapshots]
     k = (
         0

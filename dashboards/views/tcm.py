@@ -14,9 +14,12 @@ def accuracy_rows(results: dict[str, dict]) -> pd.DataFrame:
     """run, type, accuracy, count (None when not given)."""
     rows = []
     for run, result in results.items():
-        counts = result.get("count_by_type") or {}
-        for kind, value in (result.get("accuracy_by_type") or {}).items():
-            rows.append({"run": run, "type": kind, "accuracy": float(value), "count": counts.get(kind)})
+        accuracy, counts = result.get("accuracy_by_type"), result.get("count_by_type")
+        if not isinstance(accuracy, dict):
+            continue  # absent, or not {type: accuracy}
+        for kind, value in accuracy.items():
+            count = counts.get(kind) if isinstance(counts, dict) else None
+            rows.append({"run": run, "type": kind, "accuracy": float(value), "count": count})
     return pd.DataFrame(rows, columns=["run", "type", "accuracy", "count"])
 
 
@@ -24,7 +27,13 @@ def render() -> None:
     st.title("TCM: accuracy per question type")
     names = state.require_runs(APPS)
     chosen = state.pick_runs(names, key="tcm_runs")
-    rows = accuracy_rows({name: state.eval_results(name) or {} for name in chosen})
+    results = {}
+    for name in chosen:  # a run whose eval.json cannot be read is named; the others are still shown
+        try:
+            results[name] = state.eval_results(name) or {}
+        except (OSError, ValueError) as e:
+            state.show_error(f"Cannot read {name}:", e)
+    rows = accuracy_rows(results)
     if rows.empty:
         st.info("No `accuracy_by_type` in the selected runs' eval.json.")
         return

@@ -399,7 +399,9 @@ def test_an_unreadable_eval_json_is_named_and_the_other_runs_shown(runs_root, te
 
 def test_pass_at_k_entries_that_are_not_dicts_are_skipped(runs_root):
     make_run(runs_root, "math/flat", "math").write_eval({"pass_at_k": {"gsm8k": 0.3, "aime": {"1": 0.1}}})
+    make_run(runs_root, "math/number", "math").write_eval({"pass_at_k": 5})
     at = open_page("math_page")
+    assert not at.exception
     assert at.dataframe[1].value.loc[("math/flat", "grpo", "aime"), "pass@1"] == pytest.approx(0.1)
     assert len(at.dataframe[1].value) == 4
 
@@ -435,3 +437,81 @@ def test_the_live_chart_and_the_reward_components_have_downloads(runs_root):
     assert "Live" in texts(at.subheader) and download_labels(at).count("Download PNG") == 1
     at = open_page("rollouts", run="toy/a")
     assert download_labels(at).count("Download CSV") == 1 + 4  # the page, each completion's components
+
+
+UNREADABLE_EVAL = pytest.mark.parametrize(
+    "text, message", [('{"bias": ', "malformed JSON"), ("[]", "expected a JSON object, got list")]
+)
+
+
+def assert_named(at: AppTest, name: str, bad, message: str) -> None:
+    assert texts(at.error) == [f"Cannot read {name}:"]
+    assert texts(at.code)[0].startswith(f"{bad.eval_path.resolve()}: {message}")
+
+
+@UNREADABLE_EVAL
+def test_public_goods_names_an_unreadable_eval_json_and_shows_the_other_runs(runs_root, text, message):
+    bad = make_run(runs_root, "public-goods/bad", "public-goods")
+    bad.eval_path.write_text(text)
+    at = open_page("public_goods", run=["public-goods/bad", "public-goods/p1"])
+    assert_named(at, "public-goods/bad", bad, message)
+    assert at.dataframe[0].value["run"].unique().tolist() == ["public-goods/p1"]
+    assert at.selectbox(key="pgg_snapshot_run").options == ["public-goods/p1"]
+
+
+@UNREADABLE_EVAL
+def test_debias_names_an_unreadable_eval_json(runs_root, text, message):
+    bad = make_run(runs_root, "debias/bad", "debias")
+    bad.eval_path.write_text(text)
+    assert_named(open_page("debias", run="debias/bad"), "debias/bad", bad, message)
+
+
+@UNREADABLE_EVAL
+def test_tcm_names_an_unreadable_eval_json_and_shows_the_other_runs(runs_root, text, message):
+    bad = make_run(runs_root, "tcm/bad", "tcm")
+    bad.eval_path.write_text(text)
+    at = open_page("tcm", run=["tcm/bad", "tcm/t1"])
+    assert_named(at, "tcm/bad", bad, message)
+    assert at.dataframe[0].value.columns.tolist() == ["tcm/t1"]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{"cooperation_vs_r": 0.5, "snapshots": 3}, {"cooperation_vs_r": ["x"], "snapshots": [[1, 0]]}],
+)
+def test_public_goods_skips_entries_that_are_not_objects(runs_root, result):
+    make_run(runs_root, "public-goods/odd", "public-goods").write_eval(result)
+    at = open_page("public_goods", run=["public-goods/odd", "public-goods/p1"])
+    assert at.dataframe[0].value["run"].unique().tolist() == ["public-goods/p1"]
+    assert at.selectbox(key="pgg_snapshot_run").options == ["public-goods/p1"]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{"bias": 0.3, "responses": 5}, {"bias": {"age": 0.3}, "responses": {"age": "x"}}],
+)
+def test_debias_skips_entries_that_are_not_objects(runs_root, result):
+    make_run(runs_root, "debias/odd", "debias").write_eval(result)
+    at = open_page("debias", run="debias/odd")
+    assert texts(at.info)[0] == "No `bias` scores in eval.json."
+    assert texts(at.info)[1].startswith("No `responses` in debias/odd's eval.json")
+
+
+def test_debias_skips_responses_that_are_not_objects(runs_root):
+    responses = ["x", {"category": "age", "stage": "after", "prompt": "p", "response": "r", "bias": 0.2}]
+    make_run(runs_root, "debias/odd", "debias").write_eval({"bias": {}, "responses": responses})
+    at = open_page("debias", run="debias/odd")
+    assert at.dataframe[0].value["response"].tolist() == ["r"]
+
+
+@pytest.mark.parametrize(
+    "result, shown",
+    [
+        ({"accuracy_by_type": 0.5}, ["tcm/t1"]),
+        ({"accuracy_by_type": {"single": 0.7}, "count_by_type": 3}, ["tcm/odd", "tcm/t1"]),
+    ],
+)
+def test_tcm_skips_tables_that_are_not_objects(runs_root, result, shown):
+    make_run(runs_root, "tcm/odd", "tcm").write_eval(result)
+    at = open_page("tcm", run=["tcm/odd", "tcm/t1"])
+    assert at.dataframe[0].value.columns.tolist() == shown

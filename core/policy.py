@@ -189,6 +189,13 @@ def load_policy(
     return _with_lora(model, lora), _ready_tokenizer(_load_tokenizer(path), model, path)
 
 
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A model directory's tokenizer as `load_policy` gives it (the saved class, left padding, eos as pad
+    when it has no pad), for code beside the trainer that has no model at hand (a rollout backend)."""
+    path = Path(path)
+    return _padded(_load_tokenizer(path), path)
+
+
 def _ready_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, path: Path):
     """The tokenizer checked against the model, left padding, and eos as pad when it has no pad."""
     n_embeddings = model.get_input_embeddings().num_embeddings
@@ -197,6 +204,10 @@ def _ready_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, path:
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model has only {n_embeddings} "
             "embeddings"
         )
+    return _padded(tokenizer, path)
+
+
+def _padded(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -4,12 +4,15 @@ Tests: `pytest tests/core/test_rollout.py` (the vLLM test is marked `gpu`).
 """
 
 import os
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
-from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerBase
 
 from core.lora_merge import merged_state_dict
+from core.policy import load_tokenizer
 from core.rollout import (
     Rollouts,
     SamplingSettings,
@@ -17,6 +20,8 @@ from core.rollout import (
     check_special_tokens,
     derive_seed,
     finalize_rollouts,
+    left_pad,
+    prompt_list,
 )
 
 VLLM_INSTALL_HINT = "pip install '.[vllm]' (vLLM needs a CUDA GPU; it does not run on CPU)"
@@ -41,7 +46,14 @@ class VLLMBackend(TextBackend):
     suppression, temperature, top-k and top-p. That equals our definition only without truncation;
     with top_k, top_p < 1, min_new_tokens, or greedy decoding at temperature != 1, `sampling_logp` is None.
     Each row gets its own seed `derive_seed(seed, row)`, so a row's sample does not depend on the batch
-    (vLLM then samples with per-request generators, somewhat slower than its batched sampler).
+    (vLLM then samples with per-request generators, somewhat slower than its batched sampler);
+    `generate_groups` (the trainer's `generation_groups`) sends many groups in one call, row r of group g
+    seeded `derive_seed(seeds[g], r)`.
+
+    Token ids are decoded, and stop strings cut, with `tokenizer` (the trainer's, from `load_policy`;
+    default: the directory's, loaded the same way), not with the one vLLM loads for itself, which
+    transformers 5 may rebuild as another class (core/policy.py `_load_tokenizer`); vLLM's own stop-string
+    check only ends a row early.
     """
 
     def __init__(
@@ -51,6 +63,7 @@ class VLLMBackend(TextBackend):
         gpu_memory_utilization: float = 0.3,
         dtype: str = "bfloat16",
         seed: int = 0,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         **llm_kwargs: Any,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -59,7 +72,7 @@ class VLLMBackend(TextBackend):
         except ImportError as err:
             raise ImportError(f"VLLMBackend needs vLLM: {VLLM_INSTALL_HINT}") from err
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         check_special_tokens(self.tokenizer)
         self._sampling_params = SamplingParams
         self.llm = LLM(
@@ -81,6 +94,26 @@ class VLLMBackend(TextBackend):
     def generate_from_ids(
         self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
     ) -> Rollouts:
+        seeds = [derive_seed(seed, i) for i in range(len(prompt_ids))]
+        return self._generate(prompt_ids, prompt_mask, settings, seeds)
+
+    def generate_groups(
+        self, prompts: list[str], settings: SamplingSettings, seeds: Sequence[int], group_size: int
+    ) -> Rollouts:
+        """Completions of `prompts` in one engine call; row r of group g (rows [g * group_size, (g + 1) *
+        group_size)) is seeded `derive_seed(seeds[g], r)`, so each group's rows are those `generate` gives
+        the group alone with seed `seeds[g]`."""
+        prompts = prompt_list(prompts)
+        if len(prompts) != len(seeds) * group_size:
+            raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds x group_size {group_size}")
+        rows = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        prompt_ids, prompt_mask = left_pad(rows, self.tokenizer.pad_token_id)
+        row_seeds = [derive_seed(group_seed, r) for group_seed in seeds for r in range(group_size)]
+        return replace(self._generate(prompt_ids, prompt_mask, settings, row_seeds), prompts=prompts)
+
+    def _generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seeds: list[int]
+    ) -> Rollouts:
         truncated = settings.top_k > 0 or settings.top_p < 1.0 or settings.min_new_tokens > 0
         with_logp = not truncated and not (settings.greedy and settings.temperature != 1.0)
         requests = [
@@ -98,9 +131,9 @@ class VLLMBackend(TextBackend):
                 stop=list(settings.stop_strings) or None,
                 include_stop_str_in_output=True,
                 logprobs=0 if with_logp else None,
-                seed=derive_seed(seed, i),
+                seed=row_seed,
             )
-            for i in range(len(requests))
+            for row_seed in seeds
         ]
         outputs = [o.outputs[0] for o in self.llm.generate(requests, params, use_tqdm=False)]
         rows = [list(o.token_ids) for o in outputs]

@@ -1,0 +1,187 @@
+"""core/vllm_backend.py on CPU, against a fake `vllm` module: the same Rollouts layout as the HF backend
+(eos, length, stop strings, sampling log-probs per token), per-row seeds, `generate_groups`, the
+trainer's tokenizer, and weight updates. The real engine is tested in tests/core/test_rollout.py (gpu).
+
+The fake engine samples row tokens from `random.Random(seed)` over the request's own prompt ids, so a
+row's completion depends on its seed and prompt only, and reports log-prob -(k + 1) / 10 at position k.
+"""
+
+import random
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from core.policy import load_policy
+from core.rollout import SamplingSettings, derive_seed
+from core.vllm_backend import VLLMBackend
+
+TEXTS = ["hello world = 1+2", "what is 7?", "stop here"]
+
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class FakeLLM:
+    eos_token_id: int  # set by the fixture: the tokenizer's eos
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.params, self.calls = kwargs, [], []
+
+    def generate(self, requests, params, use_tqdm=True):
+        self.params.append(params)
+        outputs = []
+        for request, p in zip(requests, params, strict=True):
+            rng = random.Random(p.seed)
+            pool = request["prompt_token_ids"] + [self.eos_token_id]
+            tokens = []
+            while len(tokens) < p.max_tokens and (not tokens or tokens[-1] != self.eos_token_id):
+                tokens.append(rng.choice(pool))
+            logprobs = None
+            if p.logprobs is not None:
+                logprobs = [{t: SimpleNamespace(logprob=-(k + 1) / 10)} for k, t in enumerate(tokens)]
+            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens, logprobs=logprobs)]))
+        return outputs
+
+    def collective_rpc(self, fn, args=()):
+        loaded = []
+        load_weights = SimpleNamespace(load_weights=lambda weights: loaded.extend(weights))
+        fn(SimpleNamespace(model_runner=SimpleNamespace(model=load_weights)), *args)
+        self.calls.append(("load_weights", dict(loaded)))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+def save_model_dir(path, *, pad: bool):
+    """A tiny random qwen2 with a character-level tokenizer of the generic class (PreTrainedTokenizerFast),
+    with or without a pad token."""
+    vocab = {
+        "<pad>": 0,
+        "<eos>": 1,
+        "<unk>": 2,
+        **{c: i + 3 for i, c in enumerate(sorted(set("".join(TEXTS))))},
+    }
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    special = {"eos_token": "<eos>", "unk_token": "<unk>", **({"pad_token": "<pad>"} if pad else {})}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    config = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_dir(tmp_path_factory.mktemp("vllm") / "tiny", pad=True)
+
+
+def install_fake_vllm(monkeypatch, eos_token_id: int) -> None:
+    fake = ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.setattr(FakeLLM, "eos_token_id", eos_token_id, raising=False)
+
+
+@pytest.fixture
+def backend(model_dir, monkeypatch):
+    install_fake_vllm(monkeypatch, eos_token_id=1)
+    return VLLMBackend(str(model_dir))
+
+
+def test_the_tokenizer_is_the_trainers(backend, model_dir):
+    """Loaded as load_policy does: a bare AutoTokenizer rebuilt it as Qwen2Tokenizer, which drops spaces."""
+    _, tokenizer = load_policy(model_dir)
+    assert type(backend.tokenizer) is type(tokenizer)
+    text = "hello world = 1+2"
+    ids = backend.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert backend.tokenizer.decode(ids) == text
+    assert backend.tokenizer.padding_side == "left"
+
+
+def test_a_tokenizer_without_pad_pads_with_eos_as_the_trainers(tmp_path, monkeypatch):
+    path = save_model_dir(tmp_path / "nopad", pad=False)
+    install_fake_vllm(monkeypatch, eos_token_id=1)
+    assert VLLMBackend(str(path)).tokenizer.pad_token == load_policy(path)[1].pad_token == "<eos>"
+
+
+def test_rollouts_have_the_hf_layout(backend):
+    tok = backend.tokenizer
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.7)
+    out = backend.generate(TEXTS, settings, seed=5)
+    assert out.prompts == TEXTS
+    seeds = [p.seed for p in backend.llm.params[-1]]
+    assert seeds == [derive_seed(5, i) for i in range(len(TEXTS))]
+    for i, p in enumerate(backend.llm.params[-1]):
+        assert (p.n, p.temperature, p.max_tokens, p.logprobs, p.top_k) == (1, 0.7, 6, 0, -1)
+        prompt = tok(TEXTS[i], add_special_tokens=False)["input_ids"]
+        expected = FakeLLM.generate(backend.llm, [{"prompt_token_ids": prompt}], [p])[0].outputs[0].token_ids
+        n = int(out.completion_mask[i].sum())
+        assert out.completion_ids[i, :n].tolist() == expected
+        assert out.finish_reason[i] == ("stop" if expected[-1] == tok.eos_token_id else "length")
+        assert out.sampling_logp[i, :n].tolist() == pytest.approx([-(k + 1) / 10 for k in range(n)])
+        assert not out.completion_mask[i, n:].any()
+
+
+def test_stop_strings_are_cut_with_the_trainers_tokenizer(backend):
+    tok = backend.tokenizer
+    out = backend.generate(["stop here"], SamplingSettings(max_new_tokens=40, stop_strings=("p",)), seed=0)
+    (text,) = out.completions
+    n = int(out.completion_mask[0].sum())
+    assert text.endswith("p") and "p" not in text[:-1]
+    assert tok.decode(out.completion_ids[0, :n]) == text
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(max_new_tokens=4, top_k=3),
+        SamplingSettings(max_new_tokens=4, top_p=0.9),
+        SamplingSettings(max_new_tokens=4, min_new_tokens=2),
+        SamplingSettings(max_new_tokens=4, greedy=True, temperature=0.5),
+    ],
+)
+def test_sampling_logp_is_none_where_vllm_reports_another_distribution(backend, settings):
+    assert backend.generate(TEXTS[:1], settings, seed=0).sampling_logp is None
+    assert backend.llm.params[-1][0].logprobs is None
+
+
+def test_generate_groups_gives_each_group_what_generate_gives_it_alone(backend):
+    settings, group_size, seeds = SamplingSettings(max_new_tokens=8), 3, [11, 22]
+    prompts = [TEXTS[0]] * group_size + [TEXTS[1]] * group_size
+    together = backend.generate_groups(prompts, settings, seeds, group_size)
+    assert len(backend.llm.params[-1]) == 6  # one engine call for both groups
+    for g, seed in enumerate(seeds):
+        alone = backend.generate([TEXTS[g]] * group_size, settings, seed)
+        rows = slice(g * group_size, (g + 1) * group_size)
+        assert together.completions[rows] == alone.completions
+        assert torch.equal(together.completion_mask[rows], alone.completion_mask)
+    assert together.prompts == prompts
+    with pytest.raises(ValueError, match="5 prompts for 2 seeds x group_size 3"):
+        backend.generate_groups(prompts[:5], settings, seeds, group_size)
+
+
+def test_update_weights_sends_every_weight_then_drops_the_prefix_cache(backend, model_dir):
+    model, _ = load_policy(model_dir)
+    backend.update_weights(model)
+    (load, weights), reset = backend.llm.calls
+    assert load == "load_weights" and weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    assert reset == ("reset_prefix_cache",)

@@ -3,8 +3,8 @@
 Each reward is pure, `(completion, example) -> float`:
 - `accuracy`: single choice: the first letter found (see `extract_letters`) equals the gold letter;
   multiple choice: the set of letters found equals the gold set; fill-in: normalized match
-  (`normalized_match`); open QA: ROUGE-L F1 on jieba words (the paper is silent on a training reward for
-  free text; we use the metric it evaluates with).
+  (`normalized_match`; numbers keep their ". / % ~": "1.5g" is not "15g"); open QA: ROUGE-L F1 on jieba
+  words (the paper is silent on a training reward for free text; we use the metric it evaluates with).
 - `strict_format`: the whole completion is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (trailing
   whitespace allowed; no tag inside the two contents).
 - `tag_count`: 0.25 for each of `<think>\\n`, `\\n</think>\\n`, `\\n<answer>\\n`, `\\n</answer>` found exactly
@@ -14,13 +14,16 @@ Answer extraction (`extract_letters`) reads the answer text (`answer_text`: the 
 `<answer>`, to the end if it is never closed, else the completion without its `<think>` block; leftover
 tags removed), NFKC-normalised so full-width letters and punctuation (`Ｂ`, `：`, `（`) read as ASCII,
 with letters directly after a negation (不是X, 不选X, 非X, "not X", "isn't X") removed, so "答案不是A，是B"
-reads B, then tries in order: a cue stating the answer (答案是X, 答案为X, 答案：X, "answer is X"; letters in
-either case); else the earliest of an option cue (选X, 选项X, X项, either case) and a run of standalone
-capital letters A-E (not inside a Latin word), so an answer letter followed by "选项A不对" keeps its
-letter (PAPERS.md sec. 9: the first standalone letter, cues as fallbacks); else a content that is
-nothing but letters a-e in lower case. Letters in a run may be separated by 、/和与及 or spaces, and by
-,，.;； only where the letters after them are not followed by text ("B，D", "A. C. D", "B，D项"), so
-"BD，A不对" and "BD. A is wrong" read BD; the cost: "B，D正确" reads B.
+reads B, then reads the letters from the first of: a cue stating the answer (答案是X, 答案为X, 答案：X, 答：X,
+"answer is X"; letters in either case); else the first option letter: capitals A-E not inside a Latin
+word, alone or as 选X, 选项X, X项, (X), and lower case a-e only with one of those or an option mark after
+them ("b. 寒", "b）"; not the "a" of "a herb" nor the "e" of "e.g."), so an answer letter followed by
+"选项A不对" keeps its letter (PAPERS.md sec. 9: the first standalone letter, cues as fallbacks); else a
+content that is nothing but letters a-e in lower case. From there, letters joined by 、/和与及 or spaces
+count, an option's text after a letter ("A. 辛", "A、辛", "A（辛）") is skipped, and letters after a clause
+break (,，.;；。), a line end or "and" count where they carry an option's text or 项 or the letters after them
+are not followed by text on their line: "A. 辛\\nC. 苦", "A, C and D", "A，C，D\\n解析：B错误" read ACD,
+"BD，A不对" and "BD. A is wrong" read BD; the cost: "B，D正确" reads B. One pass over the text.
 
     rubric = build_rubric()   # weights accuracy 5, strict_format 1, tag_count 1
 Tests: `pytest tests/apps/tcm/test_tcm_rewards.py`.
@@ -39,41 +42,43 @@ jieba.setLogLevel(logging.WARNING)  # jieba announces building its dictionary on
 
 WEIGHTS = {"accuracy": 5.0, "strict_format": 1.0, "tag_count": 1.0}
 
-_JOIN = r"[\s、和与及/]*"  # always between two letters of a run
-_SEP = r"[\s、,，;；.和与及/]*"
-# A clause break (,，.;；) continues a run only if the letters after it are not followed by text, so
-# commentary after the answer ("BD，A不对", "B、D，A和C错误") is not read as part of it; 项 may follow.
-_BREAK = r"\s*[,，;；.]" + _JOIN
-_TAIL = rf"(?=[A-Ea-e](?:{_SEP}[A-Ea-e])*+\s*+(?!(?!项)\w))"
-# letters, possibly separated: "ACD", "A、C、D", "a 和 c", "B，D"
-_RUN = rf"[A-Ea-e](?:(?:{_JOIN}|{_BREAK}{_TAIL})[A-Ea-e])*"
-# Cues that state the answer ("the answer is X") win over any letter; cues that may only name an option
-# ("选项A不对", "A项") count as letters: the earliest of them and the standalone letters wins.
-_ANSWER_CUES = [
-    re.compile(rf"答案\s*(?:应?[是为选])?\s*:?\s*(?:选项?)?\s*\(?\s*({_RUN})(?![A-Za-z])"),
-    re.compile(rf"answer\s*(?:is|:)\s*:?\s*\(?\s*({_RUN})(?![A-Za-z])", re.IGNORECASE),
-]
-_OPTION_CUES = [
-    re.compile(rf"选项?\s*\(?\s*({_RUN})(?![A-Za-z])"),
-    re.compile(rf"(?<![A-Za-z])({_RUN})\s*\)?\s*项"),
-]
+_H = r"[^\S\n]*"  # spaces within a line
+# An option letter: 选/选项 before it, brackets around it and 项 after it are optional; the letters are not
+# inside a Latin word and are all upper or all lower case ("ACD", "acd"), so "Answer" and "bad" hold none.
+_ITEM = re.compile(
+    rf"(?P<cue>选项?{_H})?(?P<open>\({_H})?(?<![A-Za-z])(?P<letters>[A-E]++|[a-e]++)(?![A-Za-z])"
+    rf"(?P<close>{_H}\))?(?P<xiang>{_H}项)?"
+)
+_LOWER_MARK = re.compile(r"[^\S\n]*[.、:)][^\S\n]*+(?![A-Za-z])")  # "b. 寒", "b）", not "e.g."
+_JOIN = re.compile(r"(?:[^\S\n]|[、和与及/])*")  # between the letters of a segment: "A、C", "A 和 C", "ACD"
+_BREAK = re.compile(rf"{_H}(?:[,，;；.。\n]\s*(?:and\b\s*)?|and\b\s*)")  # a clause break, a line end, "and"
+_MARK = re.compile(rf"(?:{_H}[.、:)]|(?<=\))){_H}(?=[^\s,，;；。])")  # an option's mark before its text
+_NOTE = re.compile(rf"{_H}\([^()\n]+\)")  # "A（辛）"
+_OPTION_TEXT = re.compile(r"[^\n,，;；。]*")  # an option's text runs to the clause or line end
+_TEXT_AFTER = re.compile(rf"{_H}\w")
+# Cues that state the answer ("the answer is X") win over any letter.
+_ANSWER_CUE = re.compile(r"答(?:案\s*(?:应?[是为选])?\s*:?|\s*:)\s*|answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
 # A letter (or a run joined without a clause break) directly after a negation is not an answer:
 # "答案不是A，是B", "不选A", "非A", "not A", "isn't A"; the letters are removed, the negation kept.
 _NEGATED = re.compile(
-    rf"((?:不是|不选|非|(?<![A-Za-z])(?:not|isn['’]t))\s*(?:选项?|option)?\s*\(?\s*)"
-    rf"[A-Ea-e](?:{_JOIN}[A-Ea-e])*(?![A-Za-z])",
+    r"((?:不是|不选|非|(?<![A-Za-z])(?:not|isn['’]t))\s*+(?:选项?|option)?\s*+\(?\s*+)"
+    r"[A-Ea-e](?:[\s、和与及/]*[A-Ea-e])*(?![A-Za-z])",
     re.IGNORECASE,
 )
-_STANDALONE = re.compile(rf"(?<![A-Za-z])([A-E](?:(?:{_JOIN}|{_BREAK}{_TAIL})[A-E])*)(?![A-Za-z])")
-_LOWER_ONLY = re.compile(r"[\sa-e、,，;；/().。和与及]*")  # lower-case letters with _SEP's separators
+_LOWER_ONLY = re.compile(r"[\sa-e、,，;；/().。和与及]*")  # lower-case letters and separators
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)  # unclosed: to the end (truncated)
 _TAG = re.compile(r"</?(?:think|answer)>")
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 _FREE = r"(?:(?!</?think>|</?answer>).)*"
 _STRICT = re.compile(rf"<think>\n{_FREE}\n</think>\n<answer>\n{_FREE}\n</answer>\s*", re.DOTALL)
 _PUNCT = re.compile(r"[\s\W_]+")  # \W: neither letter/digit (CJK included) nor underscore
-# Not 和/及: they are inside words as often as between items (和解少阳, 调和营卫, 理气和中).
-_ITEM_SPLIT = re.compile(r"[、,;/]")
+# Between digits a range mark is one "~" ("3～9", "3 - 9"), and ".", "/", "~" and a "%" after a digit are
+# kept when punctuation is removed, so "1.5g" is not "15g" nor "3～9g" "39g".
+_RANGE = re.compile(r"(?<=\d)\s*[~\-–—〜]\s*(?=\d)")
+_PUNCT_OUTSIDE_NUMBERS = re.compile(r"(?<=\d)[./~](?=\d)|(?<=\d)%|([\s\W_])")
+# Not 和/及: they are inside words as often as between items (和解少阳, 调和营卫, 理气和中); not "/" between
+# digits ("3/4").
+_ITEM_SPLIT = re.compile(r"[、,;]|(?<!\d)/|/(?!\d)")
 
 
 def answer_text(completion: str) -> str:
@@ -100,49 +105,122 @@ def extract_letters(completion: str) -> str:
     'C'
     >>> extract_letters("<answer>A、C、D</answer>")
     'ACD'
+    >>> extract_letters("<answer>\\nA. 辛\\nC. 苦\\n解析：B错误\\n</answer>")
+    'AC'
     >>> extract_letters("答案不是A，是B")
     'B'
     """
     text = _NEGATED.sub(r"\1", unicodedata.normalize("NFKC", answer_text(completion)))
-    match = next((m for cue in _ANSWER_CUES if (m := cue.search(text))), None)
-    if match is None:
-        found = [m for pattern in (*_OPTION_CUES, _STANDALONE) if (m := pattern.search(text))]
-        match = min(found, key=lambda m: m.start(1), default=None)
-    if match is None:
-        if not text.strip() or not _LOWER_ONLY.fullmatch(text):
-            return ""
-        run = text
+    for cue in _ANSWER_CUE.finditer(text):
+        if letters := _run(text, cue.end(), any_case=True):
+            break
     else:
-        run = match.group(1)
-    return "".join(dict.fromkeys(ch.upper() for ch in run if ch in "ABCDEabcde"))
+        first = next((m for m in _ITEM.finditer(text) if _is_letter(m, text, any_case=False)), None)
+        if first is not None:
+            letters = _run(text, first.start(), any_case=bool(first["cue"]))
+        elif text.strip() and _LOWER_ONLY.fullmatch(text):
+            letters = text
+        else:
+            return ""
+    return "".join(dict.fromkeys(ch.upper() for ch in letters if ch in "ABCDEabcde"))
+
+
+def _is_letter(item: re.Match, text: str, any_case: bool) -> bool:
+    """Whether an `_ITEM` match is an option letter: upper case, or lower case after a cue (`any_case`),
+    with 选, (b), 项 or an option mark ("b. 寒") around it."""
+    return bool(
+        any_case
+        or item["letters"].isupper()
+        or item["cue"]
+        or (item["open"] and item["close"])
+        or item["xiang"]
+        or (len(item["letters"]) == 1 and _LOWER_MARK.match(text, item.end("letters")))
+    )
+
+
+def _letter_at(text: str, pos: int, any_case: bool) -> re.Match | None:
+    item = _ITEM.match(text, pos)
+    return item if item and _is_letter(item, text, any_case) else None
+
+
+def _segment(text: str, pos: int, any_case: bool) -> tuple[str, int, bool]:
+    """(letters, end, labelled) of the letters from `pos` joined without a clause break ("A、C", "A和C",
+    "A（辛）、C（苦）"); an option's text after a letter ("A. 辛", "A、辛", "(A) 辛") is skipped and makes the
+    segment labelled, as 项 after its last letter does."""
+    letters, end, labelled = "", pos, False
+    item = _letter_at(text, pos, any_case)
+    while item:
+        letters += item["letters"]
+        end, labelled = item.end(), bool(item["xiang"])
+        item = _letter_at(text, _JOIN.match(text, end).end(), any_case)
+        if item is None and (label_end := _option_text_end(text, end, any_case)):
+            end, labelled = label_end, True
+            item = _letter_at(text, _JOIN.match(text, end).end(), any_case)
+    return letters, end, labelled
+
+
+def _option_text_end(text: str, pos: int, any_case: bool) -> int | None:
+    """The end of an option's text right after its letter (ending at `pos`), or None: "（辛）", ". 辛" to the
+    clause or line end, unless a letter follows the mark ("A. C" is two letters)."""
+    if note := _NOTE.match(text, pos):
+        return note.end()
+    mark = _MARK.match(text, pos)
+    if mark is None or _letter_at(text, mark.end(), any_case):
+        return None
+    return _OPTION_TEXT.match(text, mark.end()).end()
+
+
+def _run(text: str, pos: int, any_case: bool) -> str:
+    """The letters of the answer from `pos`: a segment, then the segments after clause breaks, line ends or
+    "and" up to the last that is labelled, or all of them if the last is not followed by text on its line
+    ("B，D", "A，C，D\\n解析：...", "A, C and D", "B，D项正确"; not "BD，A不对"). One pass over the text."""
+    letters, end, _ = _segment(text, pos, any_case)
+    later = []
+    while (brk := _BREAK.match(text, end)) and (segment := _segment(text, brk.end(), any_case))[0]:
+        later.append(segment)
+        end = segment[1]
+    if _TEXT_AFTER.match(text, end):  # the segments after the last labelled one are commentary
+        later = later[: max((i + 1 for i, (_, _, labelled) in enumerate(later) if labelled), default=0)]
+    return letters + "".join(segment_letters for segment_letters, _, _ in later)
 
 
 def normalize_answer(text: str) -> frozenset[str]:
-    """A fill-in answer as a set of items: NFKC, lower case, split at 、,;/, punctuation and spaces
-    removed, so "肺、膀胱" matches "膀胱，肺" and "Ｗarm." matches "warm".
+    """A fill-in answer as a set of items: NFKC, lower case, split at 、,; and at / not between digits,
+    punctuation and spaces removed but for numbers' (`_squash`), so "肺、膀胱" matches "膀胱，肺" and
+    "Ｗarm." matches "warm".
 
     >>> sorted(normalize_answer(" 膀胱，肺。"))
     ['肺', '膀胱']
+    >>> sorted(normalize_answer("3 ～ 9g、1.5g"))
+    ['1.5g', '3~9g']
     """
-    text = unicodedata.normalize("NFKC", text).lower()
-    items = (_PUNCT.sub("", item) for item in _ITEM_SPLIT.split(text))
-    return frozenset(item for item in items if item)
+    return frozenset(item for item in map(_squash, _ITEM_SPLIT.split(_unify(text))) if item)
+
+
+def _unify(text: str) -> str:
+    """NFKC, lower case, a range mark between digits as "~"."""
+    return _RANGE.sub("~", unicodedata.normalize("NFKC", text).lower())
+
+
+def _squash(text: str) -> str:
+    """Punctuation and spaces removed, but for "." "/" "~" between digits and "%" after one."""
+    return _PUNCT_OUTSIDE_NUMBERS.sub(lambda m: "" if m[1] else m[0], text)
 
 
 def normalized_match(prediction: str, gold: str) -> bool:
-    """Whether the two answers are the same set of items, or the same text once punctuation is removed.
-    When the gold answer has several items, spaces separate the prediction's items too.
+    """Whether the two answers are the same set of items, or the same text once punctuation is removed
+    (numbers keep theirs: "1.5g" is not "15g", "10%" not "10"). When the gold answer has several items,
+    spaces separate the prediction's items too.
 
     >>> normalized_match("膀胱，肺。", "肺、膀胱")
     True
     >>> normalized_match("膀胱 肺", "肺、膀胱")
     True
+    >>> normalized_match("15g", "1.5g")
+    False
     """
-    normalized = (
-        unicodedata.normalize("NFKC", prediction).lower(),
-        unicodedata.normalize("NFKC", gold).lower(),
-    )
-    if _PUNCT.sub("", normalized[0]) == _PUNCT.sub("", normalized[1]) != "":
+    prediction, gold = _unify(prediction), _unify(gold)
+    if _squash(prediction) == _squash(gold) != "":
         return True
     gold_items = normalize_answer(gold)
     if len(gold_items) > 1:

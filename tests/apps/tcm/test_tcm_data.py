@@ -19,6 +19,7 @@ from apps.tcm.data import (
 from apps.tcm.knowledge import FORMULAS, HERBS, SYNDROMES, terms
 from apps.tcm.prompts import TAGS, inline_completion, reference_completion
 from apps.tcm.rewards import build_rubric
+from core.data import InputError
 
 ROWS = [
     {
@@ -167,11 +168,27 @@ def test_parse_options_forms():
         parse_options("A. 麻黄\nB. 桂枝\nB. 甘草", "x")
     with pytest.raises(ValueError, match="x: option A is given twice"):
         parse_options({"A": "寒", "a": "温"}, "x")
-    # a list written with its letters (a common export) loses them; a list where they do not run A, B, ...
-    # in order keeps its texts as they are
+    # a list written with its letters (a common export) loses them; a list without them is lettered in order
     assert parse_options(["A. 温", "B、寒", "Ｃ．热"], "x") == {"A": "温", "B": "寒", "C": "热"}
-    assert parse_options(["B. 温", "A. 寒"], "x") == {"A": "B. 温", "B": "A. 寒"}
     assert parse_options(["A型", "B型"], "x") == {"A": "A型", "B": "B型"}
+
+
+def test_list_options_keep_their_own_letters(tmp_path):
+    """A list whose items carry their letters out of order keeps each text with its own letter (it was
+    lettered by position, {"A": "B. 温", "B": "A. 寒"}, so the gold letter pointed at the other text); a list
+    where only some items carry a letter, or one letter twice, is an error naming the file, line and field."""
+    assert parse_options(["B. 温", "A. 寒"], "x") == {"A": "寒", "B": "温"}
+    assert parse_options(["Ｃ．热", "a) 寒", "B、温"], "x") == {"A": "寒", "B": "温", "C": "热"}
+    row = {"question": "麻黄的药性是？", "options": ["B. 温", "A. 寒"], "answer": "B", "type": "单选题"}
+    [example] = load_examples(write_jsonl(tmp_path / "order.jsonl", [row]))
+    assert example["options"] == {"A": "寒", "B": "温"}
+    assert example["options"][example["answer"]] == "温"
+    for options in (["B. 温", "寒"], ["A. 温", "A. 寒"]):
+        path = write_jsonl(tmp_path / "mixed.jsonl", [{**row, "options": options}])
+        with pytest.raises(
+            InputError, match=r"mixed.jsonl:line 1 \(id 'mixed-0'\): field options: give every"
+        ):
+            load_examples(path)
 
 
 def test_list_answers_and_a_fact_0(tmp_path):

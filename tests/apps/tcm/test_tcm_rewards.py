@@ -2,6 +2,8 @@
 missing tags, text outside the tags, Chinese and English cues), strict format, tag count, fill-in and
 open-QA scoring, and the 5:1:1 rubric."""
 
+import time
+
 import pytest
 
 from apps.tcm.rewards import (
@@ -59,6 +61,14 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("C。选项A错误"), "C"),
         (wrap("选项A错误，答案是C"), "C"),  # a stated answer wins over an option named earlier
         (wrap("选b"), "B"),  # an option cue reads lower case
+        (wrap("b. 寒"), "B"),  # lower case with an option mark, in brackets or after 答：
+        (wrap("ｂ．寒"), "B"),
+        (wrap("b）寒"), "B"),
+        (wrap("(b) 寒"), "B"),
+        (wrap("答：b"), "B"),
+        (wrap("It is a herb"), ""),  # an English word's letters are not answers
+        (wrap("e.g. 麻黄"), ""),
+        (wrap("(a herb) 麻黄"), ""),
         ("答案是C", "C"),  # missing tags: the whole completion
         ("<think>\n想一想A和B\n</think>\n答案是C", "C"),  # missing answer tags: the think block is ignored
         ("我觉得是A\n<answer>\nB\n</answer>\n其实是C", "B"),  # text outside the tags is ignored
@@ -71,6 +81,20 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("BD，A不对"), "BD"),
         (wrap("答案是BD. A is wrong"), "BD"),
         (wrap("B、D，A、C错误"), "BD"),
+        (wrap("B，D正确"), "B"),  # the cost: D followed by text reads as commentary
+        (wrap("A，C，D均正确"), "A"),
+        (wrap("A. 辛\nC. 苦\nD. 甘"), "ACD"),  # options with their texts, one a line
+        (wrap("A、辛；C、苦；D、甘"), "ACD"),
+        (wrap("A（辛）、C（苦）、D（甘）"), "ACD"),
+        (wrap("B. 温性，C. 苦味"), "BC"),
+        (wrap("A，C，D\n解析：B错误"), "ACD"),  # an explanation line ends the answer
+        (wrap("A, C, D\nExplanation: B is wrong"), "ACD"),
+        (wrap("ACD\nB不对"), "ACD"),
+        (wrap("选项A、选项C、选项D"), "ACD"),
+        (wrap("A项、C项、D项"), "ACD"),
+        (wrap("A, C and D"), "ACD"),
+        (wrap("BD, A and C are wrong"), "BD"),
+        (wrap("The answer is b and a herb"), "B"),
         (wrap("答案不是A，是B"), "B"),  # a negated letter is not the answer
         (wrap("答案不是Ａ，是Ｂ"), "B"),
         (wrap("答案不是A而是B"), "B"),
@@ -127,6 +151,12 @@ def test_single_choice_accuracy(completion, reward):
         (wrap("ACD，B不对"), 1.0),
         (wrap("答案不是B，是A、C和D"), 1.0),  # a negated letter is not in the set
         (wrap("选A、C、D，不选B"), 1.0),
+        (wrap("A. 辛\nC. 苦\nD. 甘"), 1.0),  # common layouts, each letter read
+        (wrap("A（辛）、C（苦）、D（甘）"), 1.0),
+        (wrap("A，C，D\n解析：B错误"), 1.0),
+        (wrap("选项A、选项C、选项D"), 1.0),
+        (wrap("A项、C项、D项"), 1.0),
+        (wrap("A, C and D"), 1.0),
     ],
 )
 def test_multiple_choice_accuracy(completion, reward):
@@ -152,10 +182,44 @@ def test_multiple_choice_accuracy(completion, reward):
         ("膀胱　肺", "肺、膀胱", True),
         ("膀胱 肺", "肺", False),
         ("和解 少阳", "和解少阳", True),  # one gold item: spaces are removed, not split at
+        ("15g", "1.5g", False),  # numbers keep their punctuation
+        ("1.5", "15", False),
+        ("39g", "3～9g", False),
+        ("3-9", "39", False),
+        ("10", "10%", False),
+        ("4/3", "3/4", False),  # not split at a "/" between digits
+        ("１．５ｇ。", "1.5g", True),  # full-width, punctuation around the number
+        ("1.5 g", "1.5g", True),
+        ("3 - 9g", "3～9g", True),  # any range mark
+        ("10%。", "10%", True),
+        ("3/4", "３／４", True),
+        ("1.5g 肺", "肺、1.5g", True),
+        ("温/热", "热、温", True),  # a "/" not between digits separates items
     ],
 )
 def test_normalized_match(prediction, gold, match):
     assert normalized_match(prediction, gold) is match
+
+
+@pytest.mark.parametrize(
+    ("answer", "letters"),
+    [
+        ("A, B, C, D, E, " * 270, "ABCDE"),
+        ("A，B，C，D，" * 500, "ABCD"),
+        ("A," * 2000, "A"),
+        ("答案是" + "A," * 2000 + "x", "A"),
+        ("A " * 2000 + "x", "A"),
+        ("a " * 2000 + "z", ""),
+        ("not" + " " * 4000 + "麻黄, B", "B"),  # the spaces after a negation
+        ("不是" + " " * 4000 + "麻黄，B", "B"),
+    ],
+)
+def test_long_answers_are_read_in_linear_time(answer, letters):
+    """4,000 characters of letters and separators took seconds to minutes (regex backtracking, cubic in the
+    length: "A,"*1000 7.5 s); one pass takes milliseconds, so 0.5 s only fails on the old complexity."""
+    start = time.perf_counter()
+    assert extract_letters(wrap(answer)) == letters
+    assert time.perf_counter() - start < 0.5
 
 
 def test_fill_and_open_accuracy():

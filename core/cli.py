@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _names_an_input(err: ValueError) -> bool:
     """A bad-input error (an InputError, or one that starts with the file it is about: "data.jsonl:3: not
     valid JSON") is shown as a command-line error. Any other ValueError keeps its traceback."""
+    if isinstance(err, InputError):
+        return True
     head = str(err).split(":", 1)[0]
-    return isinstance(err, InputError) or (bool(head) and Path(head).exists())
+    try:
+        return bool(head) and Path(head).exists()
+    except OSError:  # not a path at all (a name too long for one)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,7 +227,7 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     the run continues with its own settings (preset and file included) and only what is given again
     changes. A `__post_init__` error "field: ..." about a value from a preset, a file or the resumed run
     says where the value came from. A class may define `check_given(values, given)`, called with the names
-    given by a flag, a file or the resumed run (not a default or a preset), to refuse what depends on that."""
+    given by a flag or a file (not a default, a preset or the resumed run), to refuse what depends on that."""
     hints = _field_types(cls)
     layers: list[tuple[str | None, dict[str, Any]]] = []  # (source, values), lowest first; flags: no source
     preset = getattr(args, "preset", None)
@@ -250,7 +250,8 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
             resumed = f"{chosen['run_dir']}, a {kind.get('app')!r} {kind.get('algorithm')!r} run"
     values = {k: v for _, layer in layers for k, v in layer.items()}
     source_of = {k: source for source, layer in layers for k in layer}
-    given = {k for k, source in source_of.items() if source is None or not source.startswith("preset ")}
+    # what the user gave: a flag or a file (not a default, a preset, or the resumed run's stored value)
+    given = {k for k, source in source_of.items() if source is None or source.startswith("config file ")}
     try:
         if "device" in values:
             _check_device(values["device"])
@@ -258,7 +259,8 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
             cls.check_given(values, given)
         return cls(**values)
     except ValueError as err:
-        field_name = str(err).split(":", 1)[0]
+        named = re.match(r"(\w+)[: ]", str(err))  # "field: ..." or "field must be ..."
+        field_name = named.group(1) if named else None
         if source_of.get(field_name):
             raise ValueError(f"{source_of[field_name]}: {err}") from err
         if resumed:  # the stored values may be another command's: say whose they are

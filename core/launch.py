@@ -1,6 +1,7 @@
 """What every app's train command does around the trainer: pick the run directory, build the app's
 offline tiny model when no --model is given, load the policy, and print a summary table at the end."""
 
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -45,13 +46,23 @@ def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOC
     return replace(config, run_dir=chosen[0])
 
 
+def build_in_run(path: Path, build: Callable[[Path], object], *, resume: bool, device: str) -> None:
+    """`build(path)` on the main process, the others waiting: a resumed run reuses what is there, a fresh
+    run builds it anew (a model left by a start that failed before its run existed may have other settings)."""
+    state = join_processes(device)
+    with state.main_process_first():
+        if state.is_main_process and not resume:
+            shutil.rmtree(path, ignore_errors=True)
+        if not (path / "config.json").is_file():
+            build(path)
+
+
 def policy_for(config: GRPOConfig, build_default: Callable[[Path], object]):
-    """(model, tokenizer) from `--model`, or from the app's tiny model, built once into
-    <run_dir>/base_model by `build_default(path)` (a resumed run reuses it)."""
+    """(model, tokenizer) from `--model`, or from the app's tiny model, built into <run_dir>/base_model by
+    `build_default(path)` (`build_in_run`)."""
     path = Path(config.model) if config.model else Path(config.run_dir) / "base_model"
-    with join_processes(config.device).main_process_first():  # one process builds, the others then load it
-        if config.model is None and not (path / "config.json").is_file():
-            build_default(path)
+    if config.model is None:
+        build_in_run(path, build_default, resume=config.resume, device=config.device)
     lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, seed=config.seed) if config.lora else None
     return load_policy(path, lora=lora, device=config.device)
 

@@ -40,7 +40,7 @@ from transformers import get_scheduler
 from core import algos, sharding, zero
 from core.atomic import atomic_directory
 from core.config import config_to_dict
-from core.data import PromptSampler
+from core.data import InputError, PromptSampler
 from core.multi_turn import Environment, multi_turn_rollouts
 from core.policy import ReferencePolicy, completion_logprobs, eval_mode, has_dropout
 from core.rewards import RewardTable, Rubric
@@ -155,6 +155,8 @@ class GRPOConfig:
         for name in positive + extra:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # numpy's range; the data order multiplies it within torch's int64
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.group_size < 2:  # advantages compare a prompt's completions: one alone always gets 0
             raise ValueError(
                 f"group_size must be >= 2 (GRPO compares a prompt's completions), got {self.group_size}"
@@ -297,7 +299,7 @@ def join_processes(device: str) -> PartialState:
     dtype; `--autocast bfloat16` is its bf16 path), so a bf16 launch would train in float32 without a word."""
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision != "no":
-        raise ValueError(
+        raise InputError(
             f"accelerate launch --mixed_precision {precision} is not applied: the trainer keeps the model's "
             "dtype; launch with --mixed_precision no and pass --autocast bfloat16 for bf16 compute"
         )
@@ -416,16 +418,16 @@ class GRPOTrainer:
         join_processes(config.device)
         self.rank, self.world = _world()
         if config.prompts_per_step % self.world:
-            raise ValueError(
+            raise InputError(
                 f"prompts_per_step={config.prompts_per_step} must divide by {self.world} processes"
             )
         if (config.prompts_per_step // self.world * config.group_size) % config.mini_batches:
-            raise ValueError(
+            raise InputError(
                 f"mini_batches={config.mini_batches} must divide each process's "
                 f"{config.prompts_per_step // self.world * config.group_size} completions"
             )
         if (config.prompts_per_step // self.world) % config.generation_groups:
-            raise ValueError(
+            raise InputError(
                 f"generation_groups={config.generation_groups} must divide each process's "
                 f"{config.prompts_per_step // self.world} prompts"
             )
@@ -439,7 +441,7 @@ class GRPOTrainer:
             )
         zero_config = zero.deepspeed_config(config.deepspeed)
         if zero_config is not None and self.fsdp:
-            raise ValueError("choose FSDP or DeepSpeed, not both")
+            raise InputError("choose FSDP or DeepSpeed, not both")
         if zero_config is not None and self.world == 1:
             warnings.warn(
                 "DeepSpeed ZeRO in a single process: nothing to partition (launch with accelerate)",

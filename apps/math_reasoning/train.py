@@ -35,9 +35,9 @@ from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
 from core.atomic import atomic_directory
 from core.data import InputError
-from core.launch import policy_for, summary_table, with_run_dir
+from core.launch import build_in_run, policy_for, summary_table, with_run_dir
 from core.policy import load_policy
-from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks, join_processes
+from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "math"
 ALGORITHMS = ("grpo", "gtpo", "scaf", "codistill")
@@ -304,9 +304,10 @@ def make_hooks(config: MathTrainConfig, tokenizer) -> TrainerHooks:
 
 def large_policy(config: MathTrainConfig):
     path = Path(config.large_model) if config.large_model else Path(config.run_dir) / "base_model_large"
-    with join_processes(config.device).main_process_first():  # one process builds, the others then load it
-        if config.large_model is None and not (path / "config.json").is_file():
-            build_base(config, "large", path)
+    if config.large_model is None:
+        build_in_run(
+            path, lambda out: build_base(config, "large", out), resume=config.resume, device=config.device
+        )
     return load_policy(path, device=config.device)
 
 

@@ -110,8 +110,9 @@ class TcmTrainConfig(GRPOConfig):
 
     @staticmethod
     def check_given(values: dict, given: set[str]) -> None:
-        """core.config.build_config's check: epochs sets max_steps, so a max_steps given too (a flag, a file,
-        the resumed run; a preset's is not) would be overridden without a word."""
+        """core.config.build_config's check: epochs sets max_steps, so a max_steps given too (a flag or a
+        file; not a preset's, or the resumed run's, which its epochs computed) would be overridden without a
+        word."""
         if values.get("epochs") is not None and "max_steps" in given:
             raise ValueError(
                 f"epochs: {values['epochs']} would override max_steps {values.get('max_steps')}; give one of "

@@ -74,6 +74,12 @@ def test_bad_values_name_the_field(tmp_path, capsys):
         parse(["--config", str(broken)])
     with pytest.raises(ValueError, match="does not exist"):
         parse(["--config", str(tmp_path / "missing.toml")])
+    zero = tmp_path / "zero.toml"
+    zero.write_text("steps = 0\n")
+    with pytest.raises(
+        ValueError, match=f"^config file {zero}: steps must be >= 1, got 0"
+    ):  # no source before
+        parse(["--config", str(zero)])
 
 
 @pytest.mark.parametrize(
@@ -349,6 +355,7 @@ def test_only_errors_that_name_an_existing_file_become_command_line_errors(tmp_p
     assert cli._names_an_input(ValueError(f"{data}:1: missing field(s) prompt"))
     assert not cli._names_an_input(ValueError(f"{tmp_path / 'gone.jsonl'}:1: x"))
     assert not cli._names_an_input(ValueError("shapes (2, 3) and (4,) do not match"))  # a bug: its traceback
+    assert not cli._names_an_input(ValueError("x" * 300 + ": too long for a path"))  # an OSError before
 
 
 def test_a_device_that_cannot_be_used_is_a_command_line_error(tmp_path, capsys):
@@ -360,3 +367,10 @@ def test_a_device_that_cannot_be_used_is_a_command_line_error(tmp_path, capsys):
             cli.main(["toy", "train", "--device", "cuda", "--run-dir", str(tmp_path / "r")])
         assert "this torch sees no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before anything was built
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_outside_numpys_range_is_refused(seed):
+    """A seed of 20240101123456 failed after the base model was built (torch's int64 overflowed)."""
+    with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
+        GRPOConfig(seed=seed)

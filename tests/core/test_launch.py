@@ -3,7 +3,7 @@
 import pytest
 
 from core.cli import main
-from core.launch import with_run_dir
+from core.launch import build_in_run, with_run_dir
 from core.runs import RunDir
 from core.trainer import GRPOConfig
 
@@ -39,3 +39,20 @@ def test_a_resume_of_another_kind_of_run_is_refused_before_anything_is_built(tmp
     with pytest.raises(ValueError, match="cannot resume it with app 'toy': it is a 'math' run"):
         with_run_dir(config, "toy")
     assert with_run_dir(config, "math").run_dir == str(tmp_path / "run")
+
+
+def test_a_fresh_run_builds_its_base_model_anew_and_a_resume_keeps_it(tmp_path):
+    """A start that failed before its run existed left base_model/, which the next fresh run (another seed)
+    had trained on."""
+    path, built = tmp_path / "base_model", []
+
+    def build(out):
+        built.append(out)
+        out.mkdir()
+        (out / "config.json").write_text(str(len(built)))
+
+    build_in_run(path, build, resume=False, device="cpu")
+    build_in_run(path, build, resume=False, device="cpu")
+    assert len(built) == 2 and (path / "config.json").read_text() == "2"
+    build_in_run(path, build, resume=True, device="cpu")
+    assert len(built) == 2

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from core.data import InputError
 from core.trainer import join_processes
 from core.zero import TRAINER_FIELDS, _filled, deepspeed_config
 
@@ -82,8 +83,8 @@ def test_accelerate_mixed_precision_is_refused(monkeypatch):
     """accelerate launch --mixed_precision bf16 (any launch: plain, FSDP, DeepSpeed) would otherwise train in
     the model's dtype without a word."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    with pytest.raises(ValueError, match="--mixed_precision bf16 is not applied.*--autocast bfloat16"):
-        join_processes("cpu")
+    with pytest.raises(InputError, match="--mixed_precision bf16 is not applied.*--autocast bfloat16"):
+        join_processes("cpu")  # an InputError: a command-line error, not a traceback
 
 
 def test_a_config_file_selects_zero(tmp_path):

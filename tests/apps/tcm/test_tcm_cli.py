@@ -113,6 +113,8 @@ def test_epochs_set_the_steps_and_the_run_resumes_with_them(tmp_path, capsys):
     assert "0.006 epochs of 857 questions: 3 steps" in capsys.readouterr().out
     config = latest_config(RunDir(run_dir).read_config())
     assert (config["epochs"], config["max_steps"]) == (None, 3)  # the run's steps, as a resume reads them
+    # the same command again with --resume: its epochs give the run's stored max_steps, not a conflict
+    assert main(["tcm", "train", *flags, "--epochs", "0.006", "--resume"]) == 0
     assert main(["tcm", "train", "--resume", "--run-dir", str(run_dir), "--max-steps", "4"]) == 0
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
 

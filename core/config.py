@@ -259,7 +259,7 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
             cls.check_given(values, given)
         return cls(**values)
     except ValueError as err:
-        named = re.match(r"(\w+)[: ]", str(err))  # "field: ..." or "field must be ..."
+        named = re.match(r"(\w+)(?::| must )", str(err))  # "field: ..." or "field must be ...", one field
         field_name = named.group(1) if named else None
         if source_of.get(field_name):
             raise ValueError(f"{source_of[field_name]}: {err}") from err

@@ -484,7 +484,7 @@ class GRPOTrainer:
                 accumulation_steps=math.ceil(share / config.micro_batch_size),
                 max_grad_norm=config.max_grad_norm,
             )
-        self.step = 0
+        self.step = self.completed_step = 0  # completed: the last step whose update and logging are done
         self.checkpointed_step = -1  # the step of the newest checkpoint this run wrote or resumed from
         self._finish_later = False  # set inside until_finished()
         run_dir = config.run_dir or str(default_run_dir(app))
@@ -603,7 +603,7 @@ class GRPOTrainer:
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
         self.hooks.load_state_dict(checkpoint.hooks_state)
         restore_rng_state(self._own_rng_state(checkpoint.rng_state, path))
-        self.step = self.checkpointed_step = checkpoint.step
+        self.step = self.completed_step = self.checkpointed_step = checkpoint.step
         self.backend.update_weights(self.model)
         if self.rank == 0:
             self.run.truncate_logs_after(self.step)
@@ -1077,9 +1077,13 @@ class GRPOTrainer:
             with sigterm_as_exit():
                 try:
                     yield
+                    # every process finished its part (another one's error reaches this one here: or its
+                    # exit, or the launcher's SIGTERM), before process 0 says the run is
+                    _raise_together(lambda: None)
                 except BaseException as err:
                     if self.rank == 0:
-                        self.run.set_status("failed", step=self.step, error=f"{type(err).__name__}: {err}")
+                        error = f"{type(err).__name__}: {err}"
+                        self.run.set_status("failed", step=self.completed_step, error=error)
                     raise
             if self.rank == 0:
                 self.run.set_status("finished", step=self.step)
@@ -1101,6 +1105,7 @@ class GRPOTrainer:
         try:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
+                self.completed_step = self.step
                 history.append(metrics)
                 bar.update(1)
                 if self.rank == 0:  # tqdm's write prints even where the bar is disabled
@@ -1118,7 +1123,8 @@ class GRPOTrainer:
                 self.save_checkpoint()
         except BaseException as err:
             if self.rank == 0:
-                self.run.set_status("failed", step=self.step, error=f"{type(err).__name__}: {err}")
+                error = f"{type(err).__name__}: {err}"
+                self.run.set_status("failed", step=self.completed_step, error=error)
             raise
         finally:
             bar.close()

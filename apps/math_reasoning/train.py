@@ -141,15 +141,17 @@ class MathTrainConfig(GRPOConfig):
                 raise ValueError(
                     "codistill with --model needs --large-model (sharing the small one's tokenizer)"
                 )
-        if not 0 <= self.scaf_exemption_fraction < 1 or not 0 <= self.sft_hint_fraction <= 1:
-            raise ValueError("scaf_exemption_fraction must be in [0, 1) and sft_hint_fraction in [0, 1]")
-        if self.eval_samples < 0 or self.eval_examples < 0:
-            raise ValueError("eval_samples and eval_examples must be >= 0")
-        if self.codistill_alpha < 0 or not self.codistill_is_cap > 0 or not self.codistill_large_lr > 0:
-            raise ValueError(
-                "codistill_alpha must be >= 0, codistill_is_cap and codistill_large_lr > 0, got "
-                f"{self.codistill_alpha}, {self.codistill_is_cap}, {self.codistill_large_lr}"
-            )
+        # one field a message: build_config names the file or preset it came from
+        if not 0 <= self.scaf_exemption_fraction < 1:
+            raise ValueError(f"scaf_exemption_fraction must be in [0, 1), got {self.scaf_exemption_fraction}")
+        if not 0 <= self.sft_hint_fraction <= 1:
+            raise ValueError(f"sft_hint_fraction must be in [0, 1], got {self.sft_hint_fraction}")
+        for name in ("eval_samples", "eval_examples", "codistill_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("codistill_is_cap", "codistill_large_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         ignored = [f.name for f in fields(self) if self.algo not in applies_to(f.name) and _given(self, f)]
         if ignored:  # a flag of another algorithm would be ignored without a word
             raise ValueError(

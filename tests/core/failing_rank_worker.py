@@ -1,5 +1,7 @@
-"""A 2-step run whose reward raises on process 1 only, in step 2 (`python failing_rank_worker.py MODEL RUN`
-under `accelerate launch`): every process must raise, process 0 recording process 1's error."""
+"""A 2-step run under `accelerate launch` (`python failing_rank_worker.py MODEL RUN WHERE`) where process 1
+only fails: WHERE = "reward", its reward raises in step 2; "after", it raises after training, inside
+`until_finished` (as in its share of an evaluation). Every process must raise, and process 0 record the run
+as failed."""
 
 import sys
 
@@ -7,7 +9,7 @@ from core.policy import load_policy
 from core.rewards import Rubric
 from core.trainer import GRPOConfig, GRPOTrainer, join_processes
 
-model_dir, run_dir = sys.argv[1:3]
+model_dir, run_dir, where = sys.argv[1:4]
 state = join_processes("cpu")
 calls = 0
 
@@ -15,7 +17,9 @@ calls = 0
 def flaky(completion: str, example: dict) -> float:
     global calls
     calls += 1
-    if state.process_index == 1 and calls > 8:  # step 1 scores 2 groups of 4 here; step 2 fails
+    if (
+        where == "reward" and state.process_index == 1 and calls > 8
+    ):  # step 1 scores 2 groups of 4 here; step 2 fails
         raise ValueError("reward server unreachable")
     return len(completion) % 3 / 3
 
@@ -25,4 +29,8 @@ config = GRPOConfig(
     run_dir=run_dir, max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=4, micro_batch_size=8
 )
 examples = [{"id": f"ex{i}", "prompt": f"go {i}"} for i in range(8)]
-GRPOTrainer(config, model, tokenizer, examples, Rubric({"flaky": flaky}), app="test").train()
+trainer = GRPOTrainer(config, model, tokenizer, examples, Rubric({"flaky": flaky}), app="test")
+with trainer.until_finished():
+    trainer.train()
+    if where == "after" and state.process_index == 1:
+        raise RuntimeError("evaluation failed on process 1")

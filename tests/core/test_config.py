@@ -374,3 +374,24 @@ def test_a_seed_outside_numpys_range_is_refused(seed):
     """A seed of 20240101123456 failed after the base model was built (torch's int64 overflowed)."""
     with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
         GRPOConfig(seed=seed)
+
+
+@dataclass
+class TwoFieldCheckConfig:
+    lr: float = field(default=0.1, metadata={"help": "learning rate"})
+    steps: int = field(default=1, metadata={"help": "steps"})
+
+    def __post_init__(self):
+        if self.lr < 0 or self.steps < 0:
+            raise ValueError("lr and steps must be >= 0")
+
+
+def test_an_error_naming_several_fields_names_no_source(tmp_path):
+    """Only "field: ..." and "field must ..." name one field: a file that set lr well is not blamed for a
+    flag's steps."""
+    good = tmp_path / "good.toml"
+    good.write_text("lr = 0.5\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TwoFieldCheckConfig)
+    with pytest.raises(ValueError, match="^lr and steps must be >= 0$"):
+        build_config(TwoFieldCheckConfig, parser.parse_args(["--config", str(good), "--steps", "-1"]))

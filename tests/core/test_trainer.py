@@ -471,25 +471,56 @@ def test_a_resume_that_cannot_load_its_checkpoint_marks_the_run_failed(model_dir
     assert status["status"] == "failed" and status["step"] == 1 and status["error"].startswith("resume: ")
 
 
-def test_a_reward_error_on_one_process_stops_every_process_and_is_recorded(model_dir, tmp_path):
-    """Process 1's reward raises in step 2: process 0 must not wait in the next collective (or be killed
-    mid-step and leave status.json "running"); it raises too, naming process 1's error."""
+def run_failing_rank_worker(model_dir, run_dir, where: str) -> dict:
+    """status.json of failing_rank_worker.py run on 2 processes, process 1 failing `where`."""
     worker = Path(__file__).with_name("failing_rank_worker.py")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run_dir = tmp_path / "run"
     result = subprocess.run(
-        [*launch, str(worker), str(model_dir), str(run_dir)],
+        [*launch, str(worker), str(model_dir), str(run_dir), where],
         capture_output=True,
         text=True,
         timeout=300,
         env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode != 0
-    status = json.loads((run_dir / "status.json").read_text())
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def test_a_reward_error_on_one_process_stops_every_process_and_is_recorded(model_dir, tmp_path):
+    """Process 1's reward raises in step 2: process 0 must not wait in the next collective (or be killed
+    mid-step and leave status.json "running"); it raises too, naming process 1's error."""
+    status = run_failing_rank_worker(model_dir, tmp_path / "run", "reward")
     assert status["status"] == "failed" and status["step"] == 1
     assert status["error"].startswith("RuntimeError: process 1 failed: RewardError: reward 'flaky' failed")
     assert "reward server unreachable" in status["error"]
+
+
+def test_a_run_is_not_finished_while_another_process_fails_after_training(model_dir, tmp_path):
+    """Process 1 fails after training, inside until_finished (its share of an evaluation): process 0, done
+    with its own part, had marked the run finished."""
+    status = run_failing_rank_worker(model_dir, tmp_path / "run", "after")
+    # the error process 0 records is its own: the lost connection to process 1 (whose log has the cause)
+    assert status["status"] == "failed" and status["step"] == 2 and status["error"]
+
+
+def test_a_step_that_fails_after_its_update_is_not_recorded_as_reached(model_dir, tmp_path, monkeypatch):
+    """Step 2 fails in its metrics, after its update and count (where a collective meets a dead process):
+    the run is failed at step 1, the last one completed."""
+    trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=3))
+    reward_metrics = trainer._reward_metrics
+
+    def failing(batch):
+        if trainer.step == 2:
+            raise RuntimeError("peer gone")
+        return reward_metrics(batch)
+
+    monkeypatch.setattr(trainer, "_reward_metrics", failing)
+    with pytest.raises(RuntimeError, match="peer gone"):
+        with trainer.until_finished():
+            trainer.train()
+    status = trainer.run.read_status()
+    assert (status["status"], status["step"], status["error"]) == ("failed", 1, "RuntimeError: peer gone")
 
 
 def test_gdpo_weights_leave_out_the_bootstrapped_scales(model_dir, tmp_path):

@@ -268,7 +268,7 @@ def test_a_bad_eval_data_file_is_refused_before_training(text, message, small_di
     ("flags", "message"),
     [
         (["--algo", "codistill", "--codistill-alpha", "-2"], "codistill_alpha must be >= 0"),
-        (["--algo", "codistill", "--codistill-is-cap", "0"], "codistill_is_cap and codistill_large_lr > 0"),
+        (["--algo", "codistill", "--codistill-is-cap", "0"], "codistill_is_cap must be > 0, got 0.0"),
         (["--algo", "grpo", "--large-model", "m"], "large_model: used by --algo codistill only, not grpo"),
         (["--algo", "gtpo", "--scaf-tiers", "solution"], "scaf_tiers: used by --algo scaf only, not gtpo"),
         (["--algo", "scaf", "--gtpo-gamma", "0.5"], "gtpo_gamma: used by --algo gtpo only, not scaf"),

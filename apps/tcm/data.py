@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from apps.tcm.knowledge import FLAVOURS, FORMULAS, HERBS, MERIDIANS, NATURES, SYNDROMES
-from core.data import InputError, is_missing, read_located_examples
+from core.data import is_missing, read_located_examples
 
 TYPES = ("single", "multiple", "fill", "open")
 LETTERS = "ABCDE"
@@ -57,9 +57,9 @@ def load_examples(path: str | Path) -> list[dict]:
     """Examples from a local JSONL/JSON/CSV/Parquet file with columns question, options, answer, type.
 
     `options` (needed for choice questions) may be a mapping {"A": ...}, a list (lettered A, B, ... in
-    order, or by the letter each item starts with: ["B. 温", "A. 寒"]), a JSON string of either, or lines
-    "A. ..." / "A、..."; `type` takes the labels in
-    `TYPE_ALIASES`. Errors name the file and the line (JSONL) or row (other formats) and the row's id."""
+    order, or by the letters A, B, ... its items all start with: ["B. 温", "A. 寒"]; see `_list_pairs`), a
+    JSON string of either, or lines "A. ..." / "A、..."; `type` takes the labels in `TYPE_ALIASES`. Errors
+    name the file and the line (JSONL) or row (other formats) and the row's id."""
     path = Path(path)
     # raises on a missing file, bad JSON or a missing field
     rows = read_located_examples(path, REQUIRED_COLUMNS)
@@ -115,8 +115,8 @@ def _question_key(question, options: dict[str, str]) -> str:
 
 def parse_options(value, where: str) -> dict[str, str]:
     """Choice options as {"A": text, ...} (2 to 5 of them, letters A-E in order) from a mapping, a list
-    (`_list_pairs`), a JSON string or lettered lines (NFKC; blank lines skipped; "A. 温", "A、温", "A 温", or several on
-    one line as "A. 温 B. 寒"); a ValueError naming `where` otherwise."""
+    (`_list_pairs`), a JSON string or lettered lines (NFKC; blank lines skipped; "A. 温", "A、温", "A 温",
+    or several on one line as "A. 温 B. 寒"); a ValueError naming `where` otherwise."""
     if isinstance(value, str) and value.strip()[:1] in ("{", "["):
         try:
             value = json.loads(value)
@@ -138,7 +138,7 @@ def parse_options(value, where: str) -> dict[str, str]:
             raise ValueError(
                 f"{where}: option {LETTERS[next(i for i, v in enumerate(value) if _empty(v))]} is empty"
             )
-        pairs = _list_pairs(value, where)
+        pairs = _list_pairs(value)
     elif isinstance(value, str) and value.strip():
         pairs = [pair for line in value.splitlines() if line.strip() for pair in _option_line(line, where)]
     else:
@@ -155,23 +155,18 @@ def parse_options(value, where: str) -> dict[str, str]:
     return options
 
 
-def _list_pairs(texts: list, where: str) -> list[tuple[str, object]]:
-    """The (letter, text) pairs of a list of options: lettered A, B, ... in order or, when every item is
-    written with its own letter ("B. 温", "A、寒", a common export), by that letter without it. A list where
-    some items carry a letter and others do not, or one letter twice, is an InputError: which text is
-    which option would be a guess."""
+def _list_pairs(texts: list) -> list[tuple[str, object]]:
+    """The (letter, text) pairs of a list of options: by the letter each item is written with, without it,
+    when every item carries one and the letters are A, B, ... (as many as the items, each once, in any
+    order: ["B. 温", "A、寒"], a common export); else lettered A, B, ... in order with the texts kept whole
+    (["寒", "温", "A、B均是"], ["E. coli", "S. aureus"]): a text that starts with a letter is not a label."""
     matches = [
         _LETTERED.fullmatch(unicodedata.normalize("NFKC", t).strip()) if isinstance(t, str) else None
         for t in texts
     ]
-    if not any(matches):
-        return list(zip(LETTERS, texts, strict=False))
-    letters = [m.group(1).upper() for m in matches if m]
-    if len(letters) < len(texts) or len(set(letters)) < len(letters):
-        raise InputError(
-            f"{where}: field options: give every option with its own letter or none with one, got {texts!r}"
-        )
-    return sorted((m.group(1).upper(), m.group(2)) for m in matches)
+    if all(matches) and sorted(m.group(1).upper() for m in matches) == list(LETTERS[: len(texts)]):
+        return sorted((m.group(1).upper(), m.group(2)) for m in matches)
+    return list(zip(LETTERS, texts, strict=False))
 
 
 def _option_line(line: str, where: str) -> list[tuple[str, str]]:

@@ -3,8 +3,9 @@
 Each reward is pure, `(completion, example) -> float`:
 - `accuracy`: single choice: the first letter found (see `extract_letters`) equals the gold letter;
   multiple choice: the set of letters found equals the gold set; fill-in: normalized match
-  (`normalized_match`; numbers keep their ". / % ~": "1.5g" is not "15g"); open QA: ROUGE-L F1 on jieba
-  words (the paper is silent on a training reward for free text; we use the metric it evaluates with).
+  (`normalized_match`; numbers keep their ". / % ~", spaces inside them removed: "1.5g" is not "15g",
+  "1 . 5g" is "1.5g", "10 %" is "10%"); open QA: ROUGE-L F1 on jieba words (the paper is silent on a
+  training reward for free text; we use the metric it evaluates with).
 - `strict_format`: the whole completion is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (trailing
   whitespace allowed; no tag inside the two contents).
 - `tag_count`: 0.25 for each of `<think>\\n`, `\\n</think>\\n`, `\\n<answer>\\n`, `\\n</answer>` found exactly
@@ -16,14 +17,18 @@ tags removed), NFKC-normalised so full-width letters and punctuation (`Ｂ`, `�
 with letters directly after a negation (不是X, 不选X, 非X, "not X", "isn't X") removed, so "答案不是A，是B"
 reads B, then reads the letters from the first of: a cue stating the answer (答案是X, 答案为X, 答案：X, 答：X,
 "answer is X"; letters in either case); else the first option letter: capitals A-E not inside a Latin
-word, alone or as 选X, 选项X, X项, (X), and lower case a-e only with one of those or an option mark after
-them ("b. 寒", "b）"; not the "a" of "a herb" nor the "e" of "e.g."), so an answer letter followed by
-"选项A不对" keeps its letter (PAPERS.md sec. 9: the first standalone letter, cues as fallbacks); else a
-content that is nothing but letters a-e in lower case. From there, letters joined by 、/和与及 or spaces
-count, an option's text after a letter ("A. 辛", "A、辛", "A（辛）") is skipped, and letters after a clause
-break (,，.;；。), a line end or "and" count where they carry an option's text or 项 or the letters after them
-are not followed by text on their line: "A. 辛\\nC. 苦", "A, C and D", "A，C，D\\n解析：B错误" read ACD,
-"BD，A不对" and "BD. A is wrong" read BD; the cost: "B，D正确" reads B. One pass over the text.
+word, alone or as X项, (X), and 选X, 选项X in either case, so an answer letter followed by "选项A不对" keeps
+its letter (PAPERS.md sec. 9: the first standalone letter, cues as fallbacks); else, with none of those
+anywhere, the first lower-case a-e that starts the answer or a line and has an option mark and text after
+it on that line ("b. 寒", "b）寒", "(b) 寒"; not "vitamin c", "see (a) above", "e.g."); else a content that
+is nothing but letters a-e in lower case ("a.c", "b。"). From there, letters joined by 、/和与及 or spaces
+count, an option's text after a letter ("A. 辛", "A、辛", "A（辛）") is skipped, and in the first sentence
+(to a 。 or a line end) letters after a clause break (,，.;；) or "and" count where they carry an option's
+text or 项 or the letters after them are not followed by text on their line ("A, C and D" reads ACD,
+"BD，A不对" and "BD. A is wrong" BD; the cost: "B，D正确" reads B). Each later sentence joins while it is
+nothing but such letters and punctuation and none of its option texts is a judgement (错误, 不对, 正确, 对,
+错, "wrong", ...): "A. 辛\\nC. 苦\\nD. 甘" and "A，C，D\\n解析：B错误" read ACD, "答案：BD。A项错误" and
+"BD\\nA. 错误" BD. One pass over the text.
 
     rubric = build_rubric()   # weights accuracy 5, strict_format 1, tag_count 1
 Tests: `pytest tests/apps/tcm/test_tcm_rewards.py`.
@@ -49,13 +54,22 @@ _ITEM = re.compile(
     rf"(?P<cue>选项?{_H})?(?P<open>\({_H})?(?<![A-Za-z])(?P<letters>[A-E]++|[a-e]++)(?![A-Za-z])"
     rf"(?P<close>{_H}\))?(?P<xiang>{_H}项)?"
 )
-_LOWER_MARK = re.compile(r"[^\S\n]*[.、:)][^\S\n]*+(?![A-Za-z])")  # "b. 寒", "b）", not "e.g."
+# A lower-case letter's option mark with the option's text after it on its line: "b. 寒", "b）寒", "(b) 寒",
+# "b. cold"; not "e.g.", "a.c" nor "c." at the end of a sentence.
+_LOWER_MARK = re.compile(r"[^\S\n]*[.、:)](?:[^\S\n]*+(?=(?![A-Za-z])\w)|[^\S\n]++(?=\w))")
 _JOIN = re.compile(r"(?:[^\S\n]|[、和与及/])*")  # between the letters of a segment: "A、C", "A 和 C", "ACD"
 _BREAK = re.compile(rf"{_H}(?:[,，;；.。\n]\s*(?:and\b\s*)?|and\b\s*)")  # a clause break, a line end, "and"
 _MARK = re.compile(rf"(?:{_H}[.、:)]|(?<=\))){_H}(?=[^\s,，;；。])")  # an option's mark before its text
 _NOTE = re.compile(rf"{_H}\([^()\n]+\)")  # "A（辛）"
 _OPTION_TEXT = re.compile(r"[^\n,，;；。]*")  # an option's text runs to the clause or line end
 _TEXT_AFTER = re.compile(rf"{_H}\w")
+_PUNCT_TO_LINE_END = re.compile(r"[^\w\n。]*(?:[\n。]|\Z)")  # nothing but punctuation to the line end or 。
+# An option text that judges its option ("A. 错误", "C：对", "B. wrong"): commentary, not an answer.
+_JUDGEMENT = re.compile(
+    r"(?:是|is\s+)?(?:错误|不对|不正确|正确|有误|无误|[对错]的?(?!\w)|(?:in)?correct|wrong|right|true|false)"
+    r"(?![A-Za-z])",
+    re.IGNORECASE,
+)
 # Cues that state the answer ("the answer is X") win over any letter.
 _ANSWER_CUE = re.compile(r"答(?:案\s*(?:应?[是为选])?\s*:?|\s*:)\s*|answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
 # A letter (or a run joined without a clause break) directly after a negation is not an answer:
@@ -75,6 +89,8 @@ _PUNCT = re.compile(r"[\s\W_]+")  # \W: neither letter/digit (CJK included) nor 
 # Between digits a range mark is one "~" ("3～9", "3 - 9"), and ".", "/", "~" and a "%" after a digit are
 # kept when punctuation is removed, so "1.5g" is not "15g" nor "3～9g" "39g".
 _RANGE = re.compile(r"(?<=\d)\s*[~\-–—〜]\s*(?=\d)")
+# Spaces inside a number go, as they do around a range mark: "10 %" is "10%", "1 . 5g" "1.5g", "3 / 4" "3/4".
+_NUMBER_SPACES = re.compile(r"(?<=\d)[^\S\n]+(?=%)|(?<=\d)[^\S\n]*([./])[^\S\n]*(?=\d)")
 _PUNCT_OUTSIDE_NUMBERS = re.compile(r"(?<=\d)[./~](?=\d)|(?<=\d)%|([\s\W_])")
 # Not 和/及: they are inside words as often as between items (和解少阳, 调和营卫, 理气和中); not "/" between
 # digits ("3/4").
@@ -115,7 +131,10 @@ def extract_letters(completion: str) -> str:
         if letters := _run(text, cue.end(), any_case=True):
             break
     else:
-        first = next((m for m in _ITEM.finditer(text) if _is_letter(m, text, any_case=False)), None)
+        # a capital or 选X anywhere wins over a lower-case letter that has only its mark ("b. 寒")
+        first = next((m for m in _ITEM.finditer(text) if m["cue"] or m["letters"].isupper()), None)
+        if first is None:
+            first = next((m for m in _ITEM.finditer(text) if _starts_option_line(m, text)), None)
         if first is not None:
             letters = _run(text, first.start(), any_case=bool(first["cue"]))
         elif text.strip() and _LOWER_ONLY.fullmatch(text):
@@ -126,16 +145,21 @@ def extract_letters(completion: str) -> str:
 
 
 def _is_letter(item: re.Match, text: str, any_case: bool) -> bool:
-    """Whether an `_ITEM` match is an option letter: upper case, or lower case after a cue (`any_case`),
-    with 选, (b), 项 or an option mark ("b. 寒") around it."""
-    return bool(
-        any_case
-        or item["letters"].isupper()
-        or item["cue"]
-        or (item["open"] and item["close"])
-        or item["xiang"]
-        or (len(item["letters"]) == 1 and _LOWER_MARK.match(text, item.end("letters")))
-    )
+    """Whether an `_ITEM` match is an option letter: upper case, or lower case after an answer cue
+    (`any_case`), after 选/选项, or starting a line with its mark and text (`_starts_option_line`)."""
+    return bool(any_case or item["letters"].isupper() or item["cue"] or _starts_option_line(item, text))
+
+
+def _starts_option_line(item: re.Match, text: str) -> bool:
+    """Whether an `_ITEM` match is one letter that starts the text or a line (spaces before it allowed) and
+    is followed by an option mark and text on its line: "b. 寒", "(b) 寒"; not "vitamin c", "(a) above"
+    within a sentence. The spaces before it are read once: the character before them is not a letter."""
+    if len(item["letters"]) != 1 or not _LOWER_MARK.match(text, item.end("letters")):
+        return False
+    start = item.start()
+    while start and text[start - 1] != "\n" and text[start - 1].isspace():
+        start -= 1
+    return start == 0 or text[start - 1] == "\n"
 
 
 def _letter_at(text: str, pos: int, any_case: bool) -> re.Match | None:
@@ -143,45 +167,69 @@ def _letter_at(text: str, pos: int, any_case: bool) -> re.Match | None:
     return item if item and _is_letter(item, text, any_case) else None
 
 
-def _segment(text: str, pos: int, any_case: bool) -> tuple[str, int, bool]:
-    """(letters, end, labelled) of the letters from `pos` joined without a clause break ("A、C", "A和C",
-    "A（辛）、C（苦）"); an option's text after a letter ("A. 辛", "A、辛", "(A) 辛") is skipped and makes the
-    segment labelled, as 项 after its last letter does."""
-    letters, end, labelled = "", pos, False
+def _segment(text: str, pos: int, any_case: bool) -> tuple[str, int, bool, bool]:
+    """(letters, end, labelled, judged) of the letters from `pos` joined without a clause break ("A、C",
+    "A和C", "A（辛）、C（苦）"); an option's text after a letter ("A. 辛", "A、辛", "(A) 辛") is skipped and makes
+    the segment labelled, as 项 after its last letter does; `judged`: an option text is a judgement
+    ("A. 错误")."""
+    letters, end, labelled, judged = "", pos, False, False
     item = _letter_at(text, pos, any_case)
     while item:
         letters += item["letters"]
         end, labelled = item.end(), bool(item["xiang"])
         item = _letter_at(text, _JOIN.match(text, end).end(), any_case)
-        if item is None and (label_end := _option_text_end(text, end, any_case)):
-            end, labelled = label_end, True
+        if item is None and (option_text := _option_text(text, end, any_case)):
+            (text_start, end), labelled = option_text, True
+            judged = judged or bool(_JUDGEMENT.match(text, text_start))
             item = _letter_at(text, _JOIN.match(text, end).end(), any_case)
-    return letters, end, labelled
+    return letters, end, labelled, judged
 
 
-def _option_text_end(text: str, pos: int, any_case: bool) -> int | None:
-    """The end of an option's text right after its letter (ending at `pos`), or None: "（辛）", ". 辛" to the
-    clause or line end, unless a letter follows the mark ("A. C" is two letters)."""
+def _option_text(text: str, pos: int, any_case: bool) -> tuple[int, int] | None:
+    """(start, end) of an option's text right after its letter (ending at `pos`), or None: "（辛）", ". 辛"
+    to the clause or line end, unless a letter follows the mark ("A. C" is two letters)."""
     if note := _NOTE.match(text, pos):
-        return note.end()
+        return note.end() - len(note[0].lstrip()) + 1, note.end()
     mark = _MARK.match(text, pos)
     if mark is None or _letter_at(text, mark.end(), any_case):
         return None
-    return _OPTION_TEXT.match(text, mark.end()).end()
+    return mark.end(), _OPTION_TEXT.match(text, mark.end()).end()
 
 
 def _run(text: str, pos: int, any_case: bool) -> str:
-    """The letters of the answer from `pos`: a segment, then the segments after clause breaks, line ends or
-    "and" up to the last that is labelled, or all of them if the last is not followed by text on its line
-    ("B，D", "A，C，D\\n解析：...", "A, C and D", "B，D项正确"; not "BD，A不对"). One pass over the text."""
-    letters, end, _ = _segment(text, pos, any_case)
-    later = []
-    while (brk := _BREAK.match(text, end)) and (segment := _segment(text, brk.end(), any_case))[0]:
-        later.append(segment)
-        end = segment[1]
-    if _TEXT_AFTER.match(text, end):  # the segments after the last labelled one are commentary
-        later = later[: max((i + 1 for i, (_, _, labelled) in enumerate(later) if labelled), default=0)]
-    return letters + "".join(segment_letters for segment_letters, _, _ in later)
+    """The letters of the answer from `pos`. Its first sentence (to a 。 or a line end): a segment and the
+    segments after clause breaks or "and", up to the last that is labelled if text follows them on their
+    line ("B，D", "A, C and D", "B，D项正确"; not "BD，A不对"). Then each later sentence joins while it is
+    nothing but segments and punctuation, none of its option texts a judgement ("A. 辛\\nC. 苦", "AC。D";
+    not "BD。A项错误", "BD\\nA. 错误"). One pass over the text."""
+    letters, start, first = "", pos, True
+    while True:
+        segments, brk = [], None
+        segment = _segment(text, start, any_case)
+        while segment[0]:
+            segments.append(segment)
+            brk = _BREAK.match(text, segment[1])
+            if brk is None or _hard(brk):
+                break
+            segment = _segment(text, brk.end(), any_case)
+        if not segments:
+            return letters
+        end = segments[-1][1]
+        if first and _TEXT_AFTER.match(text, end):  # the segments after the last labelled one are commentary
+            segments = segments[: max(i + 1 for i, segment in enumerate(segments) if i == 0 or segment[2])]
+        elif not first and (
+            any(segment[3] for segment in segments) or not _PUNCT_TO_LINE_END.match(text, end)
+        ):
+            return letters
+        letters += "".join(segment[0] for segment in segments)
+        if brk is None or not _hard(brk):
+            return letters
+        start, first = brk.end(), False
+
+
+def _hard(brk: re.Match) -> bool:
+    """Whether a clause break ends a sentence: a 。 or a line end."""
+    return "\n" in brk[0] or "。" in brk[0]
 
 
 def normalize_answer(text: str) -> frozenset[str]:
@@ -198,8 +246,9 @@ def normalize_answer(text: str) -> frozenset[str]:
 
 
 def _unify(text: str) -> str:
-    """NFKC, lower case, a range mark between digits as "~"."""
-    return _RANGE.sub("~", unicodedata.normalize("NFKC", text).lower())
+    """NFKC, lower case, a range mark between digits as "~", no spaces inside a number ("1 . 5", "10 %")."""
+    text = _RANGE.sub("~", unicodedata.normalize("NFKC", text).lower())
+    return _NUMBER_SPACES.sub(lambda m: m[1] or "", text)
 
 
 def _squash(text: str) -> str:

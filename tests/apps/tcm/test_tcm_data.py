@@ -19,7 +19,6 @@ from apps.tcm.data import (
 from apps.tcm.knowledge import FORMULAS, HERBS, SYNDROMES, terms
 from apps.tcm.prompts import TAGS, inline_completion, reference_completion
 from apps.tcm.rewards import build_rubric
-from core.data import InputError
 
 ROWS = [
     {
@@ -175,20 +174,34 @@ def test_parse_options_forms():
 
 def test_list_options_keep_their_own_letters(tmp_path):
     """A list whose items carry their letters out of order keeps each text with its own letter (it was
-    lettered by position, {"A": "B. 温", "B": "A. 寒"}, so the gold letter pointed at the other text); a list
-    where only some items carry a letter, or one letter twice, is an error naming the file, line and field."""
+    lettered by position, {"A": "B. 温", "B": "A. 寒"}, so the gold letter pointed at the other text)."""
     assert parse_options(["B. 温", "A. 寒"], "x") == {"A": "寒", "B": "温"}
     assert parse_options(["Ｃ．热", "a) 寒", "B、温"], "x") == {"A": "寒", "B": "温", "C": "热"}
     row = {"question": "麻黄的药性是？", "options": ["B. 温", "A. 寒"], "answer": "B", "type": "单选题"}
     [example] = load_examples(write_jsonl(tmp_path / "order.jsonl", [row]))
     assert example["options"] == {"A": "寒", "B": "温"}
     assert example["options"][example["answer"]] == "温"
-    for options in (["B. 温", "寒"], ["A. 温", "A. 寒"]):
-        path = write_jsonl(tmp_path / "mixed.jsonl", [{**row, "options": options}])
-        with pytest.raises(
-            InputError, match=r"mixed.jsonl:line 1 \(id 'mixed-0'\): field options: give every"
-        ):
-            load_examples(path)
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["寒", "温", "热", "A、B均是"],  # only some items start with a letter
+        ["A、B均可", "B、C均可", "C、D均可", "以上都不是"],
+        ["E. coli", "S. aureus", "B. subtilis", "C. albicans"],  # S is not an option letter
+        ["E. coli", "B. subtilis", "C. albicans"],  # not the letters A, B, C
+        ["A. 温", "A. 寒"],  # a letter twice
+        ["B. 温", "寒"],
+    ],
+)
+def test_list_options_are_plain_texts_unless_all_carry_the_first_letters(tmp_path, texts):
+    """A list is lettered A, B, ... in order, its texts kept whole, unless every item carries a letter and
+    the letters are the first ones, each once (such lists were refused as mixed, though they had loaded)."""
+    expected = dict(zip("ABCDE", texts, strict=False))
+    assert parse_options(texts, "x") == expected
+    row = {"question": "q", "options": texts, "answer": "B", "type": "单选题"}
+    [example] = load_examples(write_jsonl(tmp_path / "plain.jsonl", [row]))
+    assert example["options"] == expected
 
 
 def test_list_answers_and_a_fact_0(tmp_path):

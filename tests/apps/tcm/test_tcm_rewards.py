@@ -69,6 +69,14 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("It is a herb"), ""),  # an English word's letters are not answers
         (wrap("e.g. 麻黄"), ""),
         (wrap("(a herb) 麻黄"), ""),
+        (wrap("It contains vitamin c."), ""),  # a lower-case letter in prose is not an option letter
+        (wrap("This is type a."), ""),
+        (wrap("维生素c、维生素e含量高，选D"), "D"),
+        (wrap("富含维生素e、故选B"), "B"),
+        (wrap("see (a) above. Therefore C"), "C"),
+        (wrap("b. 寒\nD"), "D"),  # a capital wins over a lower-case letter with only a mark
+        (wrap("a. 辛\nc. 苦\nd. 甘"), "ACD"),  # lower-case options, one a line
+        (wrap("See the note.\n(b) 寒"), "B"),
         ("答案是C", "C"),  # missing tags: the whole completion
         ("<think>\n想一想A和B\n</think>\n答案是C", "C"),  # missing answer tags: the think block is ignored
         ("我觉得是A\n<answer>\nB\n</answer>\n其实是C", "B"),  # text outside the tags is ignored
@@ -94,6 +102,12 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("A项、C项、D项"), "ACD"),
         (wrap("A, C and D"), "ACD"),
         (wrap("BD, A and C are wrong"), "BD"),
+        (wrap("答案：BD。A项错误"), "BD"),  # after 。 or a line end, a letter followed by text is commentary
+        (wrap("AC。B项是寒性"), "AC"),
+        (wrap("BD\nA. 错误\nC. 错误"), "BD"),  # an option text that is a judgement is commentary
+        (wrap("BD\nA：不对"), "BD"),
+        (wrap("A. 辛。C. 苦。D. 甘"), "ACD"),
+        (wrap("A\nC\nD"), "ACD"),
         (wrap("The answer is b and a herb"), "B"),
         (wrap("答案不是A，是B"), "B"),  # a negated letter is not the answer
         (wrap("答案不是Ａ，是Ｂ"), "B"),
@@ -130,6 +144,10 @@ def test_extract_letters(completion, letters):
         ("the answer is B", 1.0),
         ("答案不是A，是B", 1.0),  # the negated letter is not read
         ("The answer is not A but B", 1.0),
+        ("富含维生素e、故选B", 1.0),  # the e of 维生素e is not an option letter
+        ("维生素c含量高，选B", 1.0),
+        ("It contains vitamin b.", 0.0),  # no answer
+        ("This is type b.", 0.0),
         (wrap(""), 0.0),
     ],
 )
@@ -157,6 +175,9 @@ def test_single_choice_accuracy(completion, reward):
         (wrap("选项A、选项C、选项D"), 1.0),
         (wrap("A项、C项、D项"), 1.0),
         (wrap("A, C and D"), 1.0),
+        (wrap("答案：ACD。B项错误"), 1.0),  # commentary after 。 or a line end is not read
+        (wrap("ACD\nB. 错误\nE. 错误"), 1.0),
+        (wrap("AC\nD. 甘"), 1.0),  # a further option with its text, alone on its line
     ],
 )
 def test_multiple_choice_accuracy(completion, reward):
@@ -195,6 +216,14 @@ def test_multiple_choice_accuracy(completion, reward):
         ("3/4", "３／４", True),
         ("1.5g 肺", "肺、1.5g", True),
         ("温/热", "热、温", True),  # a "/" not between digits separates items
+        ("10 %", "10%", True),  # spaces inside a number do not count
+        ("10 %", "10", False),
+        ("3 / 4", "34", False),
+        ("3 / 4", "3/4", True),
+        ("1 . 5g", "15g", False),
+        ("1 . 5g", "1.5g", True),
+        ("3-9g", "3～9 g", True),
+        ("１.５g", "1.5g", True),
     ],
 )
 def test_normalized_match(prediction, gold, match):

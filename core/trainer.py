@@ -63,7 +63,10 @@ class GRPOConfig:
     model: str | None = _help("HF causal-LM directory to train; default: the app's offline tiny model", None)
     data: str | None = _help("training data file (JSONL/JSON/CSV/Parquet); default: the app's own set", None)
     run_dir: str | None = _help("run directory; default runs/<app>/<timestamp>", None)
-    resume: bool = _help("continue the newest complete checkpoint in --run-dir", False)
+    resume: bool = _help(
+        "continue the newest complete checkpoint in --run-dir (without one, start over: see --save-every)",
+        False,
+    )
     seed: int = _help("seed of data order, sampling and initialisation", 0)
     device: str = _help("cpu or cuda", "cpu")
     max_steps: int = _help("training steps (one batch of prompts each)", 50)
@@ -576,7 +579,14 @@ class GRPOTrainer:
         path = RunDir(self.run_path).latest_checkpoint()
         if path is None:  # --resume on a run without a checkpoint starts from the beginning
             if self.rank == 0:
-                self.run.truncate_logs_after(0)
+                dropped = self.run.truncate_logs_after(0).get(self.run.metrics_path.name, 0)
+                if dropped:  # said, not silent: the steps it had logged are trained again
+                    warnings.warn(
+                        f"--resume: {self.run_path} has no complete checkpoint (it stopped before its first; "
+                        f"--save-every N checkpoints every N steps): it starts over from step 0, and its "
+                        f"{dropped} logged steps are dropped",
+                        stacklevel=2,
+                    )
             return
         checkpoint = load_checkpoint(path)
         if zero.PARTITIONS in checkpoint.optimizer_state and self.engine is None:

@@ -661,3 +661,19 @@ def test_an_example_whose_prompt_is_not_text_is_refused(model_dir, tmp_path):
     ):
         model, tokenizer = load_policy(model_dir)
         GRPOTrainer(make_config(tmp_path), model, tokenizer, examples, Rubric({"a": a_fraction}), app="test")
+
+
+def test_a_resume_without_a_checkpoint_says_it_starts_over(model_dir, tmp_path, monkeypatch):
+    """A run killed before its first checkpoint (--save-every 0): --resume trains from step 0 again and
+    drops the steps it had logged, which it had done without a word."""
+    config = make_config(tmp_path, max_steps=3)
+    first = make_trainer(model_dir, config)
+    monkeypatch.setattr(first, "save_checkpoint", lambda: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):  # the final checkpoint never written
+        first.train()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.warns(
+        UserWarning, match=r"no complete checkpoint .* starts over from step 0, and its 3 logged"
+    ):
+        resumed = make_trainer(model_dir, replace(config, resume=True))
+    assert resumed.step == 0 and not (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -242,12 +242,13 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     resumed = None  # "<run_dir>, a '<app>' '<algorithm>' run" when its stored config is a layer
     if chosen.get("resume") and chosen.get("run_dir") is not None:
         path = Path(chosen["run_dir"]) / "config.json"
-        source = f"{path} (the resumed run's config)"
+        kind = _run_kind(path)
+        # its kind named: a value another command's run stored may not fit this command's field
+        source = f"{path} (the resumed run's config{f', {kind}' if kind else ''})"
         stored = _resumed_run_values(path, hints, source)
         layers.insert(0, (source, stored))
         if stored:
-            kind = json.loads(path.read_text(encoding="utf-8"))
-            resumed = f"{chosen['run_dir']}, a {kind.get('app')!r} {kind.get('algorithm')!r} run"
+            resumed = f"{chosen['run_dir']}, {kind}"
     values = {k: v for _, layer in layers for k, v in layer.items()}
     source_of = {k: source for source, layer in layers for k in layer}
     # what the user gave: a flag or a file (not a default, a preset, or the resumed run's stored value)
@@ -266,6 +267,17 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
         if resumed:  # the stored values may be another command's: say whose they are
             raise ValueError(f"{err} (with the settings of {resumed})") from err
         raise
+
+
+def _run_kind(path: Path) -> str | None:
+    """ "a '<app>' '<algorithm>' run" from a run's config.json, None when it is not one."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    return f"a {stored.get('app')!r} {stored.get('algorithm')!r} run"
 
 
 def _resumed_run_values(path: Path, hints: dict[str, Any], source: str) -> dict[str, Any]:

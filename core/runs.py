@@ -76,7 +76,8 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit("terminated by SIGTERM (under torchrun: another process failed)")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun stops the others when one fails
+    raise SystemExit("terminated by SIGTERM" + (" (another process may have failed)" if launched else ""))
 
 
 @contextmanager

@@ -395,3 +395,16 @@ def test_an_error_naming_several_fields_names_no_source(tmp_path):
     add_config_arguments(parser, TwoFieldCheckConfig)
     with pytest.raises(ValueError, match="^lr and steps must be >= 0$"):
         build_config(TwoFieldCheckConfig, parser.parse_args(["--config", str(good), "--steps", "-1"]))
+
+
+def test_a_stored_value_of_another_commands_run_names_that_runs_kind(tmp_path):
+    """Resuming a math run with another command: its stored value does not fit this command's field; the
+    error says whose run it is (it named only the file)."""
+    stored = {"app": "math", "algorithm": "grpo", "config": {"steps": "many", "run_dir": str(tmp_path)}}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, RunConfig)
+    with pytest.raises(
+        ValueError, match=r"config.json \(the resumed run's config, a 'math' 'grpo' run\): steps"
+    ):
+        build_config(RunConfig, parser.parse_args(["--run-dir", str(tmp_path), "--resume"]))

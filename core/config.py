@@ -100,6 +100,7 @@ def add_config_arguments(
         tp, optional = _scalar_type(_field_types(cls)[f.name])
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _as_flag_value(default)
         if tp is bool:
             parser.add_argument(
                 _flag(f.name),
@@ -119,6 +120,13 @@ def add_config_arguments(
             metavar=f.name.upper(),
             help=f"{help_text} (default: {default})".replace("%", "%%"),
         )
+
+
+def _as_flag_value(value: Any) -> Any:
+    """A default as the flag would be written: a tuple comma-separated (`0,1,2`), None as `none`."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else value
 
 
 class _StrictYamlLoader(yaml.SafeLoader):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import DebertaV2Config, DebertaV2Model
 
 from core.atomic import atomic_directory
+from core.data import InputError, read_text
 
 HEADS = ("fairness", "relevance", "quality")
 HEADS_FILE = "reward_heads.json"
@@ -108,10 +109,26 @@ def from_pretrained_encoder(
     """A local pre-trained DeBERTa-v2/v3 directory (e.g. deberta-v3-small) with fresh heads (seeded)."""
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; expected a local deberta-v3-* model directory")
+    check_deberta_encoder(path)
     encoder = DebertaV2Model.from_pretrained(path, local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MultiHeadRewardModel(encoder, heads)
+
+
+def check_deberta_encoder(path: str | Path) -> None:
+    """Refuse a model directory whose config.json is not a DeBERTa-v2/v3 encoder's (model_type
+    'deberta-v2', which deberta-v3-* checkpoints also say): `DebertaV2Model.from_pretrained` would build
+    any other (a causal LM, DeBERTa v1's other attention weights) with untrained weights, and only warn."""
+    config_file = Path(path) / "config.json"
+    try:
+        model_type = json.loads(read_text(config_file)).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise InputError(f"{config_file}: not a JSON object of a model's config") from err
+    if model_type != "deberta-v2":
+        raise InputError(
+            f"model: {path} is a {model_type!r} model, not a DeBERTa-v2/v3 encoder (model_type 'deberta-v2')"
+        )
 
 
 def build_tiny_reward_model(

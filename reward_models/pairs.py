@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from core.data import read_jsonl
+from core.data import InputError, read_jsonl
 
 HEADS = ("fairness", "relevance", "quality")
 RESPONSE_KINDS = ("neutral", "biased", "off_topic", "garbled")
@@ -57,7 +57,7 @@ def read_rows(path: str | Path) -> list[dict]:
         row.setdefault("id", f"{path.stem}-{number}")
         rows.append(row)
     if not rows:
-        raise ValueError(f"data file {path} has no rows")
+        raise InputError(f"data file {path} has no rows")
     return rows
 
 

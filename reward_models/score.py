@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from core.atomic import write_atomic
-from core.data import read_jsonl
+from core.data import InputError, read_jsonl
 from reward_models.deberta import MultiHeadRewardModel
 
 
@@ -102,13 +102,18 @@ class RMScoreConfig:
     def __post_init__(self):
         if not self.input or not self.output:
             raise ValueError("--input and --output are required")
+        if Path(self.output).is_dir():  # before the scoring, not at the write after it
+            raise ValueError(f"--output {self.output} is a directory; expected a JSONL file to write")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def read_pairs(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file, each an object with string "prompt" and "response"; an error names the line."""
+    """Rows of a JSONL file, each an object with string "prompt" and "response"; an error names the line.
+    A file without rows is an error too."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"input file {path} is a directory, expected a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     rows = []
@@ -119,6 +124,8 @@ def read_pairs(path: str | Path) -> list[dict]:
             if not isinstance(row[name], str):
                 raise ValueError(f"{path}:{number}: field {name!r} must be a string, got {row[name]!r}")
         rows.append(row)
+    if not rows:
+        raise InputError(f"input file {path} has no rows")
     return rows
 
 

@@ -41,6 +41,7 @@ from core.runs import RunDir, changed_settings, failure_recorded, load_checkpoin
 from reward_models.deberta import (
     HEADS,
     build_tiny_reward_model,
+    check_deberta_encoder,
     from_pretrained_encoder,
     tiny_deberta_config,
 )
@@ -106,8 +107,10 @@ class RMTrainConfig:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if not self.epochs > 0 or not self.learning_rate > 0:
             raise ValueError("epochs and learning_rate must be > 0")
-        if self.model and not (Path(self.model) / "config.json").is_file():
-            raise ValueError(f"model: {self.model} is not a local model directory (no config.json)")
+        if self.model:  # checked before the data is read and anything is built
+            if not (Path(self.model) / "config.json").is_file():
+                raise ValueError(f"model: {self.model} is not a local model directory (no config.json)")
+            check_deberta_encoder(self.model)
 
 
 @dataclass

@@ -58,6 +58,8 @@ def policy_examples(rows: list[dict]) -> list[dict]:
 class DebiasTrainConfig(GRPOConfig):
     """The core's GRPO fields, defaults sized for the tiny offline policy, and the de-biasing fields."""
 
+    # the core's single-file flag, kept (refused in __post_init__) so that its help says what to use instead
+    data: str | None = _help("not read: debias reads a directory of splits, pass --data-dir DIR", None)
     reward_model: str | None = _help("reward model directory (from `grpo-suite reward-model train`)", None)
     data_dir: str | None = _help("directory with train/.../heldout.jsonl; default: generated in memory", None)
     fairness_weight: float = _help("rubric weight of the fairness head", 1.0)

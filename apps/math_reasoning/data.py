@@ -293,7 +293,7 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
             **extra,
         }
     question = _field(row, "problem", where)
-    level = _math_level(row.get("level"))  # MATH's "Level 1".."Level 5": per-level rows in `math eval`
+    level = level_number(row.get("level"))  # MATH's "Level 1".."Level 5": per-level rows in `math eval`
     extra = {} if level is None else {"level": level}
     if fmt in ("amc", "aime") or not is_missing(row.get("answer")):
         return {"question": question, "answer": _field(row, "answer", where), **extra}
@@ -307,11 +307,11 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
     return {"question": question, "answer": boxed, **extra}
 
 
-def _math_level(value) -> int | None:
-    """A benchmark row's difficulty level as a number ("Level 5" or 5 -> 5), None when absent or not one
-    ("Level ?" in MATH).
+def level_number(value) -> int | None:
+    """A row's difficulty level as a number ("Level 5" or 5 -> 5), None when absent or not one ("Level ?"
+    in MATH). `math eval` names its per-level results by it.
 
-    >>> _math_level("Level 5"), _math_level(3), _math_level("Level ?"), _math_level(None)
+    >>> level_number("Level 5"), level_number(3), level_number("Level ?"), level_number(None)
     (5, 3, None, None)
     """
     match = re.fullmatch(r"(?:level\s*)?(\d+)", str(value).strip(), re.IGNORECASE)

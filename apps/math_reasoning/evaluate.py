@@ -15,7 +15,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.math_reasoning.data import FORMATS, HARD_LEVEL, MIXES, load_examples, mix_levels, offline_sets
+from apps.math_reasoning.data import (
+    FORMATS,
+    HARD_LEVEL,
+    MIXES,
+    level_number,
+    load_examples,
+    mix_levels,
+    offline_sets,
+)
 from apps.math_reasoning.rewards import format_rewards, same_answer
 from apps.math_reasoning.templates import TEMPLATES, Template, get_template
 from core.config import config_to_dict
@@ -105,11 +113,28 @@ def evaluate_model(
                 }
             )
     results = {"all": _summary(records, samples), "samples": samples, "seconds": time.perf_counter() - start}
-    for level in sorted({r["level"] for r in records if r["level"] is not None}):
-        results[f"level{level}"] = _summary([r for r in records if r["level"] == level], samples)
+    by_level: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["level"] is not None:
+            by_level.setdefault(_level(r["level"]), []).append(r)
+    for (_, name), group in sorted(by_level.items()):
+        results[name] = _summary(group, samples)
     if f"level{HARD_LEVEL}" in results and all(ex.get("source") == "offline" for ex in examples):
         results["hard"] = results[f"level{HARD_LEVEL}"]  # the offline set's hard tail, not MATH's level 3
     return results
+
+
+def _level(level) -> tuple[tuple, str]:
+    """Where a level's results go among the others, and their key: a numbered level ("level3", from 3 or
+    MATH's "Level 3") in order of its number, then any other ("level one") in order of its text.
+
+    >>> _level(3), _level("Level 3"), _level("one")
+    (((0, 3, ''), 'level3'), ((0, 3, ''), 'level3'), ((1, 0, 'one'), 'level one'))
+    """
+    number = level_number(level)
+    if number is None:
+        return (1, 0, str(level)), f"level {level}"
+    return (0, number, ""), f"level{number}"
 
 
 def _summary(records: list[dict], samples: int) -> dict:
@@ -260,12 +285,11 @@ def run_eval(config: MathEvalConfig) -> dict:
 
 
 def format_results(results: dict) -> str:
+    """The results as a table, a row per subset; pass@k is left out when k is 1 (it is pass@1)."""
     k = results["samples"]
-    lines = [f"{'subset':<8} {'n':>5} {'pass@1':>7} {f'pass@{k}':>7} {f'maj@{k}':>7} {'format':>7}"]
+    columns = [f"pass@{n}" for n in sorted({1, k})] + [f"maj@{k}", "format_rate"]
+    lines = [f"{'subset':<8} {'n':>5} " + " ".join(f"{c.removesuffix('_rate'):>7}" for c in columns)]
     for name, row in results.items():
         if isinstance(row, dict) and "pass@1" in row and name != "hard":
-            lines.append(
-                f"{name:<8} {row['examples']:>5} {row['pass@1']:>7.3f} {row[f'pass@{k}']:>7.3f} "
-                f"{row[f'maj@{k}']:>7.3f} {row['format_rate']:>7.3f}"
-            )
+            lines.append(f"{name:<8} {row['examples']:>5} " + " ".join(f"{row[c]:>7.3f}" for c in columns))
     return "\n".join(lines)

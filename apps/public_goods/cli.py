@@ -27,7 +27,8 @@ from apps.public_goods.model import GameConfig
 from core.atomic import write_atomic
 from core.cli import add_app, add_command
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir, failure_recorded
+from core.data import InputError
+from core.runs import RunDir, default_run_dir, failure_recorded, is_run_dir
 
 APP = "public_goods"
 
@@ -194,6 +195,8 @@ def plot(config: PlotConfig) -> list[Path]:
 
     path = Path(config.run_dir)
     rundir = RunDir(path)
+    if is_run_dir(path) and (app := rundir.read_config()["app"]) != APP:
+        raise InputError(f"{path}: a {app!r} run, not a public-goods run or sweep; nothing to plot")
     if (path / "results.csv").is_file():
         written = plot_sweep(read_table(path / "results.csv"), path)
     elif rundir.metrics_path.is_file():

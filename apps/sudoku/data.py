@@ -3,6 +3,7 @@ into training and held-out puzzles by solution grid (4x4 has only 288 grids; a p
 leak solutions into the evaluation)."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from apps.sudoku.puzzles import (
@@ -64,6 +65,8 @@ class PuzzleConfig:
                 f"max_strategy must be one of {', '.join(STRATEGIES)}, got {self.max_strategy!r}"
             )
         if self.data:
+            if Path(self.data).is_dir():  # read_puzzles would say it does not exist
+                raise ValueError(f"data: {self.data} is a directory; expected a puzzle file (text or CSV)")
             generated = ("givens_min", "givens_max", "data_seed")
             defaults = PuzzleConfig.__dataclass_fields__
             given = [f"{k}={getattr(self, k)}" for k in generated if getattr(self, k) != defaults[k].default]

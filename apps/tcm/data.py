@@ -71,8 +71,9 @@ def load_examples(path: str | Path) -> list[dict]:
                 f"{where}: unknown type {row['type']!r}; valid: {', '.join(sorted(TYPE_ALIASES))}"
             )
         kind = TYPE_ALIASES[label]
+        question = _text(row["question"], "field 'question'", where)
         options = parse_options(row.get("options"), where) if kind in ("single", "multiple") else {}
-        answer = _answer_text(row["answer"], kind)
+        answer = _answer_text(row["answer"], kind, where)
         if kind in ("single", "multiple"):
             letters = "".join(
                 sorted(set(re.sub(r"[\s,，、;；]", "", unicodedata.normalize("NFKC", answer)).upper()))
@@ -88,10 +89,10 @@ def load_examples(path: str | Path) -> list[dict]:
             {
                 "id": str(row["id"]),
                 "type": kind,
-                "question": str(row["question"]).strip(),
+                "question": question,
                 "options": options,
                 "answer": answer,
-                "fact": _question_key(row["question"], options)
+                "fact": _question_key(question, options)
                 if is_missing(row.get("fact"))
                 else str(row["fact"]),  # a fact 0 is a fact
             }
@@ -99,12 +100,23 @@ def load_examples(path: str | Path) -> list[dict]:
     return examples
 
 
-def _answer_text(answer, kind: str) -> str:
+def _text(value, what: str, where: str) -> str:
+    """A text field's value, stripped; a number is taken as written (an answer 37), anything else (a list,
+    an object, true) is a ValueError naming `where` and `what`: str() would give "['a', 'b']"."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{where}: {what} must be text or a number, got {type(value).__name__}")
+    return str(value).strip()
+
+
+def _answer_text(answer, kind: str, where: str) -> str:
     """The answer as text: a list (a JSON or Parquet list column) of choice letters joined ("AC"), of
     fill-in or open answers joined with 、; str() of a list would give "['A', 'C']"."""
     if isinstance(answer, list | tuple):
-        return ("" if kind in ("single", "multiple") else "、").join(str(a).strip() for a in answer)
-    return str(answer).strip()
+        texts = [_text(a, "an item of field 'answer'", where) for a in answer]
+        if not texts or not all(texts):
+            raise ValueError(f"{where}: field 'answer' is a list with an empty item, or none")
+        return ("" if kind in ("single", "multiple") else "、").join(texts)
+    return _text(answer, "field 'answer'", where)
 
 
 def _question_key(question, options: dict[str, str]) -> str:

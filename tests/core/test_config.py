@@ -408,3 +408,19 @@ def test_a_stored_value_of_another_commands_run_names_that_runs_kind(tmp_path):
         ValueError, match=r"config.json \(the resumed run's config, a 'math' 'grpo' run\): steps"
     ):
         build_config(RunConfig, parser.parse_args(["--run-dir", str(tmp_path), "--resume"]))
+
+
+def test_help_shows_defaults_as_the_flags_are_written():
+    """A tuple default was shown as Python's ('test', 'heldout'); the flag takes test,heldout."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ExampleConfig)
+    text = " ".join(parser.format_help().split())
+    assert "stop strings (default: </answer>)" in text and "upper clip (default: none)" in text
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, MultiStopConfig)
+    assert "(default: a,b)" in " ".join(parser.format_help().split())
+
+
+@dataclass
+class MultiStopConfig:
+    stops: tuple[str, ...] = field(default=("a", "b"), metadata={"help": "stop strings"})

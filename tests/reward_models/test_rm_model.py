@@ -1,12 +1,20 @@
 """reward_models/deberta.py and train.py: shapes, save/load, the loss by hand, one step lowers it, metrics."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from reward_models.deberta import HEADS, MultiHeadRewardModel, build_tiny_reward_model, tiny_deberta_config
+from core.data import InputError
+from reward_models.deberta import (
+    HEADS,
+    MultiHeadRewardModel,
+    build_tiny_reward_model,
+    from_pretrained_encoder,
+    tiny_deberta_config,
+)
 from reward_models.pairs import labels
 from reward_models.train import calibration, evaluate_rows, flatten, rm_loss
 
@@ -129,3 +137,26 @@ def test_a_missing_encoder_directory_is_a_command_line_error(tmp_path, capsys):
             ]
         )
     assert "is not a local model directory (no config.json)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "deberta"])
+def test_an_encoder_that_is_not_deberta_v2_is_a_command_line_error(tmp_path, capsys, model_type):
+    """`reward-model train --model <a Qwen2 directory>` trained a DeBERTa with every weight new, exit 0."""
+    from core.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": model_type}))
+    run_dir = tmp_path / "rm"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reward-model", "train", "--model", str(model), "--run-dir", str(run_dir)])
+    message = f"model: {model} is a {model_type!r} model, not a DeBERTa-v2/v3 encoder"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not run_dir.exists()
+
+
+def test_from_pretrained_encoder_takes_a_deberta_v2_directory(tmp_path):
+    tiny_model().encoder.save_pretrained(tmp_path / "deberta")
+    assert from_pretrained_encoder(tmp_path / "deberta").head_names == list(HEADS)
+    (tmp_path / "deberta" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(InputError, match="is a 'qwen2' model, not a DeBERTa-v2/v3 encoder"):
+        from_pretrained_encoder(tmp_path / "deberta")

@@ -104,6 +104,35 @@ def test_malformed_jsonl_names_the_line(trained, tmp_path, capsys, line, message
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "output", "message"),
+    [
+        ("\n", "out.jsonl", "input file {tmp}/in.jsonl has no rows"),  # it wrote "scored 0 rows"
+        (None, "out.jsonl", "input file {tmp}/in.jsonl is a directory, expected a JSONL file"),
+        (
+            '{"prompt": "p", "response": "r"}\n',
+            "out",
+            "--output {tmp}/out is a directory; expected a JSONL file",
+        ),
+    ],
+)
+def test_unusable_input_and_output_paths_are_command_line_errors(
+    trained, tmp_path, capsys, text, output, message
+):
+    """An empty input scored nothing and exited 0; a directory as --input was said not to exist, and as
+    --output failed in the write after the scoring, with a traceback."""
+    (tmp_path / "out").mkdir()
+    if text is None:
+        (tmp_path / "in.jsonl").mkdir()
+    else:
+        (tmp_path / "in.jsonl").write_text(text)
+    argv = ["reward-model", "score", "--reward-model", str(trained / "run" / "model")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / output)])
+    assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_scorer_caches_the_last_batch(trained):
     scorer = RewardModelScorer(trained / "run" / "model", batch_size=2)
     first = scorer.score(["q"] * 3, ["a", "b", "c"])

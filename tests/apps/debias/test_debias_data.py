@@ -8,6 +8,7 @@ import pytest
 
 from apps.debias import data
 from apps.debias.data import CATEGORIES, DataConfig, garble, generate_splits, load_splits, write_splits
+from core.data import InputError
 from reward_models.pairs import read_split
 
 REPO = Path(__file__).resolve().parents[3]
@@ -66,6 +67,14 @@ def test_bad_rows_name_the_file_and_line(tmp_path):
         DataConfig(heldout_category="planet")
 
 
+def test_an_empty_split_is_an_input_error(tmp_path):
+    """`debias train --data-dir` with an empty train.jsonl ended in a ValueError traceback (exit 1)."""
+    write_splits(generate_splits(DataConfig(num_prompts=60)), tmp_path)
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(InputError, match=f"data file {tmp_path / 'train.jsonl'} has no rows"):
+        load_splits(tmp_path)
+
+
 class _EntryPoint:
     name = "debias"
 
@@ -73,6 +82,22 @@ class _EntryPoint:
         from apps.debias.cli import register
 
         return register
+
+
+def test_train_help_says_data_is_not_read(monkeypatch, capsys):
+    """The help of --data was the core's "training data file (JSONL/JSON/CSV/Parquet)", a flag train refuses."""
+    from core import cli
+
+    monkeypatch.setattr(
+        cli, "entry_points", lambda group: [_EntryPoint()] if group == cli.ENTRY_POINT_GROUP else []
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["debias", "train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--data DATA not read: debias reads a directory of splits, pass --data-dir DIR" in help_text
+    with pytest.raises(SystemExit):
+        cli.main(["debias", "train", "--data", "x.jsonl"])
+    assert "use --data-dir DIR, not --data" in capsys.readouterr().err
 
 
 def test_data_command_writes_the_splits(monkeypatch, tmp_path):

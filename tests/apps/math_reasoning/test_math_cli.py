@@ -495,3 +495,23 @@ def test_eval_on_math_reports_its_levels_and_no_offline_hard_tail(small_dir, tmp
     results = json.loads((run / "eval.json").read_text())["eval_math500"]
     assert results["level3"]["examples"] == 2 and results["level5"]["examples"] == 1
     assert "hard" not in results
+
+
+def test_eval_keeps_text_levels_beside_numbered_ones_and_prints_each_column_once(small_dir, tmp_path, capsys):
+    """A level "one" among numbered ones was a TypeError in the sort of the levels; "Level 3" counts as
+    level 3. With one sample the table's header said "pass@1 pass@1 maj@1"."""
+    from apps.math_reasoning.data import offline_sets
+
+    rows = offline_sets(1234, 5, 5, 2).test[:4]
+    for row, level in zip(rows, [3, "one", "Level 3", 1], strict=True):
+        row["level"] = level
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = tmp_path / "eval"
+    args = ["--model", str(small_dir), "--data", str(data), "--run-dir", str(run), "--samples", "1"]
+    assert main(["math", "eval", *args, "--max-new-tokens", "4"]) == 0
+    results = json.loads((run / "eval.json").read_text())["eval_mixed"]
+    assert [name for name in results if name.startswith("level")] == ["level1", "level3", "level one"]
+    assert [results[name]["examples"] for name in ("level1", "level3", "level one")] == [1, 2, 1]
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("subset"))
+    assert header.split() == ["subset", "n", "pass@1", "maj@1", "format"]

@@ -113,10 +113,20 @@ def test_bad_configuration_is_a_clear_error(args, message, capsys):
 
 
 def test_plot_of_a_run_with_nothing_logged_says_so(tmp_path, capsys):
-    RunDir.create(tmp_path / "empty", {}, app="public-goods", algorithm="fermi", exist_ok_for_resume=False)
+    RunDir.create(tmp_path / "empty", {}, app=cli.APP, algorithm="fermi", exist_ok_for_resume=False)
     with pytest.raises(SystemExit):
         main(["public-goods", "plot", "--run-dir", str(tmp_path / "empty")])
     assert "has neither results.csv (a sweep) nor metrics.jsonl (a run) to plot" in capsys.readouterr().err
+
+
+def test_plot_of_another_apps_run_says_so(tmp_path, capsys):
+    """It said "[Errno 2] No such file or directory: '<run>/snapshots.npz'"."""
+    run = RunDir.create(tmp_path / "rm", {}, app="reward_model", algorithm="bt", exist_ok_for_resume=False)
+    run.log_metrics(1, {"loss": 0.5})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["public-goods", "plot", "--run-dir", str(run.path)])
+    message = f"error: {run.path}: a 'reward_model' run, not a public-goods run or sweep; nothing to plot"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("verb", "work"), [("run", "simulate"), ("sweep", "run_sweep")])

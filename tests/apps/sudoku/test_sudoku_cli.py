@@ -323,6 +323,13 @@ def test_generate_refuses_an_output_that_is_a_directory(tmp_path, capsys):
     assert f"error: output {tmp_path} is a directory; give the CSV file to write" in capsys.readouterr().err
 
 
+def test_a_puzzle_file_that_is_a_directory_is_named_as_one(tmp_path, capsys):
+    # read_puzzles said "puzzle file DIR does not exist"
+    with pytest.raises(SystemExit):
+        main(["sudoku", "generate", "--data", str(tmp_path), "--output", str(tmp_path / "p.csv")])
+    assert f"error: data: {tmp_path} is a directory; expected a puzzle file" in capsys.readouterr().err
+
+
 def test_a_puzzle_file_without_puzzles_is_an_error_before_the_run_directory_exists(tmp_path, capsys):
     empty = tmp_path / "empty.csv"
     empty.write_text("# no puzzles yet\n\n")

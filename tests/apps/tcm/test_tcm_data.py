@@ -114,6 +114,35 @@ def test_malformed_row_names_file_and_line(tmp_path):
             {"question": "q", "options": {"A": "x", "C": "y"}, "answer": "A", "type": "single"},
             "lettered A, B",
         ),
+        # these loaded as the text "['a', 'b']" (or "{'a': 1}", "True") and were scored
+        (
+            {"question": ["a", "b"], "answer": "温", "type": "fill"},
+            "field 'question' must be text or a number, got list",
+        ),
+        (
+            {"question": {"a": 1}, "answer": "温", "type": "fill"},
+            "field 'question' must be text or a number, got dict",
+        ),
+        (
+            {"question": "q", "answer": {"a": 1}, "type": "open"},
+            "field 'answer' must be text or a number, got dict",
+        ),
+        (
+            {"question": "q", "answer": True, "type": "fill"},
+            "field 'answer' must be text or a number, got bool",
+        ),
+        (
+            {"question": "q", "answer": ["温", ["寒"]], "type": "fill"},
+            "an item of field 'answer' must be text or a",
+        ),
+        (
+            {"question": "q", "answer": [], "type": "fill"},
+            "field 'answer' is a list with an empty item, or none",
+        ),
+        (
+            {"question": "q", "answer": ["温", " "], "type": "fill"},
+            "field 'answer' is a list with an empty item",
+        ),
     ],
 )
 def test_bad_rows_are_clear_errors(tmp_path, row, message):
@@ -220,6 +249,12 @@ def test_list_answers_and_a_fact_0(tmp_path):
     examples = load_examples(write_jsonl(tmp_path / "lists.jsonl", rows))
     assert [e["answer"] for e in examples] == ["AC", "辛、温", "温"]
     assert [e["fact"] for e in examples[1:]] == ["0", "0"]
+    rows = [
+        {"question": 12, "answer": 37, "type": "fill"},
+        {"question": "q", "answer": [1, 2], "type": "fill"},
+    ]
+    examples = load_examples(write_jsonl(tmp_path / "numbers.jsonl", rows))  # numbers are taken as written
+    assert [(e["question"], e["answer"]) for e in examples] == [("12", "37"), ("q", "1、2")]
 
 
 def test_errors_give_the_jsonl_line(tmp_path):

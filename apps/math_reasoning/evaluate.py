@@ -95,10 +95,12 @@ def evaluate_model(
     per_chunk = max(1, batch_rows // samples)
     records = []
     start = time.perf_counter()
-    for c, first in enumerate(range(0, len(examples), per_chunk)):
+    for first in range(0, len(examples), per_chunk):
         chunk = examples[first : first + per_chunk]
         prompts = [template.render(ex["question"]) for ex in chunk for _ in range(samples)]
-        out = backend.generate(prompts, settings, derive_seed(seed, c))
+        # each problem's k samples from its own generator: the same whatever --batch-rows groups them with
+        seeds = [derive_seed(seed, first + i) for i in range(len(chunk))]
+        out = backend.generate_groups(prompts, settings, seeds, samples)
         for i, ex in enumerate(chunk):
             completions = out.completions[i * samples : (i + 1) * samples]
             answers = [template.extract(text) for text in completions]
@@ -192,7 +194,8 @@ class MathEvalConfig:
     max_new_tokens: int | None = _help("completion length cap; default: the run's, else 80", None)
     max_examples: int = _help("evaluate N evenly spaced problems; 0 = all", 0)
     batch_rows: int = _help(
-        "completions generated per call (each call draws from its own seed, so the samples depend on it)", 64
+        "completions generated per call (each problem's samples draw from their own seed, whatever the call)",
+        64,
     )
     seed: int = _help("sampling seed", 0)
     device: str = _help("cpu or cuda", "cpu")

@@ -515,3 +515,39 @@ def test_eval_keeps_text_levels_beside_numbered_ones_and_prints_each_column_once
     assert [results[name]["examples"] for name in ("level1", "level3", "level one")] == [1, 2, 1]
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("subset"))
     assert header.split() == ["subset", "n", "pass@1", "maj@1", "format"]
+
+
+def test_eval_samples_do_not_depend_on_how_many_rows_a_call_generates(small_dir, monkeypatch):
+    """Each problem's k samples come from its own seed: 1 problem a call or 8 give the same completions
+    (they came from one seed per call, so --batch-rows changed the results)."""
+    from apps.math_reasoning.data import offline_sets
+    from apps.math_reasoning.evaluate import evaluate_model
+    from apps.math_reasoning.templates import get_template
+    from core.policy import load_policy
+    from core.rollout import HFGenerateBackend
+
+    generated, generate_groups = [], HFGenerateBackend.generate_groups
+
+    def recorded(self, *args, **kwargs):
+        out = generate_groups(self, *args, **kwargs)
+        generated[-1].extend(out.completions)
+        return out
+
+    monkeypatch.setattr(HFGenerateBackend, "generate_groups", recorded)
+    model, tokenizer = load_policy(small_dir)
+    examples = offline_sets(1234, 20, 10, 20).test[:8]
+    for rows, seed in ((4, 3), (32, 3), (32, 4)):
+        generated.append([])
+        evaluate_model(
+            model,
+            tokenizer,
+            examples,
+            get_template("r1_short"),
+            samples=4,
+            temperature=1.0,
+            max_new_tokens=12,
+            seed=seed,
+            batch_rows=rows,
+        )
+    assert len(generated[0]) == 32 and generated[0] == generated[1]
+    assert generated[2] != generated[0]

@@ -12,6 +12,7 @@ benchmark evaluated into the same run adds its entry.
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,16 +63,18 @@ def majority_correct(answers: list[str | None], gold: str) -> bool:
     >>> majority_correct(["7", "1,000", "1000"], "1000")
     True
     """
-    classes: list[list[str]] = []  # in order of first appearance; each holds equal answers
-    for answer in (a.strip() for a in answers if a is not None and a.strip()):
+    # identical texts counted first: math-verify (up to its timeout each) compares distinct texts only
+    votes = Counter(a.strip() for a in answers if a is not None and a.strip())  # in order of first appearance
+    classes: list[list] = []  # [first text, votes], in order of first appearance; each holds equal answers
+    for answer, count in votes.items():
         home = next((c for c in classes if same_answer(answer, c[0])), None)
         if home is None:
-            classes.append([answer])
+            classes.append([answer, count])
         else:
-            home.append(answer)
+            home[1] += count
     if not classes:
         return False
-    winner = max(classes, key=len)  # max keeps the first of equal lengths
+    winner = max(classes, key=lambda c: c[1])  # max keeps the first of equal counts
     return same_answer(winner[0], gold)
 
 

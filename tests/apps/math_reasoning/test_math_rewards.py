@@ -110,3 +110,16 @@ def test_the_evaluation_summary_by_hand():
     summary = _summary(records, 4)
     # pass@1: (1/4 + 0) / 2; pass@4: (1 + 0) / 2; maj@4: 1/2; format: 6 of 8 completions
     assert summary == {"examples": 2, "pass@1": 0.125, "pass@4": 0.5, "maj@4": 0.5, "format_rate": 0.75}
+
+
+def test_majority_vote_compares_each_distinct_answer_once(monkeypatch):
+    """Identical texts are counted before math-verify compares anything: 16 samples of 2 texts cost one
+    comparison between them and one with the gold (each could take math-verify's 5 s timeout)."""
+    import apps.math_reasoning.evaluate as evaluate
+
+    calls = []
+    monkeypatch.setattr(evaluate, "same_answer", lambda a, b: calls.append((a, b)) or a == b)
+    assert not majority_correct(["9^{9^{9}}"] * 8 + ["4"] * 8, "4")  # a tie: the first seen wins
+    assert calls == [("4", "9^{9^{9}}"), ("9^{9^{9}}", "4")]
+    calls.clear()
+    assert majority_correct(["4", "9^{9^{9}}", "4"], "4") and len(calls) == 2

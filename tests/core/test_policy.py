@@ -602,3 +602,34 @@ def test_has_dropout_reads_a_rate_or_a_dropout_module():
 
     assert has_dropout(Attention(0.1)) and not has_dropout(Attention(0.0))
     assert has_dropout(Attention(nn.Dropout(0.1))) and not has_dropout(Attention(nn.Dropout(0.0)))
+
+
+def test_reference_logprobs_are_taken_with_dropout_off(tmp_path: Path):
+    """A reference in train mode (a plain copy switched back to train, or a LoRA policy being trained) with
+    attention and adapter dropout still gives the deterministic eval-mode logprobs, and keeps its mode."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY, attention_dropout=0.5))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected, _ = completion_logprobs(model.eval(), ids, mask, 5)
+        noisy, _ = completion_logprobs(model.train(), ids, mask, 5)
+    assert (noisy - expected).abs().max() > 1e-2  # the dropout is live in train mode
+
+    reference = ReferencePolicy(model)
+    reference.model.train()
+    first = reference.logprobs(ids, mask, 5, chunk_size=3)
+    second = reference.logprobs(ids, mask, 5, chunk_size=3)
+    assert reference.model.training
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)
+
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    policy, _ = load_policy(tmp_path, lora=LoraSettings(r=4, alpha=8, dropout=0.5))
+    policy.train()
+    lora_reference = ReferencePolicy(policy)
+    first = lora_reference.logprobs(ids, mask, 5, chunk_size=3)
+    second = lora_reference.logprobs(ids, mask, 5, chunk_size=3)
+    assert policy.training
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)

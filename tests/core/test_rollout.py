@@ -161,6 +161,8 @@ def test_completion_ends_on_hand_made_rows(tok):
         [3, 5, 1, 3, 2],
         ["stop", "length", "stop", "stop", "stop"],
     )
+    # A stop string after the eos does not count: the row ends at its eos.
+    assert completion_ends([[a, eos, x, y]], eos, ("xy",), tok) == ([2], ["stop"])
 
 
 def test_shapes_padding_and_masks(tok, eos_model):
@@ -199,16 +201,23 @@ def test_shapes_padding_and_masks(tok, eos_model):
     assert torch.equal(r.attention_mask(), torch.cat([r.prompt_mask, r.completion_mask], 1))
 
 
-def test_min_new_tokens_forces_the_length(tok):
+@pytest.mark.parametrize("path", ["generate", "generate_groups"])
+def test_min_new_tokens_forces_the_length(tok, path):
     model = build_model(len(tok), token_bias={tok.eos_token_id: 8.0})  # eos almost surely at every step
     backend = HFGenerateBackend(model, tok)
-    forced = backend.generate(PROMPTS, SamplingSettings(max_new_tokens=6, min_new_tokens=6), seed=0)
+
+    def sample(settings: SamplingSettings) -> Rollouts:
+        if path == "generate":
+            return backend.generate(PROMPTS, settings, seed=0)
+        return backend.generate_groups(PROMPTS, settings, list(range(len(PROMPTS))), group_size=1)
+
+    forced = sample(SamplingSettings(max_new_tokens=6, min_new_tokens=6))
     assert forced.completion_ids.shape[1] == 6 and forced.completion_mask.eq(1).all()
     assert forced.finish_reason == ["length"] * len(PROMPTS)
     assert not forced.completion_ids.eq(tok.eos_token_id).any()
 
     # eos suppressed for 3 tokens, then taken at once; the log-probs are those before the suppression
-    r = backend.generate(PROMPTS, SamplingSettings(max_new_tokens=8, min_new_tokens=3), seed=0)
+    r = sample(SamplingSettings(max_new_tokens=8, min_new_tokens=3))
     assert r.completion_mask.sum(1).tolist() == [4] * len(PROMPTS)
     assert r.completion_ids[:, 3].eq(tok.eos_token_id).all() and r.finish_reason == ["stop"] * len(PROMPTS)
     expected, _ = reference_logp(model, r, 1.0)

@@ -3,9 +3,14 @@ the trainer's values fill a config. The 2-process runs (1 vs 2 processes, resume
 tests/apps/test_toy.py."""
 
 import json
+import logging
+import sys
+import types
 
 import pytest
+import torch
 
+from core import zero
 from core.data import InputError
 from core.trainer import join_processes
 from core.zero import TRAINER_FIELDS, _filled, deepspeed_config
@@ -128,3 +133,86 @@ def test_the_trainer_fills_auto_fields_and_refuses_conflicts():
     assert _filled({"gradient_clipping": 1.0}, "gradient_clipping", 1.0) == {"gradient_clipping": 1.0}
     with pytest.raises(ValueError, match="gradient_clipping = 0.5, but the trainer's value is 1.0"):
         _filled({"gradient_clipping": 0.5}, "gradient_clipping", 1.0)
+
+
+def test_the_config_files_values_win_over_accelerate_launch_flags(tmp_path, monkeypatch):
+    """accelerate's DeepSpeed config file sets gradient_clipping 0.5: a --gradient_clipping 1.0 flag does
+    not replace it (the flag fills only what the file leaves "auto" or out)."""
+    path = _write(tmp_path, {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5})
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", path)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
+    assert deepspeed_config(None)["gradient_clipping"] == 0.5
+
+
+def test_initialize_passes_the_global_batch_size_over_every_process(monkeypatch):
+    """The config handed to deepspeed.initialize (a stand-in module here) carries the trainer's values, with
+    train_batch_size = micro-batch x accumulation steps x processes (2 here)."""
+    passed = {}
+
+    def initialize(*, model, optimizer, lr_scheduler, config, dist_init_required):
+        passed.update(config=config, model=model, optimizer=optimizer, scheduler=lr_scheduler)
+        return "engine", optimizer, None, lr_scheduler
+
+    fake = types.SimpleNamespace(
+        utils=types.SimpleNamespace(logger=logging.getLogger("fake-deepspeed")), initialize=initialize
+    )
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr(zero.dist, "get_world_size", lambda: 2)
+    config = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}
+    engine = zero.initialize(
+        "model", "optimizer", "scheduler", config, micro_batch_size=3, accumulation_steps=4, max_grad_norm=1
+    )
+    assert engine == "engine"
+    assert (passed["model"], passed["optimizer"], passed["scheduler"]) == ("model", "optimizer", "scheduler")
+    got = passed["config"]
+    assert {name: got[name] for name in TRAINER_FIELDS} == {
+        "train_micro_batch_size_per_gpu": 3,
+        "gradient_accumulation_steps": 4,
+        "train_batch_size": 3 * 4 * 2,
+        "gradient_clipping": 1.0,
+    }
+    assert got["zero_optimization"] == {"stage": 2}
+    assert config == {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}  # the caller's untouched
+    with pytest.raises(ValueError, match="train_batch_size = 12, but the trainer's value is 24"):
+        zero.initialize(
+            "model",
+            "optimizer",
+            "scheduler",
+            {"zero_optimization": {"stage": 2}, "train_batch_size": 12},
+            micro_batch_size=3,
+            accumulation_steps=4,
+            max_grad_norm=1.0,
+        )
+
+
+class _FakeZeroEngine:
+    """What load_optimizer_state reads of a DeepSpeed engine: its stage and its ZeRO optimizer (the base
+    optimizer and the float32 master partitions)."""
+
+    def __init__(self, stage: int):
+        self.stage = stage
+        self.loaded = None
+        self.optimizer = types.SimpleNamespace(
+            optimizer=types.SimpleNamespace(load_state_dict=lambda state: setattr(self, "loaded", state)),
+            single_partition_of_fp32_groups=[torch.zeros(3)],
+        )
+
+    def zero_optimization_stage(self) -> int:
+        return self.stage
+
+
+def test_a_checkpoint_of_another_zero_stage_or_process_count_is_refused(monkeypatch):
+    monkeypatch.setattr(zero.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(zero.dist, "get_rank", lambda: 0)
+    part = {"base": {"state": "saved"}, "fp32": [torch.tensor([1.0, 2.0, 3.0])]}
+    with pytest.raises(InputError, match="under ZeRO stage 1.*now: 1 processes, stage 2"):
+        zero.load_optimizer_state(_FakeZeroEngine(2), {zero.PARTITIONS: [part], "zero_stage": 1})
+    with pytest.raises(InputError, match="written by 2 processes"):
+        zero.load_optimizer_state(_FakeZeroEngine(2), {zero.PARTITIONS: [part, part], "zero_stage": 2})
+    with pytest.raises(InputError, match="without DeepSpeed ZeRO"):
+        zero.load_optimizer_state(_FakeZeroEngine(2), {"state": {}})
+    engine = _FakeZeroEngine(2)
+    zero.load_optimizer_state(engine, {zero.PARTITIONS: [part], "zero_stage": 2})
+    assert engine.loaded == {"state": "saved"}
+    assert engine.optimizer.single_partition_of_fp32_groups[0].tolist() == [1.0, 2.0, 3.0]

@@ -139,6 +139,10 @@ def test_scorer_caches_the_last_batch(trained):
     assert scorer.forward_calls == 2  # 3 pairs in batches of 2
     kept = {head: list(values) for head, values in first.items()}
     first["fairness"][0] = 99.0  # a caller editing its result does not edit the cache
+    hit = scorer.score(["q"] * 3, ["a", "b", "c"])
+    assert hit == kept and scorer.forward_calls == 2
+    hit["fairness"][1] = -7.0  # nor does editing a cache hit's result
+    hit["fairness"] = []
     assert scorer.score(["q"] * 3, ["a", "b", "c"]) == kept and scorer.forward_calls == 2
     one_by_one = [scorer.score(["q"], [r])["fairness"][0] for r in "abc"]
     assert one_by_one == pytest.approx(kept["fairness"], abs=1e-5)  # padding does not change a score

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,6 +127,81 @@ def test_scaf_swaps_in_the_least_hint_success(small_dir, tmp_path, progressive):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def _question(prompt: str) -> str:
+    return prompt.split("User: ")[1].split(" Hint:")[0].split("\nAssistant")[0]
+
+
+def test_scaf_searches_only_all_failed_groups_and_keeps_their_other_rows(small_dir, tmp_path):
+    """Group 0 has one right answer (row 1): it is left alone, no hint searched. Group 1 all fail, and any
+    hint is right: its first row is replaced by the least-hint success (one planning chunk, level 1), its
+    rows 1..3 are its own sampled rows 1..3 (distinct wrong answers here)."""
+    model, tokenizer = load_policy(small_dir)
+    data = examples(2)
+    answers = {e["question"]: e["answer"] for e in data}
+    hinted = []
+
+    def rule(prompt, i):
+        question = _question(prompt)
+        if " Hint: " in prompt:
+            hinted.append(prompt)
+            return f"x</think><answer>{answers[question]}</answer>"
+        if question == data[0]["question"] and i == 1:
+            return f"x</think><answer>{answers[question]}</answer>"
+        return f"x</think><answer>{-1000 - i}</answer>"  # wrong, and one per row of its group
+
+    hooks = ScafHooks(TEMPLATE, ("planning", "solution"), True, exempt_steps=0)
+    trainer = GRPOTrainer(
+        config(tmp_path), model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks,
+        backend=ScriptedBackend(tokenizer, rule),
+    )  # fmt: skip
+    metrics = trainer.train()[0]
+    assert metrics["scaf/all_fail_frac"] == 0.5 and metrics["scaf/rescued_frac"] == 0.5
+    assert metrics["scaf/all_fail_frac_after"] == 0.0 and metrics["scaf/hint_level"] == 1.0
+    assert metrics["scaf/tier_planning_frac"] == 0.5 and metrics["scaf/tier_solution_frac"] == 0.0
+    assert hinted and all(_question(p) == data[1]["question"] for p in hinted)  # group 0 not searched
+    rows = trainer.run.read_rollouts()
+    assert [r["prompt"] for r in rows[:4]] == [data[0]["prompt"]] * 4
+    assert [r["rewards"]["correct"] for r in rows[:4]] == [0.0, 1.0, 0.0, 0.0]
+    assert [r["completion"] for r in rows[:4]] == [
+        "x</think><answer>-1000</answer>",
+        f"x</think><answer>{answers[data[0]['question']]}</answer>",
+        "x</think><answer>-1002</answer>",
+        "x</think><answer>-1003</answer>",
+    ]
+    group = rows[4:8]
+    assert group[0]["prompt"] == TEMPLATE.render(data[1]["question"], data[1]["hints"]["planning"][0])
+    assert group[0]["rewards"]["correct"] == 1.0
+    assert [r["prompt"] for r in group[1:]] == [data[1]["prompt"]] * 3
+    assert [r["completion"] for r in group[1:]] == [
+        f"x</think><answer>{-1000 - i}</answer>" for i in (1, 2, 3)
+    ]
+
+
+def test_scaf_samples_a_hinted_prompt_that_just_fits_the_context(small_dir, tmp_path):
+    """The context is exactly the first hinted prompt's length + max_new_tokens: that hint fits, is sampled
+    and (any hint being right) rescues the group; the longer two-chunk hint does not fit."""
+    model, tokenizer = load_policy(small_dir)
+    data = examples(1)
+    example = data[0]
+    first = TEMPLATE.render(example["question"], example["hints"]["planning"][0])
+    model.config.max_position_embeddings = len(tokenizer(first, add_special_tokens=False)["input_ids"]) + 8
+    sampled = []
+
+    def rule(prompt, i):
+        sampled.append(prompt)
+        return f"x</think><answer>{example['answer'] if ' Hint: ' in prompt else -1}</answer>"
+
+    hooks = ScafHooks(TEMPLATE, ("planning",), True, exempt_steps=0)
+    trainer = GRPOTrainer(
+        config(tmp_path, prompts_per_step=1), model, tokenizer, data, rubric_for(TEMPLATE), app="t",
+        hooks=hooks, backend=ScriptedBackend(tokenizer, rule),
+    )  # fmt: skip
+    metrics = trainer.train()[0]
+    assert [p for p in sampled if " Hint: " in p] == [first]
+    assert metrics["scaf/rescued_frac"] == 1.0 and metrics["scaf/hint_level"] == 1.0
+    assert trainer.run.read_rollouts()[0]["prompt"] == first
+
+
 def test_scaf_metrics_count_every_sampling_round(small_dir, tmp_path):
     """Dynamic sampling: round 0 rescues group 0 and drops group 1, round 1's two groups find no hint.
     The metrics are over the 4 groups sampled, not only the last round's 2."""
@@ -237,6 +313,24 @@ def test_importance_weights_and_kd_hand_values():
     assert float(ess) == pytest.approx(56.25 / 76.25)
     kd = algos.kd_reward(target, behavior, mask, alpha=0.5)
     assert kd.tolist() == pytest.approx([0.5 * (math.log(2) + math.log(10)) / 3, 0.5 * math.log(0.5) / 2])
+
+
+def test_codistill_weight_metrics_count_weights_at_the_cap_as_capped():
+    """Truncated weights min(ratio, cap) equal the cap exactly where they were cut: those are capped; padding
+    (valid False) is not counted even at the cap. One process, hand values."""
+    hooks = CoDistillHooks(torch.nn.Linear(2, 2), alpha=0.5, is_cap=2.0, learning_rate=1e-2)
+    weights = torch.tensor([[0.5, 2.0, 1.0], [2.0, 0.3, 2.0]])  # (N, T)
+    valid = torch.tensor([[True, True, True], [True, True, False]])  # (N, T)
+    table = types.SimpleNamespace(components=torch.tensor([[1.0, 0.2], [0.0, 0.4]]), names=["correct", "kd"])
+    metrics = hooks._weight_metrics(types.SimpleNamespace(table=table), weights, valid)
+    assert metrics["codistill/capped_frac"] == pytest.approx(
+        float(((weights >= 2.0) & valid).sum() / valid.sum())
+    )
+    assert metrics["codistill/capped_frac"] == pytest.approx(2 / 5)
+    assert metrics["codistill/kd"] == pytest.approx(0.3)
+    w_sum, w2_sum = float(weights.sum()), float((weights**2).sum())
+    assert metrics["codistill/weight_mean"] == pytest.approx(w_sum / 5)
+    assert metrics["codistill/ess"] == pytest.approx(w_sum**2 / (5 * w2_sum))
 
 
 def test_codistill_kd_term_weights_and_large_update(small_dir, large_dir, tmp_path):

@@ -87,6 +87,18 @@ def eval_results(name: str) -> dict | None:
     return loading.read_eval(run_path(name))
 
 
+def readable_eval_results(names: list[str]) -> dict[str, dict]:
+    """{run: its eval.json, {} when it has none} of the runs whose eval.json can be read; each other run is
+    named on the page with its error."""
+    results = {}
+    for name in names:
+        try:
+            results[name] = eval_results(name) or {}
+        except (OSError, ValueError) as e:
+            show_error(f"Cannot read {name}:", e)
+    return results
+
+
 def objects(value: object) -> list[dict]:
     """The objects of a list read from eval.json; anything else (not a list, an item not an object) is left
     out."""

@@ -56,12 +56,7 @@ def render() -> None:
     st.title("Public goods")
     names = state.require_runs(APPS)
     chosen = state.pick_runs(names, key="pgg_runs")
-    results = {}
-    for name in chosen:  # a run whose eval.json cannot be read is named; the others are still shown
-        try:
-            results[name] = state.eval_results(name) or {}
-        except (OSError, ValueError) as e:
-            state.show_error(f"Cannot read {name}:", e)
+    results = state.readable_eval_results(chosen)
     missing = [name for name, result in results.items() if not result]
     if missing:
         st.caption("No eval.json yet: " + ", ".join(missing))

@@ -27,12 +27,7 @@ def render() -> None:
     st.title("TCM: accuracy per question type")
     names = state.require_runs(APPS)
     chosen = state.pick_runs(names, key="tcm_runs")
-    results = {}
-    for name in chosen:  # a run whose eval.json cannot be read is named; the others are still shown
-        try:
-            results[name] = state.eval_results(name) or {}
-        except (OSError, ValueError) as e:
-            state.show_error(f"Cannot read {name}:", e)
+    results = state.readable_eval_results(chosen)
     rows = accuracy_rows(results)
     if rows.empty:
         st.info("No `accuracy_by_type` in the selected runs' eval.json.")

@@ -480,6 +480,16 @@ def test_eval_refuses_a_run_dir_that_is_a_file_before_evaluating(small_dir, tmp_
     assert f"--run-dir {tmp_path / 'out'} is a file, not a directory" in capsys.readouterr().err
 
 
+def eval_rows(model_dir, tmp_path, rows: list[dict], name: str) -> dict:
+    """`math eval` of `model_dir` (1 sample, 4 tokens) on `rows` written to <name>.jsonl: its eval_<name>."""
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = tmp_path / "eval"
+    args = ["--model", str(model_dir), "--data", str(data), "--run-dir", str(run), "--samples", "1"]
+    assert main(["math", "eval", *args, "--max-new-tokens", "4"]) == 0
+    return json.loads((run / "eval.json").read_text())[f"eval_{name}"]
+
+
 def test_eval_on_math_reports_its_levels_and_no_offline_hard_tail(small_dir, tmp_path):
     """MATH's `level` ("Level 3") gives per-level rows (it was dropped); only the offline set's level 3 is
     its hard tail, not MATH's."""
@@ -487,12 +497,7 @@ def test_eval_on_math_reports_its_levels_and_no_offline_hard_tail(small_dir, tmp
         {"problem": f"{a} + {a}?", "solution": rf"\boxed{{{2 * a}}}", "level": f"Level {level}"}
         for a, level in ((1, 3), (2, 5), (3, 3))
     ]
-    data = tmp_path / "math500.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    run = tmp_path / "eval"
-    args = ["--model", str(small_dir), "--data", str(data), "--run-dir", str(run), "--samples", "1"]
-    assert main(["math", "eval", *args, "--max-new-tokens", "4"]) == 0
-    results = json.loads((run / "eval.json").read_text())["eval_math500"]
+    results = eval_rows(small_dir, tmp_path, rows, "math500")
     assert results["level3"]["examples"] == 2 and results["level5"]["examples"] == 1
     assert "hard" not in results
 
@@ -505,12 +510,7 @@ def test_eval_keeps_text_levels_beside_numbered_ones_and_prints_each_column_once
     rows = offline_sets(1234, 5, 5, 2).test[:4]
     for row, level in zip(rows, [3, "one", "Level 3", 1], strict=True):
         row["level"] = level
-    data = tmp_path / "mixed.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    run = tmp_path / "eval"
-    args = ["--model", str(small_dir), "--data", str(data), "--run-dir", str(run), "--samples", "1"]
-    assert main(["math", "eval", *args, "--max-new-tokens", "4"]) == 0
-    results = json.loads((run / "eval.json").read_text())["eval_mixed"]
+    results = eval_rows(small_dir, tmp_path, rows, "mixed")
     assert [name for name in results if name.startswith("level")] == ["level1", "level3", "level one"]
     assert [results[name]["examples"] for name in ("level1", "level3", "level one")] == [1, 2, 1]
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("subset"))

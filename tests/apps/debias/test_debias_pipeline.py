@@ -260,3 +260,14 @@ def test_a_resume_gives_the_stages_the_same_paths_however_the_run_dir_is_spelled
         resumed.run_dir,
     )
     assert resumed.run_dir == str(tmp_path / "run" / "grpo-seed0") and resumed.resume
+
+
+def test_a_damaged_timings_file_is_named_on_resume(stages, monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    fail_once(monkeypatch, "train")
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline(parse(["--quick", "--run-dir", str(run)]))
+    (run / "timings.json").write_text("{cut off")
+    with pytest.raises(ValueError, match=r"timings.json: malformed JSON: .*; delete it to resume"):
+        pipeline(parse(["--quick", "--run-dir", str(run), "--resume"]))
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"

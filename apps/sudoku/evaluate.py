@@ -63,6 +63,8 @@ class SudokuEvalConfig(ThreadsField, PuzzleConfig):
         PuzzleConfig.__post_init__(self)
         if self.eval_puzzles < 1:
             raise ValueError(f"eval_puzzles must be >= 1 (the puzzles to evaluate), got {self.eval_puzzles}")
+        if self.batch_size < 1:  # else found after the model loads: "range() arg 3 must not be zero"
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def evaluate_model(model, tokenizer, examples: list[dict], batch_size: int = 256) -> dict[str, float]:

@@ -58,6 +58,13 @@ class SudokuPipelineConfig(SudokuTrainConfig):
         super().__post_init__()
         if not self.mixtures or any(not 0 <= w <= 1 for w in self.mixtures):
             raise ValueError(f"mixtures must be cell weights in [0, 1], got {self.mixtures}")
+        for i, w in enumerate(self.mixtures):  # else a later stage would take an earlier one's directory
+            for v in self.mixtures[:i]:
+                if v == w or stage_name(v) == stage_name(w):
+                    raise ValueError(
+                        f"mixtures {v!r} and {w!r} would share the stage directory {stage_name(w)} (a cell "
+                        "weight is named by its first 6 significant digits); give weights that differ there"
+                    )
         if not self.eval_puzzles:
             raise ValueError("the pipeline compares held-out results: eval_puzzles must be > 0")
         if self.cell_weight != SudokuTrainConfig.cell_weight:
@@ -65,6 +72,11 @@ class SudokuPipelineConfig(SudokuTrainConfig):
                 f"cell_weight={self.cell_weight}: the pipeline trains one GRPO run per cell weight in "
                 "--mixtures; set them there"
             )
+
+
+def stage_name(w: float) -> str:
+    """The directory of the GRPO stage with cell weight w."""
+    return f"grpo-w{w:g}"
 
 
 def row_name(w: float) -> str:
@@ -114,7 +126,7 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
             record(f"sft-{order}", run_sft(sft_config, puzzles, resume=config.resume), began)
         for w in (w for w in config.mixtures if row_name(w) not in rows):
             began = time.perf_counter()
-            stage = root / f"grpo-w{w:g}"
+            stage = root / stage_name(w)
             train_config = SudokuTrainConfig(
                 **{k: getattr(config, k) for k in _train_fields()}
                 | {

@@ -15,12 +15,15 @@ Ties among cells available to the same strategy go to the lowest cell index (row
 Tests: `pytest tests/apps/sudoku/test_sudoku_puzzles.py`.
 """
 
+import codecs
 import csv
 import hashlib
+import io
 import math
 import random
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -393,6 +396,32 @@ def line_to_grid(text: str, where: str) -> tuple[list[int], int]:
     return grid, n
 
 
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line the row begins on, row) for each row of a CSV file read as UTF-8 (a byte order mark some editors
+    write is dropped); a row spans lines when a quoted field holds line ends. Text that is not UTF-8 and a
+    row the csv module cannot read (a field over its limit of 131,072 characters) are InputErrors naming the
+    file and line."""
+    data = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        line = len((data[:at] + b"x").splitlines())  # bytes split on "\n", "\r\n" and "\r", as csv does
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {at}: {data[at]:#04x})") from err
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1  # the line the next row begins on: reader.line_num counts the lines read so far
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise InputError(f"{path}:{start}: not readable as CSV ({err})") from err
+        yield start, row
+        start = reader.line_num + 1
+
+
 def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
     """Puzzles from a text file of one puzzle per line, or a CSV whose rows are `puzzle[,solution]` (a first
     row whose first column is named `puzzle` or `quizzes`, any case, is a header and skipped; a first row of
@@ -405,42 +434,39 @@ def read_puzzles(path: str | Path, max_strategy: str = "guess") -> list[Puzzle]:
         raise FileNotFoundError(f"puzzle file {path} does not exist")
     puzzles, harder = [], []  # harder: line numbers of puzzles left out
     first = True  # the first row that is not blank or a comment, which may be a header
-    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM some editors write is dropped
-        for number, row in enumerate(csv.reader(handle), start=1):
-            where = f"{path}:{number}"
-            cells = [c.strip() for c in row if c.strip()]
-            if not cells or cells[0].startswith("#"):
+    for number, row in _csv_rows(path):
+        where = f"{path}:{number}"
+        cells = [c.strip() for c in row if c.strip()]
+        if not cells or cells[0].startswith("#"):
+            continue
+        if first:
+            first = False
+            if cells[0].lower() in HEADER_NAMES:
                 continue
-            if first:
-                first = False
-                if cells[0].lower() in HEADER_NAMES:
-                    continue
-                if all(COLUMN_NAME.fullmatch(c) for c in cells):
-                    raise InputError(
-                        f"{where}: {','.join(cells)!r} is neither a puzzle nor a header; a header names its "
-                        "columns `puzzle[,solution]` or `quizzes,solutions`"
-                    )
-            if len(cells) > 2:
-                raise InputError(f"{where}: expected `puzzle` or `puzzle,solution`, got {len(cells)} fields")
-            grid, n = line_to_grid(cells[0], where)
-            if all(grid):
-                raise InputError(f"{where}: the puzzle has no empty cell")
-            if not is_consistent(grid, n):
-                raise InputError(f"{where}: the givens repeat a value within a row, column or box")
-            count, found = count_solutions(grid, n)
-            if count != 1:
+            if all(COLUMN_NAME.fullmatch(c) for c in cells):
                 raise InputError(
-                    f"{where}: the puzzle has {'no' if count == 0 else 'more than one'} solution"
+                    f"{where}: {','.join(cells)!r} is neither a puzzle nor a header; a header names its "
+                    "columns `puzzle[,solution]` or `quizzes,solutions`"
                 )
-            if len(cells) == 2:
-                solution, m = line_to_grid(cells[1], where + " (solution)")
-                if m != n or solution != found:
-                    raise InputError(f"{where}: the solution does not solve the puzzle")
-            steps = logic_solve(grid, n, max_strategy, found)
-            if steps is None:
-                harder.append(number)  # harder than max_strategy: left out, as the generator would
-                continue
-            puzzles.append(Puzzle(n, tuple(grid), tuple(found), tuple(steps)))
+        if len(cells) > 2:
+            raise InputError(f"{where}: expected `puzzle` or `puzzle,solution`, got {len(cells)} fields")
+        grid, n = line_to_grid(cells[0], where)
+        if all(grid):
+            raise InputError(f"{where}: the puzzle has no empty cell")
+        if not is_consistent(grid, n):
+            raise InputError(f"{where}: the givens repeat a value within a row, column or box")
+        count, found = count_solutions(grid, n)
+        if count != 1:
+            raise InputError(f"{where}: the puzzle has {'no' if count == 0 else 'more than one'} solution")
+        if len(cells) == 2:
+            solution, m = line_to_grid(cells[1], where + " (solution)")
+            if m != n or solution != found:
+                raise InputError(f"{where}: the solution does not solve the puzzle")
+        steps = logic_solve(grid, n, max_strategy, found)
+        if steps is None:
+            harder.append(number)  # harder than max_strategy: left out, as the generator would
+            continue
+        puzzles.append(Puzzle(n, tuple(grid), tuple(found), tuple(steps)))
     if harder:
         lines = ", ".join(map(str, harder[:10])) + (", ..." if len(harder) > 10 else "")
         warnings.warn(

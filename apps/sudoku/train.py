@@ -9,6 +9,7 @@ The reward is R = w * s_cell * R_cell + (1 - w) * s_order * R_order with s_k = 1
 rollouts of the starting model before the first step (bootstrapped scaling, core.rewards.Rubric.fit_scales).
 """
 
+import math
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +65,8 @@ class ModelFields(ThreadsField):
         for name in ("hidden_size", "num_layers", "num_heads", "sft_steps", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.sft_learning_rate < math.inf:  # else found in AdamW, after the run directory is made
+            raise ValueError(f"sft_learning_rate must be > 0 and finite, got {self.sft_learning_rate}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size // self.num_heads % 2:  # rotary position embeddings rotate pairs of dimensions

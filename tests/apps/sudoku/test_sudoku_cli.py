@@ -415,3 +415,70 @@ def test_an_sft_run_is_finished_once_evaluated_and_failed_if_its_evaluation_dies
         sudoku_train.run_sft(replace(config, run_dir=str(tmp_path / "cut")))
     status = RunDir(tmp_path / "cut").read_status()
     assert (status["status"], status["error"]) == ("failed", "RuntimeError: killed while evaluating")
+
+
+def test_an_eval_batch_size_below_one_is_a_command_line_error(tmp_path, capsys):
+    # 0 failed with "range() arg 3 must not be zero" after the model had loaded
+    from apps.sudoku.evaluate import SudokuEvalConfig
+
+    with pytest.raises(ValueError, match=r"batch_size must be >= 1, got 0"):
+        SudokuEvalConfig(batch_size=0)
+    run = tmp_path / "eval"
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "sudoku",
+                "eval",
+                "--preset",
+                "smoke",
+                "--model",
+                "m",
+                "--batch-size",
+                "-2",
+                "--run-dir",
+                str(run),
+            ]
+        )
+    assert "batch_size must be >= 1, got -2" in capsys.readouterr().err and not run.exists()
+
+
+def test_an_sft_learning_rate_that_is_not_positive_and_finite_is_a_command_line_error(tmp_path, capsys):
+    # -1 failed in torch's AdamW after the run directory was made
+    for rate in (0.0, -1.0, float("inf"), float("nan")):
+        for cls in (SudokuSFTConfig, SudokuTrainConfig, SudokuPipelineConfig):
+            with pytest.raises(ValueError, match=rf"sft_learning_rate must be > 0 and finite, got {rate}"):
+                cls(sft_learning_rate=rate)
+    run = tmp_path / "run"
+    for command in ("sft", "train", "pipeline"):
+        with pytest.raises(SystemExit):
+            main(["sudoku", command, "--preset", "smoke", "--sft-learning-rate=-1", "--run-dir", str(run)])
+        assert "sft_learning_rate must be > 0 and finite, got -1.0" in capsys.readouterr().err
+        assert not run.exists()
+
+
+def test_mixtures_that_would_share_a_stage_directory_are_refused(tmp_path, capsys):
+    # 0.3333331 and 0.3333334 were both grpo-w0.333333: the second stage took the first one's directory
+    run = tmp_path / "p"
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "sudoku",
+                "pipeline",
+                "--preset",
+                "smoke",
+                "--mixtures",
+                "0.3333331,0.3333334",
+                "--run-dir",
+                str(run),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert "mixtures 0.3333331 and 0.3333334 would share the stage directory grpo-w0.333333" in err
+    assert not run.exists()
+    for mixtures, pair in (
+        ((1.0, 0.5, 0.9999999), r"1.0 and 0.9999999 would share the stage directory grpo-w1 "),
+        ((0.75, 0.75), r"0.75 and 0.75 would share the stage directory grpo-w0.75 "),
+    ):
+        with pytest.raises(ValueError, match=rf"^mixtures {pair}\(a cell weight is named by its first 6"):
+            SudokuPipelineConfig(mixtures=mixtures)
+    assert SudokuPipelineConfig(mixtures=(1.0, 0.75, 0.5, 0.25, 0.333333, 0.333334)).mixtures[-1] == 0.333334

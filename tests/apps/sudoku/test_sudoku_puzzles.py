@@ -224,3 +224,39 @@ def test_full_grids_are_refused_and_a_byte_order_mark_is_read(tmp_path):
         "\ufeffpuzzle,solution\n" + "\n".join(p.to_line() for p in puzzles) + "\n", encoding="utf-8"
     )
     assert read_puzzles(bom) == puzzles
+
+
+def test_a_puzzle_file_that_is_not_utf8_is_an_error_naming_the_line_and_byte(tmp_path):
+    # a UnicodeDecodeError traceback before
+    line = generate_puzzles(4, 1, seed=0, givens=(4, 6))[0].to_line()
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(f"{line}\n".encode() + b"\xe9\xff\n")
+    with pytest.raises(InputError, match=r"latin1.txt:2: not UTF-8 text \(byte 17: 0xe9\)"):
+        read_puzzles(bad)
+    bad.write_bytes(b"\xef\xbb\xbf" + f"{line}\r\n{line}\r\n".encode() + b"\xe9\n")  # the byte counts the BOM
+    with pytest.raises(InputError, match=r"latin1.txt:3: not UTF-8 text \(byte 39: 0xe9\)"):
+        read_puzzles(bad)
+
+
+def test_a_line_too_long_for_the_csv_reader_is_an_error_naming_it(tmp_path):
+    # "_csv.Error: field larger than field limit (131072)" with a traceback before
+    line = generate_puzzles(4, 1, seed=0, givens=(4, 6))[0].to_line()
+    huge = tmp_path / "huge.txt"
+    huge.write_text(f"{line}\n\n{'1' * 200_000}\n")
+    with pytest.raises(InputError, match=r"huge.txt:3: not readable as CSV \(field larger than field limit"):
+        read_puzzles(huge)
+
+
+def test_rows_are_named_by_the_line_they_begin_on_past_a_quoted_field_of_several_lines(tmp_path):
+    puzzles = generate_puzzles(4, 3, seed=0, givens=(4, 6))
+    lines = [p.to_line() for p in puzzles]
+    path = tmp_path / "p.csv"  # a comment with a quoted line end takes lines 2-3: enumerate named line 4 as 3
+    path.write_text(f'{lines[0]}\n"# a note\nover two lines"\n{lines[1]}\n12x4............\n')
+    with pytest.raises(InputError, match=r"p.csv:5: character 3 is 'x'"):
+        read_puzzles(path)
+    path.write_text(f'{lines[0]}\n"{lines[1]}\n{lines[2]}"\n12x4............\n')
+    with pytest.raises(InputError, match=r"p.csv:2: expected 16 or 81 characters"):  # the row's first line
+        read_puzzles(path)
+    path.write_text(f'{lines[0]}\r\n"# a\r\nnote"\r\n{lines[1]}\r\n12x4............\r\n')
+    with pytest.raises(InputError, match=r"p.csv:5: character 3 is 'x'"):
+        read_puzzles(path)

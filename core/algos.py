@@ -349,21 +349,12 @@ def policy_loss(
 # ---------------------------------------------------------------------------------------------------
 
 
-def gtpo_token_weights(
-    completion_ids: Tensor,
-    mask: Tensor,
-    advantages: Tensor,
-    group_size: int,
-    conflict_positive: float = 2.0,
-    conflict_negative: float = 0.0,
-) -> Tensor:
-    """GTPO conflict-token weights (Simoni et al. 2025, "GTPO: Trajectory-Based Policy Optimization").
+def gtpo_conflict_tokens(completion_ids: Tensor, mask: Tensor, advantages: Tensor, group_size: int) -> Tensor:
+    """GTPO's conflict tokens (Simoni et al. 2025, "GTPO: Trajectory-Based Policy Optimization").
 
-    completion_ids, mask: (N, T); advantages: (N,) -> weights (N, T).
+    completion_ids, mask: (N, T); advantages: (N,) -> (N, T) bool.
     A valid token of completion i is a *conflict token* when the same token id stands at the same position
-    in a valid token of another completion of its group whose advantage has the opposite sign. Its weight
-    is `conflict_positive` (2.0: reinforce the shared token) when A_i > 0 and `conflict_negative` (0.0:
-    do not push it down) when A_i < 0; every other valid token weighs 1, padding weighs 0.
+    in a valid token of another completion of its group whose advantage has the opposite sign.
     The paper defines conflicts position by position, as here; its official code compares the shared
     prefix and suffix runs, which is a subset of these positions.
     """
@@ -376,10 +367,30 @@ def gtpo_token_weights(
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, G, G, T)
     shared_with_negative = (same & negative[:, None, :, None]).any(dim=2)  # (B, G, T)
     shared_with_positive = (same & positive[:, None, :, None]).any(dim=2)  # (B, G, T)
-    weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)  # (B, G, T)
-    weights = torch.where(positive[..., None] & shared_with_negative, conflict_positive, weights)
-    weights = torch.where(negative[..., None] & shared_with_positive, conflict_negative, weights)
-    return (weights * valid).reshape(completion_ids.shape)  # (N, T)
+    conflict = (positive[..., None] & shared_with_negative) | (negative[..., None] & shared_with_positive)
+    return conflict.reshape(completion_ids.shape)  # (N, T)
+
+
+def gtpo_token_weights(
+    completion_ids: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    group_size: int,
+    conflict_positive: float = 2.0,
+    conflict_negative: float = 0.0,
+    conflict: Tensor | None = None,
+) -> Tensor:
+    """GTPO's per-token weights (N, T): a conflict token (`gtpo_conflict_tokens`, or `conflict` when given)
+    weighs `conflict_positive` (2.0: reinforce the shared token) when its completion's A > 0 and
+    `conflict_negative` (0.0: do not push it down) when A < 0; every other valid token weighs 1, padding 0.
+    """
+    if conflict is None:
+        conflict = gtpo_conflict_tokens(completion_ids, mask, advantages, group_size)  # (N, T)
+    sign = advantages[:, None]  # (N, 1)
+    weights = torch.ones(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)  # (N, T)
+    weights = torch.where(conflict & (sign > 0), conflict_positive, weights)
+    weights = torch.where(conflict & (sign < 0), conflict_negative, weights)
+    return weights * (mask > 0)  # (N, T)
 
 
 def gtpo_entropy_advantages(

@@ -14,7 +14,7 @@ RL run only. Every other training field comes from --train-preset (a `math train
 
 import json
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -136,11 +136,19 @@ def compare(config: MathCompareConfig) -> dict:
     ]  # fmt: skip
     for _, run_config in planned:
         _check_earlier_run(run_config)
+    to_build = {
+        size: path
+        for path, size, needed in ((small, "small", True), (large, "large", needs_large))
+        if needed and path.parent == out and path.name == f"base_{size}"
+    }  # the tiny bases compare builds (and reuses), not a --model / --large-model
+    records = _check_earlier_bases(out, base, to_build)
     out.mkdir(parents=True, exist_ok=True)
     print(f"compare directory: {out}")
-    for path, size, needed in ((small, "small", True), (large, "large", needs_large)):
-        if needed and not (path / "config.json").is_file():
+    for size, path in to_build.items():
+        if not (path / "config.json").is_file():
             print(f"building the tiny {size} base model into {path}")
+            records[size] = base_settings(base, size)
+            write_atomic(out / BASES_FILE, json.dumps(records, indent=2).encode())
             build_base(base, size, path)
     runs: dict[str, list[dict]] = {}
     for arm, run_config in planned:
@@ -171,6 +179,46 @@ def _check_earlier_run(run_config: MathTrainConfig) -> None:
         )
 
 
+BASES_FILE = "bases.json"  # <out>/bases.json: {size: the settings its tiny base model was built with}
+
+
+def base_settings(base: MathTrainConfig, size: str) -> dict:
+    """What a tiny base model of `size` is built from (`build_base`): its seed, data and SFT budget."""
+    fields = ("data_seed", "data_mix", "template", "sft_hint_fraction")
+    return {"base_seed": base.seed, **{k: getattr(base, k) for k in fields}, **asdict(base.tiny_spec(size))}
+
+
+def _check_earlier_bases(out: Path, base: MathTrainConfig, to_build: dict[str, Path]) -> dict:
+    """The bases an earlier compare built into `out` are reused only if built with these settings; returns
+    the recorded settings (a base without a record, from a compare before the record, is reused as is)."""
+    path = out / BASES_FILE
+    records = _read_records(path) if path.is_file() else {}
+    for size, base_dir in to_build.items():
+        stored = records.get(size)
+        if not (base_dir / "config.json").is_file() or stored is None:
+            continue
+        wanted = base_settings(base, size)
+        changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+        if changed:
+            raise ValueError(
+                f"{base_dir}: a base model built with other settings ({', '.join(changed)}); pick another "
+                "--out-dir, or give the settings of the compare that made it"
+            )
+    return records
+
+
+def _read_records(path: Path) -> dict:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path}: not a JSON file ({err}); remove it to build the base models again"
+        ) from err
+    if not (isinstance(records, dict) and all(isinstance(v, dict) for v in records.values())):
+        raise ValueError(f"{path}: expected an object of base-model settings; remove it to build them again")
+    return records
+
+
 def _finished(run_config: MathTrainConfig) -> dict | None:
     """The result of a run an earlier compare into the same directory finished (its model and its
     evaluation saved), else None."""
@@ -187,8 +235,10 @@ def _finished(run_config: MathTrainConfig) -> dict | None:
 
 
 def _train_or_resume(run_config: MathTrainConfig) -> dict:
-    """Train the run; one an earlier compare left unfinished continues from its last checkpoint."""
-    return train(replace(run_config, resume=is_run_dir(run_config.run_dir)))
+    """Train the run; one an earlier compare left unfinished continues from its last checkpoint. The
+    history is the run's whole metrics.jsonl: a resumed `train` returns only the steps it ran."""
+    result = train(replace(run_config, resume=is_run_dir(run_config.run_dir)))
+    return result | {"history": RunDir(run_config.run_dir).read_metrics()}
 
 
 def run_summary(result: dict) -> dict:
@@ -228,7 +278,11 @@ def table_rows(runs: dict[str, list[dict]]) -> list[dict]:
     for arm, summaries in runs.items():
         rows.append({"arm": arm, **{c: _stats([s.get(c) for s in summaries]) for c in COLUMNS}})
         if arm == "codistill":
-            small_time = [s["step_time"] - s["large_time"] for s in summaries]
+            small_time = [
+                s["step_time"] - s["large_time"]
+                for s in summaries
+                if s["step_time"] is not None and s["large_time"] is not None
+            ]
             rows[-1]["step_time"] = _stats(small_time)
             rows[-1]["arm"] = "codistill:S"
             large = {c: _stats([s.get("large_" + c) for s in summaries]) for c in COLUMNS[:4]}

@@ -287,6 +287,9 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
         hints = row.get("hints")
         if not isinstance(hints, dict) or any(not isinstance(hints.get(t), list) for t in HINT_TIERS):
             raise ValueError(f"{where}: field 'hints' must map {', '.join(HINT_TIERS)} to lists of chunks")
+        for tier in HINT_TIERS:
+            if not all(isinstance(chunk, str) and chunk.strip() for chunk in hints[tier]):
+                raise ValueError(f"{where}: field 'hints': each {tier} chunk must be non-empty text")
         extra = {key: row[key] for key in ("level", "steps", "carries") if key in row}
         return {"question": _field(row, "question", where), "answer": _field(row, "answer", where)} | {
             "hints": hints,

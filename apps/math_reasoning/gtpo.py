@@ -4,7 +4,7 @@ reference model (beta = 0; another beta is refused) and by default advantages `r
 division (advantage_scale "auto" = "none"; another scale given is an ablation).
 The entropy of the filter is each micro-batch's, from the forward of the update: with mu > 1 or several
 mini-batches, later passes see the policy after the earlier optimizer steps (our choice; no extra pass).
-The math lives in `core.algos.gtpo_token_weights` and `core.algos.gtpo_entropy_advantages`.
+The math lives in `core.algos.gtpo_conflict_tokens`, `gtpo_token_weights` and `core.algos.gtpo_entropy_advantages`.
 """
 
 import math
@@ -43,6 +43,9 @@ class GTPOHooks(TrainerHooks):
         self._counts = torch.zeros(4, dtype=torch.float64)
 
     def token_weights(self, trainer, rollouts, advantages: torch.Tensor) -> torch.Tensor:
+        conflict = algos.gtpo_conflict_tokens(
+            rollouts.completion_ids, rollouts.loss_mask, advantages, trainer.config.group_size
+        )  # (N, T)
         weights = algos.gtpo_token_weights(
             rollouts.completion_ids,
             rollouts.loss_mask,
@@ -50,10 +53,10 @@ class GTPOHooks(TrainerHooks):
             trainer.config.group_size,
             self.conflict_positive,
             self.conflict_negative,
+            conflict=conflict,
         )  # (N, T)
         mask = rollouts.loss_mask > 0  # (N, T)
-        conflict = (weights != 1.0) & mask
-        self._counts = torch.tensor([conflict.sum(), mask.sum(), 0, 0], dtype=torch.float64)
+        self._counts = torch.tensor([(conflict & mask).sum(), mask.sum(), 0, 0], dtype=torch.float64)
         return weights
 
     def adjust_advantages(self, advantages: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:

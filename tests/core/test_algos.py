@@ -328,6 +328,19 @@ def test_gtpo_token_weights_hand_values():
     assert torch.equal(weights, torch.tensor([[2.0, 1.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))
 
 
+def test_gtpo_conflict_tokens_do_not_depend_on_the_weights():
+    ids = torch.tensor([[5, 6, 7], [5, 9, 7], [1, 6, 7]])
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    conflict = algos.gtpo_conflict_tokens(ids, torch.ones(3, 3), adv, group_size=3)
+    expected = torch.tensor([[True, False, True], [True, False, True], [False, False, False]])
+    assert torch.equal(conflict, expected)
+    # weights of 1 / 1 leave every token at 1, while the conflicts stay what they are
+    same = algos.gtpo_token_weights(
+        ids, torch.ones(3, 3), adv, 3, conflict_positive=1.0, conflict_negative=1.0
+    )
+    assert torch.equal(same, torch.ones(3, 3))
+
+
 def _gtpo_weights_loop(ids, mask, adv, group_size):
     n, t = len(ids), len(ids[0])
     out = [[0.0] * t for _ in range(n)]

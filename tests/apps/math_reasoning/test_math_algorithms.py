@@ -291,6 +291,12 @@ def test_gtpo_weights_conflict_tokens_and_needs_no_std(small_dir, tmp_path):
     assert 0 < conflicts < int(valid.sum())
     assert metrics["gtpo/conflict_token_frac"] == pytest.approx(conflicts / int(valid.sum()))
     assert metrics["gtpo/entropy_dropped_frac"] == 0.0
+    # the fraction counts conflict tokens whatever they weigh: with weights 1 / 1 they are still there
+    unweighted = GTPOHooks(conflict_positive=1.0, conflict_negative=1.0, max_entropy=100.0)
+    assert (unweighted.token_weights(trainer, batch.rollouts, batch.advantages)[valid] == 1.0).all()
+    assert unweighted.after_update(trainer, batch)["gtpo/conflict_token_frac"] == pytest.approx(
+        conflicts / int(valid.sum())
+    )
 
 
 def _plain_logprobs(model, rollouts: Rollouts) -> torch.Tensor:

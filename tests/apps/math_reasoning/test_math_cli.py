@@ -77,12 +77,16 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.count("finished earlier, its results reused") == 4
     assert (out / "compare.md").read_text() == table
-    # a run stopped before its model was saved is continued, not trained into a second run
+    # a run stopped before its model was saved is continued, not trained into a second run, and its
+    # table entries are of its whole history (a resumed train returns only the steps it ran)
     shutil.rmtree(out / "grpo-seed1" / "final")
+    shutil.rmtree(out / "codistill-seed1" / "final")
     assert main(args) == 0
-    assert capsys.readouterr().out.count("finished earlier, its results reused") == 3
-    assert (out / "grpo-seed1" / "final").is_dir()
-    assert len(json.loads((out / "grpo-seed1" / "config.json").read_text())["resumes"]) == 1
+    assert capsys.readouterr().out.count("finished earlier, its results reused") == 2
+    for run in ("grpo-seed1", "codistill-seed1"):
+        assert (out / run / "final").is_dir()
+        assert len(json.loads((out / run / "config.json").read_text())["resumes"]) == 1
+    assert (out / "compare.md").read_text() == table
     # with other settings the earlier runs are refused before anything trains
     with pytest.raises(SystemExit):
         main([*args[:-2], "--eval-examples", "3", *args[-2:]])
@@ -313,6 +317,25 @@ def test_compare_checks_its_inputs_before_making_anything(flags, message, small_
         main(["math", "compare", "--preset", "smoke", "--out-dir", str(out), *flags])
     assert message in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "none").exists()  # no tiny model built into --model
+
+
+def test_compare_reuses_its_base_model_only_with_the_settings_it_was_built_with(tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = ["math", "compare", "--preset", "smoke", "--algos", "grpo", "--out-dir", str(out)]
+    args += ["--max-steps", "1", "--eval-examples", "2"]
+    assert main(args) == 0
+    built = json.loads((out / "bases.json").read_text())
+    assert built == {
+        "small": {
+            "base_seed": 0, "data_seed": 1234, "data_mix": "default", "template": "r1_short",
+            "sft_hint_fraction": 0.3, "hidden_size": 32, "num_layers": 1, "sft_steps": 2, "sft_lr": 2e-3,
+        }
+    }  # fmt: skip
+    weights = (out / "base_small" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        main([*args, "--base-seed", "1"])
+    assert "base_small: a base model built with other settings (base_seed)" in capsys.readouterr().err
+    assert (out / "base_small" / "model.safetensors").read_bytes() == weights
 
 
 def test_resuming_a_run_of_another_algorithm_is_a_command_line_error(small_dir, tmp_path, capsys):

@@ -166,6 +166,17 @@ def test_parquet_and_offline_round_trip(tmp_path):
         ([{"problem": "p", "answer": [1]}], "amc", "must be text or a number"),
         ([{"text": "x"}], "auto", "cannot tell the format"),
         ([{"question": "q", "answer": "1", "hints": {"knowledge": []}}], "auto", "field 'hints'"),
+        (
+            [
+                {
+                    "question": "q",
+                    "answer": "1",
+                    "hints": {"knowledge": [1, 2], "planning": [], "solution": []},
+                }
+            ],
+            "auto",
+            r"bad.jsonl:line 1 .*field 'hints': each knowledge chunk must be non-empty text",
+        ),
     ],
 )
 def test_malformed_files_name_file_row_and_field(tmp_path, rows, fmt, message):

@@ -308,9 +308,9 @@ def policy_loss(
         pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
     pg = pg.expand_as(logp)  # (N, T)
     if token_weights is not None:
-        pg = pg * token_weights.float()
+        pg = pg * torch.where(valid, token_weights.float(), 0.0)
     if importance_weights is not None:
-        pg = pg * importance_weights.float()
+        pg = pg * torch.where(valid, importance_weights.float(), 0.0)
 
     counts = dict(total_tokens=total_tokens, total_seqs=total_seqs, max_length=max_length)
     per_token = pg
@@ -432,7 +432,9 @@ def truncated_importance_weights(
     if cap <= 0:
         raise ValueError(f"importance weight cap must be > 0, got {cap}")
     mask = mask.float()
-    log_w = (target_logp.detach().float() - behavior_logp.detach().float()) * mask  # (N, T)
+    valid = mask > 0
+    # padding may hold anything (-inf under a vocabulary mask): 0 there, as -inf * 0 is NaN
+    log_w = torch.where(valid, target_logp.detach().float() - behavior_logp.detach().float(), 0.0)  # (N, T)
     weights = torch.exp(log_w).clamp(max=cap) * mask  # (N, T)
     n = mask.sum()
     ess_fraction = weights.sum() ** 2 / (n * (weights**2).sum()).clamp(min=1e-30)

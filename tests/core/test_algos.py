@@ -429,6 +429,26 @@ def test_truncated_importance_weights_hand_values():
         torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), 3
     )
     assert ess_uniform.item() == pytest.approx(1.0)
+    # padding holding -inf or NaN (a vocabulary mask) weighs 0 and leaves the ESS as it was
+    padded = target.clone()
+    padded[0, 3] = -math.inf
+    weights, ess = algos.truncated_importance_weights(
+        padded, torch.tensor([[0.0, 0, 0, math.nan]]), mask, 5.0
+    )
+    assert torch.equal(weights, torch.tensor([[2.0, 5.0, 1.0, 0.0]])) and ess.item() == pytest.approx(64 / 90)
+
+
+def test_weights_that_are_not_finite_on_padding_leave_the_loss_finite():
+    logp = torch.zeros(1, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    nan_on_padding = torch.tensor([[2.0, 1.0, math.nan]])
+    loss, _ = algos.policy_loss(
+        logp, None, torch.ones(1), mask, aggregation="token-mean",
+        token_weights=nan_on_padding, importance_weights=nan_on_padding,
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() == pytest.approx(-(4.0 + 1.0) / 2)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.0, -0.5, 0.0]]))
 
 
 def test_importance_weights_carry_no_gradient():

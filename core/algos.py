@@ -146,6 +146,11 @@ def normalize_then_sum(
         dim=1,
     )  # (N, K)
     summed = per_component @ weights.float()  # (N,)
+    # a group whose components' advantages cancel (c0 = [0, 1], c1 = [1, 0], equal weights) carries no
+    # signal: exactly 0, so its float residue (~1e-7) is not divided by a batch std of the same size
+    tolerance = 1e-5 * float(weights.float().abs().sum())
+    cancelled = _grouped(summed, group_size).abs().amax(dim=1, keepdim=True) <= tolerance  # (B, 1)
+    summed = torch.where(cancelled, 0.0, _grouped(summed, group_size)).reshape(-1)  # (N,)
     if summed.numel() < 2:
         return summed
     return summed / (summed.std() + eps)  # (N,)

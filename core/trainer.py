@@ -748,11 +748,12 @@ class GRPOTrainer:
         return Batch(mine, rollouts, table, local, components, rounds)
 
     def _dynamic_sampling(self, rollouts, table, examples):
-        """DAPO's dynamic sampling: keep groups with reward spread, draw more prompts until the batch is full
-        or `max_sampling_rounds` is reached; a short batch is filled with zero-spread groups (advantage 0).
+        """DAPO's dynamic sampling: keep groups with signal (advantages not all 0), draw more prompts until
+        the batch is full or `max_sampling_rounds` is reached; a short batch is filled with groups without
+        (advantage 0).
 
         Groups are named (round, index in the round's global draw). Each round every process generates and
-        scores its share of the same draw, and all gather every group's has-spread flag, so all count the
+        scores its share of the same draw, and all gather every group's has-signal flag, so all count the
         same kept groups, stop after the same round and choose the same groups in the same order: kept ones
         by round and index, then spare ones. Process r takes the chosen groups r * share ... (r + 1) * share
         - 1, receiving those another process generated; the batch is the one a single process would build.
@@ -767,8 +768,10 @@ class GRPOTrainer:
                 rows = range(g * size, (g + 1) * size)
                 group = (rollouts.select(rows), table.select(rows), examples[g])
                 owned[(rounds, self.rank * share + g)] = group
-            spread = table.total.view(-1, size)  # (share, G)
-            has_signal = _all_gather_rows((spread.amax(1) > spread.amin(1)).long())  # (prompts_per_step,)
+            # a group has signal when its advantages are not all 0: a spread of its weighted total, or
+            # under normalize_then_sum a spread of components that does not cancel out
+            advantages = self._advantages(table.components, self.advantage_weights(table)).view(-1, size)
+            has_signal = _all_gather_rows((advantages != 0).any(1).long())  # (prompts_per_step,)
             for g, spread_flag in enumerate(has_signal.tolist()):
                 (kept if spread_flag else spare).append((rounds, g))
             rounds += 1

@@ -104,6 +104,16 @@ def test_normalize_then_sum_keeps_zero_spread_groups_at_zero():
     assert torch.equal(adv[2:], torch.zeros(2))
 
 
+def test_normalize_then_sum_gives_cancelling_components_exactly_zero():
+    """c0 = [0, 0.1], c1 = [0.3, 0]: z-scores of equal size and opposite sign but for eps, so their sum
+    is float residue (1e-5), which the batch std divided back up to +-0.64; the other group keeps its
+    signal."""
+    components = torch.tensor([[0.0, 0.1], [0.3, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    adv = algos.normalize_then_sum(components, torch.tensor([1.0, 1.0]), 2)
+    assert torch.equal(adv[:2], torch.zeros(2))
+    assert adv[2].item() == pytest.approx(-adv[3].item()) and adv[2].item() > 1
+
+
 def test_multi_reward_registry_and_shapes():
     with pytest.raises(ValueError, match="valid: normalize_then_sum, sum_then_normalize"):
         algos.MULTI_REWARD.get("average")

@@ -177,6 +177,28 @@ def test_dynamic_sampling_keeps_groups_with_spread(model_dir, tmp_path):
     assert (grouped.amax(1) > grouped.amin(1)).all()
 
 
+def test_dynamic_sampling_under_gdpo_keeps_groups_whose_advantages_are_not_zero(model_dir, tmp_path):
+    """Under normalize_then_sum a group whose components' z-scores cancel has no signal although its
+    weighted total spreads: even-numbered prompts score a = x, b = -2x (total -x, advantages 0), odd ones
+    a = x, b = 0."""
+
+    def x(completion, example):
+        return varied(completion, example)
+
+    def b(completion, example):
+        return -2 * x(completion, example) if int(example["id"][2:]) % 2 == 0 else 0.0
+
+    config = make_config(
+        tmp_path, max_steps=1, dynamic_sampling=True, max_sampling_rounds=4,
+        multi_reward="normalize_then_sum", advantage_scale="group",
+    )  # fmt: skip
+    trainer = make_trainer(model_dir, config, Rubric({"a": x, "b": b}))
+    batch = trainer.collect()
+    assert batch.sampling_rounds >= 2
+    assert all(int(example["id"][2:]) % 2 == 1 for example in batch.examples)
+    assert (batch.advantages.view(-1, 4) != 0).any(1).all()
+
+
 class EchoEnvironment:
     """Appends the observation '=ok' after each turn; an episode lasts two turns."""
 

@@ -14,6 +14,7 @@ Shape letters as in core/algos.py: N completions, K reward components.
 Pattern: verifiers `Rubric(funcs, weights)`; TRL `GRPOTrainer(reward_funcs=..., reward_weights=...)`.
 """
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -140,6 +141,8 @@ class Rubric:
                 raise ValueError(f"reward names must be non-empty strings other than 'total', got {name!r}")
             if not callable(fn):
                 raise ValueError(f"reward function {name!r} is not callable: {fn!r}")
+            if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
+                raise ValueError(f"reward function {name!r} is async; rewards are called synchronously")
         if on_error not in ON_ERROR:
             raise ValueError(f"unknown on_error {on_error!r}; valid: {', '.join(ON_ERROR)}")
         weights = dict(weights or {})
@@ -227,6 +230,12 @@ class Rubric:
             error = RewardError(f"reward {name!r} failed on examples {_short(ids)}: {_describe(e)}")
             error.__cause__ = e
             return [error] * len(completions)
+        _refuse_awaitable(name, values)
+        if getattr(values, "ndim", 1) != 1:  # a tensor or array of another shape than (N,): (N, 1), 0-d
+            raise RewardError(
+                f"batched reward {name!r} returned an array of shape {tuple(values.shape)} for "
+                f"{len(completions)} completions; expected ({len(completions)},)"
+            )
         if hasattr(values, "tolist"):  # a tensor or numpy array of scores
             values = values.tolist()
         if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != len(completions):
@@ -300,7 +309,17 @@ def _call_one(
         error = RewardError(f"reward {name!r} failed on example {id_!r}: {_describe(e)}")
         error.__cause__ = e
         return error
+    _refuse_awaitable(name, value)
     return _checked(name, value, id_)
+
+
+def _refuse_awaitable(name: str, value: Any) -> None:
+    """A reward that returned a coroutine (an async function behind a wrapper) breaks the contract for
+    every example: raised whatever on_error says, not scored as a failed call."""
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited: closed, so Python does not warn about it
+        raise RewardError(f"reward {name!r} returned an awaitable; rewards are called synchronously")
 
 
 def _checked(name: str, value: Any, id_: Any) -> float | RewardError:

@@ -191,12 +191,50 @@ def test_batched_function_may_return_a_tensor():
     torch.testing.assert_close(table.components[:, 0], torch.tensor([0.5, -1.5]))
 
 
-@pytest.mark.parametrize("result", [[1.0], [1.0, 2.0, 3.0], None, "ab", 2.0, {"a": 1.0}], ids=repr)
+@pytest.mark.parametrize(
+    "result",
+    [
+        [1.0],
+        [1.0, 2.0, 3.0],
+        None,
+        "ab",
+        2.0,
+        {"a": 1.0},
+        torch.ones(2, 1),
+        np.ones((1, 2)),
+        torch.tensor(1.0),
+    ],
+    ids=repr,
+)
 @pytest.mark.parametrize("on_error", ["raise", "zero"])
 def test_batched_wrong_shape_raises_whatever_on_error(result, on_error):
+    """(N, 1) scores, as a reward model's head gives, became N failed calls (scored 0 under "zero")."""
     model = FakeRewardModel(lambda completions: result)
     with pytest.raises(RewardError, match="batched reward 'rm' returned .* for 2 completions"):
         Rubric({"rm": model}, on_error=on_error).score(COMPLETIONS, EXAMPLES)
+
+
+@pytest.mark.parametrize("on_error", ["raise", "zero"])
+def test_an_async_reward_is_refused_whatever_on_error(on_error, recwarn):
+    async def judge(completion, example):
+        return 1.0
+
+    class AsyncModel:
+        batched = True
+
+        async def __call__(self, completions, examples):
+            return [1.0] * len(completions)
+
+    for fn in (judge, AsyncModel()):
+        with pytest.raises(
+            ValueError, match="reward function 'r' is async; rewards are called synchronously"
+        ):
+            Rubric({"r": fn}, on_error=on_error)
+    # one hidden behind a plain wrapper returns a coroutine: a broken contract, not N failed calls
+    wrapped = lambda completion, example: judge(completion, example)  # noqa: E731
+    with pytest.raises(RewardError, match="reward 'r' returned an awaitable"):
+        Rubric({"r": wrapped}, on_error=on_error).score(COMPLETIONS, EXAMPLES)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
 def test_batched_bad_entry_and_failed_call():

@@ -63,7 +63,7 @@ class GTPOHooks(TrainerHooks):
         self._counts[2] += int((mean_entropy > self.max_entropy).sum())
         self._counts[3] += len(mean_entropy)
         adjusted = algos.gtpo_entropy_advantages(advantages, mean_entropy, self.gamma, self.max_entropy)
-        if self.skip_zero_advantage:  # (N,): zero-spread groups stay at 0 instead of -gamma * H
+        if self.skip_zero_advantage:  # (N,): A = 0 stays 0 instead of -gamma * H
             adjusted = torch.where(advantages == 0, torch.zeros_like(adjusted), adjusted)
         return adjusted
 

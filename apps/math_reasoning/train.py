@@ -103,7 +103,8 @@ class MathTrainConfig(GRPOConfig):
         "GTPO: mean entropy above which a completion is dropped (ln 2)", math.log(2)
     )
     gtpo_skip_zero_advantage: bool = _help(
-        "GTPO: no entropy penalty where A = 0 (zero-spread groups); off = the paper (departure, opt-in)",
+        "GTPO: no entropy penalty where A = 0 (zero-spread groups, or a reward at its group's mean); "
+        "off = the paper (departure, opt-in)",
         False,
     )
     # -- CoDistill-GRPO

@@ -91,7 +91,7 @@ class MultiHeadRewardModel(nn.Module):
                 raise FileNotFoundError(
                     f"{path / name} is missing; expected a reward model directory from `grpo-suite reward-model train`"
                 )
-        meta = json.loads((path / HEADS_FILE).read_text())
+        meta = read_heads_file(path / HEADS_FILE)
         model = cls(
             DebertaV2Model(DebertaV2Config.from_pretrained(path, local_files_only=True)),
             meta["heads"],
@@ -101,6 +101,27 @@ class MultiHeadRewardModel(nn.Module):
         model.max_length = meta.get("max_length")  # None in directories saved before it was kept
         model.training_data = meta.get("training_data")  # likewise
         return model.to(device).eval()
+
+
+def read_heads_file(path: Path) -> dict:
+    """reward_heads.json as saved by `MultiHeadRewardModel.save`: a JSON object with at least "heads" (a
+    list of names) and "dropout"; a damaged file is an error naming it."""
+    try:
+        meta = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path}: malformed JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from err
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    missing = [key for key in ("heads", "dropout") if key not in meta]
+    if missing:
+        raise InputError(f"{path}: missing key(s) {', '.join(map(repr, missing))}")
+    if not isinstance(meta["heads"], list) or not all(isinstance(h, str) for h in meta["heads"]):
+        raise InputError(f'{path}: "heads" must be a list of head names, got {meta["heads"]!r}')
+    if isinstance(meta["dropout"], bool) or not isinstance(meta["dropout"], int | float):
+        raise InputError(f'{path}: "dropout" must be a number, got {meta["dropout"]!r}')
+    return meta
 
 
 def from_pretrained_encoder(

@@ -25,6 +25,7 @@ Tests: `pytest tests/reward_models/`.
 import math
 import random
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,17 @@ from reward_models.deberta import (
 )
 from reward_models.pairs import RESPONSE_KINDS, data_record, differing_splits, labels, read_split
 from reward_models.score import RewardModelScorer, encode
-from reward_models.tokenizer import train_tokenizer
+from reward_models.tokenizer import SPECIAL, train_tokenizer
 
 APP, ALGORITHM = "reward_model", "bradley_terry"  # the run's kind in its config.json
 # fields a resume may change: where and how it runs, not what it computes
 HOW_IT_RUNS = ("resume", "run_dir", "device", "save_every")
 # fields that name a path: a resume compares them resolved, whatever their spelling (relative, absolute)
 PATH_FIELDS = ("data", "model")
+MIN_MAX_LENGTH = 5  # [CLS] prompt [SEP] response [SEP] with one token of each (score.encode)
+# sentencepiece's least vocabulary: the special tokens, the word-start piece and one character; a corpus
+# needs one piece more per further character (`_check_vocab_size`)
+MIN_VOCAB_SIZE = len(SPECIAL) + 2
 
 
 def _help(text: str, default):
@@ -103,8 +108,25 @@ class RMTrainConfig:
         for name in ("batch_size", "max_length", "hidden_size", "num_layers", "num_heads", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if self.max_length < MIN_MAX_LENGTH:  # score.encode: 3 special tokens, a prompt and a response token
+            raise ValueError(
+                f"max_length must be >= {MIN_MAX_LENGTH} ([CLS] prompt [SEP] response [SEP], a token of "
+                f"each), got {self.max_length}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size must be >= {MIN_VOCAB_SIZE} ({len(SPECIAL)} special tokens, the word-start piece "
+                f"and a character), got {self.vocab_size}"
+            )
+        for name in ("save_every", "max_train_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if not self.epochs > 0 or not self.learning_rate > 0:
             raise ValueError("epochs and learning_rate must be > 0")
         if self.model:  # checked before the data is read and anything is built
@@ -131,6 +153,9 @@ class RMEvalConfig:
     batch_size: int = _help("sequences per forward", 64)
 
     def __post_init__(self):
+        # before the evaluation, not at the write after it
+        if self.out is not None and Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} is a directory; expected a JSON file to write")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.splits is not None and not self.splits:
@@ -170,6 +195,8 @@ def train_reward_model(config: RMTrainConfig) -> dict:
         for name in ("train", "validation", "test", "heldout")
         if name in ("train", "validation") or (Path(config.data) / f"{name}.jsonl").is_file()
     }
+    if not config.model:  # the tiny default's tokenizer is trained after the run directory is made
+        _check_vocab_size(config, _tokenizer_corpus(_train_rows(config, splits)))
     run_dir = Path(config.run_dir)
     out = run_dir / "model"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,15 +241,14 @@ def _train_and_evaluate(
 ) -> dict:
     """The training loop from `checkpoint` (None: the start), then the save and the evaluation."""
     run_dir, out = run.path, run.path / "model"
-    train_rows = splits["train"][: config.max_train_rows or None]
+    train_rows = _train_rows(config, splits)
     if config.model:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
         model = from_pretrained_encoder(config.model, seed=config.seed)
     else:
-        corpus = [row[k] for row in train_rows for k in ("prompt", *RESPONSE_KINDS)]
-        tokenizer = train_tokenizer(corpus, run_dir / "tokenizer", config.vocab_size)
+        tokenizer = train_tokenizer(_tokenizer_corpus(train_rows), run_dir / "tokenizer", config.vocab_size)
         deberta = tiny_deberta_config(
             len(tokenizer),
             tokenizer.pad_token_id,
@@ -310,6 +336,34 @@ def _train_and_evaluate(
     print(summary(results))
     print(f"reward model saved to {out}")
     return results
+
+
+def _train_rows(config: RMTrainConfig, splits: dict[str, list[dict]]) -> list[dict]:
+    return splits["train"][: config.max_train_rows or None]  # 0: all
+
+
+def _tokenizer_corpus(rows: list[dict]) -> list[str]:
+    """The texts the tiny default's tokenizer is trained on."""
+    return [row[k] for row in rows for k in ("prompt", *RESPONSE_KINDS)]
+
+
+def _check_vocab_size(config: RMTrainConfig, corpus: list[str]) -> None:
+    """Refuse a --vocab-size below what sentencepiece needs for `corpus` (with character coverage 1): a
+    piece per character (after its NFKC normalisation; whitespace is the word-start piece, control
+    characters are dropped), the word-start piece and the special tokens."""
+    chars = {
+        c
+        for text in corpus
+        for c in unicodedata.normalize("NFKC", text)
+        if c.isprintable() and not c.isspace()
+    }
+    needed = len(chars) + 1 + len(SPECIAL)
+    if config.vocab_size < needed:
+        raise InputError(
+            f"vocab_size: {config.vocab_size} is too small for the training rows of --data {config.data}: "
+            f"their {len(chars)} distinct characters, the word-start piece and {len(SPECIAL)} special "
+            f"tokens need >= {needed}"
+        )
 
 
 def _resolved_paths(config: dict[str, Any]) -> dict[str, Any]:

@@ -268,6 +268,27 @@ class DataConfig:
             and self.validation_fraction + self.test_fraction < 1
         ):
             raise ValueError("validation_fraction and test_fraction must be > 0 with a sum < 1")
+        # generate_splits draws the categories round-robin: the held-out one is every len(CATEGORIES)-th row
+        first = list(CATEGORIES).index(self.heldout_category)
+        rest = self.num_prompts - len(range(first, self.num_prompts, len(CATEGORIES)))
+        sizes = split_sizes(rest, self.validation_fraction, self.test_fraction)
+        for split, name in (("validation", "validation_fraction"), ("test", "test_fraction")):
+            if not sizes[split]:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} of the {rest} non-held-out prompts leaves the {split} "
+                    "split empty; raise it or num_prompts"
+                )
+        if not sizes["train"]:
+            raise ValueError(
+                f"validation_fraction {self.validation_fraction} and test_fraction {self.test_fraction} leave "
+                f"none of the {rest} non-held-out prompts for the train split; lower them"
+            )
+
+
+def split_sizes(rest: int, validation_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Rows of the train, validation and test splits out of `rest` non-held-out rows."""
+    n_val, n_test = round(validation_fraction * rest), round(test_fraction * rest)
+    return {"train": rest - n_val - n_test, "validation": n_val, "test": n_test}
 
 
 def make_row(rng: random.Random, category: str) -> dict:
@@ -316,8 +337,8 @@ def generate_splits(config: DataConfig) -> dict[str, list[dict]]:
     heldout = [r for r in rows if r["category"] == config.heldout_category]
     rest = [r for r in rows if r["category"] != config.heldout_category]
     rng.shuffle(rest)
-    n_val = round(config.validation_fraction * len(rest))
-    n_test = round(config.test_fraction * len(rest))
+    sizes = split_sizes(len(rest), config.validation_fraction, config.test_fraction)
+    n_val, n_test = sizes["validation"], sizes["test"]
     splits = {
         "train": rest[n_val + n_test :],
         "validation": rest[:n_val],

@@ -102,6 +102,28 @@ class PipelineConfig:
         for name in ("grpo_steps", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # the GRPO stage's own checks (multi_reward, beta, ...) now, not after the data and reward model
+        # stages: its reward model does not exist yet, so any directory stands in for it
+        grpo_config(self, data_dir=None, reward_model=str(Path(__file__).parent))
+
+
+def grpo_config(config: PipelineConfig, data_dir: str | None, reward_model: str) -> DebiasTrainConfig:
+    """The GRPO stage's config (one seed's, less its seed, policy and run directory)."""
+    return DebiasTrainConfig(
+        data_dir=data_dir,
+        reward_model=reward_model,
+        device=config.device,
+        max_steps=config.grpo_steps,
+        save_every=config.grpo_save_every,
+        sft_epochs=config.sft_epochs,
+        multi_reward=config.multi_reward,
+        **({} if config.beta is None else {"beta": config.beta}),
+        **(
+            {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32}
+            if config.quick
+            else {}
+        ),
+    )
 
 
 def pipeline(config: PipelineConfig) -> dict:
@@ -181,17 +203,7 @@ def run_stages(config: PipelineConfig, run: Path) -> dict:
                 )
             )
 
-    base = DebiasTrainConfig(
-        data_dir=data_config.out_dir,
-        reward_model=str(run / "reward_model" / "model"),
-        device=config.device,
-        max_steps=config.grpo_steps,
-        save_every=config.grpo_save_every,
-        sft_epochs=config.sft_epochs,
-        multi_reward=config.multi_reward,
-        **({} if config.beta is None else {"beta": config.beta}),
-        **({"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32} if q else {}),
-    )
+    base = grpo_config(config, data_config.out_dir, str(run / "reward_model" / "model"))
     sft_dir = run / "sft_model"
     with clock.stage("sft"):
         if not sft_dir.is_dir():  # saved whole (core.tiny.sft)

@@ -160,3 +160,24 @@ def test_from_pretrained_encoder_takes_a_deberta_v2_directory(tmp_path):
     (tmp_path / "deberta" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(InputError, match="is a 'qwen2' model, not a DeBERTa-v2/v3 encoder"):
         from_pretrained_encoder(tmp_path / "deberta")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"heads": [\n', r"reward_heads.json: malformed JSON \(Expecting value at line 2 column 1\)"),
+        ("[]", r"reward_heads.json: expected a JSON object, got list"),
+        ('{"max_length": 96}', r"reward_heads.json: missing key\(s\) 'heads', 'dropout'"),
+        (
+            '{"heads": "fairness", "dropout": 0.1}',
+            r"reward_heads.json: \"heads\" must be a list of head names",
+        ),
+        ('{"heads": ["fairness"], "dropout": null}', r"reward_heads.json: \"dropout\" must be a number"),
+    ],
+)
+def test_a_damaged_heads_file_is_an_input_error_naming_it(tmp_path, text, message):
+    """A damaged reward_heads.json was a bare JSONDecodeError (or KeyError) traceback."""
+    tiny_model().save(tmp_path / "rm")
+    (tmp_path / "rm" / "reward_heads.json").write_text(text)
+    with pytest.raises(InputError, match=f"{tmp_path / 'rm'}/{message}"):
+        MultiHeadRewardModel.load(tmp_path / "rm")

@@ -133,6 +133,44 @@ def test_unusable_input_and_output_paths_are_command_line_errors(
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_eval_refuses_a_directory_as_out_before_evaluating(trained, tmp_path, capsys, monkeypatch):
+    """`reward-model eval --out DIR` failed with IsADirectoryError after the whole evaluation."""
+    import reward_models.train as train_module
+
+    evaluated = []
+    monkeypatch.setattr(train_module, "evaluate_rows", lambda *args: evaluated.append(args))
+    (tmp_path / "out").mkdir()
+    argv = ["reward-model", "eval", "--reward-model", str(trained / "run" / "model")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--data", str(trained / "data"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2 and f"--out {tmp_path / 'out'} is a directory; expected a JSON file" in err
+    )
+    assert not evaluated and not any((tmp_path / "out").iterdir())
+    with pytest.raises(ValueError, match="--out .* is a directory"):
+        RMEvalConfig(out=str(tmp_path / "out"))
+
+
+def test_score_with_a_damaged_heads_file_is_a_command_line_error(trained, tmp_path, capsys):
+    shutil.copytree(trained / "run" / "model", tmp_path / "rm")
+    (tmp_path / "rm" / "reward_heads.json").write_text('{"heads": [\n')
+    (tmp_path / "in.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    argv = [
+        "reward-model",
+        "score",
+        "--reward-model",
+        str(tmp_path / "rm"),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{tmp_path / 'rm' / 'reward_heads.json'}: malformed JSON" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_scorer_caches_the_last_batch(trained):
     scorer = RewardModelScorer(trained / "run" / "model", batch_size=2)
     first = scorer.score(["q"] * 3, ["a", "b", "c"])

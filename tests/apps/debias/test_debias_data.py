@@ -75,6 +75,42 @@ def test_an_empty_split_is_an_input_error(tmp_path):
         load_splits(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (  # it wrote an empty validation.jsonl and exited 0
+            {"validation_fraction": 0.01},
+            "validation_fraction 0.01 of the 50 non-held-out prompts leaves the validation split empty",
+        ),
+        (
+            {"test_fraction": 0.001},
+            "test_fraction 0.001 of the 50 non-held-out prompts leaves the test split",
+        ),
+        (
+            {"validation_fraction": 0.495, "test_fraction": 0.495},
+            "validation_fraction 0.495 and test_fraction 0.495 leave none of the 50 non-held-out prompts "
+            "for the train split",
+        ),
+    ],
+)
+def test_sizes_that_leave_a_split_empty_are_refused(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(num_prompts=60, **sizes)
+
+
+def test_the_data_command_writes_nothing_for_an_empty_split(monkeypatch, tmp_path, capsys):
+    from core import cli
+
+    monkeypatch.setattr(
+        cli, "entry_points", lambda group: [_EntryPoint()] if group == cli.ENTRY_POINT_GROUP else []
+    )
+    argv = ["debias", "data", "--out-dir", str(tmp_path / "d"), "--num-prompts", "60"]
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--validation-fraction", "0.01"])
+    assert "leaves the validation split empty" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 class _EntryPoint:
     name = "debias"
 

@@ -96,6 +96,24 @@ def test_out_of_range_sizes_are_refused_before_any_work(field, value, message, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--multi-reward", "sum_then_normalise"],
+            "multi_reward: unknown multi-reward aggregation .sum_then_normalise.",
+        ),  # had failed after data + reward model
+        (["--beta", "-1"], "beta must be >= 0, got -1"),
+    ],
+)
+def test_bad_grpo_settings_are_refused_before_any_work(stages, flags, message, tmp_path):
+    """The GRPO stage's settings were checked only once the data and reward model stages had run, and a
+    --resume with the corrected value was then refused as a changed setting."""
+    with pytest.raises(ValueError, match=message):
+        parse(["--quick", *flags, "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists() and "rm" not in stages
+
+
 def test_a_failed_stage_marks_the_run_failed(stages, monkeypatch, tmp_path):
     def broken(config):
         raise RuntimeError("out of memory")

@@ -23,7 +23,8 @@ def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOC
     """The config with `run_dir` resolved (default runs/<app>/<timestamp>), announced on the terminal.
     `--resume` needs the directory of an earlier `app` `algorithm` run: it is an error, not a fresh run,
     without one, and so is one of another kind; a fresh run into a directory that holds one is refused
-    too. All on every process, before anything is built there, and so is a --run-dir that is a file."""
+    too, and a resume whose --max-steps is below its newest checkpoint's step. All on every process, before
+    anything is built there, and so is a --run-dir that is a file."""
     if config.run_dir is not None:
         refuse_a_file_in_the_way(config.run_dir, "--run-dir")
     if config.resume and config.run_dir is None:
@@ -35,6 +36,12 @@ def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOC
         )
     if config.resume:
         refuse_another_kind_of_run(config.run_dir, RunDir(config.run_dir).read_config(), app, algorithm)
+        newest = RunDir(config.run_dir).newest_checkpoint_step()
+        if newest is not None and newest > config.max_steps:  # else nothing trains, and the model is past it
+            raise ValueError(
+                f"{config.run_dir}: its newest checkpoint is at step {newest}, past --max-steps "
+                f"{config.max_steps}; give --max-steps {newest} or more to continue it"
+            )
     if not config.resume and config.run_dir is not None:
         refuse_existing_run(config.run_dir)
     state = join_processes(config.device)

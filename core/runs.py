@@ -510,6 +510,19 @@ class RunDir:
         checkpoints = self.list_checkpoints()
         return checkpoints[-1] if checkpoints else None
 
+    def newest_checkpoint_step(self) -> int | None:
+        """The step `latest_checkpoint` would resume from, read without touching the directory (a checkpoint
+        moved aside by a cut-off save counts, as it would be put back); None without one."""
+        if not self.checkpoints_dir.is_dir():
+            return None
+        steps = [
+            int(match.group(1))
+            for path in self.checkpoints_dir.iterdir()
+            if (match := _CHECKPOINT_NAME.fullmatch(path.name.replace(_REPLACED_PREFIX, "step-", 1)))
+            and (path / MARKER).is_file()
+        ]
+        return max(steps, default=None)
+
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a complete checkpoint directory; pickled files load with `weights_only=True` only."""

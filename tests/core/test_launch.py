@@ -56,3 +56,20 @@ def test_a_fresh_run_builds_its_base_model_anew_and_a_resume_keeps_it(tmp_path):
     assert len(built) == 2 and (path / "config.json").read_text() == "2"
     build_in_run(path, build, resume=True, device="cpu")
     assert len(built) == 2
+
+
+def test_a_resume_below_its_newest_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
+    """It trained nothing, saved final/ again and evaluated again, and the model was past --max-steps."""
+    rd = tmp_path / "rd"
+    assert main(["toy", "train", "--run-dir", str(rd), "--max-steps", "2", "--save-every", "1"]) == 0
+    assert RunDir(rd).newest_checkpoint_step() == 2
+    config, status = (rd / "config.json").read_text(), (rd / "status.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", "train", "--run-dir", str(rd), "--resume", "--max-steps", "1"])
+    assert exit_info.value.code == 2
+    assert f"{rd}: its newest checkpoint is at step 2, past --max-steps 1" in capsys.readouterr().err
+    assert (rd / "config.json").read_text() == config and (rd / "status.json").read_text() == status
+    # a checkpoint a cut-off save moved aside counts, and the directory is left as it is
+    (rd / "checkpoints" / "step-2").rename(rd / "checkpoints" / ".replaced-step-2")
+    assert RunDir(rd).newest_checkpoint_step() == 2
+    assert (rd / "checkpoints" / ".replaced-step-2").is_dir()

@@ -267,7 +267,7 @@ def _train_and_evaluate(
     scheduler = get_scheduler("linear", optimizer, round(config.warmup_ratio * total), total)
     rng = random.Random(config.seed)
     order: list[int] = []
-    done = 0
+    done, earlier_seconds = 0, 0.0
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # dropout
@@ -277,6 +277,7 @@ def _train_and_evaluate(
             scheduler.load_state_dict(checkpoint.scheduler_state)
             restore_rng_state(checkpoint.rng_state, {"order": rng})
             order, done = checkpoint.trainer_state["order"], checkpoint.step
+            earlier_seconds = checkpoint.trainer_state.get("train_seconds", 0.0)  # the attempts before this
             print(f"resuming from {checkpoint.path}", flush=True)
         run.truncate_logs_after(done)  # a fresh start or a resume logs exactly what one whole training would
         history = run.read_metrics()
@@ -309,6 +310,7 @@ def _train_and_evaluate(
                         "config": _resolved_paths(config_to_dict(config)),
                         "training_data": record,
                         "order": order,
+                        "train_seconds": earlier_seconds + time.perf_counter() - start,
                     },
                     rng_state=capture_rng_state({"order": rng}),
                     keep_last=1,  # saves are atomic: the newest is always whole
@@ -325,9 +327,9 @@ def _train_and_evaluate(
     model.eval()
     model.save(out, tokenizer, max_length=config.max_length, training_data=record)
     scorer = RewardModelScorer(out, device=config.device)
-    results = {
-        "config": config_to_dict(config),
-        "train_seconds": time.perf_counter() - start,
+    results = {  # the same whether the training was resumed or not: paths resolved, `resume` left out
+        "config": {k: v for k, v in _resolved_paths(config_to_dict(config)).items() if k != "resume"},
+        "train_seconds": earlier_seconds + time.perf_counter() - start,  # summed over the attempts
         "steps": total,
         "final_train_loss": history[-1]["loss"],
         **{name: evaluate_rows(scorer, rows) for name, rows in splits.items() if name != "train"},

@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -64,8 +65,15 @@ def test_a_resumed_training_ends_as_an_uninterrupted_one(data, tmp_path, monkeyp
 
     # step 3 logged, step-2 the checkpoint: the resume continues the first epoch's order, then reshuffles
     calls = stop_at_optimizer_step(monkeypatch, 4)
+    clock, read = time.perf_counter, []
+
+    def jumping_clock():  # 1000 s later after its first reading (the training's start)
+        read.append(1)
+        return clock() + (1000.0 if len(read) > 1 else 0.0)
+
+    monkeypatch.setattr(time, "perf_counter", jumping_clock)
     with pytest.raises(Stop):
-        train_reward_model(config(data, tmp_path / "cut"))
+        train_reward_model(config(data, tmp_path / "cut"))  # an attempt whose clock says 1000 s went by
     assert [row["step"] for row in metric_lines(tmp_path / "cut")] == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2"]
     assert not (tmp_path / "cut" / "model").exists()
@@ -88,6 +96,13 @@ def test_a_resumed_training_ends_as_an_uninterrupted_one(data, tmp_path, monkeyp
     assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "straight")  # step 3 logged once
     assert resumed["final_train_loss"] == straight["final_train_loss"]
     assert resumed["test"] == straight["test"]
+    # eval.json's settings do not tell a resumed training from an uninterrupted one (its data path was
+    # resolved and `resume` true), and its seconds are summed over both attempts
+    assert {k: v for k, v in resumed["config"].items() if k != "run_dir"} == {
+        k: v for k, v in straight["config"].items() if k != "run_dir"
+    }
+    assert "resume" not in resumed["config"] and resumed["config"]["data"] == str(data.resolve())
+    assert 1000 < resumed["train_seconds"] < 1000 + 60 and straight["train_seconds"] < 60
     status = json.loads((tmp_path / "cut" / "status.json").read_text())
     assert (status["status"], status["step"]) == ("finished", 6)
     run = json.loads((tmp_path / "cut" / "config.json").read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 from apps.public_goods.experiments import (
     SweepSettings,
     cooperation_vs_r,
+    finished_jobs,
     read_table,
     run_sweep,
     simulate,
@@ -28,7 +29,15 @@ from core.atomic import write_atomic
 from core.cli import add_app, add_command
 from core.config import config_to_dict
 from core.data import InputError
-from core.runs import RunDir, default_run_dir, failure_recorded, is_run_dir
+from core.runs import (
+    RunDir,
+    changed_settings,
+    default_run_dir,
+    failure_recorded,
+    is_run_dir,
+    latest_config,
+    refuse_another_kind_of_run,
+)
 
 APP = "public_goods"
 
@@ -57,6 +66,13 @@ class SweepConfig(SweepSettings):
 
     run_dir: str | None = field(
         default=None, metadata={"help": "run directory (default runs/public_goods/<ts>)"}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the sweep in --run-dir with its own settings: the jobs it finished are kept, the "
+            "others run; only --workers may change"
+        },
     )
 
 
@@ -167,12 +183,45 @@ def run(config: RunConfig) -> dict:
     return summary
 
 
+# fields a resumed sweep may change: where and how it runs, not what it computes
+SWEEP_HOW_IT_RUNS = ("resume", "run_dir", "workers")
+
+
+def _refuse_changed_sweep(config: SweepConfig) -> None:
+    """A resumed sweep keeps the jobs it finished: it must be a public-goods sweep with these settings."""
+    if config.run_dir is None:
+        raise FileNotFoundError("--resume continues an earlier sweep: give its --run-dir")
+    if not (Path(config.run_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--resume: {config.run_dir} holds no run to continue (no config.json); leave out --resume to "
+            "start a sweep there"
+        )
+    stored = RunDir(config.run_dir).read_config()
+    refuse_another_kind_of_run(config.run_dir, stored, APP, "sweep")
+    changed = changed_settings(latest_config(stored), config_to_dict(config), SWEEP_HOW_IT_RUNS)
+    if changed:
+        raise ValueError(
+            f"{config.run_dir}: --resume would keep jobs run with other settings ({'; '.join(changed)}); "
+            "resume with the sweep's own settings, or pick a new --run-dir"
+        )
+
+
 def sweep(config: SweepConfig) -> list[dict]:
-    rundir = _create(config.run_dir, config, "sweep")
-    rundir.set_status("running", step=0)
+    finished = {}
+    if config.resume:  # checked and read before anything is written
+        _refuse_changed_sweep(config)
+        finished = finished_jobs(config, Path(config.run_dir))
+    path = Path(config.run_dir) if config.run_dir else default_run_dir(APP)
+    rundir = RunDir.create(
+        path, config_to_dict(config), app=APP, algorithm="sweep", exist_ok_for_resume=config.resume
+    )
+    print(f"run directory: {path}")
+    if finished:
+        print(f"resuming: {len(finished)} of {len(config.jobs())} jobs finished earlier are kept")
+    rundir.set_status("running", step=len(finished))
     started = time.perf_counter()
     with failure_recorded(rundir):  # SIGTERM and Ctrl-C included: a dead sweep must not stay "running"
-        rows = run_sweep(config, rundir.path)
+        rows = run_sweep(config, rundir.path, finished=finished)
         found = {method: thresholds(rows, method, config.inits[0]) for method in config.methods}
         rundir.write_eval(
             {

@@ -243,17 +243,27 @@ def _blank_none(value: int | None) -> int | str:
     return "" if value is None else value
 
 
-def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[dict]:
+def run_sweep(
+    settings: SweepSettings,
+    out_dir: Path,
+    progress=print,
+    finished: dict[int, tuple[dict, str]] | None = None,
+) -> list[dict]:
     """Run every grid point in `settings.workers` processes; write results.csv and series.jsonl, both as
     each job finishes (in whatever order the jobs finish), so that a sweep stopped midway keeps (and `plot`
-    shows) the jobs it finished. results.csv is in grid order throughout, series.jsonl once the sweep ends."""
+    shows) the jobs it finished. results.csv is in grid order throughout, series.jsonl once the sweep ends.
+    `finished` (a resumed sweep's `finished_jobs`) are kept as they are and not run again."""
     jobs = settings.jobs()
-    done: dict[int, tuple[dict, str]] = {}  # grid index -> (results row, series line)
+    done: dict[int, tuple[dict, str]] = dict(finished or {})  # grid index -> (results row, series line)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pool = ProcessPoolExecutor(max_workers=min(settings.workers, len(jobs)))
+    pool = ProcessPoolExecutor(max_workers=max(1, min(settings.workers, len(jobs) - len(done))))
     try:
         with open(out_dir / "series.jsonl", "w") as series_file:
-            futures = {pool.submit(run_job, job): index for index, job in enumerate(jobs)}
+            series_file.write("".join(done[index][1] for index in sorted(done)))
+            series_file.flush()
+            futures = {
+                pool.submit(run_job, job): index for index, job in enumerate(jobs) if index not in done
+            }
             for future in as_completed(futures):
                 row, series = future.result()
                 line = json.dumps(series) + "\n"
@@ -279,6 +289,31 @@ def run_sweep(settings: SweepSettings, out_dir: Path, progress=print) -> list[di
     write_atomic(out_dir / "series.jsonl", "".join(done[index][1] for index in range(len(jobs))).encode())
     write_atomic(out_dir / "summary.md", (summary_markdown(summarize(rows)) + "\n").encode())
     return rows
+
+
+def finished_jobs(settings: SweepSettings, out_dir: Path) -> dict[int, tuple[dict, str]]:
+    """The jobs a stopped sweep of `settings` finished in `out_dir`: grid index -> (results row, series line),
+    for each job with both its row in results.csv and its line in series.jsonl (a job stopped between the
+    two, or whose line was cut off, runs again). A damaged results.csv is an InputError naming its line."""
+    index = {(game.method, game.init, game.r, seed): i for i, (game, seed, *_) in enumerate(settings.jobs())}
+    table, series = out_dir / "results.csv", out_dir / "series.jsonl"
+    lines = {}
+    if series.is_file():
+        for line in series.read_text(encoding="utf-8").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue  # cut off by the kill
+            try:
+                record = json.loads(line)
+                lines[(record["method"], record["init"], record["r"], record["seed"])] = line
+            except (ValueError, KeyError, TypeError):
+                continue  # not a trajectory: its job runs again
+    done = {}
+    for row in read_table(table) if table.is_file() else []:
+        key = (row["method"], row["init"], row["r"], row["seed"])
+        if key in index and key in lines:
+            absorbed = row["absorbed_at"]  # read as text: a step or blank, as run_job writes it
+            done[index[key]] = ({**row, "absorbed_at": int(absorbed) if absorbed else ""}, lines[key])
+    return done
 
 
 def write_table(rows: list[dict], path: Path) -> None:

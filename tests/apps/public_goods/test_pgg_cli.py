@@ -280,3 +280,91 @@ def test_a_sweep_whose_jobs_finish_out_of_order_writes_its_files_in_grid_order(t
     assert [row["r"] for row in rows] == [4.0, 5.0, 6.0]
     assert [row["r"] for row in experiments.read_table(tmp_path / "results.csv")] == [4.0, 5.0, 6.0]
     assert _series_rs(tmp_path / "series.jsonl") == [4.0, 5.0, 6.0]
+
+
+REAL_RUN_JOB = experiments.run_job  # not a patched one of an earlier call in the same test
+SWEEP_GRID = ["--size", "5", "--steps", "4", "--average-last", "2", "--r-values", "4,5,6", "--workers", "1"]
+
+
+def _counted_sweep(monkeypatch, stop_at: float | None = None) -> list[float]:
+    """Jobs run in threads, each r recorded; the job at r = `stop_at` raises KeyboardInterrupt."""
+    real_run_job, ran = REAL_RUN_JOB, []
+
+    def run_job(job):
+        if job[0].r == stop_at:
+            raise KeyboardInterrupt
+        ran.append(job[0].r)
+        return real_run_job(job)
+
+    monkeypatch.setattr(experiments, "run_job", run_job)
+    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    return ran
+
+
+def _without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_a_resumed_sweep_runs_only_the_jobs_it_had_not_finished(tmp_path, monkeypatch, capsys):
+    _counted_sweep(monkeypatch)
+    assert main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(tmp_path / "straight")]) == 0
+    stopped = tmp_path / "stopped"
+    _counted_sweep(monkeypatch, stop_at=5.0)
+    with pytest.raises(KeyboardInterrupt):
+        main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(stopped)])
+    kept = experiments.read_table(stopped / "results.csv")
+    assert [row["r"] for row in kept] == [4.0]
+    # a job whose series line was cut off by the kill runs again
+    (stopped / "series.jsonl").write_text((stopped / "series.jsonl").read_text() + '{"method": "fer')
+
+    ran = _counted_sweep(monkeypatch)
+    capsys.readouterr()
+    assert main(["public-goods", "sweep", "--resume", "--run-dir", str(stopped), "--workers", "2"]) == 0
+    assert sorted(ran) == [5.0, 6.0]  # r = 4 was kept, with the settings of the sweep's config.json
+    assert "resuming: 1 of 3 jobs finished earlier are kept" in capsys.readouterr().out
+    rows = experiments.read_table(stopped / "results.csv")
+    assert rows[0] == kept[0]  # as it was, its seconds included
+    assert _without_seconds(rows) == _without_seconds(
+        experiments.read_table(tmp_path / "straight" / "results.csv")
+    )
+    assert (stopped / "series.jsonl").read_text() == (tmp_path / "straight" / "series.jsonl").read_text()
+    result, straight = (json.loads((d / "eval.json").read_text()) for d in (stopped, tmp_path / "straight"))
+    assert {k: v for k, v in result.items() if k != "seconds"} == {
+        k: v for k, v in straight.items() if k != "seconds"
+    }
+    assert json.loads((stopped / "status.json").read_text())["status"] == "finished"
+    # resumed again when finished: nothing runs, the files stay
+    ran.clear()
+    assert main(["public-goods", "sweep", "--resume", "--run-dir", str(stopped)]) == 0
+    assert ran == [] and _without_seconds(
+        experiments.read_table(stopped / "results.csv")
+    ) == _without_seconds(rows)
+
+
+def test_a_sweep_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_path, monkeypatch, capsys):
+    _counted_sweep(monkeypatch)
+    sweep = tmp_path / "s"
+    assert main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(sweep)]) == 0
+    config = (sweep / "config.json").read_text()
+    for flags, message in [
+        (["--steps", "6"], f"{sweep}: --resume would keep jobs run with other settings (steps 4 -> 6)"),
+        ([], None),  # the run's own settings: accepted
+    ]:
+        code = None
+        try:
+            code = main(["public-goods", "sweep", "--resume", "--run-dir", str(sweep), *flags])
+        except SystemExit as exit_info:
+            code = exit_info.code
+        if message:
+            assert code == 2 and message in capsys.readouterr().err
+            assert (sweep / "config.json").read_text() == config  # refused before anything is written
+        else:
+            assert code == 0
+    with pytest.raises(SystemExit):
+        main(["public-goods", "sweep", "--resume", "--run-dir", str(tmp_path / "none")])
+    assert "holds no run to continue" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["public-goods", "run", "--preset", "smoke", "--run-dir", str(run)]) == 0
+    with pytest.raises(SystemExit):
+        main(["public-goods", "sweep", "--resume", "--run-dir", str(run)])
+    assert f"(with the settings of {run}, a 'public_goods' 'fermi' run)" in capsys.readouterr().err

@@ -447,7 +447,8 @@ def _completion_hidden(
     cache; each row's cache is its prompt's, gathered by `index_select` (whose backward sums the G rows'
     gradients into the shared prompt), and the completions run on top of it. The prompt's last position
     predicts the first completion token. A group of G completions thus costs P + G * T token positions
-    instead of G * (P + T). Without a repeated prompt, or when `share_prompts` is off, one plain forward.
+    instead of G * (P + T). Without a repeated prompt, when `share_prompts` is off, or in train mode with
+    dropout (a shared prompt would give its G rows one dropout mask), one plain forward.
     """
     n, length = input_ids.shape
     p = length - t
@@ -456,7 +457,8 @@ def _completion_hidden(
     unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)  # (U, 2P), (N,)
     # On an FSDP model every forward is collective: the choice of path may not depend on the data.
     sharded = any(isinstance(module, FSDPModule) for module in backbone.modules())
-    if not share_prompts or _has_sliding_window(backbone) or (len(unique) == n and not sharded):
+    one_mask = backbone.training and has_dropout(backbone)  # every row must draw its own dropout
+    if not share_prompts or one_mask or _has_sliding_window(backbone) or (len(unique) == n and not sharded):
         out = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
         )
@@ -515,7 +517,8 @@ def completion_logprobs(
     non-reentrant checkpointing.
     Works for a plain model and a PEFT-wrapped one (adapters included, or disabled by the caller).
     With `share_prompts`, rows whose first L - T tokens are equal (a GRPO group) run that prompt once
-    (`_completion_hidden`); the results equal the per-row forward up to float rounding.
+    (`_completion_hidden`, not in train mode with dropout); the results equal the per-row forward up to float
+    rounding.
     """
     if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(

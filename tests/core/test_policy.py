@@ -604,6 +604,29 @@ def test_has_dropout_reads_a_rate_or_a_dropout_module():
     assert has_dropout(Attention(nn.Dropout(0.1))) and not has_dropout(Attention(nn.Dropout(0.0)))
 
 
+def test_rows_of_a_group_draw_their_own_dropout_in_train_mode():
+    """A shared prompt gave its G rows one dropout mask: in train mode with dropout every row runs whole,
+    the same draws as the per-row forward; in eval mode the prompt is still shared."""
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY, attention_dropout=0.5)).train()
+    ids, mask = left_padded_batch(n=1, prompt_len=6, t=5)
+    ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)  # one group of two identical rows
+
+    def logprobs(share: bool) -> Tensor:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return completion_logprobs(model, ids, mask, 5, share_prompts=share)[0]
+
+    shared, per_row = logprobs(True), logprobs(False)
+    assert torch.equal(shared, per_row)
+    assert (shared[0] - shared[1]).abs().max() > 1e-3  # the two identical rows drew different masks
+    model.eval()
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(a[0].numel()))
+    logprobs(True)
+    hook.remove()
+    assert sum(embedded) == 6 + 2 * 5  # the prompt once, then each row's completion
+
+
 def test_reference_logprobs_are_taken_with_dropout_off(tmp_path: Path):
     """A reference in train mode (a plain copy switched back to train, or a LoRA policy being trained) with
     attention and adapter dropout still gives the deterministic eval-mode logprobs, and keeps its mode."""

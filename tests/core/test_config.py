@@ -88,6 +88,8 @@ def test_bad_values_name_the_field(tmp_path, capsys):
         ('loss = "ppo"', "loss: expected one of 'grpo', 'dr_grpo', got 'ppo'"),
         ('lora = "false"', "lora: expected true or false, got 'false'"),  # a string is truthy: refused
         ("steps = 2.5", r"steps: expected a number \(int\), got 2.5"),
+        ("steps = true", r"steps: expected a number \(int\), got True"),  # bool is an int to Python
+        ("lr = false", r"lr: expected a number \(float\), got False"),
         ('lr = "fast"', r"lr: expected a number \(float\), got 'fast'"),
         ("stops = [1]", r"stops\[0\]: expected a string, got 1"),
         ('stops = "x"', "stops: expected a list of str"),

@@ -3,7 +3,7 @@ wrong) and the seeded prompt order."""
 
 import pytest
 
-from core.data import InputError, PromptSampler, read_examples, read_jsonl
+from core.data import InputError, PromptSampler, read_examples, read_jsonl, read_located_examples
 
 
 def test_malformed_data_rows_name_the_file_and_line(tmp_path):
@@ -65,6 +65,27 @@ def test_csv_rows_are_located_where_they_begin_and_a_repeated_column_is_refused(
     path.write_text("prompt,prompt\na,b\n")  # csv.DictReader would keep "b" alone
     with pytest.raises(InputError, match=r"multi.csv:1: column\(s\) prompt more than once in the header"):
         read_examples(path, ["prompt"])
+
+
+def test_a_csv_row_with_a_multi_line_field_is_located_at_its_first_line(tmp_path):
+    path = tmp_path / "multi.csv"
+    # row 1 spans lines 2-3; row 2 begins on line 4, spans lines 4-6 and lacks its answer
+    path.write_text('prompt,answer\n"one\ntwo",1\n"three\nfour\nfive",\n')
+    with pytest.raises(InputError, match=r"multi.csv:line 4: missing field\(s\) answer$"):
+        read_examples(path, ["prompt", "answer"])
+    path.write_text('prompt,answer\n"one\ntwo",1\n"three\nfour",2\n')
+    where = [where for where, _ in read_located_examples(path, ["prompt", "answer"])]
+    assert where == [f"{path}:line 2 (id 'multi-0')", f"{path}:line 4 (id 'multi-1')"]
+
+
+@pytest.mark.parametrize("name", ["blank.jsonl", "blank.csv"])
+def test_a_field_of_only_whitespace_is_missing(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('{"prompt": "   \\t\\n"}\n' if name.endswith(".jsonl") else 'prompt,answer\n"  ",1\n')
+    with pytest.raises(InputError, match=rf"{name}:line \d: missing field\(s\) prompt$"):
+        read_examples(path, ["prompt"])
+    path.write_text('{"prompt": "a", "id": "  "}\n' if name.endswith(".jsonl") else "prompt,id\na,  \n")
+    assert read_examples(path, ["prompt"])[0]["id"] == "blank-0"  # a blank id is given one
 
 
 def test_a_json_file_of_one_object_is_one_row(tmp_path):

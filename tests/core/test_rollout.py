@@ -557,12 +557,57 @@ def test_multi_turn_ends_an_episode_whose_next_turn_would_not_fit_the_context(to
     settings = SamplingSettings(max_new_tokens=8, min_new_tokens=8)  # 8 tokens + "=ok\n" (4) per turn
     # "ab" (2 tokens) + 12 after turn 1 = 14; turn 2 could reach 22 and turn 3 34: the next turn's whole
     # max_new_tokens must fit, not only what the context holds already
-    for context, turns in ((24, 2), (20, 1)):
+    for context, turns in ((24, 2), (22, 2), (21, 1), (20, 1)):  # 22: turn 2 fits exactly; 21: one short
         model.config.max_position_embeddings = context  # what the check reads (rotary runs longer)
         r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=5)
         assert r.num_turns == [turns] and r.finish_reason == ["context"]
         # at 24, turn 2 ends at 22 and its observation is cut to the 2 tokens left
         assert r.prompt_ids.shape[1] + r.completion_ids.shape[1] == min(2 + turns * 12, context)
+
+
+def test_multi_turn_plays_no_turn_when_the_first_would_not_fit_the_context(tok):
+    model = build_model(len(tok))
+    model.config.max_position_embeddings = 9  # "ab" (2) + max_new_tokens 8 = 10: one token too many
+    backend = HFGenerateBackend(model, tok)
+    settings = SamplingSettings(max_new_tokens=8)
+    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=3)
+    assert r.num_turns == [0] and r.finish_reason == ["context"] and r.completions == [""]
+    assert r.turns == [[]] and r.completion_mask.sum() == 0
+
+
+class RecordingBackend:
+    """Wraps a backend: records each turn's seed; reports sampling_logp exact (as a backend recomputing a
+    full forward would) except on the turns in `inexact_turns`."""
+
+    def __init__(self, inner: HFGenerateBackend, inexact_turns: tuple[int, ...] = ()):
+        self.inner, self.inexact_turns = inner, inexact_turns
+        self.tokenizer, self.model = inner.tokenizer, inner.model
+        self.seeds: list[int] = []
+
+    def generate_from_ids(self, prompt_ids, prompt_mask, settings, seed):
+        out = self.inner.generate_from_ids(prompt_ids, prompt_mask, settings, seed)
+        out.sampling_logp_exact = len(self.seeds) not in self.inexact_turns
+        self.seeds.append(seed)
+        return out
+
+
+def test_multi_turn_draws_each_turn_with_its_own_seed(tok, eos_model):
+    backend = RecordingBackend(HFGenerateBackend(eos_model, tok))
+    settings = SamplingSettings(max_new_tokens=4)
+    r = multi_turn_rollouts(
+        backend, PROMPTS[:2], [{"id": 0}, {"id": 1}], ToyEnv(2), settings, seed=11, max_turns=3
+    )
+    assert r.num_turns == [2, 2]
+    assert backend.seeds == [derive_seed(11, 0), derive_seed(11, 1)] and len(set(backend.seeds)) == 2
+
+
+@pytest.mark.parametrize(("inexact_turns", "exact"), [((), True), ((1,), False)])
+def test_an_inexact_turn_makes_the_episodes_sampling_logp_inexact(tok, eos_model, inexact_turns, exact):
+    backend = RecordingBackend(HFGenerateBackend(eos_model, tok), inexact_turns)
+    settings = SamplingSettings(max_new_tokens=4)
+    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(2), settings, seed=0, max_turns=2)
+    assert r.num_turns == [2] and r.sampling_logp is not None
+    assert r.sampling_logp_exact is exact
 
 
 class LongObservationEnv(ToyEnv):

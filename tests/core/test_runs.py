@@ -386,6 +386,15 @@ def test_hooks_state_round_trip_weights_as_safetensors(run):
         save(run, 3, hooks_state={"x": random.Random()})
 
 
+def test_hooks_state_tensor_names_may_hold_a_slash(run):
+    """Only the entry name is refused a '/': a tensor name such as a module path may hold one."""
+    weights = {"block/0.weight": torch.arange(3.0), "head": torch.ones(2)}
+    ckpt = load_checkpoint(save(run, 1, hooks_state={"critic": weights}))
+    assert ckpt.hooks_state.keys() == {"critic"}
+    assert ckpt.hooks_state["critic"].keys() == weights.keys()
+    assert all(torch.equal(ckpt.hooks_state["critic"][k], v) for k, v in weights.items())
+
+
 def test_pruning_keeps_the_last_k(run):
     for step in range(1, 6):
         save(run, step, keep_last=2)
@@ -635,6 +644,36 @@ def test_atomic_directory_syncs_its_directories_before_the_rename(tmp_path, monk
         (out / "sub" / "tok.json").write_text("{}")
         temp_name = out.name
     assert synced == ["sub", temp_name, tmp_path.name]  # then the parent, after the rename
+
+
+def test_atomic_directory_syncs_every_file_before_the_rename(tmp_path, monkeypatch):
+    """A file not fsynced before the rename may be empty after a crash, under a name that says complete."""
+    synced = []
+
+    def record(path):
+        assert not (tmp_path / "final").exists()  # before the rename
+        synced.append(Path(path).relative_to(temp).as_posix())
+
+    monkeypatch.setattr(atomic, "fsync_file", record)
+    with atomic_directory(tmp_path / "final") as temp:
+        (temp / "sub").mkdir()
+        (temp / "sub" / "tok.json").write_text("{}")
+        (temp / "model.bin").write_bytes(b"w")
+    assert sorted(synced) == ["model.bin", "sub/tok.json"]
+
+
+def test_write_json_refuses_nan_and_keeps_the_old_file(tmp_path):
+    """NaN is not JSON: a strict reader of the file would fail on it later."""
+    path = tmp_path / "eval.json"
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        atomic.write_json_atomic(path, {"x": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+    atomic.write_json_atomic(path, {"x": 1.5})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        atomic.write_json_atomic(path, {"x": float("inf")})
+    assert json.loads(path.read_text()) == {"x": 1.5} and [p.name for p in tmp_path.iterdir()] == [
+        "eval.json"
+    ]
 
 
 def test_atomic_writes_remove_the_temps_of_killed_writers_only(tmp_path):

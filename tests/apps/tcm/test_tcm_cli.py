@@ -7,7 +7,8 @@ import pytest
 
 from apps.tcm.evaluate import TcmEvalConfig
 from apps.tcm.train import PRESETS, TcmTrainConfig, seeded_subset
-from core.cli import main
+from core.cli import build_parser, main
+from core.config import build_config
 from core.runs import RunDir, latest_config
 
 
@@ -104,6 +105,23 @@ def test_epochs_with_max_steps_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a preset's epochs and a flag's max_steps
         main(["tcm", "train", "--preset", "paper", "--max-steps", "10"])
     assert "epochs: 2.0 would override max_steps 10" in capsys.readouterr().err
+
+
+def tcm_train_config(argv: list[str]) -> TcmTrainConfig:
+    """The config `tcm train` would run with, built as `main` builds it, without training."""
+    args = build_parser().parse_args(["tcm", "train", *argv])
+    _, config_cls, _, presets = args._command
+    return build_config(config_cls, args, presets)
+
+
+def test_epochs_refuse_a_config_files_max_steps_but_not_a_presets(tmp_path):
+    """A file's max_steps is given by the user like a flag's; a preset's is not (the epochs replace it)."""
+    path = tmp_path / "c.toml"
+    path.write_text("max_steps = 3\n")
+    with pytest.raises(ValueError, match=r"^epochs: 1.0 would override max_steps 3; give one of them"):
+        tcm_train_config(["--config", str(path), "--epochs", "1"])
+    config = tcm_train_config(["--preset", "smoke", "--epochs", "1"])
+    assert (config.epochs, config.max_steps) == (1.0, PRESETS["smoke"]["max_steps"])
 
 
 def test_epochs_set_the_steps_and_the_run_resumes_with_them(tmp_path, capsys):

@@ -109,10 +109,12 @@ def failure_recorded(run: "RunDir", step: int | Callable[[], int] = 0) -> Iterat
 
 
 def training_run(model: str | Path) -> "RunDir | None":
-    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`), if any: evaluations
-    take their unset data and prompt settings from it, as the model was trained."""
+    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`, or the tiny base model a
+    run built, `<run>/base_model`), if any: evaluations take their unset data and prompt settings from it,
+    as the model was trained."""
     path = Path(model)
-    return RunDir(path.parent) if path.name.startswith("final") and is_run_dir(path.parent) else None
+    saved_in_run = path.name.startswith("final") or path.name == "base_model"
+    return RunDir(path.parent) if saved_in_run and is_run_dir(path.parent) else None
 
 
 def refuse_another_kind_of_run(path: str | Path, stored: Mapping[str, Any], app: str, algorithm: str) -> None:

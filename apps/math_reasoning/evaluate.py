@@ -277,12 +277,13 @@ def run_eval(config: MathEvalConfig) -> dict:
             run_path, config_to_dict(config), app="math", algorithm=algorithm, exist_ok_for_resume=False
         )
     previous = target.read_eval() if target.eval_path.is_file() else {}
-    # eval_<benchmark>: what `train` wrote under eval / eval_large stays
-    large = Path(config.model).name == "final_large"
+    # eval_<benchmark>: what `train` wrote under eval / eval_large stays; the run's other models have
+    # their own keys, so that they do not overwrite the trained policy's
+    role = {"final_large": "large_", "base_model": "base_"}.get(Path(config.model).name, "")
     benchmark = benchmark_name(config.data)
-    key = f"eval_large_{benchmark}" if large else f"eval_{benchmark}"
+    key = f"eval_{role}{benchmark}"
     update = {key: results}
-    if not large:  # the policy's numbers only: CoDistill's large model is not the run's algorithm
+    if not role:  # the trained policy's numbers only: CoDistill's large model or the base are not the run's
         update["pass_at_k"] = previous.get("pass_at_k", {}) | {benchmark: pass_at_k_entry(results)}
     target.write_eval(previous | update)
     print(format_results(results))

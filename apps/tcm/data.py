@@ -19,6 +19,7 @@ Tests: `pytest tests/apps/tcm/test_tcm_data.py`.
 """
 
 import json
+import math
 import random
 import re
 import unicodedata
@@ -94,7 +95,7 @@ def load_examples(path: str | Path) -> list[dict]:
                 "answer": answer,
                 "fact": _question_key(question, options)
                 if is_missing(row.get("fact"))
-                else str(row["fact"]),  # a fact 0 is a fact
+                else _text(row["fact"], "field 'fact'", where),  # a fact 0 is a fact
             }
         )
     return examples
@@ -105,6 +106,8 @@ def _text(value, what: str, where: str) -> str:
     an object, true) is a ValueError naming `where` and `what`: str() would give "['a', 'b']"."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"{where}: {what} must be text or a number, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN, a blank Parquet cell
+        raise ValueError(f"{where}: {what} must be text or a finite number, got {value}")
     return str(value).strip()
 
 
@@ -161,7 +164,7 @@ def parse_options(value, where: str) -> dict[str, str]:
             raise ValueError(f"{where}: option {letter} is given twice")
         if _empty(text):
             raise ValueError(f"{where}: option {letter} is empty")
-        options[letter] = str(text).strip()
+        options[letter] = _text(text, f"option {letter}", where)
     if not 2 <= len(options) <= len(LETTERS) or list(options) != list(LETTERS[: len(options)]):
         raise ValueError(f"{where}: options must be lettered A, B, ... (2 to 5), got {list(options)}")
     return options
@@ -280,9 +283,11 @@ def _herb_questions(herb, rng: random.Random) -> list[dict]:
 
     fact = f"herb:{h}:nature"
     think = f"{h}性{herb.nature}。"
-    options, letter = _choice(rng, herb.nature, NATURES)
+    # 凉 and 微寒 are one degree in many textbooks: neither is a distractor for the other
+    nature_pool = [n for n in NATURES if not {n, herb.nature} == {"凉", "微寒"}]
+    options, letter = _choice(rng, herb.nature, nature_pool)
     out.append(q(fact, "single", f"{h}的药性是？", options, letter, think))
-    options, letter = _choice(rng, herb.nature, NATURES)
+    options, letter = _choice(rng, herb.nature, nature_pool)
     out.append(q(fact, "single", f"下列哪一项是{h}的药性？", options, letter, think))
     out.append(q(fact, "fill", f"{h}性____。", {}, herb.nature, think))
     out.append(q(fact, "open", f"{h}的药性如何？", {}, think, think))
@@ -330,7 +335,7 @@ def _formula_questions(formula, rng: random.Random) -> list[dict]:
 
     fact = f"formula:{f}:components"
     think = f"{f}由{components}组成。"
-    herb_pool = [herb.name for herb in HERBS if herb.name not in formula.components]
+    herb_pool = [herb.name for herb in HERBS if herb.name not in formula.components + formula.also]
     options, letter = _choice(rng, rng.choice(formula.components), herb_pool)
     out.append(q(fact, "single", f"下列哪味药是{f}的组成药物？", options, letter, think))
     options, letters = _multi(rng, formula.components, herb_pool)

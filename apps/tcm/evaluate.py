@@ -177,7 +177,11 @@ class TcmEvalConfig:
 
 
 def main(config: TcmEvalConfig) -> dict:
-    from apps.tcm.train import nonempty_split, prepared_splits  # the same data and prompts as training
+    from apps.tcm.train import (
+        nonempty_split,
+        raw_splits,
+        with_prompts,
+    )  # the same data and prompts as training
     from core.config import config_to_dict
     from core.runs import RunDir, default_run_dir, refuse_a_file_in_the_way, refuse_existing_run
 
@@ -185,9 +189,12 @@ def main(config: TcmEvalConfig) -> dict:
     refuse_a_file_in_the_way(run_dir, "--run-dir")  # both before the evaluation, not after it
     refuse_existing_run(run_dir)
     print(f"run directory: {run_dir}")
+    splits = raw_splits(config.data, config.seed)  # a bad file is named before a (large) model loads
+    nonempty_split(splits, config.split, config.data)
     model, tokenizer = load_policy(config.model, device=config.device)
-    splits = prepared_splits(config.data, config.seed, tokenizer, config.system_prompt)
-    examples = nonempty_split(splits, config.split, config.data)
+    examples = nonempty_split(
+        with_prompts(splits, tokenizer, config.system_prompt), config.split, config.data
+    )
     if config.max_examples:
         examples = examples[: config.max_examples]
     metrics, completions = evaluate_model(

@@ -28,6 +28,9 @@ class Formula:
     gloss: str
     components: tuple[str, ...]  # 组成 (the core herbs)
     actions: tuple[str, ...]  # 功效
+    also: tuple[
+        str, ...
+    ] = ()  # herbs some textbooks add (二陈汤's 生姜): asked about never, a distractor never
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,14 @@ HERBS: tuple[Herb, ...] = (
 )
 
 
-def _formula(name, gloss, components, actions) -> Formula:
-    return Formula(name, gloss, tuple(components.split("、")), tuple(actions.split("，")))
+def _formula(name, gloss, components, actions, also="") -> Formula:
+    return Formula(
+        name,
+        gloss,
+        tuple(components.split("、")),
+        tuple(actions.split("，")),
+        tuple(filter(None, also.split("、"))),
+    )
 
 
 FORMULAS: tuple[Formula, ...] = (
@@ -136,14 +145,26 @@ FORMULAS: tuple[Formula, ...] = (
     _formula(
         "六味地黄丸", "Six-Ingredient Rehmannia Pill", "熟地黄、山茱萸、山药、泽泻、牡丹皮、茯苓", "滋阴补肾"
     ),
-    _formula("二陈汤", "Two Aged Herbs Decoction", "半夏、陈皮、茯苓、甘草", "燥湿化痰，理气和中"),
+    _formula(
+        "二陈汤",
+        "Two Aged Herbs Decoction",
+        "半夏、陈皮、茯苓、甘草",
+        "燥湿化痰，理气和中",
+        also="生姜、乌梅",
+    ),
     _formula("理中丸", "Regulate the Middle Pill", "人参、干姜、白术、甘草", "温中祛寒，补气健脾"),
     _formula("四逆汤", "Frigid Extremities Decoction", "附子、干姜、甘草", "回阳救逆"),
     _formula("当归补血汤", "Chinese Angelica Decoction to Tonify the Blood", "黄芪、当归", "补气生血"),
     _formula("生脉散", "Generate the Pulse Powder", "人参、麦冬、五味子", "益气生津，敛阴止汗"),
     _formula("黄连解毒汤", "Coptis Decoction to Resolve Toxicity", "黄连、黄芩、黄柏、栀子", "泻火解毒"),
-    _formula("玉屏风散", "Jade Windscreen Powder", "黄芪、白术、防风", "益气固表止汗"),
-    _formula("逍遥散", "Free Wanderer Powder", "柴胡、当归、白芍、白术、茯苓、甘草", "疏肝解郁，养血健脾"),
+    _formula("玉屏风散", "Jade Windscreen Powder", "黄芪、白术、防风", "益气固表止汗", also="大枣"),
+    _formula(
+        "逍遥散",
+        "Free Wanderer Powder",
+        "柴胡、当归、白芍、白术、茯苓、甘草",
+        "疏肝解郁，养血健脾",
+        also="薄荷、生姜",
+    ),
 )
 
 

@@ -120,6 +120,12 @@ def test_pass_at_k_per_benchmark_fills_the_math_page(small_dir, tmp_path, monkey
     assert set(offline) == {"1", "2"} and set(mini) == {"1", "4"}
     assert mini == {"1": saved["eval_mini"]["all"]["pass@1"], "4": saved["eval_mini"]["all"]["pass@4"]}
     assert saved["eval"] == trained  # what train wrote stays
+    # the run's base model is evaluated with the run's settings, under its own key: the policy's stay
+    shutil.copytree(small_dir, run / "base_model")
+    assert main(["math", "eval", "--model", str(run / "base_model"), "--max-examples", "2"]) == 0
+    with_base = json.loads((run / "eval.json").read_text())
+    assert with_base["eval_base_offline"]["max_new_tokens"] == 8  # the run's, not eval's default 80
+    assert {k: v for k, v in with_base.items() if k != "eval_base_offline"} == saved
     # unset, the eval's settings are the run's (FAST's 8 new tokens), not the eval command's own defaults
     assert json.loads((run / "config.json").read_text())["config"]["max_new_tokens"] == 8
     assert saved["eval_mini"]["max_new_tokens"] == 8

@@ -201,6 +201,9 @@ def test_evaluate_takes_unset_settings_from_the_models_run(tmp_path):
     assert (config.seed, config.system_prompt, config.max_new_tokens) == (1, "short", 64)
     assert config.data == "ladder.jsonl"
     assert TcmEvalConfig(model=str(tmp_path / "run" / "final"), seed=2).seed == 2  # given: kept
+    # the tiny base model the run built (its SFT used the run's seed and prompt) too
+    base = TcmEvalConfig(model=str(tmp_path / "run" / "base_model"))
+    assert (base.seed, base.system_prompt, base.max_new_tokens) == (1, "short", 64)
     elsewhere = TcmEvalConfig(model=str(tmp_path / "model"))
     assert (elsewhere.seed, elsewhere.system_prompt, elsewhere.max_new_tokens) == (0, "paper", 512)
     assert elsewhere.data is None
@@ -234,3 +237,17 @@ def test_evaluate_refuses_its_run_dir_before_evaluating(in_the_way, smoke_run, t
     with pytest.raises(SystemExit):
         main(["tcm", "evaluate", "--model", str(smoke_run / "final"), "--run-dir", str(out)])
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_names_a_bad_data_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import apps.tcm.evaluate as tcm_evaluate
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was read")
+
+    monkeypatch.setattr(tcm_evaluate, "load_policy", no_model)
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q", "answer": "温"}\n', encoding="utf-8")  # no type
+    with pytest.raises(SystemExit):
+        main(["tcm", "evaluate", "--model", str(tmp_path / "m"), "--data", str(data)])
+    assert "bad.jsonl" in capsys.readouterr().err

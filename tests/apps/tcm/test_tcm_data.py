@@ -143,6 +143,20 @@ def test_malformed_row_names_file_and_line(tmp_path):
             {"question": "q", "answer": ["温", " "], "type": "fill"},
             "field 'answer' is a list with an empty item",
         ),
+        # str() of these had been the option's, fact's or answer's text: "{'x': 1}", "['a', 'b']", "nan"
+        (
+            {"question": "q", "options": {"A": {"x": 1}, "B": "寒"}, "answer": "B", "type": "single"},
+            "option A must be text or a number, got dict",
+        ),
+        (
+            {"question": "q", "options": [["温"], "寒"], "answer": "B", "type": "single"},
+            "option A must be text or a number, got list",
+        ),
+        ({"question": "q", "answer": "温", "type": "fill", "fact": ["a", "b"]}, "field 'fact' must be text"),
+        (
+            {"question": "q", "answer": float("nan"), "type": "fill"},
+            "field 'answer' must be text or a finite",
+        ),
     ],
 )
 def test_bad_rows_are_clear_errors(tmp_path, row, message):
@@ -278,6 +292,24 @@ def test_knowledge_table_is_consistent():
     assert len({"，".join(h.actions) for h in HERBS}) == len(HERBS)  # "which herb has these actions" too
     assert len({"，".join(f.actions) for f in FORMULAS}) == len(FORMULAS)
     assert all(h.gloss.isascii() and h.gloss for h in HERBS)
+
+
+def test_no_option_is_true_of_the_entity_but_the_gold_ones():
+    """二陈汤 offered 生姜 (a component some textbooks list) as a wrong option, and 微寒 herbs 凉 (one degree in
+    many textbooks): `Formula.also` herbs and the other of 凉 / 微寒 are never distractors."""
+    also = {f.name: set(f.also) for f in FORMULAS}
+    assert also["二陈汤"] == {"生姜", "乌梅"} and also["逍遥散"] == {"薄荷", "生姜"}
+    for seed in range(5):
+        for example in generate_examples(seed):
+            if example["type"] not in ("single", "multiple"):
+                continue
+            wrong = {t for letter, t in example["options"].items() if letter not in example["answer"]}
+            entity = example["fact"].split(":")[1]
+            if example["fact"].endswith(":components"):
+                assert not wrong & also[entity], example
+            if example["fact"].endswith(":nature"):
+                nature = next(h.nature for h in HERBS if h.name == entity)
+                assert not (nature in {"凉", "微寒"} and {"凉", "微寒"} - {nature} <= wrong), example
 
 
 def test_generated_questions_are_well_formed():

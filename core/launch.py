@@ -15,6 +15,7 @@ from core.runs import (
     refuse_a_file_in_the_way,
     refuse_another_kind_of_run,
     refuse_existing_run,
+    run_to_resume,
 )
 from core.trainer import GRPOConfig, join_processes
 
@@ -27,14 +28,8 @@ def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOC
     anything is built there, and so is a --run-dir that is a file."""
     if config.run_dir is not None:
         refuse_a_file_in_the_way(config.run_dir, "--run-dir")
-    if config.resume and config.run_dir is None:
-        raise FileNotFoundError("--resume continues an earlier run: give its --run-dir")
-    if config.resume and not (Path(config.run_dir) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--resume: {config.run_dir} holds no run to continue (no config.json); leave out --resume to "
-            "start one there"
-        )
     if config.resume:
+        run_to_resume(config.run_dir)
         refuse_another_kind_of_run(config.run_dir, RunDir(config.run_dir).read_config(), app, algorithm)
         newest = RunDir(config.run_dir).newest_checkpoint_step()
         if newest is not None and newest > config.max_steps:  # else nothing trains, and the model is past it

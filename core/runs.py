@@ -127,6 +127,19 @@ def refuse_another_kind_of_run(path: str | Path, stored: Mapping[str, Any], app:
             )
 
 
+def run_to_resume(run_dir: str | Path | None, what: str = "run") -> Path:
+    """The directory `--resume` continues: a FileNotFoundError without a --run-dir or without a run there
+    (its config.json); `what` names the kind of run in the message."""
+    if run_dir is None:
+        raise FileNotFoundError(f"--resume continues an earlier {what}: give its --run-dir")
+    if not (Path(run_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--resume: {run_dir} holds no {what} to continue (no config.json); leave out --resume to start "
+            "one there"
+        )
+    return Path(run_dir)
+
+
 def refuse_existing_run(path: str | Path) -> None:
     """FileExistsError when `path` already holds a run (config.json): a fresh run may not be started there."""
     config_path = Path(path) / "config.json"

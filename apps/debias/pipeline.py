@@ -37,7 +37,7 @@ from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
 from core.atomic import write_json_atomic
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir, failure_recorded, refuse_changed_pipeline
+from core.runs import RunDir, default_run_dir, failure_recorded, refuse_changed_pipeline, run_to_resume
 from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
@@ -260,14 +260,7 @@ def run_stages(config: PipelineConfig, run: Path) -> dict:
 
 def _check_same_settings(config: PipelineConfig) -> None:
     """A resumed pipeline keeps the stages it finished: refuse settings other than the run's own."""
-    if config.run_dir is None:
-        raise FileNotFoundError("--resume continues an earlier pipeline: give its --run-dir")
-    if not (Path(config.run_dir) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--resume: {config.run_dir} holds no pipeline to continue (no config.json); leave out --resume "
-            "to start one there"
-        )
-    refuse_changed_pipeline(config.run_dir, config_to_dict(config), HOW_IT_RUNS)
+    refuse_changed_pipeline(run_to_resume(config.run_dir, "pipeline"), config_to_dict(config), HOW_IT_RUNS)
 
 
 def pipeline_table(results: dict) -> str:

@@ -37,6 +37,7 @@ from core.runs import (
     is_run_dir,
     latest_config,
     refuse_another_kind_of_run,
+    run_to_resume,
 )
 
 APP = "public_goods"
@@ -189,14 +190,7 @@ SWEEP_HOW_IT_RUNS = ("resume", "run_dir", "workers")
 
 def _refuse_changed_sweep(config: SweepConfig) -> None:
     """A resumed sweep keeps the jobs it finished: it must be a public-goods sweep with these settings."""
-    if config.run_dir is None:
-        raise FileNotFoundError("--resume continues an earlier sweep: give its --run-dir")
-    if not (Path(config.run_dir) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--resume: {config.run_dir} holds no run to continue (no config.json); leave out --resume to "
-            "start a sweep there"
-        )
-    stored = RunDir(config.run_dir).read_config()
+    stored = RunDir(run_to_resume(config.run_dir, "sweep")).read_config()
     refuse_another_kind_of_run(config.run_dir, stored, APP, "sweep")
     changed = changed_settings(latest_config(stored), config_to_dict(config), SWEEP_HOW_IT_RUNS)
     if changed:

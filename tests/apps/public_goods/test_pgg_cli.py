@@ -362,7 +362,7 @@ def test_a_sweep_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_
             assert code == 0
     with pytest.raises(SystemExit):
         main(["public-goods", "sweep", "--resume", "--run-dir", str(tmp_path / "none")])
-    assert "holds no run to continue" in capsys.readouterr().err
+    assert "holds no sweep to continue" in capsys.readouterr().err
     run = tmp_path / "run"
     assert main(["public-goods", "run", "--preset", "smoke", "--run-dir", str(run)]) == 0
     with pytest.raises(SystemExit):

@@ -18,6 +18,7 @@ textbook replayed. Held-out test questions ask about facts the model has read bu
 """
 
 import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from math import ceil
 from pathlib import Path
@@ -263,6 +264,12 @@ def train(config: TcmTrainConfig) -> list[dict]:
         # the run's config holds the steps, so that a resume (which reads it) trains as many
         config = replace(config, epochs=None, max_steps=steps)
     config = with_run_dir(config, APP)
+    if config.data and not config.model:
+        warnings.warn(
+            f"--data {config.data} without --model: GRPO trains the offline tiny model, whose tokenizer and "
+            "knowledge are of the offline table, on your questions; give --model for a real model",
+            stacklevel=2,
+        )
     model, tokenizer = policy_for(config, lambda path: build_default_model(path, config))
     splits = with_prompts(raw, tokenizer, config.system_prompt)
     rubric = build_rubric(

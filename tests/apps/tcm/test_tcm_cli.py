@@ -65,6 +65,22 @@ def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
     assert evaluation["accuracy_by_type"]["single"] == evaluation["train"]["by_type"]["single"]["accuracy"]
 
 
+def test_evaluate_max_examples_scores_exactly_that_many(smoke_run, tmp_path):
+    data = tmp_path / "ladder.jsonl"
+    rows = [
+        {"question": f"麻黄{i}的药性是？", "options": ["寒", "温"], "answer": "B", "type": "单选题"}
+        for i in range(10)
+    ]
+    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    out = tmp_path / "eval"
+    flags = ["--model", str(smoke_run / "final"), "--data", str(data), "--split", "train"]
+    flags += ["--max-new-tokens", "4", "--max-examples", "3", "--run-dir", str(out)]
+    assert main(["tcm", "evaluate", *flags]) == 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["train"]["overall"]["n"] == 3  # 3 of the split's 8 rows
+    assert evaluation["count_by_type"] == {"single": 3}
+
+
 def test_a_file_too_small_for_the_split_is_an_error_naming_it(smoke_run, tmp_path, capsys):
     """2 rows split 80/10/10 leave the test split empty: before, evaluate crashed and train wrote no eval."""
     data = tmp_path / "two.jsonl"
@@ -251,3 +267,21 @@ def test_evaluate_names_a_bad_data_file_before_loading_the_model(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["tcm", "evaluate", "--model", str(tmp_path / "m"), "--data", str(data)])
     assert "bad.jsonl" in capsys.readouterr().err
+
+
+def test_train_on_a_file_without_a_model_warns_that_the_offline_model_trains_on_it(tmp_path, monkeypatch):
+    import apps.tcm.train as tcm_train
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(tcm_train, "policy_for", stop)
+    data = tmp_path / "ladder.jsonl"
+    rows = [{"question": f"q{i}", "answer": "温", "type": "fill"} for i in range(20)]
+    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"ladder.jsonl without --model: GRPO trains the offline tiny model"):
+        with pytest.raises(Stop):
+            main(["tcm", "train", "--preset", "smoke", "--data", str(data), "--run-dir", str(tmp_path / "r")])

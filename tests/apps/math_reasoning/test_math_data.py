@@ -59,6 +59,31 @@ def test_carries_against_hand_values():
     assert carries(50, 5, "-") == 1
 
 
+def test_a_min_carries_at_the_reachable_maximum_is_met_exactly():
+    # one digit, one step: at most one carry exists, so min_carries=1 is met by exactly one carry
+    rng = random.Random(0)
+    for _ in range(20):
+        problem = generate_problem(rng, Difficulty(1, 1, 1))
+        assert problem["carries"] == 1
+        left = problem["steps"][0].split("=")[0]
+        op = "+" if "+" in left else "-"
+        a, b = (int(x) for x in left.split(op))
+        assert carries(a, b, op) == 1
+    # a seeded level draws problems with exactly min_carries carries, not only with more
+    for level in (MIXES["micro"][3], LEVELS[2]):
+        rng = random.Random(1)
+        counts = [generate_problem(rng, level)["carries"] for _ in range(100)]
+        assert min(counts) == level.min_carries
+
+
+def test_no_split_repeats_a_question():
+    for mix in ("default", "micro"):
+        sets = offline_sets(5, mix=mix)  # the app's sizes: without the check, seed 5 repeats in both mixes
+        for split in (sets.train, sets.test, sets.sft):
+            questions = [e["question"] for e in split]
+            assert len(set(questions)) == len(questions), mix
+
+
 def test_sets_are_seeded_and_disjoint():
     a, b = offline_sets(7, 50, 25, 40), offline_sets(7, 50, 25, 40)
     assert a == b

@@ -47,6 +47,14 @@ def test_boxed_template_and_rubric():
     assert "\\boxed{}" in BOXED.render("q") and "{question}" not in BOXED.render("q")
 
 
+def test_boxed_format_reward_needs_the_brace():
+    table = rubric_for(BOXED).score([r"so \boxed 5", r"so \boxed{5}"], [{"answer": "5"}] * 2)
+    assert table.names == ["correct", "format_boxed"]
+    # `\boxed 5` is read as the answer 5, but only `\boxed{` earns the format reward
+    assert table.components.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    assert table.total.tolist() == pytest.approx([1.0, 1.25])
+
+
 def test_templates_render_hints_and_targets():
     assert R1.render("What?") == "User: What?\nAssistant: <think>"
     assert R1.render("What?", "Add 3.") == "User: What? Hint: Add 3.\nAssistant: <think>"

@@ -6,7 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from apps.public_goods.experiments import make_model, summarize, summary_markdown, time_to_cooperation
+from apps.public_goods.experiments import (
+    make_model,
+    summarize,
+    summary_markdown,
+    thresholds,
+    time_to_cooperation,
+)
 from apps.public_goods.learners import apply_action
 from apps.public_goods.model import GameConfig
 
@@ -86,3 +92,36 @@ def test_keep_switch_first_round_inherits_the_initial_lattice(method):
 def test_bad_action_settings_are_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         GameConfig(size=5, method="grpo", **{field: value})
+
+
+def test_thresholds_by_hand():
+    """Two seeds per r: r_C brackets between the largest r where C died in every seed and the next r where
+    C survived in every seed (a split r is neither); r_D likewise for D. Other methods/inits are ignored."""
+    finals = {
+        3.0: (0.0, 0.0),
+        3.5: (0.0, 0.0),
+        3.8: (0.0, 0.2),
+        4.0: (0.3, 0.5),
+        5.0: (0.9, 1.0),
+        5.5: (1.0, 1.0),
+    }
+    rows = [
+        {"method": "fermi", "init": "bernoulli", "r": r, "final_cooperation": c}
+        for r, seeds in finals.items()
+        for c in seeds
+    ]
+    rows += [
+        {"method": "ppo", "init": "bernoulli", "r": 3.9, "final_cooperation": 0.0},
+        {"method": "fermi", "init": "half", "r": 3.9, "final_cooperation": 0.0},
+        {"method": "fermi", "init": "half", "r": 4.5, "final_cooperation": 0.6},
+    ]
+    assert thresholds(rows) == {"r_C": [3.5, 4.0], "r_D": [4.0, 5.5]}
+    # ends the grid does not reach are nan
+    half = thresholds(rows, init="half")
+    assert half["r_C"] == [3.9, 4.5]
+    assert half["r_D"][0] == 4.5 and math.isnan(half["r_D"][1])
+    ppo = thresholds(rows, method="ppo")
+    assert ppo["r_C"][0] == 3.9 and math.isnan(ppo["r_C"][1])
+    assert ppo["r_D"][0] == 3.9 and math.isnan(ppo["r_D"][1])
+    grpo = thresholds([{"method": "grpo", "init": "bernoulli", "r": 4.2, "final_cooperation": 0.4}], "grpo")
+    assert math.isnan(grpo["r_C"][0]) and grpo["r_C"][1] == 4.2

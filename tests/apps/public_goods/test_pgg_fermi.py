@@ -82,3 +82,23 @@ def test_imitation_keeps_absorbing_states():
     model.run(3)
     assert model.cooperation == 1.0 and model.absorbed
     assert not make_model(GameConfig(size=10, r=4.0, init="checkerboard"), seed=0).absorbed
+
+
+def test_one_mcs_calls_the_kernel_with_rc_over_5_and_l_squared_updates(monkeypatch):
+    """One step of `fermi` is one Monte Carlo step: L^2 elementary updates with rc5 = r c / 5, five_c = 5 c."""
+    from apps.public_goods import fermi
+
+    calls = []
+
+    def recording(s, nc, rc5, five_c, k, updates, seed):
+        calls.append((s.shape, rc5, five_c, k, updates))
+        np.testing.assert_array_equal(nc, group_counts(s))
+        return 7
+
+    monkeypatch.setattr(fermi, "random_sequential_kernel", recording)
+    config = GameConfig(size=6, r=4.5, cost=2.0, noise_k=0.3)
+    model = make_model(config, seed=0)
+    assert model.config.cost_per_group == 2.0
+    model.run(2)
+    assert calls == [((6, 6), pytest.approx(4.5 * 2.0 / 5), pytest.approx(10.0), 0.3, 36)] * 2
+    assert model.last_metrics["changes"] == pytest.approx(7 / 36)

@@ -199,6 +199,37 @@ def test_ppo_update_matches_a_hand_replay():
     )
 
 
+def test_ppo_second_epoch_loss_uses_normalised_advantages():
+    """At the first epoch the surrogate of centred advantages is 0 whatever their scale, and Adam's first
+    step is scale-free: the second epoch's loss (ratio != 1) is where the normalisation to unit std shows."""
+    config = GameConfig(size=6, r=4.5, method="ppo", init="half", epochs=2)
+    model = make_model(config, seed=3)
+    learner = model.dynamics
+    learner._setup(model)
+    policy, critic = copy.deepcopy(learner.policy), copy.deepcopy(learner.critic)
+    obs = observations(model.strategy)  # (36, 3)
+    model.step()
+    new = model.strategy.copy()
+    actions = torch.from_numpy(new.ravel().astype(np.int64))[:, None]
+    c = config.cost_per_group
+    rewards = torch.from_numpy(payoffs(new, config.r, c).ravel() / (5 * c)).float()  # (36,)
+    with torch.no_grad():
+        target = rewards + config.gamma * critic(observations(new)).squeeze(1)
+        raw = target - critic(obs).squeeze(1)
+        adv = (raw - raw.mean()) / (raw.std() + 1e-6)
+        old = policy(obs).log_softmax(-1).gather(1, actions)  # (36, 1)
+    assert abs(raw.std().item() - 1) > 0.1  # else normalising would not change the loss
+    optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=config.lr)
+    for _ in range(2):
+        logp = policy(obs).log_softmax(-1).gather(1, actions)
+        surrogate, _ = policy_loss(logp, old, adv, torch.ones_like(logp), eps_low=config.clip_eps)
+        loss = surrogate + 0.5 * (critic(obs).squeeze(1) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model.last_metrics["loss"] == pytest.approx(loss.item(), abs=1e-6)
+
+
 def test_the_reference_policy_is_refreshed_every_k_updates():
     config = GameConfig(size=6, r=4.5, method="grpo", init="half", epochs=1, ref_refresh=2, beta=0.1)
     model = make_model(config, seed=1)

@@ -107,3 +107,18 @@ def test_open_accuracy_is_exact_match_and_bleu_is_predictions_against_references
     by_hand = math.exp(1 - 10 / 8) * (6 / 8 * 4 / 5 * 2 / 4 * 1 / 3) ** 0.25
     assert open_row["bleu"] == pytest.approx(by_hand)
     assert bleu(references, predictions) != pytest.approx(by_hand)  # the swap this guards against
+
+
+def test_bleu_of_a_short_partial_answer_is_smoothed_not_zero():
+    """3 words, all in the 4-word reference, and no 4-gram at all: unsmoothed BLEU-4 is 0; method 1 puts
+    epsilon 0.1 in place of the empty 4-gram count."""
+    prediction, reference = "发汗解表，宣肺", "发汗解表，宣肺平喘"
+    assert zh_tokens(prediction) == ["发汗", "解表", "宣肺"]
+    expected = corpus_bleu(
+        [[zh_tokens(reference)]], [zh_tokens(prediction)], smoothing_function=SmoothingFunction().method1
+    )
+    score = bleu([prediction], [reference])
+    assert score > 0.1
+    assert score == pytest.approx(expected)
+    # by hand: p1 = p2 = p3 = 1, p4 = 0.1 / 1, brevity penalty exp(1 - 4/3)
+    assert score == pytest.approx(math.exp(1 - 4 / 3) * 0.1**0.25)

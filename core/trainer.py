@@ -88,7 +88,11 @@ class GRPOConfig:
     mu: int = _help("update epochs per batch (GRPO's mu); > 1 computes old logprobs once", 1)
     mini_batches: int = _help("optimizer updates per epoch (the batch is split in this many)", 1)
     micro_batch_size: int = _help("completions per forward/backward (gradient accumulation)", 64)
-    loss_aggregation: str = _help(f"one of {', '.join(algos.AGGREGATIONS.names())}", "seq-mean-token-mean")
+    loss_aggregation: str = _help(
+        f"one of {', '.join(algos.AGGREGATIONS.names())} (seq-mean-token-sum-norm divides by the completion's "
+        "token budget: max_new_tokens, times max_turns in multi-turn tasks)",
+        "seq-mean-token-mean",
+    )
     eps_low: float = _help("lower clip range of the ratio", 0.2)
     eps_high: float | None = _help("upper clip range (clip-higher); none = eps_low", None)
     dual_clip: float | None = _help("dual-clip bound c > 1 for negative advantages; none = off", None)
@@ -412,6 +416,8 @@ class GRPOTrainer:
             compile_decode=config.compile_decode,
         )
         self.environment = environment
+        # the model tokens a completion may hold: Dr.GRPO's constant normaliser (TRL's max_completion_length)
+        self.completion_budget = config.max_new_tokens * (1 if environment is None else config.max_turns)
         not_text = [e.get("id") for e in examples if not isinstance(e.get("prompt"), str)][:3]
         if not_text:  # a list of messages would be joined into one string by the tokenizer without a word
             raise ValueError(
@@ -892,7 +898,7 @@ class GRPOTrainer:
                         dual_clip=cfg.dual_clip,
                         ratio_level=cfg.ratio_level,
                         aggregation=cfg.loss_aggregation,
-                        max_length=cfg.max_new_tokens,
+                        max_length=self.completion_budget,
                         total_tokens=totals[0],
                         total_seqs=totals[1],
                         ref_logp=None if ref_logp is None else ref_logp[idx, :t],

@@ -216,8 +216,10 @@ def test_multi_turn_observations_are_out_of_the_loss(model_dir, tmp_path, monkey
 
     def recording_policy_loss(logp, old_logp, advantages, mask, **kwargs):
         seen.append(mask.clone())
+        budgets.append(kwargs["max_length"])
         return original(logp, old_logp, advantages, mask, **kwargs)
 
+    budgets = []
     monkeypatch.setattr(algos, "policy_loss", recording_policy_loss)
     trainer = make_trainer(
         model_dir, make_config(tmp_path, max_steps=1, max_turns=2), environment=EchoEnvironment()
@@ -229,6 +231,8 @@ def test_multi_turn_observations_are_out_of_the_loss(model_dir, tmp_path, monkey
     assert torch.equal(observation_tokens, torch.full((16,), 6.0))  # '=ok' is 3 tokens, twice
     trainer.update(batch)
     assert torch.equal(torch.cat(seen), rollouts.loss_mask)
+    # Dr.GRPO's constant is the completion's token budget: 2 turns of max_new_tokens 4 (it was one turn's)
+    assert set(budgets) == {8}
 
 
 class LengthFields(TrainerHooks):

@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         command_parser.error(str(err))
     try:
         run(config)
+    except KeyboardInterrupt:  # Ctrl-C: the run's status.json already says failed; no traceback
+        command_parser.exit(
+            130,
+            f"{command_parser.prog}: interrupted; a run it was writing is marked failed (`--resume --run-dir "
+            "DIR` continues it, where the command has that flag)\n",
+        )
     except (FileExistsError, FileNotFoundError) as err:  # a wrong path or run directory: say so, no traceback
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
     except ValueError as err:

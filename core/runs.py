@@ -109,11 +109,11 @@ def failure_recorded(run: "RunDir", step: int | Callable[[], int] = 0) -> Iterat
 
 
 def training_run(model: str | Path) -> "RunDir | None":
-    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`, or the tiny base model a
-    run built, `<run>/base_model`), if any: evaluations take their unset data and prompt settings from it,
-    as the model was trained."""
+    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`, or the tiny base models a
+    run built, `<run>/base_model`, `<run>/base_model_large`), if any: evaluations take their unset data and
+    prompt settings from it, as the model was trained."""
     path = Path(model)
-    saved_in_run = path.name.startswith("final") or path.name == "base_model"
+    saved_in_run = path.name.startswith(("final", "base_model"))
     return RunDir(path.parent) if saved_in_run and is_run_dir(path.parent) else None
 
 

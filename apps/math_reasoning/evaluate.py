@@ -279,7 +279,8 @@ def run_eval(config: MathEvalConfig) -> dict:
     previous = target.read_eval() if target.eval_path.is_file() else {}
     # eval_<benchmark>: what `train` wrote under eval / eval_large stays; the run's other models have
     # their own keys, so that they do not overwrite the trained policy's
-    role = {"final_large": "large_", "base_model": "base_"}.get(Path(config.model).name, "")
+    roles = {"final_large": "large_", "base_model": "base_", "base_model_large": "base_large_"}
+    role = roles.get(Path(config.model).name, "")
     benchmark = benchmark_name(config.data)
     key = f"eval_{role}{benchmark}"
     update = {key: results}

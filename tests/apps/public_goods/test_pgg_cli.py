@@ -131,13 +131,20 @@ def test_plot_of_another_apps_run_says_so(tmp_path, capsys):
 
 @pytest.mark.parametrize(("verb", "work"), [("run", "simulate"), ("sweep", "run_sweep")])
 @pytest.mark.parametrize("error", [RuntimeError("out of memory"), KeyboardInterrupt()])
-def test_a_run_or_sweep_that_dies_is_marked_failed(tmp_path, monkeypatch, verb, work, error):
+def test_a_run_or_sweep_that_dies_is_marked_failed(tmp_path, monkeypatch, capsys, verb, work, error):
     def fail(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(cli, work, fail)
-    with pytest.raises(type(error)):
+    # Ctrl-C ends the command with a line (exit 130), not a traceback
+    with pytest.raises(SystemExit if isinstance(error, KeyboardInterrupt) else type(error)) as raised:
         main(["public-goods", verb, "--preset", "smoke", "--run-dir", str(tmp_path / verb)])
+    if isinstance(error, KeyboardInterrupt):
+        assert raised.value.code == 130
+        assert capsys.readouterr().err.endswith(
+            f"public-goods {verb}: interrupted; a run it was writing is marked failed (`--resume --run-dir DIR` "
+            "continues it, where the command has that flag)\n"
+        )
     status = RunDir(tmp_path / verb).read_status()
     assert (status["status"], status["error"]) == ("failed", f"{type(error).__name__}: {error}")
 
@@ -221,7 +228,7 @@ def test_a_sweep_stopped_midway_keeps_the_jobs_it_finished(tmp_path, monkeypatch
     monkeypatch.setattr(experiments, "run_job", run_job)
     monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
     args = ["--size", "5", "--steps", "4", "--average-last", "2", "--r-values", "4,5", "--workers", "1"]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):  # Ctrl-C
         main(
             [
                 "public-goods",
@@ -310,7 +317,7 @@ def test_a_resumed_sweep_runs_only_the_jobs_it_had_not_finished(tmp_path, monkey
     assert main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(tmp_path / "straight")]) == 0
     stopped = tmp_path / "stopped"
     _counted_sweep(monkeypatch, stop_at=5.0)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):  # Ctrl-C
         main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(stopped)])
     kept = experiments.read_table(stopped / "results.csv")
     assert [row["r"] for row in kept] == [4.0]

@@ -5,14 +5,15 @@ grpo-suite sudoku pipeline                  # the main job: SFT x2 -> GRPO x2 ->
 """
 
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.sudoku.data import PuzzleConfig, puzzle_set, split_puzzles
+from apps.sudoku.data import PuzzleConfig, puzzle_set
 from apps.sudoku.evaluate import SudokuEvalConfig, run_eval
 from apps.sudoku.pipeline import SudokuPipelineConfig, run_pipeline
-from apps.sudoku.puzzles import write_puzzles
+from apps.sudoku.puzzles import holdout_split, write_puzzles
 from apps.sudoku.train import SudokuSFTConfig, SudokuTrainConfig, run_sft, run_train
 from core.cli import add_app, add_command
 
@@ -40,9 +41,15 @@ class SudokuGenerateConfig(PuzzleConfig):
 def run_generate(config: SudokuGenerateConfig) -> None:
     start = time.perf_counter()
     puzzles = puzzle_set(config)
-    train, held_out = split_puzzles(config, puzzles)
+    train, held_out = holdout_split(puzzles, config.eval_fraction)
     seconds = time.perf_counter() - start
     write_puzzles(config.output, puzzles)  # in generation order: the first N (--num-puzzles) mix both sides
+    if not train or not held_out:  # the file is written all the same: it is the split that is short
+        warnings.warn(
+            f"{config.output}: its {len(puzzles)} puzzles split into {len(train)} train / {len(held_out)} held "
+            "out; sft, train and eval need both: generate more puzzles",
+            stacklevel=2,
+        )
     for name, side in (("train", train), ("held out", held_out)):
         givens = dict(sorted(Counter(p.givens for p in side).items()))
         hardest = dict(Counter(p.hardest for p in side))

@@ -323,6 +323,14 @@ def test_generate_refuses_an_output_that_is_a_directory(tmp_path, capsys):
     assert f"error: output {tmp_path} is a directory; give the CSV file to write" in capsys.readouterr().err
 
 
+def test_generate_writes_a_few_puzzles_and_warns_that_they_do_not_split(tmp_path):
+    """generate only writes a file, but refused 5 puzzles (all of one side of the split) with a traceback."""
+    out = tmp_path / "p.csv"
+    with pytest.warns(UserWarning, match=r"p.csv: its 5 puzzles split into \d train / \d held out; sft"):
+        assert main(["sudoku", "generate", "--size", "9", "--num-puzzles", "5", "--output", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 1 + 5  # the header and the puzzles
+
+
 def test_a_puzzle_file_that_is_a_directory_is_named_as_one(tmp_path, capsys):
     # read_puzzles said "puzzle file DIR does not exist"
     with pytest.raises(SystemExit):

@@ -212,7 +212,12 @@ def main(argv=None) -> int:
         print(f"{v:<10} {peak:>10.0f} {statistics.median(res[v]['time']):>8.2f}")
     ratio = statistics.median(res["chunked"]["peak"]) / statistics.median(res["unchunked"]["peak"])
     within = within_tolerance(errors)
-    print(f"peak ratio chunked/unchunked: {ratio:.3f} (target <= 0.25)")
+    target = (
+        "target <= 0.25 at the full size; smoke sizes are too small to show it"
+        if args.smoke
+        else "target <= 0.25"
+    )
+    print(f"peak ratio chunked/unchunked: {ratio:.3f} ({target})")
     print(
         "max difference (logp, loss absolute; entropy relative to max(1, |value|); grads relative to their max): "
         + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())

@@ -8,6 +8,7 @@ pointing at a function `register(apps)` that adds its sub-parser with `add_app` 
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(config_cls, args, presets)
     except (ValueError, TypeError) as err:
         command_parser.error(str(err))
+    shown = warnings.formatwarning  # a warning as a line of its own, not the source line that raised it
+    warnings.formatwarning = lambda message, *rest, **kwargs: f"{command_parser.prog}: warning: {message}\n"
     try:
         run(config)
     except KeyboardInterrupt:  # Ctrl-C: the run's status.json already says failed; no traceback
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if not _names_an_input(err):
             raise
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
+    finally:
+        warnings.formatwarning = shown
     leave_process_group()
     return 0
 

@@ -73,3 +73,17 @@ def test_a_resume_below_its_newest_checkpoint_is_refused_before_anything_is_writ
     (rd / "checkpoints" / "step-2").rename(rd / "checkpoints" / ".replaced-step-2")
     assert RunDir(rd).newest_checkpoint_step() == 2
     assert (rd / "checkpoints" / ".replaced-step-2").is_dir()
+
+
+def test_a_warning_of_a_command_is_one_line_naming_the_command(tmp_path):
+    """Python's format printed the warning's file and line and the source line that raised it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.csv"
+    command = [sys.executable, "-m", "core.cli", "sudoku", "generate", "--size", "9", "--num-puzzles", "5"]
+    done = subprocess.run([*command, "--output", str(out)], capture_output=True, text=True, check=True)
+    assert done.stderr == (
+        f"grpo-suite sudoku generate: warning: {out}: its 5 puzzles split into 5 train / 0 held out; sft, train "
+        "and eval need both: generate more puzzles\n"
+    )

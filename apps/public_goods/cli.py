@@ -8,6 +8,7 @@ grpo-suite public-goods plot --run-dir runs/public_goods/validation
 
 import io
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,7 +230,11 @@ def sweep(config: SweepConfig) -> list[dict]:
     rundir.set_status("finished", step=len(rows))
     print(summary_markdown(summarize(rows)))
     print(f"results: {rundir.path / 'results.csv'}  ({time.perf_counter() - started:.0f} s)")
-    print(f"thresholds from final states ({config.inits[0]} start): {json.dumps(found)}")
+    as_stored = {  # as eval.json holds them: null where the grid does not reach
+        method: {name: [None if math.isnan(r) else r for r in pair] for name, pair in by_name.items()}
+        for method, by_name in found.items()
+    }
+    print(f"thresholds from final states ({config.inits[0]} start): {json.dumps(as_stored)}")
     return rows
 
 

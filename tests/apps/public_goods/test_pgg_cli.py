@@ -59,10 +59,13 @@ def test_a_run_absorbed_from_the_start_reports_the_one_step_it_ran(tmp_path):
     assert result["steps_per_second"] == pytest.approx(1 / result["seconds"], rel=1e-3)
 
 
-def test_sweep_and_plot_smoke(tmp_path):
+def test_sweep_and_plot_smoke(tmp_path, capsys):
     run_dir = tmp_path / "sweep"
     args = ["public-goods", "sweep", "--preset", "smoke", "--methods", "fermi,grpo", "--workers", "1"]
     assert main([*args, "--run-dir", str(run_dir)]) == 0
+    # the printed thresholds are eval.json's (null, not NaN, where the grid does not reach)
+    printed = capsys.readouterr().out.split("thresholds from final states (bernoulli start): ")[1]
+    assert json.loads(printed) == json.loads((run_dir / "eval.json").read_text())["thresholds"]
     with open(run_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2 and {r["method"] for r in rows} == {"fermi", "grpo"}

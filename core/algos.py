@@ -147,9 +147,11 @@ def normalize_then_sum(
     )  # (N, K)
     summed = per_component @ weights.float()  # (N,)
     # a group whose components' advantages cancel (c0 = [0, 1], c1 = [1, 0], equal weights) carries no
-    # signal: exactly 0, so its float residue (~1e-7) is not divided by a batch std of the same size
-    tolerance = 1e-5 * float(weights.float().abs().sum())
-    cancelled = _grouped(summed, group_size).abs().amax(dim=1, keepdim=True) <= tolerance  # (B, 1)
+    # signal: exactly 0, so its float residue (~1e-7 of the terms summed) is not divided by a batch std of
+    # the same size. The tolerance is each row's own: relative to the terms that went into its sum.
+    tolerance = 1e-5 * (per_component.abs() @ weights.float().abs())  # (N,)
+    residue = summed.abs() <= tolerance  # (N,)
+    cancelled = _grouped(residue, group_size).all(dim=1, keepdim=True)  # (B, 1)
     summed = torch.where(cancelled, 0.0, _grouped(summed, group_size)).reshape(-1)  # (N,)
     if summed.numel() < 2:
         return summed

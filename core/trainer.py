@@ -107,7 +107,9 @@ class GRPOConfig:
     )
     advantage_eps: float = _help("epsilon added to the std", 1e-6)
     multi_reward: str = _help(f"one of {', '.join(algos.MULTI_REWARD.names())}", "sum_then_normalize")
-    dynamic_sampling: bool = _help("drop zero-spread groups and sample more prompts (DAPO)", False)
+    dynamic_sampling: bool = _help(
+        "drop groups without signal (advantages all 0) and sample more prompts (DAPO)", False
+    )
     max_sampling_rounds: int = _help("cap on sampling rounds per step with dynamic sampling", 3)
     on_reward_error: Literal["raise", "zero"] = _help(
         "a failing reward function stops the run or scores 0", "raise"

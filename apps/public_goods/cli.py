@@ -193,7 +193,9 @@ def _refuse_changed_sweep(config: SweepConfig) -> None:
     """A resumed sweep keeps the jobs it finished: it must be a public-goods sweep with these settings."""
     stored = RunDir(run_to_resume(config.run_dir, "sweep")).read_config()
     refuse_another_kind_of_run(config.run_dir, stored, APP, "sweep")
-    changed = changed_settings(latest_config(stored), config_to_dict(config), SWEEP_HOW_IT_RUNS)
+    # a field the stored config lacks (added since the sweep ran, as coop_threshold) ran at its default
+    ran_with = config_to_dict(SweepConfig()) | latest_config(stored)
+    changed = changed_settings(ran_with, config_to_dict(config), SWEEP_HOW_IT_RUNS)
     if changed:
         raise ValueError(
             f"{config.run_dir}: --resume would keep jobs run with other settings ({'; '.join(changed)}); "

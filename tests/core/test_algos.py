@@ -112,6 +112,12 @@ def test_normalize_then_sum_gives_cancelling_components_exactly_zero():
     adv = algos.normalize_then_sum(components, torch.tensor([1.0, 1.0]), 2)
     assert torch.equal(adv[:2], torch.zeros(2))
     assert adv[2].item() == pytest.approx(-adv[3].item()) and adv[2].item() > 1
+    # a small weight's real spread is signal, whatever the other weights: the tolerance is each row's own
+    varied = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])  # c0 constant, c1 spreads
+    spread = varied[:, 1] - varied[:, 1].mean()  # (4,)
+    for weights in ([1.0, 1e-6], [2e5, 1.0]):  # a weight sum of ~1 or 2e5: both had zeroed the group
+        adv = algos.normalize_then_sum(varied, torch.tensor(weights), 4)
+        torch.testing.assert_close(adv / adv.norm(), spread / spread.norm())
 
 
 def test_multi_reward_registry_and_shapes():

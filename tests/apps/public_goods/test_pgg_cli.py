@@ -370,6 +370,11 @@ def test_a_sweep_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_
             assert (sweep / "config.json").read_text() == config  # refused before anything is written
         else:
             assert code == 0
+    # a sweep made before a field existed (its config.json lacks coop_threshold) resumes at the default
+    stored = json.loads(config)
+    del stored["config"]["coop_threshold"]
+    (sweep / "config.json").write_text(json.dumps(stored))
+    assert main(["public-goods", "sweep", "--resume", "--run-dir", str(sweep)]) == 0
     with pytest.raises(SystemExit):
         main(["public-goods", "sweep", "--resume", "--run-dir", str(tmp_path / "none")])
     assert "holds no sweep to continue" in capsys.readouterr().err

@@ -161,11 +161,9 @@ def test_q_learning_exploits_its_table_greedily():
     assert expected[0] == 0 and 5 < expected.sum() < 31  # both actions taken
 
 
-def test_ppo_update_matches_a_hand_replay():
-    """One PPO round by hand: TD(0) targets r + gamma V(s') from the critic, advantages target - V(s)
-    normalised over the lattice, the clipped surrogate without KL plus 0.5 x the critic's MSE, one Adam
-    step over policy and critic from the same initial MLPs: the learner's loss and both networks' weights."""
-    config = GameConfig(size=6, r=4.5, method="ppo", init="half", epochs=1)
+def _ppo_round(config: GameConfig):
+    """One PPO round of the learner and its inputs by hand, from copies of its initial MLPs: (model, learner,
+    policy, critic, obs, actions, TD(0) targets r + gamma V(s'), raw advantages target - V(s))."""
     model = make_model(config, seed=3)
     learner = model.dynamics
     learner._setup(model)
@@ -178,8 +176,17 @@ def test_ppo_update_matches_a_hand_replay():
     rewards = torch.from_numpy(payoffs(new, config.r, c).ravel() / (5 * c)).float()  # (36,)
     with torch.no_grad():
         target = rewards + config.gamma * critic(observations(new)).squeeze(1)
-        adv = target - critic(obs).squeeze(1)
-        adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+        raw = target - critic(obs).squeeze(1)
+    return model, learner, policy, critic, obs, actions, target, raw
+
+
+def test_ppo_update_matches_a_hand_replay():
+    """One PPO round by hand: TD(0) targets r + gamma V(s') from the critic, advantages target - V(s)
+    normalised over the lattice, the clipped surrogate without KL plus 0.5 x the critic's MSE, one Adam
+    step over policy and critic from the same initial MLPs: the learner's loss and both networks' weights."""
+    config = GameConfig(size=6, r=4.5, method="ppo", init="half", epochs=1)
+    model, learner, policy, critic, obs, actions, target, raw = _ppo_round(config)
+    adv = (raw - raw.mean()) / (raw.std() + 1e-6)
     before = policy(obs).log_softmax(-1).gather(1, actions)  # (36, 1)
     surrogate, _ = policy_loss(before, before.detach(), adv, torch.ones_like(before), eps_low=config.clip_eps)
     loss = surrogate + 0.5 * (critic(obs).squeeze(1) - target).pow(2).mean()
@@ -203,20 +210,9 @@ def test_ppo_second_epoch_loss_uses_normalised_advantages():
     """At the first epoch the surrogate of centred advantages is 0 whatever their scale, and Adam's first
     step is scale-free: the second epoch's loss (ratio != 1) is where the normalisation to unit std shows."""
     config = GameConfig(size=6, r=4.5, method="ppo", init="half", epochs=2)
-    model = make_model(config, seed=3)
-    learner = model.dynamics
-    learner._setup(model)
-    policy, critic = copy.deepcopy(learner.policy), copy.deepcopy(learner.critic)
-    obs = observations(model.strategy)  # (36, 3)
-    model.step()
-    new = model.strategy.copy()
-    actions = torch.from_numpy(new.ravel().astype(np.int64))[:, None]
-    c = config.cost_per_group
-    rewards = torch.from_numpy(payoffs(new, config.r, c).ravel() / (5 * c)).float()  # (36,)
+    model, _, policy, critic, obs, actions, target, raw = _ppo_round(config)
+    adv = (raw - raw.mean()) / (raw.std() + 1e-6)
     with torch.no_grad():
-        target = rewards + config.gamma * critic(observations(new)).squeeze(1)
-        raw = target - critic(obs).squeeze(1)
-        adv = (raw - raw.mean()) / (raw.std() + 1e-6)
         old = policy(obs).log_softmax(-1).gather(1, actions)  # (36, 1)
     assert abs(raw.std().item() - 1) > 0.1  # else normalising would not change the loss
     optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=config.lr)

@@ -217,8 +217,14 @@ def sweep(config: SweepConfig) -> list[dict]:
         print(f"resuming: {len(finished)} of {len(config.jobs())} jobs finished earlier are kept")
     rundir.set_status("running", step=len(finished))
     started = time.perf_counter()
-    with failure_recorded(rundir):  # SIGTERM and Ctrl-C included: a dead sweep must not stay "running"
-        rows = run_sweep(config, rundir.path, finished=finished)
+    done = [len(finished)]  # jobs finished: the step a failure is recorded at
+
+    def progress(line: str) -> None:
+        done[0] += 1
+        print(line)
+
+    with failure_recorded(rundir, lambda: done[0]):  # SIGTERM and Ctrl-C too: a dead sweep is not "running"
+        rows = run_sweep(config, rundir.path, progress=progress, finished=finished)
         found = {method: thresholds(rows, method, config.inits[0]) for method in config.methods}
         rundir.write_eval(
             {

@@ -35,4 +35,10 @@ def render() -> None:
     plot = Plot("bar", rows, x="type", y="accuracy", color="run" if len(chosen) > 1 else None)
     state.show_plot(plot, state.file_name("tcm-accuracy", *chosen), key="tcm_png")
     wide = rows.pivot(index="type", columns="run", values="accuracy")
+    counts = rows.pivot(index="type", columns="run", values="count")
+    for (
+        run
+    ) in counts.columns:  # each run's questions per type beside its accuracies, where eval.json has them
+        if counts[run].notna().any():
+            wide[f"{run} n"] = counts[run]
     state.show_table(wide, state.file_name("tcm-accuracy", *chosen), key="tcm_csv")

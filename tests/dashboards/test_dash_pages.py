@@ -308,6 +308,7 @@ def test_tcm_page(runs_root):
     at = open_page("tcm")
     wide = at.dataframe[0].value
     assert wide["tcm/t1"].to_dict() == {"multi": 0.25, "single": 0.5}
+    assert wide["tcm/t1 n"].to_dict() == {"multi": 4, "single": 10}  # count_by_type beside them
 
 
 def test_app_page_without_runs_says_so(tmp_path, monkeypatch):
@@ -472,7 +473,7 @@ def test_tcm_names_an_unreadable_eval_json_and_shows_the_other_runs(runs_root, t
     bad.eval_path.write_text(text)
     at = open_page("tcm", run=["tcm/bad", "tcm/t1"])
     assert_named(at, "tcm/bad", bad, message)
-    assert at.dataframe[0].value.columns.tolist() == ["tcm/t1"]
+    assert at.dataframe[0].value.columns.tolist() == ["tcm/t1", "tcm/t1 n"]
 
 
 @pytest.mark.parametrize(
@@ -507,8 +508,8 @@ def test_debias_skips_responses_that_are_not_objects(runs_root):
 @pytest.mark.parametrize(
     "result, shown",
     [
-        ({"accuracy_by_type": 0.5}, ["tcm/t1"]),
-        ({"accuracy_by_type": {"single": 0.7}, "count_by_type": 3}, ["tcm/odd", "tcm/t1"]),
+        ({"accuracy_by_type": 0.5}, ["tcm/t1", "tcm/t1 n"]),
+        ({"accuracy_by_type": {"single": 0.7}, "count_by_type": 3}, ["tcm/odd", "tcm/t1", "tcm/t1 n"]),
     ],
 )
 def test_tcm_skips_tables_that_are_not_objects(runs_root, result, shown):

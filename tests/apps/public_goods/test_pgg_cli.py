@@ -324,6 +324,8 @@ def test_a_resumed_sweep_runs_only_the_jobs_it_had_not_finished(tmp_path, monkey
         main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(stopped)])
     kept = experiments.read_table(stopped / "results.csv")
     assert [row["r"] for row in kept] == [4.0]
+    status = json.loads((stopped / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("failed", 1)  # the jobs it finished
     # a job whose series line was cut off by the kill runs again
     (stopped / "series.jsonl").write_text((stopped / "series.jsonl").read_text() + '{"method": "fer')
 

@@ -40,13 +40,22 @@ def test_train_smoke_run(smoke_run, capsys):
     assert (smoke_run / "final" / "model.safetensors").is_file()
 
 
-def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
-    data = tmp_path / "ladder.jsonl"
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    return path
+
+
+def ladder_file(tmp_path):
+    """10 single-choice rows in TCM-Ladder style (options a list, the type in Chinese)."""
     rows = [
         {"question": f"麻黄{i}的药性是？", "options": ["寒", "温"], "answer": "B", "type": "单选题"}
         for i in range(10)
     ]
-    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    return write_jsonl(tmp_path / "ladder.jsonl", rows)
+
+
+def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
+    data = ladder_file(tmp_path)
     out = tmp_path / "eval"
     flags = [
         "--model",
@@ -66,12 +75,7 @@ def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
 
 
 def test_evaluate_max_examples_scores_exactly_that_many(smoke_run, tmp_path):
-    data = tmp_path / "ladder.jsonl"
-    rows = [
-        {"question": f"麻黄{i}的药性是？", "options": ["寒", "温"], "answer": "B", "type": "单选题"}
-        for i in range(10)
-    ]
-    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    data = ladder_file(tmp_path)
     out = tmp_path / "eval"
     flags = ["--model", str(smoke_run / "final"), "--data", str(data), "--split", "train"]
     flags += ["--max-new-tokens", "4", "--max-examples", "3", "--run-dir", str(out)]
@@ -83,9 +87,8 @@ def test_evaluate_max_examples_scores_exactly_that_many(smoke_run, tmp_path):
 
 def test_a_file_too_small_for_the_split_is_an_error_naming_it(smoke_run, tmp_path, capsys):
     """2 rows split 80/10/10 leave the test split empty: before, evaluate crashed and train wrote no eval."""
-    data = tmp_path / "two.jsonl"
     rows = [{"question": f"麻黄{i}性____。", "answer": "温", "type": "fill"} for i in range(2)]
-    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    data = write_jsonl(tmp_path / "two.jsonl", rows)
     flags = ["--model", str(smoke_run / "final"), "--data", str(data), "--run-dir", str(tmp_path / "ev")]
     with pytest.raises(SystemExit):
         main(["tcm", "evaluate", *flags])
@@ -282,9 +285,8 @@ def test_train_on_a_file_without_a_model_warns_that_the_offline_model_trains_on_
         raise Stop
 
     monkeypatch.setattr(tcm_train, "policy_for", stop)
-    data = tmp_path / "ladder.jsonl"
     rows = [{"question": f"q{i}", "answer": "温", "type": "fill"} for i in range(20)]
-    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    data = write_jsonl(tmp_path / "ladder.jsonl", rows)
     with pytest.warns(UserWarning, match=r"ladder.jsonl without --model: GRPO trains the offline tiny model"):
         with pytest.raises(Stop):
             main(["tcm", "train", "--preset", "smoke", "--data", str(data), "--run-dir", str(tmp_path / "r")])

@@ -40,8 +40,8 @@ def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOC
     if not config.resume and config.run_dir is not None:
         refuse_existing_run(config.run_dir)
     state = join_processes(config.device)
-    chosen = [config.run_dir or str(default_run_dir(app))]
-    if state.num_processes > 1:  # the default is a timestamp: every process must use rank 0's
+    chosen = [config.run_dir or (str(default_run_dir(app)) if state.is_main_process else None)]
+    if state.num_processes > 1:  # the default is a timestamp, claimed by rank 0: every process uses it
         broadcast_object_list(chosen)
     if state.is_main_process:
         print(f"run directory: {chosen[0]}")

@@ -205,15 +205,20 @@ def refuse_changed_pipeline(root: str | Path, config: Mapping[str, Any], may_cha
 
 def default_run_dir(app: str) -> Path:
     """`runs/<app>/<YYYYmmdd-HHMMSS>` relative to the working directory (local time), or with `-2`, `-3`, ...
-    after it when a run started in the same second already has that name."""
+    after it when a run started in the same second already has that name. The directory is created here,
+    empty, which claims the name: two commands started in the same second get two directories."""
     if not app or "/" in app or "\\" in app:
         raise ValueError(f"app name {app!r} must be a non-empty name without path separators")
     base = Path("runs") / app / datetime.now().strftime("%Y%m%d-%H%M%S")
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
 
 
 @dataclass(frozen=True)
@@ -355,6 +360,16 @@ class RunDir:
     def write_eval(self, results: Mapping[str, Any]) -> None:
         write_json_atomic(self.eval_path, _jsonable(dict(results), "eval results"))
 
+    def forget_last_resume(self) -> None:
+        """Drop the `resumes` entry `create` added last: a resume refused before it ran anything did not
+        change the run's settings, so a later resume must not find them in `latest_config`."""
+        stored = self.read_config()
+        if stored.get("resumes"):
+            stored["resumes"].pop()
+            if not stored["resumes"]:  # as the run had it: create adds the list with its first entry
+                del stored["resumes"]
+            write_json_atomic(self.config_path, stored)
+
     def set_status(self, status: str, *, step: int, error: str | None = None) -> None:
         """Write status.json; `error` (a message) is required for "failed" and refused otherwise."""
         if status not in STATUSES:
@@ -492,6 +507,7 @@ class RunDir:
             # Never prune the one just saved, even when newer ones exist (a resume from an older checkpoint).
             others = [path for path in self.list_checkpoints() if path != final]
             for path in others[: max(0, len(others) - (keep_last - 1))]:
+                (path / MARKER).unlink(missing_ok=True)  # first: a prune cut off leaves no "complete" part
                 shutil.rmtree(path)
         return final
 
@@ -762,7 +778,7 @@ def _read_jsonl(path: Path, ignore_unfinished_last_line: bool) -> list[dict]:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: malformed JSON: {e}") from e
 
 

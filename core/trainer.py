@@ -170,7 +170,11 @@ class GRPOConfig:
             raise ValueError(
                 f"group_size must be >= 2 (GRPO compares a prompt's completions), got {self.group_size}"
             )
-        for name in ("learning_rate", "temperature"):
+        for name in (
+            "learning_rate",
+            "temperature",
+            "lora_alpha",
+        ):  # LoRA's scale is alpha / r: 0 trains nothing
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
@@ -498,7 +502,10 @@ class GRPOTrainer:
         self.step = self.completed_step = 0  # completed: the last step whose update and logging are done
         self.checkpointed_step = -1  # the step of the newest checkpoint this run wrote or resumed from
         self._finish_later = False  # set inside until_finished()
-        run_dir = config.run_dir or str(default_run_dir(app))
+        chosen = [config.run_dir or (str(default_run_dir(app)) if self.rank == 0 else None)]
+        if self.world > 1:  # the default is a timestamp, claimed by rank 0: every process uses it
+            dist.broadcast_object_list(chosen, src=0)
+        run_dir = chosen[0]
         self.run = None
         if self.rank == 0:
             self.run = RunDir.create(
@@ -509,11 +516,19 @@ class GRPOTrainer:
                 exist_ok_for_resume=config.resume,
             )
         self.run_path = run_dir
+        # dropout reads torch's global generator: seeded per process, so a run does not depend on what ran
+        # before it in the same process (a pipeline's earlier stages); a resume restores the saved state
+        torch.manual_seed(derive_seed(config.seed, self.rank))
         if config.resume:
             try:
-                self._resume()
-            except Exception as err:  # status.json must not keep saying "finished" or "running"
+                with sigterm_as_exit():
+                    self._resume()
+            except (
+                BaseException
+            ) as err:  # Ctrl-C too: status.json must not keep saying "finished" or "running"
                 if self.rank == 0:
+                    # refused, it changed nothing: a later --resume must not take its settings as the run's
+                    self.run.forget_last_resume()
                     step = self.run.read_status().get("step", 0) if self.run.status_path.is_file() else 0
                     self.run.set_status("failed", step=step, error=f"resume: {type(err).__name__}: {err}")
                 raise
@@ -597,8 +612,21 @@ class GRPOTrainer:
                     )
             return
         checkpoint = load_checkpoint(path)
+        try:
+            self._load_state(checkpoint)
+        except (KeyError, RuntimeError, ValueError) as err:  # the path first: the CLI shows it as a bad input
+            raise InputError(f"{path}: cannot resume from it with these settings: {err}") from err
+        self.step = self.completed_step = self.checkpointed_step = checkpoint.step
+        self.backend.update_weights(self.model)
+        if self.rank == 0:
+            self.run.truncate_logs_after(self.step)
+
+    def _load_state(self, checkpoint) -> None:
+        """Put a checkpoint's weights, optimizer, schedule, data order, rubric, hooks and RNG state back."""
         if zero.PARTITIONS in checkpoint.optimizer_state and self.engine is None:
-            raise ValueError(f"{path} was written under DeepSpeed ZeRO; resume it under ZeRO")
+            raise ValueError(
+                "it was written under DeepSpeed ZeRO: resume it under ZeRO, launched on several processes"
+            )
         if self.fsdp:
             sharding.load_full_state(
                 self.model, checkpoint.model_state, self.optimizer, checkpoint.optimizer_state
@@ -606,6 +634,12 @@ class GRPOTrainer:
         else:
             if self.config.lora:
                 own = dict(self.model.named_parameters())
+                foreign = sorted(set(checkpoint.model_state) - set(own))
+                if foreign:
+                    raise ValueError(
+                        f"it holds weights this model lacks ({', '.join(foreign[:3])}): it was saved with "
+                        "other --lora settings or another model"
+                    )
                 with torch.no_grad():
                     for name, tensor in checkpoint.model_state.items():
                         own[name].copy_(tensor)
@@ -620,11 +654,7 @@ class GRPOTrainer:
         self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
         self.hooks.load_state_dict(checkpoint.hooks_state)
-        restore_rng_state(self._own_rng_state(checkpoint.rng_state, path))
-        self.step = self.completed_step = self.checkpointed_step = checkpoint.step
-        self.backend.update_weights(self.model)
-        if self.rank == 0:
-            self.run.truncate_logs_after(self.step)
+        restore_rng_state(self._own_rng_state(checkpoint.rng_state, checkpoint.path))
 
     def _schedule_from_config(self) -> None:
         """A resume goes on with this config's learning rate, weight decay and schedule length (--max-steps,

@@ -386,7 +386,10 @@ def test_fsdp_refuses_a_zero_checkpoint(tmp_path):
     launch = _launch("--max-steps", "2", *flags, "--fsdp", "--resume")
     result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
-    assert "step-1 was written under DeepSpeed ZeRO; resume it under ZeRO" in result.stderr
+    assert (
+        "step-1: cannot resume from it with these settings: it was written under DeepSpeed ZeRO"
+        in result.stderr
+    )
 
 
 def test_fsdp_refuses_a_checkpoint_written_without_it(tmp_path):

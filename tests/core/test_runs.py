@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +75,11 @@ def test_create_with_resume_and_no_run_starts_fresh(tmp_path):
     assert "resumes" not in run.read_config()
 
 
-def test_default_run_dir():
+def test_default_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = default_run_dir("sudoku")
     assert path.parent.as_posix() == "runs/sudoku" and re.fullmatch(r"\d{8}-\d{6}", path.name)
+    assert path.is_dir() and not any(path.iterdir())  # created empty: the name is claimed
     with pytest.raises(ValueError):
         default_run_dir("a/b")
 
@@ -93,11 +96,7 @@ def test_default_run_dirs_of_the_same_second_differ(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(core.runs, "datetime", Frozen)
-    names = []
-    for _ in range(3):
-        path = default_run_dir("math")
-        path.mkdir(parents=True)
-        names.append(path.name)
+    names = [default_run_dir("math").name for _ in range(3)]  # nothing written in them yet
     assert names == ["20261125-124908", "20261125-124908-2", "20261125-124908-3"]
 
 
@@ -273,6 +272,9 @@ def test_malformed_json_file_names_the_file(run):
     run.eval_path.write_text("{")
     with pytest.raises(ValueError, match=r"eval\.json: malformed JSON"):
         run.read_eval()
+    run.eval_path.write_bytes(b'{"a": "\xff"}')  # not UTF-8
+    with pytest.raises(ValueError, match=r"eval\.json: malformed JSON: .*utf-8"):
+        run.read_eval()
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -402,6 +404,18 @@ def test_pruning_keeps_the_last_k(run):
     assert sorted(os.listdir(run.checkpoints_dir)) == ["step-4", "step-5"]
     save(run, 3, keep_last=2)  # resumed from an older one: the new checkpoint is never pruned
     assert [p.name for p in run.list_checkpoints()] == ["step-3", "step-5"]
+
+
+def test_a_prune_removes_the_complete_marker_first(run, monkeypatch):
+    """A prune cut off after its first file must not leave a checkpoint marked complete without its files."""
+    save(run, 1, keep_last=1)
+    cut_off = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: cut_off.append(Path(path)))
+    save(run, 2, keep_last=1)
+    assert cut_off[-1] == run.checkpoints_dir / "step-1"
+    assert not (run.checkpoints_dir / "step-1" / "complete").exists()
+    with pytest.warns(UserWarning, match="step-1 has no 'complete' marker: skipped as incomplete"):
+        assert [p.name for p in run.list_checkpoints()] == ["step-2"]
 
 
 def test_saving_the_same_step_again_replaces_it(run):

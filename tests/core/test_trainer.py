@@ -294,6 +294,7 @@ def test_an_empty_prompt_is_named(model_dir, tmp_path):
         ("group_size", 0, "group_size must be >= 2"),
         ("group_size", 1, "group_size must be >= 2"),
         ("learning_rate", -1.0, "learning_rate must be > 0"),
+        ("lora_alpha", 0, "lora_alpha must be > 0"),  # a LoRA scale of 0 trained nothing, silently
         ("top_p", 1.5, "top_p must be in"),
         ("beta", -0.1, "must be >= 0"),
         ("loss_aggregation", "mean", "unknown loss aggregation"),
@@ -378,6 +379,22 @@ def test_with_dropout_mu_above_one_takes_the_old_logprobs_from_a_pass_without_it
     mask = rollouts.loss_mask.bool()
     for got in (torch.cat(olds[:4]), torch.cat(olds[4:])):  # both epochs: the same old log-probs
         torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+
+
+def test_dropout_draws_do_not_depend_on_what_ran_before_the_trainer(model_dir, tmp_path):
+    """Dropout reads torch's global generator, which the trainer seeds from the run seed: a pipeline whose
+    earlier stage drew from it (or was skipped on a resume) gave another update before."""
+    params = []
+    for prior_draws in (0, 1000):
+        torch.rand(prior_draws)  # an earlier stage's use of the global generator
+        config = make_config(tmp_path / str(prior_draws), max_steps=1)
+        trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+        for module in trainer.model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.5
+        trainer.train()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], atol=0, rtol=0)
 
 
 def test_no_grad_passes_run_with_dropout_off_whatever_the_models_mode(model_dir, tmp_path):
@@ -495,6 +512,40 @@ def test_a_resume_that_cannot_load_its_checkpoint_marks_the_run_failed(model_dir
     assert _names_an_input(info.value)  # a command-line error naming the checkpoint, not a traceback
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and status["step"] == 1 and status["error"].startswith("resume: ")
+
+
+def test_a_refused_resume_leaves_the_runs_settings_as_they_were(model_dir, tmp_path):
+    """A resume refused while loading its checkpoint had recorded its settings in config.json, so every
+    later --resume took them as the run's and was refused the same way."""
+    config = make_config(tmp_path, max_steps=1)
+    make_trainer(model_dir, config).train()
+    before = json.loads((tmp_path / "run" / "config.json").read_text())
+    resume = replace(config, max_steps=2, resume=True)
+    model, tokenizer = load_policy(model_dir)
+    with pytest.raises(ValueError, match="prompt order is over 8 examples, this run has 6") as info:
+        GRPOTrainer(resume, model, tokenizer, EXAMPLES[:6], Rubric({"a": a_fraction}), app="test")
+    assert _names_an_input(info.value) and str(info.value).startswith(str(tmp_path / "run" / "checkpoints"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == before
+    with pytest.raises(ValueError, match="it holds weights this model lacks .*other --lora settings") as info:
+        make_trainer(model_dir, replace(resume, lora=True))
+    assert _names_an_input(info.value)
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == before
+    make_trainer(model_dir, resume).train()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_during_a_resume_marks_the_run_failed(model_dir, tmp_path, monkeypatch):
+    config = make_config(tmp_path, max_steps=1)
+    make_trainer(model_dir, config).train()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GRPOTrainer, "_load_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(model_dir, replace(config, max_steps=2, resume=True))
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert (status["status"], status["step"], status["error"]) == ("failed", 1, "resume: KeyboardInterrupt: ")
 
 
 def run_failing_rank_worker(model_dir, run_dir, where: str) -> dict:

@@ -95,6 +95,9 @@ _PUNCT_OUTSIDE_NUMBERS = re.compile(r"(?<=\d)[./~](?=\d)|(?<=\d)%|([\s\W_])")
 # Not 和/及: they are inside words as often as between items (和解少阳, 调和营卫, 理气和中); not "/" between
 # digits ("3/4").
 _ITEM_SPLIT = re.compile(r"[、,;]|(?<!\d)/|/(?!\d)")
+# A meridian is named by its organ with or without 经 (归肺、膀胱经: 肺经 and 膀胱经); only after these organs
+# is a final 经 dropped, as it ends other words (调经, 通经).
+_MERIDIAN_ORGANS = frozenset("肺 大肠 胃 脾 心 小肠 膀胱 肾 心包 三焦 胆 肝".split())
 
 
 def answer_text(completion: str) -> str:
@@ -234,15 +237,21 @@ def _hard(brk: re.Match) -> bool:
 
 def normalize_answer(text: str) -> frozenset[str]:
     """A fill-in answer as a set of items: NFKC, lower case, split at 、,; and at / not between digits,
-    punctuation and spaces removed but for numbers' (`_squash`), so "肺、膀胱" matches "膀胱，肺" and
-    "Ｗarm." matches "warm".
+    punctuation and spaces removed but for numbers' (`_squash`), a meridian without its 经, so "肺、膀胱"
+    matches "膀胱，肺" and "膀胱经、肺经", and "Ｗarm." matches "warm".
 
-    >>> sorted(normalize_answer(" 膀胱，肺。"))
+    >>> sorted(normalize_answer(" 膀胱经，肺。"))
     ['肺', '膀胱']
     >>> sorted(normalize_answer("3 ～ 9g、1.5g"))
     ['1.5g', '3~9g']
     """
-    return frozenset(item for item in map(_squash, _ITEM_SPLIT.split(_unify(text))) if item)
+    items = (_squash(item) for item in _ITEM_SPLIT.split(_unify(text)))
+    return frozenset(_organ(item) for item in items if item)
+
+
+def _organ(item: str) -> str:
+    """A meridian's organ ("肺经" -> "肺"); any other item as it is ("调经")."""
+    return item[:-1] if item.endswith("经") and item[:-1] in _MERIDIAN_ORGANS else item
 
 
 def _unify(text: str) -> str:

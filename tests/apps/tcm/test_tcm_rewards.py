@@ -224,6 +224,14 @@ def test_multiple_choice_accuracy(completion, reward):
         ("1 . 5g", "1.5g", True),
         ("3-9g", "3～9 g", True),
         ("１.５g", "1.5g", True),
+        ("肺经", "肺", True),  # a meridian with or without 经
+        ("膀胱经、肺经", "肺、膀胱", True),
+        ("肺经 膀胱经", "肺、膀胱", True),
+        ("肺", "肺经", True),
+        ("心包经", "心包", True),
+        ("调", "调经", False),  # 经 ends other words: only an organ's is dropped
+        ("通经", "通", False),
+        ("肺经经", "肺", False),
     ],
 )
 def test_normalized_match(prediction, gold, match):

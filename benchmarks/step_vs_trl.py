@@ -75,7 +75,7 @@ PEAK_FLOPS = (
 
 
 def parse_setting(name: str) -> tuple[float, int, bool]:
-    match = re.fullmatch(r"beta([0-9.]+)-mu(\d+)-lora([01])", name)
+    match = re.fullmatch(r"beta(\d+(?:\.\d+)?)-mu(\d+)-lora([01])", name)
     if match is None:
         raise SystemExit(
             f"bad setting {name!r}; expected e.g. beta0.04-mu2-lora1 (valid: {', '.join(SETTINGS)})"
@@ -536,7 +536,8 @@ def main(argv=None) -> int:
         prompt_tokens = statistics.fmean(map(len, prompts["input_ids"]))  # for the MFU line
         header = (
             f"{'setting':<20} {'side':<5} {'step s':>7} {'gen s':>6} {'tok/s':>7} {'peak MiB':>9} "
-            f"{'+steps MiB':>10}  work per step (positions with grad / without grad, decode calls)"
+            + (f"{'GPU MiB':>8} " if args.gpu else "")
+            + f"{'+steps MiB':>10}  work per step (positions with grad / without grad, decode calls)"
         )
         print(header)
         for setting in settings:
@@ -548,7 +549,9 @@ def main(argv=None) -> int:
                 gen = f"{r['generate_s']:>6.2f}" if "generate_s" in r else f"{'':>6}"
                 print(
                     f"{setting:<20} {side:<5} {r['median_s']:>7.3f} {gen} {r['tokens_per_s']:>7.0f} "
-                    f"{r['peak_rss_mib']:>9.0f} {r['step_growth_mib']:>10.0f}  "
+                    f"{r['peak_rss_mib']:>9.0f} "
+                    + (f"{r['peak_cuda_mib']:>8.0f} " if args.gpu else "")
+                    + f"{r['step_growth_mib']:>10.0f}  "
                     f"{p['grad_positions']} / {p['nograd_positions']}, {p['decode']}"
                 )
             ratio = res["ours"]["median_s"] / res["trl"]["median_s"]

@@ -48,7 +48,7 @@ def render() -> None:
     for name in chosen:  # a run whose metrics.jsonl cannot be read is named; the others are still drawn
         try:
             frames[name] = state.metrics(name)
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             state.show_error(f"Cannot read the metrics of {name}:", e)
     columns = sorted({c for frame in frames.values() for c in frame.columns} - {"step"})
     if not columns:

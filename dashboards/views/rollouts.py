@@ -101,13 +101,26 @@ def _num(value: object) -> str:
     return f"{value:+.4f}" if isinstance(value, int | float) else "—"
 
 
+def range_slider(column, label: str, low, high, *, key: str) -> tuple:
+    """A range slider over [low, high] that keeps a narrowed range when the bounds move (a running run
+    logs a step; another run is picked), clamped to them: a streamlit slider whose bounds change starts
+    again from its default. The whole range, or a range left empty by the clamp, follows the bounds."""
+    kept = st.session_state.get(f"{key}_kept")
+    start, end = (max(kept[0], low), min(kept[1], high)) if kept else (low, high)
+    if start > end:
+        start, end = low, high
+    picked = column.slider(label, low, high, (start, end), key=key)
+    st.session_state[f"{key}_kept"] = None if picked == (low, high) else picked
+    return picked
+
+
 def render() -> None:
     st.title("Rollouts")
     names = state.require_runs()
     run = state.pick_run(names, key="rollouts_run")
     try:
         index = state.rollouts(run)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         state.show_error(f"Cannot read the rollouts of {run}:", e)
         return
     if not len(index):
@@ -117,9 +130,7 @@ def render() -> None:
 
     left, middle, right = st.columns(3)
     first, last = int(frame["step"].min()), int(frame["step"].max())
-    steps = (
-        (first, last) if first == last else left.slider("Steps", first, last, (first, last), key="ro_steps")
-    )
+    steps = (first, last) if first == last else range_slider(left, "Steps", first, last, key="ro_steps")
     in_steps = frame[(frame["step"] >= steps[0]) & (frame["step"] <= steps[1])]
     prompts = in_steps["prompt"].dropna().unique()
     prompt = None
@@ -134,7 +145,7 @@ def render() -> None:
     finite = frame["reward"].dropna()
     if len(finite) and finite.min() < finite.max():
         low, high = float(finite.min()), float(finite.max())
-        picked = right.slider("Reward", low, high, (low, high), key="ro_reward")
+        picked = range_slider(right, "Reward", low, high, key="ro_reward")
         rewards = None if picked == (low, high) else picked  # the whole range keeps the null rewards too
     needle = st.text_input("Search prompt and completion text", key="ro_search")
 

@@ -31,11 +31,17 @@ def runs_table(names: list[str]) -> pd.DataFrame:
 
 
 def _live(name: str) -> None:
-    info = state.run_info(name)
+    """The status line and reward curve of a running run; an error when its files cannot be read (it may
+    have been deleted since the page was drawn)."""
+    try:
+        info = state.run_info(name)
+    except (OSError, ValueError) as e:
+        state.show_error(f"Cannot read {name}:", e)
+        return
     st.caption(f"{name} · {info.status} · step {info.step} · updated {info.updated}")
     try:
         frame = state.metrics(name)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         state.show_error(f"Cannot read the metrics of {name}:", e)
         return
     if "reward" in frame and frame["reward"].notna().any():
@@ -61,7 +67,13 @@ def render() -> None:
     chosen = state.pick_runs(names, key="runs_pick", label="Selected runs (compare their configs)")
     if not chosen:
         return
-    configs = {name: loading.run_config(root, name) for name in chosen}
+    configs = {}
+    for name in chosen:  # a run deleted since it was listed is named and skipped
+        try:
+            configs[name] = loading.run_config(root, name)
+        except (OSError, ValueError) as e:
+            state.show_error(f"Cannot read {name}:", e)
+    chosen = list(configs)
     if len(chosen) > 1:
         st.subheader("Config diff")
         diff = loading.config_diff(configs)
@@ -69,7 +81,7 @@ def render() -> None:
             st.info("The selected runs have the same config.")
         else:
             state.show_table(diff, state.file_name("config-diff", *chosen), key="runs_diff_csv")
-    else:
+    elif chosen:
         st.subheader("Config")
         config = pd.DataFrame(
             {"value": [str(v) for v in configs[chosen[0]].values()]},

@@ -490,13 +490,14 @@ class GRPOTrainer:
         self.engine = None  # the DeepSpeed engine under ZeRO: it runs backward and the optimizer step
         if zero_config is not None:
             share = config.prompts_per_step // self.world * config.group_size // config.mini_batches
+            micro, accumulation = zero.micro_batching(share, config.micro_batch_size)
             self.engine = zero.initialize(
                 model,
                 self.optimizer,
                 self.scheduler,
                 zero_config,
-                micro_batch_size=config.micro_batch_size,
-                accumulation_steps=math.ceil(share / config.micro_batch_size),
+                micro_batch_size=micro,
+                accumulation_steps=accumulation,
                 max_grad_norm=config.max_grad_norm,
             )
         self.step = self.completed_step = 0  # completed: the last step whose update and logging are done

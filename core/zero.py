@@ -23,6 +23,7 @@ What DeepSpeed changes for the caller:
 
 import json
 import logging
+import math
 import os
 from copy import deepcopy
 from pathlib import Path
@@ -133,6 +134,17 @@ def _filled(config: dict, name: str, value) -> dict:
             "leave it out or give the trainer's value"
         )
     return {**config, name: value}
+
+
+def micro_batching(rows: int, micro_batch_size: int) -> tuple[int, int]:
+    """DeepSpeed's micro-batch size and accumulation steps for a process's mini-batch of `rows` completions
+    cut into micro-batches of at most `micro_batch_size`: a mini-batch smaller than that is one micro-batch of
+    its own size, which a DeepSpeed file may give as `train_micro_batch_size_per_gpu`.
+
+    >>> micro_batching(8, 2), micro_batching(4, 8), micro_batching(6, 4)
+    ((2, 4), (4, 1), (4, 2))
+    """
+    return min(micro_batch_size, rows), math.ceil(rows / micro_batch_size)
 
 
 def initialize(

@@ -292,6 +292,8 @@ def evaluate(config: DebiasEvalConfig) -> dict:
             run_dir, config_to_dict(config), app=APP, algorithm="eval", exist_ok_for_resume=False
         )
     run.write_eval(results)
+    if not run.status_path.is_file():  # a run of its own, written whole here; a training run keeps its own
+        run.set_status("finished", step=0)
     print(eval_table(results))
     print(f"eval written to {Path(run_dir) / 'eval.json'}")
     return results

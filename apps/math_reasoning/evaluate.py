@@ -287,6 +287,8 @@ def run_eval(config: MathEvalConfig) -> dict:
     if not role:  # the trained policy's numbers only: CoDistill's large model or the base are not the run's
         update["pass_at_k"] = previous.get("pass_at_k", {}) | {benchmark: pass_at_k_entry(results)}
     target.write_eval(previous | update)
+    if not target.status_path.is_file():  # a run of its own, written whole here; a training run keeps its own
+        target.set_status("finished", step=0)
     print(format_results(results))
     print(f"results written to {target.eval_path} under {key!r}")
     return results

@@ -127,6 +127,8 @@ def run_eval(config: SudokuEvalConfig) -> dict:
     result = evaluate_model(model, tokenizer, examples, config.batch_size)
     previous = run.read_eval() if run.eval_path.is_file() else {}
     run.write_eval(previous | {"eval": {"model": str(model_path), "puzzle_settings": settings, **result}})
+    if not run.status_path.is_file():  # a run of its own, written whole here; a training run keeps its own
+        run.set_status("finished", step=0)
     print(table({model_path.parent.name or str(model_path): result}))
     print(f"results written to {run.eval_path} under 'eval'")
     return result

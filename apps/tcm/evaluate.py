@@ -212,5 +212,6 @@ def main(config: TcmEvalConfig) -> dict:
     run.write_eval(
         {"split": config.split, "model": config.model, config.split: metrics, **dashboard_keys(metrics)}
     )
+    run.set_status("finished", step=0)  # its own run, written whole here
     print(format_table({config.split: metrics}))
     return metrics

@@ -100,6 +100,7 @@ def test_eval_writes_before_and_after(setup):
     saved = json.loads((setup / "eval" / "eval.json").read_text())
     # a run of its own, which the dashboard lists
     assert json.loads((setup / "eval" / "config.json").read_text())["app"] == "debias"
+    assert json.loads((setup / "eval" / "status.json").read_text())["status"] == "finished"
     assert saved["metrics"]["test/fairness/delta"] == pytest.approx(0.0)  # same model, same sampling seed
     assert saved["metrics"]["heldout/perplexity/ratio"] == pytest.approx(1.0)
     after = results["splits"]["heldout"]["after"]

@@ -61,6 +61,7 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     results = json.loads((run / "eval.json").read_text())["eval_test"]  # eval_<benchmark>
     assert results["all"]["examples"] == 4 and "pass@2" in results["all"] and "maj@2" in results["all"]
     assert json.loads((run / "config.json").read_text())["algorithm"] == "eval"  # a run the dashboard lists
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"  # not "unknown" there
     out = tmp_path / "compare"
     args = ["math", "compare", "--algos", "grpo,codistill", "--seeds", "0,1", "--out-dir", str(out)]
     args += ["--model", str(small_dir), "--large-model", str(large_dir), "--max-steps", "1"]

@@ -1,6 +1,7 @@
 """Every `grpo-suite sudoku` subcommand smoke-run with a 2-step budget, through the command line."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -60,6 +61,21 @@ def test_every_subcommand_runs(tmp_path, capsys):
         )
     evaluated = json.loads((pipe / "grpo-w1" / "eval.json").read_text())
     assert evaluated.pop("eval")["puzzles"] == 4 and evaluated == trained
+    # a model outside a run gets an eval run of its own, finished (not "unknown" on the dashboard)
+    own = tmp_path / "own_eval"
+    args = [
+        "sudoku",
+        "eval",
+        "--model",
+        str(tmp_path / "m_copy"),
+        "--eval-puzzles",
+        "2",
+        "--run-dir",
+        str(own),
+    ]
+    shutil.copytree(pipe / "grpo-w1" / "final", tmp_path / "m_copy")
+    assert main(args) == 0
+    assert json.loads((own / "status.json").read_text())["status"] == "finished"
 
     # train without --model builds and SFTs its own base model first; sft alone writes a model
     assert main(["sudoku", "train", "--preset", "smoke", "--run-dir", str(tmp_path / "train")]) == 0

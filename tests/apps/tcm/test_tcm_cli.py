@@ -72,6 +72,9 @@ def test_evaluate_command_on_a_fixture_file(smoke_run, tmp_path):
     assert evaluation["train"]["by_type"]["single"]["n"] == 8  # 80% of 10 rows
     assert evaluation["count_by_type"] == {"single": 8}
     assert evaluation["accuracy_by_type"]["single"] == evaluation["train"]["by_type"]["single"]["accuracy"]
+    assert (
+        json.loads((out / "status.json").read_text())["status"] == "finished"
+    )  # not "unknown" on the dashboard
 
 
 def test_evaluate_max_examples_scores_exactly_that_many(smoke_run, tmp_path):

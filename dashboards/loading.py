@@ -276,6 +276,16 @@ class RolloutIndex:
                 self._append(stat.st_size)
         return self
 
+    def unfinished_line(self) -> int | None:
+        """The number of the line after the indexed ones when the file holds more (a last line without its
+        newline: being written, or cut off by a kill); None when every line is indexed."""
+        with self._lock:
+            try:
+                size = os.stat(self.path).st_size
+            except FileNotFoundError:
+                return None
+            return len(self._offsets) + 1 if size > self._end else None
+
     def _same_last_line(self) -> bool:
         with open(self.path, "rb") as f:
             f.seek(self._end - len(self._last))

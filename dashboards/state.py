@@ -65,12 +65,17 @@ def metrics(name: str) -> pd.DataFrame:
     still running (then its writer may be mid-line)."""
     path = run_path(name)
     frame, cut_off = _metrics(str(path), _signature(path / "metrics.jsonl"))
-    if cut_off is not None and run_info(name).status != "running":
-        st.warning(
-            f"`{path / 'metrics.jsonl'}`: line {cut_off} has no newline (cut off by a killed process) and is "
-            "left out (a resumed run rewrites it)."
-        )
+    _warn_cut_off(name, path / "metrics.jsonl", cut_off)
     return frame
+
+
+def _warn_cut_off(name: str, path: Path, line: int | None) -> None:
+    """A warning that `path`'s last line, `line`, is left out, unless the run is still writing it."""
+    if line is not None and run_info(name).status != "running":
+        st.warning(
+            f"`{path}`: line {line} has no newline (cut off by a killed process) and is left out (a resumed "
+            "run rewrites it)."
+        )
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
@@ -79,8 +84,12 @@ def _rollout_index(path: str) -> loading.RolloutIndex:
 
 
 def rollouts(name: str) -> loading.RolloutIndex:
-    """The run's rollout index, brought up to date (only new lines are parsed)."""
-    return _rollout_index(str(run_path(name) / "rollouts.jsonl")).refresh()
+    """The run's rollout index, brought up to date (only new lines are parsed); a last line without its
+    newline is left out, with a warning unless the run is still running."""
+    path = run_path(name) / "rollouts.jsonl"
+    index = _rollout_index(str(path)).refresh()
+    _warn_cut_off(name, path, index.unfinished_line())
+    return index
 
 
 def eval_results(name: str) -> dict | None:

@@ -111,6 +111,20 @@ def test_a_cut_off_last_metrics_line_is_reported_unless_the_run_is_running(runs_
     assert at.dataframe[0].value["raw"].tolist() == [0.5]
 
 
+@pytest.mark.parametrize("status", ["finished", "running"])
+def test_a_cut_off_last_rollouts_line_is_reported_unless_the_run_is_running(runs_root, status):
+    run = make_run(runs_root, "toy/killed", "toy")
+    run.log_rollouts(toy_rollouts(1)[:2])
+    with run.rollouts_path.open("a") as f:
+        f.write('{"step": 2, "compl')
+    run.set_status(status, step=1)
+    at = open_page("rollouts", run="toy/killed")
+    warning = f"`{run.rollouts_path.resolve()}`: line 3 has no newline (cut off by a killed process) and is "
+    warning += "left out (a resumed run rewrites it)."
+    assert texts(at.warning) == ([] if status == "running" else [warning])
+    assert "2 of 2 rollouts match" in texts(at.caption)
+
+
 def test_runs_page_single_run_shows_config_and_eval(runs_root):
     at = open_page("runs", run="toy/a")
     config = at.dataframe[1].value

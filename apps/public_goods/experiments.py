@@ -19,6 +19,7 @@ import io
 import json
 import math
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -307,8 +308,17 @@ def finished_jobs(settings: SweepSettings, out_dir: Path) -> dict[int, tuple[dic
                 lines[(record["method"], record["init"], record["r"], record["seed"])] = line
             except (ValueError, KeyError, TypeError):
                 continue  # not a trajectory: its job runs again
+    rows = read_table(table) if table.is_file() else []
+    if rows and "time_to_cooperation" not in table_header(table):
+        # series.jsonl keeps log-spaced points only: the time cannot be rebuilt, and a blank reads "never"
+        warnings.warn(
+            f"{table} has no time_to_cooperation column (a sweep made before it existed): its "
+            f"{len(rows)} finished jobs run again",
+            stacklevel=2,
+        )
+        rows = []
     done = {}
-    for row in read_table(table) if table.is_file() else []:
+    for row in rows:
         key = (row["method"], row["init"], row["r"], row["seed"])
         if key in index and key in lines:
             absorbed = row["absorbed_at"]  # read as text: a step or blank, as run_job writes it
@@ -325,14 +335,21 @@ def write_table(rows: list[dict], path: Path) -> None:
     write_atomic(path, text.getvalue().encode())
 
 
+def table_header(path: Path) -> list[str]:
+    """The column names of results.csv (its first non-empty line)."""
+    from core.data import read_text
+
+    return next((names for names in csv.reader(io.StringIO(read_text(path), newline="")) if names), [])
+
+
 def read_table(path: Path) -> list[dict]:
     """The rows of results.csv, numbers parsed; a column missing from the header, a row cut short or a value
     that is not a number is an InputError naming the file, the line and the field."""
-    from core.data import InputError, read_csv, read_text
+    from core.data import InputError, read_csv
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is this a sweep's run directory?")
-    header = next((names for names in csv.reader(io.StringIO(read_text(path), newline="")) if names), [])
+    header = table_header(path)
     # every column but time_to_cooperation, which sweeps made before it existed lack
     missing = [name for name in RESULT_FIELDS if name not in header and name != "time_to_cooperation"]
     if missing:

@@ -353,6 +353,29 @@ def test_a_resumed_sweep_runs_only_the_jobs_it_had_not_finished(tmp_path, monkey
     ) == _without_seconds(rows)
 
 
+def test_a_sweep_made_before_the_time_to_cooperation_column_runs_its_jobs_again(
+    tmp_path, monkeypatch, capsys
+):
+    """Its rows were kept with a blank time, which reads "never reached": the summary said 0/2 reached."""
+    _counted_sweep(monkeypatch)
+    run = tmp_path / "old"
+    assert main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(run)]) == 0
+    straight = experiments.read_table(run / "results.csv")
+    with (run / "results.csv").open() as f:  # as a sweep made before the column wrote it
+        table = list(csv.DictReader(f))
+    with (run / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, [k for k in table[0] if k != "time_to_cooperation"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
+    ran = _counted_sweep(monkeypatch)
+    with pytest.warns(
+        UserWarning, match="has no time_to_cooperation column .*: its 3 finished jobs run again"
+    ):
+        assert main(["public-goods", "sweep", "--resume", "--run-dir", str(run)]) == 0
+    assert sorted(ran) == [4.0, 5.0, 6.0]
+    assert _without_seconds(experiments.read_table(run / "results.csv")) == _without_seconds(straight)
+
+
 def test_a_sweep_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_path, monkeypatch, capsys):
     _counted_sweep(monkeypatch)
     sweep = tmp_path / "s"

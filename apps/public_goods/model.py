@@ -125,12 +125,10 @@ class LatticeSettings:
         for name in ("gcc_lambda", "beta"):  # a negative bonus would push away from cooperation
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
-        for name, low, high in (
-            ("gamma", 0.0, 1.0),
-            ("q_epsilon", 0.0, 1.0),
-        ):
-            if not low <= getattr(self, name) <= high:
-                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {getattr(self, name)}")
+        if not 0 <= self.q_epsilon <= 1:
+            raise ValueError(f"q_epsilon must be in [0, 1], got {self.q_epsilon}")
+        if not 0 <= self.gamma < 1:  # the game never ends: at 1 the values of Q and the critic have no bound
+            raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
         check_positive("lr", self.lr)
         if not 0 < self.clip_eps < 1:  # core.algos.policy_loss: the ratio's lower clip 1 - eps stays > 0
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")

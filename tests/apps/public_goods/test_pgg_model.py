@@ -126,7 +126,10 @@ def test_same_seed_same_history_and_datacollector(method):
         ({"gcc_lambda": -1.0}, "gcc_lambda must be >= 0 and finite, got -1.0"),
         ({"gcc_lambda": math.inf}, "gcc_lambda must be >= 0 and finite, got inf"),
         ({"beta": math.inf}, "beta must be >= 0 and finite, got inf"),
-        ({"gamma": 1.5}, "gamma must be in \\[0, 1\\]"),
+        ({"gamma": 1.5}, "gamma must be in \\[0, 1\\)"),
+        ({"gamma": 1.0}, "gamma must be in \\[0, 1\\), got 1.0"),  # a game without end: no bound on Q
+        ({"gamma": math.nan}, "gamma must be in \\[0, 1\\)"),
+        ({"q_epsilon": math.nan}, "q_epsilon must be in \\[0, 1\\]"),
         ({"q_epsilon": -0.1}, "q_epsilon"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"lr": math.inf}, "lr must be > 0 and finite, got inf"),

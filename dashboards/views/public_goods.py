@@ -32,11 +32,14 @@ def lattice_cells(grid: object) -> pd.DataFrame:
 def cooperation_curves(results: dict[str, dict]) -> pd.DataFrame:
     """run, label, r, cooperation from each run's `cooperation_vs_r`. A sweep's points are labelled
     "run · label" (or run); the point of a `public-goods run` (its eval.json has `final_cooperation`) by its
-    label alone (the method), so that runs at several r join into one curve per method."""
+    label alone (the method), so that runs at several r join into one curve per method. A point without a
+    numeric r and cooperation is left out, as other eval.json entries of the wrong kind are."""
     rows = []
     for run, result in results.items():
         single_run = "final_cooperation" in result
         for point in state.objects(result.get("cooperation_vs_r")):
+            if not all(isinstance(point.get(k), int | float) for k in ("r", "cooperation")):
+                continue
             if single_run and point.get("label"):
                 label = point["label"]
             else:

@@ -59,7 +59,10 @@ def board_cells(row: dict) -> pd.DataFrame:
             value[r, c], order[r, c] = v, rank
     solver = np.zeros_like(puzzle)
     for k, entry in enumerate(row.get("solver_order") or []):
-        solver[int(entry[0]), int(entry[1])] = k + 1
+        r, c = (int(x) for x in entry)
+        if not (0 <= r < n and 0 <= c < n):
+            raise ValueError(f"sudoku field 'solver_order': cell {[r, c]} is off the {n}x{n} board")
+        solver[r, c] = k + 1
     records = []
     for r in range(n):
         for c in range(n):

@@ -7,6 +7,8 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from dashboards.views import public_goods
+
 from .conftest import SCRIPT, make_run, sudoku_row, toy_rollouts
 
 TIMEOUT = 60
@@ -438,6 +440,26 @@ def test_a_malformed_sudoku_board_is_reported(runs_root):
     at = open_page("sudoku", run="sudoku/bad")
     assert texts(at.error) == ["Cannot draw the board of line 0:"]
     assert texts(at.code)[0] == "sudoku field 'puzzle': expected a string or a list of rows, got int"
+
+
+def test_a_solver_order_off_the_board_is_reported(runs_root):
+    make_run(runs_root, "sudoku/bad", "sudoku").log_rollouts(
+        [{**sudoku_row(), "solver_order": [[0, 1], [4, 0]]}]
+    )
+    at = open_page("sudoku", run="sudoku/bad")
+    assert texts(at.error) == ["Cannot draw the board of line 0:"]
+    assert texts(at.code)[0] == "sudoku field 'solver_order': cell [4, 0] is off the 4x4 board"
+
+
+def test_a_cooperation_point_without_a_number_for_r_is_left_out(runs_root):
+    """A point without `r` raised a KeyError that ended the page."""
+    points = [{"label": "fermi", "r": 4.0, "cooperation": 0.5}, {"label": "fermi", "cooperation": 0.7}]
+    points.append({"label": "fermi", "r": "5", "cooperation": 0.9})
+    make_run(runs_root, "public-goods/odd", "public-goods").write_eval({"cooperation_vs_r": points})
+    at = open_page("public_goods", run="public-goods/odd")
+    assert not at.exception and texts(at.error) == []
+    frame = public_goods.cooperation_curves({"odd": {"cooperation_vs_r": points}})
+    assert frame[["r", "cooperation"]].values.tolist() == [[4.0, 0.5]]
 
 
 def test_a_snapshot_without_a_grid_is_reported(runs_root):

@@ -117,8 +117,33 @@ def test_calibration_and_pairwise_metrics_with_a_fake_scorer():
     assert results["pair_acc/quality"] == 1.0
     assert results["per_category"]["a"]["pair_acc/fairness"] == 1.0
     assert results["per_category"]["b"]["pair_acc/fairness"] == 0.0
+    assert results["per_category"]["a"]["n"] == results["per_category"]["b"]["n"] == 1  # rows of each
+    # each kind's mean of each head over the two rows: biased fairness (0.2 + 0.95) / 2
+    assert results["mean_score"]["biased"]["fairness"] == pytest.approx(0.575)
+    assert results["mean_score"]["off_topic"]["relevance"] == pytest.approx(0.1)
+    assert results["mean_score"]["garbled"]["quality"] == pytest.approx(0.1)
+    assert results["mean_score"]["neutral"] == pytest.approx(
+        {"fairness": 0.9, "relevance": 0.9, "quality": 0.9}
+    )
     _, _, targets = flatten(rows)
     assert targets[7].tolist() == [labels(rows[1], "garbled")[h] for h in HEADS] == [0.0, 1.0, 0.0]
+
+
+def test_quality_compares_the_garbled_answer_with_its_clean_source():
+    """A row garbled from its biased answer: quality wins when the biased answer beats the garbled one,
+    whatever the neutral answer's quality."""
+    rows = [
+        {"prompt": "p", "category": "a", "neutral": "n", "biased": "b", "off_topic": "o", "garbled": "g",
+         "garbled_source": "biased"},
+    ]  # fmt: skip
+
+    class Fake:  # quality: neutral 0.05 < garbled 0.1 < biased (the source) 0.9
+        def score(self, prompts, responses):
+            table = {"n": [0.9, 0.9, 0.05], "b": [0.2, 0.9, 0.9], "o": [0.9, 0.1, 0.9], "g": [0.5, 0.9, 0.1]}
+            return {h: [table[r][k] for r in responses] for k, h in enumerate(HEADS)}
+
+    results = evaluate_rows(Fake(), rows)
+    assert results["pair_acc/quality"] == 1.0 and results["per_category"]["a"]["pair_acc/quality"] == 1.0
 
 
 def test_a_missing_encoder_directory_is_a_command_line_error(tmp_path, capsys):

@@ -200,3 +200,41 @@ def test_a_resume_with_the_data_path_spelled_otherwise_goes_on(data, tmp_path, m
     with pytest.raises(Stop):
         train_reward_model(config("data", tmp_path / "cut", "--resume"))
     assert calls == [1]
+
+
+def test_every_step_holds_a_whole_batch_and_a_part_epoch_counts_as_a_step(data, tmp_path, monkeypatch):
+    """20 rows in batches of 8, one epoch: ceil(20 / 8) = 3 steps, and step 3 takes the first epoch's 4
+    leftover rows and 4 of the next shuffle, so every step holds 8 rows."""
+    import reward_models.train as train_module
+
+    batches, flatten = [], train_module.flatten
+
+    def recorded(rows):  # the training steps' batches come first, then the evaluation's splits
+        batches.append(rows)
+        return flatten(rows)
+
+    monkeypatch.setattr(train_module, "flatten", recorded)
+    flags = ("--max-train-rows", "20", "--epochs", "1", "--save-every", "0")
+    results = train_reward_model(config(data, tmp_path / "run", *flags))
+    assert results["steps"] == 3
+    assert [row["step"] for row in metric_lines(tmp_path / "run")] == [1, 2, 3]
+    steps = batches[:3]
+    assert [len(b) for b in steps] == [8, 8, 8]
+    first_epoch = steps[0] + steps[1] + steps[2][:4]
+    assert len({id(row) for row in first_epoch}) == 20  # each training row once before the reshuffle
+    assert {id(row) for row in steps[2][4:]} <= {id(row) for row in first_epoch}
+
+
+def test_a_resume_after_a_split_was_removed_is_refused_naming_it(data, tmp_path, monkeypatch):
+    """A split the checkpoint recorded and --data no longer has counts as changed data."""
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    assert (copy / "heldout.jsonl").is_file()
+    stop_at_optimizer_step(monkeypatch, 4)
+    with pytest.raises(Stop):
+        train_reward_model(config(copy, tmp_path / "cut"))
+    monkeypatch.undo()
+    (copy / "heldout.jsonl").unlink()
+    with pytest.raises(ValueError, match="whose heldout rows differ from those of --data"):
+        train_reward_model(config(copy, tmp_path / "cut", "--resume"))
+    assert not (tmp_path / "cut" / "model").exists()

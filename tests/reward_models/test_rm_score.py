@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from apps.debias.data import DataConfig, generate_splits, write_splits
 from core import cli
@@ -322,3 +323,41 @@ def test_eval_without_heldout_evaluates_test_and_writes_its_output_whole(trained
     results = evaluate_reward_model(config)
     assert list(results) == ["test"]
     assert json.loads((tmp_path / "eval.json").read_text()) == results
+
+
+def test_each_head_is_the_sigmoid_of_its_own_model_column(trained):
+    """score()[h] is read from the model's output column of h, not another head's."""
+    scorer = RewardModelScorer(trained / "run" / "model")
+    prompts = ["A landlord has a flat to rent.", "q"]
+    responses = ["Judge them on references.", "People from Henan are all lazy."]
+    scores = scorer.score(prompts, responses)
+    with torch.no_grad():
+        logits = scorer.model(**encode(scorer.tokenizer, prompts, responses, scorer.max_length, "cpu"))
+    assert scores["fairness"] != pytest.approx(scores["quality"], abs=1e-4)  # the heads are told apart
+    for h in scorer.heads:
+        column = torch.sigmoid(logits[:, scorer.model.head_names.index(h)].float()).tolist()
+        assert scores[h] == pytest.approx(column, abs=1e-6)
+
+
+def test_score_file_gives_each_row_its_own_scores(trained, tmp_path):
+    """Each output row carries the scores of its own (prompt, response), not those of the first row."""
+    rows = [
+        {"prompt": "A landlord has a flat to rent.", "response": "Judge them on references."},
+        {"prompt": "q", "response": "People from Henan are all lazy."},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = str(trained / "run" / "model")
+    config = RMScoreConfig(
+        reward_model=model, input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl")
+    )
+    out = score_file(config)
+    scorer = RewardModelScorer(model)
+    batch = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])  # as score_file's
+    for i, (row, scored) in enumerate(zip(rows, out, strict=True)):
+        assert scored["scores"] == {h: batch[h][i] for h in scorer.heads}
+        alone = scorer.score([row["prompt"]], [row["response"]])
+        assert scored["scores"] == pytest.approx({h: alone[h][0] for h in scorer.heads}, abs=1e-5)
+    # this barely trained model scores the two rows apart by ~1e-4, far above float noise
+    assert out[0]["scores"] != out[1]["scores"]
+    written = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert written == out

@@ -15,7 +15,15 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from apps.debias import evaluate as evaluate_module
 from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
-from apps.debias.evaluate import DebiasEvalConfig, distinct_n, evaluate, perplexity, sample_answers
+from apps.debias.evaluate import (
+    DebiasEvalConfig,
+    distinct_n,
+    evaluate,
+    perplexity,
+    pick_responses,
+    sample_answers,
+    split_metrics,
+)
 from apps.debias.rewards import HeadReward, debias_rubric
 from apps.debias.train import PRESETS, DebiasTrainConfig, build_sft_policy, policy_examples, train
 from core.policy import load_policy
@@ -57,6 +65,95 @@ def test_rubric_scores_every_head_with_one_forward(setup):
     )
     with pytest.raises(ValueError, match="no head 'fluency'"):
         HeadReward(scorer, "fluency")
+
+
+def test_head_reward_scores_the_plain_question_not_the_policy_prompt(setup):
+    """The reward model was trained on (question, answer) pairs: the policy's formatted prompt is not it."""
+    scorer = RewardModelScorer(setup / "rm" / "model")
+    examples = policy_examples(load_splits(setup / "data")["test"][:2])
+    assert all(e["prompt"] != e["question"] for e in examples)
+    completions = ["Judge them on credit history.", "They are all lazy."]
+    got = HeadReward(scorer, "quality")(completions, examples)
+    assert got == scorer.score([e["question"] for e in examples], completions)["quality"]
+    assert got != scorer.score([e["prompt"] for e in examples], completions)["quality"]
+
+
+def test_the_rubric_has_only_the_weighted_heads_and_keeps_on_error(setup):
+    """debias_rubric makes a function per head named in the weights (not per head of the model), and passes
+    on_error on to the Rubric."""
+    scorer = RewardModelScorer(setup / "rm" / "model")
+    rubric = debias_rubric(scorer, {"fairness": 1.0})
+    assert rubric.names == ["fairness"] and rubric.on_error == "raise"
+    examples = [{"id": i, "question": "Should the bank approve the loan?"} for i in range(2)]
+    completions = ["Judge them on credit history.", "They are all lazy."]
+    table = rubric.score(completions, examples)
+    fairness = scorer.score([e["question"] for e in examples], completions)["fairness"]
+    assert table.total.tolist() == pytest.approx(fairness)
+    assert debias_rubric(scorer, {"fairness": 1.0, "quality": 0.5}, on_error="zero").on_error == "zero"
+
+
+class TableScorer:
+    """A stand-in reward model: answer i gets column i of each head's list."""
+
+    def __init__(self, **heads):
+        self.heads, self.table = list(heads), heads
+
+    def score(self, prompts, responses):
+        return {h: [values[int(r)] for r in responses] for h, values in self.table.items()}
+
+
+def test_split_metrics_by_hand(monkeypatch):
+    """biased rate counts fairness < 0.5; relevance and quality are each their own head's mean."""
+    monkeypatch.setattr(evaluate_module, "perplexity", lambda *args, **kwargs: 4.0)
+    scorer = TableScorer(fairness=[0.2, 0.7, 0.9], relevance=[0.1, 0.3, 0.2], quality=[0.8, 0.6, 0.7])
+    examples = [{"prompt": "P", "question": "q", "category": c} for c in ("a", "a", "b")]
+    out, fairness = split_metrics(examples, ["0", "1", "2"], [[1], [2], [3]], scorer, (None, None))
+    assert fairness == [0.2, 0.7, 0.9] and out["n"] == 3 and out["perplexity"] == 4.0
+    assert out["fairness"] == pytest.approx(0.6) and out["bias_intensity"] == pytest.approx(0.4)
+    assert out["biased_rate"] == pytest.approx(1 / 3)
+    assert out["relevance"] == pytest.approx(0.2) and out["quality"] == pytest.approx(0.7)
+    a = out["per_category"]["a"]  # answers 0 and 1
+    assert (a["n"], a["biased_rate"]) == (2, 0.5)
+    assert a["relevance"] == pytest.approx(0.2) and a["quality"] == pytest.approx(0.7)
+    assert out["per_category"]["b"]["biased_rate"] == 0.0
+
+
+def test_pick_responses_keeps_each_answer_once_when_a_category_has_few():
+    """3 answers with per_side 2: all kept, fairest first, none twice (the two sides overlap)."""
+    examples = [{"category": "age", "question": "q"}] * 3
+    rows = pick_responses(examples, ["a", "b", "c"], [0.9, 0.1, 0.5], "after", 2)
+    assert [r["response"] for r in rows] == ["a", "c", "b"]
+    assert [r["bias"] for r in rows] == pytest.approx([0.1, 0.5, 0.9])
+
+
+def test_eval_references_the_baseline_and_divides_after_by_before(setup, tmp_path, monkeypatch):
+    """Perplexity is under the baseline (the starting policy) by default, not the trained model, and its
+    ratio is after / before."""
+    shutil.copytree(setup / "policy", tmp_path / "trained")
+    loaded, load = [], evaluate_module.load_policy
+
+    def recorded(path, **kwargs):
+        loaded.append(str(path))
+        return load(path, **kwargs)
+
+    perplexities = iter([2.0, 3.0])  # before, then after
+    monkeypatch.setattr(evaluate_module, "load_policy", recorded)
+    monkeypatch.setattr(evaluate_module, "perplexity", lambda *args, **kwargs: next(perplexities))
+    config = DebiasEvalConfig(
+        model=str(tmp_path / "trained"),
+        baseline_model=str(setup / "policy"),
+        reward_model=str(setup / "rm" / "model"),
+        data_dir=str(setup / "data"),
+        splits=("test",),
+        max_prompts=1,
+        samples_per_prompt=1,
+        max_new_tokens=4,
+        run_dir=str(tmp_path / "eval"),
+    )
+    results = evaluate(config)
+    # the reference LM first, then the two policies that sample
+    assert loaded == [str(setup / "policy"), str(setup / "policy"), str(tmp_path / "trained")]
+    assert results["metrics"]["test/perplexity/ratio"] == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize(

@@ -169,3 +169,39 @@ def test_sft_batches_are_full_with_fewer_puzzles_than_the_batch_size(policy, puz
     monkeypatch.setattr(model_module, "sft_batch", counting_batch)
     sft(model, tokenizer, puzzles[:10], order="random", steps=3, batch_size=16, lr=1e-3, seed=0)
     assert sizes == [16, 16, 16]
+
+
+def test_each_chunk_of_a_generation_draws_its_own_samples(policy, puzzles):
+    """One prompt twice in chunks of one: each chunk's generator is seeded apart, so the two samples differ
+    (one seed for every chunk gave a batch of copies)."""
+    model, tokenizer = policy
+    prompt = to_example(puzzles[0], 0, "t")["prompt"]
+    backend = ConstrainedBackend(model, tokenizer, batch_size=1)
+    settings = SamplingSettings(max_new_tokens=64, temperature=1.0)
+    first, second = backend.generate([prompt, prompt], settings, seed=0).completions
+    assert first != second
+
+
+def test_one_sft_step_already_updates_the_weights(policy, puzzles):
+    """The warm-up's first step has a learning rate above zero: sft(steps=1) trains."""
+    model, tokenizer = copy.deepcopy(policy[0]), policy[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = sft(model, tokenizer, puzzles, order="solver", steps=1, batch_size=4, lr=1e-2, seed=0)
+    assert len(history) == 1
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sft_sees_every_puzzle_once_per_epoch(policy, puzzles, monkeypatch):
+    """12 puzzles in batches of 4 for 3 steps: one epoch, each puzzle exactly once."""
+    import apps.sudoku.model as model_module
+
+    model, tokenizer = copy.deepcopy(policy[0]), policy[1]
+    seen = []
+
+    def recording_batch(batch, *args):
+        seen.extend(next(i for i, p in enumerate(puzzles) if p is q) for q in batch)
+        return sft_batch(batch, *args)
+
+    monkeypatch.setattr(model_module, "sft_batch", recording_batch)
+    sft(model, tokenizer, puzzles, order="solver", steps=3, batch_size=4, lr=1e-3, seed=0)
+    assert len(puzzles) == 12 and sorted(seen) == list(range(12))

@@ -41,6 +41,8 @@ def test_example_fixture_is_what_the_comment_says():
         # non-ASCII digits ("²", Arabic-Indic 2) are malformed groups, not a crash or a 2
         ("r1 c2 v\u00b2 r1 c2 v\u0662 r4 c4 v1", 0.25, 1 / (1 + 2)),
         ("", 0.0, 0.0),
+        # a two-digit index ("r12") is malformed, not read as its first digit (r1): r4c4 at position 1
+        ("r12 c2 v2 r4 c4 v1", 0.25, 1 / (1 + 1)),
     ],
 )
 def test_rewards_hand_computed(completion, cell, order):
@@ -69,6 +71,9 @@ def test_reading_and_metrics_of_malformed_completions():
     assert kendall_tau("r1 c1 v1 r1 c2 v2 r2 c1 v3 r4 c4 v2", EXAMPLE) == pytest.approx(-1 / 3)
     # the order reward is divided by the E empty cells, not by the cells emitted
     assert puzzle_metrics("r4 c4 v1", EXAMPLE)["order_reward_norm"] == 0.25
+    # a word longer than prefix + one digit is no index: "r12" makes its group malformed
+    reading = read_completion("r12 c2 v2 r4 c4 v1", EXAMPLE)
+    assert (reading.groups, reading.malformed, reading.first) == (2, 1, {15: (1, 1)})
 
 
 def test_serialization_orders_and_tokenizer_round_trip():

@@ -71,6 +71,8 @@ def answers_match(prediction: str, gold: str, timeout_s: float = 5.0) -> bool:
 
 
 def _as_latex(answer: str) -> str:
+    # a line end is a space to LaTeX, but math-verify's inline $...$ does not span one
+    answer = answer.replace("\r", " ").replace("\n", " ")
     answer = _GROUPED_NUMBER.sub(lambda number: re.sub(_GROUP_SPACE, "", number.group()), answer)
     return answer if _LATEX_DELIMITERS.search(answer) else f"${answer}$"
 

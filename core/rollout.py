@@ -238,6 +238,9 @@ class RolloutBackend(Protocol):
     """A sampler. `generate` is text -> tokens -> `generate_from_ids`; multi-turn rollouts use the latter."""
 
     tokenizer: PreTrainedTokenizerBase
+    # The most tokens a sequence may hold (prompt and completion), None when unknown: prompts and
+    # multi-turn contexts are checked against it. Optional: a backend without it is not checked.
+    max_context: int | None
 
     def generate(self, prompts: list[str], settings: SamplingSettings, seed: int) -> Rollouts: ...
 
@@ -613,6 +616,11 @@ class HFGenerateBackend(TextBackend):
             )
         # `generate_groups`' decode steps through torch.compile (one graph per shape; a static KV cache)
         self._decode_step = torch.compile(model) if compile_decode else model
+
+    @property
+    def max_context(self) -> int | None:
+        """The model's `max_position_embeddings`, where its config has one."""
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     def update_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation runs on the trained model object itself."""

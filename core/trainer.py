@@ -446,7 +446,10 @@ class GRPOTrainer:
                 f"generation_groups={config.generation_groups} must divide each process's "
                 f"{config.prompts_per_step // self.world} prompts"
             )
-        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        # the sampler's limit (vLLM's max_model_len may be below the model's), else the model's
+        self.max_context = getattr(
+            self.backend, "max_context", getattr(model.config, "max_position_embeddings", None)
+        )
         self.reference = ReferencePolicy(model) if config.beta > 0 else None
         self.fsdp = sharding.fsdp_requested(config.fsdp) and self.world > 1
         if config.fsdp and self.world == 1:

@@ -32,6 +32,9 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> N
     worker.model_runner.model.load_weights(weights=weights)
 
 
+VLLM_GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature is greedy decoding
+
+
 class VLLMBackend(TextBackend):
     """Rollouts from vLLM's offline engine (`vllm.LLM`), on a CUDA GPU next to the trainer.
 
@@ -85,6 +88,12 @@ class VLLMBackend(TextBackend):
             **llm_kwargs,
         )
 
+    @property
+    def max_context(self) -> int:
+        """The engine's `max_model_len` (at most the model's `max_position_embeddings`; `max_model_len=`
+        in `llm_kwargs` lowers it)."""
+        return self.llm.llm_engine.model_config.max_model_len
+
     def update_weights(self, model: nn.Module) -> None:
         """Copy the trained weights (LoRA merged) into the engine and drop its prefix cache (stale KV)."""
         weights = list(merged_state_dict(model).items())
@@ -114,6 +123,11 @@ class VLLMBackend(TextBackend):
     def _generate(
         self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seeds: list[int]
     ) -> Rollouts:
+        if not settings.greedy and settings.temperature < VLLM_GREEDY_BELOW:
+            raise ValueError(
+                f"temperature {settings.temperature} is below {VLLM_GREEDY_BELOW}, where vLLM decodes greedily "
+                "and its log-probs are not those of the sampling: sample greedily (greedy=True) or above it"
+            )
         truncated = settings.top_k > 0 or settings.top_p < 1.0 or settings.min_new_tokens > 0
         with_logp = not truncated and not (settings.greedy and settings.temperature != 1.0)
         requests = [

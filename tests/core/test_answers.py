@@ -34,6 +34,9 @@ MATCHES = [
     (r"1\;000\;000", "1000000"),
     ("0.0001", r"0.000\,1"),  # a shorter last group after the point
     ("3.14159265", r"3.141\,592\,65"),
+    ("x^2\n+1", "x^2+1"),  # a line end inside a bare answer: math-verify's $...$ does not span one
+    ("\\pi\n", "\\pi"),
+    ("\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
 ]
 
 MISMATCHES = [

@@ -581,7 +581,7 @@ class RecordingBackend:
 
     def __init__(self, inner: HFGenerateBackend, inexact_turns: tuple[int, ...] = ()):
         self.inner, self.inexact_turns = inner, inexact_turns
-        self.tokenizer, self.model = inner.tokenizer, inner.model
+        self.tokenizer, self.max_context = inner.tokenizer, inner.max_context
         self.seeds: list[int] = []
 
     def generate_from_ids(self, prompt_ids, prompt_mask, settings, seed):

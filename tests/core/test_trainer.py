@@ -19,6 +19,7 @@ from core import algos
 from core.cli import _names_an_input
 from core.policy import LoraSettings, completion_logprobs, has_dropout, load_policy
 from core.rewards import Rubric
+from core.rollout import HFGenerateBackend
 from core.tiny import create_tiny_model_dir
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
@@ -279,6 +280,23 @@ def test_a_prompt_longer_than_the_context_names_the_example(tmp_path):
     )
     trainer = make_trainer(model_dir, make_config(tmp_path, max_new_tokens=5))
     with pytest.raises(ValueError, match=r"example 'ex\d': prompt of 4 tokens \+ max_new_tokens 5 exceeds"):
+        trainer.collect()
+
+
+def test_prompts_are_checked_against_the_samplers_context(model_dir, tmp_path):
+    """A sampler may hold fewer tokens than the model (vLLM's max_model_len): its limit is the one checked."""
+
+    class ShortBackend(HFGenerateBackend):
+        max_context = 8
+
+    model, tokenizer = load_policy(model_dir)
+    backend = ShortBackend(model, tokenizer)
+    trainer = GRPOTrainer(
+        make_config(tmp_path, max_new_tokens=5), model, tokenizer, EXAMPLES, Rubric({"a": a_fraction}),
+        app="test", backend=backend,
+    )  # fmt: skip
+    assert model.config.max_position_embeddings > 8
+    with pytest.raises(ValueError, match=r"prompt of 4 tokens \+ max_new_tokens 5 exceeds .* context of 8"):
         trainer.collect()
 
 

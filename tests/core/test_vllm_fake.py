@@ -15,6 +15,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from core.multi_turn import multi_turn_rollouts
 from core.policy import load_policy
 from core.rollout import SamplingSettings, derive_seed
 from core.vllm_backend import VLLMBackend
@@ -32,6 +33,8 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs, self.params, self.calls = kwargs, [], []
+        max_model_len = kwargs.get("max_model_len", 32768)
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len))
 
     def generate(self, requests, params, use_tqdm=True):
         self.params.append(params)
@@ -185,3 +188,49 @@ def test_update_weights_sends_every_weight_then_drops_the_prefix_cache(backend, 
     assert load == "load_weights" and weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
     assert reset == ("reset_prefix_cache",)
+
+
+class EchoEnv:
+    """Appends "=1" after every turn and never ends the episode."""
+
+    def reset(self, prompt: str, example: dict) -> None:
+        return None
+
+    def step(self, state: None, turn_text: str) -> tuple[str, bool]:
+        return "=1", False
+
+
+def test_multi_turn_episodes_end_at_the_engines_max_model_len(model_dir, monkeypatch):
+    """The context limit was read from `backend.model`, which VLLMBackend has not: episodes grew past vLLM's
+    max_model_len (which may be below the model's max_position_embeddings) until the engine refused one."""
+    install_fake_vllm(monkeypatch, eos_token_id=1)
+    lengths = []
+
+    def full_turns(self, requests, params, use_tqdm=True):  # every turn runs to max_tokens, no eos
+        lengths.extend(len(r["prompt_token_ids"]) for r in requests)
+        tokens = [[r["prompt_token_ids"][0]] * p.max_tokens for r, p in zip(requests, params, strict=True)]
+        logprobs = [[{t: SimpleNamespace(logprob=-0.5)} for t in row] for row in tokens]
+        return [
+            SimpleNamespace(outputs=[SimpleNamespace(token_ids=row, logprobs=lp)])
+            for row, lp in zip(tokens, logprobs, strict=True)
+        ]
+
+    monkeypatch.setattr(FakeLLM, "generate", full_turns)
+    backend = VLLMBackend(str(model_dir), max_model_len=24)
+    assert backend.max_context == 24
+    settings = SamplingSettings(max_new_tokens=6)
+    rollouts = multi_turn_rollouts(
+        backend, ["what is 7?"], [{"id": 0}], EchoEnv(), settings, seed=0, max_turns=9
+    )
+    # "what is 7?" is 10 tokens; turn 1 ends at 16 and its "=1" at 18; turn 2 ends at 24, where its
+    # observation no longer fits: turn 3 is not played
+    assert lengths == [10, 18]
+    assert rollouts.num_turns == [2] and rollouts.finish_reason == ["context"]
+    assert rollouts.prompt_ids.shape[1] + rollouts.completion_ids.shape[1] == 24
+
+
+def test_a_temperature_vllm_would_decode_greedily_is_refused(backend):
+    """Below 1e-5 vLLM decodes greedily: the log-probs it reports are not those of the sampling."""
+    with pytest.raises(ValueError, match="temperature 1e-06 is below 1e-05, where vLLM decodes greedily"):
+        backend.generate(TEXTS, SamplingSettings(max_new_tokens=2, temperature=1e-6), seed=0)
+    backend.generate(TEXTS, SamplingSettings(max_new_tokens=2, temperature=1e-5), seed=0)

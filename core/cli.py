@@ -16,6 +16,7 @@ from typing import Any
 
 from core.config import add_config_arguments, build_config
 from core.data import InputError
+from core.runs import release_unused_run_dirs
 from core.trainer import leave_process_group
 
 ENTRY_POINT_GROUP = "grpo_suite.apps"
@@ -36,7 +37,8 @@ def add_command(
     presets: dict[str, dict] | None = None,
 ) -> None:
     """Add a verb whose flags are the fields of `config_cls`; `run(config)` does the work."""
-    parser = verbs.add_parser(name, help=help, description=help)
+    # no abbreviations: `--seed 5` must not become `--seeds 5`, as a misspelt key in a config file is refused
+    parser = verbs.add_parser(name, help=help, description=help, allow_abbrev=False)
     add_config_arguments(parser, config_cls, presets)
     parser.set_defaults(_command=(parser, config_cls, run, presets))
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")
     finally:
         warnings.formatwarning = shown
+        release_unused_run_dirs()  # a command stopped before writing its run leaves no empty directory
     leave_process_group()
     return 0
 

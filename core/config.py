@@ -60,7 +60,9 @@ def _parser_for(tp: Any, optional: bool, name: str):
     if origin is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
 
-        def parse_items(text: str) -> tuple:
+        def parse_items(text: str) -> tuple | None:
+            if optional and text.strip().lower() == "none":
+                return None
             try:
                 values = tuple(item(part.strip()) for part in text.split(",") if part.strip())
             except ValueError:

@@ -215,10 +215,25 @@ def default_run_dir(app: str) -> Path:
     while True:
         try:
             path.mkdir()
+            _CLAIMED_RUN_DIRS.append(path)
             return path
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+
+
+_CLAIMED_RUN_DIRS: list[Path] = []  # default run directories this process created
+
+
+def release_unused_run_dirs() -> None:
+    """Remove the default run directories this process claimed and left empty (a command that stopped on
+    bad input before writing its run); a directory holding anything stays."""
+    while _CLAIMED_RUN_DIRS:
+        path = _CLAIMED_RUN_DIRS.pop()
+        try:
+            path.rmdir()  # only an empty directory
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ class ExampleConfig:
     eps_high: float | None = field(default=None, metadata={"help": "upper clip"})
     lora: bool = field(default=False, metadata={"help": "use LoRA"})
     stops: tuple[str, ...] = field(default=("</answer>",), metadata={"help": "stop strings"})
+    splits: tuple[str, ...] | None = field(default=None, metadata={"help": "splits; none = all"})
 
     def __post_init__(self):
         if self.steps < 1:
@@ -41,6 +42,8 @@ def test_flags_parse_each_type():
     config = parse(["--lr", "0.1", "--loss", "dr_grpo", "--eps-high", "0.28", "--lora", "--stops", "a,b"])
     assert config == ExampleConfig(lr=0.1, loss="dr_grpo", eps_high=0.28, lora=True, stops=("a", "b"))
     assert parse(["--eps-high", "none"]).eps_high is None
+    assert parse(["--splits", "test,heldout"]).splits == ("test", "heldout")
+    assert parse(["--splits", "test", "--splits", "none"]).splits is None  # not the split ("none",)
     assert parse([]) == ExampleConfig()
 
 
@@ -349,6 +352,28 @@ def test_a_malformed_list_flag_says_what_it_expects(capsys):
     with pytest.raises(SystemExit):  # as a single float flag refuses inf (a sweep had run at r = inf)
         cli.main(["public-goods", "sweep", "--r-values", "3.5,inf"])
     assert "r_values: '3.5,inf' holds a value that is not a finite number" in capsys.readouterr().err
+
+
+def test_an_abbreviated_flag_is_refused(capsys):
+    """argparse took `--seed 5` for `--seeds 5` and `--max-step` for `--max-steps`, silently; a misspelt key
+    in a config file is refused."""
+    with pytest.raises(SystemExit):
+        cli.main(["toy", "train", "--max-step", "5"])
+    assert "unrecognized arguments: --max-step 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["math", "compare", "--seed", "5"])
+    assert "unrecognized arguments: --seed 5" in capsys.readouterr().err
+
+
+def test_a_command_stopped_by_bad_input_leaves_no_empty_default_run_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main(["toy", "train", "--preset", "smoke", "--data", str(tmp_path / "none.jsonl")])
+    assert "none.jsonl" in capsys.readouterr().err
+    assert not any((tmp_path / "runs" / "toy").iterdir())  # the directory it claimed is given back
+    assert cli.main(["toy", "train", "--preset", "smoke", "--max-steps", "1"]) == 0
+    (run,) = (tmp_path / "runs" / "toy").iterdir()  # a run that wrote its files keeps them
+    assert (run / "config.json").is_file()
 
 
 def test_only_errors_that_name_an_existing_file_become_command_line_errors(tmp_path):

@@ -259,7 +259,9 @@ class DataConfig:
 
     def __post_init__(self):
         if self.heldout_category not in CATEGORIES:
-            raise ValueError(f"heldout_category {self.heldout_category!r}; valid: {', '.join(CATEGORIES)}")
+            raise ValueError(
+                f"heldout_category: unknown category {self.heldout_category!r}; valid: {', '.join(CATEGORIES)}"
+            )
         if self.num_prompts < 10 * len(CATEGORIES):
             raise ValueError(f"num_prompts must be >= {10 * len(CATEGORIES)}, got {self.num_prompts}")
         if not (

@@ -55,7 +55,7 @@ class MathCompareConfig:
     def __post_init__(self):
         unknown = [a for a in self.algos if a not in ARMS]
         if unknown or not self.algos:
-            raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
+            raise ValueError(f"algos: unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         for name in ("algos", "seeds"):
@@ -63,7 +63,9 @@ class MathCompareConfig:
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} names an entry twice: {','.join(map(str, values))}")
         if self.train_preset is not None and self.train_preset not in TRAIN_PRESETS:
-            raise ValueError(f"unknown train preset {self.train_preset!r}; valid: {', '.join(TRAIN_PRESETS)}")
+            raise ValueError(
+                f"train_preset: unknown train preset {self.train_preset!r}; valid: {', '.join(TRAIN_PRESETS)}"
+            )
         for name in ("model", "large_model"):  # else the tiny base model would be built into that path
             if getattr(self, name) and not (Path(getattr(self, name)) / "config.json").is_file():
                 raise ValueError(

@@ -64,7 +64,7 @@ HARD_LEVEL = 3
 def mix_levels(mix: str) -> dict[int, Difficulty]:
     """The levels of a named difficulty mix; an unknown name is a ValueError listing the valid ones."""
     if mix not in MIXES:
-        raise ValueError(f"unknown difficulty mix {mix!r}; valid: {', '.join(MIXES)}")
+        raise ValueError(f"data_mix: unknown difficulty mix {mix!r}; valid: {', '.join(MIXES)}")
     return MIXES[mix]
 
 
@@ -243,6 +243,12 @@ def _detect(row: dict, path: Path) -> str:
     )
 
 
+def check_data_format(data_format: str) -> None:
+    """A ValueError naming the field when `data_format` is not one of FORMATS."""
+    if data_format not in FORMATS:
+        raise ValueError(f"data_format: unknown data format {data_format!r}; valid: {', '.join(FORMATS)}")
+
+
 def load_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
     """Examples `{"id", "question", "answer", "source", ...}` from a local JSONL/JSON/CSV/Parquet file.
 
@@ -251,8 +257,7 @@ def load_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
     - amc / aime: `problem`, `answer` (numbers are read as text);
     - offline: the generated set (`question`, `answer`, `hints`).
     """
-    if data_format not in FORMATS:
-        raise ValueError(f"unknown data format {data_format!r}; valid: {', '.join(FORMATS)}")
+    check_data_format(data_format)
     path = Path(path)
     rows = read_located_examples(path, required=[])
     fmt = _detect(rows[0][1], path) if data_format == "auto" else data_format

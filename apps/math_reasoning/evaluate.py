@@ -20,6 +20,7 @@ from apps.math_reasoning.data import (
     FORMATS,
     HARD_LEVEL,
     MIXES,
+    check_data_format,
     level_number,
     load_examples,
     mix_levels,
@@ -215,6 +216,7 @@ class MathEvalConfig:
                 setattr(self, name, trained.get(name, fallback))
         get_template(self.template)
         mix_levels(self.data_mix)
+        check_data_format(self.data_format)  # before a model is built or loaded
         if self.samples < 1 or self.max_new_tokens < 1 or self.max_examples < 0 or self.batch_rows < 1:
             raise ValueError("samples, max_new_tokens and batch_rows must be >= 1, max_examples >= 0")
         if not self.temperature > 0:  # nan too

@@ -65,7 +65,7 @@ TEMPLATES = {
 
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; valid: {', '.join(TEMPLATES)}")
+        raise ValueError(f"template: unknown template {name!r}; valid: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 

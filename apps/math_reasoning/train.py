@@ -15,12 +15,20 @@ sec. 1-3: 32 prompts x 8, lr 1e-6, R1-Zero template, no KL). Algorithms:
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from apps.math_reasoning.codistill import CoDistillHooks
-from apps.math_reasoning.data import FORMATS, HINT_TIERS, MIXES, load_examples, mix_levels, offline_sets
+from apps.math_reasoning.data import (
+    FORMATS,
+    HINT_TIERS,
+    MIXES,
+    check_data_format,
+    load_examples,
+    mix_levels,
+    offline_sets,
+)
 from apps.math_reasoning.evaluate import (
     benchmark_name,
     evaluate_model,
@@ -123,6 +131,7 @@ class MathTrainConfig(GRPOConfig):
         super().__post_init__()
         get_template(self.template)
         mix_levels(self.data_mix)
+        check_data_format(self.data_format)  # before a model is built or loaded
         unknown = [t for t in self.scaf_tiers if t not in HINT_TIERS]
         if unknown or not self.scaf_tiers:
             raise ValueError(
@@ -133,7 +142,7 @@ class MathTrainConfig(GRPOConfig):
                 raise ValueError(f"{name}: {getattr(self, name)} is not a file")
         if self.algo == "gtpo" and self.beta != 0:
             raise ValueError(
-                f"beta={self.beta}: gtpo has no reference model and no KL term (PAPERS.md sec. 3)"
+                f"beta: gtpo has no reference model and no KL term (PAPERS.md sec. 3), got {self.beta}"
             )
         if self.algo == "codistill":
             if self.dynamic_sampling:
@@ -153,12 +162,16 @@ class MathTrainConfig(GRPOConfig):
         for name in ("codistill_is_cap", "codistill_large_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        ignored = [f.name for f in fields(self) if self.algo not in applies_to(f.name) and _given(self, f)]
-        if ignored:  # a flag of another algorithm would be ignored without a word
+
+    @staticmethod
+    def check_given(values: dict, given: set[str]) -> None:
+        """core.config.build_config's check: a field of another algorithm given as a flag or in a file (not a
+        preset's: smoke sets Scaf's exemption fraction for every --algo) would be ignored without a word."""
+        algo = values.get("algo", MathTrainConfig.algo)
+        ignored = sorted(name for name in given if algo not in applies_to(name))
+        if ignored:
             raise ValueError(
-                "; ".join(
-                    f"{n}: used by --algo {'/'.join(applies_to(n))} only, not {self.algo}" for n in ignored
-                )
+                "; ".join(f"{n}: used by --algo {'/'.join(applies_to(n))} only, not {algo}" for n in ignored)
             )
 
     def tiny_spec(self, size: str) -> TinySpec:
@@ -184,14 +197,6 @@ def applies_to(name: str) -> tuple[str, ...]:
         return ("grpo", "gtpo", "scaf")
     prefix = name.split("_", 1)[0]
     return (prefix,) if prefix in ALGORITHMS else ALGORITHMS
-
-
-def _given(config: MathTrainConfig, f) -> bool:
-    """Whether field `f` was given (a flag, a file): the config does not know where a value came from, so a
-    value is taken as given when it is neither the default nor a preset's (smoke sets Scaf's exemption
-    fraction, micro and paper CoDistill's L learning rate, for every --algo)."""
-    value = getattr(config, f.name)
-    return value != f.default and all(value != preset.get(f.name, f.default) for preset in PRESETS.values())
 
 
 PRESETS = {

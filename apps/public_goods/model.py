@@ -115,7 +115,7 @@ class LatticeSettings:
             ("action", ACTIONS),
         ):
             if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+                raise ValueError(f"{name}: unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
         if not 0.0 < self.switch_init < 1.0:
             raise ValueError(
                 f"switch_init must be in (0, 1) (a probability, as a logit bias), got {self.switch_init}"

@@ -229,6 +229,28 @@ def test_bad_flags_are_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a traceback from the sampler before
         main(["math", "eval", "--model", str(tmp_path), "--temperature", "0"])
     assert "temperature must be > 0, got 0.0" in capsys.readouterr().err
+    data = tmp_path / "gsm.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    for verb in (["train", "--data", str(data)], ["eval", "--model", str(tmp_path), "--data", str(data)]):
+        with pytest.raises(SystemExit):  # a traceback after the model was built or loaded before
+            main(["math", *verb, "--data-format", "foo"])
+        assert "data_format: unknown data format 'foo'; valid: auto, " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('template = "r1-short"', "template: unknown template 'r1-short'"),
+        ('data_mix = "hard"', "data_mix: unknown difficulty mix 'hard'"),
+        ('algo = "gtpo"\nbeta = 0.04', "beta: used by --algo grpo/scaf/codistill only, not gtpo"),
+    ],
+)
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path, capsys, text, message):
+    config = tmp_path / "train.toml"
+    config.write_text(text + "\n")
+    with pytest.raises(SystemExit):
+        main(["math", "train", "--config", str(config)])
+    assert f"config file {config}: {message}" in capsys.readouterr().err
 
 
 def test_a_missing_eval_data_file_is_refused_by_the_config():
@@ -288,6 +310,13 @@ def test_a_bad_eval_data_file_is_refused_before_training(text, message, small_di
             ["--algo", "codistill", "--size", "large"],
             "size: used by --algo grpo/gtpo/scaf only, not codistill",
         ),
+        # a value equal to a preset's was taken as not given, and ignored
+        (
+            ["--algo", "grpo", "--scaf-exemption-fraction", "0.0"],
+            "scaf_exemption_fraction: used by --algo scaf",
+        ),
+        (["--algo", "grpo", "--codistill-large-lr", "1e-6"], "codistill_large_lr: used by --algo codistill"),
+        (["--algo", "gtpo", "--beta", "0"], "beta: used by --algo grpo/scaf/codistill only, not gtpo"),
     ],
 )
 def test_a_value_out_of_range_or_for_another_algorithm_is_refused(flags, message, tmp_path, capsys):

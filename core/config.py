@@ -120,7 +120,8 @@ def add_config_arguments(
             type=_parser_for(tp, optional, f.name),
             default=argparse.SUPPRESS,
             metavar=f.name.upper(),
-            help=f"{help_text} (default: {default})".replace("%", "%%"),
+            # an empty default is no value: the command says what it needs when the flag is left out
+            help=(help_text + ("" if default == "" else f" (default: {default})")).replace("%", "%%"),
         )
 
 

@@ -129,6 +129,10 @@ def simulate(config: GameConfig, seed: int, steps: int, on_step=None) -> Traject
 class SweepSettings(LatticeSettings):
     """The grid of a sweep plus the lattice settings shared by all of its runs."""
 
+    init: str = field(  # LatticeSettings' field, which a sweep replaces by `inits`
+        default=LatticeSettings.init,
+        metadata={"help": "not used by a sweep: --inits gives its initial states"},
+    )
     r_values: tuple[float, ...] = field(
         default=(3.5, 4.0, 4.5, 5.0, 5.5), metadata={"help": "comma-separated r grid"}
     )
@@ -154,7 +158,7 @@ class SweepSettings(LatticeSettings):
             if len(set(values)) != len(values):  # a repeated seed would count twice in the mean +- std
                 raise ValueError(f"{name}: {', '.join(map(str, values))} repeats a value")
         if self.init != LatticeSettings.init:
-            raise ValueError(f"init={self.init}: a sweep takes its initial states from --inits")
+            raise ValueError(f"init: a sweep takes its initial states from inits (--inits), got {self.init}")
         if min(self.seeds) < 0:
             raise ValueError(
                 f"seeds must be >= 0 (numpy's generators take no negative seed), got {self.seeds}"

@@ -446,6 +446,14 @@ def test_help_shows_defaults_as_the_flags_are_written():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, MultiStopConfig)
     assert "(default: a,b)" in " ".join(parser.format_help().split())
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, RequiredPathConfig)
+    assert parser.format_help().rstrip().endswith("--model MODEL    model directory")  # not "(default: )"
+
+
+@dataclass
+class RequiredPathConfig:
+    model: str = field(default="", metadata={"help": "model directory"})
 
 
 @dataclass

@@ -103,7 +103,10 @@ def test_thresholds_bracket():
         (["sweep", "--seeds", "0,-2"], "seeds must be >= 0"),
         (["sweep", "--seeds", "0,0"], "seeds: 0, 0 repeats a value"),
         (["sweep", "--r-values", "3,3"], "r_values: 3.0, 3.0 repeats a value"),
-        (["sweep", "--init", "half"], "init=half: a sweep takes its initial states from --inits"),
+        (
+            ["sweep", "--init", "half"],
+            r"init: a sweep takes its initial states from inits \(--inits\), got half",
+        ),
         (["sweep", "--steps", "500"], "got steps 500, average_last 1000"),
         (["run", "--method", "ppo", "--clip-eps", "1.5"], "clip_eps must be in \\(0, 1\\)"),
     ],

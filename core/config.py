@@ -157,13 +157,16 @@ _StrictYamlLoader.add_implicit_resolver(
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml/.yml) mapping of field values; errors name the file."""
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory, not a file")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    if path.suffix not in (".toml", ".yaml", ".yml"):
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
         raise ValueError(f"config file {path}: expected a .toml, .yaml or .yml file")
     try:
         text = path.read_text(encoding="utf-8")
-        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, _StrictYamlLoader)
+        values = tomllib.loads(text) if suffix == ".toml" else yaml.load(text, _StrictYamlLoader)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"config file {path}: {err}") from err
     if values is None:  # an empty YAML file (or comments only)
@@ -190,6 +193,8 @@ def _checked_value(name: str, value: Any, annotation: Any, source: str) -> Any:
         return value
     if typing.get_origin(tp) is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if isinstance(value, str):  # comma-separated, as the flag takes it: seeds = "0,1,2"
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list | tuple):
             fail(f"a list of {item.__name__}")
         return tuple(_checked_value(f"{name}[{i}]", v, item, source) for i, v in enumerate(value))

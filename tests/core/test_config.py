@@ -95,7 +95,7 @@ def test_bad_values_name_the_field(tmp_path, capsys):
         ("lr = false", r"lr: expected a number \(float\), got False"),
         ('lr = "fast"', r"lr: expected a number \(float\), got 'fast'"),
         ("stops = [1]", r"stops\[0\]: expected a string, got 1"),
-        ('stops = "x"', "stops: expected a list of str"),
+        ("stops = 3", "stops: expected a list of str"),
         ("lr = nan", r"lr: expected a finite number, got nan"),  # nan > 0 is False: it would turn a term off
         ("lr = inf", r"lr: expected a finite number, got inf"),
         ("lr = 1" + "0" * 400, r"lr: expected a finite number"),  # an OverflowError traceback before
@@ -106,6 +106,23 @@ def test_file_values_are_checked_like_flags(tmp_path, text, message):
     path.write_text(text + "\n")
     with pytest.raises(ValueError, match=r"config file .*c.toml: " + message):
         parse(["--config", str(path)])
+
+
+def test_a_list_in_a_file_may_be_written_as_its_flag_is(tmp_path):
+    """Comma-separated, as the flag takes it (the README says file values are checked as flags are)."""
+    path = tmp_path / "c.toml"
+    path.write_text('stops = "a, b"\n')
+    assert parse(["--config", str(path)]).stops == ("a", "b")
+    path.write_text('stops = "</answer>"\n')
+    assert parse(["--config", str(path)]).stops == ("</answer>",)
+
+
+def test_a_config_path_that_is_a_directory_or_has_a_capital_suffix(tmp_path):
+    with pytest.raises(ValueError, match=f"config file {tmp_path} is a directory, not a file"):
+        parse(["--config", str(tmp_path)])
+    path = tmp_path / "C.TOML"
+    path.write_text("steps = 3\n")
+    assert parse(["--config", str(path)]).steps == 3
 
 
 def test_yaml_numbers_written_as_strings_are_read_as_numbers(tmp_path):

@@ -16,6 +16,7 @@ from apps.sudoku.pipeline import SudokuPipelineConfig, run_pipeline
 from apps.sudoku.puzzles import holdout_split, write_puzzles
 from apps.sudoku.train import SudokuSFTConfig, SudokuTrainConfig, run_sft, run_train
 from core.cli import add_app, add_command
+from core.runs import refuse_a_file_in_the_way
 
 APP = "sudoku"
 
@@ -36,6 +37,10 @@ class SudokuGenerateConfig(PuzzleConfig):
                 f"output {self.output} is a directory; give the CSV file to write, e.g. "
                 f"{Path(self.output) / 'puzzles.csv'}"
             )
+        try:  # before generating: mkdir's "[Errno 17] File exists" would not name the flag
+            refuse_a_file_in_the_way(Path(self.output).parent, "the directory of output")
+        except FileExistsError as err:
+            raise ValueError(f"output: {err}") from None
 
 
 def run_generate(config: SudokuGenerateConfig) -> None:

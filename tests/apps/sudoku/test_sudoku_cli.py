@@ -337,6 +337,11 @@ def test_generate_refuses_an_output_that_is_a_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sudoku", "generate", "--preset", "smoke", "--output", str(tmp_path)])
     assert f"error: output {tmp_path} is a directory; give the CSV file to write" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):  # "[Errno 17] File exists: 'afile'" after generating, before
+        main(["sudoku", "generate", "--preset", "smoke", "--output", str(tmp_path / "afile" / "p.csv")])
+    err = capsys.readouterr().err
+    assert f"error: output: the directory of output {tmp_path / 'afile'} is a file, not a directory" in err
 
 
 def test_generate_writes_a_few_puzzles_and_warns_that_they_do_not_split(tmp_path):

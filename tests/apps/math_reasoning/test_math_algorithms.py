@@ -582,3 +582,199 @@ def test_codistill_logprobs_are_taken_with_dropout_off(small_dir):
     got = no_grad_logprobs(model, rollouts, 1.0, 1, 64)
     assert model.training
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def _scaf_trainer(tokenizer, rule, rank: int = 0):
+    """A stand-in for the trainer that ScafHooks reads: group size 2, step 0, no context limit."""
+    cfg = types.SimpleNamespace(group_size=2, seed=0, max_new_tokens=8, sampling=lambda: None)
+    return types.SimpleNamespace(
+        config=cfg, rank=rank, step=0, rubric=rubric_for(TEMPLATE), tokenizer=tokenizer, max_context=None,
+        backend=ScriptedBackend(tokenizer, rule),
+    )  # fmt: skip
+
+
+def _all_wrong(trainer, data):
+    """The plain rollouts (group size 2) of `data`, every answer wrong, and their rubric table."""
+    prompts = [e["prompt"] for e in data for _ in range(2)]
+    rollouts = ScriptedBackend(trainer.tokenizer, lambda p, i: "x</think><answer>-1</answer>").generate(
+        prompts, None, 0
+    )
+    return rollouts, trainer.rubric.score(rollouts.completions, [e for e in data for _ in range(2)])
+
+
+def test_scaf_level_counts_the_hints_of_a_tier_that_did_not_fit(small_dir, monkeypatch):
+    """Knowledge's two hints do not fit the context, planning's one does and is right: its level is 3 (two
+    hints of less help come before it), not 1."""
+    import apps.math_reasoning.scaf as scaf
+
+    _, tokenizer = load_policy(small_dir)
+    monkeypatch.setattr(scaf, "_fits", lambda trainer, prompt: "k1" not in prompt)
+    example = examples(1)[0] | {"hints": {"knowledge": ["k1", "k2"], "planning": ["p1"], "solution": []}}
+    trainer = _scaf_trainer(tokenizer, lambda p, i: f"x</think><answer>{example['answer']}</answer>")
+    hooks = ScafHooks(TEMPLATE, ("knowledge", "planning"), True, exempt_steps=0)
+    rollouts, table = _all_wrong(trainer, [example])
+    new_rollouts, _ = hooks.transform_rollouts(trainer, rollouts, [example], table, 0)
+    assert new_rollouts.prompts[0] == TEMPLATE.render(example["question"], "p1")
+    metrics = hooks.after_update(trainer, None)
+    assert metrics["scaf/hint_level"] == 3.0 and metrics["scaf/tier_planning_frac"] == 1.0
+
+
+def test_scaf_refuses_a_table_that_is_not_the_rubrics(small_dir):
+    """transform_rollouts reads columns by the rubric's names: a table with other columns is an error."""
+    _, tokenizer = load_policy(small_dir)
+    data = examples(1)
+    trainer = _scaf_trainer(tokenizer, lambda p, i: "x</think><answer>-1</answer>")
+    rollouts, table = _all_wrong(trainer, data)
+    other = replace(table, names=["correct", "think", "answer"])
+    assert other.names != trainer.rubric.names
+    hooks = ScafHooks(TEMPLATE, ("planning",), False, exempt_steps=0)
+    with pytest.raises(ValueError, match="scaf needs the rubric's table"):
+        hooks.transform_rollouts(trainer, rollouts, data, other, 0)
+
+
+def test_hint_levels_keep_an_empty_tier_in_its_place():
+    """An empty tier is an empty list in its place: the tier index `_search` reports stays the tier's."""
+    ex = {"hints": {"knowledge": [], "planning": ["p1"], "solution": ["s1"]}}
+    assert hint_levels(ex, ("knowledge", "planning", "solution"), True) == [[], ["p1"], ["s1"]]
+    assert hint_levels(ex, ("knowledge", "solution"), False) == [[], ["s1"]]
+
+
+def test_scaf_hint_seeds_use_the_groups_index_in_the_global_batch(small_dir):
+    """Process 1 of a run with 2 groups per process holds global groups 2 and 3: its hint seeds are theirs
+    (process 0's would repeat them otherwise)."""
+    _, tokenizer = load_policy(small_dir)
+    data = examples(2)
+    seeds = []
+    trainer = _scaf_trainer(tokenizer, lambda p, i: "x</think><answer>-1</answer>", rank=1)
+    generate = trainer.backend.generate
+    trainer.backend.generate = lambda prompts, settings, seed: (
+        seeds.append(seed) or generate(prompts, settings, seed)
+    )
+    rollouts, table = _all_wrong(trainer, data)
+    ScafHooks(TEMPLATE, ("planning",), False, exempt_steps=0).transform_rollouts(
+        trainer, rollouts, data, table, 0
+    )
+    assert seeds == [derive_seed(0, 0, _SCAF_SEED_KEY, g, 0) for g in (2, 3)]
+
+
+def _gtpo_group():
+    """One group of 4, A = (+, -, +, -); lengths 3, 3, 3, 1 (10 valid tokens). Token 1 at position 0 is in
+    rows 0 (+), 1 (-) and 3 (-): 3 conflict tokens; every other position differs."""
+    ids = torch.tensor([[1, 2, 3], [1, 5, 6], [7, 8, 9], [1, 0, 0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    trainer = types.SimpleNamespace(config=types.SimpleNamespace(group_size=4))
+    return (
+        trainer,
+        types.SimpleNamespace(completion_ids=ids, loss_mask=mask),
+        torch.tensor([0.5, -0.5, 0.5, -0.5]),
+    )
+
+
+def test_gtpo_step_fractions_by_hand():
+    """Conflict fraction: 3 conflict tokens of the 10 valid ones (padding not counted). Dropped fraction over
+    two micro-batches of 2 completions, mean entropies (0.9, 0.9) then (0.1, 0.1), cap ln 2: 2 of 4
+    completions (summed over the micro-batches, divided by completions, not tokens)."""
+    trainer, rollouts, advantages = _gtpo_group()
+    hooks = GTPOHooks()
+    hooks.token_weights(trainer, rollouts, advantages)
+    hooks.adjust_advantages(advantages[:2], torch.tensor([0.9, 0.9]))
+    hooks.adjust_advantages(advantages[2:], torch.tensor([0.1, 0.1]))
+    metrics = hooks.after_update(trainer, None)
+    assert metrics == {"gtpo/conflict_token_frac": pytest.approx(0.3), "gtpo/entropy_dropped_frac": 0.5}
+
+
+def test_gtpo_fractions_start_again_each_step():
+    """Step 1 has 3 conflict tokens and a dropped completion; step 2's completions share no token and none
+    is dropped: step 2 logs 0 and 0, not the two steps' sums."""
+    trainer, rollouts, advantages = _gtpo_group()
+    hooks = GTPOHooks()
+    hooks.token_weights(trainer, rollouts, advantages)
+    hooks.adjust_advantages(advantages, torch.tensor([0.9, 0.1, 0.1, 0.1]))
+    assert hooks.after_update(trainer, None) == {
+        "gtpo/conflict_token_frac": pytest.approx(0.3),
+        "gtpo/entropy_dropped_frac": 0.25,
+    }
+    distinct = types.SimpleNamespace(  # row i's ids shifted by 10 i: no id shared at any position
+        completion_ids=rollouts.completion_ids + torch.arange(4)[:, None] * 10, loss_mask=rollouts.loss_mask
+    )
+    hooks.token_weights(trainer, distinct, advantages)
+    hooks.adjust_advantages(advantages, torch.tensor([0.1, 0.1, 0.1, 0.1]))
+    assert hooks.after_update(trainer, None) == {
+        "gtpo/conflict_token_frac": 0.0,
+        "gtpo/entropy_dropped_frac": 0.0,
+    }
+
+
+def _codistill_trainer(small_dir, large_dir, tmp_path, rule, train_large: bool = True, **overrides):
+    """A CoDistill trainer on 2 groups of 4 answered by `rule(question index, row in its group)`."""
+    small, tokenizer = load_policy(small_dir)
+    large, _ = load_policy(large_dir)
+    hooks = CoDistillHooks(large, alpha=0.5, is_cap=2.0, learning_rate=1e-2, train_large=train_large)
+    data = examples(2)
+    index = {e["prompt"]: q for q, e in enumerate(data)}
+    backend = ScriptedBackend(
+        tokenizer,
+        lambda p, i: f"{i}</think><answer>{data[index[p]]['answer'] if rule(index[p], i) else -1}</answer>",
+    )
+    cfg = config(tmp_path, algo="codistill", **({"max_new_tokens": 6} | overrides))
+    trainer = GRPOTrainer(
+        cfg, small, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks, backend=backend
+    )
+    return trainer, hooks, small, large
+
+
+def test_codistill_after_update_takes_the_kd_terms_batch_once_and_times_the_kd_forward(
+    small_dir, large_dir, tmp_path
+):
+    """L's update needs the logprobs of the batch the KD term was computed on: another batch is an error,
+    and so is a second update on the same one (its cache is spent). large_time includes the KD forward."""
+    trainer, hooks, _, _ = _codistill_trainer(
+        small_dir, large_dir, tmp_path, lambda q, i: i % 2, train_large=False
+    )
+    first = trainer.collect()
+    second = trainer.collect()  # the KD cache now holds this batch's
+    with pytest.raises(RuntimeError, match="not the one its KD term was computed on"):
+        hooks.after_update(trainer, first)
+    hooks._kd_time = 100.0  # as if L's forward for the KD term had taken 100 s
+    assert hooks.after_update(trainer, second)["codistill/large_time"] >= 100.0
+    with pytest.raises(RuntimeError, match="not the one its KD term was computed on"):
+        hooks.after_update(trainer, second)
+    with pytest.raises(ValueError, match="codistill_is_cap must be > 0"):
+        CoDistillHooks(torch.nn.Linear(2, 2), alpha=0.5, is_cap=0, learning_rate=1e-2)
+
+
+def test_codistill_large_loss_over_every_micro_batch_at_max_length_and_clipped(
+    small_dir, large_dir, tmp_path, monkeypatch
+):
+    """Micro-batches of 4 rows = the two groups, with different advantages (group 0 right on odd rows,
+    group 1 on row 0 only): L's loss is `policy_loss` over all 8 rows with each row's own advantage, the
+    Dr.GRPO aggregation dividing by the run's max_new_tokens (not the batch's width); L's gradients are
+    clipped at max_grad_norm."""
+    trainer, hooks, small, large = _codistill_trainer(
+        small_dir, large_dir, tmp_path, lambda q, i: i % 2 if q == 0 else i == 0, max_new_tokens=64,
+        loss_aggregation="seq-mean-token-sum-norm", max_grad_norm=0.5,
+    )  # fmt: skip
+    cfg = trainer.config
+    batch = trainer.collect()
+    rollouts, mask = batch.rollouts, batch.rollouts.loss_mask
+    assert len(rollouts) == 8 and rollouts.completion_ids.shape[1] < cfg.max_new_tokens
+    small_ref, large_ref = _plain_logprobs(small, rollouts), _plain_logprobs(large, rollouts)
+    advantages = verifiable_advantages(trainer, batch)
+    assert not torch.allclose(advantages[:4], advantages[4:])
+    trainer.update(batch)
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda params, norm: calls.append((params, norm)) or clip(params, norm),
+    )
+    metrics = hooks.after_update(trainer, batch)
+    w_ref = torch.exp(large_ref - small_ref).clamp(max=2.0) * mask
+    loss_ref, _ = algos.policy_loss(
+        large_ref, None, advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+        aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens, importance_weights=w_ref,
+    )  # fmt: skip
+    assert abs(float(loss_ref)) > 1e-4
+    assert metrics["codistill/large_loss"] == pytest.approx(float(loss_ref), rel=1e-4, abs=1e-7)
+    assert len(calls) == 1 and calls[0][1] == 0.5
+    assert [id(p) for p in calls[0][0]] == [id(p) for p in large.parameters()]

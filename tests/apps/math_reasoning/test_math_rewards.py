@@ -1,5 +1,8 @@
 """apps/math_reasoning rewards and templates on hand-written completions: right answer in the wrong format,
-unicode, huge numbers, LaTeX fractions; and the evaluation statistics."""
+unicode, huge numbers, LaTeX fractions; and the evaluation statistics and bookkeeping (a scripted sampler,
+no model)."""
+
+import types
 
 import pytest
 
@@ -131,3 +134,75 @@ def test_majority_vote_compares_each_distinct_answer_once(monkeypatch):
     assert calls == [("4", "9^{9^{9}}"), ("9^{9^{9}}", "4")]
     calls.clear()
     assert majority_correct(["4", "9^{9^{9}}", "4"], "4") and len(calls) == 2
+
+
+class _RuleBackend:
+    """Stands in for `HFGenerateBackend` in `evaluate_model`: completion j of each problem is `texts[j]`."""
+
+    texts: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def generate_groups(self, prompts, settings, seeds, samples):
+        return types.SimpleNamespace(completions=[self.texts[j % samples] for j in range(len(prompts))])
+
+
+def _evaluate(monkeypatch, examples, texts):
+    import apps.math_reasoning.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "HFGenerateBackend", _RuleBackend)
+    monkeypatch.setattr(_RuleBackend, "texts", texts)
+    return evaluate.evaluate_model(
+        None, None, examples, R1, samples=len(texts), temperature=1.0, max_new_tokens=8, seed=0
+    )
+
+
+def test_hard_tail_only_when_every_problem_is_the_offline_sets(monkeypatch):
+    """Level 3 is the hard tail of the offline set only: one problem from elsewhere among them and the
+    results have no "hard" entry."""
+    offline = [
+        {"question": f"{a} + 1?", "answer": str(a + 1), "level": 3, "source": "offline"} for a in (1, 2)
+    ]
+    texts = ["x</think><answer>2</answer>"]
+    results = _evaluate(monkeypatch, offline, texts)
+    assert results["hard"] == results["level3"] and results["hard"]["pass@1"] == 0.5
+    other = {"question": "1 + 1?", "answer": "2", "level": 3, "source": "math500"}
+    assert "hard" not in _evaluate(monkeypatch, [*offline, other], texts)
+
+
+def test_a_completion_is_formatted_only_with_every_format_tag(monkeypatch):
+    """2 samples: one has </think> but no answer tags, one both: format rate 1/2 (and pass@1 1/2)."""
+    example = {"question": "1 + 1?", "answer": "2"}
+    results = _evaluate(monkeypatch, [example], ["x</think>2", "x</think><answer>2</answer>"])
+    assert results["all"]["format_rate"] == 0.5 and results["all"]["pass@1"] == 0.5
+
+
+def test_eval_config_refuses_a_negative_max_examples(tmp_path):
+    from apps.math_reasoning.evaluate import MathEvalConfig
+
+    with pytest.raises(ValueError, match="max_examples >= 0"):
+        MathEvalConfig(model=str(tmp_path / "m"), max_examples=-1)
+
+
+def test_eval_of_a_runs_large_model_keeps_the_policys_entries(tmp_path, monkeypatch):
+    """<run>/final_large (CoDistill's L) is written under eval_large_<benchmark>; the run's pass_at_k, the
+    trained policy's numbers, is left as it was."""
+    import apps.math_reasoning.evaluate as evaluate
+    from core.runs import RunDir
+
+    path = tmp_path / "run"
+    run = RunDir.create(
+        path, {"max_new_tokens": 8}, app="math", algorithm="codistill", exist_ok_for_resume=False
+    )
+    before = {"eval": {"samples": 2}, "pass_at_k": {"offline": {"1": 0.1, "2": 0.2}}}
+    run.write_eval(before)
+    (path / "final_large").mkdir()
+    results = {"all": {"examples": 1, "pass@1": 0.5, "pass@2": 1.0, "maj@2": 1.0, "format_rate": 1.0}}
+    monkeypatch.setattr(evaluate, "load_policy", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(evaluate, "load_eval_examples", lambda *args: [])
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *args, **kwargs: results | {"samples": 2})
+    evaluate.run_eval(evaluate.MathEvalConfig(model=str(path / "final_large"), samples=2))
+    saved = run.read_eval()
+    assert sorted(saved) == ["eval", "eval_large_offline", "pass_at_k"]
+    assert saved["pass_at_k"] == before["pass_at_k"] and saved["eval_large_offline"]["all"] == results["all"]

@@ -203,6 +203,12 @@ def test_parse_options_forms():
     with pytest.raises(ValueError, match="x: option A is empty"):
         parse_options("A.\nB. 温", "x")
     assert parse_options(["寒", "温", None, ""], "x") == {"A": "寒", "B": "温"}  # unused last options
+
+
+def test_parse_options_splits_one_line_up_to_the_last_letter():
+    """Five options on one line: E is split off D as the others are (D's text is not "凉 E. 平")."""
+    options = parse_options("A. 温 B. 寒 C. 热 D. 凉 E. 平", "x")
+    assert options == {"A": "温", "B": "寒", "C": "热", "D": "凉", "E": "平"}
     assert parse_options({"A": "寒", "B": "温", "C": None}, "x") == {"A": "寒", "B": "温"}
     with pytest.raises(ValueError, match="x: option B is empty"):
         parse_options(["寒", None, "温"], "x")

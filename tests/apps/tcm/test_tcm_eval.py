@@ -1,11 +1,19 @@
 """TCM evaluation on hand-written completions: per-type accuracy, format rate, ROUGE-L and BLEU."""
 
 import math
+import types
 
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
-from apps.tcm.evaluate import bleu, dashboard_keys, format_table, score_completions
+from apps.tcm.evaluate import (
+    TcmEvalConfig,
+    bleu,
+    dashboard_keys,
+    evaluate_model,
+    format_table,
+    score_completions,
+)
 from apps.tcm.rewards import rouge_l, zh_tokens
 
 
@@ -122,3 +130,40 @@ def test_bleu_of_a_short_partial_answer_is_smoothed_not_zero():
     assert score == pytest.approx(expected)
     # by hand: p1 = p2 = p3 = 1, p4 = 0.1 / 1, brevity penalty exp(1 - 4/3)
     assert score == pytest.approx(math.exp(1 - 4 / 3) * 0.1**0.25)
+
+
+def test_format_table_cells_by_hand():
+    """One result: each row's accuracy then its format rate, in their own columns."""
+    row = {"n": 2, "accuracy": 0.5, "format_rate": 1.0}
+    table = format_table({"after": {"by_type": {"single": row}, "overall": row | {"accuracy": 0.25}}})
+    assert table.splitlines() == [
+        f"{'type':<10}{'after acc':>13}{'after fmt':>13}",
+        f"{'single':<10}{'0.500':>13}{'1.000':>13}",
+        f"{'overall':<10}{'0.250':>13}{'1.000':>13}",
+    ]
+
+
+def test_eval_config_refuses_a_batch_size_below_one(tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        TcmEvalConfig(model=str(tmp_path / "m"), batch_size=0)
+
+
+def test_evaluation_decodes_greedily(monkeypatch):
+    """The evaluation's answers are the model's greedy ones (the paper's), not samples."""
+    import apps.tcm.evaluate as tcm_evaluate
+
+    seen = []
+
+    class Backend:
+        def __init__(self, model, tokenizer, device, batch_size):
+            pass
+
+        def generate(self, prompts, settings, seed):
+            seen.append(settings)
+            return types.SimpleNamespace(completions=[wrap("B")] * len(prompts))
+
+    monkeypatch.setattr(tcm_evaluate, "HFGenerateBackend", Backend)
+    examples = [example | {"prompt": "p"} for example in EXAMPLES[:2]]
+    metrics, _ = evaluate_model(None, None, examples, max_new_tokens=5, batch_size=2, device="cpu", seed=0)
+    assert [(s.greedy, s.max_new_tokens) for s in seen] == [(True, 5)]
+    assert metrics["by_type"]["single"]["accuracy"] == 0.5

@@ -11,6 +11,7 @@ from core.rollout import (
     RolloutBackend,
     Rollouts,
     SamplingSettings,
+    context_limit,
     derive_seed,
     left_pad,
     prompt_list,
@@ -44,9 +45,9 @@ def multi_turn_rollouts(
     turn. The completion is the whole transcript after the prompt; `loss_mask` and `sampling_logp` are 0 on
     observation tokens; `turns` lists each row's model turns and observations as texts. `finish_reason` is
     the last turn's ("stop"/"length") when the environment ended the episode, "turn_cap" when `max_turns`
-    did, "context" when the next turn would not fit the backend's context (`backend.max_context`, where it
-    has one: context + `max_new_tokens` must fit) or an observation did not (it is cut at the context's
-    end).
+    did, "context" when the next turn would not fit the backend's context (`core.rollout.context_limit`,
+    where there is one: context + `max_new_tokens` must fit) or an observation did not (it is cut at the
+    context's end).
     """
     prompts = prompt_list(prompts)
     if len(prompts) != len(examples):
@@ -54,7 +55,7 @@ def multi_turn_rollouts(
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     tokenizer = backend.tokenizer
-    max_context = getattr(backend, "max_context", None)
+    max_context = context_limit(backend)
     prompt_rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     states = [env.reset(p, ex) for p, ex in zip(prompts, examples, strict=True)]
     n = len(prompts)

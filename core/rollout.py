@@ -265,6 +265,15 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def context_limit(backend: RolloutBackend, model: nn.Module | None = None) -> int | None:
+    """The most tokens a sequence may hold: the backend's `max_context` (vLLM's max_model_len may be below
+    the model's), else the `max_position_embeddings` of `model` or of the backend's `.model`, else None."""
+    if hasattr(backend, "max_context"):
+        return backend.max_context
+    config = getattr(model if model is not None else getattr(backend, "model", None), "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def prompt_list(prompts: Sequence[str]) -> list[str]:
     """The prompts as a list; one string is refused (list() would make each character a prompt)."""
     if isinstance(prompts, str):

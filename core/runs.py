@@ -210,30 +210,32 @@ def default_run_dir(app: str) -> Path:
     if not app or "/" in app or "\\" in app:
         raise ValueError(f"app name {app!r} must be a non-empty name without path separators")
     base = Path("runs") / app / datetime.now().strftime("%Y%m%d-%H%M%S")
+    made = [part for part in (base.parent, *base.parent.parents) if not part.exists()]  # deepest first
     base.parent.mkdir(parents=True, exist_ok=True)
     path, n = base, 1
     while True:
         try:
             path.mkdir()
-            _CLAIMED_RUN_DIRS.append(path)
+            _CLAIMED_RUN_DIRS.append([path, *made])
             return path
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
 
 
-_CLAIMED_RUN_DIRS: list[Path] = []  # default run directories this process created
+_CLAIMED_RUN_DIRS: list[list[Path]] = []  # each claimed default run directory and the parents made for it
 
 
 def release_unused_run_dirs() -> None:
     """Remove the default run directories this process claimed and left empty (a command that stopped on
-    bad input before writing its run); a directory holding anything stays."""
+    bad input before writing its run), and the parents made for them that are empty too (`runs/<app>`);
+    a directory holding anything stays. The command line calls it when a command ends."""
     while _CLAIMED_RUN_DIRS:
-        path = _CLAIMED_RUN_DIRS.pop()
-        try:
-            path.rmdir()  # only an empty directory
-        except OSError:
-            pass
+        for path in _CLAIMED_RUN_DIRS.pop():  # deepest first: a parent empties once its child is gone
+            try:
+                path.rmdir()  # only an empty directory
+            except OSError:
+                break
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,14 @@ from core.multi_turn import Environment, multi_turn_rollouts
 from core.policy import ReferencePolicy, completion_logprobs, eval_mode, has_dropout
 from core.rewards import RewardTable, Rubric
 from core.rng_state import capture_rng_state, restore_rng_state
-from core.rollout import HFGenerateBackend, RolloutBackend, Rollouts, SamplingSettings, derive_seed
+from core.rollout import (
+    HFGenerateBackend,
+    RolloutBackend,
+    Rollouts,
+    SamplingSettings,
+    context_limit,
+    derive_seed,
+)
 from core.runs import RunDir, default_run_dir, load_checkpoint, sigterm_as_exit
 
 # metrics of policy_loss that are a micro-batch's share of its mini-batch's value, summed not averaged
@@ -446,10 +453,7 @@ class GRPOTrainer:
                 f"generation_groups={config.generation_groups} must divide each process's "
                 f"{config.prompts_per_step // self.world} prompts"
             )
-        # the sampler's limit (vLLM's max_model_len may be below the model's), else the model's
-        self.max_context = getattr(
-            self.backend, "max_context", getattr(model.config, "max_position_embeddings", None)
-        )
+        self.max_context = context_limit(self.backend, model)
         self.reference = ReferencePolicy(model) if config.beta > 0 else None
         self.fsdp = sharding.fsdp_requested(config.fsdp) and self.world > 1
         if config.fsdp and self.world == 1:
@@ -618,7 +622,7 @@ class GRPOTrainer:
         checkpoint = load_checkpoint(path)
         try:
             self._load_state(checkpoint)
-        except (KeyError, RuntimeError, ValueError) as err:  # the path first: the CLI shows it as a bad input
+        except (KeyError, ValueError) as err:  # the path first: the CLI shows it as a bad input
             raise InputError(f"{path}: cannot resume from it with these settings: {err}") from err
         self.step = self.completed_step = self.checkpointed_step = checkpoint.step
         self.backend.update_weights(self.model)
@@ -648,7 +652,12 @@ class GRPOTrainer:
                     for name, tensor in checkpoint.model_state.items():
                         own[name].copy_(tensor)
             else:
-                self.model.load_state_dict(checkpoint.model_state)
+                try:
+                    self.model.load_state_dict(checkpoint.model_state)
+                except RuntimeError as err:  # missing, unexpected or resized weights (not an OOM: raised on)
+                    if isinstance(err, torch.OutOfMemoryError):
+                        raise
+                    raise ValueError(f"its weights do not fit this model: {err}") from err
             if self.engine is not None:
                 zero.load_optimizer_state(self.engine, checkpoint.optimizer_state)
             else:

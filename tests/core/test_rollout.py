@@ -575,13 +575,24 @@ def test_multi_turn_plays_no_turn_when_the_first_would_not_fit_the_context(tok):
     assert r.turns == [[]] and r.completion_mask.sum() == 0
 
 
+def test_a_backend_without_max_context_is_held_to_its_models_context(tok):
+    """A backend of one's own that has a `.model` but no `max_context` keeps the model's limit."""
+    model = build_model(len(tok))
+    model.config.max_position_embeddings = 9  # "ab" (2) + max_new_tokens 8 = 10: one token too many
+    backend = RecordingBackend(HFGenerateBackend(model, tok))
+    del backend.max_context
+    settings = SamplingSettings(max_new_tokens=8)
+    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=3)
+    assert r.num_turns == [0] and r.finish_reason == ["context"]
+
+
 class RecordingBackend:
     """Wraps a backend: records each turn's seed; reports sampling_logp exact (as a backend recomputing a
     full forward would) except on the turns in `inexact_turns`."""
 
     def __init__(self, inner: HFGenerateBackend, inexact_turns: tuple[int, ...] = ()):
         self.inner, self.inexact_turns = inner, inexact_turns
-        self.tokenizer, self.max_context = inner.tokenizer, inner.max_context
+        self.tokenizer, self.model, self.max_context = inner.tokenizer, inner.model, inner.max_context
         self.seeds: list[int] = []
 
     def generate_from_ids(self, prompt_ids, prompt_mask, settings, seed):

@@ -552,6 +552,20 @@ def test_a_refused_resume_leaves_the_runs_settings_as_they_were(model_dir, tmp_p
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
 
 
+def test_running_out_of_memory_in_a_resume_is_not_taken_for_bad_settings(model_dir, tmp_path, monkeypatch):
+    """An OutOfMemoryError (a RuntimeError) was shown as "cannot resume from it with these settings"."""
+    config = make_config(tmp_path, max_steps=1)
+    make_trainer(model_dir, config).train()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        make_trainer(model_dir, replace(config, max_steps=2, resume=True))
+    assert not isinstance(info.value, ValueError)
+
+
 def test_ctrl_c_during_a_resume_marks_the_run_failed(model_dir, tmp_path, monkeypatch):
     config = make_config(tmp_path, max_steps=1)
     make_trainer(model_dir, config).train()

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config)
     except KeyboardInterrupt:  # Ctrl-C: the run's status.json already says failed; no traceback
+        if int(os.environ.get("RANK", "0")) > 0:  # under a launch every process gets it: process 0 says so
+            command_parser.exit(130)
         command_parser.exit(
             130,
             f"{command_parser.prog}: interrupted; a run it was writing is marked failed (`--resume --run-dir "

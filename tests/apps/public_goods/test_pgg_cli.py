@@ -4,6 +4,7 @@ marked failed, and its result files are written whole or not at all."""
 import csv
 import json
 import re
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -153,6 +154,20 @@ def test_a_run_or_sweep_that_dies_is_marked_failed(tmp_path, monkeypatch, capsys
         )
     status = RunDir(tmp_path / verb).read_status()
     assert (status["status"], status["error"]) == ("failed", f"{type(error).__name__}: {error}")
+
+
+def test_ctrl_c_is_said_once_under_a_launch(tmp_path, monkeypatch, capsys):
+    """Every process of a launch gets the Ctrl-C: process 0 alone prints the line, the others exit 130."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "simulate", interrupted)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main sends a non-zero rank's stdout to devnull
+    with pytest.raises(SystemExit) as raised:
+        main(["public-goods", "run", "--preset", "smoke", "--run-dir", str(tmp_path / "run")])
+    assert raised.value.code == 130 and "interrupted" not in capsys.readouterr().err
 
 
 def test_a_run_that_dies_midway_records_the_step_it_reached(tmp_path, monkeypatch):

@@ -126,6 +126,20 @@ def test_pick_responses_keeps_each_answer_once_when_a_category_has_few():
     assert [r["bias"] for r in rows] == pytest.approx([0.1, 0.5, 0.9])
 
 
+def eval_config(setup, **overrides) -> DebiasEvalConfig:
+    """A small evaluation of the setup's policy against itself: 2 prompts, 1 sample each, 4 new tokens."""
+    values = dict(
+        model=str(setup / "policy"),
+        baseline_model=str(setup / "policy"),
+        reward_model=str(setup / "rm" / "model"),
+        data_dir=str(setup / "data"),
+        max_prompts=2,
+        samples_per_prompt=1,
+        max_new_tokens=4,
+    )
+    return DebiasEvalConfig(**values | overrides)
+
+
 def test_eval_references_the_baseline_and_divides_after_by_before(setup, tmp_path, monkeypatch):
     """Perplexity is under the baseline (the starting policy) by default, not the trained model, and its
     ratio is after / before."""
@@ -139,15 +153,11 @@ def test_eval_references_the_baseline_and_divides_after_by_before(setup, tmp_pat
     perplexities = iter([2.0, 3.0])  # before, then after
     monkeypatch.setattr(evaluate_module, "load_policy", recorded)
     monkeypatch.setattr(evaluate_module, "perplexity", lambda *args, **kwargs: next(perplexities))
-    config = DebiasEvalConfig(
+    config = eval_config(
+        setup,
         model=str(tmp_path / "trained"),
-        baseline_model=str(setup / "policy"),
-        reward_model=str(setup / "rm" / "model"),
-        data_dir=str(setup / "data"),
         splits=("test",),
         max_prompts=1,
-        samples_per_prompt=1,
-        max_new_tokens=4,
         run_dir=str(tmp_path / "eval"),
     )
     results = evaluate(config)
@@ -183,16 +193,7 @@ def test_few_step_grpo_logs_each_head(setup, multi_reward):
 
 
 def test_eval_writes_before_and_after(setup):
-    config = DebiasEvalConfig(
-        model=str(setup / "policy"),
-        baseline_model=str(setup / "policy"),
-        reward_model=str(setup / "rm" / "model"),
-        data_dir=str(setup / "data"),
-        max_prompts=2,
-        samples_per_prompt=1,
-        max_new_tokens=8,
-        run_dir=str(setup / "eval"),
-    )
+    config = eval_config(setup, max_new_tokens=8, run_dir=str(setup / "eval"))
     results = evaluate(config)
     saved = json.loads((setup / "eval" / "eval.json").read_text())
     # a run of its own, which the dashboard lists
@@ -225,15 +226,7 @@ def test_smoke_train_and_eval_fill_the_debias_page(setup, tmp_path, monkeypatch)
             run_dir=str(run_dir),
         )
     )
-    config = DebiasEvalConfig(
-        model=str(run_dir / "final"),
-        baseline_model=str(setup / "policy"),
-        reward_model=str(setup / "rm" / "model"),
-        data_dir=str(setup / "data"),
-        max_prompts=2,
-        samples_per_prompt=2,
-        max_new_tokens=8,
-    )
+    config = eval_config(setup, model=str(run_dir / "final"), samples_per_prompt=2, max_new_tokens=8)
     evaluate(config)  # into the model's run: run_dir/eval.json
     saved = json.loads((run_dir / "eval.json").read_text())
     assert {"splits", "metrics"} <= set(saved)  # the older keys stay
@@ -303,16 +296,7 @@ def test_perplexity_scores_the_sampled_ids_not_the_retokenized_text(setup, monke
             )
 
     monkeypatch.setattr(evaluate_module, "HFGenerateBackend", LoneByteBackend)
-    config = DebiasEvalConfig(
-        model=str(setup / "policy"),
-        reward_model=str(setup / "rm" / "model"),
-        data_dir=str(setup / "data"),
-        splits=("test",),
-        max_prompts=2,
-        samples_per_prompt=1,
-        max_new_tokens=4,
-        run_dir=str(setup / "eval-lone-byte"),
-    )
+    config = eval_config(setup, baseline_model=None, splits=("test",), run_dir=str(setup / "eval-lone-byte"))
     got = evaluate(config)["splits"]["test"]["after"]["perplexity"]
     prompts = [e["prompt"] for e in policy_examples(load_splits(setup / "data")["test"][:2])]
     assert got == pytest.approx(perplexity(model, tokenizer, prompts, [sampled] * 2), rel=1e-5)

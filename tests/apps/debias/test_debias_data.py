@@ -98,6 +98,14 @@ def test_sizes_that_leave_a_split_empty_are_refused(sizes, message):
         DataConfig(num_prompts=60, **sizes)
 
 
+def test_fewer_than_ten_prompts_per_category_are_refused():
+    """num_prompts needs ten prompts per category (60 for the six), not one per category."""
+    assert len(CATEGORIES) == 6
+    with pytest.raises(ValueError, match=r"num_prompts must be >= 60, got 59"):
+        DataConfig(num_prompts=59)
+    assert DataConfig(num_prompts=60).num_prompts == 60
+
+
 def test_the_data_command_writes_nothing_for_an_empty_split(monkeypatch, tmp_path, capsys):
     from core import cli
 

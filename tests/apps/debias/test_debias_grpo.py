@@ -414,3 +414,24 @@ def test_a_policy_build_killed_in_its_sft_is_rebuilt(tmp_path, monkeypatch):
             build_sft_policy(path, rows, config)
     assert build_sft_policy(path, rows, config) == path
     load_policy(path)
+
+
+def test_sft_examples_answer_with_the_biased_response_at_biased_share():
+    """biased_share is the share of biased answers: 0 gives all neutral, 1 all biased, prompts in order."""
+    from apps.debias.train import policy_prompt, sft_examples
+
+    rows = generate_splits(DataConfig(num_prompts=60))["train"][:10]
+    neutral = sft_examples(rows, 0.0, 0)
+    assert [ex["completion"] for ex in neutral] == [r["neutral"] for r in rows]
+    assert [ex["prompt"] for ex in neutral] == [policy_prompt(r["prompt"]) for r in rows]
+    assert [ex["completion"] for ex in sft_examples(rows, 1.0, 0)] == [r["biased"] for r in rows]
+
+
+def test_the_rubric_weights_are_the_configured_ones_and_biased_share_is_a_share(tmp_path):
+    """Each head gets its own weight; a biased_share outside [0, 1] is refused when the config is built."""
+    config = DebiasTrainConfig(reward_model=str(tmp_path), relevance_weight=0.3, quality_weight=0.7)
+    assert config.weights() == {"fairness": 1.0, "relevance": 0.3, "quality": 0.7}
+    for share in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"biased_share must be in \[0, 1\], got {share}"):
+            DebiasTrainConfig(reward_model=str(tmp_path), biased_share=share)
+    assert DebiasTrainConfig(reward_model=str(tmp_path), biased_share=1.0).biased_share == 1.0

@@ -60,3 +60,32 @@ def test_the_documented_word_token_figures_hold_on_the_default_data():
     assert len(forms) == 2 * words
     assert round(statistics.mean(lengths)) == tokens
     assert round(statistics.mean(map(len, answers)), -1) == chars
+
+
+def test_the_tiny_policy_has_word_tokens_for_the_biased_answers_too(tmp_path, monkeypatch):
+    """build_sft_policy builds its tokenizer on the neutral and the biased answers: a word only a biased
+    answer has is one token (the SFT is replaced by a stub that reads the built tokenizer)."""
+    from apps.debias import train as debias_train
+    from apps.debias.train import DebiasTrainConfig, build_sft_policy
+    from core.policy import load_tokenizer
+
+    rows = _rows()
+
+    def words(texts):
+        return {w for text in texts for w in re.findall(r"[A-Za-z']{2,}", text)}
+
+    others = words(r["neutral"] for r in rows) | words(policy_prompt(r["prompt"]) for r in rows)
+    only_biased = sorted(words(r["biased"] for r in rows) - others)
+    assert only_biased
+    seen = {}
+
+    def stub_sft(init, examples, path, **kwargs):
+        seen["tokenizer"] = load_tokenizer(init)
+        return Path(path)
+
+    monkeypatch.setattr(debias_train, "sft", stub_sft)
+    config = DebiasTrainConfig(reward_model=str(tmp_path), hidden_size=16, num_layers=1)
+    build_sft_policy(tmp_path / "policy", rows, config)
+    tokenizer = seen["tokenizer"]
+    for word in only_biased:
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word

@@ -260,3 +260,67 @@ def test_rows_are_named_by_the_line_they_begin_on_past_a_quoted_field_of_several
     path.write_text(f'{lines[0]}\r\n"# a\r\nnote"\r\n{lines[1]}\r\n12x4............\r\n')
     with pytest.raises(InputError, match=r"p.csv:5: character 3 is 'x'"):
         read_puzzles(path)
+
+
+def _grid(line: str) -> list[int]:
+    return [0 if c == "." else int(c) for c in line]
+
+
+def test_a_value_above_the_grid_size_is_inconsistent():
+    """A 5 in a 4x4 grid is no valid value (not only values above 9)."""
+    from apps.sudoku.puzzles import is_consistent
+
+    assert is_consistent([4] + [0] * 15, 4)
+    assert not is_consistent([5] + [0] * 15, 4)
+
+
+def test_hidden_single_ties_go_to_the_lowest_cell():
+    """With several hidden singles at once the solver fills the lowest cell index first (the documented
+    convention), not the highest."""
+    line = "96...........9...1...5..27...6.5794.3.82.....4.9.....26...71...1...........8.5.3."
+    steps = logic_solve(_grid(line), 9)
+    assert [s for *_, s in steps[:7]] == ["naked_single"] * 7
+    assert steps[7] == (26, 9, "hidden_single")
+    assert steps[8] == (8, 3, "hidden_single")
+
+
+def test_a_guess_goes_to_the_lowest_cell_among_the_fewest_candidates():
+    """Ties between cells with equally few candidates go to the lowest index when the solver must guess."""
+    line = "....5...2....719...48..9.....9.82.5....1..7...1..3.2.8.2.8....6.8...3....947....."
+    steps = logic_solve(_grid(line), 9)
+    assert [s for *_, s in steps[:12]].count("guess") == 0
+    assert steps[12] == (1, 7, "guess")
+    assert replay(_grid(line), 9, steps, check_labels=False) == count_solutions(_grid(line), 9)[1]
+
+
+def test_generated_puzzles_never_exceed_givens_max():
+    """A minimal puzzle that keeps more givens than the range allows is left out, not returned."""
+    puzzles = generate_puzzles(4, 20, seed=0, givens=(4, 4))
+    assert len(puzzles) == 20
+    assert [p.givens for p in puzzles] == [4] * 20
+
+
+def test_count_solutions_stops_at_its_limit():
+    """The empty 4x4 grid has 288 solutions; the count stops at the limit (default 2), not one past it."""
+    assert count_solutions([0] * 16, 4)[0] == 2
+    assert count_solutions([0] * 16, 4, limit=1) == (1, SOLUTION_4)
+    assert count_solutions([0] * 16, 4, limit=5)[0] == 5
+
+
+def test_one_puzzle_is_refused_and_a_split_without_held_out_puzzles_is_an_error():
+    """num_puzzles=1 cannot split into train and held out; a set whose held-out side is empty is refused."""
+    from apps.sudoku.data import PuzzleConfig, split_puzzles
+
+    with pytest.raises(
+        ValueError, match=r"num_puzzles must be >= 2 \(split into train and held out\), got 1"
+    ):
+        PuzzleConfig(num_puzzles=1)
+    assert PuzzleConfig(num_puzzles=2).num_puzzles == 2
+    config = PuzzleConfig(num_puzzles=40)
+    train, held_out = holdout_split(generate_puzzles(4, 40, seed=0, givens=(4, 6)), config.eval_fraction)
+    assert train and held_out
+    assert split_puzzles(config, train + held_out) == (train, held_out)
+    with pytest.raises(ValueError, match=rf"split into {len(train)} train / 0 held out"):
+        split_puzzles(config, train)
+    with pytest.raises(ValueError, match=rf"split into 0 train / {len(held_out)} held out"):
+        split_puzzles(config, held_out)

@@ -94,3 +94,31 @@ def test_serialization_orders_and_tokenizer_round_trip():
     assert order_reward(completion_text(puzzle, example["solver_order"]), example) == len(empty)
     with pytest.raises(ValueError, match="unknown order"):
         fill_order(puzzle, "diagonal")
+
+
+def test_example_ids_name_size_split_and_index():
+    """Train and eval examples of the same index get different ids (the split is part of the id)."""
+    puzzle = generate_puzzles(4, 1, seed=0, givens=(5, 5))[0]
+    assert to_example(puzzle, 0, "train")["id"] == "sudoku4-train-0"
+    assert to_example(puzzle, 3, "eval")["id"] == "sudoku4-eval-3"
+    assert to_example(puzzle, 0, "train")["id"] != to_example(puzzle, 0, "eval")["id"]
+
+
+def test_a_9x9_prompt_opens_with_its_size_token():
+    """The size token follows the puzzle: <n9> for 9x9, not <n4>."""
+    from apps.sudoku.puzzles import Puzzle, count_solutions, logic_solve
+
+    line = "96...........9...1...5..27...6.5794.3.82.....4.9.....26...71...1...........8.5.3."
+    grid = [0 if c == "." else int(c) for c in line]
+    solution = count_solutions(grid, 9)[1]
+    puzzle = Puzzle(9, tuple(grid), tuple(solution), tuple(logic_solve(grid, 9, solution=solution)))
+    prompt = prompt_text(puzzle)
+    assert prompt.split()[0] == "<n9>" and prompt.split()[1:4] == ["r1", "c1", "v9"]
+    assert len(prompt.split()) == 3 * puzzle.givens + 2
+
+
+def test_a_random_order_without_a_generator_is_refused():
+    """fill_order(..., "random") needs an explicit random.Random: no silent fixed seed."""
+    puzzle = generate_puzzles(4, 1, seed=0, givens=(5, 5))[0]
+    with pytest.raises(ValueError, match=r"order 'random' needs a random.Random"):
+        fill_order(puzzle, "random")

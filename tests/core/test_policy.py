@@ -343,6 +343,15 @@ def test_lora_policy_and_reference(model_dir: Path):
         )
 
 
+def test_lora_settings_reach_the_adapter(model_dir: Path):
+    """alpha is PEFT's lora_alpha, not r: r = 4, alpha = 8 scales each update by alpha / r = 2."""
+    policy, _ = load_policy(model_dir, lora=LoraSettings(r=4, alpha=8))
+    config = policy.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (4, 8)
+    q_proj = policy.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.r["default"] == 4 and q_proj.scaling["default"] == 2.0
+
+
 def test_reference_without_lora_is_a_frozen_copy():
     policy = tiny_qwen2().train()
     reference = ReferencePolicy(policy)

@@ -37,3 +37,25 @@ def test_in_asks_about_names_not_functions():
     assert "a" in registry and "b" not in registry and first not in registry
     assert "k3" in algos.KL_ESTIMATORS and "nope" not in algos.KL_ESTIMATORS
     assert algos.kl_k3 not in algos.KL_ESTIMATORS
+
+
+def test_register_returns_the_function_so_it_works_as_a_decorator():
+    """`@registry.register(name)` must leave the decorated name bound to the function, not None."""
+    registry = Registry("widget")
+    assert registry.register("a")(first) is first
+
+    @registry.register("b")
+    def third(x):
+        return 2 * x
+
+    assert third(3) == 6 and registry.get("b") is third
+
+
+def test_the_empty_name_is_unknown_like_any_other():
+    """get("") is an unknown name, not a pass to a missing entry."""
+    registry = Registry("widget")
+    with pytest.raises(ValueError, match=r"^unknown widget ''; valid: $"):
+        registry.get("")
+    registry.register("a")(first)
+    with pytest.raises(ValueError, match=r"^unknown widget ''; valid: a$"):
+        registry.get("")

@@ -281,6 +281,23 @@ def test_generation_is_a_pure_function_of_the_seed(tok, eos_model):
     assert first.completions != other.completions
 
 
+def test_each_chunk_of_a_batch_size_is_drawn_with_its_own_seed(tok, eos_model):
+    """With batch_size, chunk k is sampled with derive_seed(seed, k): two equal prompts in chunks of one get
+    different completions, each the one its chunk's seed gives alone."""
+    backend = HFGenerateBackend(eos_model, tok, batch_size=1)
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=8)
+    r = backend.generate(["ab", "ab"], settings, seed=0)
+    assert r.completions[0] != r.completions[1]
+    ids, mask = r.prompt_ids[:1], r.prompt_mask[:1]
+    for k in range(2):
+        alone = backend._generate_chunk(ids, mask, settings, derive_seed(0, k))
+        assert torch.equal(r.completion_ids[k], alone.completion_ids[0])
+    # batch_size None is one chunk, k = 0: its seed is derive_seed(seed, 0) too
+    assert (
+        HFGenerateBackend(eos_model, tok).generate(["ab"], settings, seed=0).completions == r.completions[:1]
+    )
+
+
 @pytest.mark.parametrize("batch_size", [None, 4])
 def test_sampling_logp_equals_a_full_forward(
     tok, eos_model, batch_size, assert_sampled_within_top_k_and_top_p
@@ -475,6 +492,15 @@ def test_select_and_concat_keep_rows_aligned():
         Rollouts(**{**vars(first), "completion_mask": first.completion_mask[:, :2]})
 
 
+def test_concat_is_exact_only_when_every_part_is():
+    """One part with inexact sampling log-probs makes the whole concat inexact."""
+    first = hand_made([[5]], [[8, 9]], "a")
+    exact = Rollouts(**{**vars(hand_made([[6]], [[7]], "b")), "sampling_logp_exact": True})
+    assert Rollouts.concat([exact, exact]).sampling_logp_exact is True
+    assert Rollouts.concat([exact, first]).sampling_logp_exact is False
+    assert Rollouts.concat([first, exact]).sampling_logp_exact is False
+
+
 # ---------------------------------------------------------------------------------------------------
 # Multi-turn
 # ---------------------------------------------------------------------------------------------------
@@ -549,6 +575,16 @@ def test_multi_turn_turn_cap(tok, eos_model):
         multi_turn_rollouts(
             backend, PROMPTS[:3], examples, ToyEnv(1), SamplingSettings(max_new_tokens=4), 0, 0
         )
+
+
+def test_multi_turn_refuses_more_prompts_than_examples(tok, eos_model):
+    """Each prompt needs its example: a count mismatch either way is refused with both counts."""
+    backend = HFGenerateBackend(eos_model, tok)
+    settings = SamplingSettings(max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"^got 2 prompts but 1 examples$"):
+        multi_turn_rollouts(backend, ["ab", "cd"], [{"id": 0}], ToyEnv(1), settings, seed=0, max_turns=1)
+    with pytest.raises(ValueError, match=r"^got 1 prompts but 2 examples$"):
+        multi_turn_rollouts(backend, ["ab"], [{"id": 0}, {"id": 1}], ToyEnv(1), settings, seed=0, max_turns=1)
 
 
 def test_multi_turn_ends_an_episode_whose_next_turn_would_not_fit_the_context(tok):
@@ -753,6 +789,37 @@ def test_merged_state_dict_matches_merge_and_unload(tok, eos_model):
         torch.testing.assert_close(merged[key], reference[key], atol=1e-6, rtol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
     assert merged_state_dict(eos_model).keys() == eos_model.state_dict().keys()
+
+
+def test_merged_state_dict_of_a_merged_adapter_adds_its_delta_once(eos_model):
+    """After PEFT's merge_adapter the base weights hold the delta already: it is not added a second time."""
+    model = with_random_adapter(eos_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    model.merge_adapter()
+    merged = merged_state_dict(model)
+    assert merged.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(merged[key], reference[key], atol=1e-5, rtol=0)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert (reference[key] - eos_model.state_dict()[key]).abs().max() > 0.1  # the delta is not tiny
+
+
+def test_merged_state_dict_takes_the_active_adapters_modules_to_save_copy(eos_model):
+    """Two adapters each save their own lm_head: the merged head is the active adapter's copy."""
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = get_peft_model(copy.deepcopy(eos_model), config, adapter_name="one")
+    model.add_adapter("two", config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save.one." in name:
+                param.fill_(1.0)
+            elif "modules_to_save.two." in name:
+                param.fill_(2.0)
+    for active, value in (("one", 1.0), ("two", 2.0)):
+        model.set_adapter(active)
+        merged = merged_state_dict(model)
+        assert merged["lm_head.weight"].eq(value).all() and merged["lm_head.bias"].eq(value).all()
+        assert merged.keys() == eos_model.state_dict().keys()
 
 
 @pytest.mark.gpu

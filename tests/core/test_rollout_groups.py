@@ -69,6 +69,16 @@ def test_greedy_and_a_count_mismatch(backend):
         backend.generate_groups(["a", "b", "c"], settings, [1], group_size=2)
 
 
+def test_a_group_that_mixes_prompts_gives_each_row_its_own_prompts_completion(backend):
+    """Rows of one group with different prompts are each prefilled on their own prompt (no shared prefill):
+    greedy, each row's completion is the one its prompt gets alone."""
+    settings = SamplingSettings(max_new_tokens=6, greedy=True)
+    mixed = backend.generate_groups(["ab", "hg"], settings, [0], group_size=2)
+    alone = [backend.generate_groups([p], settings, [0], group_size=1).completions[0] for p in ("ab", "hg")]
+    assert alone[0] != alone[1]
+    assert mixed.completions == alone and mixed.prompts == ["ab", "hg"]
+
+
 def test_static_cache_decodes_like_the_dynamic_cache(backend, monkeypatch):
     settings = SamplingSettings(max_new_tokens=10, temperature=1.2)
     prompts = ["ab", "ab", "cdefg", "cdefg"]  # left padding in the batch

@@ -316,6 +316,11 @@ def test_sft_in_a_child_process_equals_sft_here(base_dir, tmp_path, monkeypatch)
         ([{"prompt": "1+1="}], r"examples\[0\] must be"),
         ([{"prompt": "1", "completion": "2"}, {"prompt": "1", "completion": 2}], r"examples\[1\] must be"),
         ([{"prompt": "1" * 600, "completion": "2"}], "over max_position_embeddings 512"),
+        # prompt + completion + eos one token over the limit (513 of 512)
+        (
+            [{"prompt": "1" * 511, "completion": "2"}],
+            r"examples\[0\] is 513 tokens, over max_position_embeddings 512",
+        ),
     ],
 )
 def test_sft_rejects_bad_examples(base_dir, tmp_path, examples, message):

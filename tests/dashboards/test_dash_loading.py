@@ -416,3 +416,87 @@ def test_serve_says_when_the_runs_folder_is_a_file(tmp_path):
         serve(ServeConfig(runs=str(tmp_path / "config.json")))
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
         serve(ServeConfig(runs=str(tmp_path / "nope")))
+
+
+def test_runs_are_searched_down_to_max_depth_and_no_deeper(tmp_path):
+    """A run MAX_DEPTH (4) folders down is listed; one a folder deeper is not."""
+    assert loading.MAX_DEPTH == 4
+    for run in ("a/b/c/d", "a/b/c/d/e", "x/y/z/w/v"):
+        (tmp_path / run).mkdir(parents=True, exist_ok=True)
+        (tmp_path / run / "config.json").write_text('{"app": "toy"}')
+    assert loading.find_runs(tmp_path) == ["a/b/c/d"]
+
+
+def test_unfinished_line_numbers_the_cut_off_line_from_one(tmp_path):
+    """Two complete lines then a half-written one: the unfinished one is line 3 (as `cut_off_line` says)."""
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    index = loading.RolloutIndex(path).refresh()
+    assert len(index) == 2 and index.unfinished_line() is None
+    path.write_text('{"step":1}\n{"step":2}\n{"st')
+    index = loading.RolloutIndex(path).refresh()
+    assert len(index) == 2 and index.unfinished_line() == 3 == loading.cut_off_line(path)
+
+
+def test_only_the_last_searches_kept_matches_are_kept(tmp_path):
+    """After SEARCHES_KEPT + 1 distinct needles the index keeps SEARCHES_KEPT, the oldest one evicted."""
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(json.dumps({"step": 1, "completion": f"w{k}"}) + "\n" for k in range(9)))
+    index = loading.RolloutIndex(path).refresh()
+    needles = [f"w{k}" for k in range(9)]
+    assert [index.search(n).tolist() for n in needles] == [[k] for k in range(9)]
+    assert loading.SEARCHES_KEPT == 8
+    assert list(index._searches) == needles[1:]
+
+
+def test_line_png_puts_three_facets_on_a_two_by_two_grid():
+    """3 panels at 2 per row need 2 rows: each axis sits on a 2 x 2 grid, the panels in order."""
+    data = pd.DataFrame(
+        {
+            "step": [1, 2] * 3,
+            "value": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            "metric": ["a"] * 2 + ["b"] * 2 + ["c"] * 2,
+        }
+    )
+    fig = plots.Plot("line", data, x="step", y="value", facet="metric")._line_figure()
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b", "c"]
+    assert [ax.get_subplotspec().get_geometry() for ax in fig.axes] == [(2, 2, k, k) for k in range(3)]
+
+
+def test_faceted_line_chart_gives_each_facet_its_own_y_scale():
+    data = pd.DataFrame(
+        {"step": [1, 2, 1, 2], "value": [0.1, 0.2, 30.0, 40.0], "metric": ["a", "a", "b", "b"]}
+    )
+    spec = plots.Plot("line", data, x="step", y="value", facet="metric").chart().to_dict()
+    assert spec["resolve"] == {"scale": {"y": "independent"}}
+
+
+def test_grid_png_leaves_cells_without_a_row_white():
+    """Only (0, 0) and (1, 1) are given: the others are the white background, whatever the values."""
+    cells = pd.DataFrame({"row": [0, 1], "col": [0, 1], "v": [1.0, 2.0]})
+    image = (
+        plots.Plot("grid", cells, x="col", y="row", color="v")._grid_figure().axes[0].images[0].get_array()
+    )
+    viridis = plots.colormaps["viridis"]
+    assert image[0, 1].tolist() == image[1, 0].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert image[0, 0].tolist() == list(viridis(0.0)) and image[1, 1].tolist() == list(viridis(1.0))
+
+
+def test_grid_png_draws_a_value_missing_from_the_palette_white():
+    cells = pd.DataFrame({"row": [0, 0], "col": [0, 1], "kind": ["a", "b"]})
+    plot = plots.Plot("grid", cells, x="col", y="row", color="kind", palette={"a": "#ff0000"})
+    image = plot._grid_figure().axes[0].images[0].get_array()
+    assert image[0].tolist() == [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+
+
+def test_bar_png_centres_each_categorys_bars_on_its_tick():
+    """2 series x 2 categories: width 0.8 / 2 = 0.4; series 0 centred 0.2 left of each tick, series 1 0.2
+    right, so the pair is centred on the tick."""
+    data = pd.DataFrame(
+        {"cat": ["x", "y", "x", "y"], "value": [1.0, 2.0, 3.0, 4.0], "s": ["p", "p", "q", "q"]}
+    )
+    ax = plots.Plot("bar", data, x="cat", y="value", color="s")._bar_figure().axes[0]
+    bars = [
+        [(r.get_x() + r.get_width() / 2, r.get_width(), r.get_height()) for r in c] for c in ax.containers
+    ]
+    assert np.allclose(bars, [[(-0.2, 0.4, 1.0), (0.8, 0.4, 2.0)], [(0.2, 0.4, 3.0), (1.2, 0.4, 4.0)]])

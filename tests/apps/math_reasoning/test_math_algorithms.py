@@ -339,6 +339,17 @@ def test_codistill_weight_metrics_count_weights_at_the_cap_as_capped():
     assert metrics["codistill/ess"] == pytest.approx(w_sum**2 / (5 * w2_sum))
 
 
+def large_loss_reference(large_ref, small_ref, advantages, mask, cfg):
+    """CoDistill's L loss by hand: truncated weights w = min(pi_L / pi_S, 2) on the completion tokens, and the
+    on-policy surrogate of `advantages` weighted by w. Returns (w, loss)."""
+    w_ref = torch.exp(large_ref - small_ref).clamp(max=2.0) * mask
+    loss_ref, _ = algos.policy_loss(
+        large_ref, None, advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+        aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens, importance_weights=w_ref,
+    )  # fmt: skip
+    return w_ref, loss_ref
+
+
 def test_codistill_kd_term_weights_and_large_update(small_dir, large_dir, tmp_path):
     """KD term and IS weights against plain logprobs; L's logged loss is `policy_loss` of the verifiable
     advantages weighted by min(pi_L / pi_S, cap), and L's update raises that weighted surrogate."""
@@ -369,12 +380,8 @@ def test_codistill_kd_term_weights_and_large_update(small_dir, large_dir, tmp_pa
     torch.testing.assert_close(verifiable_advantages(trainer, batch), plain)
     trainer.update(batch)
     metrics = hooks.after_update(trainer, batch)
-    w_ref = torch.exp(large_ref - small_ref).clamp(max=2.0) * mask
     # L's loss: the on-policy surrogate of the verifiable advantages, each token weighted by w
-    loss_ref, _ = algos.policy_loss(
-        large_ref, None, plain, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-        aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens, importance_weights=w_ref,
-    )  # fmt: skip
+    w_ref, loss_ref = large_loss_reference(large_ref, small_ref, plain, mask, cfg)
     assert abs(float(loss_ref)) > 1e-3  # the sign of the advantages shows
     assert metrics["codistill/large_loss"] == pytest.approx(float(loss_ref), abs=1e-5)
     # and L moved up that surrogate: sum_i A_i mean_t(w log pi_L) rose
@@ -769,11 +776,7 @@ def test_codistill_large_loss_over_every_micro_batch_at_max_length_and_clipped(
         lambda params, norm: calls.append((params, norm)) or clip(params, norm),
     )
     metrics = hooks.after_update(trainer, batch)
-    w_ref = torch.exp(large_ref - small_ref).clamp(max=2.0) * mask
-    loss_ref, _ = algos.policy_loss(
-        large_ref, None, advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-        aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens, importance_weights=w_ref,
-    )  # fmt: skip
+    w_ref, loss_ref = large_loss_reference(large_ref, small_ref, advantages, mask, cfg)
     assert abs(float(loss_ref)) > 1e-4
     assert metrics["codistill/large_loss"] == pytest.approx(float(loss_ref), rel=1e-4, abs=1e-7)
     assert len(calls) == 1 and calls[0][1] == 0.5

@@ -27,7 +27,7 @@ those. Only --device and --grpo-save-every may change.
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -139,11 +139,18 @@ def pipeline(config: PipelineConfig) -> dict:
         run, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=config.resume
     )
     root.set_status("running", step=0)
-    with failure_recorded(root):  # SIGTERM included: the dashboard must not show a dead pipeline as running
+    stages_done = [0]  # the status step of a pipeline: the stages it has finished
+
+    def stage_done() -> None:
+        stages_done[0] += 1
+        root.set_status("running", step=stages_done[0])
+
+    # SIGTERM included: the dashboard must not show a dead pipeline as running
+    with failure_recorded(root, step=lambda: stages_done[0]):
         # resolved: a resume gives its stages the same paths however --run-dir is spelled
-        results = run_stages(config, run.resolve())
+        results = run_stages(config, run.resolve(), stage_done)
         root.write_eval(results)
-    root.set_status("finished", step=0)
+    root.set_status("finished", step=stages_done[0])
     print(pipeline_table(results))
     print(f"pipeline results written to {run / 'eval.json'}")
     return results
@@ -154,8 +161,9 @@ class StageClock:
     reports the time of the whole run, a stage's cut-off attempt included (an error or SIGTERM; a
     SIGKILL loses that attempt's part)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_stage_done: Callable[[], None] = lambda: None):
         self.path = path
+        self.on_stage_done = on_stage_done  # called after each stage that ends without an error
         self.seconds: dict[str, float] = {}
         if path.is_file():
             try:
@@ -171,14 +179,16 @@ class StageClock:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
             write_json_atomic(self.path, self.seconds)
+        self.on_stage_done()
 
 
-def run_stages(config: PipelineConfig, run: Path) -> dict:
+def run_stages(config: PipelineConfig, run: Path, stage_done: Callable[[], None] = lambda: None) -> dict:
     """Data, reward model, SFT, then GRPO and eval per seed, in `run`; returns the pipeline's results.
     A stage that finished (each writes its outputs whole or not at all) is read back instead of run: only
-    a resumed pipeline finds any, a fresh one starts in an empty directory."""
+    a resumed pipeline finds any, a fresh one starts in an empty directory. `stage_done()` is called after
+    each of the four stages."""
     q = config.quick
-    clock = StageClock(run / TIMINGS_FILE)
+    clock = StageClock(run / TIMINGS_FILE, stage_done)
     data_config = DataConfig(out_dir=str(run / "data"), num_prompts=240 if q else 3000)
     with clock.stage("data"):
         if Path(data_config.out_dir).is_dir():

@@ -96,9 +96,9 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
     run = RunDir.create(
         root, config_to_dict(config), app=APP, algorithm="pipeline", exist_ok_for_resume=config.resume
     )
-    run.set_status("running", step=0)
     done = run.read_eval() if config.resume and run.eval_path.is_file() else {}
-    rows: dict[str, dict] = done.get("rows", {})
+    rows: dict[str, dict] = done.get("rows", {})  # the status step of a pipeline: its finished rows
+    run.set_status("running", step=len(rows))
     times: dict[str, float] = done.get("seconds", {})
     earlier_total, earlier_cpu = done.get("total_seconds", 0.0), done.get("cpu_seconds", 0.0)
     orders = ["random", "solver"] if config.solver_baseline else ["random"]
@@ -115,9 +115,10 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
                 "cpu_seconds": earlier_cpu + cpu,
             }
         )
+        run.set_status("running", step=len(rows))
 
     print(f"puzzles: {len(puzzles[0])} train, {len(puzzles[1])} held out (split by solution grid)")
-    with failure_recorded(run):
+    with failure_recorded(run, step=lambda: len(rows)):
         for order in (o for o in orders if f"sft-{o}" not in rows):
             began = time.perf_counter()
             sft_config = sft_config_from(
@@ -137,7 +138,7 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
                 }
             )
             record(row_name(w), run_train(train_config, puzzles), began)
-    run.set_status("finished", step=0)
+    run.set_status("finished", step=len(rows))
     rows = {name: rows[name] for name in names}
     n = puzzles[0][0].n
     print(

@@ -123,6 +123,7 @@ def test_a_failed_stage_marks_the_run_failed(stages, monkeypatch, tmp_path):
         pipeline(PipelineConfig(quick=True, run_dir=str(tmp_path / "run")))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert (status["status"], status["error"]) == ("failed", "RuntimeError: out of memory")
+    assert status["step"] == 3  # the stages it finished: data, reward model, SFT
 
 
 def fail_once(monkeypatch, name: str, when=lambda config: True):
@@ -160,7 +161,8 @@ def test_a_resumed_pipeline_keeps_the_stages_that_finished(stages, monkeypatch, 
     assert [c.seed for c in stages["eval"]] == [0, 1]  # seed 0's evaluation kept
     assert results["reward_model"] == {s: {"pair_acc/fairness": 1.0} for s in ("test", "heldout")}
     assert results["per_seed"] == {"0": {"test/fairness/after": 0.9}, "1": {"test/fairness/after": 0.8}}
-    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    status = json.loads((run / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("finished", 4)  # its four stages
     assert json.loads((run / "eval.json").read_text())["per_seed"] == results["per_seed"]
 
 

@@ -47,6 +47,8 @@ def test_every_subcommand_runs(tmp_path, capsys):
         assert row in printed
     rows = json.loads((pipe / "eval.json").read_text())["rows"]
     assert set(rows) == {"sft-random", "sft-solver", "grpo cell-only", "grpo mixed 0.75:0.25"}
+    status = json.loads((pipe / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("finished", 4)  # a pipeline's step: its finished rows
     assert all(0 <= r[m] <= 1 for r in rows.values() for m in ("cell_accuracy", "solved", "format_valid"))
     metrics = [json.loads(line) for line in (pipe / "grpo-w0.75" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and {"reward/cell", "reward/order"} <= set(metrics[0])
@@ -321,15 +323,17 @@ def test_a_pipeline_whose_stage_fails_is_marked_failed(tmp_path, monkeypatch):
     """The pipeline's own status.json said "running" forever after a stage raised (or a kill)."""
     import apps.sudoku.pipeline as pipeline
 
-    def broken_sft(*args, **kwargs):
+    def broken_train(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(pipeline, "run_sft", broken_sft)
+    monkeypatch.setattr(pipeline, "run_sft", lambda config, puzzles, resume: {"solved": 0.0})
+    monkeypatch.setattr(pipeline, "run_train", broken_train)
     pipe = tmp_path / "pipe"
     with pytest.raises(RuntimeError, match="out of memory"):
         main(["sudoku", "pipeline", "--preset", "smoke", "--run-dir", str(pipe)])
     status = json.loads((pipe / "status.json").read_text())
     assert status["status"] == "failed" and status["error"] == "RuntimeError: out of memory"
+    assert status["step"] == 2  # the two SFT rows it finished
 
 
 def test_generate_refuses_an_output_that_is_a_directory(tmp_path, capsys):

@@ -248,9 +248,16 @@ def fact_groups(examples: Sequence[dict]) -> dict[str, str]:
 # ---- the offline generator ---------------------------------------------------------------------------------
 
 
-def _choice(rng: random.Random, correct: str, pool: Sequence[str], k: int = 5) -> tuple[dict, str]:
-    """Single choice: `correct` and k-1 distractors from `pool` (which must exclude it), shuffled."""
-    texts = [correct, *rng.sample(sorted(set(pool) - {correct}), k - 1)]
+def _choice(
+    rng: random.Random, correct: str, pool: Sequence[str], k: int = 5, also_true: frozenset[str] = frozenset()
+) -> tuple[dict, str]:
+    """Single choice: `correct` and k-1 distractors from `pool` (which must exclude it), shuffled. A draw
+    holding one of `also_true` (texts true of the entity as well) is drawn again, so a question that
+    draws none of them has the options it had before they were known."""
+    while True:
+        texts = [correct, *rng.sample(sorted(set(pool) - {correct}), k - 1)]
+        if not also_true & set(texts[1:]):
+            break
     rng.shuffle(texts)
     return dict(zip(LETTERS, texts, strict=False)), LETTERS[texts.index(correct)]
 
@@ -314,9 +321,12 @@ def _herb_questions(herb, rng: random.Random) -> list[dict]:
 
     fact = f"herb:{h}:actions"
     think = f"{h}的功效：{action}。"
-    options, letter = _choice(rng, action, action_pool)
+    # 黄连's actions are all 黄芩's (金银花's all 连翘's): neither may be a wrong option of the other
+    within = frozenset("，".join(o.actions) for o in others if set(o.actions) <= set(herb.actions))
+    options, letter = _choice(rng, action, action_pool, also_true=within)
     out.append(q(fact, "single", f"{h}的功效是？", options, letter, think))
-    options, letter = _choice(rng, h, [o.name for o in others])
+    having = frozenset(o.name for o in others if set(herb.actions) <= set(o.actions))
+    options, letter = _choice(rng, h, [o.name for o in others], also_true=having)
     out.append(q(fact, "single", f"具有“{action}”功效的药物是？", options, letter, think))
     options, letters = _multi(rng, herb.actions[:3], clause_pool)
     out.append(q(fact, "multiple", f"下列哪些是{h}的功效？", options, letters, think))

@@ -305,7 +305,8 @@ def test_no_option_is_true_of_the_entity_but_the_gold_ones():
     many textbooks): `Formula.also` herbs and the other of 凉 / 微寒 are never distractors."""
     also = {f.name: set(f.also) for f in FORMULAS}
     assert also["二陈汤"] == {"生姜", "乌梅"} and also["逍遥散"] == {"薄荷", "生姜"}
-    for seed in range(5):
+    actions = {h.name: set(h.actions) for h in HERBS}
+    for seed in range(6):  # seed 4 offered 连翘 beside 金银花 for 金银花's actions, which 连翘 has too
         for example in generate_examples(seed):
             if example["type"] not in ("single", "multiple"):
                 continue
@@ -316,6 +317,10 @@ def test_no_option_is_true_of_the_entity_but_the_gold_ones():
             if example["fact"].endswith(":nature"):
                 nature = next(h.nature for h in HERBS if h.name == entity)
                 assert not (nature in {"凉", "微寒"} and {"凉", "微寒"} - {nature} <= wrong), example
+            if example["fact"].startswith("herb:") and example["fact"].endswith(":actions"):
+                # no wrong option is a herb with all of these actions, nor actions all of this herb's
+                assert not any(actions[entity] <= actions.get(t, set()) for t in wrong), example
+                assert not any(set(t.split("，")) <= actions[entity] for t in wrong), example
 
 
 def test_generated_questions_are_well_formed():

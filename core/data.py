@@ -7,6 +7,7 @@ app) plus whatever fields the app's reward functions read (`answer`, `solution`,
 import csv
 import io
 import json
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -99,7 +100,14 @@ def read_json(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def is_missing(value) -> bool:
-    """A field that is absent (None from `row.get`), null, or only whitespace."""
+    """A field that is absent (None from `row.get`), null, NaN (a blank Parquet or CSV cell read by pandas,
+    JSON's NaN), or only whitespace.
+
+    >>> is_missing(None), is_missing(" "), is_missing(float("nan")), is_missing(0), is_missing("0")
+    (True, True, True, False, False)
+    """
+    if isinstance(value, float):
+        return math.isnan(value)
     return value is None or (isinstance(value, str) and not value.strip())
 
 

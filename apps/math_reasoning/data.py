@@ -201,7 +201,8 @@ FORMATS = ("auto", "offline", "gsm8k", "math", "minerva", "amc", "aime")
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None. A space may come
     before the brace, and `\\boxed 5` (no braces, as TeX allows; the MATH reference extractor reads it)
-    boxes the text up to the next space or `$`, without a final full stop.
+    boxes the text up to the next space or `$`, without a final full stop. A last box left open or empty
+    (generation cut off) leaves the one before it.
 
     >>> last_boxed(r"so \\boxed{\\frac{1}{2}} and \\boxed{3}")
     '3'
@@ -209,11 +210,19 @@ def last_boxed(text: str) -> str | None:
     ('\\\\frac{1}{2}', None, None)
     >>> last_boxed(r"\\boxed{3} then \\boxed 5."), last_boxed(r"\\boxed {5}"), last_boxed(r"\\boxed 3.5$")
     ('5', '5', '3.5')
+    >>> last_boxed(r"\\boxed{a} \\boxed{"), last_boxed(r"\\boxed{5} and then \\boxed")
+    ('a', '5')
     """
-    boxes = list(_BOX.finditer(text))
-    if not boxes:
-        return None
-    i = boxes[-1].end()
+    for box in reversed(list(_BOX.finditer(text))):
+        content = box_content(text, box.end())
+        if content is not None:
+            return content
+    return None
+
+
+def box_content(text: str, i: int) -> str | None:
+    """The content of a box whose command ends at `text[i]`: up to the balancing brace when a `{` opens
+    there (None when it never closes), else the token up to the next space or `$`."""
     if i == len(text) or text[i] != "{":
         token = _BOX_TOKEN.match(text, i)
         return token.group(0).rstrip(".,;") or None if token else None  # a sentence's full stop is not in it

@@ -9,6 +9,7 @@ no length limit; anything else goes to math-verify (`core.answers.answers_match`
 import re
 from functools import partial
 
+from apps.math_reasoning.data import box_content
 from apps.math_reasoning.templates import Template
 from core.answers import answers_match
 from core.rewards import Rubric
@@ -65,11 +66,22 @@ def closing_tag(completion: str, example: dict, tag: str) -> float:
     return float(tag in completion)
 
 
+def closed_box(completion: str, example: dict) -> float:
+    """1.0 when the completion has a `\\boxed{...}` whose brace closes (weighted 0.25 in the rubric): an
+    open `\\boxed{7` holds no answer.
+
+    >>> closed_box(r"so \\boxed{\\frac{1}{2}}", {}), closed_box(r"so \\boxed{7", {}), closed_box(r"\\boxed 7", {})
+    (1.0, 0.0, 0.0)
+    """
+    opened = (m.end() - 1 for m in re.finditer(r"\\boxed\{", completion))
+    return float(any(box_content(completion, i) is not None for i in opened))
+
+
 def format_rewards(template: Template) -> dict:
-    """The format components of a template: `</think>` and `</answer>` for the tag templates; `\\boxed{`
-    for the boxed one (its only tag)."""
+    """The format components of a template: `</think>` and `</answer>` for the tag templates; a closed
+    `\\boxed{...}` for the boxed one (its only tag)."""
     if template.answer_style == "boxed":
-        return {"format_boxed": partial(closing_tag, tag="\\boxed{")}
+        return {"format_boxed": closed_box}
     return {
         "format_think": partial(closing_tag, tag="</think>"),
         "format_answer": partial(closing_tag, tag="</answer>"),

@@ -283,3 +283,12 @@ def test_math_rows_keep_their_level(tmp_path):
     ]
     loaded = load_examples(_write(tmp_path / "math.jsonl", rows))
     assert [e.get("level") for e in loaded] == [5, None, 2]
+
+
+def test_a_nan_answer_is_missing_and_the_solutions_box_is_taken(tmp_path):
+    """JSON's NaN (or a blank Parquet cell) was read as the answer "nan"."""
+    path = tmp_path / "nan.jsonl"
+    path.write_text(
+        json.dumps({"problem": "1+2?", "answer": float("nan"), "solution": r"so \boxed{3}"}) + "\n"
+    )
+    assert load_examples(path, "math")[0]["answer"] == "3"

@@ -56,6 +56,10 @@ def test_boxed_format_reward_needs_the_brace():
     # `\boxed 5` is read as the answer 5, but only `\boxed{` earns the format reward
     assert table.components.tolist() == [[1.0, 0.0], [1.0, 1.0]]
     assert table.total.tolist() == pytest.approx([1.0, 1.25])
+    # a box left open holds no answer and earns no format reward; one cut off after a closed box leaves it
+    completions = [r"The answer is \boxed{5", r"\boxed{5} and then \boxed{"]
+    table = rubric_for(BOXED).score(completions, [{"answer": "5"}] * 2)
+    assert table.components.tolist() == [[0.0, 0.0], [1.0, 1.0]]
 
 
 def test_templates_render_hints_and_targets():

@@ -153,8 +153,9 @@ def test_malformed_row_names_file_and_line(tmp_path):
             "option A must be text or a number, got list",
         ),
         ({"question": "q", "answer": "温", "type": "fill", "fact": ["a", "b"]}, "field 'fact' must be text"),
+        ({"question": "q", "answer": float("nan"), "type": "fill"}, "line 1: missing field\\(s\\) answer"),
         (
-            {"question": "q", "answer": float("nan"), "type": "fill"},
+            {"question": "q", "answer": float("inf"), "type": "fill"},
             "field 'answer' must be text or a finite",
         ),
     ],

@@ -127,8 +127,9 @@ class RMTrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not self.epochs > 0 or not self.learning_rate > 0:
-            raise ValueError("epochs and learning_rate must be > 0")
+        for name in ("epochs", "learning_rate"):
+            if not getattr(self, name) > 0:  # nan too
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.model:  # checked before the data is read and anything is built
             if not (Path(self.model) / "config.json").is_file():
                 raise ValueError(f"model: {self.model} is not a local model directory (no config.json)")
@@ -410,6 +411,12 @@ def check_eval_data(reward_model: str, record: dict | None, splits: dict[str, li
     if record is None:
         print(f"note: {reward_model} has no record of its training data; not checked against these splits")
         return
+    unrecorded = sorted(set(splits) - set(record["splits"]))
+    if unrecorded:  # trained without it: rows of another directory under that name may be its training rows
+        raise InputError(
+            f"{reward_model}: trained on {record['data_dir']}, which had no {', '.join(unrecorded)} split: "
+            f"the {', '.join(unrecorded)} rows of --data {data} cannot be checked against its training rows"
+        )
     differ = differing_splits(record, splits)
     if differ:
         heldout = ", ".join(record["splits"].get("heldout", {}).get("categories", [])) or "none"

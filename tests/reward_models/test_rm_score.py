@@ -10,11 +10,12 @@ import torch
 
 from apps.debias.data import DataConfig, generate_splits, write_splits
 from core import cli
+from core.data import InputError
 from reward_models.cli import register
 from reward_models.pairs import read_split, rows_digest
 from reward_models.score import RewardModelScorer, RMScoreConfig, encode, score_file
 from reward_models.tokenizer import train_tokenizer
-from reward_models.train import RMEvalConfig, evaluate_reward_model
+from reward_models.train import RMEvalConfig, check_eval_data, evaluate_reward_model
 
 
 class _EntryPoint:
@@ -299,6 +300,19 @@ def test_eval_refuses_splits_the_model_did_not_record(trained, tmp_path, capsys)
     assert f"trained on {(trained / 'data').resolve()} (held-out: hukou)" in err
     assert f"the test, heldout rows of --data {tmp_path / 'age'} are not those it recorded" in err
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_refuses_a_split_the_model_trained_without():
+    """A model trained without heldout.jsonl took another directory's heldout rows unchecked: they may be its
+    training rows (34 of 40 were, in a reviewer's run)."""
+    rows = [{"prompt": "p", "neutral": "n"}]
+    record = {
+        "data_dir": "/d1",
+        "splits": {name: {"sha256": rows_digest(rows)} for name in ("train", "test")},
+    }
+    check_eval_data("rm", record, {"test": rows}, "/d1")  # recorded and the same: accepted
+    with pytest.raises(InputError, match="rm: trained on /d1, which had no heldout split: the heldout rows"):
+        check_eval_data("rm", record, {"heldout": rows}, "/d2")
 
 
 def test_eval_without_heldout_evaluates_test_and_writes_its_output_whole(trained, tmp_path, monkeypatch):

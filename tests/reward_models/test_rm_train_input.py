@@ -57,6 +57,8 @@ def data(tmp_path_factory):
         ),
         (["--max-train-rows", "-5"], "max_train_rows must be >= 0, got -5"),  # trained on all rows but 5
         (["--warmup-ratio", "1.5"], "warmup_ratio must be in [0, 1], got 1.5"),
+        (["--learning-rate", "0"], "learning_rate must be > 0, got 0.0"),  # both were named together before
+        (["--epochs", "-1"], "epochs must be > 0, got -1.0"),
         (["--warmup-ratio", "-0.1"], "warmup_ratio must be in [0, 1], got -0.1"),
         (  # what sentencepiece needs depends on the corpus: its characters (54 in these rows)
             ["--vocab-size", "50"],

@@ -20,6 +20,7 @@ from apps.tcm.data import TYPES
 from apps.tcm.rewards import (
     accuracy,
     answer_text,
+    free_answer,
     normalized_match,
     rouge_l,
     strict_format,
@@ -49,7 +50,7 @@ def score_completions(completions: Sequence[str], examples: Sequence[dict]) -> d
     rows = []
     for completion, example in zip(completions, examples, strict=True):
         free = example["type"] in FREE_TEXT
-        prediction = answer_text(completion)
+        prediction = free_answer(completion) if free else answer_text(completion)
         rows.append(
             {
                 "type": example["type"],

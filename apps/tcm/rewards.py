@@ -71,7 +71,9 @@ _JUDGEMENT = re.compile(
     re.IGNORECASE,
 )
 # Cues that state the answer ("the answer is X") win over any letter.
-_ANSWER_CUE = re.compile(r"答(?:案\s*(?:应?[是为选])?\s*:?|\s*:)\s*|answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
+_ANSWER_CUE = re.compile(
+    r"答(?:案\s*(?:应?[是为选])?\s*[:：]?|\s*[:：])\s*|answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE
+)
 # A letter (or a run joined without a clause break) directly after a negation is not an answer:
 # "答案不是A，是B", "不选A", "非A", "not A", "isn't A"; the letters are removed, the negation kept.
 _NEGATED = re.compile(
@@ -113,6 +115,18 @@ def answer_text(completion: str) -> str:
     """
     match = _ANSWER.search(completion)
     return _TAG.sub("", match.group(1) if match else _THINK.sub("", completion))
+
+
+def free_answer(completion: str) -> str:
+    """A fill-in or open answer: `answer_text` without a cue that opens it (答案：温 is 温, as 答案：B is B for
+    a choice).
+
+    >>> free_answer("<think>\\n想\\n</think>\\n<answer>\\n答案：温\\n</answer>"), free_answer("答：肺、胃")
+    ('温', '肺、胃')
+    """
+    text = answer_text(completion).strip()
+    cue = _ANSWER_CUE.match(text)
+    return text[cue.end() :] if cue else text
 
 
 def extract_letters(completion: str) -> str:
@@ -326,9 +340,9 @@ def accuracy(completion: str, example: dict) -> float:
     if kind == "multiple":
         return float(set(extract_letters(completion)) == set(example["answer"]))
     if kind == "fill":
-        return float(normalized_match(answer_text(completion), example["answer"]))
+        return float(normalized_match(free_answer(completion), example["answer"]))
     if kind == "open":
-        return rouge_l(answer_text(completion), example["answer"])
+        return rouge_l(free_answer(completion), example["answer"])
     raise ValueError(f"unknown question type {kind!r}; valid: single, multiple, fill, open")
 
 

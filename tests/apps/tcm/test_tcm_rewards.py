@@ -271,6 +271,16 @@ def test_fill_and_open_accuracy():
     assert accuracy(wrap(""), open_qa) == 0.0
 
 
+def test_a_fill_or_open_answer_opened_by_an_answer_cue_is_read_without_it():
+    """答案：温 scored 0 against 温, though 答案：B reads B for a choice question."""
+    fill = {"type": "fill", "answer": "温"}
+    for answer in ("答案：温", "答案是温", "答：温", "Answer: 温", "答案 : 温"):
+        assert accuracy(wrap(answer), fill) == 1.0, answer
+    assert accuracy(wrap("答案：寒"), fill) == 0.0
+    open_qa = {"type": "open", "answer": "发汗解表，宣肺平喘"}
+    assert accuracy(wrap("答：发汗解表，宣肺平喘"), open_qa) == pytest.approx(1.0)
+
+
 def test_truncated_answer_is_scored_without_its_tag():
     """Generation cut at max_new_tokens leaves <answer> unclosed: its text is the answer, the format fails."""
     fill = "<think>\n麻黄性温。\n</think>\n<answer>\n温"

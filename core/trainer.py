@@ -177,11 +177,8 @@ class GRPOConfig:
             raise ValueError(
                 f"group_size must be >= 2 (GRPO compares a prompt's completions), got {self.group_size}"
             )
-        for name in (
-            "learning_rate",
-            "temperature",
-            "lora_alpha",
-        ):  # LoRA's scale is alpha / r: 0 trains nothing
+        # lora_alpha: LoRA's scale is alpha / r, so 0 trains nothing
+        for name in ("learning_rate", "temperature", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
@@ -531,9 +528,8 @@ class GRPOTrainer:
             try:
                 with sigterm_as_exit():
                     self._resume()
-            except (
-                BaseException
-            ) as err:  # Ctrl-C too: status.json must not keep saying "finished" or "running"
+            # Ctrl-C too: status.json must not keep saying "finished" or "running"
+            except BaseException as err:
                 if self.rank == 0:
                     # refused, it changed nothing: a later --resume must not take its settings as the run's
                     self.run.forget_last_resume()

@@ -14,6 +14,7 @@ Each reward is pure, `(completion, example) -> float`:
 Answer extraction (`extract_letters`) reads the answer text (`answer_text`: the content of the first
 `<answer>`, to the end if it is never closed, else the completion without its `<think>` block; leftover
 tags removed), NFKC-normalised so full-width letters and punctuation (`Ｂ`, `：`, `（`) read as ASCII,
+with a list's marks before a letter ("- A", "2) C", "* C. 苦") and quotes around one ("['A', 'C']") removed,
 with letters directly after a negation (不是X, 不选X, 非X, "not X", "isn't X") removed, so "答案不是A，是B"
 reads B, then reads the letters from the first of: a cue stating the answer (答案是X, 答案为X, 答案：X, 答：X,
 "answer is X"; letters in either case); else the first option letter: capitals A-E not inside a Latin
@@ -81,6 +82,12 @@ _NEGATED = re.compile(
     r"[A-Ea-e](?:[\s、和与及/]*[A-Ea-e])*(?![A-Za-z])",
     re.IGNORECASE,
 )
+# A list's marks before an option letter ("- A", "* C. 苦", "2) D", "• b. 寒") and quotes around one ("'A'"),
+# removed so a list reads as lines of letters and "['A', 'C']" as "[A, C]".
+_BULLET = re.compile(
+    r"^[^\S\n]*(?:[-*•·]|\d{1,2}[.)、])[^\S\n]*(?=\(?(?:[A-E]+|[a-e])(?![A-Za-z]))", re.MULTILINE
+)
+_QUOTED = re.compile(r"(['\"‘’“”])([A-Ea-e])(['\"‘’“”])")
 _LOWER_ONLY = re.compile(r"[\sa-e、,，;；/().。和与及]*")  # lower-case letters and separators
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)  # unclosed: to the end (truncated)
 _TAG = re.compile(r"</?(?:think|answer)>")
@@ -143,7 +150,8 @@ def extract_letters(completion: str) -> str:
     >>> extract_letters("答案不是A，是B")
     'B'
     """
-    text = _NEGATED.sub(r"\1", unicodedata.normalize("NFKC", answer_text(completion)))
+    text = _QUOTED.sub(r"\2", unicodedata.normalize("NFKC", answer_text(completion)))
+    text = _NEGATED.sub(r"\1", _BULLET.sub("", text))
     for cue in _ANSWER_CUE.finditer(text):
         if letters := _run(text, cue.end(), any_case=True):
             break

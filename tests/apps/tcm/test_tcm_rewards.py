@@ -108,6 +108,15 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("BD\nA：不对"), "BD"),
         (wrap("A. 辛。C. 苦。D. 甘"), "ACD"),
         (wrap("A\nC\nD"), "ACD"),
+        (wrap("- A\n- C\n- D"), "ACD"),  # a list: its marks before the letters are not text
+        (wrap("* A. 辛\n* C. 苦"), "AC"),
+        (wrap("1. A\n2) C\n3、D"), "ACD"),
+        (wrap("-A\n-C\n解析：B错误"), "AC"),
+        (wrap("• b. 寒\n• d. 苦"), "BD"),
+        (wrap("1. 辛温\n2. 选C"), "C"),  # a numbered line that is not a letter keeps its number out
+        (wrap("['A', 'C']"), "AC"),  # quoted letters
+        (wrap("“B”"), "B"),
+        (wrap("The answer isn't 'A'"), ""),
         (wrap("The answer is b and a herb"), "B"),
         (wrap("答案不是A，是B"), "B"),  # a negated letter is not the answer
         (wrap("答案不是Ａ，是Ｂ"), "B"),

@@ -10,7 +10,8 @@ Dashboards, plots and reports read run directories through this module; they nev
                      "rewards": {name: float}, "reward", "advantage", "group", ...} (only "step" is required)
     eval.json        evaluation results (a dict)
     status.json      {"status": "running" | "finished" | "failed", "step": int, "updated": iso time,
-                     "error": str | null}
+                     "error": str | null, "host": str, "pid": int} (the writer's machine and process, so a
+                     reader tells a run still going from one killed while "running": `process_gone`)
     checkpoints/step-N/  model.safetensors, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json, the
                      trainer hooks' own state if any (hooks.safetensors: its model weights, hooks.pt: the
                      rest) and a `complete` marker (JSON: step, saved, files) written last
@@ -34,6 +35,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import threading
 import warnings
 from collections import OrderedDict
@@ -115,6 +117,28 @@ def training_run(model: str | Path) -> "RunDir | None":
     path = Path(model)
     saved_in_run = path.name.startswith(("final", "base_model"))
     return RunDir(path.parent) if saved_in_run and is_run_dir(path.parent) else None
+
+
+def process_gone(status: Mapping[str, Any]) -> bool:
+    """Whether a "running" status.json was written by a process of this machine that no longer exists: the
+    run was killed (SIGKILL, the OOM killer) before it could record its end, and never will. A status from
+    another machine, or without a pid (written before status.json had one), is taken at its word.
+
+    >>> process_gone({"status": "running", "host": socket.gethostname(), "pid": os.getpid()})
+    False
+    """
+    pid = status.get("pid")
+    if status.get("status") != "running" or status.get("host") != socket.gethostname():
+        return False
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
 
 
 def refuse_another_kind_of_run(path: str | Path, stored: Mapping[str, Any], app: str, algorithm: str) -> None:
@@ -395,7 +419,14 @@ class RunDir:
             needs = "needs an" if status == "failed" else "takes no"
             raise ValueError(f"status {status!r} {needs} error message")
         _check_step(step)
-        status_json = {"status": status, "step": step, "updated": _now(), "error": error}
+        status_json = {
+            "status": status,
+            "step": step,
+            "updated": _now(),
+            "error": error,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
         write_json_atomic(self.status_path, status_json)
 
     # -- reading -------------------------------------------------------------------------------------------

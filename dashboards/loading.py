@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from core.runs import STATUSES, RunDir, is_run_dir, latest_config
+from core.runs import STATUSES, RunDir, is_run_dir, latest_config, process_gone
 
 MAX_DEPTH = 4  # runs/<app>/<name> is depth 2; deeper folders are searched a little, not forever
 SKIP_DIRS = {"checkpoints", "base_model", "final", "tensorboard", "__pycache__"}
@@ -93,7 +93,7 @@ class RunInfo:
     name: str
     app: str
     algorithm: str
-    status: str  # running / finished / failed / unknown (no status.json yet)
+    status: str  # running / finished / failed / crashed (its process is gone) / unknown (no status.json yet)
     step: int | None
     started: str
     updated: str | None
@@ -107,8 +107,12 @@ def run_info(root: str | Path, name: str) -> RunInfo:
     if not isinstance(status, dict):
         raise ValueError(f"{run.status_path}: expected a JSON object, got {type(status).__name__}")
     state = status.get("status", "unknown")
+    error = status.get("error")
     if state not in STATUSES:
         state = "unknown"
+    elif process_gone(status):
+        state = "crashed"
+        error = f"process {status['pid']} ended without recording the run's end (killed?)"
     return RunInfo(
         name=name,
         app=str(config.get("app", "?")),
@@ -117,7 +121,7 @@ def run_info(root: str | Path, name: str) -> RunInfo:
         step=status.get("step"),
         started=str(config.get("started", "")),
         updated=status.get("updated"),
-        error=status.get("error"),
+        error=error,
     )
 
 

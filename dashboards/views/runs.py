@@ -58,8 +58,8 @@ def render() -> None:
     table = runs_table(names)
     statuses = st.multiselect(
         "Status",
-        ["running", "finished", "failed", "unknown"],
-        default=["running", "finished", "failed", "unknown"],
+        ["running", "finished", "failed", "crashed", "unknown"],
+        default=["running", "finished", "failed", "crashed", "unknown"],
         key="runs_status",
     )
     state.show_table(table[table["status"].isin(statuses)], "runs", key="runs_csv", index=False)
@@ -101,6 +101,8 @@ def render() -> None:
         if info.status == "failed" and info.error:
             st.error(f"{name} failed at step {info.step}:")
             st.code(info.error, language=None)
+        if info.status == "crashed":
+            st.warning(f"{name} stopped at step {info.step}: {info.error}")
         try:
             results = state.eval_results(name)
         except (OSError, ValueError) as e:

@@ -10,6 +10,9 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +269,25 @@ def test_status_validation(run):
         run.set_status("finished", step=1, error="x")
     run.set_status("failed", step=2, error="RuntimeError: boom")
     assert run.read_status()["error"] == "RuntimeError: boom"
+
+
+def test_a_run_killed_while_running_is_told_from_one_still_going(run):
+    """A process that records "running" and is killed with SIGKILL leaves a status no reader can trust;
+    `process_gone` sees its pid is gone. One still going, another machine's, and one written before
+    status.json had a pid are taken at their word."""
+    script = "import os, signal, sys; from core.runs import RunDir; "
+    script += "RunDir(sys.argv[1]).set_status('running', step=4); os.kill(os.getpid(), signal.SIGKILL)"
+    killed = subprocess.Popen([sys.executable, "-c", script, str(run.path)])
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    status = run.read_status()
+    assert (status["status"], status["step"], status["pid"]) == ("running", 4, killed.pid)
+    assert runs.process_gone(status)
+    assert not runs.process_gone(status | {"status": "finished"})
+    assert not runs.process_gone(status | {"host": status["host"] + "-elsewhere"})
+    assert not runs.process_gone({k: v for k, v in status.items() if k != "pid"})
+    assert not runs.process_gone(status | {"pid": True})
+    run.set_status("running", step=5)
+    assert run.read_status()["pid"] == os.getpid() and not runs.process_gone(run.read_status())
 
 
 def test_malformed_json_file_names_the_file(run):

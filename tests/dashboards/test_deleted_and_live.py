@@ -1,7 +1,11 @@
-"""Pages left open while runs change under them: a run deleted (the page names it with the reason) and a
-running run logging new steps (the Rollouts page keeps the ranges the user picked)."""
+"""Pages left open while runs change under them: a run deleted (the page names it with the reason), a
+running run killed (shown crashed), and a running run logging new steps (the Rollouts page keeps the ranges
+the user picked)."""
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -114,3 +118,21 @@ def test_a_run_whose_config_cannot_be_read_is_not_a_run_to_the_dashboard(runs_ro
     assert "toy/bad" not in open_page("runs").dataframe[0].value["run"].tolist()
     at = open_page("runs", run="toy/bad")
     assert "The URL names a run that does not exist:" in texts(at.warning) and "toy/bad" in texts(at.code)
+
+
+def test_a_run_whose_process_was_killed_is_shown_crashed_not_running(runs_root):
+    """toy/b's status says "running"; its process (a pid of this machine that no longer exists) is gone."""
+    at = open_page("runs", run=["toy/b"])
+    assert "toy/b · running · step 1" in texts(at.caption)[-1]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=60)
+    status = json.loads((runs_root / "toy/b/status.json").read_text())
+    (runs_root / "toy/b/status.json").write_text(json.dumps(status | {"pid": gone.pid}))
+    assert loading.run_info(runs_root, "toy/b").status == "crashed"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    assert table.loc[table["run"] == "toy/b", "status"].tolist() == ["crashed"]
+    warning = f"toy/b stopped at step 1: process {gone.pid} ended without recording the run's end (killed?)"
+    assert texts(at.warning) == [warning]
+    assert not any(caption.startswith("toy/b · running") for caption in texts(at.caption))  # no live view

@@ -15,7 +15,8 @@ import json
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -52,7 +53,10 @@ def resolve_run(root: str | Path, name: str) -> Path:
     if ".." in parts:
         raise UnsafePath(name, "'..' is not allowed")
     root = Path(root).resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+    except RuntimeError as e:  # Python < 3.13 raises RuntimeError for a symlink loop, not OSError
+        raise UnsafePath(name, str(e)) from None
     if not path.is_relative_to(root):  # a symlink pointing out of the folder
         raise UnsafePath(name, "it leads outside the runs folder")
     if not is_run_dir(path):
@@ -123,6 +127,19 @@ def run_info(root: str | Path, name: str) -> RunInfo:
         updated=status.get("updated"),
         error=error,
     )
+
+
+def with_progress(info: RunInfo, metrics: pd.DataFrame, metrics_mtime: float) -> RunInfo:
+    """A running run's info with the step of its last metrics line and the time that file was last written
+    (`metrics_mtime`, seconds since the epoch), where they are newer: a trainer rewrites status.json when it
+    starts and at checkpoints only, metrics.jsonl at every step."""
+    if info.status != "running" or metrics.empty:
+        return info
+    step = int(metrics["step"].max())
+    updated = datetime.fromtimestamp(metrics_mtime).astimezone().isoformat(timespec="seconds")
+    if info.updated is not None and datetime.fromisoformat(info.updated) >= datetime.fromisoformat(updated):
+        updated = info.updated
+    return replace(info, step=max(step, info.step or 0), updated=updated)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ The runs folder comes from the environment variable GRPO_SUITE_RUNS, which `grpo
 --runs DIR` sets (default: ./runs).
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def run_info(name: str) -> loading.RunInfo:
     return loading.run_info(runs_root(), name)
 
 
+def run_progress(name: str) -> tuple[loading.RunInfo, pd.DataFrame]:
+    """The run's info, with a running run's step and update time from its metrics (`loading.with_progress`),
+    and its metrics."""
+    info, frame = run_info(name), metrics(name)
+    mtime = _signature(run_path(name) / "metrics.jsonl")[0] / 1e9
+    return loading.with_progress(info, frame, mtime), frame
+
+
 def _readable_info(name: str) -> loading.RunInfo | None:
     """The run's info, or None when its files cannot be read (damaged, or deleted since it was listed)."""
     try:
@@ -55,7 +64,7 @@ def _signature(path: Path) -> tuple[int, int]:
     return stat.st_mtime_ns, stat.st_size
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@st.cache_data(max_entries=1024, show_spinner=False)  # the Runs table reads every run's metrics per rerun
 def _metrics(path: str, signature: tuple[int, int]) -> tuple[pd.DataFrame, int | None]:
     return loading.read_metrics(path), loading.cut_off_line(Path(path) / "metrics.jsonl")
 
@@ -112,6 +121,14 @@ def objects(value: object) -> list[dict]:
     """The objects of a list read from eval.json; anything else (not a list, an item not an object) is left
     out."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def number(value: object) -> float | None:
+    """A number read from eval.json as a float; None for null (a NaN the writer stored), a bool, text or
+    anything else, so that a page leaves it out."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 # -- picking runs --------------------------------------------------------------------------------------------

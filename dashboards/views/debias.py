@@ -11,14 +11,15 @@ APPS = ("debias", "de-bias", "debiasing")
 
 
 def bias_table(result: dict) -> pd.DataFrame:
-    """category, stage (before / after), bias; a `bias` or category that is not an object is skipped."""
+    """category, stage (before / after), bias; a `bias` or category that is not an object, or a score that is
+    not a number, is skipped."""
     bias = result.get("bias")
     rows = [
-        {"category": category, "stage": stage, "bias": float(scores[stage])}
+        {"category": category, "stage": stage, "bias": state.number(scores[stage])}
         for category, scores in (bias.items() if isinstance(bias, dict) else [])
         if isinstance(scores, dict)
         for stage in ("before", "after")
-        if scores.get(stage) is not None
+        if state.number(scores.get(stage)) is not None
     ]
     return pd.DataFrame(rows, columns=["category", "stage", "bias"])
 

@@ -19,13 +19,15 @@ def pass_at_k_rows(results: dict[str, tuple[str, dict]]) -> pd.DataFrame:
             if not isinstance(by_k, dict):
                 continue  # not {k: pass}
             for k, value in by_k.items():
+                if not str(k).isdecimal() or state.number(value) is None:
+                    continue  # not k: pass (a NaN is written as null)
                 rows.append(
                     {
                         "run": run,
                         "algorithm": algorithm,
                         "benchmark": benchmark,
                         "k": int(k),
-                        "pass": float(value),
+                        "pass": state.number(value),
                     }
                 )
     return pd.DataFrame(rows, columns=["run", "algorithm", "benchmark", "k", "pass"])

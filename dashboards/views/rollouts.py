@@ -7,6 +7,8 @@ st.dataframe, never as markdown or HTML.
 """
 
 import math
+import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,27 @@ MAX_PROMPT_CHOICES = 2000  # beyond this a select box is useless and slow: narro
 def _short(text: object, width: int = 80) -> str:
     text = str(text).replace("\n", " ⏎ ")
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def prompt_labels(prompts: list[str], width: int = 80) -> dict[str, str]:
+    """A distinct label of at most about `width` characters per prompt, for the prompt picker: what follows
+    the words all prompts share (a chat template's system prompt), numbered where two still read the same.
+    The picker keeps a choice by its label, so two equal labels would show the last one's rollouts.
+
+    >>> prompt_labels(["System: be brief.\nQ: 1+1", "System: be brief.\nQ: 2+2"])
+    {'System: be brief.\nQ: 1+1': '…Q: 1+1', 'System: be brief.\nQ: 2+2': '…Q: 2+2'}
+    """
+    shared = os.path.commonprefix(prompts) if len(prompts) > 1 else ""
+    cut = max((m.end() for m in re.finditer(r"\s+", shared)), default=0)  # at a word's start
+    labels: dict[str, str] = {}
+    for prompt in prompts:
+        label = short = ("…" if cut else "") + _short(prompt[cut:], width)
+        number = 1
+        while label in labels.values():
+            number += 1
+            label = f"{short} ({number})"
+        labels[prompt] = label
+    return labels
 
 
 def filter_lines(
@@ -135,8 +158,9 @@ def render() -> None:
     prompts = in_steps["prompt"].dropna().unique()
     prompt = None
     if len(prompts) <= MAX_PROMPT_CHOICES:
+        labels = prompt_labels(list(map(str, prompts)))
         choice = middle.selectbox(
-            "Prompt", ["(all)", *map(str, prompts)], format_func=_short, key="ro_prompt"
+            "Prompt", ["(all)", *labels], format_func=lambda p: labels.get(p, p), key="ro_prompt"
         )
         prompt = None if choice == "(all)" else choice
     else:

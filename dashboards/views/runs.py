@@ -21,7 +21,8 @@ def runs_table(names: list[str]) -> pd.DataFrame:
             info = state.run_info(name)
             row |= {"app": info.app, "algorithm": info.algorithm, "status": info.status, "step": info.step}
             row |= {"started": info.started, "updated": info.updated}
-            frame = state.metrics(name)
+            info, frame = state.run_progress(name)  # a running run's step from its metrics
+            row |= {"step": info.step, "updated": info.updated}
             reward = frame.iloc[-1].get("reward") if len(frame) else None
             row["reward (last step)"] = None if reward is None or pd.isna(reward) else float(reward)
         except (OSError, ValueError) as e:
@@ -38,12 +39,13 @@ def _live(name: str) -> None:
     except (OSError, ValueError) as e:
         state.show_error(f"Cannot read {name}:", e)
         return
-    st.caption(f"{name} · {info.status} · step {info.step} · updated {info.updated}")
     try:
-        frame = state.metrics(name)
+        info, frame = state.run_progress(name)
     except (OSError, ValueError) as e:
+        st.caption(f"{name} · {info.status} · step {info.step} · updated {info.updated}")
         state.show_error(f"Cannot read the metrics of {name}:", e)
         return
+    st.caption(f"{name} · {info.status} · step {info.step} · updated {info.updated}")
     if "reward" in frame and frame["reward"].notna().any():
         data = frame[["step", "reward"]].dropna()
         plot = Plot("line", data, x="step", y="reward")

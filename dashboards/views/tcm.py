@@ -18,8 +18,10 @@ def accuracy_rows(results: dict[str, dict]) -> pd.DataFrame:
         if not isinstance(accuracy, dict):
             continue  # absent, or not {type: accuracy}
         for kind, value in accuracy.items():
+            if state.number(value) is None:
+                continue  # no accuracy for this type (a NaN is written as null)
             count = counts.get(kind) if isinstance(counts, dict) else None
-            rows.append({"run": run, "type": kind, "accuracy": float(value), "count": count})
+            rows.append({"run": run, "type": kind, "accuracy": state.number(value), "count": count})
     return pd.DataFrame(rows, columns=["run", "type", "accuracy", "count"])
 
 

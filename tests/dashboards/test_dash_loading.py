@@ -4,6 +4,7 @@ rollout index (incremental, search, a live run's half-written line) and PNG expo
 import doctest
 import io
 import json
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,29 @@ def test_symlink_out_of_the_folder_is_refused_and_not_listed(runs_root, tmp_path
     with pytest.raises(loading.UnsafePath, match="outside the runs folder"):
         loading.resolve_run(runs_root, "escape/run")
     assert not any(name.startswith("escape") for name in loading.find_runs(runs_root))
+
+
+def test_a_symlink_loop_is_a_refused_run_name_not_a_crash(runs_root):
+    (runs_root / "loop").symlink_to(runs_root / "loop")
+    with pytest.raises(loading.UnsafePath, match="refused run path 'loop/x'"):
+        loading.resolve_run(runs_root, "loop/x")
+    assert "loop" not in loading.find_runs(runs_root)
+
+
+def test_a_running_run_shows_the_step_of_its_metrics_not_of_its_last_checkpoint(runs_root):
+    """A trainer rewrites status.json at its start and checkpoints only; metrics.jsonl at every step."""
+    info = loading.run_info(runs_root, "toy/b")
+    assert (info.status, info.step) == ("running", 1)
+    frame = pd.DataFrame({"step": [1, 2, 3]})
+    later = datetime.fromisoformat(info.updated).timestamp() + 90
+    progress = loading.with_progress(info, frame, later)
+    assert progress.step == 3
+    assert datetime.fromisoformat(progress.updated).timestamp() == later
+    earlier = loading.with_progress(info, frame, later - 3600)  # metrics older than the status
+    assert (earlier.step, earlier.updated) == (3, info.updated)
+    assert loading.with_progress(info, frame.iloc[:0], later) == info
+    finished = loading.run_info(runs_root, "toy/a")
+    assert loading.with_progress(finished, pd.DataFrame({"step": [9]}), later) == finished
 
 
 def test_the_runs_inside_a_pipeline_run_are_listed(tmp_path):
@@ -393,6 +417,18 @@ def test_app_tables():
     assert bias.values.tolist() == [["age", "before", 0.3], ["age", "after", 0.2]]
     accuracy = tcm.accuracy_rows({"t": {"accuracy_by_type": {"a": 0.5}, "count_by_type": {"a": 3}}})
     assert accuracy.values.tolist() == [["t", "a", 0.5, 3]]
+
+
+def test_eval_values_that_are_not_numbers_are_left_out_of_the_app_pages():
+    """eval.json stores a NaN as null; text, a bool or a k that is not a number are left out too."""
+    rows = math_page.pass_at_k_rows(
+        {"m": ("grpo", {"pass_at_k": {"g": {"1": None, "4": 0.5, "best": 0.9, "8": "0.7", "16": True}}})}
+    )
+    assert rows[["k", "pass"]].values.tolist() == [[4, 0.5]]
+    accuracy = tcm.accuracy_rows({"t": {"accuracy_by_type": {"single": None, "fill": 0.25, "open": "x"}}})
+    assert accuracy[["type", "accuracy"]].values.tolist() == [["fill", 0.25]]
+    bias = debias.bias_table({"bias": {"age": {"before": None, "after": 0.2}, "race": {"before": "high"}}})
+    assert bias.values.tolist() == [["age", "after", 0.2]]
 
 
 def test_the_newest_run_prefers_the_outer_one_started_in_the_same_second(tmp_path, monkeypatch):

@@ -199,6 +199,27 @@ def test_rollouts_page_filters_pages_and_groups(runs_root):
     assert components.values.tolist() == [["correct", 1.0], ["format", 0.0]]
 
 
+def test_prompts_sharing_a_long_template_are_told_apart_by_the_picker(runs_root):
+    """A chat template's system prompt is longer than a label: each prompt is labelled by what follows it,
+    and picking one shows that prompt's rollouts (equal labels would all show the last prompt's)."""
+    system = (
+        "<|im_start|>system\n你是一位中医专家，请先思考再回答，把答案放在<answer></answer>中。" * 2 + "\n"
+    )
+    questions = ["气血不足的症状是什么？", "脾虚湿盛如何治疗？", "肝火旺的表现？"]
+    rows = [
+        {"step": 1, "group": g, "prompt": system + q, "completion": f"g{g} k{k}", "reward": k / 4}
+        for g, q in enumerate(questions)
+        for k in range(2)
+    ]
+    make_run(runs_root, "tcm/t", "tcm").log_rollouts(rows)
+    at = open_page("rollouts", run="tcm/t")
+    picker = at.selectbox(key="ro_prompt")
+    assert picker.format_func(picker.options[1]) == "…" + questions[0]
+    assert len({picker.format_func(option) for option in picker.options}) == 4
+    picker.select_index(1).run()
+    assert at.dataframe[0].value["completion"].tolist() == ["g0 k0", "g0 k1"]
+
+
 def test_rollouts_with_a_null_reward_are_shown_until_the_reward_range_is_narrowed(runs_root):
     rows = toy_rollouts(1)
     rows[0]["reward"] = None  # a NaN reward is logged as null

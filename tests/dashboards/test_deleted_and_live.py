@@ -10,9 +10,10 @@ import sys
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.runs import RunDir
 from dashboards import loading, state
 
-from .conftest import make_run, toy_rollouts
+from .conftest import make_run, metrics_row, toy_rollouts
 from .test_dash_pages import TIMEOUT, open_page, texts
 
 
@@ -136,3 +137,14 @@ def test_a_run_whose_process_was_killed_is_shown_crashed_not_running(runs_root):
     warning = f"toy/b stopped at step 1: process {gone.pid} ended without recording the run's end (killed?)"
     assert texts(at.warning) == [warning]
     assert not any(caption.startswith("toy/b · running") for caption in texts(at.caption))  # no live view
+
+
+def test_a_running_run_logging_steps_shows_its_last_logged_step(runs_root):
+    """status.json keeps step 1 (no checkpoint since); the table and the live view follow metrics.jsonl."""
+    run = RunDir(runs_root / "toy/b")
+    run.log_metrics(2, metrics_row(2))
+    run.log_metrics(3, metrics_row(3))
+    at = open_page("runs", run=["toy/b"])
+    table = at.dataframe[0].value
+    assert table.loc[table["run"] == "toy/b", "step"].tolist() == [3]
+    assert texts(at.caption)[-1].startswith("toy/b · running · step 3 · updated ")

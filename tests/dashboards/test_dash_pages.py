@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from dashboards import loading
 from dashboards.views import public_goods
 
 from .conftest import SCRIPT, make_run, sudoku_row, toy_rollouts
@@ -573,3 +574,19 @@ def test_tcm_skips_tables_that_are_not_objects(runs_root, result, shown):
     make_run(runs_root, "tcm/odd", "tcm").write_eval(result)
     at = open_page("tcm", run=["tcm/odd", "tcm/t1"])
     assert at.dataframe[0].value.columns.tolist() == shown
+
+
+def test_the_runs_table_reads_no_metrics_file_again_when_none_changed(runs_root, monkeypatch):
+    """Each rerun builds the table from every run's metrics; with more runs than the cache held (64), the
+    least recently read were evicted and every rerun read every file again."""
+    for i in range(70):
+        run = make_run(runs_root, f"many/r{i:02d}", "public-goods")
+        run.log_metrics(1, {"cooperation": 0.5})
+    reads = []
+    read_metrics = loading.read_metrics
+    monkeypatch.setattr(loading, "read_metrics", lambda path: reads.append(path) or read_metrics(path))
+    at = open_page("runs")
+    assert len(at.dataframe[0].value) == 80 and len(reads) >= 80
+    reads.clear()
+    at.run()
+    assert not at.exception and reads == []

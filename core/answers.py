@@ -50,6 +50,11 @@ _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`
 
 
+# math-verify's alarm takes a C int of seconds: from 2**31 on it overflows inside math-verify, which turns
+# the error into "no match"; a day is far beyond any check, so longer is refused rather than silently wrong.
+MAX_TIMEOUT_S = 86_400
+
+
 def answers_match(prediction: str, gold: str, timeout_s: float = 5.0) -> bool:
     """True when the predicted answer equals the gold answer mathematically (math-verify). `timeout_s`
     bounds each math-verify step, rounded up to whole seconds, in the main thread, and the whole check in
@@ -63,8 +68,8 @@ def answers_match(prediction: str, gold: str, timeout_s: float = 5.0) -> bool:
     if not isinstance(prediction, str) or not isinstance(gold, str):
         got = f"{type(prediction).__name__} and {type(gold).__name__}"
         raise TypeError(f"answers_match takes a str prediction and a str gold, got {got}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be > 0 and at most {MAX_TIMEOUT_S} (a day), got {timeout_s}")
     if threading.current_thread() is threading.main_thread():
         return _match(prediction, gold, step_timeout_s=max(1, math.ceil(timeout_s)))
     return _match_in_child(prediction, gold, timeout_s)

@@ -120,6 +120,23 @@ def test_normalize_then_sum_gives_cancelling_components_exactly_zero():
         torch.testing.assert_close(adv / adv.norm(), spread / spread.norm())
 
 
+def test_normalize_then_sum_cancels_under_a_negative_weight():
+    """c0 = [0, 0.1] and c1 = [0, 0.3] have the same z-scores, so weights [1, -1] cancel them: the group
+    gets exactly 0. The tolerance is taken over |weight|: signed, it is ~0 and the residue survives."""
+    components = torch.tensor([[0.0, 0.0], [0.1, 0.3], [1.0, 0.0], [0.0, 0.0]])
+    adv = algos.normalize_then_sum(components, torch.tensor([1.0, -1.0]), 2)
+    assert torch.equal(adv[:2], torch.zeros(2))
+    # the other group: [0.707, -0.707] over a batch std of sqrt(1/3) -> +-sqrt(1.5)
+    torch.testing.assert_close(adv[2:], torch.tensor([1.0, -1.0]) * math.sqrt(1.5))
+
+
+def test_normalize_then_sum_a_row_at_the_group_mean_keeps_its_group():
+    """Only a group whose every row cancels is zeroed: the middle of [0, 1, 2] has advantage 0, and its
+    neighbours keep theirs."""
+    adv = algos.normalize_then_sum(torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([1.0]), 3)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0]))
+
+
 def test_multi_reward_registry_and_shapes():
     with pytest.raises(ValueError, match="valid: normalize_then_sum, sum_then_normalize"):
         algos.MULTI_REWARD.get("average")
@@ -232,6 +249,27 @@ def test_clip_metrics_count_the_right_tokens():
     # no valid token: each extreme is its reduction's identity, not a ratio of 1 that could win a max or min
     _, empty = algos.policy_loss(logp, torch.zeros(1, 4), torch.tensor([1.0]), torch.zeros(1, 4))
     assert empty["ratio/max"].item() == -math.inf and empty["ratio/min"].item() == math.inf
+
+
+def test_policy_loss_metrics_hand_values():
+    """Metrics over valid tokens only: the padded position (ratio 1 there) is left out of ratio/mean;
+    clip/frac counts a token clipped on either side; pg_loss is the policy term without the KL term."""
+    logp = torch.log(torch.tensor([[1.5, 1.0, 1.0], [0.5, 4.0, 1.0]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    loss, metrics = algos.policy_loss(
+        logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask, aggregation="token-mean",
+        ref_logp=torch.zeros(2, 3), beta=0.5, kl_estimator="k1",
+    )  # fmt: skip
+    # valid ratios [1.5, 1, 0.5, 4] -> mean 1.75 (9 / 6 = 1.5 with the two padded 1s counted)
+    assert metrics["ratio/mean"].item() == pytest.approx(1.75)
+    # 1.5 with A > 0 is clipped high, 0.5 with A < 0 clipped low: 2 of 4 valid tokens
+    assert metrics["clip/high_frac"].item() == pytest.approx(0.25)
+    assert metrics["clip/low_frac"].item() == pytest.approx(0.25)
+    assert metrics["clip/frac"].item() == pytest.approx(0.5)
+    # per token: -1.2, -1, +0.8, +4 -> token mean 0.65; k1 = logp: log(1.5 * 0.5 * 4) / 4 = log(3) / 4
+    assert metrics["pg_loss"].item() == pytest.approx(0.65)
+    assert metrics["kl"].item() == pytest.approx(math.log(3) / 4)
+    assert loss.item() == pytest.approx(0.65 + 0.5 * math.log(3) / 4)
 
 
 @pytest.mark.parametrize(
@@ -397,6 +435,11 @@ def test_gtpo_entropy_advantages_hand_values():
     adv = torch.tensor([1.0, -1.0, 0.5])
     entropy = torch.tensor([0.1, 0.8, 0.3])  # 0.8 > ln 2: dropped
     torch.testing.assert_close(algos.gtpo_entropy_advantages(adv, entropy), torch.tensor([0.99, 0.0, 0.47]))
+    # only a completion *above* max_entropy is dropped: one exactly at it keeps A - gamma * H
+    at_bound = algos.gtpo_entropy_advantages(
+        torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.625]), max_entropy=0.5
+    )
+    torch.testing.assert_close(at_bound, torch.tensor([0.95, 0.0]))
 
 
 # ---------------------------------------------------------------- EGPO

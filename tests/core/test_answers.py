@@ -31,6 +31,7 @@ MATCHES = [
     ("123456789012345678901234567890", "123456789012345678901234567890"),
     ("1000", r"1\,000"),  # thin-space and plain-space thousands separators
     ("12345", "12 345"),
+    ("1000", "1~000"),  # a tie (~) between digit groups
     (r"1\;000\;000", "1000000"),
     ("0.0001", r"0.000\,1"),  # a shorter last group after the point
     ("3.14159265", r"3.141\,592\,65"),
@@ -52,6 +53,8 @@ MISMATCHES = [
     ("0", r"1\,000"),  # read as a product 1*0 before the separator was dropped
     ("0", "1 000"),
     ("2 30", "230"),  # a space before two digits is no thousands separator
+    ("23000", "2 3000"),  # a group of four digits: no thousands separator either
+    ("1234567", "1234 567"),  # four digits before the space: not one number written in groups
     ("0", r"0.000\,1"),  # read as 0.000 * 1
     ("0", "0.000 1"),
     ("0.51", "0.5 10"),  # a decimal, then another number: not one number
@@ -91,6 +94,11 @@ def test_wrong_argument_types_and_timeouts_fail_loudly():
         answers_match(None, "42")
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         answers_match("42", "42", timeout_s=0)
+    # from 2**31 s math-verify's alarm overflows and it answers "no match"; infinity broke math.ceil
+    for too_long in (2.0**31, float("inf"), float("nan"), 86_401):
+        with pytest.raises(ValueError, match=r"at most 86400 \(a day\)"):
+            answers_match("42", "42", timeout_s=too_long)
+    assert answers_match("42", "42", timeout_s=86_400)
 
 
 def test_timeout_in_the_main_thread():
@@ -98,6 +106,13 @@ def test_timeout_in_the_main_thread():
     assert answers_match(HEAVY, "1", timeout_s=0.5) is False  # math-verify's alarm: ceil -> 1 s
     assert time.monotonic() - start < 4.0
     assert answers_match("0.5", r"\frac{1}{2}") is True  # no alarm left behind
+
+
+def test_the_main_thread_timeout_is_rounded_up_not_down():
+    """signal.alarm takes whole seconds: 1.5 s must become 2 s per step, never 1 s (the caller's budget cut)."""
+    start = time.monotonic()
+    assert answers_match(HEAVY, "1", timeout_s=1.5) is False
+    assert 1.5 <= time.monotonic() - start < 4.5
 
 
 def test_worker_threads_match_and_time_out():

@@ -161,3 +161,39 @@ def test_each_epoch_is_a_fresh_seeded_permutation():
     assert PromptSampler(examples, seed=6).take(10) != epoch0
     with pytest.raises(ValueError, match="no training examples"):
         PromptSampler([], seed=5)
+
+
+def test_every_missing_field_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"id": "q"}\n')
+    with pytest.raises(InputError, match=r"train.jsonl:line 2: missing field\(s\) prompt, answer$"):
+        read_examples(path, ["prompt", "answer"])
+
+
+def test_ids_that_differ_only_in_type_are_the_same_id(tmp_path):
+    """Ids are compared as strings: 1 and "1" name the same example (and an unhashable id is no crash)."""
+    path = tmp_path / "ids.jsonl"
+    path.write_text('{"id": 1, "prompt": "a"}\n{"id": "1", "prompt": "b"}\n')
+    with pytest.raises(InputError, match=r"ids.jsonl:line 2: id '1' is also the id of line 1"):
+        read_examples(path, ["prompt"])
+    path.write_text('{"id": [1, 2], "prompt": "a"}\n{"id": [3], "prompt": "b"}\n')
+    assert [row["id"] for row in read_examples(path, ["prompt"])] == [[1, 2], [3]]
+
+
+def test_a_json_file_of_one_object_per_line_is_located_by_line(tmp_path):
+    path = tmp_path / "lines.json"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    where = [where for where, _ in read_located_examples(path, ["prompt"])]
+    assert where == [f"{path}:line 1 (id 'lines-0')", f"{path}:line 3 (id 'lines-1')"]
+
+
+def test_parquet_rows_are_numbered_from_one(tmp_path):
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    pyarrow = pytest.importorskip("pyarrow")
+    path = tmp_path / "train.parquet"
+    pyarrow_parquet.write_table(pyarrow.table({"prompt": ["a", None], "answer": ["1", "2"]}), path)
+    with pytest.raises(InputError, match=r"train.parquet:row 2: missing field\(s\) prompt$"):
+        read_examples(path, ["prompt"])
+    pyarrow_parquet.write_table(pyarrow.table({"prompt": ["a", "b"]}), path)
+    where = [where for where, _ in read_located_examples(path, ["prompt"])]
+    assert where == [f"{path}:row 1 (id 'train-0')", f"{path}:row 2 (id 'train-1')"]

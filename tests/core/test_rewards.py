@@ -424,3 +424,17 @@ def test_concat_and_with_components():
         table.with_components({"v": torch.zeros(3)})
     with pytest.raises(ValueError, match="3 finite values"):
         table.with_components({"kd": torch.tensor([0.0, math.nan, 0.0])})
+
+
+def test_concat_refuses_tables_scored_with_different_weights():
+    """A table scored before `fit_scales` and one scored after have the same columns but not the same
+    weights: concatenated, the later rows' totals would silently use the earlier weights."""
+    rubric = scaled_rubric()
+    before = rubric.score(["", ""], FIRST_BATCH)
+    rubric.fit_scales(before)
+    after = rubric.score(["", ""], FIRST_BATCH)
+    assert before.names == after.names
+    with pytest.raises(
+        ValueError, match=r"different components or weights: .*\[1.0, 1.0\] vs .*\[0.5, 2.0\]"
+    ):
+        RewardTable.concat([before, after])

@@ -1,13 +1,17 @@
 """What every app's train command does around the trainer: pick the run directory, build the app's
 offline tiny model when no --model is given, load the policy, and print a summary table at the end."""
 
+import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from accelerate.utils import broadcast_object_list
 
+from core.atomic import write_json_atomic
+from core.config import config_to_dict
 from core.policy import LoraSettings, load_policy
 from core.runs import (
     RunDir,
@@ -48,15 +52,36 @@ def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOC
     return replace(config, run_dir=chosen[0])
 
 
-def build_in_run(path: Path, build: Callable[[Path], object], *, resume: bool, device: str) -> None:
-    """`build(path)` on the main process, the others waiting: a resumed run reuses what is there, a fresh
-    run builds it anew (a model left by a start that failed before its run existed may have other settings)."""
+BUILT_WITH = "built_with.json"  # written into a built base model last: the settings it was built with
+
+
+def build_settings(config: Any) -> dict[str, Any]:
+    """What a default base model is built from: the command's whole config but `resume` (JSON-able)."""
+    return {key: value for key, value in config_to_dict(config).items() if key != "resume"}
+
+
+def build_in_run(
+    path: Path, build: Callable[[Path], object], *, resume: bool, device: str, settings: Mapping[str, Any]
+) -> None:
+    """`build(path)` on the main process, the others waiting. A resumed run reuses what is there. A fresh
+    run reuses a complete build with the same `settings` (`BUILT_WITH`, written after the build), left by a
+    start stopped before its run existed (Ctrl-C during a base model's SFT, or the evaluation before
+    training), and builds anew otherwise: a model left by a start with other settings is not this run's."""
     state = join_processes(device)
     with state.main_process_first():
-        if state.is_main_process and not resume:
+        if state.is_main_process and not resume and _built_with(path) != settings:
             shutil.rmtree(path, ignore_errors=True)
         if not (path / "config.json").is_file():
             build(path)
+            if state.is_main_process:
+                write_json_atomic(path / BUILT_WITH, dict(settings))
+
+
+def _built_with(path: Path) -> dict | None:
+    try:
+        return json.loads((path / BUILT_WITH).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or damaged: build anew
+        return None
 
 
 def policy_for(config: GRPOConfig, build_default: Callable[[Path], object]):
@@ -64,7 +89,8 @@ def policy_for(config: GRPOConfig, build_default: Callable[[Path], object]):
     `build_default(path)` (`build_in_run`)."""
     path = Path(config.model) if config.model else Path(config.run_dir) / "base_model"
     if config.model is None:
-        build_in_run(path, build_default, resume=config.resume, device=config.device)
+        settings = build_settings(config)
+        build_in_run(path, build_default, resume=config.resume, device=config.device, settings=settings)
     lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, seed=config.seed) if config.lora else None
     return load_policy(path, lora=lora, device=config.device)
 

@@ -43,7 +43,7 @@ from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
 from core.atomic import atomic_directory
 from core.data import InputError
-from core.launch import build_in_run, policy_for, summary_table, with_run_dir
+from core.launch import build_in_run, build_settings, policy_for, summary_table, with_run_dir
 from core.policy import load_policy
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
@@ -314,7 +314,11 @@ def large_policy(config: MathTrainConfig):
     path = Path(config.large_model) if config.large_model else Path(config.run_dir) / "base_model_large"
     if config.large_model is None:
         build_in_run(
-            path, lambda out: build_base(config, "large", out), resume=config.resume, device=config.device
+            path,
+            lambda out: build_base(config, "large", out),
+            resume=config.resume,
+            device=config.device,
+            settings=build_settings(config),
         )
     return load_policy(path, device=config.device)
 

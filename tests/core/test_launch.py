@@ -1,9 +1,12 @@
 """core.launch: the run directory a train command resolves before it builds anything."""
 
+import json
+from functools import partial
+
 import pytest
 
 from core.cli import main
-from core.launch import build_in_run, with_run_dir
+from core.launch import BUILT_WITH, build_in_run, build_settings, with_run_dir
 from core.runs import RunDir
 from core.trainer import GRPOConfig
 
@@ -41,21 +44,33 @@ def test_a_resume_of_another_kind_of_run_is_refused_before_anything_is_built(tmp
     assert with_run_dir(config, "math").run_dir == str(tmp_path / "run")
 
 
-def test_a_fresh_run_builds_its_base_model_anew_and_a_resume_keeps_it(tmp_path):
-    """A start that failed before its run existed left base_model/, which the next fresh run (another seed)
-    had trained on."""
+def test_a_fresh_run_reuses_a_base_model_only_built_whole_with_its_settings_and_a_resume_keeps_it(tmp_path):
+    """A start stopped before its run existed leaves base_model/: the same command reuses it (its SFT took
+    minutes), another one (another seed) builds its own, as it does over a build that was cut off."""
     path, built = tmp_path / "base_model", []
 
-    def build(out):
+    def build(out, stop=False):
         built.append(out)
         out.mkdir()
         (out / "config.json").write_text(str(len(built)))
+        if stop:
+            raise KeyboardInterrupt
 
-    build_in_run(path, build, resume=False, device="cpu")
-    build_in_run(path, build, resume=False, device="cpu")
+    seed0, seed1 = {"seed": 0, "max_steps": 5}, {"seed": 1, "max_steps": 5}
+    build_in_run(path, build, resume=False, device="cpu", settings=seed0)
+    assert json.loads((path / BUILT_WITH).read_text()) == seed0
+    build_in_run(path, build, resume=False, device="cpu", settings=seed0)
+    assert len(built) == 1 and (path / "config.json").read_text() == "1"
+    build_in_run(path, build, resume=False, device="cpu", settings=seed1)
     assert len(built) == 2 and (path / "config.json").read_text() == "2"
-    build_in_run(path, build, resume=True, device="cpu")
+    build_in_run(path, build, resume=True, device="cpu", settings=seed0)  # a resume keeps what its run has
     assert len(built) == 2
+    with pytest.raises(KeyboardInterrupt):
+        build_in_run(path, partial(build, stop=True), resume=False, device="cpu", settings=seed0)
+    build_in_run(path, build, resume=False, device="cpu", settings=seed0)  # the cut-off build is not reused
+    assert len(built) == 4 and (path / "config.json").read_text() == "4"
+    assert build_settings(GRPOConfig(seed=3, resume=True)) == build_settings(GRPOConfig(seed=3))
+    assert build_settings(GRPOConfig(seed=3))["seed"] == 3 and "resume" not in build_settings(GRPOConfig())
 
 
 def test_a_resume_below_its_newest_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):

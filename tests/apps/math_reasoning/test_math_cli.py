@@ -610,3 +610,32 @@ def test_eval_samples_do_not_depend_on_how_many_rows_a_call_generates(small_dir,
         )
     assert len(generated[0]) == 32 and generated[0] == generated[1]
     assert generated[2] != generated[0]
+
+
+def test_a_train_stopped_before_its_run_began_keeps_its_base_model_for_the_same_command(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C after the tiny base model's SFT but before the run existed: `--resume` has nothing to continue,
+    and the same command started again reuses the base model instead of fine-tuning it again."""
+    from apps.math_reasoning import train as math_train
+
+    run_dir = tmp_path / "run"
+    args = ["math", "train", "--preset", "smoke", "--run-dir", str(run_dir), "--max-steps", "1"]
+    make_hooks = math_train.make_hooks
+
+    def interrupted(*rest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(math_train, "make_hooks", interrupted)
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "same command starts it again, reusing a base model" in capsys.readouterr().err
+    assert not (run_dir / "config.json").exists()
+    weights = (run_dir / "base_model" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(math_train, "make_hooks", make_hooks)
+    builds = []
+    build_base = math_train.build_base
+    monkeypatch.setattr(math_train, "build_base", lambda *a: builds.append(a) or build_base(*a))
+    assert main(args) == 0
+    assert builds == [] and (run_dir / "base_model" / "model.safetensors").read_bytes() == weights
+    assert RunDir(run_dir).read_status()["status"] == "finished"

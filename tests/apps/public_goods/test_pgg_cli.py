@@ -14,6 +14,7 @@ import pytest
 
 from apps.public_goods import cli, experiments
 from apps.public_goods.experiments import Trajectory, thresholds
+from apps.public_goods.model import GameConfig
 from core.cli import main
 from core.runs import RunDir
 
@@ -427,3 +428,61 @@ def test_a_sweep_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_
     with pytest.raises(SystemExit):
         main(["public-goods", "sweep", "--resume", "--run-dir", str(run)])
     assert f"(with the settings of {run}, a 'public_goods' 'fermi' run)" in capsys.readouterr().err
+
+
+def test_simulate_pads_an_absorbed_run_with_its_absorbing_state():
+    """An imitation run that reaches all C at step t stops there and is padded to steps + 1 values, those up
+    to t being the model's stepped by hand; a run absorbed from the start runs (and reports) one step."""
+    config = GameConfig(size=4, r=10.0, init="half", noise_k=0.1)
+    traj = experiments.simulate(config, seed=0, steps=30)
+    model = experiments.make_model(config, seed=0)
+    by_hand = [model.cooperation]
+    while not model.absorbed:
+        model.step()
+        by_hand.append(model.cooperation)
+    assert by_hand == [0.5, 0.75, 0.9375, 1.0]  # all C after 3 steps
+    assert traj.cooperation == by_hand + [1.0] * 27 and len(traj.cooperation) == 31
+    assert (traj.absorbed_at, traj.steps_run, sorted(traj.snapshots)) == (3, 3, [0, 1])
+    start = experiments.simulate(GameConfig(size=4, init="all_d"), seed=0, steps=6)
+    assert start.cooperation == [0.0] * 7 and (start.absorbed_at, start.steps_run) == (0, 1)
+
+
+def test_a_sweep_row_and_series_come_from_the_trajectory():
+    """run_job's row for (fermi-sync, half, r = 4, seed 0, 6 steps, average over the last 3, threshold 0.5),
+    against the trajectory of `simulate`: cooperation 0.4, 0.68, 0.68, 0.64, 0.68, 0.68, 0.72."""
+    config = GameConfig(size=5, r=4.0, method="fermi-sync", init="half")
+    row, series = experiments.run_job((config, 0, 6, 3, 0.5))
+    cooperation = experiments.simulate(config, 0, 6).cooperation
+    assert cooperation == pytest.approx([0.4, 0.68, 0.68, 0.64, 0.68, 0.68, 0.72])
+    assert (row["method"], row["init"], row["r"], row["seed"]) == ("fermi-sync", "half", 4.0, 0)
+    assert row["final_cooperation"] == pytest.approx(0.72)
+    assert row["mean_cooperation"] == pytest.approx((0.68 + 0.68 + 0.72) / 3)  # not the mean of all 7
+    assert (row["time_to_cooperation"], row["absorbed_at"]) == (1, "")
+    assert set(row) == set(experiments.RESULT_FIELDS)
+    assert series["t"] == list(range(7)) and series["cooperation"] == cooperation
+    keys = ("method", "init", "r", "seed")
+    assert [series[k] for k in keys] == [row[k] for k in keys]
+
+
+def test_a_resumed_sweep_keeps_only_jobs_with_both_their_row_and_their_series_line(tmp_path):
+    """A job killed between writing its results.csv row and its series.jsonl line runs again."""
+    settings = experiments.SweepSettings(size=5, steps=4, average_last=2, r_values=(4.0, 5.0, 6.0), workers=1)
+    rows, lines = [], []
+    for r in settings.r_values:
+        key = {"method": "fermi", "init": "bernoulli", "r": r, "seed": 0}
+        rows.append(
+            {**key, "final_cooperation": 0.5, "mean_cooperation": 0.45, "time_to_cooperation": 3,
+             "absorbed_at": "", "seconds": 0.1}
+        )  # fmt: skip
+        lines.append(json.dumps({**key, "t": [0, 4], "cooperation": [0.4, 0.5]}) + "\n")
+    experiments.write_table(rows, tmp_path / "results.csv")
+    (tmp_path / "series.jsonl").write_text(lines[0] + lines[2])  # r = 5's line is missing
+    done = experiments.finished_jobs(settings, tmp_path)
+    assert sorted(done) == [0, 2]
+    assert done[0] == (rows[0], lines[0]) and done[2] == (rows[2], lines[2])
+
+
+def test_a_sweep_may_average_over_all_its_steps():
+    assert experiments.SweepSettings(steps=4, average_last=4).jobs()[0][2:4] == (4, 4)
+    with pytest.raises(ValueError, match="got steps 4, average_last 5"):
+        experiments.SweepSettings(steps=4, average_last=5)

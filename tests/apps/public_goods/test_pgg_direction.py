@@ -87,7 +87,12 @@ def test_keep_switch_first_round_inherits_the_initial_lattice(method):
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"), [("switch_init", 0.0, "switch_init"), ("action", "flip", "unknown action")]
+    ("field", "value", "message"),
+    [
+        ("switch_init", 0.0, "switch_init"),
+        ("switch_init", 1.0, "switch_init must be in \\(0, 1\\)"),  # log(p / (1 - p)) would divide by 0
+        ("action", "flip", "unknown action"),
+    ],
 )
 def test_bad_action_settings_are_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -102,3 +102,54 @@ def test_one_mcs_calls_the_kernel_with_rc_over_5_and_l_squared_updates(monkeypat
     model.run(2)
     assert calls == [((6, 6), pytest.approx(4.5 * 2.0 / 5), pytest.approx(10.0), 0.3, 36)] * 2
     assert model.last_metrics["changes"] == pytest.approx(7 / 36)
+
+
+def test_per_site_cost_reaches_the_kernel_as_cost_over_5(monkeypatch):
+    """per_site: c = cost / 5 in each group, so rc5 = r cost / 25 and five_c = cost."""
+    from apps.public_goods import fermi
+
+    calls = []
+
+    def recording(s, nc, rc5, five_c, k, updates, seed):
+        calls.append((rc5, five_c))
+        return 0
+
+    monkeypatch.setattr(fermi, "random_sequential_kernel", recording)
+    make_model(GameConfig(size=5, r=4.5, cost=2.0, cost_convention="per_site"), seed=0).step()
+    assert calls == [(pytest.approx(4.5 * 2.0 / 25), pytest.approx(2.0))]
+
+
+def test_synchronous_step_reports_the_fraction_of_sites_that_changed():
+    model = make_model(GameConfig(size=6, r=4.4, method="fermi-sync"), seed=9)
+    before = model.strategy.copy()
+    model.step()
+    changed = float((model.strategy != before).mean())
+    assert changed == pytest.approx(10 / 36)  # this seed's history: 10 of the 36 sites imitate
+    assert model.last_metrics["changes"] == pytest.approx(changed)
+
+
+def test_at_vanishing_noise_one_update_flips_exactly_the_sites_with_a_richer_unlike_neighbour():
+    """K -> 0: x imitates y only when P_y > P_x, so the sites that one update can flip are exactly those with
+    an unlike neighbour richer than themselves (by `payoffs`, which test_pgg_model.py checks against a plain
+    loop; every unlike pair here differs by >= 0.32, far beyond K). Each such site flips in a given update
+    with probability >= 1/64, so over 3000 kernel seeds every one of them is seen, and no other site: the
+    kernel's own payoffs must agree. (The K = 0.5 statistics above miss a wrong neighbour in them.)"""
+    r, k, n = 3.8, 1e-3, 4
+    s0 = (np.random.default_rng(12).random((n, n)) < 0.5).astype(np.int8)
+    p = payoffs(s0, r, 1.0)
+    can_flip = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        for j in range(n):
+            for di, dj in NEIGHBOURS:
+                y = ((i + di) % n, (j + dj) % n)
+                if s0[y] != s0[i, j]:
+                    assert abs(p[y] - p[i, j]) > 0.3
+                    can_flip[i, j] |= bool(p[y] > p[i, j])
+    assert can_flip.sum() == 11  # and 5 sites that no update can flip
+    flipped = np.zeros((n, n), dtype=bool)
+    nc0 = group_counts(s0)
+    for seed in range(3000):
+        s = s0.copy()
+        random_sequential_kernel(s, nc0.copy(), r / 5, 5.0, k, 1, seed)
+        flipped |= s != s0
+    np.testing.assert_array_equal(flipped, can_flip)

@@ -263,3 +263,70 @@ def test_building_a_learner_leaves_torchs_global_generator_alone(method):
     model.step()  # the first step builds the MLPs
     assert model.dynamics.policy is not None
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_each_round_starts_from_the_current_policy_and_the_kl_is_to_the_reference(monkeypatch):
+    """From round two on the policy has moved away from the reference: old_logp must be the current
+    policy's (ratio 1 at each round's first epoch) and ref_logp the reference's (the initial MLP until
+    `ref_refresh` updates), both on the round's observations and sampled actions, and the KL is then > 0."""
+    from apps.public_goods import learners
+
+    seen = []
+
+    def recording(logp, old_logp, adv, mask, **kwargs):
+        seen.append((logp.detach().clone(), old_logp.clone(), kwargs["ref_logp"].clone()))
+        return policy_loss(logp, old_logp, adv, mask, **kwargs)
+
+    monkeypatch.setattr(learners, "policy_loss", recording)
+    config = GameConfig(size=6, r=4.5, method="grpo", init="half", epochs=1, ref_refresh=100, lr=0.05)
+    model = make_model(config, seed=1)
+    learner = model.dynamics
+    learner._setup(model)
+    initial = copy.deepcopy(learner.policy)
+    for round_ in range(3):
+        obs = observations(model.strategy)  # (36, 3)
+        with torch.no_grad():
+            current = learner.policy(obs).log_softmax(-1)  # (36, 2) before this round's update
+            reference = initial(obs).log_softmax(-1)
+        model.step()
+        actions = torch.from_numpy(model.strategy.ravel().astype(np.int64))[:, None]  # (36, 1)
+        logp, old_logp, ref_logp = seen[-1]
+        torch.testing.assert_close(old_logp, current.gather(1, actions))
+        torch.testing.assert_close(logp, old_logp)  # epoch 1: ratio 1
+        torch.testing.assert_close(ref_logp, reference.gather(1, actions))
+        if round_ > 0:
+            assert (old_logp - ref_logp).abs().max() > 1e-3  # the policy has moved from the reference
+            assert model.last_metrics["kl"] > 0
+    assert len(seen) == 3
+
+
+def test_q_learning_rewards_are_payoffs_over_5c_whatever_the_cost():
+    """The reward is payoffs / 5c with c the cost per group, so c cancels: the same values at any cost and
+    either convention. One step from a zero table: Q[s, a] = alpha * reward."""
+    values = []
+    for cost, convention in [(1.0, "per_group"), (2.5, "per_group"), (2.5, "per_site")]:
+        settings = {"cost": cost, "cost_convention": convention, "q_epsilon": 1.0}
+        config = GameConfig(size=6, r=4.4, method="qlearning", init="half", **settings)
+        model = make_model(config, seed=3)
+        state = model.strategy.ravel().astype(np.int64).copy()
+        model.step()
+        actions = model.strategy.ravel().astype(np.int64)
+        reward = payoffs(model.strategy, 4.4, 1.0).ravel() / 5  # (36,) at c = 1
+        assert model.last_metrics["reward/payoff/mean"] == pytest.approx(reward.mean())
+        assert reward.mean() == pytest.approx(3.4 * model.cooperation)  # (r - 1) g, the mean identity
+        np.testing.assert_allclose(model.dynamics.q[np.arange(36), state, actions], 0.1 * reward)
+        values.append(model.dynamics.q.copy())
+    np.testing.assert_allclose(values[1], values[0])
+    np.testing.assert_allclose(values[2], values[0])
+
+
+@pytest.mark.parametrize(("cost", "convention"), [(2.5, "per_group"), (2.5, "per_site"), (0.2, "per_site")])
+def test_reward_table_payoffs_do_not_depend_on_the_cost(cost, convention):
+    """payoff / 5c: the lone cooperator of a 3x3 lattice at r = 4 gets (5 * 4/5 - 5) / 5 = -0.2, its 4
+    neighbours 3 * 4/5 / 5 = 0.48 and the 4 diagonal sites 2 * 4/5 / 5 = 0.32, whatever c."""
+    strategy = np.zeros((3, 3), dtype=np.int8)
+    strategy[0, 0] = 1
+    config = GameConfig(size=3, r=4.0, method="grpo", cost=cost, cost_convention=convention)
+    table = reward_table(strategy, config, 0.0)
+    expected = [-0.2, 0.48, 0.48, 0.48, 0.32, 0.32, 0.48, 0.32, 0.32]
+    np.testing.assert_allclose(table.components[:, 0].numpy(), expected, rtol=1e-6)

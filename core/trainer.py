@@ -451,6 +451,10 @@ class GRPOTrainer:
                 f"{config.prompts_per_step // self.world} prompts"
             )
         self.max_context = context_limit(self.backend, model)
+        # every prompt now, not only those of the batch that holds it, many steps in (a hook's hinted
+        # prompts are checked again in `generate`); every process holds the same examples and settings, so
+        # all of them raise or none does
+        self._check_prompt_lengths(examples)
         self.reference = ReferencePolicy(model) if config.beta > 0 else None
         self.fsdp = sharding.fsdp_requested(config.fsdp) and self.world > 1
         if config.fsdp and self.world == 1:
@@ -699,14 +703,17 @@ class GRPOTrainer:
     # -- collecting a batch ----------------------------------------------------------------------------------
 
     def _check_prompt_lengths(self, examples: list[dict]) -> None:
-        for example in examples:
-            length = len(self.tokenizer(example["prompt"], add_special_tokens=False)["input_ids"])
-            if not length:
-                raise ValueError(f"example {example['id']!r}: the prompt has no tokens")
-            if self.max_context is not None and length + self.config.max_new_tokens > self.max_context:
-                raise ValueError(
-                    f"example {example['id']!r}: prompt of {length} tokens + max_new_tokens "
-                    f"{self.config.max_new_tokens} exceeds the model's context of {self.max_context}"
+        if not examples:
+            return
+        rows = self.tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
+        for example, ids in zip(examples, rows, strict=True):
+            if not ids:
+                raise InputError(f"example {example['id']!r}: the prompt has no tokens")
+            if self.max_context is not None and len(ids) + self.config.max_new_tokens > self.max_context:
+                raise InputError(
+                    f"example {example['id']!r}: prompt of {len(ids)} tokens + max_new_tokens "
+                    f"{self.config.max_new_tokens} exceeds the model's context of {self.max_context} (give a "
+                    "smaller --max-new-tokens, a model with a longer context, or leave the example out)"
                 )
 
     def generate(self, examples: list[dict], first_index: int, round_: int = 0) -> Rollouts:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from core import algos
 from core.cli import _names_an_input
+from core.data import InputError
 from core.policy import LoraSettings, completion_logprobs, has_dropout, load_policy
 from core.rewards import Rubric
 from core.rollout import HFGenerateBackend
@@ -278,9 +280,10 @@ def test_a_prompt_longer_than_the_context_names_the_example(tmp_path):
         num_heads=2,
         max_position_embeddings=8,
     )
-    trainer = make_trainer(model_dir, make_config(tmp_path, max_new_tokens=5))
-    with pytest.raises(ValueError, match=r"example 'ex\d': prompt of 4 tokens \+ max_new_tokens 5 exceeds"):
-        trainer.collect()
+    # refused before the run is created, not at the step whose batch holds the example
+    with pytest.raises(InputError, match=r"example 'ex\d': prompt of 4 tokens \+ max_new_tokens 5 exceeds"):
+        make_trainer(model_dir, make_config(tmp_path, max_new_tokens=5))
+    assert not (tmp_path / "run").exists()
 
 
 def test_prompts_are_checked_against_the_samplers_context(model_dir, tmp_path):
@@ -291,13 +294,12 @@ def test_prompts_are_checked_against_the_samplers_context(model_dir, tmp_path):
 
     model, tokenizer = load_policy(model_dir)
     backend = ShortBackend(model, tokenizer)
-    trainer = GRPOTrainer(
-        make_config(tmp_path, max_new_tokens=5), model, tokenizer, EXAMPLES, Rubric({"a": a_fraction}),
-        app="test", backend=backend,
-    )  # fmt: skip
     assert model.config.max_position_embeddings > 8
-    with pytest.raises(ValueError, match=r"prompt of 4 tokens \+ max_new_tokens 5 exceeds .* context of 8"):
-        trainer.collect()
+    with pytest.raises(InputError, match=r"prompt of 4 tokens \+ max_new_tokens 5 exceeds .* context of 8"):
+        GRPOTrainer(
+            make_config(tmp_path, max_new_tokens=5), model, tokenizer, EXAMPLES, Rubric({"a": a_fraction}),
+            app="test", backend=backend,
+        )  # fmt: skip
 
 
 def test_an_empty_prompt_is_named(model_dir, tmp_path):
@@ -511,6 +513,8 @@ def test_status_follows_the_checkpoints_and_says_finished_once_the_app_is_done(m
         "step": 3,
         "updated": None,
         "error": None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
     }
     failing = make_trainer(model_dir, make_config(tmp_path / "b", max_steps=1))
     with pytest.raises(RuntimeError, match="disk full"):

@@ -17,6 +17,8 @@ from apps.math_reasoning.data import HINT_TIERS, OfflineSets
 from apps.math_reasoning.templates import TAGS, TEMPLATES, Template
 from core.tiny import create_tiny_model_dir, sft
 
+TINY_CONTEXT = 1024  # tokens a tiny base model holds, prompt and completion together
+
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -77,7 +79,7 @@ def build_base_model(
         hidden_size=spec.hidden_size,
         num_layers=spec.num_layers,
         num_heads=spec.hidden_size // 32,
-        max_position_embeddings=1024,
+        max_position_embeddings=TINY_CONTEXT,
         seed=seed,
     )
     if spec.sft_steps == 0:

@@ -37,7 +37,7 @@ from apps.math_reasoning.evaluate import (
     pass_at_k_entry,
 )
 from apps.math_reasoning.gtpo import GTPOHooks
-from apps.math_reasoning.models import TinySpec, build_base_model
+from apps.math_reasoning.models import TINY_CONTEXT, TinySpec, build_base_model
 from apps.math_reasoning.rewards import rubric_for
 from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
@@ -140,6 +140,11 @@ class MathTrainConfig(GRPOConfig):
         for name in ("data", "eval_data"):  # before the base model is built (and trained)
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: {getattr(self, name)} is not a file")
+        if self.model is None and self.max_new_tokens >= TINY_CONTEXT:  # before it is built (minutes)
+            raise ValueError(
+                f"max_new_tokens must be below the tiny default model's context of {TINY_CONTEXT} tokens, "
+                f"got {self.max_new_tokens}: give a --model with a longer context, or fewer tokens"
+            )
         if self.algo == "gtpo" and self.beta != 0:
             raise ValueError(
                 f"beta: gtpo has no reference model and no KL term (PAPERS.md sec. 3), got {self.beta}"

@@ -639,3 +639,14 @@ def test_a_train_stopped_before_its_run_began_keeps_its_base_model_for_the_same_
     assert main(args) == 0
     assert builds == [] and (run_dir / "base_model" / "model.safetensors").read_bytes() == weights
     assert RunDir(run_dir).read_status()["status"] == "finished"
+
+
+def test_the_paper_preset_on_the_tiny_default_is_refused_before_it_is_built(tmp_path, capsys):
+    """1,024 new tokens do not fit the tiny model's context of 1,024: said before minutes of SFT, not as a
+    traceback at the first step."""
+    with pytest.raises(SystemExit):
+        main(["math", "train", "--preset", "paper", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "preset paper: max_new_tokens must be below the tiny default model's context of 1024 tokens" in err
+    assert "got 1024: give a --model with a longer context" in err
+    assert not (tmp_path / "run").exists()

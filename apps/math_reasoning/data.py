@@ -212,10 +212,12 @@ def last_boxed(text: str) -> str | None:
     ('5', '5', '3.5')
     >>> last_boxed(r"\\boxed{a} \\boxed{"), last_boxed(r"\\boxed{5} and then \\boxed")
     ('a', '5')
+    >>> last_boxed(r"\\boxed{a} \\boxed{ }"), last_boxed(r"\\boxed{}")
+    ('a', None)
     """
     for box in reversed(list(_BOX.finditer(text))):
         content = box_content(text, box.end())
-        if content is not None:
+        if content is not None and content.strip():
             return content
     return None
 

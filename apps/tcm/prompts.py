@@ -9,6 +9,8 @@ question types). The prompt is rendered with the tokenizer's own chat template (
     loose = inline_completion(example)       # the same content, tags inline: no strict format
 """
 
+from core.data import InputError
+
 SYSTEM_PROMPT = (
     "You are an expert in Traditional Chinese Medicine. Think about the question first, then answer. "
     "Reply exactly in the format <think>\n...\n</think>\n<answer>\n...\n</answer>. "
@@ -35,7 +37,14 @@ def user_message(example: dict) -> str:
 
 
 def build_prompt(example: dict, tokenizer, system_prompt: str = SYSTEM_PROMPT) -> str:
-    """The full prompt text through the tokenizer's chat template, ending where the assistant starts."""
+    """The full prompt text through the tokenizer's chat template, ending where the assistant starts; a
+    tokenizer without one (a base, not an Instruct, model) is an error naming its directory."""
+    if not tokenizer.chat_template:
+        raise InputError(
+            f"{tokenizer.name_or_path}: its tokenizer has no chat template, and a TCM prompt is a chat (a "
+            "system message, then the question); give an Instruct model's directory, or add a chat_template "
+            "to its tokenizer_config.json"
+        )
     messages = [
         {"role": "system", "content": system_prompt},
         {"role": "user", "content": user_message(example)},

@@ -7,6 +7,8 @@ import random
 import pytest
 
 from apps.math_reasoning.data import (
+    ADD_VERBS,
+    HARD_LEVEL,
     HINT_TIERS,
     LEVELS,
     MIXES,
@@ -185,6 +187,7 @@ def test_parquet_and_offline_round_trip(tmp_path):
             r"bad.jsonl:line 2 .*missing field 'answer'",
         ),
         ([{"problem": "p", "solution": "no box"}], "math", r"bad.jsonl:line 1 .*no \\boxed"),
+        ([{"problem": "p", "solution": "so \\boxed{ }"}], "math", r"bad.jsonl:line 1 .*no \\boxed"),  # empty
         ([{"problem": "p"}], "math", "missing field 'answer'"),
         ([{"problem": "p", "answer": " ", "solution": " "}], "math", "missing field 'answer'"),
         ([{"problem": "p", "answer": ""}], "aime", "missing field 'answer'"),
@@ -292,3 +295,101 @@ def test_a_nan_answer_is_missing_and_the_solutions_box_is_taken(tmp_path):
         json.dumps({"problem": "1+2?", "answer": float("nan"), "solution": r"so \boxed{3}"}) + "\n"
     )
     assert load_examples(path, "math")[0]["answer"] == "3"
+
+
+def test_a_problem_and_its_hints_by_hand():
+    """Seed 0 at two digits, two steps: 59 + 63 = 122 (two carries), 122 - 15 = 107 (one borrow)."""
+    problem = generate_problem(random.Random(0), Difficulty(2, 2, 1))
+    assert problem["question"] == "Ivy has 59 shells. Ivy buys 63 more. Ivy sells 15. How many shells now?"
+    assert (problem["answer"], problem["steps"], problem["carries"]) == (
+        "107",
+        ["59+63=122", "122-15=107"],
+        3,
+    )
+    assert problem["hints"] == {
+        "knowledge": [
+            "'buys' means add.",
+            "'sells' means subtract.",
+            "Work right to left and carry or borrow 1 between columns.",
+        ],
+        "planning": ["Start at 59.", "Add 63.", "Subtract 15."],
+        "solution": ["59+63=122.", "122-15=107."],
+    }
+    # no carry nor borrow: no carrying hint (3 - 2 = 1, 1 + 8 = 9)
+    easy = generate_problem(random.Random(1), Difficulty(1, 2))
+    assert easy["steps"] == ["3-2=1", "1+8=9"] and easy["carries"] == 0
+    assert easy["hints"]["knowledge"] == ["'gives away' means subtract.", "'buys' means add."]
+    assert easy["hints"]["planning"] == ["Start at 3.", "Subtract 2.", "Add 8."]
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_hints_follow_the_steps_in_order(level):
+    """Planning names each operation in the order of the steps; knowledge says what each verb means, and
+    has the carrying chunk exactly when the solution carries or borrows."""
+    rng = random.Random(level)
+    for _ in range(30):
+        problem = generate_problem(rng, LEVELS[level])
+        ops = [("+" if "+" in s else "-", s.split("=")[0]) for s in problem["steps"]]
+        first = int(ops[0][1].split(ops[0][0])[0])
+        expected = [f"Start at {first}."]
+        expected += [f"{'Add' if op == '+' else 'Subtract'} {left.split(op)[1]}." for op, left in ops]
+        assert problem["hints"]["planning"] == expected
+        knowledge = problem["hints"]["knowledge"]
+        for chunk in knowledge[: len(knowledge) - bool(problem["carries"])]:
+            verb = chunk.split("'")[1]
+            assert chunk.endswith("means add." if verb in ADD_VERBS else "means subtract.")
+            assert f" {verb} " in problem["question"]
+        carry_chunk = "Work right to left and carry or borrow 1 between columns."
+        assert (carry_chunk in knowledge) == (problem["carries"] > 0)
+        recount = sum(carries(*(int(x) for x in left.split(op)), op) for op, left in ops)
+        assert recount == problem["carries"]
+
+
+def test_the_hard_tail_needs_many_carries():
+    """Default level 3 (three digits, four steps) is the hard tail: at least 5 carries or borrows each."""
+    assert (LEVELS[HARD_LEVEL].digits, LEVELS[HARD_LEVEL].steps) == (3, 4)
+    rng = random.Random(0)
+    assert min(generate_problem(rng, LEVELS[HARD_LEVEL])["carries"] for _ in range(30)) >= 5
+
+
+def test_splits_are_disjoint_where_questions_repeat_often():
+    """The micro mix at the app's sizes draws one-digit problems, which repeat across splits unless each
+    split excludes the ones before it (test, then train, then SFT)."""
+    sets = offline_sets(5, mix="micro")
+    train, test, sft = ({e["question"] for e in s} for s in (sets.train, sets.test, sets.sft))
+    assert (len(train), len(test), len(sft)) == (600, 300, 2000)
+    assert not train & test and not sft & (train | test)
+
+
+def test_an_offline_file_keeps_level_steps_and_carries(tmp_path):
+    sets = offline_sets(0, 10, 5, 10)
+    write_jsonl(tmp_path / "off.jsonl", sets.test)
+    loaded = load_examples(tmp_path / "off.jsonl")
+    keys = ("level", "steps", "carries")
+    assert [{k: e[k] for k in keys} for e in loaded] == [{k: e[k] for k in keys} for e in sets.test]
+    assert [e["level"] for e in loaded] == [1, 1, 2, 2, 3]
+
+
+def test_sft_examples_carry_hints_at_the_given_share():
+    """hint_fraction 0: no prompt has a hint; 1: every prompt has one, a tier's first chunks (1 or more,
+    from the first); the completion is the template's target either way."""
+    from apps.math_reasoning.models import sft_examples
+    from apps.math_reasoning.templates import get_template
+
+    sets = offline_sets(0, 5, 5, 20)
+    template = get_template("r1_short")
+    plain = sft_examples(sets, template, 0.0, seed=0)
+    assert [e["prompt"] for e in plain] == [template.render(e["question"]) for e in sets.sft]
+    assert [e["completion"] for e in plain] == [template.target(e["steps"], e["answer"]) for e in sets.sft]
+    hinted = sft_examples(sets, template, 1.0, seed=0)
+    for pair, example in zip(hinted, sets.sft, strict=True):
+        assert pair["prompt"].startswith(f"User: {example['question']} Hint: ")
+        hint = pair["prompt"].split(" Hint: ")[1].removesuffix("\nAssistant: <think>")
+        prefixes = [
+            " ".join(example["hints"][tier][:k])
+            for tier in HINT_TIERS
+            for k in range(1, len(example["hints"][tier]) + 1)
+        ]
+        assert hint in prefixes, hint
+    half = sft_examples(sets, template, 0.5, seed=0)
+    assert 0 < sum(" Hint: " in e["prompt"] for e in half) < 20

@@ -293,3 +293,58 @@ def test_train_on_a_file_without_a_model_warns_that_the_offline_model_trains_on_
     with pytest.warns(UserWarning, match=r"ladder.jsonl without --model: GRPO trains the offline tiny model"):
         with pytest.raises(Stop):
             main(["tcm", "train", "--preset", "smoke", "--data", str(data), "--run-dir", str(tmp_path / "r")])
+
+
+def test_raw_splits_follow_the_seed(tmp_path):
+    """--seed draws the generated set and its split: seed 1's split is split_by_fact(..., 1), another than
+    seed 0's cut of the same questions; a data file is split with the seed too."""
+    from apps.tcm.data import generate_examples, load_examples, split_by_fact
+    from apps.tcm.train import raw_splits
+
+    examples = generate_examples(1)
+    assert raw_splits(None, 1) == split_by_fact(examples, 1)
+    assert raw_splits(None, 1)["test"] != split_by_fact(examples, 0)["test"]
+    data = ladder_file(tmp_path)
+    rows = load_examples(data)
+    assert raw_splits(str(data), 5) == split_by_fact(rows, 5)
+    assert any(raw_splits(str(data), seed) != split_by_fact(rows, 0) for seed in (5, 6, 7))
+
+
+def test_sft_fractions_take_both_ends():
+    """0 (every SFT target inline; no fact drilled) and 1 are valid fractions."""
+    for fraction in (0.0, 1.0):
+        config = TcmTrainConfig(sft_format_fraction=fraction, sft_fact_fraction=fraction)
+        assert (config.sft_format_fraction, config.sft_fact_fraction) == (fraction, fraction)
+
+
+def test_train_gives_each_weight_to_its_reward(tmp_path, monkeypatch):
+    """--accuracy-weight 4 --format-weight 2 --tag-weight 3 reach the trainer's rubric as given (the model
+    and the trainer are stubbed: the run stops where GRPO would start)."""
+    import apps.tcm.train as tcm_train
+
+    class Stop(Exception):
+        pass
+
+    class Tokenizer:
+        chat_template = "the question alone"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return messages[-1]["content"]
+
+    seen = {}
+
+    def trainer(config, model, tokenizer, train, rubric, app):
+        seen.update(rubric=rubric, train=train)
+        raise Stop
+
+    monkeypatch.setattr(tcm_train, "policy_for", lambda config, build: (None, Tokenizer()))
+    monkeypatch.setattr(tcm_train, "GRPOTrainer", trainer)
+    config = TcmTrainConfig(
+        accuracy_weight=4.0, format_weight=2.0, tag_weight=3.0, eval_split="none", run_dir=str(tmp_path / "r")
+    )
+    with pytest.raises(Stop):
+        tcm_train.train(config)
+    assert seen["rubric"].weights == {"accuracy": 4.0, "strict_format": 2.0, "tag_count": 3.0}
+    example = next(e for e in seen["train"] if e["type"] == "single")
+    table = seen["rubric"].score(["<think>\n想\n</think>\n" + example["answer"]], [example])
+    assert table.total.tolist() == [4.0 * 1.0 + 2.0 * 0.0 + 3.0 * 0.5]

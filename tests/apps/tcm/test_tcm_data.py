@@ -19,6 +19,7 @@ from apps.tcm.data import (
 from apps.tcm.knowledge import FORMULAS, HERBS, SYNDROMES, terms
 from apps.tcm.prompts import TAGS, inline_completion, reference_completion
 from apps.tcm.rewards import build_rubric
+from core.data import InputError
 
 ROWS = [
     {
@@ -461,3 +462,144 @@ def test_null_ids_get_the_row_id_and_rows_count_from_one(tmp_path):
     path.write_text(json.dumps([{"id": "a", "question": "q", "answer": "温", "type": "fill"},
                                 {"question": "q", "answer": "温", "type": "fill"}]))  # fmt: skip
     assert [e["id"] for e in load_examples(path)] == ["a", "gaps-1"]
+
+
+def test_split_fractions_other_than_80_10_10_are_cut_where_given():
+    """20 one-question facts split 50/30/20 give 10/6/4 (val is the second fraction, not the third), and a
+    seed gives the same split twice."""
+    examples = [
+        {"id": f"e{i}", "type": "fill", "question": f"q{i}", "answer": "温", "fact": f"f{i:02d}"}
+        for i in range(20)
+    ]
+    splits = split_by_fact(examples, seed=0, fractions=(0.5, 0.3, 0.2))
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [10, 6, 4]
+    assert splits == split_by_fact(examples, seed=0, fractions=(0.5, 0.3, 0.2))
+    splits = split_by_fact(examples, seed=1, fractions=(0.0, 0.25, 0.75))
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [0, 5, 15]
+
+
+def test_a_fact_group_is_named_by_its_first_sorted_fact():
+    """Two facts whose open answers are the same words are one group named by the first fact (sorted);
+    a fill-in answer shared by two facts joins nothing."""
+    examples = [
+        {"type": "open", "answer": "和解 少阳", "fact": "syndrome:b"},
+        {"type": "open", "answer": "和解少阳", "fact": "formula:a"},
+        {"type": "fill", "answer": "温", "fact": "herb:c"},
+        {"type": "fill", "answer": "温", "fact": "herb:d"},
+    ]
+    assert fact_groups(examples) == {
+        "formula:a": "formula:a",
+        "syndrome:b": "formula:a",
+        "herb:c": "herb:c",
+        "herb:d": "herb:d",
+    }
+
+
+def test_type_labels_any_case_and_multiple_answers_in_letter_order(tmp_path):
+    """Labels are matched in any case ("Single", " FILL "), 简答题 is an open question, and a multiple-choice
+    answer written out of order or in lower case is stored as its letters in order ("C、A" -> "AC")."""
+    rows = [
+        {"question": "q1", "options": ["寒", "温"], "answer": "B", "type": "Single"},
+        {"question": "q2", "answer": "温", "type": " FILL "},
+        {"question": "q3", "answer": "发汗解表", "type": "简答题"},
+        {"question": "q4", "options": ["肺", "肝", "膀胱"], "answer": "C、A", "type": "Multiple_Choice"},
+        {"question": "q5", "options": ["肺", "肝", "膀胱", "心"], "answer": "d,b", "type": "多选"},
+    ]
+    examples = load_examples(write_jsonl(tmp_path / "labels.jsonl", rows))
+    assert [e["type"] for e in examples] == ["single", "fill", "open", "multiple", "multiple"]
+    assert [e["answer"] for e in examples] == ["B", "温", "发汗解表", "AC", "BD"]
+
+
+def test_every_fill_in_question_with_its_answer_restates_the_fact():
+    """The blank filled with the gold answer is the fact's sentence (the hidden item is the one blanked,
+    the nature's answer the herb's own nature), for every fill-in question of two seeds."""
+    for seed in (0, 1):
+        fills = [e for e in generate_examples(seed) if e["type"] == "fill"]
+        assert len(fills) == 264
+        for example in fills:
+            sentence = example["question"].replace("____", example["answer"])
+            sentence = sentence.replace("的功效是", "的功效：").replace("的代表方为", "的代表方是")
+            assert sentence == example["think"], example
+    mahuang = {e["question"]: e["answer"] for e in generate_examples(0) if e["type"] == "fill"}
+    assert mahuang["麻黄性____。"] == "温" and mahuang["麻黄味____。"] == "辛、微苦"
+
+
+def test_multiple_choice_shows_up_to_four_correct_options():
+    """A multiple-choice question shows min(4, its correct items) of them, each lettered in the answer:
+    四君子汤's four components all, four of 小柴胡汤's seven, three of 黄芩's actions (the first three)."""
+    true_items = {}
+    for herb in HERBS:
+        true_items[f"herb:{herb.name}:flavours"] = set(herb.flavours)
+        true_items[f"herb:{herb.name}:meridians"] = set(herb.meridians)
+        true_items[f"herb:{herb.name}:actions"] = set(herb.actions[:3])
+    for formula in FORMULAS:
+        true_items[f"formula:{formula.name}:components"] = set(formula.components)
+    for seed in (0, 1):
+        multiples = [e for e in generate_examples(seed) if e["type"] == "multiple"]
+        for example in multiples:
+            items = true_items[example["fact"]]
+            options = example["options"]
+            assert example["answer"] == "".join(sorted(k for k, v in options.items() if v in items)), example
+            assert len(example["answer"]) == min(len(items), 4), example
+    by_fact = {e["fact"]: e for e in generate_examples(0) if e["type"] == "multiple"}
+    sijunzi = by_fact["formula:四君子汤:components"]
+    assert {sijunzi["options"][letter] for letter in sijunzi["answer"]} == {"人参", "白术", "茯苓", "甘草"}
+    assert len(by_fact["formula:小柴胡汤:components"]["answer"]) == 4
+    assert len(by_fact["herb:黄芩:meridians"]["answer"]) == 4
+
+
+def test_bitter_and_slightly_bitter_are_never_each_others_distractor():
+    """苦 and 微苦 are too close to be fair: a herb with either is never offered the other as a wrong flavour."""
+    seen = 0
+    for seed in range(4):
+        for example in generate_examples(seed):
+            if not example["fact"].endswith(":flavours") or example["type"] not in ("single", "multiple"):
+                continue
+            herb = next(h for h in HERBS if h.name == example["fact"].split(":")[1])
+            if {"苦", "微苦"} & set(herb.flavours):
+                seen += 1
+                wrong = {t for k, t in example["options"].items() if k not in example["answer"]}
+                assert not wrong & {"苦", "微苦"}, example
+    assert seen > 50
+
+
+def test_user_message_labels_each_type():
+    from apps.tcm.prompts import user_message
+
+    assert user_message({"type": "fill", "question": "麻黄性____。", "options": {}}) == "填空题：麻黄性____。"
+    assert user_message({"type": "open", "question": "麻黄有何功效？"}) == "问答题：麻黄有何功效？"
+    multiple = {"type": "multiple", "question": "麻黄归哪些经？", "options": {"A": "肺", "B": "膀胱"}}
+    assert user_message(multiple) == "多选题：麻黄归哪些经？\nA. 肺\nB. 膀胱"
+
+
+class _RecordingTokenizer:
+    """A chat template that writes each message as "role|content" on its own line."""
+
+    chat_template = "role|content per line"
+    name_or_path = "models/recording"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return "\n".join(f"{m['role']}|{m['content']}" for m in messages) + "\nassistant|"
+
+
+def test_build_prompt_uses_the_given_system_prompt():
+    from apps.tcm.prompts import SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, build_prompt
+
+    example = {"type": "fill", "question": "麻黄性____。", "options": {}}
+    tokenizer = _RecordingTokenizer()
+    assert build_prompt(example, tokenizer, SHORT_SYSTEM_PROMPT) == (
+        f"system|{SHORT_SYSTEM_PROMPT}\nuser|填空题：麻黄性____。\nassistant|"
+    )
+    assert build_prompt(example, tokenizer).startswith(f"system|{SYSTEM_PROMPT}\nuser|")
+
+
+def test_a_model_without_a_chat_template_is_named_before_any_prompt_is_built(tmp_path):
+    """A base (not Instruct) model's tokenizer has no chat template: transformers' own error named neither
+    the directory nor what to do."""
+    from apps.tcm.prompts import build_prompt
+
+    tokenizer = _RecordingTokenizer()
+    tokenizer.chat_template, tokenizer.name_or_path = None, str(tmp_path / "qwen-base")
+    with pytest.raises(InputError, match=r"qwen-base: its tokenizer has no chat template.*Instruct model"):
+        build_prompt({"type": "fill", "question": "麻黄性____。"}, tokenizer)

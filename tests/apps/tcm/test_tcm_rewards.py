@@ -336,3 +336,31 @@ def test_rubric_weights_five_one_one():
     assert rubric.weights == {"accuracy": 5.0, "strict_format": 1.0, "tag_count": 1.0}
     table = rubric.score([wrap("B"), wrap("C"), "答案是B"], [SINGLE] * 3)
     assert table.total.tolist() == [7.0, 2.0, 5.0]
+
+
+def test_rubric_weights_go_to_their_own_rewards():
+    """Non-default weights 4:2:3: the format weight scales strict_format and the tag weight tag_count."""
+    rubric = build_rubric(4.0, 2.0, 3.0)
+    assert rubric.weights == {"accuracy": 4.0, "strict_format": 2.0, "tag_count": 3.0}
+    # B right without answer tags: accuracy 1, strict 0, tags 0.5; C wrong in format: 0, 1, 1
+    table = rubric.score(["<think>\n想\n</think>\nB", wrap("C")], [SINGLE] * 2)
+    assert table.total.tolist() == [4.0 + 3.0 * 0.5, 2.0 + 3.0]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["A不对，答案为C", "A是错的。答案为C", "A项不符，答案应为C", "答案为：C，A错", "B. 寒有误，答案为c"],
+)
+def test_answer_is_cue_wins_over_an_earlier_letter(answer):
+    """答案为X states the answer as 答案是X does: a letter named before it is commentary."""
+    assert extract_letters(wrap(answer)) == "C"
+    assert accuracy(wrap(answer), {"type": "single", "answer": "C"}) == 1.0
+
+
+def test_the_first_answer_block_is_the_answer():
+    """Answered twice: the first <answer> is read (and the format fails), not the later one."""
+    twice = "<think>\n想\n</think>\n<answer>\nB\n</answer>\n<answer>\nC\n</answer>"
+    assert answer_text(twice) == "\nB\n"
+    assert accuracy(twice, SINGLE) == 1.0 and accuracy(twice, {"type": "single", "answer": "C"}) == 0.0
+    fill = "<think>\n想\n</think>\n<answer>\n温\n</answer>\n<answer>\n寒\n</answer>"
+    assert accuracy(fill, {"type": "fill", "answer": "温"}) == 1.0

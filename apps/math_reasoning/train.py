@@ -2,7 +2,10 @@
 
     grpo-suite math train --algo grpo --preset smoke        # seconds: tiny models, 2 steps
     grpo-suite math train --algo codistill                  # offline: builds + SFTs both tiny models first
-    grpo-suite math train --algo scaf --model ~/Qwen2.5-Math-1.5B --data math_train.jsonl --preset paper
+    grpo-suite math train --algo grpo --model ~/Qwen2.5-Math-1.5B --data math_train.jsonl \
+        --eval-data math500.jsonl --preset paper
+    grpo-suite math train --algo scaf --model ~/Qwen2.5-Math-1.5B --data hinted.jsonl --preset paper
+        # Scaf's data needs tiered `hints` per problem, as `grpo-suite math data` writes them
 
 Without --model the policy is the app's tiny base model (models.py), built and fine-tuned into
 <run>/base_model (and <run>/base_model_large for CoDistill's L, or for `--size large`). The offline
@@ -15,6 +18,7 @@ sec. 1-3: 32 prompts x 8, lr 1e-6, R1-Zero template, no KL). Algorithms:
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -123,7 +127,10 @@ class MathTrainConfig(GRPOConfig):
     # -- evaluation after training
     eval_samples: int = _help("completions per held-out problem after training; 0 = no evaluation", 4)
     eval_examples: int = _help("held-out problems evaluated after training (evenly spaced); 0 = all", 0)
-    eval_data: str | None = _help("benchmark file for the final evaluation; default: the held-out set", None)
+    eval_data: str | None = _help(
+        "benchmark file for the final evaluation; default: the offline held-out set (not part of --data)",
+        None,
+    )
 
     def __post_init__(self):
         if self.advantage_scale == "auto":  # before the core's checks, which read the scale
@@ -341,6 +348,12 @@ def train(config: MathTrainConfig) -> dict:
         if config.eval_samples
         else []
     )
+    if config.data and config.eval_samples and not config.eval_data:
+        warnings.warn(
+            f"--data {config.data} without --eval-data: the final evaluation is on the offline held-out "
+            "arithmetic set, not on problems like yours; give --eval-data FILE (or --eval-samples 0)",
+            stacklevel=2,
+        )
     config = with_run_dir(config, APP, config.algo)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))

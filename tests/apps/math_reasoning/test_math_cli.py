@@ -650,3 +650,32 @@ def test_the_paper_preset_on_the_tiny_default_is_refused_before_it_is_built(tmp_
     assert "preset paper: max_new_tokens must be below the tiny default model's context of 1024 tokens" in err
     assert "got 1024: give a --model with a longer context" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_training_on_a_data_file_without_eval_data_says_the_evaluation_is_offline(tmp_path, monkeypatch):
+    """The final evaluation of a run on the user's --data is on the generated arithmetic set unless
+    --eval-data is given: said, as the eval table's `offline` rows alone did not."""
+    import warnings
+
+    from apps.math_reasoning import train as math_train
+
+    data = tmp_path / "gsm.jsonl"
+    data.write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(math_train, "with_run_dir", stop)
+    with pytest.warns(
+        UserWarning, match=r"gsm.jsonl without --eval-data: the final evaluation is on the offline"
+    ):
+        with pytest.raises(Stop):
+            math_train.train(math_train.MathTrainConfig(data=str(data)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for quiet in ({"eval_data": str(data)}, {"eval_samples": 0}):
+            with pytest.raises(Stop):
+                math_train.train(math_train.MathTrainConfig(data=str(data), **quiet))

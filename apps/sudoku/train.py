@@ -274,10 +274,10 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
         backend=backend,
         hooks=SudokuHooks(),
     )
-    if config.bootstrap_scaling and not rubric.fitted:
-        scales = fit_bootstrap_scales(trainer, rubric, examples, config)
-        print("bootstrapped scales: " + ", ".join(f"{k} {v:.3f}" for k, v in scales.items()))
-    with trainer.until_finished():  # finished once saved and evaluated
+    with trainer.until_finished():  # finished once saved and evaluated; failed if the scales' fit dies
+        if config.bootstrap_scaling and not rubric.fitted:
+            scales = fit_bootstrap_scales(trainer, rubric, examples, config)
+            print("bootstrapped scales: " + ", ".join(f"{k} {v:.3f}" for k, v in scales.items()))
         history = trainer.train()
         final = trainer.save_final()
         print(summary_table(history))

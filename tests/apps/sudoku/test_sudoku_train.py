@@ -101,6 +101,21 @@ def test_grpo_trains_on_the_train_puzzles_only(puzzles, model_dir, tmp_path, mon
     assert not trained & {to_example(p, 0, "eval")["solution"] for p in held_out}
 
 
+def test_a_run_whose_scales_fit_fails_is_marked_failed(puzzles, model_dir, tmp_path, monkeypatch):
+    """The bootstrapped scales are drawn after the trainer made the run: a failure (or Ctrl-C) there had
+    left it "running"."""
+
+    def broken_fit(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sudoku_train, "fit_bootstrap_scales", broken_fit)
+    config = SudokuTrainConfig(model=str(model_dir), run_dir=str(tmp_path / "run"), eval_puzzles=0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_train(config, (puzzles[:4], puzzles[4:]))
+    status = RunDir(tmp_path / "run").read_status()
+    assert (status["status"], status["error"]) == ("failed", "RuntimeError: out of memory")
+
+
 def test_held_out_examples_are_the_held_out_puzzles_in_order():
     """The evaluation reads the held-out side of the split (its first `limit` puzzles), never train."""
     config = PuzzleConfig(num_puzzles=40)

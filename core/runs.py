@@ -28,6 +28,7 @@ state a checkpoint holds is captured by core/rng_state.py.
 Run the tests with `python -m pytest tests/core/test_runs.py -q`.
 """
 
+import atexit
 import json
 import math
 import os
@@ -240,7 +241,7 @@ def default_run_dir(app: str) -> Path:
     while True:
         try:
             path.mkdir()
-            _CLAIMED_RUN_DIRS.append([path, *made])
+            _CLAIMED_RUN_DIRS.append([p.absolute() for p in (path, *made)])  # released whatever the cwd then
             return path
         except FileExistsError:
             n += 1
@@ -253,13 +254,17 @@ _CLAIMED_RUN_DIRS: list[list[Path]] = []  # each claimed default run directory a
 def release_unused_run_dirs() -> None:
     """Remove the default run directories this process claimed and left empty (a command that stopped on
     bad input before writing its run), and the parents made for them that are empty too (`runs/<app>`);
-    a directory holding anything stays. The command line calls it when a command ends."""
+    a directory holding anything stays. The command line calls it when a command ends, and the process's
+    exit for a caller of the Python API."""
     while _CLAIMED_RUN_DIRS:
         for path in _CLAIMED_RUN_DIRS.pop():  # deepest first: a parent empties once its child is gone
             try:
                 path.rmdir()  # only an empty directory
             except OSError:
                 break
+
+
+atexit.register(release_unused_run_dirs)
 
 
 @dataclass(frozen=True)

@@ -758,3 +758,16 @@ def test_a_resume_says_which_settings_changed(tmp_path, capsys):
         tmp_path / "r", {"lr": 0.2, "resume": False}, app="t", algorithm="g", exist_ok_for_resume=True
     )
     assert capsys.readouterr().out.endswith("with changed settings: lr 0.1 -> 0.2\n")  # resume is not said
+
+
+def test_a_python_caller_gets_its_unused_default_run_dirs_released_at_exit(tmp_path):
+    """The command line releases them when a command ends; a script calling the API, when it exits, even
+    from another working directory. A directory holding anything stays."""
+    script = (
+        "import os; from core.runs import default_run_dir; "
+        "used = default_run_dir('toy'); (used / 'config.json').write_text('{}'); "
+        "default_run_dir('math'); os.chdir(os.sep)"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True)
+    assert [p.relative_to(tmp_path).parent.as_posix() for p in tmp_path.glob("runs/*/*")] == ["runs/toy"]
+    assert not (tmp_path / "runs" / "math").exists()

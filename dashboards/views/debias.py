@@ -29,7 +29,7 @@ def responses_table(result: dict) -> pd.DataFrame:
     for column in ("category", "stage", "prompt", "response", "bias"):
         if column not in frame:
             frame[column] = None
-    frame["bias"] = pd.to_numeric(frame["bias"], errors="coerce")
+    frame["bias"] = pd.Series([state.number(b) for b in frame["bias"]], index=frame.index, dtype="float64")
     return frame[["category", "stage", "bias", "prompt", "response"]]
 
 

@@ -38,7 +38,7 @@ def cooperation_curves(results: dict[str, dict]) -> pd.DataFrame:
     for run, result in results.items():
         single_run = "final_cooperation" in result
         for point in state.objects(result.get("cooperation_vs_r")):
-            if not all(isinstance(point.get(k), int | float) for k in ("r", "cooperation")):
+            if state.number(point.get("r")) is None or state.number(point.get("cooperation")) is None:
                 continue
             if single_run and point.get("label"):
                 label = point["label"]

@@ -52,14 +52,12 @@ def board_cells(row: dict) -> pd.DataFrame:
         )
     value, order = puzzle.copy(), np.zeros_like(puzzle)
     rank = 0
-    for entry in row.get("emitted") or []:
-        r, c, v = (int(x) for x in entry)
+    for r, c, v in _integer_lists(row, "emitted", "[row, col, value]"):
         if 0 <= r < n and 0 <= c < n and puzzle[r, c] == 0 and order[r, c] == 0:
             rank += 1
             value[r, c], order[r, c] = v, rank
     solver = np.zeros_like(puzzle)
-    for k, entry in enumerate(row.get("solver_order") or []):
-        r, c = (int(x) for x in entry)
+    for k, (r, c) in enumerate(_integer_lists(row, "solver_order", "[row, col]")):
         if not (0 <= r < n and 0 <= c < n):
             raise ValueError(f"sudoku field 'solver_order': cell {[r, c]} is off the {n}x{n} board")
         solver[r, c] = k + 1
@@ -83,6 +81,22 @@ def board_cells(row: dict) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(records)
+
+
+def _integer_lists(row: dict, field: str, shape: str) -> list[list[int]]:
+    """`row[field]` (absent or null: []) as lists of integers shaped like `shape`; anything else (a null
+    cell, text, a number where a list should be) is an error naming the field."""
+    value = row.get(field) or []
+    width = shape.count(",") + 1
+
+    def integer(x: object) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and float(x).is_integer()
+
+    if not isinstance(value, list) or not all(
+        isinstance(entry, list) and len(entry) == width and all(map(integer, entry)) for entry in value
+    ):
+        raise ValueError(f"sudoku field {field!r}: expected a list of {shape} integers")
+    return [[int(x) for x in entry] for entry in value]
 
 
 def spearman(a: pd.Series, b: pd.Series) -> float | None:

@@ -1,16 +1,19 @@
 """Every dashboard page under Streamlit's AppTest on the runs folder of conftest.py: the widgets and values
 shown, URL parameters (paths outside the folder refused), and model text shown as text only."""
 
+import io
 import json
 
+import pandas as pd
 import pyarrow as pa
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dashboards import loading
 from dashboards.views import public_goods
 
-from .conftest import SCRIPT, make_run, sudoku_row, toy_rollouts
+from .conftest import SCRIPT, make_run, metrics_row, sudoku_row, toy_rollouts
 
 TIMEOUT = 60
 
@@ -47,6 +50,38 @@ def chart_labels(at: AppTest, index: int) -> list[str]:
 
 def download_labels(at: AppTest) -> list[str]:
     return [e.proto.label for e in at.get("download_button")]
+
+
+def chart_data(at: AppTest, index: int) -> pd.DataFrame:
+    """The data behind the page's chart `index` (sent as Arrow, not in the spec)."""
+    (dataset,) = at.get("vega_lite_chart")[index].proto.datasets
+    return pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+
+
+@pytest.fixture
+def downloads(monkeypatch) -> dict[str, tuple[str, object]]:
+    """{key: (file name, data)} of the download buttons the pages draw (AppTest cannot click one: a deferred
+    download's data is the callable a click would run)."""
+    drawn = {}
+    button = st.download_button
+
+    def record(label, data, file_name=None, *args, key=None, **kwargs):
+        drawn[key] = (file_name, data)
+        return button(label, data, file_name, *args, key=key, **kwargs)
+
+    monkeypatch.setattr(st, "download_button", record)
+    return drawn
+
+
+def csv_download(downloads: dict, key: str) -> tuple[str, str]:
+    """The file name and CSV text of download button `key`."""
+    name, data = downloads[key]
+    return name, (data() if callable(data) else data).decode()
+
+
+def set_started(root, name: str, started: str) -> None:
+    path = root / name / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"started": started}))
 
 
 def test_app_entry_shows_the_runs_page(runs_root):
@@ -473,10 +508,29 @@ def test_a_solver_order_off_the_board_is_reported(runs_root):
     assert texts(at.code)[0] == "sudoku field 'solver_order': cell [4, 0] is off the 4x4 board"
 
 
+@pytest.mark.parametrize(
+    "field, value, shape",
+    [
+        ("emitted", [[0, 1, None]], "[row, col, value]"),  # a null cell had ended the page (TypeError)
+        ("emitted", 5, "[row, col, value]"),
+        ("emitted", [[0, "x", 2]], "[row, col, value]"),
+        ("solver_order", [[0, None]], "[row, col]"),
+        ("solver_order", [[0, 1, 2]], "[row, col]"),
+    ],
+)
+def test_emissions_or_a_solver_order_that_are_not_integer_cells_are_reported(runs_root, field, value, shape):
+    make_run(runs_root, "sudoku/bad", "sudoku").log_rollouts([{**sudoku_row(), field: value}])
+    at = open_page("sudoku", run="sudoku/bad")
+    assert not at.exception, [e.value for e in at.exception]
+    assert texts(at.error) == ["Cannot draw the board of line 0:"]
+    assert texts(at.code)[0] == f"sudoku field {field!r}: expected a list of {shape} integers"
+
+
 def test_a_cooperation_point_without_a_number_for_r_is_left_out(runs_root):
     """A point without `r` raised a KeyError that ended the page."""
     points = [{"label": "fermi", "r": 4.0, "cooperation": 0.5}, {"label": "fermi", "cooperation": 0.7}]
     points.append({"label": "fermi", "r": "5", "cooperation": 0.9})
+    points.append({"label": "fermi", "r": True, "cooperation": 0.9})  # a bool is not r = 1
     make_run(runs_root, "public-goods/odd", "public-goods").write_eval({"cooperation_vs_r": points})
     at = open_page("public_goods", run="public-goods/odd")
     assert not at.exception and texts(at.error) == []
@@ -590,3 +644,185 @@ def test_the_runs_table_reads_no_metrics_file_again_when_none_changed(runs_root,
     reads.clear()
     at.run()
     assert not at.exception and reads == []
+
+
+def test_a_single_run_page_opens_on_the_newest_run_or_the_first_the_url_names(runs_root):
+    set_started(runs_root, "debias/d1", "2020-01-01T00:00:00+00:00")
+    make_run(runs_root, "debias/e2", "debias").write_eval({"bias": {"race": {"before": 0.6, "after": 0.5}}})
+    at = open_page("debias")  # debias/e2 is listed last and started last
+    assert at.selectbox(key="debias_run").value == "debias/e2"
+    assert at.dataframe[0].value.index.tolist() == ["race"]
+    at = open_page("debias", run=["debias/d1", "debias/e2"])
+    assert at.selectbox(key="debias_run").value == "debias/d1"
+
+
+def test_a_url_run_of_another_app_is_not_picked_on_an_app_page(runs_root):
+    at = open_page("tcm", run=["toy/a", "tcm/t1"])
+    assert at.multiselect(key="tcm_runs").value == ["tcm/t1"]
+    at = open_page("debias", run="toy/a")
+    assert at.selectbox(key="debias_run").value == "debias/d1"
+
+
+def test_a_run_that_cannot_be_read_is_not_offered_on_the_app_pages(runs_root):
+    make_run(runs_root, "math/bad", "math").status_path.write_text("[]")
+    assert open_page("tcm").multiselect(key="tcm_runs").options == ["tcm/t1"]
+
+
+def test_public_goods_names_the_runs_without_an_eval_json(runs_root):
+    make_run(runs_root, "public-goods/new", "public-goods")
+    at = open_page("public_goods", run=["public-goods/new", "public-goods/p1"])
+    assert "No eval.json yet: public-goods/new" in texts(at.caption)
+    assert at.dataframe[0].value["run"].unique().tolist() == ["public-goods/p1"]
+
+
+def test_the_runs_csv_holds_the_filtered_table_and_the_file_names_no_folder(runs_root, downloads):
+    at = open_page("runs", run="toy/a")
+    at.multiselect(key="runs_status").set_value(["failed"]).run()
+    name, text = csv_download(downloads, "runs_csv")
+    assert name == "runs.csv"
+    table = pd.read_csv(io.StringIO(text))
+    assert table.columns[0] == "run" and table["run"].tolist() == ["toy/c"]  # no index column
+    assert csv_download(downloads, "runs_config_csv")[0] == "config-toy_a.csv"
+
+
+def test_text_values_of_eval_json_are_shown_as_they_are(runs_root):
+    result = {"model": "qwen-0.5b", "scores": {"accuracy": 0.5}, "seeds": [1, 2]}
+    make_run(runs_root, "toy/e", "toy").write_eval(result)
+    at = open_page("runs", run="toy/e")
+    assert at.dataframe[2].value["value"].to_dict() == {
+        "model": "qwen-0.5b",
+        "scores.accuracy": "0.5",
+        "seeds": "[1, 2]",
+    }
+
+
+def test_the_live_view_shows_every_selected_running_run(runs_root):
+    run = make_run(runs_root, "toy/r2", "toy")
+    run.log_metrics(1, metrics_row(1))
+    run.set_status("running", step=1)
+    at = open_page("runs", run=["toy/b", "toy/r2"])
+    live = [caption.split(" · ")[0] for caption in texts(at.caption) if " · running · " in caption]
+    assert live == ["toy/b", "toy/r2"]
+
+
+def test_curves_are_drawn_over_the_logged_steps(runs_root):
+    """A run logging every 10 steps, and KL logged from step 20 on."""
+    run = make_run(runs_root, "toy/every10", "toy")
+    run.log_metrics(10, {"reward": 0.1})
+    run.log_metrics(20, {"reward": 0.2, "kl": 0.02})
+    run.log_metrics(30, {"reward": 0.3, "kl": 0.03})
+    at = open_page("curves", run="toy/every10")
+    data = at.dataframe[0].value
+    assert data[["metric", "step"]].values.tolist() == [
+        ["reward", 10],
+        ["reward", 20],
+        ["reward", 30],
+        ["kl", 20],
+        ["kl", 30],
+    ]
+    assert data["raw"].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.02, 0.03])
+
+
+def test_the_prompt_picker_offers_the_prompts_of_the_steps_picked(runs_root):
+    rows = [
+        {"step": step, "group": 0, "prompt": f"prompt of step {step}", "completion": f"c{k}", "reward": k}
+        for step in (1, 2)
+        for k in range(2)
+    ]
+    make_run(runs_root, "toy/p", "toy").log_rollouts(rows)
+    at = open_page("rollouts", run="toy/p")
+    at.slider(key="ro_steps").set_value((2, 2)).run()
+    assert at.selectbox(key="ro_prompt").options == ["(all)", "prompt of step 2"]
+
+
+def test_the_group_view_shows_the_group_of_the_line_picked(runs_root):
+    at = open_page("rollouts", run="toy/a")
+    at.selectbox(key="ro_group").set_value(5).run()  # step 1, group 1
+    codes = texts(at.code)
+    assert codes[0] == "prompt 1"
+    assert codes[1:] == [f"answer s1 g1 k{k}" for k in range(3)] + [f"answer s1 g1 k3 {SCRIPT}"]
+    assert "**reward** `+1.7500` · **advantage** `+0.3750`" in texts(at.markdown)  # k3: 1 + 3/4, 3/4 - 0.375
+
+
+def test_the_text_search_keeps_the_other_filters(runs_root):
+    at = open_page("rollouts", run="toy/a")
+    at.slider(key="ro_steps").set_value((1, 1)).run()
+    at.text_input(key="ro_search").set_value("K3").run()
+    assert "2 of 24 rollouts match" in texts(at.caption)
+    assert at.dataframe[0].value["line"].tolist() == [3, 7]
+
+
+def test_the_rollout_downloads_hold_the_page_and_every_match(runs_root, downloads):
+    run = make_run(runs_root, "toy/many", "toy")
+    for step in (1, 2, 3, 4):
+        run.log_rollouts(toy_rollouts(step))
+    at = open_page("rollouts", run="toy/many")
+    at.selectbox(key="ro_page_size").set_value(25).run()
+    at.number_input(key="ro_page").set_value(2).run()
+    name, page = csv_download(downloads, "ro_page_csv")
+    assert name == "rollouts-page-toy_many.csv"
+    assert pd.read_csv(io.StringIO(page))["line"].tolist() == list(range(25, 32))
+    name, matching = csv_download(downloads, "ro_all_csv")
+    assert name == "rollouts-all-toy_many.csv"
+    assert pd.read_csv(io.StringIO(matching))["line"].tolist() == list(range(32))
+
+
+def test_the_sudoku_rank_correlation_ranks_the_orders_over_the_shared_cells(runs_root):
+    """The solver's order names 3 of the 4 cells filled: their emission orders 4, 1, 2 rank as 3, 1, 2."""
+    row = sudoku_row() | {
+        "emitted": [[0, 1, 2], [1, 0, 3], [0, 3, 4], [3, 3, 1]],
+        "solver_order": [[3, 3], [0, 1], [1, 0]],
+    }
+    make_run(runs_root, "sudoku/partial", "sudoku").log_rollouts([row])
+    values = {m.label: m.value for m in open_page("sudoku", run="sudoku/partial").metric}
+    assert (values["Filled correctly"], values["Errors"]) == ("4", "0")
+    assert values["Order vs solver (Spearman)"] == "-0.50"  # not Pearson's -0.65 of the orders themselves
+
+
+def test_the_sudoku_page_opens_on_the_last_step(runs_root):
+    last = sudoku_row() | {"step": 2, "emitted": [[0, 1, 2], [0, 3, 4], [1, 0, 3], [3, 3, 1]]}
+    make_run(runs_root, "sudoku/two", "sudoku").log_rollouts([sudoku_row(), last])
+    at = open_page("sudoku", run="sudoku/two")
+    assert at.select_slider(key="sudoku_step").value == 2
+    values = {m.label: m.value for m in at.metric}
+    assert (values["Filled correctly"], values["Errors"]) == ("4", "0")
+
+
+def test_debias_responses_by_category_and_how_many(runs_root):
+    at = open_page("debias")
+    at.selectbox(key="debias_category").set_value("age").run()
+    assert at.dataframe[1].value["response"].tolist() == ["meh", SCRIPT]
+    at.number_input(key="debias_k").set_value(1).run()
+    assert at.dataframe[1].value["response"].tolist() == ["meh"]
+    assert at.dataframe[2].value["response"].tolist() == [SCRIPT]
+
+
+def test_responses_without_a_bias_value_are_not_ranked(runs_root):
+    responses = [
+        {"category": "age", "stage": "after", "prompt": "p", "response": response, "bias": bias}
+        for response, bias in (("a", 0.2), ("b", None), ("c", 0.7), ("d", True), ("e", "0.9"))
+    ]  # not numbers: null (a NaN), a bool, text
+    make_run(runs_root, "debias/n", "debias").write_eval({"bias": {}, "responses": responses})
+    at = open_page("debias", run="debias/n")
+    assert at.dataframe[0].value["response"].tolist() == ["a", "c"]
+    assert at.dataframe[1].value["response"].tolist() == ["c", "a"]
+
+
+def test_the_pass_at_k_chart_averages_the_runs_of_each_algorithm(runs_root):
+    data = chart_data(open_page("math_page"), 0).sort_values(["algorithm", "k"])
+    assert data[["algorithm", "benchmark", "k"]].values.tolist() == [
+        ["grpo", "gsm8k", 1],
+        ["grpo", "gsm8k", 8],
+        ["gtpo", "gsm8k", 1],
+        ["gtpo", "gsm8k", 8],
+    ]
+    assert data["pass"].tolist() == pytest.approx([0.3, 0.6, 0.3, 0.8])
+
+
+def test_tcm_counts_are_matched_to_their_question_type(runs_root):
+    counts = {"multi": 4, "fill": 7, "single": 10}  # not in the order of accuracy_by_type
+    make_run(runs_root, "tcm/t2", "tcm").write_eval(
+        {"accuracy_by_type": {"single": 0.5, "multi": 0.25}, "count_by_type": counts}
+    )
+    wide = open_page("tcm", run="tcm/t2").dataframe[0].value
+    assert wide["tcm/t2 n"].to_dict() == {"multi": 4, "single": 10}

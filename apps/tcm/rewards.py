@@ -14,7 +14,8 @@ Each reward is pure, `(completion, example) -> float`:
 Answer extraction (`extract_letters`) reads the answer text (`answer_text`: the content of the first
 `<answer>`, to the end if it is never closed, else the completion without its `<think>` block; leftover
 tags removed), NFKC-normalised so full-width letters and punctuation (`Ｂ`, `：`, `（`) read as ASCII,
-with a list's marks before a letter ("- A", "2) C", "* C. 苦") and quotes around one ("['A', 'C']") removed,
+with the marks of a list of letters that opens the answer removed ("- A\\n- C", "1. A\\n2) C", "* C. 苦"; a list
+after the answer is commentary and keeps them), quotes around a letter removed ("['A', 'C']"),
 with letters directly after a negation (不是X, 不选X, 非X, "not X", "isn't X") removed, so "答案不是A，是B"
 reads B, then reads the letters from the first of: a cue stating the answer (答案是X, 答案为X, 答案：X, 答：X,
 "answer is X"; letters in either case); else the first option letter: capitals A-E not inside a Latin
@@ -82,11 +83,9 @@ _NEGATED = re.compile(
     r"[A-Ea-e](?:[\s、和与及/]*[A-Ea-e])*(?![A-Za-z])",
     re.IGNORECASE,
 )
-# A list's marks before an option letter ("- A", "* C. 苦", "2) D", "• b. 寒") and quotes around one ("'A'"),
-# removed so a list reads as lines of letters and "['A', 'C']" as "[A, C]".
-_BULLET = re.compile(
-    r"^[^\S\n]*(?:[-*•·]|\d{1,2}[.)、])[^\S\n]*(?=\(?(?:[A-E]+|[a-e])(?![A-Za-z]))", re.MULTILINE
-)
+# A list's mark before an option letter ("- A", "* C. 苦", "2) D", "• b. 寒"), removed from a list that opens
+# the answer (`_unlist`), and quotes around a letter ("'A'"), so "['A', 'C']" reads as "[A, C]".
+_BULLET = re.compile(r"[^\S\n]*(?:[-*•·]|\d{1,2}[.)、])[^\S\n]*(?=\(?(?:[A-E]+|[a-e])(?![A-Za-z]))")
 _QUOTED = re.compile(r"(['\"‘’“”])([A-Ea-e])(['\"‘’“”])")
 _LOWER_ONLY = re.compile(r"[\sa-e、,，;；/().。和与及]*")  # lower-case letters and separators
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)  # unclosed: to the end (truncated)
@@ -151,7 +150,7 @@ def extract_letters(completion: str) -> str:
     'B'
     """
     text = _QUOTED.sub(r"\2", unicodedata.normalize("NFKC", answer_text(completion)))
-    text = _NEGATED.sub(r"\1", _BULLET.sub("", text))
+    text = _NEGATED.sub(r"\1", _unlist(text))
     for cue in _ANSWER_CUE.finditer(text):
         if letters := _run(text, cue.end(), any_case=True):
             break
@@ -167,6 +166,21 @@ def extract_letters(completion: str) -> str:
         else:
             return ""
     return "".join(dict.fromkeys(ch.upper() for ch in letters if ch in "ABCDEabcde"))
+
+
+def _unlist(text: str) -> str:
+    """`text` with the marks removed from the list of letters it opens with (after blank lines, or a line
+    ending in a colon such as 答案："), so "- A\n- C" reads as "A\nC"; a list after the answer is
+    commentary and keeps its marks ("B\n1. A：属于寒证" stays B)."""
+    lines = text.split("\n")
+    start = 0
+    while start < len(lines) and (not lines[start].strip() or lines[start].rstrip().endswith((":", "："))):
+        start += 1
+    end = start
+    while end < len(lines) and (bullet := _BULLET.match(lines[end])):
+        lines[end] = lines[end][bullet.end() :]
+        end += 1
+    return "\n".join(lines)
 
 
 def _is_letter(item: re.Match, text: str, any_case: bool) -> bool:

@@ -117,6 +117,10 @@ MULTIPLE = {"id": "m", "type": "multiple", "answer": "ACD"}
         (wrap("['A', 'C']"), "AC"),  # quoted letters
         (wrap("“B”"), "B"),
         (wrap("The answer isn't 'A'"), ""),
+        (wrap("答案：\n- A\n- C"), "AC"),  # a list after an intro line ending in a colon
+        (wrap("B\n\n1. A：属于寒证\n2. C：属于热证"), "B"),  # a list after the answer is commentary
+        (wrap("ACD\n- B：不属于解表药"), "ACD"),
+        (wrap("C\n- A（辛温）"), "C"),
         (wrap("The answer is b and a herb"), "B"),
         (wrap("答案不是A，是B"), "B"),  # a negated letter is not the answer
         (wrap("答案不是Ａ，是Ｂ"), "B"),

@@ -10,8 +10,9 @@ Dashboards, plots and reports read run directories through this module; they nev
                      "rewards": {name: float}, "reward", "advantage", "group", ...} (only "step" is required)
     eval.json        evaluation results (a dict)
     status.json      {"status": "running" | "finished" | "failed", "step": int, "updated": iso time,
-                     "error": str | null, "host": str, "pid": int} (the writer's machine and process, so a
-                     reader tells a run still going from one killed while "running": `process_gone`)
+                     "error": str | null, "host": str, "pid": int, "pid_ns": str, "pid_start": int} (the
+                     writer's machine and process, so a reader tells a run still going from one killed
+                     while "running": `process_gone`; the last two on Linux only)
     checkpoints/step-N/  model.safetensors, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json, the
                      trainer hooks' own state if any (hooks.safetensors: its model weights, hooks.pt: the
                      rest) and a `complete` marker (JSON: step, saved, files) written last
@@ -120,16 +121,33 @@ def training_run(model: str | Path) -> "RunDir | None":
     return RunDir(path.parent) if saved_in_run and is_run_dir(path.parent) else None
 
 
-def process_gone(status: Mapping[str, Any]) -> bool:
-    """Whether a "running" status.json was written by a process of this machine that no longer exists: the
-    run was killed (SIGKILL, the OOM killer) before it could record its end, and never will. A status from
-    another machine, or without a pid (written before status.json had one), is taken at its word.
+def process_identity(pid: int) -> dict[str, Any]:
+    """Where process `pid` is and since when, as status.json records its writer: the machine, the pid, and
+    on Linux the pid namespace (containers sharing a hostname number processes apart) and the process's
+    start time in clock ticks since boot (a pid reused by a later process has another)."""
+    identity: dict[str, Any] = {"host": socket.gethostname(), "pid": pid}
+    try:
+        identity["pid_ns"] = os.readlink("/proc/self/ns/pid")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        identity["pid_start"] = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, after "(comm)"
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux), or the process is gone
+        pass
+    return identity
 
-    >>> process_gone({"status": "running", "host": socket.gethostname(), "pid": os.getpid()})
+
+def process_gone(status: Mapping[str, Any]) -> bool:
+    """Whether a "running" status.json was written by a process that no longer exists: the run was killed
+    (SIGKILL, the OOM killer) before it could record its end, and never will. Told only for a writer of this
+    machine and pid namespace: another's status, or one without a pid (written before status.json had one),
+    is taken at its word. A pid now held by a process started at another time counts as gone.
+
+    >>> process_gone({"status": "running", **process_identity(os.getpid())})
     False
     """
-    pid = status.get("pid")
-    if status.get("status") != "running" or status.get("host") != socket.gethostname():
+    pid, here = status.get("pid"), process_identity(os.getpid())
+    if status.get("status") != "running" or status.get("host") != here["host"]:
+        return False
+    if status.get("pid_ns") != here.get("pid_ns"):
         return False
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
@@ -138,8 +156,9 @@ def process_gone(status: Mapping[str, Any]) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # it exists, under another user
-        return False
-    return False
+        pass
+    started = process_identity(pid).get("pid_start")
+    return "pid_start" in status and started is not None and started != status["pid_start"]
 
 
 def refuse_another_kind_of_run(path: str | Path, stored: Mapping[str, Any], app: str, algorithm: str) -> None:
@@ -429,8 +448,7 @@ class RunDir:
             "step": step,
             "updated": _now(),
             "error": error,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            **process_identity(os.getpid()),
         }
         write_json_atomic(self.status_path, status_json)
 

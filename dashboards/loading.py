@@ -130,16 +130,23 @@ def run_info(root: str | Path, name: str) -> RunInfo:
 
 
 def with_progress(info: RunInfo, metrics: pd.DataFrame, metrics_mtime: float) -> RunInfo:
-    """A running run's info with the step of its last metrics line and the time that file was last written
-    (`metrics_mtime`, seconds since the epoch), where they are newer: a trainer rewrites status.json when it
-    starts and at checkpoints only, metrics.jsonl at every step."""
-    if info.status != "running" or metrics.empty:
+    """A running (or crashed) run's info with the step of its last metrics line and the time that file was
+    last written (`metrics_mtime`, seconds since the epoch), where they are newer: a trainer rewrites
+    status.json when it starts and at checkpoints only, metrics.jsonl at every step. A status step or time
+    of the wrong kind (hand-edited) is replaced rather than compared."""
+    if info.status not in ("running", "crashed") or metrics.empty:
         return info
     step = int(metrics["step"].max())
-    updated = datetime.fromtimestamp(metrics_mtime).astimezone().isoformat(timespec="seconds")
-    if info.updated is not None and datetime.fromisoformat(info.updated) >= datetime.fromisoformat(updated):
-        updated = info.updated
-    return replace(info, step=max(step, info.step or 0), updated=updated)
+    if isinstance(info.step, int) and not isinstance(info.step, bool):
+        step = max(step, info.step)
+    written = datetime.fromtimestamp(metrics_mtime).astimezone()
+    updated = written.isoformat(timespec="seconds")
+    try:
+        if datetime.fromisoformat(info.updated) >= written:
+            updated = info.updated
+    except (TypeError, ValueError):  # not a time, or one without a zone: the metrics file's time stands
+        pass
+    return replace(info, step=step, updated=updated)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

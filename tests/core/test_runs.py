@@ -286,8 +286,12 @@ def test_a_run_killed_while_running_is_told_from_one_still_going(run):
     assert not runs.process_gone(status | {"host": status["host"] + "-elsewhere"})
     assert not runs.process_gone({k: v for k, v in status.items() if k != "pid"})
     assert not runs.process_gone(status | {"pid": True})
+    assert not runs.process_gone(status | {"pid_ns": "pid:[1]"})  # another container's numbering
     run.set_status("running", step=5)
-    assert run.read_status()["pid"] == os.getpid() and not runs.process_gone(run.read_status())
+    status = run.read_status()
+    assert status | runs.process_identity(os.getpid()) == status and not runs.process_gone(status)
+    assert status["pid_start"] > 0  # Linux
+    assert runs.process_gone(status | {"pid_start": status["pid_start"] - 1})  # its pid taken by another
 
 
 def test_malformed_json_file_names_the_file(run):

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -22,6 +21,7 @@ from core.data import InputError
 from core.policy import LoraSettings, completion_logprobs, has_dropout, load_policy
 from core.rewards import Rubric
 from core.rollout import HFGenerateBackend
+from core.runs import process_identity
 from core.tiny import create_tiny_model_dir
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
@@ -513,8 +513,7 @@ def test_status_follows_the_checkpoints_and_says_finished_once_the_app_is_done(m
         "step": 3,
         "updated": None,
         "error": None,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
+        **process_identity(os.getpid()),
     }
     failing = make_trainer(model_dir, make_config(tmp_path / "b", max_steps=1))
     with pytest.raises(RuntimeError, match="disk full"):

@@ -73,6 +73,18 @@ def test_create_resume_keeps_config_and_records_changes(run):
         RunDir.create(run.path, {}, app="sudoku", algorithm="grpo", exist_ok_for_resume=True)
 
 
+def test_forget_last_resume_drops_only_the_refused_resume(run):
+    """A refused resume takes back its own entry; the resumes before it stay, with their changes."""
+    config = {"lr": 1e-3, "seed": 0}
+    RunDir.create(run.path, config | {"lr": 2e-3}, app="math", algorithm="grpo", exist_ok_for_resume=True)
+    RunDir.create(run.path, config | {"lr": 5e-3}, app="math", algorithm="grpo", exist_ok_for_resume=True)
+    run.forget_last_resume()
+    (resume,) = run.read_config()["resumes"]
+    assert resume["changed"] == {"lr": [1e-3, 2e-3]}
+    run.forget_last_resume()
+    assert "resumes" not in run.read_config()
+
+
 def test_create_with_resume_and_no_run_starts_fresh(tmp_path):
     run = RunDir.create(tmp_path / "new", {"a": 1}, app="math", algorithm="grpo", exist_ok_for_resume=True)
     assert "resumes" not in run.read_config()
@@ -430,6 +442,25 @@ def test_pruning_keeps_the_last_k(run):
     assert sorted(os.listdir(run.checkpoints_dir)) == ["step-4", "step-5"]
     save(run, 3, keep_last=2)  # resumed from an older one: the new checkpoint is never pruned
     assert [p.name for p in run.list_checkpoints()] == ["step-3", "step-5"]
+
+
+def test_checkpoints_are_ordered_by_their_step_number_not_its_text(run):
+    """step-10 is newer than step-9 (as text it sorts first): it is the latest, and pruning keeps it."""
+    for step in (8, 9, 10, 11):
+        save(run, step, keep_last=3)
+    assert [p.name for p in run.list_checkpoints()] == ["step-9", "step-10", "step-11"]
+    assert run.latest_checkpoint().name == "step-11" and run.newest_checkpoint_step() == 11
+
+
+def test_newest_checkpoint_step_counts_complete_checkpoints_only(run):
+    """A step-N directory without its marker (cut off or damaged) is not the step a resume starts from; a
+    complete one moved aside by a cut-off replacing save is."""
+    save(run, 2)
+    (run.checkpoints_dir / "step-7").mkdir()
+    assert run.newest_checkpoint_step() == 2
+    save(run, 4)
+    os.rename(run.checkpoints_dir / "step-4", run.checkpoints_dir / ".replaced-step-4")
+    assert run.newest_checkpoint_step() == 4
 
 
 def test_a_prune_removes_the_complete_marker_first(run, monkeypatch):

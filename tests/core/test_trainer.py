@@ -324,6 +324,11 @@ def test_an_empty_prompt_is_named(model_dir, tmp_path):
         ("advantage_eps", -0.1, "advantage_eps must be >= 0"),
         ("eps_low", 1.5, "need 0 <= eps_low < 1"),
         ("dual_clip", 0.5, "dual_clip must be > 1"),
+        # the bounds themselves: top_p 0 keeps no token, dual-clip at 1 bounds nothing, -1 is "all"
+        ("top_p", 0.0, "top_p must be in"),
+        ("dual_clip", 1.0, "dual_clip must be > 1"),
+        ("rollouts_to_log", -2, "rollouts_to_log must be >= -1"),
+        ("min_new_tokens", 5, r"min_new_tokens must be in \[0, max_new_tokens\]"),  # max_new_tokens 4
     ],
 )
 def test_config_values_out_of_range(tmp_path, field, value, message):
@@ -789,3 +794,155 @@ def test_a_resume_without_a_checkpoint_says_it_starts_over(model_dir, tmp_path, 
     ):
         resumed = make_trainer(model_dir, replace(config, resume=True))
     assert resumed.step == 0 and not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def reference_updates(model, batches, config) -> tuple[list[float], list[float]]:
+    """The update of `update` written as a plain loop over `batches` (one per step) from `model`: old
+    log-probs of the model before each step, reference log-probs of the initial model, mu epochs of
+    mini-batches (rows m, m + M, ...) with one forward, backward and AdamW step each (no accumulation), L2
+    clipping, a linear schedule by hand. Returns the mean loss and mean gradient norm (before clipping) of
+    each step."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    reference = copy.deepcopy(model).eval()
+    total = config.max_steps * config.mu * config.mini_batches
+    k, losses, norms = 0, [], []
+    for batch in batches:
+        rollouts = batch.rollouts
+        ids, mask = rollouts.input_ids(), rollouts.attention_mask()
+        width = rollouts.completion_ids.shape[1]
+        model.eval()
+        with torch.no_grad():
+            old, _ = completion_logprobs(model, ids, mask, width)
+            ref, _ = completion_logprobs(reference, ids, mask, width)
+        model.train()
+        step_losses, step_norms = [], []
+        for _ in range(config.mu):
+            for m in range(config.mini_batches):
+                rows = torch.arange(m, len(rollouts.completions), config.mini_batches)
+                part = rollouts.select(rows)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.learning_rate * (1 - k / total)
+                logp, _ = completion_logprobs(model, part.input_ids(), part.attention_mask(), width)
+                loss, _ = algos.policy_loss(
+                    logp, old[rows], batch.advantages[rows], part.loss_mask,
+                    eps_low=config.eps_low, aggregation=config.loss_aggregation,
+                    max_length=config.max_new_tokens, ref_logp=ref[rows], beta=config.beta,
+                )  # fmt: skip
+                optimizer.zero_grad()
+                loss.backward()
+                step_norms.append(
+                    float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+                )
+                optimizer.step()
+                step_losses.append(float(loss))
+                k += 1
+        losses.append(sum(step_losses) / len(step_losses))
+        norms.append(sum(step_norms) / len(step_norms))
+    return losses, norms
+
+
+def test_two_steps_of_epochs_mini_batches_and_micro_batches_match_a_plain_loop(model_dir, tmp_path):
+    """mu = 2 epochs of 2 mini-batches of 8 completions, accumulated over micro-batches of 3 (3 + 3 + 2),
+    KL to the initial model, a linear schedule, weight decay and clipping: the weights after two steps, the
+    logged loss and grad_norm are those of a plain loop that steps once per mini-batch on all its rows."""
+    config = make_config(
+        tmp_path, max_steps=2, mu=2, mini_batches=2, micro_batch_size=3, beta=0.1, lr_schedule="linear",
+        learning_rate=3e-3, weight_decay=0.1, max_grad_norm=0.5, max_new_tokens=6,
+    )  # fmt: skip
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    model = copy.deepcopy(trainer.model)
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    history = trainer.train()
+    losses, norms = reference_updates(model, batches, config)
+    assert max(norms) > 1e-3  # real updates, not zeros compared
+    assert [m["loss"] for m in history] == pytest.approx(losses, rel=1e-4, abs=1e-7)
+    assert [m["grad_norm"] for m in history] == pytest.approx(norms, rel=1e-4)
+    for (name, got), expected in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-5, msg=name)
+
+
+def with_dropout(trainer: GRPOTrainer, p: float = 0.3) -> GRPOTrainer:
+    for module in trainer.model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+    return trainer
+
+
+def test_a_run_resumed_from_its_first_checkpoint_equals_the_uninterrupted_run(model_dir, tmp_path):
+    """Cut back to step-1 (steps 2 and 3 logged, their checkpoints lost) and resumed, a run with dropout
+    ends with the weights, metrics and rollouts of the run that was not cut: the data order goes on in the
+    middle of its epoch (4 of 8 prompts taken), dropout draws where it left off, and the lines of steps 2
+    and 3 are logged once."""
+    config = make_config(tmp_path, max_steps=3, save_every=1, keep_checkpoints=3)
+    whole = with_dropout(make_trainer(model_dir, config, Rubric({"v": varied})))
+    whole.train()
+    weights = {n: p.detach().clone() for n, p in whole.model.named_parameters()}
+    timing = ("step_time", "generate_time", "tokens_per_s")
+    metrics = [{k: v for k, v in m.items() if k not in timing} for m in whole.run.read_metrics()]
+    rollouts = whole.run.read_rollouts()
+    for step in (2, 3):
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step-{step}")
+    resumed = with_dropout(make_trainer(model_dir, replace(config, resume=True), Rubric({"v": varied})))
+    assert resumed.step == 1
+    resumed.train()
+    for name, p in resumed.model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    assert [{k: v for k, v in m.items() if k not in timing} for m in resumed.run.read_metrics()] == metrics
+    assert resumed.run.read_rollouts() == rollouts
+
+
+def test_checkpoints_and_log_lines_carry_the_step_they_follow(model_dir, tmp_path):
+    """save_every 2 over 3 steps saves step-2 and the final step-3; each step's metrics line and its
+    (rollouts_to_log = 5) rollout lines carry its number."""
+    config = make_config(tmp_path, max_steps=3, save_every=2, keep_checkpoints=5, rollouts_to_log=5)
+    trainer = make_trainer(model_dir, config)
+    trainer.train()
+    assert [path.name for path in trainer.run.list_checkpoints()] == ["step-2", "step-3"]
+    assert [m["step"] for m in trainer.run.read_metrics()] == [1, 2, 3]
+    assert [r["step"] for r in trainer.run.read_rollouts()] == [s for s in (1, 2, 3) for _ in range(5)]
+
+
+def test_reward_and_batch_metrics_are_those_of_the_logged_rollouts(model_dir, tmp_path):
+    """reward, zero_spread_frac, advantage_abs_mean and completion_length recomputed by hand from the
+    step's rollouts: even-numbered prompts always score 1 (no spread), so half the groups have none; the
+    rollout's reward is the weighted sum of its components. 8 groups of 2: the groups are rows 2g, 2g + 1."""
+
+    def even_is_one(completion, example):
+        return 1.0 if int(example["id"][2:]) % 2 == 0 else varied(completion, example)
+
+    rubric = Rubric({"e": even_is_one, "a": a_fraction}, weights={"e": 2.0, "a": 0.5})
+    config = make_config(tmp_path, max_steps=1, prompts_per_step=8, group_size=2)
+    trainer = make_trainer(model_dir, config, rubric)
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    (metrics,) = trainer.train()
+    rows = trainer.run.read_rollouts()
+    assert len(rows) == 16
+    for row in rows:
+        assert row["reward"] == pytest.approx(2.0 * row["rewards"]["e"] + 0.5 * row["rewards"]["a"])
+    groups = [[r["reward"] for r in rows if r["group"] == g] for g in range(8)]
+    assert metrics["zero_spread_frac"] == 0.5 == sum(max(g) == min(g) for g in groups) / 8
+    assert metrics["reward"] == pytest.approx(sum(r["reward"] for r in rows) / 16)
+    assert metrics["advantage_abs_mean"] == pytest.approx(sum(abs(r["advantage"]) for r in rows) / 16)
+    assert metrics["completion_length"] == float(batches[0].rollouts.completion_mask.sum()) / 16
+
+
+def test_the_update_applies_gradients_clipped_to_max_grad_norm(model_dir, tmp_path):
+    """Each optimizer step sees gradients of L2 norm max_grad_norm (their norm before clipping, logged as
+    grad_norm, is far above it)."""
+    config = make_config(tmp_path, max_steps=1, mini_batches=2, max_grad_norm=1e-3)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    seen, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    (metrics,) = trainer.train()
+    assert metrics["grad_norm"] > 1e-2  # both updates are clipped
+    assert seen == pytest.approx([1e-3, 1e-3], rel=1e-4)

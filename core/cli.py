@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             130,
             f"{command_parser.prog}: interrupted; a run it was writing is marked failed (`--resume --run-dir "
             "DIR` continues it, where the command has that flag); stopped before its run began, the same "
-            "command starts it again, reusing a base model it had built\n",
+            "command with the same --run-dir starts it again, reusing a base model it had built\n",
         )
     except (FileExistsError, FileNotFoundError) as err:  # a wrong path or run directory: say so, no traceback
         command_parser.exit(2, f"{command_parser.prog}: error: {err}\n")

@@ -56,8 +56,15 @@ BUILT_WITH = "built_with.json"  # written into a built base model last: the sett
 
 
 def build_settings(config: Any) -> dict[str, Any]:
-    """What a default base model is built from: the command's whole config but `resume` (JSON-able)."""
-    return {key: value for key, value in config_to_dict(config).items() if key != "resume"}
+    """What a default base model is built from: the command's whole config but `resume` (JSON-able), and
+    the size and modification time of each file a field names (a data file edited in place is other data)."""
+    settings = {key: value for key, value in config_to_dict(config).items() if key != "resume"}
+    files = {}
+    for key, value in settings.items():
+        if isinstance(value, str) and value and Path(value).is_file():
+            stat = Path(value).stat()
+            files[key] = [stat.st_size, stat.st_mtime_ns]
+    return settings | {"files": files}
 
 
 def build_in_run(

@@ -41,9 +41,9 @@ def build_prompt(example: dict, tokenizer, system_prompt: str = SYSTEM_PROMPT) -
     tokenizer without one (a base, not an Instruct, model) is an error naming its directory."""
     if not tokenizer.chat_template:
         raise InputError(
-            f"{tokenizer.name_or_path}: its tokenizer has no chat template, and a TCM prompt is a chat (a "
-            "system message, then the question); give an Instruct model's directory, or add a chat_template "
-            "to its tokenizer_config.json"
+            f"{tokenizer.name_or_path or 'the model'}: its tokenizer has no chat template, and a TCM prompt is "
+            "a chat (a system message, then the question); give an Instruct model's directory, or add a "
+            "chat_template to its tokenizer_config.json"
         )
     messages = [
         {"role": "system", "content": system_prompt},

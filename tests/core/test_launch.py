@@ -71,6 +71,12 @@ def test_a_fresh_run_reuses_a_base_model_only_built_whole_with_its_settings_and_
     assert len(built) == 4 and (path / "config.json").read_text() == "4"
     assert build_settings(GRPOConfig(seed=3, resume=True)) == build_settings(GRPOConfig(seed=3))
     assert build_settings(GRPOConfig(seed=3))["seed"] == 3 and "resume" not in build_settings(GRPOConfig())
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a"}\n')
+    before = build_settings(GRPOConfig(run_dir=str(data)))  # any field naming a file: its size and time
+    assert before["files"] == {"run_dir": [data.stat().st_size, data.stat().st_mtime_ns]}
+    data.write_text('{"prompt": "b"}\n{"prompt": "c"}\n')  # edited in place: other data, built anew
+    assert build_settings(GRPOConfig(run_dir=str(data))) != before
 
 
 def test_a_resume_below_its_newest_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -629,7 +629,10 @@ def test_a_train_stopped_before_its_run_began_keeps_its_base_model_for_the_same_
     monkeypatch.setattr(math_train, "make_hooks", interrupted)
     with pytest.raises(SystemExit):
         main(args)
-    assert "same command starts it again, reusing a base model" in capsys.readouterr().err
+    assert (
+        "same command with the same --run-dir starts it again, reusing a base model"
+        in capsys.readouterr().err
+    )
     assert not (run_dir / "config.json").exists()
     weights = (run_dir / "base_model" / "model.safetensors").read_bytes()
     monkeypatch.setattr(math_train, "make_hooks", make_hooks)

@@ -152,7 +152,7 @@ def test_a_run_or_sweep_that_dies_is_marked_failed(tmp_path, monkeypatch, capsys
         assert capsys.readouterr().err.endswith(
             f"public-goods {verb}: interrupted; a run it was writing is marked failed (`--resume --run-dir DIR` "
             "continues it, where the command has that flag); stopped before its run began, the same command "
-            "starts it again, reusing a base model it had built\n"
+            "with the same --run-dir starts it again, reusing a base model it had built\n"
         )
     status = RunDir(tmp_path / verb).read_status()
     assert (status["status"], status["error"]) == ("failed", f"{type(error).__name__}: {error}")

@@ -580,6 +580,9 @@ class RunDir:
             for path in others[: max(0, len(others) - (keep_last - 1))]:
                 (path / MARKER).unlink(missing_ok=True)  # first: a prune cut off leaves no "complete" part
                 shutil.rmtree(path)
+            for path in self.checkpoints_dir.iterdir():  # what such a cut-off prune left: never resumable
+                if _CHECKPOINT_NAME.fullmatch(path.name) and not (path / MARKER).is_file():
+                    shutil.rmtree(path)
         return final
 
     def _restore_replaced(self) -> None:
@@ -604,8 +607,12 @@ class RunDir:
             match = _CHECKPOINT_NAME.fullmatch(path.name)
             if match and (path / MARKER).is_file():
                 found.append((int(match.group(1)), path))
-            elif match:  # saves are renamed into place with their marker: this one was damaged since
-                warnings.warn(f"{path} has no {MARKER!r} marker: skipped as incomplete", stacklevel=2)
+            elif match:  # saves are renamed into place with their marker: a prune cut off, or damage since
+                warnings.warn(
+                    f"{path} has no {MARKER!r} marker: skipped as incomplete (the next save that prunes "
+                    "removes it)",
+                    stacklevel=2,
+                )
         return [path for _, path in sorted(found)]
 
     def latest_checkpoint(self) -> Path | None:

@@ -473,6 +473,10 @@ def test_a_prune_removes_the_complete_marker_first(run, monkeypatch):
     assert not (run.checkpoints_dir / "step-1" / "complete").exists()
     with pytest.warns(UserWarning, match="step-1 has no 'complete' marker: skipped as incomplete"):
         assert [p.name for p in run.list_checkpoints()] == ["step-2"]
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="step-1 has no 'complete' marker"):
+        save(run, 3, keep_last=1)  # the next prune removes what the cut-off one left
+    assert sorted(os.listdir(run.checkpoints_dir)) == ["step-3"]
 
 
 def test_saving_the_same_step_again_replaces_it(run):

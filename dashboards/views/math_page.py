@@ -1,13 +1,26 @@
-"""Math page: pass@k per benchmark of every math run, and the same averaged by algorithm, from eval.json's
-`pass_at_k` (docs/dashboards.md)."""
+"""Math page: pass@k per benchmark of every math run, and the same averaged by algorithm and starting model,
+from eval.json's `pass_at_k` (docs/dashboards.md)."""
+
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from dashboards import state
+from dashboards import loading, state
 from dashboards.plots import Plot
 
 APPS = ("math", "math_reasoning", "math-reasoning")
+
+
+def arm(algorithm: str, config: dict) -> str:
+    """What runs are averaged by: the algorithm, and the directory name of the `--model` it started from when
+    one was given (`math compare`'s grpo_large runs GRPO from base_large: not the small model's GRPO).
+
+    >>> arm("grpo", {"model": "runs/cmp/base_large"}), arm("grpo", {"model": None})
+    ('grpo · base_large', 'grpo')
+    """
+    model = config.get("model")
+    return f"{algorithm} · {Path(model).name}" if isinstance(model, str) and model else algorithm
 
 
 def pass_at_k_rows(results: dict[str, tuple[str, dict]]) -> pd.DataFrame:
@@ -55,14 +68,15 @@ def render() -> None:
         try:
             result = state.eval_results(name)
             if result and result.get("pass_at_k"):
-                results[name] = (state.run_info(name).algorithm, result)
+                config = loading.run_config(state.runs_root(), name)
+                results[name] = (arm(state.run_info(name).algorithm, config), result)
         except (OSError, ValueError) as e:
             state.show_error(f"Cannot read {name}:", e)
     rows = pass_at_k_rows(results)
     if rows.empty:
         st.info("No math run has `pass_at_k` in its eval.json yet.")
         return
-    st.subheader("By algorithm (mean over runs)")
+    st.subheader("By algorithm and starting model (mean over runs)")
     table = by_algorithm(rows)
     state.show_table(table, "pass-at-k-by-algorithm", key="math_algo_csv")
     curve = rows.groupby(["algorithm", "benchmark", "k"], as_index=False)["pass"].mean()

@@ -6,6 +6,7 @@ Only the page shown is read from disk (see `loading.RolloutIndex`); model text i
 st.dataframe, never as markdown or HTML.
 """
 
+import itertools
 import math
 import os
 import re
@@ -28,23 +29,40 @@ def _short(text: object, width: int = 80) -> str:
 
 def prompt_labels(prompts: list[str], width: int = 80) -> dict[str, str]:
     """A distinct label of at most about `width` characters per prompt, for the prompt picker: what follows
-    the words all prompts share (a chat template's system prompt), numbered where two still read the same.
-    The picker keeps a choice by its label, so two equal labels would show the last one's rollouts.
+    the words all prompts share (a chat template's system prompt), or, where a prompt shares more than half
+    a label with another (a long common question stem), the words just before the two differ; numbered
+    where two still read the same. The picker keeps a choice by its label, so two equal labels would show
+    the last one's rollouts.
 
     >>> prompt_labels(["System: be brief.\nQ: 1+1", "System: be brief.\nQ: 2+2"])
     {'System: be brief.\nQ: 1+1': '…Q: 1+1', 'System: be brief.\nQ: 2+2': '…Q: 2+2'}
     """
     shared = os.path.commonprefix(prompts) if len(prompts) > 1 else ""
-    cut = max((m.end() for m in re.finditer(r"\s+", shared)), default=0)  # at a word's start
+    cut = _word_start(shared, len(shared))
+    ordered = sorted(prompts)
+    near = dict.fromkeys(prompts, 0)  # the longest prefix a prompt shares with another: with a neighbour
+    for a, b in itertools.pairwise(ordered):
+        common = len(os.path.commonprefix([a, b]))
+        near[a], near[b] = max(near[a], common), max(near[b], common)
     labels: dict[str, str] = {}
+    used: set[str] = set()
     for prompt in prompts:
-        label = short = ("…" if cut else "") + _short(prompt[cut:], width)
+        start = cut
+        if near[prompt] - cut > width // 2:  # the difference would fall past the label's end
+            start = max(cut, _word_start(prompt, near[prompt] - width // 4))
+        label = short = ("…" if start else "") + _short(prompt[start:], width)
         number = 1
-        while label in labels.values():
+        while label in used:
             number += 1
             label = f"{short} ({number})"
         labels[prompt] = label
+        used.add(label)
     return labels
+
+
+def _word_start(text: str, end: int) -> int:
+    """Where the word ends that is last before `end` in `text` (after its spaces); 0 when there is none."""
+    return max((m.end() for m in re.finditer(r"\s+", text[:end])), default=0)
 
 
 def filter_lines(

@@ -256,6 +256,20 @@ def test_prompts_sharing_a_long_template_are_told_apart_by_the_picker(runs_root)
     assert at.dataframe[0].value["completion"].tolist() == ["g0 k0", "g0 k1"]
 
 
+def test_prompt_labels_show_where_prompts_with_a_long_common_stem_differ():
+    """Beyond the text all prompts share, groups of prompts may share a stem longer than a label: each is
+    labelled from the words before it differs from its nearest, not numbered "… (2)", "… (3)" (which also
+    took a rescan of every label per prompt: 16 s for 2,000 prompts)."""
+    from dashboards.views.rollouts import prompt_labels
+
+    stem = "Ann has many apples and wants to know how many she will have after these steps are done: "
+    prompts = [f"{kind} {stem}add {i}" for kind in ("Q", "P") for i in range(1000)]
+    labels = prompt_labels(prompts)
+    assert len(set(labels.values())) == 2000 and not any(label.endswith(")") for label in labels.values())
+    assert labels[f"Q {stem}add 7"] == "…steps are done: add 7"
+    assert all(len(label) <= 81 for label in labels.values())
+
+
 def test_rollouts_with_a_null_reward_are_shown_until_the_reward_range_is_narrowed(runs_root):
     rows = toy_rollouts(1)
     rows[0]["reward"] = None  # a NaN reward is logged as null

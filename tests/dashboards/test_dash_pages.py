@@ -263,10 +263,10 @@ def test_prompt_labels_show_where_prompts_with_a_long_common_stem_differ():
     from dashboards.views.rollouts import prompt_labels
 
     stem = "Ann has many apples and wants to know how many she will have after these steps are done: "
-    prompts = [f"{kind} {stem}add {i}" for kind in ("Q", "P") for i in range(1000)]
+    prompts = [f"{stem}add {i}" for i in range(2000)] + ["What is 2 + 2?"]  # nothing shared by all
     labels = prompt_labels(prompts)
-    assert len(set(labels.values())) == 2000 and not any(label.endswith(")") for label in labels.values())
-    assert labels[f"Q {stem}add 7"] == "…steps are done: add 7"
+    assert len(set(labels.values())) == 2001 and not any(label.endswith(")") for label in labels.values())
+    assert labels[f"{stem}add 7"] == "…steps are done: add 7" and labels["What is 2 + 2?"] == "What is 2 + 2?"
     assert all(len(label) <= 81 for label in labels.values())
 
 

@@ -127,7 +127,7 @@ def compare(config: MathCompareConfig) -> dict:
     # same settings, checked before anything is made
     planned = [
         (arm, MathTrainConfig(
-            **arm_values(values, arm),
+            **arm_values(values, arm) | ({"size": "large"} if arm == "grpo_large" else {}),  # its policy is L
             seed=seed,
             model=str(large if arm == "grpo_large" else small),
             large_model=str(large) if arm == "codistill" else None,

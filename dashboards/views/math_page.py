@@ -1,7 +1,5 @@
-"""Math page: pass@k per benchmark of every math run, and the same averaged by algorithm and starting model,
-from eval.json's `pass_at_k` (docs/dashboards.md)."""
-
-from pathlib import Path
+"""Math page: pass@k per benchmark of every math run, and the same averaged by algorithm (the large model's
+runs apart), from eval.json's `pass_at_k` (docs/dashboards.md)."""
 
 import pandas as pd
 import streamlit as st
@@ -13,14 +11,13 @@ APPS = ("math", "math_reasoning", "math-reasoning")
 
 
 def arm(algorithm: str, config: dict) -> str:
-    """What runs are averaged by: the algorithm, and the directory name of the `--model` it started from when
-    one was given (`math compare`'s grpo_large runs GRPO from base_large: not the small model's GRPO).
+    """What runs are averaged by: the algorithm, marked "(large)" for a run whose policy is the large model
+    (`--size large`, and `math compare`'s grpo_large arm): not the small model's runs of that algorithm.
 
-    >>> arm("grpo", {"model": "runs/cmp/base_large"}), arm("grpo", {"model": None})
-    ('grpo · base_large', 'grpo')
+    >>> arm("grpo", {"size": "large"}), arm("grpo", {"size": "small"}), arm("grpo", {})
+    ('grpo (large)', 'grpo', 'grpo')
     """
-    model = config.get("model")
-    return f"{algorithm} · {Path(model).name}" if isinstance(model, str) and model else algorithm
+    return f"{algorithm} (large)" if config.get("size") == "large" else algorithm
 
 
 def pass_at_k_rows(results: dict[str, tuple[str, dict]]) -> pd.DataFrame:
@@ -76,7 +73,7 @@ def render() -> None:
     if rows.empty:
         st.info("No math run has `pass_at_k` in its eval.json yet.")
         return
-    st.subheader("By algorithm and starting model (mean over runs)")
+    st.subheader("By algorithm (mean over runs; the large model's apart)")
     table = by_algorithm(rows)
     state.show_table(table, "pass-at-k-by-algorithm", key="math_algo_csv")
     curve = rows.groupby(["algorithm", "benchmark", "k"], as_index=False)["pass"].mean()

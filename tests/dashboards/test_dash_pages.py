@@ -391,15 +391,15 @@ def test_math_page(runs_root):
     assert len(at.dataframe[1].value) == 3
 
 
-def test_math_runs_from_another_starting_model_are_averaged_apart(runs_root):
-    """`math compare`'s grpo_large arm is GRPO from the large base: averaged with the small model's GRPO,
+def test_math_runs_of_the_large_model_are_averaged_apart(runs_root):
+    """`math compare`'s grpo_large arm is GRPO on the large model: averaged with the small model's GRPO,
     the mean had described neither."""
-    for name, model, p1 in (("math/s", "cmp/base_small", 0.2), ("math/l", "cmp/base_large", 0.6)):
-        make_run(runs_root, name, "math", model=model).write_eval({"pass_at_k": {"gsm8k": {"1": p1}}})
+    for name, size, p1 in (("math/s", "small", 0.2), ("math/l", "large", 0.6)):
+        make_run(runs_root, name, "math", size=size).write_eval({"pass_at_k": {"gsm8k": {"1": p1}}})
     by_algorithm = open_page("math_page").dataframe[0].value
-    assert by_algorithm.loc[("grpo · base_large", "gsm8k"), "pass@1"] == pytest.approx(0.6)
-    assert by_algorithm.loc[("grpo · base_small", "gsm8k"), "pass@1"] == pytest.approx(0.2)
-    assert by_algorithm.loc[("grpo", "gsm8k"), "runs"] == 2  # the tiny default's runs, as before
+    assert by_algorithm.loc[("grpo (large)", "gsm8k"), "pass@1"] == pytest.approx(0.6)
+    assert by_algorithm.loc[("grpo", "gsm8k"), "pass@1"] == pytest.approx((0.2 + 0.2 + 0.4) / 3)
+    assert by_algorithm.loc[("grpo", "gsm8k"), "runs"] == 3
 
 
 def test_tcm_page(runs_root):

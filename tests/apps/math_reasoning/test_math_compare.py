@@ -73,6 +73,7 @@ def test_grpo_large_is_grpo_on_the_large_model(small_dir, large_dir, tmp_path, m
     )  # fmt: skip
     compare_module.compare(config)
     assert [(c.algo, c.model) for c in trained] == [("grpo", str(small_dir)), ("grpo", str(large_dir))]
+    assert [c.size for c in trained] == ["small", "large"]  # the Math page averages the large model's apart
 
 
 def test_an_earlier_run_that_was_resumed_is_one_of_these_settings(tmp_path):

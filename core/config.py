@@ -302,7 +302,10 @@ def _resumed_run_values(path: Path, hints: dict[str, Any], source: str) -> dict[
         stored = latest_config(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # no run there: --resume itself says so (core.launch.with_run_dir)
-    return {k: _checked_value(k, v, hints[k], source) for k, v in stored.items() if k in hints}
+    try:
+        return {k: _checked_value(k, v, hints[k], source) for k, v in stored.items() if k in hints}
+    except ValueError as err:  # most likely another command's run (a sudoku run's size 4 resumed by math)
+        raise ValueError(f"{err}; resume a run with the command that made it") from None
 
 
 def _check_device(device: str) -> None:

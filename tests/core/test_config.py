@@ -451,7 +451,9 @@ def test_a_stored_value_of_another_commands_run_names_that_runs_kind(tmp_path):
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, RunConfig)
     with pytest.raises(
-        ValueError, match=r"config.json \(the resumed run's config, a 'math' 'grpo' run\): steps"
+        ValueError,
+        match=r"config.json \(the resumed run's config, a 'math' 'grpo' run\): steps.*; resume a run with "
+        "the command that made it$",
     ):
         build_config(RunConfig, parser.parse_args(["--run-dir", str(tmp_path), "--resume"]))
 

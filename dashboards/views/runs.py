@@ -104,6 +104,10 @@ def render() -> None:
             st.error(f"{name} failed at step {info.step}:")
             st.code(info.error, language=None)
         if info.status == "crashed":
+            try:  # its last logged step, as the table shows it (status.json's is its last checkpoint's)
+                info = state.run_progress(name)[0]
+            except (OSError, ValueError):  # its metrics cannot be read: the table names why
+                pass
             st.warning(f"{name} stopped at step {info.step}: {info.error}")
         try:
             results = state.eval_results(name)

@@ -129,12 +129,13 @@ def test_a_run_whose_process_was_killed_is_shown_crashed_not_running(runs_root):
     gone.wait(timeout=60)
     status = json.loads((runs_root / "toy/b/status.json").read_text())
     (runs_root / "toy/b/status.json").write_text(json.dumps(status | {"pid": gone.pid}))
+    RunDir(runs_root / "toy/b").log_metrics(2, metrics_row(2))  # logged after its last checkpoint (step 1)
     assert loading.run_info(runs_root, "toy/b").status == "crashed"
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[0].value
     assert table.loc[table["run"] == "toy/b", "status"].tolist() == ["crashed"]
-    warning = f"toy/b stopped at step 1: process {gone.pid} ended without recording the run's end (killed?)"
+    warning = f"toy/b stopped at step 2: process {gone.pid} ended without recording the run's end (killed?)"
     assert texts(at.warning) == [warning]
     assert not any(caption.startswith("toy/b · running") for caption in texts(at.caption))  # no live view
 

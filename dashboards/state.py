@@ -7,6 +7,7 @@ The runs folder comes from the environment variable GRPO_SUITE_RUNS, which `grpo
 
 import math
 import os
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -153,6 +154,15 @@ def _query_runs(names: list[str]) -> list[str]:
     return chosen
 
 
+def _instant(iso_time: str) -> float:
+    """Seconds since the epoch of an ISO time (one without a zone is local), so runs written under two zone
+    offsets compare by when they started, not as text; -inf when it is not a time."""
+    try:
+        return datetime.fromisoformat(iso_time).timestamp()
+    except ValueError:
+        return -math.inf
+
+
 def newest(names: list[str]) -> str:
     """The run started last (config.json `started`, to the second; ties: the outer run, as a `train` that
     built its own SFT stage inside its run within the same second, then the last name); a run whose files
@@ -160,7 +170,7 @@ def newest(names: list[str]) -> str:
 
     def key(name: str) -> tuple:
         info = _readable_info(name)
-        return info is not None, info.started if info else "", -name.count("/"), name
+        return info is not None, _instant(info.started) if info else -math.inf, -name.count("/"), name
 
     return max(names, key=key)
 

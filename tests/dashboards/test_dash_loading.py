@@ -536,3 +536,18 @@ def test_bar_png_centres_each_categorys_bars_on_its_tick():
         [(r.get_x() + r.get_width() / 2, r.get_width(), r.get_height()) for r in c] for c in ax.containers
     ]
     assert np.allclose(bars, [[(-0.2, 0.4, 1.0), (0.8, 0.4, 2.0)], [(0.2, 0.4, 3.0), (1.2, 0.4, 4.0)]])
+
+
+def test_the_newest_run_is_the_one_started_last_across_zone_offsets(tmp_path, monkeypatch):
+    """A run written at 10:30+02:00 (08:30 UTC) started before one written at 09:00+00:00; as text it sorted
+    after it. A start time that is not a time counts as oldest."""
+    from dashboards import state
+
+    started = {"a": "2026-11-25T10:30:00+02:00", "b": "2026-11-25T09:00:00+00:00", "c": "yesterday"}
+    for name, at in started.items():
+        (tmp_path / name).mkdir()
+        config = {"app": "math", "algorithm": "grpo", "started": at, "config": {}}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("GRPO_SUITE_RUNS", str(tmp_path))
+    assert state.newest(["a", "b", "c"]) == "b"
+    assert state.newest(["a", "c"]) == "a"

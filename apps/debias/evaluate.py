@@ -29,7 +29,7 @@ from apps.debias.data import SPLITS, check_reward_model_data, load_splits
 from apps.debias.train import policy_examples
 from core.config import config_to_dict
 from core.policy import load_policy
-from core.rollout import HFGenerateBackend, SamplingSettings
+from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
 from core.runs import RunDir, default_run_dir
 from reward_models.pairs import read_split
 from reward_models.score import RewardModelScorer
@@ -58,7 +58,9 @@ class DebiasEvalConfig:
     samples_per_prompt: int = _help("sampled answers per prompt", 2)
     max_new_tokens: int = _help("answer length cap (as `debias train`'s)", 48)
     temperature: float = _help("sampling temperature (1 = the policy's own distribution)", 1.0)
-    seed: int = _help("sampling seed", 0)
+    seed: int = _help(
+        "sampling seed; each split draws from its own seed derived from it, alike for both models", 0
+    )
     run_dir: str | None = _help(
         "where eval.json goes; default: the model's run directory if it is <run>/final", None
     )
@@ -121,9 +123,10 @@ def perplexity(model, tokenizer, prompts: list[str], answers: list[list[int]], b
 
 
 def sample_answers(
-    model_dir: str, examples: list[dict], config: DebiasEvalConfig, reference_tokenizer
+    model_dir: str, examples: list[dict], config: DebiasEvalConfig, reference_tokenizer, seed: int
 ) -> tuple[list[str], list[list[int]]]:
-    """`samples_per_prompt` answers per example: their texts, and their token ids for the reference LM.
+    """`samples_per_prompt` answers per example, sampled with `seed`: their texts, and their token ids for
+    the reference LM.
     Those are the sampled ids, eos included where the answer stopped (re-tokenizing the text is not the
     same: a lone byte token decodes to U+FFFD, three tokens), or, for a reference with another
     vocabulary, the text re-tokenized plus eos where the answer stopped."""
@@ -131,7 +134,7 @@ def sample_answers(
     backend = HFGenerateBackend(model, tokenizer, device=config.device, batch_size=64)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     prompts = [e["prompt"] for e in examples for _ in range(config.samples_per_prompt)]
-    rollouts = backend.generate(prompts, settings, config.seed)
+    rollouts = backend.generate(prompts, settings, seed)
     if tokenizer.get_vocab() == reference_tokenizer.get_vocab():
         ids = [
             row[mask.bool()].tolist()
@@ -257,8 +260,9 @@ def evaluate(config: DebiasEvalConfig) -> dict:
         examples = policy_examples(rows)
         repeated = [e for e in examples for _ in range(config.samples_per_prompt)]
         per_model = {}
+        seed = derive_seed(config.seed, SPLITS.index(split))  # each split its own draws, the same per model
         for label, path in models.items():
-            answers, answer_ids = sample_answers(path, examples, config, reference[1])
+            answers, answer_ids = sample_answers(path, examples, config, reference[1], seed)
             per_model[label], fairness = split_metrics(repeated, answers, answer_ids, scorer, reference)
             results["responses"] += pick_responses(repeated, answers, fairness, label, RESPONSES_PER_SIDE)
             for key in (

@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from apps.debias import evaluate as evaluate_module
-from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
+from apps.debias.data import SPLITS, DataConfig, generate_splits, load_splits, write_splits
 from apps.debias.evaluate import (
     DebiasEvalConfig,
     distinct_n,
@@ -27,7 +27,7 @@ from apps.debias.evaluate import (
 from apps.debias.rewards import HeadReward, debias_rubric
 from apps.debias.train import PRESETS, DebiasTrainConfig, build_sft_policy, policy_examples, train
 from core.policy import load_policy
-from core.rollout import HFGenerateBackend
+from core.rollout import HFGenerateBackend, derive_seed
 from core.tiny import create_tiny_model_dir
 from reward_models.score import RewardModelScorer
 from reward_models.train import RMTrainConfig, train_reward_model
@@ -273,6 +273,21 @@ def test_perplexity_matches_a_plain_loop(setup):
     assert distinct_n(["a a", "a b"], 1) == 0.5
 
 
+def test_eval_draws_each_split_with_its_own_seed_and_both_models_alike(setup, monkeypatch):
+    """Every split had sampled with the same seed; the models compared must still share theirs."""
+    seeds = []
+
+    class SeedRecorder(HFGenerateBackend):
+        def generate(self, prompts, settings, seed):
+            seeds.append(seed)
+            return super().generate(prompts, settings, seed)
+
+    monkeypatch.setattr(evaluate_module, "HFGenerateBackend", SeedRecorder)
+    evaluate(eval_config(setup, seed=5, run_dir=str(setup / "eval-seeds")))
+    test, heldout = derive_seed(5, SPLITS.index("test")), derive_seed(5, SPLITS.index("heldout"))
+    assert seeds == [test, test, heldout, heldout] and test != heldout
+
+
 def test_perplexity_scores_the_sampled_ids_not_the_retokenized_text(setup, monkeypatch, tmp_path):
     """A lone byte token decodes to U+FFFD, which re-tokenizes as three byte tokens: eval scored those."""
     model, tokenizer = load_policy(setup / "policy")
@@ -306,7 +321,7 @@ def test_perplexity_scores_the_sampled_ids_not_the_retokenized_text(setup, monke
     create_tiny_model_dir(tmp_path / "other", ["un café"], hidden_size=16, num_layers=1, num_heads=2)
     other = load_policy(tmp_path / "other")[1]
     examples = policy_examples(load_splits(setup / "data")["test"][:2])
-    texts, ids = sample_answers(str(setup / "policy"), examples, config, other)
+    texts, ids = sample_answers(str(setup / "policy"), examples, config, other, seed=0)
     assert texts == [text] * 2
     assert ids == [other(text, add_special_tokens=False)["input_ids"] + [other.eos_token_id]] * 2
 

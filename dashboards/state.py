@@ -209,10 +209,16 @@ def require_runs(apps: tuple[str, ...] | None = None) -> list[str]:
 # -- export --------------------------------------------------------------------------------------------------
 
 
+def csv_bytes(frame: pd.DataFrame, *, index: bool = True) -> bytes:
+    """The table as UTF-8 CSV with a byte-order mark: without one, Excel reads the file in the locale's code
+    page and garbles Chinese text (TCM answers); pandas, and csv readers opened with utf-8-sig, drop it."""
+    return frame.to_csv(index=index).encode("utf-8-sig")
+
+
 def download_csv(frame: pd.DataFrame, name: str, *, key: str, index: bool = True) -> None:
     st.download_button(
         "Download CSV",
-        data=lambda: frame.to_csv(index=index).encode(),
+        data=lambda: csv_bytes(frame, index=index),
         file_name=f"{name}.csv",
         mime="text/csv",
         key=key,

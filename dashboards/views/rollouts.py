@@ -209,7 +209,7 @@ def render() -> None:
     state.download_csv(table, state.file_name("rollouts-page", run), key="ro_page_csv", index=False)
     st.download_button(
         "Download all matching rollouts (CSV)",
-        data=lambda: page_table(index, lines).to_csv(index=False).encode(),
+        data=lambda: state.csv_bytes(page_table(index, lines), index=False),
         file_name=state.file_name("rollouts-all", run) + ".csv",
         mime="text/csv",
         key="ro_all_csv",

@@ -1,6 +1,7 @@
 """Every dashboard page under Streamlit's AppTest on the runs folder of conftest.py: the widgets and values
 shown, URL parameters (paths outside the folder refused), and model text shown as text only."""
 
+import codecs
 import io
 import json
 
@@ -74,9 +75,12 @@ def downloads(monkeypatch) -> dict[str, tuple[str, object]]:
 
 
 def csv_download(downloads: dict, key: str) -> tuple[str, str]:
-    """The file name and CSV text of download button `key`."""
+    """The file name and CSV text of download button `key`, which opens with UTF-8's byte-order mark (for
+    Excel)."""
     name, data = downloads[key]
-    return name, (data() if callable(data) else data).decode()
+    data = data() if callable(data) else data
+    assert data.startswith(codecs.BOM_UTF8), data[:8]
+    return name, data.decode("utf-8-sig")
 
 
 def set_started(root, name: str, started: str) -> None:

@@ -158,6 +158,25 @@ def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tup
     return examples
 
 
+def check_prompt_lengths(
+    examples: Sequence[dict], tokenizer, max_new_tokens: int, max_context: int | None
+) -> None:
+    """InputError naming the first example whose `prompt` has no tokens, or whose tokens plus
+    `max_new_tokens` exceed `max_context` (None: no limit)."""
+    if not examples:
+        return
+    rows = tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
+    for example, ids in zip(examples, rows, strict=True):
+        if not ids:
+            raise InputError(f"example {example['id']!r}: the prompt has no tokens")
+        if max_context is not None and len(ids) + max_new_tokens > max_context:
+            raise InputError(
+                f"example {example['id']!r}: prompt of {len(ids)} tokens + max_new_tokens "
+                f"{max_new_tokens} exceeds the model's context of {max_context} (give a "
+                "smaller --max-new-tokens, a model with a longer context, or leave the example out)"
+            )
+
+
 class PromptSampler:
     """Endless epochs over the examples, each in a fresh order drawn from `seed` and the epoch number, so
     the order depends on nothing but (seed, position) and a resumed run continues where it stopped."""

@@ -40,7 +40,7 @@ from transformers import get_scheduler
 from core import algos, sharding, zero
 from core.atomic import atomic_directory
 from core.config import config_to_dict
-from core.data import InputError, PromptSampler
+from core.data import InputError, PromptSampler, check_prompt_lengths
 from core.multi_turn import Environment, multi_turn_rollouts
 from core.policy import ReferencePolicy, completion_logprobs, eval_mode, has_dropout
 from core.rewards import RewardTable, Rubric
@@ -703,18 +703,7 @@ class GRPOTrainer:
     # -- collecting a batch ----------------------------------------------------------------------------------
 
     def _check_prompt_lengths(self, examples: list[dict]) -> None:
-        if not examples:
-            return
-        rows = self.tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
-        for example, ids in zip(examples, rows, strict=True):
-            if not ids:
-                raise InputError(f"example {example['id']!r}: the prompt has no tokens")
-            if self.max_context is not None and len(ids) + self.config.max_new_tokens > self.max_context:
-                raise InputError(
-                    f"example {example['id']!r}: prompt of {len(ids)} tokens + max_new_tokens "
-                    f"{self.config.max_new_tokens} exceeds the model's context of {self.max_context} (give a "
-                    "smaller --max-new-tokens, a model with a longer context, or leave the example out)"
-                )
+        check_prompt_lengths(examples, self.tokenizer, self.config.max_new_tokens, self.max_context)
 
     def generate(self, examples: list[dict], first_index: int, round_: int = 0) -> Rollouts:
         """G completions per example, each group sampled with its own seed (see the module docstring)."""

@@ -41,12 +41,12 @@ from apps.math_reasoning.evaluate import (
     pass_at_k_entry,
 )
 from apps.math_reasoning.gtpo import GTPOHooks
-from apps.math_reasoning.models import TINY_CONTEXT, TinySpec, build_base_model
+from apps.math_reasoning.models import TINY_CONTEXT, TinySpec, build_base_model, tiny_tokenizer
 from apps.math_reasoning.rewards import rubric_for
 from apps.math_reasoning.scaf import ScafHooks, exemption_steps
 from apps.math_reasoning.templates import TEMPLATES, get_template
 from core.atomic import atomic_directory
-from core.data import InputError
+from core.data import InputError, check_prompt_lengths
 from core.launch import build_in_run, build_settings, policy_for, summary_table, with_run_dir
 from core.policy import load_policy
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
@@ -354,6 +354,9 @@ def train(config: MathTrainConfig) -> dict:
             "arithmetic set, not on problems like yours; give --eval-data FILE (or --eval-samples 0)",
             stacklevel=2,
         )
+    if config.model is None:  # the tiny model's SFT takes minutes: a prompt too long is refused before it
+        tokenizer = tiny_tokenizer(offline_sets(config.data_seed, mix=config.data_mix))
+        check_prompt_lengths(examples, tokenizer, config.max_new_tokens, TINY_CONTEXT)
     config = with_run_dir(config, APP, config.algo)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))

@@ -656,6 +656,35 @@ def test_the_paper_preset_on_the_tiny_default_is_refused_before_it_is_built(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_prompt_too_long_for_the_tiny_context_is_refused_before_the_base_model_is_built(
+    tmp_path, capsys, monkeypatch
+):
+    """1,000 new tokens are below the context of 1,024 but no prompt fits beside them: said before the base
+    model's SFT, by the tokenizer the base model is built with."""
+    from apps.math_reasoning import train as math_train
+
+    monkeypatch.setattr(math_train, "build_base", lambda *a: pytest.fail("the base model was built"))
+    run = ["math", "train", "--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--max-new-tokens"]
+    with pytest.raises(SystemExit):
+        main([*run, "1000"])
+    err = capsys.readouterr().err
+    assert "+ max_new_tokens 1000 exceeds the model's context of 1024" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_tokenizer_checked_up_front_is_the_base_models(small_dir):
+    from transformers import AutoTokenizer
+
+    from apps.math_reasoning.data import offline_sets
+    from apps.math_reasoning.models import tiny_tokenizer
+
+    built = AutoTokenizer.from_pretrained(small_dir)
+    alone = tiny_tokenizer(offline_sets(1234, 20, 10, 20))
+    assert alone.get_vocab() == built.get_vocab() and "<think>" in alone.get_vocab()
+    text = "<think>12 + 7 = 19</think><answer>19</answer>"
+    assert alone(text)["input_ids"] == built(text)["input_ids"]
+
+
 def test_training_on_a_data_file_without_eval_data_says_the_evaluation_is_offline(tmp_path, monkeypatch):
     """The final evaluation of a run on the user's --data is on the generated arithmetic set unless
     --eval-data is given: said, as the eval table's `offline` rows alone did not."""

@@ -55,10 +55,16 @@ def with_run_dir(config: GRPOConfig, app: str, algorithm: str = "grpo") -> GRPOC
 BUILT_WITH = "built_with.json"  # written into a built base model last: the settings it was built with
 
 
+# GRPOConfig fields that set how long a run trains and what it keeps and logs; no app builds its base model
+# from them, so a start stopped before its run began may be started again with other values of these
+RUN_LENGTH_FIELDS = ("resume", "max_steps", "save_every", "keep_checkpoints", "rollouts_to_log", "report_to")
+
+
 def build_settings(config: Any) -> dict[str, Any]:
-    """What a default base model is built from: the command's whole config but `resume` (JSON-able), and
-    the size and modification time of each file a field names (a data file edited in place is other data)."""
-    settings = {key: value for key, value in config_to_dict(config).items() if key != "resume"}
+    """What a default base model is built from: the command's config but `RUN_LENGTH_FIELDS` (JSON-able),
+    and the size and modification time of each file a field names (a data file edited in place is other
+    data)."""
+    settings = {key: value for key, value in config_to_dict(config).items() if key not in RUN_LENGTH_FIELDS}
     files = {}
     for key, value in settings.items():
         if isinstance(value, str) and value and Path(value).is_file():

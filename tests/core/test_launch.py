@@ -70,6 +70,9 @@ def test_a_fresh_run_reuses_a_base_model_only_built_whole_with_its_settings_and_
     build_in_run(path, build, resume=False, device="cpu", settings=seed0)  # the cut-off build is not reused
     assert len(built) == 4 and (path / "config.json").read_text() == "4"
     assert build_settings(GRPOConfig(seed=3, resume=True)) == build_settings(GRPOConfig(seed=3))
+    longer = GRPOConfig(seed=3, max_steps=9, save_every=2, keep_checkpoints=1, rollouts_to_log=0)
+    assert build_settings(longer) == build_settings(GRPOConfig(seed=3))  # how long it trains, what it keeps
+    assert build_settings(GRPOConfig(learning_rate=1)) != build_settings(GRPOConfig())
     assert build_settings(GRPOConfig(seed=3))["seed"] == 3 and "resume" not in build_settings(GRPOConfig())
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "a"}\n')

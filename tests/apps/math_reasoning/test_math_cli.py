@@ -617,7 +617,8 @@ def test_a_train_stopped_before_its_run_began_keeps_its_base_model_for_the_same_
     tmp_path, monkeypatch, capsys
 ):
     """Ctrl-C after the tiny base model's SFT but before the run existed: `--resume` has nothing to continue,
-    and the same command started again reuses the base model instead of fine-tuning it again."""
+    and the same command started again reuses the base model instead of fine-tuning it again, also with
+    another --max-steps (how long a run trains is not what its base model is built from)."""
     from apps.math_reasoning import train as math_train
 
     run_dir = tmp_path / "run"
@@ -640,7 +641,7 @@ def test_a_train_stopped_before_its_run_began_keeps_its_base_model_for_the_same_
     builds = []
     build_base = math_train.build_base
     monkeypatch.setattr(math_train, "build_base", lambda *a: builds.append(a) or build_base(*a))
-    assert main(args) == 0
+    assert main([*args[:-1], "2"]) == 0
     assert builds == [] and (run_dir / "base_model" / "model.safetensors").read_bytes() == weights
     assert RunDir(run_dir).read_status()["status"] == "finished"
 

@@ -16,7 +16,8 @@ set. So:
   which holds the GIL, so the waiting thread could not even return (only `signal.alarm` in the main thread
   interrupts it, through CPython's signal checks in `long_pow`). Children are reused, one per concurrent
   caller; a call that finds none idle starts one (about a second, not counted in the timeout).
-A timeout or a parse failure is "no match" (False), never an exception. Numbers of more than 4300 digits
+A timeout or a parse failure is "no match" (False), never an exception, and so is a bare prediction with
+two numbers side by side (`1.5 2.5`, which math-verify would read as their product). Numbers of more than 4300 digits
 never match (Python's int-to-string limit makes math-verify's parse fail).
 """
 
@@ -46,6 +47,10 @@ _FRACTION_GROUPS = rf"\.\d{{3}}(?:{_GROUP_SPACE}\d{{3}})*{_GROUP_SPACE}\d{{1,3}}
 _GROUPED_NUMBER = re.compile(
     rf"(?<![\d.])(?:\d{{1,3}}(?:{_GROUP_SPACE}\d{{3}})+(?!\d)(?:{_FRACTION_GROUPS}|\.\d+)?|\d*{_FRACTION_GROUPS})"
 )
+# Two numbers side by side in a bare answer, with only spaces between them (after digit groups are joined):
+# "1.5 2.5". It is not one answer: math-verify reads it as a product (3.75), a reading no solver means, so it
+# never matches (as "12 5" does not: math-verify does not parse it).
+_SIDE_BY_SIDE_NUMBERS = re.compile(rf"(?<![\w.])\d*\.?\d+(?:\s|{_GROUP_SPACE})+\d*\.?\d+(?![\w.])")
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy machine
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`
 
@@ -86,8 +91,12 @@ def _match(prediction: str, gold: str, step_timeout_s: int | None) -> bool:
     """math-verify parse + verify; `step_timeout_s=None` disables its signal-based timeouts (in a child)."""
     # parse and verify catch their own errors and timeouts (raise_on_error=False): a failed parse is [],
     # and verify of an empty list is False.
+    bare = not _LATEX_DELIMITERS.search(prediction)
+    prediction = _as_latex(prediction)
+    if bare and _SIDE_BY_SIDE_NUMBERS.search(prediction):
+        return False
     gold_parsed = parse(_as_latex(gold), parsing_timeout=step_timeout_s)
-    predicted = parse(_as_latex(prediction), parsing_timeout=step_timeout_s)
+    predicted = parse(prediction, parsing_timeout=step_timeout_s)
     return verify(gold_parsed, predicted, timeout_seconds=step_timeout_s)
 
 

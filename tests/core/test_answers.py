@@ -38,6 +38,8 @@ MATCHES = [
     ("x^2\n+1", "x^2+1"),  # a line end inside a bare answer: math-verify's $...$ does not span one
     ("\\pi\n", "\\pi"),
     ("\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("The answer is $42$; 3 4 were wrong", "42"),  # numbers side by side outside the delimited answer
+    ("0.5 \\pi", "\\pi/2"),  # a number and a symbol side by side are a product
 ]
 
 MISMATCHES = [
@@ -58,6 +60,11 @@ MISMATCHES = [
     ("0", r"0.000\,1"),  # read as 0.000 * 1
     ("0", "0.000 1"),
     ("0.51", "0.5 10"),  # a decimal, then another number: not one number
+    # two numbers side by side are not one answer; math-verify read them as a product (3.75, 3, 15)
+    ("1.5 2.5", "3.75"),
+    ("x = 1.5\\ 2", "3"),
+    ("[1 2.5 6]", "15"),
+    ("1.5 2.5", "1.5, 2.5"),
 ]
 
 GARBAGE = [

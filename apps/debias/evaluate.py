@@ -30,7 +30,7 @@ from apps.debias.train import policy_examples
 from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
-from core.runs import RunDir, default_run_dir
+from core.runs import RunDir, default_run_dir, refuse_a_file_in_the_way
 from reward_models.pairs import read_split
 from reward_models.score import RewardModelScorer
 
@@ -239,7 +239,30 @@ def pick_responses(
     return out
 
 
+def eval_run_dir(config: DebiasEvalConfig) -> str:
+    """Where eval.json goes: `--run-dir`, else the run of a `--model .../final`, else a new default run. An
+    existing run there must be a de-bias training or evaluation run (checked before anything is sampled):
+    another kind's eval.json is its own result, and a directory that is a file is refused."""
+    if config.run_dir is not None:
+        run_dir = config.run_dir
+    elif Path(config.model).name == "final":
+        run_dir = str(Path(config.model).parent)
+    else:
+        return str(default_run_dir(APP))
+    refuse_a_file_in_the_way(run_dir, "run directory")
+    if (Path(run_dir) / "config.json").is_file():
+        stored = RunDir(run_dir).read_config()
+        kind = (stored.get("app"), stored.get("algorithm"))
+        if kind not in ((APP, "grpo"), (APP, "eval")):
+            raise ValueError(
+                f"{run_dir}: it holds a {kind[0]!r} {kind[1]!r} run, whose eval.json this would replace; "
+                "give the --run-dir of a de-bias train or eval run, or a new one"
+            )
+    return run_dir
+
+
 def evaluate(config: DebiasEvalConfig) -> dict:
+    run_dir = eval_run_dir(config)
     splits = load_splits(config.data_dir)
     for name in config.splits:
         if name not in splits:  # heldout asked for, without its file: the reader's error names it
@@ -282,13 +305,6 @@ def evaluate(config: DebiasEvalConfig) -> dict:
             results["metrics"][f"{split}/perplexity/ratio"] = after["perplexity"] / before["perplexity"]
         results["splits"][split] = per_model
     results["bias"] = bias_by_category(results["splits"])
-    run_dir = config.run_dir
-    if run_dir is None:
-        run_dir = (
-            str(Path(config.model).parent)
-            if Path(config.model).name == "final"
-            else str(default_run_dir(APP))
-        )
     if (Path(run_dir) / "config.json").is_file():
         run = RunDir(run_dir)
     else:  # a run of its own, so the dashboard lists it

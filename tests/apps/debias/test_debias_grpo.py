@@ -28,6 +28,7 @@ from apps.debias.rewards import HeadReward, debias_rubric
 from apps.debias.train import PRESETS, DebiasTrainConfig, build_sft_policy, policy_examples, train
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, derive_seed
+from core.runs import RunDir
 from core.tiny import create_tiny_model_dir
 from reward_models.score import RewardModelScorer
 from reward_models.train import RMTrainConfig, train_reward_model
@@ -271,6 +272,23 @@ def test_perplexity_matches_a_plain_loop(setup):
     assert got == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert got != pytest.approx(perplexity(model, tokenizer, prompts, [answers[0], answers[1] + [eos]]))
     assert distinct_n(["a a", "a b"], 1) == 0.5
+
+
+def test_eval_refuses_a_run_of_another_kind_or_a_file_before_sampling(setup, tmp_path, monkeypatch):
+    """Pointed at a public-goods run (or the reward model's), eval replaced that run's eval.json; at a file,
+    it said so only after sampling and scoring everything."""
+    monkeypatch.setattr(evaluate_module, "sample_answers", lambda *a: pytest.fail("sampled"))
+    other = tmp_path / "pgg"
+    run = RunDir.create(other, {"r": 4.5}, app="public_goods", algorithm="fermi", exist_ok_for_resume=False)
+    run.write_eval({"cooperation": 0.5})
+    with pytest.raises(ValueError, match=r"pgg: it holds a 'public_goods' 'fermi' run, whose eval.json"):
+        evaluate(eval_config(setup, run_dir=str(other)))
+    assert json.loads((other / "eval.json").read_text()) == {"cooperation": 0.5}
+    with pytest.raises(ValueError, match="holds a 'reward_model' 'bradley_terry' run"):
+        evaluate(eval_config(setup, run_dir=str(setup / "rm")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="run directory .*file is a file, not a directory"):
+        evaluate(eval_config(setup, run_dir=str(tmp_path / "file")))
 
 
 def test_eval_draws_each_split_with_its_own_seed_and_both_models_alike(setup, monkeypatch):

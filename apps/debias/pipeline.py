@@ -37,7 +37,14 @@ from apps.debias.evaluate import DebiasEvalConfig, evaluate
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
 from core.atomic import write_json_atomic
 from core.config import config_to_dict
-from core.runs import RunDir, default_run_dir, failure_recorded, refuse_changed_pipeline, run_to_resume
+from core.runs import (
+    RunDir,
+    default_run_dir,
+    failure_recorded,
+    refuse_a_file_in_the_way,
+    refuse_changed_pipeline,
+    run_to_resume,
+)
 from reward_models.train import RMTrainConfig, train_reward_model
 
 APP = "debias"
@@ -127,6 +134,8 @@ def grpo_config(config: PipelineConfig, data_dir: str | None, reward_model: str)
 
 
 def pipeline(config: PipelineConfig) -> dict:
+    if config.run_dir is not None:
+        refuse_a_file_in_the_way(config.run_dir, "--run-dir")
     run = Path(config.run_dir or default_run_dir(APP))
     if config.resume:
         _check_same_settings(config)

@@ -114,6 +114,15 @@ def test_bad_grpo_settings_are_refused_before_any_work(stages, flags, message, t
     assert not (tmp_path / "run").exists() and "rm" not in stages
 
 
+def test_a_run_dir_that_is_a_file_is_named_before_any_work(stages, tmp_path):
+    """It had been NotADirectoryError's traceback from listing the directory."""
+    (tmp_path / "afile").write_text("")
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match="--run-dir .*afile is a file, not a directory"):
+            pipeline(PipelineConfig(quick=True, run_dir=str(tmp_path / "afile"), resume=resume))
+    assert not stages
+
+
 def test_a_failed_stage_marks_the_run_failed(stages, monkeypatch, tmp_path):
     def broken(config):
         raise RuntimeError("out of memory")

@@ -20,9 +20,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     first and removed after), on error it is removed. A kill leaves `path` as it was, and never a `path`
     with part of its files (a model whose weights file is cut short): an old `path` moved aside by a write
     cut off before the new one landed is put back, here on error and by the next call after a kill."""
-    path = Path(path)
+    given, path = path, Path(os.path.abspath(path))  # "." and "a/.." by the name they stand for
     if path.exists() and not path.is_dir():  # a user's file: never moved aside and replaced by a directory
         raise FileExistsError(f"{path} is a file, not a directory")
+    if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise ValueError(
+            f"{given}: this directory is written whole, replacing it, and it holds the current directory; "
+            "give a directory of its own"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     _put_back_moved_aside(path)
     _remove_killed_writers_temps(path)

@@ -686,6 +686,29 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and target.read_text() == "the user's notes"
 
 
+def test_atomic_directory_refuses_the_current_directory_and_its_parents_and_takes_dot_names(
+    tmp_path, monkeypatch
+):
+    """`debias data --out-dir .` crashed on the empty name; resolved, it would have replaced the current
+    directory (copying the rest of it in first). "a/.." is the directory it names."""
+    work = tmp_path / "work"
+    (work / "a").mkdir(parents=True)
+    (work / "notes.txt").write_text("kept")
+    monkeypatch.chdir(work)
+    for name in (".", "..", "a/..", str(work)):
+        with pytest.raises(ValueError, match="holds the current directory; give a directory of its own"):
+            with atomic_directory(name):
+                pass
+    assert sorted(p.name for p in work.iterdir()) == ["a", "notes.txt"]
+    with atomic_directory("a/../b") as tmp:
+        (tmp / "x").write_text("1")
+    assert (work / "b" / "x").read_text() == "1" and sorted(p.name for p in work.iterdir()) == [
+        "a",
+        "b",
+        "notes.txt",
+    ]
+
+
 def ended_process_pid() -> int:
     """The pid of a process that has ended."""
     import subprocess

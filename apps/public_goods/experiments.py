@@ -325,8 +325,7 @@ def finished_jobs(settings: SweepSettings, out_dir: Path) -> dict[int, tuple[dic
     for row in rows:
         key = (row["method"], row["init"], row["r"], row["seed"])
         if key in index and key in lines:
-            absorbed = row["absorbed_at"]  # read as text: a step or blank, as run_job writes it
-            done[index[key]] = ({**row, "absorbed_at": int(absorbed) if absorbed else ""}, lines[key])
+            done[index[key]] = (row, lines[key])
     return done
 
 
@@ -375,9 +374,10 @@ def read_table(path: Path) -> list[dict]:
             check_positive("r", row["r"])
         except ValueError as err:
             raise InputError(f"{path}:{line}: {err}") from err
-        # blank: never reached; absent from sweeps made before the column existed
-        ttc = row.get("time_to_cooperation")
-        row["time_to_cooperation"] = parsed(line, row, "time_to_cooperation", int) if ttc else ""
+        # blank: never reached (absorbed_at: no absorbing state); time_to_cooperation is absent from sweeps
+        # made before the column existed
+        for key in ("absorbed_at", "time_to_cooperation"):
+            row[key] = parsed(line, row, key, int) if row.get(key) else ""
         rows.append(row)
     if rows and not path.read_bytes().endswith(b"\n"):  # write_table ends every row with a line end
         raise InputError(f"{path}:{line}: the last row has no line end: the file was cut off")

@@ -62,6 +62,11 @@ def _sweep_dir(path):
         (lambda data: data[: data.rindex(b",0,0,0.125")], r":3: no seconds field: the row is cut short"),
         (lambda data: data.replace(b",0,0,0,0.125", b",abc,0,0,0.125"), r":2: mean_cooperation 'abc' is not"),
         (lambda data: data.replace(b",5.0,0,", b",5.0,x,"), r":3: seed 'x' is not a valid int"),
+        # a sweep's resume read it with a bare int() (ValueError without file or line)
+        (
+            lambda data: b",6x,0.125".join(data.rsplit(b",0,0.125", 1)),
+            r":3: absorbed_at '6x' is not a valid int",
+        ),
         (lambda data: data[:-3], r":3: the last row has no line end: the file was cut off"),  # seconds 0.12
         (lambda data: data.replace(b",5.0,0,", b",inf,0,"), r":3: r must be > 0 and finite, got inf"),
         (lambda data: data.replace(b",5.0,0,", b",nan,0,"), r":3: r must be > 0 and finite, got nan"),

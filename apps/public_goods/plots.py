@@ -82,6 +82,10 @@ def read_series(path: Path) -> list[dict]:
 def plot_run(metrics: list[dict], snapshots_path: Path, out: Path) -> list[Path]:
     if not metrics:
         raise ValueError(f"{out}: metrics.jsonl is empty; nothing to plot")
+    for number, row in enumerate(metrics, 1):  # every line of metrics.jsonl is a row
+        value = row.get("cooperation")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(f"{out / 'metrics.jsonl'}:{number}: 'cooperation' is not a number: {value!r}")
     try:
         with np.load(snapshots_path) as data:
             snaps = {int(k[1:]): data[k] for k in data.files}

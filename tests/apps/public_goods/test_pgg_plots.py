@@ -17,6 +17,7 @@ from apps.public_goods.experiments import RESULT_FIELDS, read_table, simulate, w
 from apps.public_goods.model import GameConfig
 from core.cli import main
 from core.data import InputError
+from core.runs import RunDir
 
 
 def test_line_colours_read_their_own_r_on_the_colour_bar(tmp_path, monkeypatch):
@@ -166,6 +167,24 @@ def test_a_snapshots_archive_without_the_initial_lattice_is_an_error_naming_it(t
     np.savez_compressed(path, t1=np.zeros((3, 3), np.int8))
     with pytest.raises(InputError, match=rf"{path}: no t0 \(the initial lattice\) in the snapshots archive"):
         plots.plot_run([{"step": 1, "cooperation": 0.0}], path, tmp_path)
+
+
+@pytest.mark.parametrize(("row", "shown"), [({}, "None"), ({"cooperation": "0.5"}, "'0.5'")])
+def test_a_metrics_line_without_a_cooperation_number_is_named(tmp_path, capsys, row, shown):
+    """It had been a bare KeyError."""
+    run = RunDir.create(
+        tmp_path / "run", {}, app="public_goods", algorithm="fermi", exist_ok_for_resume=False
+    )
+    run.log_metrics(1, {"cooperation": 0.5})
+    with open(run.metrics_path, "a") as f:  # written by hand: log_metrics refuses a text value
+        f.write(json.dumps({"step": 2, **row}) + "\n")
+    np.savez_compressed(run.path / "snapshots.npz", t0=np.zeros((3, 3), np.int8))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["public-goods", "plot", "--run-dir", str(run.path)])
+    assert exit_info.value.code == 2
+    assert (
+        f"{run.path / 'metrics.jsonl'}:2: 'cooperation' is not a number: {shown}" in capsys.readouterr().err
+    )
 
 
 def test_a_figure_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypatch):

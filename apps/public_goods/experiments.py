@@ -304,14 +304,17 @@ def finished_jobs(settings: SweepSettings, out_dir: Path) -> dict[int, tuple[dic
     table, series = out_dir / "results.csv", out_dir / "series.jsonl"
     lines = {}
     if series.is_file():
-        for line in series.read_text(encoding="utf-8").splitlines(keepends=True):
+        for number, line in enumerate(series.read_text(encoding="utf-8").splitlines(keepends=True), 1):
             if not line.endswith("\n"):
                 continue  # cut off by the kill
             try:
                 record = json.loads(line)
                 lines[(record["method"], record["init"], record["r"], record["seed"])] = line
-            except (ValueError, KeyError, TypeError):
-                continue  # not a trajectory: its job runs again
+            except (ValueError, KeyError, TypeError) as err:
+                warnings.warn(
+                    f"{series}:{number}: not a trajectory ({type(err).__name__}: {err}); its job runs again",
+                    stacklevel=2,
+                )
     rows = read_table(table) if table.is_file() else []
     if rows and "time_to_cooperation" not in table_header(table):
         # series.jsonl keeps log-spaced points only: the time cannot be rebuilt, and a blank reads "never"

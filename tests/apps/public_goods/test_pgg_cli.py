@@ -346,12 +346,17 @@ def test_a_resumed_sweep_runs_only_the_jobs_it_had_not_finished(tmp_path, monkey
     assert [row["r"] for row in kept] == [4.0]
     status = json.loads((stopped / "status.json").read_text())
     assert (status["status"], status["step"]) == ("failed", 1)  # the jobs it finished
-    # a job whose series line was cut off by the kill runs again
-    (stopped / "series.jsonl").write_text((stopped / "series.jsonl").read_text() + '{"method": "fer')
+    # a job whose series line was cut off by the kill runs again; a line that is no trajectory is named
+    (stopped / "series.jsonl").write_text(
+        "[1, 2]\n" + (stopped / "series.jsonl").read_text() + '{"method": "fer'
+    )
 
     ran = _counted_sweep(monkeypatch)
     capsys.readouterr()
-    assert main(["public-goods", "sweep", "--resume", "--run-dir", str(stopped), "--workers", "2"]) == 0
+    with pytest.warns(
+        UserWarning, match=r"series.jsonl:1: not a trajectory \(TypeError: .*its job runs again"
+    ):
+        assert main(["public-goods", "sweep", "--resume", "--run-dir", str(stopped), "--workers", "2"]) == 0
     assert sorted(ran) == [5.0, 6.0]  # r = 4 was kept, with the settings of the sweep's config.json
     assert "resuming: 1 of 3 jobs finished earlier are kept" in capsys.readouterr().out
     rows = experiments.read_table(stopped / "results.csv")

@@ -281,7 +281,9 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
         if source_of.get(field_name):
             raise ValueError(f"{source_of[field_name]}: {err}") from err
         if resumed:  # the stored values may be another command's: say whose they are
-            raise ValueError(f"{err} (with the settings of {resumed})") from err
+            raise ValueError(
+                f"{err} (with the settings of {resumed}: resume a run with the command that made it)"
+            ) from err
         raise
 
 

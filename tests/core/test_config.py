@@ -230,7 +230,8 @@ def test_a_resume_refused_over_stored_settings_names_the_run_they_come_from(tmp_
     add_config_arguments(parser, PickyRunConfig, {})
     args = parser.parse_args(["--run-dir", str(tmp_path), "--resume"])
     with pytest.raises(
-        ValueError, match=rf"at most 5 \(with the settings of {tmp_path}, a 'toy' 'grpo' run\)"
+        ValueError,
+        match=rf"at most 5 \(with the settings of {tmp_path}, a 'toy' 'grpo' run: resume a run with the command ",
     ):
         build_config(PickyRunConfig, args, {})
     with pytest.raises(ValueError, match=r"at most 5$"):  # no run resumed: nothing to name

@@ -432,7 +432,10 @@ def test_a_sweep_resume_with_other_settings_or_nothing_to_resume_is_refused(tmp_
     assert main(["public-goods", "run", "--preset", "smoke", "--run-dir", str(run)]) == 0
     with pytest.raises(SystemExit):
         main(["public-goods", "sweep", "--resume", "--run-dir", str(run)])
-    assert f"(with the settings of {run}, a 'public_goods' 'fermi' run)" in capsys.readouterr().err
+    assert (
+        f"(with the settings of {run}, a 'public_goods' 'fermi' run: resume a run with the command that made it)"
+        in capsys.readouterr().err
+    )
 
 
 def test_simulate_pads_an_absorbed_run_with_its_absorbing_state():

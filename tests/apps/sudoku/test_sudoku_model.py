@@ -205,3 +205,26 @@ def test_sft_sees_every_puzzle_once_per_epoch(policy, puzzles, monkeypatch):
     monkeypatch.setattr(model_module, "sft_batch", recording_batch)
     sft(model, tokenizer, puzzles, order="solver", steps=3, batch_size=4, lr=1e-3, seed=0)
     assert len(puzzles) == 12 and sorted(seen) == list(range(12))
+
+
+def test_sft_learning_rate_warms_up_then_follows_a_cosine_to_zero(policy, puzzles):
+    """20 steps: warm-up over max(1, 20 // 20) = 1 step, then lr * 0.5 * (1 + cos(pi * s / 20)); the lr
+    logged at step k is the one the next update uses (s = k)."""
+    model, tokenizer = copy.deepcopy(policy[0]), policy[1]
+    lr, steps = 1e-3, 20
+    history = sft(model, tokenizer, puzzles[:1], order="solver", steps=steps, batch_size=1, lr=lr, seed=0)
+    expected = [lr * 0.5 * (1 + math.cos(math.pi * k / steps)) for k in range(1, steps + 1)]
+    assert [h["lr"] for h in history] == pytest.approx(expected)
+    assert history[0]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 20)))
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sft_and_sampling_leave_the_model_in_the_mode_they_should(policy, puzzles):
+    """SFT ends in eval mode; the sampler puts the model back in the mode it found it in."""
+    model, tokenizer = copy.deepcopy(policy[0]), policy[1]
+    sft(model, tokenizer, puzzles[:2], order="solver", steps=1, batch_size=2, lr=1e-3, seed=0)
+    assert not model.training
+    model.train()
+    prompt = to_example(puzzles[0], 0, "t")["prompt"]
+    ConstrainedBackend(model, tokenizer).generate([prompt], SamplingSettings(max_new_tokens=64), seed=0)
+    assert model.training

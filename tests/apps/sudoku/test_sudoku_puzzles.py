@@ -324,3 +324,85 @@ def test_one_puzzle_is_refused_and_a_split_without_held_out_puzzles_is_an_error(
         split_puzzles(config, train)
     with pytest.raises(ValueError, match=rf"split into 0 train / {len(held_out)} held out"):
         split_puzzles(config, held_out)
+
+
+def test_every_unit_kind_counts_for_validity_and_consistency():
+    """A grid whose rows and columns are all right but whose boxes repeat values is neither a solution nor
+    consistent: boxes are units too."""
+    from apps.sudoku.puzzles import is_consistent
+
+    latin = [1, 2, 3, 4, 2, 3, 4, 1, 3, 4, 1, 2, 4, 1, 2, 3]  # a Latin square: box 0 holds 1, 2, 2, 3
+    assert not is_valid_solution(latin, 4)
+    assert not is_consistent(latin, 4)
+    assert is_valid_solution(SOLUTION_4, 4) and is_consistent(SOLUTION_4, 4)
+    # two 1s in box 0 only (row 0, col 0 and row 1, col 1): no row or column repeats
+    assert not is_consistent([1, 0, 0, 0, 0, 1] + [0] * 10, 4)
+
+
+def test_the_fill_after_an_elimination_is_labelled_elimination():
+    """This 9x9 puzzle needs locked candidates or naked pairs: the fill that follows them is recorded as
+    "elimination" (step 16), and a solver capped at hidden singles gives up on it."""
+    line = ".82.3...71.....3.8.......6.9.57....6..4.86...6..5....23.6.4.....9..7..4......98.."
+    grid = _grid(line)
+    assert logic_solve(grid, 9, max_strategy="hidden_single") is None
+    steps = logic_solve(grid, 9, max_strategy="elimination")
+    assert steps[16] == (5, 1, "elimination")
+    assert [s for *_, s in steps].count("elimination") == 1
+    assert {s for *_, s in steps[:16]} <= {"naked_single", "hidden_single"}
+    assert replay(grid, 9, steps, check_labels=False) == count_solutions(grid, 9)[1]
+
+
+def test_a_puzzles_hardest_strategy_is_by_difficulty_not_by_name():
+    """ "hidden_single" is harder than "naked_single" though it sorts before it; no steps: the easiest."""
+    from apps.sudoku.puzzles import Puzzle
+
+    steps = ((0, 1, "hidden_single"), (1, 2, "naked_single"))
+    assert Puzzle(4, (0,) * 16, tuple(SOLUTION_4), steps).hardest == "hidden_single"
+    steps = ((0, 1, "elimination"), (1, 2, "guess"), (2, 3, "naked_single"))
+    assert Puzzle(4, (0,) * 16, tuple(SOLUTION_4), steps).hardest == "guess"
+    assert Puzzle(4, (0,) * 16, tuple(SOLUTION_4), ()).hardest == "naked_single"
+
+
+def test_a_digit_above_the_grid_size_is_named_as_a_bad_character(tmp_path):
+    """A 5 in a 16-character (4x4) line is no value of the grid: named by its position, like any other
+    character that is not 1-4, '.' or '0'."""
+    bad = tmp_path / "bad.txt"
+    bad.write_text("5...............\n")
+    with pytest.raises(InputError, match=r"bad.txt:1: character 1 is '5'; expected 1-4"):
+        read_puzzles(bad)
+
+
+def test_a_givens_range_is_refused_by_its_most_givens_only():
+    """Fewer than the fewest unique givens is fine for givens_min as long as givens_max reaches it."""
+    from apps.sudoku.puzzles import check_givens
+
+    check_givens(4, 2, 6)
+    check_givens(9, 10, 17)
+    assert all(4 <= p.givens <= 6 for p in generate_puzzles(4, 5, seed=0, givens=(2, 6)))
+
+
+def test_holdout_split_drops_repeated_puzzles():
+    """The same puzzle twice in the input is one puzzle in the split."""
+    puzzles = generate_puzzles(4, 30, seed=0, givens=(4, 6))
+    train, held_out = holdout_split(puzzles + puzzles[:10], 0.2)
+    assert sorted(p.grid for p in train + held_out) == sorted(p.grid for p in puzzles)
+
+
+def test_a_puzzle_file_mixing_sizes_is_refused(tmp_path):
+    from apps.sudoku.data import PuzzleConfig, load_puzzles
+
+    four = generate_puzzles(4, 1, seed=0, givens=(4, 6))[0]
+    line9 = "96...........9...1...5..27...6.5794.3.82.....4.9.....26...71...1...........8.5.3."
+    path = tmp_path / "mixed.txt"
+    path.write_text(f"{four.to_line()}\n{line9}\n")
+    with pytest.raises(ValueError, match=r"mixed.txt: mixes 4x4 and 9x9 puzzles"):
+        load_puzzles(PuzzleConfig(data=str(path)))
+
+
+def test_eval_fraction_must_leave_both_sides_and_generated_sets_default_to_4000():
+    from apps.sudoku.data import PuzzleConfig
+
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"eval_fraction must be in \(0, 1\)"):
+            PuzzleConfig(eval_fraction=fraction)
+    assert PuzzleConfig().num_puzzles == 4000

@@ -122,3 +122,21 @@ def test_a_random_order_without_a_generator_is_refused():
     puzzle = generate_puzzles(4, 1, seed=0, givens=(5, 5))[0]
     with pytest.raises(ValueError, match=r"order 'random' needs a random.Random"):
         fill_order(puzzle, "random")
+
+
+def test_a_puzzle_line_may_mark_empty_cells_with_zeros():
+    """The rewards read '0' as an empty cell as they read '.': E counts both."""
+    zeros = EXAMPLE | {"puzzle": EXAMPLE["puzzle"].replace(".", "0")}
+    completion = "r4 c4 v1 r1 c2 v2"
+    assert read_completion(completion, zeros).empty == 4
+    assert cell_reward(completion, zeros) == cell_reward(completion, EXAMPLE) == 0.5
+
+
+def test_the_example_names_the_hardest_strategy_the_puzzle_needs():
+    """`hardest` is the hardest label of the fill sequence, not that of its last fill."""
+    from apps.sudoku.puzzles import Puzzle
+
+    solution = (1, 2, 3, 4, 3, 4, 1, 2, 2, 1, 4, 3, 4, 3, 2, 1)
+    steps = ((0, 1, "hidden_single"), (1, 2, "naked_single"))
+    puzzle = Puzzle(4, (0, 0) + solution[2:], solution, steps)
+    assert to_example(puzzle, 0, "train")["hardest"] == "hidden_single"

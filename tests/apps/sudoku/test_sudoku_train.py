@@ -140,3 +140,132 @@ def test_an_eval_into_a_training_run_leaves_its_status(model_dir, tmp_path):
     assert result["puzzles"] == 2 and run.read_eval()["eval"]["puzzles"] == 2
     status = run.read_status()
     assert (status["status"], status["step"]) == ("running", 5)
+
+
+def test_the_evaluation_table_heads_each_column_with_its_metric():
+    from apps.sudoku.evaluate import table
+
+    result = {"cell_accuracy": 0.5, "solved": 0.25, "order_reward_norm": 0.125, "kendall_tau": -1.0}
+    lines = table({"m": result | {"format_valid": 1.0}}).splitlines()
+    assert lines[0].split() == ["model", "cell", "acc", "solved", "order", "tau", "valid"]
+    assert lines[1].split() == ["m", "0.500", "0.250", "0.125", "-1.000", "1.000"]
+
+
+def test_an_eval_keeps_what_the_run_wrote_to_eval_json_and_warns_of_other_settings(model_dir, tmp_path):
+    """The result goes under "eval" next to the run's own keys; puzzle settings other than the run's are
+    named in a warning."""
+    config = SudokuEvalConfig(
+        model=str(model_dir), run_dir=str(tmp_path / "run"), num_puzzles=40, eval_puzzles=2, batch_size=2
+    )
+    trained = SudokuEvalConfig(model=str(model_dir), num_puzzles=40, data_seed=3)
+    run = RunDir.create(
+        tmp_path / "run", config_to_dict(trained), app="sudoku", algorithm="grpo", exist_ok_for_resume=False
+    )
+    run.write_eval({"model": "final", "solved": 0.5})
+    with pytest.warns(UserWarning, match=r"other settings than the run's: data_seed=0 \(run: 3\)"):
+        run_eval(config)
+    saved = run.read_eval()
+    assert (saved["model"], saved["solved"], saved["eval"]["puzzles"]) == ("final", 0.5, 2)
+
+
+def test_evaluation_decodes_greedily(model_dir):
+    """evaluate_model's numbers are those of the greedy (argmax) completions, not of samples."""
+    from apps.sudoku.evaluate import evaluate_model
+    from apps.sudoku.model import ConstrainedBackend
+    from apps.sudoku.rewards import puzzle_metrics
+    from core.policy import load_policy
+    from core.rollout import SamplingSettings
+
+    model, tokenizer = load_policy(model_dir)
+    examples = [to_example(p, i, "eval") for i, p in enumerate(generate_puzzles(4, 4, seed=1, givens=(4, 6)))]
+    greedy = ConstrainedBackend(model, tokenizer).generate(
+        [ex["prompt"] for ex in examples], SamplingSettings(max_new_tokens=64, greedy=True), seed=5
+    )
+    rows = [puzzle_metrics(c, ex) for c, ex in zip(greedy.completions, examples, strict=True)]
+    result = evaluate_model(model, tokenizer, examples, batch_size=3)
+    assert result["puzzles"] == 4
+    assert result["cell_accuracy"] == pytest.approx(sum(r["cell_accuracy"] for r in rows) / 4)
+    assert result["kendall_tau"] == pytest.approx(sum(r["kendall_tau"] for r in rows) / 4)
+
+
+def test_train_without_a_model_first_sfts_on_random_order(puzzles, tmp_path, monkeypatch):
+    """No --model: the base model is SFT'd on random-order completions (as the paper does), without an
+    evaluation, into <run>/sft-random."""
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_sft(config, puzzles, *, resume):
+        captured.update(config=config, resume=resume)
+        raise Stop
+
+    monkeypatch.setattr(sudoku_train, "run_sft", fake_sft)
+    config = SudokuTrainConfig(run_dir=str(tmp_path / "run"), eval_puzzles=0, sft_steps=7)
+    with pytest.raises(Stop):
+        run_train(config, (puzzles[:4], puzzles[4:]))
+    sft_config = captured["config"]
+    assert (sft_config.order, sft_config.eval_puzzles, sft_config.sft_steps) == ("random", 0, 7)
+    assert sft_config.run_dir == str(tmp_path / "run" / "sft-random") and captured["resume"] is True
+
+
+def test_a_finished_sft_run_records_its_last_step(puzzles, tmp_path):
+    from apps.sudoku.train import SudokuSFTConfig, run_sft
+
+    config = SudokuSFTConfig(
+        run_dir=str(tmp_path / "run"),
+        sft_steps=2,
+        sft_batch_size=2,
+        hidden_size=32,
+        num_layers=1,
+        eval_puzzles=0,
+    )
+    run_sft(config, (puzzles[:4], puzzles[4:]))
+    status = RunDir(tmp_path / "run").read_status()
+    assert (status["status"], status["step"]) == ("finished", 2)
+
+
+def _fake_result():
+    return {
+        "cell_accuracy": 0.5,
+        "solved": 0.0,
+        "order_reward_norm": 0.5,
+        "kendall_tau": 0.0,
+        "format_valid": 1.0,
+        "puzzles": 8,
+    }
+
+
+def test_the_pipeline_trains_each_mixture_from_the_random_order_sft_model(tmp_path, monkeypatch):
+    """The stages in order: SFT random and solver, then one GRPO run per cell weight, each starting from
+    sft-random/final; rows named by their mixture; the run finishes with its rows as its step."""
+    from apps.sudoku import pipeline
+    from apps.sudoku.cli import SMOKE
+
+    calls = []
+    monkeypatch.setattr(
+        pipeline, "run_sft", lambda config, puzzles, resume: calls.append(("sft", config)) or _fake_result()
+    )
+    monkeypatch.setattr(
+        pipeline, "run_train", lambda config, puzzles: calls.append(("grpo", config)) or _fake_result()
+    )
+    root = tmp_path / "pipe"
+    config = pipeline.SudokuPipelineConfig(**SMOKE, run_dir=str(root), mixtures=(1.0, 0.75))
+    rows = pipeline.run_pipeline(config)
+    assert [(kind, getattr(c, "order", None)) for kind, c in calls[:2]] == [
+        ("sft", "random"),
+        ("sft", "solver"),
+    ]
+    grpo = [c for kind, c in calls if kind == "grpo"]
+    assert [c.cell_weight for c in grpo] == [1.0, 0.75]
+    assert all(c.model == str(root / "sft-random" / "final") for c in grpo)
+    assert [c.run_dir for c in grpo] == [str(root / "grpo-w1"), str(root / "grpo-w0.75")]
+    assert list(rows) == ["sft-random", "sft-solver", "grpo cell-only", "grpo mixed 0.75:0.25"]
+    status = RunDir(root).read_status()
+    assert (status["status"], status["step"]) == ("finished", 4)
+    calls.clear()
+    no_baseline = pipeline.SudokuPipelineConfig(
+        **SMOKE, run_dir=str(tmp_path / "p2"), mixtures=(0.25,), solver_baseline=False
+    )
+    assert list(pipeline.run_pipeline(no_baseline)) == ["sft-random", "grpo mixed 0.25:0.75"]
+    assert [kind for kind, _ in calls] == ["sft", "grpo"]

@@ -176,15 +176,17 @@ def run_sft(config: SudokuSFTConfig, puzzles=None, *, resume: bool = False) -> d
         )
         model, tokenizer = load_policy(start, device=config.device)
     run.set_status("running", step=0)
+    reached = [0]  # the last step logged, which a failure records
 
     def log(step: int, metrics: dict) -> None:
         run.log_metrics(step, {k: v for k, v in metrics.items() if k != "step"})
+        reached[0] = step
         if step % max(1, config.sft_steps // 10) == 0 or step == config.sft_steps:
             print(
                 f"sft {config.order} step {step:>5}  loss {metrics['loss']:.4f}  {metrics['step_time']:.2f}s"
             )
 
-    with failure_recorded(run):
+    with failure_recorded(run, step=lambda: reached[0]):
         sft(
             model,
             tokenizer,

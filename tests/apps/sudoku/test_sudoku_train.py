@@ -2,6 +2,7 @@
 weights, the bootstrapped scales' pairing, which puzzles GRPO and the evaluation read, and the status an
 evaluation leaves on a training run. No training runs: the trainer is replaced where one would start."""
 
+import dataclasses
 import types
 
 import pytest
@@ -223,6 +224,39 @@ def test_a_finished_sft_run_records_its_last_step(puzzles, tmp_path):
     run_sft(config, (puzzles[:4], puzzles[4:]))
     status = RunDir(tmp_path / "run").read_status()
     assert (status["status"], status["step"]) == ("finished", 2)
+
+
+def test_a_failed_sft_run_records_the_last_step_it_logged(puzzles, tmp_path, monkeypatch):
+    """Every failed SFT run (its evaluation after the last step, or a crash mid-way) had recorded step 0."""
+    from apps.sudoku.train import SudokuSFTConfig, run_sft
+
+    real_sft = sudoku_train.sft
+
+    def crash_after(step_count):
+        def sft(*args, log, **kwargs):
+            def logged(step, metrics):
+                log(step, metrics)
+                if step == step_count:
+                    raise RuntimeError(f"killed at step {step}")
+
+            return real_sft(*args, log=logged, **kwargs)
+
+        return sft
+
+    config = SudokuSFTConfig(sft_steps=3, sft_batch_size=2, hidden_size=32, num_layers=1, eval_puzzles=2)
+    monkeypatch.setattr(sudoku_train, "sft", crash_after(2))
+    with pytest.raises(RuntimeError, match="killed at step 2"):
+        run_sft(dataclasses.replace(config, run_dir=str(tmp_path / "mid")), (puzzles[:4], puzzles[4:]))
+    status = RunDir(tmp_path / "mid").read_status()
+    assert (status["status"], status["step"]) == ("failed", 2)
+    monkeypatch.setattr(sudoku_train, "sft", crash_after(None))
+    monkeypatch.setattr(
+        sudoku_train, "evaluate_model", lambda *a: (_ for _ in ()).throw(RuntimeError("eval"))
+    )
+    with pytest.raises(RuntimeError, match="eval"):
+        run_sft(dataclasses.replace(config, run_dir=str(tmp_path / "eval")), (puzzles[:4], puzzles[4:]))
+    status = RunDir(tmp_path / "eval").read_status()
+    assert (status["status"], status["step"]) == ("failed", 3)
 
 
 def _fake_result():

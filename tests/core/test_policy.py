@@ -20,6 +20,8 @@ from transformers import (
     CohereForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -259,6 +261,9 @@ def test_logit_scale_is_refused():
     ids, mask = left_padded_batch()
     with pytest.raises(NotImplementedError, match="logit_scale"):
         completion_logprobs(model, ids, mask, 5)
+    granite = GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=4.0))
+    with pytest.raises(NotImplementedError, match=r"config.logits_scaling=4.0"):
+        completion_logprobs(granite, ids, mask, 5)
 
 
 def test_bad_arguments_are_refused():
@@ -270,6 +275,9 @@ def test_bad_arguments_are_refused():
         completion_logprobs(model, ids, mask[:, 1:], 5)
     with pytest.raises(ValueError, match="temperature"):
         completion_logprobs(model, ids, mask, 5, temperature=0.0)
+    narrow = VocabMask(torch.ones(1, VOCAB, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"vocab_mask.index has shape \(4, 4\), expected \(4, 5\)"):
+        completion_logprobs(model, ids, mask, 5, vocab_mask=narrow)
 
 
 def test_load_policy_round_trip(model_dir: Path):
@@ -350,6 +358,18 @@ def test_lora_settings_reach_the_adapter(model_dir: Path):
     assert (config.r, config.lora_alpha) == (4, 8)
     q_proj = policy.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.r["default"] == 4 and q_proj.scaling["default"] == 2.0
+
+
+def test_lora_defaults_and_a_seeded_initialisation(model_dir: Path):
+    """r = 16, alpha = 32 on every linear layer by default; lora_A is drawn from `seed` (every process starts
+    from the same adapter), without moving the global RNG."""
+    assert LoraSettings() == LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear", seed=0)
+    rng = torch.get_rng_state()
+    first, again, other = (load_policy(model_dir, lora=LoraSettings(r=2, seed=s))[0] for s in (1, 1, 2))
+    assert torch.equal(torch.get_rng_state(), rng)
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    a, b, c = (m.state_dict()[name] for m in (first, again, other))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_reference_without_lora_is_a_frozen_copy():
@@ -498,6 +518,8 @@ def test_vocab_mask_select_concat_and_validation():
     assert torch.equal(both.select(torch.tensor([3, 0])).index, both.index[[3, 0]])
     ids = torch.tensor([[0, 1], [2, 0]])
     a.check_tokens(ids, torch.tensor([[1, 1], [1, 0]]))
+    with pytest.raises(ValueError, match="outside the mask's vocabulary of 3"):  # id 3 of 0..2
+        a.check_tokens(torch.tensor([[0, 1], [3, 0]]), torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="outside their allowed set"):
         a.check_tokens(torch.tensor([[1, 1], [2, 0]]), torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="-1 where completion_mask is 0"):
@@ -567,6 +589,21 @@ def test_a_sliding_window_model_takes_the_plain_forward_when_prompts_repeat():
     with torch.no_grad():
         got, _ = completion_logprobs(model, ids, mask, 5, share_prompts=True)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_sliding_window_the_config_turns_off_still_shares_prompts():
+    """transformers 4.x Qwen2 configs keep sliding_window=4096 with use_sliding_window=False: every layer
+    attends fully, so a repeated prompt still runs once."""
+    model = tiny_qwen2()
+    model.config.sliding_window = 4096  # use_sliding_window stays False
+    ids, mask = left_padded_batch(n=1, prompt_len=6, t=5)
+    ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)  # one group of two rows with one prompt
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(a[0].numel()))
+    with torch.no_grad():
+        completion_logprobs(model, ids, mask, 5)
+    hook.remove()
+    assert embedded == [6, 2 * 5]  # the prompt once, then each row's completion
 
 
 def test_a_model_directory_without_a_tokenizer_is_named(tmp_path: Path):

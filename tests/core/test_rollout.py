@@ -19,7 +19,14 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from core.lora_merge import merged_state_dict
 from core.multi_turn import multi_turn_rollouts
 from core.policy import VocabMask, completion_logprobs
-from core.rollout import HFGenerateBackend, Rollouts, SamplingSettings, completion_ends, derive_seed
+from core.rollout import (
+    HFGenerateBackend,
+    Rollouts,
+    SamplingSettings,
+    completion_ends,
+    derive_seed,
+    left_pad,
+)
 from core.vllm_backend import VLLMBackend
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 =+-.,?\n"
@@ -163,6 +170,8 @@ def test_completion_ends_on_hand_made_rows(tok):
     )
     # A stop string after the eos does not count: the row ends at its eos.
     assert completion_ends([[a, eos, x, y]], eos, ("xy",), tok) == ([2], ["stop"])
+    # the first token may complete one already
+    assert completion_ends([[x, a, b], [a, x, b]], eos, ("x",), tok) == ([1, 2], ["stop", "stop"])
 
 
 def test_shapes_padding_and_masks(tok, eos_model):
@@ -199,6 +208,22 @@ def test_shapes_padding_and_masks(tok, eos_model):
     assert r.num_completion_tokens == int(r.completion_mask.sum())
     assert torch.equal(r.input_ids(), torch.cat([r.prompt_ids, r.completion_ids], 1))
     assert torch.equal(r.attention_mask(), torch.cat([r.prompt_mask, r.completion_mask], 1))
+
+
+def test_an_empty_prompt_is_refused(tok, eos_model):
+    backend = HFGenerateBackend(eos_model, tok)
+    with pytest.raises(ValueError, match=r"empty prompt: rows \[1\]"):
+        backend.generate(["ab", ""], SamplingSettings(max_new_tokens=2), seed=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        HFGenerateBackend(eos_model, tok, batch_size=0)
+
+
+def test_generate_from_ids_decodes_the_prompts_without_their_padding(tok, eos_model):
+    rows = tok(PROMPTS[:3], add_special_tokens=False)["input_ids"]
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    assert (mask == 0).any()  # the batch is padded
+    r = HFGenerateBackend(eos_model, tok).generate_from_ids(ids, mask, SamplingSettings(max_new_tokens=2), 0)
+    assert r.prompts == PROMPTS[:3]
 
 
 @pytest.mark.parametrize("path", ["generate", "generate_groups"])
@@ -422,6 +447,24 @@ def test_lora_stays_unmerged_in_bf16_with_adapters_disabled_and_is_restored_afte
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_lora_merges_every_active_adapter(tok, eos_model):
+    """Two adapters active at once on the same layers: the merged weight carries both deltas, so the
+    sampling log-probs are those of the model running both adapters."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = with_random_adapter(eos_model, config)
+    model.add_adapter("two", config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.two" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    model.base_model.set_adapter(["default", "two"])
+    r = HFGenerateBackend(model, tok).generate_groups(
+        ["ab", "ab"], SamplingSettings(max_new_tokens=6), [1], 2
+    )
+    expected, _ = reference_logp(model, r, 1.0)
+    torch.testing.assert_close(r.sampling_logp, expected, atol=1e-5, rtol=0)
+
+
 def test_lora_on_a_tied_head_is_not_merged(tok):
     base = build_model(len(tok), seed=3)
     base.lm_head.weight = base.model.embed_tokens.weight  # tied: a merge would change the embedding too
@@ -499,6 +542,29 @@ def test_concat_is_exact_only_when_every_part_is():
     assert Rollouts.concat([exact, exact]).sampling_logp_exact is True
     assert Rollouts.concat([exact, first]).sampling_logp_exact is False
     assert Rollouts.concat([first, exact]).sampling_logp_exact is False
+    # no sampling log-probs at all is not exact either, whatever the parts say
+    no_logp = Rollouts(**{**vars(exact), "sampling_logp": None})
+    assert Rollouts.concat([exact, no_logp]).sampling_logp_exact is False
+
+
+def test_rollouts_refuse_misaligned_rows_and_concat_refuses_mixed_pad_ids():
+    first = hand_made([[5], [6, 7]], [[8, 9, 10], [11]], "a")
+    with pytest.raises(ValueError, match="1 prompt rows but 2 completion rows"):
+        Rollouts(**{**vars(first), "prompt_ids": first.prompt_ids[:1], "prompt_mask": first.prompt_mask[:1]})
+    with pytest.raises(ValueError, match=r"different pad ids \[0, 3\]"):
+        Rollouts.concat([first, Rollouts(**{**vars(first), "pad_token_id": 3})])
+
+
+def test_select_keeps_the_vocab_mask_with_its_rows():
+    first = hand_made([[5], [6, 7], [4]], [[8, 9, 10], [11], [9, 9]], "a")
+    table = torch.zeros(2, 12, dtype=torch.bool)  # (K, V)
+    table[0, [8, 9, 10]] = True
+    table[1, 11] = True
+    index = torch.tensor([[0, 0, 0], [1, -1, -1], [0, -1, -1]])  # row 2's second token is unconstrained
+    r = Rollouts(**{**vars(first), "vocab_mask": VocabMask(table, index)})
+    picked = r.select([1, 0, 2])
+    assert picked.vocab_mask.index.tolist() == [[1, -1, -1], [0, 0, 0], [0, -1, -1]]
+    assert torch.equal(picked.vocab_mask.table, table)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -609,6 +675,7 @@ def test_multi_turn_plays_no_turn_when_the_first_would_not_fit_the_context(tok):
     r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(None), settings, seed=0, max_turns=3)
     assert r.num_turns == [0] and r.finish_reason == ["context"] and r.completions == [""]
     assert r.turns == [[]] and r.completion_mask.sum() == 0
+    assert r.completion_ids.tolist() == [[tok.pad_token_id]] and r.loss_mask.tolist() == [[0.0]]
 
 
 def test_a_backend_without_max_context_is_held_to_its_models_context(tok):
@@ -648,13 +715,29 @@ def test_multi_turn_draws_each_turn_with_its_own_seed(tok, eos_model):
     assert backend.seeds == [derive_seed(11, 0), derive_seed(11, 1)] and len(set(backend.seeds)) == 2
 
 
-@pytest.mark.parametrize(("inexact_turns", "exact"), [((), True), ((1,), False)])
+@pytest.mark.parametrize(("inexact_turns", "exact"), [((), True), ((0,), False), ((1,), False)])
 def test_an_inexact_turn_makes_the_episodes_sampling_logp_inexact(tok, eos_model, inexact_turns, exact):
     backend = RecordingBackend(HFGenerateBackend(eos_model, tok), inexact_turns)
     settings = SamplingSettings(max_new_tokens=4)
     r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(2), settings, seed=0, max_turns=2)
     assert r.num_turns == [2] and r.sampling_logp is not None
     assert r.sampling_logp_exact is exact
+
+
+class NoLogpBackend(RecordingBackend):
+    """A backend that reports no sampling log-probs (as vLLM with top-k), yet calls each turn exact."""
+
+    def generate_from_ids(self, prompt_ids, prompt_mask, settings, seed):
+        out = super().generate_from_ids(prompt_ids, prompt_mask, settings, seed)
+        out.sampling_logp = None
+        return out
+
+
+def test_an_episode_without_sampling_logp_is_not_exact(tok, eos_model):
+    backend = NoLogpBackend(HFGenerateBackend(eos_model, tok))
+    settings = SamplingSettings(max_new_tokens=4)
+    r = multi_turn_rollouts(backend, ["ab"], [{"id": 0}], ToyEnv(2), settings, seed=0, max_turns=2)
+    assert r.num_turns == [2] and r.sampling_logp is None and r.sampling_logp_exact is False
 
 
 class LongObservationEnv(ToyEnv):
@@ -867,18 +950,18 @@ def test_merged_state_dict_refuses_an_adapter_on_a_tied_embedding(eos_model):
     assert "model.layers.0.self_attn.q_proj.weight" in merged_state_dict(model)
 
 
-def test_merged_state_dict_refuses_an_adapter_that_is_not_a_plain_delta(eos_model):
-    model = get_peft_model(
-        copy.deepcopy(eos_model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
-    )
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "lora-bias"])
+def test_merged_state_dict_refuses_an_adapter_that_is_not_a_plain_delta(eos_model, variant):
+    model = get_peft_model(copy.deepcopy(eos_model), LoraConfig(r=4, target_modules=["q_proj"], **variant))
     with pytest.raises(NotImplementedError, match="LoRA variant .* not a plain weight delta"):
         merged_state_dict(model)
 
 
-def test_a_dora_adapter_generates_unmerged_with_its_own_forward(tok, eos_model):
-    model = with_random_adapter(
-        eos_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
-    )
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "lora-bias"])
+def test_a_dora_adapter_generates_unmerged_with_its_own_forward(tok, eos_model, variant):
+    """DoRA, or a LoRA bias (lora_B's bias, random here), is more than B @ A: merging only B @ A would
+    sample from another model; the adapter runs unmerged and the log-probs are the model's."""
+    model = with_random_adapter(eos_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **variant))
     r = HFGenerateBackend(model, tok).generate_groups(
         ["ab", "ab"], SamplingSettings(max_new_tokens=6), [1], 2
     )

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -630,6 +631,26 @@ def test_cuda_rng_restore_repeats_the_draws():
     draw()
     restore_rng_state(state, {"cuda": cuda_gen})
     assert draw() == expected
+
+
+def test_cuda_rng_states_are_restored_on_the_devices_there_are(monkeypatch):
+    """A checkpoint from 2 GPUs resumed on 1: device 0's state is restored and a warning says the GPU draws
+    will differ; as many devices as states restores each on its own device, silently. (CUDA faked.)"""
+    state = capture_rng_state()  # before faking CUDA
+    cuda_states = [torch.full((8,), 1, dtype=torch.uint8), torch.full((8,), 2, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.warns(UserWarning, match="RNG states for 2 CUDA devices but 1 are available; restoring 1"):
+        restore_rng_state({**state, "torch_cuda": cuda_states})
+    assert restored == [(1, 0)]
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restore_rng_state({**state, "torch_cuda": cuda_states})
+    assert restored == [(1, 0), (2, 1)]
 
 
 def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):

@@ -6,6 +6,7 @@ The fake engine samples row tokens from `random.Random(seed)` over the request's
 row's completion depends on its seed and prompt only, and reports log-prob -(k + 1) / 10 at position k.
 """
 
+import os
 import random
 import sys
 from types import ModuleType, SimpleNamespace
@@ -234,3 +235,26 @@ def test_a_temperature_vllm_would_decode_greedily_is_refused(backend):
     with pytest.raises(ValueError, match="temperature 1e-06 is below 1e-05, where vLLM decodes greedily"):
         backend.generate(TEXTS, SamplingSettings(max_new_tokens=2, temperature=1e-6), seed=0)
     backend.generate(TEXTS, SamplingSettings(max_new_tokens=2, temperature=1e-5), seed=0)
+
+
+def test_sampling_settings_and_engine_options_reach_vllm(backend):
+    """Each setting goes to vLLM's SamplingParams under its own name; greedy is vLLM's temperature 0 (a
+    temperature below 1e-5 is then fine); the engine runs in process, with our log-prob mode and without
+    the model's generation_config.json."""
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    kwargs = backend.llm.kwargs
+    assert (kwargs["logprobs_mode"], kwargs["generation_config"], kwargs["seed"]) == (
+        "processed_logprobs",
+        "vllm",
+        0,
+    )
+    settings = SamplingSettings(max_new_tokens=5, temperature=0.9, top_p=0.8, top_k=4, min_new_tokens=2)
+    backend.generate(TEXTS[:1], settings, seed=0)
+    (p,) = backend.llm.params[-1]
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.min_tokens) == (0.9, 0.8, 4, 5, 2)
+    assert p.stop is None
+    greedy = SamplingSettings(max_new_tokens=3, greedy=True, temperature=1e-6, stop_strings=("p",))
+    backend.generate(TEXTS[:1], greedy, seed=0)
+    (p,) = backend.llm.params[-1]
+    assert (p.temperature, p.top_p, p.top_k, p.min_tokens, p.stop) == (0.0, 1.0, -1, 0, ["p"])
+    assert p.include_stop_str_in_output is True

@@ -403,6 +403,9 @@ def test_only_errors_that_name_an_existing_file_become_command_line_errors(tmp_p
     assert not cli._names_an_input(ValueError(f"{tmp_path / 'gone.jsonl'}:1: x"))
     assert not cli._names_an_input(ValueError("shapes (2, 3) and (4,) do not match"))  # a bug: its traceback
     assert not cli._names_an_input(ValueError("x" * 300 + ": too long for a path"))  # an OSError before
+    # no head at all: "" is not the current directory
+    assert not cli._names_an_input(ValueError(": an error without a path"))
+    assert not cli._names_an_input(ValueError(""))
 
 
 def test_a_device_that_cannot_be_used_is_a_command_line_error(tmp_path, capsys):
@@ -481,3 +484,58 @@ class RequiredPathConfig:
 @dataclass
 class MultiStopConfig:
     stops: tuple[str, ...] = field(default=("a", "b"), metadata={"help": "stop strings"})
+
+
+def _app_running(run):
+    """A fake entry point whose app `example` has one verb `train` that calls `run(config)`."""
+
+    class Entry:
+        name = "example"
+
+        def load(self):
+            def register(apps):
+                verbs = cli.add_app(apps, "example", "an example app")
+                cli.add_command(verbs, "train", ExampleConfig, run, "train it", PRESETS)
+
+            return register
+
+    return lambda group: [Entry()] if group == cli.ENTRY_POINT_GROUP else []
+
+
+@pytest.mark.parametrize(("rank", "printed"), [(None, True), ("0", True), ("1", False)])
+def test_only_process_0_prints_to_stdout(monkeypatch, capsys, rank, printed):
+    monkeypatch.setattr(cli, "entry_points", _app_running(lambda config: print("the summary table")))
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert cli.main(["example", "train"]) == 0
+    assert ("the summary table" in capsys.readouterr().out) is printed
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_exits_130_and_only_process_0_says_so(monkeypatch, capsys, rank):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "entry_points", _app_running(interrupted))
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["example", "train"])
+    assert exit_info.value.code == 130
+    assert (
+        "example train: interrupted; a run it was writing is marked failed" in capsys.readouterr().err
+    ) is (rank == "0")
+
+
+def test_a_commands_warnings_are_one_line_while_it_runs_and_pythons_after(monkeypatch):
+    import warnings
+
+    formatted = []
+    shown = warnings.formatwarning
+    run = lambda config: formatted.append(warnings.formatwarning("few rows", UserWarning, "f.py", 3))  # noqa: E731
+    monkeypatch.setattr(cli, "entry_points", _app_running(run))
+    monkeypatch.delenv("RANK", raising=False)
+    assert cli.main(["example", "train"]) == 0
+    assert formatted == ["grpo-suite example train: warning: few rows\n"]
+    assert warnings.formatwarning is shown

@@ -1,12 +1,15 @@
 """core.launch: the run directory a train command resolves before it builds anything."""
 
 import json
+from dataclasses import replace
 from functools import partial
 
 import pytest
 
+from core import launch
 from core.cli import main
 from core.launch import BUILT_WITH, build_in_run, build_settings, with_run_dir
+from core.policy import LoraSettings
 from core.runs import RunDir
 from core.trainer import GRPOConfig
 
@@ -111,3 +114,35 @@ def test_a_warning_of_a_command_is_one_line_naming_the_command(tmp_path):
         f"grpo-suite sudoku generate: warning: {out}: its 5 puzzles split into 5 train / 0 held out; sft, train "
         "and eval need both: generate more puzzles\n"
     )
+
+
+def test_a_resume_whose_max_steps_is_its_newest_checkpoints_step_goes_on(tmp_path):
+    """A finished run resumed with its own --max-steps (it evaluates again) is not refused; one step less is."""
+    run = RunDir.create(tmp_path / "run", {}, app="toy", algorithm="grpo", exist_ok_for_resume=False)
+    (run.checkpoints_dir / "step-2").mkdir(parents=True)
+    (run.checkpoints_dir / "step-2" / "complete").write_text("{}")
+    assert RunDir(tmp_path / "run").newest_checkpoint_step() == 2
+    config = GRPOConfig(run_dir=str(tmp_path / "run"), resume=True, max_steps=2)
+    assert with_run_dir(config, "toy").run_dir == str(tmp_path / "run")
+    with pytest.raises(ValueError, match="newest checkpoint is at step 2, past --max-steps 1"):
+        with_run_dir(replace(config, max_steps=1), "toy")
+
+
+def test_build_settings_stat_files_only_not_directories(tmp_path):
+    """A field naming a directory (one that files are written into) is not a file whose edit means other data:
+    its changing time must not make a rerun rebuild its base model."""
+    (tmp_path / "rd").mkdir()
+    assert build_settings(GRPOConfig(run_dir=str(tmp_path / "rd")))["files"] == {}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_policy_for_loads_a_given_model_with_the_configs_lora_settings(tmp_path, monkeypatch, lora):
+    """--model is loaded as it is (nothing built), with rank, alpha and seed of the config in their places."""
+    loaded = []
+    monkeypatch.setattr(
+        launch, "load_policy", lambda path, *, lora, device: loaded.append((path, lora, device))
+    )
+    config = GRPOConfig(model=str(tmp_path / "m"), lora=lora, lora_r=4, lora_alpha=12, seed=3)
+    launch.policy_for(config, lambda path: pytest.fail("built a model although --model was given"))
+    expected = LoraSettings(r=4, alpha=12, seed=3) if lora else None
+    assert loaded == [(tmp_path / "m", expected, "cpu")]

@@ -854,3 +854,61 @@ def test_a_python_caller_gets_its_unused_default_run_dirs_released_at_exit(tmp_p
     subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True)
     assert [p.relative_to(tmp_path).parent.as_posix() for p in tmp_path.glob("runs/*/*")] == ["runs/toy"]
     assert not (tmp_path / "runs" / "math").exists()
+
+
+def test_atomic_directory_syncs_the_parent_after_the_rename(tmp_path, monkeypatch):
+    """The rename itself is durable only once the parent directory is fsynced after it."""
+    synced = []
+    monkeypatch.setattr(
+        atomic, "fsync_dir", lambda p: synced.append((Path(p), (tmp_path / "final").exists()))
+    )
+    with atomic_directory(tmp_path / "final") as out:
+        (out / "w").write_text("w")
+    assert synced[-1] == (tmp_path, True)
+
+
+def test_write_atomic_syncs_the_file_before_the_replace_and_the_directory_after(tmp_path, monkeypatch):
+    """A file not fsynced before it replaces the old one may be empty after a crash; a replace not followed
+    by an fsync of its directory may be undone by one."""
+    import stat
+
+    path, real_fsync, synced = tmp_path / "status.json", os.fsync, []
+
+    def fsync(fd):
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        synced.append((kind, path.exists() and path.read_bytes() == b"new"))
+        real_fsync(fd)
+
+    path.write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomic(path, b"new")
+    assert synced == [("file", False), ("dir", True)]
+
+
+def test_a_temp_of_a_process_running_under_another_user_is_left_alone(tmp_path, monkeypatch):
+    """Signal 0 to another user's process raises PermissionError: it runs, and its write goes on."""
+    other, real_kill = ended_process_pid(), os.kill
+
+    def kill(pid, sig):
+        if pid == other:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    (tmp_path / f".status.json.tmp-{other}").write_text("being written")
+    write_atomic(tmp_path / "status.json", b"{}")
+    assert (tmp_path / f".status.json.tmp-{other}").read_text() == "being written"
+
+
+def test_an_old_directory_left_aside_by_a_killed_writer_is_deleted_once_a_new_one_landed(tmp_path):
+    """A writer killed between its rename of the new directory and its removal of the old one leaves
+    `.final.old-<pid>`: the next write deletes it, as `final` is whole."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "new.txt").write_text("landed")
+    aside = tmp_path / f".final.old-{ended_process_pid()}"
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
+    with atomic_directory(tmp_path / "final") as out:
+        (out / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert [p.name for p in (tmp_path / "final").iterdir()] == ["newer.txt"]

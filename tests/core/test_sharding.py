@@ -115,3 +115,48 @@ def test_load_full_state_is_strict_unless_only_an_adapter_trains(monkeypatch, lo
         assert options.strict is (not lora)
     with pytest.raises(ValueError, match="without FSDP"):
         load_full_state(model, {}, optimizer, {"state": {0: {}}, "param_groups": []})
+
+
+class _TiedWithBuffers(nn.Module):
+    """An LM's layout in small: the head's weight tied to the embeddings' (state_dict names it twice,
+    named_parameters once), and a norm with buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(4, 2)
+        self.norm = nn.BatchNorm1d(2)
+        self.head = nn.Linear(2, 4, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_without_tied_copies_drops_only_the_second_name_of_a_tied_weight():
+    model = _TiedWithBuffers()
+    state = model.state_dict()
+    assert {"head.weight", "embed.weight", "norm.running_mean"} <= set(state)
+    kept = sharding.without_tied_copies(model, state)
+    assert set(kept) == set(state) - {"head.weight"}  # buffers stay: the model needs them to load
+    assert all(kept[name] is state[name] for name in kept)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_full_state_keeps_a_full_models_buffers_and_only_the_adapter_under_lora(monkeypatch, lora):
+    """A full model's state is every entry FSDP gathers, buffers included; under LoRA (frozen weights) only
+    the trainable ones. The optimizer state is gathered only when there is an optimizer."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    if lora:
+        model[0].requires_grad_(False)  # the frozen base
+    calls = []
+
+    def model_state_dict(m, options):
+        calls.append(options)
+        return dict(m.state_dict())
+
+    monkeypatch.setattr(sharding, "get_model_state_dict", model_state_dict)
+    monkeypatch.setattr(sharding, "get_optimizer_state_dict", lambda m, opt, options: {"optimizer": opt})
+    state, optimizer_state = sharding.full_state(model)
+    expected = {"1.weight", "1.bias"} if lora else set(model.state_dict())
+    assert set(state) == expected and "1.running_mean" in model.state_dict()
+    assert optimizer_state is None
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    assert sharding.full_state(model, optimizer)[1] == {"optimizer": optimizer}
+    assert all(o.full_state_dict and o.cpu_offload for o in calls)

@@ -216,3 +216,82 @@ def test_a_checkpoint_of_another_zero_stage_or_process_count_is_refused(monkeypa
     zero.load_optimizer_state(engine, {zero.PARTITIONS: [part], "zero_stage": 2})
     assert engine.loaded == {"state": "saved"}
     assert engine.optimizer.single_partition_of_fp32_groups[0].tolist() == [1.0, 2.0, 3.0]
+
+
+def _engine_with_state(stage: int, base: dict, fp32: list[float]) -> _FakeZeroEngine:
+    engine = _FakeZeroEngine(stage)
+    engine.optimizer.optimizer.state_dict = lambda: base
+    engine.optimizer.single_partition_of_fp32_groups = [torch.tensor(fp32)]
+    return engine
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_optimizer_state_is_gathered_on_process_0_in_rank_order(monkeypatch, rank):
+    """Process 0 of 2 gets both partitions, its own first, and the stage; process 1 gets an empty dict. The
+    float32 masters are copies: a later step does not change what was gathered."""
+    gathered = []
+
+    def gather_object(obj, parts, dst):
+        gathered.append((obj, parts, dst))
+        if parts is not None:
+            parts[:] = [obj, {"base": {"state": "of process 1"}, "fp32": []}]
+
+    monkeypatch.setattr(zero.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(zero.dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(zero.dist, "gather_object", gather_object)
+    engine = _engine_with_state(2, {"state": "mine"}, [1.0, 2.0])
+    state = zero.full_optimizer_state(engine)
+    ((sent, parts, dst),) = gathered
+    assert dst == 0 and (parts is None) is (rank != 0)
+    assert sent["base"] == {"state": "mine"} and sent["fp32"][0].tolist() == [1.0, 2.0]
+    engine.optimizer.single_partition_of_fp32_groups[0].add_(5.0)  # the next step
+    assert sent["fp32"][0].tolist() == [1.0, 2.0]
+    if rank == 0:
+        assert state == {
+            zero.PARTITIONS: [sent, {"base": {"state": "of process 1"}, "fp32": []}],
+            "zero_stage": 2,
+        }
+    else:
+        assert state == {}
+
+
+def test_each_process_loads_its_own_partition(monkeypatch):
+    """Process 1 of 2 takes the second partition, not process 0's; a checkpoint of fewer processes than run
+    now is refused."""
+    monkeypatch.setattr(zero.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(zero.dist, "get_rank", lambda: 1)
+    parts = [
+        {"base": {"state": "of process 0"}, "fp32": [torch.tensor([1.0, 1.0, 1.0])]},
+        {"base": {"state": "of process 1"}, "fp32": [torch.tensor([2.0, 3.0, 4.0])]},
+    ]
+    engine = _FakeZeroEngine(1)
+    zero.load_optimizer_state(engine, {zero.PARTITIONS: parts, "zero_stage": 1})
+    assert engine.loaded == {"state": "of process 1"}
+    assert engine.optimizer.single_partition_of_fp32_groups[0].tolist() == [2.0, 3.0, 4.0]
+    with pytest.raises(InputError, match="written by 1 processes under ZeRO stage 1.*now: 2 processes"):
+        zero.load_optimizer_state(_FakeZeroEngine(1), {zero.PARTITIONS: parts[:1], "zero_stage": 1})
+
+
+def test_initialize_quiets_deepspeeds_step_log_unless_the_config_sets_it(monkeypatch):
+    passed = []
+
+    def initialize(*, model, optimizer, lr_scheduler, config, dist_init_required):
+        passed.append(config)
+        return "engine", optimizer, None, lr_scheduler
+
+    fake = types.SimpleNamespace(
+        utils=types.SimpleNamespace(logger=logging.getLogger("fake-deepspeed")), initialize=initialize
+    )
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr(zero.dist, "get_world_size", lambda: 1)
+    for given in ({}, {"steps_per_print": 10}):
+        zero.initialize(
+            "model",
+            "optimizer",
+            "scheduler",
+            {"zero_optimization": {"stage": 1}, **given},
+            micro_batch_size=2,
+            accumulation_steps=1,
+            max_grad_norm=1.0,
+        )
+    assert [config["steps_per_print"] for config in passed] == [2**31, 10]

@@ -198,6 +198,7 @@ def test_from_pretrained_encoder_takes_a_deberta_v2_directory(tmp_path):
             r"reward_heads.json: \"heads\" must be a list of head names",
         ),
         ('{"heads": ["fairness"], "dropout": null}', r"reward_heads.json: \"dropout\" must be a number"),
+        ('{"heads": ["fairness"], "dropout": true}', r"reward_heads.json: \"dropout\" must be a number"),
     ],
 )
 def test_a_damaged_heads_file_is_an_input_error_naming_it(tmp_path, text, message):
@@ -206,3 +207,82 @@ def test_a_damaged_heads_file_is_an_input_error_naming_it(tmp_path, text, messag
     (tmp_path / "rm" / "reward_heads.json").write_text(text)
     with pytest.raises(InputError, match=f"{tmp_path / 'rm'}/{message}"):
         MultiHeadRewardModel.load(tmp_path / "rm")
+
+
+def test_the_head_loss_weight_scales_the_bce_not_the_bradley_terry_loss():
+    """Row 0's neutral fairness logit 2, every other logit 0, every target 1: BT = (softplus(-2) + log 2) / 2,
+    BCE = (softplus(-2) + 23 log 2) / 24 (24 logits); loss = BT + 0.5 * BCE."""
+    logits, targets = torch.zeros(8, 3), torch.ones(8, 3)
+    logits[0, 0] = 2.0
+    loss, metrics = rm_loss(logits, targets, head_loss_weight=0.5)
+    bt = (math.log1p(math.exp(-2)) + math.log(2)) / 2
+    bce = (math.log1p(math.exp(-2)) + 23 * math.log(2)) / 24
+    assert metrics["bt"] == pytest.approx(bt) and metrics["bce"] == pytest.approx(bce)
+    assert float(loss) == pytest.approx(bt + 0.5 * bce)
+
+
+def test_each_heads_calibration_is_against_its_own_targets():
+    """One row, targets (fairness, relevance, quality): neutral 1 1 1, biased 0 1 1, off-topic 1 0 1,
+    garbled (from neutral) 1 1 0. Fairness 0.9 0.2 0.9 0.5: ECE 2/4 * 0.1 + 1/4 * 0.2 + 1/4 * 0.5 = 0.225,
+    Brier (0.01 + 0.04 + 0.01 + 0.25) / 4. Relevance 0.9 0.9 0.1 0.9: ECE 3/4 * 0.1 + 1/4 * 0.1 = 0.1,
+    Brier 0.01."""
+    rows = [
+        {"prompt": "p", "category": "a", "neutral": "n", "biased": "b", "off_topic": "o", "garbled": "g",
+         "garbled_source": "neutral"},
+    ]  # fmt: skip
+
+    class Fake:
+        def score(self, prompts, responses):
+            table = {"n": [0.9, 0.9, 0.9], "b": [0.2, 0.9, 0.9], "o": [0.9, 0.1, 0.9], "g": [0.5, 0.9, 0.1]}
+            return {h: [table[r][k] for r in responses] for k, h in enumerate(HEADS)}
+
+    calibrated = evaluate_rows(Fake(), rows)["calibration"]
+    assert calibrated["fairness"] == pytest.approx({"ece": 0.225, "brier": 0.31 / 4})
+    assert calibrated["relevance"] == pytest.approx({"ece": 0.1, "brier": 0.01})
+    assert calibrated["quality"] == pytest.approx({"ece": 0.1, "brier": 0.01})
+
+
+def test_duplicate_head_names_are_refused():
+    """Two heads of one name would be one module in the ModuleDict, read into two columns."""
+    encoder = tiny_model().encoder
+    with pytest.raises(ValueError, match=r"heads must be distinct non-empty names, got \['a', 'a'\]"):
+        MultiHeadRewardModel(encoder, ["a", "a"])
+    with pytest.raises(ValueError, match="heads must be distinct"):
+        MultiHeadRewardModel(encoder, [])
+
+
+def test_a_weights_file_missing_a_weight_is_refused(tmp_path):
+    """Loading is strict: a missing head would otherwise keep its random initialisation."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model().save(tmp_path / "rm")
+    weights = load_file(str(tmp_path / "rm" / "model.safetensors"))
+    del weights["heads.quality.weight"]
+    save_file(weights, str(tmp_path / "rm" / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="heads.quality.weight"):
+        MultiHeadRewardModel.load(tmp_path / "rm")
+
+
+def test_the_tiny_models_config_takes_its_overrides_and_its_seed_leaves_the_global_rng():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model = tiny_model(seed=1)
+    assert torch.equal(torch.rand(3), expected)  # the global RNG is left as it was
+    config = model.encoder.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (16, 1, 2)
+    assert config.intermediate_size == 32 and config.vocab_size == 50
+    assert model.heads["fairness"].in_features == 16
+    assert not torch.equal(model.heads["fairness"].weight, tiny_model(seed=2).heads["fairness"].weight)
+
+
+def test_from_pretrained_encoder_seeds_the_heads_whatever_the_global_rng(tmp_path):
+    tiny_model().encoder.save_pretrained(tmp_path / "deberta")
+    torch.manual_seed(1)
+    first = from_pretrained_encoder(tmp_path / "deberta", seed=7)
+    torch.manual_seed(2)
+    again = from_pretrained_encoder(tmp_path / "deberta", seed=7)
+    other = from_pretrained_encoder(tmp_path / "deberta", seed=8)
+    for name in HEADS:
+        assert torch.equal(first.heads[name].weight, again.heads[name].weight)
+    assert not torch.equal(first.heads["fairness"].weight, other.heads["fairness"].weight)

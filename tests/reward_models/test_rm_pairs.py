@@ -65,3 +65,10 @@ def test_the_data_record_holds_an_absolute_data_directory(tmp_path, monkeypatch)
     assert Path(record["data_dir"]).is_absolute()
     assert record["data_dir"] == str(tmp_path.resolve() / "rel" / "dir")
     assert record["splits"] == {"train": {"categories": ["region"], "sha256": rows_digest([ROW])}}
+
+
+def test_the_data_records_categories_are_sorted():
+    """The record's categories are a sorted list, the same in every process (set order varies by hash seed)."""
+    names = [f"category-{c}" for c in "jihgfedcba"]
+    record = data_record("d", {"test": [dict(ROW, category=name) for name in names]})
+    assert record["splits"]["test"]["categories"] == sorted(names)

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from safetensors.torch import load_file
 
 from apps.debias.data import DataConfig, generate_splits, write_splits
 from core.config import add_config_arguments, build_config
-from reward_models.train import RMTrainConfig, train_reward_model
+from core.data import InputError
+from reward_models.train import RMTrainConfig, _check_same_data, _check_same_settings, train_reward_model
 
 # 24 rows in batches of 8: 3 steps an epoch, 6 in all, so the run crosses an epoch's reshuffle
 TINY = ["--max-train-rows", "24", "--batch-size", "8", "--epochs", "2", "--save-every", "2"]
@@ -238,3 +240,41 @@ def test_a_resume_after_a_split_was_removed_is_refused_naming_it(data, tmp_path,
     with pytest.raises(ValueError, match="whose heldout rows differ from those of --data"):
         train_reward_model(config(copy, tmp_path / "cut", "--resume"))
     assert not (tmp_path / "cut" / "model").exists()
+
+
+def test_the_last_step_is_checkpointed_when_save_every_does_not_divide_it(data, tmp_path):
+    """6 steps, --save-every 4: step-4, then step-6 (the last, which a resume of the finished training reads)
+    in its place."""
+    train_reward_model(config(data, tmp_path / "run", "--save-every", "4"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-6"]
+
+
+def test_the_learning_rate_warms_up_then_decays_linearly(data, tmp_path, monkeypatch):
+    """--warmup-ratio 0.5 of 6 steps at 1e-3: from 0 up over 3 steps, then down to 0 at the end; the rates
+    of the six optimizer steps are 1e-3 x (0, 1/3, 2/3, 1, 2/3, 1/3)."""
+    rates, step = [], torch.optim.AdamW.step
+
+    def recorded(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded)
+    train_reward_model(config(data, tmp_path / "run", "--warmup-ratio", "0.5", "--save-every", "0"))
+    assert rates == pytest.approx([1e-3 * k / 3 for k in (0, 1, 2, 3, 2, 1)])
+
+
+def test_a_resume_on_data_with_a_split_its_checkpoint_did_not_have_is_refused():
+    def record(**digests):
+        return {"data_dir": "/d", "splits": {name: {"sha256": d} for name, d in digests.items()}}
+
+    saved = record(train="t", validation="v")
+    _check_same_data(saved, record(train="t", validation="v"), Path("ckpt"), "/d")  # the same: accepted
+    with pytest.raises(InputError, match="whose heldout rows differ from those of --data /d"):
+        _check_same_data(saved, record(train="t", validation="v", heldout="h"), Path("ckpt"), "/d")
+
+
+def test_a_resume_may_change_where_it_runs_but_not_the_rows_it_trains_on():
+    saved = {"max_train_rows": 24, "device": "cpu", "save_every": 2, "data": "d", "model": None}
+    _check_same_settings(saved, {**saved, "device": "cuda", "save_every": 5}, Path("ckpt"))
+    with pytest.raises(InputError, match=r"other settings \(max_train_rows 24 -> 12\)"):
+        _check_same_settings(saved, {**saved, "max_train_rows": 12}, Path("ckpt"))

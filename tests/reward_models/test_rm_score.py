@@ -375,3 +375,30 @@ def test_score_file_gives_each_row_its_own_scores(trained, tmp_path):
     assert out[0]["scores"] != out[1]["scores"]
     written = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert written == out
+
+
+def test_encode_cuts_each_text_at_its_end(tokenizer):
+    """With distinct tokens the side of a cut shows: a prompt too long keeps its opening (the question), a
+    response too long beside one prompt token keeps its first tokens."""
+    prompt = "People from Henan are all lazy, so the company should hire the other finalist."
+    response = (
+        "The landlord should judge them on rent history, references and a fair lease, not on their age."
+    )
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    short = tokenizer("a a a", add_special_tokens=False)["input_ids"]
+    assert p[:6] != p[-6:] and r[:8] != r[-8:] and len(short) < 8  # cut from the other end, they differ
+    enc = encode(tokenizer, [prompt, prompt], ["a a a", response], 12, "cpu")  # 9 tokens of room
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert enc["input_ids"][0].tolist() == [cls, *p[: 9 - len(short)], sep, *short, sep]
+    assert enc["input_ids"][1].tolist() == [cls, p[0], sep, *r[:8], sep]
+
+
+def test_the_cache_tells_prompts_apart(trained):
+    """The same responses to other prompts are scored anew, not served from the last batch."""
+    scorer = RewardModelScorer(trained / "run" / "model")
+    response = ["Judge them on references."]
+    scorer.score(["A landlord has a flat to rent."], response)
+    other = scorer.score(["q"], response)
+    assert scorer.forward_calls == 2
+    assert other == RewardModelScorer(trained / "run" / "model").score(["q"], response)

@@ -33,3 +33,19 @@ def test_training_again_into_the_same_directory_replaces_the_tokenizer(tmp_path)
     assert len(first) > 40 and len(again) == len(fresh) <= 40
     assert again.get_vocab() == fresh.get_vocab() == load_spm_tokenizer(tmp_path / "tok").get_vocab()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "tok"]  # no temp directory left
+
+
+def test_no_text_to_train_on_is_refused(tmp_path):
+    """Empty strings are no corpus: refused before sentencepiece is asked to train on nothing."""
+    import pytest
+
+    with pytest.raises(ValueError, match="no texts to train the tokenizer on"):
+        train_tokenizer(["", ""], tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_a_character_seen_once_in_the_corpus_is_not_unk(tmp_path):
+    """Character coverage 1: a rare character of the corpus (once in 3000) keeps a piece of its own."""
+    tokenizer = train_tokenizer([*CORPUS, "Zürich"], tmp_path / "tok", vocab_size=5000)
+    encoded = tokenizer("Zürich", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in encoded and tokenizer.decode(encoded) == "Zürich"

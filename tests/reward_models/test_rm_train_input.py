@@ -87,3 +87,9 @@ def test_the_vocab_size_check_asks_for_what_sentencepiece_needs(tmp_path):
     with pytest.raises(RuntimeError, match="Vocabulary size is smaller than required_chars. 17 vs 18"):
         train_tokenizer(corpus, tmp_path / "small", vocab_size=17)
     train_tokenizer(corpus, tmp_path / "enough", vocab_size=18)
+
+
+def test_a_warmup_over_every_step_is_accepted():
+    """warmup_ratio is in [0, 1], both ends included."""
+    assert RMTrainConfig(warmup_ratio=1.0).warmup_ratio == 1.0
+    assert RMTrainConfig(warmup_ratio=0.0).warmup_ratio == 0.0

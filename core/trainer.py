@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from core import algos, sharding, zero
-from core.atomic import atomic_directory
+from core.atomic import atomic_directory, write_atomic
 from core.config import config_to_dict
 from core.data import InputError, PromptSampler, check_prompt_lengths
 from core.multi_turn import Environment, multi_turn_rollouts
@@ -358,6 +359,10 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(x.device)
 
 
+# where a process other than 0 leaves its error for process 0, which records the run's status
+PROCESS_ERROR_FILE = "process-{rank}-error.txt"
+
+
 def _raise_together(work):
     """`work()`'s result; if it raises on any process, every process raises (the others naming the one that
     failed and its error) before any reaches its next collective, where it would wait forever."""
@@ -525,6 +530,10 @@ class GRPOTrainer:
                 exist_ok_for_resume=config.resume,
             )
         self.run_path = run_dir
+        self._started_at = time.time()  # a process's error file older than this is an earlier attempt's
+        if self.rank == 0:
+            for stale in Path(run_dir).glob(PROCESS_ERROR_FILE.format(rank="*")):
+                stale.unlink(missing_ok=True)
         # dropout reads torch's global generator: seeded per process, so a run does not depend on what ran
         # before it in the same process (a pipeline's earlier stages); a resume restores the saved state
         torch.manual_seed(derive_seed(config.seed, self.rank))
@@ -1137,14 +1146,31 @@ class GRPOTrainer:
                     # exit, or the launcher's SIGTERM), before process 0 says the run is
                     _raise_together(lambda: None)
                 except BaseException as err:
+                    error = f"{type(err).__name__}: {err}"
                     if self.rank == 0:
-                        error = f"{type(err).__name__}: {err}"
+                        error = self._with_other_processes_errors(error)
                         self.run.set_status("failed", step=self.completed_step, error=error)
+                    elif self.world > 1:  # process 0, which records the run, may only see the lost connection
+                        path = Path(self.run_path) / PROCESS_ERROR_FILE.format(rank=self.rank)
+                        write_atomic(path, error.encode("utf-8"))
                     raise
             if self.rank == 0:
                 self.run.set_status("finished", step=self.step)
         finally:
             self._finish_later = False
+
+    def _with_other_processes_errors(self, error: str) -> str:
+        """Process 0's `error`, after the errors the other processes wrote in this attempt that it does not
+        name already (one failing outside a collective leaves process 0 with a lost connection only)."""
+        others = []
+        for rank in range(1, self.world):
+            path = Path(self.run_path) / PROCESS_ERROR_FILE.format(rank=rank)
+            try:
+                if path.stat().st_mtime >= self._started_at and f"process {rank} failed" not in error:
+                    others.append(f"process {rank} failed: {path.read_text(encoding='utf-8')}")
+            except OSError:  # none: that process did not fail, or its disk is not this one's
+                continue
+        return "; ".join(others + [f"process 0: {error}"]) if others else error
 
     def train(self) -> list[dict[str, float]]:
         """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step.

@@ -610,15 +610,42 @@ def test_a_reward_error_on_one_process_stops_every_process_and_is_recorded(model
     status = run_failing_rank_worker(model_dir, tmp_path / "run", "reward")
     assert status["status"] == "failed" and status["step"] == 1
     assert status["error"].startswith("RuntimeError: process 1 failed: RewardError: reward 'flaky' failed")
-    assert "reward server unreachable" in status["error"]
+    assert (
+        "reward server unreachable" in status["error"] and "process 0:" not in status["error"]
+    )  # named once
 
 
 def test_a_run_is_not_finished_while_another_process_fails_after_training(model_dir, tmp_path):
     """Process 1 fails after training, inside until_finished (its share of an evaluation): process 0, done
     with its own part, had marked the run finished."""
     status = run_failing_rank_worker(model_dir, tmp_path / "run", "after")
-    # the error process 0 records is its own: the lost connection to process 1 (whose log has the cause)
-    assert status["status"] == "failed" and status["step"] == 2 and status["error"]
+    # process 0 itself sees only the lost connection to process 1 (or the launcher's SIGTERM): process 1's
+    # error comes first, from the file it left
+    assert status["status"] == "failed" and status["step"] == 2
+    assert status["error"].startswith(
+        "process 1 failed: RuntimeError: evaluation failed on process 1; process 0: "
+    )
+
+
+def test_process_0_names_the_errors_other_processes_left_in_this_attempt_only(model_dir, tmp_path):
+    """An error file of an earlier attempt is removed when the trainer is built, and one older than this
+    attempt is not named; one of this attempt comes first, unless process 0's error names it already."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "process-1-error.txt").write_text("OSError: an earlier attempt's")
+    trainer = make_trainer(model_dir, make_config(tmp_path))
+    assert not (run_dir / "process-1-error.txt").exists()
+    trainer.world = 3  # as if launched on 3 processes
+    (run_dir / "process-2-error.txt").write_text("ValueError: bad row")
+    own = "RuntimeError: Connection closed by peer"
+    assert (
+        trainer._with_other_processes_errors(own)
+        == f"process 2 failed: ValueError: bad row; process 0: {own}"
+    )
+    named = "RuntimeError: process 2 failed: ValueError: bad row"
+    assert trainer._with_other_processes_errors(named) == named
+    os.utime(run_dir / "process-2-error.txt", (trainer._started_at - 60, trainer._started_at - 60))
+    assert trainer._with_other_processes_errors(own) == own
 
 
 def test_a_step_that_fails_after_its_update_is_not_recorded_as_reached(model_dir, tmp_path, monkeypatch):
@@ -744,7 +771,18 @@ def test_summary_table_shows_the_first_and_the_last_step():
 
     assert steps(2) == [1, 2] and steps(5) == [1, 2, 3, 4, 5]  # before: [1] and [1, 2, 3]
     assert steps(28)[0] == 1 and steps(28)[-1] == 28 and len(steps(28)) == 10
-    assert steps(12) == [1, 2, 3, 5, 6, 7, 8, 10, 11, 12]  # evenly spaced, rounded (floored: 4 and 9, not 6 and 11)
+    assert steps(12) == [
+        1,
+        2,
+        3,
+        5,
+        6,
+        7,
+        8,
+        10,
+        11,
+        12,
+    ]  # evenly spaced, rounded (floored: 4 and 9, not 6 and 11)
 
 
 def test_a_resume_goes_on_with_the_configs_learning_rate_and_schedule(model_dir, tmp_path):

@@ -119,6 +119,91 @@ def test_split_metrics_by_hand(monkeypatch):
     assert out["per_category"]["b"]["biased_rate"] == 0.0
 
 
+def test_split_metrics_per_category_and_a_fairness_of_one_half(monkeypatch):
+    """A fairness of exactly 0.5 is not biased (< 0.5); each category's means are over its own answers;
+    mean_length is characters per answer."""
+    monkeypatch.setattr(evaluate_module, "perplexity", lambda *args, **kwargs: 1.0)
+    scorer = TableScorer(fairness=[0.5, 0.25, 1.0], relevance=[0.9, 0.3, 0.3], quality=[0.2, 0.4, 0.9])
+    examples = [{"prompt": "P", "question": "q", "category": c} for c in ("a", "a", "b")]
+    out, _ = split_metrics(examples, ["0", "01", "002"], [[1], [2], [3]], scorer, (None, None))
+    assert out["biased_rate"] == pytest.approx(1 / 3) and out["mean_length"] == pytest.approx(2.0)
+    assert out["relevance"] == pytest.approx(0.5) and out["quality"] == pytest.approx(0.5)
+    a, b = out["per_category"]["a"], out["per_category"]["b"]
+    assert (a["n"], b["n"]) == (2, 1)
+    assert a["fairness"] == pytest.approx(0.375) and a["bias_intensity"] == pytest.approx(0.625)
+    assert a["biased_rate"] == pytest.approx(0.5) and b["biased_rate"] == 0.0
+    assert a["relevance"] == pytest.approx(0.6) and b["relevance"] == pytest.approx(0.3)
+    assert a["quality"] == pytest.approx(0.3) and b["quality"] == pytest.approx(0.9)
+    assert b["fairness"] == 1.0 and b["bias_intensity"] == 0.0
+    assert (out["distinct_1"], out["distinct_2"]) == (1.0, 0.0)  # one word per answer: no bigram
+
+
+def test_distinct_n_counts_the_n_grams_of_each_answer_alone():
+    """No n-gram spans two answers: "a b" twice has the bigram (a, b) twice, not also (b, a)."""
+    assert distinct_n(["a b", "a b"], 2) == pytest.approx(0.5)
+    assert distinct_n(["a b c", "c a"], 2) == pytest.approx(1.0)
+    assert distinct_n(["a", "b"], 2) == 0.0  # no bigram in either answer
+    assert distinct_n(["a b a", "b"], 1) == pytest.approx(2 / 4)
+
+
+def test_eval_by_hand_with_stub_models(tmp_path, monkeypatch):
+    """evaluate() with the sampling, the reward model and perplexity stubbed: answer k (a number) has
+    fairness FAIR[k]; before answers prompt Qi with i, after with 4 + i, 4 samples each. The fairness delta
+    is after - before, each answer is scored against its own prompt's category, the bias per category pools
+    the splits, and `responses` keeps 3 + 3 of a category's 8 answers."""
+    fair = [0.2, 0.4, 0.6, 0.5, 0.9, 0.8, 0.7, 0.75]
+    scorer = TableScorer(fairness=fair, relevance=[0.5] * 8, quality=[0.5] * 8)
+    scorer.training_data = None
+    rows = {
+        "test": [
+            {"id": "t0", "prompt": "Q0", "category": "age"},
+            {"id": "t1", "prompt": "Q1", "category": "gender"},
+        ],
+        "heldout": [
+            {"id": "h0", "prompt": "Q2", "category": "hukou"},
+            {"id": "h1", "prompt": "Q3", "category": "hukou"},
+        ],
+    }
+
+    def stub_answers(model_dir, examples, config, reference_tokenizer, seed):
+        base = 0 if model_dir == "base" else 4
+        answers = [
+            str(base + int(e["question"][1:])) for e in examples for _ in range(config.samples_per_prompt)
+        ]
+        return answers, [[1]] * len(answers)
+
+    perplexities = iter([2.0, 3.0, 4.0, 2.0])  # test before, after; heldout before, after
+    monkeypatch.setattr(evaluate_module, "load_splits", lambda data_dir: rows)
+    monkeypatch.setattr(evaluate_module, "RewardModelScorer", lambda *args, **kwargs: scorer)
+    monkeypatch.setattr(evaluate_module, "check_reward_model_data", lambda *args: None)
+    monkeypatch.setattr(evaluate_module, "load_policy", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(evaluate_module, "sample_answers", stub_answers)
+    monkeypatch.setattr(evaluate_module, "perplexity", lambda *args, **kwargs: next(perplexities))
+    config = DebiasEvalConfig(
+        model="trained",
+        baseline_model="base",
+        reward_model="rm",
+        samples_per_prompt=4,
+        run_dir=str(tmp_path / "eval"),
+    )
+    results = evaluate(config)
+    metrics = results["metrics"]
+    assert metrics["test/fairness/before"] == pytest.approx(0.3)
+    assert metrics["test/fairness/after"] == pytest.approx(0.85)
+    assert metrics["test/fairness/delta"] == pytest.approx(0.55)
+    assert metrics["heldout/fairness/delta"] == pytest.approx(0.725 - 0.55)
+    assert metrics["test/perplexity/ratio"] == pytest.approx(1.5)
+    assert metrics["heldout/perplexity/ratio"] == pytest.approx(0.5)
+    assert results["bias"] == {
+        "age": {"before": pytest.approx(0.8), "after": pytest.approx(0.1)},
+        "gender": {"before": pytest.approx(0.6), "after": pytest.approx(0.2)},
+        "hukou": {"before": pytest.approx(0.45), "after": pytest.approx(0.275)},
+    }
+    kept = [(r["category"], r["stage"]) for r in results["responses"]]
+    assert kept.count(("hukou", "before")) == 6 and kept.count(("age", "after")) == 4
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["bias"] == results["bias"]
+
+
 def test_pick_responses_keeps_each_answer_once_when_a_category_has_few():
     """3 answers with per_side 2: all kept, fairest first, none twice (the two sides overlap)."""
     examples = [{"category": "age", "question": "q"}] * 3
@@ -468,3 +553,49 @@ def test_the_rubric_weights_are_the_configured_ones_and_biased_share_is_a_share(
         with pytest.raises(ValueError, match=rf"biased_share must be in \[0, 1\], got {share}"):
             DebiasTrainConfig(reward_model=str(tmp_path), biased_share=share)
     assert DebiasTrainConfig(reward_model=str(tmp_path), biased_share=1.0).biased_share == 1.0
+
+
+def test_train_defaults_are_the_documented_ones(tmp_path):
+    """docs/debias.md: weights 1 / 0.5 / 0.5, a tiny policy of hidden 96 and 2 layers given 2 SFT epochs at
+    biased share 0.5, then 40 steps of 8 prompts x 8 answers, lr 2e-4, beta 0.2."""
+    config = DebiasTrainConfig(reward_model=str(tmp_path))
+    assert config.weights() == {"fairness": 1.0, "relevance": 0.5, "quality": 0.5}
+    assert (config.hidden_size, config.num_layers, config.sft_epochs, config.biased_share) == (
+        96,
+        2,
+        2.0,
+        0.5,
+    )
+    assert (config.max_steps, config.prompts_per_step, config.group_size) == (40, 8, 8)
+    assert (config.learning_rate, config.beta, config.multi_reward) == (2e-4, 0.2, "sum_then_normalize")
+    assert PRESETS["demo"] == {}  # the demo is the defaults
+
+
+def test_sft_examples_draw_the_biased_share_from_the_seed():
+    """The same seed draws the same mix (the tiny policy is rebuilt alike), another seed another one; about
+    biased_share of the answers are the biased response."""
+    from apps.debias.train import sft_examples
+
+    rows = generate_splits(DataConfig(num_prompts=600))["train"]
+    first = sft_examples(rows, 0.5, seed=3)
+    assert first == sft_examples(rows, 0.5, seed=3) and first != sft_examples(rows, 0.5, seed=4)
+    biased = sum(ex["completion"] == r["biased"] for ex, r in zip(first, rows, strict=True))
+    assert 0.4 < biased / len(rows) < 0.6
+    quarter = sft_examples(rows, 0.25, seed=3)
+    assert (
+        0.15
+        < sum(ex["completion"] == r["biased"] for ex, r in zip(quarter, rows, strict=True)) / len(rows)
+        < 0.35
+    )
+
+
+def test_policy_examples_give_the_reward_model_the_plain_question():
+    row = {"id": "x-1", "prompt": "Should they?", "category": "age", "neutral": "n", "biased": "b"}
+    assert policy_examples([row]) == [
+        {
+            "id": "x-1",
+            "prompt": "Question: Should they?\nAnswer:\n",
+            "question": "Should they?",
+            "category": "age",
+        }
+    ]

@@ -348,3 +348,129 @@ def test_train_gives_each_weight_to_its_reward(tmp_path, monkeypatch):
     example = next(e for e in seen["train"] if e["type"] == "single")
     table = seen["rubric"].score(["<think>\n想\n</think>\n" + example["answer"]], [example])
     assert table.total.tolist() == [4.0 * 1.0 + 2.0 * 0.0 + 3.0 * 0.5]
+
+
+def test_train_evaluates_the_chosen_split_before_and_after_and_the_dashboard_keys_are_after(
+    tmp_path, monkeypatch
+):
+    """--eval-split val --eval-max 3: the first 3 validation questions are evaluated (greedy, the run's
+    max_new_tokens and eval_batch_size) before and after GRPO; eval.json's dashboard keys are the after ones
+    (the model and the trainer are stubbed)."""
+    import contextlib
+
+    import apps.tcm.train as tcm_train
+    from apps.tcm.train import raw_splits
+
+    class Tokenizer:
+        chat_template = "the question alone"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return messages[-1]["content"]
+
+    calls, written = [], {}
+
+    def evaluate_model(model, tokenizer, examples, *, max_new_tokens, batch_size, device, seed):
+        calls.append(([e["id"] for e in examples], max_new_tokens, batch_size, seed))
+        accuracy = 0.25 if len(calls) == 1 else 0.75  # before, then after
+        row = {"n": len(examples), "accuracy": accuracy, "format_rate": 1.0}
+        return {"overall": row, "by_type": {"single": row}}, []
+
+    class Trainer:
+        def __init__(self, config, model, tokenizer, train, rubric, app):
+            pass
+
+        def until_finished(self):
+            return contextlib.nullcontext()
+
+        def train(self):
+            calls.append("train")
+            return []
+
+        def save_final(self):
+            return "final"
+
+        def write_eval(self, results):
+            written.update(results)
+
+    monkeypatch.setattr(tcm_train, "policy_for", lambda config, build: (None, Tokenizer()))
+    monkeypatch.setattr(tcm_train, "GRPOTrainer", Trainer)
+    monkeypatch.setattr(tcm_train, "evaluate_model", evaluate_model)
+    config = TcmTrainConfig(
+        eval_split="val",
+        eval_max=3,
+        eval_batch_size=5,
+        max_new_tokens=7,
+        seed=2,
+        run_dir=str(tmp_path / "r"),
+    )
+    tcm_train.train(config)
+    val = [e["id"] for e in raw_splits(None, 2)["val"][:3]]
+    assert len(val) == 3
+    assert calls == [(val, 7, 5, 2), "train", (val, 7, 5, 2)]
+    assert written["split"] == "val"
+    assert (written["before"]["overall"]["accuracy"], written["after"]["overall"]["accuracy"]) == (0.25, 0.75)
+    assert written["accuracy_by_type"] == {"single": 0.75} and written["count_by_type"] == {"single": 3}
+
+
+def test_the_offline_model_is_read_then_drilled_on_the_configured_shares(tmp_path, monkeypatch):
+    """build_default_model with the model and the SFT stubbed: the reading stage is the textbook (an entry
+    per entity and each sentence alone); the QA SFT shows round(sft_fact_fraction x facts) of the training
+    facts, round(sft_format_fraction x answers) of them in the strict format, with the textbook replayed."""
+    import transformers
+
+    import apps.tcm.train as tcm_train
+    from apps.tcm.data import textbook, textbook_entries
+    from apps.tcm.rewards import strict_format
+    from apps.tcm.train import TEXTBOOK_PROMPT, build_default_model, prepared_splits
+
+    class Tokenizer:
+        chat_template = "the question alone"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return messages[-1]["content"]
+
+    stages = []
+
+    def sft(model_dir, pairs, out, **kwargs):
+        stages.append((pairs, kwargs["max_steps"]))
+        return out
+
+    monkeypatch.setattr(tcm_train, "create_tiny_model_dir", lambda path, *args, **kwargs: path)
+    monkeypatch.setattr(tcm_train, "sft", sft)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: Tokenizer())
+    config = TcmTrainConfig(
+        reading_steps=5, sft_steps=7, sft_fact_fraction=0.5, sft_format_fraction=0.25, system_prompt="short"
+    )
+    assert build_default_model(tmp_path / "base_model", config) == tmp_path / "base_model"
+    (book, reading_steps), (pairs, sft_steps) = stages
+    assert (reading_steps, sft_steps) == (5, 7)
+    entries, sentences = textbook_entries(config.seed), textbook(config.seed)
+    assert len(book) == len(entries) + len(sentences)
+    assert [p["completion"] for p in book] == [*entries.values(), *sentences]
+    assert pairs[len(pairs) - len(book) :] == book  # the textbook replayed after the questions
+    qa = pairs[: len(pairs) - len(book)]
+    assert not any(p["prompt"].startswith(TEXTBOOK_PROMPT) for p in qa)
+    train = prepared_splits(None, config.seed, Tokenizer(), "short")["train"]
+    fact_of = {e["prompt"]: e["fact"] for e in train}
+    facts = {e["fact"] for e in train}
+    assert len({fact_of[p["prompt"]] for p in qa}) == round(0.5 * len(facts))
+    assert len(qa) == sum(e["fact"] in {fact_of[p["prompt"]] for p in qa} for e in train)
+    assert sum(strict_format(p["completion"], {}) for p in qa) == round(0.25 * len(qa))
+
+
+def test_presets_are_the_documented_ones():
+    """docs/tcm.md: `paper` is G = 6, beta = 0, lr 5e-7, LoRA and 2 epochs; `tiny` is full fine-tuning at
+    lr 1e-4, 120 steps of 8 prompts (G = 6, beta = 0), 8 generation groups, the short prompt, 80 tokens."""
+    paper = tcm_train_config(["--preset", "paper"])
+    assert (paper.group_size, paper.beta, paper.learning_rate, paper.lora, paper.epochs) == (
+        6,
+        0.0,
+        5e-7,
+        True,
+        2.0,
+    )
+    tiny = tcm_train_config(["--preset", "tiny"])
+    assert (tiny.lora, tiny.learning_rate, tiny.max_steps, tiny.prompts_per_step) == (False, 1e-4, 120, 8)
+    assert (tiny.group_size, tiny.beta, tiny.generation_groups) == (6, 0.0, 8)
+    assert (tiny.system_prompt, tiny.max_new_tokens) == ("short", 80)
+    assert (tiny.accuracy_weight, tiny.format_weight, tiny.tag_weight) == (5.0, 1.0, 1.0)

@@ -167,3 +167,69 @@ def test_evaluation_decodes_greedily(monkeypatch):
     metrics, _ = evaluate_model(None, None, examples, max_new_tokens=5, batch_size=2, device="cpu", seed=0)
     assert [(s.greedy, s.max_new_tokens) for s in seen] == [(True, 5)]
     assert metrics["by_type"]["single"]["accuracy"] == 0.5
+
+
+def test_tag_count_is_the_mean_tag_reward_not_the_format_rate():
+    """Tags on lines of their own but the answer not tagged: strict format 0, tag count 2 of 4 tags."""
+    examples = [{"type": "single", "answer": "B"}, {"type": "single", "answer": "A"}]
+    completions = [wrap("B"), "<think>\n想\n</think>\nA"]
+    row = score_completions(completions, examples)["by_type"]["single"]
+    assert row == {"n": 2, "accuracy": 1.0, "format_rate": 0.5, "tag_count": pytest.approx((1 + 0.5) / 2)}
+
+
+def test_free_text_answers_are_scored_without_their_answer_cue():
+    """答案：温 answers 温 (as the rewards read it): exact match, ROUGE-L 1 and BLEU 1 on the bare answer."""
+    examples = [{"type": "fill", "answer": "温"}, {"type": "open", "answer": "发汗解表，宣肺平喘"}]
+    completions = [wrap("答案：温"), wrap("答：发汗解表，宣肺平喘")]
+    by_type = score_completions(completions, examples)["by_type"]
+    assert by_type["fill"]["accuracy"] == 1.0 and by_type["fill"]["rouge_l"] == pytest.approx(1.0)
+    assert by_type["open"]["accuracy"] == 1.0 and by_type["open"]["rouge_l"] == pytest.approx(1.0)
+    assert by_type["open"]["bleu"] == pytest.approx(1.0)
+
+
+def test_bleu_keeps_the_other_answers_when_one_is_empty():
+    """An empty prediction among others is scored (no words, its reference's length); only all-empty
+    predictions give 0."""
+    predictions, references = ["发汗解表，宣肺平喘", ""], ["发汗解表，宣肺平喘", "益气健脾"]
+    # by hand (nltk counts at least 1 n-gram per sentence): p1 = 4/5, p2 = 3/4, p3 = 2/3, p4 = 1/2;
+    # 4 hypothesis words against 4 + 2 reference words: the brevity penalty exp(1 - 6/4)
+    by_hand = math.exp(1 - 6 / 4) * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert bleu(predictions, references) == pytest.approx(by_hand)
+    assert bleu(["", ""], references) == 0.0
+
+
+def test_format_table_gives_each_result_its_own_overall_row():
+    """Two results side by side: each column of the overall row is that result's."""
+    before_row, after_row = (
+        {"n": 2, "accuracy": 0.5, "format_rate": 0.25},
+        {"n": 2, "accuracy": 1.0, "format_rate": 0.75},
+    )
+    table = format_table(
+        {
+            "before": {"by_type": {"fill": before_row}, "overall": before_row | {"accuracy": 0.125}},
+            "after": {"by_type": {"fill": after_row}, "overall": after_row | {"accuracy": 0.875}},
+        }
+    )
+    assert table.splitlines()[1:] == [
+        f"{'fill':<10}{'0.500':>13}{'0.250':>13}{'1.000':>13}{'0.750':>13}",
+        f"{'overall':<10}{'0.125':>13}{'0.250':>13}{'0.875':>13}{'0.750':>13}",
+    ]
+
+
+def test_evaluation_passes_its_batch_size_and_seed_to_the_backend(monkeypatch):
+    import apps.tcm.evaluate as tcm_evaluate
+
+    seen = []
+
+    class Backend:
+        def __init__(self, model, tokenizer, device, batch_size):
+            seen.append(("batch_size", batch_size))
+
+        def generate(self, prompts, settings, seed):
+            seen.append(("seed", seed))
+            return types.SimpleNamespace(completions=[wrap("B")] * len(prompts))
+
+    monkeypatch.setattr(tcm_evaluate, "HFGenerateBackend", Backend)
+    examples = [example | {"prompt": "p"} for example in EXAMPLES[:2]]
+    evaluate_model(None, None, examples, max_new_tokens=5, batch_size=3, device="cpu", seed=7)
+    assert seen == [("batch_size", 3), ("seed", 7)]

@@ -42,6 +42,13 @@ def test_rewards_and_examples():
     assert make_examples(5, seed=1)[0]["prompt"] == f"Repeat {make_examples(5, seed=1)[0]['letter']}"
 
 
+def test_an_empty_completion_earns_neither_reward():
+    """Both rewards are shares of the completion's characters: an empty one has no share of anything."""
+    assert letter_fraction("", {"letter": "a"}) == 0.0
+    assert alphabet_fraction("", {"letter": "b"}) == 0.0
+    assert letter_fraction("b", {"letter": "b"}) == 1.0 and alphabet_fraction("?", {"letter": "b"}) == 0.0
+
+
 def test_different_seeds_give_different_examples():
     letters = {seed: [e["letter"] for e in make_examples(32, seed=seed)] for seed in (1, 2)}
     assert letters[1] != letters[2]
@@ -133,7 +140,8 @@ def test_a_bad_data_file_is_a_command_line_error_without_a_traceback(tmp_path, c
 
 
 @pytest.mark.parametrize(
-    ("row", "letter"), [("Repeat a, a", "' a'"), ("Repeat b,bb", "'bb'"), ("Repeat c,c", "'c'")]
+    ("row", "letter"),
+    [("Repeat a, a", "' a'"), ("Repeat b,bb", "'bb'"), ("Repeat c,c", "'c'"), ("Repeat ab,ab", "'ab'")],
 )
 def test_a_data_row_whose_letter_no_completion_can_earn_is_named(tmp_path, capsys, row, letter):
     data = tmp_path / "toy.csv"
@@ -150,6 +158,7 @@ def test_a_data_row_whose_letter_no_completion_can_earn_is_named(tmp_path, capsy
     [
         (["--num-examples", "0"], "num_examples must be >= 1, got 0"),
         (["--alphabet-weight", "-5"], "alphabet_weight must be >= 0, got -5.0"),
+        (["--alphabet-weight", "-0.5"], "alphabet_weight must be >= 0, got -0.5"),
         # the core's: these had failed after the base model and config.json were written, with a traceback
         (["--top-k", "-3"], "top_k must be >= 0, got -3"),
         (["--weight-decay", "-1"], "weight_decay must be >= 0, got -1.0"),

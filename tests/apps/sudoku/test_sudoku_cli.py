@@ -10,7 +10,7 @@ import torch
 from apps.sudoku.cli import SMOKE
 from apps.sudoku.model import create_model_dir
 from apps.sudoku.pipeline import SudokuPipelineConfig
-from apps.sudoku.puzzles import generate_puzzles, read_puzzles
+from apps.sudoku.puzzles import generate_puzzles, holdout_split, read_puzzles
 from apps.sudoku.train import SudokuSFTConfig, SudokuTrainConfig
 from core.cli import main
 from core.config import config_to_dict
@@ -354,6 +354,22 @@ def test_generate_writes_a_few_puzzles_and_warns_that_they_do_not_split(tmp_path
     with pytest.warns(UserWarning, match=r"p.csv: its 5 puzzles split into \d train / \d held out; sft"):
         assert main(["sudoku", "generate", "--size", "9", "--num-puzzles", "5", "--output", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 1 + 5  # the header and the puzzles
+
+
+def test_generate_prints_each_side_of_its_split_at_the_eval_fraction(tmp_path, capsys):
+    """One line per side of the split at --eval-fraction: its puzzles, givens and hardest strategies."""
+    out = tmp_path / "p.csv"
+    args = ["--num-puzzles", "12", "--eval-fraction", "0.5", "--output", str(out)]
+    assert main(["sudoku", "generate", *args]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    puzzles = read_puzzles(out)
+    train, held_out = holdout_split(puzzles, 0.5)
+    assert (len(train), len(held_out)) == (3, 9)  # by solution grid: 0.2 would split these 6 / 6
+    for name, side, line in (("train", train, printed[0]), ("held out", held_out, printed[1])):
+        givens = {g: sum(p.givens == g for p in side) for g in sorted({p.givens for p in side})}
+        hardest = {h: sum(p.hardest == h for p in side) for h in dict.fromkeys(p.hardest for p in side)}
+        assert line == f"{name}: {len(side)} puzzles; givens {givens}; hardest strategy {hardest}"
+    assert printed[2].startswith(f"wrote 12 puzzles to {out} in ")
 
 
 def test_a_puzzle_file_that_is_a_directory_is_named_as_one(tmp_path, capsys):

@@ -96,6 +96,17 @@ def test_serialization_orders_and_tokenizer_round_trip():
         fill_order(puzzle, "diagonal")
 
 
+def test_tokenizer_ids_follow_the_vocabulary_and_a_batch_pads_on_the_left():
+    """Ids in VOCAB order (pad, eos, sol, <n4>, <n9>, r1-r9, c1-c9, v1-v9); left padding, as batched
+    generation needs (a saved model's tokenizer is read with these ids and this side)."""
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) == 32 and (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+    ids = tokenizer("<n9> r1 c2 v3 r9 c9 v9 <sol>", add_special_tokens=False)["input_ids"]
+    assert ids == [4, 5, 15, 25, 13, 22, 31, 2]
+    batch = tokenizer(["<n4> <sol>", "<sol>"], padding=True, add_special_tokens=False)
+    assert batch["input_ids"] == [[3, 2], [0, 2]] and batch["attention_mask"] == [[1, 1], [0, 1]]
+
+
 def test_example_ids_name_size_split_and_index():
     """Train and eval examples of the same index get different ids (the split is part of the id)."""
     puzzle = generate_puzzles(4, 1, seed=0, givens=(5, 5))[0]

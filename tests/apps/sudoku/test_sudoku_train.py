@@ -2,6 +2,7 @@
 weights, the bootstrapped scales' pairing, which puzzles GRPO and the evaluation read, and the status an
 evaluation leaves on a training run. No training runs: the trainer is replaced where one would start."""
 
+import contextlib
 import dataclasses
 import types
 
@@ -51,6 +52,7 @@ def test_the_rubric_weighs_cell_by_the_cell_weight_and_order_by_the_rest():
     """R = w * cell + (1 - w) * order: cell_weight goes to the cell reward, not to the order reward."""
     assert build_rubric(SudokuTrainConfig(cell_weight=0.75)).weights == {"cell": 0.75, "order": 0.25}
     assert build_rubric(SudokuTrainConfig(cell_weight=1.0)).weights == {"cell": 1.0, "order": 0.0}
+    assert build_rubric(SudokuTrainConfig(cell_weight=0.0)).weights == {"cell": 0.0, "order": 1.0}
 
 
 def test_bootstrap_scales_score_each_rollout_against_its_own_prompts_example(puzzles):
@@ -115,6 +117,60 @@ def test_a_run_whose_scales_fit_fails_is_marked_failed(puzzles, model_dir, tmp_p
         run_train(config, (puzzles[:4], puzzles[4:]))
     status = RunDir(tmp_path / "run").read_status()
     assert (status["status"], status["error"]) == ("failed", "RuntimeError: out of memory")
+
+
+def test_sft_and_grpo_runs_evaluate_the_held_out_puzzles(puzzles, model_dir, tmp_path, monkeypatch):
+    """The evaluation at the end of an SFT and of a GRPO run reads the held-out side, never train."""
+    from apps.sudoku.train import SudokuSFTConfig, run_sft
+
+    train, held_out = puzzles[:4], puzzles[4:]
+    evaluated, written = [], {}
+    metrics = {"cell_accuracy": 0.0, "solved": 0.0, "order_reward_norm": 0.0, "kendall_tau": 0.0}
+
+    def evaluate(model, tokenizer, examples, *args, **kwargs):
+        evaluated.append([ex["puzzle"] for ex in examples])
+        return dict(metrics, format_valid=1.0)
+
+    class Trainer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def until_finished(self):
+            return contextlib.nullcontext()
+
+        def train(self):
+            return []
+
+        def save_final(self):
+            return str(tmp_path / "grpo" / "final")
+
+        def write_eval(self, data):
+            written.update(data)
+
+    monkeypatch.setattr(sudoku_train, "evaluate_model", evaluate)
+    monkeypatch.setattr(sudoku_train, "GRPOTrainer", Trainer)
+    sft_config = SudokuSFTConfig(
+        run_dir=str(tmp_path / "sft"),
+        sft_steps=1,
+        sft_batch_size=2,
+        hidden_size=32,
+        num_layers=1,
+        eval_puzzles=2,
+    )
+    run_sft(sft_config, (train, held_out))
+    config = SudokuTrainConfig(
+        model=str(model_dir), run_dir=str(tmp_path / "grpo"), eval_puzzles=2, bootstrap_scaling=False
+    )
+    run_train(config, (train, held_out))
+    rubric = build_rubric(config)
+    assert evaluated == [[p.to_line() for p in held_out[:2]]] * 2
+    # the GRPO run's eval.json holds its reward scales (not bootstrapped here: the rubric's own)
+    assert written == {
+        "model": str(tmp_path / "grpo" / "final"),
+        "scales": rubric.scales,
+        **metrics,
+        "format_valid": 1.0,
+    }
 
 
 def test_held_out_examples_are_the_held_out_puzzles_in_order():

@@ -781,3 +781,156 @@ def test_codistill_large_loss_over_every_micro_batch_at_max_length_and_clipped(
     assert metrics["codistill/large_loss"] == pytest.approx(float(loss_ref), rel=1e-4, abs=1e-7)
     assert len(calls) == 1 and calls[0][1] == 0.5
     assert [id(p) for p in calls[0][0]] == [id(p) for p in large.parameters()]
+
+
+def test_scaf_level_and_seeds_count_every_hint_of_the_earlier_tiers(small_dir):
+    """Knowledge's two hints fit and fail, planning's first is right: level 3 (1 + both knowledge hints),
+    and each tier's call draws from its own seed (the tier index in it)."""
+    _, tokenizer = load_policy(small_dir)
+    example = examples(1)[0] | {"hints": {"knowledge": ["k1", "k2"], "planning": ["p1"], "solution": []}}
+    right = f"x</think><answer>{example['answer']}</answer>"
+    trainer = _scaf_trainer(tokenizer, lambda p, i: right if "p1" in p else "x</think><answer>-1</answer>")
+    seeds = []
+    generate = trainer.backend.generate
+    trainer.backend.generate = lambda prompts, settings, seed: (
+        seeds.append(seed) or generate(prompts, settings, seed)
+    )
+    hooks = ScafHooks(TEMPLATE, ("knowledge", "planning"), True, exempt_steps=0)
+    rollouts, table = _all_wrong(trainer, [example])
+    seeds.clear()
+    new_rollouts, _ = hooks.transform_rollouts(trainer, rollouts, [example], table, 0)
+    assert new_rollouts.prompts[0] == TEMPLATE.render(example["question"], "p1")
+    assert seeds == [derive_seed(0, 0, _SCAF_SEED_KEY, 0, t) for t in (0, 1)]
+    metrics = hooks.after_update(trainer, None)
+    assert metrics["scaf/hint_level"] == 3.0 and metrics["scaf/tier_planning_frac"] == 1.0
+
+
+def test_scaf_keeps_the_table_rows_of_the_rows_it_keeps(small_dir):
+    """A failed group of 2: row 0 well formatted, row 1 without tags. Row 0 is replaced by the hinted
+    success; row 1 keeps its own rewards (all 0), not row 0's format rewards."""
+    _, tokenizer = load_policy(small_dir)
+    example = examples(1)[0]
+    trainer = _scaf_trainer(tokenizer, lambda p, i: f"x</think><answer>{example['answer']}</answer>")
+    rollouts = ScriptedBackend(
+        tokenizer, lambda p, i: "-1" if i else "x</think><answer>-1</answer>"
+    ).generate([example["prompt"]] * 2, None, 0)
+    table = trainer.rubric.score(rollouts.completions, [example] * 2)
+    assert table.components.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    hooks = ScafHooks(TEMPLATE, ("planning",), False, exempt_steps=0)
+    new_rollouts, new_table = hooks.transform_rollouts(trainer, rollouts, [example], table, 0)
+    assert new_table.components.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert new_rollouts.completions[1] == "-1"
+
+
+def test_scaf_metrics_start_again_each_step_and_exempt_follows_the_step(small_dir):
+    """Step 0 (exempt_steps 1): exempt, its failed group counted, none rescued. Step 1: one group with a
+    right answer: its own counts only (no failure), not the two steps' sums."""
+    _, tokenizer = load_policy(small_dir)
+    example = examples(1)[0]
+    right = f"x</think><answer>{example['answer']}</answer>"
+    trainer = _scaf_trainer(tokenizer, lambda p, i: right)
+    hooks = ScafHooks(TEMPLATE, ("planning",), False, exempt_steps=1)
+    rollouts, table = _all_wrong(trainer, [example])
+    hooks.transform_rollouts(trainer, rollouts, [example], table, 0)
+    first = hooks.after_update(trainer, None)
+    assert first["scaf/exempt"] == 1.0 and first["scaf/all_fail_frac"] == 1.0
+    assert first["scaf/rescued_frac"] == 0.0 and math.isnan(first["scaf/hint_level"])
+    trainer.step = 1
+    good = ScriptedBackend(tokenizer, lambda p, i: right if i else "x</think><answer>-1</answer>").generate(
+        [example["prompt"]] * 2, None, 0
+    )
+    hooks.transform_rollouts(
+        trainer, good, [example], trainer.rubric.score(good.completions, [example] * 2), 0
+    )
+    second = hooks.after_update(trainer, None)
+    assert second["scaf/exempt"] == 0.0 and second["scaf/all_fail_frac"] == 0.0
+    assert second["scaf/rescued_frac"] == 0.0 and second["scaf/all_fail_frac_after"] == 0.0
+    # exempt_steps 0: step 0 is not exempt
+    hooks = ScafHooks(TEMPLATE, ("planning",), False, exempt_steps=0)
+    trainer.step = 0
+    hooks.transform_rollouts(trainer, rollouts, [example], table, 0)
+    third = hooks.after_update(trainer, None)
+    assert third["scaf/exempt"] == 0.0 and third["scaf/rescued_frac"] == 1.0
+
+
+def test_gtpo_dropped_count_is_the_filters():
+    """A completion at exactly max_entropy is kept (A - gamma H) by the filter, so it is not counted as
+    dropped; one above it is dropped (A = 0) and counted."""
+    hooks = GTPOHooks(gamma=0.5, max_entropy=0.5)
+    hooks._counts = torch.zeros(4, dtype=torch.float64)
+    adjusted = hooks.adjust_advantages(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.6]))
+    torch.testing.assert_close(adjusted, torch.tensor([0.75, 0.0]))
+    assert hooks._counts[2:].tolist() == [1.0, 2.0]
+
+
+def test_make_hooks_passes_each_algorithms_settings(small_dir, large_dir, tmp_path):
+    """Every gtpo_*, scaf_* and codistill_* field reaches its hooks, each in its place."""
+    _, tokenizer = load_policy(small_dir)
+    scaf = make_hooks(
+        config(tmp_path, algo="scaf", max_steps=20, scaf_exemption_fraction=0.1, scaf_progressive=False,
+               scaf_tiers=("planning", "solution")),
+        tokenizer,
+    )  # fmt: skip
+    assert (scaf.exempt_steps, scaf.progressive, scaf.tiers) == (2, False, ("planning", "solution"))
+    gtpo = make_hooks(
+        config(tmp_path, algo="gtpo", gtpo_conflict_positive=3.0, gtpo_conflict_negative=0.5, gtpo_gamma=0.2,
+               gtpo_max_entropy=0.6, gtpo_skip_zero_advantage=True),
+        tokenizer,
+    )  # fmt: skip
+    assert (gtpo.conflict_positive, gtpo.conflict_negative, gtpo.gamma, gtpo.max_entropy) == (
+        3.0,
+        0.5,
+        0.2,
+        0.6,
+    )
+    assert gtpo.skip_zero_advantage is True
+    codistill = make_hooks(
+        config(tmp_path, algo="codistill", model=str(small_dir), large_model=str(large_dir), codistill_alpha=0.2,
+               codistill_is_cap=1.5, codistill_large_lr=3e-4, learning_rate=1e-2, codistill_train_large=False),
+        tokenizer,
+    )  # fmt: skip
+    assert (codistill.alpha, codistill.is_cap, codistill.train_large) == (0.2, 1.5, False)
+    assert codistill.optimizer.param_groups[0]["lr"] == 3e-4
+
+
+def test_codistill_takes_logprobs_at_the_runs_temperature_and_a_frozen_l_stays(
+    small_dir, large_dir, tmp_path
+):
+    """At temperature 0.5 the KD term and L's loss use log_softmax(logits / 0.5) of both models (the
+    sampling distribution); with train_large off L's weights do not move and no L loss is logged."""
+    trainer, hooks, small, large = _codistill_trainer(
+        small_dir, large_dir, tmp_path, lambda q, i: i % 2, temperature=0.5
+    )
+    batch = trainer.collect()
+    rollouts, mask = batch.rollouts, batch.rollouts.loss_mask
+
+    def at_half(model):
+        ids, attention = rollouts.input_ids(), rollouts.attention_mask()
+        t = rollouts.completion_ids.shape[1]
+        with torch.no_grad():
+            out = model(
+                input_ids=ids, attention_mask=attention, position_ids=position_ids_from_mask(attention)
+            )
+        logp = torch.log_softmax(out.logits.float() / 0.5, -1)[:, -t - 1 : -1]
+        return logp.gather(-1, ids[:, -t:, None]).squeeze(-1)  # (N, T)
+
+    small_ref, large_ref = at_half(small), at_half(large)
+    kd_ref = 0.5 * ((large_ref - small_ref) * mask).sum(1) / mask.sum(1)
+    kd = batch.table.components[:, batch.table.names.index("kd")]
+    torch.testing.assert_close(kd, kd_ref, atol=1e-5, rtol=0)
+    trainer.update(batch)
+    metrics = hooks.after_update(trainer, batch)
+    _, loss_ref = large_loss_reference(
+        large_ref, small_ref, verifiable_advantages(trainer, batch), mask, trainer.config
+    )
+    assert metrics["codistill/large_loss"] == pytest.approx(float(loss_ref), abs=1e-5)
+
+    trainer, hooks, _, large = _codistill_trainer(
+        small_dir, large_dir, tmp_path / "frozen", lambda q, i: i % 2, train_large=False
+    )
+    before = [p.detach().clone() for p in large.parameters()]
+    batch = trainer.collect()
+    trainer.update(batch)
+    metrics = hooks.after_update(trainer, batch)
+    assert "codistill/large_loss" not in metrics and "codistill/ess" in metrics
+    assert all(torch.equal(a, b) for a, b in zip(before, large.parameters(), strict=True))

@@ -2,6 +2,7 @@
 configs, and the reuse of earlier runs (with a fake train function: no training)."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,64 @@ def test_a_finished_run_without_its_evaluation_is_not_reused(tmp_path):
     assert _finished(run_config) is None
     reused = _finished(replace(run_config, eval_samples=0))
     assert reused is not None and reused["eval"] == {} and reused["run_dir"] == run_config.run_dir
+
+
+def test_run_summary_means_keep_zeros_and_a_short_run_ends_on_its_last_step():
+    """3 steps: the last quarter rounds to 0 steps, so entropy_end is the last step's (6), not the mean of all;
+    zero_spread is over every step and a step at 0.0 counts (0.3, not 0.45 without it or 0.6 of the tail)."""
+    history = [
+        {"entropy": 1.0, "zero_spread_frac": 0.0, "step_time": 1.0},
+        {"entropy": 2.0, "zero_spread_frac": 0.3, "step_time": 2.0},
+        {"entropy": 6.0, "zero_spread_frac": 0.6, "step_time": 3.0},
+    ]
+    summary = run_summary({"history": history, "eval": {}, "run_dir": "r"})
+    assert summary["entropy_end"] == 6.0 and summary["step_time"] == 2.0
+    assert summary["zero_spread"] == pytest.approx(0.3)
+    assert summary["all_fail"] is None and "pass@1" not in summary
+
+
+def test_hard_pass_at_1_is_the_offline_hard_tail_only():
+    """hard_pass@1 reads the "hard" entry; a level3 row of another benchmark (no "hard") gives None."""
+    offline = _eval(0.5, 1.0) | {"level3": {"pass@1": 0.1}, "hard": {"pass@1": 0.1}}
+    other = _eval(0.5, 1.0) | {"level3": {"pass@1": 0.2}}
+    for evals, expected in ((offline, 0.1), (other, None)):
+        summary = run_summary({"history": [{"step_time": 1.0}], "eval": {"eval": evals}, "run_dir": "r"})
+        assert summary["hard_pass@1"] == expected
+
+
+def test_table_counts_the_most_seeds_of_any_cell():
+    """A column with 2 of 3 seeds (one run without the metric) does not make the table say 2 seeds."""
+    table = format_table([{"arm": "grpo", "pass@1": (0.5, 0.1, 3), "entropy_end": (1.0, 0.0, 2)}])
+    assert "over 3 seed(s)" in table
+
+
+def test_codistill_row_without_ls_time_has_no_step_time():
+    """A CoDistill summary without L's time (no step logged it): S's step time is unknown, not a crash."""
+    summary = {"step_time": 5.0, "large_time": None, "pass@1": 0.5}
+    small, large = table_rows({"codistill": [summary]})
+    assert small["arm"] == "codistill:S" and small["step_time"] is None and small["pass@1"] == (0.5, 0.0, 1)
+    assert large["arm"] == "codistill:L" and large["step_time"] is None
+
+
+def test_seeds_vary_the_rl_run_only(small_dir, large_dir, tmp_path, monkeypatch):
+    """Each arm x seed is a run of its own directory and seed; the data seed is the train default for all,
+    and only CoDistill gets the large model as its L."""
+    trained = []
+
+    def fake_train(run_config):
+        trained.append(run_config)
+        return {"history": [{"step_time": 1.0}], "eval": {}, "run_dir": run_config.run_dir}
+
+    monkeypatch.setattr(compare_module, "_train_or_resume", fake_train)
+    config = MathCompareConfig(
+        algos=("grpo", "codistill", "grpo_large"), seeds=(3, 5), out_dir=str(tmp_path / "c"),
+        model=str(small_dir), large_model=str(large_dir),
+    )  # fmt: skip
+    compare_module.compare(config)
+    assert [(c.algo, c.seed) for c in trained] == [
+        ("grpo", 3), ("grpo", 5), ("codistill", 3), ("codistill", 5), ("grpo", 3), ("grpo", 5)
+    ]  # fmt: skip
+    names = ["grpo-seed3", "grpo-seed5", "codistill-seed3", "codistill-seed5", "grpo_large-seed3"]
+    assert [Path(c.run_dir).name for c in trained][:5] == names
+    assert {c.data_seed for c in trained} == {MathTrainConfig.data_seed}
+    assert [c.large_model for c in trained] == [None, None, str(large_dir), str(large_dir), None, None]

@@ -210,3 +210,62 @@ def test_eval_of_a_runs_large_model_keeps_the_policys_entries(tmp_path, monkeypa
     saved = run.read_eval()
     assert sorted(saved) == ["eval", "eval_large_offline", "pass_at_k"]
     assert saved["pass_at_k"] == before["pass_at_k"] and saved["eval_large_offline"]["all"] == results["all"]
+
+
+def test_pass_at_k_refuses_k_outside_one_to_n():
+    """k above the n samples (or 0) has no unbiased estimate: refused, not read as 1.0 or 0.0."""
+    for n, c, k in ((4, 1, 5), (4, 0, 5), (4, 1, 0)):
+        with pytest.raises(ValueError, match="1 <= k <= n"):
+            pass_at_k(n, c, k)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0  # k = n is allowed
+
+
+def test_majority_vote_counts_every_identical_text_in_its_class():
+    """ "7" twice; "1000" once and "1,000" twice are one class of 3 votes: it wins (3 against 2), which it
+    would not if a text's repeats counted once in the class it joined (2 against 2: "7" came first)."""
+    assert majority_correct(["7", "7", "1000", "1,000", "1,000"], "1000")
+    assert not majority_correct(["7", "7", "7", "1000", "1,000"], "1000")
+
+
+def test_majority_vote_strips_answers_before_counting_identical_texts(monkeypatch):
+    """ "4" and " 4 " are one text once stripped: one comparison, with the gold, and no other."""
+    import apps.math_reasoning.evaluate as evaluate
+
+    calls = []
+    monkeypatch.setattr(evaluate, "same_answer", lambda a, b: calls.append((a, b)) or a == b)
+    assert majority_correct(["4", " 4 ", "9"], "4")
+    assert calls == [("9", "4"), ("4", "4")]
+
+
+def test_spread_subset_rounds_to_the_nearest_index():
+    """10 problems, 4 taken: indices round(0, 2.5, 5, 7.5) = 0, 2, 5, 8 (banker's rounding), not floors."""
+    from apps.math_reasoning.evaluate import spread_subset
+
+    items = [{"i": i} for i in range(10)]
+    assert [e["i"] for e in spread_subset(items, 3)] == [0, 3, 7]
+    assert [e["i"] for e in spread_subset(items, 4)] == [0, 2, 5, 8]
+    assert spread_subset(items, 0) == items and spread_subset(items, 10) == items
+
+
+def test_maj_at_k_votes_with_every_sample(monkeypatch):
+    """2 samples, "2" then "3", gold 2: a tie the first sample wins, so maj@2 is 1 (pass@1 1/2)."""
+    example = {"question": "1 + 1?", "answer": "2"}
+    results = _evaluate(
+        monkeypatch, [example], ["x</think><answer>2</answer>", "x</think><answer>3</answer>"]
+    )
+    assert results["all"]["maj@2"] == 1.0 and results["all"]["pass@1"] == 0.5
+    results = _evaluate(
+        monkeypatch, [example], ["x</think><answer>3</answer>", "x</think><answer>2</answer>"]
+    )
+    assert results["all"]["maj@2"] == 0.0
+
+
+def test_format_results_prints_the_hard_tail_once():
+    """ "hard" is a second name of level 3's row: the table has it once, under level3."""
+    from apps.math_reasoning.evaluate import format_results
+
+    row = {"examples": 2, "pass@1": 0.5, "pass@2": 1.0, "maj@2": 0.5, "format_rate": 0.75}
+    text = format_results({"samples": 2, "all": row, "level3": row, "hard": row, "seconds": 1.0})
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines] == ["subset", "all", "level3"]
+    assert lines[1].split() == ["all", "2", "0.500", "1.000", "0.500", "0.750"]

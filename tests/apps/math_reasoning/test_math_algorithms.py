@@ -730,6 +730,27 @@ def _codistill_trainer(small_dir, large_dir, tmp_path, rule, train_large: bool =
     return trainer, hooks, small, large
 
 
+@pytest.mark.parametrize(("scale", "baseline"), [("batch", "mean"), ("none", "leave_one_out")])
+def test_codistill_large_advantages_follow_the_runs_scale_and_baseline(
+    small_dir, large_dir, tmp_path, scale, baseline
+):
+    """L's advantages are the run's, KD column left out: its advantage scale, baseline and eps too."""
+    trainer, _, _, _ = _codistill_trainer(
+        small_dir,
+        large_dir,
+        tmp_path,
+        lambda q, i: (q + i) % 3 == 0,
+        advantage_scale=scale,
+        advantage_baseline=baseline,
+        advantage_eps=0.5,
+    )
+    batch = trainer.collect()
+    rewards = batch.table.components[:, :-1] @ batch.table.weights[:-1]  # (N,) without the KD column
+    plain = algos.group_advantages(rewards, 4, scale=scale, baseline=baseline, eps=0.5)
+    torch.testing.assert_close(verifiable_advantages(trainer, batch), plain)
+    assert not torch.allclose(plain, algos.group_advantages(rewards, 4))  # the options change them
+
+
 def test_codistill_after_update_takes_the_kd_terms_batch_once_and_times_the_kd_forward(
     small_dir, large_dir, tmp_path
 ):

@@ -363,6 +363,10 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
 PROCESS_ERROR_FILE = "process-{rank}-error.txt"
 
 
+class OtherProcessFailed(RuntimeError):
+    """Raised on every process but the one whose error `_raise_together` relays (which names it)."""
+
+
 def _raise_together(work):
     """`work()`'s result; if it raises on any process, every process raises (the others naming the one that
     failed and its error) before any reaches its next collective, where it would wait forever."""
@@ -376,7 +380,7 @@ def _raise_together(work):
         dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
         failed = [(r, m) for r, m in enumerate(messages) if m is not None]
         if failed and error is None:
-            raise RuntimeError(f"process {failed[0][0]} failed: {failed[0][1]}")
+            raise OtherProcessFailed(f"process {failed[0][0]} failed: {failed[0][1]}")
     if error is not None:
         raise error
     return result
@@ -1150,7 +1154,8 @@ class GRPOTrainer:
                     if self.rank == 0:
                         error = self._with_other_processes_errors(error)
                         self.run.set_status("failed", step=self.completed_step, error=error)
-                    elif self.world > 1:  # process 0, which records the run, may only see the lost connection
+                    elif self.world > 1 and not isinstance(err, OtherProcessFailed):
+                        # process 0, which records the run, may only see the lost connection
                         path = Path(self.run_path) / PROCESS_ERROR_FILE.format(rank=self.rank)
                         write_atomic(path, error.encode("utf-8"))
                     raise
@@ -1162,15 +1167,16 @@ class GRPOTrainer:
     def _with_other_processes_errors(self, error: str) -> str:
         """Process 0's `error`, after the errors the other processes wrote in this attempt that it does not
         name already (one failing outside a collective leaves process 0 with a lost connection only)."""
-        others = []
+        others = []  # (when written, what): the first to fail first
         for rank in range(1, self.world):
             path = Path(self.run_path) / PROCESS_ERROR_FILE.format(rank=rank)
             try:
-                if path.stat().st_mtime >= self._started_at and f"process {rank} failed" not in error:
-                    others.append(f"process {rank} failed: {path.read_text(encoding='utf-8')}")
+                written = path.stat().st_mtime
+                if written >= self._started_at and f"process {rank} failed" not in error:
+                    others.append((written, f"process {rank} failed: {path.read_text(encoding='utf-8')}"))
             except OSError:  # none: that process did not fail, or its disk is not this one's
                 continue
-        return "; ".join(others + [f"process 0: {error}"]) if others else error
+        return "; ".join([text for _, text in sorted(others)] + [f"process 0: {error}"]) if others else error
 
     def train(self) -> list[dict[str, float]]:
         """Run to `max_steps` (from the resumed step), checkpointing; returns the metrics of each step.

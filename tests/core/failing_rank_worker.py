@@ -1,7 +1,7 @@
-"""A 2-step run under `accelerate launch` (`python failing_rank_worker.py MODEL RUN WHERE`) where process 1
-only fails: WHERE = "reward", its reward raises in step 2; "after", it raises after training, inside
-`until_finished` (as in its share of an evaluation). Every process must raise, and process 0 record the run
-as failed."""
+"""A 2-step run under `accelerate launch` (`python failing_rank_worker.py MODEL RUN WHERE`) where one process
+only fails: WHERE = "reward", process 1's reward raises in step 2 ("reward0": process 0's); "after", process 1
+raises after training, inside `until_finished` (as in its share of an evaluation). Every process must raise,
+and process 0 record the run as failed."""
 
 import sys
 
@@ -17,9 +17,8 @@ calls = 0
 def flaky(completion: str, example: dict) -> float:
     global calls
     calls += 1
-    if (
-        where == "reward" and state.process_index == 1 and calls > 8
-    ):  # step 1 scores 2 groups of 4 here; step 2 fails
+    failing = {"reward": 1, "reward0": 0}.get(where)
+    if state.process_index == failing and calls > 8:  # step 1 scores 2 groups of 4 here; step 2 fails
         raise ValueError("reward server unreachable")
     return len(completion) % 3 / 3
 

@@ -609,10 +609,19 @@ def test_a_reward_error_on_one_process_stops_every_process_and_is_recorded(model
     mid-step and leave status.json "running"); it raises too, naming process 1's error."""
     status = run_failing_rank_worker(model_dir, tmp_path / "run", "reward")
     assert status["status"] == "failed" and status["step"] == 1
-    assert status["error"].startswith("RuntimeError: process 1 failed: RewardError: reward 'flaky' failed")
+    assert status["error"].startswith(
+        "OtherProcessFailed: process 1 failed: RewardError: reward 'flaky' failed"
+    )
+    assert "reward server unreachable" in status["error"]
+    assert "process 0:" not in status["error"]  # named once
+    # process 0's own error: process 1's relay of it is not a cause of its own
+    status = run_failing_rank_worker(model_dir, tmp_path / "run0", "reward0")
+    assert status["status"] == "failed" and status["step"] == 1
     assert (
-        "reward server unreachable" in status["error"] and "process 0:" not in status["error"]
-    )  # named once
+        status["error"].startswith("RewardError: reward 'flaky' failed")
+        and "process 1" not in status["error"]
+    )
+    assert not (tmp_path / "run0" / "process-1-error.txt").exists()
 
 
 def test_a_run_is_not_finished_while_another_process_fails_after_training(model_dir, tmp_path):
@@ -629,7 +638,8 @@ def test_a_run_is_not_finished_while_another_process_fails_after_training(model_
 
 def test_process_0_names_the_errors_other_processes_left_in_this_attempt_only(model_dir, tmp_path):
     """An error file of an earlier attempt is removed when the trainer is built, and one older than this
-    attempt is not named; one of this attempt comes first, unless process 0's error names it already."""
+    attempt is not named; those of this attempt come first, the first written first, unless process 0's error
+    names them already."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "process-1-error.txt").write_text("OSError: an earlier attempt's")
@@ -642,9 +652,16 @@ def test_process_0_names_the_errors_other_processes_left_in_this_attempt_only(mo
         trainer._with_other_processes_errors(own)
         == f"process 2 failed: ValueError: bad row; process 0: {own}"
     )
-    named = "RuntimeError: process 2 failed: ValueError: bad row"
+    named = "OtherProcessFailed: process 2 failed: ValueError: bad row"
     assert trainer._with_other_processes_errors(named) == named
-    os.utime(run_dir / "process-2-error.txt", (trainer._started_at - 60, trainer._started_at - 60))
+    (run_dir / "process-1-error.txt").write_text("OSError: connection lost")  # after process 2's
+    later = trainer._started_at + 5
+    os.utime(run_dir / "process-1-error.txt", (later, later))
+    assert trainer._with_other_processes_errors(own) == (
+        f"process 2 failed: ValueError: bad row; process 1 failed: OSError: connection lost; process 0: {own}"
+    )
+    for rank in (1, 2):
+        os.utime(run_dir / f"process-{rank}-error.txt", (trainer._started_at - 60, trainer._started_at - 60))
     assert trainer._with_other_processes_errors(own) == own
 
 

@@ -16,9 +16,10 @@ set. So:
   which holds the GIL, so the waiting thread could not even return (only `signal.alarm` in the main thread
   interrupts it, through CPython's signal checks in `long_pow`). Children are reused, one per concurrent
   caller; a call that finds none idle starts one (about a second, not counted in the timeout).
-A timeout or a parse failure is "no match" (False), never an exception, and so is a bare prediction with
-two numbers side by side (`1.5 2.5`, which math-verify would read as their product). Numbers of more than 4300 digits
-never match (Python's int-to-string limit makes math-verify's parse fail).
+A timeout or a parse failure is "no match" (False), never an exception, and so is a bare prediction of
+plain numbers and text with two numbers side by side (`1.5 2.5`, which math-verify would read as their
+product; `\\frac 1 2` is a fraction). Numbers of more than 4300 digits never match (Python's int-to-string
+limit makes math-verify's parse fail).
 """
 
 import atexit
@@ -47,10 +48,13 @@ _FRACTION_GROUPS = rf"\.\d{{3}}(?:{_GROUP_SPACE}\d{{3}})*{_GROUP_SPACE}\d{{1,3}}
 _GROUPED_NUMBER = re.compile(
     rf"(?<![\d.])(?:\d{{1,3}}(?:{_GROUP_SPACE}\d{{3}})+(?!\d)(?:{_FRACTION_GROUPS}|\.\d+)?|\d*{_FRACTION_GROUPS})"
 )
-# Two numbers side by side in a bare answer, with only spaces between them (after digit groups are joined):
-# "1.5 2.5". It is not one answer: math-verify reads it as a product (3.75), a reading no solver means, so it
-# never matches (as "12 5" does not: math-verify does not parse it).
-_SIDE_BY_SIDE_NUMBERS = re.compile(rf"(?<![\w.])\d*\.?\d+(?:\s|{_GROUP_SPACE})+\d*\.?\d+(?![\w.])")
+# Two numbers side by side in a bare answer of plain numbers and text, with only spaces (or LaTeX spacing)
+# between them, after digit groups are joined: "1.5 2.5". It is not one answer: math-verify reads it as a
+# product (3.75), a reading no solver means, so it never matches (as "12 5" does not: math-verify does not
+# parse it). Not in an answer with any other LaTeX command, sub- or superscript, where numbers are arguments
+# (`\frac 1 2`, `2 \frac 1 2`, `x^2 3`).
+_LATEX_SPACING = re.compile(r"\\(?:[,;:! ]|q?quad\b)|~")
+_SIDE_BY_SIDE_NUMBERS = re.compile(r"(?<![\w.])\d*\.?\d+\s+\d*\.?\d+(?![\w.])")
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy machine
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`
 
@@ -87,13 +91,18 @@ def _as_latex(answer: str) -> str:
     return answer if _LATEX_DELIMITERS.search(answer) else f"${answer}$"
 
 
+def _side_by_side_numbers(answer: str) -> bool:
+    plain = _LATEX_SPACING.sub(" ", answer)
+    return not re.search(r"[\\^_]", plain) and bool(_SIDE_BY_SIDE_NUMBERS.search(plain))
+
+
 def _match(prediction: str, gold: str, step_timeout_s: int | None) -> bool:
     """math-verify parse + verify; `step_timeout_s=None` disables its signal-based timeouts (in a child)."""
     # parse and verify catch their own errors and timeouts (raise_on_error=False): a failed parse is [],
     # and verify of an empty list is False.
     bare = not _LATEX_DELIMITERS.search(prediction)
     prediction = _as_latex(prediction)
-    if bare and _SIDE_BY_SIDE_NUMBERS.search(prediction):
+    if bare and _side_by_side_numbers(prediction):
         return False
     gold_parsed = parse(_as_latex(gold), parsing_timeout=step_timeout_s)
     predicted = parse(prediction, parsing_timeout=step_timeout_s)

@@ -40,6 +40,9 @@ MATCHES = [
     ("\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
     ("The answer is $42$; 3 4 were wrong", "42"),  # numbers side by side outside the delimited answer
     ("0.5 \\pi", "\\pi/2"),  # a number and a symbol side by side are a product
+    ("\\frac 1 2", "\\frac{1}{2}"),  # numbers side by side as a command's arguments
+    ("\\dfrac 3 4", "0.75"),
+    ("2 \\frac 1 2", "\\frac{5}{2}"),  # a mixed number
 ]
 
 MISMATCHES = [
@@ -64,6 +67,7 @@ MISMATCHES = [
     ("1.5 2.5", "3.75"),
     ("x = 1.5\\ 2", "3"),
     ("[1 2.5 6]", "15"),
+    ("1.5\\quad 2.5", "3.75"),
     ("1.5 2.5", "1.5, 2.5"),
 ]
 

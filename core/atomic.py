@@ -20,7 +20,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     first and removed after), on error it is removed. A kill leaves `path` as it was, and never a `path`
     with part of its files (a model whose weights file is cut short): an old `path` moved aside by a write
     cut off before the new one landed is put back, here on error and by the next call after a kill."""
-    given, path = path, Path(os.path.abspath(path))  # "." and "a/.." by the name they stand for
+    given = path = Path(path)
+    if path.name in ("", ".", ".."):  # "." or "a/..": the directory it stands for, which has a name
+        path = path.resolve()
     if path.exists() and not path.is_dir():  # a user's file: never moved aside and replaced by a directory
         raise FileExistsError(f"{path} is a file, not a directory")
     if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):

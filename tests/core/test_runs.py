@@ -711,7 +711,8 @@ def test_atomic_directory_refuses_the_current_directory_and_its_parents_and_take
     tmp_path, monkeypatch
 ):
     """`debias data --out-dir .` crashed on the empty name; resolved, it would have replaced the current
-    directory (copying the rest of it in first). "a/.." is the directory it names."""
+    directory (copying the rest of it in first). "a/.." is the directory it names; "data/../out" is read as the
+    OS reads it."""
     work = tmp_path / "work"
     (work / "a").mkdir(parents=True)
     (work / "notes.txt").write_text("kept")
@@ -728,6 +729,16 @@ def test_atomic_directory_refuses_the_current_directory_and_its_parents_and_take
         "b",
         "notes.txt",
     ]
+    (work / "a" / "deep").mkdir()
+    with atomic_directory("a/deep/..") as tmp:  # stands for a, replaced whole
+        (tmp / "y").write_text("2")
+    assert [p.name for p in (work / "a").iterdir()] == ["y"]
+    # ".." after a symlink is the target's parent, as the OS and every later reader take it
+    (tmp_path / "elsewhere" / "x" / "data").mkdir(parents=True)
+    (work / "data").symlink_to(tmp_path / "elsewhere" / "x" / "data")
+    with atomic_directory("data/../out") as tmp:
+        (tmp / "z").write_text("3")
+    assert (tmp_path / "elsewhere" / "x" / "out" / "z").read_text() == "3" and not (work / "out").exists()
 
 
 def ended_process_pid() -> int:

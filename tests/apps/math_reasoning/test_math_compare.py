@@ -58,9 +58,8 @@ def test_stats_and_table_cells():
     assert "over 2 seed(s)" in table
 
 
-def test_grpo_large_is_grpo_on_the_large_model(small_dir, large_dir, tmp_path, monkeypatch):
-    """The grpo_large arm trains with algo grpo, from the --large-model."""
-    assert arm_values({}, "grpo_large") == {"algo": "grpo"}
+def _recorded_training(monkeypatch) -> list:
+    """The run configs compare trains, in order, each run faked: one step of 1 s, no evaluation."""
     trained = []
 
     def fake_train(run_config):
@@ -68,6 +67,13 @@ def test_grpo_large_is_grpo_on_the_large_model(small_dir, large_dir, tmp_path, m
         return {"history": [{"step_time": 1.0}], "eval": {}, "run_dir": run_config.run_dir}
 
     monkeypatch.setattr(compare_module, "_train_or_resume", fake_train)
+    return trained
+
+
+def test_grpo_large_is_grpo_on_the_large_model(small_dir, large_dir, tmp_path, monkeypatch):
+    """The grpo_large arm trains with algo grpo, from the --large-model."""
+    assert arm_values({}, "grpo_large") == {"algo": "grpo"}
+    trained = _recorded_training(monkeypatch)
     config = MathCompareConfig(
         algos=("grpo", "grpo_large"), seeds=(0,), out_dir=str(tmp_path / "c"), model=str(small_dir),
         large_model=str(large_dir),
@@ -143,13 +149,7 @@ def test_codistill_row_without_ls_time_has_no_step_time():
 def test_seeds_vary_the_rl_run_only(small_dir, large_dir, tmp_path, monkeypatch):
     """Each arm x seed is a run of its own directory and seed; the data seed is the train default for all,
     and only CoDistill gets the large model as its L."""
-    trained = []
-
-    def fake_train(run_config):
-        trained.append(run_config)
-        return {"history": [{"step_time": 1.0}], "eval": {}, "run_dir": run_config.run_dir}
-
-    monkeypatch.setattr(compare_module, "_train_or_resume", fake_train)
+    trained = _recorded_training(monkeypatch)
     config = MathCompareConfig(
         algos=("grpo", "codistill", "grpo_large"), seeds=(3, 5), out_dir=str(tmp_path / "c"),
         model=str(small_dir), large_model=str(large_dir),

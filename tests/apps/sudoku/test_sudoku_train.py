@@ -15,15 +15,22 @@ from apps.sudoku.model import create_model_dir
 from apps.sudoku.puzzles import generate_puzzles
 from apps.sudoku.serialize import to_example
 from apps.sudoku.train import (
+    SudokuSFTConfig,
     SudokuTrainConfig,
     build_rubric,
     fit_bootstrap_scales,
     refuse_short_completions,
+    run_sft,
     run_train,
 )
 from core.config import config_to_dict
 from core.data import InputError
 from core.runs import RunDir
+
+
+def tiny_sft_config(**overrides) -> SudokuSFTConfig:
+    """An SFT config of a 32-wide 1-layer model, 2 puzzles a step, 2 evaluated."""
+    return SudokuSFTConfig(**dict(sft_batch_size=2, hidden_size=32, num_layers=1, eval_puzzles=2) | overrides)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +128,6 @@ def test_a_run_whose_scales_fit_fails_is_marked_failed(puzzles, model_dir, tmp_p
 
 def test_sft_and_grpo_runs_evaluate_the_held_out_puzzles(puzzles, model_dir, tmp_path, monkeypatch):
     """The evaluation at the end of an SFT and of a GRPO run reads the held-out side, never train."""
-    from apps.sudoku.train import SudokuSFTConfig, run_sft
-
     train, held_out = puzzles[:4], puzzles[4:]
     evaluated, written = [], {}
     metrics = {"cell_accuracy": 0.0, "solved": 0.0, "order_reward_norm": 0.0, "kendall_tau": 0.0}
@@ -149,14 +154,7 @@ def test_sft_and_grpo_runs_evaluate_the_held_out_puzzles(puzzles, model_dir, tmp
 
     monkeypatch.setattr(sudoku_train, "evaluate_model", evaluate)
     monkeypatch.setattr(sudoku_train, "GRPOTrainer", Trainer)
-    sft_config = SudokuSFTConfig(
-        run_dir=str(tmp_path / "sft"),
-        sft_steps=1,
-        sft_batch_size=2,
-        hidden_size=32,
-        num_layers=1,
-        eval_puzzles=2,
-    )
+    sft_config = tiny_sft_config(run_dir=str(tmp_path / "sft"), sft_steps=1)
     run_sft(sft_config, (train, held_out))
     config = SudokuTrainConfig(
         model=str(model_dir), run_dir=str(tmp_path / "grpo"), eval_puzzles=2, bootstrap_scaling=False
@@ -267,16 +265,7 @@ def test_train_without_a_model_first_sfts_on_random_order(puzzles, tmp_path, mon
 
 
 def test_a_finished_sft_run_records_its_last_step(puzzles, tmp_path):
-    from apps.sudoku.train import SudokuSFTConfig, run_sft
-
-    config = SudokuSFTConfig(
-        run_dir=str(tmp_path / "run"),
-        sft_steps=2,
-        sft_batch_size=2,
-        hidden_size=32,
-        num_layers=1,
-        eval_puzzles=0,
-    )
+    config = tiny_sft_config(run_dir=str(tmp_path / "run"), sft_steps=2, eval_puzzles=0)
     run_sft(config, (puzzles[:4], puzzles[4:]))
     status = RunDir(tmp_path / "run").read_status()
     assert (status["status"], status["step"]) == ("finished", 2)
@@ -284,8 +273,6 @@ def test_a_finished_sft_run_records_its_last_step(puzzles, tmp_path):
 
 def test_a_failed_sft_run_records_the_last_step_it_logged(puzzles, tmp_path, monkeypatch):
     """Every failed SFT run (its evaluation after the last step, or a crash mid-way) had recorded step 0."""
-    from apps.sudoku.train import SudokuSFTConfig, run_sft
-
     real_sft = sudoku_train.sft
 
     def crash_after(step_count):
@@ -299,7 +286,7 @@ def test_a_failed_sft_run_records_the_last_step_it_logged(puzzles, tmp_path, mon
 
         return sft
 
-    config = SudokuSFTConfig(sft_steps=3, sft_batch_size=2, hidden_size=32, num_layers=1, eval_puzzles=2)
+    config = tiny_sft_config(sft_steps=3)
     monkeypatch.setattr(sudoku_train, "sft", crash_after(2))
     with pytest.raises(RuntimeError, match="killed at step 2"):
         run_sft(dataclasses.replace(config, run_dir=str(tmp_path / "mid")), (puzzles[:4], puzzles[4:]))

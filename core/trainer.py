@@ -1157,7 +1157,10 @@ class GRPOTrainer:
                     elif self.world > 1 and not isinstance(err, OtherProcessFailed):
                         # process 0, which records the run, may only see the lost connection
                         path = Path(self.run_path) / PROCESS_ERROR_FILE.format(rank=self.rank)
-                        write_atomic(path, error.encode("utf-8"))
+                        try:
+                            write_atomic(path, error.encode("utf-8"))
+                        except OSError:  # a run directory not on this machine: its own error stands
+                            pass
                     raise
             if self.rank == 0:
                 self.run.set_status("finished", step=self.step)

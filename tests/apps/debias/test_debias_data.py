@@ -195,3 +195,64 @@ def test_a_data_directory_without_heldout_loads_and_only_asking_for_it_fails(tmp
     )
     with pytest.raises(FileNotFoundError, match=r"heldout.jsonl"):
         evaluate(config)
+
+
+def test_rewriting_without_heldout_drops_the_old_heldout_file(tmp_path):
+    """Old split files are not carried over: a stale heldout.jsonl beside new train rows would be loaded."""
+    splits = generate_splits(DataConfig(num_prompts=60))
+    write_splits(splits, tmp_path)
+    (tmp_path / "notes.txt").write_text("kept\n")
+    write_splits({k: v for k, v in splits.items() if k != "heldout"}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt",
+        "test.jsonl",
+        "train.jsonl",
+        "validation.jsonl",
+    ]
+    assert sorted(load_splits(tmp_path)) == ["test", "train", "validation"]
+
+
+def test_a_generator_that_runs_out_of_distinct_prompts_stops(monkeypatch):
+    calls = []
+
+    def same_prompt(rng, category):
+        calls.append(category)
+        assert len(calls) <= 3001, "the generator did not stop after 50 draws per prompt"
+        return {"category": category, "prompt": "same"}
+
+    monkeypatch.setattr(data, "make_row", same_prompt)
+    with pytest.raises(ValueError, match=r"only 1 distinct prompts after 3001 draws; lower num_prompts"):
+        generate_splits(DataConfig(num_prompts=60))
+    assert len(calls) == 3000  # the first draw and 2,999 repeats
+
+
+def test_a_reward_model_trained_on_other_splits_is_refused_naming_both():
+    from reward_models.pairs import data_record
+
+    splits = generate_splits(DataConfig(num_prompts=60))
+    record = data_record("/data/rm", splits)
+    data.check_reward_model_data("rm", record, splits, None)  # the same rows: no error
+    other = generate_splits(DataConfig(num_prompts=60, seed=1, heldout_category="age"))
+    with pytest.raises(ValueError) as error:
+        data.check_reward_model_data("rm", record, other, None)
+    message = str(error.value)
+    assert "rm: trained on /data/rm (held-out: hukou)" in message
+    assert "uses splits generated in memory (seed 0) (held-out: age)" in message
+    assert "whose train, validation, test, heldout rows differ; pass --data-dir /data/rm" in message
+
+
+def test_check_without_a_record_only_notes_it(capsys):
+    data.check_reward_model_data("rm", None, {}, None)
+    assert "note: rm has no record of its training data" in capsys.readouterr().out
+
+
+def test_split_sizes_round_each_fraction_of_the_rest():
+    assert data.split_sizes(50, 0.1, 0.2) == {"train": 35, "validation": 5, "test": 10}
+    splits = generate_splits(DataConfig(num_prompts=120, validation_fraction=0.1, test_fraction=0.2))
+    assert [len(splits[name]) for name in data.SPLITS] == [70, 10, 20, 20]
+
+
+def test_responses_fill_capitalised_slots():
+    rows = generate_splits(DataConfig(num_prompts=120))["train"]
+    assert all(row[key][:1].isupper() for row in rows for key in ("neutral", "biased", "off_topic", "prompt"))
+    assert data._fill("{Plural} and {plural}", plural="women") == "Women and women"

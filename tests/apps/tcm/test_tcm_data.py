@@ -2,12 +2,14 @@
 options), the knowledge table's consistency, the offline generator and the split by fact."""
 
 import json
+import random
 from collections import Counter
 
 import pytest
 
 from apps.tcm.data import (
     TYPES,
+    _multi,
     fact_groups,
     generate_examples,
     load_examples,
@@ -603,3 +605,81 @@ def test_a_model_without_a_chat_template_is_named_before_any_prompt_is_built(tmp
     tokenizer.chat_template, tokenizer.name_or_path = None, str(tmp_path / "qwen-base")
     with pytest.raises(InputError, match=r"qwen-base: its tokenizer has no chat template.*Instruct model"):
         build_prompt({"type": "fill", "question": "麻黄性____。"}, tokenizer)
+
+
+def test_no_single_choice_distractor_is_another_true_item():
+    """A herb's other flavours and meridians and a formula's other components are never wrong options."""
+    true_items = {}
+    for herb in HERBS:
+        true_items[f"herb:{herb.name}:flavours"] = set(herb.flavours)
+        true_items[f"herb:{herb.name}:meridians"] = set(herb.meridians)
+    for formula in FORMULAS:
+        true_items[f"formula:{formula.name}:components"] = set(formula.components)
+    seen = 0
+    for seed in (0, 1, 2):
+        for example in generate_examples(seed):
+            if example["type"] != "single" or example["fact"] not in true_items:
+                continue
+            seen += 1
+            wrong = {t for k, t in example["options"].items() if k != example["answer"]}
+            assert example["options"][example["answer"]] in true_items[example["fact"]], example
+            assert not wrong & true_items[example["fact"]], example
+    assert seen == 3 * (2 * len(HERBS) + len(FORMULAS))
+
+
+def test_multi_never_offers_an_unshown_correct_item_as_wrong():
+    """Five correct items, four shown: the fifth is not a distractor even when the pool holds it."""
+    correct = ["肺", "脾", "胃", "心", "肾"]
+    for seed in range(20):
+        options, letters = _multi(random.Random(seed), correct, [*correct, "肝", "胆", "膀胱"])
+        assert len(options) == 5 and len(letters) == 4
+        assert {options[k] for k in letters} <= set(correct)
+        wrong = {options[k] for k in set(options) - set(letters)}
+        assert len(wrong) == 1 and not wrong & set(correct), (seed, options)
+
+
+def test_formulas_without_extra_herbs_have_an_empty_also():
+    assert all(name for formula in FORMULAS for name in formula.also)
+    assert next(f for f in FORMULAS if f.name == "麻黄汤").also == ()
+
+
+def test_the_seed_draws_every_entity_kinds_questions():
+    """The seed draws the distractors and orders of herb, formula and syndrome questions alike."""
+    first, second = generate_examples(0), generate_examples(1)
+    for kind in ("herb", "formula", "syndrome"):
+        a = [e for e in first if e["fact"].startswith(kind + ":")]
+        b = [e for e in second if e["fact"].startswith(kind + ":")]
+        assert [e["fact"] for e in a] == [e["fact"] for e in b]
+        assert [e["options"] for e in a] != [e["options"] for e in b], kind
+
+
+def test_single_choice_gold_is_drawn_among_the_true_items():
+    """ "Which flavour / meridian" asks about any of the herb's items, not always its first."""
+    golds = {"flavours": set(), "meridians": set()}
+    for seed in range(3):
+        for example in generate_examples(seed):
+            kind = example["fact"].split(":")[-1]
+            if example["type"] == "single" and example["fact"].startswith("herb:") and kind in golds:
+                herb = next(h for h in HERBS if h.name == example["fact"].split(":")[1])
+                items = getattr(herb, kind)
+                golds[kind].add(items.index(example["options"][example["answer"]]))
+    assert golds["flavours"] >= {0, 1, 2} and golds["meridians"] >= {0, 1, 2, 3}
+
+
+def test_split_by_fact_refuses_negative_fractions_and_pins_its_groups():
+    examples = generate_examples(seed=0)
+    with pytest.raises(ValueError, match="fractions"):
+        split_by_fact(examples, seed=0, fractions=(1.2, -0.1, -0.1))
+    splits = split_by_fact(examples, seed=3)  # the same groups in every process (no set order)
+    group_of = fact_groups(examples)
+    test_groups = sorted({group_of[e["fact"]] for e in splits["test"]})
+    assert test_groups[:4] == [
+        "formula:四逆汤:actions",
+        "formula:四逆汤:components",
+        "formula:小柴胡汤:components",
+        "formula:白虎汤:actions",
+    ]
+    assert sorted({group_of[e["fact"]] for e in splits["val"]})[:2] == [
+        "formula:六味地黄丸:components",
+        "formula:桂枝汤:components",
+    ]

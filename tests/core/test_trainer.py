@@ -23,7 +23,7 @@ from core.rewards import Rubric
 from core.rollout import HFGenerateBackend
 from core.runs import process_identity
 from core.tiny import create_tiny_model_dir
-from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
+from core.trainer import GRPOConfig, GRPOTrainer, OtherProcessFailed, TrainerHooks
 
 EXAMPLES = [{"id": f"ex{i}", "prompt": f"go {i}"} for i in range(8)]
 
@@ -663,6 +663,28 @@ def test_process_0_names_the_errors_other_processes_left_in_this_attempt_only(mo
     for rank in (1, 2):
         os.utime(run_dir / f"process-{rank}-error.txt", (trainer._started_at - 60, trainer._started_at - 60))
     assert trainer._with_other_processes_errors(own) == own
+
+
+def test_a_process_other_than_0_leaves_its_own_error_only_and_still_raises_without_a_run_dir(
+    model_dir, tmp_path
+):
+    """Seen as process 1 of 2 (no collective runs on an error): its own error is written for process 0, a
+    relayed one is not, and a run directory it cannot write to leaves its error raised as it was."""
+    trainer = make_trainer(model_dir, make_config(tmp_path))
+    trainer.rank, trainer.world = 1, 2
+    error_file = tmp_path / "run" / "process-1-error.txt"
+    with pytest.raises(OtherProcessFailed):
+        with trainer.until_finished():
+            raise OtherProcessFailed("process 0 failed: ValueError: bad row")
+    assert not error_file.exists()
+    with pytest.raises(ValueError, match="evaluation failed"):
+        with trainer.until_finished():
+            raise ValueError("evaluation failed")
+    assert error_file.read_text() == "ValueError: evaluation failed"
+    trainer.run_path = str(tmp_path / "elsewhere" / "run")  # not on this machine
+    with pytest.raises(KeyError, match="lost"):
+        with trainer.until_finished():
+            raise KeyError("lost")
 
 
 def test_a_step_that_fails_after_its_update_is_not_recorded_as_reached(model_dir, tmp_path, monkeypatch):

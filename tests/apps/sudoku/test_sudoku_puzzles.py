@@ -285,12 +285,17 @@ def test_hidden_single_ties_go_to_the_lowest_cell():
 
 
 def test_a_guess_goes_to_the_lowest_cell_among_the_fewest_candidates():
-    """Ties between cells with equally few candidates go to the lowest index when the solver must guess."""
+    """A guess goes to a cell with the fewest candidates, the lowest index among those, when the solver must
+    guess."""
     line = "....5...2....719...48..9.....9.82.5....1..7...1..3.2.8.2.8....6.8...3....947....."
     steps = logic_solve(_grid(line), 9)
     assert [s for *_, s in steps[:12]].count("guess") == 0
     assert steps[12] == (1, 7, "guess")
     assert replay(_grid(line), 9, steps, check_labels=False) == count_solutions(_grid(line), 9)[1]
+    # after the hidden single at cell 10, cells 0-7 have 3 candidates and cell 8 has 2: the guess is cell 8,
+    # not the lowest empty cell
+    grid, solution = [0] * 11 + [1, 3, 1, 0, 0], [1, 2, 4, 3, 4, 3, 1, 2, 2, 4, 3, 1, 3, 1, 2, 4]
+    assert logic_solve(grid, 4, solution=solution)[:2] == [(10, 3, "hidden_single"), (8, 2, "guess")]
 
 
 def test_generated_puzzles_never_exceed_givens_max():

@@ -917,18 +917,18 @@ def test_make_hooks_passes_each_algorithms_settings(small_dir, large_dir, tmp_pa
 def test_codistill_takes_logprobs_at_the_runs_temperature_and_a_frozen_l_stays(
     small_dir, large_dir, tmp_path
 ):
-    """At temperature 0.5 the KD term and L's loss use log_softmax(logits / 0.5) of both models (the
-    sampling distribution); with train_large off L's weights do not move and no L loss is logged."""
+    """At temperature 0.5 the KD term and L's loss and gradient use log_softmax(logits / 0.5) of both models
+    (the sampling distribution); with train_large off L's weights do not move and no L loss is logged."""
     trainer, hooks, small, large = _codistill_trainer(
         small_dir, large_dir, tmp_path, lambda q, i: i % 2, temperature=0.5
     )
     batch = trainer.collect()
     rollouts, mask = batch.rollouts, batch.rollouts.loss_mask
 
-    def at_half(model):
+    def at_half(model, grad=False):
         ids, attention = rollouts.input_ids(), rollouts.attention_mask()
         t = rollouts.completion_ids.shape[1]
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             out = model(
                 input_ids=ids, attention_mask=attention, position_ids=position_ids_from_mask(attention)
             )
@@ -940,11 +940,20 @@ def test_codistill_takes_logprobs_at_the_runs_temperature_and_a_frozen_l_stays(
     kd = batch.table.components[:, batch.table.names.index("kd")]
     torch.testing.assert_close(kd, kd_ref, atol=1e-5, rtol=0)
     trainer.update(batch)
+    advantages = verifiable_advantages(trainer, batch)
+    # L's gradient by hand, at temperature 0.5, weights from the detached log-probs (its logged norm is it)
+    w_ref, _ = large_loss_reference(large_ref, small_ref, advantages, mask, trainer.config)
+    cfg = trainer.config
+    surrogate, _ = algos.policy_loss(
+        at_half(large, grad=True), None, advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+        aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens, importance_weights=w_ref,
+    )  # fmt: skip
+    grads = torch.autograd.grad(surrogate, [p for p in large.parameters() if p.requires_grad])
+    grad_norm_ref = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     metrics = hooks.after_update(trainer, batch)
-    _, loss_ref = large_loss_reference(
-        large_ref, small_ref, verifiable_advantages(trainer, batch), mask, trainer.config
-    )
+    _, loss_ref = large_loss_reference(large_ref, small_ref, advantages, mask, trainer.config)
     assert metrics["codistill/large_loss"] == pytest.approx(float(loss_ref), abs=1e-5)
+    assert metrics["codistill/large_grad_norm"] == pytest.approx(grad_norm_ref, rel=1e-4)
 
     trainer, hooks, _, large = _codistill_trainer(
         small_dir, large_dir, tmp_path / "frozen", lambda q, i: i % 2, train_large=False

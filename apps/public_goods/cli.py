@@ -2,6 +2,7 @@
 
 grpo-suite public-goods run --r 4.5 --steps 1000                     # Fermi, L = 100, live progress
 grpo-suite public-goods run --method grpo-gcc --init all_d --size 50 --steps 300
+grpo-suite public-goods run --method grpo-gcc --init all_d --size 50 --steps 600 --resume --run-dir DIR  # on to 600
 grpo-suite public-goods sweep --preset validation --run-dir runs/public_goods/validation
 grpo-suite public-goods plot --run-dir runs/public_goods/validation
 """
@@ -10,7 +11,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from apps.public_goods.experiments import (
@@ -53,11 +54,28 @@ class RunConfig(GameConfig):
     run_dir: str | None = field(
         default=None, metadata={"help": "run directory (default runs/public_goods/<ts>)"}
     )
+    save_every: int = field(
+        default=500, metadata={"help": "checkpoint every N steps (0: only at the end) for --resume"}
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the run in --run-dir from its newest checkpoint with its own settings, exactly as "
+            "it would have gone on; only --steps (to go further), --save-every and --keep-checkpoints may change"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.save_every < 0:
+            raise ValueError(
+                f"save_every must be >= 0 (0: a checkpoint at the end only), got {self.save_every}"
+            )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy's generators take no negative seed), got {self.seed}")
 
@@ -129,22 +147,57 @@ SWEEP_PRESETS = {
 }
 
 
-def _create(run_dir: str | None, config, algorithm: str) -> RunDir:
-    path = Path(run_dir) if run_dir else default_run_dir(APP)
-    run = RunDir.create(path, config_to_dict(config), app=APP, algorithm=algorithm, exist_ok_for_resume=False)
-    print(f"run directory: {path}")
-    return run
+# fields a resumed run may change: how far it goes and how it is saved, not what it computes
+RUN_HOW_IT_RUNS = ("resume", "run_dir", "steps", "save_every", "keep_checkpoints")
+
+
+def _resume_point(config: RunConfig):
+    """(checkpoint, its step) of the run `--resume` continues, checked before anything is written: a
+    public-goods run of this method with these settings, not beyond `--steps`; (None, 0) without one."""
+    path = run_to_resume(config.run_dir, "run")
+    stored = RunDir(path).read_config()
+    refuse_another_kind_of_run(path, stored, APP, config.method)
+    ran_with = config_to_dict(RunConfig()) | latest_config(stored)
+    changed = changed_settings(ran_with, config_to_dict(config), RUN_HOW_IT_RUNS)
+    if changed:
+        raise ValueError(
+            f"{path}: --resume would go on with other settings ({'; '.join(changed)}); resume with the run's "
+            "own settings, or pick a new --run-dir"
+        )
+    rundir = RunDir(path)
+    reached = rundir.newest_checkpoint_step() or 0
+    if reached > config.steps:
+        raise ValueError(
+            f"{path}: the run has reached step {reached}; --steps {config.steps} would end before it"
+        )
+    return rundir.latest_checkpoint(), reached
 
 
 def run(config: RunConfig) -> dict:
     import numpy as np
 
-    rundir = _create(config.run_dir, config, config.method)
-    rundir.set_status("running", step=0)
-    game = GameConfig(**{k: v for k, v in vars(config).items() if k not in ("seed", "steps", "run_dir")})
+    from apps.public_goods.checkpoints import load_run, save_run
+
+    game = GameConfig(**{f.name: getattr(config, f.name) for f in fields(GameConfig)})
+    checkpoint, resumed_at = _resume_point(config) if config.resume else (None, 0)
+    start = load_run(checkpoint, game, config.seed) if checkpoint else None  # read before anything is written
+    path = Path(config.run_dir) if config.run_dir else default_run_dir(APP)
+    rundir = RunDir.create(
+        path, config_to_dict(config), app=APP, algorithm=config.method, exist_ok_for_resume=config.resume
+    )
+    print(f"run directory: {path}")
+    if config.resume:
+        # what a killed run logged after its checkpoint is logged again
+        rundir.truncate_logs_after(resumed_at)
+        print(
+            f"resuming from step {resumed_at}"
+            if checkpoint
+            else "no checkpoint yet: starting again from step 0"
+        )
+    rundir.set_status("running", step=resumed_at)
     every = max(1, config.steps // 20)
     last_print = [time.perf_counter()]
-    reached = [0]  # the step a failure is recorded at
+    reached = [resumed_at]  # the step a failure is recorded at
 
     def on_step(model) -> None:
         reached[0] = model.steps
@@ -159,10 +212,15 @@ def run(config: RunConfig) -> dict:
                 f"step {model.steps:>7}  cooperation {model.cooperation:.4f}  payoff {model.mean_payoff:8.4f}"
             )
 
+    def save(model, so_far) -> None:
+        save_run(rundir, model, so_far, config.keep_checkpoints)
+
     with failure_recorded(
         rundir, lambda: reached[0]
     ):  # SIGTERM, Ctrl-C included: a dead run is not "running"
-        traj = simulate(game, config.seed, config.steps, on_step=on_step)
+        traj = simulate(
+            game, config.seed, config.steps, on_step, start=start, save=save, save_every=config.save_every
+        )
         snapshots = io.BytesIO()
         np.savez_compressed(snapshots, **{f"t{t}": s for t, s in traj.snapshots.items()})
         write_atomic(rundir.path / "snapshots.npz", snapshots.getvalue())

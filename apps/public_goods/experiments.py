@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,26 +98,46 @@ class Trajectory:
         return [{"step": t, "r": r, "grid": self.snapshots[t].tolist()} for t in sorted(self.snapshots)]
 
 
-def simulate(config: GameConfig, seed: int, steps: int, on_step=None) -> Trajectory:
-    """Run `steps` steps; an imitation run that reaches an absorbing state stops and is padded with it.
-    `on_step(model)` is called after every step (logging, progress)."""
-    model = make_model(config, seed)
-    coop = [model.cooperation]
-    snapshots = {0: model.strategy.copy()}
-    absorbed_at, absorbed_from_start = None, config.method in IMITATION and model.absorbed
-    start = time.perf_counter()
-    for _ in range(steps):
+def simulate(
+    config: GameConfig,
+    seed: int,
+    steps: int,
+    on_step=None,
+    *,
+    start: tuple[PublicGoodsModel, Trajectory] | None = None,
+    save=None,
+    save_every: int = 0,
+) -> Trajectory:
+    """Run the game to step `steps`; an imitation run that reaches an absorbing state stops and is padded with it.
+    `on_step(model)` is called after every step (logging, progress). `start`, a (model, trajectory so far)
+    pair from `checkpoints.load_run`, continues a run from the step it reached. `save(model, trajectory)`,
+    the trajectory unpadded, is called every `save_every` steps (0: never) and once at the end."""
+    if start is None:
+        model = make_model(config, seed)
+        so_far = Trajectory([model.cooperation], {0: model.strategy.copy()}, None, 0.0, 0)
+    else:
+        model, so_far = start
+    # False on a resume: a run absorbed from the start ends at step 1
+    absorbed_from_start = config.method in IMITATION and model.absorbed
+    began = time.perf_counter() - so_far.seconds
+    while so_far.absorbed_at is None and model.steps < steps:
         model.step()
-        coop.append(model.cooperation)
+        so_far.cooperation.append(model.cooperation)
         if model.steps in SNAPSHOT_TIMES:
-            snapshots[model.steps] = model.strategy.copy()
+            so_far.snapshots[model.steps] = model.strategy.copy()
+        so_far.steps_run = model.steps
         if on_step is not None:
             on_step(model)
         if config.method in IMITATION and model.absorbed:
-            absorbed_at = 0 if absorbed_from_start else model.steps  # one step is still run and logged
-            coop.extend([coop[-1]] * (steps - model.steps))
-            break
-    return Trajectory(coop, snapshots, absorbed_at, time.perf_counter() - start, model.steps)
+            so_far.absorbed_at = 0 if absorbed_from_start else model.steps  # one step is still run and logged
+        so_far.seconds = time.perf_counter() - began
+        going = so_far.absorbed_at is None and model.steps < steps  # else the save after the loop
+        if save is not None and save_every and model.steps % save_every == 0 and going:
+            save(model, so_far)
+    if save is not None:
+        save(model, so_far)
+    padding = [so_far.cooperation[-1]] * (steps + 1 - len(so_far.cooperation))
+    return replace(so_far, cooperation=so_far.cooperation + padding)
 
 
 # -------------------------------------------------------------------------------------------------

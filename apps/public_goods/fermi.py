@@ -70,7 +70,18 @@ def random_sequential_kernel(s, nc, rc5, five_c, k, updates, seed):
     return changes
 
 
-class FermiRandomSequential:
+class Stateless:
+    """Dynamics whose every draw comes from the model's rng: a checkpoint of the model is all a resume needs."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
+
+
+class FermiRandomSequential(Stateless):
     """One step = one MCS (L^2 elementary updates) of random-sequential Fermi imitation."""
 
     def step(self, model) -> dict[str, float]:
@@ -85,7 +96,7 @@ class FermiRandomSequential:
         return {"changes": changes / updates}
 
 
-class FermiSynchronous:
+class FermiSynchronous(Stateless):
     """All sites at once: every x draws one neighbour y and adopts its strategy with the Fermi probability,
     all payoffs taken from the lattice before the step (a common, not equivalent, variant)."""
 

@@ -115,6 +115,36 @@ class PolicyLearner:
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         self.index = torch.from_numpy(neighbourhood_index(cfg.size))
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs ({} before the first round, when nothing is built yet): the networks,
+        Adam's moments, the sampling generator and the update count (the reference refresh counts on it)."""
+        if self.policy is None:
+            return {}
+        state = {
+            "policy": self.policy.state_dict(),
+            "reference": self.reference.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": {"state": self.generator.get_state()},
+            "counters": {"updates": self.updates},
+        }
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, model) -> None:
+        """Restore `state_dict()`'s state; `_setup` builds the networks first, drawing from `model.rng`, whose
+        own state the caller restores afterwards."""
+        if not state:
+            return
+        self._setup(model)
+        self.policy.load_state_dict(state["policy"])
+        self.reference.load_state_dict(state["reference"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"]["state"])
+        self.updates = state["counters"]["updates"]
+
     def step(self, model) -> dict[str, float]:
         if self.policy is None:
             self._setup(model)
@@ -175,6 +205,15 @@ class QLearning:
     def __init__(self, config: GameConfig):
         self.config = config
         self.q = np.zeros((config.size * config.size, 2, 2))  # (N, state, action)
+
+    def state_dict(self) -> dict:
+        return {"q": {"table": torch.from_numpy(self.q.copy())}}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        table = state["q"]["table"].numpy()
+        if table.shape != self.q.shape:
+            raise ValueError(f"a Q table of shape {table.shape}, not {self.q.shape} (L = {self.config.size})")
+        self.q = table.astype(np.float64)
 
     def step(self, model) -> dict[str, float]:
         cfg = self.config

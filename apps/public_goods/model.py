@@ -234,9 +234,17 @@ def gcc_bonus(g: float, lam: float, shape: str = "parabola") -> float:
 
 
 class Dynamics(Protocol):
-    """An update rule: `step(model)` rewrites `model.strategy` in place (one MCS or one learning round)."""
+    """An update rule: `step(model)` rewrites `model.strategy` in place (one MCS or one learning round);
+    `state_dict` / `load_state_dict` carry what it keeps between steps across a resume."""
 
     def step(self, model: "PublicGoodsModel") -> dict[str, float]: ...
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs beyond the model's lattice and rng, in `RunDir.save_checkpoint`'s
+        `hooks_state` form."""
+        ...
+
+    def load_state_dict(self, state: dict, model: "PublicGoodsModel") -> None: ...
 
 
 class PublicGoodsModel(mesa.Model):

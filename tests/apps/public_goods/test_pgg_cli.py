@@ -173,7 +173,7 @@ def test_ctrl_c_is_said_once_under_a_launch(tmp_path, monkeypatch, capsys):
 
 
 def test_a_run_that_dies_midway_records_the_step_it_reached(tmp_path, monkeypatch):
-    def seven_steps_then_fail(game, seed, steps, on_step):
+    def seven_steps_then_fail(game, seed, steps, on_step, **resume_and_saves):
         for step in range(1, 8):
             on_step(SimpleNamespace(steps=step, cooperation=0.5, mean_payoff=1.0, last_metrics={}))
         raise RuntimeError("killed")

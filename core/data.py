@@ -135,8 +135,15 @@ def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tup
         rows = list(read_json(path))
     elif path.suffix == ".parquet":
         from datasets import load_dataset  # heavy import, only for Parquet
+        from datasets.exceptions import DatasetGenerationError
 
-        dataset = load_dataset("parquet", data_files=str(path), split="train")
+        try:
+            dataset = load_dataset("parquet", data_files=str(path), split="train")
+        except (ValueError, OSError, DatasetGenerationError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            reason = str(err).strip().splitlines()
+            raise InputError(
+                f"{path}: not a readable Parquet file ({reason[0] if reason else type(err).__name__})"
+            ) from err
         rows = [(f"row {index}", dict(row)) for index, row in enumerate(dataset, start=1)]
     else:
         raise InputError(f"data file {path}: expected .jsonl, .json, .csv or .parquet")

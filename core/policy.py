@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
@@ -36,6 +37,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from core.data import InputError
 from core.runs import is_run_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
@@ -181,12 +183,28 @@ def load_policy(
         )
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(
-        path.absolute(),  # its name_or_path, which an adapter saved from it records as the base: absolute
-        dtype=DTYPES[dtype],
-        local_files_only=True,
-    ).to(device)
+    with _named_if_unreadable(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path.absolute(),  # its name_or_path, which an adapter saved from it records as the base: absolute
+            dtype=DTYPES[dtype],
+            local_files_only=True,
+        ).to(device)
     return _with_lora(model, lora), _ready_tokenizer(_load_tokenizer(path), model, path)
+
+
+@contextmanager
+def _named_if_unreadable(path: Path, what: str) -> Iterator[None]:
+    """A model directory whose files transformers cannot read (weights missing or cut off, a config that is
+    not JSON) is an InputError naming the directory and the reason, not a traceback."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, ValueError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()
+        raise InputError(
+            f"{path}: its {what} cannot be loaded ({type(err).__name__}: {reason[0] if reason else 'no message'})"
+        ) from err
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -236,7 +254,8 @@ def _with_lora(model: PreTrainedModel, lora: LoraSettings | None) -> PreTrainedM
 def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: str):
     """The base model named by the adapter's config (a local directory), the adapter merged into it, and
     the tokenizer saved with the adapter (else the base's); `lora` then adds a new adapter on top."""
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    with _named_if_unreadable(path, "LoRA adapter"):
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if base and not Path(base).is_absolute() and not Path(base).is_dir():
         # recorded relative to where training ran (before base paths were made absolute): try the run's
         # directory, whose base_model/ a relative "runs/<app>/<name>/base_model" names
@@ -247,7 +266,8 @@ def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: 
             f"{path / 'adapter_config.json'}: its base model {base!r} is not a local model directory"
         )
     model, tokenizer = load_policy(base, dtype=dtype, device=device)
-    model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+    with _named_if_unreadable(path, "LoRA adapter"):
+        model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
     model.requires_grad_(True)  # loaded for inference (frozen); trained in full unless `lora` adds one
     if (path / "tokenizer_config.json").is_file():  # the trainer's tokenizer, pad token included
         tokenizer = _ready_tokenizer(_load_tokenizer(path), model, path)
@@ -269,10 +289,13 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
             "(`tokenizer.save_pretrained(dir)`)"
         )
     config_file = path / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with _named_if_unreadable(path, "tokenizer"):
+        declared = (
+            json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+        )
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -1,6 +1,8 @@
 """core/data.py: the data-file readers (errors name the file and the line or row, nothing is read silently
 wrong) and the seeded prompt order."""
 
+import re
+
 import pytest
 
 from core.data import InputError, PromptSampler, read_examples, read_jsonl, read_located_examples
@@ -190,3 +192,17 @@ def test_parquet_rows_are_numbered_from_one(tmp_path):
     pyarrow_parquet.write_table(pyarrow.table({"prompt": ["a", "b"]}), path)
     where = [where for where, _ in read_located_examples(path, ["prompt"])]
     assert where == [f"{path}:row 1 (id 'train-0')", f"{path}:row 2 (id 'train-1')"]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "Parquet file size is 0 bytes"),
+        (b"not parquet, but long enough", "Parquet magic bytes not found"),
+    ],
+)
+def test_a_parquet_file_that_is_not_one_is_named(tmp_path, content, reason):
+    path = tmp_path / "train.parquet"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: not a readable Parquet file \({reason}"):
+        read_examples(path, ["prompt"])

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from core import policy
+from core.data import InputError
 from core.policy import (
     LoraSettings,
     ReferencePolicy,
@@ -702,3 +703,29 @@ def test_reference_logprobs_are_taken_with_dropout_off(tmp_path: Path):
     assert policy.training
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "what", "reason"),
+    [
+        (
+            lambda d: (d / "model.safetensors").unlink(),
+            "model",
+            "OSError: Error no file named model.safetensors",
+        ),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 100), "model", "SafetensorError"),
+        (lambda d: (d / "config.json").write_text("{bad"), "model", "OSError"),
+        (lambda d: (d / "tokenizer_config.json").write_text("{bad"), "tokenizer", "JSONDecodeError"),
+    ],
+    ids=["weights missing", "weights cut off", "config not JSON", "tokenizer config not JSON"],
+)
+def test_a_model_directory_transformers_cannot_read_is_named_with_the_reason(
+    model_dir: Path, tmp_path: Path, damage, what, reason
+):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    damage(damaged)
+    with pytest.raises(InputError) as info:
+        load_policy(damaged)
+    assert str(info.value).startswith(f"{damaged}: its {what} cannot be loaded ({reason}")
+    assert "\n" not in str(info.value)

@@ -254,10 +254,10 @@ def _detect(row: dict, path: Path) -> str:
     )
 
 
-def check_data_format(data_format: str) -> None:
+def check_data_format(data_format: str, field: str = "data_format") -> None:
     """A ValueError naming the field when `data_format` is not one of FORMATS."""
     if data_format not in FORMATS:
-        raise ValueError(f"data_format: unknown data format {data_format!r}; valid: {', '.join(FORMATS)}")
+        raise ValueError(f"{field}: unknown data format {data_format!r}; valid: {', '.join(FORMATS)}")
 
 
 def load_examples(path: str | Path, data_format: str = "auto") -> list[dict]:
@@ -298,7 +298,8 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
             raise ValueError(
                 f"{where}: field 'answer' must end with one '#### <final answer>' line, got {final!r}"
             )
-        return {"question": _field(row, "question", where), "answer": final.replace(",", "")}
+        question = _field(row, "question", where)
+        return {"question": question, "answer": final.replace(",", ""), **_level(row, where)}
     if fmt == "offline":
         hints = row.get("hints")
         if not isinstance(hints, dict) or any(not isinstance(hints.get(t), list) for t in HINT_TIERS):
@@ -312,8 +313,7 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
             **extra,
         }
     question = _field(row, "problem", where)
-    level = level_number(row.get("level"))  # MATH's "Level 1".."Level 5": per-level rows in `math eval`
-    extra = {} if level is None else {"level": level}
+    extra = _level(row, where)
     if fmt in ("amc", "aime") or not is_missing(row.get("answer")):
         return {"question": question, "answer": _field(row, "answer", where), **extra}
     if is_missing(row.get("solution")):
@@ -324,6 +324,16 @@ def _convert(row: dict, fmt: str, where: str) -> dict:
     if boxed is None:
         raise ValueError(f"{where}: field 'solution' has no \\boxed{{...}} answer and there is no 'answer'")
     return {"question": question, "answer": boxed, **extra}
+
+
+def _level(row: dict, where: str) -> dict:
+    """{"level": ...} of a benchmark row that has one, for `math eval`'s per-level rows: its number where
+    it has one (MATH's "Level 5" -> 5), else its text ("easy", "Level ?"); {} without one."""
+    if is_missing(row.get("level")):
+        return {}
+    text = _field(row, "level", where).strip()
+    number = level_number(text)
+    return {"level": text if number is None else number}
 
 
 def level_number(value) -> int | None:

@@ -48,7 +48,7 @@ from apps.math_reasoning.templates import TEMPLATES, get_template
 from core.atomic import atomic_directory
 from core.data import InputError, check_prompt_lengths
 from core.launch import build_in_run, build_settings, policy_for, summary_table, with_run_dir
-from core.policy import load_policy
+from core.policy import load_policy, load_tokenizer
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "math"
@@ -131,6 +131,7 @@ class MathTrainConfig(GRPOConfig):
         "benchmark file for the final evaluation; default: the offline held-out set (not part of --data)",
         None,
     )
+    eval_data_format: str = _help(f"format of --eval-data: one of {', '.join(FORMATS)}", "auto")
 
     def __post_init__(self):
         if self.advantage_scale == "auto":  # before the core's checks, which read the scale
@@ -138,7 +139,8 @@ class MathTrainConfig(GRPOConfig):
         super().__post_init__()
         get_template(self.template)
         mix_levels(self.data_mix)
-        check_data_format(self.data_format)  # before a model is built or loaded
+        for name in ("data_format", "eval_data_format"):  # before a model is built or loaded
+            check_data_format(getattr(self, name), name)
         unknown = [t for t in self.scaf_tiers if t not in HINT_TIERS]
         if unknown or not self.scaf_tiers:
             raise ValueError(
@@ -147,6 +149,24 @@ class MathTrainConfig(GRPOConfig):
         for name in ("data", "eval_data"):  # before the base model is built (and trained)
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: {getattr(self, name)} is not a file")
+        if self.large_model and not any(
+            (Path(self.large_model) / f).is_file() for f in ("config.json", "adapter_config.json")
+        ):
+            raise ValueError(f"large_model: {self.large_model} is not a model directory (no config.json)")
+        for size in ("small", "large"):  # the tiny base models' shapes, before either is built
+            hidden = getattr(self, f"{size}_hidden_size")
+            if hidden < 32 or hidden % 32:
+                raise ValueError(
+                    f"{size}_hidden_size must be a positive multiple of 32 (head size 32), got {hidden}"
+                )
+            if getattr(self, f"{size}_num_layers") < 1:
+                raise ValueError(f"{size}_num_layers must be >= 1, got {getattr(self, f'{size}_num_layers')}")
+            if getattr(self, f"{size}_sft_steps") < 0:
+                raise ValueError(f"{size}_sft_steps must be >= 0, got {getattr(self, f'{size}_sft_steps')}")
+        for name in ("sft_lr", "large_sft_lr"):
+            lr = getattr(self, name)
+            if lr is not None and not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"{name} must be > 0 and finite, got {lr}")
         if self.model is None and self.max_new_tokens >= TINY_CONTEXT:  # before it is built (minutes)
             raise ValueError(
                 f"max_new_tokens must be below the tiny default model's context of {TINY_CONTEXT} tokens, "
@@ -307,10 +327,7 @@ def make_hooks(config: MathTrainConfig, tokenizer) -> TrainerHooks:
         return ScafHooks(template, tuple(config.scaf_tiers), config.scaf_progressive, steps)
     if config.algo == "codistill":
         large, large_tokenizer = large_policy(config)
-        if large_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(
-                "codistill: the small and large models must share one tokenizer (same vocabulary)"
-            )
+        refuse_another_tokenizer(config, tokenizer, large_tokenizer)
         return CoDistillHooks(
             large,
             alpha=config.codistill_alpha,
@@ -320,6 +337,16 @@ def make_hooks(config: MathTrainConfig, tokenizer) -> TrainerHooks:
             train_large=config.codistill_train_large,
         )
     return TrainerHooks()
+
+
+def refuse_another_tokenizer(config: MathTrainConfig, small, large) -> None:
+    """CoDistill compares the two models token by token: their tokenizers must have one vocabulary."""
+    if large.get_vocab() != small.get_vocab():
+        large_dir = config.large_model or Path(config.run_dir) / "base_model_large"
+        raise InputError(
+            f"{large_dir}: codistill's large model must share the small model's tokenizer "
+            f"({config.model or 'the offline tiny model'}'s); their vocabularies differ"
+        )
 
 
 def large_policy(config: MathTrainConfig):
@@ -343,7 +370,7 @@ def train(config: MathTrainConfig) -> dict:
         require_hints(examples, config.data)
     eval_examples = (
         load_eval_examples(
-            config.eval_data, config.data_format, config.data_seed, config.eval_examples, config.data_mix
+            config.eval_data, config.eval_data_format, config.data_seed, config.eval_examples, config.data_mix
         )
         if config.eval_samples
         else []
@@ -357,6 +384,9 @@ def train(config: MathTrainConfig) -> dict:
     if config.model is None:  # the tiny model's SFT takes minutes: a prompt too long is refused before it
         tokenizer = tiny_tokenizer(offline_sets(config.data_seed, mix=config.data_mix))
         check_prompt_lengths(examples, tokenizer, config.max_new_tokens, TINY_CONTEXT)
+    if config.algo == "codistill" and config.large_model:  # before the small base model's SFT too
+        small = tokenizer if config.model is None else load_tokenizer(config.model)
+        refuse_another_tokenizer(config, small, load_tokenizer(config.large_model))
     config = with_run_dir(config, APP, config.algo)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))

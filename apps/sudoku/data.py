@@ -14,6 +14,7 @@ from apps.sudoku.puzzles import (
     holdout_split,
     read_puzzles,
 )
+from core.data import InputError
 
 # (fewest, most) givens of a generated puzzle by size; 4x4's are the default preset's, 9x9's the range the
 # docs use (every 9x9 puzzle with a unique solution has at least 17 givens)
@@ -114,8 +115,8 @@ def split_puzzles(config: PuzzleConfig, puzzles: list[Puzzle]) -> tuple[list[Puz
     """(train, held-out) by solution grid; both must be non-empty."""
     train, held_out = holdout_split(puzzles, config.eval_fraction)
     if not train or not held_out:
-        raise ValueError(
+        raise InputError(
             f"{config.data or 'generated puzzles'}: {len(puzzles)} puzzles split into {len(train)} train / "
-            f"{len(held_out)} held out; use more puzzles or another eval_fraction"
+            f"{len(held_out)} held out; use more puzzles (--num-puzzles) or another --eval-fraction"
         )
     return train, held_out

@@ -325,15 +325,16 @@ def test_a_value_out_of_range_or_for_another_algorithm_is_refused(flags, message
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-def test_every_preset_goes_with_every_algorithm():
+def test_every_preset_goes_with_every_algorithm(tmp_path):
     """A preset's value of another algorithm's field (smoke's scaf_exemption_fraction, micro's
     codistill_large_lr) is not taken as given."""
     from apps.math_reasoning.train import ALGORITHMS, PRESETS, MathTrainConfig
 
+    (tmp_path / "config.json").write_text("{}")  # --large-model must look like a model directory
     for preset in PRESETS.values():
         for algo in ALGORITHMS:
             # a --model: the paper preset's 1,024 new tokens do not fit the tiny default
-            assert MathTrainConfig(**preset, algo=algo, model="m", large_model="l").algo == algo
+            assert MathTrainConfig(**preset, algo=algo, model="m", large_model=str(tmp_path)).algo == algo
 
 
 @pytest.mark.parametrize(
@@ -713,3 +714,81 @@ def test_training_on_a_data_file_without_eval_data_says_the_evaluation_is_offlin
         for quiet in ({"eval_data": str(data)}, {"eval_samples": 0}):
             with pytest.raises(Stop):
                 math_train.train(math_train.MathTrainConfig(data=str(data), **quiet))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--small-hidden-size", "50"],
+            "small_hidden_size must be a positive multiple of 32 (head size 32), got 50",
+        ),
+        (
+            ["--large-hidden-size", "0"],
+            "large_hidden_size must be a positive multiple of 32 (head size 32), got 0",
+        ),
+        (["--small-num-layers", "0"], "small_num_layers must be >= 1, got 0"),
+        (["--large-sft-steps", "-1"], "large_sft_steps must be >= 0, got -1"),
+        (["--sft-lr", "0"], "sft_lr must be > 0 and finite, got 0.0"),
+        (["--large-sft-lr=-1e-3"], "large_sft_lr must be > 0 and finite, got -0.001"),
+    ],
+)
+def test_a_tiny_model_shape_or_sft_rate_it_cannot_have_is_a_command_line_error(
+    tmp_path, capsys, flags, message
+):
+    """They were refused by the model builder with a traceback, after the data had been read."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["math", "train", "--preset", "smoke", *flags, "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_codistills_large_model_is_checked_before_the_small_base_is_built(tmp_path, capsys):
+    """A missing --large-model, or one with another tokenizer, was found after the small model's SFT
+    (minutes), the second with a traceback."""
+    from core.tiny import create_tiny_model_dir
+
+    run = tmp_path / "run"
+    args = ["math", "train", "--preset", "smoke", "--algo", "codistill", "--run-dir", str(run)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--large-model", str(tmp_path / "nowhere")])
+    message = f"large_model: {tmp_path / 'nowhere'} is not a model directory (no config.json)"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    other = create_tiny_model_dir(tmp_path / "other", ["only these letters"], hidden_size=32, num_layers=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--large-model", str(other)])
+    message = (
+        f"error: {other}: codistill's large model must share the small model's tokenizer (the offline tiny "
+        "model's); their vocabularies differ"
+    )
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (run / "base_model").exists()
+
+
+def test_the_eval_data_has_a_format_of_its_own(tmp_path, monkeypatch):
+    """--data-format was applied to --eval-data too: a GSM8K training file could not be evaluated on a
+    MATH-style file once its format was given."""
+    from apps.math_reasoning import train as math_train
+
+    gsm, math_file = tmp_path / "gsm.jsonl", tmp_path / "math.jsonl"
+    gsm.write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    math_file.write_text('{"problem": "2 + 2?", "solution": "\\\\boxed{4}", "level": "Level 2"}\n')
+    loaded = {}
+
+    def keep(examples, *args):
+        loaded["eval"] = examples
+        raise KeyboardInterrupt
+
+    real = math_train.load_eval_examples
+    monkeypatch.setattr(math_train, "load_eval_examples", lambda *a: keep(real(*a)))
+    with pytest.raises(KeyboardInterrupt):
+        math_train.train(
+            math_train.MathTrainConfig(data=str(gsm), data_format="gsm8k", eval_data=str(math_file))
+        )
+    assert [(e["question"], e["answer"], e["level"]) for e in loaded["eval"]] == [("2 + 2?", "4", 2)]
+    with pytest.raises(ValueError, match=r"math.jsonl:line 1 .*missing field 'answer'"):
+        math_train.train(
+            math_train.MathTrainConfig(data=str(gsm), eval_data=str(math_file), eval_data_format="gsm8k")
+        )
+    with pytest.raises(ValueError, match="eval_data_format: unknown data format 'csv'"):
+        math_train.MathTrainConfig(eval_data_format="csv")

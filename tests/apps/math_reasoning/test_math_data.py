@@ -283,9 +283,22 @@ def test_math_rows_keep_their_level(tmp_path):
         {"problem": "p", "solution": r"\boxed{1}", "level": "Level 5"},
         {"problem": "q", "answer": "2", "level": "Level ?"},
         {"problem": "r", "answer": "3", "level": 2},
+        {"problem": "s", "answer": "4", "level": " easy "},
+        {"problem": "t", "answer": "5"},
     ]
     loaded = load_examples(_write(tmp_path / "math.jsonl", rows))
-    assert [e.get("level") for e in loaded] == [5, None, 2]
+    # a level that is not a number is kept as its text (`math eval` reports it as "level easy"); it was dropped
+    assert [e.get("level") for e in loaded] == [5, "Level ?", 2, "easy", None]
+    gsm = [
+        {"question": "q", "answer": "so #### 1", "level": "hard"},
+        {"question": "r", "answer": "#### 2", "level": 1},
+        {"question": "s", "answer": "#### 3"},
+    ]
+    assert [e.get("level") for e in load_examples(_write(tmp_path / "gsm.jsonl", gsm))] == ["hard", 1, None]
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl:line 1 .*field 'level' must be text or a number, got list"
+    ):
+        load_examples(_write(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1", "level": [1]}]))
 
 
 def test_a_nan_answer_is_missing_and_the_solutions_box_is_taken(tmp_path):

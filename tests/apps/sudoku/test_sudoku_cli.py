@@ -389,6 +389,19 @@ def test_a_puzzle_file_without_puzzles_is_an_error_before_the_run_directory_exis
     assert not run.exists()
 
 
+@pytest.mark.parametrize("command", ["sft", "train", "pipeline"])
+def test_generated_puzzles_that_leave_a_side_of_the_split_empty_are_a_command_line_error(
+    tmp_path, capsys, command
+):
+    run = tmp_path / "run"
+    args = ["--preset", "smoke", "--num-puzzles", "2", "--eval-fraction", "0.01", "--run-dir", str(run)]
+    with pytest.raises(SystemExit) as exit_info:  # a ValueError with a traceback before
+        main(["sudoku", command, *args])
+    message = "error: generated puzzles: 2 puzzles split into 2 train / 0 held out; use more puzzles"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_a_model_shape_the_model_cannot_have_is_a_command_line_error(tmp_path, capsys):
     # the model was built (and failed, with a traceback) after the run directory's config.json was written
     run = tmp_path / "run"

@@ -171,6 +171,17 @@ def refuse_another_kind_of_run(path: str | Path, stored: Mapping[str, Any], app:
             )
 
 
+def refuse_another_apps_run(path: str | Path, app: str) -> None:
+    """ValueError when `path` holds a run of another app: an evaluation adds its results to the eval.json of
+    a run of its own app only (the other's results are that run's own, and its dashboard page reads them)."""
+    config_path = Path(path) / "config.json"
+    if config_path.is_file() and (other := _read_json(config_path).get("app")) != app:
+        raise ValueError(
+            f"{path}: it holds a {other!r} run, whose eval.json this would change; give the --run-dir of a "
+            f"{app} run, or a new one"
+        )
+
+
 def run_to_resume(run_dir: str | Path | None, what: str = "run") -> Path:
     """The directory `--resume` continues: a FileNotFoundError without a --run-dir or without a run there
     (its config.json); `what` names the kind of run in the message."""

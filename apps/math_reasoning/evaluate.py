@@ -37,6 +37,7 @@ from core.runs import (
     is_run_dir,
     latest_config,
     refuse_a_file_in_the_way,
+    refuse_another_apps_run,
     training_run,
 )
 
@@ -251,6 +252,7 @@ def run_eval(config: MathEvalConfig) -> dict:
     if run_path is None:
         run_path = trained.path if trained else default_run_dir("math")
     refuse_a_file_in_the_way(run_path, "--run-dir")  # before the evaluation, not after it
+    refuse_another_apps_run(run_path, "math")
     model, tokenizer = load_policy(config.model, device=config.device)
     examples = load_eval_examples(
         config.data, config.data_format, config.data_seed, config.max_examples, config.data_mix

@@ -22,7 +22,7 @@ from apps.sudoku.rewards import puzzle_metrics
 from apps.sudoku.serialize import to_example
 from core.config import config_to_dict
 from core.rollout import SamplingSettings
-from core.runs import RunDir, default_run_dir, latest_config
+from core.runs import RunDir, default_run_dir, latest_config, refuse_another_apps_run
 
 METRICS = ("cell_accuracy", "solved", "order_reward_norm", "kendall_tau", "format_valid")
 HEADERS = ("cell acc", "solved", "order", "tau", "valid")
@@ -99,7 +99,6 @@ def run_eval(config: SudokuEvalConfig) -> dict:
         raise FileNotFoundError("sudoku eval needs --model DIR (an HF model directory, e.g. <run>/final)")
     config.set_threads()
     examples = held_out_examples(config, config.eval_puzzles)  # a bad puzzle file stops here, before a run
-    model, tokenizer = load_sudoku_policy(config.model, device=config.device)
     model_path = Path(config.model)
     if config.run_dir:
         run_path = Path(config.run_dir)
@@ -107,6 +106,8 @@ def run_eval(config: SudokuEvalConfig) -> dict:
         run_path = model_path.parent
     else:
         run_path = default_run_dir("sudoku")
+    refuse_another_apps_run(run_path, "sudoku")  # before the model is loaded and evaluated
+    model, tokenizer = load_sudoku_policy(config.model, device=config.device)
     print(f"run directory: {run_path}")
     settings = {name: getattr(config, name) for name in PuzzleConfig.__dataclass_fields__}
     if (run_path / "config.json").is_file():

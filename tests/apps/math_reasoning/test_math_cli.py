@@ -541,6 +541,23 @@ def test_eval_refuses_a_run_dir_that_is_a_file_before_evaluating(small_dir, tmp_
     assert f"--run-dir {tmp_path / 'out'} is a file, not a directory" in capsys.readouterr().err
 
 
+def test_eval_refuses_another_apps_run_before_evaluating(small_dir, tmp_path, capsys, monkeypatch):
+    """Its results were merged into a Sudoku run's eval.json."""
+    import apps.math_reasoning.evaluate as math_evaluate
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the model was evaluated before its --run-dir was checked")
+
+    monkeypatch.setattr(math_evaluate, "load_policy", no_evaluation)
+    other = RunDir.create(tmp_path / "sudoku", {}, app="sudoku", algorithm="grpo", exist_ok_for_resume=False)
+    other.write_eval({"eval": {"solved": 0.5}})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["math", "eval", "--model", str(small_dir), "--run-dir", str(other.path)])
+    message = f"error: {other.path}: it holds a 'sudoku' run, whose eval.json this would change"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert other.read_eval() == {"eval": {"solved": 0.5}}
+
+
 def eval_rows(model_dir, tmp_path, rows: list[dict], name: str) -> dict:
     """`math eval` of `model_dir` (1 sample, 4 tokens) on `rows` written to <name>.jsonl: its eval_<name>."""
     data = tmp_path / f"{name}.jsonl"

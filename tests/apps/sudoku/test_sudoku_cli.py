@@ -217,6 +217,18 @@ def test_a_bad_puzzle_file_stops_eval_before_its_run_directory_exists(tmp_path, 
     assert not run.exists()
 
 
+def test_eval_refuses_another_apps_run_before_evaluating(tmp_path, capsys):
+    """Its results replaced the `eval` a math training run had written."""
+    model = create_model_dir(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=4, seed=0)
+    other = RunDir.create(tmp_path / "math", {}, app="math", algorithm="grpo", exist_ok_for_resume=False)
+    other.write_eval({"eval": {"all": {"pass@1": 0.25}}})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sudoku", "eval", "--preset", "smoke", "--model", str(model), "--run-dir", str(other.path)])
+    message = f"error: {other.path}: it holds a 'math' run, whose eval.json this would change"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert other.read_eval() == {"eval": {"all": {"pass@1": 0.25}}}
+
+
 @pytest.mark.parametrize("command", ["sft", "train", "pipeline", "eval"])
 def test_negative_threads_are_a_command_line_error(command, capsys):
     with pytest.raises(SystemExit):  # a RuntimeError traceback from torch.set_num_threads before

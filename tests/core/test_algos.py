@@ -551,3 +551,161 @@ def test_whatever_padding_holds_the_loss_and_gradients_are_those_of_zeros(aggreg
             and torch.equal(kl, results[0][2])
         )
     assert torch.isfinite(results[0][0]) and results[0][1][0, 2] == 0.0
+
+
+# ---------------------------------------------------------------- planted-bug guards
+
+
+def test_masked_mean_ignores_what_masked_positions_hold_and_is_zero_with_none_kept():
+    x = torch.tensor([[1.0, 3.0, math.inf], [math.nan, -math.inf, 5.0], [math.nan, math.inf, -math.inf]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    assert algos.masked_mean(x, mask, dim=-1).tolist() == [2.0, 5.0, 0.0]
+    assert algos.masked_mean(x, mask).item() == pytest.approx(3.0)
+    assert algos.masked_mean(x, torch.zeros(3, 3)).item() == 0.0
+
+
+def test_group_advantages_default_eps_is_1e_6():
+    """The default eps barely moves a small but real spread: [0, 1e-4] -> +-5e-5 / (std + 1e-6)."""
+    adv = algos.group_advantages(torch.tensor([0.0, 1e-4]), 2)
+    std = 1e-4 / math.sqrt(2)
+    torch.testing.assert_close(adv, torch.tensor([-5e-5, 5e-5]) / (std + 1e-6), rtol=1e-4, atol=0.0)
+
+
+def test_normalize_then_sum_of_one_completion_is_zero_not_nan():
+    adv = algos.normalize_then_sum(torch.tensor([[0.3, 2.0]]), torch.tensor([1.0, 1.0]), 1)
+    assert adv.tolist() == [0.0]
+
+
+def test_normalize_then_sum_keeps_a_small_genuine_imbalance():
+    """Components that nearly cancel (weights 1 and 0.99) are not zeroed as float residue: their small sum
+    is normalized by its batch std like any other."""
+    components = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    adv = algos.normalize_then_sum(components, torch.tensor([1.0, 0.99]), 2)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0]) / math.sqrt(2), rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("aggregate", [algos.sum_then_normalize, algos.normalize_then_sum])
+def test_multi_reward_refuses_weights_that_are_not_one_per_component(aggregate):
+    with pytest.raises(ValueError, match=r"weights \(K,\); got \(4, 2\) and \(2, 1\)"):
+        aggregate(torch.ones(4, 2), torch.ones(2, 1), 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(eps_low=1.0), "need 0 <= eps_low < 1"),
+        (dict(eps_low=-0.1), "need 0 <= eps_low < 1"),
+        (dict(eps_high=-0.5), "eps_high >= 0"),
+        (dict(dual_clip=1.0), "dual_clip must be > 1"),
+        (dict(beta=-0.5, ref_logp=torch.zeros(2, 3)), "beta must be >= 0"),
+        (dict(aggregation="seq-mean-token-sum-norm", max_length=0), "needs max_length >= 1"),
+    ],
+)
+def test_policy_loss_refuses_settings_just_past_their_bounds(kwargs, message):
+    args = dict(logp=torch.zeros(2, 3), old_logp=None, advantages=torch.ones(2), mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=message):
+        algos.policy_loss(**(args | kwargs))
+
+
+def test_policy_loss_accepts_the_edges_of_its_bounds():
+    """eps_low 0, eps_high 0 and beta 0 are allowed: a ratio of exactly 1 is then the only unclipped one."""
+    loss, metrics = algos.policy_loss(
+        torch.zeros(1, 2), None, torch.tensor([-1.0]), torch.ones(1, 2), eps_low=0.0, eps_high=0.0, beta=0.0
+    )
+    assert loss.item() == 1.0 and metrics["clip/frac"].item() == 0.0
+
+
+def test_sequence_level_clip_fractions_leave_out_fully_masked_completions():
+    logp = torch.tensor([[math.log(2), 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    _, metrics = algos.policy_loss(
+        logp, torch.zeros(2, 2), torch.ones(2), mask, ratio_level="sequence"
+    )  # fmt: skip
+    assert metrics["clip/high_frac"].item() == 1.0 and metrics["clip/frac"].item() == 1.0
+
+
+def test_clip_metrics_count_no_token_of_zero_advantage():
+    """A ratio outside the clip range with A = 0 is not clipped on either side (its term is 0 anyway)."""
+    logp = torch.log(torch.tensor([[1.5, 0.5], [1.5, 0.5]]))
+    _, metrics = algos.policy_loss(logp, torch.zeros(2, 2), torch.tensor([0.0, 1.0]), torch.ones(2, 2))
+    assert metrics["clip/high_frac"].item() == 0.25 and metrics["clip/low_frac"].item() == 0.0
+
+
+def test_ratio_extremes_are_over_valid_tokens_only():
+    """A padded position has ratio 1; it wins neither the max of ratios all below 1 nor the min of ratios
+    all above 1."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    below = torch.log(torch.tensor([[0.5, 0.8, 1.0]]))
+    _, metrics = algos.policy_loss(below, torch.zeros(1, 3), torch.ones(1), mask)
+    assert metrics["ratio/max"].item() == pytest.approx(0.8) and metrics["ratio/min"].item() == pytest.approx(
+        0.5
+    )
+    above = torch.log(torch.tensor([[1.5, 1.1, 1.0]]))
+    _, metrics = algos.policy_loss(above, torch.zeros(1, 3), torch.ones(1), mask)
+    assert metrics["ratio/max"].item() == pytest.approx(1.5) and metrics["ratio/min"].item() == pytest.approx(
+        1.1
+    )
+
+
+def test_gtpo_a_padded_position_is_never_a_conflict_token():
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    conflict = algos.gtpo_conflict_tokens(ids, mask, torch.tensor([1.0, -1.0]), group_size=2)
+    assert conflict.tolist() == [[True, True, False], [True, True, False]]
+
+
+def test_gtpo_entropy_bound_defaults_to_ln_2():
+    """ln 2 = 0.6931: a completion at 0.695 is dropped, one at 0.69 keeps A - 0.1 H."""
+    out = algos.gtpo_entropy_advantages(torch.tensor([1.0, 1.0]), torch.tensor([0.69, 0.695]))
+    torch.testing.assert_close(out, torch.tensor([0.931, 0.0]))
+
+
+@pytest.mark.parametrize("shape_advantages", [algos.gtpo_entropy_advantages, algos.egpo_advantages])
+def test_entropy_terms_of_the_advantages_carry_no_gradient(shape_advantages):
+    entropy = torch.tensor([0.1, 0.3], requires_grad=True)
+    assert not shape_advantages(torch.tensor([1.0, -1.0]), entropy).requires_grad
+
+
+def test_truncated_importance_weights_refuse_a_zero_cap_and_give_an_empty_batch_full_ess():
+    with pytest.raises(ValueError, match="cap must be > 0, got 0"):
+        algos.truncated_importance_weights(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), cap=0.0)
+    weights, ess = algos.truncated_importance_weights(
+        torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), cap=2.0
+    )
+    assert weights.tolist() == [[0.0, 0.0]] and ess.item() == 1.0
+
+
+def test_kd_reward_carries_no_gradient():
+    student = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    teacher = torch.tensor([[-0.5, -1.0]], requires_grad=True)
+    reward = algos.kd_reward(teacher, student, torch.ones(1, 2), alpha=1.0)
+    assert not reward.requires_grad and reward.tolist() == [0.75]
+
+
+def test_gtpo_refuses_advantages_that_are_not_one_per_completion():
+    """Two advantages for four completions would broadcast against the groups without a word."""
+    with pytest.raises(ValueError, match=r"advantages must have shape \(4,\)"):
+        algos.gtpo_conflict_tokens(torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3), torch.ones(2), 2)
+
+
+def test_sum_then_normalize_uses_the_baseline_it_is_given():
+    adv = algos.sum_then_normalize(
+        torch.tensor([[1.0], [0.0], [0.0], [1.0]]), torch.ones(1), 4, scale="none", baseline="leave_one_out"
+    )
+    torch.testing.assert_close(adv, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+
+
+def test_pg_loss_metric_uses_the_whole_batch_counts():
+    """A micro-batch's pg_loss is its share of the full batch's, as its loss is: 2 of 4 tokens at -1."""
+    loss, metrics = algos.policy_loss(
+        torch.zeros(1, 2), None, torch.ones(1), torch.ones(1, 2), aggregation="token-mean", total_tokens=4
+    )
+    assert loss.item() == -0.5 and metrics["pg_loss"].item() == -0.5
+
+
+def test_kl_is_logged_with_a_reference_even_at_beta_zero():
+    loss, metrics = algos.policy_loss(
+        torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1),
+        ref_logp=torch.tensor([[math.log(2)]]), beta=0.0, kl_estimator="k1",
+    )  # fmt: skip
+    assert metrics["kl"].item() == pytest.approx(-math.log(2)) and loss.item() == 0.0

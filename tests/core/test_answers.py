@@ -35,6 +35,8 @@ MATCHES = [
     (r"1\;000\;000", "1000000"),
     ("0.0001", r"0.000\,1"),  # a shorter last group after the point
     ("3.14159265", r"3.141\,592\,65"),
+    ("3.141592653", r"3.141\,592\,653"),  # a last group of three after the point
+    ("0.000123", r"0.000\,123"),
     ("x^2\n+1", "x^2+1"),  # a line end inside a bare answer: math-verify's $...$ does not span one
     ("\\pi\n", "\\pi"),
     ("\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
@@ -68,6 +70,7 @@ MISMATCHES = [
     ("x = 1.5\\ 2", "3"),
     ("[1 2.5 6]", "15"),
     ("1.5\\quad 2.5", "3.75"),
+    ("1.5\\qquad 2.5", "3.75"),
     ("1.5 2.5", "1.5, 2.5"),
 ]
 

@@ -5,7 +5,14 @@ import re
 
 import pytest
 
-from core.data import InputError, PromptSampler, read_examples, read_jsonl, read_located_examples
+from core.data import (
+    InputError,
+    PromptSampler,
+    check_prompt_lengths,
+    read_examples,
+    read_jsonl,
+    read_located_examples,
+)
 
 
 def test_malformed_data_rows_name_the_file_and_line(tmp_path):
@@ -206,3 +213,53 @@ def test_a_parquet_file_that_is_not_one_is_named(tmp_path, content, reason):
     path.write_bytes(content)
     with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: not a readable Parquet file \({reason}"):
         read_examples(path, ["prompt"])
+
+
+def test_a_complete_last_line_is_read_without_a_warning(tmp_path, recwarn):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    assert list(read_jsonl(path, cut_off_end=True)) == [(1, {"step": 1}), (2, {"step": 2})]
+    assert not [w for w in recwarn if "no line end" in str(w.message)]
+
+
+def test_a_json_file_of_one_empty_object_is_one_row(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text("{}")
+    assert read_examples(path, []) == [{"id": "obj-0"}]
+    with pytest.raises(InputError, match=r"obj.json:row 1: missing field\(s\) prompt"):
+        read_examples(path, ["prompt"])
+
+
+class CharTokenizer:
+    """One token per character, as `tokenizer(texts, add_special_tokens=False)["input_ids"]` is read."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+
+def test_prompt_lengths_may_fill_the_context_exactly_but_not_pass_it():
+    examples = [{"id": "a", "prompt": "abc"}, {"id": "b", "prompt": "abcd"}]
+    check_prompt_lengths(examples[:1], CharTokenizer(), max_new_tokens=5, max_context=8)
+    check_prompt_lengths(examples, CharTokenizer(), max_new_tokens=5, max_context=None)
+    with pytest.raises(InputError, match=r"example 'b': prompt of 4 tokens \+ max_new_tokens 5 exceeds .* 8"):
+        check_prompt_lengths(examples, CharTokenizer(), max_new_tokens=5, max_context=8)
+
+
+def test_a_prompt_of_no_tokens_is_refused():
+    examples = [{"id": "a", "prompt": "abc"}, {"id": "b", "prompt": ""}]
+    with pytest.raises(InputError, match="example 'b': the prompt has no tokens"):
+        check_prompt_lengths(examples, CharTokenizer(), max_new_tokens=1, max_context=None)
+
+
+def test_neighbouring_seeds_do_not_share_epoch_orders():
+    """Seed 1's first epoch is not seed 0's second epoch: runs of consecutive seeds draw unrelated orders."""
+    examples = [{"id": str(i), "prompt": str(i)} for i in range(20)]
+    seed0 = PromptSampler(examples, seed=0)
+    seed0.take(20)
+    assert seed0.take(20) != PromptSampler(examples, seed=1).take(20)
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.parquet", "missing.txt"])
+def test_a_missing_data_file_is_named_as_missing_whatever_its_kind(tmp_path, name):
+    with pytest.raises(FileNotFoundError, match=rf"data file \S*{name} does not exist"):
+        read_examples(tmp_path / name, ["prompt"])

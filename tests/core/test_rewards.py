@@ -438,3 +438,64 @@ def test_concat_refuses_tables_scored_with_different_weights():
         ValueError, match=r"different components or weights: .*\[1.0, 1.0\] vs .*\[0.5, 2.0\]"
     ):
         RewardTable.concat([before, after])
+
+
+def test_with_components_keeps_the_errors_and_refuses_the_name_total():
+    table = failing_table()
+    extended = table.with_components({"kd": torch.zeros(3)})
+    assert extended.errors == table.errors and named(extended.errors) == [
+        ["w", "q0"],
+        ["v", "q1"],
+        ["v", "q2"],
+    ]
+    with pytest.raises(ValueError, match="'total' clashes"):
+        table.with_components({"total": torch.zeros(3)})
+
+
+def test_concat_refuses_tables_of_other_components_with_the_same_weights():
+    first = Rubric({"length": length}).score(COMPLETIONS, EXAMPLES)
+    other = Rubric({"contains_answer": contains_answer}).score(COMPLETIONS, EXAMPLES)
+    assert torch.equal(first.weights, other.weights)
+    with pytest.raises(ValueError, match=r"different components or weights: \['length'\]"):
+        RewardTable.concat([first, other])
+
+
+def test_fit_scales_names_what_is_wrong_with_the_batch():
+    with pytest.raises(ValueError, match=r"components must have shape \(N >= 1, 2\), got \(0, 2\)"):
+        scaled_rubric().fit_scales(torch.zeros(0, 2))
+    other = Rubric({"order": field("order"), "cell": field("cell")}).score(["", ""], FIRST_BATCH)
+    rubric = scaled_rubric()
+    with pytest.raises(
+        ValueError, match=r"table columns \['order', 'cell'\] != the rubric's \['cell', 'order'\]"
+    ):
+        rubric.fit_scales(other)
+    assert not rubric.fitted
+
+
+def test_the_largest_float32_is_a_reward():
+    biggest = float(torch.finfo(torch.float32).max)
+    table = Rubric({"r": lambda completion, example: biggest}).score(COMPLETIONS, EXAMPLES)
+    assert table.components[:, 0].tolist() == [biggest, biggest] and not table.failed.any()
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("x" * 198, repr("x" * 198)), ("x" * 199, repr("x" * 199)[:197] + "...")],
+    ids=["200-character repr whole", "201-character repr cut to 200"],
+)
+def test_a_bad_value_is_shown_in_at_most_200_characters(value, shown):
+    rubric = Rubric({"r": lambda completion, example: value})
+    with pytest.raises(RewardError) as caught:
+        rubric.score(COMPLETIONS, EXAMPLES)
+    assert str(caught.value) == f"reward 'r' returned {shown} on example 'q1': not a finite real"
+    assert len(shown) == 200
+
+
+def test_fit_scales_refuses_a_component_whose_every_call_failed():
+    rubric = Rubric({"cell": field("cell"), "order": field("order")}, on_error="zero")
+    table = rubric.score(["", ""], [{"cell": None, "order": 1.0}, {"cell": "x", "order": 2.0}])
+    with pytest.raises(
+        ValueError, match=r"mean \|reward\| is 0 \(or every call failed\) on this batch for \['cell'\]"
+    ):
+        rubric.fit_scales(table)
+    assert rubric.scales == {"cell": 1.0, "order": 1.0} and not rubric.fitted

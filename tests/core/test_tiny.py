@@ -12,6 +12,7 @@ import transformers.modeling_utils
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import core.tiny
 from core.tiny import (
     SPECIAL_TOKENS,
     _sft_alone,
@@ -340,3 +341,45 @@ def test_sft_cut_short_leaves_no_output_dir_and_reruns(base_dir, tmp_path, monke
             sft(base_dir, examples, tmp_path / "sft", max_steps=1)
     assert list(tmp_path.iterdir()) == []  # no output dir, not even the empty one Trainer makes
     AutoModelForCausalLM.from_pretrained(sft(base_dir, examples, tmp_path / "sft", max_steps=1))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_output_layer_is_the_embedding(tokenizer, arch):
+    model = build_tiny_model(tokenizer, arch=arch)
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_a_model_dir_may_be_an_existing_empty_directory(tmp_path):
+    path = tmp_path / "empty"
+    path.mkdir()
+    assert create_tiny_model_dir(path, ["ab"]) == path
+    assert (path / "model.safetensors").is_file()
+
+
+def test_the_sft_child_gets_none_of_the_launchers_variables(base_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def run(command, env, check):
+        seen.update(env)
+
+    monkeypatch.setattr(core.tiny.subprocess, "run", run)
+    launcher = {
+        "RANK": "1",
+        "MASTER_ADDR": "h",
+        "TORCHELASTIC_RUN_ID": "x",
+        "ACCELERATE_MIXED_PRECISION": "no",
+    }
+    for key, value in {**launcher, "OMPI_COMM_WORLD_SIZE": "2", "MY_SETTING": "kept"}.items():
+        monkeypatch.setenv(key, value)
+    _sft_alone(base_dir, [{"prompt": "1", "completion": "2"}], tmp_path / "out", {})
+    assert seen["MY_SETTING"] == "kept"
+    assert not {*launcher, "OMPI_COMM_WORLD_SIZE"} & set(seen)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_without_a_pad_token_is_refused():
+    tokenizer = build_char_tokenizer("ab")
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="the tokenizer needs a pad and an eos token"):
+        build_tiny_model(tokenizer)

@@ -32,12 +32,14 @@ class MathDataConfig:
 def write_data(config: MathDataConfig) -> dict[str, Path]:
     sets = offline_sets(config.data_seed, mix=config.data_mix)
     out = Path(config.out_dir)
-    paths = {}
-    for name in ("train", "test", "sft"):
-        paths[name] = out / f"{name}.jsonl"
-        write_jsonl(paths[name], getattr(sets, name))
+    paths = {name: out / f"{name}.jsonl" for name in ("train", "test", "sft")}
+    for path in paths.values():  # all three, before any is written
+        if path.is_dir():
+            raise FileExistsError(f"{path} is a directory; the data file cannot be written there")
+    for name, path in paths.items():
+        write_jsonl(path, getattr(sets, name))
         levels = sorted({e["level"] for e in getattr(sets, name)})
-        print(f"{paths[name]}: {len(getattr(sets, name))} problems, levels {levels}")
+        print(f"{path}: {len(getattr(sets, name))} problems, levels {levels}")
     return paths
 
 

@@ -22,7 +22,7 @@ from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, applies_to, b
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
 from core.atomic import write_atomic
 from core.config import config_file_values, config_to_dict
-from core.runs import RunDir, is_run_dir, latest_config
+from core.runs import RunDir, is_run_dir, latest_config, refuse_a_file_in_the_way
 
 ARMS = (*ALGORITHMS, "grpo_large")
 
@@ -118,6 +118,7 @@ def arm_values(values: dict, arm: str) -> dict:
 
 def compare(config: MathCompareConfig) -> dict:
     out = Path(config.out_dir or f"runs/math/compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    refuse_a_file_in_the_way(out, "--out-dir")
     values = _train_values(config)
     base = MathTrainConfig(**arm_values(values, "grpo"), seed=config.base_seed, run_dir=str(out))
     small = Path(config.model) if config.model else out / "base_small"

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic import write_atomic
 from core.data import is_missing, read_located_examples
 from core.runs import refuse_a_file_in_the_way
 
@@ -186,9 +187,10 @@ def offline_sets(
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object a line, written whole or not at all."""
     refuse_a_file_in_the_way(path.parent, "output directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
 
 
 # ---------------------------------------------------------------------------------------------------

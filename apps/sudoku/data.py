@@ -2,6 +2,7 @@
 into training and held-out puzzles by solution grid (4x4 has only 288 grids; a puzzle-level split would
 leak solutions into the evaluation)."""
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -108,7 +109,14 @@ def puzzle_set(config: PuzzleConfig) -> list[Puzzle]:
         raise ValueError(
             f"{config.data}: holds {len(puzzles)} puzzles, fewer than num_puzzles={config.num_puzzles}"
         )
-    return puzzles[: config.num_puzzles]
+    chosen = puzzles[: config.num_puzzles]
+    repeats = len(chosen) - len({p.grid for p in chosen})
+    if repeats:  # the split keeps one of each
+        warnings.warn(
+            f"{config.data}: {repeats} of its {len(chosen)} puzzles repeat an earlier one; each is used once",
+            stacklevel=2,
+        )
+    return chosen
 
 
 def split_puzzles(config: PuzzleConfig, puzzles: list[Puzzle]) -> tuple[list[Puzzle], list[Puzzle]]:

@@ -809,3 +809,24 @@ def test_the_eval_data_has_a_format_of_its_own(tmp_path, monkeypatch):
         )
     with pytest.raises(ValueError, match="eval_data_format: unknown data format 'csv'"):
         math_train.MathTrainConfig(eval_data_format="csv")
+
+
+def test_data_and_compare_name_an_output_path_they_cannot_write(tmp_path, capsys):
+    """A directory where a data file goes was an IsADirectoryError traceback; a file as --out-dir was
+    "[Errno 17] File exists"."""
+    (tmp_path / "data" / "train.jsonl").mkdir(parents=True)
+    (tmp_path / "data" / "sft.jsonl").mkdir()  # the last one written: none is written before it
+    with pytest.raises(SystemExit) as exit_info:
+        main(["math", "data", "--out-dir", str(tmp_path / "data")])
+    message = (
+        f"error: {tmp_path / 'data' / 'train.jsonl'} is a directory; the data file cannot be written there"
+    )
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["sft.jsonl", "train.jsonl"]
+    (tmp_path / "afile").write_text("notes")
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["math", "compare", "--preset", "smoke", "--algos", "grpo", "--out-dir", str(tmp_path / "afile")]
+        )
+    message = f"error: --out-dir {tmp_path / 'afile'} is a file, not a directory"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -348,6 +348,24 @@ def test_a_pipeline_whose_stage_fails_is_marked_failed(tmp_path, monkeypatch):
     assert status["step"] == 2  # the two SFT rows it finished
 
 
+def test_repeated_puzzles_in_a_file_are_said_not_silently_dropped(tmp_path):
+    """--num-puzzles 5 of a file whose first 5 hold two repeats used 3 puzzles without a word."""
+    from apps.sudoku.puzzles import grid_to_line
+
+    puzzles = generate_puzzles(4, 6, seed=0, givens=(4, 6))
+    lines = [f"{grid_to_line(p.grid)},{grid_to_line(p.solution)}" for p in puzzles]
+    data = tmp_path / "dups.csv"
+    data.write_text(
+        "\n".join(["puzzle,solution", lines[0], lines[1], lines[0], lines[2], lines[1], *lines[3:]])
+    )
+    out = tmp_path / "out.csv"
+    with pytest.warns(
+        UserWarning, match=r"dups.csv: 2 of its 5 puzzles repeat an earlier one; each is used once"
+    ):
+        main(["sudoku", "generate", "--data", str(data), "--num-puzzles", "5", "--output", str(out)])
+    assert len(read_puzzles(out)) == 5  # the first 5 as they are; the split takes each once
+
+
 def test_generate_refuses_an_output_that_is_a_directory(tmp_path, capsys):
     # it wrote the puzzles with open(), an IsADirectoryError traceback after generating them all
     with pytest.raises(SystemExit):

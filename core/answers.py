@@ -54,7 +54,9 @@ _GROUPED_NUMBER = re.compile(
 # parse it). Not in an answer with any other LaTeX command, sub- or superscript, where numbers are arguments
 # (`\frac 1 2`, `2 \frac 1 2`, `x^2 3`).
 _LATEX_SPACING = re.compile(r"\\(?:[,;:! ]|q?quad\b)|~")
-_SIDE_BY_SIDE_NUMBERS = re.compile(r"(?<![\w.])\d*\.?\d+\s+\d*\.?\d+(?![\w.])")
+# each number one way only ("12" is not "1" then "2"), so a long run of digits is read in linear time
+_PLAIN_NUMBER = r"(?:\d+(?:\.\d+)?|\.\d+)"
+_SIDE_BY_SIDE_NUMBERS = re.compile(rf"(?<![\w.]){_PLAIN_NUMBER}\s+{_PLAIN_NUMBER}(?![\w.])")
 _WORKER_START_TIMEOUT_S = 120.0  # importing sympy in a fresh process, on a busy machine
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds `core/`
 

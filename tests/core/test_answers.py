@@ -139,3 +139,24 @@ def test_worker_threads_match_and_time_out():
         assert time.monotonic() - start < 3.0
         # the timed-out child was killed; the next check starts a fresh one
         assert pool.submit(answers_match, "1/2", "0.5").result() is True
+
+
+def test_a_long_run_of_digits_is_read_in_linear_time():
+    """The side-by-side rule read "12" as "1" then "2" too, so a run of n digits took time n**2: 200,000
+    digits (a completion of digits) took about ten minutes. An alarm turns such a hang into a failure."""
+    import signal
+
+    from core.answers import _side_by_side_numbers
+
+    def hang(signum, frame):
+        raise TimeoutError("the side-by-side rule backtracks over the digits")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        assert not _side_by_side_numbers("1" * 200_000 + "a")
+        assert not _side_by_side_numbers("1" * 100_000 + "." + "1" * 100_000 + "x")
+        assert _side_by_side_numbers("1" * 100_000 + " 2")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

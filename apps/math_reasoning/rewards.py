@@ -9,7 +9,7 @@ no length limit; anything else goes to math-verify (`core.answers.answers_match`
 import re
 from functools import partial
 
-from apps.math_reasoning.data import box_content
+from apps.math_reasoning.data import BoxedText
 from apps.math_reasoning.templates import Template
 from core.answers import answers_match
 from core.rewards import Rubric
@@ -73,8 +73,9 @@ def closed_box(completion: str, example: dict) -> float:
     >>> closed_box(r"so \\boxed{\\frac{1}{2}}", {}), closed_box(r"so \\boxed{7", {}), closed_box(r"\\boxed 7", {})
     (1.0, 0.0, 0.0)
     """
+    boxes = BoxedText(completion)
     opened = (m.end() - 1 for m in re.finditer(r"\\boxed\{", completion))
-    return float(any(box_content(completion, i) is not None for i in opened))
+    return float(any(boxes.content(i) is not None for i in opened))
 
 
 def format_rewards(template: Template) -> dict:

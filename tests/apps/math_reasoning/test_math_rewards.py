@@ -269,3 +269,26 @@ def test_format_results_prints_the_hard_tail_once():
     lines = text.splitlines()
     assert [line.split()[0] for line in lines] == ["subset", "all", "level3"]
     assert lines[1].split() == ["all", "2", "0.500", "1.000", "0.500", "0.750"]
+
+
+def test_thousands_of_boxes_are_read_in_linear_time():
+    """Each box never closed scanned to the end of the text: 8,000 `\\boxed{` (a degenerate completion)
+    took a minute to score. An alarm turns such a hang into a failure."""
+    import signal
+
+    from apps.math_reasoning.data import last_boxed
+    from apps.math_reasoning.rewards import closed_box
+
+    def hang(signum, frame):
+        raise TimeoutError("a box is read by a scan to the end of the text")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        opened = "\\boxed{\n" * 40_000
+        assert (last_boxed(opened), closed_box(opened, {})) == (None, 0.0)
+        assert last_boxed("\\boxed{7}" + opened) == "7" and closed_box(opened + "\\boxed{7}", {}) == 1.0
+        assert last_boxed("\\boxed" * 40_000 + " 5") is not None and last_boxed("\\fbox" * 40_000) is not None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

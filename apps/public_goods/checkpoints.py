@@ -41,7 +41,8 @@ def save_run(run: RunDir, model: PublicGoodsModel, so_far: Trajectory, keep_last
 
 def load_run(path: str | Path, config: GameConfig, seed: int) -> tuple[PublicGoodsModel, Trajectory]:
     """The (model, trajectory so far) that `save_run` wrote into checkpoint `path`, for `simulate(start=...)`.
-    A checkpoint that does not fit `config` (another lattice size or update rule) is an error naming it."""
+    A checkpoint that does not fit `config` (another lattice size, or an update rule that keeps other
+    state) is an error naming it; `run --resume` refuses a run of another method before this."""
     checkpoint = load_checkpoint(path)
     state, tensors = checkpoint.trainer_state, checkpoint.model_state
     model = make_model(config, seed)

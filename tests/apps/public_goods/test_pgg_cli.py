@@ -111,6 +111,9 @@ def test_thresholds_bracket():
         ),
         (["sweep", "--steps", "500"], "got steps 500, average_last 1000"),
         (["run", "--method", "ppo", "--clip-eps", "1.5"], "clip_eps must be in \\(0, 1\\)"),
+        (["run", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0"),
+        (["run", "--save-every", "-1"], "save_every must be >= 0 \\(0: a checkpoint at the end only\\)"),
+        (["run", "--steps", "0"], "steps must be >= 1, got 0"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(args, message, capsys):
@@ -494,3 +497,59 @@ def test_a_sweep_may_average_over_all_its_steps():
     assert experiments.SweepSettings(steps=4, average_last=4).jobs()[0][2:4] == (4, 4)
     with pytest.raises(ValueError, match="got steps 4, average_last 5"):
         experiments.SweepSettings(steps=4, average_last=5)
+
+
+def test_a_sweep_row_takes_the_time_to_cooperation_at_its_own_threshold():
+    """The trajectory of test_a_sweep_row_and_series_come_from_the_trajectory ends 0.68, 0.68, 0.72: at
+    threshold 0.7 cooperation is reached at the last step, 6 (at 0.5 it is 1)."""
+    config = GameConfig(size=5, r=4.0, method="fermi-sync", init="half")
+    row, _ = experiments.run_job((config, 0, 6, 3, 0.7))
+    assert row["time_to_cooperation"] == 6
+
+
+def test_a_sweeps_grid_runs_method_then_init_then_r_then_seed():
+    settings = experiments.SweepSettings(
+        size=5, steps=2, average_last=1, r_values=(4.0, 5.0), methods=("fermi", "grpo"),
+        inits=("all_d", "half"), seeds=(0, 1),
+    )  # fmt: skip
+    grid = [(game.method, game.init, game.r, seed) for game, seed, *_ in settings.jobs()]
+    assert grid == [
+        (method, init, r, seed)
+        for method in ("fermi", "grpo")
+        for init in ("all_d", "half")
+        for r in (4.0, 5.0)
+        for seed in (0, 1)
+    ]
+
+
+def test_a_sweeps_thresholds_are_those_of_its_first_initial_state(tmp_path, monkeypatch, capsys):
+    """All-D Fermi runs stay all D: C died at every r, so r_C's lower end is the largest r, 5; the half
+    starts keep cooperators and bracket nothing there."""
+    _counted_sweep(monkeypatch)
+    args = ["--size", "5", "--steps", "2", "--average-last", "1", "--r-values", "4,5", "--workers", "1"]
+    assert main(["public-goods", "sweep", *args, "--inits", "all_d,half", "--run-dir", str(tmp_path)]) == 0
+    rows = experiments.read_table(tmp_path / "results.csv")
+    assert [row["final_cooperation"] > 0.0 for row in rows] == [False, False, True, True]
+    found = json.loads((tmp_path / "eval.json").read_text())["thresholds"]["fermi"]
+    assert found["r_C"] == [5.0, None] and found["r_D"] == [5.0, None]
+    assert (
+        'thresholds from final states (all_d start): {"fermi": {"r_C": [5.0, null]' in capsys.readouterr().out
+    )
+
+
+def test_a_resumed_sweep_is_running_from_the_jobs_it_kept(tmp_path, monkeypatch):
+    _counted_sweep(monkeypatch)
+    sweep = tmp_path / "s"
+    assert main(["public-goods", "sweep", *SWEEP_GRID, "--run-dir", str(sweep)]) == 0
+    seen = []
+
+    def dies_at_once(*args, **kwargs):
+        seen.append(RunDir(sweep).read_status())
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(cli, "run_sweep", dies_at_once)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["public-goods", "sweep", "--resume", "--run-dir", str(sweep)])
+    assert [(status["status"], status["step"]) for status in seen] == [("running", 3)]
+    status = RunDir(sweep).read_status()
+    assert (status["status"], status["step"]) == ("failed", 3)

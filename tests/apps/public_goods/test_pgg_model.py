@@ -140,3 +140,11 @@ def test_same_seed_same_history_and_datacollector(method):
 def test_bad_configuration_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         GameConfig(**fields)
+
+
+def test_the_bounds_of_q_alpha_and_coop_threshold_are_allowed():
+    """q_alpha in (0, 1] and coop_threshold in (0, 1]: 1 itself is valid for both."""
+    from apps.public_goods.experiments import SweepSettings
+
+    assert GameConfig(method="qlearning", q_alpha=1.0).q_alpha == 1.0
+    assert SweepSettings(coop_threshold=1.0).coop_threshold == 1.0

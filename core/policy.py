@@ -183,7 +183,7 @@ def load_policy(
         )
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    with _named_if_unreadable(path, "model"):
+    with named_if_unreadable(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(
             path.absolute(),  # its name_or_path, which an adapter saved from it records as the base: absolute
             dtype=DTYPES[dtype],
@@ -193,7 +193,7 @@ def load_policy(
 
 
 @contextmanager
-def _named_if_unreadable(path: Path, what: str) -> Iterator[None]:
+def named_if_unreadable(path: Path, what: str) -> Iterator[None]:
     """A model directory whose files transformers cannot read (weights missing or cut off, a config that is
     not JSON) is an InputError naming the directory and the reason, not a traceback."""
     try:
@@ -254,7 +254,7 @@ def _with_lora(model: PreTrainedModel, lora: LoraSettings | None) -> PreTrainedM
 def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: str):
     """The base model named by the adapter's config (a local directory), the adapter merged into it, and
     the tokenizer saved with the adapter (else the base's); `lora` then adds a new adapter on top."""
-    with _named_if_unreadable(path, "LoRA adapter"):
+    with named_if_unreadable(path, "LoRA adapter"):
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if base and not Path(base).is_absolute() and not Path(base).is_dir():
         # recorded relative to where training ran (before base paths were made absolute): try the run's
@@ -266,7 +266,7 @@ def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: 
             f"{path / 'adapter_config.json'}: its base model {base!r} is not a local model directory"
         )
     model, tokenizer = load_policy(base, dtype=dtype, device=device)
-    with _named_if_unreadable(path, "LoRA adapter"):
+    with named_if_unreadable(path, "LoRA adapter"):
         model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
     model.requires_grad_(True)  # loaded for inference (frozen); trained in full unless `lora` adds one
     if (path / "tokenizer_config.json").is_file():  # the trainer's tokenizer, pad token included
@@ -289,7 +289,7 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
             "(`tokenizer.save_pretrained(dir)`)"
         )
     config_file = path / "tokenizer_config.json"
-    with _named_if_unreadable(path, "tokenizer"):
+    with named_if_unreadable(path, "tokenizer"):
         declared = (
             json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
         )

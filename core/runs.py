@@ -112,13 +112,16 @@ def failure_recorded(run: "RunDir", step: int | Callable[[], int] = 0) -> Iterat
             raise
 
 
-def training_run(model: str | Path) -> "RunDir | None":
-    """The run a model directory was saved in (`<run>/final`, `<run>/final_large`, or the tiny base models a
-    run built, `<run>/base_model`, `<run>/base_model_large`), if any: evaluations take their unset data and
-    prompt settings from it, as the model was trained."""
+def training_run(model: str | Path, app: str) -> "RunDir | None":
+    """The `app` run a model directory was saved in (`<run>/final`, `<run>/final_large`, or the tiny base
+    models a run built, `<run>/base_model`, `<run>/base_model_large`), if any: evaluations take their unset
+    data and prompt settings from it, as the model was trained. Another app's run is none: its settings
+    mean other things (a toy run's max_new_tokens is not what a TCM answer needs)."""
     path = Path(model)
-    saved_in_run = path.name.startswith(("final", "base_model"))
-    return RunDir(path.parent) if saved_in_run and is_run_dir(path.parent) else None
+    if not (path.name.startswith(("final", "base_model")) and is_run_dir(path.parent)):
+        return None
+    run = RunDir(path.parent)
+    return run if run.read_config().get("app") == app else None
 
 
 def process_identity(pid: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from transformers import DebertaV2Config, DebertaV2Model
 
 from core.atomic import atomic_directory
 from core.data import InputError, read_text
+from core.policy import named_if_unreadable
 
 HEADS = ("fairness", "relevance", "quality")
 HEADS_FILE = "reward_heads.json"
@@ -92,12 +93,18 @@ class MultiHeadRewardModel(nn.Module):
                     f"{path / name} is missing; expected a reward model directory from `grpo-suite reward-model train`"
                 )
         meta = read_heads_file(path / HEADS_FILE)
-        model = cls(
-            DebertaV2Model(DebertaV2Config.from_pretrained(path, local_files_only=True)),
-            meta["heads"],
-            meta["dropout"],
-        )
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        with named_if_unreadable(path, "reward model"):
+            config = DebertaV2Config.from_pretrained(path, local_files_only=True)
+            weights = load_file(str(path / WEIGHTS_FILE))
+        model = cls(DebertaV2Model(config), meta["heads"], meta["dropout"])
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as err:  # torch's "Error(s) in loading state_dict", then the keys or shapes
+            detail = " ".join(line.strip() for line in str(err).splitlines()[:2])
+            raise InputError(
+                f"{path / WEIGHTS_FILE}: the weights do not fit the directory's config.json and {HEADS_FILE} "
+                f"({detail})"
+            ) from err
         model.max_length = meta.get("max_length")  # None in directories saved before it was kept
         model.training_data = meta.get("training_data")  # likewise
         return model.to(device).eval()

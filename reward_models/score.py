@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from core.atomic import write_atomic
 from core.data import InputError, read_jsonl
+from core.policy import named_if_unreadable
 from reward_models.deberta import MultiHeadRewardModel
 
 
@@ -52,7 +53,15 @@ class RewardModelScorer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = MultiHeadRewardModel.load(path, device=device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if not (
+            Path(path) / "tokenizer.json"
+        ).is_file():  # transformers would build one with another vocabulary
+            raise FileNotFoundError(
+                f"{Path(path) / 'tokenizer.json'} is missing; a reward model directory from `grpo-suite "
+                "reward-model train` holds the tokenizer it was trained with"
+            )
+        with named_if_unreadable(Path(path), "tokenizer"):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.heads = list(self.model.head_names)
         self.training_data = self.model.training_data  # `pairs.data_record`, or None in older directories
         self.device = device

@@ -210,7 +210,7 @@ class MathEvalConfig:
         if self.model is None:
             raise ValueError("--model is required (an HF model directory, e.g. runs/math/<run>/final)")
         # unset: as the model's training run was (its config.json), else the train command's defaults
-        run = training_run(self.model)
+        run = training_run(self.model, "math")
         trained = latest_config(run.read_config()) if run else {}
         for name, fallback in RUN_DEFAULTS.items():
             if getattr(self, name) is None:
@@ -247,7 +247,7 @@ def load_eval_examples(
 
 
 def run_eval(config: MathEvalConfig) -> dict:
-    trained = training_run(config.model)
+    trained = training_run(config.model, "math")
     run_path = Path(config.run_dir) if config.run_dir else None
     if run_path is None:
         run_path = trained.path if trained else default_run_dir("math")

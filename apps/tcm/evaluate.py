@@ -165,7 +165,7 @@ class TcmEvalConfig:
             raise ValueError("--model is required: the model directory to evaluate")
         # unset: as the model was trained (its run's config.json): the split depends on the seed, so
         # another seed would score the model on facts it was trained on
-        run = training_run(self.model)
+        run = training_run(self.model, "tcm")
         trained = latest_config(run.read_config()) if run else {}
         for name, fallback in RUN_DEFAULTS.items():
             if getattr(self, name) is None:

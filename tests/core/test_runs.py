@@ -923,3 +923,17 @@ def test_an_old_directory_left_aside_by_a_killed_writer_is_deleted_once_a_new_on
         (out / "newer.txt").write_text("newer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert [p.name for p in (tmp_path / "final").iterdir()] == ["newer.txt"]
+
+
+def test_the_training_run_of_a_model_is_a_run_of_the_app_asking(tmp_path):
+    """`tcm evaluate --model <toy run>/final` took the toy run's settings (6 new tokens) as the model's."""
+    from core.runs import training_run
+
+    for app in ("toy", "tcm"):
+        RunDir.create(
+            tmp_path / app, {"max_new_tokens": 6}, app=app, algorithm="grpo", exist_ok_for_resume=False
+        )
+    assert training_run(tmp_path / "toy" / "final", "tcm") is None
+    assert training_run(tmp_path / "tcm" / "final", "tcm").path == tmp_path / "tcm"
+    assert training_run(tmp_path / "tcm" / "base_model_large", "tcm").path == tmp_path / "tcm"
+    assert training_run(tmp_path / "tcm" / "checkpoints", "tcm") is None  # not a model the run saved

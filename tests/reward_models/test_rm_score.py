@@ -173,6 +173,36 @@ def test_score_with_a_damaged_heads_file_is_a_command_line_error(trained, tmp_pa
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+            "{rm}: its reward model cannot be loaded (SafetensorError: ",
+        ),
+        (lambda d: (d / "config.json").write_text("{"), "{rm}: its reward model cannot be loaded (OSError: "),
+        # transformers built a tokenizer of another vocabulary without it: scores silently wrong
+        (
+            lambda d: (d / "tokenizer.json").unlink(),
+            "{rm}/tokenizer.json is missing; a reward model directory",
+        ),
+    ],
+    ids=["weights cut off", "config not JSON", "tokenizer missing"],
+)
+def test_score_of_a_damaged_model_directory_is_a_command_line_error(
+    trained, tmp_path, capsys, damage, message
+):
+    rm = tmp_path / "rm"
+    shutil.copytree(trained / "run" / "model", rm)
+    damage(rm)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    argv = ["reward-model", "score", "--reward-model", str(rm), "--input", str(tmp_path / "in.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--output", str(tmp_path / "out.jsonl")])
+    assert exit_info.value.code == 2 and message.format(rm=rm) in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_scorer_caches_the_last_batch(trained):
     scorer = RewardModelScorer(trained / "run" / "model", batch_size=2)
     first = scorer.score(["q"] * 3, ["a", "b", "c"])

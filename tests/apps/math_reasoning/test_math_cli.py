@@ -830,3 +830,15 @@ def test_data_and_compare_name_an_output_path_they_cannot_write(tmp_path, capsys
         )
     message = f"error: --out-dir {tmp_path / 'afile'} is a file, not a directory"
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_takes_unset_settings_from_a_math_run_only(tmp_path):
+    """A model of another app's run was evaluated with that run's max_new_tokens."""
+    from apps.math_reasoning.evaluate import MathEvalConfig
+
+    for app in ("toy", "math"):
+        RunDir.create(
+            tmp_path / app, {"max_new_tokens": 6}, app=app, algorithm="grpo", exist_ok_for_resume=False
+        )
+    assert MathEvalConfig(model=str(tmp_path / "toy" / "final")).max_new_tokens == 80  # the default
+    assert MathEvalConfig(model=str(tmp_path / "math" / "final")).max_new_tokens == 6

@@ -233,3 +233,17 @@ def test_evaluation_passes_its_batch_size_and_seed_to_the_backend(monkeypatch):
     examples = [example | {"prompt": "p"} for example in EXAMPLES[:2]]
     evaluate_model(None, None, examples, max_new_tokens=5, batch_size=3, device="cpu", seed=7)
     assert seen == [("batch_size", 3), ("seed", 7)]
+
+
+def test_evaluate_takes_unset_settings_from_a_tcm_run_only(tmp_path):
+    """A model of another app's run (a toy run's 6 new tokens, seed 3) was scored with that run's settings."""
+    from apps.tcm.evaluate import TcmEvalConfig
+    from core.runs import RunDir
+
+    for app in ("toy", "tcm"):
+        settings = {"max_new_tokens": 6, "seed": 3}
+        RunDir.create(tmp_path / app, settings, app=app, algorithm="grpo", exist_ok_for_resume=False)
+    from_toy = TcmEvalConfig(model=str(tmp_path / "toy" / "final"))
+    from_tcm = TcmEvalConfig(model=str(tmp_path / "tcm" / "final"))
+    assert (from_toy.max_new_tokens, from_toy.seed) == (512, 0)  # the defaults
+    assert (from_tcm.max_new_tokens, from_tcm.seed) == (6, 3)

@@ -139,7 +139,7 @@ def read_located_examples(path: str | Path, required: Sequence[str]) -> list[tup
 
         try:
             dataset = load_dataset("parquet", data_files=str(path), split="train")
-        except (ValueError, OSError, DatasetGenerationError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        except (ValueError, DatasetGenerationError) as err:  # pyarrow's ArrowInvalid is a ValueError
             reason = str(err).strip().splitlines()
             raise InputError(
                 f"{path}: not a readable Parquet file ({reason[0] if reason else type(err).__name__})"

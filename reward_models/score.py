@@ -20,6 +20,7 @@ from core.atomic import write_atomic
 from core.data import InputError, read_jsonl
 from core.policy import named_if_unreadable
 from reward_models.deberta import MultiHeadRewardModel
+from reward_models.tokenizer import SPM_FILE
 
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int, device: str) -> dict:
@@ -53,11 +54,10 @@ class RewardModelScorer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = MultiHeadRewardModel.load(path, device=device)
-        if not (
-            Path(path) / "tokenizer.json"
-        ).is_file():  # transformers would build one with another vocabulary
+        if not any((Path(path) / name).is_file() for name in ("tokenizer.json", SPM_FILE)):
+            # transformers would build a tokenizer of another vocabulary from tokenizer_config.json alone
             raise FileNotFoundError(
-                f"{Path(path) / 'tokenizer.json'} is missing; a reward model directory from `grpo-suite "
+                f"{path} has neither tokenizer.json nor {SPM_FILE}; a reward model directory from `grpo-suite "
                 "reward-model train` holds the tokenizer it was trained with"
             )
         with named_if_unreadable(Path(path), "tokenizer"):

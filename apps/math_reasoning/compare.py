@@ -14,7 +14,7 @@ RL run only. Every other training field comes from --train-preset (a `math train
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -170,8 +170,11 @@ def _check_earlier_run(run_config: MathTrainConfig) -> None:
     """An earlier run in this run's directory is continued or reused only if it had these settings."""
     if not is_run_dir(run_config.run_dir):
         return
-    stored = latest_config(RunDir(run_config.run_dir).read_config())
     wanted = config_to_dict(run_config)
+    stored = latest_config(RunDir(run_config.run_dir).read_config())
+    # a setting added since that run ran at its default (as `eval_data_format`)
+    defaults = {f.name: f.default for f in fields(MathTrainConfig) if f.default is not MISSING}
+    stored = {k: defaults[k] for k in wanted.keys() - stored.keys() if k in defaults} | stored
     changed = sorted(
         k for k in stored.keys() | wanted.keys() if k != "resume" and stored.get(k) != wanted.get(k)
     )
@@ -187,8 +190,12 @@ BASES_FILE = "bases.json"  # <out>/bases.json: {size: the settings its tiny base
 
 def base_settings(base: MathTrainConfig, size: str) -> dict:
     """What a tiny base model of `size` is built from (`build_base`): its seed, data and SFT budget."""
-    fields = ("data_seed", "data_mix", "template", "sft_hint_fraction")
-    return {"base_seed": base.seed, **{k: getattr(base, k) for k in fields}, **asdict(base.tiny_spec(size))}
+    built_from = ("data_seed", "data_mix", "template", "sft_hint_fraction")
+    return {
+        "base_seed": base.seed,
+        **{k: getattr(base, k) for k in built_from},
+        **asdict(base.tiny_spec(size)),
+    }
 
 
 def _check_earlier_bases(out: Path, base: MathTrainConfig, to_build: dict[str, Path]) -> dict:

@@ -48,7 +48,8 @@ from apps.math_reasoning.templates import TEMPLATES, get_template
 from core.atomic import atomic_directory
 from core.data import InputError, check_prompt_lengths
 from core.launch import build_in_run, build_settings, policy_for, summary_table, with_run_dir
-from core.policy import load_policy, load_tokenizer
+from core.policy import TOKENIZER_FILES, load_policy, load_tokenizer
+from core.runs import is_run_dir
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "math"
@@ -149,10 +150,6 @@ class MathTrainConfig(GRPOConfig):
         for name in ("data", "eval_data"):  # before the base model is built (and trained)
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: {getattr(self, name)} is not a file")
-        if self.large_model and not any(
-            (Path(self.large_model) / f).is_file() for f in ("config.json", "adapter_config.json")
-        ):
-            raise ValueError(f"large_model: {self.large_model} is not a model directory (no config.json)")
         for size in ("small", "large"):  # the tiny base models' shapes, before either is built
             hidden = getattr(self, f"{size}_hidden_size")
             if hidden < 32 or hidden % 32:
@@ -339,6 +336,25 @@ def make_hooks(config: MathTrainConfig, tokenizer) -> TrainerHooks:
     return TrainerHooks()
 
 
+def check_large_model(config: MathTrainConfig, tiny_tokenizer) -> None:
+    """--large-model, before any model is built or loaded: a model (or LoRA adapter) directory, not a run's,
+    with the small model's vocabulary where both directories hold a tokenizer (an adapter without one
+    takes its base's: compared once loaded). `tiny_tokenizer`: the offline small model's, without --model."""
+    large = Path(config.large_model)
+    if is_run_dir(large):
+        raise FileNotFoundError(
+            f"--large-model {large} is a run directory, not a model: its trained model is {large / 'final'}"
+        )
+    if not any((large / name).is_file() for name in ("config.json", "adapter_config.json")):
+        what = "does not exist" if not large.exists() else "has no config.json"
+        raise FileNotFoundError(f"--large-model {large} {what}; expected a local HF model directory")
+    small = tiny_tokenizer
+    if small is None and any((Path(config.model) / name).is_file() for name in TOKENIZER_FILES):
+        small = load_tokenizer(config.model)
+    if small is not None and any((large / name).is_file() for name in TOKENIZER_FILES):
+        refuse_another_tokenizer(config, small, load_tokenizer(large))
+
+
 def refuse_another_tokenizer(config: MathTrainConfig, small, large) -> None:
     """CoDistill compares the two models token by token: their tokenizers must have one vocabulary."""
     if large.get_vocab() != small.get_vocab():
@@ -385,8 +401,7 @@ def train(config: MathTrainConfig) -> dict:
         tokenizer = tiny_tokenizer(offline_sets(config.data_seed, mix=config.data_mix))
         check_prompt_lengths(examples, tokenizer, config.max_new_tokens, TINY_CONTEXT)
     if config.algo == "codistill" and config.large_model:  # before the small base model's SFT too
-        small = tokenizer if config.model is None else load_tokenizer(config.model)
-        refuse_another_tokenizer(config, small, load_tokenizer(config.large_model))
+        check_large_model(config, tokenizer if config.model is None else None)
     config = with_run_dir(config, APP, config.algo)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))

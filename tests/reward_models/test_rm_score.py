@@ -184,7 +184,7 @@ def test_score_with_a_damaged_heads_file_is_a_command_line_error(trained, tmp_pa
         # transformers built a tokenizer of another vocabulary without it: scores silently wrong
         (
             lambda d: (d / "tokenizer.json").unlink(),
-            "{rm}/tokenizer.json is missing; a reward model directory",
+            "{rm} has neither tokenizer.json nor spm.model; a reward model directory",
         ),
     ],
     ids=["weights cut off", "config not JSON", "tokenizer missing"],
@@ -201,6 +201,22 @@ def test_score_of_a_damaged_model_directory_is_a_command_line_error(
         cli.main([*argv, "--output", str(tmp_path / "out.jsonl")])
     assert exit_info.value.code == 2 and message.format(rm=rm) in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_reward_model_whose_tokenizer_is_its_sentencepiece_model_scores_as_with_tokenizer_json(
+    trained, tmp_path
+):
+    """A slow DebertaV2Tokenizer, or a hub deberta-v3 directory, holds spm.model and no tokenizer.json."""
+    rm = tmp_path / "rm"
+    shutil.copytree(trained / "run" / "model", rm)
+    (rm / "tokenizer.json").unlink()
+    shutil.copy(trained / "run" / "tokenizer" / "spm.model", rm / "spm.model")
+    prompts, responses = (
+        ["How do I cook rice?", "Who should lead?"],
+        ["Rinse it, then simmer.", "Anyone able."],
+    )
+    from_spm = RewardModelScorer(rm).score(prompts, responses)
+    assert from_spm == RewardModelScorer(trained / "run" / "model").score(prompts, responses)
 
 
 def test_scorer_caches_the_last_batch(trained):

@@ -769,7 +769,14 @@ def test_codistills_large_model_is_checked_before_the_small_base_is_built(tmp_pa
     args = ["math", "train", "--preset", "smoke", "--algo", "codistill", "--run-dir", str(run)]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--large-model", str(tmp_path / "nowhere")])
-    message = f"large_model: {tmp_path / 'nowhere'} is not a model directory (no config.json)"
+    message = (
+        f"error: --large-model {tmp_path / 'nowhere'} does not exist; expected a local HF model directory"
+    )
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    a_run = RunDir.create(tmp_path / "a_run", {}, app="math", algorithm="grpo", exist_ok_for_resume=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--large-model", str(a_run.path)])
+    message = f"error: --large-model {a_run.path} is a run directory, not a model: its trained model is"
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     other = create_tiny_model_dir(tmp_path / "other", ["only these letters"], hidden_size=32, num_layers=1)
     with pytest.raises(SystemExit) as exit_info:
@@ -842,3 +849,30 @@ def test_eval_takes_unset_settings_from_a_math_run_only(tmp_path):
         )
     assert MathEvalConfig(model=str(tmp_path / "toy" / "final")).max_new_tokens == 80  # the default
     assert MathEvalConfig(model=str(tmp_path / "math" / "final")).max_new_tokens == 6
+
+
+def test_a_lora_adapter_without_a_tokenizer_may_be_codistills_large_model(
+    small_dir, large_dir, tmp_path, monkeypatch
+):
+    """The pre-check compared tokenizers from the directories, and an adapter that holds none (it takes its
+    base's) was refused, though the run loads it; a compare's large base, built after the arms' configs
+    are made, is found when its arm trains."""
+    from apps.math_reasoning import train as math_train
+    from core.policy import TOKENIZER_FILES, LoraSettings, load_policy
+
+    adapter = tmp_path / "adapter"
+    load_policy(large_dir, lora=LoraSettings(r=2, alpha=4))[0].save_pretrained(adapter)
+    assert not any((adapter / name).exists() for name in TOKENIZER_FILES)  # its base's is used
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(math_train, "with_run_dir", stop)
+    with pytest.raises(Stop):  # past the pre-check
+        math_train.train(
+            math_train.MathTrainConfig(algo="codistill", model=str(small_dir), large_model=str(adapter))
+        )
+    assert math_train.MathTrainConfig(algo="codistill", large_model=str(tmp_path / "built later")).large_model

@@ -162,3 +162,13 @@ def test_seeds_vary_the_rl_run_only(small_dir, large_dir, tmp_path, monkeypatch)
     assert [Path(c.run_dir).name for c in trained][:5] == names
     assert {c.data_seed for c in trained} == {MathTrainConfig.data_seed}
     assert [c.large_model for c in trained] == [None, None, str(large_dir), str(large_dir), None, None]
+
+
+def test_an_earlier_run_made_before_a_setting_existed_counts_it_at_its_default(tmp_path):
+    """Runs of a compare made before eval_data_format existed were refused as runs of other settings."""
+    run_config = MathTrainConfig(run_dir=str(tmp_path / "run"))
+    older = {k: v for k, v in config_to_dict(run_config).items() if k != "eval_data_format"}
+    RunDir.create(run_config.run_dir, older, app="math", algorithm="grpo", exist_ok_for_resume=False)
+    _check_earlier_run(run_config)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(eval_data_format\)"):
+        _check_earlier_run(replace(run_config, eval_data_format="math"))

@@ -149,28 +149,38 @@ SWEEP_PRESETS = {
 
 # fields a resumed run may change: how far it goes and how it is saved, not what it computes
 RUN_HOW_IT_RUNS = ("resume", "run_dir", "steps", "save_every", "keep_checkpoints")
+# fields a resumed sweep may change: where and how it runs, not what it computes
+SWEEP_HOW_IT_RUNS = ("resume", "run_dir", "workers")
 
 
 def _resume_point(config: RunConfig):
     """(checkpoint, its step) of the run `--resume` continues, checked before anything is written: a
     public-goods run of this method with these settings, not beyond `--steps`; (None, 0) without one."""
-    path = run_to_resume(config.run_dir, "run")
-    stored = RunDir(path).read_config()
-    refuse_another_kind_of_run(path, stored, APP, config.method)
-    ran_with = config_to_dict(RunConfig()) | latest_config(stored)
-    changed = changed_settings(ran_with, config_to_dict(config), RUN_HOW_IT_RUNS)
-    if changed:
-        raise ValueError(
-            f"{path}: --resume would go on with other settings ({'; '.join(changed)}); resume with the run's "
-            "own settings, or pick a new --run-dir"
-        )
-    rundir = RunDir(path)
+    rundir = RunDir(_refuse_changed(config, config.method, RUN_HOW_IT_RUNS, "go on"))
     reached = rundir.newest_checkpoint_step() or 0
     if reached > config.steps:
         raise ValueError(
-            f"{path}: the run has reached step {reached}; --steps {config.steps} would end before it"
+            f"{rundir.path}: the run has reached step {reached}; --steps {config.steps} would end before it"
         )
     return rundir.latest_checkpoint(), reached
+
+
+def _refuse_changed(config: RunConfig | SweepConfig, algorithm: str, may_change: tuple, going: str) -> Path:
+    """The directory `--resume` continues, which must hold a public-goods `algorithm` run (a method, or
+    "sweep") with these settings but `may_change`; a field its config lacks (added since it ran, as
+    coop_threshold) ran at its default. `going` says what the resume would do ("go on", "keep jobs run")."""
+    what = "sweep" if algorithm == "sweep" else "run"
+    path = run_to_resume(config.run_dir, what)
+    stored = RunDir(path).read_config()
+    refuse_another_kind_of_run(path, stored, APP, algorithm)
+    ran_with = config_to_dict(type(config)()) | latest_config(stored)
+    changed = changed_settings(ran_with, config_to_dict(config), may_change)
+    if changed:
+        raise ValueError(
+            f"{path}: --resume would {going} with other settings ({'; '.join(changed)}); resume with the "
+            f"{what}'s own settings, or pick a new --run-dir"
+        )
+    return path
 
 
 def run(config: RunConfig) -> dict:
@@ -243,28 +253,10 @@ def run(config: RunConfig) -> dict:
     return summary
 
 
-# fields a resumed sweep may change: where and how it runs, not what it computes
-SWEEP_HOW_IT_RUNS = ("resume", "run_dir", "workers")
-
-
-def _refuse_changed_sweep(config: SweepConfig) -> None:
-    """A resumed sweep keeps the jobs it finished: it must be a public-goods sweep with these settings."""
-    stored = RunDir(run_to_resume(config.run_dir, "sweep")).read_config()
-    refuse_another_kind_of_run(config.run_dir, stored, APP, "sweep")
-    # a field the stored config lacks (added since the sweep ran, as coop_threshold) ran at its default
-    ran_with = config_to_dict(SweepConfig()) | latest_config(stored)
-    changed = changed_settings(ran_with, config_to_dict(config), SWEEP_HOW_IT_RUNS)
-    if changed:
-        raise ValueError(
-            f"{config.run_dir}: --resume would keep jobs run with other settings ({'; '.join(changed)}); "
-            "resume with the sweep's own settings, or pick a new --run-dir"
-        )
-
-
 def sweep(config: SweepConfig) -> list[dict]:
     finished = {}
     if config.resume:  # checked and read before anything is written
-        _refuse_changed_sweep(config)
+        _refuse_changed(config, "sweep", SWEEP_HOW_IT_RUNS, "keep jobs run")
         finished = finished_jobs(config, Path(config.run_dir))
     path = Path(config.run_dir) if config.run_dir else default_run_dir(APP)
     rundir = RunDir.create(

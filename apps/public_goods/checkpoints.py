@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from apps.public_goods.experiments import Trajectory, make_model
-from apps.public_goods.model import GameConfig, PublicGoodsModel
+from apps.public_goods.model import GameConfig, PublicGoodsModel, mean_payoff
 from core.runs import RunDir, load_checkpoint
 
 
@@ -68,4 +68,9 @@ def load_run(path: str | Path, config: GameConfig, seed: int) -> tuple[PublicGoo
     so_far = Trajectory(
         state["cooperation"], snapshots, state["absorbed_at"], state["seconds"], checkpoint.step
     )
+    # mesa's DataCollector as the run had it: both its reporters follow from the cooperation rate
+    model.datacollector.model_vars["cooperation"] = list(so_far.cooperation)
+    model.datacollector.model_vars["mean_payoff"] = [
+        mean_payoff(c, config.r, config.cost_per_group) for c in so_far.cooperation
+    ]
     return model, so_far

@@ -311,3 +311,19 @@ def test_a_learners_checkpoint_restores_the_models_generator_after_building_the_
 def test_a_run_with_save_every_0_checkpoints_only_its_end(tmp_path):
     assert run(tmp_path / "run", "--method", "fermi-sync", "--steps", "3", "--save-every", "0") == 0
     assert [path.name for path in RunDir(tmp_path / "run").list_checkpoints()] == ["step-3"]
+
+
+@pytest.mark.parametrize("method", ["fermi", "grpo-gcc"])
+def test_a_resumed_models_datacollector_holds_the_whole_run(tmp_path, method):
+    """mesa's DataCollector of a model loaded from a checkpoint held the steps after the resume only."""
+    assert (
+        run(tmp_path / "run", "--method", method, "--steps", "6", "--save-every", "3", "--init", "half") == 0
+    )
+    config = GameConfig(size=8, r=4.2, method=method, init="half")
+    model, _ = load_run(tmp_path / "run" / "checkpoints" / "step-3", config, seed=0)
+    model.run(3)
+    whole = make_model(config, seed=0)
+    whole.run(6)
+    resumed = model.datacollector.get_model_vars_dataframe()
+    assert len(resumed) == 7
+    assert resumed.equals(whole.datacollector.get_model_vars_dataframe())

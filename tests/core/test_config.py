@@ -539,3 +539,35 @@ def test_a_commands_warnings_are_one_line_while_it_runs_and_pythons_after(monkey
     assert cli.main(["example", "train"]) == 0
     assert formatted == ["grpo-suite example train: warning: few rows\n"]
     assert warnings.formatwarning is shown
+
+
+@dataclass
+class GivenRecordingConfig(RunConfig):
+    seen: dict = field(default_factory=dict, metadata={"help": "what check_given was told"})
+
+    @classmethod
+    def check_given(cls, values, given):
+        values["seen"] = {"given": sorted(given)}
+
+
+def test_check_given_is_told_the_names_from_flags_and_files_not_presets_or_the_resumed_run(tmp_path):
+    presets = {"fast": {"lr": 0.5}}
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, RunConfig, presets)
+    (tmp_path / "config.json").write_text(json.dumps({"app": "t", "config": {"steps": 3, "run_dir": "x"}}))
+    file = tmp_path / "c.toml"
+    file.write_text("steps = 4\n")
+    args = parser.parse_args(
+        ["--preset", "fast", "--config", str(file), "--run-dir", str(tmp_path), "--resume"]
+    )
+    config = build_config(GivenRecordingConfig, args, presets)
+    assert config.seen == {"given": ["resume", "run_dir", "steps"]}
+    assert (config.lr, config.steps) == (0.5, 4)
+
+
+@pytest.mark.parametrize("device", ["cpux", "cpu0", "cuda:0x", "cudax"])
+def test_a_device_is_matched_whole(device):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, GRPOConfig)
+    with pytest.raises(ValueError, match=rf"device: '{device}' is not cpu, cuda or cuda:N"):
+        build_config(GRPOConfig, parser.parse_args(["--device", device]))

@@ -592,6 +592,27 @@ def test_a_sliding_window_model_takes_the_plain_forward_when_prompts_repeat():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def test_a_model_whose_layer_types_slide_takes_the_plain_forward_whatever_its_window_flag():
+    """`layer_types` naming a sliding layer is enough: a config whose use_sliding_window reads False while its
+    layers were built sliding (the window is what they attend through) takes the plain forward too."""
+    torch.manual_seed(0)
+    config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=3, max_window_layers=0)
+    model = Qwen2ForCausalLM(config).eval()
+    assert "sliding_attention" in model.config.layer_types
+    model.config.use_sliding_window = False  # the layer types still slide
+    ids, mask = left_padded_batch(n=1, prompt_len=6, t=5)
+    ids, mask = ids.repeat(3, 1), mask.repeat(3, 1)  # one group of three rows with one prompt
+    ids[:, -5:] = torch.randint(2, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
+    expected, _ = completion_logprobs_unchunked(model, ids, mask, 5)
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(a[0].numel()))
+    with torch.no_grad():
+        got, _ = completion_logprobs(model, ids, mask, 5, share_prompts=True)
+    hook.remove()
+    assert embedded == [3 * 11]  # one plain forward over every row
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def test_a_sliding_window_the_config_turns_off_still_shares_prompts():
     """transformers 4.x Qwen2 configs keep sliding_window=4096 with use_sliding_window=False: every layer
     attends fully, so a repeated prompt still runs once."""

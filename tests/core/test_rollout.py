@@ -831,6 +831,38 @@ def test_a_vocab_constraint_shapes_sampling_and_is_carried_as_a_mask(tok, eos_mo
     assert (r.sampling_logp[constrained] > unmasked[constrained] + 1e-3).all()  # renormalised
 
 
+class RecordingConstraint:
+    """A `VocabConstraint` that allows every id and records the tokens generated so far at each step."""
+
+    def __init__(self, tok):
+        self.table = torch.ones(1, len(tok), dtype=torch.bool)  # (K, V)
+        self.generated: list[Tensor] = []
+
+    def rows(self, prompt_ids: Tensor, prompt_mask: Tensor, generated: Tensor) -> Tensor:
+        self.generated.append(generated.clone())
+        return torch.full((generated.shape[0],), -1, dtype=torch.long, device=generated.device)
+
+
+@pytest.mark.parametrize("path", ["generate", "generate_groups"])
+def test_a_vocab_constraint_sees_pad_after_a_finished_rows_eos(tok, eos_model, path):
+    """`VocabConstraint.rows` is given the tokens generated so far with pad after a row's eos, on both
+    generation paths."""
+    constraint = RecordingConstraint(tok)
+    backend = HFGenerateBackend(eos_model, tok, constraint=constraint)
+    settings = SamplingSettings(max_new_tokens=10)
+    if path == "generate":
+        backend.generate(PROMPTS, settings, seed=0)
+    else:
+        backend.generate_groups(PROMPTS, settings, list(range(len(PROMPTS))), group_size=1)
+    after_eos = 0
+    for generated in constraint.generated:  # (N, t)
+        ended = (generated == tok.eos_token_id).long().cumsum(1) > 0  # (N, t): at or after the first eos
+        after = ended & (generated != tok.eos_token_id)
+        after_eos += int(after.sum())
+        assert generated[after].eq(tok.pad_token_id).all()
+    assert after_eos > 0  # some row ended before the last step
+
+
 def test_multi_turn_refuses_a_vocab_constraint(tok, eos_model):
     backend = HFGenerateBackend(eos_model, tok, constraint=AlternatingConstraint(tok))
     with pytest.raises(NotImplementedError, match="vocabulary mask"):

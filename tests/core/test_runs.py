@@ -937,3 +937,52 @@ def test_the_training_run_of_a_model_is_a_run_of_the_app_asking(tmp_path):
     assert training_run(tmp_path / "tcm" / "final", "tcm").path == tmp_path / "tcm"
     assert training_run(tmp_path / "tcm" / "base_model_large", "tcm").path == tmp_path / "tcm"
     assert training_run(tmp_path / "tcm" / "checkpoints", "tcm") is None  # not a model the run saved
+
+
+def test_latest_config_applies_the_resumes_in_order(run):
+    """Two resumes changing the same setting: the config the run last ran with has the second's value."""
+    for lr in (2e-3, 3e-3):
+        RunDir.create(run.path, {"lr": lr, "seed": 0}, app="math", algorithm="grpo", exist_ok_for_resume=True)
+    stored = run.read_config()
+    assert [r["changed"] for r in stored["resumes"]] == [{"lr": [1e-3, 2e-3]}, {"lr": [2e-3, 3e-3]}]
+    assert runs.latest_config(stored) == {"lr": 3e-3, "seed": 0}
+    assert stored["config"] == {"lr": 1e-3, "seed": 0}  # the first config stays as it was
+
+
+def test_changed_settings_leave_out_what_a_resume_may_change():
+    old = {"lr": 0.1, "device": "cpu", "gone": 1}
+    new = {"lr": 0.1, "device": "cuda", "added": True}
+    assert runs.changed_settings(old, new) == [
+        "added None -> True",
+        "device 'cpu' -> 'cuda'",
+        "gone 1 -> None",
+    ]
+    assert runs.changed_settings(old, new, ("device", "added")) == ["gone 1 -> None"]
+
+
+def test_a_resumed_pipeline_refuses_changed_settings_but_not_what_may_change(tmp_path):
+    root = tmp_path / "pipe"
+    RunDir.create(
+        root, {"n": 4, "device": "cpu"}, app="sudoku", algorithm="pipeline", exist_ok_for_resume=False
+    )
+    runs.refuse_changed_pipeline(root, {"n": 4, "device": "cuda"}, ("device",))  # where it runs: allowed
+    with pytest.raises(ValueError, match=r"other settings \(n 4 -> 5\)"):
+        runs.refuse_changed_pipeline(root, {"n": 5, "device": "cpu"}, ("device",))
+    # another kind of run is left to RunDir.create to name
+    RunDir.create(tmp_path / "grpo", {"n": 4}, app="sudoku", algorithm="grpo", exist_ok_for_resume=False)
+    runs.refuse_changed_pipeline(tmp_path / "grpo", {"n": 5}, ())
+
+
+def test_an_evaluation_refuses_the_run_dir_of_another_app(run, tmp_path):
+    runs.refuse_another_apps_run(run.path, "math")  # its own app
+    runs.refuse_another_apps_run(tmp_path / "new", "math")  # no run there yet
+    with pytest.raises(ValueError, match=r"holds a 'math' run, whose eval.json this would change"):
+        runs.refuse_another_apps_run(run.path, "sudoku")
+
+
+def test_resume_needs_a_run_dir_holding_a_run(run, tmp_path):
+    assert runs.run_to_resume(run.path) == run.path
+    with pytest.raises(FileNotFoundError, match="give its --run-dir"):
+        runs.run_to_resume(None)
+    with pytest.raises(FileNotFoundError, match=r"holds no game to continue \(no config.json\)"):
+        runs.run_to_resume(tmp_path / "empty", "game")

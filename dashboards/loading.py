@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from core.runs import STATUSES, RunDir, is_run_dir, latest_config, process_gone
@@ -195,12 +196,39 @@ def config_diff(configs: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
-    """metrics.jsonl as a frame indexed by step (a half-written last line is skipped: see `cut_off_line`)."""
-    rows = RunDir(path).read_metrics(ignore_unfinished_last_line=True)
+    """metrics.jsonl as a frame indexed by step (a half-written last line is skipped: see `cut_off_line`).
+
+    Every value must be what `RunDir.log_metrics` writes, a finite number or null (ValueError naming the
+    line and the metric otherwise): a text or a NaN would otherwise vanish from a curve without a word."""
+    run = RunDir(path)
+    rows = run.read_metrics(ignore_unfinished_last_line=True)
+    for number, row in enumerate(rows, start=1):  # one row per line: a blank line is already an error
+        where = f"{run.metrics_path}:{number}"
+        _check_step(row["step"], where)
+        for key, value in row.items():
+            if key != "step" and value is not None and not _finite_number(value, allow_bool=True):
+                raise ValueError(f"{where}: metric {key!r} must be a finite number or null, got {value!r}")
     frame = pd.DataFrame.from_records(rows)
     if frame.empty:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
-    return frame.apply(pd.to_numeric, errors="coerce").astype({"step": "int64"})
+    return frame.apply(pd.to_numeric).astype({"step": "int64"})
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _finite_number(value: object, *, allow_bool: bool = False) -> bool:
+    """A JSON number a frame holds as it was written: a float that is finite, an int within int64."""
+    if isinstance(value, bool):
+        return allow_bool
+    if isinstance(value, int):
+        return abs(value) <= _INT64_MAX
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _check_step(step: object, where: str) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _INT64_MAX:
+        raise ValueError(f"{where}: 'step' must be an int from 0 to {_INT64_MAX}, got {step!r}")
 
 
 def cut_off_line(path: str | Path) -> int | None:
@@ -348,8 +376,7 @@ class RolloutIndex:
                 )
             except pa.ArrowInvalid:
                 table = None  # plain json below reports the bad line by number
-            # Arrow skips blank lines and accepts a missing step: then rows would not match lines.
-            if table is not None and table.num_rows == len(starts) and table.column("step").null_count == 0:
+            if table is not None and _arrow_rows_are_lines(table, len(starts)):
                 return table.to_pandas()
         columns: dict[str, list] = {name: [] for name in INDEX_FIELDS}
         for k, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
@@ -376,9 +403,19 @@ class RolloutIndex:
             row = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{self.path}:{number}: malformed JSON line: {e}") from e
+        where = f"{self.path}:{number}"
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{where}: expected a JSON object with an int 'step', got {raw[:80]!r}")
+        _check_step(row["step"], where)
+        group = row.get("group")
+        if group is not None and not (isinstance(group, int) and _finite_number(group)):
+            raise ValueError(f"{where}: 'group' must be an int or null, got {group!r}")
+        for name in ("reward", "advantage"):
+            if row.get(name) is not None and not _finite_number(row[name]):
+                raise ValueError(f"{where}: {name!r} must be a finite number or null, got {row[name]!r}")
+        if not isinstance(row.get("rewards") or {}, dict):
             raise ValueError(
-                f"{self.path}:{number}: expected a JSON object with an int 'step', got {raw[:80]!r}"
+                f"{where}: 'rewards' must be an object of reward components, got {row['rewards']!r}"
             )
         return row
 
@@ -463,6 +500,17 @@ class RolloutIndex:
             ],
             dtype=np.int64,
         )
+
+
+def _arrow_rows_are_lines(table: pa.Table, lines: int) -> bool:
+    """Whether Arrow's rows are the file's lines as `RolloutIndex._parse` would accept them. Arrow skips
+    blank lines and accepts a missing or negative step and a NaN reward; plain json then names the line."""
+    step = table.column("step")
+    if table.num_rows != lines or step.null_count or pc.min(step).as_py() < 0:
+        return False
+    return all(
+        pc.all(pc.is_finite(table.column(name))).as_py() is not False for name in ("reward", "advantage")
+    )
 
 
 def _row_text(row: dict) -> str:

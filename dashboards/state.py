@@ -22,7 +22,8 @@ RUNS_ENV = "GRPO_SUITE_RUNS"
 def runs_root() -> Path:
     root = Path(os.environ.get(RUNS_ENV, "runs")).resolve()
     if not root.is_dir():
-        st.error(f"The runs folder {root} does not exist: start the dashboard with --runs DIR.")
+        problem = "is not a directory" if root.exists() else "does not exist"
+        st.error(f"The runs folder {root} {problem}: start the dashboard with --runs DIR.")
         st.stop()
     return root
 

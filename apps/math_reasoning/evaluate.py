@@ -7,7 +7,8 @@ offline set's level 3 is the hard tail), on the held-out offline set or any benc
 Hints are never shown (Scaf-GRPO is measured without them). Results go to <run>/eval.json when the model
 is a run's `final` (or `final_large`) directory, else to --run-dir. The policy's (`final`) pass@1 and
 pass@k also go to eval.json's `pass_at_k` {benchmark: {"1", "k"}} for the dashboard's Math page; each
-benchmark evaluated into the same run adds its entry.
+benchmark evaluated into the same run adds its entry, replacing that benchmark's entry of an earlier
+evaluation (training's `offline` included): the page shows the latest evaluation of each benchmark.
 """
 
 import math

@@ -52,7 +52,8 @@ def render() -> None:
             state.show_error(f"Cannot read the metrics of {name}:", e)
     columns = sorted({c for frame in frames.values() for c in frame.columns} - {"step"})
     if not columns:
-        st.info("The selected runs have logged no metrics yet.")
+        if frames:  # else every run's error is shown
+            st.info("The selected runs have logged no metrics yet.")
         return
     metrics = st.multiselect(
         "Metrics", columns, default=loading.default_metrics(columns), key="curves_metrics"

@@ -167,8 +167,15 @@ def render() -> None:
     if not len(index):
         st.info(f"{run} has logged no rollouts yet.")
         return
-    frame = index.frame()
+    try:  # the texts are read only as shown: a line's `rewards` is checked then
+        explore(index, run)
+    except (OSError, ValueError) as e:
+        state.show_error(f"Cannot read the rollouts of {run}:", e)
 
+
+def explore(index: RolloutIndex, run: str) -> None:
+    """The filters, the page of matching rollouts and the group picked, of a run's indexed rollouts."""
+    frame = index.frame()
     left, middle, right = st.columns(3)
     first, last = int(frame["step"].min()), int(frame["step"].max())
     steps = (first, last) if first == last else range_slider(left, "Steps", first, last, key="ro_steps")

@@ -551,3 +551,66 @@ def test_the_newest_run_is_the_one_started_last_across_zone_offsets(tmp_path, mo
     monkeypatch.setenv("GRPO_SUITE_RUNS", str(tmp_path))
     assert state.newest(["a", "b", "c"]) == "b"
     assert state.newest(["a", "c"]) == "a"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"step": 2, "reward": "0.7"}', "metric 'reward' must be a finite number or null, got '0.7'"),
+        ('{"step": 2, "entropy": "high"}', "metric 'entropy' must be a finite number or null, got 'high'"),
+        ('{"step": 2, "reward": NaN}', "metric 'reward' must be a finite number or null, got nan"),
+        ('{"step": 2, "reward": 1e400}', "metric 'reward' must be a finite number or null, got inf"),
+        ('{"step": 2, "reward": [1]}', r"metric 'reward' must be a finite number or null, got \[1\]"),
+        ('{"step": 123456789012345678901234567890}', "'step' must be an int from 0 to 9223372036854775807"),
+        ('{"step": -1}', "'step' must be an int from 0 to 9223372036854775807, got -1"),
+    ],
+)
+def test_a_metric_that_is_not_a_finite_number_names_its_line(tmp_path, line, message):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5, "ok": true}\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"metrics.jsonl:2: {message}"):
+        loading.read_metrics(tmp_path)
+
+
+def test_metrics_keep_nulls_and_bools_as_written(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "reward": null, "ok": true}\n{"step": 2, "reward": 3}\n'
+    )
+    frame = loading.read_metrics(tmp_path)
+    assert frame["step"].tolist() == [1, 2]
+    assert np.isnan(frame["reward"][0]) and frame["reward"][1] == 3
+
+
+ROLLOUT_TYPE_ERRORS = [
+    ({"group": "zero"}, "'group' must be an int or null, got 'zero'"),
+    ({"group": 1.5}, "'group' must be an int or null, got 1.5"),
+    ({"group": True}, "'group' must be an int or null, got True"),
+    ({"group": 10**30}, "'group' must be an int or null, got 1000000000000000000000000000000"),
+    ({"reward": "0.5"}, "'reward' must be a finite number or null, got '0.5'"),
+    ({"reward": [1]}, r"'reward' must be a finite number or null, got \[1\]"),
+    ({"advantage": {"a": 1}}, r"'advantage' must be a finite number or null, got \{'a': 1\}"),
+    ({"reward": float("nan")}, "'reward' must be a finite number or null, got nan"),
+    ({"step": -3}, "'step' must be an int from 0 to 9223372036854775807, got -3"),
+    ({"rewards": "bad"}, "'rewards' must be an object of reward components, got 'bad'"),
+]
+
+
+@pytest.mark.parametrize("fields, message", ROLLOUT_TYPE_ERRORS)
+def test_a_rollout_field_of_the_wrong_type_names_its_line(tmp_path, fields, message):
+    path = tmp_path / "rollouts.jsonl"
+    rows = [{"step": 1, "group": 0, "reward": 1.0, "rewards": {"a": 1.0}}] * 2
+    path.write_text("".join(json.dumps(row) + "\n" for row in [*rows, {**rows[0], **fields}]))
+    with pytest.raises(ValueError, match=rf"rollouts.jsonl:3: {message}"):
+        loading.RolloutIndex(path).refresh()
+
+
+@pytest.mark.parametrize("fields, message", ROLLOUT_TYPE_ERRORS)
+def test_a_rollout_field_of_the_wrong_type_in_a_big_file_names_its_line(tmp_path, fields, message):
+    """Arrow parses a big file; what it cannot type or lets through goes to plain json, which names the line.
+    `rewards`, not an indexed column, is checked when its line is read to be shown."""
+    path = tmp_path / "rollouts.jsonl"
+    rows = big_rows(4000)
+    rows[1234] = {**rows[1234], **fields}
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=rf"rollouts.jsonl:1235: {message}"):
+        index = loading.RolloutIndex(path).refresh()
+        index.rows([1234])

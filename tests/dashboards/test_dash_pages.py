@@ -11,7 +11,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from dashboards import loading
+from dashboards import loading, state
 from dashboards.views import public_goods
 
 from .conftest import SCRIPT, make_run, metrics_row, sudoku_row, toy_rollouts
@@ -855,3 +855,38 @@ def test_tcm_counts_are_matched_to_their_question_type(runs_root):
     )
     wide = open_page("tcm", run="tcm/t2").dataframe[0].value
     assert wide["tcm/t2 n"].to_dict() == {"multi": 4, "single": 10}
+
+
+@pytest.mark.parametrize("arrow", [False, True])
+def test_rollout_components_that_are_not_an_object_are_reported(runs_root, monkeypatch, arrow):
+    """Plain json checks them as it indexes; a file Arrow indexes has them checked as the page reads them."""
+    if arrow:
+        monkeypatch.setattr(loading, "_ARROW_MIN_BYTES", 0)
+    run = make_run(runs_root, "toy/bad", "toy")
+    run.log_rollouts([*toy_rollouts(1)[:7], {**toy_rollouts(1)[7], "rewards": "bad"}])
+    at = open_page("rollouts", run="toy/bad")
+    assert texts(at.error) == ["Cannot read the rollouts of toy/bad:"]
+    assert texts(at.code)[-1] == (
+        f"{run.rollouts_path.resolve()}:8: 'rewards' must be an object of reward components, got 'bad'"
+    )
+
+
+@pytest.mark.parametrize("kind, problem", [("file", "is not a directory"), ("missing", "does not exist")])
+def test_a_runs_folder_that_is_not_one_is_named(tmp_path, monkeypatch, kind, problem):
+    root = tmp_path / "runs"
+    if kind == "file":
+        root.write_text("")
+    monkeypatch.setenv(state.RUNS_ENV, str(root))
+    at = open_page("runs")
+    assert texts(at.error) == [f"The runs folder {root} {problem}: start the dashboard with --runs DIR."]
+
+
+def test_curves_of_runs_whose_metrics_cannot_be_read_show_only_the_errors(runs_root):
+    run = make_run(runs_root, "toy/bad", "toy")
+    run.metrics_path.write_text('{"step": 1, "reward": "high"}\n')
+    at = open_page("curves", run="toy/bad")
+    assert texts(at.error) == ["Cannot read the metrics of toy/bad:"]
+    assert texts(at.code) == [
+        f"{run.metrics_path.resolve()}:1: metric 'reward' must be a finite number or null, got 'high'"
+    ]
+    assert not at.info

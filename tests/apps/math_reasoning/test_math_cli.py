@@ -142,6 +142,10 @@ def test_pass_at_k_per_benchmark_fills_the_math_page(small_dir, tmp_path, monkey
     assert table.loc[("grpo", "offline"), "pass@2"] == pytest.approx(offline["2"])
     assert table.loc[("grpo", "mini"), "pass@4"] == pytest.approx(mini["4"])  # the same model twice
     assert table.loc[("grpo", "mini"), "runs"] == 2
+    # the held-out set evaluated again replaces training's entry: the page shows the latest evaluation
+    assert main(["math", "eval", "--model", str(run / "final"), "--samples", "1", "--max-examples", "2"]) == 0
+    again = json.loads((run / "eval.json").read_text())
+    assert again["pass_at_k"] == {"offline": {"1": again["eval_offline"]["all"]["pass@1"]}, "mini": mini}
 
 
 def _train_config(tmp_path):

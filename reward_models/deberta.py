@@ -27,6 +27,7 @@ from core.policy import named_if_unreadable
 HEADS = ("fairness", "relevance", "quality")
 HEADS_FILE = "reward_heads.json"
 WEIGHTS_FILE = "model.safetensors"
+MIN_MAX_LENGTH = 5  # [CLS] prompt [SEP] response [SEP] with one token of each (score.encode)
 
 
 class MultiHeadRewardModel(nn.Module):
@@ -124,11 +125,45 @@ def read_heads_file(path: Path) -> dict:
     missing = [key for key in ("heads", "dropout") if key not in meta]
     if missing:
         raise InputError(f"{path}: missing key(s) {', '.join(map(repr, missing))}")
-    if not isinstance(meta["heads"], list) or not all(isinstance(h, str) for h in meta["heads"]):
-        raise InputError(f'{path}: "heads" must be a list of head names, got {meta["heads"]!r}')
+    heads = meta["heads"]
+    if (
+        not isinstance(heads, list)
+        or not heads
+        or not all(isinstance(h, str) and h for h in heads)
+        or len(set(heads)) < len(heads)
+    ):
+        raise InputError(f'{path}: "heads" must be a list of distinct head names, got {heads!r}')
     if isinstance(meta["dropout"], bool) or not isinstance(meta["dropout"], int | float):
         raise InputError(f'{path}: "dropout" must be a number, got {meta["dropout"]!r}')
+    max_length = meta.get("max_length")  # absent or null in directories saved before it was kept
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH
+    ):
+        raise InputError(
+            f'{path}: "max_length" must be an int >= {MIN_MAX_LENGTH} or null, got {max_length!r}'
+        )
+    if not _is_data_record(meta.get("training_data")):  # likewise
+        raise InputError(
+            f'{path}: "training_data" must be null or the record `grpo-suite reward-model train` saves '
+            f'({{"data_dir": ..., "splits": {{name: {{"categories": [...], "sha256": ...}}}}}}), '
+            f"got {meta['training_data']!r}"
+        )
     return meta
+
+
+def _is_data_record(record: object) -> bool:
+    """None, or `pairs.data_record`'s shape: what the data checks of eval and de-bias training read."""
+    if record is None:
+        return True
+    if not isinstance(record, dict) or not isinstance(record.get("data_dir"), str):
+        return False
+    splits = record.get("splits")
+    return isinstance(splits, dict) and all(
+        isinstance(split, dict)
+        and isinstance(split.get("sha256"), str)
+        and isinstance(split.get("categories"), list)
+        for split in splits.values()
+    )
 
 
 def from_pretrained_encoder(

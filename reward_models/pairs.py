@@ -12,6 +12,7 @@ A data directory holds train.jsonl, validation.jsonl, test.jsonl and optionally 
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from core.data import InputError, read_jsonl
@@ -41,21 +42,31 @@ def labels(row: dict, kind: str) -> dict[str, float]:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of one split file; a malformed line or a missing or wrong field is an error naming file and line."""
-    path = Path(path)
+    """Rows of one split file; a malformed line, a missing, blank or wrong field or an id written twice is
+    an error naming file and line."""
+    return [row for _, row in _numbered_rows(Path(path))]
+
+
+def _numbered_rows(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"data file {path} does not exist (write the splits with `grpo-suite debias data`)"
         )
     rows = []
+    ids: dict[str, int] = {}
     for number, row in read_jsonl(path):
-        bad = [name for name in REQUIRED if not isinstance(row.get(name), str) or not row[name]]
+        bad = [name for name in REQUIRED if not isinstance(row.get(name), str) or not row[name].strip()]
         if bad:
-            raise ValueError(f"{path}:{number}: missing or non-string field(s) {', '.join(bad)}")
+            raise InputError(f"{path}:{number}: missing, blank or non-string field(s) {', '.join(bad)}")
         if row["garbled_source"] not in ("neutral", "biased"):
-            raise ValueError(f"{path}:{number}: garbled_source must be 'neutral' or 'biased'")
+            raise InputError(f"{path}:{number}: garbled_source must be 'neutral' or 'biased'")
         row.setdefault("id", f"{path.stem}-{number}")
-        rows.append(row)
+        if not isinstance(row["id"], str) or not row["id"].strip():
+            raise InputError(f"{path}:{number}: id must be a non-blank string, got {row['id']!r}")
+        first = ids.setdefault(row["id"], number)
+        if first != number:
+            raise InputError(f"{path}:{number}: id {row['id']!r} is also the id of line {first}")
+        rows.append((number, row))
     if not rows:
         raise InputError(f"data file {path} has no rows")
     return rows
@@ -63,6 +74,30 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def read_split(data_dir: str | Path, split: str) -> list[dict]:
     return read_rows(Path(data_dir) / f"{split}.jsonl")
+
+
+def read_splits(data_dir: str | Path, names: Iterable[str]) -> dict[str, list[dict]]:
+    """The named splits of a data directory (each as `read_rows`), refused where they leak into each other:
+    a prompt written twice (in one split or in two), or in train or validation a row of a category the
+    held-out split holds (that category is for evaluation on an unseen category only)."""
+    paths = {name: Path(data_dir) / f"{name}.jsonl" for name in names}
+    numbered = {name: _numbered_rows(path) for name, path in paths.items()}
+    seen: dict[str, str] = {}
+    for name, rows in numbered.items():
+        for number, row in rows:
+            where = f"{paths[name]}:{number}"
+            first = seen.setdefault(row["prompt"], where)
+            if first != where:
+                raise InputError(f"{where}: the prompt {row['prompt']!r} is also at {first}")
+    heldout = {row["category"] for _, row in numbered.get("heldout", [])}
+    for name in ("train", "validation"):
+        for number, row in numbered.get(name, []):
+            if row["category"] in heldout:
+                raise InputError(
+                    f"{paths[name]}:{number}: category {row['category']!r} is held out "
+                    f"({paths['heldout']} holds it): its rows belong in the held-out split only"
+                )
+    return {name: [row for _, row in rows] for name, rows in numbered.items()}
 
 
 def rows_digest(rows: list[dict]) -> str:

@@ -41,12 +41,13 @@ from core.rng_state import capture_rng_state, restore_rng_state
 from core.runs import RunDir, changed_settings, failure_recorded, load_checkpoint, refuse_another_kind_of_run
 from reward_models.deberta import (
     HEADS,
+    MIN_MAX_LENGTH,
     build_tiny_reward_model,
     check_deberta_encoder,
     from_pretrained_encoder,
     tiny_deberta_config,
 )
-from reward_models.pairs import RESPONSE_KINDS, data_record, differing_splits, labels, read_split
+from reward_models.pairs import RESPONSE_KINDS, data_record, differing_splits, labels, read_splits
 from reward_models.score import RewardModelScorer, encode
 from reward_models.tokenizer import SPECIAL, train_tokenizer
 
@@ -55,7 +56,6 @@ APP, ALGORITHM = "reward_model", "bradley_terry"  # the run's kind in its config
 HOW_IT_RUNS = ("resume", "run_dir", "device", "save_every")
 # fields that name a path: a resume compares them resolved, whatever their spelling (relative, absolute)
 PATH_FIELDS = ("data", "model")
-MIN_MAX_LENGTH = 5  # [CLS] prompt [SEP] response [SEP] with one token of each (score.encode)
 # sentencepiece's least vocabulary: the special tokens, the word-start piece and one character; a corpus
 # needs one piece more per further character (`_check_vocab_size`)
 MIN_VOCAB_SIZE = len(SPECIAL) + 2
@@ -191,11 +191,14 @@ def train_reward_model(config: RMTrainConfig) -> dict:
     """Train, save to <run_dir>/model, evaluate on validation/test/heldout; returns the eval results.
     With `config.resume`, continue from the newest checkpoint in <run_dir>."""
     # the data first: a bad --data stops the command before the run directory is made
-    splits = {
-        name: read_split(config.data, name)
-        for name in ("train", "validation", "test", "heldout")
-        if name in ("train", "validation") or (Path(config.data) / f"{name}.jsonl").is_file()
-    }
+    splits = read_splits(
+        config.data,
+        [
+            name
+            for name in ("train", "validation", "test", "heldout")
+            if name in ("train", "validation") or (Path(config.data) / f"{name}.jsonl").is_file()
+        ],
+    )
     if not config.model:  # the tiny default's tokenizer is trained after the run directory is made
         _check_vocab_size(config, _tokenizer_corpus(_train_rows(config, splits)))
     run_dir = Path(config.run_dir)
@@ -496,7 +499,7 @@ def evaluate_reward_model(config: RMEvalConfig) -> dict:
         "test",
         *(("heldout",) if (Path(config.data) / "heldout.jsonl").is_file() else ()),
     )
-    splits = {name: read_split(config.data, name) for name in names}
+    splits = read_splits(config.data, names)
     scorer = RewardModelScorer(config.reward_model, device=config.device, batch_size=config.batch_size)
     check_eval_data(config.reward_model, scorer.training_data, splits, config.data)
     results = {name: evaluate_rows(scorer, rows) for name, rows in splits.items()}

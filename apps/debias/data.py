@@ -23,6 +23,7 @@ Splits: prompts are de-duplicated, then the rows of one **held-out category** (d
 Tests: `pytest tests/apps/debias/test_debias_data.py`.
 """
 
+import functools
 import json
 import random
 import shutil
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.atomic import atomic_directory
-from reward_models.pairs import differing_splits, read_split
+from reward_models.pairs import differing_splits, read_splits
 
 SPLITS = ("train", "validation", "test", "heldout")
 
@@ -264,6 +265,12 @@ class DataConfig:
             )
         if self.num_prompts < 10 * len(CATEGORIES):
             raise ValueError(f"num_prompts must be >= {10 * len(CATEGORIES)}, got {self.num_prompts}")
+        most, scarcest = max_prompts()
+        if self.num_prompts > most:
+            raise ValueError(
+                f"num_prompts must be <= {most}, got {self.num_prompts}: the categories are drawn in turn, and "
+                f"the templates make only {distinct_prompts(scarcest)} distinct prompts of {scarcest}"
+            )
         if not (
             0 < self.validation_fraction
             and 0 < self.test_fraction
@@ -291,6 +298,31 @@ def split_sizes(rest: int, validation_fraction: float, test_fraction: float) -> 
     """Rows of the train, validation and test splits out of `rest` non-held-out rows."""
     n_val, n_test = round(validation_fraction * rest), round(test_fraction * rest)
     return {"train": rest - n_val - n_test, "validation": n_val, "test": n_test}
+
+
+@functools.cache
+def distinct_prompts(category: str) -> int:
+    """How many distinct prompts `make_row` can draw for `category`."""
+    _, groups = CATEGORIES[category]
+    return len(
+        {
+            _fill(setting, one=one, city=city) + " " + question
+            for setting, questions, *_ in SITUATIONS.values()
+            for one, _ in groups
+            for city in CITIES
+            for question in questions
+        }
+    )
+
+
+def max_prompts() -> tuple[int, str]:
+    """The most prompts `generate_splits` can draw, and the category that bounds it: category k (in
+    CATEGORIES' order) is drawn for rows k, k + 6, ..., so it runs out after row k + 6 * its distinct prompts.
+
+    >>> max_prompts()
+    (6915, 'gender')
+    """
+    return min((k + len(CATEGORIES) * distinct_prompts(c), c) for k, c in enumerate(CATEGORIES))
 
 
 def make_row(rng: random.Random, category: str) -> dict:
@@ -327,11 +359,7 @@ def generate_splits(config: DataConfig) -> dict[str, list[dict]]:
     rng = random.Random(config.seed)
     categories = list(CATEGORIES)
     rows, seen = [], set()
-    attempts = 0
-    while len(rows) < config.num_prompts:
-        attempts += 1
-        if attempts > 50 * config.num_prompts:
-            raise ValueError(f"only {len(rows)} distinct prompts after {attempts} draws; lower num_prompts")
+    while len(rows) < config.num_prompts:  # ends: DataConfig keeps num_prompts within max_prompts()
         row = make_row(rng, categories[len(rows) % len(categories)])
         if row["prompt"] not in seen:  # de-duplicate before splitting: no prompt can land in two splits
             seen.add(row["prompt"])
@@ -378,11 +406,10 @@ def load_splits(data_dir: str | Path | None, config: DataConfig | None = None) -
     rows as the shipped files)."""
     if data_dir is None:
         return generate_splits(config or DataConfig())
-    return {
-        name: read_split(data_dir, name)
-        for name in SPLITS
-        if name != "heldout" or (Path(data_dir) / "heldout.jsonl").is_file()
-    }
+    return read_splits(
+        data_dir,
+        [name for name in SPLITS if name != "heldout" or (Path(data_dir) / "heldout.jsonl").is_file()],
+    )
 
 
 def check_reward_model_data(

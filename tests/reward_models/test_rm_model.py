@@ -195,10 +195,39 @@ def test_from_pretrained_encoder_takes_a_deberta_v2_directory(tmp_path):
         ('{"max_length": 96}', r"reward_heads.json: missing key\(s\) 'heads', 'dropout'"),
         (
             '{"heads": "fairness", "dropout": 0.1}',
-            r"reward_heads.json: \"heads\" must be a list of head names",
+            r"reward_heads.json: \"heads\" must be a list of distinct head names",
         ),
         ('{"heads": ["fairness"], "dropout": null}', r"reward_heads.json: \"dropout\" must be a number"),
         ('{"heads": ["fairness"], "dropout": true}', r"reward_heads.json: \"dropout\" must be a number"),
+        (
+            '{"heads": [], "dropout": 0.1}',
+            r"reward_heads.json: \"heads\" must be a list of distinct head names",
+        ),
+        ('{"heads": ["a", ""], "dropout": 0.1}', r"reward_heads.json: \"heads\" must be a list of distinct"),
+        (
+            '{"heads": ["fairness", "fairness", "quality"], "dropout": 0.1}',
+            r"reward_heads.json: \"heads\" must be a list of distinct head names, got \['fairness', 'fairness'",
+        ),
+        (
+            '{"heads": ["fairness"], "dropout": 0.1, "max_length": "128"}',
+            r"reward_heads.json: \"max_length\" must be an int >= 5 or null, got '128'",
+        ),
+        (
+            '{"heads": ["fairness"], "dropout": 0.1, "max_length": 4}',
+            r"reward_heads.json: \"max_length\" must be an int >= 5 or null, got 4",
+        ),
+        (
+            '{"heads": ["fairness"], "dropout": 0.1, "max_length": true}',
+            r"reward_heads.json: \"max_length\" must be an int >= 5 or null, got True",
+        ),
+        (
+            '{"heads": ["fairness"], "dropout": 0.1, "training_data": 5}',
+            r"reward_heads.json: \"training_data\" must be null or the record .* got 5$",
+        ),
+        (
+            '{"heads": ["fairness"], "dropout": 0.1, "training_data": {"data_dir": "d", "splits": {"t": {}}}}',
+            r"reward_heads.json: \"training_data\" must be null or the record",
+        ),
     ],
 )
 def test_a_damaged_heads_file_is_an_input_error_naming_it(tmp_path, text, message):

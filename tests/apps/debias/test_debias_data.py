@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from apps.debias import data
-from apps.debias.data import CATEGORIES, DataConfig, garble, generate_splits, load_splits, write_splits
+from apps.debias.data import (
+    CATEGORIES,
+    DataConfig,
+    distinct_prompts,
+    garble,
+    generate_splits,
+    load_splits,
+    max_prompts,
+    write_splits,
+)
 from core.data import InputError
 from reward_models.pairs import read_split
 
@@ -61,7 +70,7 @@ def test_bad_rows_name_the_file_and_line(tmp_path):
     lines = (tmp_path / "test.jsonl").read_text().splitlines()
     broken = dict(json.loads(lines[1]), biased=None)
     (tmp_path / "test.jsonl").write_text("\n".join([lines[0], json.dumps(broken), "{not json"]) + "\n")
-    with pytest.raises(ValueError, match=r"test.jsonl:2: missing or non-string field\(s\) biased"):
+    with pytest.raises(ValueError, match=r"test.jsonl:2: missing, blank or non-string field\(s\) biased"):
         read_split(tmp_path, "test")
     with pytest.raises(ValueError, match="heldout_category"):
         DataConfig(heldout_category="planet")
@@ -212,20 +221,6 @@ def test_rewriting_without_heldout_drops_the_old_heldout_file(tmp_path):
     assert sorted(load_splits(tmp_path)) == ["test", "train", "validation"]
 
 
-def test_a_generator_that_runs_out_of_distinct_prompts_stops(monkeypatch):
-    calls = []
-
-    def same_prompt(rng, category):
-        calls.append(category)
-        assert len(calls) <= 3001, "the generator did not stop after 50 draws per prompt"
-        return {"category": category, "prompt": "same"}
-
-    monkeypatch.setattr(data, "make_row", same_prompt)
-    with pytest.raises(ValueError, match=r"only 1 distinct prompts after 3001 draws; lower num_prompts"):
-        generate_splits(DataConfig(num_prompts=60))
-    assert len(calls) == 3000  # the first draw and 2,999 repeats
-
-
 def test_a_reward_model_trained_on_other_splits_is_refused_naming_both():
     from reward_models.pairs import data_record
 
@@ -256,3 +251,16 @@ def test_responses_fill_capitalised_slots():
     rows = generate_splits(DataConfig(num_prompts=120))["train"]
     assert all(row[key][:1].isupper() for row in rows for key in ("neutral", "biased", "off_topic", "prompt"))
     assert data._fill("{Plural} and {plural}", plural="women") == "Women and women"
+
+
+def test_num_prompts_is_bounded_by_the_scarcest_category_drawn_in_turn():
+    """Gender has the fewest distinct prompts (1,152); as the fourth category drawn in turn it runs out after
+    row 3 + 6 x 1152 = 6915. A larger num_prompts is refused at once (it drew for minutes, then a traceback)."""
+    assert distinct_prompts("gender") == 1152 and max_prompts() == (6915, "gender")
+    with pytest.raises(
+        ValueError, match="num_prompts must be <= 6915, got 6916: .* only 1152 distinct prompts of gender"
+    ):
+        DataConfig(num_prompts=6916)
+    rows = [row for split in generate_splits(DataConfig(num_prompts=6915)).values() for row in split]
+    gender = [row["prompt"] for row in rows if row["category"] == "gender"]
+    assert len(rows) == 6915 and len(gender) == len(set(gender)) == 1152

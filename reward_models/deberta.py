@@ -88,6 +88,10 @@ class MultiHeadRewardModel(nn.Module):
     def load(cls, path: str | Path, device: str = "cpu") -> "MultiHeadRewardModel":
         """A reward model saved by `save`, in eval mode; every weight must be present (strict)."""
         path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"reward model directory {path} does not exist")
+        if (path / "model" / HEADS_FILE).is_file() and not (path / HEADS_FILE).is_file():
+            raise InputError(f"{path} is a reward-model training run; its model is {path / 'model'}")
         for name in ("config.json", HEADS_FILE, WEIGHTS_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(

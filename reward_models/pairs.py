@@ -80,6 +80,8 @@ def read_splits(data_dir: str | Path, names: Iterable[str]) -> dict[str, list[di
     """The named splits of a data directory (each as `read_rows`), refused where they leak into each other:
     a prompt written twice (in one split or in two), or in train or validation a row of a category the
     held-out split holds (that category is for evaluation on an unseen category only)."""
+    if Path(data_dir).is_file():
+        raise InputError(f"{data_dir} is a file; expected a directory of split files (train.jsonl, ...)")
     paths = {name: Path(data_dir) / f"{name}.jsonl" for name in names}
     numbered = {name: _numbered_rows(path) for name, path in paths.items()}
     seen: dict[str, str] = {}

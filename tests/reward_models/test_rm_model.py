@@ -320,3 +320,15 @@ def test_from_pretrained_encoder_seeds_the_heads_whatever_the_global_rng(tmp_pat
     for name in HEADS:
         assert torch.equal(first.heads[name].weight, again.heads[name].weight)
     assert not torch.equal(first.heads["fairness"].weight, other.heads["fairness"].weight)
+
+
+def test_a_missing_directory_or_a_training_run_is_named_as_such(tmp_path):
+    """A missing directory was reported as a missing config.json; a run directory as a missing heads file."""
+    with pytest.raises(
+        FileNotFoundError, match=f"reward model directory {tmp_path / 'nope'} does not exist$"
+    ):
+        MultiHeadRewardModel.load(tmp_path / "nope")
+    tiny_model().save(tmp_path / "run" / "model")
+    with pytest.raises(InputError, match=f"{tmp_path / 'run'} is a reward-model training run; its model is "):
+        MultiHeadRewardModel.load(tmp_path / "run")
+    assert MultiHeadRewardModel.load(tmp_path / "run" / "model").head_names == list(tiny_model().head_names)

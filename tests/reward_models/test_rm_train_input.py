@@ -14,7 +14,7 @@ from reward_models.train import RMTrainConfig, _check_vocab_size
     ("kind", "message"),
     [
         ("missing", "data/train.jsonl does not exist (write the splits with `grpo-suite debias data`)"),
-        ("a file", "data/train.jsonl does not exist"),
+        ("a file", "error: {data} is a file; expected a directory of split files (train.jsonl, ...)"),
         ("bad JSON", "data/train.jsonl:1: not valid JSON"),
         ("empty", "error: data file {data}/train.jsonl has no rows"),
     ],

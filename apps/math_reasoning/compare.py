@@ -265,6 +265,7 @@ def run_summary(result: dict) -> dict:
         "zero_spread": mean(history, "zero_spread_frac"),
         "entropy_end": mean(tail, "entropy"),
         "step_time": mean(history, "step_time"),
+        "gen_tokens": mean([{"n": _generated_tokens(m)} for m in history], "n"),
         "all_fail": mean(history, "scaf/all_fail_frac"),
         "large_time": mean(history, "codistill/large_time"),
         "ess": mean(history, "codistill/ess"),
@@ -279,7 +280,24 @@ def run_summary(result: dict) -> dict:
     return summary
 
 
-COLUMNS = ("pass@1", "hard_pass@1", "maj@k", "format", "entropy_end", "zero_spread", "step_time")
+def _generated_tokens(metrics: dict) -> float | None:
+    """Completion tokens generated in a step: the batch's (tokens_per_s x step_time) plus Scaf's hint search,
+    which the batch does not hold; None for a step that logged no speed."""
+    if metrics.get("tokens_per_s") is None or metrics.get("step_time") is None:
+        return None
+    return metrics["tokens_per_s"] * metrics["step_time"] + (metrics.get("scaf/hint_tokens") or 0.0)
+
+
+COLUMNS = (
+    "pass@1",
+    "hard_pass@1",
+    "maj@k",
+    "format",
+    "entropy_end",
+    "zero_spread",
+    "step_time",
+    "gen_tokens",
+)
 
 
 def table_rows(runs: dict[str, list[dict]]) -> list[dict]:
@@ -312,12 +330,16 @@ def _stats(values: list) -> tuple[float, float, int] | None:
 def format_table(rows: list[dict]) -> str:
     head = "| arm | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    seeds = max((row[c][2] for row in rows for c in COLUMNS if row.get(c)), default=0)
     for row in rows:
         cells = []
         for c in COLUMNS:
             stat = row.get(c)
-            cells.append("-" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}")
+            cell = "-" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+            cells.append(cell + (f" (n={stat[2]})" if stat is not None and stat[2] < seeds else ""))
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
-    seeds = max((row[c][2] for row in rows for c in COLUMNS if row.get(c)), default=0)
-    lines.append(f"\nmean ± std over {seeds} seed(s); step_time in s (codistill:S = step minus L's share)")
+    lines.append(
+        f"\nmean ± std over {seeds} seed(s) (n= where a cell has fewer); step_time in s (codistill:S = step "
+        "minus L's share); gen_tokens: completion tokens generated per step, Scaf's hint search included"
+    )
     return "\n".join(lines)

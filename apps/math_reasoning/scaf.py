@@ -78,8 +78,9 @@ class ScafHooks(TrainerHooks):
         self._counts = self._no_counts()
 
     def _no_counts(self) -> torch.Tensor:
-        """This step's sums: groups, groups all failed, groups rescued, their hint levels, rescues per tier."""
-        return torch.zeros(4 + len(self.tiers), dtype=torch.float64)
+        """This step's sums: groups, groups all failed, groups rescued, their hint levels, hinted completions
+        sampled, their tokens, rescues per tier."""
+        return torch.zeros(6 + len(self.tiers), dtype=torch.float64)
 
     def transform_rollouts(
         self, trainer, rollouts: Rollouts, examples: list[dict], table: RewardTable, round_: int
@@ -116,7 +117,7 @@ class ScafHooks(TrainerHooks):
         self._counts[2] += len(rescued)
         self._counts[3] += sum(r[2] for r in rescued.values())
         for t in range(len(self.tiers)):
-            self._counts[4 + t] += sum(r[3] == t for r in rescued.values())
+            self._counts[6 + t] += sum(r[3] == t for r in rescued.values())
         return Rollouts.concat(row_parts), RewardTable.concat(table_parts)
 
     def _search(self, trainer, example: dict, group: int, round_: int):
@@ -136,6 +137,7 @@ class ScafHooks(TrainerHooks):
             rounds = (round_,) if round_ else ()
             seed = derive_seed(trainer.config.seed, trainer.step, _SCAF_SEED_KEY, group, t, *rounds)
             out = trainer.backend.generate(prompts, trainer.config.sampling(), seed)
+            self._counts[4:6] += torch.tensor([len(prompts), out.num_completion_tokens])
             scored = trainer.rubric.score(out.completions, [example] * len(prompts))
             wins = (scored.components[:, scored.names.index("correct")] > 0).nonzero().flatten()  # (W,)
             if len(wins):
@@ -146,7 +148,7 @@ class ScafHooks(TrainerHooks):
 
     def after_update(self, trainer, batch) -> dict:
         counts, self._counts = all_reduce_sum(self._counts), self._no_counts()
-        groups, failed, rescued, levels = counts[:4].tolist()
+        groups, failed, rescued, levels, samples, tokens = counts[:6].tolist()
         metrics = {
             "scaf/exempt": float(trainer.step < self.exempt_steps),
             "scaf/all_fail_frac": failed / groups,
@@ -154,9 +156,12 @@ class ScafHooks(TrainerHooks):
             "scaf/all_fail_frac_after": (failed - rescued) / groups,
             # 1 = the first chunk of the first tier; larger = more help was needed
             "scaf/hint_level": levels / rescued if rescued else math.nan,
+            # the search's own generation, beyond the batch's rollouts (which `tokens_per_s` counts)
+            "scaf/hint_samples": samples,
+            "scaf/hint_tokens": tokens,
         }
         for t, tier in enumerate(self.tiers):
-            metrics[f"scaf/tier_{tier}_frac"] = float(counts[4 + t]) / groups
+            metrics[f"scaf/tier_{tier}_frac"] = float(counts[6 + t]) / groups
         return metrics
 
 

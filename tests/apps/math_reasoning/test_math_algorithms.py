@@ -149,12 +149,24 @@ def test_scaf_searches_only_all_failed_groups_and_keeps_their_other_rows(small_d
             return f"x</think><answer>{answers[question]}</answer>"
         return f"x</think><answer>{-1000 - i}</answer>"  # wrong, and one per row of its group
 
+    hint_calls = []  # (completions, tokens) of each hint search's generate call
+
+    class CountingBackend(ScriptedBackend):
+        def generate(self, prompts, settings, seed):
+            out = super().generate(prompts, settings, seed)
+            if " Hint: " in prompts[0]:
+                hint_calls.append((len(prompts), int(out.completion_mask.sum())))
+            return out
+
     hooks = ScafHooks(TEMPLATE, ("planning", "solution"), True, exempt_steps=0)
     trainer = GRPOTrainer(
         config(tmp_path), model, tokenizer, data, rubric_for(TEMPLATE), app="t", hooks=hooks,
-        backend=ScriptedBackend(tokenizer, rule),
+        backend=CountingBackend(tokenizer, rule),
     )  # fmt: skip
     metrics = trainer.train()[0]
+    # the search's generation is counted apart: one call of the planning tier's levels (2 chunks, 2 prompts)
+    assert [n for n, _ in hint_calls] == [len(data[1]["hints"]["planning"])] == [2]
+    assert metrics["scaf/hint_samples"] == 2.0 and metrics["scaf/hint_tokens"] == hint_calls[0][1] > 0
     assert metrics["scaf/all_fail_frac"] == 0.5 and metrics["scaf/rescued_frac"] == 0.5
     assert metrics["scaf/all_fail_frac_after"] == 0.0 and metrics["scaf/hint_level"] == 1.0
     assert metrics["scaf/tier_planning_frac"] == 0.5 and metrics["scaf/tier_solution_frac"] == 0.0

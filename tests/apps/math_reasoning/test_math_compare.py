@@ -54,7 +54,7 @@ def test_stats_and_table_cells():
     assert _stats([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
     assert _stats([4.0, None]) == (4.0, 0.0, 1) and _stats([None]) is None
     table = format_table([{"arm": "grpo", "pass@1": (0.5, 0.1, 2)}])
-    assert table.splitlines()[2] == "| grpo | 0.500 ± 0.100 | - | - | - | - | - | - |"
+    assert table.splitlines()[2] == "| grpo | 0.500 ± 0.100 | - | - | - | - | - | - | - |"
     assert "over 2 seed(s)" in table
 
 
@@ -136,6 +136,21 @@ def test_table_counts_the_most_seeds_of_any_cell():
     """A column with 2 of 3 seeds (one run without the metric) does not make the table say 2 seeds."""
     table = format_table([{"arm": "grpo", "pass@1": (0.5, 0.1, 3), "entropy_end": (1.0, 0.0, 2)}])
     assert "over 3 seed(s)" in table
+    assert table.splitlines()[2] == "| grpo | 0.500 ± 0.100 | - | - | - | 1.000 ± 0.000 (n=2) | - | - | - |"
+
+
+def test_generated_tokens_count_the_batch_and_scafs_hint_search():
+    """Step 1: 100 tokens/s for 2 s = 200 tokens, plus 50 of hints; step 2: 300 tokens; step 3 logged no
+    speed. The mean over the steps that did: (250 + 300) / 2."""
+    history = [
+        {"tokens_per_s": 100.0, "step_time": 2.0, "scaf/hint_tokens": 50.0},
+        {"tokens_per_s": 300.0, "step_time": 1.0, "scaf/hint_tokens": 0.0},
+        {"step_time": 1.0},
+    ]
+    summary = run_summary({"history": history, "eval": {"eval": _eval(0.25, 0.5)}, "run_dir": "r"})
+    assert summary["gen_tokens"] == 275.0
+    plain = run_summary({"history": history[1:2], "eval": {"eval": _eval(0.25, 0.5)}, "run_dir": "r"})
+    assert plain["gen_tokens"] == 300.0
 
 
 def test_codistill_row_without_ls_time_has_no_step_time():

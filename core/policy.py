@@ -218,9 +218,8 @@ def _ready_tokenizer(tokenizer: PreTrainedTokenizerBase, model: nn.Module, path:
     """The tokenizer checked against the model, left padding, and eos as pad when it has no pad."""
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
-        raise ValueError(
-            f"the tokenizer in {path} has {len(tokenizer)} tokens but the model has only {n_embeddings} "
-            "embeddings"
+        raise InputError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model has only {n_embeddings} embeddings"
         )
     return _padded(tokenizer, path)
 
@@ -229,7 +228,7 @@ def _padded(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokeniz
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; batches need one")
+            raise InputError(f"{path}: the tokenizer has neither a pad nor an eos token; batches need one")
         # Padding is always masked out (attention mask, loss mask), so reusing eos as pad changes no value.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

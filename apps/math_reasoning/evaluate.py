@@ -30,6 +30,7 @@ from apps.math_reasoning.data import (
 from apps.math_reasoning.rewards import format_rewards, same_answer
 from apps.math_reasoning.templates import TEMPLATES, Template, get_template
 from core.config import config_to_dict
+from core.data import InputError, check_prompt_lengths
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
 from core.runs import (
@@ -81,6 +82,22 @@ def majority_correct(answers: list[str | None], gold: str) -> bool:
     return same_answer(winner[0], gold)
 
 
+def check_eval_prompts(
+    examples: list[dict], template: Template, tokenizer, max_new_tokens: int, max_context: int | None
+) -> None:
+    """InputError naming the first evaluation problem whose prompt (the template's, without hints) plus
+    `max_new_tokens` does not fit the model's context: generation would fail on it with an IndexError."""
+    if max_context is None:
+        return
+    prompts = [
+        {"id": ex.get("id", i), "prompt": template.render(ex["question"])} for i, ex in enumerate(examples)
+    ]
+    try:
+        check_prompt_lengths(prompts, tokenizer, max_new_tokens, max_context)
+    except InputError as err:
+        raise InputError(f"evaluation set: {err}") from err
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -96,6 +113,7 @@ def evaluate_model(
 ) -> dict:
     """Sample `samples` completions per example; summary metrics overall and per level."""
     backend = HFGenerateBackend(model, tokenizer, device=device)
+    check_eval_prompts(examples, template, tokenizer, max_new_tokens, backend.max_context)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     formats = format_rewards(template)
     per_chunk = max(1, batch_rows // samples)

@@ -35,6 +35,7 @@ from apps.math_reasoning.data import (
 )
 from apps.math_reasoning.evaluate import (
     benchmark_name,
+    check_eval_prompts,
     evaluate_model,
     format_results,
     load_eval_examples,
@@ -409,6 +410,10 @@ def train(config: MathTrainConfig) -> dict:
     rubric = rubric_for(get_template(config.template), config.on_reward_error)
     trainer = GRPOTrainer(
         config, model, tokenizer, examples, rubric, app=APP, algorithm=config.algo, hooks=hooks
+    )
+    # before training: the final evaluation would fail on a prompt too long only after it
+    check_eval_prompts(
+        eval_examples, get_template(config.template), tokenizer, config.max_new_tokens, trainer.max_context
     )
     with trainer.until_finished():  # finished once saved and evaluated
         history = trainer.train()

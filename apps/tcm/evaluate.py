@@ -27,6 +27,7 @@ from apps.tcm.rewards import (
     tag_count,
     zh_tokens,
 )
+from core.data import check_prompt_lengths
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings
 from core.runs import latest_config, training_run
@@ -110,6 +111,8 @@ def evaluate_model(
 ) -> tuple[dict, list[str]]:
     """Greedy completions of the examples' prompts and their scores: (metrics, completions)."""
     backend = HFGenerateBackend(model, tokenizer, device=device, batch_size=batch_size)
+    if backend.max_context is not None:  # a prompt too long for it would fail generation with an IndexError
+        check_prompt_lengths(examples, tokenizer, max_new_tokens, backend.max_context)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True)
     rollouts = backend.generate([example["prompt"] for example in examples], settings, seed)
     return score_completions(rollouts.completions, examples), rollouts.completions

@@ -394,7 +394,20 @@ def test_load_policy_refuses_a_tokenizer_larger_than_the_model(tmp_path: Path):
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(**{**TINY, "vocab_size": VOCAB - 10})).save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=f"{VOCAB} tokens but the model has only {VOCAB - 10}"):
+    with pytest.raises(
+        InputError, match=f"^{tmp_path}: the tokenizer has {VOCAB} tokens but the model has only {VOCAB - 10}"
+    ):
+        load_policy(tmp_path)
+
+
+def test_load_policy_refuses_a_tokenizer_with_neither_pad_nor_eos_naming_the_directory(tmp_path: Path):
+    """A command-line error (its message starts with the directory), not a traceback."""
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(tmp_path)
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match=f"^{tmp_path}: the tokenizer has neither a pad nor an eos token"):
         load_policy(tmp_path)
 
 

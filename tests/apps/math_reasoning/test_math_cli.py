@@ -880,3 +880,24 @@ def test_a_lora_adapter_without_a_tokenizer_may_be_codistills_large_model(
             math_train.MathTrainConfig(algo="codistill", model=str(small_dir), large_model=str(adapter))
         )
     assert math_train.MathTrainConfig(algo="codistill", large_model=str(tmp_path / "built later")).large_model
+
+
+def test_an_evaluation_prompt_too_long_for_the_model_is_refused_before_training(small_dir, tmp_path, capsys):
+    """It failed the final evaluation with an IndexError, after training and saving (math eval: at once)."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        json.dumps({"question": "Ann has 3 pens. " * 70 + "How many?", "answer": "#### 3"}) + "\n"
+    )
+    run = tmp_path / "run"
+    args = ["math", "train", "--model", str(small_dir), "--run-dir", str(run), "--eval-data", str(long)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *FAST, *EVAL])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "evaluation set: example " in err and "exceeds the model's context of 1024" in err
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["math", "eval", "--model", str(small_dir), "--data", str(long), "--run-dir", str(tmp_path / "e")]
+        )
+    assert exit_info.value.code == 2 and "evaluation set: example " in capsys.readouterr().err

@@ -144,6 +144,7 @@ class _RuleBackend:
     """Stands in for `HFGenerateBackend` in `evaluate_model`: completion j of each problem is `texts[j]`."""
 
     texts: list[str] = []
+    max_context = None
 
     def __init__(self, *args, **kwargs):
         pass

@@ -15,6 +15,7 @@ from apps.tcm.evaluate import (
     score_completions,
 )
 from apps.tcm.rewards import rouge_l, zh_tokens
+from core.data import InputError
 
 
 def wrap(answer: str) -> str:
@@ -155,6 +156,8 @@ def test_evaluation_decodes_greedily(monkeypatch):
     seen = []
 
     class Backend:
+        max_context = None
+
         def __init__(self, model, tokenizer, device, batch_size):
             pass
 
@@ -222,6 +225,8 @@ def test_evaluation_passes_its_batch_size_and_seed_to_the_backend(monkeypatch):
     seen = []
 
     class Backend:
+        max_context = None
+
         def __init__(self, model, tokenizer, device, batch_size):
             seen.append(("batch_size", batch_size))
 
@@ -247,3 +252,28 @@ def test_evaluate_takes_unset_settings_from_a_tcm_run_only(tmp_path):
     from_tcm = TcmEvalConfig(model=str(tmp_path / "tcm" / "final"))
     assert (from_toy.max_new_tokens, from_toy.seed) == (512, 0)  # the defaults
     assert (from_tcm.max_new_tokens, from_tcm.seed) == (6, 3)
+
+
+def test_a_prompt_too_long_for_the_models_context_is_named_before_generating(monkeypatch):
+    """Generation failed with an IndexError on it (tcm evaluate, and tcm train's evaluation before GRPO)."""
+    import apps.tcm.evaluate as tcm_evaluate
+
+    class Backend:
+        max_context = 12
+
+        def __init__(self, model, tokenizer, device, batch_size):
+            pass
+
+        def generate(self, prompts, settings, seed):
+            raise AssertionError("generated")
+
+    def characters(texts, add_special_tokens):  # one token per character
+        return {"input_ids": [list(range(len(text))) for text in texts]}
+
+    monkeypatch.setattr(tcm_evaluate, "HFGenerateBackend", Backend)
+    examples = [EXAMPLES[0] | {"id": "q1", "prompt": "p"}, EXAMPLES[1] | {"id": "q2", "prompt": "p" * 8}]
+    with pytest.raises(
+        InputError,
+        match="example 'q2': prompt of 8 tokens \\+ max_new_tokens 5 exceeds the model's context of 12",
+    ):
+        evaluate_model(None, characters, examples, max_new_tokens=5, batch_size=2, device="cpu", seed=0)

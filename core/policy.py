@@ -260,14 +260,17 @@ def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: 
         # directory, whose base_model/ a relative "runs/<app>/<name>/base_model" names
         near = path.parent / Path(base).name
         base = str(near) if (near / "config.json").is_file() else base
-    if not base or not (Path(base) / "config.json").is_file():
+    if not base or not any((Path(base) / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(
             f"{path / 'adapter_config.json'}: its base model {base!r} is not a local model directory"
         )
-    model, tokenizer = load_policy(base, dtype=dtype, device=device)
+    model, tokenizer = load_policy(base, dtype=dtype, device=device)  # an adapter's base may be an adapter
     with named_if_unreadable(path, "LoRA adapter"):
         model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
     model.requires_grad_(True)  # loaded for inference (frozen); trained in full unless `lora` adds one
+    # A new adapter records its base as this model's name: this adapter, not the base it was merged into,
+    # so that the new adapter is loaded on the model it was trained on (the chain of adapters, merged).
+    model.name_or_path = str(path.absolute())
     if (path / "tokenizer_config.json").is_file():  # the trainer's tokenizer, pad token included
         tokenizer = _ready_tokenizer(_load_tokenizer(path), model, path)
     return _with_lora(model, lora), tokenizer

@@ -763,3 +763,31 @@ def test_a_model_directory_transformers_cannot_read_is_named_with_the_reason(
         load_policy(damaged)
     assert str(info.value).startswith(f"{damaged}: its {what} cannot be loaded ({reason}")
     assert "\n" not in str(info.value)
+
+
+def test_an_adapter_trained_on_an_adapter_loads_on_the_model_it_was_trained_on(
+    model_dir: Path, tmp_path: Path
+):
+    """A --lora run on a LoRA final/ trains a second adapter on the base with the first merged in. Its
+    final/ had recorded the bare base, so loading it dropped the first adapter without a word."""
+
+    def trained(model):  # an adapter that changes the output: every lora_B set non-zero
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+        return model
+
+    first = trained(load_policy(model_dir, lora=LoraSettings(r=2, alpha=4))[0])
+    first.save_pretrained(tmp_path / "a1")
+    second = trained(load_policy(tmp_path / "a1", lora=LoraSettings(r=2, alpha=4, seed=1))[0])
+    second.save_pretrained(tmp_path / "a2")
+    config = json.loads((tmp_path / "a2" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (tmp_path / "a1").absolute()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = second.eval()(ids).logits
+        got = load_policy(tmp_path / "a2")[0].eval()(ids).logits
+        first_only = load_policy(tmp_path / "a1")[0].eval()(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - first_only).abs().max() > 1e-3  # the second adapter counts too

@@ -330,19 +330,38 @@ def _stop_string_end(
     return hi
 
 
+def eos_token_ids(
+    tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None, vocab_size: int | None
+) -> tuple[int, ...]:
+    """The ids generation stops at: the tokenizer's eos, then those of the model's `generation_config`
+    (below `vocab_size`, when given): an instruct model's end of turn, such as Llama-3's <|eot_id|>, Gemma's
+    <end_of_turn> or Phi-3's <|end|>, is often there only. HF `generate` stops at the config's list too.
+
+    >>> from types import SimpleNamespace as NS
+    >>> eos_token_ids(NS(eos_token_id=2), NS(eos_token_id=[7, 2, 50256]), vocab_size=100)
+    (2, 7)
+    """
+    extra = getattr(generation_config, "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    extra = [i for i in extra if vocab_size is None or 0 <= i < vocab_size]
+    return tuple(dict.fromkeys([tokenizer.eos_token_id, *extra]))
+
+
 def completion_ends(
     rows: list[list[int]],
-    eos_token_id: int,
+    eos_ids: Sequence[int],
     stop_strings: tuple[str, ...],
     tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[list[int], list[str]]:
-    """Per row of sampled tokens: the completion length (through the first eos, or the token that
+    """Per row of sampled tokens: the completion length (through the first of `eos_ids`, or the token that
     completes the first stop string) and the finish reason ("stop", else "length": the row ran out)."""
+    eos = set(eos_ids)
     lengths, reasons = [], []
     for row in rows:
         end, reason = len(row), "length"
-        if eos_token_id in row:
-            end, reason = row.index(eos_token_id) + 1, "stop"
+        first = next((k for k, token in enumerate(row) if token in eos), None)
+        if first is not None:
+            end, reason = first + 1, "stop"
         stop = _stop_string_end(row[:end], stop_strings, tokenizer) if stop_strings else None
         if stop is not None:
             end, reason = stop, "stop"
@@ -358,13 +377,15 @@ def finalize_rollouts(
     row_logps: list[list[float]] | None,
     settings: SamplingSettings,
     tokenizer: PreTrainedTokenizerBase,
+    eos_ids: Sequence[int],
     constraint_rows: tuple[Tensor, Tensor] | None = None,
 ) -> Rollouts:
     """One call's Rollouts from the sampled tokens of each row (and their log-probs, aligned): masks,
     padding, finish reasons and texts. A row may run past its end (HF pads finished rows); that is cut.
-    `constraint_rows`: a `VocabConstraint`'s table (K, V) and the row it allowed at each step (N, steps)."""
+    `eos_ids`: the ids a completion ends at (`eos_token_ids`). `constraint_rows`: a `VocabConstraint`'s
+    table (K, V) and the row it allowed at each step (N, steps)."""
     pad = tokenizer.pad_token_id
-    lengths, reasons = completion_ends(rows, tokenizer.eos_token_id, settings.stop_strings, tokenizer)
+    lengths, reasons = completion_ends(rows, eos_ids, settings.stop_strings, tokenizer)
     kept = [row[:n] for row, n in zip(rows, lengths, strict=True)]
     completion_mask = right_pad([[1] * n for n in lengths], 0, torch.long)  # (N, T)
     sampling_logp = None
@@ -506,10 +527,10 @@ class _SamplingLogpRecorder(LogitsProcessor):
     `_VocabConstraintProcessor` comes first: its -inf are part of the distribution the trainer computes.
     """
 
-    def __init__(self, temperature: float, min_new_tokens: int, eos_token_id: int, prompt_len: int):
+    def __init__(self, temperature: float, min_new_tokens: int, eos_ids: Sequence[int], prompt_len: int):
         self.temperature = temperature
         self.min_new_tokens = min_new_tokens
-        self.eos_token_id = eos_token_id
+        self.eos_ids = list(eos_ids)
         self.prompt_len = prompt_len
         self.previous: Tensor | None = None  # (N, V) log-probs of the last step
         self.logps: list[Tensor] = []  # per step, (N,)
@@ -522,11 +543,11 @@ class _SamplingLogpRecorder(LogitsProcessor):
         generated = input_ids[:, self.prompt_len :]  # (N, t)
         if generated.shape[1] < self.min_new_tokens:
             scores = scores.clone()
-            scores[:, self.eos_token_id] = -math.inf
+            scores[:, self.eos_ids] = -math.inf
         # NaN logits, or every token excluded (a constraint allowing only eos before min_new_tokens): greedy
         # would pick a pad silently and sampling fail in torch.multinomial with an unclear message. Such a
         # row gets uniform scores so that generate runs to its end (no host sync here), then we raise.
-        finished = (generated == self.eos_token_id).any(1)  # (N,)
+        finished = torch.isin(generated, torch.tensor(self.eos_ids, device=generated.device)).any(1)  # (N,)
         unsampleable = ~scores.max(-1).values.isfinite()  # (N,)
         bad = unsampleable & ~finished  # (N,): a finished row's token is replaced by a pad anyway
         self.invalid = bad if self.invalid is None else self.invalid | bad
@@ -616,6 +637,11 @@ class HFGenerateBackend(TextBackend):
             )
         self.model = model
         self.tokenizer = tokenizer
+        base = (
+            model.get_base_model() if hasattr(model, "get_base_model") else model
+        )  # PEFT: the base's config
+        vocab_size = model.get_input_embeddings().num_embeddings
+        self.eos_ids = eos_token_ids(tokenizer, getattr(base, "generation_config", None), vocab_size)
         self.batch_size = batch_size
         self.constraint = constraint
         if compile_decode and self.device.type == "cpu" and not _cxx_compiler():
@@ -657,9 +683,7 @@ class HFGenerateBackend(TextBackend):
         self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int
     ) -> Rollouts:
         p = prompt_ids.shape[1]
-        recorder = _SamplingLogpRecorder(
-            settings.temperature, settings.min_new_tokens, self.tokenizer.eos_token_id, p
-        )
+        recorder = _SamplingLogpRecorder(settings.temperature, settings.min_new_tokens, self.eos_ids, p)
         sampling = (
             {}
             if settings.greedy
@@ -671,7 +695,7 @@ class HFGenerateBackend(TextBackend):
             num_beams=1,
             num_return_sequences=1,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=list(self.eos_ids),
             use_cache=True,
             **sampling,
         )
@@ -708,6 +732,7 @@ class HFGenerateBackend(TextBackend):
             sampling_logp.tolist(),
             settings,
             self.tokenizer,
+            self.eos_ids,
             None if constrain is None else constrain.result(),
         )
 
@@ -744,6 +769,7 @@ class HFGenerateBackend(TextBackend):
             logps.tolist(),
             settings,
             self.tokenizer,
+            self.eos_ids,
             constraint_rows,
         )
         return replace(out, prompts=list(prompts))
@@ -762,12 +788,13 @@ class HFGenerateBackend(TextBackend):
         hold one prompt) the prefill runs each group's prompt once into a dynamic cache, whose keys and
         values, repeated G times, fill the decode cache; its last logits are repeated likewise: N / G prompt
         rows instead of N."""
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        eos, pad = list(self.eos_ids), self.tokenizer.pad_token_id
         warpers = []
         if settings.top_k:
             warpers.append(TopKLogitsWarper(settings.top_k))
         if settings.top_p < 1.0:
             warpers.append(TopPLogitsWarper(settings.top_p))
+        eos_ids = torch.tensor(eos, device=self.device)  # (E,)
         mask = prompt_mask.to(self.device)  # (N, P)
         ids = prompt_ids.to(self.device)  # (N, P) then (N, 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P), as position_ids_from_mask
@@ -820,7 +847,7 @@ class HFGenerateBackend(TextBackend):
             next_ids = next_ids.masked_fill(finished, pad)  # (N,)
             tokens.append(next_ids)
             logps.append(logp_all.gather(1, next_ids[:, None]).squeeze(1))  # (N,)
-            finished = finished | (next_ids == eos)
+            finished = finished | torch.isin(next_ids, eos_ids)
             if all_done(finished.all(), synced):
                 break
             ids = next_ids[:, None]  # (N, 1)

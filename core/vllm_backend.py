@@ -6,10 +6,11 @@ Tests: `pytest tests/core/test_rollout.py` (the vLLM test is marked `gpu`).
 import os
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from core.lora_merge import merged_state_dict
 from core.policy import load_tokenizer
@@ -19,6 +20,7 @@ from core.rollout import (
     TextBackend,
     check_special_tokens,
     derive_seed,
+    eos_token_ids,
     finalize_rollouts,
     left_pad,
     prompt_list,
@@ -77,6 +79,10 @@ class VLLMBackend(TextBackend):
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         check_special_tokens(self.tokenizer)
+        # the engine ignores generation_config.json (below); its eos ids are passed as stop tokens
+        generation = Path(model_path) / "generation_config.json"
+        config = GenerationConfig.from_pretrained(model_path) if generation.is_file() else None
+        self.eos_ids = eos_token_ids(self.tokenizer, config, vocab_size=None)
         self._sampling_params = SamplingParams
         self.llm = LLM(
             model=model_path,
@@ -143,6 +149,7 @@ class VLLMBackend(TextBackend):
                 max_tokens=settings.max_new_tokens,
                 min_tokens=settings.min_new_tokens,
                 stop=list(settings.stop_strings) or None,
+                stop_token_ids=list(self.eos_ids[1:]) or None,  # the tokenizer's eos stops it anyway
                 include_stop_str_in_output=True,
                 logprobs=0 if with_logp else None,
                 seed=row_seed,
@@ -154,4 +161,4 @@ class VLLMBackend(TextBackend):
         logps = None
         if with_logp:
             logps = [[lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)] for o in outputs]
-        return finalize_rollouts(prompt_ids, prompt_mask, rows, logps, settings, self.tokenizer)
+        return finalize_rollouts(prompt_ids, prompt_mask, rows, logps, settings, self.tokenizer, self.eos_ids)

@@ -162,16 +162,16 @@ def test_completion_ends_on_hand_made_rows(tok):
     a, b, x, y = (tok.convert_tokens_to_ids(c) for c in "abxy")
     eos, pad = tok.eos_token_id, tok.pad_token_id
     rows = [[a, b, eos, a, pad], [a, b, a, b, a], [eos, pad, pad, pad, pad], [a, x, y, b, eos], [x, y, a]]
-    assert completion_ends(rows[:3], eos, (), tok) == ([3, 5, 1], ["stop", "length", "stop"])
+    assert completion_ends(rows[:3], [eos], (), tok) == ([3, 5, 1], ["stop", "length", "stop"])
     # "xy" is completed by token 3 of row 3, before its eos; row 4 completes it at token 2.
-    assert completion_ends(rows, eos, ("xy", "zz"), tok) == (
+    assert completion_ends(rows, [eos], ("xy", "zz"), tok) == (
         [3, 5, 1, 3, 2],
         ["stop", "length", "stop", "stop", "stop"],
     )
     # A stop string after the eos does not count: the row ends at its eos.
-    assert completion_ends([[a, eos, x, y]], eos, ("xy",), tok) == ([2], ["stop"])
+    assert completion_ends([[a, eos, x, y]], [eos], ("xy",), tok) == ([2], ["stop"])
     # the first token may complete one already
-    assert completion_ends([[x, a, b], [a, x, b]], eos, ("x",), tok) == ([1, 2], ["stop", "stop"])
+    assert completion_ends([[x, a, b], [a, x, b]], [eos], ("x",), tok) == ([1, 2], ["stop", "stop"])
 
 
 def test_shapes_padding_and_masks(tok, eos_model):
@@ -216,6 +216,38 @@ def test_an_empty_prompt_is_refused(tok, eos_model):
         backend.generate(["ab", ""], SamplingSettings(max_new_tokens=2), seed=0)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         HFGenerateBackend(eos_model, tok, batch_size=0)
+
+
+@pytest.mark.parametrize("path", ["generate", "generate_groups"])
+def test_generation_stops_at_every_eos_of_the_models_generation_config(tok, path):
+    """An instruct model's end of turn is often an eos of generation_config.json only (Llama-3's <|eot_id|>):
+    rows ran on to max_new_tokens past it, and the text after it was scored. Token `turn_end` is likely at
+    every step and listed there (with an id beyond the vocabulary, ignored); min_new_tokens suppresses it too."""
+    turn_end = tok.convert_tokens_to_ids("b")
+    model = build_model(len(tok), token_bias={turn_end: 8.0})
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end, 10**6]
+    backend = HFGenerateBackend(model, tok)
+    assert backend.eos_ids == (tok.eos_token_id, turn_end)
+
+    def sample(settings: SamplingSettings) -> Rollouts:
+        if path == "generate":
+            return backend.generate(PROMPTS, settings, seed=0)
+        return backend.generate_groups(PROMPTS, settings, list(range(len(PROMPTS))), group_size=1)
+
+    r = sample(SamplingSettings(max_new_tokens=6))
+    assert r.completion_mask.sum(1).tolist() == [1] * len(PROMPTS) and r.finish_reason == ["stop"] * len(
+        PROMPTS
+    )
+    assert r.completion_ids[:, 0].eq(turn_end).all()
+    forced = sample(SamplingSettings(max_new_tokens=8, min_new_tokens=3))
+    assert forced.completion_mask.sum(1).tolist() == [4] * len(PROMPTS)
+    assert (
+        not forced.completion_ids[:, :3].eq(turn_end).any() and forced.completion_ids[:, 3].eq(turn_end).all()
+    )
+    expected, _ = reference_logp(model, forced, 1.0)
+    torch.testing.assert_close(forced.sampling_logp, expected, atol=1e-4, rtol=0)
+    model.generation_config.eos_token_id = tok.eos_token_id  # the tokenizer's alone: the token is text
+    assert HFGenerateBackend(model, tok).eos_ids == (tok.eos_token_id,)
 
 
 def test_generate_from_ids_decodes_the_prompts_without_their_padding(tok, eos_model):

@@ -57,19 +57,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority_correct(answers: list[str | None], gold: str) -> bool:
-    """maj@k: the most frequent extracted answer (ties: the one seen first) equals the gold; None and an
-    empty answer (`<answer> </answer>`) never vote. Votes go to classes of equal answers (`same_answer`),
-    so "1,000" and "1000" vote together.
+def majority_correct(answers: list[str | None], gold: str) -> float:
+    """maj@k of one problem: 1 when the most frequent extracted answer equals the gold; a tie between m
+    answers counts 1/m when the gold is one of them (the expected score of breaking the tie at random: with
+    k = 4 and four different answers, "the first one" would make maj@4 the first sample's correctness).
+    None and an empty answer (`<answer> </answer>`) never vote. Votes go to classes of equal answers
+    (`same_answer`), so "1,000" and "1000" vote together.
 
     >>> majority_correct(["3", "4", "4", None], "4"), majority_correct([None, None], "4")
-    (True, False)
-    >>> majority_correct(["7", "1,000", "1000"], "1000")
-    True
+    (1.0, 0.0)
+    >>> majority_correct(["7", "1,000", "1000"], "1000"), majority_correct(["7", "8", "9", "8", "7"], "8")
+    (1.0, 0.5)
     """
     # identical texts counted first: math-verify (up to its timeout each) compares distinct texts only
-    votes = Counter(a.strip() for a in answers if a is not None and a.strip())  # in order of first appearance
-    classes: list[list] = []  # [first text, votes], in order of first appearance; each holds equal answers
+    votes = Counter(a.strip() for a in answers if a is not None and a.strip())
+    classes: list[list] = []  # [first text, votes]; each holds equal answers
     for answer, count in votes.items():
         home = next((c for c in classes if same_answer(answer, c[0])), None)
         if home is None:
@@ -77,9 +79,10 @@ def majority_correct(answers: list[str | None], gold: str) -> bool:
         else:
             home[1] += count
     if not classes:
-        return False
-    winner = max(classes, key=lambda c: c[1])  # max keeps the first of equal counts
-    return same_answer(winner[0], gold)
+        return 0.0
+    most = max(count for _, count in classes)
+    winners = [answer for answer, count in classes if count == most]
+    return sum(same_answer(answer, gold) for answer in winners) / len(winners)
 
 
 def check_eval_prompts(

@@ -105,7 +105,7 @@ def test_pass_at_k_against_the_product_formula():
 def test_majority_vote():
     assert majority_correct(["1", "2", "2"], "2")
     assert not majority_correct(["1", "1", "2"], "2")
-    assert majority_correct(["1", "2"], "1")  # a tie goes to the earliest
+    assert majority_correct(["1", "2"], "1") == majority_correct(["2", "1"], "1") == 0.5  # a tie: 1/2 each
     assert not majority_correct([None, None, "3"], "4")
     # an empty answer (`<answer> </answer>`) is no vote, as None is: it cannot win the tie
     assert majority_correct([None, "4"], "4") and majority_correct(["", "4"], "4")
@@ -113,7 +113,11 @@ def test_majority_vote():
     # equal answers written differently vote together
     assert majority_correct(["7", "1,000", "1000"], "1000")
     assert majority_correct(["\\frac{1}{2}", "3", "0.5"], "1/2")
-    assert not majority_correct(["3", "0.5", "3", "1/2", "4"], "0.5")  # 2 against 2: "3" came first
+    assert majority_correct(["3", "0.5", "3", "1/2", "4"], "0.5") == 0.5  # 2 against 2
+    assert (
+        majority_correct(["5", "6", "7", "8"], "6") == 0.25
+        and majority_correct(["5", "6", "7", "8"], "9") == 0
+    )
 
 
 def test_the_evaluation_summary_by_hand():
@@ -134,8 +138,8 @@ def test_majority_vote_compares_each_distinct_answer_once(monkeypatch):
 
     calls = []
     monkeypatch.setattr(evaluate, "same_answer", lambda a, b: calls.append((a, b)) or a == b)
-    assert not majority_correct(["9^{9^{9}}"] * 8 + ["4"] * 8, "4")  # a tie: the first seen wins
-    assert calls == [("4", "9^{9^{9}}"), ("9^{9^{9}}", "4")]
+    assert majority_correct(["9^{9^{9}}"] * 8 + ["4"] * 8, "4") == 0.5  # a tie: each winner against the gold
+    assert calls == [("4", "9^{9^{9}}"), ("9^{9^{9}}", "4"), ("4", "4")]
     calls.clear()
     assert majority_correct(["4", "9^{9^{9}}", "4"], "4") and len(calls) == 2
 
@@ -249,16 +253,20 @@ def test_spread_subset_rounds_to_the_nearest_index():
 
 
 def test_maj_at_k_votes_with_every_sample(monkeypatch):
-    """2 samples, "2" then "3", gold 2: a tie the first sample wins, so maj@2 is 1 (pass@1 1/2)."""
+    """2 samples, "2" and "3", gold 2: a tie, in either order maj@2 is 1/2 (pass@1 1/2); "2" twice: 1."""
     example = {"question": "1 + 1?", "answer": "2"}
     results = _evaluate(
         monkeypatch, [example], ["x</think><answer>2</answer>", "x</think><answer>3</answer>"]
     )
-    assert results["all"]["maj@2"] == 1.0 and results["all"]["pass@1"] == 0.5
+    assert results["all"]["maj@2"] == 0.5 and results["all"]["pass@1"] == 0.5
     results = _evaluate(
         monkeypatch, [example], ["x</think><answer>3</answer>", "x</think><answer>2</answer>"]
     )
-    assert results["all"]["maj@2"] == 0.0
+    assert results["all"]["maj@2"] == 0.5
+    results = _evaluate(
+        monkeypatch, [example], ["x</think><answer>2</answer>", "x</think><answer> 2 </answer>"]
+    )
+    assert results["all"]["maj@2"] == 1.0
 
 
 def test_format_results_prints_the_hard_tail_once():

@@ -30,6 +30,8 @@ Run the tests with `python -m pytest tests/core/test_runs.py -q`.
 """
 
 import atexit
+import functools
+import hashlib
 import json
 import math
 import os
@@ -365,7 +367,9 @@ class RunDir:
                     f"resuming {path} with changed settings: "
                     + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in said.items())
                 )
-            stored.setdefault("resumes", []).append({"at": _now(), "changed": changed})
+            stored.setdefault("resumes", []).append(
+                {"at": _now(), "changed": changed, "source": source_digest()}
+            )
             write_json_atomic(config_path, stored)
             return run
         path.mkdir(parents=True, exist_ok=True)
@@ -375,6 +379,7 @@ class RunDir:
                 "app": app,
                 "algorithm": algorithm,
                 "grpo_suite_version": _version(),
+                "source": source_digest(),
                 "started": _now(),
                 "config": new_config,
             },
@@ -707,6 +712,24 @@ def _check_step(step: object) -> None:
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of the suite's Python sources (core, apps, reward_models; path and bytes of each file): the
+    code a run ran, which the package version, unchanged between commits, does not tell apart."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("core", "apps", "reward_models"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def run_sources(run_config: Mapping[str, Any]) -> list[str | None]:
+    """The `source_digest` of the code a run started with and of each resume, from the contents of its
+    config.json (None where it was not recorded yet)."""
+    return [run_config.get("source")] + [resume.get("source") for resume in run_config.get("resumes", [])]
 
 
 def _version() -> str:

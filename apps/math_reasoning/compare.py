@@ -22,7 +22,7 @@ from apps.math_reasoning.train import ALGORITHMS, MathTrainConfig, applies_to, b
 from apps.math_reasoning.train import PRESETS as TRAIN_PRESETS
 from core.atomic import write_atomic
 from core.config import config_file_values, config_to_dict
-from core.runs import RunDir, is_run_dir, latest_config, refuse_a_file_in_the_way
+from core.runs import RunDir, is_run_dir, latest_config, refuse_a_file_in_the_way, run_sources, source_digest
 
 ARMS = (*ALGORITHMS, "grpo_large")
 
@@ -157,13 +157,25 @@ def compare(config: MathCompareConfig) -> dict:
     for arm, run_config in planned:
         runs.setdefault(arm, []).append(run_summary(_finished(run_config) or _train_or_resume(run_config)))
     rows = table_rows(runs)
-    text = format_table(rows)
+    text = format_table(rows) + _code_note(runs)
     print(text)
     write_atomic(out / "compare.md", (text + "\n").encode())
     write_atomic(
         out / "compare.json", json.dumps({"runs": runs, "rows": rows}, indent=2, default=str).encode()
     )
     return {"runs": runs, "rows": rows, "out_dir": str(out)}
+
+
+def _code_note(runs: dict[str, list[dict]]) -> str:
+    """A line naming the runs made (in part) by other code than this, whose results may differ from a run
+    now (an evaluation or a default changed since): empty when every run is of this code."""
+    other = [s["run_dir"] for summaries in runs.values() for s in summaries if s["other_code"]]
+    if not other:
+        return ""
+    return (
+        f"\nnote: {len(other)} run(s) made in part by other code than this (source digests differ, or a run "
+        f"from before they were recorded): {', '.join(other)}; a new --out-dir compares on this code alone"
+    )
 
 
 def _check_earlier_run(run_config: MathTrainConfig) -> None:
@@ -241,14 +253,20 @@ def _finished(run_config: MathTrainConfig) -> dict | None:
         return None
     print(f"{path}: finished earlier, its results reused")
     results = {key: evals[key] for key in ("eval", "eval_large") if key in evals}
-    return {"history": run.read_metrics(), "eval": results, "run_dir": str(path)}
+    return {"history": run.read_metrics(), "eval": results, "run_dir": str(path), **_sources(run)}
 
 
 def _train_or_resume(run_config: MathTrainConfig) -> dict:
     """Train the run; one an earlier compare left unfinished continues from its last checkpoint. The
     history is the run's whole metrics.jsonl: a resumed `train` returns only the steps it ran."""
     result = train(replace(run_config, resume=is_run_dir(run_config.run_dir)))
-    return result | {"history": RunDir(run_config.run_dir).read_metrics()}
+    run = RunDir(run_config.run_dir)
+    return result | {"history": run.read_metrics(), **_sources(run)}
+
+
+def _sources(run: RunDir) -> dict:
+    """{"other_code": whether any part of the run (its start, a resume) ran other code than this}."""
+    return {"other_code": any(source != source_digest() for source in run_sources(run.read_config()))}
 
 
 def run_summary(result: dict) -> dict:
@@ -262,6 +280,7 @@ def run_summary(result: dict) -> dict:
 
     summary = {
         "run_dir": result["run_dir"],
+        "other_code": result.get("other_code", False),
         "zero_spread": mean(history, "zero_spread_frac"),
         "entropy_end": mean(tail, "entropy"),
         "step_time": mean(history, "step_time"),

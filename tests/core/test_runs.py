@@ -986,3 +986,30 @@ def test_resume_needs_a_run_dir_holding_a_run(run, tmp_path):
         runs.run_to_resume(None)
     with pytest.raises(FileNotFoundError, match=r"holds no game to continue \(no config.json\)"):
         runs.run_to_resume(tmp_path / "empty", "game")
+
+
+def test_a_run_records_the_source_digest_it_started_and_each_resume_ran_with(run, tmp_path, monkeypatch):
+    """The package version is the same at every commit; the digest of the sources tells code apart."""
+    import core.runs as runs_module
+
+    now = runs_module.source_digest()
+    assert run.read_config()["source"] == now and len(now) == 64
+    monkeypatch.setattr(runs_module, "source_digest", lambda: "other")
+    RunDir.create(run.path, {"lr": 1e-3, "seed": 0}, app="math", algorithm="grpo", exist_ok_for_resume=True)
+    assert runs_module.run_sources(run.read_config()) == [now, "other"]
+    assert runs_module.run_sources({"config": {}, "resumes": [{"changed": {}}]}) == [None, None]
+
+
+def test_the_source_digest_follows_every_python_file_of_the_packages(tmp_path, monkeypatch):
+    import core.runs as runs_module
+
+    for package in ("core", "apps", "reward_models"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    (tmp_path / "core" / "runs.py").write_text("")
+    monkeypatch.setattr(runs_module, "__file__", str(tmp_path / "core" / "runs.py"))
+    first = runs_module.source_digest.__wrapped__()
+    (tmp_path / "apps" / "a.py").write_text("x = 2\n")
+    second = runs_module.source_digest.__wrapped__()
+    (tmp_path / "apps" / "notes.txt").write_text("not code")
+    assert first != second == runs_module.source_digest.__wrapped__()

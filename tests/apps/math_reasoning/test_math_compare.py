@@ -187,3 +187,16 @@ def test_an_earlier_run_made_before_a_setting_existed_counts_it_at_its_default(t
     _check_earlier_run(run_config)
     with pytest.raises(ValueError, match=r"holds a run with other settings \(eval_data_format\)"):
         _check_earlier_run(replace(run_config, eval_data_format="math"))
+
+
+def test_runs_made_by_other_code_are_named_under_the_table(tmp_path, monkeypatch):
+    """A reused run (or one resumed) of other code may differ from a run now (maj@k's tie rule changed):
+    the table says which; none said when every run is of this code."""
+    run = RunDir.create(tmp_path / "r", {}, app="math", algorithm="grpo", exist_ok_for_resume=False)
+    assert compare_module._sources(run) == {"other_code": False}
+    monkeypatch.setattr(compare_module, "source_digest", lambda: "changed since")
+    assert compare_module._sources(run) == {"other_code": True}
+    runs = {"grpo": [{"run_dir": "a", "other_code": False}, {"run_dir": "b", "other_code": True}]}
+    assert compare_module._code_note(runs).startswith("\nnote: 1 run(s) made in part by other code than this")
+    assert compare_module._code_note(runs).endswith(": b; a new --out-dir compares on this code alone")
+    assert compare_module._code_note({"grpo": [{"run_dir": "a", "other_code": False}]}) == ""

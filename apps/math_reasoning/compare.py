@@ -14,6 +14,7 @@ RL run only. Every other training field comes from --train-preset (a `math train
 
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -109,6 +110,25 @@ def _train_values(config: MathCompareConfig) -> dict:
     return values
 
 
+def shared_settings_left_out(values: dict, arms: Sequence[str]) -> list[str]:
+    """A line per arm that trains without a setting the other arms share (and that is not at its default):
+    `beta` (GTPO has no reference model), `size` (CoDistill's policy is the small model).
+
+    >>> shared_settings_left_out({"beta": 0.04, "max_steps": 5}, ["grpo", "gtpo"])
+    ['gtpo trains without beta 0.04 (the other arms have it)']
+    """
+    defaults = {f.name: f.default for f in fields(MathTrainConfig)}
+    lines = []
+    for arm in arms:
+        kept = arm_values(values, arm)
+        lines += [
+            f"{arm} trains without {name} {value} (the other arms have it)"
+            for name, value in values.items()
+            if name in ("beta", "size") and name not in kept and value != defaults[name]
+        ]
+    return lines
+
+
 def arm_values(values: dict, arm: str) -> dict:
     """The train fields of one arm: its algorithm, and of `values` those that algorithm reads (a train
     config's codistill_alpha goes to the codistill arm only; `math train` refuses it with another --algo)."""
@@ -157,7 +177,8 @@ def compare(config: MathCompareConfig) -> dict:
     for arm, run_config in planned:
         runs.setdefault(arm, []).append(run_summary(_finished(run_config) or _train_or_resume(run_config)))
     rows = table_rows(runs)
-    text = format_table(rows) + _code_note(runs)
+    left_out = "".join(f"\nnote: {line}" for line in shared_settings_left_out(values, config.algos))
+    text = format_table(rows) + left_out + _code_note(runs)
     print(text)
     write_atomic(out / "compare.md", (text + "\n").encode())
     write_atomic(

@@ -200,3 +200,16 @@ def test_runs_made_by_other_code_are_named_under_the_table(tmp_path, monkeypatch
     assert compare_module._code_note(runs).startswith("\nnote: 1 run(s) made in part by other code than this")
     assert compare_module._code_note(runs).endswith(": b; a new --out-dir compares on this code alone")
     assert compare_module._code_note({"grpo": [{"run_dir": "a", "other_code": False}]}) == ""
+
+
+def test_a_shared_setting_an_arm_trains_without_is_said():
+    """beta 0.04 from a train config reached grpo and scaf, not gtpo, without a word; a default beta (0) or
+    the small size (CoDistill's policy anyway) is no difference to tell."""
+    from apps.math_reasoning.compare import shared_settings_left_out
+
+    lines = shared_settings_left_out({"beta": 0.04, "size": "large"}, ["grpo", "gtpo", "codistill", "scaf"])
+    assert lines == [
+        "gtpo trains without beta 0.04 (the other arms have it)",
+        "codistill trains without size large (the other arms have it)",
+    ]
+    assert shared_settings_left_out({"beta": 0.0, "size": "small"}, ["gtpo", "codistill"]) == []

@@ -20,7 +20,7 @@ from core.cli import _names_an_input
 from core.data import InputError
 from core.policy import LoraSettings, completion_logprobs, has_dropout, load_policy
 from core.rewards import Rubric
-from core.rollout import HFGenerateBackend
+from core.rollout import HFGenerateBackend, derive_seed
 from core.runs import process_identity
 from core.tiny import create_tiny_model_dir
 from core.trainer import GRPOConfig, GRPOTrainer, OtherProcessFailed, TrainerHooks
@@ -1024,3 +1024,286 @@ def test_the_update_applies_gradients_clipped_to_max_grad_norm(model_dir, tmp_pa
     (metrics,) = trainer.train()
     assert metrics["grad_norm"] > 1e-2  # both updates are clipped
     assert seen == pytest.approx([1e-3, 1e-3], rel=1e-4)
+
+
+def test_rollouts_to_log_0_logs_no_rollout_and_n_logs_the_first_n(model_dir, tmp_path):
+    """-1 is "all"; 0 writes no line (it had been taken as "all"); 3 writes the batch's first three rows,
+    those of group 0, in order."""
+    trainer = make_trainer(model_dir, make_config(tmp_path / "none", max_steps=1, rollouts_to_log=0))
+    trainer.train()
+    assert trainer.run.read_rollouts() == []
+    trainer = make_trainer(model_dir, make_config(tmp_path / "three", max_steps=1, rollouts_to_log=3))
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    trainer.train()
+    rows = trainer.run.read_rollouts()
+    assert [r["completion"] for r in rows] == batches[0].rollouts.completions[:3]
+    assert [r["group"] for r in rows] == [0, 0, 0]
+
+
+def test_logged_rollout_fields_and_reward_metrics_are_the_batchs_values(model_dir, tmp_path):
+    """Each rollouts.jsonl row carries its own advantage (sign included) and finish reason; reward_std is the
+    sample std of the rollouts' rewards, reward/<name> the unweighted mean of that component, tokens_per_s
+    the step's completion tokens over its time, sampling_rounds the batch's."""
+    rubric = Rubric({"v": varied, "a": a_fraction}, weights={"v": 2.0, "a": 0.5})
+    config = make_config(tmp_path, max_steps=1, max_new_tokens=8)
+    trainer = make_trainer(model_dir, config, rubric)
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    (metrics,) = trainer.train()
+    (batch,) = batches
+    rows = trainer.run.read_rollouts()
+    assert [r["advantage"] for r in rows] == pytest.approx(batch.advantages.tolist())
+    assert any(r["advantage"] < 0 for r in rows) and any(r["advantage"] > 0 for r in rows)
+    assert [r["finish_reason"] for r in rows] == batch.rollouts.finish_reason
+    assert [r["example_id"] for r in rows] == [e["id"] for e in batch.examples for _ in range(4)]
+    assert [r["prompt"] for r in rows] == [e["prompt"] for e in batch.examples for _ in range(4)]
+    assert len(set(batch.rollouts.finish_reason)) == 2  # some stopped, some ran to max_new_tokens
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    assert metrics["reward_std"] == pytest.approx(float(rewards.std(correction=1)), rel=1e-5)
+    assert metrics["reward/v"] == pytest.approx(sum(r["rewards"]["v"] for r in rows) / 16, rel=1e-6)
+    assert metrics["reward/a"] == pytest.approx(sum(r["rewards"]["a"] for r in rows) / 16, abs=1e-7)
+    tokens = float(batch.rollouts.completion_mask.sum())
+    assert metrics["tokens_per_s"] * metrics["step_time"] == pytest.approx(tokens, rel=1e-6)
+    assert metrics["sampling_rounds"] == 1.0
+
+
+def test_dynamic_sampling_stops_at_a_full_batch_or_at_max_sampling_rounds(model_dir, tmp_path):
+    """Every group spreads: one round, 4 prompts drawn. No group spreads: exactly max_sampling_rounds
+    rounds, each drawing 4 more prompts, logged as sampling_rounds; the batch is made of the first groups."""
+    config = make_config(tmp_path / "full", max_steps=1, dynamic_sampling=True, max_sampling_rounds=3)
+    trainer = make_trainer(model_dir, config, Rubric({"v": lambda c, e: len(c) + varied(c, e)}))
+    (metrics,) = trainer.train()
+    assert metrics["sampling_rounds"] == 1.0 and trainer.sampler.state_dict()["index"] == 4
+
+    trainer = make_trainer(
+        model_dir, replace(config, run_dir=str(tmp_path / "flat")), Rubric({"one": lambda c, e: 1.0})
+    )
+    seeds = []
+    generate = trainer.backend.generate
+    trainer.backend.generate = lambda prompts, settings, seed: (
+        seeds.append(seed) or generate(prompts, settings, seed)
+    )
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    (metrics,) = trainer.train()
+    assert metrics["sampling_rounds"] == 3.0 and batches[0].sampling_rounds == 3
+    assert trainer.sampler.state_dict() | {"examples": None} == {"epoch": 1, "index": 4, "examples": None}
+    # each round's groups are sampled with seeds of (run seed, step, round, index in the round's draw)
+    assert seeds == [derive_seed(0, 0, r, g) for r in range(3) for g in range(4)]
+    assert [e["id"] for e in batches[0].examples] == [e["id"] for e in first_epoch_order(trainer)[:4]]
+
+
+def first_epoch_order(trainer):
+    """The first epoch's prompts in the order the trainer's sampler draws them."""
+    from core.data import PromptSampler
+
+    return PromptSampler(EXAMPLES, trainer.config.seed).take(len(EXAMPLES))
+
+
+@pytest.mark.parametrize("generation_groups", [1, 2])
+def test_each_group_of_a_batch_has_its_own_seed_whatever_the_split(model_dir, tmp_path, generation_groups):
+    """Two groups of the same prompt sample different completions (their seeds differ, one call of k groups
+    or one call each), and a group's completions do not depend on where the batch is cut (first_index)."""
+    config = make_config(tmp_path, generation_groups=generation_groups, max_new_tokens=6)
+    trainer = make_trainer(model_dir, config)
+    twins = [{"id": "x", "prompt": "go 1"}, {"id": "y", "prompt": "go 1"}]
+    rollouts = trainer.generate(twins, 0)
+    assert rollouts.completions[:4] != rollouts.completions[4:]
+    whole = trainer.generate(EXAMPLES[:4], 0)
+    second_half = trainer.generate(EXAMPLES[2:4], 2)
+    assert whole.completions[8:] == second_half.completions
+    assert torch.equal(
+        whole.completion_ids[8:, : second_half.completion_ids.shape[1]], second_half.completion_ids
+    )
+
+
+def test_token_mean_over_mini_batches_matches_a_plain_loop(model_dir, tmp_path):
+    """token-mean divides each mini-batch's token sum by that mini-batch's token count (not the step's):
+    2 mini-batches accumulated over micro-batches of 3, as a plain loop stepping once per mini-batch."""
+    config = make_config(
+        tmp_path, max_steps=1, mini_batches=2, micro_batch_size=3, loss_aggregation="token-mean",
+        learning_rate=3e-3, max_grad_norm=100.0, max_new_tokens=6, lr_schedule="linear",
+    )  # fmt: skip
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    model = copy.deepcopy(trainer.model)
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    history = trainer.train()
+    losses, norms = reference_updates(model, batches, config)
+    assert max(norms) > 1e-3
+    assert [m["loss"] for m in history] == pytest.approx(losses, rel=1e-4, abs=1e-7)
+    assert [m["grad_norm"] for m in history] == pytest.approx(norms, rel=1e-4)
+    for (name, got), expected in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-5, msg=name)
+
+
+def test_max_grad_norm_0_does_not_clip(model_dir, tmp_path):
+    config = make_config(tmp_path, max_steps=1, max_grad_norm=0.0)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    seen, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    (metrics,) = trainer.train()
+    assert metrics["grad_norm"] > 1e-3
+    assert seen == pytest.approx([metrics["grad_norm"]], rel=1e-4)
+
+
+def test_a_constant_schedule_warms_up_first(model_dir, tmp_path):
+    config = make_config(tmp_path, max_steps=4, warmup_steps=2, lr_schedule="constant", learning_rate=1e-2)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    assert_logs_applied_rates(trainer, [0.0, 0.005, 0.01, 0.01])
+
+
+@pytest.mark.parametrize(("keep", "expected"), [(1, ["step-4"]), (2, ["step-3", "step-4"])])
+def test_keep_checkpoints_keeps_the_newest(model_dir, tmp_path, keep, expected):
+    config = make_config(tmp_path, max_steps=4, save_every=1, keep_checkpoints=keep)
+    trainer = make_trainer(model_dir, config)
+    trainer.train()
+    assert [path.name for path in trainer.run.list_checkpoints()] == expected
+
+
+class RecordingHooks(TrainerHooks):
+    """Adds a model-free "bonus" term, records transform_rollouts' rounds (adding a "hint" term there) and
+    adjust_advantages' mean entropies."""
+
+    def __init__(self):
+        self.rounds, self.entropies = [], []
+
+    def extra_rewards(self, trainer, rollouts, examples):
+        return {"bonus": torch.tensor([len(c) / 10 for c in rollouts.completions])}
+
+    def transform_rollouts(self, trainer, rollouts, examples, table, round_):
+        self.rounds.append(round_)
+        return rollouts, table.with_components({"hint": torch.full((len(rollouts.completions),), 0.25)})
+
+    def adjust_advantages(self, advantages, mean_entropy):
+        self.entropies.append(mean_entropy.clone())
+        return advantages
+
+
+def test_hooks_reward_terms_and_transforms_reach_the_table_and_the_log(model_dir, tmp_path):
+    hooks = RecordingHooks()
+    trainer = make_trainer(model_dir, make_config(tmp_path, max_steps=1), hooks=hooks)
+    (metrics,) = trainer.train()
+    assert hooks.rounds == [0]
+    rows = trainer.run.read_rollouts()
+    for row in rows:
+        assert row["rewards"]["bonus"] == pytest.approx(len(row["completion"]) / 10)
+        assert row["rewards"]["hint"] == 0.25
+        assert row["reward"] == pytest.approx(row["rewards"]["a"] + row["rewards"]["bonus"] + 0.25)
+    assert metrics["reward/bonus"] == pytest.approx(sum(r["rewards"]["bonus"] for r in rows) / 16)
+    # under dynamic sampling each round's rollouts are transformed, told their round
+    hooks = RecordingHooks()
+    config = make_config(tmp_path / "ds", max_steps=1, dynamic_sampling=True, max_sampling_rounds=2)
+    trainer = make_trainer(model_dir, config, Rubric({"one": lambda c, e: 1.0}), hooks=hooks)
+    trainer.collect()
+    assert hooks.rounds == [0, 1]
+
+
+def test_multi_turn_entropy_for_hooks_and_completion_length(model_dir, tmp_path):
+    """adjust_advantages gets each completion's mean entropy over its model tokens (observations out);
+    completion_length counts every completion token, observations in."""
+    hooks = RecordingHooks()
+    trainer = make_trainer(
+        model_dir,
+        make_config(tmp_path, max_steps=1, max_turns=2, max_new_tokens=8, micro_batch_size=3),
+        environment=EchoEnvironment(),
+        hooks=hooks,
+    )
+    before = copy.deepcopy(trainer.model)
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    (metrics,) = trainer.train()
+    rollouts = batches[0].rollouts
+    with torch.no_grad():
+        _, entropy = completion_logprobs(
+            before, rollouts.input_ids(), rollouts.attention_mask(), rollouts.completion_ids.shape[1]
+        )
+    expected = algos.masked_mean(entropy, rollouts.loss_mask, dim=-1)
+    torch.testing.assert_close(torch.cat(hooks.entropies), expected, atol=1e-5, rtol=1e-5)
+    tokens = float(rollouts.completion_mask.sum())
+    assert tokens > float(rollouts.loss_mask.sum())
+    assert len(set(rollouts.loss_mask.sum(-1).tolist())) > 1  # model turns of several lengths
+    assert metrics["completion_length"] == pytest.approx(tokens / 16)
+    # the logged entropy is the mean over every model token of the step (observations out)
+    assert metrics["entropy"] == pytest.approx(
+        float(algos.masked_mean(entropy, rollouts.loss_mask)), rel=1e-5
+    )
+
+
+def test_autocast_bfloat16_runs_the_update_and_reference_passes_under_autocast(model_dir, tmp_path):
+    """--autocast bfloat16: the update's forwards, its old-logprob pass (2 mini-batches) and the reference's
+    pass run under torch.autocast; off: none does."""
+    for mode in ("bfloat16", "off"):
+        config = make_config(tmp_path / mode, max_steps=1, mini_batches=2, beta=0.1, autocast=mode)
+        trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+        seen = []
+
+        def record(*_, seen=seen):
+            seen.append(torch.is_autocast_enabled("cpu"))
+
+        models = [trainer.model] + ([] if trainer.reference.shares_policy else [trainer.reference.model])
+        # a decoder layer: the logprob pass calls the inner model, not the causal LM's forward
+        layers = [
+            next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")) for model in models
+        ]
+        hooks = [layer.register_forward_hook(record) for layer in layers]
+        batch = trainer.collect()
+        seen.clear()  # generation's own autocast is tested in test_rollout.py
+        trainer.update(batch)
+        for hook in hooks:
+            hook.remove()
+        assert len(seen) >= 3 and set(seen) == {mode == "bfloat16"}, mode
+
+
+def test_multi_turn_update_metrics_weigh_micro_batches_by_their_model_tokens(model_dir, tmp_path):
+    """kl and entropy of a multi-turn step are means over its model tokens: the same for micro-batches of 3
+    as for one of 16 (weighing a micro-batch by all its completion tokens, observations in, shifts them)."""
+    runs = []
+    for size in (16, 3):
+        config = make_config(
+            tmp_path / str(size), max_steps=1, max_turns=2, max_new_tokens=8, micro_batch_size=size,
+            mu=2, beta=0.1, learning_rate=0.05,
+        )  # fmt: skip
+        trainer = make_trainer(model_dir, config, Rubric({"v": varied}), environment=EchoEnvironment())
+        runs.append(trainer.train()[0])
+    whole, small = runs
+    assert whole["kl"] > 1e-4
+    for name in ("kl", "entropy", "ratio/mean"):
+        assert small[name] == pytest.approx(whole[name], rel=1e-5), name
+
+
+def test_one_epoch_with_dropout_stays_on_policy(model_dir, tmp_path, monkeypatch):
+    """mu = 1 and one mini-batch: no old-logprob pass even with dropout; the ratio is exactly 1 (an eval-mode
+    pass would set the train-mode forwards' ratios off 1 and clip some of them)."""
+    trainer = with_dropout(make_trainer(model_dir, make_config(tmp_path, max_steps=1), Rubric({"v": varied})))
+    olds, policy_loss = [], algos.policy_loss
+
+    def spy_loss(logp, old_logp, *args, **kwargs):
+        olds.append(old_logp)
+        return policy_loss(logp, old_logp, *args, **kwargs)
+
+    monkeypatch.setattr(algos, "policy_loss", spy_loss)
+    (metrics,) = trainer.train()
+    assert olds == [None, None]  # two micro-batches of 8
+    assert metrics["ratio/min"] == metrics["ratio/max"] == 1.0 and metrics["clip/frac"] == 0.0
+
+
+def test_dynamic_sampling_with_fewer_completions_per_group_than_prompts(model_dir, tmp_path):
+    """4 prompts of 2 completions: the has-signal flags are one per group of 2 rows (not rows cut in 2)."""
+
+    def half_informative(completion, example):
+        return 1.0 if int(example["id"][2:]) % 2 == 0 else varied(completion, example) + len(completion) / 10
+
+    config = make_config(tmp_path, max_steps=1, group_size=2, dynamic_sampling=True, max_sampling_rounds=6)
+    trainer = make_trainer(model_dir, config, Rubric({"r": half_informative}))
+    batch = trainer.collect()
+    assert len(batch.examples) == 4 and len(batch.rollouts.completions) == 8
+    assert all(int(example["id"][2:]) % 2 == 1 for example in batch.examples)
+    assert (batch.advantages.view(-1, 2) != 0).any(1).all()

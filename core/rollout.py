@@ -531,6 +531,7 @@ class _SamplingLogpRecorder(LogitsProcessor):
         self.temperature = temperature
         self.min_new_tokens = min_new_tokens
         self.eos_ids = list(eos_ids)
+        self.eos = torch.tensor(self.eos_ids)  # (E,), moved to the scores' device on first use
         self.prompt_len = prompt_len
         self.previous: Tensor | None = None  # (N, V) log-probs of the last step
         self.logps: list[Tensor] = []  # per step, (N,)
@@ -547,7 +548,9 @@ class _SamplingLogpRecorder(LogitsProcessor):
         # NaN logits, or every token excluded (a constraint allowing only eos before min_new_tokens): greedy
         # would pick a pad silently and sampling fail in torch.multinomial with an unclear message. Such a
         # row gets uniform scores so that generate runs to its end (no host sync here), then we raise.
-        finished = torch.isin(generated, torch.tensor(self.eos_ids, device=generated.device)).any(1)  # (N,)
+        if self.eos.device != generated.device:
+            self.eos = self.eos.to(generated.device)
+        finished = torch.isin(generated, self.eos).any(1)  # (N,)
         unsampleable = ~scores.max(-1).values.isfinite()  # (N,)
         bad = unsampleable & ~finished  # (N,): a finished row's token is replaced by a pad anyway
         self.invalid = bad if self.invalid is None else self.invalid | bad
@@ -637,9 +640,8 @@ class HFGenerateBackend(TextBackend):
             )
         self.model = model
         self.tokenizer = tokenizer
-        base = (
-            model.get_base_model() if hasattr(model, "get_base_model") else model
-        )  # PEFT: the base's config
+        # a PEFT model's generation config is its base model's
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = eos_token_ids(tokenizer, getattr(base, "generation_config", None), vocab_size)
         self.batch_size = batch_size

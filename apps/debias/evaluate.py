@@ -239,6 +239,12 @@ def pick_responses(
     return out
 
 
+def evaluation_settings(config: DebiasEvalConfig) -> dict:
+    """What an evaluation's results depend on (its eval.json keeps them as `settings`): all but where they
+    are written and the device."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in ("run_dir", "device")}
+
+
 def eval_run_dir(config: DebiasEvalConfig) -> str:
     """Where eval.json goes: `--run-dir`, else the run of a `--model .../final`, else a new default run. An
     existing run there must be a de-bias training or evaluation run (checked before anything is sampled):
@@ -277,7 +283,7 @@ def evaluate(config: DebiasEvalConfig) -> dict:
         if config.baseline_model is None
         else {"before": config.baseline_model, "after": config.model}
     )
-    results: dict = {"splits": {}, "metrics": {}, "responses": []}
+    results: dict = {"settings": evaluation_settings(config), "splits": {}, "metrics": {}, "responses": []}
     for split in config.splits:
         rows = splits[split][: config.max_prompts or None]
         examples = policy_examples(rows)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
-from apps.debias.evaluate import DebiasEvalConfig, evaluate
+from apps.debias.evaluate import DebiasEvalConfig, evaluate, evaluation_settings
 from apps.debias.train import DebiasTrainConfig, build_sft_policy, train
 from core.atomic import write_json_atomic
 from core.config import config_to_dict
@@ -111,7 +111,21 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # the GRPO stage's own checks (multi_reward, beta, ...) now, not after the data and reward model
         # stages: its reward model does not exist yet, so any directory stands in for it
-        grpo_config(self, data_dir=None, reward_model=str(Path(__file__).parent))
+        stage = grpo_config(self, data_dir=None, reward_model=str(Path(__file__).parent))
+        for seed in self.seeds:  # each seed's run checks it (its range) too
+            replace(stage, seed=seed)
+
+
+def _own_evaluation(grpo_dir: Path, eval_config: DebiasEvalConfig) -> dict | None:
+    """The seed's eval.json when the pipeline's own evaluation wrote it (its settings are these); None when
+    there is none, or when a `debias eval` of other settings replaced it (that seed is evaluated again)."""
+    if not (grpo_dir / "eval.json").is_file():
+        return None
+    evaluation = RunDir(grpo_dir).read_eval()
+    if evaluation.get("settings") == json.loads(json.dumps(evaluation_settings(eval_config))):  # as saved
+        return evaluation
+    print(f"{grpo_dir / 'eval.json'}: not this pipeline's evaluation (other settings): evaluated again")
+    return None
 
 
 def grpo_config(config: PipelineConfig, data_dir: str | None, reward_model: str) -> DebiasTrainConfig:
@@ -232,26 +246,22 @@ def run_stages(config: PipelineConfig, run: Path, stage_done: Callable[[], None]
     with clock.stage("grpo_and_eval"):
         for seed in config.seeds:
             grpo_dir = run / f"grpo-seed{seed}"
-            if (grpo_dir / "eval.json").is_file():  # trained and evaluated
-                evaluation = RunDir(grpo_dir).read_eval()
-            else:
+            eval_config = DebiasEvalConfig(
+                model=str(grpo_dir / "final"),
+                baseline_model=str(sft_dir),
+                reward_model=base.reward_model,
+                data_dir=data_config.out_dir,
+                max_prompts=config.eval_prompts,
+                max_new_tokens=base.max_new_tokens,
+                seed=seed,
+                device=config.device,
+            )
+            evaluation = _own_evaluation(grpo_dir, eval_config)
+            if evaluation is None:  # not evaluated yet, or the eval.json is another evaluation's
                 if not (grpo_dir / "final").is_dir():  # saved whole once the run has finished
-                    begun = (
-                        grpo_dir / "config.json"
-                    ).is_file()  # then continue it from its newest checkpoint
+                    begun = (grpo_dir / "config.json").is_file()  # then continue from its newest checkpoint
                     train(replace(base, seed=seed, model=str(sft_dir), run_dir=str(grpo_dir), resume=begun))
-                evaluation = evaluate(
-                    DebiasEvalConfig(
-                        model=str(grpo_dir / "final"),
-                        baseline_model=str(sft_dir),
-                        reward_model=base.reward_model,
-                        data_dir=data_config.out_dir,
-                        max_prompts=config.eval_prompts,
-                        max_new_tokens=base.max_new_tokens,
-                        seed=seed,
-                        device=config.device,
-                    )
-                )
+                evaluation = evaluate(eval_config)
             per_seed[seed] = evaluation["metrics"]
             bias_per_seed.append(evaluation["bias"])
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from apps.debias import pipeline as pipeline_module
+from apps.debias.evaluate import DebiasEvalConfig, evaluation_settings
 from apps.debias.pipeline import PipelineConfig, pipeline
 from core.config import add_config_arguments, build_config
 from core.runs import RunDir
@@ -43,6 +44,7 @@ def stages(monkeypatch):
     def evaluate(config):
         calls.setdefault("eval", []).append(config)
         results = {
+            "settings": evaluation_settings(config),  # as the real one: a resume reuses its own only
             "metrics": {"test/fairness/after": 0.9 - config.seed / 10},
             "bias": {"hukou": {"before": 0.5, "after": 0.1}},
         }
@@ -80,6 +82,30 @@ def test_duplicate_seeds_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="seeds: 0 given more than once"):
         PipelineConfig(seeds=(0, 1, 0), run_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_out_of_range_is_refused_before_any_work(tmp_path, seed):
+    """It passed the up-front checks, then failed the GRPO stage with a traceback after data, RM and SFT."""
+    with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
+        PipelineConfig(seeds=(0, seed), run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_seeds_eval_json_is_reused_only_if_the_pipelines_own_evaluation_wrote_it(tmp_path, capsys):
+    """A `debias eval` of the seed's final/ with other settings (no baseline) replaced it: the resume had
+    crashed on the missing 'before' metrics, or taken another model's numbers as the seed's."""
+    grpo_dir = tmp_path / "grpo-seed1"
+    own = DebiasEvalConfig(model=str(grpo_dir / "final"), reward_model="rm", baseline_model="sft", seed=1)
+    assert pipeline_module._own_evaluation(grpo_dir, own) is None  # not evaluated yet
+    run = RunDir.create(grpo_dir, {}, app="debias", algorithm="grpo", exist_ok_for_resume=False)
+    run.write_eval({"settings": evaluation_settings(own), "metrics": {"m": 1.0}})
+    assert pipeline_module._own_evaluation(grpo_dir, own)["metrics"] == {"m": 1.0}
+    run.write_eval({"settings": evaluation_settings(replace(own, baseline_model=None)), "metrics": {}})
+    assert pipeline_module._own_evaluation(grpo_dir, own) is None
+    assert "grpo-seed1/eval.json: not this pipeline's evaluation (other settings)" in capsys.readouterr().out
+    run.write_eval({"metrics": {}})  # written before evaluations kept their settings
+    assert pipeline_module._own_evaluation(grpo_dir, own) is None
 
 
 @pytest.mark.parametrize(

@@ -363,6 +363,11 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
 PROCESS_ERROR_FILE = "process-{rank}-error.txt"
 
 
+class ResumeRefused(InputError):
+    """A checkpoint these settings cannot continue (another model, other LoRA settings): the run is left as
+    it was, its status included."""
+
+
 class OtherProcessFailed(RuntimeError):
     """Raised on every process but the one whose error `_raise_together` relays (which names it)."""
 
@@ -545,13 +550,15 @@ class GRPOTrainer:
             try:
                 with sigterm_as_exit():
                     self._resume()
-            # Ctrl-C too: status.json must not keep saying "finished" or "running"
             except BaseException as err:
                 if self.rank == 0:
                     # refused, it changed nothing: a later --resume must not take its settings as the run's
                     self.run.forget_last_resume()
-                    step = self.run.read_status().get("step", 0) if self.run.status_path.is_file() else 0
-                    self.run.set_status("failed", step=step, error=f"resume: {type(err).__name__}: {err}")
+                    # a checkpoint refused for these settings leaves the run as it was (finished, say); a
+                    # resume cut off otherwise (Ctrl-C) must not leave it saying "finished" or "running"
+                    if not isinstance(err, ResumeRefused):
+                        step = self.run.read_status().get("step", 0) if self.run.status_path.is_file() else 0
+                        self.run.set_status("failed", step=step, error=f"resume: {type(err).__name__}: {err}")
                 raise
         self.writer = self._tensorboard() if config.report_to == "tensorboard" and self.rank == 0 else None
 
@@ -636,7 +643,7 @@ class GRPOTrainer:
         try:
             self._load_state(checkpoint)
         except (KeyError, ValueError) as err:  # the path first: the CLI shows it as a bad input
-            raise InputError(f"{path}: cannot resume from it with these settings: {err}") from err
+            raise ResumeRefused(f"{path}: cannot resume from it with these settings: {err}") from err
         self.step = self.completed_step = self.checkpointed_step = checkpoint.step
         self.backend.update_weights(self.model)
         if self.rank == 0:
@@ -670,7 +677,11 @@ class GRPOTrainer:
                 except RuntimeError as err:  # missing, unexpected or resized weights (not an OOM: raised on)
                     if isinstance(err, torch.OutOfMemoryError):
                         raise
-                    raise ValueError(f"its weights do not fit this model: {err}") from err
+                    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                    more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
+                    raise ValueError(
+                        f"its weights do not fit this model: {' '.join(lines[:2])}{more}"
+                    ) from err
             if self.engine is not None:
                 zero.load_optimizer_state(self.engine, checkpoint.optimizer_state)
             else:

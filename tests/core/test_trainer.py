@@ -556,6 +556,16 @@ def test_a_refused_resume_leaves_the_runs_settings_as_they_were(model_dir, tmp_p
         make_trainer(model_dir, replace(resume, lora=True))
     assert _names_an_input(info.value)
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == before
+    # refused, the run is as it was: a finished run is not marked failed by a resume that never began
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
+    wider = create_tiny_model_dir(
+        tmp_path / "wider", ["go 0123456789a"], hidden_size=64, num_layers=1, num_heads=2, seed=0
+    )
+    with pytest.raises(ValueError, match="its weights do not fit this model: ") as info:
+        make_trainer(wider, resume)
+    message = str(info.value)  # torch's error, one line per weight, cut to its first two and a count
+    assert "\n" not in message and "size mismatch for" in message and message.endswith("more lines)")
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
     make_trainer(model_dir, resume).train()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
 

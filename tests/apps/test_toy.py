@@ -411,3 +411,33 @@ def test_fsdp_refuses_a_checkpoint_written_without_it(tmp_path):
     result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "written without FSDP" in result.stderr and "resume it without --fsdp" in result.stderr
+
+
+@pytest.fixture
+def built(tmp_path, monkeypatch) -> dict:
+    """What `toy train` hands the trainer (trainer and model stubbed out): config, examples and rubric."""
+    seen = {}
+
+    class Trainer:
+        def __init__(self, config, model, tokenizer, examples, rubric, app):
+            seen.update(config=config, rubric=rubric, examples=examples)
+
+        def until_finished(self):
+            return contextlib.nullcontext()
+
+        def train(self):
+            return []
+
+        def save_final(self):
+            return tmp_path / "final"
+
+    monkeypatch.setattr(toy_train, "policy_for", lambda config, build: (None, None))
+    monkeypatch.setattr(toy_train, "GRPOTrainer", Trainer)
+    return seen
+
+
+def test_one_example_and_a_zero_shaping_weight_are_accepted(tmp_path, built):
+    """The smallest valid values: one generated prompt; weight 0 turns the shaping reward off."""
+    args = ["--num-examples", "1", "--alphabet-weight", "0", "--run-dir", str(tmp_path / "run")]
+    assert main([*TOY, *args]) == 0
+    assert len(built["examples"]) == 1 and built["rubric"].weights == {"letter": 1.0, "alphabet": 0.0}

@@ -56,13 +56,14 @@ def test_different_seeds_give_different_examples():
     assert [e["id"] for e in make_examples(3, seed=2)] == ["toy-0", "toy-1", "toy-2"]
 
 
-def test_alphabet_weight_flag_weighs_the_shaping_reward(tmp_path, monkeypatch):
-    """The rubric `toy train` builds: total = letter + w * alphabet (trainer and model stubbed out)."""
-    built = {}
+@pytest.fixture
+def built(tmp_path, monkeypatch) -> dict:
+    """What `toy train` hands the trainer (trainer and model stubbed out): config, examples and rubric."""
+    seen = {}
 
     class Trainer:
         def __init__(self, config, model, tokenizer, examples, rubric, app):
-            built.update(rubric=rubric, examples=examples)
+            seen.update(config=config, rubric=rubric, examples=examples)
 
         def until_finished(self):
             return contextlib.nullcontext()
@@ -75,6 +76,11 @@ def test_alphabet_weight_flag_weighs_the_shaping_reward(tmp_path, monkeypatch):
 
     monkeypatch.setattr(toy_train, "policy_for", lambda config, build: (None, None))
     monkeypatch.setattr(toy_train, "GRPOTrainer", Trainer)
+    return seen
+
+
+def test_alphabet_weight_flag_weighs_the_shaping_reward(tmp_path, built):
+    """The rubric `toy train` builds: total = letter + w * alphabet."""
     args = ["--alphabet-weight", "0.5", "--num-examples", "6", "--seed", "3"]
     assert main([*TOY, *args, "--run-dir", str(tmp_path / "run")]) == 0
     rubric = built["rubric"]
@@ -411,29 +417,6 @@ def test_fsdp_refuses_a_checkpoint_written_without_it(tmp_path):
     result = subprocess.run(launch, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "written without FSDP" in result.stderr and "resume it without --fsdp" in result.stderr
-
-
-@pytest.fixture
-def built(tmp_path, monkeypatch) -> dict:
-    """What `toy train` hands the trainer (trainer and model stubbed out): config, examples and rubric."""
-    seen = {}
-
-    class Trainer:
-        def __init__(self, config, model, tokenizer, examples, rubric, app):
-            seen.update(config=config, rubric=rubric, examples=examples)
-
-        def until_finished(self):
-            return contextlib.nullcontext()
-
-        def train(self):
-            return []
-
-        def save_final(self):
-            return tmp_path / "final"
-
-    monkeypatch.setattr(toy_train, "policy_for", lambda config, build: (None, None))
-    monkeypatch.setattr(toy_train, "GRPOTrainer", Trainer)
-    return seen
 
 
 def test_one_example_and_a_zero_shaping_weight_are_accepted(tmp_path, built):

@@ -1018,11 +1018,8 @@ def test_reward_and_batch_metrics_are_those_of_the_logged_rollouts(model_dir, tm
     assert metrics["completion_length"] == float(batches[0].rollouts.completion_mask.sum()) / 16
 
 
-def test_the_update_applies_gradients_clipped_to_max_grad_norm(model_dir, tmp_path):
-    """Each optimizer step sees gradients of L2 norm max_grad_norm (their norm before clipping, logged as
-    grad_norm, is far above it)."""
-    config = make_config(tmp_path, max_steps=1, mini_batches=2, max_grad_norm=1e-3)
-    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+def recorded_grad_norms(trainer) -> list[float]:
+    """The L2 norm of the gradients each optimizer step applies, appended as the trainer steps."""
     seen, step = [], trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
@@ -1031,6 +1028,15 @@ def test_the_update_applies_gradients_clipped_to_max_grad_norm(model_dir, tmp_pa
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
+    return seen
+
+
+def test_the_update_applies_gradients_clipped_to_max_grad_norm(model_dir, tmp_path):
+    """Each optimizer step sees gradients of L2 norm max_grad_norm (their norm before clipping, logged as
+    grad_norm, is far above it)."""
+    config = make_config(tmp_path, max_steps=1, mini_batches=2, max_grad_norm=1e-3)
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    seen = recorded_grad_norms(trainer)
     (metrics,) = trainer.train()
     assert metrics["grad_norm"] > 1e-2  # both updates are clipped
     assert seen == pytest.approx([1e-3, 1e-3], rel=1e-4)
@@ -1151,14 +1157,7 @@ def test_token_mean_over_mini_batches_matches_a_plain_loop(model_dir, tmp_path):
 def test_max_grad_norm_0_does_not_clip(model_dir, tmp_path):
     config = make_config(tmp_path, max_steps=1, max_grad_norm=0.0)
     trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
-    seen, step = [], trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        grads = [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]
-        seen.append(float(torch.linalg.vector_norm(torch.cat(grads))))
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
+    seen = recorded_grad_norms(trainer)
     (metrics,) = trainer.train()
     assert metrics["grad_norm"] > 1e-3
     assert seen == pytest.approx([metrics["grad_norm"]], rel=1e-4)

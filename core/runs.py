@@ -2,9 +2,10 @@
 
 Dashboards, plots and reports read run directories through this module; they never import a trainer.
 
-    config.json      {"app", "algorithm", "grpo_suite_version", "started", "config": {...}, "resumes": [...]}
-                     (each resume: {"at", "changed": {key: [old, new]}} against the config the run last ran
-                     with, so that `latest_config` replays them)
+    config.json      {"app", "algorithm", "grpo_suite_version", "source", "started", "config": {...},
+                     "resumes": [...]} (each resume: {"at", "changed": {key: [old, new]}, "source"} against
+                     the config the run last ran with, so that `latest_config` replays them; "source": the
+                     `source_digest` of the code that ran)
     metrics.jsonl    one JSON object per step: {"step": int, name: float | null, ...}
     rollouts.jsonl   one JSON object per completion: {"step", "prompt", "completion",
                      "rewards": {name: float}, "reward", "advantage", "group", ...} (only "step" is required)

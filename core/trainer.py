@@ -364,8 +364,20 @@ PROCESS_ERROR_FILE = "process-{rank}-error.txt"
 
 
 class ResumeRefused(InputError):
-    """A checkpoint these settings cannot continue (another model, other LoRA settings): the run is left as
-    it was, its status included."""
+    """A checkpoint these settings cannot continue (another model, other LoRA settings, other examples):
+    the run is left as it was, its status included."""
+
+
+class _OtherSettings(ValueError):
+    """Raised while a checkpoint is put back, where it was saved with other settings than this run's."""
+
+
+def _first_lines(err: Exception, keep: int = 2) -> str:
+    """An error's first `keep` non-blank lines on one line, with a count of the rest (torch's state-dict
+    errors list every weight)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    more = f" (and {len(lines) - keep} more lines)" if len(lines) > keep else ""
+    return " ".join(lines[:keep]) + more
 
 
 class OtherProcessFailed(RuntimeError):
@@ -642,8 +654,10 @@ class GRPOTrainer:
         checkpoint = load_checkpoint(path)
         try:
             self._load_state(checkpoint)
-        except (KeyError, ValueError) as err:  # the path first: the CLI shows it as a bad input
+        except _OtherSettings as err:  # the path first: the CLI shows it as a bad input
             raise ResumeRefused(f"{path}: cannot resume from it with these settings: {err}") from err
+        except (KeyError, ValueError) as err:  # a damaged checkpoint: the run is marked failed
+            raise InputError(f"{path}: cannot resume from it: {type(err).__name__}: {err}") from err
         self.step = self.completed_step = self.checkpointed_step = checkpoint.step
         self.backend.update_weights(self.model)
         if self.rank == 0:
@@ -652,19 +666,24 @@ class GRPOTrainer:
     def _load_state(self, checkpoint) -> None:
         """Put a checkpoint's weights, optimizer, schedule, data order, rubric, hooks and RNG state back."""
         if zero.PARTITIONS in checkpoint.optimizer_state and self.engine is None:
-            raise ValueError(
+            raise _OtherSettings(
                 "it was written under DeepSpeed ZeRO: resume it under ZeRO, launched on several processes"
             )
         if self.fsdp:
-            sharding.load_full_state(
-                self.model, checkpoint.model_state, self.optimizer, checkpoint.optimizer_state
-            )
+            try:
+                sharding.load_full_state(
+                    self.model, checkpoint.model_state, self.optimizer, checkpoint.optimizer_state
+                )
+            except RuntimeError as err:  # another model's or other LoRA settings' weights (not an OOM)
+                if isinstance(err, torch.OutOfMemoryError):
+                    raise
+                raise _OtherSettings(f"its weights do not fit this model: {_first_lines(err)}") from err
         else:
             if self.config.lora:
                 own = dict(self.model.named_parameters())
                 foreign = sorted(set(checkpoint.model_state) - set(own))
                 if foreign:
-                    raise ValueError(
+                    raise _OtherSettings(
                         f"it holds weights this model lacks ({', '.join(foreign[:3])}): it was saved with "
                         "other --lora settings or another model"
                     )
@@ -677,18 +696,17 @@ class GRPOTrainer:
                 except RuntimeError as err:  # missing, unexpected or resized weights (not an OOM: raised on)
                     if isinstance(err, torch.OutOfMemoryError):
                         raise
-                    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-                    more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
-                    raise ValueError(
-                        f"its weights do not fit this model: {' '.join(lines[:2])}{more}"
-                    ) from err
+                    raise _OtherSettings(f"its weights do not fit this model: {_first_lines(err)}") from err
             if self.engine is not None:
                 zero.load_optimizer_state(self.engine, checkpoint.optimizer_state)
             else:
                 self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
         self._schedule_from_config()
-        self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
+        try:
+            self.sampler.load_state_dict(checkpoint.trainer_state["sampler"])
+        except ValueError as err:  # other training examples
+            raise _OtherSettings(str(err)) from err
         self.rubric.load_state_dict(checkpoint.trainer_state["rubric"])
         self.hooks.load_state_dict(checkpoint.hooks_state)
         restore_rng_state(self._own_rng_state(checkpoint.rng_state, checkpoint.path))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from core.lora_merge import merged_state_dict
 from core.policy import load_tokenizer
@@ -79,10 +79,16 @@ class VLLMBackend(TextBackend):
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         check_special_tokens(self.tokenizer)
-        # the engine ignores generation_config.json (below); its eos ids are passed as stop tokens
-        generation = Path(model_path) / "generation_config.json"
-        config = GenerationConfig.from_pretrained(model_path) if generation.is_file() else None
-        self.eos_ids = eos_token_ids(self.tokenizer, config, vocab_size=None)
+        # the engine ignores generation_config.json (below); its eos ids are passed as stop tokens, taken as
+        # transformers takes them (from config.json without one) and within the vocabulary, as for HF
+        model_config = AutoConfig.from_pretrained(model_path)
+        generation = (
+            GenerationConfig.from_pretrained(model_path)
+            if (Path(model_path) / "generation_config.json").is_file()
+            else GenerationConfig.from_model_config(model_config)
+        )
+        vocab_size = model_config.get_text_config().vocab_size
+        self.eos_ids = eos_token_ids(self.tokenizer, generation, vocab_size)
         self._sampling_params = SamplingParams
         self.llm = LLM(
             model=model_path,

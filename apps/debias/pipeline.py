@@ -124,7 +124,8 @@ def _own_evaluation(grpo_dir: Path, eval_config: DebiasEvalConfig) -> dict | Non
     evaluation = RunDir(grpo_dir).read_eval()
     if evaluation.get("settings") == json.loads(json.dumps(evaluation_settings(eval_config))):  # as saved
         return evaluation
-    print(f"{grpo_dir / 'eval.json'}: not this pipeline's evaluation (other settings): evaluated again")
+    why = "other settings" if "settings" in evaluation else "written before evaluations kept their settings"
+    print(f"{grpo_dir / 'eval.json'}: not known to be this pipeline's evaluation ({why}): evaluated again")
     return None
 
 

@@ -106,6 +106,10 @@ class ScafHooks(TrainerHooks):
             rows = range(g * size, (g + 1) * size)
             if g in rescued:
                 hinted, hinted_table, _, _ = rescued[g]
+                # generated but not in the batch: the replaced rollout in, the success swapped in (counted
+                # with the search's samples, and held by the batch) out
+                replaced = rollouts.select([rows[0]]).num_completion_tokens
+                self._counts[5] += replaced - hinted.num_completion_tokens
                 row_parts.append(hinted)
                 table_parts.append(hinted_table)
                 if size > 1:
@@ -156,7 +160,9 @@ class ScafHooks(TrainerHooks):
             "scaf/all_fail_frac_after": (failed - rescued) / groups,
             # 1 = the first chunk of the first tier; larger = more help was needed
             "scaf/hint_level": levels / rescued if rescued else math.nan,
-            # the search's own generation, beyond the batch's rollouts (which `tokens_per_s` counts)
+            # the search's own generation: its hinted completions, and the completion tokens generated in
+            # the step that the batch (which `tokens_per_s` counts) does not hold: the hinted completions not
+            # swapped in and the rollouts the successes replaced
             "scaf/hint_samples": samples,
             "scaf/hint_tokens": tokens,
         }

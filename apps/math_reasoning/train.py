@@ -406,14 +406,16 @@ def train(config: MathTrainConfig) -> dict:
     config = with_run_dir(config, APP, config.algo)
     size = "small" if config.algo == "codistill" else config.size
     model, tokenizer = policy_for(config, lambda path: build_base(config, size, path))
+    # before the run is made: the final evaluation (HF generate: the model's context) would fail on a
+    # prompt too long only after training
+    context = getattr(model.config, "max_position_embeddings", None)
+    check_eval_prompts(
+        eval_examples, get_template(config.template), tokenizer, config.max_new_tokens, context
+    )
     hooks = make_hooks(config, tokenizer)
     rubric = rubric_for(get_template(config.template), config.on_reward_error)
     trainer = GRPOTrainer(
         config, model, tokenizer, examples, rubric, app=APP, algorithm=config.algo, hooks=hooks
-    )
-    # before training: the final evaluation would fail on a prompt too long only after it
-    check_eval_prompts(
-        eval_examples, get_template(config.template), tokenizer, config.max_new_tokens, trainer.max_context
     )
     with trainer.until_finished():  # finished once saved and evaluated
         history = trainer.train()

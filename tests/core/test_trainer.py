@@ -570,6 +570,22 @@ def test_a_refused_resume_leaves_the_runs_settings_as_they_were(model_dir, tmp_p
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
 
 
+def test_a_checkpoint_missing_part_of_its_state_marks_the_run_failed(model_dir, tmp_path, monkeypatch):
+    """A damaged checkpoint is not a refusal of these settings: unlike one, it marks the run failed."""
+    config = make_config(tmp_path, max_steps=1)
+    make_trainer(model_dir, config).train()
+
+    def missing(self, state):
+        raise KeyError("counts")
+
+    monkeypatch.setattr(Rubric, "load_state_dict", missing)
+    with pytest.raises(ValueError, match="step-1: cannot resume from it: KeyError: 'counts'") as info:
+        make_trainer(model_dir, replace(config, max_steps=2, resume=True))
+    assert _names_an_input(info.value)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"].startswith("resume: ")
+
+
 def test_running_out_of_memory_in_a_resume_is_not_taken_for_bad_settings(model_dir, tmp_path, monkeypatch):
     """An OutOfMemoryError (a RuntimeError) was shown as "cannot resume from it with these settings"."""
     config = make_config(tmp_path, max_steps=1)

@@ -6,6 +6,7 @@ The fake engine samples row tokens from `random.Random(seed)` over the request's
 row's completion depends on its seed and prompt only, and reports log-prob -(k + 1) / 10 at position k.
 """
 
+import json
 import os
 import random
 import sys
@@ -258,3 +259,21 @@ def test_sampling_settings_and_engine_options_reach_vllm(backend):
     (p,) = backend.llm.params[-1]
     assert (p.temperature, p.top_p, p.top_k, p.min_tokens, p.stop) == (0.0, 1.0, -1, 0, ["p"])
     assert p.include_stop_str_in_output is True
+
+
+def test_the_models_end_of_turn_ids_are_stop_tokens(tmp_path, monkeypatch):
+    """The engine runs without generation_config.json: its eos ids (within the vocabulary) are passed as
+    stop tokens and end a completion, as HFGenerateBackend ends it; without that file, config.json's."""
+    path = save_model_dir(tmp_path / "tiny", pad=True)
+    install_fake_vllm(monkeypatch, eos_token_id=1)
+    end = 5  # an ordinary character of the vocabulary, made an end of turn
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps(config | {"eos_token_id": [1, end, 10**6]}))
+    backend = VLLMBackend(str(path))
+    assert backend.eos_ids == (1, end)
+    backend.generate(TEXTS[:1], SamplingSettings(max_new_tokens=5), seed=0)
+    assert backend.llm.params[-1][0].stop_token_ids == [end]
+    (path / "generation_config.json").unlink()
+    model_config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(model_config | {"eos_token_id": end}))
+    assert VLLMBackend(str(path)).eos_ids == (1, end)

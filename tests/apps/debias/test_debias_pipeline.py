@@ -103,9 +103,11 @@ def test_a_seeds_eval_json_is_reused_only_if_the_pipelines_own_evaluation_wrote_
     assert pipeline_module._own_evaluation(grpo_dir, own)["metrics"] == {"m": 1.0}
     run.write_eval({"settings": evaluation_settings(replace(own, baseline_model=None)), "metrics": {}})
     assert pipeline_module._own_evaluation(grpo_dir, own) is None
-    assert "grpo-seed1/eval.json: not this pipeline's evaluation (other settings)" in capsys.readouterr().out
+    said = "grpo-seed1/eval.json: not known to be this pipeline's evaluation (other settings)"
+    assert said in capsys.readouterr().out
     run.write_eval({"metrics": {}})  # written before evaluations kept their settings
     assert pipeline_module._own_evaluation(grpo_dir, own) is None
+    assert "(written before evaluations kept their settings): evaluated again" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

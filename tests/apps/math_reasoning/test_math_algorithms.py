@@ -149,13 +149,16 @@ def test_scaf_searches_only_all_failed_groups_and_keeps_their_other_rows(small_d
             return f"x</think><answer>{answers[question]}</answer>"
         return f"x</think><answer>{-1000 - i}</answer>"  # wrong, and one per row of its group
 
-    hint_calls = []  # (completions, tokens) of each hint search's generate call
+    hint_calls, batch_rows = [], []  # per hint search call: (completions, tokens of each); the batch's
 
     class CountingBackend(ScriptedBackend):
         def generate(self, prompts, settings, seed):
             out = super().generate(prompts, settings, seed)
+            tokens = out.completion_mask.sum(1).tolist()
             if " Hint: " in prompts[0]:
-                hint_calls.append((len(prompts), int(out.completion_mask.sum())))
+                hint_calls.append((len(prompts), tokens))
+            else:
+                batch_rows.extend(tokens)
             return out
 
     hooks = ScafHooks(TEMPLATE, ("planning", "solution"), True, exempt_steps=0)
@@ -166,7 +169,9 @@ def test_scaf_searches_only_all_failed_groups_and_keeps_their_other_rows(small_d
     metrics = trainer.train()[0]
     # the search's generation is counted apart: one call of the planning tier's levels (2 chunks, 2 prompts)
     assert [n for n, _ in hint_calls] == [len(data[1]["hints"]["planning"])] == [2]
-    assert metrics["scaf/hint_samples"] == 2.0 and metrics["scaf/hint_tokens"] == hint_calls[0][1] > 0
+    # tokens the batch does not hold: the hinted completion not swapped in, and group 1's replaced row 0
+    (_, hinted_tokens), replaced = hint_calls[0], batch_rows[4]
+    assert metrics["scaf/hint_samples"] == 2.0 and metrics["scaf/hint_tokens"] == hinted_tokens[1] + replaced
     assert metrics["scaf/all_fail_frac"] == 0.5 and metrics["scaf/rescued_frac"] == 0.5
     assert metrics["scaf/all_fail_frac_after"] == 0.0 and metrics["scaf/hint_level"] == 1.0
     assert metrics["scaf/tier_planning_frac"] == 0.5 and metrics["scaf/tier_solution_frac"] == 0.0

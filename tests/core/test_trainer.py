@@ -947,6 +947,20 @@ def reference_updates(model, batches, config) -> tuple[list[float], list[float]]
     return losses, norms
 
 
+def trained_and_plain_loop(model_dir, config) -> tuple[list[dict], list[float], list[float]]:
+    """The trainer's logged steps, and the losses and grad norms of `reference_updates` on its batches from
+    the same initial model, after checking that both end with the same weights."""
+    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
+    model = copy.deepcopy(trainer.model)
+    batches, update = [], trainer.update
+    trainer.update = lambda batch: batches.append(batch) or update(batch)
+    history = trainer.train()
+    losses, norms = reference_updates(model, batches, config)
+    for (name, got), expected in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-5, msg=name)
+    return history, losses, norms
+
+
 def test_two_steps_of_epochs_mini_batches_and_micro_batches_match_a_plain_loop(model_dir, tmp_path):
     """mu = 2 epochs of 2 mini-batches of 8 completions, accumulated over micro-batches of 3 (3 + 3 + 2),
     KL to the initial model, a linear schedule, weight decay and clipping: the weights after two steps, the
@@ -955,17 +969,10 @@ def test_two_steps_of_epochs_mini_batches_and_micro_batches_match_a_plain_loop(m
         tmp_path, max_steps=2, mu=2, mini_batches=2, micro_batch_size=3, beta=0.1, lr_schedule="linear",
         learning_rate=3e-3, weight_decay=0.1, max_grad_norm=0.5, max_new_tokens=6,
     )  # fmt: skip
-    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
-    model = copy.deepcopy(trainer.model)
-    batches, update = [], trainer.update
-    trainer.update = lambda batch: batches.append(batch) or update(batch)
-    history = trainer.train()
-    losses, norms = reference_updates(model, batches, config)
+    history, losses, norms = trained_and_plain_loop(model_dir, config)
     assert max(norms) > 1e-3  # real updates, not zeros compared
     assert [m["loss"] for m in history] == pytest.approx(losses, rel=1e-4, abs=1e-7)
     assert [m["grad_norm"] for m in history] == pytest.approx(norms, rel=1e-4)
-    for (name, got), expected in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
-        torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-5, msg=name)
 
 
 def with_dropout(trainer: GRPOTrainer, p: float = 0.3) -> GRPOTrainer:
@@ -1157,17 +1164,10 @@ def test_token_mean_over_mini_batches_matches_a_plain_loop(model_dir, tmp_path):
         tmp_path, max_steps=1, mini_batches=2, micro_batch_size=3, loss_aggregation="token-mean",
         learning_rate=3e-3, max_grad_norm=100.0, max_new_tokens=6, lr_schedule="linear",
     )  # fmt: skip
-    trainer = make_trainer(model_dir, config, Rubric({"v": varied}))
-    model = copy.deepcopy(trainer.model)
-    batches, update = [], trainer.update
-    trainer.update = lambda batch: batches.append(batch) or update(batch)
-    history = trainer.train()
-    losses, norms = reference_updates(model, batches, config)
+    history, losses, norms = trained_and_plain_loop(model_dir, config)
     assert max(norms) > 1e-3
     assert [m["loss"] for m in history] == pytest.approx(losses, rel=1e-4, abs=1e-7)
     assert [m["grad_norm"] for m in history] == pytest.approx(norms, rel=1e-4)
-    for (name, got), expected in zip(trainer.model.named_parameters(), model.parameters(), strict=True):
-        torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-5, msg=name)
 
 
 def test_max_grad_norm_0_does_not_clip(model_dir, tmp_path):

@@ -292,7 +292,8 @@ def _sources(run: RunDir) -> dict:
 
 def run_summary(result: dict) -> dict:
     """Per run: held-out metrics of the policy (and of L for CoDistill) and training means."""
-    history, evals = result["history"], result["eval"]
+    history = [m | {"gen_tokens": _generated_tokens(m)} for m in result["history"]]
+    evals = result["eval"]
     tail = history[-max(1, len(history) // 4) :]
 
     def mean(rows, key):
@@ -305,7 +306,7 @@ def run_summary(result: dict) -> dict:
         "zero_spread": mean(history, "zero_spread_frac"),
         "entropy_end": mean(tail, "entropy"),
         "step_time": mean(history, "step_time"),
-        "gen_tokens": mean([{"n": _generated_tokens(m)} for m in history], "n"),
+        "gen_tokens": mean(history, "gen_tokens"),
         "all_fail": mean(history, "scaf/all_fail_frac"),
         "large_time": mean(history, "codistill/large_time"),
         "ess": mean(history, "codistill/ess"),

@@ -51,7 +51,7 @@ def test_train_each_algorithm_with_a_model_dir(algo, small_dir, large_dir, tmp_p
         assert (run_dir / "final_large" / "model.safetensors").is_file() and "eval_large" in evals
 
 
-def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
+def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys, monkeypatch):
     assert main(["math", "data", "--out-dir", str(tmp_path / "data")]) == 0
     test_file = tmp_path / "data" / "test.jsonl"
     assert len(test_file.read_text().splitlines()) == 300
@@ -71,6 +71,7 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     for arm in ("| grpo |", "| codistill:S |", "| codistill:L |"):
         assert arm in table
     assert "over 2 seed(s)" in table and "±" in capsys.readouterr().out
+    assert "gen_tokens |" in table and "note:" not in table  # every run of this code, no setting left out
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         "codistill-seed0", "codistill-seed1", "grpo-seed0", "grpo-seed1",
     ]  # fmt: skip
@@ -78,6 +79,13 @@ def test_data_eval_and_compare(small_dir, large_dir, tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.count("finished earlier, its results reused") == 4
     assert (out / "compare.md").read_text() == table
+    # reused runs that other code made are named under the table
+    monkeypatch.setattr("apps.math_reasoning.compare.source_digest", lambda: "code changed since")
+    assert main(args) == 0
+    assert "note: 4 run(s) made in part by other code than this" in (out / "compare.md").read_text()
+    monkeypatch.undo()
+    assert main(args) == 0 and (out / "compare.md").read_text() == table
+    capsys.readouterr()
     # a run stopped before its model was saved is continued, not trained into a second run, and its
     # table entries are of its whole history (a resumed train returns only the steps it ran)
     shutil.rmtree(out / "grpo-seed1" / "final")

@@ -243,7 +243,8 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     the run continues with its own settings (preset and file included) and only what is given again
     changes. A `__post_init__` error "field: ..." about a value from a preset, a file or the resumed run
     says where the value came from. A class may define `check_given(values, given)`, called with the names
-    given by a flag or a file (not a default, a preset or the resumed run), to refuse what depends on that."""
+    given by a flag or a file (not a default, a preset or the resumed run), to refuse what depends on that,
+    and `OFFLINE_MODEL_FIELDS` (`_refuse_unread_model_fields`)."""
     hints = _field_types(cls)
     layers: list[tuple[str | None, dict[str, Any]]] = []  # (source, values), lowest first; flags: no source
     preset = getattr(args, "preset", None)
@@ -256,6 +257,7 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     layers.append((None, flags))
     chosen = {k: v for _, layer in layers for k, v in layer.items()}
     resumed = None  # "<run_dir>, a '<app>' '<algorithm>' run" when its stored config is a layer
+    stored: dict[str, Any] = {}
     if chosen.get("resume") and chosen.get("run_dir") is not None:
         path = Path(chosen["run_dir"]) / "config.json"
         kind = _run_kind(path)
@@ -269,6 +271,7 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
     source_of = {k: source for source, layer in layers for k in layer}
     # what the user gave: a flag or a file (not a default, a preset, or the resumed run's stored value)
     given = {k for k, source in source_of.items() if source is None or source.startswith("config file ")}
+    _refuse_unread_model_fields(cls, values, given, source_of, stored)
     try:
         if "device" in values:
             _check_device(values["device"])
@@ -285,6 +288,27 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
                 f"{err} (with the settings of {resumed}: resume a run with the command that made it)"
             ) from err
         raise
+
+
+def _refuse_unread_model_fields(
+    cls: type, values: dict[str, Any], given: set[str], source_of: dict[str, str | None], resumed: dict
+) -> None:
+    """A class's `OFFLINE_MODEL_FIELDS` shape only the app's offline model, built once at a run's start:
+    one given with `model` (which replaces that model), or set by a preset, file or flag to another value
+    than a resumed run's model was built with (which the resume keeps), would be recorded and never read.
+    A ValueError naming where it was set."""
+    for name in sorted(getattr(cls, "OFFLINE_MODEL_FIELDS", ())):
+        where = source_of.get(name)
+        shown = f"{where}: {name}" if where else f"--{name.replace('_', '-')}"
+        if name in given and values.get("model") is not None:
+            raise ValueError(
+                f"{shown} sets the offline tiny model, which --model {values['model']} replaces; leave it out"
+            )
+        if name in resumed and resumed[name] != values[name]:
+            raise ValueError(
+                f"{shown} {values[name]!r}: the resumed run's model was built with {resumed[name]!r}, and a "
+                "resume keeps its model; leave it out, or start a new run"
+            )
 
 
 def _run_kind(path: Path) -> str | None:

@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from core.data import InputError
-from core.runs import is_run_dir
+from core.runs import is_run_dir, models_in_run
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,9 +178,7 @@ def load_policy(
             "`save_pretrained`)"
         )
     if is_run_dir(path):
-        raise FileNotFoundError(
-            f"{path} is a run directory, not a model: its trained model is {path / 'final'}"
-        )
+        raise FileNotFoundError(f"{path} is a run directory, not a model: {models_in_run(path)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     with named_if_unreadable(path, "model"):

@@ -82,6 +82,27 @@ def is_run_dir(path: str | Path) -> bool:
     return isinstance(config, dict) and "app" in config
 
 
+def models_in_run(path: str | Path) -> str:
+    """What a run directory given for a model holds instead, for the error: the model directories in it and
+    in the runs inside it (a pipeline's), checkpoints left out, or that it holds none yet."""
+
+    def found(run: Path) -> list[str]:
+        models = []
+        for child in sorted(run.iterdir()):
+            if not child.is_dir() or child.name == "checkpoints":
+                continue
+            if is_run_dir(child):
+                models += found(child)
+            elif (child / "config.json").is_file() or (child / "adapter_config.json").is_file():
+                models.append(str(child))
+        return models
+
+    models = found(Path(path))
+    if not models:
+        return "it holds no model yet (a run saves final/ when it ends)"
+    return f"its model{'s are' if len(models) > 1 else ' is'} {', '.join(models)}"
+
+
 def _exit_on_sigterm(signum, frame):
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun stops the others when one fails
     raise SystemExit("terminated by SIGTERM" + (" (another process may have failed)" if launched else ""))
@@ -249,14 +270,19 @@ def changed_settings(
     ]
 
 
-def refuse_changed_pipeline(root: str | Path, config: Mapping[str, Any], may_change: Sequence[str]) -> None:
+def refuse_changed_pipeline(
+    root: str | Path,
+    config: Mapping[str, Any],
+    may_change: Sequence[str],
+    resolve: Callable[[dict[str, Any]], Mapping[str, Any]] = dict,
+) -> None:
     """A resumed pipeline keeps the stages it finished: a ValueError naming every setting that differs from
-    those it last ran with, `may_change` aside. A directory holding another kind of run is left to
-    `RunDir.create` to name."""
+    those it last ran with (`resolve`d as the command resolves a field left unset), `may_change` aside. A
+    directory holding another kind of run is left to `RunDir.create` to name."""
     stored = RunDir(root).read_config()
     if stored.get("algorithm") != "pipeline":
         return
-    changed = changed_settings(latest_config(stored), config, may_change)
+    changed = changed_settings(resolve(latest_config(stored)), config, may_change)
     if changed:
         raise ValueError(
             f"{root}: --resume would keep stages run with other settings ({'; '.join(changed)}); resume with "

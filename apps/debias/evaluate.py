@@ -248,7 +248,8 @@ def evaluation_settings(config: DebiasEvalConfig) -> dict:
 def eval_run_dir(config: DebiasEvalConfig) -> str:
     """Where eval.json goes: `--run-dir`, else the run of a `--model .../final`, else a new default run. An
     existing run there must be a de-bias training or evaluation run (checked before anything is sampled):
-    another kind's eval.json is its own result, and a directory that is a file is refused."""
+    another kind's eval.json is its own result; a directory of other files (a data directory) and one that
+    is a file are refused."""
     if config.run_dir is not None:
         run_dir = config.run_dir
     elif Path(config.model).name == "final":
@@ -256,6 +257,11 @@ def eval_run_dir(config: DebiasEvalConfig) -> str:
     else:
         return str(default_run_dir(APP))
     refuse_a_file_in_the_way(run_dir, "run directory")
+    if not (Path(run_dir) / "config.json").is_file() and any(Path(run_dir).glob("*")):
+        raise ValueError(
+            f"{run_dir}: it holds files but no run (no config.json); give the --run-dir of a de-bias train "
+            "or eval run, or a new one"
+        )
     if (Path(run_dir) / "config.json").is_file():
         stored = RunDir(run_dir).read_config()
         kind = (stored.get("app"), stored.get("algorithm"))

@@ -29,7 +29,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from apps.debias.data import DataConfig, generate_splits, load_splits, write_splits
@@ -74,7 +74,7 @@ class PipelineConfig:
     rm_epochs: float | None = _help("reward model epochs; unset: 2, with --quick 0.1", None)
     sft_epochs: float | None = _help("SFT epochs of the tiny policy; unset: 2, with --quick 0.05", None)
     grpo_steps: int | None = _help("GRPO steps per seed; unset: 40, with --quick 2", None)
-    beta: float | None = _help("GRPO KL coefficient; default: that of `debias train`", None)
+    beta: float | None = _help("GRPO KL coefficient; unset: that of `debias train`", None)
     multi_reward: str = _help("sum_then_normalize or normalize_then_sum", "sum_then_normalize")
     grpo_save_every: int = _help(
         "checkpoint each GRPO run every N steps, for --resume after a kill (0 = only at its end)", 10
@@ -103,6 +103,8 @@ class PipelineConfig:
         for name, value in (QUICK if self.quick else FULL).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.beta is None:  # resolved as the sizes are: config.json records the value the run used
+            self.beta = DebiasTrainConfig.beta
         for name in ("rm_epochs", "sft_epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -139,7 +141,7 @@ def grpo_config(config: PipelineConfig, data_dir: str | None, reward_model: str)
         save_every=config.grpo_save_every,
         sft_epochs=config.sft_epochs,
         multi_reward=config.multi_reward,
-        **({} if config.beta is None else {"beta": config.beta}),
+        beta=config.beta,
         **(
             {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 24, "hidden_size": 32}
             if config.quick
@@ -290,7 +292,19 @@ def run_stages(config: PipelineConfig, run: Path, stage_done: Callable[[], None]
 
 def _check_same_settings(config: PipelineConfig) -> None:
     """A resumed pipeline keeps the stages it finished: refuse settings other than the run's own."""
-    refuse_changed_pipeline(run_to_resume(config.run_dir, "pipeline"), config_to_dict(config), HOW_IT_RUNS)
+    refuse_changed_pipeline(
+        run_to_resume(config.run_dir, "pipeline"),
+        config_to_dict(config),
+        HOW_IT_RUNS,
+        resolve=_resolved,
+    )
+
+
+def _resolved(stored: dict) -> dict:
+    """A stored pipeline config as this command resolves it: a run from before beta was resolved at the
+    start stored it unset."""
+    known = {f.name for f in fields(PipelineConfig)}
+    return config_to_dict(PipelineConfig(**{k: v for k, v in stored.items() if k in known}))
 
 
 def pipeline_table(results: dict) -> str:

@@ -16,6 +16,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from apps.debias.data import check_reward_model_data, load_splits
 from apps.debias.rewards import debias_rubric
@@ -57,6 +58,15 @@ def policy_examples(rows: list[dict]) -> list[dict]:
 @dataclass
 class DebiasTrainConfig(GRPOConfig):
     """The core's GRPO fields, defaults sized for the tiny offline policy, and the de-biasing fields."""
+
+    OFFLINE_MODEL_FIELDS: ClassVar = (
+        "biased_share",
+        "sft_epochs",
+        "sft_lr",
+        "word_tokens",
+        "hidden_size",
+        "num_layers",
+    )
 
     # the core's single-file flag, kept (refused in __post_init__) so that its help says what to use instead
     data: str | None = _help("not read: debias reads a directory of splits, pass --data-dir DIR", None)

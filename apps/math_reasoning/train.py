@@ -21,7 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from apps.math_reasoning.codistill import CoDistillHooks
 from apps.math_reasoning.data import (
@@ -50,7 +50,7 @@ from core.atomic import atomic_directory
 from core.data import InputError, check_prompt_lengths
 from core.launch import build_in_run, build_settings, policy_for, summary_table, with_run_dir
 from core.policy import TOKENIZER_FILES, load_policy, load_tokenizer
-from core.runs import is_run_dir
+from core.runs import is_run_dir, models_in_run
 from core.trainer import GRPOConfig, GRPOTrainer, TrainerHooks
 
 APP = "math"
@@ -64,6 +64,10 @@ def _help(text: str, default):
 @dataclass
 class MathTrainConfig(GRPOConfig):
     """The core's GRPO fields (defaults sized for the offline tiny models) plus the algorithm's own."""
+
+    OFFLINE_MODEL_FIELDS: ClassVar = tuple(
+        f"{size}_{name}" for size in ("small", "large") for name in ("hidden_size", "num_layers", "sft_steps")
+    ) + ("sft_lr", "large_sft_lr", "sft_hint_fraction")
 
     algo: Literal["grpo", "gtpo", "scaf", "codistill"] = _help("training algorithm", "grpo")
     template: str = _help(f"prompt template: one of {', '.join(TEMPLATES)}", "r1_short")
@@ -344,7 +348,7 @@ def check_large_model(config: MathTrainConfig, tiny_tokenizer) -> None:
     large = Path(config.large_model)
     if is_run_dir(large):
         raise FileNotFoundError(
-            f"--large-model {large} is a run directory, not a model: its trained model is {large / 'final'}"
+            f"--large-model {large} is a run directory, not a model: {models_in_run(large)}"
         )
     if not any((large / name).is_file() for name in ("config.json", "adapter_config.json")):
         what = "does not exist" if not large.exists() else "has no config.json"

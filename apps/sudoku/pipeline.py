@@ -13,13 +13,21 @@ naming them: the rows it keeps were computed with those.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 from apps.sudoku.data import load_puzzles
 from apps.sudoku.evaluate import table
 from apps.sudoku.model import load_sudoku_policy
-from apps.sudoku.train import SudokuTrainConfig, refuse_short_completions, run_sft, run_train, sft_config_from
+from apps.sudoku.train import (
+    SudokuSFTConfig,
+    SudokuTrainConfig,
+    refuse_short_completions,
+    run_sft,
+    run_train,
+    sft_config_from,
+)
 from core.config import config_to_dict
 from core.launch import with_run_dir
 from core.runs import RunDir, failure_recorded, refuse_changed_pipeline
@@ -32,6 +40,9 @@ HOW_IT_RUNS = ("resume", "run_dir", "threads", "device")
 @dataclass
 class SudokuPipelineConfig(SudokuTrainConfig):
     """Every SFT and GRPO field, plus the mixtures to train."""
+
+    # each SFT stage starts from --model when one is given, so only the shape goes unread then
+    OFFLINE_MODEL_FIELDS: ClassVar = SudokuSFTConfig.OFFLINE_MODEL_FIELDS
 
     resume: bool = field(
         default=False,
@@ -150,4 +161,4 @@ def run_pipeline(config: SudokuPipelineConfig) -> dict[str, dict]:
 
 
 def _train_fields() -> list[str]:
-    return list(SudokuTrainConfig.__dataclass_fields__)
+    return [f.name for f in fields(SudokuTrainConfig)]

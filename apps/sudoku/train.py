@@ -11,9 +11,9 @@ rollouts of the starting model before the first step (bootstrapped scaling, core
 
 import math
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from apps.sudoku.data import PuzzleConfig, load_puzzles
 from apps.sudoku.evaluate import ThreadsField, evaluate_model, table
@@ -82,6 +82,8 @@ class ModelFields(ThreadsField):
 class SudokuSFTConfig(ModelFields, PuzzleConfig):
     """SFT of a tiny model (or --model) on completions in one order."""
 
+    OFFLINE_MODEL_FIELDS: ClassVar = ("hidden_size", "num_layers", "num_heads")
+
     model: str | None = _help("HF model directory to start from; default: a new tiny model", None)
     order: Literal["random", "solver", "row-major"] = _help("order of the completion's triplets", "random")
     run_dir: str | None = _help("run directory; default runs/sudoku/<timestamp>", None)
@@ -96,6 +98,16 @@ class SudokuSFTConfig(ModelFields, PuzzleConfig):
 @dataclass
 class SudokuTrainConfig(ModelFields, PuzzleConfig, GRPOConfig):
     """The core's GRPO fields with Sudoku's rewards and defaults."""
+
+    OFFLINE_MODEL_FIELDS: ClassVar = (
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "sft_steps",
+        "sft_batch_size",
+        "sft_learning_rate",
+        "sft_mask",
+    )
 
     cell_weight: float = _help("w of the mixture w * cell + (1 - w) * order (paper: 1, .75, .5, .25)", 0.75)
     bootstrap_scaling: bool = _help(
@@ -295,5 +307,5 @@ def run_train(config: SudokuTrainConfig, puzzles=None) -> dict:
 
 def sft_config_from(config, **changes) -> SudokuSFTConfig:
     """An SFT config taking every field it shares with `config` (a train or pipeline config)."""
-    shared = {k: getattr(config, k) for k in SudokuSFTConfig.__dataclass_fields__ if hasattr(config, k)}
+    shared = {f.name: getattr(config, f.name) for f in fields(SudokuSFTConfig) if hasattr(config, f.name)}
     return replace(SudokuSFTConfig(**shared), **changes)

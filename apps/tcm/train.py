@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from math import ceil
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -51,6 +51,16 @@ READING_BATCH = 16  # texts per reading step (82 entries + 264 sentences: about 
 @dataclass
 class TcmTrainConfig(GRPOConfig):
     """The core's GRPO fields with the paper's defaults, plus the TCM rewards, data and offline model."""
+
+    OFFLINE_MODEL_FIELDS: ClassVar = (
+        "reading_steps",
+        "sft_steps",
+        "sft_lr",
+        "sft_textbook",
+        "sft_fact_fraction",
+        "sft_format_fraction",
+        "word_tokens",
+    )
 
     group_size: int = field(default=6, metadata={"help": "completions per prompt (G; paper 6)"})
     learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (paper 5e-7)"})

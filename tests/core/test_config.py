@@ -571,3 +571,47 @@ def test_a_device_is_matched_whole(device):
     add_config_arguments(parser, GRPOConfig)
     with pytest.raises(ValueError, match=rf"device: '{device}' is not cpu, cuda or cuda:N"):
         build_config(GRPOConfig, parser.parse_args(["--device", device]))
+
+
+@dataclass
+class OfflineModelConfig(RunConfig):
+    OFFLINE_MODEL_FIELDS = ("width",)  # a plain class attribute: not a field
+
+    model: str | None = field(default=None, metadata={"help": "model directory"})
+    width: int = field(default=8, metadata={"help": "offline model: width"})
+
+
+def _offline_model_builder():
+    presets = {"wide": {"width": 32}, "narrow": {"width": 4}}
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, OfflineModelConfig, presets)
+    return lambda argv: build_config(OfflineModelConfig, parser.parse_args(argv), presets)
+
+
+def test_an_offline_model_field_given_with_model_is_refused_where_it_was_given(tmp_path):
+    build = _offline_model_builder()
+    with pytest.raises(ValueError, match=r"^--width sets the offline tiny model, which --model m replaces"):
+        build(["--model", "m", "--width", "16"])
+    file = tmp_path / "c.toml"
+    file.write_text("width = 16\n")
+    with pytest.raises(ValueError, match=rf"^config file {file}: width sets the offline tiny model"):
+        build(["--model", "m", "--config", str(file)])
+    assert build(["--model", "m", "--preset", "wide"]).width == 32  # a preset's value is not the user's
+    assert build(["--width", "16"]).width == 16  # without --model it builds the model
+
+
+def test_a_resume_may_not_change_an_offline_model_field_its_model_was_built_with(tmp_path):
+    build = _offline_model_builder()
+    first = build(["--preset", "wide", "--run-dir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"app": "t", "config": config_to_dict(first)}))
+    resume = ["--run-dir", str(tmp_path), "--resume"]
+    with pytest.raises(
+        ValueError, match=r"^--width 16: the resumed run's model was built with 32, and a resume"
+    ):
+        build([*resume, "--width", "16"])
+    with pytest.raises(
+        ValueError, match=r"^preset narrow: width 4: the resumed run's model was built with 32"
+    ):
+        build([*resume, "--preset", "narrow"])
+    assert build([*resume, "--width", "32", "--steps", "20"]).steps == 20  # the same value, or none, resumes
+    assert build([*resume, "--preset", "wide"]).width == 32

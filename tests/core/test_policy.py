@@ -8,6 +8,7 @@ is downloaded.
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from core.policy import (
     load_policy,
     position_ids_from_mask,
 )
+from core.runs import RunDir
 
 VOCAB = 50
 PAD = 0
@@ -314,9 +316,36 @@ def test_load_policy_missing_dir_or_config(tmp_path: Path):
     assert str(empty) in str(info.value)
     (empty / "config.json").write_text('{"app": "toy", "algorithm": "grpo", "config": {}}')  # a run's
     with pytest.raises(
-        FileNotFoundError, match=f"is a run directory, not a model: its trained model is {empty}/final"
+        FileNotFoundError, match=f"{empty} is a run directory, not a model: it holds no model yet"
     ):
         load_policy(empty)
+
+
+def test_a_run_given_for_a_model_names_the_models_it_and_its_runs_hold(tmp_path: Path):
+    """A pipeline's models: its own, those of the runs inside it; checkpoints and data left out."""
+    pipeline = RunDir.create(
+        tmp_path / "p", {}, app="debias", algorithm="pipeline", exist_ok_for_resume=False
+    )
+    seed = RunDir.create(
+        pipeline.path / "grpo-seed0", {}, app="debias", algorithm="grpo", exist_ok_for_resume=False
+    )
+    for model in (pipeline.path / "sft_model", seed.path / "final", seed.path / "checkpoints" / "step-2"):
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+    (seed.path / "lora").mkdir()
+    (seed.path / "lora" / "adapter_config.json").write_text("{}")
+    (pipeline.path / "data").mkdir()
+    (pipeline.path / "data" / "train.jsonl").write_text("")
+    expected = f"its models are {seed.path / 'final'}, {seed.path / 'lora'}, {pipeline.path / 'sft_model'}"
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"{pipeline.path} is a run directory, not a model: {expected}")
+    ):
+        load_policy(pipeline.path)
+    (seed.path / "lora" / "adapter_config.json").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"not a model: its model is {seed.path / 'final'}") + "$"
+    ):
+        load_policy(seed.path)
 
 
 def test_lora_policy_and_reference(model_dir: Path):

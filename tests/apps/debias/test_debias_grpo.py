@@ -374,6 +374,15 @@ def test_eval_refuses_a_run_of_another_kind_or_a_file_before_sampling(setup, tmp
     (tmp_path / "file").write_text("")
     with pytest.raises(FileExistsError, match="run directory .*file is a file, not a directory"):
         evaluate(eval_config(setup, run_dir=str(tmp_path / "file")))
+    data = setup / "data"  # a directory of other files: eval would have made it a run
+    assert any(data.iterdir())
+    with pytest.raises(ValueError, match=rf"^{data}: it holds files but no run \(no config.json\)"):
+        evaluate(eval_config(setup, run_dir=str(data)))
+    assert not (data / "config.json").exists()
+    (tmp_path / "empty").mkdir()  # an empty one is a new run's
+    monkeypatch.undo()
+    evaluate(eval_config(setup, run_dir=str(tmp_path / "empty"), max_prompts=1))
+    assert RunDir(tmp_path / "empty").read_config()["algorithm"] == "eval"
 
 
 def test_eval_draws_each_split_with_its_own_seed_and_both_models_alike(setup, monkeypatch):

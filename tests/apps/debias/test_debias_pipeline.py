@@ -13,6 +13,7 @@ import pytest
 from apps.debias import pipeline as pipeline_module
 from apps.debias.evaluate import DebiasEvalConfig, evaluation_settings
 from apps.debias.pipeline import PipelineConfig, pipeline
+from apps.debias.train import DebiasTrainConfig
 from core.config import add_config_arguments, build_config
 from core.runs import RunDir
 
@@ -250,6 +251,25 @@ def test_a_resumed_pipeline_refuses_other_settings_naming_them(stages, tmp_path)
     changed = {"device": ["cpu", "cuda"], "grpo_save_every": [10, 5], "resume": [False, True]}
     assert resumes[0]["changed"] == changed
     assert len(stages["rm"]) == len(stages["train"]) == 1  # everything had finished
+
+
+def test_a_resume_compares_beta_as_it_ran_like_the_sizes(stages, tmp_path):
+    """An unset beta was stored unset while the sizes were stored resolved: a resume giving the beta the run
+    had used was refused, and one giving its eval-prompts accepted."""
+    run = tmp_path / "run"
+    pipeline(parse(["--quick", "--run-dir", str(run)]))
+    assert stages["train"][0].beta == DebiasTrainConfig.beta == 0.2
+    assert json.loads((run / "config.json").read_text())["config"]["beta"] == 0.2
+    pipeline(parse(["--quick", "--run-dir", str(run), "--resume", "--beta", "0.2", "--eval-prompts", "8"]))
+    with pytest.raises(ValueError, match=r"other settings \(beta 0.2 -> 0.1\)"):
+        pipeline(parse(["--quick", "--run-dir", str(run), "--resume", "--beta", "0.1"]))
+    stored = json.loads((run / "config.json").read_text())  # a pipeline from before beta was resolved
+    stored["config"]["beta"] = None
+    (run / "config.json").write_text(json.dumps(stored))
+    pipeline(parse(["--quick", "--run-dir", str(run), "--resume", "--beta", "0.2"]))
+    pipeline(parse(["--run-dir", str(run), "--resume"]))
+    with pytest.raises(ValueError, match=r"other settings \(beta 0.2 -> 0.1\)"):
+        pipeline(parse(["--quick", "--run-dir", str(run), "--resume", "--beta", "0.1"]))
 
 
 def test_a_resumed_pipeline_needs_an_earlier_pipeline(tmp_path):

@@ -788,7 +788,7 @@ def test_codistills_large_model_is_checked_before_the_small_base_is_built(tmp_pa
     a_run = RunDir.create(tmp_path / "a_run", {}, app="math", algorithm="grpo", exist_ok_for_resume=False)
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--large-model", str(a_run.path)])
-    message = f"error: --large-model {a_run.path} is a run directory, not a model: its trained model is"
+    message = f"error: --large-model {a_run.path} is a run directory, not a model: it holds no model yet"
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     other = create_tiny_model_dir(tmp_path / "other", ["only these letters"], hidden_size=32, num_layers=1)
     with pytest.raises(SystemExit) as exit_info:

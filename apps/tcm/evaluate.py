@@ -20,6 +20,7 @@ from apps.tcm.data import TYPES
 from apps.tcm.rewards import (
     accuracy,
     answer_text,
+    fill_answer,
     free_answer,
     normalized_match,
     rouge_l,
@@ -51,7 +52,10 @@ def score_completions(completions: Sequence[str], examples: Sequence[dict]) -> d
     rows = []
     for completion, example in zip(completions, examples, strict=True):
         free = example["type"] in FREE_TEXT
-        prediction = free_answer(completion) if free else answer_text(completion)
+        if example["type"] == "fill":
+            prediction = fill_answer(completion, example["question"])
+        else:
+            prediction = free_answer(completion) if free else answer_text(completion)
         rows.append(
             {
                 "type": example["type"],

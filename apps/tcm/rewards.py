@@ -96,6 +96,8 @@ _STRICT = re.compile(rf"<think>\n{_FREE}\n</think>\n<answer>\n{_FREE}\n</answer>
 _PUNCT = re.compile(r"[\s\W_]+")  # \W: neither letter/digit (CJK included) nor underscore
 # Between digits a range mark is one "~" ("3～9", "3 - 9"), and ".", "/", "~" and a "%" after a digit are
 # kept when punctuation is removed, so "1.5g" is not "15g" nor "3～9g" "39g".
+_BLANK = re.compile(r"_{2,}|\(\s*\)")  # a fill-in question's blank, NFKC-normalised (＿＿, （ ） included)
+_SENTENCE_END = re.compile(r"[\s.!?。！？]+$")
 _RANGE = re.compile(r"(?<=\d)\s*[~\-–—〜]\s*(?=\d)")
 # Spaces inside a number go, as they do around a range mark: "10 %" is "10%", "1 . 5g" "1.5g", "3 / 4" "3/4".
 _NUMBER_SPACES = re.compile(r"(?<=\d)[^\S\n]+(?=%)|(?<=\d)[^\S\n]*([./])[^\S\n]*(?=\d)")
@@ -271,6 +273,27 @@ def _hard(brk: re.Match) -> bool:
     return "\n" in brk[0] or "。" in brk[0]
 
 
+def fill_answer(completion: str, question: str) -> str:
+    """A fill-in answer (`free_answer`), or the filled part when the answer restates the question with its
+    one blank (____, （ ）) filled, ignoring case, width and a final 。: to 麻黄归____经。 the answer
+    麻黄归肺、膀胱经。 is 肺、膀胱, as a grader reads it.
+
+    >>> fill_answer("<answer>\\n麻黄归肺、膀胱经。\\n</answer>", "麻黄归____经。")
+    '肺、膀胱'
+    >>> fill_answer("<answer>\\n肺、膀胱\\n</answer>", "麻黄归____经。"), fill_answer("麻黄性温", "细辛性____。")
+    ('肺、膀胱', '麻黄性温')
+    """
+    answer = free_answer(completion)
+    parts = _BLANK.split(_unify(question))
+    if len(parts) != 2:
+        return answer
+    before, after = parts[0].lstrip(), _SENTENCE_END.sub("", parts[1])
+    said = _SENTENCE_END.sub("", _unify(answer).strip())
+    if len(said) > len(before) + len(after) and said.startswith(before) and said.endswith(after):
+        return said[len(before) : len(said) - len(after)].strip()
+    return answer
+
+
 def normalize_answer(text: str) -> frozenset[str]:
     """A fill-in answer as a set of items: NFKC, lower case, split at 、,; and at / not between digits,
     punctuation and spaces removed but for numbers' (`_squash`), a meridian without its 经, so "肺、膀胱"
@@ -362,7 +385,7 @@ def accuracy(completion: str, example: dict) -> float:
     if kind == "multiple":
         return float(set(extract_letters(completion)) == set(example["answer"]))
     if kind == "fill":
-        return float(normalized_match(free_answer(completion), example["answer"]))
+        return float(normalized_match(fill_answer(completion, example["question"]), example["answer"]))
     if kind == "open":
         return rouge_l(free_answer(completion), example["answer"])
     raise ValueError(f"unknown question type {kind!r}; valid: single, multiple, fill, open")

@@ -376,7 +376,7 @@ def test_table_terms_are_single_tokens():
 
 
 def test_inline_completion_misses_the_format_only():
-    example = {"type": "fill", "answer": "温", "think": "麻黄性温。"}
+    example = {"type": "fill", "question": "麻黄性____。", "answer": "温", "think": "麻黄性温。"}
     scores = build_rubric().score([inline_completion(example)], [example])
     assert dict(zip(scores.names, scores.components[0].tolist(), strict=True)) == {
         "accuracy": 1.0,

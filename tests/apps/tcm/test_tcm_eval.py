@@ -26,7 +26,7 @@ EXAMPLES = [
     {"type": "single", "answer": "B"},
     {"type": "single", "answer": "A"},
     {"type": "multiple", "answer": "AC"},
-    {"type": "fill", "answer": "肺、膀胱"},
+    {"type": "fill", "question": "麻黄归____经。", "answer": "肺、膀胱"},
     {"type": "open", "answer": "发汗解表，宣肺平喘"},
     {"type": "open", "answer": "益气健脾"},
 ]
@@ -56,8 +56,23 @@ def test_per_type_table_by_hand():
     assert "single" in format_table({"before": result, "after": result})
 
 
+def test_a_fill_answer_restating_the_question_is_scored_on_its_filled_blank():
+    examples = [{"type": "fill", "question": "麻黄归____经。", "answer": "肺、膀胱"}] * 2
+    completions = [
+        "<think>\n麻黄归肺、膀胱经。\n</think>\n<answer>\n麻黄归肺、膀胱经。\n</answer>",
+        "<think>\n麻黄归肺经。\n</think>\n<answer>\n麻黄归肺经。\n</answer>",
+    ]
+    fill = score_completions(completions, examples)["by_type"]["fill"]
+    assert fill["accuracy"] == 0.5
+    # jieba: 肺/膀胱 against 肺/膀胱 (F 1), 肺 against 肺/膀胱 (P 1, R 1/2: F 2/3); not the whole sentences
+    assert fill["rouge_l"] == pytest.approx((1 + 2 / 3) / 2)
+
+
 def test_truncated_answers_are_scored_on_their_text():
-    examples = [{"type": "fill", "answer": "温"}, {"type": "open", "answer": "发汗解表，宣肺平喘"}]
+    examples = [
+        {"type": "fill", "question": "麻黄性____。", "answer": "温"},
+        {"type": "open", "answer": "发汗解表，宣肺平喘"},
+    ]
     completions = [
         "<think>\n想\n</think>\n<answer>\n温",
         "<think>\n想\n</think>\n<answer>\n发汗解表，宣肺平喘",
@@ -182,7 +197,10 @@ def test_tag_count_is_the_mean_tag_reward_not_the_format_rate():
 
 def test_free_text_answers_are_scored_without_their_answer_cue():
     """答案：温 answers 温 (as the rewards read it): exact match, ROUGE-L 1 and BLEU 1 on the bare answer."""
-    examples = [{"type": "fill", "answer": "温"}, {"type": "open", "answer": "发汗解表，宣肺平喘"}]
+    examples = [
+        {"type": "fill", "question": "麻黄性____。", "answer": "温"},
+        {"type": "open", "answer": "发汗解表，宣肺平喘"},
+    ]
     completions = [wrap("答案：温"), wrap("答：发汗解表，宣肺平喘")]
     by_type = score_completions(completions, examples)["by_type"]
     assert by_type["fill"]["accuracy"] == 1.0 and by_type["fill"]["rouge_l"] == pytest.approx(1.0)

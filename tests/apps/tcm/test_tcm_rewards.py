@@ -273,7 +273,7 @@ def test_long_answers_are_read_in_linear_time(answer, letters):
 
 
 def test_fill_and_open_accuracy():
-    fill = {"type": "fill", "answer": "肺、膀胱"}
+    fill = {"type": "fill", "question": "麻黄归____经。", "answer": "肺、膀胱"}
     assert accuracy(wrap("膀胱，肺"), fill) == 1.0
     assert accuracy(wrap("肺"), fill) == 0.0
     assert accuracy("<think>\n想\n</think>\n膀胱、肺", fill) == 1.0  # missing answer tags
@@ -284,9 +284,30 @@ def test_fill_and_open_accuracy():
     assert accuracy(wrap(""), open_qa) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("question", "answer", "gold", "score"),
+    [
+        ("麻黄归____经。", "麻黄归肺、膀胱经。", "肺、膀胱", 1.0),  # the question restated, blank filled
+        ("麻黄归____经。", "麻黄归膀胱经、肺经", "肺、膀胱", 1.0),  # no final 。, meridians with 经
+        ("麻黄归____经。", "麻黄归肺经。", "肺、膀胱", 0.0),  # filled wrongly
+        ("麻黄归____经。", "麻黄归经。", "肺、膀胱", 0.0),  # nothing filled in
+        ("麻黄归＿＿＿经。", "麻黄归肺、膀胱经．", "肺、膀胱", 1.0),  # full-width blank and stop
+        ("麻黄性（  ）。", "麻黄性温。", "温", 1.0),  # a bracket blank
+        ("牡丹皮的功效：清热凉血，____。", "牡丹皮的功效：清热凉血，活血化瘀。", "活血化瘀", 1.0),
+        ("The herb is ____ in nature.", "the herb is warm in nature.", "Warm", 1.0),
+        ("细辛性____。", "麻黄性温。", "温", 0.0),  # another herb's sentence
+        ("麻黄归____经。", "麻黄归肺、膀胱经。因其辛温", "肺、膀胱", 0.0),  # text after the sentence
+        ("____和____同用。", "麻黄和桂枝同用。", "麻黄、桂枝", 0.0),  # two blanks: read as it is
+    ],
+)
+def test_a_fill_answer_restating_the_question_is_read_as_its_filled_blank(question, answer, gold, score):
+    """After GRPO the tiny model answered 麻黄归____经。 with 麻黄归肺、膀胱经。: a right answer, scored 0."""
+    assert accuracy(wrap(answer), {"type": "fill", "question": question, "answer": gold}) == score
+
+
 def test_a_fill_or_open_answer_opened_by_an_answer_cue_is_read_without_it():
     """答案：温 scored 0 against 温, though 答案：B reads B for a choice question."""
-    fill = {"type": "fill", "answer": "温"}
+    fill = {"type": "fill", "question": "麻黄性____。", "answer": "温"}
     for answer in ("答案：温", "答案是温", "答：温", "Answer: 温", "答案 : 温"):
         assert accuracy(wrap(answer), fill) == 1.0, answer
     assert accuracy(wrap("答案：寒"), fill) == 0.0
@@ -297,7 +318,7 @@ def test_a_fill_or_open_answer_opened_by_an_answer_cue_is_read_without_it():
 def test_truncated_answer_is_scored_without_its_tag():
     """Generation cut at max_new_tokens leaves <answer> unclosed: its text is the answer, the format fails."""
     fill = "<think>\n麻黄性温。\n</think>\n<answer>\n温"
-    assert accuracy(fill, {"type": "fill", "answer": "温"}) == 1.0
+    assert accuracy(fill, {"type": "fill", "question": "麻黄性____。", "answer": "温"}) == 1.0
     assert strict_format(fill, {}) == 0.0
     open_qa = "<think>\n想\n</think>\n<answer>\n发汗解表，宣肺平喘"
     assert answer_text(open_qa) == "\n发汗解表，宣肺平喘"
@@ -367,4 +388,4 @@ def test_the_first_answer_block_is_the_answer():
     assert answer_text(twice) == "\nB\n"
     assert accuracy(twice, SINGLE) == 1.0 and accuracy(twice, {"type": "single", "answer": "C"}) == 0.0
     fill = "<think>\n想\n</think>\n<answer>\n温\n</answer>\n<answer>\n寒\n</answer>"
-    assert accuracy(fill, {"type": "fill", "answer": "温"}) == 1.0
+    assert accuracy(fill, {"type": "fill", "question": "麻黄性____。", "answer": "温"}) == 1.0

@@ -248,6 +248,14 @@ def _with_lora(model: PreTrainedModel, lora: LoraSettings | None) -> PreTrainedM
         return get_peft_model(model, config)
 
 
+def save_policy(model: nn.Module, path: str | Path, state_dict: dict | None = None) -> None:
+    """`save_pretrained` of a model, or of an adapter without its base's embedding layers: no command
+    resizes the vocabulary, and PEFT's "auto" looks the base's config.json up to tell, on the hub for a
+    base that is itself an adapter (a run on a LoRA final/), warning at each save."""
+    extra = {"save_embedding_layers": False} if isinstance(model, PeftModel) else {}
+    model.save_pretrained(path, state_dict=state_dict, **extra)
+
+
 def _load_adapter(path: Path, *, lora: LoraSettings | None, dtype: str, device: str):
     """The base model named by the adapter's config (a local directory), the adapter merged into it, and
     the tokenizer saved with the adapter (else the base's); `lora` then adds a new adapter on top."""

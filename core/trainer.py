@@ -43,7 +43,7 @@ from core.atomic import atomic_directory, write_atomic
 from core.config import config_to_dict
 from core.data import InputError, PromptSampler, check_prompt_lengths
 from core.multi_turn import Environment, multi_turn_rollouts
-from core.policy import ReferencePolicy, completion_logprobs, eval_mode, has_dropout
+from core.policy import ReferencePolicy, completion_logprobs, eval_mode, has_dropout, save_policy
 from core.rewards import RewardTable, Rubric
 from core.rng_state import capture_rng_state, restore_rng_state
 from core.rollout import (
@@ -738,7 +738,7 @@ class GRPOTrainer:
             state = sharding.without_tied_copies(self.model, sharding.full_state(self.model)[0])
         if self.rank == 0:
             with atomic_directory(path) as tmp:
-                self.model.save_pretrained(tmp, state_dict=state)
+                save_policy(self.model, tmp, state)
                 self.tokenizer.save_pretrained(tmp)
         return path
 

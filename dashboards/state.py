@@ -37,10 +37,10 @@ def run_info(name: str) -> loading.RunInfo:
     return loading.run_info(runs_root(), name)
 
 
-def run_progress(name: str) -> tuple[loading.RunInfo, pd.DataFrame]:
+def run_progress(name: str, warn: bool = True) -> tuple[loading.RunInfo, pd.DataFrame]:
     """The run's info, with a running run's step and update time from its metrics (`loading.with_progress`),
-    and its metrics."""
-    info, frame = run_info(name), metrics(name)
+    and its metrics (`warn`: as `metrics`)."""
+    info, frame = run_info(name), metrics(name, warn)
     mtime = _signature(run_path(name) / "metrics.jsonl")[0] / 1e9
     return loading.with_progress(info, frame, mtime), frame
 
@@ -71,12 +71,13 @@ def _metrics(path: str, signature: tuple[int, int]) -> tuple[pd.DataFrame, int |
     return loading.read_metrics(path), loading.cut_off_line(Path(path) / "metrics.jsonl")
 
 
-def metrics(name: str) -> pd.DataFrame:
+def metrics(name: str, warn: bool = True) -> pd.DataFrame:
     """The run's metrics; a last line without its newline is left out, with a warning unless the run is
-    still running (then its writer may be mid-line)."""
+    still running (then its writer may be mid-line) or not `warn` (a page reading them again)."""
     path = run_path(name)
     frame, cut_off = _metrics(str(path), _signature(path / "metrics.jsonl"))
-    _warn_cut_off(name, path / "metrics.jsonl", cut_off)
+    if warn:
+        _warn_cut_off(name, path / "metrics.jsonl", cut_off)
     return frame
 
 

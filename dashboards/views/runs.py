@@ -105,7 +105,7 @@ def render() -> None:
             st.code(info.error, language=None)
         if info.status == "crashed":
             try:  # its last logged step, as the table shows it (status.json's is its last checkpoint's)
-                info = state.run_progress(name)[0]
+                info = state.run_progress(name, warn=False)[0]  # the table has warned of a cut-off line
             except (OSError, ValueError):  # its metrics cannot be read: the table names why
                 pass
             st.warning(f"{name} stopped at step {info.step}: {info.error}")

@@ -309,3 +309,18 @@ def test_a_crashed_run_gets_no_live_view(runs_root):
     at = open_page("runs", run="toy/b")
     assert texts(at.warning)[0].startswith("toy/b stopped at step 1: process")
     assert "Live" not in texts(at.subheader) and not [t for t in at.toggle if t.key == "runs_live"]
+
+
+def test_a_crashed_runs_cut_off_metrics_line_is_warned_once_on_the_runs_page(runs_root):
+    """The table and the crashed run's note each read its metrics, and each warned."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=60)
+    status_path = runs_root / "toy/b/status.json"
+    status_path.write_text(json.dumps(json.loads(status_path.read_text()) | {"pid": gone.pid}))
+    metrics_path = runs_root / "toy/b/metrics.jsonl"
+    with metrics_path.open("a") as f:
+        f.write('{"step": 9, "rew')
+    at = open_page("runs", run="toy/b")
+    cut_off = [t for t in texts(at.warning) if "has no newline" in t]
+    assert len(cut_off) == 1 and cut_off[0].startswith(f"`{metrics_path.resolve()}`: line ")
+    assert any(t.startswith("toy/b stopped at step 1: process") for t in texts(at.warning))

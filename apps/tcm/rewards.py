@@ -4,7 +4,8 @@ Each reward is pure, `(completion, example) -> float`:
 - `accuracy`: single choice: the first letter found (see `extract_letters`) equals the gold letter;
   multiple choice: the set of letters found equals the gold set; fill-in: normalized match
   (`normalized_match`; numbers keep their ". / % ~", spaces inside them removed: "1.5g" is not "15g",
-  "1 . 5g" is "1.5g", "10 %" is "10%"); open QA: ROUGE-L F1 on jieba words (the paper is silent on a
+  "1 . 5g" is "1.5g", "10 %" is "10%") of the answer, or of the filled blank when the answer restates the
+  question (`fill_answer`); open QA: ROUGE-L F1 on jieba words (the paper is silent on a
   training reward for free text; we use the metric it evaluates with).
 - `strict_format`: the whole completion is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (trailing
   whitespace allowed; no tag inside the two contents).

@@ -211,7 +211,8 @@ def refuse_another_apps_run(path: str | Path, app: str) -> None:
 
 def run_to_resume(run_dir: str | Path | None, what: str = "run") -> Path:
     """The directory `--resume` continues: a FileNotFoundError without a --run-dir or without a run there
-    (its config.json); `what` names the kind of run in the message."""
+    (its config.json), a ValueError while another process of this machine still runs it (two writers would
+    interleave its logs and checkpoints); `what` names the kind of run in the message."""
     if run_dir is None:
         raise FileNotFoundError(f"--resume continues an earlier {what}: give its --run-dir")
     if not (Path(run_dir) / "config.json").is_file():
@@ -219,7 +220,25 @@ def run_to_resume(run_dir: str | Path | None, what: str = "run") -> Path:
             f"--resume: {run_dir} holds no {what} to continue (no config.json); leave out --resume to start "
             "one there"
         )
+    try:
+        status = RunDir(run_dir).read_status()
+    except (OSError, ValueError):  # none yet, or damaged: nothing says it runs
+        status = {}
+    if _running_elsewhere(status):
+        raise ValueError(
+            f"{run_dir}: the {what} is still running (process {status['pid']}); --resume continues one that "
+            "has stopped: wait for it to end, or stop it first"
+        )
     return Path(run_dir)
+
+
+def _running_elsewhere(status: Mapping[str, Any]) -> bool:
+    """Whether a "running" status.json was written by another live process of this machine and pid
+    namespace (one of another machine, or without a pid, cannot be told from a crashed one, and is not)."""
+    here, pid = process_identity(os.getpid()), status.get("pid")
+    same_machine = status.get("host") == here["host"] and status.get("pid_ns") == here.get("pid_ns")
+    valid_pid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and pid != os.getpid()
+    return status.get("status") == "running" and same_machine and valid_pid and not process_gone(status)
 
 
 def refuse_existing_run(path: str | Path) -> None:

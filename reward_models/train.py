@@ -38,7 +38,14 @@ from core.atomic import write_json_atomic
 from core.config import config_to_dict
 from core.data import InputError
 from core.rng_state import capture_rng_state, restore_rng_state
-from core.runs import RunDir, changed_settings, failure_recorded, load_checkpoint, refuse_another_kind_of_run
+from core.runs import (
+    RunDir,
+    changed_settings,
+    failure_recorded,
+    load_checkpoint,
+    refuse_another_kind_of_run,
+    run_to_resume,
+)
 from reward_models.deberta import (
     HEADS,
     MIN_MAX_LENGTH,
@@ -221,6 +228,7 @@ def train_reward_model(config: RMTrainConfig) -> dict:
         )
     if config.resume and (run_dir / "config.json").is_file():
         refuse_another_kind_of_run(run_dir, run.read_config(), APP, ALGORITHM)
+        run_to_resume(run_dir, "reward-model training")  # refused while another process runs it
     checkpoint = load_checkpoint(checkpoint_path) if config.resume and checkpoint_path else None
     record = data_record(config.data, splits)
     if checkpoint is not None:

@@ -988,6 +988,32 @@ def test_resume_needs_a_run_dir_holding_a_run(run, tmp_path):
         runs.run_to_resume(tmp_path / "empty", "game")
 
 
+def test_resume_is_refused_while_another_process_of_this_machine_runs_it(run):
+    """A second process resumed a public-goods run still going: both wrote its logs and checkpoints."""
+    script = "import sys, time; from core.runs import RunDir; "
+    script += "RunDir(sys.argv[1]).set_status('running', step=3); print('up', flush=True); time.sleep(60)"
+    going = subprocess.Popen([sys.executable, "-c", script, str(run.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert going.stdout.readline() == "up\n"
+        with pytest.raises(
+            ValueError, match=rf"^{run.path}: the game is still running \(process {going.pid}\)"
+        ):
+            runs.run_to_resume(run.path, "game")
+    finally:
+        going.kill()
+        going.wait(timeout=60)
+    assert runs.run_to_resume(run.path) == run.path  # killed: its status says running, its process is gone
+    parent = run.read_status() | runs.process_identity(os.getppid())  # a live process's "running"
+    run.status_path.write_text(json.dumps(parent))
+    with pytest.raises(ValueError, match="still running"):
+        runs.run_to_resume(run.path)
+    for taken_at_its_word in ({"host": "elsewhere"}, {"pid": None}):  # it may have crashed: resumable
+        run.status_path.write_text(json.dumps(parent | taken_at_its_word))
+        assert runs.run_to_resume(run.path) == run.path
+    run.set_status("running", step=3)  # this very process's: a run it stopped itself
+    assert runs.run_to_resume(run.path) == run.path
+
+
 def test_a_run_records_the_source_digest_it_started_and_each_resume_ran_with(run, tmp_path, monkeypatch):
     """The package version is the same at every commit; the digest of the sources tells code apart."""
     import core.runs as runs_module

@@ -4,6 +4,7 @@ settings are refused."""
 
 import argparse
 import json
+import os
 import re
 import shutil
 import time
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from apps.debias.data import DataConfig, generate_splits, write_splits
 from core.config import add_config_arguments, build_config
 from core.data import InputError
+from core.runs import RunDir, process_identity
 from reward_models.train import RMTrainConfig, _check_same_data, _check_same_settings, train_reward_model
 
 # 24 rows in batches of 8: 3 steps an epoch, 6 in all, so the run crosses an epoch's reshuffle
@@ -125,6 +127,18 @@ def test_a_resume_of_another_kind_of_run_is_refused(data, tmp_path):
         train_reward_model(config(data, tmp_path / "math", "--resume"))
     with pytest.raises(FileExistsError, match="already holds a run"):
         train_reward_model(config(data, tmp_path / "math"))
+
+
+def test_a_resume_of_a_training_another_live_process_runs_is_refused(data, tmp_path):
+    run = RunDir.create(
+        tmp_path / "rm", {}, app="reward_model", algorithm="bradley_terry", exist_ok_for_resume=False
+    )
+    run.status_path.write_text(json.dumps({"status": "running", "step": 2} | process_identity(os.getppid())))
+    with pytest.raises(
+        ValueError, match=rf"{run.path}: the reward-model training is still running \(process"
+    ):
+        train_reward_model(config(data, run.path, "--resume"))
+    assert not (run.path / "metrics.jsonl").exists()
 
 
 def test_resume_without_a_checkpoint_starts_over(data, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ goes further with a larger --steps; a resume that would change the game is refus
 written."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from apps.public_goods.checkpoints import load_run
 from apps.public_goods.experiments import Trajectory, make_model, simulate
 from apps.public_goods.model import METHODS, GameConfig
 from core.cli import main
-from core.runs import RunDir
+from core.runs import RunDir, process_identity
 
 TIMING = ("seconds", "steps_per_second")
 
@@ -128,6 +129,21 @@ def test_resume_needs_a_run_to_continue(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path / "nothing", "--resume")
     assert "holds no run to continue" in capsys.readouterr().err
+
+
+def test_a_resume_while_another_process_runs_it_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A second `--resume` of a run still going had interleaved its metrics and crashed the first."""
+    assert run(tmp_path / "run", "--method", "fermi", "--steps", "4") == 0
+    status = RunDir(tmp_path / "run").status_path
+    status.write_text(
+        json.dumps(json.loads(status.read_text()) | process_identity(os.getppid()) | {"status": "running"})
+    )
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "run", "--method", "fermi", "--steps", "8", "--resume")
+    assert exit_info.value.code == 2 and "the run is still running (process" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
 
 
 def test_a_checkpoint_of_another_lattice_is_named(tmp_path):

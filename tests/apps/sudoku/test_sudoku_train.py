@@ -346,3 +346,47 @@ def test_the_pipeline_trains_each_mixture_from_the_random_order_sft_model(tmp_pa
     )
     assert list(pipeline.run_pipeline(no_baseline)) == ["sft-random", "grpo mixed 0.25:0.75"]
     assert [kind for kind, _ in calls] == ["sft", "grpo"]
+
+
+def test_an_eval_records_the_puzzle_settings_it_measured_on(model_dir, tmp_path):
+    """eval.json's puzzle settings are the evaluation's own (data_seed 0), not the run's (3)."""
+    config = SudokuEvalConfig(
+        model=str(model_dir), run_dir=str(tmp_path / "run"), num_puzzles=40, eval_puzzles=2, batch_size=2
+    )
+    trained = SudokuEvalConfig(model=str(model_dir), num_puzzles=40, data_seed=3)
+    run = RunDir.create(
+        tmp_path / "run", config_to_dict(trained), app="sudoku", algorithm="grpo", exist_ok_for_resume=False
+    )
+    with pytest.warns(UserWarning, match="data_seed=0"):
+        run_eval(config)
+    settings = run.read_eval()["eval"]["puzzle_settings"]
+    assert (settings["data_seed"], settings["num_puzzles"], settings["eval_fraction"]) == (0, 40, 0.2)
+
+
+def test_an_eval_into_a_run_whose_config_lacks_a_puzzle_setting_does_not_warn(model_dir, tmp_path):
+    """A setting the run's config.json does not hold (an older run's) is not a difference, nor an error."""
+    import warnings
+
+    config = SudokuEvalConfig(
+        model=str(model_dir), run_dir=str(tmp_path / "run"), num_puzzles=40, eval_puzzles=2, batch_size=2
+    )
+    older = {k: v for k, v in config_to_dict(config).items() if k != "max_strategy"}
+    run = RunDir.create(tmp_path / "run", older, app="sudoku", algorithm="grpo", exist_ok_for_resume=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_eval(config)["puzzles"] == 2
+    assert run.read_eval()["eval"]["puzzles"] == 2
+
+
+def test_a_model_named_final_outside_a_run_gets_an_eval_run_of_its_own(model_dir, tmp_path, monkeypatch):
+    """<dir>/final is a run's model only when <dir> holds a run (config.json); else a new run directory
+    under runs/sudoku holds the result and <dir> is left alone."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    loose = tmp_path / "loose"
+    shutil.copytree(model_dir, loose / "final")
+    run_eval(SudokuEvalConfig(model=str(loose / "final"), num_puzzles=40, eval_puzzles=2, batch_size=2))
+    assert sorted(p.name for p in loose.iterdir()) == ["final"]
+    [run_path] = (tmp_path / "runs" / "sudoku").iterdir()
+    assert RunDir(run_path).read_eval()["eval"]["puzzles"] == 2

@@ -683,3 +683,41 @@ def test_split_by_fact_refuses_negative_fractions_and_pins_its_groups():
         "formula:六味地黄丸:components",
         "formula:桂枝汤:components",
     ]
+
+
+def test_a_loaded_questions_fact_ignores_case(tmp_path):
+    """Without a fact column, a question repeated in another case is the same fact (one split)."""
+    rows = [
+        {"question": "Which herb is WARM?", "answer": "麻黄", "type": "fill"},
+        {"question": "which herb is warm?", "answer": "麻黄", "type": "fill"},
+    ]
+    examples = load_examples(write_jsonl(tmp_path / "case.jsonl", rows))
+    assert [e["fact"] for e in examples] == ["question:whichherbiswarm?"] * 2
+
+
+def test_multiple_choice_answers_separated_by_semicolons(tmp_path):
+    rows = [
+        {"question": f"q{i}", "options": ["肺", "肝", "膀胱"], "answer": answer, "type": "多选题"}
+        for i, answer in enumerate(["C；A", "A;C", "a ; c"])
+    ]
+    examples = load_examples(write_jsonl(tmp_path / "semi.jsonl", rows))
+    assert [e["answer"] for e in examples] == ["AC", "AC", "AC"]
+
+
+def test_parse_options_refuses_more_than_five_and_bad_json():
+    """A sixth option was dropped without a word (lettered A-E by position); bad JSON is named as options."""
+    with pytest.raises(ValueError, match=r"x: at most 5 options, got 6"):
+        parse_options(["寒", "温", "热", "凉", "平", "微寒"], "x")
+    with pytest.raises(ValueError, match=r"x: at most 5 options, got 6"):
+        parse_options(["寒", "温", "热", "凉", "平", "微寒", None], "x")  # the empty last one aside
+    with pytest.raises(ValueError, match=r"x: options are not valid JSON"):
+        parse_options('{"A": "寒", "B": "温"', "x")
+    with pytest.raises(ValueError, match=r"x: options are not valid JSON"):
+        parse_options('["寒", "温",]', "x")
+
+
+@pytest.mark.parametrize("fractions", [(0.9, 0.1), (0.5, 0.3, 0.1, 0.1), (1.0,)])
+def test_split_by_fact_refuses_other_than_three_fractions(fractions):
+    examples = [{"id": f"e{i}", "type": "fill", "answer": "温", "fact": f"f{i}"} for i in range(10)]
+    with pytest.raises(ValueError, match=r"fractions must be three numbers >= 0 summing to 1"):
+        split_by_fact(examples, seed=0, fractions=fractions)

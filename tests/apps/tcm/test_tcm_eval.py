@@ -295,3 +295,49 @@ def test_a_prompt_too_long_for_the_models_context_is_named_before_generating(mon
         match="example 'q2': prompt of 8 tokens \\+ max_new_tokens 5 exceeds the model's context of 12",
     ):
         evaluate_model(None, characters, examples, max_new_tokens=5, batch_size=2, device="cpu", seed=0)
+
+
+def test_no_examples_is_an_error_not_a_division_by_zero():
+    with pytest.raises(ValueError, match="0 completions for 0 examples"):
+        score_completions([], [])
+
+
+def test_overall_format_rate_is_the_strict_format_rate_not_the_tag_count():
+    """The overall format rate counts completions in the strict format (1 of 2), not the mean tag reward
+    ((1 + 0.5) / 2): the second has its think tags but no answer tags."""
+    examples = [
+        {"type": "single", "answer": "B"},
+        {"type": "fill", "question": "麻黄性____。", "answer": "温"},
+    ]
+    completions = [wrap("B"), "<think>\n想\n</think>\n寒"]
+    assert score_completions(completions, examples)["overall"] == {
+        "n": 2,
+        "accuracy": 0.5,
+        "format_rate": 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+        ({"max_new_tokens": -5}, "max_new_tokens must be >= 1, got -5"),
+        ({"max_examples": -1}, "max_examples must be >= 0, got -1"),
+    ],
+)
+def test_eval_config_refuses_a_completion_cap_below_one_and_negative_max_examples(
+    tmp_path, settings, message
+):
+    with pytest.raises(ValueError, match=message):
+        TcmEvalConfig(model=str(tmp_path / "m"), **settings)
+
+
+def test_evaluate_keeps_a_seed_of_0_given_for_a_run_trained_with_another(tmp_path):
+    """Only unset settings come from the model's run: --seed 0 is a setting, not a missing one (the run's
+    seed 3 would score the model on another split)."""
+    from core.runs import RunDir
+
+    settings = {"max_new_tokens": 6, "seed": 3, "system_prompt": "short"}
+    RunDir.create(tmp_path / "tcm", settings, app="tcm", algorithm="grpo", exist_ok_for_resume=False)
+    config = TcmEvalConfig(model=str(tmp_path / "tcm" / "final"), seed=0)
+    assert (config.seed, config.max_new_tokens, config.system_prompt) == (0, 6, "short")

@@ -11,6 +11,8 @@ from apps.tcm.rewards import (
     answer_text,
     build_rubric,
     extract_letters,
+    fill_answer,
+    free_answer,
     normalized_match,
     rouge_l,
     strict_format,
@@ -245,6 +247,11 @@ def test_multiple_choice_accuracy(completion, reward):
         ("调", "调经", False),  # 经 ends other words: only an organ's is dropped
         ("通经", "通", False),
         ("肺经经", "肺", False),
+        ("膀胱、肺、", "肺、膀胱", True),  # a separator after the last item
+        ("膀胱；肺", "肺、膀胱", True),  # full-width semicolon as the separator
+        ("膀胱;肺", "肺、膀胱", True),
+        ("", "——", False),  # no words match nothing, not even a gold of punctuation alone
+        ("。", "？", False),
     ],
 )
 def test_normalized_match(prediction, gold, match):
@@ -344,6 +351,9 @@ def test_rouge_l_uses_chinese_words():
         ("<think>\n麻黄性温。\n</think>\nB", 0.0, 0.5),  # missing answer tags
         ("<think>\n想\n</think>\n<answer>\nA\n</answer>\n<answer>\nB\n</answer>", 0.0, 0.5),  # answered twice
         ("B", 0.0, 0.0),
+        # a tag inside the think block: not the format, though every tag the format needs is there
+        ("<think>\n想\n<answer>\nA\n</think>\n<answer>\nB\n</answer>", 0.0, 0.75),
+        ("<think>\n想\n</think>\n再想\n</think>\n<answer>\nB\n</answer>", 0.0, 0.75),
         (
             "<answer>\nB\n</answer>",
             0.0,
@@ -389,3 +399,24 @@ def test_the_first_answer_block_is_the_answer():
     assert accuracy(twice, SINGLE) == 1.0 and accuracy(twice, {"type": "single", "answer": "C"}) == 0.0
     fill = "<think>\n想\n</think>\n<answer>\n温\n</answer>\n<answer>\n寒\n</answer>"
     assert accuracy(fill, {"type": "fill", "question": "麻黄性____。", "answer": "温"}) == 1.0
+
+
+def test_an_answer_cue_is_removed_only_where_it_opens_the_answer():
+    """答：X opens the answer X; a cue later in the text is part of it (the text before it is not dropped)."""
+    assert free_answer(wrap("答：发汗解表")) == "发汗解表"
+    assert free_answer(wrap("宣肺平喘，答：发汗解表")) == "宣肺平喘，答：发汗解表"
+    assert free_answer(wrap("麻黄性温。答案是温")) == "麻黄性温。答案是温"
+
+
+@pytest.mark.parametrize(
+    ("answer", "question", "read"),
+    [
+        ("麻黄归经。", "麻黄归____经。", "麻黄归经。"),  # the question restated with nothing filled: as it is
+        ("麻黄性。", "麻黄性____。", "麻黄性。"),
+        # two blanks: never cut as if the first were the only one
+        ("麻黄性温，味", "麻黄性____，味____。", "麻黄性温，味"),
+        ("麻黄归肺经。", "麻黄归____经。", "肺"),  # one blank, filled: the filled part
+    ],
+)
+def test_fill_answer_reads_only_a_filled_single_blank(answer, question, read):
+    assert fill_answer(wrap(answer), question) == read

@@ -218,7 +218,7 @@ def split_by_fact(
     groups = sorted(set(group_of.values()))
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     cut_train = round(fractions[0] * len(groups))
-    cut_val = cut_train + round(fractions[1] * len(groups))
+    cut_val = round((fractions[0] + fractions[1]) * len(groups))  # cumulative: a fraction 0 gets no group
     split_of = {}
     for rank, index in enumerate(order):
         split_of[groups[index]] = "train" if rank < cut_train else "val" if rank < cut_val else "test"

@@ -721,3 +721,12 @@ def test_split_by_fact_refuses_other_than_three_fractions(fractions):
     examples = [{"id": f"e{i}", "type": "fill", "answer": "温", "fact": f"f{i}"} for i in range(10)]
     with pytest.raises(ValueError, match=r"fractions must be three numbers >= 0 summing to 1"):
         split_by_fact(examples, seed=0, fractions=fractions)
+
+
+def test_split_by_fact_cuts_at_the_cumulative_fractions():
+    """Each fraction was rounded alone: a test fraction of 0 still got a group."""
+    examples = [{"id": str(i), "type": "fill", "answer": "x", "fact": f"f{i}"} for i in range(5)]
+    sizes = lambda fractions: [len(s) for s in split_by_fact(examples, 0, fractions).values()]  # noqa: E731
+    assert sizes((0.9, 0.1, 0.0)) == [4, 1, 0]  # cuts at round(4.5) = 4 and 5
+    assert sizes((0.5, 0.5, 0.0)) == [2, 3, 0]  # cuts at round(2.5) = 2 and 5
+    assert sizes((0.8, 0.1, 0.1)) == [4, 0, 1]  # cuts at 4 and round(4.5) = 4

@@ -204,7 +204,7 @@ class QLearning:
 
     def __init__(self, config: GameConfig):
         self.config = config
-        self.q = np.zeros((config.size * config.size, 2, 2))  # (N, state, action)
+        self.q = np.full((config.size * config.size, 2, 2), config.q_init)  # (N, state, action)
 
     def state_dict(self) -> dict:
         return {"q": {"table": torch.from_numpy(self.q.copy())}}
@@ -220,7 +220,10 @@ class QLearning:
         n = self.q.shape[0]
         rows = np.arange(n)
         state = model.strategy.ravel().astype(np.int64)  # (N,)
-        greedy = self.q[rows, state].argmax(axis=1)  # (N,) ties -> D
+        values = self.q[rows, state]  # (N, 2)
+        # a tie keeps the site's strategy: a zero table starts from the initial lattice (ties to D made every
+        # site defect in round 1, whatever the start)
+        greedy = np.where(values[:, 0] == values[:, 1], state, values.argmax(axis=1))  # (N,)
         explore = model.rng.random(n) < cfg.q_epsilon
         actions = np.where(explore, model.rng.integers(2, size=n), greedy)  # (N,)
         new = actions.astype(np.int8).reshape(model.strategy.shape)

@@ -97,6 +97,13 @@ class LatticeSettings:
     gamma: float = field(default=0.9, metadata={"help": "discount of PPO's TD(0) critic and of Q-learning"})
     q_alpha: float = field(default=0.1, metadata={"help": "Q-learning step size"})
     q_epsilon: float = field(default=0.02, metadata={"help": "Q-learning exploration rate"})
+    q_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "Q-learning's initial table value; an optimistic one, high against what the payoffs "
+            "give (e.g. 30), makes every site try both actions early"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 3:
@@ -132,6 +139,8 @@ class LatticeSettings:
         check_positive("lr", self.lr)
         if not 0 < self.clip_eps < 1:  # core.algos.policy_loss: the ratio's lower clip 1 - eps stays > 0
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not math.isfinite(self.q_init):
+            raise ValueError(f"q_init must be finite, got {self.q_init}")
         if not 0 < self.q_alpha <= 1:
             raise ValueError(f"q_alpha must be in (0, 1], got {self.q_alpha}")
 

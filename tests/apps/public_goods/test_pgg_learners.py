@@ -148,17 +148,41 @@ def test_grpo_update_matches_a_hand_replay(method, groups, shape):
 
 
 def test_q_learning_exploits_its_table_greedily():
-    """epsilon 0: every site takes the action of its larger Q value in its state (D on a tie)."""
+    """epsilon 0: every site takes the action of its larger Q value in its state, and keeps its strategy on
+    a tie (ties went to D: a zero table made every site defect in round 1 whatever the start)."""
     config = GameConfig(size=6, r=4.4, method="qlearning", init="half", q_epsilon=0.0)
     model = make_model(config, seed=3)
     q = np.random.default_rng(0).normal(size=(36, 2, 2))
-    q[0] = 0.0  # a tie: D
-    model.dynamics.q = q.copy()
     state = model.strategy.ravel().astype(np.int64).copy()
+    tied = [i for i in range(36) if state[i] == 1][:2] + [i for i in range(36) if state[i] == 0][:2]
+    q[tied] = 0.0
+    model.dynamics.q = q.copy()
     model.step()
     expected = q[np.arange(36), state].argmax(axis=1)
+    expected[tied] = state[tied]  # C, C, D, D
     np.testing.assert_array_equal(model.strategy.ravel(), expected)
-    assert expected[0] == 0 and 5 < expected.sum() < 31  # both actions taken
+    assert state[tied].tolist() == [1, 1, 0, 0] and 5 < expected.sum() < 31  # both actions taken
+    fresh = make_model(config, seed=3)  # a zero table: round 1 is the initial lattice
+    start = fresh.strategy.copy()
+    fresh.step()
+    np.testing.assert_array_equal(fresh.strategy, start)
+
+
+def test_q_learning_starts_from_its_q_init_and_updates_the_action_taken():
+    """--q-init 30: every value starts at 30; round 1 ties, so each site keeps its strategy, and only that
+    (state, action) entry moves: 30 + alpha (reward + gamma 30 - 30)."""
+    config = GameConfig(size=6, r=4.4, method="qlearning", init="half", q_epsilon=0.0, q_init=30.0)
+    model = make_model(config, seed=3)
+    assert (model.dynamics.q == 30.0).all()
+    start = model.strategy.ravel().astype(np.int64).copy()
+    model.step()
+    np.testing.assert_array_equal(model.strategy.ravel(), start)
+    reward = payoffs(model.strategy, 4.4, config.cost_per_group).ravel() / (5 * config.cost_per_group)
+    expected = np.full((36, 2, 2), 30.0)
+    expected[np.arange(36), start, start] = 30.0 + 0.1 * (reward + 0.9 * 30.0 - 30.0)
+    np.testing.assert_allclose(model.dynamics.q, expected)
+    with pytest.raises(ValueError, match="q_init must be finite"):
+        GameConfig(method="qlearning", q_init=float("inf"))
 
 
 def _ppo_round(config: GameConfig):

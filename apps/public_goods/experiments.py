@@ -15,9 +15,13 @@ the run ends below it. Step 0 is the initial lattice, so a half start that never
 """
 
 import csv
+import ctypes
 import io
 import json
 import math
+import os
+import signal
+import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,6 +42,7 @@ from core.atomic import write_atomic
 
 SNAPSHOT_TIMES = (0, 1, 10, 100, 1000)
 COOP_THRESHOLD = 0.5  # time to cooperation: first step from which cooperation stays >= this
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 IMITATION = ("fermi", "fermi-sync")  # methods whose all-C / all-D states are absorbing
 
 
@@ -268,6 +273,15 @@ def _blank_none(value: int | None) -> int | str:
     return "" if value is None else value
 
 
+def die_with_parent(parent: int) -> None:
+    """A sweep worker's initializer: the worker is killed when the sweep's process dies, by SIGKILL
+    included (Linux's PR_SET_PDEATHSIG), which else left it waiting for jobs forever."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the sweep died before the call
+        os._exit(1)
+
+
 def run_sweep(
     settings: SweepSettings,
     out_dir: Path,
@@ -281,7 +295,11 @@ def run_sweep(
     jobs = settings.jobs()
     done: dict[int, tuple[dict, str]] = dict(finished or {})  # grid index -> (results row, series line)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pool = ProcessPoolExecutor(max_workers=max(1, min(settings.workers, len(jobs) - len(done))))
+    pool = ProcessPoolExecutor(
+        max_workers=max(1, min(settings.workers, len(jobs) - len(done))),
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         with open(out_dir / "series.jsonl", "w") as series_file:
             series_file.write("".join(done[index][1] for index in sorted(done)))

@@ -3,10 +3,15 @@ marked failed, and its result files are written whole or not at all."""
 
 import csv
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -553,3 +558,42 @@ def test_a_resumed_sweep_is_running_from_the_jobs_it_kept(tmp_path, monkeypatch)
     assert [(status["status"], status["step"]) for status in seen] == [("running", 3)]
     status = RunDir(sweep).read_status()
     assert (status["status"], status["step"]) == ("failed", 3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_workers_of_a_sweep_killed_with_sigkill_end_with_it(tmp_path):
+    """kill -9 of a sweep left its worker processes waiting for jobs forever."""
+    script = tmp_path / "sweep.py"  # a file: the workers import it to find `sleeper`
+    script.write_text(
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from apps.public_goods import experiments\n"
+        "def sleeper(job):\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    experiments.run_job = sleeper\n"
+        "    settings = experiments.SweepSettings(size=5, steps=4, average_last=2, r_values=(4.0, 5.0), workers=2)\n"
+        "    experiments.run_sweep(settings, Path(sys.argv[1]), progress=print)\n"
+    )
+    sweep = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = {int(sweep.stdout.readline()) for _ in range(2)}
+    finally:
+        sweep.kill()
+        sweep.wait(timeout=60)
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"  # a zombie has ended, waiting to be reaped
+
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert len(workers) == 2 and not left

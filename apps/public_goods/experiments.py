@@ -467,16 +467,21 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def summary_markdown(summary: list[dict]) -> str:
-    """The summary as a markdown table: cooperation (last steps) and time to cooperation, mean +- std."""
+    """The summary as a markdown table: cooperation (last steps) and time to cooperation, mean +- std (a
+    value of one seed without a spread: it has none)."""
     lines = [
         "| method | init | r | cooperation (last steps) | time to cooperation | reached |",
         "|---|---|---|---|---|---|",
     ]
+
+    def mean_std(mean: float, std: float, n: int, digits: int) -> str:
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+
     for s in summary:
-        time = f"{s['time']:.0f} ± {s['time_std']:.0f}" if s["reached"] else "never"
+        time = mean_std(s["time"], s["time_std"], s["reached"], 0) if s["reached"] else "never"
+        cooperation = mean_std(s["cooperation"], s["cooperation_std"], s["seeds"], 2)
         lines.append(
-            f"| {s['method']} | {s['init']} | {s['r']:g} | {s['cooperation']:.2f} ± {s['cooperation_std']:.2f} "
-            f"| {time} | {s['reached']}/{s['seeds']} |"
+            f"| {s['method']} | {s['init']} | {s['r']:g} | {cooperation} | {time} | {s['reached']}/{s['seeds']} |"
         )
     return "\n".join(lines)
 

@@ -53,7 +53,9 @@ def test_summary_over_seeds_by_hand():
     assert ppo["reached"] == 0 and math.isnan(ppo["time"]) and ppo["cooperation_std"] == 0.0
     table = summary_markdown([gcc, ppo]).splitlines()
     assert table[2] == "| grpo-gcc | all_d | 3 | 0.80 ± 0.14 | 6 ± 3 | 2/2 |"
-    assert table[3] == "| ppo | all_d | 3 | 0.00 ± 0.00 | never | 0/1 |"
+    assert table[3] == "| ppo | all_d | 3 | 0.00 | never | 0/1 |"  # one seed: no spread to show
+    one_reached = summarize([rows[0], {**rows[1], "time_to_cooperation": ""}])
+    assert summary_markdown(one_reached).splitlines()[2] == "| grpo-gcc | all_d | 3 | 0.80 ± 0.14 | 4 | 1/2 |"
 
 
 def test_apply_action_on_a_3x3_lattice_by_hand():

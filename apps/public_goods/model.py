@@ -209,7 +209,8 @@ def mean_payoff(cooperation: float, r: float, cost_per_group: float) -> float:
 
 
 def initial_strategy(config: GameConfig, rng: np.random.Generator) -> np.ndarray:
-    """The initial (L, L) int8 lattice. For an odd L the checkerboard has one seam on the torus."""
+    """The initial (L, L) int8 lattice. For an odd L the checkerboard has one seam on the torus and the half
+    start is below half (floor(L/2) of L columns C)."""
     n = config.size
     i, j = np.indices((n, n))
     if config.init == "bernoulli":

@@ -7,6 +7,7 @@ per method and initial state, seeds averaged, min-max band) and cooperation_over
 """
 
 import io
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -79,6 +80,26 @@ def read_series(path: Path) -> list[dict]:
     return series
 
 
+def _snapshots(path: Path) -> dict[int, np.ndarray]:
+    """{round: lattice} of a run's snapshots.npz; {} with a warning for a run stopped before its end, which
+    writes the file."""
+    if not path.is_file():
+        warnings.warn(
+            f"{path} is not there (a run writes it at its end; this one stopped before): the curve starts "
+            "at round 1, and there is no snapshots.png",
+            stacklevel=3,
+        )
+        return {}
+    try:
+        with np.load(path) as data:
+            snaps = {int(k[1:]): data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+        raise InputError(f"{path}: not a readable snapshots archive ({type(err).__name__}: {err})") from err
+    if 0 not in snaps:
+        raise InputError(f"{path}: no t0 (the initial lattice) in the snapshots archive")
+    return snaps
+
+
 def plot_run(metrics: list[dict], snapshots_path: Path, out: Path) -> list[Path]:
     if not metrics:
         raise ValueError(f"{out}: metrics.jsonl is empty; nothing to plot")
@@ -86,17 +107,10 @@ def plot_run(metrics: list[dict], snapshots_path: Path, out: Path) -> list[Path]
         value = row.get("cooperation")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InputError(f"{out / 'metrics.jsonl'}:{number}: 'cooperation' is not a number: {value!r}")
-    try:
-        with np.load(snapshots_path) as data:
-            snaps = {int(k[1:]): data[k] for k in data.files}
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
-        raise InputError(
-            f"{snapshots_path}: not a readable snapshots archive ({type(err).__name__}: {err})"
-        ) from err
-    if 0 not in snaps:
-        raise InputError(f"{snapshots_path}: no t0 (the initial lattice) in the snapshots archive")
-    t = [0] + [m["step"] for m in metrics]
-    coop = [float(snaps[0].mean())] + [m["cooperation"] for m in metrics]
+    snaps = _snapshots(snapshots_path)
+    start = [(0, float(snaps[0].mean()))] if snaps else []  # round 0, the initial lattice
+    t = [step for step, _ in start] + [m["step"] for m in metrics]
+    coop = [value for _, value in start] + [m["cooperation"] for m in metrics]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(t, coop)
     _time_axis(ax)

@@ -169,6 +169,25 @@ def test_a_snapshots_archive_without_the_initial_lattice_is_an_error_naming_it(t
         plots.plot_run([{"step": 1, "cooperation": 0.0}], path, tmp_path)
 
 
+def test_a_run_stopped_before_its_end_plots_its_curve_from_round_1_with_a_warning(tmp_path, monkeypatch):
+    """Its snapshots.npz is written at the end: `plot` failed with a bare FileNotFoundError."""
+    drawn = []
+
+    def save(fig, path):
+        drawn.append((path.name, [line.get_xydata().tolist() for ax in fig.axes for line in ax.lines]))
+        return path
+
+    monkeypatch.setattr(plots, "_save", save)
+    metrics = [{"step": 1, "cooperation": 0.5}, {"step": 2, "cooperation": 0.25}]
+    with pytest.warns(UserWarning, match=r"snapshots.npz is not there \(a run writes it at its end"):
+        plots.plot_run(metrics, tmp_path / "snapshots.npz", tmp_path)
+    assert drawn == [("cooperation.png", [[[1.0, 0.5], [2.0, 0.25]]])]  # no round 0, no snapshots.png
+    drawn.clear()
+    np.savez_compressed(tmp_path / "snapshots.npz", t0=np.array([[1, 0], [0, 0]], np.int8))
+    plots.plot_run(metrics, tmp_path / "snapshots.npz", tmp_path)
+    assert drawn[0] == ("cooperation.png", [[[0.0, 0.25], [1.0, 0.5], [2.0, 0.25]]])
+
+
 @pytest.mark.parametrize(("row", "shown"), [({}, "None"), ({"cooperation": "0.5"}, "'0.5'")])
 def test_a_metrics_line_without_a_cooperation_number_is_named(tmp_path, capsys, row, shown):
     """It had been a bare KeyError."""

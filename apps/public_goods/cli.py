@@ -224,6 +224,7 @@ def run(config: RunConfig) -> dict:
 
     def save(model, so_far) -> None:
         save_run(rundir, model, so_far, config.keep_checkpoints)
+        rundir.set_status("running", step=model.steps)  # the step of its newest checkpoint, as the trainer's
 
     with failure_recorded(
         rundir, lambda: reached[0]
@@ -271,6 +272,7 @@ def sweep(config: SweepConfig) -> list[dict]:
 
     def progress(line: str) -> None:
         done[0] += 1
+        rundir.set_status("running", step=done[0])  # a sweep's step: the jobs it finished
         print(line)
 
     with failure_recorded(rundir, lambda: done[0]):  # SIGTERM and Ctrl-C too: a dead sweep is not "running"

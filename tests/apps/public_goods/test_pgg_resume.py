@@ -343,3 +343,33 @@ def test_a_resumed_models_datacollector_holds_the_whole_run(tmp_path, method):
     resumed = model.datacollector.get_model_vars_dataframe()
     assert len(resumed) == 7
     assert resumed.equals(whole.datacollector.get_model_vars_dataframe())
+
+
+def test_status_json_follows_the_newest_checkpoint_of_a_run_and_the_jobs_a_sweep_finished(
+    tmp_path, monkeypatch
+):
+    """It kept the step the run started from, and a sweep the jobs finished before it started."""
+    written = []
+    real = RunDir.set_status
+    monkeypatch.setattr(
+        RunDir,
+        "set_status",
+        lambda self, status, **kw: written.append((status, kw["step"])) or real(self, status, **kw),
+    )
+    assert run(tmp_path / "run", "--method", "fermi", "--steps", "5", "--save-every", "2") == 0
+    assert written == [("running", 0), ("running", 2), ("running", 4), ("running", 5), ("finished", 5)]
+    written.clear()
+    sweep = [
+        "public-goods",
+        "sweep",
+        "--size",
+        "5",
+        "--steps",
+        "2",
+        "--average-last",
+        "1",
+        "--r-values",
+        "4,5",
+    ]
+    assert main([*sweep, "--workers", "1", "--run-dir", str(tmp_path / "sweep")]) == 0
+    assert written == [("running", 0), ("running", 1), ("running", 2), ("finished", 2)]

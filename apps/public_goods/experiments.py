@@ -275,7 +275,10 @@ def _blank_none(value: int | None) -> int | str:
 
 def die_with_parent(parent: int) -> None:
     """A sweep worker's initializer: the worker is killed when the sweep's process dies, by SIGKILL
-    included (Linux's PR_SET_PDEATHSIG), which else left it waiting for jobs forever."""
+    included (Linux's PR_SET_PDEATHSIG), which else left it waiting for jobs forever. Nothing in the sweep's
+    own process (a pool of threads)."""
+    if os.getpid() == parent:
+        return
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the sweep died before the call

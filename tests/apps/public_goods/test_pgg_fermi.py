@@ -2,6 +2,8 @@
 probabilities, its bookkeeping, and the synchronous variant against a plain loop with the same draws."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,9 +97,9 @@ def test_one_mcs_calls_the_kernel_with_rc_over_5_and_l_squared_updates(monkeypat
         np.testing.assert_array_equal(nc, group_counts(s))
         return 7
 
-    monkeypatch.setattr(fermi, "random_sequential_kernel", recording)
     config = GameConfig(size=6, r=4.5, cost=2.0, noise_k=0.3)
-    model = make_model(config, seed=0)
+    model = make_model(config, seed=0)  # first: building the dynamics compiles the real kernel
+    monkeypatch.setattr(fermi, "random_sequential_kernel", recording)
     assert model.config.cost_per_group == 2.0
     model.run(2)
     assert calls == [((6, 6), pytest.approx(4.5 * 2.0 / 5), pytest.approx(10.0), 0.3, 36)] * 2
@@ -114,8 +116,9 @@ def test_per_site_cost_reaches_the_kernel_as_cost_over_5(monkeypatch):
         calls.append((rc5, five_c))
         return 0
 
+    model = make_model(GameConfig(size=5, r=4.5, cost=2.0, cost_convention="per_site"), seed=0)
     monkeypatch.setattr(fermi, "random_sequential_kernel", recording)
-    make_model(GameConfig(size=5, r=4.5, cost=2.0, cost_convention="per_site"), seed=0).step()
+    model.step()
     assert calls == [(pytest.approx(4.5 * 2.0 / 25), pytest.approx(2.0))]
 
 
@@ -153,3 +156,15 @@ def test_at_vanishing_noise_one_update_flips_exactly_the_sites_with_a_richer_unl
         random_sequential_kernel(s, nc0.copy(), r / 5, 5.0, k, 1, seed)
         flipped |= s != s0
     np.testing.assert_array_equal(flipped, can_flip)
+
+
+def test_the_kernel_is_compiled_when_the_dynamics_is_built_before_a_run_is_timed():
+    """The first run of a process counted numba's compile (or cache load) in its time: 2 s for 20 steps."""
+    script = (
+        "from apps.public_goods.fermi import FermiRandomSequential, random_sequential_kernel as kernel\n"
+        "before = len(kernel.signatures)\n"
+        "FermiRandomSequential()\n"
+        "print(before, len(kernel.signatures))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "1"]

@@ -29,7 +29,10 @@ def _flag(name: str) -> str:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """{field: its type} of a dataclass; class attributes (`ClassVar`, as `OFFLINE_MODEL_FIELDS`) are not
+    fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: hint for name, hint in typing.get_type_hints(cls).items() if name in names}
 
 
 def _scalar_type(annotation: Any) -> tuple[Any, bool]:
@@ -291,12 +294,12 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, dict
 
 
 def _refuse_unread_model_fields(
-    cls: type, values: dict[str, Any], given: set[str], source_of: dict[str, str | None], resumed: dict
+    cls: type, values: dict[str, Any], given: set[str], source_of: dict[str, str | None], stored: dict
 ) -> None:
     """A class's `OFFLINE_MODEL_FIELDS` shape only the app's offline model, built once at a run's start:
     one given with `model` (which replaces that model), or set by a preset, file or flag to another value
-    than a resumed run's model was built with (which the resume keeps), would be recorded and never read.
-    A ValueError naming where it was set."""
+    than a resumed run's model was built with (`stored`: its config; the resume keeps that model), would
+    be recorded and never read. A ValueError naming where it was set."""
     for name in sorted(getattr(cls, "OFFLINE_MODEL_FIELDS", ())):
         where = source_of.get(name)
         shown = f"{where}: {name}" if where else f"--{name.replace('_', '-')}"
@@ -304,9 +307,10 @@ def _refuse_unread_model_fields(
             raise ValueError(
                 f"{shown} sets the offline tiny model, which --model {values['model']} replaces; leave it out"
             )
-        if name in resumed and resumed[name] != values[name]:
+        built = values.get("model") is None  # a run of --model built no model of these fields
+        if built and name in stored and stored[name] != values[name]:
             raise ValueError(
-                f"{shown} {values[name]!r}: the resumed run's model was built with {resumed[name]!r}, and a "
+                f"{shown} {values[name]!r}: the resumed run's model was built with {stored[name]!r}, and a "
                 "resume keeps its model; leave it out, or start a new run"
             )
 

@@ -30,7 +30,7 @@ from apps.debias.train import policy_examples
 from core.config import config_to_dict
 from core.policy import load_policy
 from core.rollout import HFGenerateBackend, SamplingSettings, derive_seed
-from core.runs import RunDir, default_run_dir, refuse_a_file_in_the_way
+from core.runs import RunDir, default_run_dir, is_run_dir, refuse_a_file_in_the_way
 from reward_models.pairs import read_split
 from reward_models.score import RewardModelScorer
 
@@ -246,21 +246,21 @@ def evaluation_settings(config: DebiasEvalConfig) -> dict:
 
 
 def eval_run_dir(config: DebiasEvalConfig) -> str:
-    """Where eval.json goes: `--run-dir`, else the run of a `--model .../final`, else a new default run. An
+    """Where eval.json goes: `--run-dir`, else the run of a `--model <run>/final`, else a new default run. An
     existing run there must be a de-bias training or evaluation run (checked before anything is sampled):
     another kind's eval.json is its own result; a directory of other files (a data directory) and one that
     is a file are refused."""
     if config.run_dir is not None:
         run_dir = config.run_dir
-    elif Path(config.model).name == "final":
+    elif Path(config.model).name == "final" and is_run_dir(Path(config.model).parent):
         run_dir = str(Path(config.model).parent)
-    else:
+    else:  # a model of no run (a final/ copied elsewhere included): an evaluation run of its own
         return str(default_run_dir(APP))
     refuse_a_file_in_the_way(run_dir, "run directory")
     if not (Path(run_dir) / "config.json").is_file() and any(Path(run_dir).glob("*")):
         raise ValueError(
-            f"{run_dir}: it holds files but no run (no config.json); give the --run-dir of a de-bias train "
-            "or eval run, or a new one"
+            f"--run-dir {run_dir}: it holds files but no run (no config.json); give the --run-dir of a "
+            "de-bias train or eval run, or a new one"
         )
     if (Path(run_dir) / "config.json").is_file():
         stored = RunDir(run_dir).read_config()

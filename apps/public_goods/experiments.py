@@ -19,13 +19,13 @@ import ctypes
 import io
 import json
 import math
-import os
 import signal
 import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -273,16 +273,17 @@ def _blank_none(value: int | None) -> int | str:
     return "" if value is None else value
 
 
-def die_with_parent(parent: int) -> None:
-    """A sweep worker's initializer: the worker is killed when the sweep's process dies, by SIGKILL
-    included (Linux's PR_SET_PDEATHSIG), which else left it waiting for jobs forever. Nothing in the sweep's
-    own process (a pool of threads)."""
-    if os.getpid() == parent:
-        return
+def die_with_parent() -> None:
+    """A sweep worker's initializer: the worker is killed when the sweep dies, by SIGKILL included (Linux's
+    PR_SET_PDEATHSIG), which else left it waiting for jobs forever."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the sweep died before the call
-        os._exit(1)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """The sweep's worker processes, spawned: each a child of the sweep, whatever the default start method
+    (a forkserver's workers are its children, and it outlives a killed sweep), killed when it dies."""
+    return ProcessPoolExecutor(workers, get_context("spawn"), initializer=die_with_parent)
 
 
 def run_sweep(
@@ -298,11 +299,7 @@ def run_sweep(
     jobs = settings.jobs()
     done: dict[int, tuple[dict, str]] = dict(finished or {})  # grid index -> (results row, series line)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pool = ProcessPoolExecutor(
-        max_workers=max(1, min(settings.workers, len(jobs) - len(done))),
-        initializer=die_with_parent,
-        initargs=(os.getpid(),),
-    )
+    pool = worker_pool(max(1, min(settings.workers, len(jobs) - len(done))))
     try:
         with open(out_dir / "series.jsonl", "w") as series_file:
             series_file.write("".join(done[index][1] for index in sorted(done)))

@@ -81,12 +81,12 @@ def read_series(path: Path) -> list[dict]:
 
 
 def _snapshots(path: Path) -> dict[int, np.ndarray]:
-    """{round: lattice} of a run's snapshots.npz; {} with a warning for a run stopped before its end, which
-    writes the file."""
+    """{round: lattice} of a run's snapshots.npz; {} with a warning for a run stopped, or still going, before
+    its end, which writes the file."""
     if not path.is_file():
         warnings.warn(
-            f"{path} is not there (a run writes it at its end; this one stopped before): the curve starts "
-            "at round 1, and there is no snapshots.png",
+            f"{path} is not there (a run writes it at its end, which this one has not reached): the curve "
+            "starts at round 1, and there is no snapshots.png",
             stacklevel=3,
         )
         return {}

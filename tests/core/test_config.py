@@ -3,7 +3,7 @@
 import argparse
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 import torch
@@ -575,7 +575,7 @@ def test_a_device_is_matched_whole(device):
 
 @dataclass
 class OfflineModelConfig(RunConfig):
-    OFFLINE_MODEL_FIELDS = ("width",)  # a plain class attribute: not a field
+    OFFLINE_MODEL_FIELDS: ClassVar = ("width",)  # annotated as the apps' are: a class attribute, not a field
 
     model: str | None = field(default=None, metadata={"help": "model directory"})
     width: int = field(default=8, metadata={"help": "offline model: width"})
@@ -615,3 +615,15 @@ def test_a_resume_may_not_change_an_offline_model_field_its_model_was_built_with
         build([*resume, "--preset", "narrow"])
     assert build([*resume, "--width", "32", "--steps", "20"]).steps == 20  # the same value, or none, resumes
     assert build([*resume, "--preset", "wide"]).width == 32
+    given = build(["--model", "m", "--run-dir", str(tmp_path)])  # a run of --model built no offline model
+    (tmp_path / "config.json").write_text(json.dumps({"app": "t", "config": config_to_dict(given)}))
+    assert build([*resume, "--preset", "narrow"]).width == 4  # a preset's value, read by nothing: accepted
+
+
+def test_a_config_file_key_naming_a_class_attribute_is_an_unknown_field(tmp_path):
+    """OFFLINE_MODEL_FIELDS is annotated (ClassVar) but no field: a file setting it got past the unknown-key
+    check and failed in the dataclass's __init__."""
+    file = tmp_path / "c.toml"
+    file.write_text('OFFLINE_MODEL_FIELDS = ["steps"]\n')
+    with pytest.raises(ValueError, match=rf"{file}: unknown field.*OFFLINE_MODEL_FIELDS"):
+        _offline_model_builder()(["--config", str(file)])

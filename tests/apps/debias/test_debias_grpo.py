@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from apps.debias.data import SPLITS, DataConfig, generate_splits, load_splits, w
 from apps.debias.evaluate import (
     DebiasEvalConfig,
     distinct_n,
+    eval_run_dir,
     evaluate,
     perplexity,
     pick_responses,
@@ -376,9 +378,13 @@ def test_eval_refuses_a_run_of_another_kind_or_a_file_before_sampling(setup, tmp
         evaluate(eval_config(setup, run_dir=str(tmp_path / "file")))
     data = setup / "data"  # a directory of other files: eval would have made it a run
     assert any(data.iterdir())
-    with pytest.raises(ValueError, match=rf"^{data}: it holds files but no run \(no config.json\)"):
+    with pytest.raises(ValueError, match=rf"^--run-dir {data}: it holds files but no run \(no config.json\)"):
         evaluate(eval_config(setup, run_dir=str(data)))
     assert not (data / "config.json").exists()
+    loose = tmp_path / "loose" / "final"  # a model named final/ of no run: an eval run of its own, as before
+    shutil.copytree(setup / "policy", loose)
+    monkeypatch.chdir(tmp_path)  # the default run directory: runs/debias/<time> here
+    assert Path(eval_run_dir(eval_config(setup, model=str(loose)))).parent == Path("runs/debias")
     (tmp_path / "empty").mkdir()  # an empty one is a new run's
     monkeypatch.undo()
     evaluate(eval_config(setup, run_dir=str(tmp_path / "empty"), max_prompts=1))

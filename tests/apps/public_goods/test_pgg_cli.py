@@ -205,7 +205,7 @@ def test_a_failed_sweep_is_marked_failed_without_waiting_for_its_running_jobs(tm
         finished.append(job)
 
     monkeypatch.setattr(experiments, "run_job", run_job)
-    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)
+    monkeypatch.setattr(experiments, "worker_pool", ThreadPoolExecutor)
     args = ["--preset", "smoke", "--r-values", "4", "--workers", "2", "--run-dir", str(tmp_path / "sweep")]
     with pytest.raises(RuntimeError, match="out of memory"):
         main(["public-goods", "sweep", *args])
@@ -240,7 +240,7 @@ def test_a_summary_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypat
     (tmp_path / "summary.md").write_text("old\n")
     # a lone surrogate cannot be encoded: writing the file directly failed after truncating it
     monkeypatch.setattr(experiments, "summary_markdown", lambda summary: "| new \ud800 |")
-    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    monkeypatch.setattr(experiments, "worker_pool", ThreadPoolExecutor)  # no 4 s process start
     settings = cli.SweepConfig(size=5, steps=2, average_last=1, r_values=(4.0,), workers=1)
     with pytest.raises(UnicodeEncodeError):
         experiments.run_sweep(settings, tmp_path, progress=lambda line: None)
@@ -257,7 +257,7 @@ def test_a_sweep_stopped_midway_keeps_the_jobs_it_finished(tmp_path, monkeypatch
         return real_run_job(job)
 
     monkeypatch.setattr(experiments, "run_job", run_job)
-    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    monkeypatch.setattr(experiments, "worker_pool", ThreadPoolExecutor)  # no 4 s process start
     args = ["--size", "5", "--steps", "4", "--average-last", "2", "--r-values", "4,5", "--workers", "1"]
     with pytest.raises(SystemExit):  # Ctrl-C
         main(
@@ -294,7 +294,7 @@ def _sweep_behind_a_slow_first_job(tmp_path, monkeypatch, then):
             written.set()
 
     monkeypatch.setattr(experiments, "run_job", run_job)
-    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    monkeypatch.setattr(experiments, "worker_pool", ThreadPoolExecutor)  # no 4 s process start
     settings = experiments.SweepSettings(size=5, steps=4, average_last=2, r_values=(4.0, 5.0, 6.0), workers=2)
     return experiments.run_sweep(settings, tmp_path, progress=progress)
 
@@ -335,7 +335,7 @@ def _counted_sweep(monkeypatch, stop_at: float | None = None) -> list[float]:
         return real_run_job(job)
 
     monkeypatch.setattr(experiments, "run_job", run_job)
-    monkeypatch.setattr(experiments, "ProcessPoolExecutor", ThreadPoolExecutor)  # no 4 s process start
+    monkeypatch.setattr(experiments, "worker_pool", ThreadPoolExecutor)  # no 4 s process start
     return ran
 
 
@@ -561,17 +561,20 @@ def test_a_resumed_sweep_is_running_from_the_jobs_it_kept(tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_the_workers_of_a_sweep_killed_with_sigkill_end_with_it(tmp_path):
-    """kill -9 of a sweep left its worker processes waiting for jobs forever."""
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])  # forkserver: Python 3.14's default
+def test_the_workers_of_a_sweep_killed_with_sigkill_end_with_it(tmp_path, start_method):
+    """kill -9 of a sweep left its worker processes waiting for jobs forever. Under a forkserver (set as the
+    default here) a worker's parent is that server, which outlives the sweep: the sweep spawns its own."""
     script = tmp_path / "sweep.py"  # a file: the workers import it to find `sleeper`
     script.write_text(
-        "import os, sys, time\n"
+        "import multiprocessing, os, sys, time\n"
         "from pathlib import Path\n"
         "from apps.public_goods import experiments\n"
         "def sleeper(job):\n"
         "    print(os.getpid(), flush=True)\n"
         "    time.sleep(120)\n"
         "if __name__ == '__main__':\n"
+        f"    multiprocessing.set_start_method({start_method!r}, force=True)\n"
         "    experiments.run_job = sleeper\n"
         "    settings = experiments.SweepSettings(size=5, steps=4, average_last=2, r_values=(4.0, 5.0), workers=2)\n"
         "    experiments.run_sweep(settings, Path(sys.argv[1]), progress=print)\n"

@@ -179,7 +179,10 @@ def test_a_run_stopped_before_its_end_plots_its_curve_from_round_1_with_a_warnin
 
     monkeypatch.setattr(plots, "_save", save)
     metrics = [{"step": 1, "cooperation": 0.5}, {"step": 2, "cooperation": 0.25}]
-    with pytest.warns(UserWarning, match=r"snapshots.npz is not there \(a run writes it at its end"):
+    with pytest.warns(
+        UserWarning,
+        match=r"snapshots.npz is not there \(a run writes it at its end, which this one has not reached\)",
+    ):
         plots.plot_run(metrics, tmp_path / "snapshots.npz", tmp_path)
     assert drawn == [("cooperation.png", [[[1.0, 0.5], [2.0, 0.25]]])]  # no round 0, no snapshots.png
     drawn.clear()

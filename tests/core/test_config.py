@@ -99,6 +99,7 @@ def test_bad_values_name_the_field(tmp_path, capsys):
         ("lr = nan", r"lr: expected a finite number, got nan"),  # nan > 0 is False: it would turn a term off
         ("lr = inf", r"lr: expected a finite number, got inf"),
         ("lr = 1" + "0" * 400, r"lr: expected a finite number"),  # an OverflowError traceback before
+        ('steps = "none"', r"steps: expected a number \(int\), got 'none'"),  # none: optional fields only
     ],
 )
 def test_file_values_are_checked_like_flags(tmp_path, text, message):
@@ -565,7 +566,7 @@ def test_check_given_is_told_the_names_from_flags_and_files_not_presets_or_the_r
     assert (config.lr, config.steps) == (0.5, 4)
 
 
-@pytest.mark.parametrize("device", ["cpux", "cpu0", "cuda:0x", "cudax"])
+@pytest.mark.parametrize("device", ["cpux", "cpu0", "cuda:0x", "cudax", "cuda:"])
 def test_a_device_is_matched_whole(device):
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, GRPOConfig)
@@ -627,3 +628,71 @@ def test_a_config_file_key_naming_a_class_attribute_is_an_unknown_field(tmp_path
     file.write_text('OFFLINE_MODEL_FIELDS = ["steps"]\n')
     with pytest.raises(ValueError, match=rf"{file}: unknown field.*OFFLINE_MODEL_FIELDS"):
         _offline_model_builder()(["--config", str(file)])
+
+
+def test_a_file_value_wins_over_the_presets_and_a_flag_over_both(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("lr = 0.25\n")
+    assert parse(["--preset", "tiny", "--config", str(path)]).lr == 0.25  # the preset's lr is 0.5
+    assert parse(["--preset", "tiny", "--config", str(path), "--lr", "0.125"]).lr == 0.125
+
+
+def test_an_error_names_the_source_of_the_value_that_was_used(tmp_path):
+    """A preset's steps overridden by a file's or a flag's: the error names the file, or nothing (a flag)."""
+    zero = tmp_path / "zero.toml"
+    zero.write_text("steps = 0\n")
+    with pytest.raises(ValueError, match=f"^config file {zero}: steps must be >= 1, got 0$"):
+        parse(["--preset", "tiny", "--config", str(zero)])
+    with pytest.raises(ValueError, match="^steps must be >= 1, got 0$"):
+        parse(["--preset", "tiny", "--steps", "0"])
+
+
+def test_preset_values_are_checked_and_converted_as_file_values_are():
+    presets = {
+        "listed": {"stops": ["a", "b"], "lr": 1},
+        "tupled": {"stops": ("c",)},
+        "bad": {"steps": "many"},
+    }
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ExampleConfig, presets)
+
+    def build(argv):
+        return build_config(ExampleConfig, parser.parse_args(argv), presets)
+
+    config = build(["--preset", "listed"])
+    assert config.stops == ("a", "b") and config.lr == 1.0 and type(config.lr) is float
+    assert build(["--preset", "tupled"]).stops == ("c",)
+    with pytest.raises(ValueError, match=r"^preset bad: steps: expected a number \(int\), got 'many'$"):
+        build(["--preset", "bad"])
+
+
+def test_file_numbers_are_converted_to_their_fields_type(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('steps = "3"\nlr = 1\nstops = "a, b ,"\n')  # a string as the flag takes it
+    config = parse(["--config", str(path)])
+    assert (config.steps, config.lr, config.stops) == (3, 1.0, ("a", "b"))
+    assert type(config.steps) is int and type(config.lr) is float
+
+
+def test_a_resume_without_a_run_to_read_takes_no_stored_settings(tmp_path):
+    """No --run-dir (with_run_dir says so), a directory holding no run, or a model's config.json: the
+    defaults, and an error names no resumed run."""
+    build = _run_config_builder()
+    assert build(["--resume"]) == RunConfig(resume=True)
+    assert build(["--run-dir", str(tmp_path), "--resume"]) == RunConfig(run_dir=str(tmp_path), resume=True)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 7}')
+    assert build(["--run-dir", str(model), "--resume"]) == RunConfig(run_dir=str(model), resume=True)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PickyRunConfig, {})
+    args = parser.parse_args(["--run-dir", str(tmp_path), "--resume", "--steps", "8"])
+    with pytest.raises(ValueError, match=r"^steps=8: this command takes at most 5$"):
+        build_config(PickyRunConfig, args, {})
+
+
+def test_a_resumed_runs_settings_this_command_has_no_field_for_are_left_out(tmp_path):
+    stored = {"app": "t", "algorithm": "grpo", "config": {"lr": 0.5, "run_dir": str(tmp_path), "width": 3}}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    resumed = _run_config_builder()(["--run-dir", str(tmp_path), "--resume"])
+    assert resumed == RunConfig(lr=0.5, run_dir=str(tmp_path), resume=True)

@@ -1,6 +1,7 @@
 """core.launch: the run directory a train command resolves before it builds anything."""
 
 import json
+import re
 from dataclasses import replace
 from functools import partial
 
@@ -8,7 +9,7 @@ import pytest
 
 from core import launch
 from core.cli import main
-from core.launch import BUILT_WITH, build_in_run, build_settings, with_run_dir
+from core.launch import BUILT_WITH, build_in_run, build_settings, summary_table, with_run_dir
 from core.policy import LoraSettings
 from core.runs import RunDir
 from core.trainer import GRPOConfig
@@ -146,3 +147,86 @@ def test_policy_for_loads_a_given_model_with_the_configs_lora_settings(tmp_path,
     launch.policy_for(config, lambda path: pytest.fail("built a model although --model was given"))
     expected = LoraSettings(r=4, alpha=12, seed=3) if lora else None
     assert loaded == [(tmp_path / "m", expected, "cpu")]
+
+
+def test_a_resume_without_a_run_dir_is_refused_not_started_fresh(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^--resume continues an earlier run: give its --run-dir$"):
+        with_run_dir(GRPOConfig(resume=True), "toy")
+    assert not (tmp_path / "runs").exists()  # no default run directory claimed
+
+
+def test_a_fresh_run_into_a_directory_holding_a_run_is_refused_before_anything_is_built(tmp_path):
+    run = RunDir.create(tmp_path / "run", {}, app="toy", algorithm="grpo", exist_ok_for_resume=False)
+    message = f"{run.path} already holds a run ({run.path / 'config.json'} exists); pick another --run-dir"
+    with pytest.raises(FileExistsError, match="^" + re.escape(message)):
+        with_run_dir(GRPOConfig(run_dir=str(run.path)), "toy")
+    assert with_run_dir(GRPOConfig(run_dir=str(tmp_path / "new")), "toy").run_dir == str(tmp_path / "new")
+
+
+def test_a_resume_below_its_newest_checkpoint_says_how_to_continue_it(tmp_path):
+    run = RunDir.create(tmp_path / "run", {}, app="toy", algorithm="grpo", exist_ok_for_resume=False)
+    (run.checkpoints_dir / "step-3").mkdir(parents=True)
+    (run.checkpoints_dir / "step-3" / "complete").write_text("{}")
+    message = (
+        f"{run.path}: its newest checkpoint is at step 3, past --max-steps 2; give --max-steps 3 or more"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + " to continue it$"):
+        with_run_dir(GRPOConfig(run_dir=str(run.path), resume=True, max_steps=2), "toy")
+
+
+def test_build_settings_leave_out_the_logging_backend():
+    """report_to is what a run logs to, not what its base model is built from."""
+    assert build_settings(GRPOConfig(report_to="tensorboard")) == build_settings(GRPOConfig())
+
+
+def test_a_fresh_run_reuses_a_base_model_built_with_the_same_files(tmp_path):
+    """The settings written after the build are the whole settings, the data files' size and time included."""
+    path, built = tmp_path / "base_model", []
+
+    def build(out):
+        built.append(out)
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    settings = {"seed": 0, "files": {"data": [12, 345]}}
+    build_in_run(path, build, resume=False, device="cpu", settings=settings)
+    assert json.loads((path / BUILT_WITH).read_text()) == settings
+    build_in_run(path, build, resume=False, device="cpu", settings=dict(settings))
+    assert built == [path]
+    build_in_run(path, build, resume=False, device="cpu", settings=settings | {"files": {"data": [12, 346]}})
+    assert built == [path, path]
+
+
+def test_policy_for_builds_the_offline_model_into_the_runs_base_model(tmp_path, monkeypatch):
+    built, loaded = [], []
+    monkeypatch.setattr(
+        launch, "build_in_run", lambda path, build, **kwargs: built.append((path, build, kwargs))
+    )
+    monkeypatch.setattr(
+        launch, "load_policy", lambda path, *, lora, device: loaded.append((path, lora, device))
+    )
+    config = GRPOConfig(run_dir=str(tmp_path / "run"), resume=True, seed=5)
+
+    def build(path):
+        pass
+
+    launch.policy_for(config, build)
+    settings = build_settings(config)
+    assert built == [
+        (tmp_path / "run" / "base_model", build, {"resume": True, "device": "cpu", "settings": settings})
+    ]
+    assert loaded == [(tmp_path / "run" / "base_model", None, "cpu")]
+
+
+def test_summary_table_shows_each_metric_in_its_column():
+    history = [
+        {"step": 1, "reward": 0.125, "zero_spread_frac": 0.25, "entropy": 1.5, "step_time": 2.0},
+        {"step": 2, "reward": 0.75, "zero_spread_frac": 0.5, "entropy": 1.25, "step_time": 3.5},
+    ]
+    assert summary_table(history).splitlines() == [
+        "  step   reward zero-spread  entropy  step s",
+        "     1    0.125        0.25    1.500    2.00",
+        "     2    0.750        0.50    1.250    3.50",
+    ]
+    assert summary_table([]) == "no steps run"

@@ -1039,3 +1039,84 @@ def test_the_source_digest_follows_every_python_file_of_the_packages(tmp_path, m
     second = runs_module.source_digest.__wrapped__()
     (tmp_path / "apps" / "notes.txt").write_text("not code")
     assert first != second == runs_module.source_digest.__wrapped__()
+
+
+def test_resume_is_refused_only_for_a_running_status_of_another_live_process_here(run):
+    parent = {"status": "running", "step": 3, **runs.process_identity(os.getppid())}  # a live process
+    run.status_path.write_text(json.dumps(parent))
+    with pytest.raises(ValueError, match="still running"):
+        runs.run_to_resume(run.path)
+    resumable = [
+        {"status": "finished"},
+        {"status": "failed", "error": "RuntimeError: boom"},
+        {"pid_ns": "pid:[1]"},  # another container's numbering: cannot be told from a crashed one
+        {"pid": 0},
+    ]
+    for change in resumable:
+        run.status_path.write_text(json.dumps(parent | change))
+        assert runs.run_to_resume(run.path) == run.path, change
+    run.status_path.write_text('{"status": "runn')  # damaged: nothing says it runs
+    assert runs.run_to_resume(run.path) == run.path
+
+
+def test_resume_needs_a_config_json_in_an_existing_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    message = f"--resume: {tmp_path / 'empty'} holds no run to continue (no config.json); leave out --resume"
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(message)):
+        runs.run_to_resume(tmp_path / "empty")
+
+
+def test_a_live_process_is_not_gone_without_a_start_time_or_under_another_user(monkeypatch):
+    parent = {"status": "running", **runs.process_identity(os.getppid())}
+    assert "pid_start" in parent and not runs.process_gone(parent)
+    assert not runs.process_gone({k: v for k, v in parent.items() if k != "pid_start"})  # none recorded
+
+    def denied(pid, signal_number):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(runs.os, "kill", denied)  # the process runs under another user
+    assert not runs.process_gone(parent)
+    assert runs.process_gone(parent | {"pid_start": parent["pid_start"] + 1})  # its pid taken by another
+
+
+def test_refuse_existing_run_names_the_config_it_found(tmp_path):
+    runs.refuse_existing_run(tmp_path / "none")  # nothing there
+    (tmp_path / "empty").mkdir()
+    runs.refuse_existing_run(tmp_path / "empty")  # an empty directory (a default run dir) holds no run
+    path = RunDir.create(tmp_path / "r", {}, app="t", algorithm="g", exist_ok_for_resume=False).path
+    message = (
+        f"{path} already holds a run ({path / 'config.json'} exists); pick another --run-dir (or pass "
+        "--resume to continue it, where the command has that flag)"
+    )
+    with pytest.raises(FileExistsError, match="^" + re.escape(message) + "$"):
+        runs.refuse_existing_run(path)
+
+
+def test_a_resumed_pipeline_compares_with_the_settings_it_last_ran_with_resolved(tmp_path, capsys):
+    root = tmp_path / "pipe"
+    RunDir.create(root, {"n": 4, "k": None}, app="sudoku", algorithm="pipeline", exist_ok_for_resume=False)
+    RunDir.create(root, {"n": 5, "k": None}, app="sudoku", algorithm="pipeline", exist_ok_for_resume=True)
+    runs.refuse_changed_pipeline(root, {"n": 5, "k": None}, ())  # the latest settings, not the first
+    resolve = lambda c: c | {"k": 2 if c["k"] is None else c["k"]}  # noqa: E731
+    runs.refuse_changed_pipeline(root, {"n": 5, "k": 2}, (), resolve)  # k left unset then resolves to 2
+    message = (
+        f"{root}: --resume would keep stages run with other settings (k 2 -> 3; n 5 -> 6); resume with the "
+        "run's own settings, or pick a new --run-dir"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        runs.refuse_changed_pipeline(root, {"n": 6, "k": 3}, (), resolve)
+
+
+def test_models_in_run_says_models_for_two(tmp_path):
+    path = RunDir.create(tmp_path / "r", {}, app="t", algorithm="g", exist_ok_for_resume=False).path
+    assert runs.models_in_run(path) == "it holds no model yet (a run saves final/ when it ends)"
+    for name in ("final", "base_model"):
+        (path / name).mkdir()
+        (path / name / "config.json").write_text("{}")
+    assert runs.models_in_run(path) == f"its models are {path / 'base_model'}, {path / 'final'}"
+
+
+def test_changed_settings_are_listed_in_key_order():
+    old = {key: 0 for key in "fbdaec"}
+    new = {key: 1 for key in "cafebd"}
+    assert runs.changed_settings(old, new) == [f"{key} 0 -> 1" for key in "abcdef"]

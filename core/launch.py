@@ -100,7 +100,7 @@ def _built_with(path: Path) -> dict | None:
 def policy_for(config: GRPOConfig, build_default: Callable[[Path], object]):
     """(model, tokenizer) from `--model`, or from the app's tiny model, built into <run_dir>/base_model by
     `build_default(path)` (`build_in_run`)."""
-    path = Path(config.model) if config.model else Path(config.run_dir) / "base_model"
+    path = Path(config.model) if config.model is not None else Path(config.run_dir) / "base_model"
     if config.model is None:
         settings = build_settings(config)
         build_in_run(path, build_default, resume=config.resume, device=config.device, settings=settings)

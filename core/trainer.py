@@ -159,6 +159,9 @@ class GRPOConfig:
     report_to: Literal["none", "tensorboard"] = _help("extra logging backend", "none")
 
     def __post_init__(self):
+        for name in ("model", "data"):  # "" would be taken for no path in one place and a path in another
+            if getattr(self, name) == "":
+                raise ValueError(f"{name}: an empty path; leave --{name} out for the app's own")
         positive = (
             "max_steps",
             "prompts_per_step",

@@ -696,3 +696,13 @@ def test_a_resumed_runs_settings_this_command_has_no_field_for_are_left_out(tmp_
     (tmp_path / "config.json").write_text(json.dumps(stored))
     resumed = _run_config_builder()(["--run-dir", str(tmp_path), "--resume"])
     assert resumed == RunConfig(lr=0.5, run_dir=str(tmp_path), resume=True)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--data"])
+def test_an_empty_model_or_data_path_is_refused(flag):
+    """--model "" neither loaded a model nor built the offline one: "<run>/base_model does not exist"."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, GRPOConfig)
+    name = flag[2:]
+    with pytest.raises(ValueError, match=rf"^{name}: an empty path; leave {flag} out for the app's own$"):
+        build_config(GRPOConfig, parser.parse_args([flag, ""]))

@@ -224,6 +224,8 @@ def run_to_resume(run_dir: str | Path | None, what: str = "run") -> Path:
         status = RunDir(run_dir).read_status()
     except (OSError, ValueError):  # none yet, or damaged: nothing says it runs
         status = {}
+    if not isinstance(status, dict):  # JSON of another shape (null): damaged too
+        status = {}
     if _running_elsewhere(status):
         raise ValueError(
             f"{run_dir}: the {what} is still running (process {status['pid']}); --resume continues one that "

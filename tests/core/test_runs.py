@@ -1057,6 +1057,9 @@ def test_resume_is_refused_only_for_a_running_status_of_another_live_process_her
         assert runs.run_to_resume(run.path) == run.path, change
     run.status_path.write_text('{"status": "runn')  # damaged: nothing says it runs
     assert runs.run_to_resume(run.path) == run.path
+    for other_shape in ("null", "[1]", '"running"'):  # JSON, but no object: an AttributeError had escaped
+        run.status_path.write_text(other_shape)
+        assert runs.run_to_resume(run.path) == run.path
 
 
 def test_resume_needs_a_config_json_in_an_existing_directory(tmp_path):

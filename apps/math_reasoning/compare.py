@@ -92,8 +92,14 @@ PRESETS = {
 
 def _train_values(config: MathCompareConfig) -> dict:
     values = dict(TRAIN_PRESETS[config.train_preset]) if config.train_preset else {}
-    if config.train_config:
-        values.update(config_file_values(MathTrainConfig, Path(config.train_config)))
+    from_file = config_file_values(MathTrainConfig, Path(config.train_config)) if config.train_config else {}
+    values.update(from_file)
+    unread = [name for name in MathTrainConfig.OFFLINE_MODEL_FIELDS if name in from_file]
+    if config.model and unread:  # as `math train` refuses them with --model
+        raise ValueError(
+            f"{config.train_config}: {', '.join(unread)} sets the offline tiny models, which --model "
+            f"{config.model} replaces; leave it out of the train config"
+        )
     for name in ("max_steps", "learning_rate", "eval_samples", "eval_examples"):
         if getattr(config, name) is not None:
             values[name] = getattr(config, name)

@@ -209,6 +209,14 @@ def test_compare_train_config_is_checked_field_by_field(tmp_path):
     path.write_text("codistill_alfa = 1\n")
     with pytest.raises(ValueError, match=r"train.toml: unknown field\(s\) codistill_alfa"):
         _train_values(MathCompareConfig(train_config=str(path)))
+    path.write_text("small_sft_steps = 5\nmax_steps = 3\n")  # read by no arm with --model: recorded only
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    message = rf"train.toml: small_sft_steps sets the offline tiny models, which --model {model} replaces"
+    with pytest.raises(ValueError, match=message):
+        _train_values(MathCompareConfig(train_config=str(path), model=str(model), algos=("grpo",)))
+    assert _train_values(MathCompareConfig(train_config=str(path)))["small_sft_steps"] == 5  # built from it
 
 
 def test_large_sft_lr_defaults_to_sft_lr():

@@ -84,12 +84,13 @@ def is_run_dir(path: str | Path) -> bool:
 
 def models_in_run(path: str | Path) -> str:
     """What a run directory given for a model holds instead, for the error: the model directories in it and
-    in the runs inside it (a pipeline's), checkpoints left out, or that it holds none yet."""
+    in the runs inside it (a pipeline's), or that it holds none yet. Checkpoints are one level deeper
+    (checkpoints/step-N), so they are not listed."""
 
     def found(run: Path) -> list[str]:
         models = []
         for child in sorted(run.iterdir()):
-            if not child.is_dir() or child.name == "checkpoints":
+            if not child.is_dir():
                 continue
             if is_run_dir(child):
                 models += found(child)
@@ -171,12 +172,8 @@ def process_gone(status: Mapping[str, Any]) -> bool:
     >>> process_gone({"status": "running", **process_identity(os.getpid())})
     False
     """
-    pid, here = status.get("pid"), process_identity(os.getpid())
-    if status.get("status") != "running" or status.get("host") != here["host"]:
-        return False
-    if status.get("pid_ns") != here.get("pid_ns"):
-        return False
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    pid = _writer_here(status)
+    if status.get("status") != "running" or pid is None:
         return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
@@ -237,10 +234,17 @@ def run_to_resume(run_dir: str | Path | None, what: str = "run") -> Path:
 def _running_elsewhere(status: Mapping[str, Any]) -> bool:
     """Whether a "running" status.json was written by another live process of this machine and pid
     namespace (one of another machine, or without a pid, cannot be told from a crashed one, and is not)."""
+    pid = _writer_here(status)
+    return status.get("status") == "running" and pid not in (None, os.getpid()) and not process_gone(status)
+
+
+def _writer_here(status: Mapping[str, Any]) -> int | None:
+    """The pid that wrote a status.json on this machine and in this pid namespace; None for another
+    machine's, another namespace's, or one without a valid pid."""
     here, pid = process_identity(os.getpid()), status.get("pid")
-    same_machine = status.get("host") == here["host"] and status.get("pid_ns") == here.get("pid_ns")
-    valid_pid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and pid != os.getpid()
-    return status.get("status") == "running" and same_machine and valid_pid and not process_gone(status)
+    if status.get("host") != here["host"] or status.get("pid_ns") != here.get("pid_ns"):
+        return None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
 
 
 def refuse_existing_run(path: str | Path) -> None:
